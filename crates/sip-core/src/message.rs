@@ -1,0 +1,343 @@
+//! Message helpers over rsip's model: identifiers (branch, tag, Call-ID), the summary of the
+//! headers the transaction and dialog layers key on (parsed once), building a response from a
+//! request (RFC 3261 §8.2.6), status codes with their reason phrases, and serialisation with a
+//! correct Content-Length.
+
+use bytes::Bytes;
+use rand::Rng;
+use rsip::prelude::*;
+use rsip::{Header, Method, Request, Response, SipMessage, StatusCode};
+
+/// The RFC 3261 §8.1.1.7 magic cookie that starts every branch we generate.
+pub const BRANCH_COOKIE: &str = "z9hG4bK";
+
+/// Why a message lacks what the transaction layer needs to handle it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// A mandatory header (RFC 3261 §8.1.1) is missing.
+    #[error("missing {0} header")]
+    Missing(&'static str),
+    /// A mandatory header is present but cannot be read.
+    #[error("invalid {0} header")]
+    Invalid(&'static str),
+}
+
+fn random_token(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::thread_rng();
+    (0..len)
+        .map(|_| char::from(ALPHABET[rng.gen_range(0..ALPHABET.len())]))
+        .collect()
+}
+
+/// A fresh Via branch, unique in space and time, with the RFC 3261 magic cookie.
+pub fn new_branch() -> String {
+    format!("{BRANCH_COOKIE}{}", random_token(20))
+}
+
+/// A fresh From/To tag (RFC 3261 §19.3: at least 32 bits of randomness).
+pub fn new_tag() -> String {
+    random_token(12)
+}
+
+/// A fresh Call-ID, `random@host` (RFC 3261 §8.1.1.4).
+pub fn new_call_id(host: &str) -> String {
+    format!("{}@{host}", random_token(24))
+}
+
+/// The standard reason phrase of a status code (RFC 3261 §21 and later RFCs), or a generic
+/// phrase for its class.
+pub fn reason_phrase(code: u16) -> &'static str {
+    match code {
+        100 => "Trying",
+        180 => "Ringing",
+        181 => "Call Is Being Forwarded",
+        182 => "Queued",
+        183 => "Session Progress",
+        200 => "OK",
+        202 => "Accepted",
+        204 => "No Notification",
+        300 => "Multiple Choices",
+        301 => "Moved Permanently",
+        302 => "Moved Temporarily",
+        305 => "Use Proxy",
+        380 => "Alternative Service",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        402 => "Payment Required",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        406 => "Not Acceptable",
+        407 => "Proxy Authentication Required",
+        408 => "Request Timeout",
+        410 => "Gone",
+        413 => "Request Entity Too Large",
+        414 => "Request-URI Too Long",
+        415 => "Unsupported Media Type",
+        416 => "Unsupported URI Scheme",
+        420 => "Bad Extension",
+        421 => "Extension Required",
+        422 => "Session Interval Too Small",
+        423 => "Interval Too Brief",
+        480 => "Temporarily Unavailable",
+        481 => "Call/Transaction Does Not Exist",
+        482 => "Loop Detected",
+        483 => "Too Many Hops",
+        484 => "Address Incomplete",
+        485 => "Ambiguous",
+        486 => "Busy Here",
+        487 => "Request Terminated",
+        488 => "Not Acceptable Here",
+        489 => "Bad Event",
+        491 => "Request Pending",
+        493 => "Undecipherable",
+        500 => "Server Internal Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Server Time-out",
+        505 => "Version Not Supported",
+        513 => "Message Too Large",
+        600 => "Busy Everywhere",
+        603 => "Decline",
+        604 => "Does Not Exist Anywhere",
+        606 => "Not Acceptable",
+        101..=199 => "Session Progress",
+        201..=299 => "OK",
+        301..=399 => "Redirect",
+        401..=499 => "Client Error",
+        501..=599 => "Server Error",
+        _ => "Global Failure",
+    }
+}
+
+/// A status code carrying the given reason phrase (or the standard one). rsip writes the
+/// variant name of a known code ("BusyHere"), so every status we emit goes through
+/// `StatusCode::Other`, which keeps the phrase as given; compare codes with `.code()`.
+pub fn status(code: u16, reason: Option<&str>) -> StatusCode {
+    StatusCode::Other(code, reason.unwrap_or(reason_phrase(code)).to_string())
+}
+
+/// The headers the transaction and dialog layers key on, read once from a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The branch parameter of the top Via (empty when absent: an RFC 2543 peer).
+    pub branch: String,
+    /// The sent-by of the top Via (`host[:port]`), part of the §17.2.3 server match.
+    pub sent_by: String,
+    /// The Call-ID.
+    pub call_id: String,
+    /// The CSeq sequence number.
+    pub cseq: u32,
+    /// The CSeq method.
+    pub cseq_method: Method,
+    /// The tag of the From header, if any.
+    pub from_tag: Option<String>,
+    /// The tag of the To header, if any.
+    pub to_tag: Option<String>,
+}
+
+impl Summary {
+    /// Reads the summary of a request or response.
+    pub fn of(msg: &SipMessage) -> Result<Summary, MessageError> {
+        summarize(msg.headers())
+    }
+
+    /// Reads the summary of a request.
+    pub fn of_request(req: &Request) -> Result<Summary, MessageError> {
+        summarize(&req.headers)
+    }
+
+    /// Reads the summary of a response.
+    pub fn of_response(resp: &Response) -> Result<Summary, MessageError> {
+        summarize(&resp.headers)
+    }
+}
+
+fn summarize(headers: &rsip::Headers) -> Result<Summary, MessageError> {
+    let mut via = None;
+    let mut call_id = None;
+    let mut cseq = None;
+    let mut from = None;
+    let mut to = None;
+    for header in headers.iter() {
+        match header {
+            Header::Via(v) if via.is_none() => via = Some(v),
+            Header::CallId(c) if call_id.is_none() => call_id = Some(c),
+            Header::CSeq(c) if cseq.is_none() => cseq = Some(c),
+            Header::From(f) if from.is_none() => from = Some(f),
+            Header::To(t) if to.is_none() => to = Some(t),
+            _ => {}
+        }
+    }
+    let via = via
+        .ok_or(MessageError::Missing("Via"))?
+        .typed()
+        .map_err(|_| MessageError::Invalid("Via"))?;
+    let cseq = cseq
+        .ok_or(MessageError::Missing("CSeq"))?
+        .typed()
+        .map_err(|_| MessageError::Invalid("CSeq"))?;
+    let call_id = call_id.ok_or(MessageError::Missing("Call-ID"))?.value();
+    if call_id.trim().is_empty() {
+        return Err(MessageError::Invalid("Call-ID"));
+    }
+    let from = from.ok_or(MessageError::Missing("From"))?;
+    let to = to.ok_or(MessageError::Missing("To"))?;
+    let from_tag = from
+        .tag()
+        .map_err(|_| MessageError::Invalid("From"))?
+        .map(|t| t.value().to_string());
+    let to_tag = to
+        .tag()
+        .map_err(|_| MessageError::Invalid("To"))?
+        .map(|t| t.value().to_string());
+    Ok(Summary {
+        branch: via.branch().map(|b| b.to_string()).unwrap_or_default(),
+        sent_by: via.uri.host_with_port.to_string(),
+        call_id: call_id.trim().to_string(),
+        cseq: cseq.seq,
+        cseq_method: cseq.method,
+        from_tag,
+        to_tag,
+    })
+}
+
+/// Builds a response to `req` per RFC 3261 §8.2.6.1: Via headers, From, To, Call-ID and CSeq
+/// copied; a To tag added when the request had none and the response is not a 100 (the caller
+/// passes the tag to use, so the dialog keeps one tag across responses); an empty body.
+pub fn response_for(req: &Request, code: u16, reason: Option<&str>, to_tag: Option<&str>) -> Response {
+    let mut headers = rsip::Headers::default();
+    for header in req.headers.iter() {
+        match header {
+            Header::Via(_) | Header::From(_) | Header::CallId(_) | Header::CSeq(_) => {
+                headers.push(header.clone())
+            }
+            Header::To(to) => {
+                let has_tag = matches!(to.tag(), Ok(Some(_)));
+                match (has_tag, to_tag, code) {
+                    (false, Some(tag), c) if c != 100 => {
+                        headers.push(Header::To(rsip::headers::To::new(format!(
+                            "{};tag={tag}",
+                            to.value()
+                        ))))
+                    }
+                    _ => headers.push(header.clone()),
+                }
+            }
+            Header::Other(name, _) if code == 100 && name.eq_ignore_ascii_case("Timestamp") => {
+                headers.push(header.clone())
+            }
+            Header::Timestamp(_) if code == 100 => headers.push(header.clone()),
+            _ => {}
+        }
+    }
+    headers.push(Header::ContentLength(rsip::headers::ContentLength::from(0u32)));
+    Response {
+        status_code: status(code, reason),
+        version: rsip::Version::V2,
+        headers,
+        body: Vec::new(),
+    }
+}
+
+/// Sets the Content-Length header to the body's length (adding it when missing, dropping
+/// duplicates), so that every message we send is framed right on a stream transport.
+pub fn set_content_length(headers: &mut rsip::Headers, body_len: usize) {
+    let mut kept = Vec::with_capacity(headers.iter().count() + 1);
+    for header in std::mem::take(headers).into_iter() {
+        if !matches!(header, Header::ContentLength(_)) {
+            kept.push(header);
+        }
+    }
+    kept.push(Header::ContentLength(rsip::headers::ContentLength::from(
+        u32::try_from(body_len).unwrap_or(u32::MAX),
+    )));
+    *headers = rsip::Headers::from(kept);
+}
+
+/// Serialises a message for the wire with a correct Content-Length.
+pub fn to_bytes(msg: impl Into<SipMessage>) -> Bytes {
+    let mut msg: SipMessage = msg.into();
+    let len = msg.body().len();
+    set_content_length(msg.headers_mut(), len);
+    // rsip's Display writes the body lossily; write head and body separately so a
+    // binary body survives.
+    let body = std::mem::take(msg.body_mut());
+    let mut out = msg.to_string().into_bytes();
+    out.extend_from_slice(&body);
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INVITE: &str = "INVITE sip:echo@relay.test SIP/2.0\r\n\
+Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKabc;rport\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:alice@relay.test>;tag=f1\r\n\
+To: <sip:echo@relay.test>\r\n\
+Call-ID: c1@host\r\n\
+CSeq: 7 INVITE\r\n\
+Content-Length: 0\r\n\r\n";
+
+    fn invite() -> Request {
+        match SipMessage::try_from(INVITE) {
+            Ok(SipMessage::Request(r)) => r,
+            other => panic!("test message did not parse: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn summary_reads_keys() {
+        let s = Summary::of_request(&invite()).unwrap();
+        assert_eq!(s.branch, "z9hG4bKabc");
+        assert_eq!(s.sent_by, "127.0.0.1:5070");
+        assert_eq!(s.call_id, "c1@host");
+        assert_eq!(s.cseq, 7);
+        assert_eq!(s.cseq_method, Method::Invite);
+        assert_eq!(s.from_tag.as_deref(), Some("f1"));
+        assert_eq!(s.to_tag, None);
+    }
+
+    #[test]
+    fn response_copies_and_tags() {
+        let resp = response_for(&invite(), 486, None, Some("t9"));
+        let text = String::from_utf8(to_bytes(resp).to_vec()).unwrap();
+        assert!(text.starts_with("SIP/2.0 486 Busy Here\r\n"), "{text}");
+        assert!(text.contains("To: <sip:echo@relay.test>;tag=t9\r\n"), "{text}");
+        assert!(text.contains("Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKabc;rport\r\n"));
+        assert!(text.contains("Content-Length: 0\r\n"));
+        assert!(!text.contains("Max-Forwards"));
+        let trying = response_for(&invite(), 100, None, Some("t9"));
+        assert!(!to_bytes(trying).windows(3).any(|w| w == b"t9\r"));
+    }
+
+    #[test]
+    fn custom_reason_survives() {
+        let resp = response_for(&invite(), 403, Some("Not registered"), Some("x"));
+        let text = String::from_utf8(to_bytes(resp).to_vec()).unwrap();
+        assert!(text.starts_with("SIP/2.0 403 Not registered\r\n"), "{text}");
+    }
+
+    #[test]
+    fn content_length_matches_body() {
+        let mut req = invite();
+        req.body = b"v=0\r\n".to_vec();
+        let text = String::from_utf8(to_bytes(req).to_vec()).unwrap();
+        assert!(text.contains("Content-Length: 5\r\n"), "{text}");
+        assert_eq!(text.matches("Content-Length").count(), 1);
+        assert!(text.ends_with("\r\n\r\nv=0\r\n"));
+    }
+
+    #[test]
+    fn identifiers_are_fresh() {
+        let a = new_branch();
+        assert!(a.starts_with(BRANCH_COOKIE));
+        assert_ne!(a, new_branch());
+        assert_ne!(new_tag(), new_tag());
+        assert!(new_call_id("h").ends_with("@h"));
+    }
+}
