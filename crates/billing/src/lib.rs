@@ -1,0 +1,1 @@
+//! Billing for the service relay (placeholder while the crate is written).

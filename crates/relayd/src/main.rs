@@ -1,0 +1,3 @@
+//! `relayd`, the relay server.
+
+fn main() {}

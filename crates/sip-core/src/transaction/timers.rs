@@ -1,0 +1,303 @@
+//! Timer values (RFC 3261 §17 and Table 4, RFC 6026 §8) and the deadline queue the
+//! transaction layer keeps them in.
+//!
+//! Every transaction has two timer slots whose meaning depends on its state (see
+//! [`Slot`]). Arming a slot records the deadline in the transaction and pushes an entry on
+//! one shared binary heap. Re-arming or disarming never searches the heap: an entry is
+//! live only while the transaction still exists and still holds the same deadline in that
+//! slot, so stale entries are recognised in O(1) when they reach the top and are skipped.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::time::{Duration, Instant};
+
+use super::{ClientTxId, ServerTxId};
+
+/// The timer base values of RFC 3261 §17.1.1.1 and Table 4.
+///
+/// Every other timer is derived from these: 64·T1 for Timers B, F, H, J, L and M, T1
+/// doubling (capped at T2 where the RFC says so) for Timers A, E and G, T4 for Timers I and
+/// K, 32 s (or 64·T1 when longer) for Timer D.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timers {
+    /// RTT estimate, the first retransmission interval (default 500 ms).
+    pub t1: Duration,
+    /// The maximum retransmission interval for non-INVITE requests and INVITE responses
+    /// (default 4 s).
+    pub t2: Duration,
+    /// The maximum duration a message remains in the network (default 5 s).
+    pub t4: Duration,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Timers {
+            t1: Duration::from_millis(500),
+            t2: Duration::from_secs(4),
+            t4: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The smallest timer base we run with: a zero T1 would make every retransmission due at
+/// once, forever.
+const MIN_BASE: Duration = Duration::from_millis(1);
+/// The largest timer base we run with, so that 64·T1 added to an `Instant` cannot overflow.
+const MAX_BASE: Duration = Duration::from_secs(3600);
+
+/// How long the server INVITE transaction waits for the TU's provisional response before
+/// it sends 100 (Trying) itself (RFC 3261 §17.2.1).
+pub(super) const TRYING_DELAY: Duration = Duration::from_millis(200);
+
+impl Timers {
+    /// The values clamped to a sane range: each base between 1 ms and one hour, and T2 not
+    /// below T1.
+    pub(super) fn normalized(self) -> Timers {
+        let t1 = self.t1.clamp(MIN_BASE, MAX_BASE);
+        Timers {
+            t1,
+            t2: self.t2.clamp(t1, MAX_BASE),
+            t4: self.t4.clamp(MIN_BASE, MAX_BASE),
+        }
+    }
+
+    /// 64·T1: Timers B, F, H, J (unreliable), L and M.
+    pub fn transaction_timeout(&self) -> Duration {
+        self.t1 * 64
+    }
+
+    /// Timer D (§17.1.1.2): at least 32 s on an unreliable transport, zero on a reliable one.
+    pub fn timer_d(&self, reliable: bool) -> Duration {
+        if reliable {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(32).max(self.transaction_timeout())
+        }
+    }
+
+    /// Timers I and K (§17.2.1, §17.1.2.2): T4 on an unreliable transport, zero on a
+    /// reliable one.
+    pub fn timer_t4(&self, reliable: bool) -> Duration {
+        if reliable {
+            Duration::ZERO
+        } else {
+            self.t4
+        }
+    }
+
+    /// Timer J (§17.2.2): 64·T1 on an unreliable transport, zero on a reliable one.
+    pub fn timer_j(&self, reliable: bool) -> Duration {
+        if reliable {
+            Duration::ZERO
+        } else {
+            self.transaction_timeout()
+        }
+    }
+
+    /// The next retransmission interval after `interval` when doubling capped at T2
+    /// (Timers E and G, and the UAS core's 2xx retransmissions of §13.3.1.4).
+    pub fn backoff_capped(&self, interval: Duration) -> Duration {
+        (interval * 2).min(self.t2)
+    }
+
+    /// The next retransmission interval after `interval` when doubling without cap
+    /// (Timer A). Bounded by 64·T1, past which Timer B has ended the transaction anyway.
+    pub fn backoff_uncapped(&self, interval: Duration) -> Duration {
+        (interval * 2).min(self.transaction_timeout())
+    }
+}
+
+/// Which of a transaction's two timers an entry belongs to. The meaning depends on the
+/// transaction's kind and state:
+///
+/// | transaction | state | `Resend` | `Lifetime` |
+/// |---|---|---|---|
+/// | client INVITE | Calling | A | B |
+/// | client INVITE | Accepted / Completed | – | M / D |
+/// | client non-INVITE | Trying, Proceeding | E | F |
+/// | client non-INVITE | Completed | – | K |
+/// | server INVITE | Proceeding | 100 (Trying) after 200 ms | – |
+/// | server INVITE | Accepted | 2xx retransmission (§13.3.1.4) | L (and the ACK wait) |
+/// | server INVITE | Completed / Confirmed | G / – | H / I |
+/// | server non-INVITE | Completed | – | J |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum Slot {
+    /// Something to (re)send.
+    Resend,
+    /// The end of the current state.
+    Lifetime,
+}
+
+/// The transaction a timer entry belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum TxRef {
+    /// A client transaction.
+    Client(ClientTxId),
+    /// A server transaction.
+    Server(ServerTxId),
+}
+
+/// One scheduled deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Entry {
+    /// When it is due (first, so that the heap orders by time).
+    pub at: Instant,
+    /// Whose timer it is.
+    pub tx: TxRef,
+    /// Which of its timers.
+    pub slot: Slot,
+}
+
+/// All deadlines of all transactions, earliest first; stale entries are left in place and
+/// skipped by the caller.
+#[derive(Debug, Default)]
+pub(super) struct TimerQueue {
+    heap: BinaryHeap<Reverse<Entry>>,
+}
+
+impl TimerQueue {
+    /// Schedules an entry.
+    pub fn push(&mut self, entry: Entry) {
+        self.heap.push(Reverse(entry));
+    }
+
+    /// The earliest entry, live or stale.
+    pub fn peek(&self) -> Option<Entry> {
+        self.heap.peek().map(|e| e.0)
+    }
+
+    /// Removes the earliest entry.
+    pub fn pop(&mut self) -> Option<Entry> {
+        self.heap.pop().map(|e| e.0)
+    }
+
+    /// Removes and returns the earliest entry if it is due at `now`.
+    pub fn pop_due(&mut self, now: Instant) -> Option<Entry> {
+        match self.heap.peek() {
+            Some(Reverse(e)) if e.at <= now => self.pop(),
+            _ => None,
+        }
+    }
+
+    /// Number of entries, stale ones included.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+}
+
+/// A transaction's two timer slots: the deadline each is armed for, if any.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct TimerSlots {
+    resend: Option<Instant>,
+    lifetime: Option<Instant>,
+}
+
+impl TimerSlots {
+    fn get_mut(&mut self, slot: Slot) -> &mut Option<Instant> {
+        match slot {
+            Slot::Resend => &mut self.resend,
+            Slot::Lifetime => &mut self.lifetime,
+        }
+    }
+
+    /// Arms `slot` for `at`, replacing any earlier deadline of that slot.
+    pub fn arm(&mut self, queue: &mut TimerQueue, tx: TxRef, slot: Slot, at: Instant) {
+        *self.get_mut(slot) = Some(at);
+        queue.push(Entry { at, tx, slot });
+    }
+
+    /// Disarms `slot`; its heap entry becomes stale.
+    pub fn disarm(&mut self, slot: Slot) {
+        *self.get_mut(slot) = None;
+    }
+
+    /// Whether `slot` is armed.
+    pub fn is_armed(&self, slot: Slot) -> bool {
+        match slot {
+            Slot::Resend => self.resend.is_some(),
+            Slot::Lifetime => self.lifetime.is_some(),
+        }
+    }
+
+    /// Whether an entry for `slot` due at `at` is still the live one.
+    pub fn is_live(&self, slot: Slot, at: Instant) -> bool {
+        match slot {
+            Slot::Resend => self.resend == Some(at),
+            Slot::Lifetime => self.lifetime == Some(at),
+        }
+    }
+
+    /// Consumes a due entry: true (and the slot disarmed) if it was the live one.
+    pub fn fire(&mut self, slot: Slot, at: Instant) -> bool {
+        let armed = self.get_mut(slot);
+        if *armed == Some(at) {
+            *armed = None;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_rfc_values() {
+        let t = Timers::default();
+        assert_eq!(t.t1, Duration::from_millis(500));
+        assert_eq!(t.t2, Duration::from_secs(4));
+        assert_eq!(t.t4, Duration::from_secs(5));
+        assert_eq!(t.transaction_timeout(), Duration::from_secs(32));
+        assert_eq!(t.timer_d(false), Duration::from_secs(32));
+        assert_eq!(t.timer_d(true), Duration::ZERO);
+        assert_eq!(t.timer_t4(false), Duration::from_secs(5));
+        assert_eq!(t.timer_j(true), Duration::ZERO);
+    }
+
+    #[test]
+    fn normalization_clamps() {
+        let t = Timers { t1: Duration::ZERO, t2: Duration::ZERO, t4: Duration::MAX }.normalized();
+        assert_eq!(t.t1, MIN_BASE);
+        assert_eq!(t.t2, MIN_BASE);
+        assert_eq!(t.t4, MAX_BASE);
+        let t = Timers { t1: Duration::from_secs(2), t2: Duration::from_secs(1), ..Timers::default() }
+            .normalized();
+        assert_eq!(t.t2, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn backoff() {
+        let t = Timers::default();
+        let mut i = t.t1;
+        let mut seen = vec![];
+        for _ in 0..6 {
+            seen.push(i.as_millis());
+            i = t.backoff_capped(i);
+        }
+        assert_eq!(seen, [500, 1000, 2000, 4000, 4000, 4000]);
+        assert_eq!(t.backoff_uncapped(Duration::from_secs(16)), Duration::from_secs(32));
+        assert_eq!(t.backoff_uncapped(Duration::from_secs(32)), Duration::from_secs(32));
+    }
+
+    #[test]
+    fn stale_entries_are_recognised() {
+        let mut q = TimerQueue::default();
+        let mut slots = TimerSlots::default();
+        let t0 = Instant::now();
+        let tx = TxRef::Client(ClientTxId(1));
+        slots.arm(&mut q, tx, Slot::Resend, t0 + Duration::from_secs(1));
+        slots.arm(&mut q, tx, Slot::Resend, t0 + Duration::from_secs(2));
+        assert_eq!(q.len(), 2);
+        assert!(q.pop_due(t0).is_none());
+        let first = q.pop_due(t0 + Duration::from_secs(5)).unwrap();
+        assert!(!slots.fire(first.slot, first.at), "re-armed entry is stale");
+        let second = q.pop_due(t0 + Duration::from_secs(5)).unwrap();
+        assert!(slots.is_live(second.slot, second.at));
+        assert!(slots.fire(second.slot, second.at));
+        assert!(!slots.is_armed(Slot::Resend));
+        assert!(q.pop().is_none());
+    }
+}
