@@ -21,6 +21,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
+use rsip::prelude::*;
 use rsip::{Header, Request, Response, SipMessage};
 use tokio::sync::mpsc;
 use tracing::{debug, trace, warn};

@@ -12,14 +12,14 @@
 
 pub mod dialog;
 pub mod digest;
-// LEAD-GATED pub mod endpoint;
+pub mod endpoint;
 pub mod framing;
 pub mod message;
 pub mod peer;
 pub mod resolve;
 pub mod sdp;
 pub mod transaction;
-// LEAD-GATED pub mod transport;
+pub mod transport;
 pub mod wire;
 
 pub use peer::{ConnId, Peer, Transport};

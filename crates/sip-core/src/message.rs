@@ -20,6 +20,10 @@ pub enum MessageError {
     /// A mandatory header is present but cannot be read.
     #[error("invalid {0} header")]
     Invalid(&'static str),
+    /// Max-Forwards reached zero: the request must not be forwarded (RFC 3261 §16.3 step 3;
+    /// answered with `483 Too Many Hops`).
+    #[error("Max-Forwards reached zero")]
+    TooManyHops,
 }
 
 fn random_token(len: usize) -> String {
@@ -268,6 +272,191 @@ pub fn to_bytes(msg: impl Into<SipMessage>) -> Bytes {
     let mut out = msg.to_string().into_bytes();
     out.extend_from_slice(&body);
     Bytes::from(out)
+}
+
+/// RFC 3581 §4 / RFC 3261 §18.2.1: stamps the top Via of a received request with the address
+/// it really came from. Adds `received=<ip>` when the sent-by host differs from the source IP
+/// (a domain name always differs) or when the client asked for `rport`, and fills a bare
+/// `rport` with the source port. A top Via rsip cannot read is left alone.
+pub fn stamp_received(req: &mut Request, source: std::net::SocketAddr) {
+    let Some(via) = req.headers.iter_mut().find_map(|h| match h {
+        Header::Via(via) => Some(via),
+        _ => None,
+    }) else {
+        return;
+    };
+    let Ok(mut typed) = via.typed() else {
+        return;
+    };
+    let is_rport = |p: &rsip::Param| {
+        matches!(p, rsip::Param::Other(name, _) if name.value().eq_ignore_ascii_case("rport"))
+    };
+    let wants_rport = typed
+        .params
+        .iter()
+        .any(|p| matches!(p, rsip::Param::Other(name, None) if name.value().eq_ignore_ascii_case("rport")));
+    let same_host = matches!(
+        &typed.uri.host_with_port.host,
+        rsip::Host::IpAddr(ip) if *ip == source.ip()
+    );
+    if same_host && !wants_rport {
+        return;
+    }
+    typed
+        .params
+        .retain(|p| !matches!(p, rsip::Param::Received(_)));
+    let received = rsip::Param::Received(rsip::param::Received::new(source.ip().to_string()));
+    match typed.params.iter().position(is_rport) {
+        Some(i) if wants_rport => {
+            typed.params[i] = rsip::Param::Other(
+                "rport".into(),
+                Some(source.port().to_string().into()),
+            );
+            typed.params.insert(i, received);
+        }
+        _ => typed.params.push(received),
+    }
+    *via = rsip::headers::Via::new(typed.to_string());
+}
+
+/// RFC 3261 §16.3 step 3 / §16.6 step 3: the Max-Forwards check of an element that forwards a
+/// request. `Err(TooManyHops)` when it is 0 (answer `483`); otherwise decrements it, or adds
+/// `Max-Forwards: 70` when the request has none.
+pub fn decrement_max_forwards(req: &mut Request) -> Result<(), MessageError> {
+    let existing = req.headers.iter_mut().find_map(|h| match h {
+        Header::MaxForwards(mf) => Some(mf),
+        _ => None,
+    });
+    match existing {
+        Some(mf) => {
+            let hops: u32 = mf
+                .value()
+                .trim()
+                .parse()
+                .map_err(|_| MessageError::Invalid("Max-Forwards"))?;
+            if hops == 0 {
+                return Err(MessageError::TooManyHops);
+            }
+            *mf = rsip::headers::MaxForwards::from(hops - 1);
+        }
+        None => req
+            .headers
+            .push(Header::MaxForwards(rsip::headers::MaxForwards::from(70u32))),
+    }
+    Ok(())
+}
+
+/// Where a response to `req` goes over UDP (RFC 3261 §18.2.2 with RFC 3581 §4): the
+/// `received` address of the top Via (port from `rport` when it has a value, else the sent-by
+/// port, else the transport's default), or else the sent-by itself. `None` when the top Via
+/// cannot be read or names a domain without `received` (only IP hosts are answered here; a
+/// domain would need RFC 3263 resolution).
+pub fn response_target(req: &Request) -> Option<std::net::SocketAddr> {
+    let via = req.headers.iter().find_map(|h| match h {
+        Header::Via(via) => Some(via),
+        _ => None,
+    })?;
+    let typed = via.typed().ok()?;
+    let default_port = match typed.transport {
+        rsip::Transport::Tls | rsip::Transport::TlsSctp => 5061,
+        _ => 5060,
+    };
+    let sent_by_port = typed
+        .uri
+        .host_with_port
+        .port
+        .map(u16::from)
+        .unwrap_or(default_port);
+    let rport = typed.params.iter().find_map(|p| match p {
+        rsip::Param::Other(name, Some(value)) if name.value().eq_ignore_ascii_case("rport") => {
+            value.value().parse::<u16>().ok()
+        }
+        _ => None,
+    });
+    match typed.received().ok().flatten() {
+        Some(ip) => Some(std::net::SocketAddr::new(ip, rport.unwrap_or(sent_by_port))),
+        None => match typed.uri.host_with_port.host {
+            rsip::Host::IpAddr(ip) => Some(std::net::SocketAddr::new(ip, rport.unwrap_or(sent_by_port))),
+            rsip::Host::Domain(_) => None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod wire_helper_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn request(via: &str, max_forwards: Option<&str>) -> Request {
+        let mf = max_forwards.map(|v| format!("Max-Forwards: {v}\r\n")).unwrap_or_default();
+        let text = format!(
+            "OPTIONS sip:bob@relay.test SIP/2.0\r\nVia: {via}\r\n{mf}\
+From: <sip:a@relay.test>;tag=1\r\nTo: <sip:bob@relay.test>\r\nCall-ID: c@h\r\n\
+CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+        );
+        match SipMessage::try_from(text.as_str()) {
+            Ok(SipMessage::Request(r)) => r,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn top_via(req: &Request) -> String {
+        req.via_header().unwrap().value().to_string()
+    }
+
+    #[test]
+    fn received_and_rport_are_stamped() {
+        let src: std::net::SocketAddr = "198.51.100.7:40000".parse().unwrap();
+        let mut req = request("SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK1;rport", None);
+        stamp_received(&mut req, src);
+        assert_eq!(
+            top_via(&req),
+            "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK1;received=198.51.100.7;rport=40000"
+        );
+        assert_eq!(response_target(&req), Some(src));
+    }
+
+    #[test]
+    fn received_only_when_the_host_differs() {
+        let src: std::net::SocketAddr = "192.0.2.1:5070".parse().unwrap();
+        let mut req = request("SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bK1", None);
+        stamp_received(&mut req, src);
+        assert_eq!(top_via(&req), "SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bK1");
+        let mut req = request("SIP/2.0/UDP client.test;branch=z9hG4bK1", None);
+        assert_eq!(response_target(&req), None, "a domain needs resolution");
+        stamp_received(&mut req, src);
+        assert_eq!(
+            top_via(&req),
+            "SIP/2.0/UDP client.test;branch=z9hG4bK1;received=192.0.2.1"
+        );
+        // Without rport the response goes to the sent-by port (default 5060).
+        assert_eq!(response_target(&req), Some("192.0.2.1:5060".parse().unwrap()));
+    }
+
+    #[test]
+    fn response_target_uses_sent_by_defaults() {
+        let req = request("SIP/2.0/TLS 192.0.2.9;branch=z9hG4bK1", None);
+        assert_eq!(response_target(&req), Some("192.0.2.9:5061".parse().unwrap()));
+        let req = request("SIP/2.0/UDP 192.0.2.9:5080;branch=z9hG4bK1;rport", None);
+        assert_eq!(response_target(&req), Some("192.0.2.9:5080".parse().unwrap()));
+    }
+
+    #[test]
+    fn max_forwards_is_checked_and_decremented() {
+        let mut req = request("SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1", Some("1"));
+        decrement_max_forwards(&mut req).unwrap();
+        assert_eq!(req.max_forwards_header().unwrap().num().unwrap(), 0);
+        assert_eq!(decrement_max_forwards(&mut req), Err(MessageError::TooManyHops));
+        let mut req = request("SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1", None);
+        decrement_max_forwards(&mut req).unwrap();
+        assert_eq!(req.max_forwards_header().unwrap().num().unwrap(), 70);
+        let mut req = request("SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1", Some("many"));
+        assert_eq!(
+            decrement_max_forwards(&mut req),
+            Err(MessageError::Invalid("Max-Forwards"))
+        );
+    }
 }
 
 #[cfg(test)]

@@ -213,6 +213,7 @@ impl TimerSlots {
     }
 
     /// Whether `slot` is armed.
+    #[cfg(test)]
     pub fn is_armed(&self, slot: Slot) -> bool {
         match slot {
             Slot::Resend => self.resend.is_some(),
@@ -241,6 +242,7 @@ impl TimerSlots {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -259,12 +261,21 @@ mod tests {
 
     #[test]
     fn normalization_clamps() {
-        let t = Timers { t1: Duration::ZERO, t2: Duration::ZERO, t4: Duration::MAX }.normalized();
+        let t = Timers {
+            t1: Duration::ZERO,
+            t2: Duration::ZERO,
+            t4: Duration::MAX,
+        }
+        .normalized();
         assert_eq!(t.t1, MIN_BASE);
         assert_eq!(t.t2, MIN_BASE);
         assert_eq!(t.t4, MAX_BASE);
-        let t = Timers { t1: Duration::from_secs(2), t2: Duration::from_secs(1), ..Timers::default() }
-            .normalized();
+        let t = Timers {
+            t1: Duration::from_secs(2),
+            t2: Duration::from_secs(1),
+            ..Timers::default()
+        }
+        .normalized();
         assert_eq!(t.t2, Duration::from_secs(2));
     }
 
@@ -278,8 +289,14 @@ mod tests {
             i = t.backoff_capped(i);
         }
         assert_eq!(seen, [500, 1000, 2000, 4000, 4000, 4000]);
-        assert_eq!(t.backoff_uncapped(Duration::from_secs(16)), Duration::from_secs(32));
-        assert_eq!(t.backoff_uncapped(Duration::from_secs(32)), Duration::from_secs(32));
+        assert_eq!(
+            t.backoff_uncapped(Duration::from_secs(16)),
+            Duration::from_secs(32)
+        );
+        assert_eq!(
+            t.backoff_uncapped(Duration::from_secs(32)),
+            Duration::from_secs(32)
+        );
     }
 
     #[test]

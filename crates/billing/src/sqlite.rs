@@ -1,0 +1,1284 @@
+//! [`SqliteStore`]: the embedded default [`Store`], on SQLite (bundled) in WAL mode with
+//! `synchronous=FULL`.
+//!
+//! The schema is versioned in a `meta` table and upgraded by an ordered list of
+//! migrations when the store is opened read-write. Tables are `STRICT` and carry `CHECK`
+//! constraints, so no row with a wrong type, an empty key, a negative amount or an
+//! inconsistent duration can exist, whatever wrote it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
+use tracing::{debug, info, warn};
+
+use crate::error::BillingError;
+use crate::money::{Currency, Money};
+use crate::record::{ChargeRecord, EndCause, SessionRecord, UnitCharge};
+use crate::store::{
+    recovered_end, unique_ids, CloseSession, JournaledSession, NewCharge, Op, OpenSession,
+    Outcome, Period, Store, TouchSessions,
+};
+use crate::tariff::Tariff;
+
+/// The value of `application` in the `meta` table of every billing database.
+const APPLICATION: &str = "service-relay-billing";
+
+/// One step of the schema's history.
+struct Migration {
+    /// The schema version after this step; versions are 1, 2, 3, … in order.
+    version: i64,
+    /// What the step does, for the log.
+    description: &'static str,
+    /// The SQL that performs it.
+    sql: &'static str,
+}
+
+const SCHEMA_V1: &str = "
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE open_sessions (
+    session_id      TEXT PRIMARY KEY NOT NULL CHECK (length(session_id) > 0),
+    call_id         TEXT NOT NULL CHECK (length(call_id) > 0),
+    subscriber      TEXT NOT NULL CHECK (length(subscriber) > 0),
+    service         TEXT NOT NULL CHECK (length(service) > 0),
+    server          TEXT NOT NULL CHECK (length(server) > 0),
+    plan            TEXT NOT NULL CHECK (length(plan) > 0),
+    tariff          TEXT NOT NULL CHECK (json_valid(tariff)),
+    confirmed_at_ms INTEGER NOT NULL CHECK (confirmed_at_ms >= 0),
+    last_seen_ms    INTEGER NOT NULL CHECK (last_seen_ms >= confirmed_at_ms)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE session_records (
+    record_id       INTEGER PRIMARY KEY,
+    session_id      TEXT NOT NULL CHECK (length(session_id) > 0),
+    call_id         TEXT NOT NULL CHECK (length(call_id) > 0),
+    subscriber      TEXT NOT NULL CHECK (length(subscriber) > 0),
+    service         TEXT NOT NULL CHECK (length(service) > 0),
+    server          TEXT NOT NULL CHECK (length(server) > 0),
+    plan            TEXT NOT NULL CHECK (length(plan) > 0),
+    tariff          TEXT NOT NULL CHECK (length(tariff) > 0),
+    confirmed_at_ms INTEGER NOT NULL CHECK (confirmed_at_ms >= 0),
+    ended_at_ms     INTEGER NOT NULL CHECK (ended_at_ms >= confirmed_at_ms),
+    duration_ms     INTEGER NOT NULL CHECK (duration_ms = ended_at_ms - confirmed_at_ms),
+    end_cause       TEXT NOT NULL CHECK (end_cause IN ('caller-bye', 'server-bye', 'timeout',
+                        'transferred', 'changed', 'relay-shutdown', 'recovered-after-restart')),
+    amount_minor    INTEGER NOT NULL CHECK (amount_minor >= 0),
+    currency        TEXT NOT NULL CHECK (length(currency) = 3 AND currency = upper(currency))
+) STRICT;
+CREATE INDEX session_records_by_end ON session_records (ended_at_ms);
+
+CREATE TABLE charge_records (
+    record_id        INTEGER PRIMARY KEY,
+    session_id       TEXT CHECK (session_id IS NULL OR length(session_id) > 0),
+    server           TEXT NOT NULL CHECK (length(server) > 0),
+    subscriber       TEXT NOT NULL CHECK (length(subscriber) > 0),
+    service          TEXT CHECK (service IS NULL OR length(service) > 0),
+    event_id         TEXT NOT NULL CHECK (length(event_id) > 0),
+    amount_minor     INTEGER NOT NULL CHECK (amount_minor >= 0),
+    currency         TEXT NOT NULL CHECK (length(currency) = 3 AND currency = upper(currency)),
+    units            INTEGER CHECK (units IS NULL OR units >= 0),
+    unit_price_minor INTEGER CHECK (unit_price_minor IS NULL OR unit_price_minor >= 0),
+    description      TEXT NOT NULL,
+    charged_at_ms    INTEGER NOT NULL CHECK (charged_at_ms >= 0),
+    CHECK ((units IS NULL) = (unit_price_minor IS NULL)),
+    CHECK (units IS NULL OR amount_minor = units * unit_price_minor),
+    UNIQUE (server, event_id)
+) STRICT;
+CREATE INDEX charge_records_by_time ON charge_records (charged_at_ms);
+";
+
+/// The schema's history, oldest first.
+const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    description: "meta, open-session journal, session records, charge records",
+    sql: SCHEMA_V1,
+}];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const SESSION_COLUMNS: &str = "record_id, session_id, call_id, subscriber, service, server, plan, \
+     tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, amount_minor, currency";
+const CHARGE_COLUMNS: &str = "record_id, session_id, server, subscriber, service, event_id, \
+     amount_minor, currency, units, unit_price_minor, description, charged_at_ms";
+
+/// How an op failed inside a batch.
+enum OpFailure {
+    /// The op was refused and left no trace; the rest of the batch goes on.
+    Refused(BillingError),
+    /// The transaction itself is lost (rolled back by SQLite, or a savepoint could not be
+    /// undone); the whole batch fails.
+    Fatal(BillingError),
+}
+
+/// The SQLite billing store. See the [crate documentation](crate) for its guarantees.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) the billing database at `path` for reading and
+    /// writing, in WAL mode with `synchronous=FULL`, migrating an older schema.
+    ///
+    /// Refuses, without changing the file, one that is not a billing database or is
+    /// damaged ([`BillingError::Corrupt`]) and one written by a newer build
+    /// ([`BillingError::NewerSchema`]).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, BillingError> {
+        Self::open_with(path.as_ref(), MIGRATIONS)
+    }
+
+    /// Opens an existing billing database read-only, e.g. for reports while the relay
+    /// runs. The schema must be exactly the current one.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self, BillingError> {
+        let path = path.as_ref().to_path_buf();
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(&path, flags).map_err(|e| db_error(&path, e))?;
+        let store = SqliteStore { conn, path };
+        store.set_busy_timeout()?;
+        let found = store.inspect()?;
+        let supported = SCHEMA_VERSION;
+        if found > supported {
+            return Err(BillingError::NewerSchema {
+                path: store.path,
+                found,
+                supported,
+            });
+        }
+        if found < supported {
+            return Err(BillingError::OlderSchema {
+                path: store.path,
+                found,
+                supported,
+            });
+        }
+        Ok(store)
+    }
+
+    fn open_with(path: &Path, migrations: &[Migration]) -> Result<Self, BillingError> {
+        let path = path.to_path_buf();
+        let conn = Connection::open(&path).map_err(|e| db_error(&path, e))?;
+        let store = SqliteStore { conn, path };
+        store.set_busy_timeout()?;
+        let latest = migrations.last().map_or(0, |m| m.version);
+        // Look before touching anything: a foreign, damaged or newer file stays as it is.
+        let found = store.inspect()?;
+        if found > latest {
+            return Err(BillingError::NewerSchema {
+                path: store.path,
+                found,
+                supported: latest,
+            });
+        }
+        let mode: String = store
+            .conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(|e| store.db(e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            warn!(path = %store.path.display(), %mode, "billing database is not in WAL mode");
+        }
+        store
+            .conn
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(|e| store.db(e))?;
+        store.migrate(migrations)?;
+        debug!(path = %store.path.display(), version = latest, "billing store open");
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The schema version of the open database.
+    pub fn schema_version(&self) -> Result<i64, BillingError> {
+        self.inspect()
+    }
+
+    /// Runs SQLite's full `integrity_check`; [`BillingError::Corrupt`] if it finds damage.
+    pub fn integrity_check(&self) -> Result<(), BillingError> {
+        let mut stmt = self
+            .conn
+            .prepare("PRAGMA integrity_check")
+            .map_err(|e| self.db(e))?;
+        let problems = stmt
+            .query_map([], |row| row.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.db(e))?;
+        if problems.len() == 1 && problems[0] == "ok" {
+            return Ok(());
+        }
+        Err(BillingError::Corrupt {
+            path: self.path.clone(),
+            detail: problems.join("; "),
+        })
+    }
+
+    fn set_busy_timeout(&self) -> Result<(), BillingError> {
+        self.conn
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(|e| self.db(e))
+    }
+
+    fn db(&self, e: rusqlite::Error) -> BillingError {
+        db_error(&self.path, e)
+    }
+
+    fn corrupt(&self, detail: impl Into<String>) -> BillingError {
+        BillingError::Corrupt {
+            path: self.path.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    /// The schema version of the file: 0 for an empty database, an error for a file that
+    /// is not a billing database.
+    fn inspect(&self) -> Result<i64, BillingError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table' \
+                 AND name NOT LIKE 'sqlite_%' ORDER BY name",
+            )
+            .map_err(|e| self.db(e))?;
+        let tables = stmt
+            .query_map([], |row| row.get::<_, String>(0))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| self.db(e))?;
+        if tables.is_empty() {
+            return Ok(0);
+        }
+        if !tables.iter().any(|t| t == "meta") {
+            return Err(self.corrupt(format!(
+                "it has tables ({}) but no billing meta table",
+                tables.join(", ")
+            )));
+        }
+        let read = |key: &str| -> Result<Option<String>, BillingError> {
+            self.conn
+                .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
+                    row.get::<_, String>(0)
+                })
+                .optional()
+                .map_err(|e| match e.sqlite_error_code() {
+                    Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => self.db(e),
+                    _ => self.corrupt(format!("its meta table cannot be read: {e}")),
+                })
+        };
+        match read("application")? {
+            Some(app) if app == APPLICATION => {}
+            Some(app) => {
+                return Err(self.corrupt(format!("its meta table belongs to {app:?}")));
+            }
+            None => return Err(self.corrupt("its meta table names no application")),
+        }
+        let version = read("schema_version")?
+            .ok_or_else(|| self.corrupt("its meta table has no schema_version"))?;
+        version
+            .parse::<i64>()
+            .ok()
+            .filter(|v| *v >= 1)
+            .ok_or_else(|| self.corrupt(format!("schema_version {version:?} is not a version")))
+    }
+
+    fn migrate(&self, migrations: &[Migration]) -> Result<(), BillingError> {
+        let latest = migrations.last().map_or(0, |m| m.version);
+        if self.inspect()? == latest {
+            return Ok(());
+        }
+        self.exec("BEGIN IMMEDIATE").map_err(|e| self.db(e))?;
+        let result = self.migrate_in_transaction(migrations, latest);
+        match result {
+            Ok(()) => self.exec("COMMIT").map_err(|e| self.db(e)),
+            Err(e) => {
+                if let Err(rollback) = self.exec("ROLLBACK") {
+                    warn!(error = %rollback, "rollback of a failed migration failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn migrate_in_transaction(
+        &self,
+        migrations: &[Migration],
+        latest: i64,
+    ) -> Result<(), BillingError> {
+        // Another process may have migrated between our look and our lock: look again.
+        let current = self.inspect()?;
+        if current > latest {
+            return Err(BillingError::NewerSchema {
+                path: self.path.clone(),
+                found: current,
+                supported: latest,
+            });
+        }
+        for m in migrations.iter().filter(|m| m.version > current) {
+            info!(path = %self.path.display(), version = m.version, step = m.description,
+                "migrating billing schema");
+            self.conn.execute_batch(m.sql).map_err(|e| self.db(e))?;
+        }
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('application', ?1) \
+                 ON CONFLICT (key) DO NOTHING",
+                [APPLICATION],
+            )
+            .map_err(|e| self.db(e))?;
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [latest.to_string()],
+            )
+            .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    fn exec(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(sql)?.execute([]).map(|_| ())
+    }
+
+    fn fatal(&self, e: rusqlite::Error) -> OpFailure {
+        OpFailure::Fatal(self.db(e))
+    }
+
+    /// Runs `f` under a savepoint, so that a failing op leaves no trace.
+    fn in_savepoint<T>(
+        &self,
+        f: impl FnOnce(&Self) -> Result<T, BillingError>,
+    ) -> Result<T, OpFailure> {
+        self.exec("SAVEPOINT op").map_err(|e| self.fatal(e))?;
+        match f(self) {
+            Ok(value) => {
+                self.exec("RELEASE op").map_err(|e| self.fatal(e))?;
+                Ok(value)
+            }
+            Err(e) if self.conn.is_autocommit() => Err(OpFailure::Fatal(e)),
+            Err(e) => {
+                self.exec("ROLLBACK TO op")
+                    .and_then(|()| self.exec("RELEASE op"))
+                    .map_err(|e| self.fatal(e))?;
+                Err(OpFailure::Refused(e))
+            }
+        }
+    }
+
+    fn apply_op(&self, op: &Op) -> Result<Outcome, OpFailure> {
+        op.validate().map_err(OpFailure::Refused)?;
+        match op {
+            Op::Open(open) => self.in_savepoint(|s| s.insert_open(open).map(|()| Outcome::Opened)),
+            Op::Touch(touch) => self.in_savepoint(|s| s.touch(touch).map(Outcome::Touched)),
+            Op::Close(close) => self.in_savepoint(|s| {
+                s.close_row(&close.session_id, close.ended_at_ms, close.cause)
+                    .map(Outcome::Closed)
+            }),
+            Op::Charge(charge) => self.in_savepoint(|s| {
+                s.charge(charge)
+                    .map(|(record, duplicate)| Outcome::Charged { record, duplicate })
+            }),
+            Op::Recover { now_ms } => {
+                self.in_savepoint(|s| s.recover_all(*now_ms).map(Outcome::Recovered))
+            }
+        }
+    }
+
+    fn insert_open(&self, open: &OpenSession) -> Result<(), BillingError> {
+        let tariff = serde_json::to_string(&open.tariff).map_err(|e| BillingError::InvalidInput {
+            field: "tariff",
+            reason: e.to_string(),
+        })?;
+        let inserted = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO open_sessions (session_id, call_id, subscriber, service, server, \
+                 plan, tariff, confirmed_at_ms, last_seen_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8) ON CONFLICT (session_id) DO NOTHING",
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
+                    open.session_id,
+                    open.call_id,
+                    open.subscriber,
+                    open.service,
+                    open.server,
+                    open.plan,
+                    tariff,
+                    open.confirmed_at_ms,
+                ])
+            })
+            .map_err(|e| self.db(e))?;
+        if inserted == 0 {
+            return Err(BillingError::SessionAlreadyOpen {
+                session_id: open.session_id.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn touch(&self, touch: &TouchSessions) -> Result<usize, BillingError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "UPDATE open_sessions SET last_seen_ms = max(last_seen_ms, ?2) \
+                 WHERE session_id = ?1",
+            )
+            .map_err(|e| self.db(e))?;
+        let mut touched = 0;
+        for id in unique_ids(&touch.session_ids) {
+            touched += stmt
+                .execute(params![id, touch.seen_at_ms])
+                .map_err(|e| self.db(e))?;
+        }
+        Ok(touched)
+    }
+
+    /// Removes a session from the journal and writes its record.
+    fn close_row(
+        &self,
+        session_id: &str,
+        ended_at_ms: i64,
+        cause: EndCause,
+    ) -> Result<SessionRecord, BillingError> {
+        let journaled = self
+            .conn
+            .prepare_cached(
+                "DELETE FROM open_sessions WHERE session_id = ?1 RETURNING \
+                 call_id, subscriber, service, server, plan, tariff, confirmed_at_ms",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row([session_id], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, String>(4)?,
+                        row.get::<_, String>(5)?,
+                        row.get::<_, i64>(6)?,
+                    ))
+                })
+                .optional()
+            })
+            .map_err(|e| self.db(e))?;
+        let Some((call_id, subscriber, service, server, plan, tariff, confirmed_at_ms)) =
+            journaled
+        else {
+            return Err(BillingError::UnknownSession {
+                session_id: session_id.to_owned(),
+            });
+        };
+        let tariff = parse_tariff(session_id, &tariff)?;
+        // A clock that stepped back makes a zero-length session, never a negative one.
+        let ended_at_ms = ended_at_ms.max(confirmed_at_ms);
+        let duration_ms = ended_at_ms - confirmed_at_ms;
+        let charge = tariff.charge_for(duration_ms.unsigned_abs());
+        let mut record = SessionRecord {
+            record_id: 0,
+            session_id: session_id.to_owned(),
+            call_id,
+            subscriber,
+            service,
+            server,
+            plan,
+            tariff: tariff.name().to_owned(),
+            confirmed_at_ms,
+            ended_at_ms,
+            duration_ms,
+            cause,
+            charge,
+        };
+        record.record_id = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO session_records (session_id, call_id, subscriber, service, server, \
+                 plan, tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, \
+                 amount_minor, currency) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
+                 RETURNING record_id",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(
+                    params![
+                        record.session_id,
+                        record.call_id,
+                        record.subscriber,
+                        record.service,
+                        record.server,
+                        record.plan,
+                        record.tariff,
+                        record.confirmed_at_ms,
+                        record.ended_at_ms,
+                        record.duration_ms,
+                        record.cause.as_str(),
+                        record.charge.minor,
+                        record.charge.currency.as_str(),
+                    ],
+                    |row| row.get(0),
+                )
+            })
+            .map_err(|e| self.db(e))?;
+        Ok(record)
+    }
+
+    fn charge(&self, charge: &NewCharge) -> Result<(ChargeRecord, bool), BillingError> {
+        let (amount, units) = charge.validate()?;
+        let record = ChargeRecord {
+            record_id: 0,
+            session_id: charge.session_id.clone(),
+            server: charge.server.clone(),
+            subscriber: charge.subscriber.clone(),
+            service: charge.service.clone(),
+            event_id: charge.event_id.clone(),
+            amount,
+            units,
+            description: charge.description.clone(),
+            charged_at_ms: charge.charged_at_ms,
+        };
+        let inserted: Option<i64> = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO charge_records (session_id, server, subscriber, service, event_id, \
+                 amount_minor, currency, units, unit_price_minor, description, charged_at_ms) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
+                 ON CONFLICT (server, event_id) DO NOTHING RETURNING record_id",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(
+                    params![
+                        record.session_id,
+                        record.server,
+                        record.subscriber,
+                        record.service,
+                        record.event_id,
+                        record.amount.minor,
+                        record.amount.currency.as_str(),
+                        record.units.map(|u| u.units),
+                        record.units.map(|u| u.unit_price_minor),
+                        record.description,
+                        record.charged_at_ms,
+                    ],
+                    |row| row.get(0),
+                )
+                .optional()
+            })
+            .map_err(|e| self.db(e))?;
+        if let Some(record_id) = inserted {
+            return Ok((ChargeRecord { record_id, ..record }, false));
+        }
+        let sql = format!("SELECT {CHARGE_COLUMNS} FROM charge_records WHERE server = ?1 AND event_id = ?2");
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.db(e))?;
+        let mut rows = stmt
+            .query(params![charge.server, charge.event_id])
+            .map_err(|e| self.db(e))?;
+        let row = rows.next().map_err(|e| self.db(e))?.ok_or_else(|| {
+            self.corrupt(format!(
+                "charge ({}, {}) conflicts but cannot be found",
+                charge.server, charge.event_id
+            ))
+        })?;
+        let earlier = self.read_charge(row)?;
+        if (earlier.amount, earlier.units, &earlier.subscriber)
+            != (record.amount, record.units, &record.subscriber)
+        {
+            warn!(server = %charge.server, event_id = %charge.event_id,
+                stored = %earlier.amount, submitted = %record.amount,
+                "charge event resubmitted with different content; the stored one stands");
+        }
+        Ok((earlier, true))
+    }
+
+    fn recover_all(&self, now_ms: i64) -> Result<Vec<SessionRecord>, BillingError> {
+        let open: Vec<(String, i64, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT session_id, confirmed_at_ms, last_seen_ms FROM open_sessions \
+                 ORDER BY confirmed_at_ms, session_id",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                    .collect()
+            })
+            .map_err(|e| self.db(e))?;
+        let mut records = Vec::with_capacity(open.len());
+        for (session_id, confirmed_at_ms, last_seen_ms) in open {
+            let ended = recovered_end(confirmed_at_ms, last_seen_ms, now_ms);
+            records.push(self.close_row(&session_id, ended, EndCause::RecoveredAfterRestart)?);
+        }
+        if !records.is_empty() {
+            info!(sessions = records.len(), "closed sessions left open by a crash");
+        }
+        Ok(records)
+    }
+
+    fn read_session(&self, row: &Row<'_>) -> Result<SessionRecord, BillingError> {
+        let db = |e| self.db(e);
+        let record_id: i64 = row.get(0).map_err(db)?;
+        let bad = |detail: String| BillingError::BadRow {
+            table: "session_records",
+            key: record_id.to_string(),
+            detail,
+        };
+        let cause: String = row.get(11).map_err(db)?;
+        let currency: String = row.get(13).map_err(db)?;
+        Ok(SessionRecord {
+            record_id,
+            session_id: row.get(1).map_err(db)?,
+            call_id: row.get(2).map_err(db)?,
+            subscriber: row.get(3).map_err(db)?,
+            service: row.get(4).map_err(db)?,
+            server: row.get(5).map_err(db)?,
+            plan: row.get(6).map_err(db)?,
+            tariff: row.get(7).map_err(db)?,
+            confirmed_at_ms: row.get(8).map_err(db)?,
+            ended_at_ms: row.get(9).map_err(db)?,
+            duration_ms: row.get(10).map_err(db)?,
+            cause: cause.parse().map_err(|e| bad(format!("{e}")))?,
+            charge: Money::new(
+                row.get(12).map_err(db)?,
+                Currency::new(&currency).map_err(|e| bad(e.to_string()))?,
+            ),
+        })
+    }
+
+    fn read_charge(&self, row: &Row<'_>) -> Result<ChargeRecord, BillingError> {
+        let db = |e| self.db(e);
+        let record_id: i64 = row.get(0).map_err(db)?;
+        let currency: String = row.get(7).map_err(db)?;
+        let currency = Currency::new(&currency).map_err(|e| BillingError::BadRow {
+            table: "charge_records",
+            key: record_id.to_string(),
+            detail: e.to_string(),
+        })?;
+        let units: Option<i64> = row.get(8).map_err(db)?;
+        let unit_price: Option<i64> = row.get(9).map_err(db)?;
+        Ok(ChargeRecord {
+            record_id,
+            session_id: row.get(1).map_err(db)?,
+            server: row.get(2).map_err(db)?,
+            subscriber: row.get(3).map_err(db)?,
+            service: row.get(4).map_err(db)?,
+            event_id: row.get(5).map_err(db)?,
+            amount: Money::new(row.get(6).map_err(db)?, currency),
+            units: units.zip(unit_price).map(|(units, unit_price_minor)| UnitCharge {
+                units,
+                unit_price_minor,
+            }),
+            description: row.get(10).map_err(db)?,
+            charged_at_ms: row.get(11).map_err(db)?,
+        })
+    }
+}
+
+fn parse_tariff(session_id: &str, json: &str) -> Result<Tariff, BillingError> {
+    serde_json::from_str(json).map_err(|e| BillingError::BadRow {
+        table: "open_sessions",
+        key: session_id.to_owned(),
+        detail: format!("journaled tariff: {e}"),
+    })
+}
+
+/// Maps a SQLite error on `path`: a file that is not a database or is damaged becomes
+/// [`BillingError::Corrupt`], anything else [`BillingError::Database`].
+fn db_error(path: &Path, e: rusqlite::Error) -> BillingError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => BillingError::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+        _ => BillingError::Database {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    }
+}
+
+impl Store for SqliteStore {
+    fn apply(&mut self, ops: &[Op]) -> Result<Vec<Result<Outcome, BillingError>>, BillingError> {
+        if ops.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.exec("BEGIN IMMEDIATE").map_err(|e| self.db(e))?;
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            match self.apply_op(op) {
+                Ok(outcome) => results.push(Ok(outcome)),
+                Err(OpFailure::Refused(e)) => {
+                    debug!(op = op.kind(), error = %e, "billing op refused");
+                    results.push(Err(e));
+                }
+                Err(OpFailure::Fatal(e)) => {
+                    if !self.conn.is_autocommit() {
+                        if let Err(rollback) = self.exec("ROLLBACK") {
+                            warn!(error = %rollback, "rollback of a failed billing batch failed");
+                        }
+                    }
+                    return Err(BillingError::CommitFailed {
+                        detail: e.to_string(),
+                    });
+                }
+            }
+        }
+        if let Err(e) = self.exec("COMMIT") {
+            let e = self.db(e);
+            if !self.conn.is_autocommit() {
+                if let Err(rollback) = self.exec("ROLLBACK") {
+                    warn!(error = %rollback, "rollback after a failed commit failed");
+                }
+            }
+            return Err(BillingError::CommitFailed {
+                detail: e.to_string(),
+            });
+        }
+        Ok(results)
+    }
+
+    fn journal(&self) -> Result<Vec<JournaledSession>, BillingError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT session_id, call_id, subscriber, service, server, plan, tariff, \
+                 confirmed_at_ms, last_seen_ms FROM open_sessions \
+                 ORDER BY confirmed_at_ms, session_id",
+            )
+            .map_err(|e| self.db(e))?;
+        let mut rows = stmt.query([]).map_err(|e| self.db(e))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(|e| self.db(e))? {
+            let db = |e| self.db(e);
+            let session_id: String = row.get(0).map_err(db)?;
+            let tariff: String = row.get(6).map_err(db)?;
+            out.push(JournaledSession {
+                session: OpenSession {
+                    tariff: parse_tariff(&session_id, &tariff)?,
+                    session_id,
+                    call_id: row.get(1).map_err(db)?,
+                    subscriber: row.get(2).map_err(db)?,
+                    service: row.get(3).map_err(db)?,
+                    server: row.get(4).map_err(db)?,
+                    plan: row.get(5).map_err(db)?,
+                    confirmed_at_ms: row.get(7).map_err(db)?,
+                },
+                last_seen_ms: row.get(8).map_err(db)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn scan_sessions(
+        &self,
+        period: Period,
+        visit: &mut dyn FnMut(SessionRecord) -> Result<(), BillingError>,
+    ) -> Result<(), BillingError> {
+        let sql = format!(
+            "SELECT {SESSION_COLUMNS} FROM session_records \
+             WHERE ended_at_ms >= ?1 AND ended_at_ms < ?2 ORDER BY ended_at_ms, record_id"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.db(e))?;
+        let mut rows = stmt
+            .query(params![period.since_ms, period.until_ms])
+            .map_err(|e| self.db(e))?;
+        while let Some(row) = rows.next().map_err(|e| self.db(e))? {
+            visit(self.read_session(row)?)?;
+        }
+        Ok(())
+    }
+
+    fn scan_charges(
+        &self,
+        period: Period,
+        visit: &mut dyn FnMut(ChargeRecord) -> Result<(), BillingError>,
+    ) -> Result<(), BillingError> {
+        let sql = format!(
+            "SELECT {CHARGE_COLUMNS} FROM charge_records \
+             WHERE charged_at_ms >= ?1 AND charged_at_ms < ?2 ORDER BY charged_at_ms, record_id"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.db(e))?;
+        let mut rows = stmt
+            .query(params![period.since_ms, period.until_ms])
+            .map_err(|e| self.db(e))?;
+        while let Some(row) = rows.next().map_err(|e| self.db(e))? {
+            visit(self.read_charge(row)?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::store::ChargeAmount;
+    use crate::tariff::TariffSpec;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn eur() -> Currency {
+        Currency::new("EUR").unwrap()
+    }
+
+    /// Setup 10, 2 per minute, 60/60, no free seconds.
+    fn tariff() -> Tariff {
+        Tariff::new(TariffSpec {
+            name: "standard".into(),
+            service: None,
+            plan: None,
+            currency: eur(),
+            setup: 10,
+            rate: 2,
+            period_seconds: 60,
+            increment: "60/60".parse().unwrap(),
+            free_seconds: 0,
+        })
+        .unwrap()
+    }
+
+    fn session(id: &str, at: i64) -> OpenSession {
+        OpenSession {
+            session_id: id.into(),
+            call_id: format!("call-{id}"),
+            subscriber: "alice".into(),
+            service: "video".into(),
+            server: "as1".into(),
+            plan: "gold".into(),
+            tariff: tariff(),
+            confirmed_at_ms: at,
+        }
+    }
+
+    fn close(id: &str, at: i64, cause: EndCause) -> CloseSession {
+        CloseSession {
+            session_id: id.into(),
+            ended_at_ms: at,
+            cause,
+        }
+    }
+
+    fn charge(server: &str, event: &str, minor: i64) -> NewCharge {
+        NewCharge {
+            session_id: Some("s1".into()),
+            server: server.into(),
+            subscriber: "alice".into(),
+            service: Some("video".into()),
+            event_id: event.into(),
+            amount: ChargeAmount::Total(Money::new(minor, eur())),
+            description: "a song".into(),
+            charged_at_ms: T0,
+        }
+    }
+
+    fn fresh() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("billing.db")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn opens_in_wal_mode_with_full_sync_at_the_current_version() {
+        let (_dir, store) = fresh();
+        let mode: String = store
+            .conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        let sync: i64 = store
+            .conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "synchronous=FULL");
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(MIGRATIONS.last().unwrap().version, SCHEMA_VERSION);
+        store.integrity_check().unwrap();
+    }
+
+    #[test]
+    fn close_writes_the_record_and_empties_the_journal() {
+        let (_dir, mut store) = fresh();
+        store.open_session(session("s1", T0)).unwrap();
+        let journal = store.journal().unwrap();
+        assert_eq!(journal.len(), 1);
+        assert_eq!(journal[0].session, session("s1", T0));
+        assert_eq!(journal[0].last_seen_ms, T0);
+
+        let record = store
+            .close_session(close("s1", T0 + 60_001, EndCause::CallerBye))
+            .unwrap();
+        assert_eq!(record.duration_ms, 60_001);
+        assert_eq!(record.charge, Money::new(14, eur()), "setup 10 + two minutes at 2");
+        assert_eq!(record.tariff, "standard");
+        assert_eq!(record.call_id, "call-s1");
+        assert!(store.journal().unwrap().is_empty());
+        assert_eq!(store.session_records(Period::all()).unwrap(), [record]);
+
+        let err = store
+            .close_session(close("s1", T0 + 70_000, EndCause::ServerBye))
+            .unwrap_err();
+        assert!(matches!(err, BillingError::UnknownSession { ref session_id } if session_id == "s1"));
+        assert_eq!(store.session_records(Period::all()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_end_before_the_confirmation_is_a_zero_length_session() {
+        let (_dir, mut store) = fresh();
+        store.open_session(session("s1", T0)).unwrap();
+        let record = store
+            .close_session(close("s1", T0 - 5_000, EndCause::Timeout))
+            .unwrap();
+        assert_eq!((record.ended_at_ms, record.duration_ms), (T0, 0));
+        assert_eq!(record.charge.minor, 0);
+    }
+
+    #[test]
+    fn every_end_cause_can_be_stored_and_read_back() {
+        let (_dir, mut store) = fresh();
+        for (i, cause) in EndCause::ALL.into_iter().enumerate() {
+            let id = format!("s{i}");
+            store.open_session(session(&id, T0)).unwrap();
+            store.close_session(close(&id, T0 + 1_000, cause)).unwrap();
+        }
+        let causes: Vec<EndCause> = store
+            .session_records(Period::all())
+            .unwrap()
+            .into_iter()
+            .map(|r| r.cause)
+            .collect();
+        assert_eq!(causes, EndCause::ALL);
+    }
+
+    #[test]
+    fn opening_an_open_session_again_is_refused_and_changes_nothing() {
+        let (_dir, mut store) = fresh();
+        store.open_session(session("s1", T0)).unwrap();
+        let mut again = session("s1", T0 + 9);
+        again.plan = "basic".into();
+        let err = store.open_session(again).unwrap_err();
+        assert_eq!(err.to_string(), "session \"s1\" is already open");
+        let journal = store.journal().unwrap();
+        assert_eq!(journal.len(), 1);
+        assert_eq!(journal[0].session, session("s1", T0));
+    }
+
+    #[test]
+    fn a_charge_event_is_stored_once_per_server() {
+        let (_dir, mut store) = fresh();
+        let (first, dup) = store.record_charge(charge("as1", "ev-1", 150)).unwrap();
+        assert!(!dup);
+        assert_eq!(first.amount, Money::new(150, eur()));
+        let (again, dup) = store.record_charge(charge("as1", "ev-1", 150)).unwrap();
+        assert!(dup);
+        assert_eq!(again, first);
+        // A resubmission with other content still returns the stored charge.
+        let (changed, dup) = store.record_charge(charge("as1", "ev-1", 999)).unwrap();
+        assert!(dup);
+        assert_eq!(changed, first);
+        // The same event id from another server is another event.
+        let (other, dup) = store.record_charge(charge("as2", "ev-1", 150)).unwrap();
+        assert!(!dup);
+        assert_ne!(other.record_id, first.record_id);
+        assert_eq!(store.charge_records(Period::all()).unwrap(), [first, other]);
+    }
+
+    #[test]
+    fn unit_charges_keep_units_and_price() {
+        let (_dir, mut store) = fresh();
+        let mut c = charge("as1", "ev-u", 0);
+        c.amount = ChargeAmount::Units {
+            units: 7,
+            unit_price: Money::new(3, eur()),
+        };
+        c.session_id = None;
+        c.service = None;
+        let (record, _) = store.record_charge(c).unwrap();
+        assert_eq!(record.amount.minor, 21);
+        assert_eq!(
+            record.units,
+            Some(UnitCharge {
+                units: 7,
+                unit_price_minor: 3
+            })
+        );
+        assert_eq!(store.charge_records(Period::all()).unwrap(), [record]);
+    }
+
+    #[test]
+    fn refused_ops_in_a_batch_leave_no_trace_and_the_rest_commits() {
+        let (_dir, mut store) = fresh();
+        store.record_charge(charge("as1", "ev-0", 5)).unwrap();
+        let results = store
+            .apply(&[
+                Op::Open(session("a", T0)),
+                Op::Charge(charge("as1", "ev-neg", -1)),
+                Op::Close(close("missing", T0, EndCause::CallerBye)),
+                Op::Open(session("a", T0)),
+                Op::Close(close("a", T0 + 1_000, EndCause::ServerBye)),
+                Op::Charge(charge("as1", "ev-1", 5)),
+            ])
+            .unwrap();
+        assert!(matches!(results[0], Ok(Outcome::Opened)));
+        assert!(matches!(
+            results[1],
+            Err(BillingError::NegativeAmount { minor: -1, .. })
+        ));
+        assert!(matches!(results[2], Err(BillingError::UnknownSession { .. })));
+        assert!(matches!(results[3], Err(BillingError::SessionAlreadyOpen { .. })));
+        assert!(matches!(results[4], Ok(Outcome::Closed(_))));
+        assert!(matches!(results[5], Ok(Outcome::Charged { duplicate: false, .. })));
+        let events: Vec<String> = store
+            .charge_records(Period::all())
+            .unwrap()
+            .into_iter()
+            .map(|c| c.event_id)
+            .collect();
+        assert_eq!(events, ["ev-0", "ev-1"]);
+        assert_eq!(store.session_records(Period::all()).unwrap().len(), 1);
+        assert!(store.journal().unwrap().is_empty());
+    }
+
+    #[test]
+    fn touch_refreshes_open_sessions_and_never_goes_back() {
+        let (_dir, mut store) = fresh();
+        store.open_session(session("a", T0)).unwrap();
+        store.open_session(session("b", T0)).unwrap();
+        let touch = |ids: &[&str], at| TouchSessions {
+            session_ids: ids.iter().map(|s| s.to_string()).collect(),
+            seen_at_ms: at,
+        };
+        assert_eq!(store.touch_sessions(touch(&["a", "b", "gone", "a"], T0 + 50_000)).unwrap(), 2);
+        assert_eq!(store.touch_sessions(touch(&["a"], T0 + 20_000)).unwrap(), 1);
+        let seen: Vec<i64> = store.journal().unwrap().iter().map(|j| j.last_seen_ms).collect();
+        assert_eq!(seen, [T0 + 50_000, T0 + 50_000]);
+    }
+
+    #[test]
+    fn recovery_closes_each_journaled_session_once_at_its_last_seen_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("billing.db");
+        {
+            let mut store = SqliteStore::open(&path).unwrap();
+            store.open_session(session("a", T0)).unwrap();
+            store.open_session(session("b", T0 + 1_000)).unwrap();
+            store.open_session(session("c", T0 + 2_000)).unwrap();
+            store
+                .close_session(close("c", T0 + 3_000, EndCause::CallerBye))
+                .unwrap();
+            store
+                .touch_sessions(TouchSessions {
+                    session_ids: vec!["a".into()],
+                    seen_at_ms: T0 + 90_000,
+                })
+                .unwrap();
+            // Dropped without closing a and b: as after a crash.
+        }
+        let mut store = SqliteStore::open(&path).unwrap();
+        let recovered = store.recover(T0 + 600_000).unwrap();
+        let summary: Vec<(&str, i64, i64, EndCause)> = recovered
+            .iter()
+            .map(|r| (r.session_id.as_str(), r.ended_at_ms, r.charge.minor, r.cause))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("a", T0 + 90_000, 14, EndCause::RecoveredAfterRestart),
+                ("b", T0 + 1_000, 0, EndCause::RecoveredAfterRestart),
+            ]
+        );
+        assert!(store.journal().unwrap().is_empty());
+        assert!(store.recover(T0 + 700_000).unwrap().is_empty(), "second run");
+        drop(store);
+        let mut store = SqliteStore::open(&path).unwrap();
+        assert!(store.recover(T0 + 800_000).unwrap().is_empty(), "after reopening");
+        assert_eq!(store.session_records(Period::all()).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn recovery_never_ends_a_session_after_now() {
+        let (_dir, mut store) = fresh();
+        store.open_session(session("a", T0)).unwrap();
+        store
+            .touch_sessions(TouchSessions {
+                session_ids: vec!["a".into()],
+                seen_at_ms: T0 + 500_000,
+            })
+            .unwrap();
+        let recovered = store.recover(T0 + 100_000).unwrap();
+        assert_eq!(recovered[0].ended_at_ms, T0 + 100_000);
+    }
+
+    #[test]
+    fn queries_select_by_period() {
+        let (_dir, mut store) = fresh();
+        for (i, end) in [T0 + 1_000, T0 + 2_000, T0 + 3_000].into_iter().enumerate() {
+            let id = format!("s{i}");
+            store.open_session(session(&id, T0)).unwrap();
+            store.close_session(close(&id, end, EndCause::CallerBye)).unwrap();
+        }
+        let ids: Vec<String> = store
+            .session_records(Period::new(T0 + 2_000, T0 + 3_000).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|r| r.session_id)
+            .collect();
+        assert_eq!(ids, ["s1"]);
+        let mut c = charge("as1", "late", 1);
+        c.charged_at_ms = T0 + 10_000;
+        store.record_charge(c).unwrap();
+        store.record_charge(charge("as1", "early", 1)).unwrap();
+        let events: Vec<String> = store
+            .charge_records(Period::new(T0 + 1, T0 + 10_001).unwrap())
+            .unwrap()
+            .into_iter()
+            .map(|c| c.event_id)
+            .collect();
+        assert_eq!(events, ["late"]);
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_refused_by_name_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("billing.db");
+        let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, &garbage).unwrap();
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(matches!(err, BillingError::Corrupt { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.starts_with(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("not a billing database or damaged"), "{msg}");
+        assert_eq!(std::fs::read(&path).unwrap(), garbage);
+    }
+
+    #[test]
+    fn a_damaged_billing_database_is_reported_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("billing.db");
+        {
+            let mut store = SqliteStore::open(&path).unwrap();
+            store.open_session(session("a", T0)).unwrap();
+            store.close_session(close("a", T0 + 1, EndCause::CallerBye)).unwrap();
+            store.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE").unwrap();
+        }
+        // Overwrite everything after the first page (the schema) with garbage.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let page = 4096.min(bytes.len());
+        for b in &mut bytes[page..] {
+            *b = 0xA5;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let result = SqliteStore::open(&path).and_then(|s| {
+            s.integrity_check()?;
+            s.session_records(Period::all())
+        });
+        let err = result.unwrap_err();
+        assert!(matches!(err, BillingError::Corrupt { .. }), "{err:?}");
+        assert!(err.to_string().contains("billing.db"), "{err}");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_and_left_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("billing.db");
+        {
+            let mut store = SqliteStore::open(&path).unwrap();
+            store.record_charge(charge("as1", "ev-1", 5)).unwrap();
+            store
+                .conn
+                .execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'", [])
+                .unwrap();
+        }
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(
+            matches!(err, BillingError::NewerSchema { found: 99, supported: SCHEMA_VERSION, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("schema version 99 is newer"), "{err}");
+        assert!(matches!(
+            SqliteStore::open_read_only(&path).unwrap_err(),
+            BillingError::NewerSchema { .. }
+        ));
+        let raw = Connection::open(&path).unwrap();
+        let version: String = raw
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .unwrap();
+        let charges: i64 = raw
+            .query_row("SELECT count(*) FROM charge_records", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((version.as_str(), charges), ("99", 1));
+    }
+
+    #[test]
+    fn a_foreign_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE users (name TEXT); INSERT INTO users VALUES ('x');")
+            .unwrap();
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(err.to_string().contains("tables (users) but no billing meta table"), "{err}");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE meta (key TEXT, value TEXT); INSERT INTO meta VALUES ('application', 'cms');")
+            .unwrap();
+        let err = SqliteStore::open(&path).unwrap_err();
+        assert!(err.to_string().contains("belongs to \"cms\""), "{err}");
+    }
+
+    #[test]
+    fn migrations_run_in_order_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("billing.db");
+        let v2 = [
+            Migration {
+                version: 1,
+                description: "v1",
+                sql: SCHEMA_V1,
+            },
+            Migration {
+                version: 2,
+                description: "add notes",
+                sql: "CREATE TABLE notes (text TEXT NOT NULL) STRICT; \
+                      INSERT INTO notes VALUES ('migrated');",
+            },
+        ];
+        let store = SqliteStore::open_with(&path, &v2[..1]).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 1);
+        drop(store);
+        let store = SqliteStore::open_with(&path, &v2).unwrap();
+        assert_eq!(store.schema_version().unwrap(), 2);
+        drop(store);
+        // Opening again runs nothing more: the insert of version 2 happened once.
+        let store = SqliteStore::open_with(&path, &v2).unwrap();
+        let notes: i64 = store
+            .conn
+            .query_row("SELECT count(*) FROM notes", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(notes, 1);
+        drop(store);
+        // A build that knows only version 1 refuses the file.
+        assert!(matches!(
+            SqliteStore::open_with(&path, &v2[..1]).unwrap_err(),
+            BillingError::NewerSchema { found: 2, supported: 1, .. }
+        ));
+    }
+
+    #[test]
+    fn read_only_store_reads_but_never_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("billing.db");
+        let mut writer = SqliteStore::open(&path).unwrap();
+        writer.record_charge(charge("as1", "ev-1", 5)).unwrap();
+        let mut reader = SqliteStore::open_read_only(&path).unwrap();
+        assert_eq!(reader.charge_records(Period::all()).unwrap().len(), 1);
+        assert!(reader.record_charge(charge("as1", "ev-2", 5)).is_err());
+        assert_eq!(writer.charge_records(Period::all()).unwrap().len(), 1);
+        let missing = dir.path().join("missing.db");
+        let err = SqliteStore::open_read_only(&missing).unwrap_err();
+        assert!(err.to_string().contains("missing.db"), "{err}");
+    }
+}

@@ -1,0 +1,923 @@
+//! The service directory: which application servers deliver which service, whether they are
+//! answering, and in which order the session layer should try them.
+//!
+//! Servers come from two places: static entries of the configuration (`[[servers]]`) and
+//! servers registered dynamically by application-server accounts, whose REGISTER lists the
+//! services as Contact parameters (see [`crate::registrar`] for the syntax). Health is kept by
+//! periodic `OPTIONS` probes that the session layer sends: [`Directory::probe_due`] says whom
+//! to probe, [`Directory::probe_result`] takes the answer. A server that misses
+//! `failure_threshold` probes in a row is taken out; `recovery_threshold` answers in a row put
+//! it back.
+//!
+//! The directory is sans-IO like the rest of the cores: it takes the current time as a
+//! parameter and never sends anything itself.
+//!
+//! # Concurrency
+//!
+//! The session layer calls [`Directory::candidates`] from many tasks at once, and changes
+//! (registrations, expiry) are rare next to lookups. So the directory is one read-mostly
+//! [`RwLock`] over the service index, and everything that changes on the hot path lives in
+//! the shared [`Server`] entries as atomics: the number of active sessions, the up/down flag,
+//! the capacity, and each service's round-robin counter (an [`AtomicUsize`]). A lookup takes
+//! the read lock only; starting or ending a session takes no lock at all. Probe bookkeeping
+//! sits in a small per-server [`Mutex`] that only the prober touches.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// How the candidates for a service are ordered: the first is tried first, the others are
+/// failover candidates in turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Configuration order: static servers in file order, then dynamic ones in order of
+    /// registration.
+    #[default]
+    First,
+    /// Rotates the starting point by one on every lookup of the service.
+    RoundRobin,
+    /// The server with the fewest active sessions first (ties keep configuration order).
+    LeastSessions,
+    /// Every healthy candidate, in configuration order: the session layer inquires of all of
+    /// them in parallel (forking).
+    All,
+}
+
+impl Strategy {
+    /// Every strategy, in documentation order.
+    pub const ALL: [Strategy; 4] = [
+        Strategy::First,
+        Strategy::RoundRobin,
+        Strategy::LeastSessions,
+        Strategy::All,
+    ];
+
+    /// The name used in configuration files (`round-robin`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::First => "first",
+            Strategy::RoundRobin => "round-robin",
+            Strategy::LeastSessions => "least-sessions",
+            Strategy::All => "all",
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A strategy name that is not one of `first`, `round-robin`, `least-sessions`, `all`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown strategy `{0}`, expected one of first, round-robin, least-sessions, all")]
+pub struct UnknownStrategy(pub String);
+
+impl FromStr for Strategy {
+    type Err = UnknownStrategy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Strategy::ALL
+            .into_iter()
+            .find(|strategy| strategy.name() == s)
+            .ok_or_else(|| UnknownStrategy(s.to_owned()))
+    }
+}
+
+/// Identifies one server entry for as long as the directory runs (never reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServerId(pub u64);
+
+impl fmt::Display for ServerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Where a server entry comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A `[[servers]]` entry of the configuration; it stays for the life of the process.
+    Static,
+    /// Registered by an application-server account; it goes when its registration expires
+    /// or is removed.
+    Dynamic {
+        /// The application-server account that registered it.
+        account: String,
+    },
+}
+
+/// A change of a server's health, as reported by [`Directory::probe_result`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthChange {
+    /// The server answered again and is back among the candidates.
+    Up,
+    /// The server stopped answering and was taken out of the candidates.
+    Down,
+}
+
+/// Why a server could not be added.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DirectoryError {
+    /// The server's URI is not a `sip:` or `sips:` URI that rsip can read.
+    #[error("invalid server URI `{uri}`: {reason}")]
+    BadUri {
+        /// The URI as given.
+        uri: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The server would deliver no service at all.
+    #[error("server `{0}` lists no service")]
+    NoServices(String),
+}
+
+/// When servers are probed and how many answers change their state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// Time between two `OPTIONS` probes of the same server.
+    pub probe_interval: Duration,
+    /// Missed probes in a row that take a server out (at least 1).
+    pub failure_threshold: u32,
+    /// Answered probes in a row that put a server that is out back in (at least 1).
+    pub recovery_threshold: u32,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        HealthPolicy {
+            probe_interval: Duration::from_secs(30),
+            failure_threshold: 2,
+            recovery_threshold: 1,
+        }
+    }
+}
+
+/// A dynamic server as the registrar hands it over: one Contact of an application-server
+/// account's registration (see [`Directory::sync_account`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DynamicServer {
+    /// The Contact URI, where the relay sends its INVITE legs and probes.
+    pub uri: String,
+    /// The services the Contact offers.
+    pub services: Vec<String>,
+    /// The most sessions the server takes at once, if it said.
+    pub capacity: Option<u32>,
+    /// When the registration ends unless refreshed.
+    pub expires_at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Probe {
+    next_at: Option<Instant>,
+    misses: u32,
+    answers: u32,
+    last_answer: Option<Instant>,
+}
+
+/// One application server known to the directory. Shared as a [`ServerRef`]: the session
+/// layer keeps the reference for the life of a session and reports its end on it even if
+/// the server has left the directory meanwhile.
+#[derive(Debug)]
+pub struct Server {
+    id: ServerId,
+    name: String,
+    uri: rsip::Uri,
+    uri_text: String,
+    origin: Origin,
+    /// 0 means no limit.
+    capacity: AtomicU32,
+    active: AtomicU32,
+    up: AtomicBool,
+    expires_at: Mutex<Option<Instant>>,
+    probe: Mutex<Probe>,
+}
+
+/// A shared reference to a [`Server`].
+pub type ServerRef = Arc<Server>;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Server {
+    /// The directory's identifier of the entry.
+    pub fn id(&self) -> ServerId {
+        self.id
+    }
+
+    /// A name for logs and reports: the configured name of a static server, the account of a
+    /// dynamic one.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where to send the INVITE leg and the `OPTIONS` probes.
+    pub fn uri(&self) -> &rsip::Uri {
+        &self.uri
+    }
+
+    /// The URI as it was configured or registered.
+    pub fn uri_text(&self) -> &str {
+        &self.uri_text
+    }
+
+    /// Whether the server is static or registered, and by whom.
+    pub fn origin(&self) -> &Origin {
+        &self.origin
+    }
+
+    /// The most sessions the server takes at once, `None` for no limit.
+    pub fn capacity(&self) -> Option<u32> {
+        match self.capacity.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    /// Sessions currently running on the server (see [`Directory::session_started`]).
+    pub fn active_sessions(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether the server answers its probes (a new server is presumed up).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// When the server last answered a probe.
+    pub fn last_answer(&self) -> Option<Instant> {
+        lock(&self.probe).last_answer
+    }
+
+    /// When a dynamic server's registration ends (`None` for a static server).
+    pub fn expires_at(&self) -> Option<Instant> {
+        *lock(&self.expires_at)
+    }
+
+    fn is_full(&self) -> bool {
+        self.capacity()
+            .is_some_and(|capacity| self.active_sessions() >= capacity)
+    }
+
+    fn is_candidate(&self, now: Instant) -> bool {
+        self.is_up() && !self.is_full() && self.expires_at().map_or(true, |at| at > now)
+    }
+}
+
+#[derive(Debug, Default)]
+struct ServiceEntry {
+    servers: Vec<ServerRef>,
+    next: AtomicUsize,
+}
+
+#[derive(Debug)]
+struct DynamicEntry {
+    server: ServerRef,
+    services: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    next_id: u64,
+    services: HashMap<String, ServiceEntry>,
+    statics: Vec<(ServerRef, Vec<String>)>,
+    /// Keyed by (account, contact URI text).
+    dynamic: HashMap<(String, String), DynamicEntry>,
+}
+
+impl Inner {
+    fn index(&mut self, server: &ServerRef, services: &[String]) {
+        for service in services {
+            let entry = self.services.entry(service.clone()).or_default();
+            if !entry.servers.iter().any(|s| s.id == server.id) {
+                entry.servers.push(server.clone());
+            }
+        }
+    }
+
+    fn unindex(&mut self, server: &ServerRef, services: &[String]) {
+        for service in services {
+            if let Some(entry) = self.services.get_mut(service) {
+                entry.servers.retain(|s| s.id != server.id);
+                if entry.servers.is_empty() {
+                    self.services.remove(service);
+                }
+            }
+        }
+    }
+
+    fn all_servers(&self) -> impl Iterator<Item = &ServerRef> {
+        self.statics
+            .iter()
+            .map(|(server, _)| server)
+            .chain(self.dynamic.values().map(|entry| &entry.server))
+    }
+}
+
+fn parse_uri(uri: &str) -> Result<rsip::Uri, DirectoryError> {
+    let bad = |reason: String| DirectoryError::BadUri {
+        uri: uri.to_owned(),
+        reason,
+    };
+    let parsed = rsip::Uri::try_from(uri.trim()).map_err(|e| bad(e.to_string()))?;
+    match parsed.scheme {
+        Some(rsip::Scheme::Sip) | Some(rsip::Scheme::Sips) => Ok(parsed),
+        _ => Err(bad("the scheme must be sip: or sips:".to_owned())),
+    }
+}
+
+/// The service directory. See the [module documentation](self).
+#[derive(Debug)]
+pub struct Directory {
+    inner: RwLock<Inner>,
+    policy: HealthPolicy,
+}
+
+impl Directory {
+    /// An empty directory probing by `policy`.
+    pub fn new(policy: HealthPolicy) -> Directory {
+        Directory {
+            inner: RwLock::new(Inner::default()),
+            policy: HealthPolicy {
+                probe_interval: policy.probe_interval,
+                failure_threshold: policy.failure_threshold.max(1),
+                recovery_threshold: policy.recovery_threshold.max(1),
+            },
+        }
+    }
+
+    /// The probing policy in force.
+    pub fn policy(&self) -> HealthPolicy {
+        self.policy
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn new_server(
+        inner: &mut Inner,
+        name: &str,
+        uri: &str,
+        origin: Origin,
+        capacity: Option<u32>,
+        expires_at: Option<Instant>,
+    ) -> Result<ServerRef, DirectoryError> {
+        let parsed = parse_uri(uri)?;
+        inner.next_id += 1;
+        Ok(Arc::new(Server {
+            id: ServerId(inner.next_id),
+            name: name.to_owned(),
+            uri: parsed,
+            uri_text: uri.trim().to_owned(),
+            origin,
+            capacity: AtomicU32::new(capacity.unwrap_or(0)),
+            active: AtomicU32::new(0),
+            up: AtomicBool::new(true),
+            expires_at: Mutex::new(expires_at),
+            probe: Mutex::new(Probe::default()),
+        }))
+    }
+
+    /// Adds a static server (a `[[servers]]` entry) delivering `services`. It is presumed up
+    /// until its probes say otherwise.
+    pub fn add_static(
+        &self,
+        name: &str,
+        uri: &str,
+        services: &[String],
+        capacity: Option<u32>,
+    ) -> Result<ServerRef, DirectoryError> {
+        if services.is_empty() {
+            return Err(DirectoryError::NoServices(name.to_owned()));
+        }
+        let mut inner = self.write();
+        let server = Self::new_server(&mut inner, name, uri, Origin::Static, capacity, None)?;
+        inner.index(&server, services);
+        inner.statics.push((server.clone(), services.to_vec()));
+        Ok(server)
+    }
+
+    /// Adds or refreshes the server that `account` registered at the Contact `uri`. A refresh
+    /// keeps the entry (its session count and health) and takes the new services, capacity
+    /// and expiry.
+    pub fn upsert_dynamic(
+        &self,
+        account: &str,
+        uri: &str,
+        services: &[String],
+        capacity: Option<u32>,
+        expires_at: Instant,
+    ) -> Result<ServerRef, DirectoryError> {
+        if services.is_empty() {
+            return Err(DirectoryError::NoServices(account.to_owned()));
+        }
+        let key = (account.to_owned(), uri.trim().to_owned());
+        let mut inner = self.write();
+        if let Some(entry) = inner.dynamic.remove(&key) {
+            let server = entry.server;
+            server.capacity.store(capacity.unwrap_or(0), Ordering::Relaxed);
+            *lock(&server.expires_at) = Some(expires_at);
+            if entry.services != services {
+                inner.unindex(&server, &entry.services);
+                inner.index(&server, services);
+            }
+            inner.dynamic.insert(
+                key,
+                DynamicEntry {
+                    server: server.clone(),
+                    services: services.to_vec(),
+                },
+            );
+            return Ok(server);
+        }
+        let origin = Origin::Dynamic {
+            account: account.to_owned(),
+        };
+        let server =
+            Self::new_server(&mut inner, account, uri, origin, capacity, Some(expires_at))?;
+        inner.index(&server, services);
+        inner.dynamic.insert(
+            key,
+            DynamicEntry {
+                server: server.clone(),
+                services: services.to_vec(),
+            },
+        );
+        tracing::info!(account, uri, ?services, "application server registered");
+        Ok(server)
+    }
+
+    /// Removes the server that `account` registered at `uri`, if any.
+    pub fn remove_dynamic(&self, account: &str, uri: &str) -> Option<ServerRef> {
+        let mut inner = self.write();
+        let entry = inner
+            .dynamic
+            .remove(&(account.to_owned(), uri.trim().to_owned()))?;
+        inner.unindex(&entry.server, &entry.services);
+        tracing::info!(account, uri, "application server unregistered");
+        Some(entry.server)
+    }
+
+    /// Makes the dynamic servers of `account` exactly `servers` (typically the bindings of
+    /// its registration after a REGISTER): missing ones are added, present ones refreshed,
+    /// the others removed. Returns the removed servers. A server whose URI cannot be read is
+    /// skipped and reported in the error list.
+    pub fn sync_account(
+        &self,
+        account: &str,
+        servers: &[DynamicServer],
+    ) -> (Vec<ServerRef>, Vec<DirectoryError>) {
+        let mut errors = Vec::new();
+        for server in servers {
+            if let Err(e) = self.upsert_dynamic(
+                account,
+                &server.uri,
+                &server.services,
+                server.capacity,
+                server.expires_at,
+            ) {
+                errors.push(e);
+            }
+        }
+        let stale: Vec<String> = {
+            let inner = self.read();
+            inner
+                .dynamic
+                .keys()
+                .filter(|(acc, uri)| {
+                    acc == account && !servers.iter().any(|s| s.uri.trim() == uri)
+                })
+                .map(|(_, uri)| uri.clone())
+                .collect()
+        };
+        let removed = stale
+            .iter()
+            .filter_map(|uri| self.remove_dynamic(account, uri))
+            .collect();
+        (removed, errors)
+    }
+
+    /// Removes every dynamic server whose registration ended at or before `now`, and returns
+    /// them.
+    pub fn expire(&self, now: Instant) -> Vec<ServerRef> {
+        let mut inner = self.write();
+        let expired: Vec<(String, String)> = inner
+            .dynamic
+            .iter()
+            .filter(|(_, entry)| entry.server.expires_at().is_some_and(|at| at <= now))
+            .map(|(key, _)| key.clone())
+            .collect();
+        let mut removed = Vec::with_capacity(expired.len());
+        for key in expired {
+            if let Some(entry) = inner.dynamic.remove(&key) {
+                inner.unindex(&entry.server, &entry.services);
+                tracing::info!(account = %key.0, uri = %key.1, "application server registration expired");
+                removed.push(entry.server);
+            }
+        }
+        removed
+    }
+
+    /// When the next dynamic registration ends, if any: the time to call [`Directory::expire`].
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.read()
+            .dynamic
+            .values()
+            .filter_map(|entry| entry.server.expires_at())
+            .min()
+    }
+
+    /// The servers to try for `service`, ordered by `strategy`: the first is tried first,
+    /// the rest are failover candidates in order (with [`Strategy::All`] the session layer
+    /// tries them all at once). Servers that are down, full (at capacity) or whose
+    /// registration has ended are left out; an empty list means nobody can deliver the
+    /// service now.
+    pub fn candidates(&self, service: &str, strategy: Strategy, now: Instant) -> Vec<ServerRef> {
+        let inner = self.read();
+        let Some(entry) = inner.services.get(service) else {
+            return Vec::new();
+        };
+        let mut list: Vec<ServerRef> = entry
+            .servers
+            .iter()
+            .filter(|server| server.is_candidate(now))
+            .cloned()
+            .collect();
+        match strategy {
+            Strategy::First | Strategy::All => {}
+            Strategy::RoundRobin => {
+                if !list.is_empty() {
+                    let start = entry.next.fetch_add(1, Ordering::Relaxed) % list.len();
+                    list.rotate_left(start);
+                }
+            }
+            // A stable sort: ties keep configuration order.
+            Strategy::LeastSessions => list.sort_by_key(|server| server.active_sessions()),
+        }
+        list
+    }
+
+    /// Every server delivering `service`, whatever its state, in configuration order.
+    pub fn servers_of(&self, service: &str) -> Vec<ServerRef> {
+        self.read()
+            .services
+            .get(service)
+            .map(|entry| entry.servers.clone())
+            .unwrap_or_default()
+    }
+
+    /// The services that at least one server delivers, sorted.
+    pub fn services(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.read().services.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// Counts a session started on `server` (for `least-sessions` and capacity).
+    pub fn session_started(&self, server: &Server) {
+        server.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a session on `server` as ended. Never goes below zero.
+    pub fn session_ended(&self, server: &Server) {
+        // An Err here means the count was already zero: nothing to undo.
+        let _ = server
+            .active
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+    }
+
+    /// The servers to send an `OPTIONS` probe to now. Each is scheduled for its next probe
+    /// one interval later, so a probe whose result never comes does not stall the schedule.
+    /// A newly added server is due at once.
+    pub fn probe_due(&self, now: Instant) -> Vec<ServerRef> {
+        let inner = self.read();
+        inner
+            .all_servers()
+            .filter(|server| {
+                let mut probe = lock(&server.probe);
+                if probe.next_at.is_some_and(|at| at > now) {
+                    return false;
+                }
+                probe.next_at = Some(now + self.policy.probe_interval);
+                true
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// When the next probe is due, if any server is known: the time to call
+    /// [`Directory::probe_due`] again.
+    pub fn next_probe(&self, now: Instant) -> Option<Instant> {
+        self.read()
+            .all_servers()
+            .map(|server| lock(&server.probe).next_at.unwrap_or(now))
+            .min()
+    }
+
+    /// Takes the result of a probe of `server`: `ok` when it answered (any final response
+    /// counts as an answer: the server is alive), `false` when the probe timed out or could
+    /// not be sent. Returns the change of state, if any.
+    pub fn probe_result(&self, server: &Server, ok: bool, now: Instant) -> Option<HealthChange> {
+        let mut probe = lock(&server.probe);
+        if ok {
+            probe.misses = 0;
+            probe.answers = probe.answers.saturating_add(1);
+            probe.last_answer = Some(now);
+            if !server.is_up() && probe.answers >= self.policy.recovery_threshold {
+                server.up.store(true, Ordering::Relaxed);
+                tracing::info!(server = server.name(), uri = server.uri_text(), "application server is up again");
+                return Some(HealthChange::Up);
+            }
+        } else {
+            probe.answers = 0;
+            probe.misses = probe.misses.saturating_add(1);
+            if server.is_up() && probe.misses >= self.policy.failure_threshold {
+                server.up.store(false, Ordering::Relaxed);
+                tracing::warn!(server = server.name(), uri = server.uri_text(), misses = probe.misses, "application server stopped answering; taken out");
+                return Some(HealthChange::Down);
+            }
+        }
+        None
+    }
+}
+
+impl Default for Directory {
+    fn default() -> Self {
+        Directory::new(HealthPolicy::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn s(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    fn names(list: &[ServerRef]) -> Vec<String> {
+        list.iter().map(|s| s.name().to_owned()).collect()
+    }
+
+    fn three() -> Directory {
+        let dir = Directory::default();
+        dir.add_static("a", "sip:127.0.0.1:5080", &s(&["echo"]), None)
+            .unwrap();
+        dir.add_static("b", "sip:127.0.0.1:5081", &s(&["echo", "clock"]), None)
+            .unwrap();
+        dir.add_static("c", "sip:127.0.0.1:5082", &s(&["echo"]), None)
+            .unwrap();
+        dir
+    }
+
+    #[test]
+    fn strategy_names_round_trip() {
+        for strategy in Strategy::ALL {
+            assert_eq!(strategy.name().parse::<Strategy>().unwrap(), strategy);
+        }
+        assert!("fastest".parse::<Strategy>().is_err());
+    }
+
+    #[test]
+    fn first_keeps_configuration_order_as_failover_order() {
+        let dir = three();
+        let now = Instant::now();
+        assert_eq!(names(&dir.candidates("echo", Strategy::First, now)), ["a", "b", "c"]);
+        assert_eq!(names(&dir.candidates("echo", Strategy::First, now)), ["a", "b", "c"]);
+        assert_eq!(names(&dir.candidates("clock", Strategy::First, now)), ["b"]);
+        assert!(dir.candidates("video", Strategy::First, now).is_empty());
+    }
+
+    #[test]
+    fn round_robin_rotates_the_start_and_keeps_the_rest_as_failover() {
+        let dir = three();
+        let now = Instant::now();
+        let got: Vec<Vec<String>> = (0..4)
+            .map(|_| names(&dir.candidates("echo", Strategy::RoundRobin, now)))
+            .collect();
+        assert_eq!(got[0], ["a", "b", "c"]);
+        assert_eq!(got[1], ["b", "c", "a"]);
+        assert_eq!(got[2], ["c", "a", "b"]);
+        assert_eq!(got[3], ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn least_sessions_orders_by_active_sessions_with_stable_ties() {
+        let dir = three();
+        let now = Instant::now();
+        let all = dir.candidates("echo", Strategy::First, now);
+        dir.session_started(&all[0]);
+        dir.session_started(&all[0]);
+        dir.session_started(&all[1]);
+        assert_eq!(names(&dir.candidates("echo", Strategy::LeastSessions, now)), ["c", "b", "a"]);
+        dir.session_ended(&all[0]);
+        dir.session_ended(&all[0]);
+        dir.session_ended(&all[0]); // one too many: stays at zero
+        assert_eq!(all[0].active_sessions(), 0);
+        assert_eq!(names(&dir.candidates("echo", Strategy::LeastSessions, now)), ["a", "c", "b"]);
+    }
+
+    #[test]
+    fn all_returns_every_healthy_candidate() {
+        let dir = three();
+        let now = Instant::now();
+        let b = dir.servers_of("echo")[1].clone();
+        dir.probe_result(&b, false, now);
+        dir.probe_result(&b, false, now);
+        assert_eq!(names(&dir.candidates("echo", Strategy::All, now)), ["a", "c"]);
+    }
+
+    #[test]
+    fn full_servers_are_skipped_until_a_session_ends() {
+        let dir = Directory::default();
+        let a = dir
+            .add_static("a", "sip:127.0.0.1:5080", &s(&["echo"]), Some(1))
+            .unwrap();
+        dir.add_static("b", "sip:127.0.0.1:5081", &s(&["echo"]), None)
+            .unwrap();
+        let now = Instant::now();
+        dir.session_started(&a);
+        assert_eq!(names(&dir.candidates("echo", Strategy::First, now)), ["b"]);
+        dir.session_ended(&a);
+        assert_eq!(names(&dir.candidates("echo", Strategy::First, now)), ["a", "b"]);
+    }
+
+    #[test]
+    fn health_goes_down_after_threshold_misses_and_up_after_one_answer() {
+        let dir = three();
+        let now = Instant::now();
+        let a = dir.servers_of("echo")[0].clone();
+        assert_eq!(dir.probe_result(&a, false, now), None);
+        assert!(a.is_up(), "one miss is below the threshold of 2");
+        assert_eq!(dir.probe_result(&a, false, now), Some(HealthChange::Down));
+        assert!(!a.is_up());
+        assert_eq!(names(&dir.candidates("echo", Strategy::First, now)), ["b", "c"]);
+        assert_eq!(dir.probe_result(&a, false, now), None, "already down");
+        assert_eq!(dir.probe_result(&a, true, now), Some(HealthChange::Up));
+        assert_eq!(a.last_answer(), Some(now));
+        assert_eq!(names(&dir.candidates("echo", Strategy::First, now)), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn an_answer_resets_the_miss_count() {
+        let dir = three();
+        let now = Instant::now();
+        let a = dir.servers_of("echo")[0].clone();
+        dir.probe_result(&a, false, now);
+        dir.probe_result(&a, true, now);
+        assert_eq!(dir.probe_result(&a, false, now), None);
+        assert!(a.is_up());
+    }
+
+    #[test]
+    fn recovery_threshold_needs_that_many_answers_in_a_row() {
+        let dir = Directory::new(HealthPolicy {
+            probe_interval: Duration::from_secs(10),
+            failure_threshold: 1,
+            recovery_threshold: 2,
+        });
+        let a = dir
+            .add_static("a", "sip:127.0.0.1:5080", &s(&["echo"]), None)
+            .unwrap();
+        let now = Instant::now();
+        assert_eq!(dir.probe_result(&a, false, now), Some(HealthChange::Down));
+        assert_eq!(dir.probe_result(&a, true, now), None);
+        assert_eq!(dir.probe_result(&a, false, now), None);
+        assert_eq!(dir.probe_result(&a, true, now), None);
+        assert_eq!(dir.probe_result(&a, true, now), Some(HealthChange::Up));
+    }
+
+    #[test]
+    fn probes_are_due_at_once_then_every_interval() {
+        let dir = three();
+        let t0 = Instant::now();
+        assert_eq!(dir.next_probe(t0), Some(t0));
+        assert_eq!(dir.probe_due(t0).len(), 3);
+        assert!(dir.probe_due(t0).is_empty(), "scheduled one interval later");
+        let t1 = t0 + Duration::from_secs(29);
+        assert!(dir.probe_due(t1).is_empty());
+        assert_eq!(dir.next_probe(t1), Some(t0 + Duration::from_secs(30)));
+        let t2 = t0 + Duration::from_secs(30);
+        assert_eq!(dir.probe_due(t2).len(), 3);
+    }
+
+    #[test]
+    fn dynamic_servers_join_refresh_and_expire() {
+        let dir = three();
+        let t0 = Instant::now();
+        let exp = t0 + Duration::from_secs(60);
+        let d = dir
+            .upsert_dynamic("as1", "sip:as1@127.0.0.1:5090", &s(&["echo", "video"]), Some(5), exp)
+            .unwrap();
+        assert_eq!(d.origin(), &Origin::Dynamic { account: "as1".into() });
+        assert_eq!(names(&dir.candidates("echo", Strategy::First, t0)), ["a", "b", "c", "as1"]);
+        assert_eq!(names(&dir.candidates("video", Strategy::First, t0)), ["as1"]);
+        assert_eq!(dir.next_expiry(), Some(exp));
+
+        // A refresh keeps the entry (and its sessions) and takes the new services.
+        dir.session_started(&d);
+        let exp2 = t0 + Duration::from_secs(120);
+        let d2 = dir
+            .upsert_dynamic("as1", "sip:as1@127.0.0.1:5090", &s(&["video"]), Some(7), exp2)
+            .unwrap();
+        assert_eq!(d2.id(), d.id());
+        assert_eq!(d2.active_sessions(), 1);
+        assert_eq!(d2.capacity(), Some(7));
+        assert_eq!(names(&dir.candidates("echo", Strategy::First, t0)), ["a", "b", "c"]);
+
+        // Past its expiry it is no candidate even before expire() runs.
+        let late = t0 + Duration::from_secs(121);
+        assert!(dir.candidates("video", Strategy::First, late).is_empty());
+        assert!(dir.expire(t0 + Duration::from_secs(119)).is_empty());
+        let removed = dir.expire(late);
+        assert_eq!(names(&removed), ["as1"]);
+        assert_eq!(dir.next_expiry(), None);
+        assert!(dir.servers_of("video").is_empty());
+        assert!(!dir.services().contains(&"video".to_owned()));
+    }
+
+    #[test]
+    fn sync_account_adds_refreshes_and_removes() {
+        let dir = Directory::default();
+        let t0 = Instant::now();
+        let exp = t0 + Duration::from_secs(60);
+        let one = DynamicServer {
+            uri: "sip:as1@127.0.0.1:5090".into(),
+            services: s(&["echo"]),
+            capacity: None,
+            expires_at: exp,
+        };
+        let two = DynamicServer {
+            uri: "sip:as1@127.0.0.1:5091".into(),
+            ..one.clone()
+        };
+        let (removed, errors) = dir.sync_account("as1", &[one.clone(), two.clone()]);
+        assert!(removed.is_empty() && errors.is_empty());
+        dir.upsert_dynamic("as2", "sip:as2@127.0.0.1:6000", &s(&["echo"]), None, exp)
+            .unwrap();
+        assert_eq!(dir.servers_of("echo").len(), 3);
+        let (removed, _) = dir.sync_account("as1", &[two]);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].uri_text(), "sip:as1@127.0.0.1:5090");
+        let left: Vec<String> = dir
+            .servers_of("echo")
+            .iter()
+            .map(|s| s.uri_text().to_owned())
+            .collect();
+        // Registration order is kept.
+        assert_eq!(left, ["sip:as1@127.0.0.1:5091", "sip:as2@127.0.0.1:6000"]);
+        let bad = DynamicServer {
+            uri: "http://example.com".into(),
+            ..one
+        };
+        let (_, errors) = dir.sync_account("as1", &[bad]);
+        assert_eq!(errors.len(), 1);
+    }
+
+    #[test]
+    fn bad_uris_and_empty_services_are_refused() {
+        let dir = Directory::default();
+        assert!(matches!(
+            dir.add_static("x", "mailto:x@example.com", &s(&["echo"]), None),
+            Err(DirectoryError::BadUri { .. })
+        ));
+        assert!(matches!(
+            dir.add_static("x", "not a uri at all <>", &s(&["echo"]), None),
+            Err(DirectoryError::BadUri { .. })
+        ));
+        assert_eq!(
+            dir.add_static("x", "sip:127.0.0.1", &[], None).unwrap_err(),
+            DirectoryError::NoServices("x".into())
+        );
+        assert!(dir.services().is_empty());
+    }
+
+    #[test]
+    fn removed_server_can_still_count_down_its_sessions() {
+        let dir = Directory::default();
+        let t0 = Instant::now();
+        let d = dir
+            .upsert_dynamic("as1", "sip:as1@127.0.0.1:5090", &s(&["echo"]), None, t0 + Duration::from_secs(5))
+            .unwrap();
+        dir.session_started(&d);
+        assert!(dir.remove_dynamic("as1", "sip:as1@127.0.0.1:5090").is_some());
+        dir.session_ended(&d);
+        assert_eq!(d.active_sessions(), 0);
+        assert!(dir.remove_dynamic("as1", "sip:as1@127.0.0.1:5090").is_none());
+    }
+}
