@@ -174,7 +174,10 @@ mod tests {
     #[test]
     fn addition_checks_currency_and_overflow() {
         let a = Money::new(150, eur());
-        assert_eq!(a.checked_add(Money::new(50, eur())), Ok(Money::new(200, eur())));
+        assert_eq!(
+            a.checked_add(Money::new(50, eur())),
+            Ok(Money::new(200, eur()))
+        );
         let usd = Currency::new("USD").unwrap();
         assert_eq!(
             a.checked_add(Money::new(1, usd)),
@@ -191,7 +194,10 @@ mod tests {
 
     #[test]
     fn multiplication_checks_overflow() {
-        assert_eq!(Money::new(25, eur()).checked_mul(4), Ok(Money::new(100, eur())));
+        assert_eq!(
+            Money::new(25, eur()).checked_mul(4),
+            Ok(Money::new(100, eur()))
+        );
         assert_eq!(
             Money::new(i64::MAX / 2 + 1, eur()).checked_mul(2),
             Err(MoneyError::Overflow)

@@ -154,7 +154,11 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         let (tx, mut rx) = channel();
         assert_eq!(rx.poll_recv(&mut cx), Poll::Pending);
-        assert_eq!(rx.poll_recv(&mut cx), Poll::Pending, "polling again is fine");
+        assert_eq!(
+            rx.poll_recv(&mut cx),
+            Poll::Pending,
+            "polling again is fine"
+        );
         assert_eq!(counter.0.load(Ordering::SeqCst), 0);
         tx.send("done");
         assert_eq!(counter.0.load(Ordering::SeqCst), 1, "woken exactly once");

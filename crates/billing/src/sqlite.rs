@@ -6,6 +6,8 @@
 //! constraints, so no row with a wrong type, an empty key, a negative amount or an
 //! inconsistent duration can exist, whatever wrote it.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -16,8 +18,8 @@ use crate::error::BillingError;
 use crate::money::{Currency, Money};
 use crate::record::{ChargeRecord, EndCause, SessionRecord, UnitCharge};
 use crate::store::{
-    recovered_end, unique_ids, CloseSession, JournaledSession, NewCharge, Op, OpenSession,
-    Outcome, Period, Store, TouchSessions,
+    recovered_end, unique_ids, JournaledSession, NewCharge, Op, OpenSession, Outcome, Period,
+    Store, TouchSessions,
 };
 use crate::tariff::Tariff;
 
@@ -120,9 +122,37 @@ enum OpFailure {
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+    /// Journaled tariff snapshots already parsed, by their JSON text: most sessions share
+    /// a handful of tariffs, and parsing one per close would cost more than the insert.
+    tariffs: RefCell<HashMap<String, Tariff>>,
 }
 
+/// The most parsed tariff snapshots kept; past this the cache starts over.
+const TARIFF_CACHE: usize = 64;
+
 impl SqliteStore {
+    fn new(conn: Connection, path: PathBuf) -> Self {
+        SqliteStore {
+            conn,
+            path,
+            tariffs: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The tariff of a journaled session, parsed once per distinct snapshot.
+    fn journaled_tariff(&self, session_id: &str, json: &str) -> Result<Tariff, BillingError> {
+        let mut cache = self.tariffs.borrow_mut();
+        if let Some(tariff) = cache.get(json) {
+            return Ok(tariff.clone());
+        }
+        let tariff = parse_tariff(session_id, json)?;
+        if cache.len() >= TARIFF_CACHE {
+            cache.clear();
+        }
+        cache.insert(json.to_owned(), tariff.clone());
+        Ok(tariff)
+    }
+
     /// Opens (creating if missing) the billing database at `path` for reading and
     /// writing, in WAL mode with `synchronous=FULL`, migrating an older schema.
     ///
@@ -139,7 +169,7 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = Connection::open_with_flags(&path, flags).map_err(|e| db_error(&path, e))?;
-        let store = SqliteStore { conn, path };
+        let store = SqliteStore::new(conn, path);
         store.set_busy_timeout()?;
         let found = store.inspect()?;
         let supported = SCHEMA_VERSION;
@@ -163,7 +193,7 @@ impl SqliteStore {
     fn open_with(path: &Path, migrations: &[Migration]) -> Result<Self, BillingError> {
         let path = path.to_path_buf();
         let conn = Connection::open(&path).map_err(|e| db_error(&path, e))?;
-        let store = SqliteStore { conn, path };
+        let store = SqliteStore::new(conn, path);
         store.set_busy_timeout()?;
         let latest = migrations.last().map_or(0, |m| m.version);
         // Look before touching anything: a foreign, damaged or newer file stays as it is.
@@ -370,19 +400,32 @@ impl SqliteStore {
         }
     }
 
+    /// Classifies the result of an op that writes with a single statement: on error,
+    /// SQLite has undone the statement, unless it rolled back the whole transaction.
+    fn single_statement<T>(&self, result: Result<T, BillingError>) -> Result<T, OpFailure> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(e) if self.conn.is_autocommit() => Err(OpFailure::Fatal(e)),
+            Err(e) => Err(OpFailure::Refused(e)),
+        }
+    }
+
     fn apply_op(&self, op: &Op) -> Result<Outcome, OpFailure> {
         op.validate().map_err(OpFailure::Refused)?;
         match op {
-            Op::Open(open) => self.in_savepoint(|s| s.insert_open(open).map(|()| Outcome::Opened)),
+            // Single-statement writes: SQLite undoes a failed statement by itself.
+            Op::Open(open) => {
+                self.single_statement(self.insert_open(open).map(|()| Outcome::Opened))
+            }
             Op::Touch(touch) => self.in_savepoint(|s| s.touch(touch).map(Outcome::Touched)),
             Op::Close(close) => self.in_savepoint(|s| {
                 s.close_row(&close.session_id, close.ended_at_ms, close.cause)
                     .map(Outcome::Closed)
             }),
-            Op::Charge(charge) => self.in_savepoint(|s| {
-                s.charge(charge)
-                    .map(|(record, duplicate)| Outcome::Charged { record, duplicate })
-            }),
+            Op::Charge(charge) => self.single_statement(
+                self.charge(charge)
+                    .map(|(record, duplicate)| Outcome::Charged { record, duplicate }),
+            ),
             Op::Recover { now_ms } => {
                 self.in_savepoint(|s| s.recover_all(*now_ms).map(Outcome::Recovered))
             }
@@ -390,10 +433,11 @@ impl SqliteStore {
     }
 
     fn insert_open(&self, open: &OpenSession) -> Result<(), BillingError> {
-        let tariff = serde_json::to_string(&open.tariff).map_err(|e| BillingError::InvalidInput {
-            field: "tariff",
-            reason: e.to_string(),
-        })?;
+        let tariff =
+            serde_json::to_string(&open.tariff).map_err(|e| BillingError::InvalidInput {
+                field: "tariff",
+                reason: e.to_string(),
+            })?;
         let inserted = self
             .conn
             .prepare_cached(
@@ -467,14 +511,13 @@ impl SqliteStore {
                 .optional()
             })
             .map_err(|e| self.db(e))?;
-        let Some((call_id, subscriber, service, server, plan, tariff, confirmed_at_ms)) =
-            journaled
+        let Some((call_id, subscriber, service, server, plan, tariff, confirmed_at_ms)) = journaled
         else {
             return Err(BillingError::UnknownSession {
                 session_id: session_id.to_owned(),
             });
         };
-        let tariff = parse_tariff(session_id, &tariff)?;
+        let tariff = self.journaled_tariff(session_id, &tariff)?;
         // A clock that stepped back makes a zero-length session, never a negative one.
         let ended_at_ms = ended_at_ms.max(confirmed_at_ms);
         let duration_ms = ended_at_ms - confirmed_at_ms;
@@ -570,9 +613,17 @@ impl SqliteStore {
             })
             .map_err(|e| self.db(e))?;
         if let Some(record_id) = inserted {
-            return Ok((ChargeRecord { record_id, ..record }, false));
+            return Ok((
+                ChargeRecord {
+                    record_id,
+                    ..record
+                },
+                false,
+            ));
         }
-        let sql = format!("SELECT {CHARGE_COLUMNS} FROM charge_records WHERE server = ?1 AND event_id = ?2");
+        let sql = format!(
+            "SELECT {CHARGE_COLUMNS} FROM charge_records WHERE server = ?1 AND event_id = ?2"
+        );
         let mut stmt = self.conn.prepare_cached(&sql).map_err(|e| self.db(e))?;
         let mut rows = stmt
             .query(params![charge.server, charge.event_id])
@@ -612,7 +663,10 @@ impl SqliteStore {
             records.push(self.close_row(&session_id, ended, EndCause::RecoveredAfterRestart)?);
         }
         if !records.is_empty() {
-            info!(sessions = records.len(), "closed sessions left open by a crash");
+            info!(
+                sessions = records.len(),
+                "closed sessions left open by a crash"
+            );
         }
         Ok(records)
     }
@@ -666,10 +720,12 @@ impl SqliteStore {
             service: row.get(4).map_err(db)?,
             event_id: row.get(5).map_err(db)?,
             amount: Money::new(row.get(6).map_err(db)?, currency),
-            units: units.zip(unit_price).map(|(units, unit_price_minor)| UnitCharge {
-                units,
-                unit_price_minor,
-            }),
+            units: units
+                .zip(unit_price)
+                .map(|(units, unit_price_minor)| UnitCharge {
+                    units,
+                    unit_price_minor,
+                }),
             description: row.get(10).map_err(db)?,
             charged_at_ms: row.get(11).map_err(db)?,
         })
@@ -815,7 +871,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::store::ChargeAmount;
+    use crate::store::{ChargeAmount, CloseSession};
     use crate::tariff::TariffSpec;
 
     const T0: i64 = 1_700_000_000_000;
@@ -911,7 +967,11 @@ mod tests {
             .close_session(close("s1", T0 + 60_001, EndCause::CallerBye))
             .unwrap();
         assert_eq!(record.duration_ms, 60_001);
-        assert_eq!(record.charge, Money::new(14, eur()), "setup 10 + two minutes at 2");
+        assert_eq!(
+            record.charge,
+            Money::new(14, eur()),
+            "setup 10 + two minutes at 2"
+        );
         assert_eq!(record.tariff, "standard");
         assert_eq!(record.call_id, "call-s1");
         assert!(store.journal().unwrap().is_empty());
@@ -920,7 +980,9 @@ mod tests {
         let err = store
             .close_session(close("s1", T0 + 70_000, EndCause::ServerBye))
             .unwrap_err();
-        assert!(matches!(err, BillingError::UnknownSession { ref session_id } if session_id == "s1"));
+        assert!(
+            matches!(err, BillingError::UnknownSession { ref session_id } if session_id == "s1")
+        );
         assert_eq!(store.session_records(Period::all()).unwrap().len(), 1);
     }
 
@@ -1026,10 +1088,22 @@ mod tests {
             results[1],
             Err(BillingError::NegativeAmount { minor: -1, .. })
         ));
-        assert!(matches!(results[2], Err(BillingError::UnknownSession { .. })));
-        assert!(matches!(results[3], Err(BillingError::SessionAlreadyOpen { .. })));
+        assert!(matches!(
+            results[2],
+            Err(BillingError::UnknownSession { .. })
+        ));
+        assert!(matches!(
+            results[3],
+            Err(BillingError::SessionAlreadyOpen { .. })
+        ));
         assert!(matches!(results[4], Ok(Outcome::Closed(_))));
-        assert!(matches!(results[5], Ok(Outcome::Charged { duplicate: false, .. })));
+        assert!(matches!(
+            results[5],
+            Ok(Outcome::Charged {
+                duplicate: false,
+                ..
+            })
+        ));
         let events: Vec<String> = store
             .charge_records(Period::all())
             .unwrap()
@@ -1050,9 +1124,19 @@ mod tests {
             session_ids: ids.iter().map(|s| s.to_string()).collect(),
             seen_at_ms: at,
         };
-        assert_eq!(store.touch_sessions(touch(&["a", "b", "gone", "a"], T0 + 50_000)).unwrap(), 2);
+        assert_eq!(
+            store
+                .touch_sessions(touch(&["a", "b", "gone", "a"], T0 + 50_000))
+                .unwrap(),
+            2
+        );
         assert_eq!(store.touch_sessions(touch(&["a"], T0 + 20_000)).unwrap(), 1);
-        let seen: Vec<i64> = store.journal().unwrap().iter().map(|j| j.last_seen_ms).collect();
+        let seen: Vec<i64> = store
+            .journal()
+            .unwrap()
+            .iter()
+            .map(|j| j.last_seen_ms)
+            .collect();
         assert_eq!(seen, [T0 + 50_000, T0 + 50_000]);
     }
 
@@ -1080,7 +1164,14 @@ mod tests {
         let recovered = store.recover(T0 + 600_000).unwrap();
         let summary: Vec<(&str, i64, i64, EndCause)> = recovered
             .iter()
-            .map(|r| (r.session_id.as_str(), r.ended_at_ms, r.charge.minor, r.cause))
+            .map(|r| {
+                (
+                    r.session_id.as_str(),
+                    r.ended_at_ms,
+                    r.charge.minor,
+                    r.cause,
+                )
+            })
             .collect();
         assert_eq!(
             summary,
@@ -1090,10 +1181,16 @@ mod tests {
             ]
         );
         assert!(store.journal().unwrap().is_empty());
-        assert!(store.recover(T0 + 700_000).unwrap().is_empty(), "second run");
+        assert!(
+            store.recover(T0 + 700_000).unwrap().is_empty(),
+            "second run"
+        );
         drop(store);
         let mut store = SqliteStore::open(&path).unwrap();
-        assert!(store.recover(T0 + 800_000).unwrap().is_empty(), "after reopening");
+        assert!(
+            store.recover(T0 + 800_000).unwrap().is_empty(),
+            "after reopening"
+        );
         assert_eq!(store.session_records(Period::all()).unwrap().len(), 3);
     }
 
@@ -1117,7 +1214,9 @@ mod tests {
         for (i, end) in [T0 + 1_000, T0 + 2_000, T0 + 3_000].into_iter().enumerate() {
             let id = format!("s{i}");
             store.open_session(session(&id, T0)).unwrap();
-            store.close_session(close(&id, end, EndCause::CallerBye)).unwrap();
+            store
+                .close_session(close(&id, end, EndCause::CallerBye))
+                .unwrap();
         }
         let ids: Vec<String> = store
             .session_records(Period::new(T0 + 2_000, T0 + 3_000).unwrap())
@@ -1160,8 +1259,13 @@ mod tests {
         {
             let mut store = SqliteStore::open(&path).unwrap();
             store.open_session(session("a", T0)).unwrap();
-            store.close_session(close("a", T0 + 1, EndCause::CallerBye)).unwrap();
-            store.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE").unwrap();
+            store
+                .close_session(close("a", T0 + 1, EndCause::CallerBye))
+                .unwrap();
+            store
+                .conn
+                .pragma_update(None, "wal_checkpoint", "TRUNCATE")
+                .unwrap();
         }
         // Overwrite everything after the first page (the schema) with garbage.
         let mut bytes = std::fs::read(&path).unwrap();
@@ -1188,22 +1292,39 @@ mod tests {
             store.record_charge(charge("as1", "ev-1", 5)).unwrap();
             store
                 .conn
-                .execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'", [])
+                .execute(
+                    "UPDATE meta SET value = '99' WHERE key = 'schema_version'",
+                    [],
+                )
                 .unwrap();
         }
         let err = SqliteStore::open(&path).unwrap_err();
         assert!(
-            matches!(err, BillingError::NewerSchema { found: 99, supported: SCHEMA_VERSION, .. }),
+            matches!(
+                err,
+                BillingError::NewerSchema {
+                    found: 99,
+                    supported: SCHEMA_VERSION,
+                    ..
+                }
+            ),
             "{err:?}"
         );
-        assert!(err.to_string().contains("schema version 99 is newer"), "{err}");
+        assert!(
+            err.to_string().contains("schema version 99 is newer"),
+            "{err}"
+        );
         assert!(matches!(
             SqliteStore::open_read_only(&path).unwrap_err(),
             BillingError::NewerSchema { .. }
         ));
         let raw = Connection::open(&path).unwrap();
         let version: String = raw
-            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         let charges: i64 = raw
             .query_row("SELECT count(*) FROM charge_records", [], |r| r.get(0))
@@ -1220,7 +1341,11 @@ mod tests {
             .execute_batch("CREATE TABLE users (name TEXT); INSERT INTO users VALUES ('x');")
             .unwrap();
         let err = SqliteStore::open(&path).unwrap_err();
-        assert!(err.to_string().contains("tables (users) but no billing meta table"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("tables (users) but no billing meta table"),
+            "{err}"
+        );
         Connection::open(&path)
             .unwrap()
             .execute_batch("CREATE TABLE meta (key TEXT, value TEXT); INSERT INTO meta VALUES ('application', 'cms');")
@@ -1263,7 +1388,11 @@ mod tests {
         // A build that knows only version 1 refuses the file.
         assert!(matches!(
             SqliteStore::open_with(&path, &v2[..1]).unwrap_err(),
-            BillingError::NewerSchema { found: 2, supported: 1, .. }
+            BillingError::NewerSchema {
+                found: 2,
+                supported: 1,
+                ..
+            }
         ));
     }
 

@@ -556,7 +556,10 @@ mod tests {
     fn fields_are_checked_by_name() {
         let mut c = charge(ChargeAmount::Total(eur(1)));
         c.event_id.clear();
-        assert_eq!(c.validate().unwrap_err().to_string(), "invalid event id: empty");
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "invalid event id: empty"
+        );
         let mut c = charge(ChargeAmount::Total(eur(1)));
         c.server = "as\r\n1".into();
         assert_eq!(
@@ -586,8 +589,16 @@ mod tests {
     #[test]
     fn recovered_end_is_clamped() {
         assert_eq!(recovered_end(1_000, 5_000, 9_000), 5_000);
-        assert_eq!(recovered_end(1_000, 5_000, 3_000), 3_000, "clock jumped back");
-        assert_eq!(recovered_end(1_000, 5_000, 500), 1_000, "never before confirmation");
+        assert_eq!(
+            recovered_end(1_000, 5_000, 3_000),
+            3_000,
+            "clock jumped back"
+        );
+        assert_eq!(
+            recovered_end(1_000, 5_000, 500),
+            1_000,
+            "never before confirmation"
+        );
     }
 
     #[test]

@@ -521,7 +521,8 @@ mod tests {
     #[test]
     fn charges_by_the_table() {
         // (setup, rate, period, increment, free, duration ms, billed s, charge)
-        let cases: &[(i64, i64, u32, &str, u32, u64, u64, i64)] = &[
+        type Case = (i64, i64, u32, &'static str, u32, u64, u64, i64);
+        let cases: &[Case] = &[
             // 60/60, 2 per minute, setup 10.
             (10, 2, 60, "60/60", 0, 0, 0, 0),
             (10, 2, 60, "60/60", 0, 1, 60, 12),
@@ -577,21 +578,17 @@ mod tests {
                 18_446_744_073_709_552,
                 i64::MAX,
             ),
-            (
-                0,
-                i64::MAX,
-                1,
-                "1/1",
-                0,
-                10_000,
-                10,
-                i64::MAX,
-            ),
+            (0, i64::MAX, 1, "1/1", 0, 10_000, 10, i64::MAX),
         ];
         for &(setup, rate, period, inc, free, duration, billed, charge) in cases {
             let t = tariff(setup, rate, period, inc, free);
-            let what = format!("setup {setup} rate {rate}/{period}s {inc} free {free}s, {duration} ms");
-            assert_eq!(t.billed_seconds(duration), billed, "billed seconds for {what}");
+            let what =
+                format!("setup {setup} rate {rate}/{period}s {inc} free {free}s, {duration} ms");
+            assert_eq!(
+                t.billed_seconds(duration),
+                billed,
+                "billed seconds for {what}"
+            );
             assert_eq!(t.charge_for(duration).minor, charge, "charge for {what}");
             assert_eq!(t.charge_for(duration).currency, t.currency());
         }
@@ -600,9 +597,15 @@ mod tests {
     #[test]
     fn refuses_unusable_tariffs_naming_the_problem() {
         let err = Tariff::new(spec("neg", -1, 2, 60, "60/60", 0)).unwrap_err();
-        assert_eq!(err.to_string(), "tariff \"neg\": negative setup charge -1 minor units");
+        assert_eq!(
+            err.to_string(),
+            "tariff \"neg\": negative setup charge -1 minor units"
+        );
         let err = Tariff::new(spec("neg", 0, -2, 60, "60/60", 0)).unwrap_err();
-        assert_eq!(err.to_string(), "tariff \"neg\": negative rate -2 minor units");
+        assert_eq!(
+            err.to_string(),
+            "tariff \"neg\": negative rate -2 minor units"
+        );
         let err = Tariff::new(spec("p0", 0, 2, 0, "60/60", 0)).unwrap_err();
         assert!(err.to_string().contains("period_seconds is 0"), "{err}");
         let err = Tariff::new(spec("", 0, 2, 60, "60/60", 0)).unwrap_err();
@@ -699,7 +702,11 @@ mod tests {
 
         let key = "[[tariffs]]\nname='a'\ncurrency='EUR'\nrate=1\n[[tariffs]]\nname='b'\nservice='*'\ncurrency='EUR'\nrate=1\n";
         let err = TariffTable::from_toml_str(key).unwrap_err();
-        assert!(err.to_string().contains("both apply to service * and plan *"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("both apply to service * and plan *"),
+            "{err}"
+        );
 
         let neg = "[[tariffs]]\nname='n'\ncurrency='EUR'\nrate=-3\n";
         let err = TariffTable::from_toml_str(neg).unwrap_err();
@@ -711,7 +718,10 @@ mod tests {
 
         let inc = "[[tariffs]]\nname='n'\ncurrency='EUR'\nrate=1\nincrement='60-60'\n";
         let err = TariffTable::from_toml_str(inc).unwrap_err();
-        assert!(err.to_string().contains("invalid billing increment"), "{err}");
+        assert!(
+            err.to_string().contains("invalid billing increment"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -721,6 +731,8 @@ mod tests {
         let json = serde_json::to_string(t).unwrap();
         let back: Tariff = serde_json::from_str(&json).unwrap();
         assert_eq!(&back, t);
-        assert!(serde_json::from_str::<Tariff>(&json.replace("\"rate\":6", "\"rate\":-6")).is_err());
+        assert!(
+            serde_json::from_str::<Tariff>(&json.replace("\"rate\":6", "\"rate\":-6")).is_err()
+        );
     }
 }

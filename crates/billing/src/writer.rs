@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 
-use tracing::{debug, error, warn};
+use tracing::{debug, error, trace, warn};
 
 use crate::error::BillingError;
 use crate::oneshot;
@@ -30,6 +30,8 @@ use crate::store::{CloseSession, NewCharge, Op, OpenSession, Outcome, Store, Tou
 
 type Reply = oneshot::Sender<Result<Outcome, BillingError>>;
 
+// Shutdown is sent once; boxing every request to shrink it would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 enum Message {
     Op(Op, Reply),
     Shutdown,
@@ -330,6 +332,7 @@ fn commit<S: Store>(store: &mut S, ops: &[Op], replies: &mut Vec<Reply>, counter
     counters.largest_batch.fetch_max(n, Ordering::Relaxed);
     match store.apply(ops) {
         Ok(results) => {
+            trace!(requests = n, "billing batch committed");
             let mut results = results.into_iter();
             for (reply, op) in replies.drain(..).zip(ops) {
                 let result = results
@@ -474,7 +477,9 @@ mod tests {
         .unwrap();
         let handle = writer.handle();
         let mut first = handle.touch_sessions(touch("first"));
-        wait_until("the first batch to start", || batches.lock().unwrap().len() == 1);
+        wait_until("the first batch to start", || {
+            batches.lock().unwrap().len() == 1
+        });
         let mut rest: Vec<Pending<usize>> = (0..9)
             .map(|i| handle.touch_sessions(touch(&format!("s{i}"))))
             .collect();
@@ -483,7 +488,9 @@ mod tests {
         assert!(rest.iter_mut().all(|p| poll_once(p).is_pending()));
         gate.send(Ok(())).unwrap();
         assert_eq!(first.wait().unwrap(), 1);
-        wait_until("the second batch to start", || batches.lock().unwrap().len() == 2);
+        wait_until("the second batch to start", || {
+            batches.lock().unwrap().len() == 2
+        });
         assert!(rest.iter_mut().all(|p| poll_once(p).is_pending()));
         gate.send(Ok(())).unwrap();
         for p in rest {
@@ -532,7 +539,11 @@ mod tests {
         let handle = writer.handle();
         let queued = handle.touch_sessions(touch("a"));
         writer.shutdown().unwrap();
-        assert_eq!(queued.wait().unwrap(), 0, "queued before shutdown: committed");
+        assert_eq!(
+            queued.wait().unwrap(),
+            0,
+            "queued before shutdown: committed"
+        );
         let err = block_on(handle.touch_sessions(touch("a"))).unwrap_err();
         assert!(matches!(err, BillingError::WriterStopped));
     }
@@ -556,7 +567,10 @@ mod tests {
             })
             .wait()
             .unwrap_err();
-        assert!(matches!(err, BillingError::NegativeAmount { minor: -5, .. }));
+        assert!(matches!(
+            err,
+            BillingError::NegativeAmount { minor: -5, .. }
+        ));
         assert_eq!(handle.stats().ops, 0);
     }
 

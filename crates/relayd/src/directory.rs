@@ -428,7 +428,9 @@ impl Directory {
         let mut inner = self.write();
         if let Some(entry) = inner.dynamic.remove(&key) {
             let server = entry.server;
-            server.capacity.store(capacity.unwrap_or(0), Ordering::Relaxed);
+            server
+                .capacity
+                .store(capacity.unwrap_or(0), Ordering::Relaxed);
             *lock(&server.expires_at) = Some(expires_at);
             if entry.services != services {
                 inner.unindex(&server, &entry.services);
@@ -497,9 +499,7 @@ impl Directory {
             inner
                 .dynamic
                 .keys()
-                .filter(|(acc, uri)| {
-                    acc == account && !servers.iter().any(|s| s.uri.trim() == uri)
-                })
+                .filter(|(acc, uri)| acc == account && !servers.iter().any(|s| s.uri.trim() == uri))
                 .map(|(_, uri)| uri.clone())
                 .collect()
         };
@@ -638,7 +638,11 @@ impl Directory {
             probe.last_answer = Some(now);
             if !server.is_up() && probe.answers >= self.policy.recovery_threshold {
                 server.up.store(true, Ordering::Relaxed);
-                tracing::info!(server = server.name(), uri = server.uri_text(), "application server is up again");
+                tracing::info!(
+                    server = server.name(),
+                    uri = server.uri_text(),
+                    "application server is up again"
+                );
                 return Some(HealthChange::Up);
             }
         } else {
@@ -646,7 +650,12 @@ impl Directory {
             probe.misses = probe.misses.saturating_add(1);
             if server.is_up() && probe.misses >= self.policy.failure_threshold {
                 server.up.store(false, Ordering::Relaxed);
-                tracing::warn!(server = server.name(), uri = server.uri_text(), misses = probe.misses, "application server stopped answering; taken out");
+                tracing::warn!(
+                    server = server.name(),
+                    uri = server.uri_text(),
+                    misses = probe.misses,
+                    "application server stopped answering; taken out"
+                );
                 return Some(HealthChange::Down);
             }
         }
@@ -697,8 +706,14 @@ mod tests {
     fn first_keeps_configuration_order_as_failover_order() {
         let dir = three();
         let now = Instant::now();
-        assert_eq!(names(&dir.candidates("echo", Strategy::First, now)), ["a", "b", "c"]);
-        assert_eq!(names(&dir.candidates("echo", Strategy::First, now)), ["a", "b", "c"]);
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::First, now)),
+            ["a", "b", "c"]
+        );
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::First, now)),
+            ["a", "b", "c"]
+        );
         assert_eq!(names(&dir.candidates("clock", Strategy::First, now)), ["b"]);
         assert!(dir.candidates("video", Strategy::First, now).is_empty());
     }
@@ -724,12 +739,18 @@ mod tests {
         dir.session_started(&all[0]);
         dir.session_started(&all[0]);
         dir.session_started(&all[1]);
-        assert_eq!(names(&dir.candidates("echo", Strategy::LeastSessions, now)), ["c", "b", "a"]);
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::LeastSessions, now)),
+            ["c", "b", "a"]
+        );
         dir.session_ended(&all[0]);
         dir.session_ended(&all[0]);
         dir.session_ended(&all[0]); // one too many: stays at zero
         assert_eq!(all[0].active_sessions(), 0);
-        assert_eq!(names(&dir.candidates("echo", Strategy::LeastSessions, now)), ["a", "c", "b"]);
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::LeastSessions, now)),
+            ["a", "c", "b"]
+        );
     }
 
     #[test]
@@ -739,7 +760,10 @@ mod tests {
         let b = dir.servers_of("echo")[1].clone();
         dir.probe_result(&b, false, now);
         dir.probe_result(&b, false, now);
-        assert_eq!(names(&dir.candidates("echo", Strategy::All, now)), ["a", "c"]);
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::All, now)),
+            ["a", "c"]
+        );
     }
 
     #[test]
@@ -754,7 +778,10 @@ mod tests {
         dir.session_started(&a);
         assert_eq!(names(&dir.candidates("echo", Strategy::First, now)), ["b"]);
         dir.session_ended(&a);
-        assert_eq!(names(&dir.candidates("echo", Strategy::First, now)), ["a", "b"]);
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::First, now)),
+            ["a", "b"]
+        );
     }
 
     #[test]
@@ -766,11 +793,17 @@ mod tests {
         assert!(a.is_up(), "one miss is below the threshold of 2");
         assert_eq!(dir.probe_result(&a, false, now), Some(HealthChange::Down));
         assert!(!a.is_up());
-        assert_eq!(names(&dir.candidates("echo", Strategy::First, now)), ["b", "c"]);
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::First, now)),
+            ["b", "c"]
+        );
         assert_eq!(dir.probe_result(&a, false, now), None, "already down");
         assert_eq!(dir.probe_result(&a, true, now), Some(HealthChange::Up));
         assert_eq!(a.last_answer(), Some(now));
-        assert_eq!(names(&dir.candidates("echo", Strategy::First, now)), ["a", "b", "c"]);
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::First, now)),
+            ["a", "b", "c"]
+        );
     }
 
     #[test]
@@ -822,23 +855,49 @@ mod tests {
         let t0 = Instant::now();
         let exp = t0 + Duration::from_secs(60);
         let d = dir
-            .upsert_dynamic("as1", "sip:as1@127.0.0.1:5090", &s(&["echo", "video"]), Some(5), exp)
+            .upsert_dynamic(
+                "as1",
+                "sip:as1@127.0.0.1:5090",
+                &s(&["echo", "video"]),
+                Some(5),
+                exp,
+            )
             .unwrap();
-        assert_eq!(d.origin(), &Origin::Dynamic { account: "as1".into() });
-        assert_eq!(names(&dir.candidates("echo", Strategy::First, t0)), ["a", "b", "c", "as1"]);
-        assert_eq!(names(&dir.candidates("video", Strategy::First, t0)), ["as1"]);
+        assert_eq!(
+            d.origin(),
+            &Origin::Dynamic {
+                account: "as1".into()
+            }
+        );
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::First, t0)),
+            ["a", "b", "c", "as1"]
+        );
+        assert_eq!(
+            names(&dir.candidates("video", Strategy::First, t0)),
+            ["as1"]
+        );
         assert_eq!(dir.next_expiry(), Some(exp));
 
         // A refresh keeps the entry (and its sessions) and takes the new services.
         dir.session_started(&d);
         let exp2 = t0 + Duration::from_secs(120);
         let d2 = dir
-            .upsert_dynamic("as1", "sip:as1@127.0.0.1:5090", &s(&["video"]), Some(7), exp2)
+            .upsert_dynamic(
+                "as1",
+                "sip:as1@127.0.0.1:5090",
+                &s(&["video"]),
+                Some(7),
+                exp2,
+            )
             .unwrap();
         assert_eq!(d2.id(), d.id());
         assert_eq!(d2.active_sessions(), 1);
         assert_eq!(d2.capacity(), Some(7));
-        assert_eq!(names(&dir.candidates("echo", Strategy::First, t0)), ["a", "b", "c"]);
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::First, t0)),
+            ["a", "b", "c"]
+        );
 
         // Past its expiry it is no candidate even before expire() runs.
         let late = t0 + Duration::from_secs(121);
@@ -912,12 +971,22 @@ mod tests {
         let dir = Directory::default();
         let t0 = Instant::now();
         let d = dir
-            .upsert_dynamic("as1", "sip:as1@127.0.0.1:5090", &s(&["echo"]), None, t0 + Duration::from_secs(5))
+            .upsert_dynamic(
+                "as1",
+                "sip:as1@127.0.0.1:5090",
+                &s(&["echo"]),
+                None,
+                t0 + Duration::from_secs(5),
+            )
             .unwrap();
         dir.session_started(&d);
-        assert!(dir.remove_dynamic("as1", "sip:as1@127.0.0.1:5090").is_some());
+        assert!(dir
+            .remove_dynamic("as1", "sip:as1@127.0.0.1:5090")
+            .is_some());
         dir.session_ended(&d);
         assert_eq!(d.active_sessions(), 0);
-        assert!(dir.remove_dynamic("as1", "sip:as1@127.0.0.1:5090").is_none());
+        assert!(dir
+            .remove_dynamic("as1", "sip:as1@127.0.0.1:5090")
+            .is_none());
     }
 }

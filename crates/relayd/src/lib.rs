@@ -1,10 +1,23 @@
-//! The relay server's building blocks, sans-IO: configuration, the registrar, the rules that
-//! decide a request's service and client information, and the service directory.
+//! The relay server (DESIGN.md): a signalling B2BUA that authenticates terminals, searches
+//! the application servers that deliver the requested service, inquires of them, relays
+//! their answers, establishes the session on the terminal's ACK, and bills it.
 //!
-//! The binary (`src/main.rs`) composes them with `sip-core`'s endpoint and the `billing`
-//! crate. Every core here takes the current time as a parameter and never touches a socket
-//! or a clock, so its behaviour is tested deterministically.
+//! The sans-IO cores take the current time as a parameter and never touch a socket or a
+//! clock: [`config`], [`registrar`], [`rules`], [`directory`], [`auth`]. The running relay
+//! composes them with `sip-core`'s endpoint and the `billing` crate: [`relay`] (shared
+//! context and dispatch), [`session`] (one task per session: inquiry, response relay,
+//! confirmation, disconnection) with [`b2bua`] (message construction), [`charge`]
+//! (application billing), [`billing_control`], and [`health`] (probes and expiry).
 
+pub mod auth;
+pub mod b2bua;
+pub mod billing_control;
+pub mod charge;
+pub mod cli;
+pub mod config;
 pub mod directory;
-pub mod rules;
+pub mod health;
 pub mod registrar;
+pub mod relay;
+pub mod rules;
+pub mod session;

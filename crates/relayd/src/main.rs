@@ -1,3 +1,244 @@
-//! `relayd`, the relay server.
+//! `relayd`, the relay server: reads the configuration and dispatches the command line.
+//!
+//! `relayd [--config FILE] [run]` runs the relay; `check-config` (or `--check`) validates
+//! the configuration and prints a summary; `user add|remove` edits the users file;
+//! `billing report|export` reads the billing records. Errors go to standard error as
+//! `relayd: <file>: key `<key>`: <what was expected>` with exit status 1.
 
-fn main() {}
+use std::io::{self, IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use billing::report;
+use billing::sqlite::SqliteStore;
+use billing::store::Period;
+use relayd::cli::{self, BillingCommand, Cli, Command, Ha1Hasher, UserCommand};
+use relayd::config::{Config, LogFormat};
+use relayd::health;
+use relayd::relay::{self, Relay};
+use sip_core::digest;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("relayd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The configuration of `--config`, or the built-in defaults without it.
+fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
+    let config = match path {
+        Some(path) => Config::load(path)?,
+        None => {
+            let config = Config::default();
+            config.validate()?;
+            config
+        }
+    };
+    Ok(config)
+}
+
+fn dispatch(cli: &Cli) -> anyhow::Result<()> {
+    let config = load_config(cli.config.as_deref())?;
+    match cli.effective_command() {
+        Command::Run => run(config),
+        Command::CheckConfig => check_config(&config),
+        Command::User(UserCommand::Add(args)) => {
+            let Some(ha1) = ha1_function() else {
+                anyhow::bail!("user add: HA1 hashing is not wired to sip-core's digest module yet")
+            };
+            // Fail on the arguments before asking for a password.
+            cli::users_file_for(&config)?;
+            let prompt = format!("Password for {}@{}: ", args.name, config.relay.realm);
+            let prompt = io::stdin().is_terminal().then_some(prompt.as_str());
+            let password = cli::read_password(&mut io::stdin().lock(), prompt)
+                .context("reading the password from standard input")?;
+            let added = cli::user_add(&config, &args, &password, &ha1)?;
+            let verb = if added.replaced { "replaced" } else { "added" };
+            println!("{verb} {} in {}", args.name, added.file.display());
+            Ok(())
+        }
+        Command::User(UserCommand::Remove(args)) => {
+            let file = cli::user_remove(&config, &args.name)?;
+            println!("removed {} from {}", args.name, file.display());
+            Ok(())
+        }
+        Command::Billing(BillingCommand::Report(args)) => billing_report(&config, &args),
+        Command::Billing(BillingCommand::Export(args)) => billing_export(&config, &args),
+    }
+}
+
+/// The HA1 function of `relayd user add`: `H(user:realm:password)` in hex.
+fn ha1_function() -> Option<Ha1Hasher> {
+    Some(|algorithm, user, realm, password| {
+        let algorithm = match algorithm {
+            cli::HashAlgorithm::Md5 => digest::Algorithm::Md5,
+            cli::HashAlgorithm::Sha256 => digest::Algorithm::Sha256,
+        };
+        digest::ha1(algorithm, user, realm, password)
+    })
+}
+
+/// The billing store of the configuration, opened read-only for reports.
+fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
+    let path = config.storage.data_dir.join("billing.db");
+    if !path.exists() {
+        anyhow::bail!(
+            "{}: no billing store yet (relayd has not run with this data_dir)",
+            path.display()
+        );
+    }
+    SqliteStore::open_read_only(&path)
+        .with_context(|| format!("opening the billing store {}", path.display()))
+}
+
+fn period(since: Option<cli::Timestamp>, until: Option<cli::Timestamp>) -> anyhow::Result<Period> {
+    let since_ms = since.map_or(i64::MIN, |t| t.0.saturating_mul(1000));
+    let until_ms = until.map_or(i64::MAX, |t| t.0.saturating_mul(1000));
+    Period::new(since_ms, until_ms).context("--since must be before --until")
+}
+
+/// `relayd billing report`: totals per subscriber, service or server.
+fn billing_report(config: &Config, args: &cli::ReportArgs) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    let by = match args.by {
+        cli::GroupBy::Subscriber => report::GroupBy::Subscriber,
+        cli::GroupBy::Service => report::GroupBy::Service,
+        cli::GroupBy::Server => report::GroupBy::Server,
+    };
+    let totals = report::totals(&store, period(args.since, args.until)?, by)
+        .context("computing the report")?;
+    print!("{}", report::format_totals(&totals, by));
+    Ok(())
+}
+
+/// `relayd billing export`: records as CSV or JSON lines.
+fn billing_export(config: &Config, args: &cli::ExportArgs) -> anyhow::Result<()> {
+    let store = open_store(config)?;
+    let format = match args.format {
+        cli::ExportFormat::Csv => report::ExportFormat::Csv,
+        cli::ExportFormat::Jsonl => report::ExportFormat::JsonLines,
+    };
+    let kind = match args.records {
+        cli::RecordsArg::Sessions => report::RecordKind::Sessions,
+        cli::RecordsArg::Charges => report::RecordKind::Charges,
+    };
+    let period = period(args.since, args.until)?;
+    match &args.output {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            let mut out = io::BufWriter::new(file);
+            report::export(&store, period, kind, format, &mut out).context("exporting records")?;
+            out.flush()
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        None => {
+            let stdout = io::stdout();
+            let mut out = io::BufWriter::new(stdout.lock());
+            report::export(&store, period, kind, format, &mut out).context("exporting records")?;
+            out.flush().context("writing the export")?;
+        }
+    }
+    Ok(())
+}
+
+/// `relayd check-config`: everything `run` checks before it opens a socket.
+fn check_config(config: &Config) -> anyhow::Result<()> {
+    config
+        .build_directory()
+        .context("building the service directory")?;
+    config.build_rules().context("compiling the rules")?;
+    print!("{}", config.summary());
+    println!("configuration OK");
+    Ok(())
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(directives) if !directives.trim().is_empty() => EnvFilter::builder()
+            .parse(&directives)
+            .context("RUST_LOG")?,
+        _ => EnvFilter::builder().parse(&config.log.level)?,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr);
+    let installed = match config.log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+    installed.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+}
+
+/// `relayd run`: serves SIP until SIGTERM or Ctrl-C, then ends live sessions cleanly
+/// (BYE on both legs, billed with cause `relay-shutdown`).
+fn run(config: Config) -> anyhow::Result<()> {
+    init_logging(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let source = config.file_name();
+    let (relay, events, writer) = Relay::start(config).await?;
+    tracing::info!(
+        config = %source.display(),
+        addresses = ?relay.endpoint.transports().local_addrs(),
+        realm = %relay.realm,
+        services = ?relay.directory.services(),
+        billing = %relay.billing.path().display(),
+        "relayd serving"
+    );
+    let touch =
+        std::time::Duration::from_secs(u64::from(relay.config.billing.touch_interval_secs.max(1)));
+    let tasks = [
+        tokio::spawn(relay::dispatch(relay.clone(), events)),
+        tokio::spawn(health::probe_loop(relay.clone())),
+        tokio::spawn(health::expiry_loop(relay.clone())),
+        tokio::spawn(relay.billing.clone().touch_loop(touch)),
+    ];
+    wait_for_signal().await?;
+    tracing::info!(
+        sessions = relay.billing.live_sessions(),
+        "shutting down: ending live sessions"
+    );
+    relay.sessions.shutdown_all();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !relay.sessions.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Give the BYEs a moment on the wire before the sockets close.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for t in tasks {
+        t.abort();
+    }
+    drop(relay);
+    tokio::task::spawn_blocking(move || writer.shutdown())
+        .await
+        .context("stopping the billing writer")?
+        .context("stopping the billing writer")?;
+    tracing::info!("relayd stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+    }
+    Ok(())
+}

@@ -91,11 +91,15 @@ impl IpNet {
         };
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
                 u128::from(net) & mask == u128::from(ip) & mask
             }
             _ => false,
@@ -257,7 +261,7 @@ pub enum ContactEntry {
     /// `*`: every binding (only with `Expires: 0`).
     Wildcard,
     /// An address with its parameters.
-    Address(ContactAddress),
+    Address(Box<ContactAddress>),
 }
 
 /// A Contact address: `"Name" <uri>;params` or `uri;params`.
@@ -275,7 +279,9 @@ pub struct ContactAddress {
 
 impl ContactAddress {
     fn param(&self, name: &str) -> Option<&ContactParam> {
-        self.params.iter().find(|p| p.name.eq_ignore_ascii_case(name))
+        self.params
+            .iter()
+            .find(|p| p.name.eq_ignore_ascii_case(name))
     }
 }
 
@@ -325,7 +331,10 @@ fn unquote(s: &str) -> Option<String> {
 fn parse_params(rest: &str) -> Result<Vec<ContactParam>, String> {
     let mut parts = split_outside(rest, ';', false).into_iter();
     if parts.next().is_some_and(|before| !before.trim().is_empty()) {
-        return Err(format!("unexpected text {:?} before the parameters", rest.trim()));
+        return Err(format!(
+            "unexpected text {:?} before the parameters",
+            rest.trim()
+        ));
     }
     let mut params = Vec::new();
     for part in parts {
@@ -397,15 +406,18 @@ fn parse_entry(entry: &str) -> Result<ContactEntry, String> {
         }
     };
     let uri = rsip::Uri::try_from(uri_text).map_err(|e| format!("bad Contact URI: {e}"))?;
-    if !matches!(uri.scheme, Some(rsip::Scheme::Sip) | Some(rsip::Scheme::Sips)) {
+    if !matches!(
+        uri.scheme,
+        Some(rsip::Scheme::Sip) | Some(rsip::Scheme::Sips)
+    ) {
         return Err(format!("unsupported Contact URI scheme in {uri_text:?}"));
     }
-    Ok(ContactEntry::Address(ContactAddress {
+    Ok(ContactEntry::Address(Box::new(ContactAddress {
         display_name,
         uri_text: uri_text.to_owned(),
         uri,
         params: parse_params(rest)?,
-    }))
+    })))
 }
 
 /// Parses one Contact header value, which may hold several entries separated by commas
@@ -623,7 +635,10 @@ pub struct RegisterOk {
 impl RegisterOk {
     /// The Contact headers of the 200 (§10.3 step 8), one per binding.
     pub fn contact_headers(&self, now: Instant) -> Vec<rsip::Header> {
-        self.bindings.iter().map(|b| b.contact_header(now)).collect()
+        self.bindings
+            .iter()
+            .map(|b| b.contact_header(now))
+            .collect()
     }
 }
 
@@ -722,10 +737,14 @@ impl Registrar {
         let mut services: Vec<String> = Vec::new();
         for name in list.split(',').map(str::trim) {
             if !is_token(name) {
-                return Err(RegisterError::BadRequest(format!("Bad service name {name:?}")));
+                return Err(RegisterError::BadRequest(format!(
+                    "Bad service name {name:?}"
+                )));
             }
             if allowed_services.is_some_and(|allowed| !allowed.iter().any(|a| a == name)) {
-                return Err(RegisterError::Forbidden(format!("Service {name} not allowed")));
+                return Err(RegisterError::Forbidden(format!(
+                    "Service {name} not allowed"
+                )));
             }
             if !services.iter().any(|s| s == name) {
                 services.push(name.to_owned());
@@ -795,7 +814,7 @@ impl Registrar {
             };
             updates.push(Update {
                 key: uri_key(&address.uri),
-                address,
+                address: *address,
                 expires,
                 services,
                 capacity,
@@ -882,10 +901,17 @@ impl Registrar {
         if next.is_empty() {
             shard.users.remove(user);
         } else {
-            for binding in &next {
-                shard
-                    .timers
-                    .push(Reverse((binding.expires_at, user.to_owned())));
+            // One timer per binding this request set; the others have theirs already.
+            let stamp = (request.call_id.as_str(), request.cseq);
+            let mut set_now: Vec<Instant> = next
+                .iter()
+                .filter(|b| (b.call_id.as_str(), b.cseq) == stamp && b.expires_at > now)
+                .map(|b| b.expires_at)
+                .collect();
+            set_now.sort();
+            set_now.dedup();
+            for at in set_now {
+                shard.timers.push(Reverse((at, user.to_owned())));
             }
             shard.users.insert(user.to_owned(), next.clone());
         }
@@ -912,7 +938,12 @@ impl Registrar {
         let mut list: Vec<Binding> = lock(self.shard(user))
             .users
             .get(user)
-            .map(|list| list.iter().filter(|b| b.expires_at > now).cloned().collect())
+            .map(|list| {
+                list.iter()
+                    .filter(|b| b.expires_at > now)
+                    .cloned()
+                    .collect()
+            })
             .unwrap_or_default();
         sort_bindings(&mut list);
         list
@@ -951,7 +982,10 @@ impl Registrar {
 
     /// The number of users with at least one binding (expired ones not yet swept count).
     pub fn user_count(&self) -> usize {
-        self.shards.iter().map(|shard| lock(shard).users.len()).sum()
+        self.shards
+            .iter()
+            .map(|shard| lock(shard).users.len())
+            .sum()
     }
 }
 
@@ -1006,7 +1040,10 @@ mod tests {
                 t0,
             )
             .unwrap();
-        assert_eq!(uris(&ok.bindings), ["sip:alice@127.0.0.1:5070", "sip:alice@127.0.0.1:5071"]);
+        assert_eq!(
+            uris(&ok.bindings),
+            ["sip:alice@127.0.0.1:5070", "sip:alice@127.0.0.1:5071"]
+        );
         let later = t0 + Duration::from_millis(10_500);
         let values: Vec<String> = ok.bindings.iter().map(|b| b.contact_value(later)).collect();
         assert_eq!(
@@ -1026,21 +1063,37 @@ mod tests {
     fn bindings_expire_on_time() {
         let r = registrar();
         let t0 = Instant::now();
-        r.register("alice", SUB, &req(&["<sip:alice@127.0.0.1:5070>"], Some("60"), "c1", 1), t0)
-            .unwrap();
-        r.register("bob", SUB, &req(&["<sip:bob@127.0.0.1:5072>"], Some("120"), "c2", 1), t0)
-            .unwrap();
+        r.register(
+            "alice",
+            SUB,
+            &req(&["<sip:alice@127.0.0.1:5070>"], Some("60"), "c1", 1),
+            t0,
+        )
+        .unwrap();
+        r.register(
+            "bob",
+            SUB,
+            &req(&["<sip:bob@127.0.0.1:5072>"], Some("120"), "c2", 1),
+            t0,
+        )
+        .unwrap();
         assert_eq!(r.next_expiry(), Some(t0 + Duration::from_secs(60)));
         let just_before = t0 + Duration::from_secs(60) - Duration::from_nanos(1);
         assert!(r.is_registered("alice", just_before));
         assert!(r.expire(just_before).is_empty());
         let at = t0 + Duration::from_secs(60);
-        assert!(!r.is_registered("alice", at), "a binding is gone at its expiry");
+        assert!(
+            !r.is_registered("alice", at),
+            "a binding is gone at its expiry"
+        );
         let removed = r.expire(at);
         assert_eq!(uris(&removed), ["sip:alice@127.0.0.1:5070"]);
         assert_eq!(r.next_expiry(), Some(t0 + Duration::from_secs(120)));
         assert_eq!(r.user_count(), 1);
-        assert_eq!(uris(&r.expire(t0 + Duration::from_secs(500))), ["sip:bob@127.0.0.1:5072"]);
+        assert_eq!(
+            uris(&r.expire(t0 + Duration::from_secs(500))),
+            ["sip:bob@127.0.0.1:5072"]
+        );
         assert_eq!(r.next_expiry(), None);
         assert_eq!(r.user_count(), 0);
     }
@@ -1049,11 +1102,21 @@ mod tests {
     fn refresh_moves_the_expiry_and_the_stale_timer_is_harmless() {
         let r = registrar();
         let t0 = Instant::now();
-        r.register("alice", SUB, &req(&["<sip:alice@127.0.0.1:5070>"], Some("60"), "c1", 1), t0)
-            .unwrap();
+        r.register(
+            "alice",
+            SUB,
+            &req(&["<sip:alice@127.0.0.1:5070>"], Some("60"), "c1", 1),
+            t0,
+        )
+        .unwrap();
         let t1 = t0 + Duration::from_secs(50);
-        r.register("alice", SUB, &req(&["<sip:alice@127.0.0.1:5070>"], Some("60"), "c1", 2), t1)
-            .unwrap();
+        r.register(
+            "alice",
+            SUB,
+            &req(&["<sip:alice@127.0.0.1:5070>"], Some("60"), "c1", 2),
+            t1,
+        )
+        .unwrap();
         assert!(r.expire(t0 + Duration::from_secs(60)).is_empty());
         assert!(r.is_registered("alice", t0 + Duration::from_secs(100)));
         assert_eq!(r.bindings("alice", t1)[0].cseq, 2);
@@ -1068,7 +1131,12 @@ mod tests {
             .register(
                 "alice",
                 SUB,
-                &req(&["<sip:alice@127.0.0.1:5070>, <sip:alice@127.0.0.1:5071>;expires=30"], None, "c1", 1),
+                &req(
+                    &["<sip:alice@127.0.0.1:5070>, <sip:alice@127.0.0.1:5071>;expires=30"],
+                    None,
+                    "c1",
+                    1,
+                ),
                 t0,
             )
             .unwrap_err();
@@ -1086,7 +1154,15 @@ mod tests {
             .register(
                 "alice",
                 SUB,
-                &req(&["<sip:alice@127.0.0.1:5070>;expires=100", "<sip:alice@127.0.0.1:5071>"], Some("99999"), "c1", 1),
+                &req(
+                    &[
+                        "<sip:alice@127.0.0.1:5070>;expires=100",
+                        "<sip:alice@127.0.0.1:5071>",
+                    ],
+                    Some("99999"),
+                    "c1",
+                    1,
+                ),
                 t0,
             )
             .unwrap();
@@ -1094,7 +1170,12 @@ mod tests {
         assert_eq!(left, [3600, 100], "sorted most lasting first at equal q");
         // Neither: the default; a malformed Expires header counts as the default too.
         let ok = r
-            .register("bob", SUB, &req(&["<sip:bob@127.0.0.1:5070>"], Some("soon"), "c2", 1), t0)
+            .register(
+                "bob",
+                SUB,
+                &req(&["<sip:bob@127.0.0.1:5070>"], Some("soon"), "c2", 1),
+                t0,
+            )
             .unwrap();
         assert_eq!(ok.bindings[0].expires_in(t0), 3600);
     }
@@ -1106,16 +1187,31 @@ mod tests {
         r.register(
             "alice",
             SUB,
-            &req(&["<sip:alice@127.0.0.1:5070>", "<sip:alice@127.0.0.1:5071>"], None, "c1", 1),
+            &req(
+                &["<sip:alice@127.0.0.1:5070>", "<sip:alice@127.0.0.1:5071>"],
+                None,
+                "c1",
+                1,
+            ),
             t0,
         )
         .unwrap();
         let ok = r
-            .register("alice", SUB, &req(&["<sip:ALICE@127.0.0.1:5071>;expires=0"], None, "c1", 2), t0)
+            .register(
+                "alice",
+                SUB,
+                &req(&["<sip:ALICE@127.0.0.1:5071>;expires=0"], None, "c1", 2),
+                t0,
+            )
             .unwrap();
         assert!(ok.removed.is_empty(), "user part compares with case");
         let ok = r
-            .register("alice", SUB, &req(&["<SIP:alice@127.0.0.1:5071>;expires=0"], None, "c1", 3), t0)
+            .register(
+                "alice",
+                SUB,
+                &req(&["<SIP:alice@127.0.0.1:5071>;expires=0"], None, "c1", 3),
+                t0,
+            )
             .unwrap();
         assert_eq!(uris(&ok.removed), ["sip:alice@127.0.0.1:5071"]);
         assert_eq!(uris(&ok.bindings), ["sip:alice@127.0.0.1:5070"]);
@@ -1128,7 +1224,12 @@ mod tests {
         r.register(
             "alice",
             SUB,
-            &req(&["<sip:alice@127.0.0.1:5070>", "<sip:alice@127.0.0.1:5071>"], None, "c1", 1),
+            &req(
+                &["<sip:alice@127.0.0.1:5070>", "<sip:alice@127.0.0.1:5071>"],
+                None,
+                "c1",
+                1,
+            ),
             t0,
         )
         .unwrap();
@@ -1153,8 +1254,13 @@ mod tests {
     fn wildcard_with_same_call_id_and_old_cseq_is_refused() {
         let r = registrar();
         let t0 = Instant::now();
-        r.register("alice", SUB, &req(&["<sip:alice@127.0.0.1:5070>"], None, "c1", 5), t0)
-            .unwrap();
+        r.register(
+            "alice",
+            SUB,
+            &req(&["<sip:alice@127.0.0.1:5070>"], None, "c1", 5),
+            t0,
+        )
+        .unwrap();
         let err = r
             .register("alice", SUB, &req(&["*"], Some("0"), "c1", 5), t0)
             .unwrap_err();
@@ -1170,20 +1276,61 @@ mod tests {
         let r = registrar();
         let t0 = Instant::now();
         let c = ["<sip:alice@127.0.0.1:5070>"];
-        r.register("alice", SUB, &req(&c, None, "c1", 10), t0).unwrap();
+        r.register("alice", SUB, &req(&c, None, "c1", 10), t0)
+            .unwrap();
         // Same Call-ID, lower or equal CSeq: aborted.
         for cseq in [9, 10] {
-            let err = r.register("alice", SUB, &req(&c, Some("0"), "c1", cseq), t0).unwrap_err();
+            let err = r
+                .register("alice", SUB, &req(&c, Some("0"), "c1", cseq), t0)
+                .unwrap_err();
             assert!(matches!(err, RegisterError::OutOfOrder { .. }), "{err}");
         }
         assert!(r.is_registered("alice", t0));
         // Another Call-ID replaces whatever its CSeq.
-        let ok = r.register("alice", SUB, &req(&c, Some("120"), "c2", 1), t0).unwrap();
-        assert_eq!((ok.bindings[0].call_id.as_str(), ok.bindings[0].cseq), ("c2", 1));
+        let ok = r
+            .register("alice", SUB, &req(&c, Some("120"), "c2", 1), t0)
+            .unwrap();
+        assert_eq!(
+            (ok.bindings[0].call_id.as_str(), ok.bindings[0].cseq),
+            ("c2", 1)
+        );
         // A fetch (no Contact) changes nothing and is not ordered.
-        let ok = r.register("alice", SUB, &req(&[], None, "c3", 1), t0).unwrap();
+        let ok = r
+            .register("alice", SUB, &req(&[], None, "c3", 1), t0)
+            .unwrap();
         assert_eq!(ok.bindings.len(), 1);
         assert!(ok.removed.is_empty());
+    }
+
+    #[test]
+    fn only_bindings_set_by_a_request_get_a_timer() {
+        let r = Registrar::new(RegistrarPolicy::default(), 1);
+        let timers = |r: &Registrar| lock(&r.shards[0]).timers.len();
+        let t0 = Instant::now();
+        r.register(
+            "alice",
+            SUB,
+            &req(&["<sip:a@127.0.0.1:1>, <sip:a@127.0.0.1:2>"], None, "c1", 1),
+            t0,
+        )
+        .unwrap();
+        assert_eq!(timers(&r), 1, "both end at the same instant");
+        for cseq in 2..10 {
+            r.register("alice", SUB, &req(&[], None, "c1", cseq), t0)
+                .unwrap();
+        }
+        assert_eq!(timers(&r), 1, "fetches add no timer");
+        let t1 = t0 + Duration::from_secs(1);
+        r.register(
+            "alice",
+            SUB,
+            &req(&["<sip:a@127.0.0.1:2>"], None, "c1", 10),
+            t1,
+        )
+        .unwrap();
+        assert_eq!(timers(&r), 2);
+        assert_eq!(r.expire(t0 + Duration::from_secs(3600)).len(), 1);
+        assert_eq!(r.next_expiry(), Some(t1 + Duration::from_secs(3600)));
     }
 
     #[test]
@@ -1211,15 +1358,27 @@ mod tests {
         let r = Registrar::new(policy, 1);
         let t0 = Instant::now();
         for foreign in ["<sip:alice@203.0.113.9:5060>", "<sip:alice@example.com>"] {
-            let err = r.register("alice", SUB, &req(&[foreign], None, "c1", 1), t0).unwrap_err();
+            let err = r
+                .register("alice", SUB, &req(&[foreign], None, "c1", 1), t0)
+                .unwrap_err();
             assert_eq!(err.status_code(), 403, "{foreign}");
         }
         assert!(!r.is_registered("alice", t0));
-        r.register("alice", SUB, &req(&["<sip:alice@127.0.0.2:5060>"], None, "c1", 2), t0)
-            .unwrap();
+        r.register(
+            "alice",
+            SUB,
+            &req(&["<sip:alice@127.0.0.2:5060>"], None, "c1", 2),
+            t0,
+        )
+        .unwrap();
         // Removing a binding is never refused by the address policy.
         assert!(r
-            .register("alice", SUB, &req(&["<sip:alice@203.0.113.9>;expires=0"], None, "c1", 3), t0)
+            .register(
+                "alice",
+                SUB,
+                &req(&["<sip:alice@203.0.113.9>;expires=0"], None, "c1", 3),
+                t0
+            )
             .is_ok());
     }
 
@@ -1231,16 +1390,31 @@ mod tests {
         };
         let r = Registrar::new(policy, 2);
         let t0 = Instant::now();
-        r.register("alice", SUB, &req(&["<sip:a@127.0.0.1:1>, <sip:a@127.0.0.1:2>"], None, "c1", 1), t0)
-            .unwrap();
+        r.register(
+            "alice",
+            SUB,
+            &req(&["<sip:a@127.0.0.1:1>, <sip:a@127.0.0.1:2>"], None, "c1", 1),
+            t0,
+        )
+        .unwrap();
         let err = r
-            .register("alice", SUB, &req(&["<sip:a@127.0.0.1:3>"], None, "c1", 2), t0)
+            .register(
+                "alice",
+                SUB,
+                &req(&["<sip:a@127.0.0.1:3>"], None, "c1", 2),
+                t0,
+            )
             .unwrap_err();
         assert_eq!(err.status_code(), 403);
         // Expired bindings do not count.
         let later = t0 + Duration::from_secs(3600);
         let ok = r
-            .register("alice", SUB, &req(&["<sip:a@127.0.0.1:3>"], None, "c1", 3), later)
+            .register(
+                "alice",
+                SUB,
+                &req(&["<sip:a@127.0.0.1:3>"], None, "c1", 3),
+                later,
+            )
             .unwrap();
         assert_eq!(uris(&ok.bindings), ["sip:a@127.0.0.1:3"]);
         assert_eq!(ok.removed.len(), 2, "the expired bindings are reported");
@@ -1258,7 +1432,12 @@ mod tests {
             .register(
                 "as1",
                 role,
-                &req(&["<sip:as1@127.0.0.1:5080>;services=\"echo, clock,echo\";capacity=50"], Some("600"), "c1", 1),
+                &req(
+                    &["<sip:as1@127.0.0.1:5080>;services=\"echo, clock,echo\";capacity=50"],
+                    Some("600"),
+                    "c1",
+                    1,
+                ),
                 t0,
             )
             .unwrap();
@@ -1274,7 +1453,12 @@ mod tests {
         assert_eq!(d.expires_at, t0 + Duration::from_secs(600));
 
         let unquoted = r
-            .register("as1", role, &req(&["<sip:as1@127.0.0.1:5081>;services=echo"], None, "c1", 2), t0)
+            .register(
+                "as1",
+                role,
+                &req(&["<sip:as1@127.0.0.1:5081>;services=echo"], None, "c1", 2),
+                t0,
+            )
             .unwrap();
         assert_eq!(unquoted.bindings.len(), 2);
 
@@ -1285,17 +1469,31 @@ mod tests {
             ("<sip:as1@127.0.0.1:5082>;services=echo;capacity=0", 400),
             ("<sip:as1@127.0.0.1:5082>;services=echo;capacity=lots", 400),
         ] {
-            let err = r.register("as1", role, &req(&[contact], None, "c1", 9), t0).unwrap_err();
+            let err = r
+                .register("as1", role, &req(&[contact], None, "c1", 9), t0)
+                .unwrap_err();
             assert_eq!(err.status_code(), status, "{contact}");
         }
         // Any service when the account is not limited.
-        let any = Role::AppServer { allowed_services: None };
+        let any = Role::AppServer {
+            allowed_services: None,
+        };
         assert!(r
-            .register("as2", any, &req(&["<sip:as2@127.0.0.1:6000>;services=video"], None, "c9", 1), t0)
+            .register(
+                "as2",
+                any,
+                &req(&["<sip:as2@127.0.0.1:6000>;services=video"], None, "c9", 1),
+                t0
+            )
             .is_ok());
         // A subscriber's services parameter means nothing.
         let ok = r
-            .register("alice", SUB, &req(&["<sip:alice@127.0.0.1:5070>;services=echo"], None, "c3", 1), t0)
+            .register(
+                "alice",
+                SUB,
+                &req(&["<sip:alice@127.0.0.1:5070>;services=echo"], None, "c3", 1),
+                t0,
+            )
             .unwrap();
         assert!(ok.bindings[0].services.is_empty());
         assert!(ok.bindings[0].dynamic_server().is_none());
@@ -1319,7 +1517,9 @@ mod tests {
             "<sip:é@127.0.0.1>;é=1",
             "<>",
         ] {
-            let err = r.register("alice", SUB, &req(&[bad], None, "c1", 1), t0).unwrap_err();
+            let err = r
+                .register("alice", SUB, &req(&[bad], None, "c1", 1), t0)
+                .unwrap_err();
             assert_eq!(err.status_code(), 400, "{bad:?}");
         }
     }
@@ -1331,11 +1531,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(entries.len(), 2);
-        let ContactEntry::Address(a) = &entries[0] else { panic!() };
+        let ContactEntry::Address(a) = &entries[0] else {
+            panic!()
+        };
         assert_eq!(a.display_name.as_deref(), Some("A, \"B\""));
         assert_eq!(a.uri_text, "sip:a@127.0.0.1;transport=tcp");
-        assert_eq!(a.param("+sip.instance").unwrap().value.as_deref(), Some("<urn:uuid:1>"));
-        let ContactEntry::Address(b) = &entries[1] else { panic!() };
+        assert_eq!(
+            a.param("+sip.instance").unwrap().value.as_deref(),
+            Some("<urn:uuid:1>")
+        );
+        let ContactEntry::Address(b) = &entries[1] else {
+            panic!()
+        };
         assert_eq!(b.uri_text, "sip:b@127.0.0.1:5070");
         assert_eq!(b.param("q").unwrap().value.as_deref(), Some("0.7"));
         assert_eq!(parse_contacts(" * ").unwrap(), [ContactEntry::Wildcard]);
@@ -1346,10 +1553,22 @@ mod tests {
         let key = |s: &str| uri_key(&rsip::Uri::try_from(s).unwrap());
         assert_eq!(key("sip:alice@Example.COM"), key("SIP:alice@example.com"));
         assert_ne!(key("sip:alice@example.com"), key("sip:Alice@example.com"));
-        assert_ne!(key("sip:alice@example.com"), key("sip:alice@example.com:5060"));
-        assert_ne!(key("sip:alice@example.com;transport=tcp"), key("sip:alice@example.com"));
-        assert_eq!(key("sip:alice@example.com;transport=TCP"), key("sip:alice@example.com;transport=tcp"));
-        assert_eq!(key("sip:alice@example.com;foo=1"), key("sip:alice@example.com"));
+        assert_ne!(
+            key("sip:alice@example.com"),
+            key("sip:alice@example.com:5060")
+        );
+        assert_ne!(
+            key("sip:alice@example.com;transport=tcp"),
+            key("sip:alice@example.com")
+        );
+        assert_eq!(
+            key("sip:alice@example.com;transport=TCP"),
+            key("sip:alice@example.com;transport=tcp")
+        );
+        assert_eq!(
+            key("sip:alice@example.com;foo=1"),
+            key("sip:alice@example.com")
+        );
     }
 
     #[test]
@@ -1373,10 +1592,17 @@ mod tests {
         assert_eq!(r.call_id, "abc@127.0.0.1");
         assert_eq!(r.cseq, 7);
         let missing = text.replace("Call-ID: abc@127.0.0.1\r\n", "");
-        let rsip::SipMessage::Request(request) = rsip::SipMessage::try_from(missing.as_str()).unwrap() else {
+        let rsip::SipMessage::Request(request) =
+            rsip::SipMessage::try_from(missing.as_str()).unwrap()
+        else {
             panic!("not a request")
         };
-        assert_eq!(RegisterRequest::from_sip(&request, None).unwrap_err().status_code(), 400);
+        assert_eq!(
+            RegisterRequest::from_sip(&request, None)
+                .unwrap_err()
+                .status_code(),
+            400
+        );
     }
 
     #[test]
@@ -1408,7 +1634,14 @@ mod tests {
                 t0,
             )
             .unwrap();
-        assert_eq!(uris(&ok.bindings), ["sip:a@127.0.0.1:2", "sip:a@127.0.0.1:3", "sip:a@127.0.0.1:1"]);
+        assert_eq!(
+            uris(&ok.bindings),
+            [
+                "sip:a@127.0.0.1:2",
+                "sip:a@127.0.0.1:3",
+                "sip:a@127.0.0.1:1"
+            ]
+        );
         assert_eq!(ok.bindings[1].q_millis(), 550);
     }
 }

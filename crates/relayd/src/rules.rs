@@ -274,19 +274,27 @@ impl Rule {
                 .any(|(n, v)| n.eq_ignore_ascii_case(name) && re.is_match(v))
         };
         let param = |name: &str, re: &Regex| {
-            facts
-                .ruri_params
-                .iter()
-                .any(|(n, v)| n.eq_ignore_ascii_case(name) && re.is_match(v.as_deref().unwrap_or("")))
+            facts.ruri_params.iter().any(|(n, v)| {
+                n.eq_ignore_ascii_case(name) && re.is_match(v.as_deref().unwrap_or(""))
+            })
         };
-        (self.methods.is_empty() || self.methods.iter().any(|m| *m == facts.method))
-            && self.ruri_user.as_ref().map_or(true, |re| re.is_match(&facts.ruri_user))
+        (self.methods.is_empty() || self.methods.contains(&facts.method))
+            && self
+                .ruri_user
+                .as_ref()
+                .map_or(true, |re| re.is_match(&facts.ruri_user))
             && self.ruri_params.iter().all(|(n, re)| param(n, re))
-            && self.from_user.as_ref().map_or(true, |re| re.is_match(&facts.from_user))
+            && self
+                .from_user
+                .as_ref()
+                .map_or(true, |re| re.is_match(&facts.from_user))
             && self.headers.iter().all(|(n, re)| any_header(n, re))
             && self.sdp.as_ref().map_or(true, |re| re.is_match(&facts.sdp))
             && self.preferred_service.as_ref().map_or(true, |re| {
-                facts.preferred_service.as_deref().is_some_and(|v| re.is_match(v))
+                facts
+                    .preferred_service
+                    .as_deref()
+                    .is_some_and(|v| re.is_match(v))
             })
             && (self.times.is_empty() || self.times.iter().any(|t| t.contains(local_second)))
     }
@@ -327,7 +335,10 @@ impl RuleSet {
             } else if let Some(first) = names.insert(&config.name, i) {
                 err(
                     "name",
-                    format!("duplicate rule name `{}` (also rules[{first}])", config.name),
+                    format!(
+                        "duplicate rule name `{}` (also rules[{first}])",
+                        config.name
+                    ),
                 );
             }
             if config.default {
@@ -360,7 +371,14 @@ impl RuleSet {
                 {
                     Ok(re) => Some(re),
                     Err(e) => {
-                        err(field, format!("invalid regular expression: {e}"));
+                        // regex's syntax errors span several lines; the last says what.
+                        let text = e.to_string();
+                        let what = text.lines().last().unwrap_or_default();
+                        let what = what.trim().trim_start_matches("error: ");
+                        err(
+                            field,
+                            format!("invalid regular expression {pattern:?}: {what}"),
+                        );
                         None
                     }
                 }
@@ -374,7 +392,10 @@ impl RuleSet {
                 .from_user
                 .as_deref()
                 .and_then(|p| regex("match.from_user", p, false));
-            let sdp = when.sdp.as_deref().and_then(|p| regex("match.sdp", p, true));
+            let sdp = when
+                .sdp
+                .as_deref()
+                .and_then(|p| regex("match.sdp", p, true));
             let preferred_service = when
                 .preferred_service
                 .as_deref()
@@ -395,7 +416,10 @@ impl RuleSet {
             }
             for (name, _) in ruri_params.iter().chain(headers.iter()) {
                 if !is_token(name) {
-                    err("match", format!("`{name}` is not a valid parameter or header name"));
+                    err(
+                        "match",
+                        format!("`{name}` is not a valid parameter or header name"),
+                    );
                 }
             }
             for (j, method) in when.method.iter().enumerate() {
@@ -415,15 +439,24 @@ impl RuleSet {
             }
             if let Some(service) = &config.set.service {
                 if !is_token(service) {
-                    err("set.service", format!("expected a service name (a SIP token), got {service:?}"));
+                    err(
+                        "set.service",
+                        format!("expected a service name (a SIP token), got {service:?}"),
+                    );
                 }
             }
             for name in config.set.params.keys() {
                 if !is_token(name) {
-                    err("set.params", format!("`{name}` is not a valid parameter name"));
+                    err(
+                        "set.params",
+                        format!("`{name}` is not a valid parameter name"),
+                    );
                 }
             }
-            for (field, value) in [("set.class", &config.set.class), ("set.plan", &config.set.plan)] {
+            for (field, value) in [
+                ("set.class", &config.set.class),
+                ("set.plan", &config.set.plan),
+            ] {
                 if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
                     err(field, "must not be empty".into());
                 }
@@ -591,8 +624,14 @@ mod tests {
         let set = RuleSet::compile(&[])
             .unwrap()
             .with_service_strategies(HashMap::from([("echo".into(), Strategy::RoundRobin)]));
-        assert_eq!(set.evaluate(&invite("echo"), NOON).strategy, Strategy::RoundRobin);
-        assert_eq!(set.evaluate(&invite("clock"), NOON).strategy, Strategy::First);
+        assert_eq!(
+            set.evaluate(&invite("echo"), NOON).strategy,
+            Strategy::RoundRobin
+        );
+        assert_eq!(
+            set.evaluate(&invite("clock"), NOON).strategy,
+            Strategy::First
+        );
     }
 
     #[test]
@@ -619,7 +658,10 @@ mod tests {
         facts.ruri_params[0].1 = Some("sd".into());
         assert!(!hits(&set, &facts, NOON));
         facts.ruri_params = vec![("quality".into(), Some("hd".into()))];
-        assert!(!hits(&set, &facts, NOON), "a missing parameter fails the condition");
+        assert!(
+            !hits(&set, &facts, NOON),
+            "a missing parameter fails the condition"
+        );
     }
 
     #[test]
@@ -658,7 +700,10 @@ mod tests {
     fn preferred_service_condition() {
         let set = one("preferred_service = \"^video$\"");
         let mut facts = invite("echo");
-        assert!(!hits(&set, &facts, NOON), "absent header fails the condition");
+        assert!(
+            !hits(&set, &facts, NOON),
+            "absent header fails the condition"
+        );
         facts.preferred_service = Some("video".into());
         assert!(hits(&set, &facts, NOON));
     }
@@ -710,7 +755,10 @@ mod tests {
         assert_eq!(d.rule_name, "premium-echo");
         assert_eq!(d.service, "echo-hd");
         assert_eq!(d.strategy, Strategy::LeastSessions);
-        assert_eq!(d.params["quality"], "hd", "the rule's parameter overrides the URI's");
+        assert_eq!(
+            d.params["quality"], "hd",
+            "the rule's parameter overrides the URI's"
+        );
         assert_eq!(d.subscriber_class, "gold");
         assert_eq!(d.plan, "premium");
 
@@ -724,12 +772,16 @@ mod tests {
         let d = set.evaluate(&invite("clock"), NOON);
         assert_eq!(d.rule_name, "default");
         assert_eq!(d.service, "clock");
-        assert_eq!(set.names().collect::<Vec<_>>(), ["premium-echo", "any-echo", "default"]);
+        assert_eq!(
+            set.names().collect::<Vec<_>>(),
+            ["premium-echo", "any-echo", "default"]
+        );
     }
 
     #[test]
     fn validation_names_the_key() {
-        let keys = |text: &str| -> Vec<String> { errors(text).into_iter().map(|e| e.key).collect() };
+        let keys =
+            |text: &str| -> Vec<String> { errors(text).into_iter().map(|e| e.key).collect() };
         assert_eq!(
             keys("[[rules]]\nname = \"a\"\nmatch = { ruri_user = \"(\" }\n[[rules]]\nname = \"d\"\ndefault = true"),
             ["rules[0].match.ruri_user"]
@@ -765,7 +817,10 @@ mod tests {
         let message = errors("[[rules]]\nname = \"a\"\nmatch = { time = \"9-5\" }\n[[rules]]\nname = \"d\"\ndefault = true")
             .remove(0)
             .to_string();
-        assert!(message.contains("rules[0].match.time[0]") && message.contains("08:00-18:00"), "{message}");
+        assert!(
+            message.contains("rules[0].match.time[0]") && message.contains("08:00-18:00"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -776,9 +831,21 @@ mod tests {
         );
         assert_eq!(
             TimeRange::parse("8:30-17:45").unwrap(),
-            TimeRange { start: 8 * 3600 + 1800, end: 17 * 3600 + 2700 }
+            TimeRange {
+                start: 8 * 3600 + 1800,
+                end: 17 * 3600 + 2700
+            }
         );
-        for bad in ["", "08:00", "08:00-08:00", "24:00-01:00", "08:60-09:00", "08-09", "a:bc-01:00", "08:00-24:01"] {
+        for bad in [
+            "",
+            "08:00",
+            "08:00-08:00",
+            "24:00-01:00",
+            "08:60-09:00",
+            "08-09",
+            "a:bc-01:00",
+            "08:00-24:01",
+        ] {
             assert!(TimeRange::parse(bad).is_err(), "{bad:?} should be refused");
         }
     }

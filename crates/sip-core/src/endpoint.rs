@@ -219,9 +219,19 @@ pub struct EndpointStats {
 }
 
 enum Command {
-    Incoming { msg: SipMessage, from: Peer },
-    Send { req: Request, to: Peer, events: mpsc::UnboundedSender<ClientEvent> },
-    Respond { tx: ServerTxId, resp: Response },
+    Incoming {
+        msg: SipMessage,
+        from: Peer,
+    },
+    Send {
+        req: Request,
+        to: Peer,
+        events: mpsc::UnboundedSender<ClientEvent>,
+    },
+    Respond {
+        tx: ServerTxId,
+        resp: Response,
+    },
 }
 
 struct Shared {
@@ -251,7 +261,9 @@ struct EndpointSink(Weak<Shared>);
 
 impl Sink for EndpointSink {
     fn deliver(&self, from: Peer, bytes: Bytes) {
-        let Some(shared) = self.0.upgrade() else { return };
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
         if bytes.iter().all(|b| b.is_ascii_whitespace()) {
             // A keep-alive (RFC 5626 §4.4.1 CRLF on UDP): nothing to do.
             return;
@@ -264,7 +276,9 @@ impl Sink for EndpointSink {
                     return;
                 };
                 let (msg, from) = stamp(msg, from);
-                let _ = shared.shard_for(&call_id).send(Command::Incoming { msg, from });
+                let _ = shared
+                    .shard_for(&call_id)
+                    .send(Command::Incoming { msg, from });
             }
             Err(err) => {
                 let reply = wire::reject(&bytes, &err);
@@ -318,7 +332,9 @@ fn response_peer(req: &Request, from: Peer) -> Peer {
     }) else {
         return from;
     };
-    let Ok(via) = rsip::typed::Via::try_from(via.clone()) else { return from };
+    let Ok(via) = rsip::typed::Via::try_from(via.clone()) else {
+        return from;
+    };
     let asks_rport = via.params.iter().any(|p| match p {
         rsip::Param::Other(name, _) => name.value().eq_ignore_ascii_case("rport"),
         _ => false,
@@ -332,15 +348,22 @@ fn response_peer(req: &Request, from: Peer) -> Peer {
         .port
         .map(|p| *p.value())
         .unwrap_or(from.transport.default_port());
-    Peer { addr: SocketAddr::new(from.addr.ip(), port), ..from }
+    Peer {
+        addr: SocketAddr::new(from.addr.ip(), port),
+        ..from
+    }
 }
 
 impl Endpoint {
     /// Opens the transports and starts the shards. Returns the endpoint and the stream of
     /// events for its user.
-    pub async fn bind(config: EndpointConfig) -> Result<(Endpoint, mpsc::Receiver<EndpointEvent>), EndpointError> {
+    pub async fn bind(
+        config: EndpointConfig,
+    ) -> Result<(Endpoint, mpsc::Receiver<EndpointEvent>), EndpointError> {
         let n = if config.shards == 0 {
-            std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4)
+            std::thread::available_parallelism()
+                .map(|n| n.get() * 2)
+                .unwrap_or(4)
         } else {
             config.shards
         };
@@ -389,7 +412,11 @@ impl Endpoint {
     }
 
     /// Sends a message outside any transaction: the ACK for a 2xx, or a stateless response.
-    pub async fn send_stateless(&self, to: &Peer, msg: impl Into<SipMessage>) -> Result<(), EndpointError> {
+    pub async fn send_stateless(
+        &self,
+        to: &Peer,
+        msg: impl Into<SipMessage>,
+    ) -> Result<(), EndpointError> {
         self.transports
             .send(to, message::to_bytes(msg))
             .await
@@ -403,7 +430,9 @@ impl Endpoint {
             .transports
             .local_addr(transport)
             .or_else(|| self.transports.local_addr(Transport::Udp));
-        let sent_by = addr.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1".into());
+        let sent_by = addr
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "127.0.0.1".into());
         Header::Via(rsip::headers::Via::new(format!(
             "SIP/2.0/{} {};branch={};rport",
             transport.via_name(),
@@ -515,18 +544,23 @@ impl Shard {
     }
 
     fn server_tx(&self, id: ServerTxId) -> ServerTx {
-        ServerTx { id, shard: self.me.clone() }
+        ServerTx {
+            id,
+            shard: self.me.clone(),
+        }
     }
 
     fn event(&mut self, event: Event) {
         let user = match event {
             Event::Request { tx, req, from } => {
                 let handle = self.server_tx(tx);
-                match self.events.try_send(EndpointEvent::Request(IncomingRequest {
-                    req,
-                    from,
-                    tx: handle,
-                })) {
+                match self
+                    .events
+                    .try_send(EndpointEvent::Request(IncomingRequest {
+                        req,
+                        from,
+                        tx: handle,
+                    })) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Full(EndpointEvent::Request(r))) => {
                         self.overloaded(tx, &r.req);
@@ -535,7 +569,12 @@ impl Shard {
                 }
                 return;
             }
-            Event::Cancel { tx, invite, req, from } => EndpointEvent::Cancel {
+            Event::Cancel {
+                tx,
+                invite,
+                req,
+                from,
+            } => EndpointEvent::Cancel {
                 req,
                 from,
                 tx: self.server_tx(tx),
@@ -543,7 +582,9 @@ impl Shard {
             },
             Event::Ack2xx { ack, from } => EndpointEvent::Ack { ack, from },
             Event::StrayResponse { resp, from } => EndpointEvent::StrayResponse { resp, from },
-            Event::AckTimeout { tx } => EndpointEvent::AckTimeout { tx: self.server_tx(tx) },
+            Event::AckTimeout { tx } => EndpointEvent::AckTimeout {
+                tx: self.server_tx(tx),
+            },
             Event::Response { tx, resp } => {
                 let code = resp.status_code.code();
                 let method_invite = matches!(
@@ -580,8 +621,14 @@ impl Shard {
         if req.method == rsip::Method::Ack {
             return;
         }
-        let mut resp = message::response_for(req, 503, Some("Server overloaded"), Some(&message::new_tag()));
-        resp.headers.push(Header::RetryAfter(rsip::headers::RetryAfter::new("5")));
+        let mut resp = message::response_for(
+            req,
+            503,
+            Some("Server overloaded"),
+            Some(&message::new_tag()),
+        );
+        resp.headers
+            .push(Header::RetryAfter(rsip::headers::RetryAfter::new("5")));
         let now = tokio::time::Instant::now().into_std();
         if let Err(e) = self.layer.respond(now, tx, resp) {
             debug!(error = %e, "503 not sent");

@@ -146,7 +146,10 @@ impl StreamDecoder {
         // two reads.
         let from = self.scanned.saturating_sub(3);
         let mut i = from;
-        while let Some(rel) = buf.get(i..).and_then(|s| s.iter().position(|&b| b == b'\n')) {
+        while let Some(rel) = buf
+            .get(i..)
+            .and_then(|s| s.iter().position(|&b| b == b'\n'))
+        {
             let nl = i + rel;
             match buf.get(nl + 1) {
                 Some(b'\n') => return Some(nl + 2),
@@ -196,7 +199,10 @@ fn content_length(head: &[u8]) -> Result<usize, FramingError> {
 }
 
 fn trim(s: &[u8]) -> &[u8] {
-    let start = s.iter().position(|&b| b != b' ' && b != b'\t').unwrap_or(s.len());
+    let start = s
+        .iter()
+        .position(|&b| b != b' ' && b != b'\t')
+        .unwrap_or(s.len());
     let end = s
         .iter()
         .rposition(|&b| b != b' ' && b != b'\t')
@@ -306,9 +312,8 @@ Content-Length: {}\r\n\r\n{body}",
         let mut buf = BytesMut::from(&b"OPTIONS sip:x SIP/2.0\r\nContent-Length: -9\r\n\r\n"[..]);
         assert_eq!(d.decode(&mut buf), Err(FramingError::BadContentLength));
         let mut d = StreamDecoder::default();
-        let mut buf = BytesMut::from(
-            &b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 1\r\nl: 2\r\n\r\nab"[..],
-        );
+        let mut buf =
+            BytesMut::from(&b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 1\r\nl: 2\r\n\r\nab"[..]);
         assert_eq!(d.decode(&mut buf), Err(FramingError::BadContentLength));
     }
 
@@ -317,19 +322,28 @@ Content-Length: {}\r\n\r\n{body}",
         let mut d = StreamDecoder::new(100);
         // Declared body beyond the limit: refused as soon as the header block is complete.
         let mut buf = BytesMut::from(&b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 1000\r\n\r\n"[..]);
-        assert_eq!(d.decode(&mut buf), Err(FramingError::TooLarge { limit: 100 }));
+        assert_eq!(
+            d.decode(&mut buf),
+            Err(FramingError::TooLarge { limit: 100 })
+        );
         // A header block that never ends: refused once it passes the limit.
         let mut d = StreamDecoder::new(100);
         let mut buf = BytesMut::from(&b"OPTIONS sip:x SIP/2.0\r\n"[..]);
         assert_eq!(d.decode(&mut buf), Ok(None));
         buf.extend_from_slice(&[b'a'; 100]);
-        assert_eq!(d.decode(&mut buf), Err(FramingError::TooLarge { limit: 100 }));
+        assert_eq!(
+            d.decode(&mut buf),
+            Err(FramingError::TooLarge { limit: 100 })
+        );
         // Huge numbers do not overflow.
         let mut d = StreamDecoder::new(100);
         let mut buf = BytesMut::from(
             &b"OPTIONS sip:x SIP/2.0\r\nContent-Length: 99999999999999999999999\r\n\r\n"[..],
         );
-        assert_eq!(d.decode(&mut buf), Err(FramingError::TooLarge { limit: 100 }));
+        assert_eq!(
+            d.decode(&mut buf),
+            Err(FramingError::TooLarge { limit: 100 })
+        );
     }
 
     #[test]

@@ -211,7 +211,12 @@ fn summarize(headers: &rsip::Headers) -> Result<Summary, MessageError> {
 /// Builds a response to `req` per RFC 3261 §8.2.6.1: Via headers, From, To, Call-ID and CSeq
 /// copied; a To tag added when the request had none and the response is not a 100 (the caller
 /// passes the tag to use, so the dialog keeps one tag across responses); an empty body.
-pub fn response_for(req: &Request, code: u16, reason: Option<&str>, to_tag: Option<&str>) -> Response {
+pub fn response_for(
+    req: &Request,
+    code: u16,
+    reason: Option<&str>,
+    to_tag: Option<&str>,
+) -> Response {
     let mut headers = rsip::Headers::default();
     for header in req.headers.iter() {
         match header {
@@ -221,12 +226,9 @@ pub fn response_for(req: &Request, code: u16, reason: Option<&str>, to_tag: Opti
             Header::To(to) => {
                 let has_tag = matches!(to.tag(), Ok(Some(_)));
                 match (has_tag, to_tag, code) {
-                    (false, Some(tag), c) if c != 100 => {
-                        headers.push(Header::To(rsip::headers::To::new(format!(
-                            "{};tag={tag}",
-                            to.value()
-                        ))))
-                    }
+                    (false, Some(tag), c) if c != 100 => headers.push(Header::To(
+                        rsip::headers::To::new(format!("{};tag={tag}", to.value())),
+                    )),
                     _ => headers.push(header.clone()),
                 }
             }
@@ -237,7 +239,9 @@ pub fn response_for(req: &Request, code: u16, reason: Option<&str>, to_tag: Opti
             _ => {}
         }
     }
-    headers.push(Header::ContentLength(rsip::headers::ContentLength::from(0u32)));
+    headers.push(Header::ContentLength(rsip::headers::ContentLength::from(
+        0u32,
+    )));
     Response {
         status_code: status(code, reason),
         version: rsip::Version::V2,
@@ -288,9 +292,7 @@ pub fn stamp_received(req: &mut Request, source: std::net::SocketAddr) {
     let Ok(mut typed) = via.typed() else {
         return;
     };
-    let is_rport = |p: &rsip::Param| {
-        matches!(p, rsip::Param::Other(name, _) if name.value().eq_ignore_ascii_case("rport"))
-    };
+    let is_rport = |p: &rsip::Param| matches!(p, rsip::Param::Other(name, _) if name.value().eq_ignore_ascii_case("rport"));
     let wants_rport = typed
         .params
         .iter()
@@ -308,10 +310,8 @@ pub fn stamp_received(req: &mut Request, source: std::net::SocketAddr) {
     let received = rsip::Param::Received(rsip::param::Received::new(source.ip().to_string()));
     match typed.params.iter().position(is_rport) {
         Some(i) if wants_rport => {
-            typed.params[i] = rsip::Param::Other(
-                "rport".into(),
-                Some(source.port().to_string().into()),
-            );
+            typed.params[i] =
+                rsip::Param::Other("rport".into(), Some(source.port().to_string().into()));
             typed.params.insert(i, received);
         }
         _ => typed.params.push(received),
@@ -376,7 +376,9 @@ pub fn response_target(req: &Request) -> Option<std::net::SocketAddr> {
     match typed.received().ok().flatten() {
         Some(ip) => Some(std::net::SocketAddr::new(ip, rport.unwrap_or(sent_by_port))),
         None => match typed.uri.host_with_port.host {
-            rsip::Host::IpAddr(ip) => Some(std::net::SocketAddr::new(ip, rport.unwrap_or(sent_by_port))),
+            rsip::Host::IpAddr(ip) => {
+                Some(std::net::SocketAddr::new(ip, rport.unwrap_or(sent_by_port)))
+            }
             rsip::Host::Domain(_) => None,
         },
     }
@@ -389,7 +391,9 @@ mod wire_helper_tests {
     use super::*;
 
     fn request(via: &str, max_forwards: Option<&str>) -> Request {
-        let mf = max_forwards.map(|v| format!("Max-Forwards: {v}\r\n")).unwrap_or_default();
+        let mf = max_forwards
+            .map(|v| format!("Max-Forwards: {v}\r\n"))
+            .unwrap_or_default();
         let text = format!(
             "OPTIONS sip:bob@relay.test SIP/2.0\r\nVia: {via}\r\n{mf}\
 From: <sip:a@relay.test>;tag=1\r\nTo: <sip:bob@relay.test>\r\nCall-ID: c@h\r\n\
@@ -431,15 +435,24 @@ CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
             "SIP/2.0/UDP client.test;branch=z9hG4bK1;received=192.0.2.1"
         );
         // Without rport the response goes to the sent-by port (default 5060).
-        assert_eq!(response_target(&req), Some("192.0.2.1:5060".parse().unwrap()));
+        assert_eq!(
+            response_target(&req),
+            Some("192.0.2.1:5060".parse().unwrap())
+        );
     }
 
     #[test]
     fn response_target_uses_sent_by_defaults() {
         let req = request("SIP/2.0/TLS 192.0.2.9;branch=z9hG4bK1", None);
-        assert_eq!(response_target(&req), Some("192.0.2.9:5061".parse().unwrap()));
+        assert_eq!(
+            response_target(&req),
+            Some("192.0.2.9:5061".parse().unwrap())
+        );
         let req = request("SIP/2.0/UDP 192.0.2.9:5080;branch=z9hG4bK1;rport", None);
-        assert_eq!(response_target(&req), Some("192.0.2.9:5080".parse().unwrap()));
+        assert_eq!(
+            response_target(&req),
+            Some("192.0.2.9:5080".parse().unwrap())
+        );
     }
 
     #[test]
@@ -447,7 +460,10 @@ CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
         let mut req = request("SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1", Some("1"));
         decrement_max_forwards(&mut req).unwrap();
         assert_eq!(req.max_forwards_header().unwrap().num().unwrap(), 0);
-        assert_eq!(decrement_max_forwards(&mut req), Err(MessageError::TooManyHops));
+        assert_eq!(
+            decrement_max_forwards(&mut req),
+            Err(MessageError::TooManyHops)
+        );
         let mut req = request("SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1", None);
         decrement_max_forwards(&mut req).unwrap();
         assert_eq!(req.max_forwards_header().unwrap().num().unwrap(), 70);
@@ -496,7 +512,10 @@ Content-Length: 0\r\n\r\n";
         let resp = response_for(&invite(), 486, None, Some("t9"));
         let text = String::from_utf8(to_bytes(resp).to_vec()).unwrap();
         assert!(text.starts_with("SIP/2.0 486 Busy Here\r\n"), "{text}");
-        assert!(text.contains("To: <sip:echo@relay.test>;tag=t9\r\n"), "{text}");
+        assert!(
+            text.contains("To: <sip:echo@relay.test>;tag=t9\r\n"),
+            "{text}"
+        );
         assert!(text.contains("Via: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKabc;rport\r\n"));
         assert!(text.contains("Content-Length: 0\r\n"));
         assert!(!text.contains("Max-Forwards"));

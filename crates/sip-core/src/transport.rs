@@ -145,29 +145,39 @@ const CONN_QUEUE: usize = 256;
 impl Transports {
     /// Binds every configured socket and starts the receiving tasks, which hand messages to
     /// `sink`. Must be called inside a tokio runtime.
-    pub async fn bind(config: TransportConfig, sink: Arc<dyn Sink>) -> Result<Transports, TransportError> {
+    pub async fn bind(
+        config: TransportConfig,
+        sink: Arc<dyn Sink>,
+    ) -> Result<Transports, TransportError> {
         let mut udp = Vec::new();
         for addr in &config.udp {
-            let socket = UdpSocket::bind(addr).await.map_err(|source| TransportError::Bind {
-                transport: Transport::Udp,
-                addr: *addr,
-                source,
-            })?;
+            let socket = UdpSocket::bind(addr)
+                .await
+                .map_err(|source| TransportError::Bind {
+                    transport: Transport::Udp,
+                    addr: *addr,
+                    source,
+                })?;
             udp.push(Arc::new(socket));
         }
         let mut listeners = Vec::new();
         let mut tcp_local = Vec::new();
         for addr in &config.tcp {
-            let listener = TcpListener::bind(addr).await.map_err(|source| TransportError::Bind {
-                transport: Transport::Tcp,
-                addr: *addr,
-                source,
-            })?;
-            let local = listener.local_addr().map_err(|source| TransportError::Bind {
-                transport: Transport::Tcp,
-                addr: *addr,
-                source,
-            })?;
+            let listener =
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| TransportError::Bind {
+                        transport: Transport::Tcp,
+                        addr: *addr,
+                        source,
+                    })?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| TransportError::Bind {
+                    transport: Transport::Tcp,
+                    addr: *addr,
+                    source,
+                })?;
             tcp_local.push(local);
             listeners.push(listener);
         }
@@ -254,7 +264,11 @@ impl Transports {
             .inner
             .udp
             .iter()
-            .find(|s| s.local_addr().map(|l| l.is_ipv4() == addr.is_ipv4()).unwrap_or(false))
+            .find(|s| {
+                s.local_addr()
+                    .map(|l| l.is_ipv4() == addr.is_ipv4())
+                    .unwrap_or(false)
+            })
             .or_else(|| self.inner.udp.first())
             .ok_or(TransportError::NoTransport(Transport::Udp))?;
         socket
@@ -269,7 +283,12 @@ impl Transports {
             let table = lock(&self.inner.conns);
             to.conn
                 .and_then(|id| table.by_id.get(&id))
-                .or_else(|| table.by_addr.get(&to.addr).and_then(|id| table.by_id.get(id)))
+                .or_else(|| {
+                    table
+                        .by_addr
+                        .get(&to.addr)
+                        .and_then(|id| table.by_id.get(id))
+                })
                 .map(|c| c.tx.clone())
         };
         let tx = match existing {
@@ -282,13 +301,14 @@ impl Transports {
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<mpsc::Sender<Bytes>, TransportError> {
-        let stream = tokio::time::timeout(self.inner.config.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| TransportError::Connect {
-                addr,
-                source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-            })?
-            .map_err(|source| TransportError::Connect { addr, source })?;
+        let stream =
+            tokio::time::timeout(self.inner.config.connect_timeout, TcpStream::connect(addr))
+                .await
+                .map_err(|_| TransportError::Connect {
+                    addr,
+                    source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+                })?
+                .map_err(|source| TransportError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         Ok(spawn_connection(&self.inner, stream, addr))
     }
@@ -341,18 +361,34 @@ async fn accept_loop(inner: std::sync::Weak<Inner>, listener: TcpListener) {
 }
 
 /// Registers a connection in the table and starts its reader and writer tasks.
-fn spawn_connection(inner: &Arc<Inner>, stream: TcpStream, addr: SocketAddr) -> mpsc::Sender<Bytes> {
+fn spawn_connection(
+    inner: &Arc<Inner>,
+    stream: TcpStream,
+    addr: SocketAddr,
+) -> mpsc::Sender<Bytes> {
     let id = ConnId(inner.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, rx) = mpsc::channel(CONN_QUEUE);
     {
         let mut table = lock(&inner.conns);
-        table.by_id.insert(id, Conn { peer_addr: addr, tx: tx.clone() });
+        table.by_id.insert(
+            id,
+            Conn {
+                peer_addr: addr,
+                tx: tx.clone(),
+            },
+        );
         table.by_addr.insert(addr, id);
     }
     inner.stats.connections.fetch_add(1, Ordering::Relaxed);
     let (reader, writer) = stream.into_split();
     tokio::spawn(conn_writer(writer, rx));
-    tokio::spawn(conn_reader(Arc::downgrade(inner), reader, id, addr, tx.clone()));
+    tokio::spawn(conn_reader(
+        Arc::downgrade(inner),
+        reader,
+        id,
+        addr,
+        tx.clone(),
+    ));
     tx
 }
 
@@ -379,7 +415,11 @@ async fn conn_reader(
     };
     let mut decoder = StreamDecoder::new(max);
     let mut buf = BytesMut::with_capacity(8 * 1024);
-    let peer = Peer { transport: Transport::Tcp, addr, conn: Some(id) };
+    let peer = Peer {
+        transport: Transport::Tcp,
+        addr,
+        conn: Some(id),
+    };
     'conn: loop {
         match tokio::time::timeout(idle, reader.read_buf(&mut buf)).await {
             Err(_) => {

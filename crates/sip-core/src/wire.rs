@@ -200,7 +200,7 @@ pub fn parse(bytes: &[u8]) -> Result<SipMessage, WireError> {
     } else {
         SipMessage::try_from(frame.get(..end).unwrap_or(frame))
     }
-    .map_err(|e| WireError::Rsip(e.to_string()))?;
+    .map_err(|e| WireError::Rsip(truncate(e.to_string())))?;
     if let (SipMessage::Response(resp), Start::Response { code, reason, .. }) =
         (&mut msg, &scan.start)
     {
@@ -263,7 +263,9 @@ pub fn reject(bytes: &[u8], err: &WireError) -> Option<Bytes> {
     }
 
     let mut out = Vec::with_capacity(256);
-    out.extend_from_slice(format!("SIP/2.0 {code} {}\r\n", phrase.replace(['\r', '\n'], " ")).as_bytes());
+    out.extend_from_slice(
+        format!("SIP/2.0 {code} {}\r\n", phrase.replace(['\r', '\n'], " ")).as_bytes(),
+    );
     for via in vias {
         put_header(&mut out, "Via", via);
     }
@@ -287,6 +289,20 @@ pub fn reject(bytes: &[u8], err: &WireError) -> Option<Bytes> {
     }
     out.extend_from_slice(b"Content-Length: 0\r\n\r\n");
     Some(Bytes::from(out))
+}
+
+/// rsip's errors quote the whole message; keep the start of it for logs.
+fn truncate(mut text: String) -> String {
+    const KEEP: usize = 160;
+    if text.len() > KEEP {
+        let mut end = KEEP;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 fn put_header(out: &mut Vec<u8>, name: &str, raw_value: &[u8]) {
@@ -440,7 +456,9 @@ fn scan(frame: &[u8]) -> Result<Scan<'_>, WireError> {
         return Err(WireError::NoStartLine);
     }
     let line_end = find(frame, b'\n');
-    let raw_start = frame.get(..line_end.unwrap_or(frame.len())).unwrap_or_default();
+    let raw_start = frame
+        .get(..line_end.unwrap_or(frame.len()))
+        .unwrap_or_default();
     let start_line = strip_cr(raw_start);
     let (start, start_canonical) = parse_start_line(start_line)?;
     let line_end = line_end.ok_or(WireError::Truncated)?;
@@ -631,7 +649,12 @@ fn canon_element(kind: Kind, value: &[u8], out: &mut impl Out) -> Result<(), &'s
 }
 
 fn header_name_for_error(line: &[u8]) -> String {
-    let name: Vec<u8> = line.iter().copied().take_while(|&b| is_token(b)).take(64).collect();
+    let name: Vec<u8> = line
+        .iter()
+        .copied()
+        .take_while(|&b| is_token(b))
+        .take(64)
+        .collect();
     if name.is_empty() {
         "header".to_string()
     } else {
@@ -646,7 +669,10 @@ fn parse_start_line(line: &[u8]) -> Result<(Start<'_>, bool), WireError> {
     }
     if is_status_line(line) {
         let sp = find(line, b' ').ok_or(WireError::BadStartLine)?;
-        let (version, rest) = (line.get(..sp).unwrap_or_default(), line.get(sp + 1..).unwrap_or_default());
+        let (version, rest) = (
+            line.get(..sp).unwrap_or_default(),
+            line.get(sp + 1..).unwrap_or_default(),
+        );
         let version_canonical = check_version(version)?;
         let digits = rest.get(..3).ok_or(WireError::BadStartLine)?;
         if !digits.iter().all(u8::is_ascii_digit) {
@@ -691,7 +717,8 @@ fn parse_start_line(line: &[u8]) -> Result<(Start<'_>, bool), WireError> {
 }
 
 fn is_status_line(line: &[u8]) -> bool {
-    line.get(..4).is_some_and(|p| p.eq_ignore_ascii_case(b"SIP/"))
+    line.get(..4)
+        .is_some_and(|p| p.eq_ignore_ascii_case(b"SIP/"))
 }
 
 /// `Ok(true)` for `SIP/2.0`, `Ok(false)` for a differently cased `sip/2.0` (accepted, RFC 3261
@@ -732,7 +759,10 @@ fn check_request_uri(uri: &[u8]) -> Result<(), WireError> {
     if uri.first() == Some(&b'<') {
         return Err(WireError::BadRequestUri("enclosed in <>"));
     }
-    if uri.iter().any(|&b| b <= b' ' || b == 0x7f || b == b'<' || b == b'>' || b == b'"') {
+    if uri
+        .iter()
+        .any(|&b| b <= b' ' || b == 0x7f || b == b'<' || b == b'>' || b == b'"')
+    {
         return Err(WireError::BadRequestUri("illegal character"));
     }
     let scheme = uri_scheme(uri).ok_or(WireError::BadRequestUri("no scheme"))?;
@@ -803,7 +833,11 @@ fn rewrite(frame: &[u8], scan: &Scan<'_>, body_len: usize) -> Result<Vec<u8>, Wi
             reason: "not a header line",
         })?;
         let (full, _) = classify(line.name);
-        let name: &[u8] = if full.is_empty() { line.name } else { full.as_bytes() };
+        let name: &[u8] = if full.is_empty() {
+            line.name
+        } else {
+            full.as_bytes()
+        };
         let kind = Kind::of(full);
         if kind.splits() {
             for element in split_top_level(line.value) {
@@ -1133,12 +1167,10 @@ fn ipv6_reference(c: &mut Cur<'_>, out: &mut impl Out) -> Result<(), &'static st
 
 fn port(c: &mut Cur<'_>, out: &mut impl Out) -> Result<(), &'static str> {
     let digits = c.take_while(|b| b.is_ascii_digit());
-    let value = digits
-        .iter()
-        .try_fold(0u32, |acc, d| {
-            let v = acc * 10 + u32::from(d - b'0');
-            (v <= 65_535).then_some(v)
-        });
+    let value = digits.iter().try_fold(0u32, |acc, d| {
+        let v = acc * 10 + u32::from(d - b'0');
+        (v <= 65_535).then_some(v)
+    });
     if digits.is_empty() || value.is_none() {
         return Err("malformed port");
     }
@@ -1285,7 +1317,10 @@ fn canon_address(kind: Kind, value: &[u8], out: &mut impl Out) -> Result<(), &'s
         }
         let uri = c.take_while(|b| b > b' ' && b != 0x7f && b != b';');
         check_uri(uri)?;
-        if uri.iter().any(|&b| matches!(b, b'?' | b',' | b'<' | b'>' | b'"')) {
+        if uri
+            .iter()
+            .any(|&b| matches!(b, b'?' | b',' | b'<' | b'>' | b'"'))
+        {
             return Err("a URI with '?' or ',' must be enclosed in <>");
         }
         out.put(uri);
@@ -1406,7 +1441,12 @@ fn unfold_into_out(value: &[u8], out: &mut impl Out) {
     let mut c = Cur::new(trim_lws(value));
     let mut pending_space = false;
     while let Some(b) = c.peek() {
-        if (b == b'\r' || b == b'\n') && c.lws() {
+        if b == b'\r' || b == b'\n' {
+            // A fold becomes one SP; a stray CR or LF (only possible in the raw lines `reject`
+            // copies) must not reach the output either.
+            if !c.lws() {
+                c.i += 1;
+            }
             pending_space = true;
             continue;
         }
@@ -1440,7 +1480,10 @@ fn unfold_into(value: &[u8], out: &mut Vec<u8>) {
 fn trim_lws(value: &[u8]) -> &[u8] {
     let is_ws = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
     let start = value.iter().position(|b| !is_ws(b)).unwrap_or(value.len());
-    let end = value.iter().rposition(|b| !is_ws(b)).map_or(start, |e| e + 1);
+    let end = value
+        .iter()
+        .rposition(|b| !is_ws(b))
+        .map_or(start, |e| e + 1);
     value.get(start..end).unwrap_or_default()
 }
 
@@ -1538,7 +1581,10 @@ l: 0\r\n\r\n";
         assert_eq!(vias.len(), 2);
         assert_eq!(vias[1].branch().unwrap().to_string(), "z9hG4bK2");
         assert_eq!(vias[1].uri.host_with_port.to_string(), "b.test");
-        assert_eq!(req.from_header().unwrap().tag().unwrap().unwrap().value(), "f1");
+        assert_eq!(
+            req.from_header().unwrap().tag().unwrap().unwrap().value(),
+            "f1"
+        );
         assert_eq!(req.call_id_header().unwrap().value(), "c1@host");
         assert_eq!(req.cseq_header().unwrap().typed().unwrap().seq, 1);
         assert_eq!(req.contact_headers().len(), 2);
@@ -1642,7 +1688,10 @@ Content-Length: 0\r\n\r\n";
     #[test]
     fn reject_stays_silent_when_it_cannot_answer() {
         // A response is never answered.
-        assert_eq!(reject(b"SIP/2.0 200 OK\r\n\r\n", &WireError::Truncated), None);
+        assert_eq!(
+            reject(b"SIP/2.0 200 OK\r\n\r\n", &WireError::Truncated),
+            None
+        );
         // An ACK is never answered.
         let ack = INVITE.replace("INVITE sip", "ACK sip");
         assert_eq!(reject(ack.as_bytes(), &WireError::BadStartLine), None);
@@ -1660,12 +1709,18 @@ Content-Length: 0\r\n\r\n";
     #[test]
     fn reject_keeps_an_existing_to_tag() {
         let text = INVITE
-            .replace("To: <sip:bob@relay.test>", "To: <sip:bob@relay.test>;tag=t9")
+            .replace(
+                "To: <sip:bob@relay.test>",
+                "To: <sip:bob@relay.test>;tag=t9",
+            )
             .replace("Max-Forwards: 70", "Max-Forwards: x");
         let err = parse(text.as_bytes()).unwrap_err();
         let resp = reject(text.as_bytes(), &err).unwrap();
         let resp = std::str::from_utf8(&resp).unwrap();
-        assert!(resp.contains("To: <sip:bob@relay.test>;tag=t9\r\n"), "{resp}");
+        assert!(
+            resp.contains("To: <sip:bob@relay.test>;tag=t9\r\n"),
+            "{resp}"
+        );
         assert_eq!(resp.matches("tag=").count(), 2); // From's and To's
     }
 
@@ -1676,15 +1731,23 @@ Content-Length: 0\r\n\r\n";
             parse(text.as_bytes()),
             Err(WireError::UnsupportedVersion("SIP/3.0".into()))
         );
-        let resp = reject(text.as_bytes(), &WireError::UnsupportedVersion("SIP/3.0".into()));
-        assert!(resp.unwrap().starts_with(b"SIP/2.0 505 Version Not Supported\r\n"));
+        let resp = reject(
+            text.as_bytes(),
+            &WireError::UnsupportedVersion("SIP/3.0".into()),
+        );
+        assert!(resp
+            .unwrap()
+            .starts_with(b"SIP/2.0 505 Version Not Supported\r\n"));
         let text = INVITE.replace("INVITE sip:bob@relay.test", "INVITE <sip:bob@relay.test>");
         assert_eq!(
             parse(text.as_bytes()),
             Err(WireError::BadRequestUri("enclosed in <>"))
         );
         assert_eq!(parse(b"\r\n\r\n"), Err(WireError::NoStartLine));
-        assert_eq!(parse(b"INVITE sip:a@b SIP/2.0\r\nVia: x"), Err(WireError::Truncated));
+        assert_eq!(
+            parse(b"INVITE sip:a@b SIP/2.0\r\nVia: x"),
+            Err(WireError::Truncated)
+        );
     }
 
     #[test]
@@ -1698,7 +1761,11 @@ Content-Length: 0\r\n\r\n";
     #[test]
     fn canonical_forms() {
         let mut out = Vec::new();
-        canon_via(b"SIP / 2.0 / UDP\r\n h.test : 5070 ; branch = \"x\" ;rport", &mut out).unwrap();
+        canon_via(
+            b"SIP / 2.0 / UDP\r\n h.test : 5070 ; branch = \"x\" ;rport",
+            &mut out,
+        )
+        .unwrap();
         assert_eq!(out, b"SIP/2.0/UDP h.test:5070;branch=\"x\";rport");
         let mut out = Vec::new();
         canon_address(Kind::From, b"caller<sip:c@x.test> ; tag = 1", &mut out).unwrap();
@@ -1712,7 +1779,11 @@ Content-Length: 0\r\n\r\n";
             Err("display name is neither tokens nor a quoted string")
         );
         assert_eq!(
-            canon_address(Kind::Contact, b"sip:u@x.test?Route=%3Csip:y%3E", &mut Vec::new()),
+            canon_address(
+                Kind::Contact,
+                b"sip:u@x.test?Route=%3Csip:y%3E",
+                &mut Vec::new()
+            ),
             Err("a URI with '?' or ',' must be enclosed in <>")
         );
         assert_eq!(
@@ -1727,6 +1798,9 @@ Content-Length: 0\r\n\r\n";
     #[test]
     fn split_respects_quotes_and_angle_brackets() {
         let parts: Vec<_> = split_top_level(b"\"a, b\" <sip:x;p=1,2>, <sip:y>").collect();
-        assert_eq!(parts, vec![&b"\"a, b\" <sip:x;p=1,2>"[..], &b" <sip:y>"[..]]);
+        assert_eq!(
+            parts,
+            vec![&b"\"a, b\" <sip:x;p=1,2>"[..], &b" <sip:y>"[..]]
+        );
     }
 }

@@ -23,7 +23,11 @@ fn sipp_path() -> PathBuf {
 
 /// Starts a UAS answering every OPTIONS with 200 and anything else with 405; returns its
 /// UDP and TCP addresses and how many OPTIONS it answered.
-async fn start_uas() -> (SocketAddr, SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+async fn start_uas() -> (
+    SocketAddr,
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     let config = EndpointConfig {
         transport: TransportConfig {
             udp: vec!["127.0.0.1:0".parse().unwrap()],
@@ -41,7 +45,11 @@ async fn start_uas() -> (SocketAddr, SocketAddr, std::sync::Arc<std::sync::atomi
         let _keep = endpoint;
         while let Some(event) = events.recv().await {
             if let EndpointEvent::Request(r) = event {
-                let code = if r.req.method == rsip::Method::Options { 200 } else { 405 };
+                let code = if r.req.method == rsip::Method::Options {
+                    200
+                } else {
+                    405
+                };
                 let resp = message::response_for(&r.req, code, None, Some(&message::new_tag()));
                 r.tx.respond(resp).unwrap();
                 if code == 200 {
@@ -54,7 +62,8 @@ async fn start_uas() -> (SocketAddr, SocketAddr, std::sync::Arc<std::sync::atomi
 }
 
 async fn run_sipp(target: SocketAddr, transport: &str, calls: u32) -> std::process::Output {
-    let scenario = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/options_uac.xml");
+    let scenario =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios/options_uac.xml");
     let child = tokio::process::Command::new(sipp_path())
         .arg(target.to_string())
         .args(["-sf", scenario.to_str().unwrap()])
@@ -90,6 +99,10 @@ async fn sipp_options_over_udp_and_tcp_get_200() {
             String::from_utf8_lossy(&out.stderr)
         );
         let after = answered.load(std::sync::atomic::Ordering::SeqCst);
-        assert!(after - before >= 5, "UAS answered {} OPTIONS over {transport}", after - before);
+        assert!(
+            after - before >= 5,
+            "UAS answered {} OPTIONS over {transport}",
+            after - before
+        );
     }
 }

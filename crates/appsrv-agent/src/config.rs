@@ -1,0 +1,1074 @@
+//! The agent's configuration: a TOML file (`--config`), command-line flags for the common
+//! case, and embedded defaults, merged in that order of precedence (flags win).
+//!
+//! Errors name where the bad value came from: `FILE: key `relay.uri`: …` for the file,
+//! `--relay: …` for a flag. See `examples/appsrv.toml` for every key with its default.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use rsip::{Host, Scheme, Uri};
+use serde::de::{self, Deserialize, Deserializer};
+
+use crate::backend::Backend;
+
+/// The command line. Every flag overrides the file's value of the same meaning.
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(
+    name = "appsrv-agent",
+    version,
+    about = "Runs beside an application server: registers its services with the relay, \
+             answers the relay's inquiries, and lets the terminals' application data through \
+             its data gateway.",
+    after_help = "Example:\n  appsrv-agent --relay sip:127.0.0.1:5060 --domain relay.test --account as1 \
+                  --password-file as1.pw --service echo=builtin:echo \
+                  --service chat=tcp://127.0.0.1:7000 --capacity 50\n\n\
+                  Backends: builtin:echo, builtin:clock, tcp://host:port.\n\
+                  SIGTERM or Ctrl-C: live sessions are ended with BYE and the registration removed."
+)]
+pub struct Flags {
+    /// TOML configuration file (see examples/appsrv.toml).
+    #[arg(short, long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The relay's SIP URI: where to register and send charges, and the only source of
+    /// inquiries [file: relay.uri, default: sip:127.0.0.1:5060].
+    #[arg(long, value_name = "URI")]
+    pub relay: Option<String>,
+    /// The relay's domain (realm) for REGISTER, From and To [file: relay.domain, default:
+    /// the relay URI's host].
+    #[arg(long, value_name = "DOMAIN")]
+    pub domain: Option<String>,
+    /// The application-server account to register as [file: relay.account].
+    #[arg(long, value_name = "NAME")]
+    pub account: Option<String>,
+    /// A file holding the account's password on its first line [file: relay.password_file].
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Do not register with the relay (the relay lists this server statically)
+    /// [file: relay.register = false].
+    #[arg(long)]
+    pub no_register: bool,
+    /// Registration lifetime asked for, in seconds; refreshed at half of what the relay
+    /// grants [file: relay.expires, default: 120].
+    #[arg(long, value_name = "SECS")]
+    pub expires: Option<u32>,
+    /// SIP address (UDP and TCP) [file: sip.listen, default: 127.0.0.1:5080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Host written in Contact and Via [file: sip.advertise, default: the listen IP].
+    #[arg(long, value_name = "HOST")]
+    pub advertise: Option<String>,
+    /// Data gateway address (TCP) [file: data.listen, default: 127.0.0.1:7080].
+    #[arg(long, value_name = "ADDR")]
+    pub data_listen: Option<SocketAddr>,
+    /// IP address written in the SDP answer [file: data.advertise, default: the data
+    /// listen IP].
+    #[arg(long, value_name = "IP")]
+    pub data_advertise: Option<IpAddr>,
+    /// A service and its backend, NAME=BACKEND; repeatable; replaces the backend of a
+    /// service of the same name in the file [file: [[services]]].
+    #[arg(long = "service", value_name = "NAME=BACKEND")]
+    pub services: Vec<ServiceFlag>,
+    /// Most sessions at once, all services together [file: limits.capacity, default: no
+    /// limit].
+    #[arg(long, value_name = "N")]
+    pub capacity: Option<u32>,
+    /// Seconds a session token stays valid before its first use [file:
+    /// data.token_ttl_secs, default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub token_ttl: Option<u64>,
+    /// Bytes delivered per charge unit; 0 turns application billing off [file:
+    /// billing.bytes_per_charge, default: 1048576].
+    #[arg(long, value_name = "BYTES")]
+    pub bytes_per_charge: Option<u64>,
+    /// Price of one unit, in minor currency units [file: billing.price_per_block, default: 1].
+    #[arg(long, value_name = "AMOUNT")]
+    pub price_per_block: Option<u64>,
+    /// Directory where charges wait until the relay confirms them [file:
+    /// billing.spool_dir, default: none, kept in memory].
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Log filter, e.g. info or appsrv_agent=debug (RUST_LOG wins) [file: log.level].
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Log format [file: log.format, default: text].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Check the configuration, print a summary and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// A `--service NAME=BACKEND` flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceFlag {
+    /// The service name.
+    pub name: String,
+    /// Its backend.
+    pub backend: Backend,
+}
+
+impl FromStr for ServiceFlag {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ServiceFlag, String> {
+        let (name, backend) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?} is not NAME=BACKEND"))?;
+        let name = name.trim();
+        if !is_token(name) {
+            return Err(format!("{name:?} is not a valid service name"));
+        }
+        let backend = backend.parse::<Backend>().map_err(|e| e.to_string())?;
+        Ok(ServiceFlag {
+            name: name.to_string(),
+            backend,
+        })
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A password, kept out of `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub(crate) String);
+
+impl Secret {
+    /// The password itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// The relay: where to register, whom to accept inquiries from, where charges go.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// The relay's SIP URI (`sip:127.0.0.1:5060`, `sip:relay.example;transport=tcp`).
+    pub uri: Uri,
+    /// The relay's domain: Request-URI of REGISTER, host of From/To.
+    pub domain: String,
+    /// The application-server account.
+    pub account: String,
+    /// Its password.
+    pub password: Secret,
+    /// Whether to register at all.
+    pub register: bool,
+    /// Registration lifetime asked for, in seconds.
+    pub expires: u32,
+}
+
+/// The SIP side of the agent.
+#[derive(Debug, Clone)]
+pub struct SipConfig {
+    /// Address to listen on, UDP and TCP.
+    pub listen: SocketAddr,
+    /// Host written in Contact and Via.
+    pub advertise: String,
+}
+
+/// The data gateway.
+#[derive(Debug, Clone)]
+pub struct DataConfig {
+    /// TCP address to listen on.
+    pub listen: SocketAddr,
+    /// IP address written in the SDP answer.
+    pub advertise: IpAddr,
+    /// How long a token is valid before its first use.
+    pub token_ttl: Duration,
+    /// How long a terminal may take to send its token line.
+    pub handshake_timeout: Duration,
+    /// How long opening a TCP backend may take.
+    pub backend_connect_timeout: Duration,
+}
+
+/// Who may use a service, by the subscriber name the relay asserts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Allowed subscribers; `*` allows everyone.
+    pub allow: Vec<String>,
+    /// Refused subscribers; wins over `allow`.
+    pub deny: Vec<String>,
+}
+
+impl Policy {
+    /// Whether `subscriber` may use the service.
+    pub fn allows(&self, subscriber: &str) -> bool {
+        let listed = |list: &[String]| list.iter().any(|n| n == "*" || n == subscriber);
+        listed(&self.allow) && !self.deny.iter().any(|n| n == subscriber)
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            allow: vec!["*".to_string()],
+            deny: Vec::new(),
+        }
+    }
+}
+
+/// One service the server delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// The service name, as the relay asks for it.
+    pub name: String,
+    /// Where its data goes.
+    pub backend: Backend,
+    /// Most sessions of this service at once (`None`: only the total limit applies).
+    pub capacity: Option<u32>,
+    /// Who may use it.
+    pub policy: Policy,
+}
+
+/// Application billing (claim 4).
+#[derive(Debug, Clone)]
+pub struct BillingConfig {
+    /// Bytes delivered to the terminal per charge unit; 0 turns charging off.
+    pub bytes_per_charge: u64,
+    /// Price of one unit, in minor units.
+    pub price_per_block: u64,
+    /// ISO 4217 currency code.
+    pub currency: String,
+    /// Request-URI of the charge `MESSAGE`.
+    pub charge_uri: Uri,
+    /// First retry delay; doubled on each failure.
+    pub retry_initial: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Where charges wait until the relay confirms them (none: in memory only).
+    pub spool_dir: Option<PathBuf>,
+}
+
+/// Logging.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// A tracing filter.
+    pub level: String,
+    /// Text or JSON.
+    pub format: LogFormat,
+}
+
+/// The whole, checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The relay.
+    pub relay: RelayConfig,
+    /// The SIP side.
+    pub sip: SipConfig,
+    /// The data gateway.
+    pub data: DataConfig,
+    /// Most sessions at once, all services together.
+    pub capacity: Option<u32>,
+    /// The services, in configuration order.
+    pub services: Vec<ServiceConfig>,
+    /// Application billing.
+    pub billing: BillingConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A file could not be read.
+    #[error("{}: cannot read: {source}", file.display())]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown or has the wrong type.
+    #[error("{}: {}{message}", file.display(), key.as_deref().map(|k| format!("key `{k}`: ")).unwrap_or_default())]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// The key path, when known.
+        key: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range or inconsistent; `origin` is `FILE: key `k`` or `--flag`.
+    #[error("{origin}: {message}")]
+    Invalid {
+        /// Where the value came from.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The file as written; every key optional.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    relay: RawRelay,
+    sip: RawSip,
+    data: RawData,
+    limits: RawLimits,
+    services: Vec<RawService>,
+    billing: RawBilling,
+    log: RawLog,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRelay {
+    uri: Option<String>,
+    domain: Option<String>,
+    account: Option<String>,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    register: Option<bool>,
+    expires: Option<u32>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSip {
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawData {
+    listen: Option<SocketAddr>,
+    advertise: Option<IpAddr>,
+    token_ttl_secs: Option<u64>,
+    handshake_timeout_secs: Option<u64>,
+    backend_connect_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLimits {
+    capacity: Option<u32>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    #[serde(deserialize_with = "from_str")]
+    backend: Backend,
+    #[serde(default)]
+    capacity: Option<u32>,
+    #[serde(default)]
+    allow: Option<Vec<String>>,
+    #[serde(default)]
+    deny: Vec<String>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBilling {
+    bytes_per_charge: Option<u64>,
+    price_per_block: Option<u64>,
+    currency: Option<String>,
+    charge_uri: Option<String>,
+    retry_initial_ms: Option<u64>,
+    retry_max_secs: Option<u64>,
+    spool_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLog {
+    level: Option<String>,
+    format: Option<LogFormat>,
+}
+
+fn from_str<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let s = String::deserialize(deserializer)?;
+    s.parse().map_err(de::Error::custom)
+}
+
+/// Default relay URI.
+pub const DEFAULT_RELAY: &str = "sip:127.0.0.1:5060";
+/// Default SIP address.
+pub const DEFAULT_SIP_LISTEN: &str = "127.0.0.1:5080";
+/// Default data gateway address.
+pub const DEFAULT_DATA_LISTEN: &str = "127.0.0.1:7080";
+/// Default registration lifetime asked for, in seconds.
+pub const DEFAULT_EXPIRES: u32 = 120;
+/// Default bytes per charge unit (1 MiB).
+pub const DEFAULT_BYTES_PER_CHARGE: u64 = 1 << 20;
+
+/// Whether `s` is a SIP token (RFC 3261 §25.1), the syntax of service and account names.
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b))
+}
+
+/// Tracks where each value came from, for error messages.
+struct Origins<'a> {
+    file: Option<&'a Path>,
+}
+
+impl Origins<'_> {
+    fn key(&self, key: &str) -> String {
+        match self.file {
+            Some(file) => format!("{}: key `{key}`", file.display()),
+            None => format!("default `{key}`"),
+        }
+    }
+
+    /// The origin of a value that a flag may have set.
+    fn of(&self, flag_given: bool, flag: &str, key: &str) -> String {
+        if flag_given {
+            flag.to_string()
+        } else {
+            self.key(key)
+        }
+    }
+}
+
+fn invalid(origin: String, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        origin,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads the file named by `--config` (if any), applies the flags and checks the result.
+    pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+        let (raw, file) = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+                    file: path.clone(),
+                    source,
+                })?;
+                (parse_toml(&text, path)?, Some(path.as_path()))
+            }
+            None => (RawConfig::default(), None),
+        };
+        Config::build(raw, file, flags)
+    }
+
+    /// Parses a file's text (for tests and `--check-config`) and applies the flags.
+    pub fn from_toml(text: &str, file: &Path, flags: &Flags) -> Result<Config, ConfigError> {
+        Config::build(parse_toml(text, file)?, Some(file), flags)
+    }
+
+    fn build(raw: RawConfig, file: Option<&Path>, flags: &Flags) -> Result<Config, ConfigError> {
+        let o = Origins { file };
+        let base_dir = file
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+
+        // Relay.
+        let uri_origin = o.of(flags.relay.is_some(), "--relay", "relay.uri");
+        let uri_text = flags
+            .relay
+            .clone()
+            .or(raw.relay.uri)
+            .unwrap_or_else(|| DEFAULT_RELAY.to_string());
+        let uri = parse_relay_uri(&uri_text).map_err(|m| invalid(uri_origin, m))?;
+        let domain = match flags.domain.clone().or(raw.relay.domain) {
+            Some(d) => {
+                let d = d.trim().to_string();
+                if !is_host(&d) {
+                    return Err(invalid(
+                        o.of(flags.domain.is_some(), "--domain", "relay.domain"),
+                        format!("{d:?} is not a domain name or address"),
+                    ));
+                }
+                d
+            }
+            None => uri.host_with_port.to_string(),
+        };
+        let account = flags.account.clone().or(raw.relay.account).ok_or_else(|| {
+            invalid(
+                o.key("relay.account"),
+                "no account: set relay.account in the file or --account",
+            )
+        })?;
+        if !is_token(&account) {
+            return Err(invalid(
+                o.of(flags.account.is_some(), "--account", "relay.account"),
+                format!("{account:?} is not a valid account name"),
+            ));
+        }
+        let password = match (&flags.password_file, raw.relay.password, raw.relay.password_file) {
+            (Some(path), _, _) => read_password(path, "--password-file".to_string())?,
+            (None, Some(_), Some(_)) => {
+                return Err(invalid(
+                    o.key("relay.password_file"),
+                    "give either relay.password or relay.password_file, not both",
+                ))
+            }
+            (None, Some(p), None) => {
+                if p.is_empty() {
+                    return Err(invalid(o.key("relay.password"), "the password is empty"));
+                }
+                Secret(p)
+            }
+            (None, None, Some(path)) => {
+                read_password(&base_dir.join(path), o.key("relay.password_file"))?
+            }
+            (None, None, None) => {
+                return Err(invalid(
+                    o.key("relay.password"),
+                    "no password: set relay.password or relay.password_file in the file, or \
+                     --password-file",
+                ))
+            }
+        };
+        let register = !flags.no_register && raw.relay.register.unwrap_or(true);
+        let expires = flags
+            .expires
+            .or(raw.relay.expires)
+            .unwrap_or(DEFAULT_EXPIRES);
+        if !(10..=86_400).contains(&expires) {
+            return Err(invalid(
+                o.of(flags.expires.is_some(), "--expires", "relay.expires"),
+                format!("{expires} is out of range (10 to 86400 seconds)"),
+            ));
+        }
+
+        // SIP.
+        let sip_listen = flags
+            .listen
+            .or(raw.sip.listen)
+            .unwrap_or_else(|| default_addr(DEFAULT_SIP_LISTEN));
+        let advertise_origin = o.of(flags.advertise.is_some(), "--advertise", "sip.advertise");
+        let advertise = match flags.advertise.clone().or(raw.sip.advertise) {
+            Some(h) if is_host(h.trim()) => h.trim().to_string(),
+            Some(h) => {
+                return Err(invalid(
+                    advertise_origin,
+                    format!("{h:?} is not a host name or address"),
+                ))
+            }
+            None if sip_listen.ip().is_unspecified() => {
+                return Err(invalid(
+                    advertise_origin,
+                    format!(
+                        "sip.listen {sip_listen} is a wildcard address: say which address the \
+                         relay should use (sip.advertise or --advertise)"
+                    ),
+                ))
+            }
+            None => sip_listen.ip().to_string(),
+        };
+
+        // Data gateway.
+        let data_listen = flags
+            .data_listen
+            .or(raw.data.listen)
+            .unwrap_or_else(|| default_addr(DEFAULT_DATA_LISTEN));
+        let data_advertise = match flags.data_advertise.or(raw.data.advertise) {
+            Some(ip) if ip.is_unspecified() => {
+                return Err(invalid(
+                    o.of(flags.data_advertise.is_some(), "--data-advertise", "data.advertise"),
+                    format!("{ip} cannot be connected to"),
+                ))
+            }
+            Some(ip) => ip,
+            None if data_listen.ip().is_unspecified() => {
+                return Err(invalid(
+                    o.key("data.advertise"),
+                    format!(
+                        "data.listen {data_listen} is a wildcard address: say which address \
+                         terminals should connect to (data.advertise or --data-advertise)"
+                    ),
+                ))
+            }
+            None => data_listen.ip(),
+        };
+        let token_ttl = flags.token_ttl.or(raw.data.token_ttl_secs).unwrap_or(30);
+        if !(1..=3600).contains(&token_ttl) {
+            return Err(invalid(
+                o.of(flags.token_ttl.is_some(), "--token-ttl", "data.token_ttl_secs"),
+                format!("{token_ttl} is out of range (1 to 3600 seconds)"),
+            ));
+        }
+        let handshake = raw.data.handshake_timeout_secs.unwrap_or(10);
+        if !(1..=600).contains(&handshake) {
+            return Err(invalid(
+                o.key("data.handshake_timeout_secs"),
+                format!("{handshake} is out of range (1 to 600 seconds)"),
+            ));
+        }
+        let connect = raw.data.backend_connect_timeout_secs.unwrap_or(5);
+        if !(1..=600).contains(&connect) {
+            return Err(invalid(
+                o.key("data.backend_connect_timeout_secs"),
+                format!("{connect} is out of range (1 to 600 seconds)"),
+            ));
+        }
+
+        // Limits and services.
+        let capacity = flags.capacity.or(raw.limits.capacity);
+        if capacity == Some(0) {
+            return Err(invalid(
+                o.of(flags.capacity.is_some(), "--capacity", "limits.capacity"),
+                "capacity must be at least 1 (leave it out for no limit)",
+            ));
+        }
+        let mut services = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, s) in raw.services.into_iter().enumerate() {
+            let key = |k: &str| o.key(&format!("services[{i}].{k}"));
+            if !is_token(&s.name) {
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?} is not a valid service name", s.name),
+                ));
+            }
+            if !seen.insert(s.name.clone()) {
+                return Err(invalid(key("name"), format!("service {:?} is listed twice", s.name)));
+            }
+            if s.capacity == Some(0) {
+                return Err(invalid(key("capacity"), "capacity must be at least 1"));
+            }
+            let allow = s.allow.unwrap_or_else(|| vec!["*".to_string()]);
+            for (field, list) in [("allow", &allow), ("deny", &s.deny)] {
+                if let Some(bad) = list.iter().find(|n| *n != "*" && !is_token(n)) {
+                    return Err(invalid(key(field), format!("{bad:?} is not a subscriber name")));
+                }
+            }
+            services.push(ServiceConfig {
+                name: s.name,
+                backend: s.backend,
+                capacity: s.capacity,
+                policy: Policy {
+                    allow,
+                    deny: s.deny,
+                },
+            });
+        }
+        for flag in &flags.services {
+            match services.iter_mut().find(|s| s.name == flag.name) {
+                Some(existing) => existing.backend = flag.backend.clone(),
+                None => services.push(ServiceConfig {
+                    name: flag.name.clone(),
+                    backend: flag.backend.clone(),
+                    capacity: None,
+                    policy: Policy::default(),
+                }),
+            }
+        }
+        if services.is_empty() {
+            return Err(invalid(
+                o.key("services"),
+                "no services: add [[services]] to the file or --service NAME=BACKEND",
+            ));
+        }
+
+        // Billing.
+        let bytes_per_charge = flags
+            .bytes_per_charge
+            .or(raw.billing.bytes_per_charge)
+            .unwrap_or(DEFAULT_BYTES_PER_CHARGE);
+        let price_per_block = flags
+            .price_per_block
+            .or(raw.billing.price_per_block)
+            .unwrap_or(1);
+        if bytes_per_charge > 0 && price_per_block == 0 {
+            return Err(invalid(
+                o.of(flags.price_per_block.is_some(), "--price-per-block", "billing.price_per_block"),
+                "must be at least 1 while billing.bytes_per_charge is set (0 turns billing off)",
+            ));
+        }
+        let currency = raw.billing.currency.unwrap_or_else(|| "EUR".to_string());
+        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(invalid(
+                o.key("billing.currency"),
+                format!("{currency:?} is not an ISO 4217 code like EUR"),
+            ));
+        }
+        let charge_uri = match raw.billing.charge_uri {
+            Some(text) => Uri::try_from(text.as_str())
+                .ok()
+                .filter(|u| matches!(u.scheme, Some(Scheme::Sip) | None))
+                .ok_or_else(|| {
+                    invalid(o.key("billing.charge_uri"), format!("{text:?} is not a sip: URI"))
+                })?,
+            None => Uri::try_from(format!("sip:charge@{domain}").as_str()).map_err(|_| {
+                invalid(
+                    o.key("relay.domain"),
+                    format!("sip:charge@{domain} is not a valid URI"),
+                )
+            })?,
+        };
+        let retry_initial = raw.billing.retry_initial_ms.unwrap_or(1000);
+        if !(10..=600_000).contains(&retry_initial) {
+            return Err(invalid(
+                o.key("billing.retry_initial_ms"),
+                format!("{retry_initial} is out of range (10 to 600000 ms)"),
+            ));
+        }
+        let retry_max = raw.billing.retry_max_secs.unwrap_or(60);
+        if !(1..=3600).contains(&retry_max) {
+            return Err(invalid(
+                o.key("billing.retry_max_secs"),
+                format!("{retry_max} is out of range (1 to 3600 seconds)"),
+            ));
+        }
+        let spool_dir = match (&flags.spool_dir, raw.billing.spool_dir) {
+            (Some(dir), _) => Some(dir.clone()),
+            (None, Some(dir)) => Some(base_dir.join(dir)),
+            (None, None) => None,
+        };
+
+        Ok(Config {
+            relay: RelayConfig {
+                uri,
+                domain,
+                account,
+                password,
+                register,
+                expires,
+            },
+            sip: SipConfig {
+                listen: sip_listen,
+                advertise,
+            },
+            data: DataConfig {
+                listen: data_listen,
+                advertise: data_advertise,
+                token_ttl: Duration::from_secs(token_ttl),
+                handshake_timeout: Duration::from_secs(handshake),
+                backend_connect_timeout: Duration::from_secs(connect),
+            },
+            capacity,
+            services,
+            billing: BillingConfig {
+                bytes_per_charge,
+                price_per_block,
+                currency,
+                charge_uri,
+                retry_initial: Duration::from_millis(retry_initial),
+                retry_max: Duration::from_secs(retry_max),
+                spool_dir,
+            },
+            log: LogConfig {
+                level: flags
+                    .log_level
+                    .clone()
+                    .or(raw.log.level)
+                    .unwrap_or_else(|| "info".to_string()),
+                format: flags.log_format.or(raw.log.format).unwrap_or_default(),
+            },
+        })
+    }
+
+    /// The service named `name`, if offered.
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// A readable summary, for `--check-config`.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let capacity = |c: Option<u32>| c.map_or("no limit".to_string(), |c| c.to_string());
+        out.push_str(&format!(
+            "relay      {} (domain {}, account {}, {})\n",
+            self.relay.uri,
+            self.relay.domain,
+            self.relay.account,
+            if self.relay.register {
+                format!("registers for {} s", self.relay.expires)
+            } else {
+                "no registration".to_string()
+            }
+        ));
+        out.push_str(&format!(
+            "sip        {} (advertised as {})\n",
+            self.sip.listen, self.sip.advertise
+        ));
+        out.push_str(&format!(
+            "data       {} (advertised as {}, tokens valid {} s)\n",
+            self.data.listen,
+            self.data.advertise,
+            self.data.token_ttl.as_secs()
+        ));
+        out.push_str(&format!("capacity   {}\n", capacity(self.capacity)));
+        for s in &self.services {
+            out.push_str(&format!(
+                "service    {} -> {} (capacity {}, allow {:?}, deny {:?})\n",
+                s.name,
+                s.backend,
+                capacity(s.capacity),
+                s.policy.allow,
+                s.policy.deny
+            ));
+        }
+        if self.billing.bytes_per_charge == 0 {
+            out.push_str("billing    off\n");
+        } else {
+            out.push_str(&format!(
+                "billing    {} {} per {} bytes delivered, to {}\n",
+                self.billing.price_per_block,
+                self.billing.currency,
+                self.billing.bytes_per_charge,
+                self.billing.charge_uri
+            ));
+        }
+        out
+    }
+}
+
+fn default_addr(text: &str) -> SocketAddr {
+    text.parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+fn parse_toml(text: &str, file: &Path) -> Result<RawConfig, ConfigError> {
+    let deserializer = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        ConfigError::Parse {
+            file: file.to_path_buf(),
+            key: (path != ".").then_some(path),
+            message: inner.message().trim().to_string(),
+        }
+    })
+}
+
+fn read_password(path: &Path, origin: String) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        file: path.to_path_buf(),
+        source,
+    })?;
+    let first = text.lines().next().unwrap_or("").trim_end_matches('\r');
+    if first.is_empty() {
+        return Err(invalid(
+            origin,
+            format!("{}: the first line (the password) is empty", path.display()),
+        ));
+    }
+    Ok(Secret(first.to_string()))
+}
+
+/// Whether `s` can stand as the host (optionally with a port) of a SIP URI.
+fn is_host(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+}
+
+/// Checks the relay URI: `sip:` only (the agent has no TLS), UDP or TCP, no user part needed.
+fn parse_relay_uri(text: &str) -> Result<Uri, String> {
+    let uri = Uri::try_from(text.trim()).map_err(|_| format!("{text:?} is not a SIP URI"))?;
+    match uri.scheme {
+        Some(Scheme::Sip) => {}
+        Some(Scheme::Sips) => return Err(format!("{text:?}: sips (TLS) is not supported")),
+        _ => return Err(format!("{text:?} is not a sip: URI")),
+    }
+    if let Some(t) = uri.transport() {
+        if !matches!(t, rsip::Transport::Udp | rsip::Transport::Tcp) {
+            return Err(format!("{text:?}: transport {t} is not supported (udp or tcp)"));
+        }
+    }
+    if let Host::Domain(d) = &uri.host_with_port.host {
+        if d.to_string().is_empty() {
+            return Err(format!("{text:?} has no host"));
+        }
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use clap::Parser;
+
+    fn flags(args: &[&str]) -> Flags {
+        let mut all = vec!["appsrv-agent"];
+        all.extend_from_slice(args);
+        Flags::try_parse_from(all).unwrap()
+    }
+
+    const EXAMPLE: &str = include_str!("../../../examples/appsrv.toml");
+
+    #[test]
+    fn the_example_file_loads_with_its_documented_values() {
+        let c = Config::from_toml(EXAMPLE, Path::new("examples/appsrv.toml"), &flags(&[])).unwrap();
+        assert_eq!(c.relay.account, "as1");
+        assert_eq!(c.relay.domain, "relay.test");
+        assert_eq!(c.relay.uri.to_string(), "sip:127.0.0.1:5060");
+        assert_eq!(c.sip.listen, "127.0.0.1:5080".parse().unwrap());
+        assert_eq!(c.data.listen, "127.0.0.1:7080".parse().unwrap());
+        let names: Vec<_> = c.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["echo", "clock"]);
+        assert_eq!(c.service("echo").unwrap().backend, Backend::Echo);
+        assert_eq!(c.service("clock").unwrap().backend, Backend::Clock);
+        assert_eq!(c.billing.charge_uri.to_string(), "sip:charge@relay.test");
+        // The second agent of the issue: one flag pair away.
+        let second = Config::from_toml(
+            EXAMPLE,
+            Path::new("examples/appsrv.toml"),
+            &flags(&["--listen", "127.0.0.1:5082", "--data-listen", "127.0.0.1:7082"]),
+        )
+        .unwrap();
+        assert_eq!(second.sip.listen.port(), 5082);
+        assert_eq!(second.data.listen.port(), 7082);
+        assert_eq!(second.data.advertise, "127.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn flags_alone_make_a_configuration_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let f = flags(&[
+            "--relay",
+            "sip:127.0.0.1:5999",
+            "--account",
+            "as1",
+            "--password-file",
+            pw.to_str().unwrap(),
+            "--service",
+            "echo=builtin:echo",
+            "--service",
+            "chat=tcp://127.0.0.1:7000",
+            "--capacity",
+            "50",
+        ]);
+        let c = Config::load(&f).unwrap();
+        assert_eq!(c.relay.password.expose(), "s3cret");
+        assert_eq!(c.relay.domain, "127.0.0.1:5999");
+        assert!(c.relay.register);
+        assert_eq!(c.relay.expires, DEFAULT_EXPIRES);
+        assert_eq!(c.capacity, Some(50));
+        assert_eq!(c.services.len(), 2);
+        assert_eq!(c.sip.advertise, "127.0.0.1");
+        assert_eq!(c.data.token_ttl, Duration::from_secs(30));
+        assert_eq!(c.billing.bytes_per_charge, DEFAULT_BYTES_PER_CHARGE);
+        assert!(!format!("{c:?}").contains("s3cret"), "password leaked into Debug");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let text = r#"
+            [relay]
+            account = "as1"
+            password = "pw"
+            [limits]
+            capacity = 10
+            [[services]]
+            name = "echo"
+            backend = "builtin:echo"
+            capacity = 3
+            allow = ["alice"]
+        "#;
+        let c = Config::from_toml(
+            text,
+            Path::new("a.toml"),
+            &flags(&["--capacity", "2", "--service", "echo=builtin:clock", "--no-register"]),
+        )
+        .unwrap();
+        assert_eq!(c.capacity, Some(2));
+        let echo = c.service("echo").unwrap();
+        assert_eq!(echo.backend, Backend::Clock);
+        assert_eq!(echo.capacity, Some(3), "the flag replaces the backend only");
+        assert!(echo.policy.allows("alice") && !echo.policy.allows("bob"));
+        assert!(!c.relay.register);
+    }
+
+    fn error_of(text: &str, args: &[&str]) -> String {
+        Config::from_toml(text, Path::new("agent.toml"), &flags(args))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key_or_the_flag() {
+        let base = "[relay]\naccount = \"as1\"\npassword = \"pw\"\n";
+        let svc = "[[services]]\nname = \"echo\"\nbackend = \"builtin:echo\"\n";
+        let e = error_of(&format!("{base}[sip]\nlisten = \"nowhere\"\n{svc}"), &[]);
+        assert!(e.starts_with("agent.toml: key `sip.listen`"), "{e}");
+        let e = error_of(&format!("{base}{svc}[[services]]\nname = \"x\"\nbackend = \"ftp://a\"\n"), &[]);
+        assert!(e.contains("services[1].backend") && e.contains("expected builtin:echo"), "{e}");
+        let e = error_of(&format!("{base}{svc}[relay2]\n"), &[]);
+        assert!(e.contains("unknown field `relay2`"), "{e}");
+        let e = error_of(base, &[]);
+        assert!(e.contains("no services"), "{e}");
+        let e = error_of(&format!("{base}{svc}"), &["--relay", "sips:relay.test"]);
+        assert!(e.starts_with("--relay:") && e.contains("TLS"), "{e}");
+        let e = error_of(&format!("{base}{svc}"), &["--capacity", "0"]);
+        assert!(e.starts_with("--capacity:"), "{e}");
+        let e = error_of(&format!("{base}{svc}{svc}"), &[]);
+        assert!(e.contains("services[1].name") && e.contains("twice"), "{e}");
+        let e = error_of(&format!("{base}[sip]\nlisten = \"0.0.0.0:5080\"\n{svc}"), &[]);
+        assert!(e.contains("sip.advertise"), "{e}");
+        let e = error_of(&format!("{base}[billing]\nprice_per_block = 0\n{svc}"), &[]);
+        assert!(e.contains("billing.price_per_block"), "{e}");
+        let e = error_of(&format!("[relay]\naccount = \"as1\"\n{svc}"), &[]);
+        assert!(e.contains("no password"), "{e}");
+        let e = error_of(&format!("[relay]\npassword = \"pw\"\n{svc}"), &[]);
+        assert!(e.contains("no account"), "{e}");
+    }
+
+    #[test]
+    fn bad_flag_values_are_refused_by_the_parser() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["appsrv-agent"];
+            all.extend_from_slice(args);
+            Flags::try_parse_from(all).unwrap_err().to_string()
+        };
+        assert!(parse(&["--service", "echo"]).contains("NAME=BACKEND"));
+        assert!(parse(&["--service", "echo=builtin:nope"]).contains("unknown built-in"));
+        assert!(parse(&["--listen", "5080"]).contains("--listen"));
+        assert!(parse(&["--capacity", "many"]).contains("--capacity"));
+    }
+
+    #[test]
+    fn password_file_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("as1.pw"), "from-file\r\nignored\n").unwrap();
+        let file = dir.path().join("agent.toml");
+        let text = "[relay]\naccount = \"as1\"\npassword_file = \"as1.pw\"\n\
+                    [[services]]\nname = \"echo\"\nbackend = \"builtin:echo\"\n";
+        std::fs::write(&file, text).unwrap();
+        let c = Config::load(&flags(&["--config", file.to_str().unwrap()])).unwrap();
+        assert_eq!(c.relay.password.expose(), "from-file");
+    }
+
+    #[test]
+    fn policy_allow_and_deny() {
+        let p = Policy {
+            allow: vec!["*".into()],
+            deny: vec!["mallory".into()],
+        };
+        assert!(p.allows("alice"));
+        assert!(!p.allows("mallory"));
+        let only = Policy {
+            allow: vec!["bob".into()],
+            deny: vec![],
+        };
+        assert!(only.allows("bob") && !only.allows("alice"));
+    }
+}

@@ -1,0 +1,3 @@
+//! `appsrv-agent`: see the library documentation.
+
+fn main() {}

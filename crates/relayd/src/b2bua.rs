@@ -1,0 +1,285 @@
+//! Message construction for the back-to-back user agent: the inquiry INVITE of a server leg,
+//! responses relayed from one leg onto the other (SDP passed through untouched), and the
+//! relay's own Contact. No state lives here; [`crate::session`] decides what to send.
+
+use std::net::SocketAddr;
+
+use rsip::prelude::*;
+use rsip::{Header, Method, Request, Response};
+use sip_core::dialog::ViaSpec;
+use sip_core::{message, Transport};
+
+/// The relay's own addresses on one transport: what to write in Via and Contact.
+#[derive(Debug, Clone)]
+pub struct LocalAddr {
+    /// The transport.
+    pub transport: Transport,
+    /// The socket address we listen on.
+    pub addr: SocketAddr,
+}
+
+impl LocalAddr {
+    /// A Via spec for requests leaving on this transport.
+    pub fn via(&self) -> ViaSpec {
+        ViaSpec {
+            transport: self.transport,
+            sent_by: self.addr.to_string(),
+        }
+    }
+
+    /// The relay's Contact URI on this transport (RFC 3261 §8.1.1.8), where in-dialog
+    /// requests of the leg come back to.
+    pub fn contact_uri(&self) -> rsip::Uri {
+        let text = match self.transport {
+            Transport::Udp => format!("sip:relay@{}", self.addr),
+            t => format!("sip:relay@{};transport={}", self.addr, t.param_name()),
+        };
+        rsip::Uri::try_from(text.as_str()).unwrap_or_default()
+    }
+
+    /// The Contact header carrying [`LocalAddr::contact_uri`].
+    pub fn contact_header(&self) -> Header {
+        Header::Contact(rsip::headers::Contact::new(format!(
+            "<{}>",
+            self.contact_uri()
+        )))
+    }
+}
+
+/// The headers a relayed message keeps describing its body.
+fn body_headers(headers: &rsip::Headers) -> impl Iterator<Item = Header> + '_ {
+    headers.iter().filter_map(|h| match h {
+        Header::ContentType(_) | Header::ContentDisposition(_) | Header::ContentEncoding(_) => {
+            Some(h.clone())
+        }
+        Header::Other(name, _) if name.eq_ignore_ascii_case("Content-Language") => Some(h.clone()),
+        _ => None,
+    })
+}
+
+/// What the relay's inquiry to one application server says.
+#[derive(Debug, Clone)]
+pub struct Inquiry<'a> {
+    /// The service decided for the request.
+    pub service: &'a str,
+    /// Service parameters, written as Request-URI parameters.
+    pub params: &'a [(String, String)],
+    /// The authenticated subscriber.
+    pub subscriber: &'a str,
+    /// The relay's realm, the host of the asserted identity.
+    pub realm: &'a str,
+    /// The server's address, `host:port`, for the Request-URI and To.
+    pub server_hostport: &'a str,
+    /// The terminal's request whose body (the SDP offer) and Max-Forwards carry over.
+    pub terminal_request: &'a Request,
+    /// The relay's address on the server's transport.
+    pub local: &'a LocalAddr,
+}
+
+/// Builds the INVITE of a server leg (DESIGN.md "inquiry"): a new dialog of its own with the
+/// relay as UAC, `P-Asserted-Identity` and `P-Asserted-Service` set by the relay, and the
+/// terminal's SDP offer as body.
+pub fn inquiry_invite(inq: &Inquiry<'_>) -> Result<Request, rsip::Error> {
+    let mut ruri = format!("sip:{}@{}", inq.service, inq.server_hostport);
+    for (k, v) in inq.params {
+        if v.is_empty() {
+            ruri.push_str(&format!(";{k}"));
+        } else {
+            ruri.push_str(&format!(";{k}={v}"));
+        }
+    }
+    if inq.local.transport != Transport::Udp {
+        ruri.push_str(&format!(";transport={}", inq.local.transport.param_name()));
+    }
+    let uri = rsip::Uri::try_from(ruri.as_str())?;
+    let max_forwards = inq
+        .terminal_request
+        .headers
+        .iter()
+        .find_map(|h| match h {
+            Header::MaxForwards(m) => m.value().trim().parse::<u32>().ok(),
+            _ => None,
+        })
+        .unwrap_or(70)
+        .saturating_sub(1);
+    let mut headers = rsip::Headers::default();
+    headers.push(inq.local.via().header());
+    headers.push(Header::MaxForwards(rsip::headers::MaxForwards::new(
+        max_forwards.to_string(),
+    )));
+    headers.push(Header::From(rsip::headers::From::new(format!(
+        "<sip:{}@{}>;tag={}",
+        inq.subscriber,
+        inq.realm,
+        message::new_tag()
+    ))));
+    headers.push(Header::To(rsip::headers::To::new(format!(
+        "<sip:{}@{}>",
+        inq.service, inq.server_hostport
+    ))));
+    headers.push(Header::CallId(rsip::headers::CallId::new(
+        message::new_call_id(&inq.local.addr.ip().to_string()),
+    )));
+    headers.push(Header::CSeq(rsip::headers::CSeq::new("1 INVITE")));
+    headers.push(inq.local.contact_header());
+    headers.push(Header::Other(
+        "P-Asserted-Identity".into(),
+        format!("<sip:{}@{}>", inq.subscriber, inq.realm),
+    ));
+    headers.push(Header::Other(
+        "P-Asserted-Service".into(),
+        inq.service.to_string(),
+    ));
+    headers.push(Header::Allow(rsip::headers::Allow::new(
+        "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REFER, NOTIFY, INFO",
+    )));
+    for h in body_headers(&inq.terminal_request.headers) {
+        headers.push(h);
+    }
+    let body = inq.terminal_request.body.clone();
+    message::set_content_length(&mut headers, body.len());
+    Ok(Request {
+        method: Method::Invite,
+        uri,
+        version: rsip::Version::V2,
+        headers,
+        body,
+    })
+}
+
+/// Relays `resp` (from the other leg) as the answer to `req` on this leg: same status code and
+/// reason phrase, the body and its describing headers untouched, our To tag, and for 1xx/2xx
+/// to a dialog-creating request our Contact.
+pub fn relayed_response(
+    req: &Request,
+    resp: &Response,
+    to_tag: Option<&str>,
+    contact: Option<Header>,
+) -> Response {
+    let code = resp.status_code.code();
+    let reason = match &resp.status_code {
+        rsip::StatusCode::Other(_, reason) => Some(reason.as_str()),
+        _ => None,
+    };
+    let mut out = message::response_for(req, code, reason, to_tag);
+    out.headers
+        .retain(|h| !matches!(h, Header::ContentLength(_)));
+    if (100..300).contains(&code) && code > 100 {
+        if let Some(contact) = contact {
+            out.headers.push(contact);
+        }
+    }
+    for h in resp.headers.iter() {
+        match h {
+            Header::RetryAfter(_)
+            | Header::Warning(_)
+            | Header::Unsupported(_)
+            | Header::Require(_) => out.headers.push(h.clone()),
+            Header::Other(name, _) if name.eq_ignore_ascii_case("Reason") => {
+                out.headers.push(h.clone())
+            }
+            _ => {}
+        }
+    }
+    for h in body_headers(&resp.headers) {
+        out.headers.push(h);
+    }
+    out.body = resp.body.clone();
+    message::set_content_length(&mut out.headers, out.body.len());
+    out
+}
+
+/// A response of the relay's own to `req`, with a reason phrase and a To tag.
+pub fn local_response(req: &Request, code: u16, reason: &str, to_tag: Option<&str>) -> Response {
+    message::response_for(req, code, Some(reason), to_tag)
+}
+
+/// The headers describing a request's body, for relaying it in a new request.
+pub fn carried_body(req: &Request) -> (Vec<Header>, Vec<u8>) {
+    (body_headers(&req.headers).collect(), req.body.clone())
+}
+
+/// Extracts the value of an extension header (`Header::Other`) by name, ignoring case.
+pub fn other_header<'a>(headers: &'a rsip::Headers, name: &str) -> Option<&'a str> {
+    headers.iter().find_map(|h| match h {
+        Header::Other(n, v) if n.eq_ignore_ascii_case(name) => Some(v.as_str()),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn terminal_invite() -> Request {
+        let text = "INVITE sip:echo@relay.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n\
+                    Max-Forwards: 70\r\nFrom: <sip:alice@relay.test>;tag=1\r\nTo: <sip:echo@relay.test>\r\n\
+                    Call-ID: a@b\r\nCSeq: 2 INVITE\r\nContact: <sip:alice@127.0.0.1:5070>\r\n\
+                    Content-Type: application/sdp\r\nContent-Length: 5\r\n\r\nv=0\r\n";
+        match sip_core::wire::parse(text.as_bytes()).unwrap() {
+            rsip::SipMessage::Request(r) => r,
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn inquiry_asserts_identity_and_service_and_carries_the_offer() {
+        let local = LocalAddr {
+            transport: Transport::Udp,
+            addr: "127.0.0.1:5060".parse().unwrap(),
+        };
+        let req = terminal_invite();
+        let params = vec![("quality".to_string(), "hd".to_string())];
+        let inv = inquiry_invite(&Inquiry {
+            service: "echo",
+            params: &params,
+            subscriber: "alice",
+            realm: "relay.test",
+            server_hostport: "127.0.0.1:5080",
+            terminal_request: &req,
+            local: &local,
+        })
+        .unwrap();
+        let text = String::from_utf8(message::to_bytes(inv.clone()).to_vec()).unwrap();
+        assert!(
+            text.starts_with("INVITE sip:echo@127.0.0.1:5080;quality=hd SIP/2.0\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("P-Asserted-Identity: <sip:alice@relay.test>\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("P-Asserted-Service: echo\r\n"), "{text}");
+        assert!(text.contains("Max-Forwards: 69\r\n"), "{text}");
+        assert!(text.contains("Content-Type: application/sdp\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nv=0\r\n"), "{text}");
+        // A leg of its own: not the terminal's Call-ID.
+        assert!(!text.contains("Call-ID: a@b"));
+    }
+
+    #[test]
+    fn relayed_response_keeps_code_reason_and_body() {
+        let req = terminal_invite();
+        let resp = match sip_core::wire::parse(
+            b"SIP/2.0 486 Busy Right Now\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKx\r\nFrom: <sip:a@b>;tag=x\r\n\
+              To: <sip:c@d>;tag=y\r\nCall-ID: other\r\nCSeq: 1 INVITE\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nhi",
+        )
+        .unwrap()
+        {
+            rsip::SipMessage::Response(r) => r,
+            _ => panic!(),
+        };
+        let out = relayed_response(&req, &resp, Some("t1"), None);
+        let text = String::from_utf8(message::to_bytes(out).to_vec()).unwrap();
+        assert!(text.starts_with("SIP/2.0 486 Busy Right Now\r\n"), "{text}");
+        assert!(text.contains("Call-ID: a@b\r\n"));
+        assert!(text.contains("CSeq: 2 INVITE\r\n"));
+        assert!(
+            text.contains("To: <sip:echo@relay.test>;tag=t1\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("Content-Type: text/plain\r\n"));
+        assert!(text.ends_with("\r\n\r\nhi"));
+    }
+}

@@ -1,0 +1,209 @@
+//! Between the sessions and the `billing` crate: journals a session when it is confirmed,
+//! keeps its last-seen time fresh while it lives, writes its record when it ends, records
+//! application charges, and runs crash recovery at start-up.
+//!
+//! Every write goes through the group-committing writer thread, so the signalling tasks never
+//! block on the disk; each call resolves only once its transaction is committed, which is
+//! what lets a session answer a BYE only after its record is durable.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use billing::record::{ChargeRecord, EndCause, SessionRecord};
+use billing::sqlite::SqliteStore;
+use billing::store::{CloseSession, NewCharge, OpenSession, TouchSessions};
+use billing::tariff::TariffTable;
+use billing::writer::{Writer, WriterHandle};
+use tracing::{info, warn};
+
+/// Milliseconds since the Unix epoch, the time unit of billing records.
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// What a session tells billing when it is confirmed.
+#[derive(Debug, Clone)]
+pub struct SessionStart {
+    /// The relay's session id.
+    pub session_id: String,
+    /// The terminal leg's Call-ID.
+    pub call_id: String,
+    /// The authenticated subscriber.
+    pub subscriber: String,
+    /// The service delivered.
+    pub service: String,
+    /// The application server delivering it (its URI).
+    pub server: String,
+    /// The tariff plan decided for this request.
+    pub plan: String,
+    /// When the terminal confirmed (its ACK), wall-clock time.
+    pub confirmed_at: SystemTime,
+}
+
+const LIVE_SHARDS: usize = 16;
+
+/// The relay's billing control. Shared by every session task.
+pub struct BillingControl {
+    writer: WriterHandle,
+    tariffs: TariffTable,
+    live: Vec<Mutex<HashSet<String>>>,
+    path: PathBuf,
+}
+
+impl BillingControl {
+    /// Opens (creating if needed) the SQLite store in `data_dir` and starts its writer. The
+    /// returned [`Writer`] must be kept and shut down when the relay stops.
+    pub fn open(data_dir: &Path, tariffs: TariffTable) -> anyhow::Result<(BillingControl, Writer)> {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        let path = data_dir.join("billing.db");
+        let store = SqliteStore::open(&path)
+            .with_context(|| format!("opening the billing store {}", path.display()))?;
+        let writer = Writer::spawn(store).context("starting the billing writer")?;
+        let control = BillingControl {
+            writer: writer.handle(),
+            tariffs,
+            live: (0..LIVE_SHARDS)
+                .map(|_| Mutex::new(HashSet::new()))
+                .collect(),
+            path,
+        };
+        Ok((control, writer))
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn shard(&self, id: &str) -> &Mutex<HashSet<String>> {
+        let h = id
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        &self.live[h % LIVE_SHARDS]
+    }
+
+    /// Closes every session a crash left open (cause `recovered-after-restart`), once.
+    pub async fn recover(&self) -> anyhow::Result<Vec<SessionRecord>> {
+        let records = self
+            .writer
+            .recover(unix_ms(SystemTime::now()))
+            .await
+            .context("recovering sessions left open by the last run")?;
+        for r in &records {
+            info!(session_id = %r.session_id, call_id = %r.call_id, duration_ms = r.duration_ms, "closed a session left open by the last run");
+        }
+        Ok(records)
+    }
+
+    /// Journals a confirmed session; resolves once committed.
+    pub async fn session_confirmed(&self, start: SessionStart) -> anyhow::Result<()> {
+        let tariff = self
+            .tariffs
+            .lookup(&start.service, &start.plan)
+            .with_context(|| {
+                format!(
+                    "no tariff for service {} plan {}",
+                    start.service, start.plan
+                )
+            })?
+            .clone();
+        let id = start.session_id.clone();
+        self.writer
+            .open_session(OpenSession {
+                session_id: start.session_id,
+                call_id: start.call_id,
+                subscriber: start.subscriber,
+                service: start.service,
+                server: start.server,
+                plan: start.plan,
+                tariff,
+                confirmed_at_ms: unix_ms(start.confirmed_at),
+            })
+            .await
+            .with_context(|| format!("journaling session {id}"))?;
+        self.shard(&id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id);
+        Ok(())
+    }
+
+    /// Ends a session: its record is committed when this resolves.
+    pub async fn session_ended(
+        &self,
+        session_id: &str,
+        cause: EndCause,
+        ended_at: SystemTime,
+    ) -> anyhow::Result<SessionRecord> {
+        self.shard(session_id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session_id);
+        self.writer
+            .close_session(CloseSession {
+                session_id: session_id.to_string(),
+                ended_at_ms: unix_ms(ended_at),
+                cause,
+            })
+            .await
+            .with_context(|| format!("closing session {session_id}"))
+    }
+
+    /// Records an application charge; `true` in the result when the event id was already
+    /// charged (nothing new stored).
+    pub async fn charge(
+        &self,
+        charge: NewCharge,
+    ) -> Result<(ChargeRecord, bool), billing::BillingError> {
+        self.writer.record_charge(charge).await
+    }
+
+    /// How many sessions are live (journaled and not yet closed).
+    pub fn live_sessions(&self) -> usize {
+        self.live
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    /// Refreshes the last-seen time of every live session in one batch.
+    pub async fn touch_live(&self) {
+        let ids: Vec<String> = self
+            .live
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let touch = TouchSessions {
+            session_ids: ids,
+            seen_at_ms: unix_ms(SystemTime::now()),
+        };
+        if let Err(e) = self.writer.touch_sessions(touch).await {
+            warn!(error = %e, "refreshing last-seen times of live sessions failed");
+        }
+    }
+
+    /// Runs [`BillingControl::touch_live`] every `every` until the relay stops.
+    pub async fn touch_loop(self: std::sync::Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.touch_live().await;
+        }
+    }
+}

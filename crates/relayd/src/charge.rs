@@ -1,0 +1,348 @@
+//! Application billing (claim 4): an application-server account asks the relay to charge a
+//! subscriber with `MESSAGE` and a body of type `application/vnd.relay.charge+json`
+//! (docs/protocol.md). Out of dialog the account authenticates with digest (407); in dialog
+//! the leg the relay itself set up with that server vouches for it.
+//!
+//! The charge record is committed before the 200; the same event id again is answered 200
+//! and stored once. A malformed body, a missing field or an amount beyond the per-event limit
+//! gets 400 with a reason; a session the server does not serve, or a subscriber it never
+//! served, gets 403.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use billing::money::{Currency, Money};
+use billing::store::{ChargeAmount, NewCharge};
+use rsip::prelude::*;
+use rsip::Header;
+use serde::Deserialize;
+use sip_core::endpoint::IncomingRequest;
+use sip_core::message;
+use tracing::{info, warn};
+
+use crate::b2bua;
+use crate::billing_control::unix_ms;
+use crate::relay::Relay;
+
+/// The content type of a charge request.
+pub const CHARGE_CONTENT_TYPE: &str = "application/vnd.relay.charge+json";
+
+/// A live session as charging sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedSession {
+    /// The relay's session id.
+    pub session_id: String,
+    /// The subscriber it delivers to.
+    pub subscriber: String,
+    /// The service delivered.
+    pub service: String,
+    /// The application server's URI (as in the directory).
+    pub server: String,
+    /// The server leg's Call-ID.
+    pub server_call_id: String,
+    /// The terminal leg's Call-ID.
+    pub terminal_call_id: String,
+}
+
+#[derive(Default)]
+struct ServedInner {
+    by_key: HashMap<String, ServedSession>,
+    /// (server URI, subscriber) pairs ever served since start-up, for charges outside a
+    /// session.
+    history: HashSet<(String, String)>,
+}
+
+/// Which server serves which live session, and which subscribers each server has served.
+#[derive(Default)]
+pub struct ServedIndex {
+    inner: Mutex<ServedInner>,
+}
+
+impl ServedIndex {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ServedInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a confirmed session, findable by its id and both Call-IDs.
+    pub fn insert(&self, s: ServedSession) {
+        let mut inner = self.lock();
+        inner
+            .history
+            .insert((s.server.clone(), s.subscriber.clone()));
+        for key in [
+            s.session_id.clone(),
+            s.server_call_id.clone(),
+            s.terminal_call_id.clone(),
+        ] {
+            inner.by_key.insert(key, s.clone());
+        }
+    }
+
+    /// Forgets a session that ended (its history entry stays).
+    pub fn remove(&self, session_id: &str) {
+        let mut inner = self.lock();
+        if let Some(s) = inner.by_key.get(session_id).cloned() {
+            for key in [s.session_id, s.server_call_id, s.terminal_call_id] {
+                inner.by_key.remove(&key);
+            }
+        }
+    }
+
+    /// The live session with this id or Call-ID.
+    pub fn find(&self, key: &str) -> Option<ServedSession> {
+        self.lock().by_key.get(key).cloned()
+    }
+
+    /// Whether `server` has ever delivered a session to `subscriber`.
+    pub fn has_served(&self, server: &str, subscriber: &str) -> bool {
+        self.lock()
+            .history
+            .contains(&(server.to_string(), subscriber.to_string()))
+    }
+}
+
+/// The JSON body of a charge request (docs/protocol.md).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChargeBody {
+    event_id: String,
+    #[serde(default)]
+    call_id: Option<String>,
+    #[serde(default)]
+    session_id: Option<String>,
+    #[serde(default)]
+    subscriber: Option<String>,
+    #[serde(default)]
+    amount: Option<i64>,
+    #[serde(default)]
+    units: Option<i64>,
+    #[serde(default)]
+    unit_price: Option<i64>,
+    #[serde(default)]
+    currency: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+/// A refusal: status and reason phrase.
+type Refusal = (u16, String);
+
+fn bad(reason: impl Into<String>) -> Refusal {
+    (400, reason.into())
+}
+
+/// Handles an out-of-dialog charge request: digest-authenticated as an application-server
+/// account.
+pub async fn handle(relay: Arc<Relay>, r: IncomingRequest) {
+    if !relay.is_ours(&r.req.uri) {
+        answer(&r, 404, "Not Found");
+        return;
+    }
+    let Some(account) = relay_authenticate(&relay, &r) else {
+        return;
+    };
+    if relay.config.server_account(&account).is_none() {
+        answer(&r, 403, "Not an application-server account");
+        return;
+    }
+    let servers: Vec<String> = account_servers(&relay, &account);
+    process(&relay, &r, &account, &servers, None).await;
+}
+
+/// Handles a charge request that arrived on a server leg of `served` (the leg itself
+/// authenticates the server).
+pub async fn handle_in_dialog(relay: Arc<Relay>, r: IncomingRequest, served: ServedSession) {
+    let servers = vec![served.server.clone()];
+    let server = served.server.clone();
+    process(&relay, &r, &server, &servers, Some(served)).await;
+}
+
+/// Whether a request is a charge request (by its Content-Type).
+pub fn is_charge(req: &rsip::Request) -> bool {
+    req.headers.iter().any(|h| match h {
+        Header::ContentType(c) => c
+            .value()
+            .trim()
+            .to_ascii_lowercase()
+            .starts_with(CHARGE_CONTENT_TYPE),
+        _ => false,
+    })
+}
+
+fn relay_authenticate(relay: &Relay, r: &IncomingRequest) -> Option<String> {
+    relay.authenticate_request(r)
+}
+
+/// The server URIs an account stands for: its registered bindings and the static servers
+/// configured with that account.
+fn account_servers(relay: &Relay, account: &str) -> Vec<String> {
+    let mut out: Vec<String> = relay
+        .registrar
+        .bindings(account, std::time::Instant::now())
+        .into_iter()
+        .map(|b| b.uri_text)
+        .collect();
+    for s in &relay.config.servers {
+        if s.account.as_deref() == Some(account) {
+            out.push(s.uri.clone());
+        }
+    }
+    out
+}
+
+fn same_server(a: &str, b: &str) -> bool {
+    let host = |u: &str| -> String {
+        rsip::Uri::try_from(u)
+            .map(|u| {
+                let port = u.host_with_port.port.map(|p| *p.value()).unwrap_or(5060);
+                format!("{}:{port}", u.host_with_port.host)
+            })
+            .unwrap_or_else(|_| u.to_string())
+    };
+    host(a) == host(b)
+}
+
+async fn process(
+    relay: &Relay,
+    r: &IncomingRequest,
+    account: &str,
+    servers: &[String],
+    in_dialog: Option<ServedSession>,
+) {
+    match charge(relay, r, account, servers, in_dialog).await {
+        Ok(()) => answer(r, 200, "OK"),
+        Err((code, reason)) => {
+            info!(account, code, reason = %reason, "charge refused");
+            answer(r, code, &reason);
+        }
+    }
+}
+
+async fn charge(
+    relay: &Relay,
+    r: &IncomingRequest,
+    account: &str,
+    servers: &[String],
+    in_dialog: Option<ServedSession>,
+) -> Result<(), Refusal> {
+    if !is_charge(&r.req) {
+        return Err((
+            415,
+            format!("Unsupported Media Type (expected {CHARGE_CONTENT_TYPE})"),
+        ));
+    }
+    let body: ChargeBody =
+        serde_json::from_slice(&r.req.body).map_err(|e| bad(format!("Malformed charge: {e}")))?;
+    if body.event_id.trim().is_empty() {
+        return Err(bad("Malformed charge: empty event_id"));
+    }
+    let limits = &relay.config.billing;
+    let currency_code = body
+        .currency
+        .clone()
+        .unwrap_or_else(|| limits.currency.clone());
+    let currency = Currency::new(&currency_code).map_err(|e| bad(format!("Bad currency: {e}")))?;
+    let amount = match (body.amount, body.units, body.unit_price) {
+        (Some(a), None, None) => {
+            if a < 0 {
+                return Err(bad("Negative amount"));
+            }
+            ChargeAmount::Total(Money::new(a, currency))
+        }
+        (None, Some(units), Some(price)) => {
+            if units < 0 || price < 0 {
+                return Err(bad("Negative units or unit price"));
+            }
+            ChargeAmount::Units {
+                units,
+                unit_price: Money::new(price, currency),
+            }
+        }
+        _ => {
+            return Err(bad(
+                "Malformed charge: give amount, or units and unit_price",
+            ))
+        }
+    };
+    let total = match amount {
+        ChargeAmount::Total(m) => Some(m.minor),
+        ChargeAmount::Units { units, unit_price } => units.checked_mul(unit_price.minor),
+    };
+    match total {
+        Some(t) if t <= limits.max_charge => {}
+        _ => {
+            return Err(bad(format!(
+                "Amount over the per-event limit of {}",
+                limits.max_charge
+            )))
+        }
+    }
+    // Whom to charge, and is this server entitled to?
+    let session = match (&in_dialog, &body.session_id, &body.call_id) {
+        (Some(s), _, _) => Some(s.clone()),
+        (None, Some(key), _) | (None, None, Some(key)) => match relay.served.find(key) {
+            Some(s) if servers.iter().any(|srv| same_server(srv, &s.server)) => Some(s),
+            _ => return Err((403, "Session not served by this server".into())),
+        },
+        (None, None, None) => None,
+    };
+    let (subscriber, service, session_id, server) = match session {
+        Some(s) => {
+            if body
+                .subscriber
+                .as_deref()
+                .is_some_and(|sub| sub != s.subscriber)
+            {
+                return Err(bad("Subscriber does not match the session"));
+            }
+            (s.subscriber, Some(s.service), Some(s.session_id), s.server)
+        }
+        None => {
+            let Some(subscriber) = body.subscriber.clone() else {
+                return Err(bad(
+                    "Malformed charge: missing session_id, call_id or subscriber",
+                ));
+            };
+            let Some(server) = servers
+                .iter()
+                .find(|srv| relay.served.has_served(srv, &subscriber))
+                .cloned()
+            else {
+                return Err((403, "Subscriber never served by this server".into()));
+            };
+            (subscriber, None, None, server)
+        }
+    };
+    let new = NewCharge {
+        session_id,
+        server: format!("{account} {server}").trim().to_string(),
+        subscriber,
+        service,
+        event_id: body.event_id,
+        amount,
+        description: body.description.unwrap_or_default(),
+        charged_at_ms: unix_ms(SystemTime::now()),
+    };
+    match relay.billing.charge(new).await {
+        Ok((record, duplicate)) => {
+            info!(event_id = %record.event_id, duplicate, "charge recorded");
+            Ok(())
+        }
+        Err(e) => {
+            warn!(error = %e, "charge not recorded");
+            match e {
+                billing::BillingError::InvalidInput { .. }
+                | billing::BillingError::NegativeAmount { .. }
+                | billing::BillingError::Money(_) => Err(bad(format!("Invalid charge: {e}"))),
+                _ => Err((500, "Billing unavailable".into())),
+            }
+        }
+    }
+}
+
+fn answer(r: &IncomingRequest, code: u16, reason: &str) {
+    let tag = message::new_tag();
+    let _ =
+        r.tx.respond(b2bua::local_response(&r.req, code, reason, Some(&tag)));
+}

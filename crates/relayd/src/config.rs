@@ -1,0 +1,1743 @@
+//! The relay's configuration: one TOML file (`relayd --config FILE`), every key with a
+//! default, so that `relayd` with no file at all listens on UDP and TCP 127.0.0.1:5060 and
+//! keeps its data in `./relayd-data`.
+//!
+//! Loading is two passes. The first reads the file into typed structures and refuses
+//! unknown keys and wrong types, naming the file, the key path and what was expected
+//! (`relayd.toml: key `listen.udp`: expected a socket address like 127.0.0.1:5060, got
+//! "nowhere" (line 3, column 7)`). The second, [`Config::validate`], checks what types
+//! cannot: references between sections (a rule naming an unknown service or plan), regular
+//! expressions, duplicate names, credentials; it reports every problem, each with its key.
+//!
+//! Paths: `storage.data_dir` is taken relative to the working directory (like any daemon's
+//! data path); `users_file` relative to the directory of the configuration file, since it
+//! is its companion.
+//!
+//! `examples/relayd.toml` is the annotated reference of every section.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::io;
+use std::marker::PhantomData;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+use crate::directory::{Directory, DirectoryError, HealthPolicy, Strategy};
+use crate::registrar::{IpNet, Registrar, RegistrarPolicy};
+use crate::rules::{is_token, RuleConfig, RuleErrors, RuleSet};
+
+/// The default listening address, UDP and TCP.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 5060));
+
+/// The name given to a configuration that was not read from a file.
+const BUILT_IN: &str = "(built-in defaults)";
+
+/// One problem found by [`Config::validate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The key path at fault (`users[1].plan`), with the file it is in when that is not the
+    /// configuration file itself.
+    pub key: String,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key `{}`: {}", self.key, self.message)
+    }
+}
+
+/// Why a configuration was refused. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read: {source}", file.display())]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The file is not valid TOML, or a key is unknown or of the wrong type.
+    #[error("{}: {}", file.display(), describe(key.as_deref(), message, *position))]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// The key path, when the problem is at a key.
+        key: Option<String>,
+        /// What is wrong and what was expected.
+        message: String,
+        /// Line and column (from 1) in the file, when known.
+        position: Option<(usize, usize)>,
+    },
+    /// The file reads well but its content does not hold together.
+    #[error("{}", problems.iter().map(|p| format!("{}: {p}", file.display())).collect::<Vec<_>>().join("\n"))]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// Every problem found.
+        problems: Vec<Problem>,
+    },
+}
+
+fn describe(key: Option<&str>, message: &str, position: Option<(usize, usize)>) -> String {
+    let mut out = String::new();
+    if let Some(key) = key {
+        out.push_str(&format!("key `{key}`: "));
+    }
+    out.push_str(message);
+    if let Some((line, column)) = position {
+        out.push_str(&format!(" (line {line}, column {column})"));
+    }
+    out
+}
+
+fn position(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Deserializes `T` from TOML `text`, mapping errors to [`ConfigError::Parse`] with the key
+/// path and position.
+fn parse_toml<T: de::DeserializeOwned>(text: &str, file: &Path) -> Result<T, ConfigError> {
+    let deserializer = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        ConfigError::Parse {
+            file: file.to_path_buf(),
+            key: (path != ".").then_some(path),
+            message: inner.message().trim().to_owned(),
+            position: inner.span().map(|span| position(text, span.start)),
+        }
+    })
+}
+
+/// A value read from a configuration string: what it expects, and how to parse it.
+trait ConfigStr: Sized {
+    const EXPECTED: &'static str;
+    fn parse_config(s: &str) -> Option<Self>;
+}
+
+impl ConfigStr for SocketAddr {
+    const EXPECTED: &'static str = "a socket address like 127.0.0.1:5060";
+    fn parse_config(s: &str) -> Option<Self> {
+        s.trim().parse().ok()
+    }
+}
+
+impl ConfigStr for IpNet {
+    const EXPECTED: &'static str = "a network like 127.0.0.0/8";
+    fn parse_config(s: &str) -> Option<Self> {
+        s.parse().ok()
+    }
+}
+
+impl ConfigStr for UtcOffset {
+    const EXPECTED: &'static str = "a UTC offset like +01:00";
+    fn parse_config(s: &str) -> Option<Self> {
+        s.parse().ok()
+    }
+}
+
+struct StrVisitor<T>(PhantomData<T>);
+
+fn got<E: de::Error>(expected: &str, what: impl fmt::Display) -> E {
+    E::custom(format!("expected {expected}, got {what}"))
+}
+
+impl<'de, T: ConfigStr> Visitor<'de> for StrVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(T::EXPECTED)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        T::parse_config(v).ok_or_else(|| got(T::EXPECTED, format_args!("{v:?}")))
+    }
+
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+        Err(got(T::EXPECTED, format_args!("the number {v}")))
+    }
+
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+        Err(got(T::EXPECTED, format_args!("the number {v}")))
+    }
+
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+        Err(got(T::EXPECTED, format_args!("the number {v}")))
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<T, E> {
+        Err(got(T::EXPECTED, format_args!("{v}")))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+        Err(got(T::EXPECTED, "a list"))
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<T, A::Error> {
+        Err(got(T::EXPECTED, "a table"))
+    }
+}
+
+/// One element of a list of [`ConfigStr`] values.
+struct Item<T>(T);
+
+impl<'de, T: ConfigStr> Deserialize<'de> for Item<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_any(StrVisitor::<T>(PhantomData))
+            .map(Item)
+    }
+}
+
+/// Accepts one value (`"127.0.0.1:5060"`) or a list of them.
+fn one_or_many<'de, D: Deserializer<'de>, T: ConfigStr>(
+    deserializer: D,
+) -> Result<Vec<T>, D::Error> {
+    struct ListVisitor<T>(PhantomData<T>);
+    impl<'de, T: ConfigStr> Visitor<'de> for ListVisitor<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "{} or a list of them", T::EXPECTED)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<T>, E> {
+            StrVisitor::<T>(PhantomData)
+                .visit_str(v)
+                .map(|one| vec![one])
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(Item(one)) = seq.next_element::<Item<T>>()? {
+                out.push(one);
+            }
+            Ok(out)
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Vec<T>, E> {
+            Err(got(T::EXPECTED, format_args!("the number {v}")))
+        }
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Vec<T>, E> {
+            Err(got(T::EXPECTED, format_args!("{v}")))
+        }
+        fn visit_map<A: de::MapAccess<'de>>(self, _: A) -> Result<Vec<T>, A::Error> {
+            Err(got(T::EXPECTED, "a table"))
+        }
+    }
+    deserializer.deserialize_any(ListVisitor::<T>(PhantomData))
+}
+
+fn one<'de, D: Deserializer<'de>, T: ConfigStr>(deserializer: D) -> Result<T, D::Error> {
+    deserializer.deserialize_any(StrVisitor::<T>(PhantomData))
+}
+
+/// A fixed offset from UTC, for the time-of-day conditions of rules.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UtcOffset(pub i32);
+
+/// An offset not written `+HH:MM`, `-HH:MM` or `Z`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected a UTC offset like +01:00, got {0:?}")]
+pub struct BadUtcOffset(pub String);
+
+impl FromStr for UtcOffset {
+    type Err = BadUtcOffset;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadUtcOffset(s.to_owned());
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("z") || t.eq_ignore_ascii_case("utc") {
+            return Ok(UtcOffset(0));
+        }
+        let (sign, rest) = match t.as_bytes().first() {
+            Some(b'+') => (1, &t[1..]),
+            Some(b'-') => (-1, &t[1..]),
+            _ => return Err(bad()),
+        };
+        let (h, m) = rest.split_once(':').ok_or_else(bad)?;
+        if h.len() != 2 || m.len() != 2 {
+            return Err(bad());
+        }
+        let h: i32 = h.parse().map_err(|_| bad())?;
+        let m: i32 = m.parse().map_err(|_| bad())?;
+        if h > 18 || m > 59 {
+            return Err(bad());
+        }
+        Ok(UtcOffset(sign * (h * 3600 + m * 60)))
+    }
+}
+
+impl fmt::Display for UtcOffset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sign = if self.0 < 0 { '-' } else { '+' };
+        let abs = self.0.unsigned_abs();
+        write!(f, "{sign}{:02}:{:02}", abs / 3600, abs % 3600 / 60)
+    }
+}
+
+/// `[listen]`: where the relay takes SIP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [listen] table")]
+pub struct ListenConfig {
+    /// UDP addresses (one or a list; an empty list turns UDP off).
+    #[serde(deserialize_with = "one_or_many")]
+    pub udp: Vec<SocketAddr>,
+    /// TCP addresses (one or a list; an empty list turns TCP off).
+    #[serde(deserialize_with = "one_or_many")]
+    pub tcp: Vec<SocketAddr>,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            udp: vec![DEFAULT_LISTEN],
+            tcp: vec![DEFAULT_LISTEN],
+        }
+    }
+}
+
+/// `[relay]`: who the relay is.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [relay] table")]
+pub struct RelayConfig {
+    /// The digest authentication realm (RFC 3261 §22), also the relay's domain.
+    pub realm: String,
+    /// The offset of the local time that rules' `time` ranges are written in.
+    #[serde(deserialize_with = "one")]
+    pub utc_offset: UtcOffset,
+    /// Other host names that address the relay itself (besides the realm and its listen
+    /// addresses), e.g. `relay.example.net`.
+    pub domains: Vec<String>,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            realm: "localhost".into(),
+            utc_offset: UtcOffset(0),
+            domains: Vec::new(),
+        }
+    }
+}
+
+/// `[auth]`: digest authentication limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "an [auth] table")]
+pub struct AuthConfig {
+    /// How long a nonce stays valid, in seconds; after that the client is challenged with
+    /// `stale=true`.
+    pub nonce_ttl_secs: u32,
+    /// Failed attempts per user name before the relay answers 403 instead of challenging.
+    pub max_failures: u32,
+    /// How long a user name stays refused after too many failures, in seconds.
+    pub lockout_secs: u32,
+    /// The digest algorithms challenged with, one challenge each, in this order (RFC 8760
+    /// §2.4): any of "MD5", "SHA-256", "MD5-sess", "SHA-256-sess". MD5 comes first by
+    /// default because some deployed user agents (sipp 3.6 among them) answer only the
+    /// first challenge and know only MD5; clients that prefer SHA-256 (sip-client) pick it
+    /// from the second challenge. Put "SHA-256" first where every client can do it.
+    pub algorithms: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            nonce_ttl_secs: 300,
+            max_failures: 5,
+            lockout_secs: 60,
+            algorithms: vec!["MD5".into(), "SHA-256".into()],
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The configured algorithms, or the name that is not one.
+    pub fn digest_algorithms(&self) -> Result<Vec<sip_core::digest::Algorithm>, String> {
+        self.algorithms
+            .iter()
+            .map(|name| sip_core::digest::Algorithm::from_name(name).ok_or_else(|| name.clone()))
+            .collect()
+    }
+}
+
+/// `[session]`: timing of inquiries and liveness of established sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [session] table")]
+pub struct SessionConfig {
+    /// How long a server may take to answer an inquiry at all before the next candidate is
+    /// tried, in milliseconds.
+    pub inquiry_timeout_ms: u64,
+    /// How long a server may ring before the inquiry gives up on it, in seconds.
+    pub answer_timeout_secs: u32,
+    /// Seconds between in-dialog OPTIONS probes of both legs of a session; 0 disables.
+    pub probe_interval_secs: u32,
+    /// How long a forked inquiry waits for the servers' answers, in seconds.
+    pub fork_timeout_secs: u32,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            inquiry_timeout_ms: 4000,
+            answer_timeout_secs: 120,
+            probe_interval_secs: 30,
+            fork_timeout_secs: 30,
+        }
+    }
+}
+
+/// `[billing]`: application billing limits and the journal refresh.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [billing] table")]
+pub struct BillingConfig {
+    /// The currency of charge requests that name none.
+    pub currency: String,
+    /// The largest amount one charge event may carry, in minor units.
+    pub max_charge: i64,
+    /// Seconds between refreshes of live sessions' last-seen time in the journal.
+    pub touch_interval_secs: u32,
+}
+
+impl Default for BillingConfig {
+    fn default() -> Self {
+        BillingConfig {
+            currency: "EUR".into(),
+            max_charge: 100_000,
+            touch_interval_secs: 10,
+        }
+    }
+}
+
+/// `[storage]`: where durable data lives.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [storage] table")]
+pub struct StorageConfig {
+    /// The data directory (billing store, session journal), relative to the working
+    /// directory.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: PathBuf::from("./relayd-data"),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`: what is logged and how. `RUST_LOG` overrides `level`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [log] table")]
+pub struct LogConfig {
+    /// A tracing filter: `info`, `debug`, `relayd=debug,sip_core=info`…
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// `[registrar]`: registration policy (see [`crate::registrar`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [registrar] table")]
+pub struct RegistrarConfig {
+    /// Shortest registration accepted, seconds (shorter: 423 with Min-Expires).
+    pub min_expires: u32,
+    /// Longest registration granted, seconds (longer ones are shortened).
+    pub max_expires: u32,
+    /// Registration time when the REGISTER gives none, seconds.
+    pub default_expires: u32,
+    /// Most Contacts bound to one user at once.
+    pub max_bindings_per_user: usize,
+    /// Networks Contact addresses must be in; empty allows every address.
+    #[serde(deserialize_with = "one_or_many")]
+    pub allowed_contact_nets: Vec<IpNet>,
+    /// Number of lock shards of the binding table.
+    pub shards: usize,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> Self {
+        let policy = RegistrarPolicy::default();
+        RegistrarConfig {
+            min_expires: policy.min_expires,
+            max_expires: policy.max_expires,
+            default_expires: policy.default_expires,
+            max_bindings_per_user: policy.max_bindings_per_user,
+            allowed_contact_nets: policy.allowed_contact_nets,
+            shards: 16,
+        }
+    }
+}
+
+/// `[directory]`: health probing of application servers (see [`crate::directory`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [directory] table")]
+pub struct DirectoryConfig {
+    /// Seconds between two OPTIONS probes of a server.
+    pub probe_interval_secs: u32,
+    /// Missed probes in a row that take a server out.
+    pub failure_threshold: u32,
+    /// Answered probes in a row that put it back.
+    pub recovery_threshold: u32,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        let policy = HealthPolicy::default();
+        DirectoryConfig {
+            probe_interval_secs: u32::try_from(policy.probe_interval.as_secs()).unwrap_or(30),
+            failure_threshold: policy.failure_threshold,
+            recovery_threshold: policy.recovery_threshold,
+        }
+    }
+}
+
+/// How an account proves who it is: a plain password (for demos), or the digest HA1 hashes
+/// (RFC 7616 §3.4.2: `H(user:realm:password)`), which is what operators should store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secret<'a> {
+    /// The password itself; the relay computes the hashes at start-up.
+    Password(&'a str),
+    /// Hex HA1 hashes; either may be missing, and only the algorithms present are offered.
+    Ha1 {
+        /// MD5 HA1, 32 hex digits.
+        md5: Option<&'a str>,
+        /// SHA-256 HA1, 64 hex digits.
+        sha256: Option<&'a str>,
+    },
+}
+
+fn redact(value: &Option<String>) -> Option<&'static str> {
+    value.as_ref().map(|_| "<redacted>")
+}
+
+/// A `[[users]]` entry: a subscriber.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [[users]] entry")]
+pub struct UserConfig {
+    /// The user name (the user part of the address of record, the digest username).
+    pub name: String,
+    /// The plain password (demos only: prefer the HA1 hashes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// The MD5 HA1 hash, hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ha1_md5: Option<String>,
+    /// The SHA-256 HA1 hash, hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ha1_sha256: Option<String>,
+    /// The tariff plan.
+    pub plan: String,
+    /// The subscriber class (rules may override it per request).
+    pub class: String,
+    /// The services subscribed to; `"*"` for every service.
+    pub services: Vec<String>,
+}
+
+impl Default for UserConfig {
+    fn default() -> Self {
+        UserConfig {
+            name: String::new(),
+            password: None,
+            ha1_md5: None,
+            ha1_sha256: None,
+            plan: String::new(),
+            class: "standard".into(),
+            services: Vec::new(),
+        }
+    }
+}
+
+impl fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("name", &self.name)
+            .field("password", &redact(&self.password))
+            .field("ha1_md5", &redact(&self.ha1_md5))
+            .field("ha1_sha256", &redact(&self.ha1_sha256))
+            .field("plan", &self.plan)
+            .field("class", &self.class)
+            .field("services", &self.services)
+            .finish()
+    }
+}
+
+impl UserConfig {
+    /// The user's secret.
+    pub fn secret(&self) -> Secret<'_> {
+        secret(&self.password, &self.ha1_md5, &self.ha1_sha256)
+    }
+
+    /// Whether the user subscribes to `service`.
+    pub fn subscribes_to(&self, service: &str) -> bool {
+        self.services.iter().any(|s| s == "*" || s == service)
+    }
+}
+
+fn secret<'a>(
+    password: &'a Option<String>,
+    md5: &'a Option<String>,
+    sha256: &'a Option<String>,
+) -> Secret<'a> {
+    match password {
+        Some(password) => Secret::Password(password),
+        None => Secret::Ha1 {
+            md5: md5.as_deref(),
+            sha256: sha256.as_deref(),
+        },
+    }
+}
+
+/// A `[[server_accounts]]` entry: an application-server account, which registers servers
+/// and their services (see [`crate::registrar`]) and may send charge requests.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    default,
+    expecting = "a [[server_accounts]] entry"
+)]
+pub struct AccountConfig {
+    /// The account name (digest username).
+    pub name: String,
+    /// The plain password (demos only).
+    pub password: Option<String>,
+    /// The MD5 HA1 hash, hex.
+    pub ha1_md5: Option<String>,
+    /// The SHA-256 HA1 hash, hex.
+    pub ha1_sha256: Option<String>,
+    /// The services it may register; `"*"` for any.
+    pub services: Vec<String>,
+}
+
+impl Default for AccountConfig {
+    fn default() -> Self {
+        AccountConfig {
+            name: String::new(),
+            password: None,
+            ha1_md5: None,
+            ha1_sha256: None,
+            services: vec!["*".into()],
+        }
+    }
+}
+
+impl fmt::Debug for AccountConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccountConfig")
+            .field("name", &self.name)
+            .field("password", &redact(&self.password))
+            .field("ha1_md5", &redact(&self.ha1_md5))
+            .field("ha1_sha256", &redact(&self.ha1_sha256))
+            .field("services", &self.services)
+            .finish()
+    }
+}
+
+impl AccountConfig {
+    /// The account's secret.
+    pub fn secret(&self) -> Secret<'_> {
+        secret(&self.password, &self.ha1_md5, &self.ha1_sha256)
+    }
+
+    /// The services the account may register, `None` for any (for
+    /// [`crate::registrar::Role::AppServer`]).
+    pub fn allowed_services(&self) -> Option<&[String]> {
+        (!self.services.iter().any(|s| s == "*")).then_some(self.services.as_slice())
+    }
+}
+
+/// A `[[services]]` entry: a service the relay delivers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [[services]] entry")]
+pub struct ServiceConfig {
+    /// The service id, as in `sip:<service>@<relay>`.
+    pub name: String,
+    /// How its servers are chosen unless a rule says otherwise.
+    pub strategy: Strategy,
+    /// A line for people.
+    pub description: String,
+}
+
+/// A `[[servers]]` entry: a static application server.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [[servers]] entry")]
+pub struct ServerConfig {
+    /// A name for logs and reports (default: the URI).
+    pub name: String,
+    /// The SIP URI to send INVITE legs and probes to.
+    pub uri: String,
+    /// The services it delivers.
+    pub services: Vec<String>,
+    /// The most sessions it takes at once (no limit when absent).
+    pub capacity: Option<u32>,
+    /// The application-server account that speaks for it (may send charge requests for its
+    /// sessions).
+    pub account: Option<String>,
+}
+
+impl ServerConfig {
+    /// The name, or the URI when no name is set.
+    pub fn display_name(&self) -> &str {
+        if self.name.is_empty() {
+            &self.uri
+        } else {
+            &self.name
+        }
+    }
+}
+
+/// The relay's whole configuration. See the [module documentation](self).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a relayd configuration")]
+pub struct Config {
+    /// `[listen]`
+    pub listen: ListenConfig,
+    /// `[relay]`
+    pub relay: RelayConfig,
+    /// `[storage]`
+    pub storage: StorageConfig,
+    /// `[log]`
+    pub log: LogConfig,
+    /// `[registrar]`
+    pub registrar: RegistrarConfig,
+    /// `[directory]`
+    pub directory: DirectoryConfig,
+    /// `[auth]`
+    pub auth: AuthConfig,
+    /// `[session]`
+    pub session: SessionConfig,
+    /// `[billing]`
+    pub billing: BillingConfig,
+    /// A second file of `[[users]]` that `relayd user add` rewrites whole; relative to the
+    /// configuration file's directory. A file that does not exist yet holds no users.
+    pub users_file: Option<PathBuf>,
+    /// `[[users]]`: subscribers.
+    pub users: Vec<UserConfig>,
+    /// `[[server_accounts]]`: application-server accounts.
+    pub server_accounts: Vec<AccountConfig>,
+    /// `[[services]]`: the services delivered.
+    pub services: Vec<ServiceConfig>,
+    /// `[[servers]]`: static application servers.
+    pub servers: Vec<ServerConfig>,
+    /// `[[rules]]`: ordered rules (see [`crate::rules`]).
+    pub rules: Vec<RuleConfig>,
+    /// `[[tariffs]]`, kept as written for the billing crate. `plan` and `service` are read
+    /// here to check references (`"*"` or absent: any).
+    pub tariffs: Vec<toml::Value>,
+    /// The users read from `users_file`.
+    #[serde(skip)]
+    pub managed_users: Vec<UserConfig>,
+    /// The file the configuration was read from.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// The content of a `users_file`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UsersFile {
+    /// The users.
+    pub users: Vec<UserConfig>,
+}
+
+impl UsersFile {
+    /// Reads `path`; a file that does not exist holds no users.
+    pub fn load(path: &Path) -> Result<UsersFile, ConfigError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => parse_toml(&text, path),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(UsersFile::default()),
+            Err(source) => Err(ConfigError::Io {
+                file: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+}
+
+/// Collects problems with their key paths.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn check_credentials(
+    p: &mut Problems,
+    key: &str,
+    field: &dyn Fn(&str) -> String,
+    password: &Option<String>,
+    md5: &Option<String>,
+    sha256: &Option<String>,
+) {
+    match (password, md5, sha256) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => p.add(
+            field("password"),
+            "give either password or ha1_md5/ha1_sha256, not both",
+        ),
+        (Some(pw), None, None) if pw.is_empty() => p.add(field("password"), "must not be empty"),
+        (None, None, None) => p.add(
+            key,
+            "no credentials: set ha1_md5 and/or ha1_sha256 (see `relayd user add`), or password",
+        ),
+        _ => {}
+    }
+    if let Some(h) = md5.as_deref().filter(|h| !is_hex(h, 32)) {
+        p.add(
+            field("ha1_md5"),
+            format!("expected 32 hex digits, got {} characters", h.len()),
+        );
+    }
+    if let Some(h) = sha256.as_deref().filter(|h| !is_hex(h, 64)) {
+        p.add(
+            field("ha1_sha256"),
+            format!("expected 64 hex digits, got {} characters", h.len()),
+        );
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the configuration file at `path`, and the users file it
+    /// names.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(&text, path)?;
+        if let Some(users_file) = config.users_file_path() {
+            config.managed_users = UsersFile::load(&users_file)?.users;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses `text` as the configuration file `file` (types only: see
+    /// [`Config::validate`]); the users file is not read.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = parse_toml(text, file)?;
+        config.source = Some(file.to_path_buf());
+        Ok(config)
+    }
+
+    /// The file the configuration came from, for messages.
+    pub fn file_name(&self) -> PathBuf {
+        self.source
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(BUILT_IN))
+    }
+
+    /// The users file, resolved against the configuration file's directory.
+    pub fn users_file_path(&self) -> Option<PathBuf> {
+        let file = self.users_file.as_ref()?;
+        let base = self
+            .source
+            .as_deref()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new(""));
+        Some(base.join(file))
+    }
+
+    /// Every subscriber: the configuration file's, then the users file's.
+    pub fn all_users(&self) -> impl Iterator<Item = &UserConfig> {
+        self.users.iter().chain(self.managed_users.iter())
+    }
+
+    /// The subscriber called `name`.
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.all_users().find(|u| u.name == name)
+    }
+
+    /// The application-server account called `name`.
+    pub fn server_account(&self, name: &str) -> Option<&AccountConfig> {
+        self.server_accounts.iter().find(|a| a.name == name)
+    }
+
+    /// The declared service names.
+    pub fn service_names(&self) -> BTreeSet<&str> {
+        self.services.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// The tariff plans the tariffs name, and whether a tariff applies to any plan.
+    pub fn tariff_plans(&self) -> (BTreeSet<&str>, bool) {
+        let mut plans = BTreeSet::new();
+        let mut wildcard = false;
+        for tariff in &self.tariffs {
+            match tariff.get("plan").and_then(toml::Value::as_str) {
+                Some("*") | None => wildcard = true,
+                Some(plan) => {
+                    plans.insert(plan);
+                }
+            }
+        }
+        (plans, wildcard)
+    }
+
+    /// Whether `plan` has a tariff (by name, or through a tariff for any plan).
+    pub fn plan_known(&self, plan: &str) -> bool {
+        let (plans, wildcard) = self.tariff_plans();
+        wildcard || plans.contains(plan)
+    }
+
+    /// Checks what types cannot, reporting every problem with its key path.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Problems::default();
+        if let Err(name) = self.auth.digest_algorithms() {
+            p.add("auth.algorithms", format!("unknown digest algorithm {name:?}: expected MD5, SHA-256, MD5-sess or SHA-256-sess"));
+        } else if self.auth.algorithms.is_empty() {
+            p.add("auth.algorithms", "must name at least one digest algorithm");
+        }
+        if let Err(e) = self.tariff_table() {
+            p.add("tariffs", e.to_string());
+        }
+        let services = self.service_names();
+        let (plans, any_plan) = self.tariff_plans();
+        let plan_list = || {
+            if plans.is_empty() {
+                "no [[tariffs]] name a plan".to_owned()
+            } else {
+                format!(
+                    "plans with tariffs: {}",
+                    plans.iter().copied().collect::<Vec<_>>().join(", ")
+                )
+            }
+        };
+        let check_plan = |p: &mut Problems, key: String, plan: &str| {
+            if plan.trim().is_empty() {
+                p.add(key, "must name a tariff plan");
+            } else if !any_plan && !plans.contains(plan) {
+                p.add(key, format!("unknown plan `{plan}` ({})", plan_list()));
+            }
+        };
+        let check_service = |p: &mut Problems, key: String, service: &str, star: bool| {
+            if star && service == "*" {
+                return;
+            }
+            if !services.contains(service) {
+                p.add(
+                    key,
+                    format!("unknown service `{service}`: declare it in [[services]]"),
+                );
+            }
+        };
+
+        // [listen], [relay], [storage], [log]
+        if self.listen.udp.is_empty() && self.listen.tcp.is_empty() {
+            p.add(
+                "listen",
+                "no udp or tcp address: the relay would listen nowhere",
+            );
+        }
+        let realm = &self.relay.realm;
+        if realm.trim().is_empty()
+            || realm.contains(['"', '\\'])
+            || realm.chars().any(char::is_control)
+        {
+            p.add(
+                "relay.realm",
+                "expected a realm like relay.example.com (no quotes)",
+            );
+        }
+        if self.storage.data_dir.as_os_str().is_empty() {
+            p.add("storage.data_dir", "must not be empty");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
+            p.add(
+                "log.level",
+                format!("expected a filter like `info` or `relayd=debug`: {e}"),
+            );
+        }
+
+        // [registrar], [directory]
+        let r = &self.registrar;
+        if r.min_expires == 0 {
+            p.add("registrar.min_expires", "must be at least 1");
+        }
+        if r.max_expires < r.min_expires {
+            p.add("registrar.max_expires", "must not be below min_expires");
+        }
+        if !(r.min_expires..=r.max_expires).contains(&r.default_expires) {
+            p.add(
+                "registrar.default_expires",
+                "must be between min_expires and max_expires",
+            );
+        }
+        if r.max_bindings_per_user == 0 {
+            p.add("registrar.max_bindings_per_user", "must be at least 1");
+        }
+        if !(1..=4096).contains(&r.shards) {
+            p.add("registrar.shards", "must be between 1 and 4096");
+        }
+        let d = &self.directory;
+        for (key, value) in [
+            ("directory.probe_interval_secs", d.probe_interval_secs),
+            ("directory.failure_threshold", d.failure_threshold),
+            ("directory.recovery_threshold", d.recovery_threshold),
+        ] {
+            if value == 0 {
+                p.add(key, "must be at least 1");
+            }
+        }
+
+        // [[services]]
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for (i, service) in self.services.iter().enumerate() {
+            let key = format!("services[{i}].name");
+            if !is_token(&service.name) || service.name == "*" {
+                p.add(
+                    key,
+                    format!(
+                        "expected a service name (a SIP token like `echo`), got {:?}",
+                        service.name
+                    ),
+                );
+            } else if let Some(first) = seen.insert(&service.name, i) {
+                p.add(
+                    key,
+                    format!(
+                        "duplicate service `{}` (also services[{first}])",
+                        service.name
+                    ),
+                );
+            }
+        }
+
+        // [[tariffs]]
+        for (i, tariff) in self.tariffs.iter().enumerate() {
+            let Some(table) = tariff.as_table() else {
+                p.add(format!("tariffs[{i}]"), "expected a table");
+                continue;
+            };
+            for field in ["plan", "service"] {
+                match table.get(field) {
+                    None => {}
+                    Some(toml::Value::String(s)) if field == "service" => {
+                        check_service(&mut p, format!("tariffs[{i}].service"), s, true)
+                    }
+                    Some(toml::Value::String(s)) if !s.trim().is_empty() => {}
+                    Some(_) => p.add(
+                        format!("tariffs[{i}].{field}"),
+                        "expected a non-empty string",
+                    ),
+                }
+            }
+        }
+
+        // Subscribers and accounts share one name space: both authenticate by name.
+        let mut names: HashMap<&str, String> = HashMap::new();
+        let managed = self
+            .users_file_path()
+            .map(|f| f.display().to_string())
+            .unwrap_or_default();
+        let users = self
+            .users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (format!("users[{i}]"), u))
+            .chain(
+                self.managed_users
+                    .iter()
+                    .enumerate()
+                    .map(|(i, u)| (format!("users[{i}] in {managed}"), u)),
+            );
+        for (key, user) in users {
+            // The " in FILE" suffix, if any, goes after the field name.
+            let (base, suffix) = match key.split_once(" in ") {
+                Some((base, file)) => (base.to_owned(), format!(" in {file}")),
+                None => (key.clone(), String::new()),
+            };
+            let field = |f: &str| format!("{base}.{f}{suffix}");
+            if !is_token(&user.name) {
+                p.add(
+                    field("name"),
+                    format!("expected a user name (a SIP token), got {:?}", user.name),
+                );
+            } else if let Some(first) = names.insert(&user.name, key.clone()) {
+                p.add(
+                    field("name"),
+                    format!("duplicate name `{}` (also {first})", user.name),
+                );
+            }
+            check_credentials(
+                &mut p,
+                &key,
+                &field,
+                &user.password,
+                &user.ha1_md5,
+                &user.ha1_sha256,
+            );
+            check_plan(&mut p, field("plan"), &user.plan);
+            if user.class.trim().is_empty() {
+                p.add(field("class"), "must not be empty");
+            }
+            for (j, service) in user.services.iter().enumerate() {
+                check_service(&mut p, field(&format!("services[{j}]")), service, true);
+            }
+        }
+        for (i, account) in self.server_accounts.iter().enumerate() {
+            let key = format!("server_accounts[{i}]");
+            if !is_token(&account.name) {
+                p.add(
+                    format!("{key}.name"),
+                    format!(
+                        "expected an account name (a SIP token), got {:?}",
+                        account.name
+                    ),
+                );
+            } else if let Some(first) = names.insert(&account.name, key.clone()) {
+                p.add(
+                    format!("{key}.name"),
+                    format!("duplicate name `{}` (also {first})", account.name),
+                );
+            }
+            check_credentials(
+                &mut p,
+                &key,
+                &|f| format!("{key}.{f}"),
+                &account.password,
+                &account.ha1_md5,
+                &account.ha1_sha256,
+            );
+            if account.services.is_empty() {
+                p.add(
+                    format!("{key}.services"),
+                    "list the services it may register, or \"*\"",
+                );
+            }
+            for (j, service) in account.services.iter().enumerate() {
+                check_service(&mut p, format!("{key}.services[{j}]"), service, true);
+            }
+        }
+
+        // [[servers]]
+        for (i, server) in self.servers.iter().enumerate() {
+            let key = format!("servers[{i}]");
+            match rsip::Uri::try_from(server.uri.trim()) {
+                Ok(uri)
+                    if matches!(
+                        uri.scheme,
+                        Some(rsip::Scheme::Sip) | Some(rsip::Scheme::Sips)
+                    ) => {}
+                _ => p.add(
+                    format!("{key}.uri"),
+                    format!(
+                        "expected a SIP URI like sip:127.0.0.1:5080, got {:?}",
+                        server.uri
+                    ),
+                ),
+            }
+            if server.services.is_empty() {
+                p.add(format!("{key}.services"), "list the services it delivers");
+            }
+            for (j, service) in server.services.iter().enumerate() {
+                check_service(&mut p, format!("{key}.services[{j}]"), service, false);
+            }
+            if server.capacity == Some(0) {
+                p.add(
+                    format!("{key}.capacity"),
+                    "must be at least 1 (leave it out for no limit)",
+                );
+            }
+        }
+
+        // [[rules]]
+        if let Err(RuleErrors(errors)) = RuleSet::compile(&self.rules) {
+            for error in errors {
+                p.add(error.key, error.message);
+            }
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            if let Some(service) = &rule.set.service {
+                if is_token(service) {
+                    check_service(&mut p, format!("rules[{i}].set.service"), service, false);
+                }
+            }
+            if let Some(plan) = &rule.set.plan {
+                if !plan.trim().is_empty() {
+                    check_plan(&mut p, format!("rules[{i}].set.plan"), plan);
+                }
+            }
+        }
+
+        if p.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid {
+                file: self.file_name(),
+                problems: p.0,
+            })
+        }
+    }
+
+    /// The registrar policy of `[registrar]`.
+    pub fn registrar_policy(&self) -> RegistrarPolicy {
+        RegistrarPolicy {
+            min_expires: self.registrar.min_expires,
+            max_expires: self.registrar.max_expires,
+            default_expires: self.registrar.default_expires,
+            max_bindings_per_user: self.registrar.max_bindings_per_user,
+            allowed_contact_nets: self.registrar.allowed_contact_nets.clone(),
+        }
+    }
+
+    /// An empty registrar with the configured policy and shards.
+    pub fn build_registrar(&self) -> Registrar {
+        Registrar::new(self.registrar_policy(), self.registrar.shards)
+    }
+
+    /// The probing policy of `[directory]`.
+    pub fn health_policy(&self) -> HealthPolicy {
+        HealthPolicy {
+            probe_interval: Duration::from_secs(u64::from(self.directory.probe_interval_secs)),
+            failure_threshold: self.directory.failure_threshold,
+            recovery_threshold: self.directory.recovery_threshold,
+        }
+    }
+
+    /// A directory holding the static servers.
+    pub fn build_directory(&self) -> Result<Directory, DirectoryError> {
+        let directory = Directory::new(self.health_policy());
+        for server in &self.servers {
+            directory.add_static(
+                server.display_name(),
+                &server.uri,
+                &server.services,
+                server.capacity,
+            )?;
+        }
+        Ok(directory)
+    }
+
+    /// The `[[tariffs]]` as the billing crate's table.
+    pub fn tariff_table(&self) -> Result<billing::tariff::TariffTable, ConfigError> {
+        use serde::Deserialize as _;
+        billing::tariff::TariffTable::deserialize(toml::Value::Array(self.tariffs.clone())).map_err(
+            |e| ConfigError::Invalid {
+                file: self.file_name(),
+                problems: vec![Problem {
+                    key: "tariffs".into(),
+                    message: e.to_string(),
+                }],
+            },
+        )
+    }
+
+    /// The compiled rules, with the UTC offset and each service's own strategy.
+    pub fn build_rules(&self) -> Result<RuleSet, RuleErrors> {
+        let strategies = self
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.strategy))
+            .collect();
+        Ok(RuleSet::compile(&self.rules)?
+            .with_utc_offset(self.relay.utc_offset.0)
+            .with_service_strategies(strategies))
+    }
+
+    /// A summary for people (`relayd check-config`).
+    pub fn summary(&self) -> String {
+        let list = |v: &[String]| v.join(", ");
+        let addrs = |v: &[SocketAddr]| {
+            if v.is_empty() {
+                "off".to_owned()
+            } else {
+                v.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let mut out = String::new();
+        let mut line = |s: String| {
+            out.push_str(&s);
+            out.push('\n');
+        };
+        line(format!("configuration: {}", self.file_name().display()));
+        line(format!(
+            "listen: udp {}; tcp {}",
+            addrs(&self.listen.udp),
+            addrs(&self.listen.tcp)
+        ));
+        line(format!(
+            "realm: {} (rules' local time UTC{})",
+            self.relay.realm, self.relay.utc_offset
+        ));
+        line(format!(
+            "data directory: {}",
+            self.storage.data_dir.display()
+        ));
+        let r = &self.registrar;
+        let nets = if r.allowed_contact_nets.is_empty() {
+            "any address".to_owned()
+        } else {
+            r.allowed_contact_nets
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        line(format!(
+            "registrar: expires {}..{} s (default {}), at most {} contacts per user, contacts from {nets}",
+            r.min_expires, r.max_expires, r.default_expires, r.max_bindings_per_user
+        ));
+        line(format!(
+            "directory: probe every {} s, down after {} missed probes, up after {} answered",
+            self.directory.probe_interval_secs,
+            self.directory.failure_threshold,
+            self.directory.recovery_threshold
+        ));
+        line(format!("services: {}", self.services.len()));
+        for s in &self.services {
+            line(format!("  {} (strategy {})", s.name, s.strategy));
+        }
+        line(format!("static servers: {}", self.servers.len()));
+        for s in &self.servers {
+            line(format!(
+                "  {} -> {} [{}]",
+                s.display_name(),
+                s.uri,
+                list(&s.services)
+            ));
+        }
+        let users: Vec<&UserConfig> = self.all_users().collect();
+        match self.users_file_path() {
+            Some(path) => line(format!(
+                "users: {} ({} from {})",
+                users.len(),
+                self.managed_users.len(),
+                path.display()
+            )),
+            None => line(format!("users: {}", users.len())),
+        }
+        for u in users {
+            let secret = match u.secret() {
+                Secret::Password(_) => "password",
+                Secret::Ha1 { .. } => "ha1",
+            };
+            line(format!(
+                "  {} plan {} class {} services [{}] ({secret})",
+                u.name,
+                u.plan,
+                u.class,
+                list(&u.services)
+            ));
+        }
+        line(format!("server accounts: {}", self.server_accounts.len()));
+        for a in &self.server_accounts {
+            line(format!("  {} services [{}]", a.name, list(&a.services)));
+        }
+        line(format!("rules: {}", self.rules.len()));
+        for (i, rule) in self.rules.iter().enumerate() {
+            let kind = if rule.default { " (default)" } else { "" };
+            line(format!("  {i}: {}{kind}", rule.name));
+        }
+        let (plans, any_plan) = self.tariff_plans();
+        let mut named: Vec<&str> = plans.into_iter().collect();
+        if any_plan {
+            named.push("* (default)");
+        }
+        let named = if named.is_empty() {
+            "none".to_owned()
+        } else {
+            named.join(", ")
+        };
+        line(format!("tariffs: {} (plans: {named})", self.tariffs.len()));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn example_path() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/relayd.toml")
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("relayd.toml"))
+    }
+
+    fn parse_error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    fn invalid(text: &str) -> Vec<Problem> {
+        match parse(text).unwrap().validate().unwrap_err() {
+            ConfigError::Invalid { problems, .. } => problems,
+            other => panic!("{other}"),
+        }
+    }
+
+    fn keys(text: &str) -> Vec<String> {
+        invalid(text).into_iter().map(|p| p.key).collect()
+    }
+
+    #[test]
+    fn defaults_with_no_file() {
+        let config = Config::default();
+        config.validate().unwrap();
+        assert_eq!(config.listen.udp, [DEFAULT_LISTEN]);
+        assert_eq!(config.listen.tcp, [DEFAULT_LISTEN]);
+        assert_eq!(config.listen.udp[0].to_string(), "127.0.0.1:5060");
+        assert_eq!(config.storage.data_dir, PathBuf::from("./relayd-data"));
+        assert!(config.users.is_empty() && config.services.is_empty() && config.rules.is_empty());
+        assert_eq!(config.file_name(), PathBuf::from(BUILT_IN));
+        // An empty file is the defaults.
+        assert_eq!(parse("").unwrap().listen, config.listen);
+        assert!(config
+            .summary()
+            .contains("listen: udp 127.0.0.1:5060; tcp 127.0.0.1:5060"));
+    }
+
+    #[test]
+    fn example_file_loads_with_exactly_the_reference_content() {
+        let config = Config::load(&example_path()).unwrap();
+        assert_eq!(config.listen.udp, [DEFAULT_LISTEN]);
+        assert_eq!(config.listen.tcp, [DEFAULT_LISTEN]);
+        assert_eq!(config.relay.realm, "relay.test");
+        assert_eq!(config.storage.data_dir, PathBuf::from("./relayd-data"));
+
+        let users: Vec<&UserConfig> = config.all_users().collect();
+        assert_eq!(users.len(), 2);
+        let alice = config.user("alice").unwrap();
+        assert_eq!(alice.secret(), Secret::Password("alice-secret"));
+        assert_eq!(alice.plan, "basic");
+        assert_eq!(alice.services, ["echo", "clock"]);
+        assert!(alice.subscribes_to("clock") && !alice.subscribes_to("video"));
+        let bob = config.user("bob").unwrap();
+        assert_eq!(bob.secret(), Secret::Password("bob-secret"));
+        assert_eq!(bob.plan, "premium");
+        assert!(
+            bob.subscribes_to("echo")
+                && bob.subscribes_to("clock")
+                && bob.subscribes_to("anything")
+        );
+
+        assert_eq!(config.server_accounts.len(), 1);
+        let as1 = config.server_account("as1").unwrap();
+        assert_eq!(as1.secret(), Secret::Password("as1-secret"));
+
+        let services: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(services, ["echo", "clock"]);
+        let servers: Vec<(&str, Vec<String>)> = config
+            .servers
+            .iter()
+            .map(|s| (s.uri.as_str(), s.services.clone()))
+            .collect();
+        assert_eq!(
+            servers,
+            [
+                ("sip:127.0.0.1:5080", vec!["echo".to_owned()]),
+                ("sip:127.0.0.1:5081", vec!["clock".to_owned()])
+            ]
+        );
+
+        let (plans, any) = config.tariff_plans();
+        assert!(plans.contains("basic") && plans.contains("premium"));
+        assert!(any, "the example has a default tariff");
+        assert!(config.tariffs.iter().all(|t| t.get("currency").is_some()));
+
+        // The pieces build.
+        let directory = config.build_directory().unwrap();
+        assert_eq!(directory.services(), ["clock", "echo"]);
+        let rules = config.build_rules().unwrap();
+        assert!(rules.names().last().is_some());
+        let _ = config.build_registrar();
+        assert!(config.summary().contains("realm: relay.test"));
+    }
+
+    #[test]
+    fn bad_socket_address_names_file_key_and_expectation() {
+        let message = parse_error("[listen]\nudp = \"nowhere\"\n");
+        assert_eq!(
+            message,
+            "relayd.toml: key `listen.udp`: expected a socket address like 127.0.0.1:5060, got \"nowhere\" (line 2, column 7)"
+        );
+        let message = parse_error("[listen]\ntcp = [\"127.0.0.1:5060\", 5061]\n");
+        assert!(
+            message.contains("key `listen.tcp[1]`") && message.contains("got the number 5061"),
+            "{message}"
+        );
+        let config =
+            parse("[listen]\nudp = [\"127.0.0.1:5060\", \"[::1]:5060\"]\ntcp = []\n").unwrap();
+        assert_eq!(config.listen.udp.len(), 2);
+        assert!(config.listen.tcp.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_are_refused_with_the_key() {
+        let message = parse_error("[listen]\nudpp = \"127.0.0.1:5060\"\n");
+        assert!(message.starts_with("relayd.toml: "), "{message}");
+        assert!(message.contains("unknown field `udpp`"), "{message}");
+        assert!(message.contains("listen"), "{message}");
+
+        let message = parse_error("[registrar]\nmin_expires = \"soon\"\n");
+        assert!(message.contains("key `registrar.min_expires`"), "{message}");
+        assert!(message.contains("line 2"), "{message}");
+
+        let message = parse_error("[[users]]\nname = \"a\"\n[[users]]\nname = \"b\"\nplan = 3\n");
+        assert!(message.contains("key `users[1].plan`"), "{message}");
+
+        let message = parse_error("[[rules]]\nname = \"r\"\nmatch = { ruri_usr = \"x\" }\n");
+        assert!(message.contains("rules[0].match"), "{message}");
+        assert!(message.contains("unknown field `ruri_usr`"), "{message}");
+
+        let message = parse_error("[[services]]\nname = \"echo\"\nstrategy = \"fastest\"\n");
+        assert!(message.contains("key `services[0].strategy`"), "{message}");
+        assert!(message.contains("round-robin"), "{message}");
+
+        let message = parse_error("[relay]\nutc_offset = \"CET\"\n");
+        assert!(
+            message
+                .contains("key `relay.utc_offset`: expected a UTC offset like +01:00, got \"CET\""),
+            "{message}"
+        );
+
+        let message = parse_error("[registrar]\nallowed_contact_nets = [\"10.0.0.0/33\"]\n");
+        assert!(
+            message.contains(
+                "key `registrar.allowed_contact_nets[0]`: expected a network like 127.0.0.0/8"
+            ),
+            "{message}"
+        );
+
+        let message = parse_error("listen = 5\n");
+        assert!(
+            message.contains("key `listen`") && message.contains("[listen] table"),
+            "{message}"
+        );
+
+        let message = parse_error("[listen\nudp = 1\n");
+        assert!(
+            message.starts_with("relayd.toml: ") && message.contains("line 1"),
+            "{message}"
+        );
+    }
+
+    const BASE: &str = r#"
+        [[services]]
+        name = "echo"
+        [[tariffs]]
+        plan = "basic"
+        service = "echo"
+        rate = 1
+    "#;
+
+    #[test]
+    fn validation_names_each_key() {
+        let text = format!(
+            r#"{BASE}
+            [[users]]
+            name = "alice"
+            password = "x"
+            plan = "gold"
+            services = ["echo", "video"]
+            [[users]]
+            name = "alice"
+            ha1_md5 = "abc"
+            plan = "basic"
+            [[server_accounts]]
+            name = "as1"
+            services = ["video"]
+            [[servers]]
+            uri = "http://example.com"
+            services = ["video"]
+            capacity = 0
+            [[rules]]
+            name = "r"
+            match = {{ ruri_user = "(" }}
+            set = {{ service = "video", plan = "gold" }}
+            [[rules]]
+            name = "d"
+            default = true
+            "#
+        );
+        assert_eq!(
+            keys(&text),
+            [
+                "users[0].plan",
+                "users[0].services[1]",
+                "users[1].name",
+                "users[1].ha1_md5",
+                "server_accounts[0]",
+                "server_accounts[0].services[0]",
+                "servers[0].uri",
+                "servers[0].services[0]",
+                "servers[0].capacity",
+                "rules[0].match.ruri_user",
+                "rules[0].set.service",
+                "rules[0].set.plan",
+            ]
+        );
+        let problems = invalid(&text);
+        assert_eq!(
+            problems[0].message,
+            "unknown plan `gold` (plans with tariffs: basic)"
+        );
+        let error = parse(&text).unwrap().validate().unwrap_err().to_string();
+        assert!(
+            error.lines().all(|l| l.starts_with("relayd.toml: key `")),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn validation_of_sections() {
+        assert_eq!(
+            keys("[listen]\nudp = []\ntcp = []\n[relay]\nrealm = \"\"\n[log]\nlevel = \"[[[\"\n"),
+            ["listen", "relay.realm", "log.level"]
+        );
+        assert_eq!(
+            keys("[registrar]\nmin_expires = 100\nmax_expires = 50\nmax_bindings_per_user = 0\nshards = 0\n[directory]\nfailure_threshold = 0\n"),
+            [
+                "registrar.max_expires",
+                "registrar.default_expires",
+                "registrar.max_bindings_per_user",
+                "registrar.shards",
+                "directory.failure_threshold"
+            ]
+        );
+        assert_eq!(
+            keys("[[services]]\nname = \"echo\"\n[[services]]\nname = \"echo\"\n[[services]]\nname = \"a b\"\n[[tariffs]]\nservice = \"video\"\n[[tariffs]]\nplan = 1\n"),
+            ["services[1].name", "services[2].name", "tariffs[0].service", "tariffs[1].plan"]
+        );
+        assert_eq!(
+            keys(&format!("{BASE}\n[[users]]\nname = \"u\"\nplan = \"basic\"\npassword = \"p\"\nha1_sha256 = \"00\"\n")),
+            ["users[0].password", "users[0].ha1_sha256"]
+        );
+        assert_eq!(
+            keys(&format!("{BASE}\n[[users]]\nname = \"u\"\nplan = \"basic\"\npassword = \"p\"\n[[server_accounts]]\nname = \"u\"\npassword = \"q\"\n")),
+            ["server_accounts[0].name"]
+        );
+    }
+
+    #[test]
+    fn a_default_tariff_accepts_any_plan_and_hashes_are_credentials() {
+        let text = format!(
+            "{BASE}\n[[tariffs]]\nplan = \"*\"\nrate = 5\n[[users]]\nname = \"u\"\nplan = \"whatever\"\nha1_md5 = \"{}\"\nha1_sha256 = \"{}\"\nservices = [\"*\"]\n",
+            "a".repeat(32),
+            "B".repeat(64)
+        );
+        let config = parse(&text).unwrap();
+        config.validate().unwrap();
+        let md5 = "a".repeat(32);
+        let sha = "B".repeat(64);
+        assert_eq!(
+            config.user("u").unwrap().secret(),
+            Secret::Ha1 {
+                md5: Some(&md5),
+                sha256: Some(&sha)
+            }
+        );
+        assert!(
+            !format!("{:?}", config.user("u").unwrap()).contains(&md5),
+            "Debug redacts"
+        );
+    }
+
+    #[test]
+    fn users_file_is_read_relative_to_the_config_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("relayd.toml");
+        std::fs::write(
+            &config_path,
+            format!("users_file = \"users.toml\"\n{BASE}\n[[users]]\nname = \"alice\"\npassword = \"a\"\nplan = \"basic\"\n"),
+        )
+        .unwrap();
+        // Not there yet: no users from it.
+        let config = Config::load(&config_path).unwrap();
+        assert_eq!(
+            config.users_file_path().unwrap(),
+            dir.path().join("users.toml")
+        );
+        assert!(config.managed_users.is_empty());
+
+        std::fs::write(
+            dir.path().join("users.toml"),
+            format!("[[users]]\nname = \"carol\"\nha1_md5 = \"{}\"\nplan = \"basic\"\nservices = [\"echo\"]\n", "0".repeat(32)),
+        )
+        .unwrap();
+        let config = Config::load(&config_path).unwrap();
+        assert_eq!(config.all_users().count(), 2);
+        assert!(config.user("carol").is_some());
+
+        std::fs::write(
+            dir.path().join("users.toml"),
+            "[[users]]\nname = \"alice\"\npassword = \"x\"\nplan = \"nope\"\n",
+        )
+        .unwrap();
+        let message = Config::load(&config_path).unwrap_err().to_string();
+        assert!(message.contains("key `users[0].name in "), "{message}");
+        assert!(message.contains("key `users[0].plan in "), "{message}");
+
+        std::fs::write(dir.path().join("users.toml"), "[[users]]\nnam = \"x\"\n").unwrap();
+        let message = Config::load(&config_path).unwrap_err().to_string();
+        assert!(
+            message.contains("users.toml: ") && message.contains("unknown field `nam`"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn missing_file_names_it() {
+        let message = Config::load(Path::new("/nonexistent/relayd.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with("/nonexistent/relayd.toml: cannot read"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn utc_offsets() {
+        assert_eq!("+01:00".parse::<UtcOffset>().unwrap(), UtcOffset(3600));
+        assert_eq!("-05:30".parse::<UtcOffset>().unwrap(), UtcOffset(-19800));
+        assert_eq!("Z".parse::<UtcOffset>().unwrap(), UtcOffset(0));
+        assert_eq!(UtcOffset(-19800).to_string(), "-05:30");
+        for bad in ["1:00", "+1:00", "+19:00", "+01:60", "CET", ""] {
+            assert!(bad.parse::<UtcOffset>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,616 @@
+//! The running relay: the shared context every task reads, built from the configuration, and
+//! the dispatcher that takes the endpoint's events and hands each to the session it belongs
+//! to, or to the handler of an out-of-dialog request (REGISTER, INVITE admission, OPTIONS,
+//! MESSAGE charge requests).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use rand::RngCore;
+use rsip::prelude::*;
+use rsip::{Header, Method, Request};
+use sip_core::digest::StoredCredential;
+use sip_core::endpoint::{Endpoint, EndpointConfig, EndpointEvent, IncomingRequest};
+use sip_core::resolve::{resolve, SystemDns};
+use sip_core::transport::TransportConfig;
+use sip_core::{message, Peer, Transport};
+use tokio::sync::mpsc;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::auth::{AuthOutcome, Authenticator, ChallengeKind, CredentialStore, FailurePolicy};
+use crate::b2bua::{self, LocalAddr};
+use crate::billing_control::BillingControl;
+use crate::charge::{self, ServedIndex};
+use crate::config::{Config, Secret};
+use crate::directory::{Directory, ServerRef};
+use crate::registrar::{RegisterRequest, Registrar, Role};
+use crate::rules::{RequestFacts, RuleSet};
+use crate::session::{self, Admission, SessionInput, SessionLimits, SessionTable};
+
+/// Counters of the relay, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// INVITEs admitted into a session.
+    pub admitted: AtomicU64,
+    /// Requests refused (any 4xx/5xx/6xx the relay itself sent).
+    pub refused: AtomicU64,
+    /// Challenges sent (401/407).
+    pub challenged: AtomicU64,
+}
+
+/// Everything the relay's tasks share. Built once from the configuration.
+pub struct Relay {
+    /// The SIP endpoint (transports and transactions).
+    pub endpoint: Endpoint,
+    /// The realm, also the relay's SIP domain.
+    pub realm: String,
+    domains: HashSet<String>,
+    locals: Vec<LocalAddr>,
+    /// Digest authentication.
+    pub auth: Authenticator,
+    credentials: HashMap<String, StoredCredential>,
+    /// The configuration it was built from.
+    pub config: Config,
+    /// Terminal and application-server bindings.
+    pub registrar: Registrar,
+    /// The rules that decide service and client information.
+    pub rules: RuleSet,
+    /// The application servers and their health.
+    pub directory: Directory,
+    /// Billing control.
+    pub billing: Arc<BillingControl>,
+    /// Live sessions by Call-ID.
+    pub sessions: SessionTable,
+    /// Session timing limits.
+    pub limits: SessionLimits,
+    /// Which server serves which live session (for charge requests).
+    pub served: ServedIndex,
+    /// Counters.
+    pub stats: RelayStats,
+}
+
+impl CredentialStore for Relay {
+    fn credential(&self, user: &str) -> Option<StoredCredential> {
+        self.credentials.get(user).cloned()
+    }
+}
+
+fn stored_credential(
+    user: &str,
+    realm: &str,
+    secret: Secret<'_>,
+    key: &str,
+) -> anyhow::Result<StoredCredential> {
+    match secret {
+        Secret::Password(p) => Ok(StoredCredential::from_password(user, realm, p)),
+        Secret::Ha1 { md5, sha256 } => StoredCredential::from_ha1(md5, sha256)
+            .map_err(|e| anyhow::anyhow!("{key}: bad HA1 hash for {user}: {e}")),
+    }
+}
+
+/// The second of the UTC day, for time-of-day rules.
+fn utc_second_of_day() -> u32 {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    u32::try_from(secs % 86_400).unwrap_or(0)
+}
+
+impl Relay {
+    /// Builds the relay from a validated configuration: binds the sockets, opens the billing
+    /// store, runs crash recovery. Returns the relay, the endpoint's events, and the billing
+    /// writer (to shut down last).
+    pub async fn start(
+        config: Config,
+    ) -> anyhow::Result<(
+        Arc<Relay>,
+        mpsc::Receiver<EndpointEvent>,
+        billing::writer::Writer,
+    )> {
+        let realm = config.relay.realm.clone();
+        let endpoint_config = EndpointConfig {
+            transport: TransportConfig {
+                udp: config.listen.udp.clone(),
+                tcp: config.listen.tcp.clone(),
+                ..TransportConfig::default()
+            },
+            ..EndpointConfig::default()
+        };
+        let (endpoint, events) = Endpoint::bind(endpoint_config)
+            .await
+            .context("opening the SIP transports")?;
+        let locals: Vec<LocalAddr> = endpoint
+            .transports()
+            .local_addrs()
+            .into_iter()
+            .map(|(transport, addr)| LocalAddr { transport, addr })
+            .collect();
+        let mut domains: HashSet<String> = HashSet::new();
+        domains.insert(realm.to_ascii_lowercase());
+        domains.extend(config.relay.domains.iter().map(|d| d.to_ascii_lowercase()));
+        for l in &locals {
+            domains.insert(l.addr.to_string());
+            domains.insert(l.addr.ip().to_string());
+        }
+
+        let mut credentials = HashMap::new();
+        for (i, user) in config.all_users().enumerate() {
+            let c = stored_credential(&user.name, &realm, user.secret(), &format!("users[{i}]"))?;
+            credentials.insert(user.name.clone(), c);
+        }
+        for (i, account) in config.server_accounts.iter().enumerate() {
+            let c = stored_credential(
+                &account.name,
+                &realm,
+                account.secret(),
+                &format!("server_accounts[{i}]"),
+            )?;
+            credentials.insert(account.name.clone(), c);
+        }
+        let mut secret = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut secret);
+        let auth = Authenticator::new(
+            &realm,
+            secret,
+            Duration::from_secs(u64::from(config.auth.nonce_ttl_secs)),
+            FailurePolicy {
+                max_failures: config.auth.max_failures,
+                lockout: Duration::from_secs(u64::from(config.auth.lockout_secs)),
+            },
+        )
+        .with_algorithms(&config.auth.digest_algorithms().map_err(|name| {
+            anyhow::anyhow!("auth.algorithms: unknown digest algorithm {name:?}")
+        })?);
+        let registrar = config.build_registrar();
+        let directory = config
+            .build_directory()
+            .context("building the service directory")?;
+        let rules = config.build_rules().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let tariffs = config.tariff_table().context("reading [[tariffs]]")?;
+        let (billing, writer) = BillingControl::open(&config.storage.data_dir, tariffs)?;
+        let recovered = billing.recover().await?;
+        if !recovered.is_empty() {
+            info!(
+                count = recovered.len(),
+                "closed sessions left open by the last run"
+            );
+        }
+        let limits = SessionLimits {
+            inquiry_timeout: Duration::from_millis(config.session.inquiry_timeout_ms),
+            answer_timeout: Duration::from_secs(u64::from(config.session.answer_timeout_secs)),
+            ack_timeout: Duration::from_secs(32),
+            probe_interval: Duration::from_secs(u64::from(config.session.probe_interval_secs)),
+        };
+        let relay = Arc::new(Relay {
+            endpoint,
+            realm,
+            domains,
+            locals,
+            auth,
+            credentials,
+            config,
+            registrar,
+            rules,
+            directory,
+            billing: Arc::new(billing),
+            sessions: SessionTable::default(),
+            limits,
+            served: ServedIndex::default(),
+            stats: RelayStats::default(),
+        });
+        Ok((relay, events, writer))
+    }
+
+    /// The relay's address on `transport` (or its first address).
+    pub fn local(&self, transport: Transport) -> LocalAddr {
+        self.locals
+            .iter()
+            .find(|l| l.transport == transport)
+            .or_else(|| self.locals.first())
+            .cloned()
+            .unwrap_or(LocalAddr {
+                transport,
+                addr: SocketAddr::from(([127, 0, 0, 1], 5060)),
+            })
+    }
+
+    /// Where to send requests for an application server (RFC 3263 for a name, the URI's own
+    /// port and transport for an IP host).
+    pub async fn resolve_server(&self, server: &ServerRef) -> Option<Peer> {
+        let targets = resolve(server.uri(), &SystemDns).await.ok()?;
+        let t = targets
+            .into_iter()
+            .find(|t| self.locals.iter().any(|l| l.transport == t.transport))?;
+        Some(Peer {
+            transport: t.transport,
+            addr: t.addr,
+            conn: None,
+        })
+    }
+
+    /// Whether a Request-URI names the relay itself: its domain or one of its addresses.
+    pub fn is_ours(&self, uri: &rsip::Uri) -> bool {
+        let host = uri.host_with_port.host.to_string().to_ascii_lowercase();
+        let hostport = uri.host_with_port.to_string().to_ascii_lowercase();
+        self.domains.contains(&host) || self.domains.contains(&hostport)
+    }
+
+    fn refuse(&self, r: &IncomingRequest, code: u16, reason: &str) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let _ = r.tx.respond(b2bua::local_response(
+            &r.req,
+            code,
+            reason,
+            Some(&message::new_tag()),
+        ));
+    }
+
+    fn challenge(&self, r: &IncomingRequest, kind: ChallengeKind, stale: bool) {
+        self.stats.challenged.fetch_add(1, Ordering::Relaxed);
+        let mut resp = b2bua::local_response(
+            &r.req,
+            kind.status(),
+            message::reason_phrase(kind.status()),
+            Some(&message::new_tag()),
+        );
+        resp.headers
+            .retain(|h| !matches!(h, Header::ContentLength(_)));
+        resp.headers
+            .extend(self.auth.challenge_headers(kind, stale));
+        message::set_content_length(&mut resp.headers, 0);
+        let _ = r.tx.respond(resp);
+    }
+
+    /// Authenticates `r` (digest, RFC 3261 §22); answers it (challenge or refusal) and returns `None` unless the
+    /// credentials are good.
+    pub fn authenticate_request(&self, r: &IncomingRequest) -> Option<String> {
+        let kind = ChallengeKind::for_method(&r.req.method);
+        match self.auth.check(&r.req, kind, self, Instant::now()) {
+            AuthOutcome::Authenticated(user) => Some(user),
+            AuthOutcome::Challenge { stale, failure } => {
+                if let Some(failure) = failure {
+                    info!(method = %r.req.method, from = %r.from, failure, "authentication failed; challenging again");
+                }
+                if kind == ChallengeKind::Proxy {
+                    // Some user agents only answer a 401 to an INVITE; 407 is still right for
+                    // a proxy-like element (see shared/notes/real-clients.md).
+                    debug!("sent 407; a client that never answers it may only handle 401");
+                }
+                self.challenge(r, kind, stale);
+                None
+            }
+            AuthOutcome::Locked => {
+                warn!(from = %r.from, "too many failed authentication attempts");
+                self.refuse(r, 403, "Too many failed attempts");
+                None
+            }
+            AuthOutcome::Malformed(reason) => {
+                self.refuse(r, 400, &format!("Malformed credentials: {reason}"));
+                None
+            }
+        }
+    }
+}
+
+fn call_id(req: &Request) -> Option<String> {
+    req.headers.iter().find_map(|h| match h {
+        Header::CallId(c) => Some(c.value().trim().to_string()),
+        _ => None,
+    })
+}
+
+fn has_to_tag(req: &Request) -> bool {
+    req.headers.iter().any(|h| match h {
+        Header::To(to) => matches!(to.tag(), Ok(Some(_))),
+        _ => false,
+    })
+}
+
+/// Takes the endpoint's events until the endpoint closes.
+pub async fn dispatch(relay: Arc<Relay>, mut events: mpsc::Receiver<EndpointEvent>) {
+    while let Some(event) = events.recv().await {
+        match event {
+            EndpointEvent::Request(r) => {
+                let Some(cid) = call_id(&r.req) else { continue };
+                if r.req.method != Method::Register {
+                    if let Some(inbox) = relay.sessions.get(&cid) {
+                        let _ = inbox.send(SessionInput::Request(r));
+                        continue;
+                    }
+                }
+                out_of_dialog(&relay, r, cid);
+            }
+            EndpointEvent::Cancel {
+                req,
+                from: _,
+                tx,
+                invite,
+            } => {
+                let Some(cid) = call_id(&req) else { continue };
+                if let Err(SessionInput::Cancel { req, tx, invite }) = relay
+                    .sessions
+                    .deliver(&cid, SessionInput::Cancel { req, tx, invite })
+                {
+                    // Admission still running or already refused: end the INVITE here.
+                    let _ = tx.respond(b2bua::local_response(&req, 200, "OK", None));
+                    let _ = invite.respond(
+                        b2bua::local_response(
+                            &req,
+                            487,
+                            "Request Terminated",
+                            Some(&message::new_tag()),
+                        )
+                        .with_cseq_method(Method::Invite),
+                    );
+                }
+            }
+            EndpointEvent::Ack { ack, from: _ } => {
+                if let Some(cid) = call_id(&ack) {
+                    let _ = relay.sessions.deliver(&cid, SessionInput::Ack(ack));
+                }
+            }
+            EndpointEvent::StrayResponse { resp, from: _ } => {
+                let cid = resp.headers.iter().find_map(|h| match h {
+                    Header::CallId(c) => Some(c.value().trim().to_string()),
+                    _ => None,
+                });
+                if let Some(cid) = cid {
+                    let _ = relay.sessions.deliver(&cid, SessionInput::Stray(resp));
+                }
+            }
+            EndpointEvent::AckTimeout { tx } => {
+                debug!(?tx, "a 2xx was never acknowledged");
+            }
+        }
+    }
+}
+
+fn out_of_dialog(relay: &Arc<Relay>, r: IncomingRequest, cid: String) {
+    let span = info_span!("request", call_id = %cid, method = %r.req.method);
+    match r.req.method {
+        Method::Register => {
+            let relay = relay.clone();
+            tokio::spawn(async move { register(&relay, r) }.instrument(span));
+        }
+        Method::Invite if !has_to_tag(&r.req) => {
+            let relay = relay.clone();
+            tokio::spawn(async move { admit(relay, r) }.instrument(span));
+        }
+        Method::Options if !has_to_tag(&r.req) => {
+            let mut resp = b2bua::local_response(&r.req, 200, "OK", Some(&message::new_tag()));
+            resp.headers.push(Header::Allow(rsip::headers::Allow::new(
+                "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, REFER, NOTIFY, INFO",
+            )));
+            resp.headers.push(Header::Accept(rsip::headers::Accept::new(
+                "application/sdp, application/vnd.relay.charge+json",
+            )));
+            let _ = r.tx.respond(resp);
+        }
+        Method::Message if !has_to_tag(&r.req) => {
+            let relay = relay.clone();
+            tokio::spawn(async move { charge::handle(relay, r).await }.instrument(span));
+        }
+        Method::Ack => {}
+        Method::Subscribe | Method::Publish => {
+            let mut resp =
+                b2bua::local_response(&r.req, 405, "Method Not Allowed", Some(&message::new_tag()));
+            resp.headers.push(Header::Allow(rsip::headers::Allow::new(
+                "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, REFER, NOTIFY, INFO",
+            )));
+            let _ = r.tx.respond(resp);
+        }
+        _ => relay.refuse(&r, 481, "Call/Transaction Does Not Exist"),
+    }
+}
+
+/// REGISTER (RFC 3261 §10.3): authenticate (401), check the address of record is the
+/// user's own, update the bindings; for an application-server account, the directory too.
+fn register(relay: &Relay, r: IncomingRequest) {
+    if !relay.is_ours(&r.req.uri) {
+        relay.refuse(&r, 404, "Domain not served here");
+        return;
+    }
+    let Some(user) = relay.authenticate_request(&r) else {
+        return;
+    };
+    let aor_user = r.req.headers.iter().find_map(|h| match h {
+        Header::To(to) => to
+            .typed()
+            .ok()
+            .and_then(|t| t.uri.user().map(|u| u.to_string())),
+        _ => None,
+    });
+    if aor_user.as_deref() != Some(user.as_str()) {
+        relay.refuse(&r, 403, "Cannot register another user");
+        return;
+    }
+    let account = relay.config.server_account(&user);
+    let role = match account {
+        Some(a) => Role::AppServer {
+            allowed_services: a.allowed_services(),
+        },
+        None if relay.config.user(&user).is_some() => Role::Subscriber,
+        None => {
+            relay.refuse(&r, 403, "Unknown account");
+            return;
+        }
+    };
+    let now = Instant::now();
+    let outcome = RegisterRequest::from_sip(&r.req, Some(r.from))
+        .and_then(|rr| relay.registrar.register(&user, role, &rr, now));
+    match outcome {
+        Ok(ok) => {
+            if account.is_some() {
+                for gone in &ok.removed {
+                    relay.directory.remove_dynamic(&user, &gone.uri_text);
+                }
+                let servers: Vec<_> = ok
+                    .bindings
+                    .iter()
+                    .filter_map(|b| b.dynamic_server())
+                    .collect();
+                let (_, errors) = relay.directory.sync_account(&user, &servers);
+                for e in errors {
+                    warn!(account = %user, error = %e, "application server not added to the directory");
+                }
+            }
+            info!(user = %user, bindings = ok.bindings.len(), "registered");
+            let mut resp = b2bua::local_response(&r.req, 200, "OK", Some(&message::new_tag()));
+            resp.headers
+                .retain(|h| !matches!(h, Header::ContentLength(_)));
+            resp.headers.extend(ok.contact_headers(now));
+            message::set_content_length(&mut resp.headers, 0);
+            let _ = r.tx.respond(resp);
+        }
+        Err(e) => {
+            info!(user = %user, error = %e, "registration refused");
+            let mut resp = b2bua::local_response(
+                &r.req,
+                e.status_code(),
+                &e.reason(),
+                Some(&message::new_tag()),
+            );
+            if let Some(h) = e.extra_header() {
+                resp.headers.push(h);
+            }
+            relay.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let _ = r.tx.respond(resp);
+        }
+    }
+}
+
+/// The facts of a request that the rules look at.
+fn facts(req: &Request, plan: &str, class: &str) -> RequestFacts {
+    let ruri_params = req
+        .uri
+        .params
+        .iter()
+        .map(|p| {
+            let text = p.to_string();
+            let text = text.trim_start_matches(';');
+            match text.split_once('=') {
+                Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                None => (text.to_string(), None),
+            }
+        })
+        .collect();
+    let from_user = req
+        .headers
+        .iter()
+        .find_map(|h| match h {
+            Header::From(f) => f
+                .typed()
+                .ok()
+                .and_then(|t| t.uri.user().map(|u| u.to_string())),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let headers = req
+        .headers
+        .iter()
+        .map(|h| {
+            let text = h.to_string();
+            match text.split_once(':') {
+                Some((n, v)) => (n.trim().to_string(), v.trim().to_string()),
+                None => (text, String::new()),
+            }
+        })
+        .collect();
+    let preferred_service =
+        b2bua::other_header(&req.headers, "P-Preferred-Service").map(|s| s.trim().to_string());
+    RequestFacts {
+        method: req.method.to_string(),
+        ruri_user: req.uri.user().map(|u| u.to_string()).unwrap_or_default(),
+        ruri_params,
+        from_user,
+        headers,
+        sdp: String::from_utf8_lossy(&req.body).into_owned(),
+        preferred_service,
+        plan: plan.to_string(),
+        class: class.to_string(),
+    }
+}
+
+/// Admission of a new INVITE (claim 1's authentication, claim 2's rules): authenticate
+/// (407), then registered, then service known and subscribed; then the session starts.
+fn admit(relay: Arc<Relay>, r: IncomingRequest) {
+    if !relay.is_ours(&r.req.uri) {
+        relay.refuse(&r, 403, "Not relaying");
+        return;
+    }
+    let mut req = r.req.clone();
+    if message::decrement_max_forwards(&mut req).is_err() {
+        relay.refuse(&r, 483, "Too Many Hops");
+        return;
+    }
+    let Some(user) = relay.authenticate_request(&r) else {
+        return;
+    };
+    let Some(subscriber) = relay.config.user(&user) else {
+        relay.refuse(&r, 403, "Not a subscriber");
+        return;
+    };
+    if !relay.registrar.is_registered(&user, Instant::now()) {
+        relay.refuse(&r, 403, "Not registered");
+        return;
+    }
+    let decision = relay.rules.evaluate(
+        &facts(&r.req, &subscriber.plan, &subscriber.class),
+        utc_second_of_day(),
+    );
+    if decision.service.is_empty() {
+        relay.refuse(&r, 404, "No service requested");
+        return;
+    }
+    let known = relay
+        .config
+        .service_names()
+        .contains(decision.service.as_str())
+        || relay
+            .directory
+            .services()
+            .iter()
+            .any(|s| *s == decision.service);
+    if !known {
+        relay.refuse(&r, 404, "Unknown service");
+        return;
+    }
+    if !subscriber.subscribes_to(&decision.service) {
+        relay.refuse(&r, 403, "Service not subscribed");
+        return;
+    }
+    relay.stats.admitted.fetch_add(1, Ordering::Relaxed);
+    info!(subscriber = %user, service = %decision.service, rule = %decision.rule_name, "admitted");
+    let adm = Admission {
+        subscriber: user,
+        service: decision.service,
+        strategy: decision.strategy,
+        params: decision.params.into_iter().collect(),
+        plan: decision.plan,
+        rule: decision.rule_name,
+    };
+    session::spawn(relay, r, adm);
+}
+
+/// Sets the method of a response's CSeq (a 487 for an INVITE built from its CANCEL).
+trait WithCseqMethod {
+    fn with_cseq_method(self, method: Method) -> Self;
+}
+
+impl WithCseqMethod for rsip::Response {
+    fn with_cseq_method(mut self, method: Method) -> Self {
+        for h in self.headers.iter_mut() {
+            if let Header::CSeq(c) = h {
+                if let Ok(typed) = c.typed() {
+                    *h = Header::CSeq(rsip::headers::CSeq::new(format!("{} {method}", typed.seq)));
+                }
+            }
+        }
+        self
+    }
+}

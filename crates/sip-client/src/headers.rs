@@ -1,0 +1,103 @@
+//! Header values rsip gives no typed accessor for (Proxy-Authenticate, Refer-To, Event,
+//! P-Preferred-Service…), read by name, and the few we write.
+
+use rsip::{Header, Headers, Method};
+
+/// The values of every header named `name` (case-insensitive), in message order. The
+/// [`sip_core::wire`] layer has already expanded compact names and split comma-joined
+/// values where RFC 3261 §7.3.1 allows it.
+pub fn values(headers: &Headers, name: &str) -> Vec<String> {
+    headers
+        .iter()
+        .filter_map(|h| {
+            let text = h.to_string();
+            let (n, v) = text.split_once(':')?;
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+        .collect()
+}
+
+/// The value of the first header named `name`, if any.
+pub fn first(headers: &Headers, name: &str) -> Option<String> {
+    values(headers, name).into_iter().next()
+}
+
+/// An extension header, `Name: value`.
+pub fn other(name: &str, value: impl Into<String>) -> Header {
+    Header::Other(name.to_string(), value.into())
+}
+
+/// The CSeq number and method of a message.
+pub fn cseq(headers: &Headers) -> Option<(u32, Method)> {
+    headers.iter().find_map(|h| match h {
+        Header::CSeq(c) => c.typed().ok().map(|c| (c.seq, c.method)),
+        _ => None,
+    })
+}
+
+/// The media type of the body (`application/sdp`), lower-case, without parameters.
+pub fn content_type(headers: &Headers) -> Option<String> {
+    first(headers, "Content-Type").map(|v| {
+        v.split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    })
+}
+
+/// `Content-Type: <value>`.
+pub fn content_type_header(value: &str) -> Header {
+    Header::ContentType(rsip::headers::ContentType::new(value))
+}
+
+/// The methods this client accepts, for `Allow` (RFC 3261 §20.5).
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, NOTIFY, INFO";
+
+/// `Allow: …` listing [`ALLOW`].
+pub fn allow() -> Header {
+    Header::Allow(rsip::headers::Allow::new(ALLOW))
+}
+
+/// `User-Agent: sip-client/<version>`.
+pub fn user_agent() -> Header {
+    Header::UserAgent(rsip::headers::UserAgent::new(format!(
+        "sip-client/{}",
+        env!("CARGO_PKG_VERSION")
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn headers() -> Headers {
+        Headers::from(vec![
+            Header::CSeq(rsip::headers::CSeq::new("7 REFER")),
+            other("Refer-To", "<sip:echo@relay.test>"),
+            Header::ContentType(rsip::headers::ContentType::new(
+                "Message/SipFrag;version=2.0",
+            )),
+            Header::ProxyAuthenticate(rsip::headers::ProxyAuthenticate::new(
+                "Digest realm=\"a\", nonce=\"1\", algorithm=SHA-256",
+            )),
+            Header::ProxyAuthenticate(rsip::headers::ProxyAuthenticate::new(
+                "Digest realm=\"a\", nonce=\"1\"",
+            )),
+        ])
+    }
+
+    #[test]
+    fn reads_values_by_name() {
+        let h = headers();
+        assert_eq!(first(&h, "refer-to").as_deref(), Some("<sip:echo@relay.test>"));
+        assert_eq!(values(&h, "Proxy-Authenticate").len(), 2);
+        assert!(values(&h, "Proxy-Authenticate")[0].contains("SHA-256"));
+        assert_eq!(first(&h, "Event"), None);
+        assert_eq!(cseq(&h), Some((7, Method::Refer)));
+        assert_eq!(content_type(&h).as_deref(), Some("message/sipfrag"));
+    }
+}

@@ -1,0 +1,179 @@
+//! Registration with the relay (RFC 3261 §10): `REGISTER sip:<domain>` for
+//! `sip:<user>@<domain>` with our Contact, digest-answered (401), refreshed before it
+//! expires, removed with `Expires: 0`.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rsip::{Header, Response};
+use sip_core::message;
+
+use crate::events::{Event, Events};
+use crate::failure::Failure;
+use crate::headers;
+use crate::ua::Ua;
+
+/// One registration binding, kept across refreshes (same Call-ID, growing CSeq, §10.2.4).
+pub struct Registration {
+    ua: Ua,
+    call_id: String,
+    from_tag: String,
+    cseq: u32,
+    expires: u32,
+    events: Events,
+}
+
+impl Registration {
+    /// A registration asking for `expires` seconds.
+    pub fn new(ua: Ua, expires: u32, events: Events) -> Registration {
+        Registration {
+            call_id: message::new_call_id(&ua.local_ip().to_string()),
+            from_tag: message::new_tag(),
+            cseq: 0,
+            expires,
+            ua,
+            events,
+        }
+    }
+
+    async fn send(&mut self, expires: u32) -> anyhow::Result<Response> {
+        let uri = rsip::Uri::try_from(format!("sip:{}", self.ua.account().domain).as_str())
+            .context("the domain does not make a REGISTER Request-URI")?;
+        let aor = format!("<{}>", self.ua.account().aor());
+        let relay = self.ua.relay();
+        let ua = self.ua.clone();
+        let call_id = self.call_id.clone();
+        let from_tag = self.from_tag.clone();
+        let cseq = &mut self.cseq;
+        let (_, resp) = ua
+            .transact(relay, || {
+                *cseq += 1;
+                Ok(ua.request(
+                    rsip::Method::Register,
+                    uri.clone(),
+                    &aor,
+                    &call_id,
+                    &from_tag,
+                    *cseq,
+                    vec![
+                        Header::Expires(rsip::headers::Expires::new(expires.to_string())),
+                        headers::allow(),
+                    ],
+                    Vec::new(),
+                ))
+            })
+            .await?;
+        Ok(resp)
+    }
+
+    /// Registers (or refreshes); returns the lifetime granted. A 423 (Interval Too Brief)
+    /// is retried once with the relay's Min-Expires.
+    pub async fn register(&mut self) -> anyhow::Result<u32> {
+        let mut resp = self.send(self.expires).await?;
+        if resp.status_code.code() == 423 {
+            if let Some(min) = headers::first(&resp.headers, "Min-Expires").and_then(|v| v.trim().parse::<u32>().ok()) {
+                self.expires = min;
+                resp = self.send(self.expires).await?;
+            }
+        }
+        let code = resp.status_code.code();
+        if !(200..300).contains(&code) {
+            let reason = resp.status_code.to_string();
+            return Err(Failure::from_status("REGISTER", code, reason_of(&reason)).into());
+        }
+        let granted = granted_expires(&resp, &self.ua.contact().to_string()).unwrap_or(self.expires);
+        self.events.emit(Event::Registered {
+            aor: self.ua.account().aor(),
+            contact: self.ua.contact().to_string(),
+            expires: granted,
+            status: code,
+        });
+        Ok(granted)
+    }
+
+    /// Removes the binding (`Expires: 0`).
+    pub async fn unregister(&mut self) -> anyhow::Result<()> {
+        let resp = self.send(0).await?;
+        let code = resp.status_code.code();
+        if (200..300).contains(&code) {
+            self.events.emit(Event::Unregistered { status: code });
+            Ok(())
+        } else {
+            let reason = resp.status_code.to_string();
+            Err(Failure::from_status("REGISTER (unregister)", code, reason_of(&reason)).into())
+        }
+    }
+
+    /// Refreshes the binding before it expires, for ever. Returns only on a failure.
+    pub async fn keep_refreshed(&mut self, mut granted: u32) -> anyhow::Error {
+        loop {
+            tokio::time::sleep(refresh_after(granted)).await;
+            match self.register().await {
+                Ok(g) => granted = g,
+                Err(e) => return e,
+            }
+        }
+    }
+}
+
+/// When to refresh a binding granted for `expires` seconds: halfway, at least 1 s.
+pub fn refresh_after(expires: u32) -> Duration {
+    Duration::from_secs(u64::from(expires / 2).max(1))
+}
+
+/// The reason phrase out of a status line text `"403 Forbidden"`.
+pub fn reason_of(status_text: &str) -> &str {
+    status_text
+        .split_once(' ')
+        .map(|(_, r)| r)
+        .unwrap_or(status_text)
+}
+
+/// The lifetime the registrar granted our Contact (§10.2.4): its `expires` parameter in the
+/// 200's Contact list, else the Expires header.
+pub fn granted_expires(resp: &Response, our_contact: &str) -> Option<u32> {
+    let ours = our_contact.trim_start_matches("sip:");
+    for c in headers::values(&resp.headers, "Contact") {
+        if !c.contains(ours) {
+            continue;
+        }
+        for param in c.split(';').skip(1) {
+            if let Some((k, v)) = param.split_once('=') {
+                if k.trim().eq_ignore_ascii_case("expires") {
+                    if let Ok(n) = v.trim().trim_matches('"').parse() {
+                        return Some(n);
+                    }
+                }
+            }
+        }
+    }
+    headers::first(&resp.headers, "Expires").and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn resp(extra: &str) -> Response {
+        let text = format!(
+            "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKx\r\nFrom: <sip:a@r>;tag=1\r\nTo: <sip:a@r>;tag=2\r\nCall-ID: c\r\nCSeq: 2 REGISTER\r\n{extra}Content-Length: 0\r\n\r\n"
+        );
+        match rsip::SipMessage::try_from(text.as_str()).unwrap() {
+            rsip::SipMessage::Response(r) => r,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn granted_expiry_from_our_contact_then_header() {
+        let r = resp("Contact: <sip:b@10.0.0.9:5060>;expires=99\r\nContact: <sip:a@127.0.0.1:5070>;expires=120\r\nExpires: 3600\r\n");
+        assert_eq!(granted_expires(&r, "sip:a@127.0.0.1:5070"), Some(120));
+        let r = resp("Expires: 300\r\n");
+        assert_eq!(granted_expires(&r, "sip:a@127.0.0.1:5070"), Some(300));
+        assert_eq!(granted_expires(&resp(""), "sip:a@127.0.0.1:5070"), None);
+        assert_eq!(refresh_after(3600), Duration::from_secs(1800));
+        assert_eq!(refresh_after(1), Duration::from_secs(1));
+        assert_eq!(reason_of("403 Service not subscribed"), "Service not subscribed");
+    }
+}

@@ -1,0 +1,320 @@
+//! The user agent core: one SIP endpoint bound for the client, the relay it talks to, our
+//! Via and Contact, and the account's digest answers. Registration, the call and its
+//! sessions all send through it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use rsip::{Header, Request, Response, Uri};
+use sip_core::dialog::ViaSpec;
+use sip_core::endpoint::{ClientTx, Endpoint, EndpointConfig, EndpointEvent, ServerTx};
+use sip_core::resolve::{resolve, SystemDns, Target};
+use sip_core::transaction::Timers;
+use sip_core::transport::TransportConfig;
+use sip_core::{message, Peer, Transport};
+use tokio::sync::mpsc;
+
+use crate::auth::{with_credentials, Account, AuthError, Authenticator, Kind};
+use crate::config::Settings;
+use crate::failure::Failure;
+use crate::headers;
+
+/// The user agent: cheap to clone.
+#[derive(Clone)]
+pub struct Ua {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    relay: Peer,
+    via: ViaSpec,
+    contact: Uri,
+    local_ip: IpAddr,
+    account: Account,
+    auth: Mutex<Authenticator>,
+    timers: Timers,
+}
+
+/// The local address packets to `to` leave from (no packet is sent: a connected UDP
+/// socket only looks the route up).
+fn route_ip(to: SocketAddr) -> IpAddr {
+    let any: IpAddr = if to.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    std::net::UdpSocket::bind(SocketAddr::new(any, 0))
+        .and_then(|s| s.connect(to).and_then(|_| s.local_addr()))
+        .map(|a| a.ip())
+        .unwrap_or(Ipv4Addr::LOCALHOST.into())
+}
+
+/// Picks the target to use: the first of the transport asked for, else the first we speak.
+fn pick_target(targets: &[Target], wanted: Option<Transport>) -> anyhow::Result<Peer> {
+    let speakable = |t: &&Target| matches!(t.transport, Transport::Udp | Transport::Tcp);
+    let chosen = match wanted {
+        Some(w) => targets
+            .iter()
+            .find(|t| t.transport == w)
+            .map(|t| t.peer())
+            .or_else(|| {
+                // An IP relay resolves to UDP unless its URI says otherwise: the flag wins.
+                targets.first().map(|t| Peer { transport: w, addr: t.addr, conn: None })
+            }),
+        None => targets.iter().find(speakable).map(|t| t.peer()),
+    };
+    match chosen {
+        Some(p) if p.transport == Transport::Tls => bail!("TLS is not supported by sip-client yet"),
+        Some(p) => Ok(p),
+        None => bail!("the relay resolves only to transports sip-client does not speak (TLS)"),
+    }
+}
+
+impl Ua {
+    /// Resolves the relay (RFC 3263), binds the endpoint and works out Via and Contact.
+    /// Returns the user agent and the endpoint's events (requests to us, ACKs…).
+    pub async fn start(settings: &Settings) -> anyhow::Result<(Ua, mpsc::Receiver<EndpointEvent>)> {
+        let targets = match &settings.dns {
+            Some(dns) => resolve(&settings.relay, dns).await,
+            None => resolve(&settings.relay, &SystemDns).await,
+        }
+        .with_context(|| format!("cannot find the relay {}", settings.relay))?;
+        let relay = pick_target(&targets, settings.transport)?;
+        tracing::debug!(%relay, ?targets, "relay resolved");
+        let listen = settings
+            .listen
+            .unwrap_or_else(|| SocketAddr::new(route_ip(relay.addr), 0));
+        let timers = Timers {
+            t1: settings.t1,
+            t2: Timers::default().t2.max(settings.t1),
+            t4: Timers::default().t4,
+        };
+        let config = EndpointConfig {
+            transport: TransportConfig {
+                udp: vec![listen],
+                tcp: if relay.transport == Transport::Tcp { vec![listen] } else { Vec::new() },
+                ..TransportConfig::default()
+            },
+            timers,
+            shards: 1,
+            event_queue: 1024,
+        };
+        let (endpoint, events) = Endpoint::bind(config)
+            .await
+            .with_context(|| format!("cannot bind {listen}"))?;
+        let local = endpoint
+            .local_addr(relay.transport)
+            .with_context(|| format!("no local {} socket", relay.transport))?;
+        let transport_param = match relay.transport {
+            Transport::Udp => String::new(),
+            t => format!(";transport={}", t.param_name()),
+        };
+        let contact = Uri::try_from(format!("sip:{}@{}{}", settings.user, local, transport_param).as_str())
+            .with_context(|| format!("cannot build a Contact for {local}"))?;
+        let account = Account {
+            user: settings.user.clone(),
+            password: settings.password.clone(),
+            domain: settings.domain.clone(),
+        };
+        let inner = Inner {
+            endpoint,
+            relay,
+            via: ViaSpec { transport: relay.transport, sent_by: local.to_string() },
+            contact,
+            local_ip: local.ip(),
+            auth: Mutex::new(Authenticator::new(account.clone())),
+            account,
+            timers,
+        };
+        Ok((Ua { inner: Arc::new(inner) }, events))
+    }
+
+    /// The relay's address.
+    pub fn relay(&self) -> Peer {
+        self.inner.relay
+    }
+
+    /// How our requests' Via is written.
+    pub fn via(&self) -> &ViaSpec {
+        &self.inner.via
+    }
+
+    /// Our Contact URI.
+    pub fn contact(&self) -> &Uri {
+        &self.inner.contact
+    }
+
+    /// Our IP address (for the SDP).
+    pub fn local_ip(&self) -> IpAddr {
+        self.inner.local_ip
+    }
+
+    /// The account.
+    pub fn account(&self) -> &Account {
+        &self.inner.account
+    }
+
+    /// The transaction timers in use.
+    pub fn timers(&self) -> Timers {
+        self.inner.timers
+    }
+
+    /// 64·T1: how long a transaction may take.
+    pub fn transaction_timeout(&self) -> Duration {
+        self.inner.timers.transaction_timeout()
+    }
+
+    /// Where to send a request for `uri` (an in-dialog request's next hop): an IP host
+    /// directly, with the URI's transport or the relay's; a domain through the relay.
+    pub fn peer_for(&self, uri: &Uri) -> Peer {
+        let relay = self.inner.relay;
+        match &uri.host_with_port.host {
+            rsip::Host::IpAddr(ip) => {
+                let transport = uri
+                    .transport()
+                    .and_then(|t| Transport::from_name(&t.to_string()))
+                    .filter(|t| *t != Transport::Tls)
+                    .unwrap_or(relay.transport);
+                let port = uri
+                    .host_with_port
+                    .port
+                    .map(|p| *p.value())
+                    .unwrap_or(transport.default_port());
+                Peer { transport, addr: SocketAddr::new(*ip, port), conn: None }
+            }
+            rsip::Host::Domain(_) => relay,
+        }
+    }
+
+    /// An out-of-dialog request: Via, Max-Forwards, From (our AOR with `from_tag`), To,
+    /// Call-ID, CSeq, Contact, User-Agent, then `extra`, and the body.
+    #[allow(clippy::too_many_arguments)]
+    pub fn request(
+        &self,
+        method: rsip::Method,
+        uri: Uri,
+        to: &str,
+        call_id: &str,
+        from_tag: &str,
+        cseq: u32,
+        extra: Vec<Header>,
+        body: Vec<u8>,
+    ) -> Request {
+        let mut h = vec![
+            self.inner.via.header(),
+            Header::MaxForwards(rsip::headers::MaxForwards::new("70")),
+            Header::From(rsip::headers::From::new(format!(
+                "<{}>;tag={from_tag}",
+                self.inner.account.aor()
+            ))),
+            Header::To(rsip::headers::To::new(to.to_string())),
+            Header::CallId(rsip::headers::CallId::new(call_id.to_string())),
+            Header::CSeq(rsip::headers::CSeq::new(format!("{cseq} {method}"))),
+            Header::Contact(rsip::headers::Contact::new(format!("<{}>", self.inner.contact))),
+            headers::user_agent(),
+        ];
+        h.extend(extra);
+        let mut headers = rsip::Headers::from(h);
+        message::set_content_length(&mut headers, body.len());
+        Request { method, uri, version: rsip::Version::V2, headers, body }
+    }
+
+    /// Starts a client transaction.
+    pub fn send(&self, req: Request, to: Peer) -> anyhow::Result<ClientTx> {
+        tracing::debug!(method = %req.method, uri = %req.uri, %to, "send");
+        self.inner.endpoint.send_request(req, to).context("cannot send the request")
+    }
+
+    /// Sends an ACK for a 2xx (no transaction).
+    pub async fn send_ack(&self, ack: Request, to: Peer) {
+        if let Err(e) = self.inner.endpoint.send_stateless(&to, ack).await {
+            tracing::warn!(%to, error = %e, "ACK not sent");
+        }
+    }
+
+    /// Answers a server transaction; a closed endpoint is only logged.
+    pub fn respond(&self, tx: &ServerTx, resp: Response) {
+        if let Err(e) = tx.respond(resp) {
+            tracing::debug!(error = %e, "response not sent");
+        }
+    }
+
+    /// The credentials answering a 401/407 to `req`.
+    pub fn authenticate(&self, req: &Request, resp: &Response) -> Result<Header, AuthError> {
+        match self.inner.auth.lock() {
+            Ok(mut auth) => auth.answer(req, resp),
+            Err(poisoned) => poisoned.into_inner().answer(req, resp),
+        }
+    }
+
+    /// Runs a non-INVITE transaction to its final response, answering 401/407 challenges
+    /// (each once). `build` gives a fresh request for every attempt (new CSeq and branch);
+    /// credentials are added here. Returns the last request sent and its final response
+    /// (a timeout is a local 408).
+    pub async fn transact(
+        &self,
+        to: Peer,
+        mut build: impl FnMut() -> anyhow::Result<Request>,
+    ) -> anyhow::Result<(Request, Response)> {
+        let mut creds: Vec<Header> = Vec::new();
+        loop {
+            let mut req = build()?;
+            for c in &creds {
+                req = with_credentials(req, c.clone());
+            }
+            let mut tx = self.send(req.clone(), to)?;
+            let resp = tx.final_response().await;
+            let code = resp.status_code.code();
+            if Kind::of_status(code).is_none() {
+                return Ok((req, resp));
+            }
+            match self.authenticate(&req, &resp) {
+                Ok(h) => {
+                    if creds.len() >= 4 {
+                        return Ok((req, resp));
+                    }
+                    creds.push(h);
+                }
+                Err(AuthError::Rejected { status, realm }) => {
+                    return Err(Failure::AuthFailed(format!(
+                        "authentication failed: {} refused the credentials of {} for realm {realm:?} ({status})",
+                        req.method,
+                        self.inner.account.user
+                    ))
+                    .into())
+                }
+                Err(AuthError::NoChallenge(_)) => return Ok((req, resp)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn target_choice_follows_the_transport_asked_for() {
+        let a: SocketAddr = "192.0.2.1:5060".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:5070".parse().unwrap();
+        let targets = [
+            Target { transport: Transport::Tls, addr: a },
+            Target { transport: Transport::Tcp, addr: b },
+            Target { transport: Transport::Udp, addr: a },
+        ];
+        assert_eq!(pick_target(&targets, None).unwrap(), Peer::tcp(b));
+        assert_eq!(pick_target(&targets, Some(Transport::Udp)).unwrap(), Peer::udp(a));
+        let ip_only = [Target { transport: Transport::Udp, addr: a }];
+        assert_eq!(pick_target(&ip_only, Some(Transport::Tcp)).unwrap(), Peer::tcp(a));
+        assert!(pick_target(&targets[..1], None).is_err());
+    }
+
+    #[test]
+    fn route_ip_of_loopback_is_loopback() {
+        assert_eq!(route_ip("127.0.0.1:9".parse().unwrap()), IpAddr::from(Ipv4Addr::LOCALHOST));
+    }
+}
