@@ -199,6 +199,11 @@ pub fn carried_body(req: &Request) -> (Vec<Header>, Vec<u8>) {
     (body_headers(&req.headers).collect(), req.body.clone())
 }
 
+/// The headers describing a response's body, and the body, for carrying it in a request.
+pub fn carried_body_of_response(resp: &Response) -> (Vec<Header>, Vec<u8>) {
+    (body_headers(&resp.headers).collect(), resp.body.clone())
+}
+
 /// Extracts the value of an extension header (`Header::Other`) by name, ignoring case.
 pub fn other_header<'a>(headers: &'a rsip::Headers, name: &str) -> Option<&'a str> {
     headers.iter().find_map(|h| match h {

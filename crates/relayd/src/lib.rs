@@ -7,17 +7,21 @@
 //! composes them with `sip-core`'s endpoint and the `billing` crate: [`relay`] (shared
 //! context and dispatch), [`session`] (one task per session: inquiry, response relay,
 //! confirmation, disconnection) with [`b2bua`] (message construction), [`charge`]
-//! (application billing), [`billing_control`], and [`health`] (probes and expiry).
+//! (application billing), [`change`], [`transfer`] and [`fork`] (claims 5–7),
+//! [`billing_control`], and [`health`] (probes and expiry).
 
 pub mod auth;
 pub mod b2bua;
 pub mod billing_control;
+pub mod change;
 pub mod charge;
 pub mod cli;
 pub mod config;
 pub mod directory;
+pub mod fork;
 pub mod health;
 pub mod registrar;
 pub mod relay;
 pub mod rules;
 pub mod session;
+pub mod transfer;

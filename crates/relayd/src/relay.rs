@@ -185,6 +185,7 @@ impl Relay {
             answer_timeout: Duration::from_secs(u64::from(config.session.answer_timeout_secs)),
             ack_timeout: Duration::from_secs(32),
             probe_interval: Duration::from_secs(u64::from(config.session.probe_interval_secs)),
+            fork_timeout: Duration::from_secs(u64::from(config.session.fork_timeout_secs)),
         };
         let relay = Arc::new(Relay {
             endpoint,

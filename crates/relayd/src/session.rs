@@ -1,12 +1,15 @@
-//! The B2BUA session: one task per admitted INVITE, from inquiry to bill (DESIGN.md claims 1
-//! and 3).
+//! The B2BUA core: one task per admitted INVITE (a *call*), from inquiry to bill (DESIGN.md
+//! claims 1 and 3). A call holds one session per answered server leg — one in the ordinary
+//! case, several when the request is forked ([`crate::fork`]).
 //!
-//! 1. **Inquiry** — the candidates found in the directory are asked in order with an INVITE
-//!    leg of the relay's own; provisional answers are relayed to the terminal, and a server
-//!    that fails (no answer in time, 408, 480, 486, 5xx, 6xx) is replaced by the next. A
-//!    CANCEL from the terminal cancels the server leg.
-//! 2. **Response relay** — the server's 2xx (with its SDP answer untouched) is relayed to
-//!    the terminal with the relay as Contact, so every in-dialog request passes through it.
+//! 1. **Inquiry** — the candidates found in the directory are asked with INVITE legs of the
+//!    relay's own, in order (failover) or all at once (fork). Each leg runs in a small task
+//!    of its own ([`spawn_leg`]) that reports the server's answers to the call's inbox.
+//!    Provisional answers are relayed to the terminal; a server that fails (silent for the
+//!    inquiry timeout, 408, 480, 486, 5xx, 6xx) is replaced by the next candidate. A CANCEL
+//!    from the terminal cancels the pending legs.
+//! 2. **Response relay** — a server's 2xx (its SDP answer untouched) is relayed to the
+//!    terminal with the relay as Contact, so every in-dialog request passes through it.
 //! 3. **Confirmation** — the terminal's ACK is relayed as the ACK of the server leg; the
 //!    session is journaled in billing and its clock starts.
 //! 4. **Disconnection** — a BYE from either side is relayed to the other; the session record
@@ -14,10 +17,12 @@
 //!    does not hold the session open. In-dialog OPTIONS probes end a session whose terminal
 //!    or server vanished (cause `timeout`).
 //!
-//! Everything of one session happens in its task, fed by the [`SessionTable`] through an
-//! inbox, so its signalling is one place to read and no lock is shared between sessions.
+//! Changing a live session's service ([`crate::change`]) and transferring it to a second
+//! server ([`crate::transfer`]) reuse the same leg machinery. Everything of one call happens
+//! in its task, fed through its inbox by the [`SessionTable`], so no lock is shared between
+//! calls.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,7 +30,7 @@ use billing::record::EndCause;
 use rsip::prelude::*;
 use rsip::{Header, Method, Request, Response};
 use sip_core::dialog::{cancel_for, Dialog, DialogState};
-use sip_core::endpoint::{ClientEvent, ClientTx, IncomingRequest, ServerTx};
+use sip_core::endpoint::{ClientEvent, IncomingRequest, ServerTx};
 use sip_core::{message, Peer};
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -35,11 +40,12 @@ use crate::billing_control::SessionStart;
 use crate::charge::{self, ServedSession};
 use crate::directory::{ServerRef, Strategy};
 use crate::relay::Relay;
+use crate::{change, fork, transfer};
 
-/// What the dispatcher hands to a session.
+/// What the dispatcher and the call's own helper tasks hand to a call.
 #[derive(Debug)]
 pub enum SessionInput {
-    /// A request on one of the session's Call-IDs (in-dialog request, or a re-sent INVITE).
+    /// A request on one of the call's Call-IDs.
     Request(IncomingRequest),
     /// A CANCEL for the terminal's INVITE.
     Cancel {
@@ -47,40 +53,89 @@ pub enum SessionInput {
         req: Request,
         /// The CANCEL's transaction (answer 200).
         tx: ServerTx,
-        /// The INVITE's transaction (answer 487 if still pending).
+        /// The INVITE's transaction.
         invite: ServerTx,
     },
-    /// An ACK for a 2xx on one of the session's Call-IDs.
+    /// An ACK for a 2xx on one of the call's Call-IDs.
     Ack(Request),
     /// A response that matched no transaction (a server re-sending its 2xx).
     Stray(Response),
-    /// The result of a liveness probe of one leg.
+    /// What a server leg's INVITE got.
+    Leg {
+        /// Which leg.
+        leg: LegId,
+        /// What it got.
+        event: LegEvent,
+    },
+    /// The final answer to an in-dialog request the call sent and must act on.
+    Answered {
+        /// What the request was for.
+        purpose: AnswerPurpose,
+        /// The request sent.
+        sent: Request,
+        /// Its final response.
+        resp: Response,
+    },
+    /// The result of a liveness probe of one leg of a session.
     Probe {
-        /// Which leg was probed.
-        side: Side,
-        /// Whether it answered.
+        /// The session's id.
+        session: String,
+        /// Whether the leg answered.
         alive: bool,
     },
-    /// The relay is shutting down: end the session now.
+    /// The relay is shutting down: end everything now.
     Shutdown,
 }
 
-/// One of the two legs of a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The terminal's leg (the relay is UAS).
-    Terminal,
-    /// The application server's leg (the relay is UAC).
-    Server,
+/// What an in-dialog request sent by the call was for.
+#[derive(Debug)]
+pub enum AnswerPurpose {
+    /// A re-INVITE to the same server for a service change (claim 5); the terminal's
+    /// re-INVITE waits for the answer.
+    ChangeSameServer {
+        /// The session.
+        session: String,
+        /// The terminal's re-INVITE.
+        reinvite: IncomingRequest,
+        /// The new service and its parameters.
+        target: change::Target,
+    },
+    /// The relay's re-INVITE of the terminal with a new server's SDP (transfer, claim 6).
+    TerminalReinvite {
+        /// The session.
+        session: String,
+    },
 }
 
-/// Routes messages to live sessions by Call-ID. Sharded, so dispatching takes one small
-/// lock among many and sessions never contend with each other.
+/// Identifies one INVITE leg towards an application server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LegId(pub u64);
+
+/// What a server leg's INVITE got, as reported by its task.
+#[derive(Debug)]
+pub enum LegEvent {
+    /// A 101–199.
+    Provisional(Response),
+    /// A 2xx (again for each retransmission the server sends).
+    Answered(Response),
+    /// A final failure, or no answer in time (408, with no response).
+    Failed {
+        /// The status code (408 for silence).
+        code: u16,
+        /// The response, when there was one.
+        resp: Option<Response>,
+    },
+}
+
+/// Routes messages to live calls by Call-ID. Sharded, so dispatching takes one small lock
+/// among many and calls never contend with each other.
 pub struct SessionTable {
     shards: Vec<Mutex<HashMap<String, mpsc::UnboundedSender<SessionInput>>>>,
 }
 
 const TABLE_SHARDS: usize = 64;
+
+type Inbox = mpsc::UnboundedSender<SessionInput>;
 
 impl Default for SessionTable {
     fn default() -> Self {
@@ -93,10 +148,7 @@ impl Default for SessionTable {
 }
 
 impl SessionTable {
-    fn shard(
-        &self,
-        call_id: &str,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<SessionInput>>> {
+    fn shard(&self, call_id: &str) -> std::sync::MutexGuard<'_, HashMap<String, Inbox>> {
         let h = call_id
             .bytes()
             .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
@@ -105,8 +157,8 @@ impl SessionTable {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Routes `call_id` to a session's inbox.
-    pub fn insert(&self, call_id: &str, inbox: mpsc::UnboundedSender<SessionInput>) {
+    /// Routes `call_id` to a call's inbox.
+    pub fn insert(&self, call_id: &str, inbox: Inbox) {
         self.shard(call_id).insert(call_id.to_string(), inbox);
     }
 
@@ -115,12 +167,12 @@ impl SessionTable {
         self.shard(call_id).remove(call_id);
     }
 
-    /// The inbox of the session owning `call_id`.
-    pub fn get(&self, call_id: &str) -> Option<mpsc::UnboundedSender<SessionInput>> {
+    /// The inbox of the call owning `call_id`.
+    pub fn get(&self, call_id: &str) -> Option<Inbox> {
         self.shard(call_id).get(call_id).cloned()
     }
 
-    /// Hands `input` to the session owning `call_id`; gives it back when there is none.
+    /// Hands `input` to the call owning `call_id`; gives it back when there is none.
     pub fn deliver(&self, call_id: &str, input: SessionInput) -> Result<(), SessionInput> {
         match self.get(call_id) {
             Some(tx) => tx.send(input).map_err(|e| e.0),
@@ -128,7 +180,7 @@ impl SessionTable {
         }
     }
 
-    /// Tells every session to end (relay shutdown).
+    /// Tells every call to end (relay shutdown).
     pub fn shutdown_all(&self) {
         for shard in &self.shards {
             let map = shard.lock().unwrap_or_else(|p| p.into_inner());
@@ -138,7 +190,7 @@ impl SessionTable {
         }
     }
 
-    /// How many Call-IDs are routed (two or more per session).
+    /// How many Call-IDs are routed (two or more per call).
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -182,6 +234,8 @@ pub struct SessionLimits {
     pub ack_timeout: Duration,
     /// How often each leg of an established session is probed with OPTIONS; zero disables.
     pub probe_interval: Duration,
+    /// How long a forked inquiry waits for answers before cancelling the pending legs.
+    pub fork_timeout: Duration,
 }
 
 impl Default for SessionLimits {
@@ -191,56 +245,123 @@ impl Default for SessionLimits {
             answer_timeout: Duration::from_secs(120),
             ack_timeout: Duration::from_secs(32),
             probe_interval: Duration::from_secs(30),
+            fork_timeout: Duration::from_secs(30),
         }
     }
 }
 
-/// The terminal's leg.
-struct TerminalLeg {
-    invite: Request,
-    tx: ServerTx,
-    peer: Peer,
-    call_id: String,
-    tag: String,
-    dialog: Option<Dialog>,
-}
-
-/// An application server's leg.
-struct ServerLeg {
-    server: ServerRef,
-    invite: Request,
-    peer: Peer,
-    call_id: String,
-    ctx: ClientTx,
-    dialog: Dialog,
-    ack: Option<Request>,
-}
-
-/// A re-INVITE relayed from one side whose 2xx the other side's ACK must follow.
-struct PendingAck {
-    /// The side whose ACK we wait for (the side that sent the re-INVITE).
-    from: Side,
-    /// The re-INVITE we sent on the other side.
-    sent: Request,
-}
-
-struct Session {
-    relay: Arc<Relay>,
-    id: String,
-    adm: Admission,
-    inbox: mpsc::UnboundedReceiver<SessionInput>,
-    me: mpsc::UnboundedSender<SessionInput>,
-    a: TerminalLeg,
-    routed: Vec<String>,
-    pending_ack: Option<PendingAck>,
-}
-
 /// Whether a failure from a server makes the inquiry try the next candidate.
-fn fails_over(code: u16) -> bool {
+pub fn fails_over(code: u16) -> bool {
     matches!(code, 408 | 480 | 486 | 500..=699)
 }
 
-/// Starts the session task for an admitted INVITE.
+/// The terminal's INVITE.
+pub(crate) struct TerminalRequest {
+    pub(crate) invite: Request,
+    pub(crate) tx: ServerTx,
+    pub(crate) peer: Peer,
+    pub(crate) call_id: String,
+    /// Whether the INVITE has had a final response.
+    pub(crate) final_sent: bool,
+}
+
+/// An application server's leg, once it answered 2xx.
+pub(crate) struct ServerLeg {
+    pub(crate) server: ServerRef,
+    pub(crate) invite: Request,
+    pub(crate) peer: Peer,
+    pub(crate) call_id: String,
+    pub(crate) dialog: Dialog,
+    pub(crate) ack: Option<Request>,
+}
+
+/// What a pending INVITE leg is for.
+pub(crate) enum Purpose {
+    /// The terminal's initial request (a session of its own per 2xx).
+    Initial {
+        /// The To tag the terminal sees for this leg's answers.
+        a_tag: String,
+    },
+    /// A service change onto a new server (claim 5).
+    Change(change::Pending),
+    /// A transfer to a second server (claim 6).
+    Transfer(transfer::Pending),
+}
+
+/// An INVITE leg in flight.
+pub(crate) struct PendingLeg {
+    pub(crate) server: ServerRef,
+    pub(crate) invite: Request,
+    pub(crate) peer: Peer,
+    pub(crate) call_id: String,
+    pub(crate) purpose: Purpose,
+    /// Whether a provisional came (a CANCEL may be sent only then, RFC 3261 §9.1).
+    pub(crate) provisional: bool,
+}
+
+/// Where a session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    /// The 2xx went to the terminal; waiting for its ACK until the deadline.
+    AwaitingAck(tokio::time::Instant),
+    /// Confirmed and billed by time.
+    Established,
+    /// Over.
+    Ended,
+}
+
+/// A re-INVITE relayed from one side whose 2xx the other side's ACK must follow.
+pub(crate) struct PendingAck {
+    /// The side whose ACK we wait for (the side that sent the re-INVITE).
+    pub(crate) from: Side,
+    /// The re-INVITE we sent on the other side.
+    pub(crate) sent: Request,
+}
+
+/// One of the two legs of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The terminal's leg (the relay is UAS).
+    Terminal,
+    /// The application server's leg (the relay is UAC).
+    Server,
+}
+
+/// One session: a terminal dialog paired with a server leg, billed on its own.
+pub(crate) struct Session {
+    pub(crate) id: String,
+    pub(crate) a_dialog: Dialog,
+    pub(crate) b: ServerLeg,
+    pub(crate) service: String,
+    pub(crate) params: Vec<(String, String)>,
+    pub(crate) state: State,
+    pub(crate) pending_ack: Option<PendingAck>,
+    /// A change or transfer in progress (another is refused with 491 meanwhile).
+    pub(crate) busy: bool,
+    /// The terminal's current SDP offer (for a transfer's inquiry).
+    pub(crate) offer: (Vec<Header>, Vec<u8>),
+    pub(crate) next_probe: Option<tokio::time::Instant>,
+}
+
+/// A call: the terminal's INVITE and every session it gave.
+pub(crate) struct Call {
+    pub(crate) relay: Arc<Relay>,
+    pub(crate) me: Inbox,
+    inbox: mpsc::UnboundedReceiver<SessionInput>,
+    pub(crate) a: TerminalRequest,
+    pub(crate) adm: Admission,
+    candidates: VecDeque<ServerRef>,
+    fork: bool,
+    fork_deadline: Option<tokio::time::Instant>,
+    pub(crate) legs: HashMap<LegId, PendingLeg>,
+    next_leg: u64,
+    pub(crate) sessions: Vec<Session>,
+    cancelled: bool,
+    failures: Vec<(u16, Option<Response>)>,
+    routed: Vec<String>,
+}
+
+/// Starts the call task for an admitted INVITE.
 pub fn spawn(relay: Arc<Relay>, incoming: IncomingRequest, adm: Admission) {
     let call_id = match message::Summary::of_request(&incoming.req) {
         Ok(s) => s.call_id,
@@ -248,264 +369,313 @@ pub fn spawn(relay: Arc<Relay>, incoming: IncomingRequest, adm: Admission) {
     };
     let (me, inbox) = mpsc::unbounded_channel();
     relay.sessions.insert(&call_id, me.clone());
-    let id = format!("s-{}", message::new_tag());
-    let span = info_span!("session", session_id = %id, call_id = %call_id);
-    let session = Session {
+    let span = info_span!("call", call_id = %call_id, service = %adm.service);
+    let fork = adm.strategy == Strategy::All;
+    let call = Call {
         relay,
-        id,
-        adm,
-        inbox,
         me,
-        a: TerminalLeg {
+        inbox,
+        a: TerminalRequest {
             invite: incoming.req,
             tx: incoming.tx,
             peer: incoming.from,
             call_id: call_id.clone(),
-            tag: message::new_tag(),
-            dialog: None,
+            final_sent: false,
         },
+        adm,
+        candidates: VecDeque::new(),
+        fork,
+        fork_deadline: None,
+        legs: HashMap::new(),
+        next_leg: 0,
+        sessions: Vec::new(),
+        cancelled: false,
+        failures: Vec::new(),
         routed: vec![call_id],
-        pending_ack: None,
     };
-    tokio::spawn(session.run().instrument(span));
+    tokio::spawn(call.run().instrument(span));
 }
 
-impl Session {
-    async fn run(mut self) {
-        if let Some(mut b) = self.inquire().await {
-            if self.wait_ack(&mut b).await {
-                self.established(b).await;
+/// Spawns the task of one INVITE leg: sends it, applies the inquiry and answer timeouts,
+/// and reports every answer to the call's inbox.
+fn spawn_leg(relay: &Arc<Relay>, me: Inbox, leg: LegId, invite: Request, peer: Peer) {
+    let ctx = relay.endpoint.send_request(invite.clone(), peer);
+    let limits = relay.limits;
+    let endpoint = relay.endpoint.clone();
+    tokio::spawn(async move {
+        let mut ctx = match ctx {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                warn!(error = %e, "cannot send inquiry");
+                let _ = me.send(SessionInput::Leg {
+                    leg,
+                    event: LegEvent::Failed {
+                        code: 503,
+                        resp: None,
+                    },
+                });
+                return;
             }
+        };
+        let started = tokio::time::Instant::now();
+        let mut deadline = started + limits.inquiry_timeout;
+        let mut answered = false;
+        let mut heard = false;
+        loop {
+            tokio::select! {
+                ev = ctx.recv() => {
+                    let event = match ev {
+                        Some(ClientEvent::Response(r)) => {
+                            let code = r.status_code.code();
+                            if !heard {
+                                heard = true;
+                                deadline = started + limits.answer_timeout;
+                            }
+                            match code {
+                                100 => continue,
+                                101..=199 => LegEvent::Provisional(r),
+                                200..=299 => { answered = true; LegEvent::Answered(r) }
+                                _ => LegEvent::Failed { code, resp: Some(r) },
+                            }
+                        }
+                        Some(ClientEvent::TimedOut) => LegEvent::Failed { code: 408, resp: None },
+                        Some(ClientEvent::Failed(e)) => {
+                            warn!(error = %e, "inquiry failed");
+                            LegEvent::Failed { code: 503, resp: None }
+                        }
+                        None => return,
+                    };
+                    let last = matches!(event, LegEvent::Failed { .. });
+                    if me.send(SessionInput::Leg { leg, event }).is_err() || last {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if !answered => {
+                    if heard {
+                        // Ringing too long: cancel it (a provisional came, so CANCEL is allowed).
+                        if let Ok(cancel) = cancel_for(&invite) {
+                            let _ = endpoint.send_request(cancel, peer);
+                        }
+                    }
+                    info!(to = %peer, "no answer in time");
+                    let _ = me.send(SessionInput::Leg { leg, event: LegEvent::Failed { code: 408, resp: None } });
+                    return;
+                }
+            }
+        }
+    });
+}
+
+impl Call {
+    async fn run(mut self) {
+        self.start_inquiry().await;
+        while !self.finished() {
+            let wake = self.next_deadline();
+            let input = tokio::select! {
+                input = self.inbox.recv() => input,
+                _ = sleep_until_opt(wake) => {
+                    self.on_deadline().await;
+                    continue;
+                }
+            };
+            let Some(input) = input else { break };
+            self.on_input(input).await;
         }
         for call_id in &self.routed {
             self.relay.sessions.remove(call_id);
         }
     }
 
-    fn respond_a(&self, resp: Response) {
+    fn finished(&self) -> bool {
+        self.a.final_sent
+            && self.legs.is_empty()
+            && self.sessions.iter().all(|s| s.state == State::Ended)
+    }
+
+    fn next_deadline(&self) -> Option<tokio::time::Instant> {
+        let mut next = self.fork_deadline;
+        for s in &self.sessions {
+            let d = match s.state {
+                State::AwaitingAck(d) => Some(d),
+                State::Established => s.next_probe,
+                State::Ended => None,
+            };
+            next = match (next, d) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        next
+    }
+
+    async fn on_deadline(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.fork_deadline.is_some_and(|d| d <= now) {
+            self.fork_deadline = None;
+            info!("fork timeout: cancelling the legs still pending");
+            self.cancel_pending_legs();
+        }
+        for i in 0..self.sessions.len() {
+            match self.sessions[i].state {
+                State::AwaitingAck(d) if d <= now => {
+                    info!(session_id = %self.sessions[i].id, "terminal never acknowledged the 2xx; ending both legs");
+                    self.ack_server(i).await;
+                    self.bye(i, Side::Server);
+                    self.bye(i, Side::Terminal);
+                    self.relay
+                        .directory
+                        .session_ended(&self.sessions[i].b.server);
+                    self.sessions[i].state = State::Ended;
+                }
+                State::Established if self.sessions[i].next_probe.is_some_and(|d| d <= now) => {
+                    self.sessions[i].next_probe = Some(now + self.relay.limits.probe_interval);
+                    self.probe(i);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub(crate) fn respond_a(&mut self, resp: Response) {
+        if resp.status_code.code() >= 200 {
+            self.a.final_sent = true;
+        }
         if self.a.tx.respond(resp).is_err() {
             debug!("terminal transaction gone");
         }
     }
 
-    fn refuse_a(&self, code: u16, reason: &str) {
-        self.respond_a(b2bua::local_response(
-            &self.a.invite,
-            code,
-            reason,
-            Some(&self.a.tag),
-        ));
+    fn refuse_a(&mut self, code: u16, reason: &str) {
+        let resp = b2bua::local_response(&self.a.invite, code, reason, Some(&message::new_tag()));
+        self.respond_a(resp);
     }
 
-    /// Asks the candidates in turn; returns the server leg that answered 2xx (already
-    /// relayed to the terminal), or `None` when the terminal got a final failure.
-    async fn inquire(&mut self) -> Option<ServerLeg> {
-        let relay = self.relay.clone();
+    async fn start_inquiry(&mut self) {
         let candidates =
-            relay
+            self.relay
                 .directory
                 .candidates(&self.adm.service, self.adm.strategy, Instant::now());
         if candidates.is_empty() {
-            info!(service = %self.adm.service, "no application server available");
+            info!("no application server available");
             self.refuse_a(480, "No application server available");
-            return None;
+            return;
         }
-        let mut last: Option<u16> = None;
-        for server in candidates {
-            let Some(peer) = relay.resolve_server(&server).await else {
-                warn!(
-                    server = server.uri_text(),
-                    "cannot resolve application server"
-                );
-                continue;
-            };
-            let local = relay.local(peer.transport);
-            let hostport = server.uri().host_with_port.to_string();
-            let invite = match b2bua::inquiry_invite(&Inquiry {
-                service: &self.adm.service,
-                params: &self.adm.params,
-                subscriber: &self.adm.subscriber,
-                realm: &relay.realm,
-                server_hostport: &hostport,
-                terminal_request: &self.a.invite,
-                local: &local,
-            }) {
-                Ok(inv) => inv,
-                Err(e) => {
-                    warn!(error = %e, "cannot build inquiry");
-                    continue;
-                }
-            };
-            let Ok(summary) = message::Summary::of_request(&invite) else {
-                continue;
-            };
-            relay.sessions.insert(&summary.call_id, self.me.clone());
-            self.routed.push(summary.call_id.clone());
-            let ctx = match relay.endpoint.send_request(invite.clone(), peer) {
-                Ok(ctx) => ctx,
-                Err(e) => {
-                    warn!(error = %e, "cannot send inquiry");
-                    continue;
-                }
-            };
-            info!(server = server.uri_text(), service = %self.adm.service, "inquiring");
-            match self
-                .inquire_one(&server, invite, peer, summary.call_id, ctx)
-                .await
-            {
-                Inquired::Answered(leg) => return Some(*leg),
-                Inquired::Done => return None,
-                Inquired::Failed(code) => {
-                    if code == 408 {
-                        relay.directory.probe_result(&server, false, Instant::now());
-                    }
-                    last = Some(code);
-                }
+        if self.fork {
+            self.fork_deadline = Some(tokio::time::Instant::now() + self.relay.limits.fork_timeout);
+            info!(servers = candidates.len(), "forking the inquiry");
+            for server in candidates {
+                self.start_initial_leg(server).await;
+            }
+            if self.legs.is_empty() {
+                self.refuse_a(480, "No application server available");
+            }
+        } else {
+            self.candidates = candidates.into();
+            self.next_candidate().await;
+        }
+    }
+
+    /// Starts the next sequential candidate, or answers the terminal when none is left.
+    async fn next_candidate(&mut self) {
+        while let Some(server) = self.candidates.pop_front() {
+            if self.start_initial_leg(server).await {
+                return;
             }
         }
+        let last = self.failures.last().map(|(c, _)| *c);
         let reason = match last {
             Some(code) => format!("No application server available (last answer {code})"),
             None => "No application server available".to_string(),
         };
         self.refuse_a(480, &reason);
-        None
     }
 
-    async fn inquire_one(
+    async fn start_initial_leg(&mut self, server: ServerRef) -> bool {
+        let service = self.adm.service.clone();
+        let params = self.adm.params.clone();
+        let (headers, body) = b2bua::carried_body(&self.a.invite);
+        let purpose = Purpose::Initial {
+            a_tag: message::new_tag(),
+        };
+        self.start_leg(server, &service, &params, (headers, body), purpose)
+            .await
+    }
+
+    /// Builds and sends an inquiry INVITE to `server`; false when it could not be sent.
+    pub(crate) async fn start_leg(
         &mut self,
-        server: &ServerRef,
-        invite: Request,
-        peer: Peer,
-        call_id: String,
-        mut ctx: ClientTx,
-    ) -> Inquired {
-        let limits = self.relay.limits;
-        let started = tokio::time::Instant::now();
-        let mut deadline = started + limits.inquiry_timeout;
-        let mut cancelled = false;
-        loop {
-            tokio::select! {
-                ev = ctx.recv() => {
-                    let resp = match ev {
-                        Some(ClientEvent::Response(r)) => r,
-                        Some(ClientEvent::TimedOut) | None => {
-                            if cancelled { self.refuse_a(487, "Request Terminated"); return Inquired::Done; }
-                            return Inquired::Failed(408);
-                        }
-                        Some(ClientEvent::Failed(e)) => {
-                            warn!(error = %e, "inquiry failed");
-                            if cancelled { self.refuse_a(487, "Request Terminated"); return Inquired::Done; }
-                            return Inquired::Failed(503);
-                        }
-                    };
-                    let code = resp.status_code.code();
-                    match code {
-                        100..=199 => {
-                            // Any answer proves the server alive: now it may ring up to the answer timeout.
-                            deadline = started + limits.answer_timeout;
-                            if code > 100 && !cancelled {
-                                let contact = self.relay.local(self.a.peer.transport).contact_header();
-                                self.respond_a(b2bua::relayed_response(&self.a.invite, &resp, Some(&self.a.tag), Some(contact)));
-                            }
-                        }
-                        200..=299 => {
-                            let dialog = match Dialog::uac(&invite, &resp) {
-                                Ok(d) => d,
-                                Err(e) => {
-                                    warn!(error = %e, "unusable 2xx from server");
-                                    return Inquired::Failed(502);
-                                }
-                            };
-                            let mut leg = ServerLeg { server: server.clone(), invite, peer, call_id, ctx, dialog, ack: None };
-                            if cancelled {
-                                // CANCEL lost the race with the 2xx: confirm and hang up the leg.
-                                self.ack_server(&mut leg).await;
-                                self.bye(Side::Server, &mut leg);
-                                self.refuse_a(487, "Request Terminated");
-                                return Inquired::Done;
-                            }
-                            let contact = self.relay.local(self.a.peer.transport).contact_header();
-                            let answer = b2bua::relayed_response(&self.a.invite, &resp, Some(&self.a.tag), Some(contact));
-                            let local = self.relay.local(self.a.peer.transport).contact_uri();
-                            match Dialog::uas(&self.a.invite, &self.a.tag, local, DialogState::Confirmed) {
-                                Ok(d) => self.a.dialog = Some(d),
-                                Err(e) => {
-                                    warn!(error = %e, "terminal's INVITE cannot make a dialog");
-                                    self.ack_server(&mut leg).await;
-                                    self.bye(Side::Server, &mut leg);
-                                    self.refuse_a(400, "Cannot establish a dialog (Contact missing?)");
-                                    return Inquired::Done;
-                                }
-                            }
-                            self.relay.directory.session_started(&leg.server);
-                            info!(server = leg.server.uri_text(), "server answered");
-                            self.respond_a(answer);
-                            return Inquired::Answered(Box::new(leg));
-                        }
-                        _ => {
-                            if cancelled {
-                                self.refuse_a(487, "Request Terminated");
-                                return Inquired::Done;
-                            }
-                            if fails_over(code) {
-                                info!(server = server.uri_text(), code, "server refused; trying the next");
-                                return Inquired::Failed(code);
-                            }
-                            // A refusal that another server would give too (403, 404, 488…).
-                            self.respond_a(b2bua::relayed_response(&self.a.invite, &resp, Some(&self.a.tag), None));
-                            return Inquired::Done;
-                        }
-                    }
-                }
-                input = self.inbox.recv() => match input {
-                    Some(SessionInput::Cancel { req, tx, invite: _ }) => {
-                        let _ = tx.respond(b2bua::local_response(&req, 200, "OK", None));
-                        if !cancelled {
-                            cancelled = true;
-                            self.cancel_server(&invite, peer);
-                        }
-                    }
-                    Some(SessionInput::Shutdown) => {
-                        if !cancelled {
-                            cancelled = true;
-                            self.cancel_server(&invite, peer);
-                        }
-                    }
-                    Some(SessionInput::Request(r)) => self.refuse_early(r),
-                    Some(_) => {}
-                    None => return Inquired::Done,
-                },
-                _ = tokio::time::sleep_until(deadline) => {
-                    info!(server = server.uri_text(), "no answer in time; trying the next");
-                    self.cancel_server(&invite, peer);
-                    if cancelled { self.refuse_a(487, "Request Terminated"); return Inquired::Done; }
-                    return Inquired::Failed(408);
-                }
+        server: ServerRef,
+        service: &str,
+        params: &[(String, String)],
+        offer: (Vec<Header>, Vec<u8>),
+        purpose: Purpose,
+    ) -> bool {
+        let relay = self.relay.clone();
+        let Some(peer) = relay.resolve_server(&server).await else {
+            warn!(
+                server = server.uri_text(),
+                "cannot resolve application server"
+            );
+            return false;
+        };
+        let local = relay.local(peer.transport);
+        let hostport = server.uri().host_with_port.to_string();
+        let mut base = self.a.invite.clone();
+        base.headers.retain(|h| {
+            !matches!(
+                h,
+                Header::ContentType(_) | Header::ContentDisposition(_) | Header::ContentEncoding(_)
+            )
+        });
+        base.headers.extend(offer.0);
+        base.body = offer.1;
+        let invite = match b2bua::inquiry_invite(&Inquiry {
+            service,
+            params,
+            subscriber: &self.adm.subscriber,
+            realm: &relay.realm,
+            server_hostport: &hostport,
+            terminal_request: &base,
+            local: &local,
+        }) {
+            Ok(inv) => inv,
+            Err(e) => {
+                warn!(error = %e, "cannot build inquiry");
+                return false;
             }
+        };
+        let Ok(summary) = message::Summary::of_request(&invite) else {
+            return false;
+        };
+        relay.sessions.insert(&summary.call_id, self.me.clone());
+        self.routed.push(summary.call_id.clone());
+        let id = LegId(self.next_leg);
+        self.next_leg += 1;
+        info!(server = server.uri_text(), service, "inquiring");
+        spawn_leg(&relay, self.me.clone(), id, invite.clone(), peer);
+        self.legs.insert(
+            id,
+            PendingLeg {
+                server,
+                invite,
+                peer,
+                call_id: summary.call_id,
+                purpose,
+                provisional: false,
+            },
+        );
+        true
+    }
+
+    fn cancel_leg(&self, leg: &PendingLeg) {
+        if !leg.provisional {
+            // RFC 3261 §9.1: no CANCEL before a provisional; the leg's task stops waiting
+            // at the inquiry timeout and a late 2xx is ACKed and hung up.
+            return;
         }
-    }
-
-    /// A request on the session before it is established: the terminal cannot send in-dialog
-    /// requests yet (no dialog), and the server leg has no dialog for us either.
-    fn refuse_early(&self, r: IncomingRequest) {
-        let code = if r.req.method == Method::Invite {
-            491
-        } else {
-            481
-        };
-        let reason = if code == 491 {
-            "Request Pending"
-        } else {
-            "Call/Transaction Does Not Exist"
-        };
-        let _ =
-            r.tx.respond(b2bua::local_response(&r.req, code, reason, None));
-    }
-
-    fn cancel_server(&self, invite: &Request, peer: Peer) {
-        match cancel_for(invite) {
+        match cancel_for(&leg.invite) {
             Ok(cancel) => {
-                if let Err(e) = self.relay.endpoint.send_request(cancel, peer) {
+                if let Err(e) = self.relay.endpoint.send_request(cancel, leg.peer) {
                     warn!(error = %e, "cannot send CANCEL");
                 }
             }
@@ -513,220 +683,522 @@ impl Session {
         }
     }
 
-    async fn ack_server(&self, leg: &mut ServerLeg) {
-        let local = self.relay.local(leg.peer.transport);
-        match leg
-            .dialog
-            .ack_for_2xx(&leg.invite, &local.via(), Vec::new(), Vec::new())
-        {
-            Ok(ack) => {
-                if let Err(e) = self
-                    .relay
-                    .endpoint
-                    .send_stateless(&leg.peer, ack.clone())
-                    .await
-                {
-                    warn!(error = %e, "cannot send ACK to server");
-                }
-                leg.ack = Some(ack);
+    fn cancel_pending_legs(&mut self) {
+        for leg in self.legs.values() {
+            if matches!(leg.purpose, Purpose::Initial { .. }) {
+                self.cancel_leg(leg);
             }
-            Err(e) => warn!(error = %e, "cannot build ACK"),
         }
     }
 
-    /// Waits for the terminal's ACK and relays it to the server; `true` once confirmed.
-    async fn wait_ack(&mut self, b: &mut ServerLeg) -> bool {
-        let deadline = tokio::time::Instant::now() + self.relay.limits.ack_timeout;
-        loop {
-            tokio::select! {
-                input = self.inbox.recv() => match input {
-                    Some(SessionInput::Ack(ack)) if self.is_terminal(&ack) => {
-                        let local = self.relay.local(b.peer.transport);
-                        let (headers, body) = b2bua::carried_body(&ack);
-                        match b.dialog.ack_for_2xx(&b.invite, &local.via(), headers, body) {
-                            Ok(relayed) => {
-                                if let Err(e) = self.relay.endpoint.send_stateless(&b.peer, relayed.clone()).await {
-                                    warn!(error = %e, "cannot relay ACK to server");
-                                }
-                                b.ack = Some(relayed);
-                            }
-                            Err(e) => warn!(error = %e, "cannot build ACK for the server"),
+    async fn on_input(&mut self, input: SessionInput) {
+        match input {
+            SessionInput::Leg { leg, event } => self.on_leg(leg, event).await,
+            SessionInput::Cancel { req, tx, invite: _ } => {
+                let _ = tx.respond(b2bua::local_response(&req, 200, "OK", None));
+                if !self.a.final_sent && !self.cancelled {
+                    info!("terminal cancelled");
+                    self.cancelled = true;
+                    self.candidates.clear();
+                    self.cancel_pending_legs();
+                    let no_legs = !self
+                        .legs
+                        .values()
+                        .any(|l| matches!(l.purpose, Purpose::Initial { .. }));
+                    if no_legs {
+                        self.refuse_a(487, "Request Terminated");
+                    }
+                }
+            }
+            SessionInput::Ack(ack) => self.on_ack(ack).await,
+            SessionInput::Request(r) => self.on_request(r).await,
+            SessionInput::Stray(resp) => {
+                // A server re-sent its 2xx after its transaction ended: our ACK was lost.
+                if resp.status_code.code() / 100 == 2 {
+                    let cid = call_id_of(&resp.headers);
+                    if let Some(i) = self
+                        .sessions
+                        .iter()
+                        .position(|s| Some(&s.b.call_id) == cid.as_ref())
+                    {
+                        self.reack(i).await;
+                    }
+                }
+            }
+            SessionInput::Answered {
+                purpose,
+                sent,
+                resp,
+            } => match purpose {
+                AnswerPurpose::ChangeSameServer {
+                    session,
+                    reinvite,
+                    target,
+                } => {
+                    change::on_same_server_answer(self, &session, reinvite, target, sent, resp)
+                        .await
+                }
+                AnswerPurpose::TerminalReinvite { session } => {
+                    transfer::on_terminal_reinvited(self, &session, sent, resp).await
+                }
+            },
+            SessionInput::Probe { session, alive } => {
+                if !alive {
+                    if let Some(i) = self.session_index(&session) {
+                        info!(session_id = %session, "a leg stopped answering; ending the session");
+                        self.end(i, EndCause::Timeout, None).await;
+                    }
+                }
+            }
+            SessionInput::Shutdown => {
+                self.cancelled = true;
+                self.candidates.clear();
+                self.cancel_pending_legs();
+                if !self.a.final_sent {
+                    self.refuse_a(503, "Relay shutting down");
+                }
+                for i in 0..self.sessions.len() {
+                    match self.sessions[i].state {
+                        State::Established => self.end(i, EndCause::RelayShutdown, None).await,
+                        State::AwaitingAck(_) => {
+                            self.ack_server(i).await;
+                            self.bye(i, Side::Server);
+                            self.bye(i, Side::Terminal);
+                            self.relay
+                                .directory
+                                .session_ended(&self.sessions[i].b.server);
+                            self.sessions[i].state = State::Ended;
                         }
-                        return true;
+                        State::Ended => {}
                     }
-                    Some(SessionInput::Request(r)) if r.req.method == Method::Bye => {
-                        // BYE before ACK (RFC 3261 §15): end both legs; nothing was confirmed.
-                        let side = if self.is_terminal(&r.req) { Side::Terminal } else { Side::Server };
-                        self.ack_server(b).await;
-                        if side == Side::Terminal { self.bye(Side::Server, b); } else { self.bye(Side::Terminal, b); }
-                        let _ = r.tx.respond(b2bua::local_response(&r.req, 200, "OK", None));
-                        self.relay.directory.session_ended(&b.server);
-                        return false;
-                    }
-                    Some(SessionInput::Request(r)) => self.refuse_early(r),
-                    Some(SessionInput::Cancel { req, tx, .. }) => {
-                        // Too late: the INVITE has its final response (RFC 3261 §9.2).
-                        let _ = tx.respond(b2bua::local_response(&req, 200, "OK", None));
-                    }
-                    Some(SessionInput::Shutdown) | None => {
-                        self.ack_server(b).await;
-                        self.bye(Side::Server, b);
-                        self.bye(Side::Terminal, b);
-                        self.relay.directory.session_ended(&b.server);
-                        return false;
-                    }
-                    Some(_) => {}
-                },
-                _ = b.ctx.recv() => {} // the server re-sending its 2xx until the ACK we relay
-                _ = tokio::time::sleep_until(deadline) => {
-                    info!("terminal never acknowledged the 2xx; ending both legs");
-                    self.ack_server(b).await;
-                    self.bye(Side::Server, b);
-                    self.bye(Side::Terminal, b);
-                    self.relay.directory.session_ended(&b.server);
-                    return false;
                 }
+                self.legs.clear();
             }
         }
     }
 
-    fn is_terminal(&self, req: &Request) -> bool {
-        req.headers.iter().any(|h| match h {
-            Header::CallId(c) => c.value().trim() == self.a.call_id,
-            _ => false,
-        })
+    pub(crate) fn session_index(&self, id: &str) -> Option<usize> {
+        self.sessions.iter().position(|s| s.id == id)
     }
 
-    /// The confirmed session: relays in-dialog traffic until a BYE, a failed probe or
-    /// shutdown ends it, then bills it.
-    async fn established(&mut self, mut b: ServerLeg) {
-        let confirmed_at = SystemTime::now();
+    async fn on_leg(&mut self, id: LegId, event: LegEvent) {
+        // A 2xx retransmission of a leg that already became a session.
+        if let LegEvent::Answered(resp) = &event {
+            let cid = call_id_of(&resp.headers);
+            if let Some(i) = self
+                .sessions
+                .iter()
+                .position(|s| Some(&s.b.call_id) == cid.as_ref() && s.b.ack.is_some())
+            {
+                self.reack(i).await;
+                return;
+            }
+        }
+        let Some(leg) = self.legs.get_mut(&id) else {
+            // A leg we stopped waiting for answered late: confirm and hang up.
+            if let LegEvent::Answered(resp) = event {
+                self.hang_up_stray_answer(resp).await;
+            }
+            return;
+        };
+        match event {
+            LegEvent::Provisional(resp) => {
+                leg.provisional = true;
+                if self.cancelled {
+                    // The CANCEL can go now that the leg is proceeding.
+                    if let Some(leg) = self.legs.get(&id) {
+                        self.cancel_leg(leg);
+                    }
+                    return;
+                }
+                if let Purpose::Initial { a_tag } = &leg.purpose {
+                    if !self.a.final_sent {
+                        let contact = self.relay.local(self.a.peer.transport).contact_header();
+                        let a_tag = a_tag.clone();
+                        let out = b2bua::relayed_response(
+                            &self.a.invite,
+                            &resp,
+                            Some(&a_tag),
+                            Some(contact),
+                        );
+                        self.respond_a(out);
+                    }
+                }
+            }
+            LegEvent::Answered(resp) => {
+                let Some(leg) = self.legs.remove(&id) else {
+                    return;
+                };
+                let dialog = match Dialog::uac(&leg.invite, &resp) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!(error = %e, "unusable 2xx from server");
+                        self.on_failure(leg, 502, None).await;
+                        return;
+                    }
+                };
+                let b = ServerLeg {
+                    server: leg.server,
+                    invite: leg.invite,
+                    peer: leg.peer,
+                    call_id: leg.call_id,
+                    dialog,
+                    ack: None,
+                };
+                match leg.purpose {
+                    Purpose::Initial { a_tag } => self.on_initial_answer(b, a_tag, resp).await,
+                    Purpose::Change(p) => change::on_new_server_answer(self, p, b, resp).await,
+                    Purpose::Transfer(p) => transfer::on_new_server_answer(self, p, b, resp).await,
+                }
+            }
+            LegEvent::Failed { code, resp } => {
+                let Some(leg) = self.legs.remove(&id) else {
+                    return;
+                };
+                self.on_failure(leg, code, resp).await;
+            }
+        }
+    }
+
+    async fn on_failure(&mut self, leg: PendingLeg, code: u16, resp: Option<Response>) {
+        if code == 408 && resp.is_none() {
+            self.relay
+                .directory
+                .probe_result(&leg.server, false, Instant::now());
+        }
+        match leg.purpose {
+            Purpose::Change(p) => {
+                return change::on_new_server_failure(self, p, leg.server, code, resp).await
+            }
+            Purpose::Transfer(p) => {
+                return transfer::on_new_server_failure(self, p, leg.server, code, resp).await
+            }
+            Purpose::Initial { .. } => {}
+        }
+        info!(server = leg.server.uri_text(), code, "server refused");
+        self.failures.push((code, resp.clone()));
+        if self.a.final_sent {
+            return;
+        }
+        if self.cancelled {
+            if !self
+                .legs
+                .values()
+                .any(|l| matches!(l.purpose, Purpose::Initial { .. }))
+            {
+                self.refuse_a(487, "Request Terminated");
+            }
+            return;
+        }
+        if self.fork {
+            let pending = self
+                .legs
+                .values()
+                .any(|l| matches!(l.purpose, Purpose::Initial { .. }));
+            if !pending && self.sessions.is_empty() {
+                let best = fork::best_response(&self.failures);
+                self.answer_with_failure(best);
+            }
+            return;
+        }
+        if fails_over(code) {
+            self.next_candidate().await;
+        } else if let Some(resp) = resp {
+            // A refusal another server would give too (403, 404, 488…): relay it.
+            let out =
+                b2bua::relayed_response(&self.a.invite, &resp, Some(&message::new_tag()), None);
+            self.respond_a(out);
+        } else {
+            self.refuse_a(code, message::reason_phrase(code));
+        }
+    }
+
+    fn answer_with_failure(&mut self, best: Option<(u16, Option<Response>)>) {
+        match best {
+            Some((code, Some(resp))) if !fails_over(code) || code >= 600 => {
+                let out =
+                    b2bua::relayed_response(&self.a.invite, &resp, Some(&message::new_tag()), None);
+                self.respond_a(out);
+            }
+            Some((code, _)) => self.refuse_a(
+                480,
+                &format!("No application server available (best answer {code})"),
+            ),
+            None => self.refuse_a(480, "No application server available"),
+        }
+    }
+
+    async fn hang_up_stray_answer(&mut self, resp: Response) {
+        // Without the leg's INVITE we cannot build a proper ACK; answer with a BYE-less
+        // best effort: the server's 2xx times out (Timer L) and it ends the dialog itself.
+        debug!(
+            code = resp.status_code.code(),
+            "late answer of a leg given up on"
+        );
+    }
+
+    async fn on_initial_answer(&mut self, mut b: ServerLeg, a_tag: String, resp: Response) {
+        if self.cancelled || (self.a.final_sent && !self.fork) {
+            // CANCEL lost the race with the 2xx (or another candidate already answered):
+            // confirm the leg and hang it up.
+            self.ack_leg(&mut b).await;
+            self.bye_leg(&mut b);
+            if !self.a.final_sent {
+                self.refuse_a(487, "Request Terminated");
+            }
+            return;
+        }
+        let local = self.relay.local(self.a.peer.transport);
+        let a_dialog = match Dialog::uas(
+            &self.a.invite,
+            &a_tag,
+            local.contact_uri(),
+            DialogState::Confirmed,
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(error = %e, "terminal's INVITE cannot make a dialog");
+                self.ack_leg(&mut b).await;
+                self.bye_leg(&mut b);
+                self.refuse_a(400, "Cannot establish a dialog (Contact missing?)");
+                return;
+            }
+        };
+        let answer = b2bua::relayed_response(
+            &self.a.invite,
+            &resp,
+            Some(&a_tag),
+            Some(local.contact_header()),
+        );
+        self.relay.directory.session_started(&b.server);
+        let id = format!("s-{}", message::new_tag());
+        info!(session_id = %id, server = b.server.uri_text(), "server answered");
+        let offer = b2bua::carried_body(&self.a.invite);
+        self.sessions.push(Session {
+            id,
+            a_dialog,
+            b,
+            service: self.adm.service.clone(),
+            params: self.adm.params.clone(),
+            state: State::AwaitingAck(tokio::time::Instant::now() + self.relay.limits.ack_timeout),
+            pending_ack: None,
+            busy: false,
+            offer,
+            next_probe: None,
+        });
+        // The first 2xx completes the INVITE transaction; further 2xx of a fork go out
+        // through the transaction's Accepted state (RFC 6026), each with its own To tag.
+        self.a.final_sent = true;
+        if self.a.tx.respond(answer).is_err() {
+            debug!("terminal transaction gone");
+        }
+    }
+
+    /// The session whose terminal dialog has this local tag (the To tag of the terminal's
+    /// in-dialog requests).
+    fn session_by_a_tag(&self, req: &Request) -> Option<usize> {
+        let tag = to_tag_of(&req.headers)?;
+        self.sessions
+            .iter()
+            .position(|s| s.a_dialog.id().local_tag == tag && s.state != State::Ended)
+    }
+
+    fn session_by_b_call_id(&self, req: &Request) -> Option<usize> {
+        let cid = call_id_of(&req.headers)?;
+        self.sessions
+            .iter()
+            .position(|s| s.b.call_id == cid && s.state != State::Ended)
+    }
+
+    pub(crate) fn is_terminal(&self, req: &Request) -> bool {
+        call_id_of(&req.headers).as_deref() == Some(self.a.call_id.as_str())
+    }
+
+    async fn on_ack(&mut self, ack: Request) {
+        if !self.is_terminal(&ack) {
+            return; // servers have no reason to ACK us: we never answer their INVITE with 2xx
+        }
+        let Some(i) = self.session_by_a_tag(&ack) else {
+            return;
+        };
+        match self.sessions[i].state {
+            State::AwaitingAck(_) => {
+                let (headers, body) = b2bua::carried_body(&ack);
+                let s = &mut self.sessions[i];
+                let local = self.relay.local(s.b.peer.transport);
+                match s
+                    .b
+                    .dialog
+                    .ack_for_2xx(&s.b.invite, &local.via(), headers, body)
+                {
+                    Ok(relayed) => {
+                        if let Err(e) = self
+                            .relay
+                            .endpoint
+                            .send_stateless(&s.b.peer, relayed.clone())
+                            .await
+                        {
+                            warn!(error = %e, "cannot relay ACK to server");
+                        }
+                        s.b.ack = Some(relayed);
+                    }
+                    Err(e) => warn!(error = %e, "cannot build ACK for the server"),
+                }
+                self.establish(i).await;
+            }
+            State::Established => self.relay_ack(i, ack).await,
+            State::Ended => {}
+        }
+    }
+
+    async fn establish(&mut self, i: usize) {
+        let s = &self.sessions[i];
         let start = SessionStart {
-            session_id: self.id.clone(),
+            session_id: s.id.clone(),
             call_id: self.a.call_id.clone(),
             subscriber: self.adm.subscriber.clone(),
-            service: self.adm.service.clone(),
-            server: b.server.uri_text().to_string(),
+            service: s.service.clone(),
+            server: s.b.server.uri_text().to_string(),
             plan: self.adm.plan.clone(),
-            confirmed_at,
+            confirmed_at: SystemTime::now(),
         };
         if let Err(e) = self.relay.billing.session_confirmed(start).await {
             // A session that cannot be billed is not delivered.
             warn!(error = %format!("{e:#}"), "cannot journal the session; ending it");
-            self.bye(Side::Server, &mut b);
-            self.bye(Side::Terminal, &mut b);
-            self.relay.directory.session_ended(&b.server);
+            self.bye(i, Side::Server);
+            self.bye(i, Side::Terminal);
+            self.relay
+                .directory
+                .session_ended(&self.sessions[i].b.server);
+            self.sessions[i].state = State::Ended;
             return;
         }
+        let s = &mut self.sessions[i];
+        s.state = State::Established;
+        let interval = self.relay.limits.probe_interval;
+        s.next_probe = (!interval.is_zero()).then(|| tokio::time::Instant::now() + interval);
+        self.index(i);
+        let s = &self.sessions[i];
+        info!(session_id = %s.id, server = s.b.server.uri_text(), service = %s.service, subscriber = %self.adm.subscriber, "session established");
+    }
+
+    /// Makes session `i` findable by charge requests.
+    pub(crate) fn index(&self, i: usize) {
+        let s = &self.sessions[i];
         self.relay.served.insert(ServedSession {
-            session_id: self.id.clone(),
+            session_id: s.id.clone(),
             subscriber: self.adm.subscriber.clone(),
-            service: self.adm.service.clone(),
-            server: b.server.uri_text().to_string(),
-            server_call_id: b.call_id.clone(),
+            service: s.service.clone(),
+            server: s.b.server.uri_text().to_string(),
+            server_call_id: s.b.call_id.clone(),
             terminal_call_id: self.a.call_id.clone(),
         });
-        info!(server = b.server.uri_text(), service = %self.adm.service, subscriber = %self.adm.subscriber, "session established");
-        let interval = self.relay.limits.probe_interval;
-        let probing = !interval.is_zero();
-        let mut probe = tokio::time::interval_at(
-            tokio::time::Instant::now() + interval.max(Duration::from_millis(1)),
-            interval.max(Duration::from_millis(1)),
-        );
-        loop {
-            tokio::select! {
-                input = self.inbox.recv() => {
-                    let Some(input) = input else { return };
-                    match input {
-                        SessionInput::Request(r) => {
-                            let side = if self.is_terminal(&r.req) { Side::Terminal } else { Side::Server };
-                            if r.req.method == Method::Bye {
-                                let cause = if side == Side::Terminal { EndCause::CallerBye } else { EndCause::ServerBye };
-                                self.end(&mut b, cause, Some((side, r))).await;
-                                return;
-                            }
-                            if side == Side::Server && r.req.method == Method::Message && charge::is_charge(&r.req) {
-                                // Application billing on the leg the relay set up (claim 4).
-                                if let Some(served) = self.relay.served.find(&self.id) {
-                                    tokio::spawn(charge::handle_in_dialog(self.relay.clone(), r, served));
-                                }
-                                continue;
-                            }
-                            self.relay_in_dialog(&mut b, side, r);
-                        }
-                        SessionInput::Ack(ack) => self.relay_ack(&mut b, ack).await,
-                        SessionInput::Stray(resp) => {
-                            // The server re-sent its 2xx: our ACK was lost.
-                            if resp.status_code.code() / 100 == 2 {
-                                if let Some(ack) = b.ack.clone() {
-                                    let _ = self.relay.endpoint.send_stateless(&b.peer, ack).await;
-                                }
-                            }
-                        }
-                        SessionInput::Cancel { req, tx, .. } => {
-                            let _ = tx.respond(b2bua::local_response(&req, 200, "OK", None));
-                        }
-                        SessionInput::Probe { side, alive } => {
-                            if !alive {
-                                info!(?side, "leg stopped answering; ending the session");
-                                self.end(&mut b, EndCause::Timeout, None).await;
-                                return;
-                            }
-                        }
-                        SessionInput::Shutdown => {
-                            self.end(&mut b, EndCause::RelayShutdown, None).await;
-                            return;
-                        }
-                    }
+    }
+
+    async fn on_request(&mut self, r: IncomingRequest) {
+        let from_terminal = self.is_terminal(&r.req);
+        let found = if from_terminal {
+            self.session_by_a_tag(&r.req)
+        } else {
+            self.session_by_b_call_id(&r.req)
+        };
+        let Some(i) = found else {
+            let code = if r.req.method == Method::Invite && !has_to_tag(&r.req) {
+                482
+            } else {
+                481
+            };
+            let reason = if code == 482 {
+                "Loop Detected"
+            } else {
+                "Call/Transaction Does Not Exist"
+            };
+            let _ = r.tx.respond(b2bua::local_response(
+                &r.req,
+                code,
+                reason,
+                Some(&message::new_tag()),
+            ));
+            return;
+        };
+        let side = if from_terminal {
+            Side::Terminal
+        } else {
+            Side::Server
+        };
+        if r.req.method == Method::Bye {
+            match self.sessions[i].state {
+                State::Established => {
+                    let cause = if side == Side::Terminal {
+                        EndCause::CallerBye
+                    } else {
+                        EndCause::ServerBye
+                    };
+                    self.end(i, cause, Some((side, r))).await;
                 }
-                ev = b.ctx.recv() => {
-                    if let Some(ClientEvent::Response(resp)) = ev {
-                        if resp.status_code.code() / 100 == 2 {
-                            if let Some(ack) = b.ack.clone() {
-                                let _ = self.relay.endpoint.send_stateless(&b.peer, ack).await;
-                            }
-                        }
-                    }
+                _ => {
+                    // BYE before the ACK (RFC 3261 §15): end both legs; nothing was confirmed.
+                    self.ack_server(i).await;
+                    let other = if side == Side::Terminal {
+                        Side::Server
+                    } else {
+                        Side::Terminal
+                    };
+                    self.bye(i, other);
+                    let _ = r.tx.respond(b2bua::local_response(&r.req, 200, "OK", None));
+                    self.relay
+                        .directory
+                        .session_ended(&self.sessions[i].b.server);
+                    self.sessions[i].state = State::Ended;
                 }
-                _ = probe.tick(), if probing => self.probe(&mut b),
             }
+            return;
         }
+        if self.sessions[i].state != State::Established {
+            let _ =
+                r.tx.respond(b2bua::local_response(&r.req, 491, "Request Pending", None));
+            return;
+        }
+        if side == Side::Server && r.req.method == Method::Message && charge::is_charge(&r.req) {
+            // Application billing on the leg the relay set up (claim 4).
+            if let Some(served) = self.relay.served.find(&self.sessions[i].id) {
+                tokio::spawn(charge::handle_in_dialog(self.relay.clone(), r, served));
+            }
+            return;
+        }
+        if side == Side::Terminal && r.req.method == Method::Invite {
+            if let Some(target) =
+                change::requested(&r.req, &self.sessions[i].service, &self.sessions[i].params)
+            {
+                change::start(self, i, r, target).await;
+                return;
+            }
+            self.sessions[i].offer = b2bua::carried_body(&r.req);
+        }
+        if side == Side::Terminal && r.req.method == Method::Refer {
+            transfer::start(self, i, r).await;
+            return;
+        }
+        self.relay_in_dialog(i, side, r);
     }
 
-    /// Sends an in-dialog OPTIONS on each leg; the answers come back as [`SessionInput::Probe`].
-    fn probe(&mut self, b: &mut ServerLeg) {
-        for side in [Side::Terminal, Side::Server] {
-            let Some((req, peer)) =
-                self.build_request(side, b, Method::Options, Vec::new(), Vec::new())
-            else {
-                continue;
-            };
-            let Ok(mut ctx) = self.relay.endpoint.send_request(req, peer) else {
-                continue;
-            };
-            let me = self.me.clone();
-            tokio::spawn(async move {
-                let resp = ctx.final_response().await;
-                let alive = !matches!(resp.status_code.code(), 408 | 481);
-                let _ = me.send(SessionInput::Probe { side, alive });
-            });
-        }
-    }
-
-    /// Builds a request on one leg's dialog with the relay's Via for that leg.
-    fn build_request(
+    /// Builds a request on one leg's dialog of session `i` with the relay's Via for that leg.
+    pub(crate) fn build_request(
         &mut self,
+        i: usize,
         side: Side,
-        b: &mut ServerLeg,
         method: Method,
         extra: Vec<Header>,
         body: Vec<u8>,
     ) -> Option<(Request, Peer)> {
+        let a_peer = self.a.peer;
+        let relay = self.relay.clone();
+        let s = &mut self.sessions[i];
         let (dialog, peer) = match side {
-            Side::Terminal => (self.a.dialog.as_mut()?, self.a.peer),
-            Side::Server => (&mut b.dialog, b.peer),
+            Side::Terminal => (&mut s.a_dialog, a_peer),
+            Side::Server => (&mut s.b.dialog, s.b.peer),
         };
-        let local = self.relay.local(peer.transport);
+        let local = relay.local(peer.transport);
         match dialog.request(method, &local.via(), extra, body) {
             Ok(req) => Some((req, peer)),
             Err(e) => {
@@ -738,49 +1210,43 @@ impl Session {
 
     /// Relays an in-dialog request (re-INVITE, INFO, OPTIONS, UPDATE, MESSAGE, NOTIFY…) to
     /// the other leg and its final answer back.
-    fn relay_in_dialog(&mut self, b: &mut ServerLeg, from: Side, r: IncomingRequest) {
+    fn relay_in_dialog(&mut self, i: usize, from: Side, r: IncomingRequest) {
+        let s = &mut self.sessions[i];
         let dialog = match from {
-            Side::Terminal => self.a.dialog.as_mut(),
-            Side::Server => Some(&mut b.dialog),
+            Side::Terminal => &mut s.a_dialog,
+            Side::Server => &mut s.b.dialog,
         };
-        if let Some(dialog) = dialog {
-            if let Err(e) = dialog.check_remote_cseq(&r.req) {
-                debug!(error = %e, "in-dialog request out of order");
-                let _ = r.tx.respond(b2bua::local_response(
-                    &r.req,
-                    500,
-                    "CSeq out of order",
-                    None,
-                ));
-                return;
-            }
+        if let Err(e) = dialog.check_remote_cseq(&r.req) {
+            debug!(error = %e, "in-dialog request out of order");
+            let _ = r.tx.respond(b2bua::local_response(
+                &r.req,
+                500,
+                "CSeq out of order",
+                None,
+            ));
+            return;
         }
+        let _ = dialog.refresh_from_request(&r.req);
         let to = match from {
             Side::Terminal => Side::Server,
             Side::Server => Side::Terminal,
         };
         let (mut extra, body) = b2bua::carried_body(&r.req);
         for h in r.req.headers.iter() {
-            if let Header::Other(name, _) = h {
-                if [
-                    "Event",
-                    "Subscription-State",
-                    "Refer-To",
-                    "Referred-By",
-                    "P-Preferred-Service",
-                ]
-                .iter()
-                .any(|n| name.eq_ignore_ascii_case(n))
+            match h {
+                Header::Other(name, _)
+                    if ["Refer-To", "Referred-By", "P-Preferred-Service"]
+                        .iter()
+                        .any(|n| name.eq_ignore_ascii_case(n)) =>
                 {
-                    extra.push(h.clone());
+                    extra.push(h.clone())
                 }
-            }
-            if matches!(h, Header::Event(_) | Header::SubscriptionState(_)) {
-                extra.push(h.clone());
+                Header::Event(_) | Header::SubscriptionState(_) => extra.push(h.clone()),
+                _ => {}
             }
         }
         let method = r.req.method;
-        let Some((req, peer)) = self.build_request(to, b, method, extra, body) else {
+        let Some((req, peer)) = self.build_request(i, to, method, extra, body) else {
             let _ = r.tx.respond(b2bua::local_response(
                 &r.req,
                 500,
@@ -790,7 +1256,7 @@ impl Session {
             return;
         };
         if method == Method::Invite {
-            self.pending_ack = Some(PendingAck {
+            self.sessions[i].pending_ack = Some(PendingAck {
                 from,
                 sent: req.clone(),
             });
@@ -816,27 +1282,27 @@ impl Session {
         });
     }
 
-    /// Relays the ACK for a relayed re-INVITE's 2xx; ignores re-sent ACKs of the initial INVITE.
-    async fn relay_ack(&mut self, b: &mut ServerLeg, ack: Request) {
+    /// Relays the ACK for a relayed re-INVITE's 2xx; ignores re-sent ACKs of the initial
+    /// INVITE.
+    async fn relay_ack(&mut self, i: usize, ack: Request) {
         let from = if self.is_terminal(&ack) {
             Side::Terminal
         } else {
             Side::Server
         };
-        let Some(pending) = self.pending_ack.take() else {
+        let a_peer = self.a.peer;
+        let s = &mut self.sessions[i];
+        let Some(pending) = s.pending_ack.take() else {
             return;
         };
         if pending.from != from {
-            self.pending_ack = Some(pending);
+            s.pending_ack = Some(pending);
             return;
         }
         let (headers, body) = b2bua::carried_body(&ack);
         let (dialog, peer) = match from {
-            Side::Terminal => (&b.dialog, b.peer),
-            Side::Server => match self.a.dialog.as_ref() {
-                Some(d) => (d, self.a.peer),
-                None => return,
-            },
+            Side::Terminal => (&s.b.dialog, s.b.peer),
+            Side::Server => (&s.a_dialog, a_peer),
         };
         let local = self.relay.local(peer.transport);
         match dialog.ack_for_2xx(&pending.sent, &local.via(), headers, body) {
@@ -847,29 +1313,98 @@ impl Session {
         }
     }
 
-    /// Sends BYE on one leg without waiting for its answer: a party that does not answer does
-    /// not keep the session open (the transaction retransmits and times out on its own).
-    fn bye(&mut self, side: Side, b: &mut ServerLeg) {
-        if let Some((req, peer)) = self.build_request(side, b, Method::Bye, Vec::new(), Vec::new())
-        {
-            match self.relay.endpoint.send_request(req, peer) {
-                Ok(ctx) => {
-                    tokio::spawn(async move {
-                        let mut ctx = ctx;
-                        let resp = ctx.final_response().await;
-                        debug!(?side, code = resp.status_code.code(), "BYE answered");
-                    });
-                }
-                Err(e) => warn!(error = %e, "cannot send BYE"),
-            }
+    /// Sends an in-dialog OPTIONS on each leg of session `i`; the answers come back as
+    /// [`SessionInput::Probe`].
+    fn probe(&mut self, i: usize) {
+        for side in [Side::Terminal, Side::Server] {
+            let Some((req, peer)) =
+                self.build_request(i, side, Method::Options, Vec::new(), Vec::new())
+            else {
+                continue;
+            };
+            let Ok(mut ctx) = self.relay.endpoint.send_request(req, peer) else {
+                continue;
+            };
+            let me = self.me.clone();
+            let session = self.sessions[i].id.clone();
+            tokio::spawn(async move {
+                let resp = ctx.final_response().await;
+                let alive = !matches!(resp.status_code.code(), 408 | 481);
+                let _ = me.send(SessionInput::Probe { session, alive });
+            });
         }
     }
 
-    /// Ends the session: BYE to the legs that did not send one, the record committed, then the
-    /// BYE that caused it answered.
-    async fn end(
+    pub(crate) async fn ack_leg(&self, leg: &mut ServerLeg) {
+        let local = self.relay.local(leg.peer.transport);
+        match leg
+            .dialog
+            .ack_for_2xx(&leg.invite, &local.via(), Vec::new(), Vec::new())
+        {
+            Ok(ack) => {
+                if let Err(e) = self
+                    .relay
+                    .endpoint
+                    .send_stateless(&leg.peer, ack.clone())
+                    .await
+                {
+                    warn!(error = %e, "cannot send ACK to server");
+                }
+                leg.ack = Some(ack);
+            }
+            Err(e) => warn!(error = %e, "cannot build ACK"),
+        }
+    }
+
+    pub(crate) async fn ack_server(&mut self, i: usize) {
+        if self.sessions[i].b.ack.is_some() {
+            return;
+        }
+        let relay = self.relay.clone();
+        let s = &mut self.sessions[i];
+        let local = relay.local(s.b.peer.transport);
+        if let Ok(ack) =
+            s.b.dialog
+                .ack_for_2xx(&s.b.invite, &local.via(), Vec::new(), Vec::new())
+        {
+            let _ = relay.endpoint.send_stateless(&s.b.peer, ack.clone()).await;
+            s.b.ack = Some(ack);
+        }
+    }
+
+    async fn reack(&mut self, i: usize) {
+        let s = &self.sessions[i];
+        if let Some(ack) = s.b.ack.clone() {
+            let _ = self.relay.endpoint.send_stateless(&s.b.peer, ack).await;
+        }
+    }
+
+    /// Sends BYE on a server leg that is not (or no longer) part of a session.
+    pub(crate) fn bye_leg(&self, leg: &mut ServerLeg) {
+        let local = self.relay.local(leg.peer.transport);
+        match leg
+            .dialog
+            .request(Method::Bye, &local.via(), Vec::new(), Vec::new())
+        {
+            Ok(req) => send_and_forget(&self.relay, req, leg.peer, "BYE"),
+            Err(e) => warn!(error = %e, "cannot build BYE"),
+        }
+    }
+
+    /// Sends BYE on one leg of session `i` without waiting for its answer: a party that does
+    /// not answer does not keep the session open.
+    pub(crate) fn bye(&mut self, i: usize, side: Side) {
+        if let Some((req, peer)) = self.build_request(i, side, Method::Bye, Vec::new(), Vec::new())
+        {
+            send_and_forget(&self.relay, req, peer, "BYE");
+        }
+    }
+
+    /// Ends session `i`: BYE to the legs that did not send one, the record committed, then
+    /// the BYE that caused it answered.
+    pub(crate) async fn end(
         &mut self,
-        b: &mut ServerLeg,
+        i: usize,
         cause: EndCause,
         bye: Option<(Side, IncomingRequest)>,
     ) {
@@ -877,23 +1412,25 @@ impl Session {
         let initiator = bye.as_ref().map(|(side, _)| *side);
         for side in [Side::Terminal, Side::Server] {
             if Some(side) != initiator {
-                self.bye(side, b);
+                self.bye(i, side);
             }
         }
-        self.relay.directory.session_ended(&b.server);
-        self.relay.served.remove(&self.id);
+        let s = &mut self.sessions[i];
+        s.state = State::Ended;
+        self.relay.directory.session_ended(&s.b.server);
+        self.relay.served.remove(&s.id);
         let billed = self
             .relay
             .billing
-            .session_ended(&self.id, cause, ended_at)
+            .session_ended(&s.id, cause, ended_at)
             .await;
         match &billed {
-            Ok(record) => info!(
-                duration_ms = record.duration_ms,
-                cause = cause.as_str(),
-                "session ended and billed"
-            ),
-            Err(e) => warn!(error = %format!("{e:#}"), "session record not written"),
+            Ok(record) => {
+                info!(session_id = %s.id, duration_ms = record.duration_ms, cause = cause.as_str(), "session ended and billed")
+            }
+            Err(e) => {
+                warn!(session_id = %s.id, error = %format!("{e:#}"), "session record not written")
+            }
         }
         if let Some((_, r)) = bye {
             let resp = match billed {
@@ -904,10 +1441,66 @@ impl Session {
             let _ = r.tx.respond(resp);
         }
     }
+
+    /// Closes session `i`'s billing segment with `cause` and opens a new one (a new session
+    /// id) for its current service and server: a change or a transfer.
+    pub(crate) async fn new_segment(&mut self, i: usize, cause: EndCause) -> anyhow::Result<()> {
+        let now = SystemTime::now();
+        let old = self.sessions[i].id.clone();
+        self.relay.served.remove(&old);
+        self.relay.billing.session_ended(&old, cause, now).await?;
+        let new_id = format!("s-{}", message::new_tag());
+        let s = &self.sessions[i];
+        let start = SessionStart {
+            session_id: new_id.clone(),
+            call_id: self.a.call_id.clone(),
+            subscriber: self.adm.subscriber.clone(),
+            service: s.service.clone(),
+            server: s.b.server.uri_text().to_string(),
+            plan: self.adm.plan.clone(),
+            confirmed_at: now,
+        };
+        self.sessions[i].id = new_id;
+        self.relay.billing.session_confirmed(start).await?;
+        self.index(i);
+        info!(old = %old, new = %self.sessions[i].id, cause = cause.as_str(), "new billing segment");
+        Ok(())
+    }
 }
 
-enum Inquired {
-    Answered(Box<ServerLeg>),
-    Failed(u16),
-    Done,
+pub(crate) fn send_and_forget(relay: &Relay, req: Request, peer: Peer, what: &'static str) {
+    match relay.endpoint.send_request(req, peer) {
+        Ok(mut ctx) => {
+            tokio::spawn(async move {
+                let resp = ctx.final_response().await;
+                debug!(what, code = resp.status_code.code(), "answered");
+            });
+        }
+        Err(e) => warn!(error = %e, what, "cannot send"),
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+pub(crate) fn call_id_of(headers: &rsip::Headers) -> Option<String> {
+    headers.iter().find_map(|h| match h {
+        Header::CallId(c) => Some(c.value().trim().to_string()),
+        _ => None,
+    })
+}
+
+fn to_tag_of(headers: &rsip::Headers) -> Option<String> {
+    headers.iter().find_map(|h| match h {
+        Header::To(to) => to.tag().ok().flatten().map(|t| t.value().to_string()),
+        _ => None,
+    })
+}
+
+fn has_to_tag(req: &Request) -> bool {
+    to_tag_of(&req.headers).is_some()
 }

@@ -111,8 +111,9 @@ pub enum EndpointEvent {
     },
 }
 
-/// A request that opened a server transaction.
-#[derive(Debug)]
+/// A request that opened a server transaction. Cloning it clones the handle, not the
+/// transaction: only one final response can be sent.
+#[derive(Debug, Clone)]
 pub struct IncomingRequest {
     /// The request, with RFC 3581 `received`/`rport` stamped on its top Via.
     pub req: Request,
@@ -188,15 +189,17 @@ impl ClientTx {
             match self.rx.recv().await {
                 Some(ClientEvent::Response(r)) if r.status_code.code() >= 200 => return r,
                 Some(ClientEvent::Response(_)) => continue,
-                Some(ClientEvent::TimedOut) => return local_response(408, "Request Timeout"),
-                Some(ClientEvent::Failed(e)) => return local_response(503, &e),
-                None => return local_response(503, "Transaction ended"),
+                Some(ClientEvent::TimedOut) => return synthetic_response(408, "Request Timeout"),
+                Some(ClientEvent::Failed(e)) => return synthetic_response(503, &e),
+                None => return synthetic_response(503, "Transaction ended"),
             }
         }
     }
 }
 
-fn local_response(code: u16, reason: &str) -> Response {
+/// A response generated locally for a request that got none (RFC 3261 §8.1.3.1: a timeout
+/// is treated as a 408, a transport failure as a 503): no headers, only the status.
+pub fn synthetic_response(code: u16, reason: &str) -> Response {
     Response {
         status_code: message::status(code, Some(reason)),
         version: rsip::Version::V2,
