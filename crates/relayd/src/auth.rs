@@ -274,7 +274,6 @@ impl Authenticator {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use rsip::prelude::*;
 
     fn store() -> HashMap<String, StoredCredential> {
         let mut m = HashMap::new();
@@ -305,7 +304,7 @@ mod tests {
         let challenges = auth.challenge_headers(ChallengeKind::Proxy, false);
         let values: Vec<String> = challenges
             .iter()
-            .map(|h| h.to_string().splitn(2, ": ").nth(1).unwrap().to_string())
+            .map(|h| h.to_string().split_once(": ").unwrap().1.to_string())
             .collect();
         sip_core::digest::respond(
             &values[0],

@@ -93,16 +93,7 @@ pub(crate) async fn start(call: &mut Call, i: usize, r: IncomingRequest, target:
         .config
         .user(&call.adm.subscriber)
         .is_some_and(|u| u.subscribes_to(&target.service));
-    let known = relay
-        .config
-        .service_names()
-        .contains(target.service.as_str())
-        || relay
-            .directory
-            .services()
-            .iter()
-            .any(|s| *s == target.service);
-    if !known {
+    if !relay.knows_service(&target.service) {
         refuse(&r, 404, "Unknown service");
         return;
     }

@@ -625,7 +625,7 @@ mod tests {
             &path,
             format!(
                 "{users_line}[relay]\nrealm = \"relay.test\"\n[[services]]\nname = \"echo\"\n[[services]]\nname = \"clock\"\n\
-                 [[tariffs]]\nplan = \"basic\"\n[[users]]\nname = \"alice\"\npassword = \"a\"\nplan = \"basic\"\n\
+                 [[tariffs]]\nname = \"basic\"\nplan = \"basic\"\nrate = 1\ncurrency = \"EUR\"\n[[users]]\nname = \"alice\"\npassword = \"a\"\nplan = \"basic\"\n\
                  [[server_accounts]]\nname = \"as1\"\npassword = \"s\"\n"
             ),
         )

@@ -925,9 +925,6 @@ impl Config {
         } else if self.auth.algorithms.is_empty() {
             p.add("auth.algorithms", "must name at least one digest algorithm");
         }
-        if let Err(e) = self.tariff_table() {
-            p.add("tariffs", e.to_string());
-        }
         let services = self.service_names();
         let (plans, any_plan) = self.tariff_plans();
         let plan_list = || {
@@ -1058,6 +1055,13 @@ impl Config {
                         "expected a non-empty string",
                     ),
                 }
+            }
+        }
+        // The billing crate's own checks (names, currencies, increments), once the
+        // references above hold.
+        if !p.0.iter().any(|problem| problem.key.starts_with("tariffs")) {
+            if let Err(message) = self.billing_tariffs() {
+                p.add("tariffs", message);
             }
         }
 
@@ -1246,10 +1250,15 @@ impl Config {
         Ok(directory)
     }
 
+    fn billing_tariffs(&self) -> Result<billing::tariff::TariffTable, String> {
+        use serde::Deserialize as _;
+        billing::tariff::TariffTable::deserialize(toml::Value::Array(self.tariffs.clone()))
+            .map_err(|e| e.to_string().trim().to_string())
+    }
+
     /// The `[[tariffs]]` as the billing crate's table.
     pub fn tariff_table(&self) -> Result<billing::tariff::TariffTable, ConfigError> {
-        use serde::Deserialize as _;
-        billing::tariff::TariffTable::deserialize(toml::Value::Array(self.tariffs.clone())).map_err(
+        self.billing_tariffs().map_err(
             |e| ConfigError::Invalid {
                 file: self.file_name(),
                 problems: vec![Problem {
@@ -1559,9 +1568,11 @@ mod tests {
         [[services]]
         name = "echo"
         [[tariffs]]
+        name = "echo-basic"
         plan = "basic"
         service = "echo"
         rate = 1
+        currency = "EUR"
     "#;
 
     #[test]
@@ -1655,7 +1666,7 @@ mod tests {
     #[test]
     fn a_default_tariff_accepts_any_plan_and_hashes_are_credentials() {
         let text = format!(
-            "{BASE}\n[[tariffs]]\nplan = \"*\"\nrate = 5\n[[users]]\nname = \"u\"\nplan = \"whatever\"\nha1_md5 = \"{}\"\nha1_sha256 = \"{}\"\nservices = [\"*\"]\n",
+            "{BASE}\n[[tariffs]]\nname = \"any\"\nplan = \"*\"\nrate = 5\ncurrency = \"EUR\"\n[[users]]\nname = \"u\"\nplan = \"whatever\"\nha1_md5 = \"{}\"\nha1_sha256 = \"{}\"\nservices = [\"*\"]\n",
             "a".repeat(32),
             "B".repeat(64)
         );

@@ -207,6 +207,12 @@ impl Relay {
         Ok((relay, events, writer))
     }
 
+    /// Whether `service` is one the relay delivers: configured, or offered by a registered
+    /// application server.
+    pub fn knows_service(&self, service: &str) -> bool {
+        self.config.service_names().contains(service) || self.directory.services().iter().any(|s| s == service)
+    }
+
     /// The relay's address on `transport` (or its first address).
     pub fn local(&self, transport: Transport) -> LocalAddr {
         self.locals
@@ -568,16 +574,7 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
         relay.refuse(&r, 404, "No service requested");
         return;
     }
-    let known = relay
-        .config
-        .service_names()
-        .contains(decision.service.as_str())
-        || relay
-            .directory
-            .services()
-            .iter()
-            .any(|s| *s == decision.service);
-    if !known {
+    if !relay.knows_service(&decision.service) {
         relay.refuse(&r, 404, "Unknown service");
         return;
     }

@@ -42,8 +42,10 @@ use crate::directory::{ServerRef, Strategy};
 use crate::relay::Relay;
 use crate::{change, fork, transfer};
 
-/// What the dispatcher and the call's own helper tasks hand to a call.
+/// What the dispatcher and the call's own helper tasks hand to a call. (Messages move
+/// through a channel once each; boxing the large variants would only add an allocation.)
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum SessionInput {
     /// A request on one of the call's Call-IDs.
     Request(IncomingRequest),
@@ -89,6 +91,7 @@ pub enum SessionInput {
 
 /// What an in-dialog request sent by the call was for.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum AnswerPurpose {
     /// A re-INVITE to the same server for a service change (claim 5); the terminal's
     /// re-INVITE waits for the answer.
@@ -173,6 +176,7 @@ impl SessionTable {
     }
 
     /// Hands `input` to the call owning `call_id`; gives it back when there is none.
+    #[allow(clippy::result_large_err)]
     pub fn deliver(&self, call_id: &str, input: SessionInput) -> Result<(), SessionInput> {
         match self.get(call_id) {
             Some(tx) => tx.send(input).map_err(|e| e.0),
@@ -276,6 +280,7 @@ pub(crate) struct ServerLeg {
 }
 
 /// What a pending INVITE leg is for.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Purpose {
     /// The terminal's initial request (a session of its own per 2xx).
     Initial {

@@ -90,9 +90,7 @@ pub(crate) async fn start(call: &mut Call, i: usize, r: IncomingRequest) {
         refuse(&r, 491, "Request Pending");
         return;
     }
-    let known = relay.config.service_names().contains(service.as_str())
-        || relay.directory.services().iter().any(|s| *s == service);
-    if !known {
+    if !relay.knows_service(&service) {
         refuse(&r, 404, "Unknown service");
         return;
     }

@@ -161,7 +161,7 @@ fn user_remove_edits_the_users_file() {
     let config = write(
         dir.path(),
         "relayd.toml",
-        "users_file = \"users.toml\"\n[[services]]\nname = \"echo\"\n[[tariffs]]\nplan = \"basic\"\n",
+        "users_file = \"users.toml\"\n[[services]]\nname = \"echo\"\n[[tariffs]]\nname = \"basic\"\nplan = \"basic\"\nrate = 1\ncurrency = \"EUR\"\n",
     );
     let hash = "0".repeat(32);
     write(

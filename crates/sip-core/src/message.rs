@@ -107,12 +107,14 @@ pub fn reason_phrase(code: u16) -> &'static str {
         603 => "Decline",
         604 => "Does Not Exist Anywhere",
         606 => "Not Acceptable",
-        101..=199 => "Session Progress",
-        201..=299 => "OK",
-        301..=399 => "Redirect",
-        401..=499 => "Client Error",
-        501..=599 => "Server Error",
-        _ => "Global Failure",
+        _ => match code / 100 {
+            1 => "Session Progress",
+            2 => "OK",
+            3 => "Redirect",
+            4 => "Client Error",
+            5 => "Server Error",
+            _ => "Global Failure",
+        },
     }
 }
 
@@ -477,6 +479,7 @@ CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     const INVITE: &str = "INVITE sip:echo@relay.test SIP/2.0\r\n\
