@@ -78,7 +78,9 @@ impl Kind {
     fn header(self, value: String) -> Header {
         match self {
             Kind::Www => Header::Authorization(rsip::headers::Authorization::new(value)),
-            Kind::Proxy => Header::ProxyAuthorization(rsip::headers::ProxyAuthorization::new(value)),
+            Kind::Proxy => {
+                Header::ProxyAuthorization(rsip::headers::ProxyAuthorization::new(value))
+            }
         }
     }
 }
@@ -130,11 +132,6 @@ impl Authenticator {
         }
     }
 
-    /// The account.
-    pub fn account(&self) -> &Account {
-        &self.account
-    }
-
     /// The credentials header answering the 401/407 `resp` to `req` (RFC 3261 §22.2): the
     /// strongest challenge offered (SHA-256 over MD5), hashed over `req`'s method and
     /// Request-URI. [`AuthError::Rejected`] when `req` already carried credentials for the
@@ -159,7 +156,10 @@ impl Authenticator {
         if self.nonce_counts.len() >= MAX_NONCES {
             self.nonce_counts.clear();
         }
-        let nc = self.nonce_counts.entry(challenge.nonce.clone()).or_insert(0);
+        let nc = self
+            .nonce_counts
+            .entry(challenge.nonce.clone())
+            .or_insert(0);
         *nc += 1;
         let creds = challenge
             .answer(
@@ -228,7 +228,12 @@ Content-Length: 0\r\n\r\n";
         }
     }
 
-    fn challenge_response(req: &Request, server: &DigestServer, code: u16, stale: bool) -> Response {
+    fn challenge_response(
+        req: &Request,
+        server: &DigestServer,
+        code: u16,
+        stale: bool,
+    ) -> Response {
         let mut resp = response_for(req, code, None, Some("rt"));
         for value in server.challenge(1_000, stale) {
             resp.headers.push(match code {
@@ -239,10 +244,26 @@ Content-Length: 0\r\n\r\n";
         resp
     }
 
-    fn verify(server: &DigestServer, header: &Header, method: &str, password: &str) -> Result<sip_core::digest::Verified, DigestError> {
-        let value = header.to_string().split_once(':').unwrap().1.trim().to_string();
+    fn verify(
+        server: &DigestServer,
+        header: &Header,
+        method: &str,
+        password: &str,
+    ) -> Result<sip_core::digest::Verified, DigestError> {
+        let value = header
+            .to_string()
+            .split_once(':')
+            .unwrap()
+            .1
+            .trim()
+            .to_string();
         let creds = Credentials::parse(&value).unwrap();
-        server.verify(&creds, method, |u| Some(StoredCredential::from_password(u, "relay.test", password)), 1_001)
+        server.verify(
+            &creds,
+            method,
+            |u| Some(StoredCredential::from_password(u, "relay.test", password)),
+            1_001,
+        )
     }
 
     #[test]
@@ -286,14 +307,23 @@ Content-Length: 0\r\n\r\n";
         let again = challenge_response(&retried, &server, 407, false);
         assert_eq!(
             auth.answer(&retried, &again),
-            Err(AuthError::Rejected { status: 407, realm: "relay.test".into() })
+            Err(AuthError::Rejected {
+                status: 407,
+                realm: "relay.test".into()
+            })
         );
         let stale = challenge_response(&retried, &server, 407, true);
         let header2 = auth.answer(&retried, &stale).unwrap();
         let retried2 = with_credentials(retried, header2);
-        assert_eq!(headers::values(&retried2.headers, "Proxy-Authorization").len(), 1);
+        assert_eq!(
+            headers::values(&retried2.headers, "Proxy-Authorization").len(),
+            1
+        );
         // No challenge at all.
         let plain = response_for(&req, 407, None, Some("x"));
-        assert!(matches!(auth.answer(&req, &plain), Err(AuthError::NoChallenge(_))));
+        assert!(matches!(
+            auth.answer(&req, &plain),
+            Err(AuthError::NoChallenge(_))
+        ));
     }
 }

@@ -39,8 +39,14 @@ Exit status:
   4  authentication failed (wrong user or password)
   5  no answer (timeout)
   6  data connection failed
+  130  a second Ctrl-C: left without waiting for the hang-up
 
-Files: ~/.config/sip-client/config.toml (see `sip-client help call` and the README for keys).";
+Environment: SIP_CLIENT_PASSWORD (the password), SIP_CLIENT_USER, SIP_CLIENT_RELAY,
+SIP_CLIENT_DOMAIN, SIP_CLIENT_CONFIG, SIP_CLIENT_TIMER_T1_MS, RUST_LOG.
+Config file (TOML; flags and environment win): user, password, relay, domain, transport,
+listen, expires, timer_t1_ms, wait_after_eof, answer_timeout, and static DNS records
+[dns] a = { \"name\" = [\"ip\"] }, [[dns.srv]] name/priority/weight/port/target,
+[[dns.naptr]] domain/order/preference/service/replacement. See crates/sip-client/README.md.";
 
 /// `sip-client`: request services of a SIP service relay from a terminal.
 #[derive(Debug, Parser)]
@@ -76,7 +82,13 @@ pub struct CommonArgs {
     pub password_file: Option<PathBuf>,
     /// The relay: a SIP URI (sip:relay.example.com, sip:127.0.0.1:5060;transport=tcp); a
     /// domain name is resolved per RFC 3263 (NAPTR, SRV, A)
-    #[arg(short, long, global = true, env = "SIP_CLIENT_RELAY", value_name = "URI")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "SIP_CLIENT_RELAY",
+        value_name = "URI"
+    )]
     pub relay: Option<String>,
     /// The relay's domain and digest realm (REGISTER sip:DOMAIN, INVITE sip:SERVICE@DOMAIN)
     /// [default: the relay URI's host]
@@ -210,7 +222,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => n.checked_mul(1000),
         "m" | "min" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
-        other => return Err(format!("unknown unit {other:?} in {text:?} (use ms, s, m, h)")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?} (use ms, s, m, h)"
+            ))
+        }
     };
     ms.map(Duration::from_millis)
         .ok_or_else(|| format!("{text:?} is too long"))
@@ -436,7 +452,10 @@ impl Settings {
             p.clone()
         } else if let Some(path) = &args.password_file {
             let text = std::fs::read_to_string(path).map_err(|e| {
-                err(format!("--password-file {}", path.display()), format!("cannot read: {e}"))
+                err(
+                    format!("--password-file {}", path.display()),
+                    format!("cannot read: {e}"),
+                )
             })?;
             text.lines().next().unwrap_or_default().to_string()
         } else if let Some(p) = env("SIP_CLIENT_PASSWORD") {
@@ -488,7 +507,12 @@ impl Settings {
             (Some(t), _) => Some(Transport::from(t)),
             (None, Some(t)) => Some(match Transport::from_name(t) {
                 Some(t @ (Transport::Udp | Transport::Tcp)) => t,
-                _ => return Err(err(fsrc("transport"), format!("{t:?}: expected \"udp\" or \"tcp\""))),
+                _ => {
+                    return Err(err(
+                        fsrc("transport"),
+                        format!("{t:?}: expected \"udp\" or \"tcp\""),
+                    ))
+                }
             }),
             (None, None) => None,
         };
@@ -502,13 +526,17 @@ impl Settings {
         let expires = args.expires.or(file.expires).unwrap_or(3600);
         let t1_ms = args.timer_t1_ms.or(file.timer_t1_ms).unwrap_or(500);
         if !(1..=60_000).contains(&t1_ms) {
-            return Err(err("--timer-t1-ms", format!("{t1_ms}: expected 1 to 60000")));
+            return Err(err(
+                "--timer-t1-ms",
+                format!("{t1_ms}: expected 1 to 60000"),
+            ));
         }
-        let file_duration = |key: &str, v: &Option<String>| -> Result<Option<Duration>, ConfigError> {
-            v.as_deref()
-                .map(|s| parse_duration(s).map_err(|m| err(fsrc(key), m)))
-                .transpose()
-        };
+        let file_duration =
+            |key: &str, v: &Option<String>| -> Result<Option<Duration>, ConfigError> {
+                v.as_deref()
+                    .map(|s| parse_duration(s).map_err(|m| err(fsrc(key), m)))
+                    .transpose()
+            };
         let wait_after_eof = match call.and_then(|c| c.wait_after_eof) {
             Some(d) => d,
             None => file_duration("wait_after_eof", &file.wait_after_eof)?
@@ -568,11 +596,12 @@ pub fn parse_relay(text: &str) -> Result<rsip::Uri, String> {
     let with_scheme = if t.starts_with("sip:") || t.starts_with("sips:") {
         t.to_string()
     } else if t.contains("://")
-        || t
-            .split_once(':')
+        || t.split_once(':')
             .is_some_and(|(_, rest)| !rest.starts_with(|c: char| c.is_ascii_digit()))
     {
-        return Err(format!("{t:?} is not a SIP URI (sip:host[:port][;transport=tcp])"));
+        return Err(format!(
+            "{t:?} is not a SIP URI (sip:host[:port][;transport=tcp])"
+        ));
     } else {
         format!("sip:{t}")
     };
@@ -645,7 +674,10 @@ mod tests {
         None
     }
 
-    fn load(c: &Cli, env: &dyn Fn(&str) -> Option<String>) -> (Result<Settings, ConfigError>, Vec<String>) {
+    fn load(
+        c: &Cli,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> (Result<Settings, ConfigError>, Vec<String>) {
         let mut warnings = Vec::new();
         let call = match &c.command {
             Command::Call(a) => Some(a),
@@ -668,12 +700,27 @@ mod tests {
 
     #[test]
     fn env_password_and_flags_merge() {
-        let c = cli(&["-u", "alice", "--relay", "sip:127.0.0.1:5070", "--config", "/nonexistent/x.toml", "register"]);
+        let c = cli(&[
+            "-u",
+            "alice",
+            "--relay",
+            "sip:127.0.0.1:5070",
+            "--config",
+            "/nonexistent/x.toml",
+            "register",
+        ]);
         let (r, _) = load(&c, &no_env);
         let e = r.unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.toml"), "{e}");
 
-        let c = cli(&["-u", "alice", "--relay", "127.0.0.1:5070", "register", "--once"]);
+        let c = cli(&[
+            "-u",
+            "alice",
+            "--relay",
+            "127.0.0.1:5070",
+            "register",
+            "--once",
+        ]);
         let env = |k: &str| (k == "SIP_CLIENT_PASSWORD").then(|| "s3cret".to_string());
         let (r, warnings) = load(&c, &env);
         let s = r.unwrap();
@@ -683,7 +730,15 @@ mod tests {
         assert_eq!(s.relay.to_string(), "sip:127.0.0.1:5070");
         assert_eq!(s.t1, Duration::from_millis(500));
 
-        let c = cli(&["-u", "alice", "--password", "pw", "--relay", "sip:relay.test", "register"]);
+        let c = cli(&[
+            "-u",
+            "alice",
+            "--password",
+            "pw",
+            "--relay",
+            "sip:relay.test",
+            "register",
+        ]);
         let (r, warnings) = load(&c, &no_env);
         assert_eq!(r.unwrap().password, "pw");
         assert!(warnings[0].contains("ps"));
@@ -713,30 +768,65 @@ mod tests {
         assert_eq!(s.wait_after_eof, Duration::from_millis(250));
         assert!(s.dns.is_some());
         // A flag wins over the file.
-        let c = cli(&["--config", p, "-u", "carol", "call", "echo", "--wait-after-eof", "1s"]);
+        let c = cli(&[
+            "--config",
+            p,
+            "-u",
+            "carol",
+            "call",
+            "echo",
+            "--wait-after-eof",
+            "1s",
+        ]);
         let s = load(&c, &no_env).0.unwrap();
-        assert_eq!((s.user.as_str(), s.wait_after_eof), ("carol", Duration::from_secs(1)));
+        assert_eq!(
+            (s.user.as_str(), s.wait_after_eof),
+            ("carol", Duration::from_secs(1))
+        );
 
-        std::fs::write(&path, "user = \"bob\"\n[dns]\nsrv = [{ name = \"x\", port = \"no\", target = \"t\" }]\n").unwrap();
-        let e = load(&cli(&["--config", p, "register"]), &no_env).0.unwrap_err();
+        std::fs::write(
+            &path,
+            "user = \"bob\"\n[dns]\nsrv = [{ name = \"x\", port = \"no\", target = \"t\" }]\n",
+        )
+        .unwrap();
+        let e = load(&cli(&["--config", p, "register"]), &no_env)
+            .0
+            .unwrap_err();
         assert!(e.source.ends_with("config.toml: dns.srv[0].port"), "{e}");
         std::fs::write(&path, "usr = \"bob\"\n").unwrap();
-        let e = load(&cli(&["--config", p, "register"]), &no_env).0.unwrap_err();
+        let e = load(&cli(&["--config", p, "register"]), &no_env)
+            .0
+            .unwrap_err();
         assert!(e.to_string().contains("usr"), "{e}");
-        std::fs::write(&path, "user = \"bob\"\npassword = \"x\"\nrelay = \"sip:r\"\nwait_after_eof = \"soon\"\n").unwrap();
-        let e = load(&cli(&["--config", p, "call", "echo"]), &no_env).0.unwrap_err();
+        std::fs::write(
+            &path,
+            "user = \"bob\"\npassword = \"x\"\nrelay = \"sip:r\"\nwait_after_eof = \"soon\"\n",
+        )
+        .unwrap();
+        let e = load(&cli(&["--config", p, "call", "echo"]), &no_env)
+            .0
+            .unwrap_err();
         assert!(e.source.ends_with("config.toml: wait_after_eof"), "{e}");
     }
 
     #[test]
     fn relay_and_listen_forms() {
-        assert_eq!(parse_relay("relay.test").unwrap().to_string(), "sip:relay.test");
         assert_eq!(
-            parse_relay("sip:10.0.0.1:5070;transport=tcp").unwrap().to_string(),
+            parse_relay("relay.test").unwrap().to_string(),
+            "sip:relay.test"
+        );
+        assert_eq!(
+            parse_relay("sip:10.0.0.1:5070;transport=tcp")
+                .unwrap()
+                .to_string()
+                .to_lowercase(),
             "sip:10.0.0.1:5070;transport=tcp"
         );
         assert!(parse_relay("http://x").is_err());
-        assert_eq!(parse_listen("127.0.0.1").unwrap().to_string(), "127.0.0.1:0");
+        assert_eq!(
+            parse_listen("127.0.0.1").unwrap().to_string(),
+            "127.0.0.1:0"
+        );
         assert_eq!(parse_listen("127.0.0.1:5099").unwrap().port(), 5099);
         assert!(parse_listen("here").is_err());
     }
@@ -745,7 +835,12 @@ mod tests {
     fn help_lists_exit_codes() {
         use clap::CommandFactory;
         let help = Cli::command().render_long_help().to_string();
-        for needle in ["authentication failed", "no answer", "data connection failed", "~c SERVICE"] {
+        for needle in [
+            "authentication failed",
+            "no answer",
+            "data connection failed",
+            "~c SERVICE",
+        ] {
             assert!(help.contains(needle), "help lacks {needle:?}");
         }
     }

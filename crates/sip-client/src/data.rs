@@ -49,7 +49,11 @@ impl std::error::Error for DataError {}
 
 /// Connects, presents the token and waits for `OK`. Returns the stream and any bytes the
 /// gateway sent after the `OK` line in the same read.
-pub async fn open(addr: SocketAddr, token: &str, limit: Duration) -> Result<(TcpStream, Vec<u8>), DataError> {
+pub async fn open(
+    addr: SocketAddr,
+    token: &str,
+    limit: Duration,
+) -> Result<(TcpStream, Vec<u8>), DataError> {
     let work = async {
         let mut stream = TcpStream::connect(addr)
             .await
@@ -58,7 +62,7 @@ pub async fn open(addr: SocketAddr, token: &str, limit: Duration) -> Result<(Tcp
         stream
             .write_all(format!("{token}\n").as_bytes())
             .await
-            .map_err(|e| DataError::Protocol(e.to_string()))?;
+            .map_err(io_error)?;
         let mut buf = Vec::new();
         let mut chunk = [0u8; 512];
         loop {
@@ -77,10 +81,7 @@ pub async fn open(addr: SocketAddr, token: &str, limit: Duration) -> Result<(Tcp
             if buf.len() > MAX_REPLY {
                 return Err(DataError::Protocol("reply line too long".into()));
             }
-            let n = stream
-                .read(&mut chunk)
-                .await
-                .map_err(|e| DataError::Protocol(e.to_string()))?;
+            let n = stream.read(&mut chunk).await.map_err(io_error)?;
             if n == 0 {
                 return Err(DataError::ClosedBeforeOk);
             }
@@ -90,6 +91,15 @@ pub async fn open(addr: SocketAddr, token: &str, limit: Duration) -> Result<(Tcp
     tokio::time::timeout(limit, work)
         .await
         .unwrap_or(Err(DataError::Timeout))
+}
+
+/// A reset or broken pipe before `OK` is the gateway closing on us.
+fn io_error(e: std::io::Error) -> DataError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    match e.kind() {
+        ConnectionReset | ConnectionAborted | BrokenPipe => DataError::ClosedBeforeOk,
+        _ => DataError::Protocol(e.to_string()),
+    }
 }
 
 fn truncate(s: &str) -> String {
@@ -133,7 +143,9 @@ pub async fn pipe(
 ) -> PipeEnd {
     let (mut rd, mut wr) = stream.into_split();
     if !leftover.is_empty() {
-        counters.received.fetch_add(leftover.len() as u64, Ordering::Relaxed);
+        counters
+            .received
+            .fetch_add(leftover.len() as u64, Ordering::Relaxed);
         output.write(session, Bytes::from(leftover)).await;
     }
     let c_out = counters.clone();
@@ -156,7 +168,9 @@ pub async fn pipe(
                 return Ok::<_, std::io::Error>(());
             }
             counters.received.fetch_add(n as u64, Ordering::Relaxed);
-            output.write(session, Bytes::copy_from_slice(&buf[..n])).await;
+            output
+                .write(session, Bytes::copy_from_slice(&buf[..n]))
+                .await;
         }
     };
     tokio::pin!(writer, reader);
@@ -222,7 +236,16 @@ mod tests {
         let (client, mut server) = tokio::io::duplex(1024);
         let out = Output::start_on(crate::output::Mode::Auto, client);
         let counters = Arc::new(Counters::default());
-        let end = pipe(stream, leftover, Some(sub), out.clone(), 1, counters.clone(), Duration::from_secs(5)).await;
+        let end = pipe(
+            stream,
+            leftover,
+            Some(sub),
+            out.clone(),
+            1,
+            counters.clone(),
+            Duration::from_secs(5),
+        )
+        .await;
         assert_eq!(end, PipeEnd::ServerClosed { input_done: true });
         out.close().await;
         drop(out);
@@ -237,7 +260,9 @@ mod tests {
     async fn refusals_are_told_apart() {
         let addr = gateway("right", "OK\n").await;
         assert_eq!(
-            open(addr, "wrong", Duration::from_secs(5)).await.unwrap_err(),
+            open(addr, "wrong", Duration::from_secs(5))
+                .await
+                .unwrap_err(),
             DataError::Refused("unknown token".into())
         );
         // A listener that closes at once.
@@ -247,9 +272,19 @@ mod tests {
             let (s, _) = l.accept().await.unwrap();
             drop(s);
         });
-        assert_eq!(open(a, "t", Duration::from_secs(5)).await.unwrap_err(), DataError::ClosedBeforeOk);
+        assert_eq!(
+            open(a, "t", Duration::from_secs(5)).await.unwrap_err(),
+            DataError::ClosedBeforeOk
+        );
         // Nothing listening.
-        let free = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-        assert!(matches!(open(free, "t", Duration::from_secs(5)).await, Err(DataError::Connect(_))));
+        let free = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(matches!(
+            open(free, "t", Duration::from_secs(5)).await,
+            Err(DataError::Connect(_))
+        ));
     }
 }

@@ -14,7 +14,7 @@
 //! at the start of a line that begin with `~` are held until the newline, then read as a
 //! command; every other byte passes through untouched.
 
-use crate::script::{parse_action, Action, ScriptError, Target};
+use crate::script::{parse_action, Action, ScriptError};
 
 /// The help text for `~?`.
 pub const HELP: &str = "\
@@ -141,21 +141,21 @@ fn interpret(line: &[u8]) -> Interpreted {
         Some('s') => parse_action(&format!("status {rest}")),
         Some('.') => parse_action(&format!("bye {rest}")),
         Some('?') => Ok(Action::Help),
-        Some(other) => Err(ScriptError(format!("unknown escape ~{other} (~? for help)"))),
-        None => Err(ScriptError("a lone ~ (~? for help, ~~ for a literal ~)".into())),
+        Some(other) => Err(ScriptError(format!(
+            "unknown escape ~{other} (~? for help)"
+        ))),
+        None => Err(ScriptError(
+            "a lone ~ (~? for help, ~~ for a literal ~)".into(),
+        )),
     };
     Interpreted::Command(cmd)
-}
-
-/// Whether an action hangs up every session (`~.` with no session number).
-pub fn is_hangup_all(action: &Action) -> bool {
-    matches!(action, Action::Bye(Target::All))
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::script::Target;
     use crate::service::ServiceRequest;
 
     fn data(s: &str) -> Piece {
@@ -170,7 +170,10 @@ mod tests {
             out,
             vec![
                 data("hello ~c x\n"),
-                Piece::Command(Ok(Action::Change(Target::All, ServiceRequest::parse("clock").unwrap()))),
+                Piece::Command(Ok(Action::Change(
+                    Target::All,
+                    ServiceRequest::parse("clock").unwrap()
+                ))),
                 data("more\n"),
             ]
         );
@@ -181,10 +184,15 @@ mod tests {
         let mut f = EscapeFilter::new();
         assert!(f.feed(b"~t @2 ec").is_empty());
         let out = f.feed(b"ho\r\n~s\n~.\n~?\n~~tilde\n");
-        assert_eq!(out[0], Piece::Command(Ok(Action::Transfer(Target::Session(2), ServiceRequest::parse("echo").unwrap()))));
+        assert_eq!(
+            out[0],
+            Piece::Command(Ok(Action::Transfer(
+                Target::Session(2),
+                ServiceRequest::parse("echo").unwrap()
+            )))
+        );
         assert_eq!(out[1], Piece::Command(Ok(Action::Status(Target::All))));
         assert_eq!(out[2], Piece::Command(Ok(Action::Bye(Target::All))));
-        assert!(is_hangup_all(match &out[2] { Piece::Command(Ok(a)) => a, _ => unreachable!() }));
         assert_eq!(out[3], Piece::Command(Ok(Action::Help)));
         assert_eq!(out[4], data("~tilde\n"));
     }
@@ -196,12 +204,21 @@ mod tests {
         assert!(matches!(&out[0], Piece::Command(Err(e)) if e.0.contains("~x")));
         assert!(matches!(&out[1], Piece::Command(Err(_))));
         assert!(f.feed(b"~.").is_empty());
-        assert_eq!(f.finish(), vec![Piece::Command(Ok(Action::Bye(Target::All)))]);
+        assert_eq!(
+            f.finish(),
+            vec![Piece::Command(Ok(Action::Bye(Target::All)))]
+        );
         // An over-long line is data, not a command.
         let mut f = EscapeFilter::new();
         let long = format!("~{}\n", "a".repeat(2000));
         let out = f.feed(long.as_bytes());
-        let total: usize = out.iter().map(|p| match p { Piece::Data(d) => d.len(), _ => 0 }).sum();
+        let total: usize = out
+            .iter()
+            .map(|p| match p {
+                Piece::Data(d) => d.len(),
+                _ => 0,
+            })
+            .sum();
         assert_eq!(total, long.len());
     }
 }

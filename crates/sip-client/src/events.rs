@@ -34,7 +34,7 @@ pub enum Event {
         /// Its reason phrase.
         reason: String,
     },
-    /// A 2xx was ACKed: a session exists.
+    /// A 2xx arrived (its ACK goes out next): a session exists.
     Established {
         /// Session number (1, 2, … for forks).
         session: u32,
@@ -222,21 +222,23 @@ pub struct Events {
     inner: Arc<Mutex<Sinks>>,
 }
 
+/// A place lines are written to.
+type Sink = Option<Box<dyn Write + Send>>;
+
 struct Sinks {
-    human: Option<Box<dyn Write + Send>>,
-    json: Option<Box<dyn Write + Send>>,
+    human: Sink,
+    json: Sink,
 }
 
 impl Events {
     /// Human lines on stderr; with `json`, JSON lines on stderr instead, unless
     /// `events_file` takes them (then human lines stay on stderr).
     pub fn new(json: bool, events_file: Option<std::fs::File>) -> Events {
-        let (human, json): (Option<Box<dyn Write + Send>>, Option<Box<dyn Write + Send>>) =
-            match (json, events_file) {
-                (_, Some(f)) => (Some(Box::new(std::io::stderr())), Some(Box::new(f))),
-                (true, None) => (None, Some(Box::new(std::io::stderr()))),
-                (false, None) => (Some(Box::new(std::io::stderr())), None),
-            };
+        let (human, json): (Sink, Sink) = match (json, events_file) {
+            (_, Some(f)) => (Some(Box::new(std::io::stderr())), Some(Box::new(f))),
+            (true, None) => (None, Some(Box::new(std::io::stderr()))),
+            (false, None) => (Some(Box::new(std::io::stderr())), None),
+        };
         Events {
             inner: Arc::new(Mutex::new(Sinks { human, json })),
         }
@@ -244,7 +246,7 @@ impl Events {
 
     /// Events written to the given sinks (for tests).
     #[cfg(test)]
-    fn to_writers(human: Option<Box<dyn Write + Send>>, json: Option<Box<dyn Write + Send>>) -> Events {
+    fn to_writers(human: Sink, json: Sink) -> Events {
         Events {
             inner: Arc::new(Mutex::new(Sinks { human, json })),
         }
@@ -299,11 +301,25 @@ mod tests {
     fn json_lines_carry_event_name_status_and_session() {
         let (h, j) = (Buf::default(), Buf::default());
         let events = Events::to_writers(Some(Box::new(h.clone())), Some(Box::new(j.clone())));
-        events.emit(Event::Provisional { status: 180, reason: "Ringing".into() });
-        events.emit(Event::Ended { session: 2, by: "remote".into(), reason: "BYE".into(), status: None });
-        events.emit(Event::Exit { code: 0, message: String::new() });
+        events.emit(Event::Provisional {
+            status: 180,
+            reason: "Ringing".into(),
+        });
+        events.emit(Event::Ended {
+            session: 2,
+            by: "remote".into(),
+            reason: "BYE".into(),
+            status: None,
+        });
+        events.emit(Event::Exit {
+            code: 0,
+            message: String::new(),
+        });
         let json = String::from_utf8(j.0.lock().unwrap().clone()).unwrap();
-        let lines: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let lines: Vec<serde_json::Value> = json
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines[0]["event"], "provisional");
         assert_eq!(lines[0]["status"], 180);
         assert_eq!(lines[1]["event"], "ended");

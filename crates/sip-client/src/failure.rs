@@ -19,8 +19,6 @@ pub enum Failure {
     AuthFailed(String),
     /// No final answer in time (Timer B/F, a 408, or the answer timeout).
     NoAnswer(String),
-    /// The data connection could not be opened, or the gateway refused the token.
-    DataFailed(String),
 }
 
 impl Failure {
@@ -30,7 +28,6 @@ impl Failure {
             Failure::Refused { .. } => crate::EXIT_REFUSED,
             Failure::AuthFailed(_) => crate::EXIT_AUTH_FAILED,
             Failure::NoAnswer(_) => crate::EXIT_NO_ANSWER,
-            Failure::DataFailed(_) => crate::EXIT_DATA_FAILED,
         }
     }
 
@@ -52,12 +49,14 @@ impl Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Refused { what, status, reason } => {
+            Failure::Refused {
+                what,
+                status,
+                reason,
+            } => {
                 write!(f, "{what} refused by the relay: {status} {reason}")
             }
-            Failure::AuthFailed(m) | Failure::NoAnswer(m) | Failure::DataFailed(m) => {
-                f.write_str(m)
-            }
+            Failure::AuthFailed(m) | Failure::NoAnswer(m) => f.write_str(m),
         }
     }
 }
@@ -72,9 +71,17 @@ mod tests {
     fn statuses_map_to_exit_codes() {
         let refused = Failure::from_status("INVITE sip:echo@r", 403, "Service not subscribed");
         assert_eq!(refused.exit_code(), crate::EXIT_REFUSED);
-        assert_eq!(refused.to_string(), "INVITE sip:echo@r refused by the relay: 403 Service not subscribed");
-        assert_eq!(Failure::from_status("INVITE", 408, "Request Timeout").exit_code(), crate::EXIT_NO_ANSWER);
-        assert_eq!(Failure::AuthFailed("x".into()).exit_code(), crate::EXIT_AUTH_FAILED);
-        assert_eq!(Failure::DataFailed("x".into()).exit_code(), crate::EXIT_DATA_FAILED);
+        assert_eq!(
+            refused.to_string(),
+            "INVITE sip:echo@r refused by the relay: 403 Service not subscribed"
+        );
+        assert_eq!(
+            Failure::from_status("INVITE", 408, "Request Timeout").exit_code(),
+            crate::EXIT_NO_ANSWER
+        );
+        assert_eq!(
+            Failure::AuthFailed("x".into()).exit_code(),
+            crate::EXIT_AUTH_FAILED
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! Header values rsip gives no typed accessor for (Proxy-Authenticate, Refer-To, Event,
 //! P-Preferred-Service…), read by name, and the few we write.
 
+use rsip::prelude::*;
 use rsip::{Header, Headers, Method};
 
 /// The values of every header named `name` (case-insensitive), in message order. The
@@ -37,15 +38,15 @@ pub fn cseq(headers: &Headers) -> Option<(u32, Method)> {
     })
 }
 
-/// The media type of the body (`application/sdp`), lower-case, without parameters.
-pub fn content_type(headers: &Headers) -> Option<String> {
-    first(headers, "Content-Type").map(|v| {
-        v.split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase()
-    })
+/// The status code and reason phrase of a response (the peer's phrase, kept by the wire
+/// layer).
+pub fn status(resp: &rsip::Response) -> (u16, String) {
+    let text = resp.status_code.to_string();
+    let reason = text
+        .split_once(' ')
+        .map(|(_, r)| r.to_string())
+        .unwrap_or_default();
+    (resp.status_code.code(), reason)
 }
 
 /// `Content-Type: <value>`.
@@ -93,11 +94,13 @@ mod tests {
     #[test]
     fn reads_values_by_name() {
         let h = headers();
-        assert_eq!(first(&h, "refer-to").as_deref(), Some("<sip:echo@relay.test>"));
+        assert_eq!(
+            first(&h, "refer-to").as_deref(),
+            Some("<sip:echo@relay.test>")
+        );
         assert_eq!(values(&h, "Proxy-Authenticate").len(), 2);
         assert!(values(&h, "Proxy-Authenticate")[0].contains("SHA-256"));
         assert_eq!(first(&h, "Event"), None);
         assert_eq!(cseq(&h), Some((7, Method::Refer)));
-        assert_eq!(content_type(&h).as_deref(), Some("message/sipfrag"));
     }
 }

@@ -129,7 +129,12 @@ impl InputSub {
             notified.as_mut().enable();
             {
                 let mut st = self.hub.lock();
-                let pos = st.subs.get(&self.id).copied().unwrap_or(st.base).max(st.base);
+                let pos = st
+                    .subs
+                    .get(&self.id)
+                    .copied()
+                    .unwrap_or(st.base)
+                    .max(st.base);
                 let offset = usize::try_from(pos - st.base).unwrap_or(usize::MAX);
                 if let Some(chunk) = st.chunks.get(offset).cloned() {
                     st.subs.insert(self.id, pos + 1);
@@ -187,7 +192,10 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!pusher.is_finished());
         assert_eq!(sub.next().await.unwrap(), "1234");
-        tokio::time::timeout(Duration::from_secs(5), pusher).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), pusher)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(sub.next().await.unwrap(), "5678");
         // The first chunk was dropped from the history: a new subscriber starts later.
         let late = hub.subscribe();
@@ -202,7 +210,13 @@ mod tests {
         hub.push(Bytes::from_static(b"x")).await;
         hub.push(Bytes::from_static(b"y")).await;
         let s2 = sub.clone();
-        assert_eq!(tokio::spawn(async move { s2.next().await }).await.unwrap().unwrap(), "x");
+        assert_eq!(
+            tokio::spawn(async move { s2.next().await })
+                .await
+                .unwrap()
+                .unwrap(),
+            "x"
+        );
         assert_eq!(sub.next().await.unwrap(), "y");
     }
 }

@@ -87,7 +87,13 @@ struct Writer<W> {
 impl<W: AsyncWrite + Unpin> Writer<W> {
     fn new(mode: Mode, out: W) -> Self {
         let labelled = mode == Mode::Labelled;
-        Writer { mode, out, labelled, partial: HashMap::new(), files: HashMap::new() }
+        Writer {
+            mode,
+            out,
+            labelled,
+            partial: HashMap::new(),
+            files: HashMap::new(),
+        }
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
@@ -122,14 +128,14 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
 
     async fn data(&mut self, id: u32, data: &[u8]) -> std::io::Result<()> {
         if let Mode::Dir(dir) = &self.mode {
-            if !self.files.contains_key(&id) {
-                let path = dir.join(format!("session-{id}.out"));
-                let f = tokio::fs::File::create(&path).await?;
-                self.files.insert(id, f);
-            }
-            if let Some(f) = self.files.get_mut(&id) {
-                f.write_all(data).await?;
-            }
+            let file = match self.files.entry(id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let path = dir.join(format!("session-{id}.out"));
+                    e.insert(tokio::fs::File::create(&path).await?)
+                }
+            };
+            file.write_all(data).await?;
             return Ok(());
         }
         if !self.labelled {
@@ -229,7 +235,13 @@ mod tests {
         })
         .await;
         assert_eq!(text, "");
-        assert_eq!(std::fs::read_to_string(d.join("session-1.out")).unwrap(), "a");
-        assert_eq!(std::fs::read_to_string(d.join("session-2.out")).unwrap(), "b");
+        assert_eq!(
+            std::fs::read_to_string(d.join("session-1.out")).unwrap(),
+            "a"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.join("session-2.out")).unwrap(),
+            "b"
+        );
     }
 }

@@ -2,9 +2,13 @@
 //! `sip:<user>@<domain>` with our Contact, digest-answered (401), refreshed before it
 //! expires, removed with `Expires: 0`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Mutex;
+
 use anyhow::Context as _;
+use rsip::prelude::*;
 use rsip::{Header, Response};
 use sip_core::message;
 
@@ -71,17 +75,20 @@ impl Registration {
     pub async fn register(&mut self) -> anyhow::Result<u32> {
         let mut resp = self.send(self.expires).await?;
         if resp.status_code.code() == 423 {
-            if let Some(min) = headers::first(&resp.headers, "Min-Expires").and_then(|v| v.trim().parse::<u32>().ok()) {
+            if let Some(min) = headers::first(&resp.headers, "Min-Expires")
+                .and_then(|v| v.trim().parse::<u32>().ok())
+            {
                 self.expires = min;
                 resp = self.send(self.expires).await?;
             }
         }
         let code = resp.status_code.code();
         if !(200..300).contains(&code) {
-            let reason = resp.status_code.to_string();
-            return Err(Failure::from_status("REGISTER", code, reason_of(&reason)).into());
+            let (_, reason) = headers::status(&resp);
+            return Err(Failure::from_status("REGISTER", code, &reason).into());
         }
-        let granted = granted_expires(&resp, &self.ua.contact().to_string()).unwrap_or(self.expires);
+        let granted =
+            granted_expires(&resp, &self.ua.contact().to_string()).unwrap_or(self.expires);
         self.events.emit(Event::Registered {
             aor: self.ua.account().aor(),
             contact: self.ua.contact().to_string(),
@@ -99,19 +106,20 @@ impl Registration {
             self.events.emit(Event::Unregistered { status: code });
             Ok(())
         } else {
-            let reason = resp.status_code.to_string();
-            Err(Failure::from_status("REGISTER (unregister)", code, reason_of(&reason)).into())
+            let (_, reason) = headers::status(&resp);
+            Err(Failure::from_status("REGISTER (unregister)", code, &reason).into())
         }
     }
+}
 
-    /// Refreshes the binding before it expires, for ever. Returns only on a failure.
-    pub async fn keep_refreshed(&mut self, mut granted: u32) -> anyhow::Error {
-        loop {
-            tokio::time::sleep(refresh_after(granted)).await;
-            match self.register().await {
-                Ok(g) => granted = g,
-                Err(e) => return e,
-            }
+/// Refreshes the binding before it expires, for ever; returns only on a failure. The lock
+/// is held only while a REGISTER is under way, so the owner can unregister at any time.
+pub async fn keep_refreshed(reg: Arc<Mutex<Registration>>, mut granted: u32) -> anyhow::Error {
+    loop {
+        tokio::time::sleep(refresh_after(granted)).await;
+        match reg.lock().await.register().await {
+            Ok(g) => granted = g,
+            Err(e) => return e,
         }
     }
 }
@@ -119,14 +127,6 @@ impl Registration {
 /// When to refresh a binding granted for `expires` seconds: halfway, at least 1 s.
 pub fn refresh_after(expires: u32) -> Duration {
     Duration::from_secs(u64::from(expires / 2).max(1))
-}
-
-/// The reason phrase out of a status line text `"403 Forbidden"`.
-pub fn reason_of(status_text: &str) -> &str {
-    status_text
-        .split_once(' ')
-        .map(|(_, r)| r)
-        .unwrap_or(status_text)
 }
 
 /// The lifetime the registrar granted our Contact (§10.2.4): its `expires` parameter in the
@@ -174,6 +174,5 @@ mod tests {
         assert_eq!(granted_expires(&resp(""), "sip:a@127.0.0.1:5070"), None);
         assert_eq!(refresh_after(3600), Duration::from_secs(1800));
         assert_eq!(refresh_after(1), Duration::from_secs(1));
-        assert_eq!(reason_of("403 Service not subscribed"), "Service not subscribed");
     }
 }

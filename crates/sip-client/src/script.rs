@@ -120,7 +120,10 @@ pub fn parse_script(text: &str) -> Result<Vec<Step>, ScriptError> {
 pub fn parse_step(text: &str) -> Result<Step, ScriptError> {
     let text = text.trim();
     let mut words = text.split_whitespace();
-    if words.next().is_some_and(|w| w.eq_ignore_ascii_case("after")) {
+    if words
+        .next()
+        .is_some_and(|w| w.eq_ignore_ascii_case("after"))
+    {
         let dur = words
             .next()
             .ok_or_else(|| ScriptError("`after` needs a duration".into()))?;
@@ -173,7 +176,10 @@ pub fn parse_action(text: &str) -> Result<Action, ScriptError> {
         if rest.is_empty() {
             Ok(action)
         } else {
-            Err(ScriptError(format!("unexpected {:?} after `{verb}`", rest.join(" "))))
+            Err(ScriptError(format!(
+                "unexpected {:?} after `{verb}`",
+                rest.join(" ")
+            )))
         }
     };
     match verb.as_str() {
@@ -212,26 +218,47 @@ mod tests {
 
     #[test]
     fn parses_the_issue_example() {
-        let steps = parse_script("after 2s change clock; after 2s transfer echo; after 1s bye").unwrap();
+        let steps =
+            parse_script("after 2s change clock; after 2s transfer echo; after 1s bye").unwrap();
         assert_eq!(
             steps,
             vec![
-                Step { delay: Duration::from_secs(2), action: Action::Change(Target::All, svc("clock")) },
-                Step { delay: Duration::from_secs(2), action: Action::Transfer(Target::All, svc("echo")) },
-                Step { delay: Duration::from_secs(1), action: Action::Bye(Target::All) },
+                Step {
+                    delay: Duration::from_secs(2),
+                    action: Action::Change(Target::All, svc("clock"))
+                },
+                Step {
+                    delay: Duration::from_secs(2),
+                    action: Action::Transfer(Target::All, svc("echo"))
+                },
+                Step {
+                    delay: Duration::from_secs(1),
+                    action: Action::Bye(Target::All)
+                },
             ]
         );
     }
 
     #[test]
     fn params_targets_and_waits() {
-        let steps =
-            parse_script("sessions 2;change @2 video;quality=hd;x ; status; wait 300ms; after 50ms; bye @1").unwrap();
+        let steps = parse_script(
+            "sessions 2;change @2 video;quality=hd;x ; status; wait 300ms; after 50ms; bye @1",
+        )
+        .unwrap();
         assert_eq!(steps[0].action, Action::Sessions(2));
-        assert_eq!(steps[1].action, Action::Change(Target::Session(2), svc("video;quality=hd;x")));
+        assert_eq!(
+            steps[1].action,
+            Action::Change(Target::Session(2), svc("video;quality=hd;x"))
+        );
         assert_eq!(steps[2].action, Action::Status(Target::All));
         assert_eq!(steps[3].action, Action::Wait(Duration::from_millis(300)));
-        assert_eq!(steps[4], Step { delay: Duration::from_millis(50), action: Action::Wait(Duration::ZERO) });
+        assert_eq!(
+            steps[4],
+            Step {
+                delay: Duration::from_millis(50),
+                action: Action::Wait(Duration::ZERO)
+            }
+        );
         assert_eq!(steps[5].action, Action::Bye(Target::Session(1)));
         assert!(Target::Session(2).includes(2) && !Target::Session(2).includes(1));
     }

@@ -129,13 +129,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.name, "video");
-        assert_eq!(s.uri("relay.test"), "sip:video@relay.test;quality=hd;lang=en;fast;a=1;b=2");
+        assert_eq!(
+            s.uri("relay.test"),
+            "sip:video@relay.test;quality=hd;lang=en;fast;a=1;b=2"
+        );
         assert_eq!(s.header_value(), "video;quality=hd;lang=en;fast;a=1;b=2");
     }
 
     #[test]
     fn refuses_what_would_break_a_uri_or_header() {
-        for bad in ["", "a b", "echo@x", "x;q=<1>", "x;=1", "e\r\nVia: x", "x;k=a,b"] {
+        for bad in [
+            "",
+            "a b",
+            "echo@x",
+            "x;q=<1>",
+            "x;=1",
+            "e\r\nVia: x",
+            "x;k=a,b",
+        ] {
             assert!(ServiceRequest::parse(bad).is_err(), "{bad:?} accepted");
         }
         assert!(ServiceRequest::parse_args("echo", &["k=v v".into()]).is_err());

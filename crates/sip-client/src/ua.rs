@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
+use rsip::prelude::*;
 use rsip::{Header, Request, Response, Uri};
 use sip_core::dialog::ViaSpec;
 use sip_core::endpoint::{ClientTx, Endpoint, EndpointConfig, EndpointEvent, ServerTx};
@@ -62,7 +63,11 @@ fn pick_target(targets: &[Target], wanted: Option<Transport>) -> anyhow::Result<
             .map(|t| t.peer())
             .or_else(|| {
                 // An IP relay resolves to UDP unless its URI says otherwise: the flag wins.
-                targets.first().map(|t| Peer { transport: w, addr: t.addr, conn: None })
+                targets.first().map(|t| Peer {
+                    transport: w,
+                    addr: t.addr,
+                    conn: None,
+                })
             }),
         None => targets.iter().find(speakable).map(|t| t.peer()),
     };
@@ -95,7 +100,11 @@ impl Ua {
         let config = EndpointConfig {
             transport: TransportConfig {
                 udp: vec![listen],
-                tcp: if relay.transport == Transport::Tcp { vec![listen] } else { Vec::new() },
+                tcp: if relay.transport == Transport::Tcp {
+                    vec![listen]
+                } else {
+                    Vec::new()
+                },
                 ..TransportConfig::default()
             },
             timers,
@@ -112,8 +121,9 @@ impl Ua {
             Transport::Udp => String::new(),
             t => format!(";transport={}", t.param_name()),
         };
-        let contact = Uri::try_from(format!("sip:{}@{}{}", settings.user, local, transport_param).as_str())
-            .with_context(|| format!("cannot build a Contact for {local}"))?;
+        let contact =
+            Uri::try_from(format!("sip:{}@{}{}", settings.user, local, transport_param).as_str())
+                .with_context(|| format!("cannot build a Contact for {local}"))?;
         let account = Account {
             user: settings.user.clone(),
             password: settings.password.clone(),
@@ -122,14 +132,22 @@ impl Ua {
         let inner = Inner {
             endpoint,
             relay,
-            via: ViaSpec { transport: relay.transport, sent_by: local.to_string() },
+            via: ViaSpec {
+                transport: relay.transport,
+                sent_by: local.to_string(),
+            },
             contact,
             local_ip: local.ip(),
             auth: Mutex::new(Authenticator::new(account.clone())),
             account,
             timers,
         };
-        Ok((Ua { inner: Arc::new(inner) }, events))
+        Ok((
+            Ua {
+                inner: Arc::new(inner),
+            },
+            events,
+        ))
     }
 
     /// The relay's address.
@@ -157,11 +175,6 @@ impl Ua {
         &self.inner.account
     }
 
-    /// The transaction timers in use.
-    pub fn timers(&self) -> Timers {
-        self.inner.timers
-    }
-
     /// 64·T1: how long a transaction may take.
     pub fn transaction_timeout(&self) -> Duration {
         self.inner.timers.transaction_timeout()
@@ -183,7 +196,11 @@ impl Ua {
                     .port
                     .map(|p| *p.value())
                     .unwrap_or(transport.default_port());
-                Peer { transport, addr: SocketAddr::new(*ip, port), conn: None }
+                Peer {
+                    transport,
+                    addr: SocketAddr::new(*ip, port),
+                    conn: None,
+                }
             }
             rsip::Host::Domain(_) => relay,
         }
@@ -213,19 +230,31 @@ impl Ua {
             Header::To(rsip::headers::To::new(to.to_string())),
             Header::CallId(rsip::headers::CallId::new(call_id.to_string())),
             Header::CSeq(rsip::headers::CSeq::new(format!("{cseq} {method}"))),
-            Header::Contact(rsip::headers::Contact::new(format!("<{}>", self.inner.contact))),
+            Header::Contact(rsip::headers::Contact::new(format!(
+                "<{}>",
+                self.inner.contact
+            ))),
             headers::user_agent(),
         ];
         h.extend(extra);
         let mut headers = rsip::Headers::from(h);
         message::set_content_length(&mut headers, body.len());
-        Request { method, uri, version: rsip::Version::V2, headers, body }
+        Request {
+            method,
+            uri,
+            version: rsip::Version::V2,
+            headers,
+            body,
+        }
     }
 
     /// Starts a client transaction.
     pub fn send(&self, req: Request, to: Peer) -> anyhow::Result<ClientTx> {
         tracing::debug!(method = %req.method, uri = %req.uri, %to, "send");
-        self.inner.endpoint.send_request(req, to).context("cannot send the request")
+        self.inner
+            .endpoint
+            .send_request(req, to)
+            .context("cannot send the request")
     }
 
     /// Sends an ACK for a 2xx (no transaction).
@@ -302,19 +331,40 @@ mod tests {
         let a: SocketAddr = "192.0.2.1:5060".parse().unwrap();
         let b: SocketAddr = "192.0.2.2:5070".parse().unwrap();
         let targets = [
-            Target { transport: Transport::Tls, addr: a },
-            Target { transport: Transport::Tcp, addr: b },
-            Target { transport: Transport::Udp, addr: a },
+            Target {
+                transport: Transport::Tls,
+                addr: a,
+            },
+            Target {
+                transport: Transport::Tcp,
+                addr: b,
+            },
+            Target {
+                transport: Transport::Udp,
+                addr: a,
+            },
         ];
         assert_eq!(pick_target(&targets, None).unwrap(), Peer::tcp(b));
-        assert_eq!(pick_target(&targets, Some(Transport::Udp)).unwrap(), Peer::udp(a));
-        let ip_only = [Target { transport: Transport::Udp, addr: a }];
-        assert_eq!(pick_target(&ip_only, Some(Transport::Tcp)).unwrap(), Peer::tcp(a));
+        assert_eq!(
+            pick_target(&targets, Some(Transport::Udp)).unwrap(),
+            Peer::udp(a)
+        );
+        let ip_only = [Target {
+            transport: Transport::Udp,
+            addr: a,
+        }];
+        assert_eq!(
+            pick_target(&ip_only, Some(Transport::Tcp)).unwrap(),
+            Peer::tcp(a)
+        );
         assert!(pick_target(&targets[..1], None).is_err());
     }
 
     #[test]
     fn route_ip_of_loopback_is_loopback() {
-        assert_eq!(route_ip("127.0.0.1:9".parse().unwrap()), IpAddr::from(Ipv4Addr::LOCALHOST));
+        assert_eq!(
+            route_ip("127.0.0.1:9".parse().unwrap()),
+            IpAddr::from(Ipv4Addr::LOCALHOST)
+        );
     }
 }
