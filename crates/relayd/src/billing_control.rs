@@ -164,6 +164,11 @@ impl BillingControl {
         self.writer.record_charge(charge).await
     }
 
+    /// The billing writer's counters.
+    pub fn writer_stats(&self) -> billing::writer::WriterStats {
+        self.writer.stats()
+    }
+
     /// How many sessions are live (journaled and not yet closed).
     pub fn live_sessions(&self) -> usize {
         self.live

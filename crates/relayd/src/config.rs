@@ -330,6 +330,15 @@ impl Default for RelayConfig {
     }
 }
 
+/// `[metrics]`: the Prometheus text endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [metrics] table")]
+pub struct MetricsConfig {
+    /// Where `GET /metrics` is served (plain HTTP, loopback advised); absent (the default):
+    /// no endpoint.
+    pub listen: Option<SocketAddr>,
+}
+
 /// `[auth]`: digest authentication limits.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default, expecting = "an [auth] table")]
@@ -737,6 +746,8 @@ pub struct Config {
     pub session: SessionConfig,
     /// `[billing]`
     pub billing: BillingConfig,
+    /// `[metrics]`
+    pub metrics: MetricsConfig,
     /// A second file of `[[users]]` that `relayd user add` rewrites whole; relative to the
     /// configuration file's directory. A file that does not exist yet holds no users.
     pub users_file: Option<PathBuf>,
@@ -1258,15 +1269,13 @@ impl Config {
 
     /// The `[[tariffs]]` as the billing crate's table.
     pub fn tariff_table(&self) -> Result<billing::tariff::TariffTable, ConfigError> {
-        self.billing_tariffs().map_err(
-            |e| ConfigError::Invalid {
-                file: self.file_name(),
-                problems: vec![Problem {
-                    key: "tariffs".into(),
-                    message: e.to_string(),
-                }],
-            },
-        )
+        self.billing_tariffs().map_err(|e| ConfigError::Invalid {
+            file: self.file_name(),
+            problems: vec![Problem {
+                key: "tariffs".into(),
+                message: e.to_string(),
+            }],
+        })
     }
 
     /// The compiled rules, with the UTC offset and each service's own strategy.

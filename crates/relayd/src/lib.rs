@@ -8,7 +8,7 @@
 //! context and dispatch), [`session`] (one task per session: inquiry, response relay,
 //! confirmation, disconnection) with [`b2bua`] (message construction), [`charge`]
 //! (application billing), [`change`], [`transfer`] and [`fork`] (claims 5–7),
-//! [`billing_control`], and [`health`] (probes and expiry).
+//! [`billing_control`], [`health`] (probes and expiry) and [`metrics`].
 
 pub mod auth;
 pub mod b2bua;
@@ -20,6 +20,7 @@ pub mod config;
 pub mod directory;
 pub mod fork;
 pub mod health;
+pub mod metrics;
 pub mod registrar;
 pub mod relay;
 pub mod rules;

@@ -18,8 +18,8 @@ use billing::sqlite::SqliteStore;
 use billing::store::Period;
 use relayd::cli::{self, BillingCommand, Cli, Command, Ha1Hasher, UserCommand};
 use relayd::config::{Config, LogFormat};
-use relayd::health;
 use relayd::relay::{self, Relay};
+use relayd::{health, metrics};
 use sip_core::digest;
 
 fn main() -> ExitCode {
@@ -203,12 +203,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     );
     let touch =
         std::time::Duration::from_secs(u64::from(relay.config.billing.touch_interval_secs.max(1)));
-    let tasks = [
+    let mut tasks = vec![
         tokio::spawn(relay::dispatch(relay.clone(), events)),
         tokio::spawn(health::probe_loop(relay.clone())),
         tokio::spawn(health::expiry_loop(relay.clone())),
         tokio::spawn(relay.billing.clone().touch_loop(touch)),
     ];
+    if let Some(addr) = relay.config.metrics.listen {
+        let relay = relay.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = metrics::serve(relay, addr).await {
+                tracing::warn!(error = %format!("{e:#}"), "metrics endpoint not available");
+            }
+        }));
+    }
     wait_for_signal().await?;
     tracing::info!(
         sessions = relay.billing.live_sessions(),

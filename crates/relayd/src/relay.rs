@@ -210,7 +210,8 @@ impl Relay {
     /// Whether `service` is one the relay delivers: configured, or offered by a registered
     /// application server.
     pub fn knows_service(&self, service: &str) -> bool {
-        self.config.service_names().contains(service) || self.directory.services().iter().any(|s| s == service)
+        self.config.service_names().contains(service)
+            || self.directory.services().iter().any(|s| s == service)
     }
 
     /// The relay's address on `transport` (or its first address).

@@ -1,0 +1,190 @@
+//! The metrics endpoint: `GET /metrics` in the Prometheus text format (version 0.0.4) on the
+//! address of `[metrics] listen`, for an operator's scraper or a quick `curl`. Counters come
+//! from the transports, the endpoint, the relay, the directory and the billing writer.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{debug, info};
+
+use crate::relay::Relay;
+
+/// Renders every metric of the relay in the Prometheus text format.
+pub fn render(relay: &Relay) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP relayd_{name} {help}\n# TYPE relayd_{name} {kind}\nrelayd_{name} {value}"
+        );
+    };
+    let t = relay.endpoint.transports().stats();
+    metric(
+        "messages_received_total",
+        "counter",
+        "SIP datagrams and stream frames received.",
+        t.received.load(Ordering::Relaxed),
+    );
+    metric(
+        "messages_sent_total",
+        "counter",
+        "SIP messages sent.",
+        t.sent.load(Ordering::Relaxed),
+    );
+    metric(
+        "send_errors_total",
+        "counter",
+        "Sends that failed.",
+        t.send_errors.load(Ordering::Relaxed),
+    );
+    metric(
+        "framing_errors_total",
+        "counter",
+        "Stream connections closed for a framing error.",
+        t.framing_errors.load(Ordering::Relaxed),
+    );
+    metric(
+        "tcp_connections_total",
+        "counter",
+        "TCP connections accepted or opened.",
+        t.connections.load(Ordering::Relaxed),
+    );
+    let e = relay.endpoint.stats();
+    metric(
+        "messages_parsed_total",
+        "counter",
+        "Messages parsed and handed to the transaction layer.",
+        e.parsed.load(Ordering::Relaxed),
+    );
+    metric(
+        "malformed_answered_total",
+        "counter",
+        "Malformed requests answered with 400/501/505/513.",
+        e.rejected.load(Ordering::Relaxed),
+    );
+    metric(
+        "malformed_dropped_total",
+        "counter",
+        "Malformed messages dropped without an answer.",
+        e.dropped.load(Ordering::Relaxed),
+    );
+    metric(
+        "overload_refused_total",
+        "counter",
+        "Requests refused with 503 because the relay was overloaded.",
+        e.overloaded.load(Ordering::Relaxed),
+    );
+    let r = &relay.stats;
+    metric(
+        "invites_admitted_total",
+        "counter",
+        "INVITEs admitted into a call.",
+        r.admitted.load(Ordering::Relaxed),
+    );
+    metric(
+        "requests_refused_total",
+        "counter",
+        "Requests the relay itself refused.",
+        r.refused.load(Ordering::Relaxed),
+    );
+    metric(
+        "challenges_total",
+        "counter",
+        "Digest challenges sent (401/407).",
+        r.challenged.load(Ordering::Relaxed),
+    );
+    metric(
+        "sessions_live",
+        "gauge",
+        "Sessions confirmed and not yet ended.",
+        relay.billing.live_sessions() as u64,
+    );
+    metric(
+        "registered_users",
+        "gauge",
+        "Users with at least one binding.",
+        relay.registrar.user_count() as u64,
+    );
+    let w = relay.billing.writer_stats();
+    metric(
+        "billing_commits_total",
+        "counter",
+        "Billing transactions committed or attempted.",
+        w.batches,
+    );
+    metric(
+        "billing_writes_total",
+        "counter",
+        "Billing requests written.",
+        w.ops,
+    );
+    metric(
+        "billing_failed_commits_total",
+        "counter",
+        "Billing transactions that failed.",
+        w.failed_batches,
+    );
+    let _ = writeln!(out, "# HELP relayd_server_up Whether an application server answers its probes.\n# TYPE relayd_server_up gauge");
+    let _ = writeln!(out, "# HELP relayd_server_sessions Sessions on an application server.\n# TYPE relayd_server_sessions gauge");
+    for service in relay.directory.services() {
+        for server in relay.directory.servers_of(&service) {
+            let uri = server.uri_text().replace('"', "");
+            let _ = writeln!(
+                out,
+                "relayd_server_up{{service=\"{service}\",server=\"{uri}\"}} {}",
+                u8::from(server.is_up())
+            );
+            let _ = writeln!(
+                out,
+                "relayd_server_sessions{{service=\"{service}\",server=\"{uri}\"}} {}",
+                server.active_sessions()
+            );
+        }
+    }
+    out
+}
+
+/// Serves `GET /metrics` on `addr` until the relay stops.
+pub async fn serve(relay: Arc<Relay>, addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
+    info!(%addr, "metrics endpoint listening");
+    loop {
+        let Ok((mut stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let relay = relay.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let n = match tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                stream.read(&mut buf),
+            )
+            .await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) =
+                if request.starts_with("GET /metrics ") || request.starts_with("GET / ") {
+                    ("200 OK", render(&relay))
+                } else {
+                    ("404 Not Found", "only GET /metrics is served\n".to_string())
+                };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = stream.write_all(response.as_bytes()).await {
+                debug!(%peer, error = %e, "metrics reply failed");
+            }
+        });
+    }
+}
