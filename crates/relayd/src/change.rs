@@ -11,7 +11,6 @@
 //! service change is relayed as it is ([`crate::session`]) and bills nothing new.
 
 use std::collections::VecDeque;
-use std::time::Instant;
 
 use billing::record::EndCause;
 use rsip::{Header, Method, Request, Response};
@@ -19,7 +18,7 @@ use sip_core::endpoint::IncomingRequest;
 use tracing::{info, warn};
 
 use crate::b2bua;
-use crate::directory::{ServerRef, Strategy};
+use crate::directory::ServerRef;
 use crate::session::{fails_over, AnswerPurpose, Call, PendingAck, Purpose, SessionInput, Side};
 
 /// The service a change asks for.
@@ -89,16 +88,8 @@ pub(crate) async fn start(call: &mut Call, i: usize, r: IncomingRequest, target:
         return;
     }
     let relay = call.relay.clone();
-    let subscribed = relay
-        .config
-        .user(&call.adm.subscriber)
-        .is_some_and(|u| u.subscribes_to(&target.service));
-    if !relay.knows_service(&target.service) {
-        refuse(&r, 404, "Unknown service");
-        return;
-    }
-    if !subscribed {
-        refuse(&r, 403, "Service not subscribed");
+    if let Err((code, reason)) = relay.check_service(&call.adm.subscriber, &target.service) {
+        refuse(&r, code, reason);
         return;
     }
     let session = call.sessions[i].id.clone();
@@ -143,23 +134,7 @@ pub(crate) async fn start(call: &mut Call, i: usize, r: IncomingRequest, target:
         });
         return;
     }
-    let strategy = relay
-        .config
-        .services
-        .iter()
-        .find(|s| s.name == target.service)
-        .map(|s| s.strategy)
-        .unwrap_or(Strategy::First);
-    let strategy = if strategy == Strategy::All {
-        Strategy::First
-    } else {
-        strategy
-    };
-    let mut rest: VecDeque<ServerRef> = relay
-        .directory
-        .candidates(&target.service, strategy, Instant::now())
-        .into();
-    rest.retain(|s| s.uri_text() != current.uri_text());
+    let rest = relay.candidates_away_from(&target.service, &current, false);
     let offer = b2bua::carried_body(&r.req);
     let pending = Pending {
         session,

@@ -26,7 +26,7 @@ use crate::b2bua::{self, LocalAddr};
 use crate::billing_control::BillingControl;
 use crate::charge::{self, ServedIndex};
 use crate::config::{Config, Secret};
-use crate::directory::{Directory, ServerRef};
+use crate::directory::{Directory, ServerRef, Strategy};
 use crate::registrar::{RegisterRequest, Registrar, Role};
 use crate::rules::{RequestFacts, RuleSet};
 use crate::session::{self, Admission, SessionInput, SessionLimits, SessionTable};
@@ -212,6 +212,56 @@ impl Relay {
     pub fn knows_service(&self, service: &str) -> bool {
         self.config.service_names().contains(service)
             || self.directory.services().iter().any(|s| s == service)
+    }
+
+    /// Whether `subscriber` may have `service`: the service must exist (else 404) and be
+    /// subscribed to (else 403). The refusal comes as status and reason phrase.
+    pub fn check_service(
+        &self,
+        subscriber: &str,
+        service: &str,
+    ) -> Result<(), (u16, &'static str)> {
+        if !self.knows_service(service) {
+            return Err((404, "Unknown service"));
+        }
+        if !self
+            .config
+            .user(subscriber)
+            .is_some_and(|u| u.subscribes_to(service))
+        {
+            return Err((403, "Service not subscribed"));
+        }
+        Ok(())
+    }
+
+    /// The servers to move a live session of `service` to, in the service's selection order
+    /// (a fork strategy asks them one by one here): servers other than `current` first, then
+    /// `current` itself when `current_last` (a transfer may come back to it as a last resort).
+    pub fn candidates_away_from(
+        &self,
+        service: &str,
+        current: &ServerRef,
+        current_last: bool,
+    ) -> std::collections::VecDeque<ServerRef> {
+        let strategy = match self
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .map(|s| s.strategy)
+        {
+            Some(Strategy::All) | None => Strategy::First,
+            Some(s) => s,
+        };
+        let all = self.directory.candidates(service, strategy, Instant::now());
+        let (same, others): (Vec<ServerRef>, Vec<ServerRef>) = all
+            .into_iter()
+            .partition(|s| s.uri_text() == current.uri_text());
+        let mut others: std::collections::VecDeque<ServerRef> = others.into();
+        if current_last {
+            others.extend(same);
+        }
+        others
     }
 
     /// The relay's address on `transport` (or its first address).
@@ -575,12 +625,8 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
         relay.refuse(&r, 404, "No service requested");
         return;
     }
-    if !relay.knows_service(&decision.service) {
-        relay.refuse(&r, 404, "Unknown service");
-        return;
-    }
-    if !subscriber.subscribes_to(&decision.service) {
-        relay.refuse(&r, 403, "Service not subscribed");
+    if let Err((code, reason)) = relay.check_service(&user, &decision.service) {
+        relay.refuse(&r, code, reason);
         return;
     }
     relay.stats.admitted.fetch_add(1, Ordering::Relaxed);

@@ -9,7 +9,6 @@
 //! Billing: one session record per server, the first closed with cause `transferred`.
 
 use std::collections::VecDeque;
-use std::time::Instant;
 
 use billing::record::EndCause;
 use rsip::prelude::*;
@@ -18,7 +17,7 @@ use sip_core::endpoint::IncomingRequest;
 use tracing::{info, warn};
 
 use crate::b2bua;
-use crate::directory::{ServerRef, Strategy};
+use crate::directory::ServerRef;
 use crate::session::{
     fails_over, send_and_forget, AnswerPurpose, Call, Purpose, ServerLeg, SessionInput, Side,
 };
@@ -90,48 +89,15 @@ pub(crate) async fn start(call: &mut Call, i: usize, r: IncomingRequest) {
         refuse(&r, 491, "Request Pending");
         return;
     }
-    if !relay.knows_service(&service) {
-        refuse(&r, 404, "Unknown service");
-        return;
-    }
-    if !relay
-        .config
-        .user(&call.adm.subscriber)
-        .is_some_and(|u| u.subscribes_to(&service))
-    {
-        refuse(&r, 403, "Service not subscribed");
+    if let Err((code, reason)) = relay.check_service(&call.adm.subscriber, &service) {
+        refuse(&r, code, reason);
         return;
     }
     let _ =
         r.tx.respond(b2bua::local_response(&r.req, 202, "Accepted", None));
     notify(call, i, 100, "Trying", false);
     let current = call.sessions[i].b.server.clone();
-    let strategy = relay
-        .config
-        .services
-        .iter()
-        .find(|s| s.name == service)
-        .map(|s| s.strategy)
-        .unwrap_or(Strategy::First);
-    let strategy = if strategy == Strategy::All {
-        Strategy::First
-    } else {
-        strategy
-    };
-    let all = relay
-        .directory
-        .candidates(&service, strategy, Instant::now());
-    // A second server when there is one; the current one only as the last resort.
-    let mut rest: VecDeque<ServerRef> = all
-        .iter()
-        .filter(|s| s.uri_text() != current.uri_text())
-        .cloned()
-        .collect();
-    rest.extend(
-        all.iter()
-            .filter(|s| s.uri_text() == current.uri_text())
-            .cloned(),
-    );
+    let rest = relay.candidates_away_from(&service, &current, true);
     info!(session_id = %call.sessions[i].id, to = %service, candidates = rest.len(), "transfer asked");
     call.sessions[i].busy = true;
     let pending = Pending {
