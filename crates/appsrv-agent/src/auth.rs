@@ -63,9 +63,7 @@ impl ClientAuth {
             .iter()
             .filter_map(|h| match (h, kind) {
                 (Header::WwwAuthenticate(v), ChallengeKind::Www) => Some(v.value().to_string()),
-                (Header::ProxyAuthenticate(v), ChallengeKind::Proxy) => {
-                    Some(v.value().to_string())
-                }
+                (Header::ProxyAuthenticate(v), ChallengeKind::Proxy) => Some(v.value().to_string()),
                 _ => None,
             })
             .collect();
@@ -156,7 +154,8 @@ mod tests {
 
     #[test]
     fn answers_the_strongest_challenge_and_verifies_with_the_server() {
-        let server = DigestServer::new("relay.test", [7u8; 32], std::time::Duration::from_secs(300));
+        let server =
+            DigestServer::new("relay.test", [7u8; 32], std::time::Duration::from_secs(300));
         let values = server.challenge(1_000, false);
         let mut auth = ClientAuth::new("as1", Secret("as1-secret".into()));
         assert!(auth.authorization("REGISTER", "sip:relay.test").is_none());
@@ -171,12 +170,20 @@ mod tests {
         assert_eq!(creds.nc, Some(1));
         let stored = StoredCredential::from_password("as1", "relay.test", "as1-secret");
         let verified = server
-            .verify(&creds, "REGISTER", |user| (user == "as1").then(|| stored.clone()), 1_001)
+            .verify(
+                &creds,
+                "REGISTER",
+                |user| (user == "as1").then(|| stored.clone()),
+                1_001,
+            )
             .unwrap();
         assert_eq!(verified.username, "as1");
         // The next request reuses the nonce with the next count.
         let again = auth.authorization("REGISTER", "sip:relay.test").unwrap();
-        assert_eq!(digest::Credentials::parse(&value_of(&again)).unwrap().nc, Some(2));
+        assert_eq!(
+            digest::Credentials::parse(&value_of(&again)).unwrap().nc,
+            Some(2)
+        );
     }
 
     #[test]

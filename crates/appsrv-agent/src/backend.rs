@@ -51,7 +51,9 @@ impl FromStr for Backend {
             return match name {
                 "echo" => Ok(Backend::Echo),
                 "clock" => Ok(Backend::Clock),
-                other => Err(BackendParseError(format!("unknown built-in service {other:?}"))),
+                other => Err(BackendParseError(format!(
+                    "unknown built-in service {other:?}"
+                ))),
             };
         }
         let Some(rest) = s.strip_prefix("tcp://") else {
@@ -227,7 +229,10 @@ mod tests {
             "udp://h:1",
         ] {
             let err = bad.parse::<Backend>().unwrap_err();
-            assert!(err.to_string().contains("expected builtin:echo"), "{bad}: {err}");
+            assert!(
+                err.to_string().contains("expected builtin:echo"),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -266,7 +271,10 @@ mod tests {
         }
         for line in text.lines().take(3) {
             assert_eq!(line.len(), 20, "{line:?}");
-            assert!(line.ends_with('Z') && line.as_bytes()[10] == b'T', "{line:?}");
+            assert!(
+                line.ends_with('Z') && line.as_bytes()[10] == b'T',
+                "{line:?}"
+            );
         }
         stream.shutdown().await.unwrap();
         let mut rest = Vec::new();

@@ -70,7 +70,7 @@ pub struct Flags {
     #[arg(long, value_name = "IP")]
     pub data_advertise: Option<IpAddr>,
     /// A service and its backend, NAME=BACKEND; repeatable; replaces the backend of a
-    /// service of the same name in the file [file: [[services]]].
+    /// service of the same name in the file [file: services].
     #[arg(long = "service", value_name = "NAME=BACKEND")]
     pub services: Vec<ServiceFlag>,
     /// Most sessions at once, all services together [file: limits.capacity, default: no
@@ -478,299 +478,23 @@ impl Config {
     }
 
     fn build(raw: RawConfig, file: Option<&Path>, flags: &Flags) -> Result<Config, ConfigError> {
-        let o = Origins { file };
-        let base_dir = file
-            .and_then(Path::parent)
-            .map(Path::to_path_buf)
-            .unwrap_or_default();
-
-        // Relay.
-        let uri_origin = o.of(flags.relay.is_some(), "--relay", "relay.uri");
-        let uri_text = flags
-            .relay
-            .clone()
-            .or(raw.relay.uri)
-            .unwrap_or_else(|| DEFAULT_RELAY.to_string());
-        let uri = parse_relay_uri(&uri_text).map_err(|m| invalid(uri_origin, m))?;
-        let domain = match flags.domain.clone().or(raw.relay.domain) {
-            Some(d) => {
-                let d = d.trim().to_string();
-                if !is_host(&d) {
-                    return Err(invalid(
-                        o.of(flags.domain.is_some(), "--domain", "relay.domain"),
-                        format!("{d:?} is not a domain name or address"),
-                    ));
-                }
-                d
-            }
-            None => uri.host_with_port.to_string(),
+        let b = Build {
+            o: Origins { file },
+            base_dir: file
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            flags,
         };
-        let account = flags.account.clone().or(raw.relay.account).ok_or_else(|| {
-            invalid(
-                o.key("relay.account"),
-                "no account: set relay.account in the file or --account",
-            )
-        })?;
-        if !is_token(&account) {
-            return Err(invalid(
-                o.of(flags.account.is_some(), "--account", "relay.account"),
-                format!("{account:?} is not a valid account name"),
-            ));
-        }
-        let password = match (&flags.password_file, raw.relay.password, raw.relay.password_file) {
-            (Some(path), _, _) => read_password(path, "--password-file".to_string())?,
-            (None, Some(_), Some(_)) => {
-                return Err(invalid(
-                    o.key("relay.password_file"),
-                    "give either relay.password or relay.password_file, not both",
-                ))
-            }
-            (None, Some(p), None) => {
-                if p.is_empty() {
-                    return Err(invalid(o.key("relay.password"), "the password is empty"));
-                }
-                Secret(p)
-            }
-            (None, None, Some(path)) => {
-                read_password(&base_dir.join(path), o.key("relay.password_file"))?
-            }
-            (None, None, None) => {
-                return Err(invalid(
-                    o.key("relay.password"),
-                    "no password: set relay.password or relay.password_file in the file, or \
-                     --password-file",
-                ))
-            }
-        };
-        let register = !flags.no_register && raw.relay.register.unwrap_or(true);
-        let expires = flags
-            .expires
-            .or(raw.relay.expires)
-            .unwrap_or(DEFAULT_EXPIRES);
-        if !(10..=86_400).contains(&expires) {
-            return Err(invalid(
-                o.of(flags.expires.is_some(), "--expires", "relay.expires"),
-                format!("{expires} is out of range (10 to 86400 seconds)"),
-            ));
-        }
-
-        // SIP.
-        let sip_listen = flags
-            .listen
-            .or(raw.sip.listen)
-            .unwrap_or_else(|| default_addr(DEFAULT_SIP_LISTEN));
-        let advertise_origin = o.of(flags.advertise.is_some(), "--advertise", "sip.advertise");
-        let advertise = match flags.advertise.clone().or(raw.sip.advertise) {
-            Some(h) if is_host(h.trim()) => h.trim().to_string(),
-            Some(h) => {
-                return Err(invalid(
-                    advertise_origin,
-                    format!("{h:?} is not a host name or address"),
-                ))
-            }
-            None if sip_listen.ip().is_unspecified() => {
-                return Err(invalid(
-                    advertise_origin,
-                    format!(
-                        "sip.listen {sip_listen} is a wildcard address: say which address the \
-                         relay should use (sip.advertise or --advertise)"
-                    ),
-                ))
-            }
-            None => sip_listen.ip().to_string(),
-        };
-
-        // Data gateway.
-        let data_listen = flags
-            .data_listen
-            .or(raw.data.listen)
-            .unwrap_or_else(|| default_addr(DEFAULT_DATA_LISTEN));
-        let data_advertise = match flags.data_advertise.or(raw.data.advertise) {
-            Some(ip) if ip.is_unspecified() => {
-                return Err(invalid(
-                    o.of(flags.data_advertise.is_some(), "--data-advertise", "data.advertise"),
-                    format!("{ip} cannot be connected to"),
-                ))
-            }
-            Some(ip) => ip,
-            None if data_listen.ip().is_unspecified() => {
-                return Err(invalid(
-                    o.key("data.advertise"),
-                    format!(
-                        "data.listen {data_listen} is a wildcard address: say which address \
-                         terminals should connect to (data.advertise or --data-advertise)"
-                    ),
-                ))
-            }
-            None => data_listen.ip(),
-        };
-        let token_ttl = flags.token_ttl.or(raw.data.token_ttl_secs).unwrap_or(30);
-        if !(1..=3600).contains(&token_ttl) {
-            return Err(invalid(
-                o.of(flags.token_ttl.is_some(), "--token-ttl", "data.token_ttl_secs"),
-                format!("{token_ttl} is out of range (1 to 3600 seconds)"),
-            ));
-        }
-        let handshake = raw.data.handshake_timeout_secs.unwrap_or(10);
-        if !(1..=600).contains(&handshake) {
-            return Err(invalid(
-                o.key("data.handshake_timeout_secs"),
-                format!("{handshake} is out of range (1 to 600 seconds)"),
-            ));
-        }
-        let connect = raw.data.backend_connect_timeout_secs.unwrap_or(5);
-        if !(1..=600).contains(&connect) {
-            return Err(invalid(
-                o.key("data.backend_connect_timeout_secs"),
-                format!("{connect} is out of range (1 to 600 seconds)"),
-            ));
-        }
-
-        // Limits and services.
-        let capacity = flags.capacity.or(raw.limits.capacity);
-        if capacity == Some(0) {
-            return Err(invalid(
-                o.of(flags.capacity.is_some(), "--capacity", "limits.capacity"),
-                "capacity must be at least 1 (leave it out for no limit)",
-            ));
-        }
-        let mut services = Vec::new();
-        let mut seen = HashSet::new();
-        for (i, s) in raw.services.into_iter().enumerate() {
-            let key = |k: &str| o.key(&format!("services[{i}].{k}"));
-            if !is_token(&s.name) {
-                return Err(invalid(
-                    key("name"),
-                    format!("{:?} is not a valid service name", s.name),
-                ));
-            }
-            if !seen.insert(s.name.clone()) {
-                return Err(invalid(key("name"), format!("service {:?} is listed twice", s.name)));
-            }
-            if s.capacity == Some(0) {
-                return Err(invalid(key("capacity"), "capacity must be at least 1"));
-            }
-            let allow = s.allow.unwrap_or_else(|| vec!["*".to_string()]);
-            for (field, list) in [("allow", &allow), ("deny", &s.deny)] {
-                if let Some(bad) = list.iter().find(|n| *n != "*" && !is_token(n)) {
-                    return Err(invalid(key(field), format!("{bad:?} is not a subscriber name")));
-                }
-            }
-            services.push(ServiceConfig {
-                name: s.name,
-                backend: s.backend,
-                capacity: s.capacity,
-                policy: Policy {
-                    allow,
-                    deny: s.deny,
-                },
-            });
-        }
-        for flag in &flags.services {
-            match services.iter_mut().find(|s| s.name == flag.name) {
-                Some(existing) => existing.backend = flag.backend.clone(),
-                None => services.push(ServiceConfig {
-                    name: flag.name.clone(),
-                    backend: flag.backend.clone(),
-                    capacity: None,
-                    policy: Policy::default(),
-                }),
-            }
-        }
-        if services.is_empty() {
-            return Err(invalid(
-                o.key("services"),
-                "no services: add [[services]] to the file or --service NAME=BACKEND",
-            ));
-        }
-
-        // Billing.
-        let bytes_per_charge = flags
-            .bytes_per_charge
-            .or(raw.billing.bytes_per_charge)
-            .unwrap_or(DEFAULT_BYTES_PER_CHARGE);
-        let price_per_block = flags
-            .price_per_block
-            .or(raw.billing.price_per_block)
-            .unwrap_or(1);
-        if bytes_per_charge > 0 && price_per_block == 0 {
-            return Err(invalid(
-                o.of(flags.price_per_block.is_some(), "--price-per-block", "billing.price_per_block"),
-                "must be at least 1 while billing.bytes_per_charge is set (0 turns billing off)",
-            ));
-        }
-        let currency = raw.billing.currency.unwrap_or_else(|| "EUR".to_string());
-        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(invalid(
-                o.key("billing.currency"),
-                format!("{currency:?} is not an ISO 4217 code like EUR"),
-            ));
-        }
-        let charge_uri = match raw.billing.charge_uri {
-            Some(text) => Uri::try_from(text.as_str())
-                .ok()
-                .filter(|u| matches!(u.scheme, Some(Scheme::Sip) | None))
-                .ok_or_else(|| {
-                    invalid(o.key("billing.charge_uri"), format!("{text:?} is not a sip: URI"))
-                })?,
-            None => Uri::try_from(format!("sip:charge@{domain}").as_str()).map_err(|_| {
-                invalid(
-                    o.key("relay.domain"),
-                    format!("sip:charge@{domain} is not a valid URI"),
-                )
-            })?,
-        };
-        let retry_initial = raw.billing.retry_initial_ms.unwrap_or(1000);
-        if !(10..=600_000).contains(&retry_initial) {
-            return Err(invalid(
-                o.key("billing.retry_initial_ms"),
-                format!("{retry_initial} is out of range (10 to 600000 ms)"),
-            ));
-        }
-        let retry_max = raw.billing.retry_max_secs.unwrap_or(60);
-        if !(1..=3600).contains(&retry_max) {
-            return Err(invalid(
-                o.key("billing.retry_max_secs"),
-                format!("{retry_max} is out of range (1 to 3600 seconds)"),
-            ));
-        }
-        let spool_dir = match (&flags.spool_dir, raw.billing.spool_dir) {
-            (Some(dir), _) => Some(dir.clone()),
-            (None, Some(dir)) => Some(base_dir.join(dir)),
-            (None, None) => None,
-        };
-
+        let relay = b.relay(raw.relay)?;
+        let billing = b.billing(raw.billing, &relay.domain)?;
         Ok(Config {
-            relay: RelayConfig {
-                uri,
-                domain,
-                account,
-                password,
-                register,
-                expires,
-            },
-            sip: SipConfig {
-                listen: sip_listen,
-                advertise,
-            },
-            data: DataConfig {
-                listen: data_listen,
-                advertise: data_advertise,
-                token_ttl: Duration::from_secs(token_ttl),
-                handshake_timeout: Duration::from_secs(handshake),
-                backend_connect_timeout: Duration::from_secs(connect),
-            },
-            capacity,
-            services,
-            billing: BillingConfig {
-                bytes_per_charge,
-                price_per_block,
-                currency,
-                charge_uri,
-                retry_initial: Duration::from_millis(retry_initial),
-                retry_max: Duration::from_secs(retry_max),
-                spool_dir,
-            },
+            sip: b.sip(raw.sip)?,
+            data: b.data(raw.data)?,
+            capacity: b.capacity(raw.limits)?,
+            services: b.services(raw.services)?,
+            relay,
+            billing,
             log: LogConfig {
                 level: flags
                     .log_level
@@ -838,6 +562,357 @@ impl Config {
     }
 }
 
+/// Builds each section from the file's values and the flags.
+struct Build<'a> {
+    o: Origins<'a>,
+    base_dir: PathBuf,
+    flags: &'a Flags,
+}
+
+impl Build<'_> {
+    fn relay(&self, raw: RawRelay) -> Result<RelayConfig, ConfigError> {
+        let uri_origin = self
+            .o
+            .of(self.flags.relay.is_some(), "--relay", "relay.uri");
+        let uri_text = self
+            .flags
+            .relay
+            .clone()
+            .or(raw.uri)
+            .unwrap_or_else(|| DEFAULT_RELAY.to_string());
+        let uri = parse_relay_uri(&uri_text).map_err(|m| invalid(uri_origin, m))?;
+        let domain = match self.flags.domain.clone().or(raw.domain) {
+            Some(d) => {
+                let d = d.trim().to_string();
+                if !is_host(&d) {
+                    return Err(invalid(
+                        self.o
+                            .of(self.flags.domain.is_some(), "--domain", "relay.domain"),
+                        format!("{d:?} is not a domain name or address"),
+                    ));
+                }
+                d
+            }
+            None => uri.host_with_port.to_string(),
+        };
+        let account = self.flags.account.clone().or(raw.account).ok_or_else(|| {
+            invalid(
+                self.o.key("relay.account"),
+                "no account: set relay.account in the file or --account",
+            )
+        })?;
+        if !is_token(&account) {
+            return Err(invalid(
+                self.o
+                    .of(self.flags.account.is_some(), "--account", "relay.account"),
+                format!("{account:?} is not a valid account name"),
+            ));
+        }
+        let password = match (&self.flags.password_file, raw.password, raw.password_file) {
+            (Some(path), _, _) => read_password(path, "--password-file".to_string())?,
+            (None, Some(_), Some(_)) => {
+                return Err(invalid(
+                    self.o.key("relay.password_file"),
+                    "give either relay.password or relay.password_file, not both",
+                ))
+            }
+            (None, Some(p), None) => {
+                if p.is_empty() {
+                    return Err(invalid(
+                        self.o.key("relay.password"),
+                        "the password is empty",
+                    ));
+                }
+                Secret(p)
+            }
+            (None, None, Some(path)) => {
+                read_password(&self.base_dir.join(path), self.o.key("relay.password_file"))?
+            }
+            (None, None, None) => {
+                return Err(invalid(
+                    self.o.key("relay.password"),
+                    "no password: set relay.password or relay.password_file in the file, or \
+                     --password-file",
+                ))
+            }
+        };
+        let register = !self.flags.no_register && raw.register.unwrap_or(true);
+        let expires = self
+            .flags
+            .expires
+            .or(raw.expires)
+            .unwrap_or(DEFAULT_EXPIRES);
+        if !(10..=86_400).contains(&expires) {
+            return Err(invalid(
+                self.o
+                    .of(self.flags.expires.is_some(), "--expires", "relay.expires"),
+                format!("{expires} is out of range (10 to 86400 seconds)"),
+            ));
+        }
+
+        Ok(RelayConfig {
+            uri,
+            domain,
+            account,
+            password,
+            register,
+            expires,
+        })
+    }
+
+    fn sip(&self, raw: RawSip) -> Result<SipConfig, ConfigError> {
+        let sip_listen = self
+            .flags
+            .listen
+            .or(raw.listen)
+            .unwrap_or_else(|| default_addr(DEFAULT_SIP_LISTEN));
+        let advertise_origin = self.o.of(
+            self.flags.advertise.is_some(),
+            "--advertise",
+            "sip.advertise",
+        );
+        let advertise = match self.flags.advertise.clone().or(raw.advertise) {
+            Some(h) if is_host(h.trim()) => h.trim().to_string(),
+            Some(h) => {
+                return Err(invalid(
+                    advertise_origin,
+                    format!("{h:?} is not a host name or address"),
+                ))
+            }
+            None if sip_listen.ip().is_unspecified() => {
+                return Err(invalid(
+                    advertise_origin,
+                    format!(
+                        "sip.listen {sip_listen} is a wildcard address: say which address the \
+                         relay should use (sip.advertise or --advertise)"
+                    ),
+                ))
+            }
+            None => sip_listen.ip().to_string(),
+        };
+
+        Ok(SipConfig {
+            listen: sip_listen,
+            advertise,
+        })
+    }
+
+    fn data(&self, raw: RawData) -> Result<DataConfig, ConfigError> {
+        let data_listen = self
+            .flags
+            .data_listen
+            .or(raw.listen)
+            .unwrap_or_else(|| default_addr(DEFAULT_DATA_LISTEN));
+        let data_advertise = match self.flags.data_advertise.or(raw.advertise) {
+            Some(ip) if ip.is_unspecified() => {
+                return Err(invalid(
+                    self.o.of(
+                        self.flags.data_advertise.is_some(),
+                        "--data-advertise",
+                        "data.advertise",
+                    ),
+                    format!("{ip} cannot be connected to"),
+                ))
+            }
+            Some(ip) => ip,
+            None if data_listen.ip().is_unspecified() => {
+                return Err(invalid(
+                    self.o.key("data.advertise"),
+                    format!(
+                        "data.listen {data_listen} is a wildcard address: say which address \
+                         terminals should connect to (data.advertise or --data-advertise)"
+                    ),
+                ))
+            }
+            None => data_listen.ip(),
+        };
+        let token_ttl = self.flags.token_ttl.or(raw.token_ttl_secs).unwrap_or(30);
+        if !(1..=3600).contains(&token_ttl) {
+            return Err(invalid(
+                self.o.of(
+                    self.flags.token_ttl.is_some(),
+                    "--token-ttl",
+                    "data.token_ttl_secs",
+                ),
+                format!("{token_ttl} is out of range (1 to 3600 seconds)"),
+            ));
+        }
+        let handshake = raw.handshake_timeout_secs.unwrap_or(10);
+        if !(1..=600).contains(&handshake) {
+            return Err(invalid(
+                self.o.key("data.handshake_timeout_secs"),
+                format!("{handshake} is out of range (1 to 600 seconds)"),
+            ));
+        }
+        let connect = raw.backend_connect_timeout_secs.unwrap_or(5);
+        if !(1..=600).contains(&connect) {
+            return Err(invalid(
+                self.o.key("data.backend_connect_timeout_secs"),
+                format!("{connect} is out of range (1 to 600 seconds)"),
+            ));
+        }
+
+        Ok(DataConfig {
+            listen: data_listen,
+            advertise: data_advertise,
+            token_ttl: Duration::from_secs(token_ttl),
+            handshake_timeout: Duration::from_secs(handshake),
+            backend_connect_timeout: Duration::from_secs(connect),
+        })
+    }
+
+    fn capacity(&self, raw: RawLimits) -> Result<Option<u32>, ConfigError> {
+        let capacity = self.flags.capacity.or(raw.capacity);
+        if capacity == Some(0) {
+            return Err(invalid(
+                self.o.of(
+                    self.flags.capacity.is_some(),
+                    "--capacity",
+                    "limits.capacity",
+                ),
+                "capacity must be at least 1 (leave it out for no limit)",
+            ));
+        }
+        Ok(capacity)
+    }
+
+    fn services(&self, raw: Vec<RawService>) -> Result<Vec<ServiceConfig>, ConfigError> {
+        let mut services = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, s) in raw.into_iter().enumerate() {
+            let key = |k: &str| self.o.key(&format!("services[{i}].{k}"));
+            if !is_token(&s.name) {
+                return Err(invalid(
+                    key("name"),
+                    format!("{:?} is not a valid service name", s.name),
+                ));
+            }
+            if !seen.insert(s.name.clone()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("service {:?} is listed twice", s.name),
+                ));
+            }
+            if s.capacity == Some(0) {
+                return Err(invalid(key("capacity"), "capacity must be at least 1"));
+            }
+            let allow = s.allow.unwrap_or_else(|| vec!["*".to_string()]);
+            for (field, list) in [("allow", &allow), ("deny", &s.deny)] {
+                if let Some(bad) = list.iter().find(|n| *n != "*" && !is_token(n)) {
+                    return Err(invalid(
+                        key(field),
+                        format!("{bad:?} is not a subscriber name"),
+                    ));
+                }
+            }
+            services.push(ServiceConfig {
+                name: s.name,
+                backend: s.backend,
+                capacity: s.capacity,
+                policy: Policy {
+                    allow,
+                    deny: s.deny,
+                },
+            });
+        }
+        for flag in &self.flags.services {
+            match services.iter_mut().find(|s| s.name == flag.name) {
+                Some(existing) => existing.backend = flag.backend.clone(),
+                None => services.push(ServiceConfig {
+                    name: flag.name.clone(),
+                    backend: flag.backend.clone(),
+                    capacity: None,
+                    policy: Policy::default(),
+                }),
+            }
+        }
+        if services.is_empty() {
+            return Err(invalid(
+                self.o.key("services"),
+                "no services: add [[services]] to the file or --service NAME=BACKEND",
+            ));
+        }
+
+        Ok(services)
+    }
+
+    fn billing(&self, raw: RawBilling, domain: &str) -> Result<BillingConfig, ConfigError> {
+        let bytes_per_charge = self
+            .flags
+            .bytes_per_charge
+            .or(raw.bytes_per_charge)
+            .unwrap_or(DEFAULT_BYTES_PER_CHARGE);
+        let price_per_block = self
+            .flags
+            .price_per_block
+            .or(raw.price_per_block)
+            .unwrap_or(1);
+        if bytes_per_charge > 0 && price_per_block == 0 {
+            return Err(invalid(
+                self.o.of(
+                    self.flags.price_per_block.is_some(),
+                    "--price-per-block",
+                    "billing.price_per_block",
+                ),
+                "must be at least 1 while billing.bytes_per_charge is set (0 turns billing off)",
+            ));
+        }
+        let currency = raw.currency.unwrap_or_else(|| "EUR".to_string());
+        if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(invalid(
+                self.o.key("billing.currency"),
+                format!("{currency:?} is not an ISO 4217 code like EUR"),
+            ));
+        }
+        let charge_uri = match raw.charge_uri {
+            Some(text) => Uri::try_from(text.as_str())
+                .ok()
+                .filter(|u| matches!(u.scheme, Some(Scheme::Sip) | None))
+                .ok_or_else(|| {
+                    invalid(
+                        self.o.key("billing.charge_uri"),
+                        format!("{text:?} is not a sip: URI"),
+                    )
+                })?,
+            None => Uri::try_from(format!("sip:charge@{domain}").as_str()).map_err(|_| {
+                invalid(
+                    self.o.key("relay.domain"),
+                    format!("sip:charge@{domain} is not a valid URI"),
+                )
+            })?,
+        };
+        let retry_initial = raw.retry_initial_ms.unwrap_or(1000);
+        if !(10..=600_000).contains(&retry_initial) {
+            return Err(invalid(
+                self.o.key("billing.retry_initial_ms"),
+                format!("{retry_initial} is out of range (10 to 600000 ms)"),
+            ));
+        }
+        let retry_max = raw.retry_max_secs.unwrap_or(60);
+        if !(1..=3600).contains(&retry_max) {
+            return Err(invalid(
+                self.o.key("billing.retry_max_secs"),
+                format!("{retry_max} is out of range (1 to 3600 seconds)"),
+            ));
+        }
+        let spool_dir = match (&self.flags.spool_dir, raw.spool_dir) {
+            (Some(dir), _) => Some(dir.clone()),
+            (None, Some(dir)) => Some(self.base_dir.join(dir)),
+            (None, None) => None,
+        };
+
+        Ok(BillingConfig {
+            bytes_per_charge,
+            price_per_block,
+            currency,
+            charge_uri,
+            retry_initial: Duration::from_millis(retry_initial),
+            retry_max: Duration::from_secs(retry_max),
+            spool_dir,
+        })
+    }
+}
+
 fn default_addr(text: &str) -> SocketAddr {
     text.parse()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
@@ -888,7 +963,9 @@ fn parse_relay_uri(text: &str) -> Result<Uri, String> {
     }
     if let Some(t) = uri.transport() {
         if !matches!(t, rsip::Transport::Udp | rsip::Transport::Tcp) {
-            return Err(format!("{text:?}: transport {t} is not supported (udp or tcp)"));
+            return Err(format!(
+                "{text:?}: transport {t} is not supported (udp or tcp)"
+            ));
         }
     }
     if let Host::Domain(d) = &uri.host_with_port.host {
@@ -930,12 +1007,20 @@ mod tests {
         let second = Config::from_toml(
             EXAMPLE,
             Path::new("examples/appsrv.toml"),
-            &flags(&["--listen", "127.0.0.1:5082", "--data-listen", "127.0.0.1:7082"]),
+            &flags(&[
+                "--listen",
+                "127.0.0.1:5082",
+                "--data-listen",
+                "127.0.0.1:7082",
+            ]),
         )
         .unwrap();
         assert_eq!(second.sip.listen.port(), 5082);
         assert_eq!(second.data.listen.port(), 7082);
-        assert_eq!(second.data.advertise, "127.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            second.data.advertise,
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]
@@ -967,7 +1052,10 @@ mod tests {
         assert_eq!(c.sip.advertise, "127.0.0.1");
         assert_eq!(c.data.token_ttl, Duration::from_secs(30));
         assert_eq!(c.billing.bytes_per_charge, DEFAULT_BYTES_PER_CHARGE);
-        assert!(!format!("{c:?}").contains("s3cret"), "password leaked into Debug");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "password leaked into Debug"
+        );
     }
 
     #[test]
@@ -987,7 +1075,13 @@ mod tests {
         let c = Config::from_toml(
             text,
             Path::new("a.toml"),
-            &flags(&["--capacity", "2", "--service", "echo=builtin:clock", "--no-register"]),
+            &flags(&[
+                "--capacity",
+                "2",
+                "--service",
+                "echo=builtin:clock",
+                "--no-register",
+            ]),
         )
         .unwrap();
         assert_eq!(c.capacity, Some(2));
@@ -1010,8 +1104,14 @@ mod tests {
         let svc = "[[services]]\nname = \"echo\"\nbackend = \"builtin:echo\"\n";
         let e = error_of(&format!("{base}[sip]\nlisten = \"nowhere\"\n{svc}"), &[]);
         assert!(e.starts_with("agent.toml: key `sip.listen`"), "{e}");
-        let e = error_of(&format!("{base}{svc}[[services]]\nname = \"x\"\nbackend = \"ftp://a\"\n"), &[]);
-        assert!(e.contains("services[1].backend") && e.contains("expected builtin:echo"), "{e}");
+        let e = error_of(
+            &format!("{base}{svc}[[services]]\nname = \"x\"\nbackend = \"ftp://a\"\n"),
+            &[],
+        );
+        assert!(
+            e.contains("services[1].backend") && e.contains("expected builtin:echo"),
+            "{e}"
+        );
         let e = error_of(&format!("{base}{svc}[relay2]\n"), &[]);
         assert!(e.contains("unknown field `relay2`"), "{e}");
         let e = error_of(base, &[]);
@@ -1022,7 +1122,10 @@ mod tests {
         assert!(e.starts_with("--capacity:"), "{e}");
         let e = error_of(&format!("{base}{svc}{svc}"), &[]);
         assert!(e.contains("services[1].name") && e.contains("twice"), "{e}");
-        let e = error_of(&format!("{base}[sip]\nlisten = \"0.0.0.0:5080\"\n{svc}"), &[]);
+        let e = error_of(
+            &format!("{base}[sip]\nlisten = \"0.0.0.0:5080\"\n{svc}"),
+            &[],
+        );
         assert!(e.contains("sip.advertise"), "{e}");
         let e = error_of(&format!("{base}[billing]\nprice_per_block = 0\n{svc}"), &[]);
         assert!(e.contains("billing.price_per_block"), "{e}");

@@ -118,7 +118,12 @@ pub struct Registration {
 
 impl Registration {
     /// A registration that sends its first REGISTER at `now`. `backoff` paces the retries.
-    pub fn new(params: RegistrationParams, auth: ClientAuth, backoff: Backoff, now: Instant) -> Registration {
+    pub fn new(
+        params: RegistrationParams,
+        auth: ClientAuth,
+        backoff: Backoff,
+        now: Instant,
+    ) -> Registration {
         let host = params.contact.host_with_port.host.to_string();
         Registration {
             expires: params.expires,
@@ -166,7 +171,10 @@ impl Registration {
     pub fn kick(&mut self, now: Instant) {
         match self.phase {
             Phase::Due { at, unregister } if at > now => {
-                self.phase = Phase::Due { at: now, unregister }
+                self.phase = Phase::Due {
+                    at: now,
+                    unregister,
+                }
             }
             Phase::Bound { .. } => {
                 self.phase = Phase::Due {
@@ -183,7 +191,13 @@ impl Registration {
         if !self.is_due(now) {
             return None;
         }
-        let unregister = matches!(self.phase, Phase::Due { unregister: true, .. });
+        let unregister = matches!(
+            self.phase,
+            Phase::Due {
+                unregister: true,
+                ..
+            }
+        );
         self.phase = Phase::Sent { unregister };
         Some(self.build(via, unregister))
     }
@@ -271,18 +285,25 @@ impl Registration {
             401 | 407 => match self.auth.on_challenge(resp, self.answered) {
                 ChallengeOutcome::Retry if self.challenges < MAX_CHALLENGES => {
                     self.challenges += 1;
-                    self.phase = Phase::Due { at: now, unregister };
+                    self.phase = Phase::Due {
+                        at: now,
+                        unregister,
+                    };
                     Outcome::Challenged
                 }
-                ChallengeOutcome::Retry => self.fail(now, unregister, "challenged again and again".into()),
+                ChallengeOutcome::Retry => {
+                    self.fail(now, unregister, "challenged again and again".into())
+                }
                 ChallengeOutcome::Rejected => self.fail(
                     now,
                     unregister,
                     format!("{code} credentials refused: check the account and its password"),
                 ),
-                ChallengeOutcome::Unusable(e) => {
-                    self.fail(now, unregister, format!("{code} with no usable challenge: {e}"))
-                }
+                ChallengeOutcome::Unusable(e) => self.fail(
+                    now,
+                    unregister,
+                    format!("{code} with no usable challenge: {e}"),
+                ),
             },
             423 => {
                 let min = resp.headers.iter().find_map(|h| match h {
@@ -292,7 +313,10 @@ impl Registration {
                 match min {
                     Some(min) if min > self.expires && min <= 86_400 && !unregister => {
                         self.expires = min;
-                        self.phase = Phase::Due { at: now, unregister };
+                        self.phase = Phase::Due {
+                            at: now,
+                            unregister,
+                        };
                         Outcome::IntervalRaised { expires: min }
                     }
                     _ => self.fail(now, unregister, "423 without a usable Min-Expires".into()),
@@ -310,7 +334,10 @@ impl Registration {
     pub fn on_send_failure(&mut self, now: Instant, reason: String) -> Outcome {
         let unregister = matches!(
             self.phase,
-            Phase::Due { unregister: true, .. } | Phase::Sent { unregister: true }
+            Phase::Due {
+                unregister: true,
+                ..
+            } | Phase::Sent { unregister: true }
         );
         self.fail(now, unregister, reason)
     }
@@ -493,8 +520,12 @@ pub async fn run(
     }
     // Shutdown: remove the binding, within the time allowed.
     let unregister = async {
-        let Ok((peer, via)) = driver.target().await else { return };
-        let Some(mut req) = reg.unregister_request(&via) else { return };
+        let Ok((peer, via)) = driver.target().await else {
+            return;
+        };
+        let Some(mut req) = reg.unregister_request(&via) else {
+            return;
+        };
         loop {
             let resp = driver.transact(req, peer).await;
             let outcome = reg.on_response(Instant::now(), &resp);
@@ -508,7 +539,10 @@ pub async fn run(
             }
         }
     };
-    if tokio::time::timeout(driver.unregister_timeout, unregister).await.is_err() {
+    if tokio::time::timeout(driver.unregister_timeout, unregister)
+        .await
+        .is_err()
+    {
         warn!(relay = %driver.relay, "no answer to the unregistration in time");
     }
     status.send_replace(false);
@@ -607,7 +641,9 @@ mod tests {
         req.headers.iter().find_map(|h| {
             let line = h.to_string();
             let (n, v) = line.split_once(':')?;
-            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            n.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
         })
     }
 
@@ -645,7 +681,10 @@ mod tests {
         );
         assert_eq!(header(&first, "Expires").unwrap(), "120");
         assert!(header(&first, "Authorization").is_none());
-        assert!(reg.poll_request(t0, &via()).is_none(), "one request at a time");
+        assert!(
+            reg.poll_request(t0, &via()).is_none(),
+            "one request at a time"
+        );
 
         let srv = server();
         assert_eq!(
@@ -655,7 +694,8 @@ mod tests {
         let second = reg.poll_request(t0, &via()).unwrap();
         let creds = Credentials::parse(&header(&second, "Authorization").unwrap()).unwrap();
         let stored = StoredCredential::from_password("as1", "relay.test", "as1-secret");
-        srv.verify(&creds, "REGISTER", |_| Some(stored.clone()), 101).unwrap();
+        srv.verify(&creds, "REGISTER", |_| Some(stored.clone()), 101)
+            .unwrap();
         assert_eq!(header(&second, "Call-ID"), header(&first, "Call-ID"));
         assert_eq!(header(&second, "CSeq").unwrap(), "2 REGISTER");
 
@@ -672,13 +712,23 @@ mod tests {
                 Header::Expires(rsip::headers::Expires::new("999")),
             ],
         );
-        assert_eq!(reg.on_response(t0, &ok), Outcome::Registered { expires: 100 });
+        assert_eq!(
+            reg.on_response(t0, &ok),
+            Outcome::Registered { expires: 100 }
+        );
         assert!(reg.is_bound(t0));
         assert_eq!(reg.deadline(), Some(t0 + Duration::from_secs(50)));
-        assert!(reg.poll_request(t0 + Duration::from_secs(49), &via()).is_none());
-        let refresh = reg.poll_request(t0 + Duration::from_secs(50), &via()).unwrap();
+        assert!(reg
+            .poll_request(t0 + Duration::from_secs(49), &via())
+            .is_none());
+        let refresh = reg
+            .poll_request(t0 + Duration::from_secs(50), &via())
+            .unwrap();
         assert_eq!(header(&refresh, "CSeq").unwrap(), "3 REGISTER");
-        assert!(header(&refresh, "Authorization").is_some(), "reuses the challenge");
+        assert!(
+            header(&refresh, "Authorization").is_some(),
+            "reuses the challenge"
+        );
         assert!(reg.is_bound(t0 + Duration::from_secs(99)));
         assert!(!reg.is_bound(t0 + Duration::from_secs(100)));
     }
@@ -706,7 +756,10 @@ mod tests {
         reg.kick(t0);
         assert!(reg.is_due(t0));
         let req = reg.poll_request(t0, &via()).unwrap();
-        assert_eq!(reg.on_response(t0, &reply(&req, 200, vec![])), Outcome::Registered { expires: 120 });
+        assert_eq!(
+            reg.on_response(t0, &reply(&req, 200, vec![])),
+            Outcome::Registered { expires: 120 }
+        );
         // After a success the backoff starts over.
         reg.kick(t0);
         let req = reg.poll_request(t0, &via()).unwrap();
@@ -729,7 +782,10 @@ mod tests {
         );
         let srv = server();
         let first = reg.poll_request(t0, &via()).unwrap();
-        assert_eq!(reg.on_response(t0, &reply(&first, 401, challenge(&srv))), Outcome::Challenged);
+        assert_eq!(
+            reg.on_response(t0, &reply(&first, 401, challenge(&srv))),
+            Outcome::Challenged
+        );
         let second = reg.poll_request(t0, &via()).unwrap();
         match reg.on_response(t0, &reply(&second, 401, challenge(&srv))) {
             Outcome::Failed { reason, retry_in } => {
@@ -766,14 +822,22 @@ mod tests {
         reg.on_response(t0, &reply(&req, 200, vec![]));
         let bye = reg.unregister_request(&via()).unwrap();
         assert_eq!(header(&bye, "Expires").unwrap(), "0");
-        assert!(header(&bye, "Contact").unwrap().starts_with("<sip:as1@127.0.0.1:5080>"));
+        assert!(header(&bye, "Contact")
+            .unwrap()
+            .starts_with("<sip:as1@127.0.0.1:5080>"));
         // Challenged: answered once more, still as an unregistration.
         let srv = server();
-        assert_eq!(reg.on_response(t0, &reply(&bye, 401, challenge(&srv))), Outcome::Challenged);
+        assert_eq!(
+            reg.on_response(t0, &reply(&bye, 401, challenge(&srv))),
+            Outcome::Challenged
+        );
         let again = reg.poll_request(t0, &via()).unwrap();
         assert_eq!(header(&again, "Expires").unwrap(), "0");
         assert!(header(&again, "Authorization").is_some());
-        assert_eq!(reg.on_response(t0, &reply(&again, 200, vec![])), Outcome::Unregistered);
+        assert_eq!(
+            reg.on_response(t0, &reply(&again, 200, vec![])),
+            Outcome::Unregistered
+        );
         assert!(reg.is_closed() && !reg.is_bound(t0));
         assert_eq!(reg.deadline(), None);
     }
@@ -782,8 +846,14 @@ mod tests {
     fn contact_expires_reads_our_contact_only() {
         let ours = Uri::try_from("sip:as1@127.0.0.1:5080").unwrap();
         let read = |v: &str| contact_expires(v, &ours);
-        assert_eq!(read("<sip:as1@127.0.0.1:5080>;services=\"a;b,c\";expires=60"), Some(60));
-        assert_eq!(read("<sip:as1@127.0.0.1:5080>;EXPIRES=7;capacity=2"), Some(7));
+        assert_eq!(
+            read("<sip:as1@127.0.0.1:5080>;services=\"a;b,c\";expires=60"),
+            Some(60)
+        );
+        assert_eq!(
+            read("<sip:as1@127.0.0.1:5080>;EXPIRES=7;capacity=2"),
+            Some(7)
+        );
         assert_eq!(read("sip:as1@127.0.0.1:5080;expires=9"), Some(9));
         assert_eq!(read("<sip:as1@127.0.0.1:5081>;expires=60"), None);
         assert_eq!(read("<sip:as2@127.0.0.1:5080>;expires=60"), None);
@@ -797,7 +867,10 @@ mod tests {
         let mut reg = new_reg(t0);
         let req = reg.poll_request(t0, &via()).unwrap();
         reg.on_response(t0, &reply(&req, 200, vec![]));
-        assert_eq!(reg.on_response(t0, &reply(&req, 200, vec![])), Outcome::Ignored);
+        assert_eq!(
+            reg.on_response(t0, &reply(&req, 200, vec![])),
+            Outcome::Ignored
+        );
     }
 
     #[test]

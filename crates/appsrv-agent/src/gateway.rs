@@ -1,0 +1,805 @@
+//! The data gateway: the TCP port named in the SDP answer, where terminals bring their
+//! application data (`docs/protocol.md`, "Data connection").
+//!
+//! A terminal connects and sends its session token as the first line. [`TokenTable`] holds
+//! the tokens the agent handed out: each is good once, and only for the configured time after
+//! its 200 OK was sent (a terminal may connect before the relay's ACK reaches the agent). An
+//! unknown, used or expired token, or a line that is not a token, gets `ERR <reason>` and the
+//! connection is closed: nothing is forwarded. A good token gets `OK` and from then on the
+//! bytes are spliced both ways between the terminal and the service backend, counted per
+//! session, and each completed block of bytes delivered to the terminal becomes a charge.
+//!
+//! The connection ends when the backend closes its side (after the terminal's end of input,
+//! for the built-ins), when either side fails, or when the session closes it (BYE, shutdown,
+//! or a newer data connection of the same session). The session layer hears of every
+//! attachment and end as a [`GatewayEvent`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::backend::{Backend, BackendStream};
+use crate::charging::{ChargeRequest, ChargeSink, Outstanding};
+
+/// The longest token line accepted, newline included.
+pub const MAX_TOKEN_LINE: usize = 256;
+/// Splice buffer size, per direction.
+const BUF: usize = 16 * 1024;
+
+/// Bytes through one session's data connections, and the charge units already requested.
+#[derive(Debug, Default)]
+pub struct Counters {
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    charged_units: AtomicU64,
+}
+
+impl Counters {
+    /// Counts bytes from the terminal to the backend.
+    pub fn add_in(&self, n: u64) {
+        self.bytes_in.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts bytes delivered to the terminal; returns how many whole `block`s were completed
+    /// by them and not yet charged (0 when `block` is 0). Safe under concurrent calls: each
+    /// unit is returned once.
+    pub fn add_out(&self, n: u64, block: u64) -> u64 {
+        let total = self
+            .bytes_out
+            .fetch_add(n, Ordering::Relaxed)
+            .saturating_add(n);
+        if block == 0 {
+            return 0;
+        }
+        let done = total / block;
+        let before = self.charged_units.fetch_max(done, Ordering::Relaxed);
+        done.saturating_sub(before)
+    }
+
+    /// Bytes received from the terminal.
+    pub fn bytes_in(&self) -> u64 {
+        self.bytes_in.load(Ordering::Relaxed)
+    }
+
+    /// Bytes delivered to the terminal.
+    pub fn bytes_out(&self) -> u64 {
+        self.bytes_out.load(Ordering::Relaxed)
+    }
+
+    /// Charge units requested so far.
+    pub fn charged_units(&self) -> u64 {
+        self.charged_units.load(Ordering::Relaxed)
+    }
+}
+
+/// How a session's delivered bytes are charged.
+#[derive(Debug, Clone)]
+pub struct Billing {
+    /// Bytes per unit (greater than 0).
+    pub block: u64,
+    /// Where charge requests go.
+    pub sink: ChargeSink,
+    /// The subscriber the relay asserted.
+    pub subscriber: String,
+    /// The service delivered.
+    pub service: String,
+    /// The session's charges not yet answered by the relay.
+    pub outstanding: Arc<Outstanding>,
+}
+
+/// What a token opens: one data connection of one session.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// The session's Call-ID (the relay's leg to us).
+    pub call_id: String,
+    /// Which data connection of the session this is (a re-INVITE opens a new one).
+    pub slot: u64,
+    /// The backend to splice to.
+    pub backend: Backend,
+    /// The session's byte counters.
+    pub counters: Arc<Counters>,
+    /// Turns true (or its sender goes away) when the session closes this connection.
+    pub close: watch::Receiver<bool>,
+    /// Charging, when on.
+    pub billing: Option<Billing>,
+}
+
+/// Why a token was refused; the text is sent to the terminal after `ERR `.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such token (never issued, or its session has ended).
+    Unknown,
+    /// The token was used already.
+    Used,
+    /// The token was not used in time.
+    Expired,
+    /// The first line is not a token.
+    Malformed,
+    /// No token line in time.
+    Timeout,
+}
+
+impl Refusal {
+    /// The reason sent to the terminal and logged.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::Unknown => "unknown token",
+            Refusal::Used => "token already used",
+            Refusal::Expired => "token expired",
+            Refusal::Malformed => "malformed token line",
+            Refusal::Timeout => "no token in time",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    binding: Binding,
+    expires_at: Instant,
+    used: bool,
+}
+
+/// The tokens handed out and not yet forgotten (sans-IO: every call takes the time).
+///
+/// Tokens are 128-bit random strings; the table is a `HashMap` with a randomly keyed hash, so
+/// the time a lookup takes tells an attacker nothing useful about other tokens.
+#[derive(Debug)]
+pub struct TokenTable {
+    entries: Mutex<HashMap<String, Entry>>,
+    ttl: Duration,
+}
+
+impl TokenTable {
+    /// A table whose tokens must be used within `ttl` of being issued.
+    pub fn new(ttl: Duration) -> TokenTable {
+        TokenTable {
+            entries: Mutex::new(HashMap::new()),
+            ttl,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding the lock cannot leave a map half-updated in a way that
+        // matters here; carry on with the data.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands out `token` for `binding` at `now`.
+    pub fn issue(&self, token: String, binding: Binding, now: Instant) {
+        self.lock().insert(
+            token,
+            Entry {
+                binding,
+                expires_at: now + self.ttl,
+                used: false,
+            },
+        );
+    }
+
+    /// Uses `token` at `now`: its binding the first time, within the time allowed; a
+    /// refusal otherwise.
+    pub fn claim(&self, token: &str, now: Instant) -> Result<Binding, Refusal> {
+        let mut entries = self.lock();
+        let entry = entries.get_mut(token).ok_or(Refusal::Unknown)?;
+        if entry.used {
+            return Err(Refusal::Used);
+        }
+        if now >= entry.expires_at {
+            return Err(Refusal::Expired);
+        }
+        entry.used = true;
+        Ok(entry.binding.clone())
+    }
+
+    /// Forgets every token of a session (it ended).
+    pub fn revoke_call(&self, call_id: &str) {
+        self.lock().retain(|_, e| e.binding.call_id != call_id);
+    }
+
+    /// Forgets the tokens that expired unused by `now`; returns their sessions and slots.
+    pub fn sweep(&self, now: Instant) -> Vec<(String, u64)> {
+        let mut expired = Vec::new();
+        self.lock().retain(|_, e| {
+            let keep = e.used || now < e.expires_at;
+            if !keep {
+                expired.push((e.binding.call_id.clone(), e.binding.slot));
+            }
+            keep
+        });
+        expired
+    }
+
+    /// How many tokens are held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no token is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a data connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// The backend closed its side (the service ended).
+    BackendClosed,
+    /// Reading from or writing to the terminal failed.
+    TerminalError(String),
+    /// Reading from or writing to the backend failed.
+    BackendError(String),
+    /// The backend could not be opened.
+    BackendUnavailable(String),
+    /// The session closed the connection.
+    Closed,
+}
+
+impl std::fmt::Display for EndReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndReason::BackendClosed => f.write_str("backend closed"),
+            EndReason::TerminalError(e) => write!(f, "terminal connection failed: {e}"),
+            EndReason::BackendError(e) => write!(f, "backend connection failed: {e}"),
+            EndReason::BackendUnavailable(e) => write!(f, "backend unavailable: {e}"),
+            EndReason::Closed => f.write_str("closed by the session"),
+        }
+    }
+}
+
+/// What the gateway tells the session layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayEvent {
+    /// A terminal presented a good token; its bytes now flow.
+    Attached {
+        /// The session.
+        call_id: String,
+        /// The data connection.
+        slot: u64,
+        /// The terminal's address.
+        peer: SocketAddr,
+    },
+    /// A data connection of a session ended.
+    Ended {
+        /// The session.
+        call_id: String,
+        /// The data connection.
+        slot: u64,
+        /// Why.
+        reason: EndReason,
+    },
+}
+
+/// Timeouts of the data port.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// For the token line.
+    pub handshake: Duration,
+    /// For opening a TCP backend.
+    pub backend_connect: Duration,
+}
+
+/// The data port.
+pub struct Gateway {
+    listener: TcpListener,
+    tokens: Arc<TokenTable>,
+    events: mpsc::UnboundedSender<GatewayEvent>,
+    timeouts: Timeouts,
+}
+
+impl Gateway {
+    /// Listens on `addr`.
+    pub async fn bind(
+        addr: SocketAddr,
+        tokens: Arc<TokenTable>,
+        events: mpsc::UnboundedSender<GatewayEvent>,
+        timeouts: Timeouts,
+    ) -> std::io::Result<Gateway> {
+        Ok(Gateway {
+            listener: TcpListener::bind(addr).await?,
+            tokens,
+            events,
+            timeouts,
+        })
+    }
+
+    /// The address listened on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts data connections until `shutdown` turns true. Connections already spliced
+    /// stay until their session closes them.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let conn = Connection {
+                            tokens: self.tokens.clone(),
+                            events: self.events.clone(),
+                            timeouts: self.timeouts,
+                            peer,
+                        };
+                        tokio::spawn(conn.serve(stream));
+                    }
+                    Err(e) => {
+                        // Out of descriptors and the like: wait a little rather than spin.
+                        warn!(error = %e, "data port accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+struct Connection {
+    tokens: Arc<TokenTable>,
+    events: mpsc::UnboundedSender<GatewayEvent>,
+    timeouts: Timeouts,
+    peer: SocketAddr,
+}
+
+impl Connection {
+    async fn serve(self, mut stream: TcpStream) {
+        let _ = stream.set_nodelay(true);
+        let peer = self.peer;
+        let (token, leftover) =
+            match tokio::time::timeout(self.timeouts.handshake, read_token_line(&mut stream)).await
+            {
+                Ok(Ok(line)) => line,
+                Ok(Err(refusal)) => return refuse(stream, peer, refusal).await,
+                Err(_) => return refuse(stream, peer, Refusal::Timeout).await,
+            };
+        let binding = match self.tokens.claim(&token, Instant::now()) {
+            Ok(b) => b,
+            Err(refusal) => return refuse(stream, peer, refusal).await,
+        };
+        let call_id = binding.call_id.clone();
+        let slot = binding.slot;
+        let backend = match binding.backend.open(self.timeouts.backend_connect).await {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(%call_id, %peer, backend = %binding.backend, error = %e, "backend unavailable");
+                let _ = stream.write_all(b"ERR backend unavailable\n").await;
+                let _ = stream.shutdown().await;
+                self.ended(call_id, slot, EndReason::BackendUnavailable(e.to_string()));
+                return;
+            }
+        };
+        if let Err(e) = stream.write_all(b"OK\n").await {
+            self.ended(call_id, slot, EndReason::TerminalError(e.to_string()));
+            return;
+        }
+        info!(%call_id, %peer, slot, backend = %binding.backend, "data connection open");
+        let _ = self.events.send(GatewayEvent::Attached {
+            call_id: call_id.clone(),
+            slot,
+            peer,
+        });
+        let reason = splice(stream, backend, leftover, &binding).await;
+        info!(
+            %call_id,
+            %peer,
+            slot,
+            %reason,
+            bytes_in = binding.counters.bytes_in(),
+            bytes_out = binding.counters.bytes_out(),
+            "data connection closed"
+        );
+        self.ended(call_id, slot, reason);
+    }
+
+    fn ended(&self, call_id: String, slot: u64, reason: EndReason) {
+        let _ = self.events.send(GatewayEvent::Ended {
+            call_id,
+            slot,
+            reason,
+        });
+    }
+}
+
+/// How long a refused connection is drained after the `ERR` line, and how much of it.
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+const DRAIN_BYTES: usize = 1024 * 1024;
+
+async fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Refusal) {
+    warn!(%peer, reason = refusal.reason(), "data connection refused");
+    let line = format!("ERR {}\n", refusal.reason());
+    let _ = stream.write_all(line.as_bytes()).await;
+    let _ = stream.shutdown().await;
+    // Closing a socket with unread input resets the connection, which can destroy the ERR
+    // line before the terminal reads it: read (and discard) what the terminal still sends,
+    // for a bounded time and amount.
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut total = 0;
+        while total < DRAIN_BYTES {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+}
+
+/// Reads the first line: the token, and whatever came after it in the same reads (data
+/// that must reach the backend first).
+async fn read_token_line<R: AsyncRead + Unpin>(
+    stream: &mut R,
+) -> Result<(String, Vec<u8>), Refusal> {
+    let mut buf = Vec::with_capacity(64);
+    let mut chunk = [0u8; MAX_TOKEN_LINE];
+    loop {
+        if let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+            let rest = buf.split_off(pos + 1);
+            let line = std::str::from_utf8(&buf[..pos])
+                .map_err(|_| Refusal::Malformed)?
+                .trim();
+            if line.is_empty() || !line.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(Refusal::Malformed);
+            }
+            return Ok((line.to_string(), rest));
+        }
+        if buf.len() >= MAX_TOKEN_LINE {
+            return Err(Refusal::Malformed);
+        }
+        let room = MAX_TOKEN_LINE - buf.len();
+        let n = stream
+            .read(&mut chunk[..room])
+            .await
+            .map_err(|_| Refusal::Malformed)?;
+        if n == 0 {
+            return Err(Refusal::Malformed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Which side of a splice failed.
+enum Failure {
+    Terminal(std::io::Error),
+    Backend(std::io::Error),
+}
+
+impl From<Failure> for EndReason {
+    fn from(f: Failure) -> EndReason {
+        match f {
+            Failure::Terminal(e) => EndReason::TerminalError(e.to_string()),
+            Failure::Backend(e) => EndReason::BackendError(e.to_string()),
+        }
+    }
+}
+
+/// Copies bytes both ways until the backend closes, a side fails, or the session closes the
+/// connection. The terminal's end of input is passed on to the backend (half-close).
+pub async fn splice<T>(
+    terminal: T,
+    backend: BackendStream,
+    leftover: Vec<u8>,
+    binding: &Binding,
+) -> EndReason
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut t_r, mut t_w) = tokio::io::split(terminal);
+    let (mut b_r, mut b_w) = tokio::io::split(backend);
+    let counters = &binding.counters;
+    let up = async {
+        if !leftover.is_empty() {
+            b_w.write_all(&leftover).await.map_err(Failure::Backend)?;
+            counters.add_in(leftover.len() as u64);
+        }
+        let mut buf = vec![0u8; BUF];
+        loop {
+            let n = t_r.read(&mut buf).await.map_err(Failure::Terminal)?;
+            if n == 0 {
+                b_w.shutdown().await.map_err(Failure::Backend)?;
+                return Ok::<(), Failure>(());
+            }
+            b_w.write_all(&buf[..n]).await.map_err(Failure::Backend)?;
+            counters.add_in(n as u64);
+        }
+    };
+    let down = async {
+        let mut buf = vec![0u8; BUF];
+        loop {
+            let n = b_r.read(&mut buf).await.map_err(Failure::Backend)?;
+            if n == 0 {
+                let _ = t_w.shutdown().await;
+                return Ok::<(), Failure>(());
+            }
+            t_w.write_all(&buf[..n]).await.map_err(Failure::Terminal)?;
+            let block = binding.billing.as_ref().map_or(0, |b| b.block);
+            let units = counters.add_out(n as u64, block);
+            if let (Some(billing), true) = (&binding.billing, units > 0) {
+                debug!(call_id = %binding.call_id, units, "charge units completed");
+                billing.sink.charge(ChargeRequest {
+                    call_id: binding.call_id.clone(),
+                    subscriber: billing.subscriber.clone(),
+                    service: billing.service.clone(),
+                    units,
+                    unit_bytes: billing.block,
+                    guard: Some(billing.outstanding.begin()),
+                });
+            }
+        }
+    };
+    tokio::pin!(up, down);
+    let mut close = binding.close.clone();
+    if *close.borrow_and_update() {
+        return EndReason::Closed;
+    }
+    let mut up_done = false;
+    loop {
+        tokio::select! {
+            r = &mut down => return match r {
+                Ok(()) => EndReason::BackendClosed,
+                Err(f) => f.into(),
+            },
+            r = &mut up, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(f) => return f.into(),
+            },
+            changed = close.changed() => {
+                if changed.is_err() || *close.borrow() {
+                    return EndReason::Closed;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn binding(call_id: &str, slot: u64, backend: Backend) -> (Binding, watch::Sender<bool>) {
+        let (close_tx, close) = watch::channel(false);
+        (
+            Binding {
+                call_id: call_id.into(),
+                slot,
+                backend,
+                counters: Arc::new(Counters::default()),
+                close,
+                billing: None,
+            },
+            close_tx,
+        )
+    }
+
+    #[test]
+    fn tokens_are_good_once_and_only_in_time() {
+        let t0 = Instant::now();
+        let table = TokenTable::new(Duration::from_secs(30));
+        let (b, _c) = binding("call-1", 1, Backend::Echo);
+        table.issue("tok-1".into(), b.clone(), t0);
+        table.issue("tok-2".into(), b.clone(), t0);
+        assert_eq!(table.claim("nope", t0).unwrap_err(), Refusal::Unknown);
+        let got = table.claim("tok-1", t0 + Duration::from_secs(29)).unwrap();
+        assert_eq!(got.call_id, "call-1");
+        assert_eq!(
+            table
+                .claim("tok-1", t0 + Duration::from_secs(29))
+                .unwrap_err(),
+            Refusal::Used
+        );
+        assert_eq!(
+            table
+                .claim("tok-2", t0 + Duration::from_secs(30))
+                .unwrap_err(),
+            Refusal::Expired
+        );
+        // The sweep forgets the expired unused token, keeps the used one.
+        assert_eq!(
+            table.sweep(t0 + Duration::from_secs(31)),
+            vec![("call-1".to_string(), 1)]
+        );
+        assert_eq!(table.claim("tok-2", t0).unwrap_err(), Refusal::Unknown);
+        assert_eq!(table.claim("tok-1", t0).unwrap_err(), Refusal::Used);
+        table.revoke_call("call-1");
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn counters_charge_each_block_once() {
+        let c = Counters::default();
+        assert_eq!(c.add_out(3, 4), 0);
+        assert_eq!(c.add_out(5, 4), 2);
+        assert_eq!(c.add_out(1, 4), 0);
+        assert_eq!(c.add_out(100, 0), 0);
+        assert_eq!(c.bytes_out(), 109);
+        assert_eq!(c.charged_units(), 2);
+        c.add_in(7);
+        assert_eq!(c.bytes_in(), 7);
+    }
+
+    #[tokio::test]
+    async fn token_lines_are_read_with_what_follows() {
+        let mut input: &[u8] = b"abc123\r\nhello";
+        assert_eq!(
+            read_token_line(&mut input).await.unwrap(),
+            ("abc123".to_string(), b"hello".to_vec())
+        );
+        for bad in [&b"\n"[..], b"two words\n", b"no newline", b"\xff\xfe\n"] {
+            let mut input = bad;
+            assert_eq!(
+                read_token_line(&mut input).await.unwrap_err(),
+                Refusal::Malformed
+            );
+        }
+        let long = vec![b'a'; MAX_TOKEN_LINE + 10];
+        let mut input = &long[..];
+        assert_eq!(
+            read_token_line(&mut input).await.unwrap_err(),
+            Refusal::Malformed
+        );
+    }
+
+    struct Harness {
+        addr: SocketAddr,
+        tokens: Arc<TokenTable>,
+        events: mpsc::UnboundedReceiver<GatewayEvent>,
+        _shutdown: watch::Sender<bool>,
+    }
+
+    async fn harness() -> Harness {
+        let tokens = Arc::new(TokenTable::new(Duration::from_secs(30)));
+        let (tx, events) = mpsc::unbounded_channel();
+        let timeouts = Timeouts {
+            handshake: Duration::from_secs(5),
+            backend_connect: Duration::from_secs(5),
+        };
+        let gw = Gateway::bind("127.0.0.1:0".parse().unwrap(), tokens.clone(), tx, timeouts)
+            .await
+            .unwrap();
+        let addr = gw.local_addr().unwrap();
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        tokio::spawn(gw.run(shutdown));
+        Harness {
+            addr,
+            tokens,
+            events,
+            _shutdown: shutdown_tx,
+        }
+    }
+
+    async fn read_all(stream: &mut TcpStream) -> String {
+        let mut out = Vec::new();
+        stream.read_to_end(&mut out).await.unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn bad_tokens_are_refused_and_nothing_is_forwarded() {
+        let h = harness().await;
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(b"0123456789abcdef\nsecret data").await.unwrap();
+        // More than the token line's worth: still a clean ERR line, not a reset.
+        s.write_all(&vec![b'x'; 100_000]).await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut s).await, "ERR unknown token\n");
+    }
+
+    #[tokio::test]
+    async fn a_good_token_splices_to_echo_counts_and_charges() {
+        let mut h = harness().await;
+        let (sink, mut charges) = ChargeSink::channel();
+        let (mut b, _close) = binding("call-7", 1, Backend::Echo);
+        let outstanding = Arc::new(Outstanding::default());
+        b.billing = Some(Billing {
+            block: 4,
+            sink,
+            subscriber: "alice".into(),
+            service: "echo".into(),
+            outstanding: outstanding.clone(),
+        });
+        let counters = b.counters.clone();
+        h.tokens.issue("good".into(), b, Instant::now());
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(b"good\nhello ").await.unwrap();
+        let mut ok = [0u8; 3];
+        s.read_exact(&mut ok).await.unwrap();
+        assert_eq!(&ok, b"OK\n");
+        s.write_all(b"world").await.unwrap();
+        s.shutdown().await.unwrap();
+        assert_eq!(read_all(&mut s).await, "hello world");
+        match h.events.recv().await.unwrap() {
+            GatewayEvent::Attached { call_id, slot, .. } => {
+                assert_eq!((call_id.as_str(), slot), ("call-7", 1))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            h.events.recv().await.unwrap(),
+            GatewayEvent::Ended {
+                call_id: "call-7".into(),
+                slot: 1,
+                reason: EndReason::BackendClosed
+            }
+        );
+        assert_eq!((counters.bytes_in(), counters.bytes_out()), (11, 11));
+        assert!(
+            outstanding.count() >= 1,
+            "queued charges count as outstanding"
+        );
+        let mut units = 0;
+        while let Ok(c) = charges.try_recv() {
+            assert_eq!(
+                (c.call_id.as_str(), c.subscriber.as_str()),
+                ("call-7", "alice")
+            );
+            units += c.units;
+        }
+        assert_eq!(units, 2, "11 bytes in blocks of 4: two whole blocks");
+        assert_eq!(
+            outstanding.count(),
+            0,
+            "the charges were dropped, so answered"
+        );
+        // The same token again.
+        let mut again = TcpStream::connect(h.addr).await.unwrap();
+        again.write_all(b"good\n").await.unwrap();
+        assert_eq!(read_all(&mut again).await, "ERR token already used\n");
+    }
+
+    #[tokio::test]
+    async fn the_session_can_close_a_live_connection() {
+        let mut h = harness().await;
+        let (b, close) = binding("call-9", 3, Backend::Clock);
+        h.tokens.issue("clock-token".into(), b, Instant::now());
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(b"clock-token\n").await.unwrap();
+        assert!(matches!(
+            h.events.recv().await.unwrap(),
+            GatewayEvent::Attached { .. }
+        ));
+        close.send_replace(true);
+        let text = read_all(&mut s).await;
+        assert!(text.starts_with("OK\n"), "{text}");
+        assert_eq!(
+            h.events.recv().await.unwrap(),
+            GatewayEvent::Ended {
+                call_id: "call-9".into(),
+                slot: 3,
+                reason: EndReason::Closed
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_backend_is_reported() {
+        let mut h = harness().await;
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = free.local_addr().unwrap().port();
+        drop(free);
+        let backend = Backend::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let (b, _close) = binding("call-5", 1, backend);
+        h.tokens.issue("t5".into(), b, Instant::now());
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(b"t5\n").await.unwrap();
+        assert_eq!(read_all(&mut s).await, "ERR backend unavailable\n");
+        assert!(matches!(
+            h.events.recv().await.unwrap(),
+            GatewayEvent::Ended {
+                reason: EndReason::BackendUnavailable(_),
+                ..
+            }
+        ));
+    }
+}

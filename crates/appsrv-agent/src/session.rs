@@ -1,0 +1,833 @@
+//! The agent's SIP user agent and its live sessions: one place that reads the relay's
+//! requests and the data gateway's events and keeps every session's dialog, service,
+//! token and data connection.
+//!
+//! A session is keyed by the Call-ID of the relay's leg (the relay is a B2BUA: every leg
+//! has its own). Its life:
+//! * **INVITE** from the relay (anything else from elsewhere gets `403`): decided by
+//!   [`inquiry::decide`]; yes is a `200` with the SDP answer and a token issued to the data
+//!   gateway at once (a terminal may connect before the ACK reaches us), no is the refusal's
+//!   code and reason. The session counts against capacity from the 200 on.
+//! * **ACK**: the session is live.
+//! * **re-INVITE**: [`inquiry::decide_change`]; yes is a `200` with a new answer (a new token
+//!   for a new data connection, which replaces the old one once it is used, or
+//!   `a=connection:existing` when the terminal keeps its connection), no is a refusal that
+//!   leaves the session as it was.
+//! * **BYE** from the relay: `200`, the data connection is closed and the tokens revoked.
+//! * The **data connection ends** from the application side (the backend closed, a side
+//!   failed) or its token **expires unused**: the agent sends BYE. A BYE waits for the ACK
+//!   of our 2xx (RFC 3261 §15) or the ACK's timeout.
+//! * **Shutdown**: every session is ended with BYE; new INVITEs get `503`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rsip::prelude::*;
+use rsip::{Header, Method, Request, Response, Uri};
+use sip_core::dialog::{Dialog, DialogId, DialogState, ViaSpec};
+use sip_core::endpoint::{Endpoint, EndpointEvent, IncomingRequest, ServerTx};
+use sip_core::message;
+use sip_core::resolve::{self, SystemDns};
+use sip_core::sdp::{new_session_token, AppSdp, Connection};
+use sip_core::Peer;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use crate::charging::{ChargeSink, Outstanding};
+use crate::config::Config;
+use crate::gateway::{Billing, Binding, Counters, GatewayEvent, TokenTable};
+use crate::inquiry::{self, Accepted, Load, Refusal, RelaySources};
+use crate::registration::{RegistrationHandle, USER_AGENT};
+
+/// The methods we answer, for `Allow`.
+const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS";
+/// How often expired tokens are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How long our BYE waits for the session's charges to be answered, so that they reach
+/// the relay while it still holds the session.
+const CHARGE_SETTLE: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// 200 sent, ACK not yet received.
+    Pending,
+    /// ACKed.
+    Live,
+}
+
+#[derive(Debug)]
+struct Session {
+    dialog: Dialog,
+    service: String,
+    subscriber: String,
+    state: State,
+    /// The last INVITE (initial or re-INVITE) answered with a 2xx.
+    invite_tx: ServerTx,
+    /// Where the INVITE came from: the fallback target for our BYE.
+    peer: Peer,
+    /// The last SDP answer sent.
+    answer: AppSdp,
+    counters: Arc<Counters>,
+    /// Its charges the relay has not answered yet.
+    outstanding: Arc<Outstanding>,
+    /// The data connection whose token is out and unused.
+    pending_slot: Option<(u64, String)>,
+    /// The data connection carrying bytes.
+    active_slot: Option<u64>,
+    /// Closing signals of the session's data connections.
+    closers: HashMap<u64, watch::Sender<bool>>,
+    started: Instant,
+    /// Set when the session must end but our 2xx is not ACKed yet.
+    ending: Option<String>,
+}
+
+impl Session {
+    fn close_slot(&mut self, slot: u64) {
+        if let Some(closer) = self.closers.remove(&slot) {
+            closer.send_replace(true);
+        }
+    }
+
+    fn close_all(&mut self) {
+        for (_, closer) in self.closers.drain() {
+            closer.send_replace(true);
+        }
+        self.pending_slot = None;
+        self.active_slot = None;
+    }
+}
+
+/// What the core needs from the rest of the agent.
+pub struct CoreParts {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// The SIP endpoint.
+    pub endpoint: Endpoint,
+    /// Whom to accept requests from.
+    pub relay: RelaySources,
+    /// The registration task's handle.
+    pub registration: RegistrationHandle,
+    /// The data gateway's tokens.
+    pub tokens: Arc<TokenTable>,
+    /// Where charges go (`None`: billing off).
+    pub charges: Option<ChargeSink>,
+    /// Our Contact URI for dialogs.
+    pub contact: Uri,
+    /// Our `host:port` for Via headers.
+    pub sent_by: String,
+    /// The data gateway address written in SDP answers.
+    pub data_addr: SocketAddr,
+}
+
+/// The session core.
+pub struct Core {
+    parts: CoreParts,
+    sessions: HashMap<String, Session>,
+    load: Load,
+    next_slot: u64,
+    byes: JoinSet<()>,
+    accepting: bool,
+}
+
+impl Core {
+    /// A core with no session.
+    pub fn new(parts: CoreParts) -> Core {
+        Core {
+            parts,
+            sessions: HashMap::new(),
+            load: Load::default(),
+            next_slot: 1,
+            byes: JoinSet::new(),
+            accepting: true,
+        }
+    }
+
+    /// Serves SIP and gateway events until `shutdown` turns true; then ends every session
+    /// with BYE and waits up to `bye_timeout` for the relay's answers.
+    pub async fn run(
+        mut self,
+        mut sip: mpsc::Receiver<EndpointEvent>,
+        mut gateway: mpsc::UnboundedReceiver<GatewayEvent>,
+        mut shutdown: watch::Receiver<bool>,
+        bye_timeout: Duration,
+    ) {
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = sip.recv() => match event {
+                    Some(event) => self.on_sip(event),
+                    None => break,
+                },
+                Some(event) = gateway.recv() => self.on_gateway(event),
+                _ = sweep.tick() => self.on_sweep(Instant::now()),
+                Some(_) = self.byes.join_next(), if !self.byes.is_empty() => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        self.accepting = false;
+        let ids: Vec<String> = self.sessions.keys().cloned().collect();
+        if !ids.is_empty() {
+            info!(sessions = ids.len(), "ending live sessions");
+        }
+        for id in ids {
+            self.end(&id, "agent shutting down", true);
+        }
+        let deadline = tokio::time::Instant::now() + bye_timeout;
+        while !self.byes.is_empty() || self.sessions.values().any(|s| s.ending.is_some()) {
+            tokio::select! {
+                Some(_) = self.byes.join_next(), if !self.byes.is_empty() => {}
+                Some(event) = sip.recv() => self.on_sip(event),
+                _ = tokio::time::sleep_until(deadline) => {
+                    warn!(left = self.byes.len(), "shutdown: not every BYE was answered in time");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_sip(&mut self, event: EndpointEvent) {
+        match event {
+            EndpointEvent::Request(r) => self.on_request(r),
+            EndpointEvent::Ack { ack, from } => self.on_ack(&ack, &from),
+            EndpointEvent::Cancel {
+                req, tx, invite, ..
+            } => {
+                respond(&tx, reply(&req, 200, None, None));
+                // Our INVITEs are answered at once: a CANCEL only finds one still open if the
+                // answer is being built, and a 2xx already sent wins (RFC 3261 §9.2).
+                if !self.sessions.values().any(|s| s.invite_tx == invite) {
+                    let _ = invite.respond(reply(&req, 487, None, Some(&message::new_tag())));
+                }
+            }
+            EndpointEvent::AckTimeout { tx } => {
+                let id = self
+                    .sessions
+                    .iter()
+                    .find(|(_, s)| s.invite_tx == tx)
+                    .map(|(id, _)| id.clone());
+                if let Some(id) = id {
+                    warn!(call_id = %id, "no ACK for our 2xx");
+                    if let Some(s) = self.sessions.get_mut(&id) {
+                        // The transaction is over: a BYE may go now (RFC 3261 §15).
+                        s.state = State::Live;
+                    }
+                    self.end(&id, "no ACK", true);
+                }
+            }
+            EndpointEvent::StrayResponse { resp, from } => {
+                debug!(%from, status = resp.status_code.code(), "stray response ignored");
+            }
+        }
+    }
+
+    fn on_request(&mut self, r: IncomingRequest) {
+        let IncomingRequest { req, from, tx } = r;
+        let call_id = call_id_of(&req);
+        if req.method == Method::Options {
+            let mut resp = reply(&req, 200, None, Some(&message::new_tag()));
+            resp.headers.push(Header::Accept(rsip::headers::Accept::new(
+                "application/sdp",
+            )));
+            respond(&tx, resp);
+            if self.parts.config.relay.register
+                && self.parts.relay.allows(&from)
+                && !self.parts.registration.is_registered()
+            {
+                info!("probed by the relay while not registered: registering now");
+                self.parts.registration.kick();
+            }
+            return;
+        }
+        if !self.parts.relay.allows(&from) {
+            warn!(%call_id, %from, method = %req.method, "request from outside the relay refused");
+            respond(
+                &tx,
+                reply(
+                    &req,
+                    403,
+                    Some("Only the relay may send requests"),
+                    Some(&message::new_tag()),
+                ),
+            );
+            return;
+        }
+        let in_dialog = DialogId::of_incoming_request(&req).is_some();
+        match (req.method, in_dialog) {
+            (Method::Invite, false) => self.on_invite(req, from, tx, call_id),
+            (Method::Invite, true) => self.on_reinvite(req, tx, call_id),
+            (Method::Bye, true) => self.on_bye(req, tx, call_id),
+            (Method::Bye, false) => respond(&tx, reply(&req, 481, None, Some(&message::new_tag()))),
+            (_, true) if self.dialog_of(&req).is_none() => {
+                respond(&tx, reply(&req, 481, None, None));
+            }
+            (_, in_dialog) => {
+                let tag = (!in_dialog).then(message::new_tag);
+                let mut resp = reply(&req, 405, None, tag.as_deref());
+                resp.headers
+                    .push(Header::Allow(rsip::headers::Allow::new(ALLOW)));
+                respond(&tx, resp);
+            }
+        }
+    }
+
+    /// The session an in-dialog request belongs to (Call-ID and both tags match).
+    fn dialog_of(&self, req: &Request) -> Option<&str> {
+        let id = DialogId::of_incoming_request(req)?;
+        let (key, s) = self.sessions.get_key_value(&id.call_id)?;
+        (s.dialog.id() == &id).then_some(key.as_str())
+    }
+
+    fn on_invite(&mut self, req: Request, from: Peer, tx: ServerTx, call_id: String) {
+        let tag = message::new_tag();
+        if !self.accepting {
+            respond(&tx, reply(&req, 503, Some("Shutting down"), Some(&tag)));
+            return;
+        }
+        if self.sessions.contains_key(&call_id) {
+            respond(
+                &tx,
+                reply(&req, 482, Some("Call-ID already in use"), Some(&tag)),
+            );
+            return;
+        }
+        let accepted = match inquiry::decide(&req, &self.parts.config, &self.load) {
+            Ok(a) => a,
+            Err(refusal) => {
+                info!(%call_id, code = refusal.code, reason = %refusal.reason, "inquiry refused");
+                respond(&tx, refusal_reply(&req, &refusal, Some(&tag)));
+                return;
+            }
+        };
+        let dialog = match Dialog::uas(
+            &req,
+            &tag,
+            self.parts.contact.clone(),
+            DialogState::Confirmed,
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                let refusal = Refusal {
+                    code: 400,
+                    reason: format!("Cannot make a dialog: {e}"),
+                };
+                respond(&tx, refusal_reply(&req, &refusal, Some(&tag)));
+                return;
+            }
+        };
+        let counters = Arc::new(Counters::default());
+        let outstanding = Arc::new(Outstanding::default());
+        let (slot, token, closer) = self.issue(&call_id, &accepted, &counters, &outstanding);
+        let answer = inquiry::answer(
+            self.parts.data_addr,
+            Some(&token),
+            &accepted.service.name,
+            None,
+        );
+        if let Err(e) = tx.respond(ok_reply(&req, &tag, &self.parts.contact, &answer)) {
+            warn!(%call_id, error = %e, "cannot answer the inquiry");
+            self.parts.tokens.revoke_call(&call_id);
+            return;
+        }
+        info!(
+            %call_id,
+            service = %accepted.service.name,
+            subscriber = %accepted.subscriber,
+            params = ?accepted.params,
+            "inquiry accepted"
+        );
+        self.load.add(&accepted.service.name);
+        self.sessions.insert(
+            call_id,
+            Session {
+                dialog,
+                service: accepted.service.name,
+                subscriber: accepted.subscriber,
+                state: State::Pending,
+                invite_tx: tx,
+                peer: from,
+                answer,
+                counters,
+                outstanding,
+                pending_slot: Some((slot, token)),
+                active_slot: None,
+                closers: HashMap::from([(slot, closer)]),
+                started: Instant::now(),
+                ending: None,
+            },
+        );
+    }
+
+    /// Hands the data gateway a token for a new data connection of a session.
+    fn issue(
+        &mut self,
+        call_id: &str,
+        accepted: &Accepted,
+        counters: &Arc<Counters>,
+        outstanding: &Arc<Outstanding>,
+    ) -> (u64, String, watch::Sender<bool>) {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        let token = new_session_token();
+        let (closer, close) = watch::channel(false);
+        let billing = match (
+            &self.parts.charges,
+            self.parts.config.billing.bytes_per_charge,
+        ) {
+            (Some(sink), block) if block > 0 => Some(Billing {
+                block,
+                sink: sink.clone(),
+                subscriber: accepted.subscriber.clone(),
+                service: accepted.service.name.clone(),
+                outstanding: outstanding.clone(),
+            }),
+            _ => None,
+        };
+        let binding = Binding {
+            call_id: call_id.to_string(),
+            slot,
+            backend: accepted.service.backend.clone(),
+            counters: counters.clone(),
+            close,
+            billing,
+        };
+        self.parts
+            .tokens
+            .issue(token.clone(), binding, Instant::now());
+        (slot, token, closer)
+    }
+
+    fn on_ack(&mut self, ack: &Request, from: &Peer) {
+        let Some(id) = self.dialog_of(ack).map(str::to_string) else {
+            debug!(%from, "ACK for no session");
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if s.state == State::Pending {
+            s.state = State::Live;
+            info!(call_id = %id, service = %s.service, subscriber = %s.subscriber, "session established");
+            if let Some(reason) = s.ending.take() {
+                self.end(&id, &reason, true);
+            }
+        }
+    }
+
+    fn on_reinvite(&mut self, req: Request, tx: ServerTx, call_id: String) {
+        let Some(id) = self.dialog_of(&req).map(str::to_string) else {
+            respond(&tx, reply(&req, 481, None, None));
+            return;
+        };
+        let config = self.parts.config.clone();
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if s.state == State::Pending || s.ending.is_some() {
+            respond(&tx, reply(&req, 491, None, None));
+            return;
+        }
+        if let Err(e) = s.dialog.check_remote_cseq(&req) {
+            respond(&tx, reply(&req, 500, Some(&e.to_string()), None));
+            return;
+        }
+        let accepted = match inquiry::decide_change(
+            &req,
+            &s.service,
+            &s.subscriber,
+            &config,
+            &self.load,
+        ) {
+            Ok(a) => a,
+            Err(refusal) => {
+                info!(%call_id, code = refusal.code, reason = %refusal.reason, "change refused; session unchanged");
+                respond(&tx, refusal_reply(&req, &refusal, None));
+                return;
+            }
+        };
+        let _ = s.dialog.refresh_from_request(&req);
+        let changed = accepted.service.name != s.service;
+        let keeps_connection = !changed
+            && s.active_slot.is_some()
+            && accepted
+                .offer
+                .as_ref()
+                .map_or(true, |o| o.connection == Some(Connection::Existing));
+        let counters = s.counters.clone();
+        let outstanding = s.outstanding.clone();
+        let previous = s.answer.clone();
+        let answer = if keeps_connection {
+            inquiry::answer(
+                self.parts.data_addr,
+                None,
+                &accepted.service.name,
+                Some(&previous),
+            )
+        } else {
+            let (slot, token, closer) = self.issue(&id, &accepted, &counters, &outstanding);
+            let answer = inquiry::answer(
+                self.parts.data_addr,
+                Some(&token),
+                &accepted.service.name,
+                Some(&previous),
+            );
+            let Some(s) = self.sessions.get_mut(&id) else {
+                return;
+            };
+            if let Some((old, _)) = s.pending_slot.replace((slot, token)) {
+                // A token handed out by an earlier re-INVITE and never used: withdrawn.
+                s.close_slot(old);
+            }
+            s.closers.insert(slot, closer);
+            answer
+        };
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let tag = s.dialog.id().local_tag.clone();
+        if let Err(e) = tx.respond(ok_reply(&req, &tag, &self.parts.contact, &answer)) {
+            warn!(%call_id, error = %e, "cannot answer the re-INVITE");
+            return;
+        }
+        if changed {
+            info!(%call_id, from = %s.service, to = %accepted.service.name, "service changed");
+            self.load.switch(&s.service, &accepted.service.name);
+            s.service = accepted.service.name;
+        } else {
+            info!(%call_id, service = %s.service, keeps_connection, "session updated");
+        }
+        s.answer = answer;
+        s.invite_tx = tx;
+    }
+
+    fn on_bye(&mut self, req: Request, tx: ServerTx, call_id: String) {
+        let Some(id) = self.dialog_of(&req).map(str::to_string) else {
+            respond(&tx, reply(&req, 481, None, None));
+            return;
+        };
+        if let Some(s) = self.sessions.get_mut(&id) {
+            if let Err(e) = s.dialog.check_remote_cseq(&req) {
+                respond(&tx, reply(&req, 500, Some(&e.to_string()), None));
+                return;
+            }
+            // A BYE ends the session even before our 2xx was ACKed.
+            s.state = State::Live;
+            s.ending = None;
+        }
+        respond(&tx, reply(&req, 200, None, None));
+        self.end(&call_id, "BYE from the relay", false);
+    }
+
+    fn on_gateway(&mut self, event: GatewayEvent) {
+        match event {
+            GatewayEvent::Attached {
+                call_id,
+                slot,
+                peer,
+            } => {
+                let Some(s) = self.sessions.get_mut(&call_id) else {
+                    return;
+                };
+                if s.pending_slot.as_ref().is_some_and(|(p, _)| *p == slot) {
+                    s.pending_slot = None;
+                    if let Some(old) = s.active_slot.replace(slot) {
+                        debug!(%call_id, old, new = slot, "new data connection replaces the old one");
+                        s.close_slot(old);
+                    }
+                    debug!(%call_id, slot, %peer, "data connection attached");
+                } else {
+                    // A connection the session no longer wants (withdrawn token).
+                    s.close_slot(slot);
+                }
+            }
+            GatewayEvent::Ended {
+                call_id,
+                slot,
+                reason,
+            } => {
+                let Some(s) = self.sessions.get_mut(&call_id) else {
+                    return;
+                };
+                s.closers.remove(&slot);
+                let was_active = s.active_slot == Some(slot);
+                let was_pending = s.pending_slot.as_ref().is_some_and(|(p, _)| *p == slot);
+                if was_active {
+                    s.active_slot = None;
+                }
+                if was_pending {
+                    s.pending_slot = None;
+                }
+                if (was_active || was_pending)
+                    && s.active_slot.is_none()
+                    && s.pending_slot.is_none()
+                {
+                    self.end(&call_id, &reason.to_string(), true);
+                }
+            }
+        }
+    }
+
+    fn on_sweep(&mut self, now: Instant) {
+        for (call_id, slot) in self.parts.tokens.sweep(now) {
+            let Some(s) = self.sessions.get_mut(&call_id) else {
+                continue;
+            };
+            if s.pending_slot.as_ref().is_some_and(|(p, _)| *p == slot) {
+                s.pending_slot = None;
+                s.closers.remove(&slot);
+                warn!(%call_id, slot, "session token expired unused");
+                if s.active_slot.is_none() {
+                    self.end(&call_id, "no data connection in time", true);
+                }
+            }
+        }
+    }
+
+    /// Ends a session: closes its data connection, revokes its tokens, frees its place and,
+    /// when `bye`, sends BYE to the relay (after the ACK of our 2xx, RFC 3261 §15).
+    fn end(&mut self, call_id: &str, reason: &str, bye: bool) {
+        let Some(s) = self.sessions.get_mut(call_id) else {
+            return;
+        };
+        s.close_all();
+        self.parts.tokens.revoke_call(call_id);
+        if bye && s.state == State::Pending {
+            if s.ending.is_none() {
+                debug!(%call_id, %reason, "session to end once our 2xx is ACKed");
+                s.ending = Some(reason.to_string());
+            }
+            return;
+        }
+        let Some(s) = self.sessions.remove(call_id) else {
+            return;
+        };
+        self.load.remove(&s.service);
+        info!(
+            %call_id,
+            service = %s.service,
+            subscriber = %s.subscriber,
+            %reason,
+            duration_ms = s.started.elapsed().as_millis() as u64,
+            bytes_in = s.counters.bytes_in(),
+            bytes_out = s.counters.bytes_out(),
+            charged_units = s.counters.charged_units(),
+            "session ended"
+        );
+        if bye {
+            let bye = Bye {
+                call_id: call_id.to_string(),
+                dialog: s.dialog,
+                fallback: s.peer,
+                reason: reason.to_string(),
+                outstanding: s.outstanding,
+            };
+            self.send_bye(bye);
+        }
+    }
+
+    /// Sends a BYE on an ended session's dialog, once its charges are answered (or after
+    /// [`CHARGE_SETTLE`]).
+    fn send_bye(&mut self, bye: Bye) {
+        let endpoint = self.parts.endpoint.clone();
+        let sent_by = self.parts.sent_by.clone();
+        let Bye {
+            call_id,
+            mut dialog,
+            fallback,
+            reason,
+            outstanding,
+        } = bye;
+        self.byes.spawn(async move {
+            if outstanding.count() > 0 {
+                debug!(%call_id, charges = outstanding.count(), "BYE waits for the session's charges");
+                if tokio::time::timeout(CHARGE_SETTLE, outstanding.settled()).await.is_err() {
+                    debug!(%call_id, "charges still unanswered; BYE goes now");
+                }
+            }
+            let target = dialog.next_hop().clone();
+            let peer = match resolve::resolve(&target, &SystemDns).await {
+                Ok(targets) => targets.first().map_or(fallback, |t| t.peer()),
+                Err(e) => {
+                    debug!(%call_id, %target, error = %e, "BYE target unresolvable; using the INVITE's source");
+                    fallback
+                }
+            };
+            let via = ViaSpec {
+                transport: peer.transport,
+                sent_by,
+            };
+            let text: String = reason.chars().filter(|c| *c != '"' && *c != '\\' && !c.is_control()).collect();
+            let extra = vec![Header::Other(
+                "Reason".into(),
+                format!("Q.850;cause=16;text=\"{text}\""),
+            )];
+            let req = match dialog.request(Method::Bye, &via, extra, Vec::new()) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(%call_id, error = %e, "cannot build the BYE");
+                    return;
+                }
+            };
+            info!(%call_id, to = %peer, %reason, "sending BYE");
+            match endpoint.send_request(req, peer) {
+                Ok(mut tx) => {
+                    let resp = tx.final_response().await;
+                    debug!(%call_id, status = resp.status_code.code(), "BYE answered");
+                }
+                Err(e) => warn!(%call_id, error = %e, "cannot send the BYE"),
+            }
+        });
+    }
+}
+
+/// What a BYE needs of the session it ends.
+struct Bye {
+    call_id: String,
+    dialog: Dialog,
+    fallback: Peer,
+    reason: String,
+    outstanding: Arc<Outstanding>,
+}
+
+fn call_id_of(req: &Request) -> String {
+    req.headers
+        .iter()
+        .find_map(|h| match h {
+            Header::CallId(c) => Some(c.value().trim().to_string()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+fn respond(tx: &ServerTx, resp: Response) {
+    if let Err(e) = tx.respond(resp) {
+        warn!(error = %e, "response not sent");
+    }
+}
+
+/// A response with our Server header.
+fn reply(req: &Request, code: u16, reason: Option<&str>, to_tag: Option<&str>) -> Response {
+    let mut resp = message::response_for(req, code, reason, to_tag);
+    resp.headers
+        .push(Header::Server(rsip::headers::Server::new(USER_AGENT)));
+    resp
+}
+
+fn refusal_reply(req: &Request, refusal: &Refusal, to_tag: Option<&str>) -> Response {
+    let mut resp = reply(req, refusal.code, Some(&refusal.reason), to_tag);
+    match refusal.code {
+        415 => resp.headers.push(Header::Accept(rsip::headers::Accept::new(
+            "application/sdp",
+        ))),
+        405 => resp
+            .headers
+            .push(Header::Allow(rsip::headers::Allow::new(ALLOW))),
+        _ => {}
+    }
+    resp
+}
+
+/// The 200 to an INVITE: Record-Route copied (RFC 3261 §12.1.1), our Contact, the SDP.
+fn ok_reply(req: &Request, tag: &str, contact: &Uri, sdp: &AppSdp) -> Response {
+    let mut resp = reply(req, 200, None, Some(tag));
+    for h in req.headers.iter() {
+        if let Header::RecordRoute(_) = h {
+            resp.headers.push(h.clone());
+        }
+    }
+    resp.headers
+        .push(Header::Contact(rsip::headers::Contact::new(format!(
+            "<{contact}>"
+        ))));
+    resp.headers
+        .push(Header::Allow(rsip::headers::Allow::new(ALLOW)));
+    resp.headers
+        .push(Header::ContentType(rsip::headers::ContentType::new(
+            "application/sdp",
+        )));
+    let body = sdp.to_string().into_bytes();
+    message::set_content_length(&mut resp.headers, body.len());
+    resp.body = body;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use rsip::SipMessage;
+
+    fn invite() -> Request {
+        let text = "INVITE sip:echo@127.0.0.1:5080 SIP/2.0\r\n\
+            Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKx1\r\n\
+            Record-Route: <sip:p1.relay.test;lr>\r\n\
+            From: <sip:alice@relay.test>;tag=a1\r\nTo: <sip:echo@127.0.0.1:5080>\r\n\
+            Call-ID: leg-9\r\nCSeq: 1 INVITE\r\nContact: <sip:relay@127.0.0.1:5060>\r\n\
+            Content-Length: 0\r\n\r\n";
+        match SipMessage::try_from(text).unwrap() {
+            SipMessage::Request(r) => r,
+            _ => unreachable!(),
+        }
+    }
+
+    fn text(resp: Response) -> String {
+        String::from_utf8(message::to_bytes(resp).to_vec()).unwrap()
+    }
+
+    #[test]
+    fn the_200_carries_contact_record_route_and_the_sdp() {
+        let req = invite();
+        let contact = Uri::try_from("sip:as1@127.0.0.1:5080").unwrap();
+        let sdp = inquiry::answer(
+            "127.0.0.1:7080".parse().unwrap(),
+            Some("abcd"),
+            "echo",
+            None,
+        );
+        let out = text(ok_reply(&req, "t9", &contact, &sdp));
+        assert!(out.starts_with("SIP/2.0 200 OK\r\n"), "{out}");
+        assert!(
+            out.contains("To: <sip:echo@127.0.0.1:5080>;tag=t9\r\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Record-Route: <sip:p1.relay.test;lr>\r\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Contact: <sip:as1@127.0.0.1:5080>\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("Content-Type: application/sdp\r\n"), "{out}");
+        let body = sdp.to_string();
+        assert!(
+            out.contains(&format!("Content-Length: {}\r\n", body.len())),
+            "{out}"
+        );
+        assert!(out.ends_with(&body), "{out}");
+    }
+
+    #[test]
+    fn refusals_keep_their_reason_phrase() {
+        let req = invite();
+        let busy = Refusal {
+            code: 486,
+            reason: "Service echo at capacity".into(),
+        };
+        let out = text(refusal_reply(&req, &busy, Some("t1")));
+        assert!(
+            out.starts_with("SIP/2.0 486 Service echo at capacity\r\n"),
+            "{out}"
+        );
+        assert!(out.contains(&format!("Server: {USER_AGENT}\r\n")), "{out}");
+        let media = Refusal {
+            code: 415,
+            reason: "Only application/sdp bodies".into(),
+        };
+        let out = text(refusal_reply(&req, &media, Some("t1")));
+        assert!(out.contains("Accept: application/sdp\r\n"), "{out}");
+    }
+}
