@@ -439,7 +439,15 @@ fn spawn_leg(relay: &Arc<Relay>, me: Inbox, leg: LegId, invite: Request, peer: P
                             match code {
                                 100 => continue,
                                 101..=199 => LegEvent::Provisional(r),
-                                200..=299 => { answered = true; LegEvent::Answered(r) }
+                                200..=299 => {
+                                    if !answered {
+                                        // Further 2xx (retransmissions until our ACK) come
+                                        // within 64·T1 (RFC 6026 Timer M); then the leg is done.
+                                        answered = true;
+                                        deadline = tokio::time::Instant::now() + limits.ack_timeout;
+                                    }
+                                    LegEvent::Answered(r)
+                                }
                                 _ => LegEvent::Failed { code, resp: Some(r) },
                             }
                         }
@@ -455,7 +463,10 @@ fn spawn_leg(relay: &Arc<Relay>, me: Inbox, leg: LegId, invite: Request, peer: P
                         return;
                     }
                 }
-                _ = tokio::time::sleep_until(deadline), if !answered => {
+                _ = tokio::time::sleep_until(deadline) => {
+                    if answered {
+                        return;
+                    }
                     if heard {
                         // Ringing too long: cancel it (a provisional came, so CANCEL is allowed).
                         if let Ok(cancel) = cancel_for(&invite) {
