@@ -289,7 +289,7 @@ pub(crate) async fn on_new_server_failure(
         call.sessions[i].busy = false;
     }
     match resp {
-        Some(resp) if !fails_over(code) => {
+        Some(resp) => {
             let _ =
                 p.reinvite
                     .tx

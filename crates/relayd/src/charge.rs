@@ -154,8 +154,8 @@ pub async fn handle(relay: Arc<Relay>, r: IncomingRequest) {
 /// authenticates the server).
 pub async fn handle_in_dialog(relay: Arc<Relay>, r: IncomingRequest, served: ServedSession) {
     let servers = vec![served.server.clone()];
-    let server = served.server.clone();
-    process(&relay, &r, &server, &servers, Some(served)).await;
+    let account = relay.account_of(&served.server).unwrap_or_default();
+    process(&relay, &r, &account, &servers, Some(served)).await;
 }
 
 /// Whether a request is a charge request (by its Content-Type).
@@ -210,7 +210,7 @@ async fn process(
     servers: &[String],
     in_dialog: Option<ServedSession>,
 ) {
-    match charge(relay, r, account, servers, in_dialog).await {
+    match charge(relay, r, servers, in_dialog).await {
         Ok(()) => answer(r, 200, "OK"),
         Err((code, reason)) => {
             info!(account, code, reason = %reason, "charge refused");
@@ -222,7 +222,6 @@ async fn process(
 async fn charge(
     relay: &Relay,
     r: &IncomingRequest,
-    account: &str,
     servers: &[String],
     in_dialog: Option<ServedSession>,
 ) -> Result<(), Refusal> {
@@ -316,7 +315,9 @@ async fn charge(
     };
     let new = NewCharge {
         session_id,
-        server: format!("{account} {server}").trim().to_string(),
+        // Keyed by the server's URI, as its session records are, so that reports per
+        // server add both up; the account is in the log.
+        server,
         subscriber,
         service,
         event_id: body.event_id,
@@ -326,7 +327,7 @@ async fn charge(
     };
     match relay.billing.charge(new).await {
         Ok((record, duplicate)) => {
-            info!(event_id = %record.event_id, duplicate, "charge recorded");
+            info!(event_id = %record.event_id, server = %record.server, duplicate, "charge recorded");
             Ok(())
         }
         Err(e) => {

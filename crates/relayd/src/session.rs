@@ -931,7 +931,8 @@ impl Call {
 
     fn answer_with_failure(&mut self, best: Option<(u16, Option<Response>)>) {
         match best {
-            Some((code, Some(resp))) if !fails_over(code) || code >= 600 => {
+            // RFC 3261 §16.7 step 6: the best response itself goes to the terminal.
+            Some((_, Some(resp))) => {
                 let out =
                     b2bua::relayed_response(&self.a.invite, &resp, Some(&message::new_tag()), None);
                 self.respond_a(out);

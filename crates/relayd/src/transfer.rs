@@ -97,7 +97,10 @@ pub(crate) async fn start(call: &mut Call, i: usize, r: IncomingRequest) {
         r.tx.respond(b2bua::local_response(&r.req, 202, "Accepted", None));
     notify(call, i, 100, "Trying", false);
     let current = call.sessions[i].b.server.clone();
-    let rest = relay.candidates_away_from(&service, &current, true);
+    // The current server is a last resort only when it means a change of service; to
+    // transfer a session to the very server it is on would be no transfer.
+    let current_last = service != call.sessions[i].service;
+    let rest = relay.candidates_away_from(&service, &current, current_last);
     info!(session_id = %call.sessions[i].id, to = %service, candidates = rest.len(), "transfer asked");
     call.sessions[i].busy = true;
     let pending = Pending {
