@@ -346,6 +346,8 @@ pub(crate) struct Session {
     /// The terminal's current SDP offer (for a transfer's inquiry).
     pub(crate) offer: (Vec<Header>, Vec<u8>),
     pub(crate) next_probe: Option<tokio::time::Instant>,
+    /// When the 2xx went to the terminal.
+    pub(crate) answered_at: SystemTime,
 }
 
 /// A call: the terminal's INVITE and every session it gave.
@@ -877,11 +879,6 @@ impl Call {
     }
 
     async fn on_failure(&mut self, leg: PendingLeg, code: u16, resp: Option<Response>) {
-        if code == 408 && resp.is_none() {
-            self.relay
-                .directory
-                .probe_result(&leg.server, false, Instant::now());
-        }
         match leg.purpose {
             Purpose::Change(p) => {
                 return change::on_new_server_failure(self, p, leg.server, code, resp).await
@@ -1002,6 +999,7 @@ impl Call {
             busy: false,
             offer,
             next_probe: None,
+            answered_at: SystemTime::now(),
         });
         // The first 2xx completes the INVITE transaction; further 2xx of a fork go out
         // through the transaction's Accepted state (RFC 6026), each with its own To tag.
@@ -1061,14 +1059,14 @@ impl Call {
                     }
                     Err(e) => warn!(error = %e, "cannot build ACK for the server"),
                 }
-                self.establish(i).await;
+                self.establish(i, SystemTime::now()).await;
             }
             State::Established => self.relay_ack(i, ack).await,
             State::Ended => {}
         }
     }
 
-    async fn establish(&mut self, i: usize) {
+    async fn establish(&mut self, i: usize, confirmed_at: SystemTime) {
         let s = &self.sessions[i];
         let start = SessionStart {
             session_id: s.id.clone(),
@@ -1077,7 +1075,7 @@ impl Call {
             service: s.service.clone(),
             server: s.b.server.uri_text().to_string(),
             plan: self.adm.plan.clone(),
-            confirmed_at: SystemTime::now(),
+            confirmed_at,
         };
         if let Err(e) = self.relay.billing.session_confirmed(start).await {
             // A session that cannot be billed is not delivered.
@@ -1153,15 +1151,24 @@ impl Call {
                     };
                     self.end(i, cause, Some((side, r))).await;
                 }
-                _ => {
-                    // BYE before the ACK (RFC 3261 §15): end both legs; nothing was confirmed.
+                State::AwaitingAck(_) if side == Side::Terminal => {
+                    // A BYE in the dialog proves the terminal got our 2xx: its ACK was lost
+                    // or is late (RFC 3261 §15). The session was delivered, so bill it, from
+                    // the moment the 2xx went out.
                     self.ack_server(i).await;
-                    let other = if side == Side::Terminal {
-                        Side::Server
+                    let answered_at = self.sessions[i].answered_at;
+                    self.establish(i, answered_at).await;
+                    if self.sessions[i].state == State::Established {
+                        self.end(i, EndCause::CallerBye, Some((side, r))).await;
                     } else {
-                        Side::Terminal
-                    };
-                    self.bye(i, other);
+                        let _ = r.tx.respond(b2bua::local_response(&r.req, 200, "OK", None));
+                    }
+                }
+                _ => {
+                    // The server hung up before the terminal confirmed: nothing was
+                    // delivered; end both legs.
+                    self.ack_server(i).await;
+                    self.bye(i, Side::Terminal);
                     let _ = r.tx.respond(b2bua::local_response(&r.req, 200, "OK", None));
                     self.relay
                         .directory

@@ -610,10 +610,17 @@ impl Shard {
                 return;
             }
         };
-        if self.events.try_send(user).is_err() {
+        // ACKs, CANCELs and stray responses belong to calls already under way: losing one
+        // would lose a confirmation or a hang-up. When the queue is full they wait for room
+        // in a task of their own (new requests are the ones refused with 503).
+        if let Err(mpsc::error::TrySendError::Full(user)) = self.events.try_send(user) {
             if let Some(shared) = self.shared.upgrade() {
                 shared.stats.overloaded.fetch_add(1, Ordering::Relaxed);
             }
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                let _ = events.send(user).await;
+            });
         }
     }
 

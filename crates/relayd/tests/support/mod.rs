@@ -412,7 +412,8 @@ pub fn uac(
         name,
         scenario,
         remote: Some(format!("127.0.0.1:{relay_port}")),
-        local_port: 0,
+        // Not sipp's default 5060, which a relay or another sipp may hold.
+        local_port: free_port(),
         transport,
         args,
     })
@@ -641,39 +642,46 @@ impl SipClient {
         let call_id = unique("reg-");
         let tag = unique("rt");
         let uri = format!("sip:{REALM}");
-        let mut auth = String::new();
-        for cseq in 1..=2 {
-            let req = format!(
-                "REGISTER {uri} SIP/2.0\r\n\
-                 Via: SIP/2.0/UDP {local};branch=z9hG4bK{branch};rport\r\n\
-                 Max-Forwards: 70\r\n\
-                 From: <sip:{user}@{REALM}>;tag={tag}\r\n\
-                 To: <sip:{user}@{REALM}>\r\n\
-                 Call-ID: {call_id}\r\n\
-                 CSeq: {cseq} REGISTER\r\n\
-                 Contact: <sip:{user}@{local}>\r\n\
-                 Expires: 300\r\n{auth}\
-                 Content-Length: 0\r\n\r\n",
-                local = self.local,
-                branch = unique("b"),
-                user = self.user,
-            );
-            self.send(&req);
-            let resp = self.final_response(&format!("{cseq} REGISTER"));
-            if resp.code != 401 || cseq == 2 {
-                return resp;
-            }
-            let value = answer(
-                &resp,
-                "WWW-Authenticate",
-                "REGISTER",
-                &uri,
-                &self.user,
-                password,
-            );
-            auth = format!("Authorization: {value}\r\n");
+        let first = self.register_once(&uri, &call_id, &tag, 1, "");
+        if first.code != 401 {
+            return first;
         }
-        unreachable!()
+        let value = answer(
+            &first,
+            "WWW-Authenticate",
+            "REGISTER",
+            &uri,
+            &self.user,
+            password,
+        );
+        let auth = format!("Authorization: {value}\r\n");
+        self.register_once(&uri, &call_id, &tag, 2, &auth)
+    }
+
+    fn register_once(
+        &self,
+        uri: &str,
+        call_id: &str,
+        tag: &str,
+        cseq: u32,
+        auth: &str,
+    ) -> Response {
+        self.send(&format!(
+            "REGISTER {uri} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {local};branch=z9hG4bK{branch};rport\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:{user}@{REALM}>;tag={tag}\r\n\
+             To: <sip:{user}@{REALM}>\r\n\
+             Call-ID: {call_id}\r\n\
+             CSeq: {cseq} REGISTER\r\n\
+             Contact: <sip:{user}@{local}>\r\n\
+             Expires: 300\r\n{auth}\
+             Content-Length: 0\r\n\r\n",
+            local = self.local,
+            branch = unique("b"),
+            user = self.user,
+        ));
+        self.final_response(&format!("{cseq} REGISTER"))
     }
 
     /// INVITE `sip:<service>@relay.test` (an application SDP offer), answering each 407
@@ -719,7 +727,6 @@ impl SipClient {
                     .to_string(),
                 _ => uri.clone(),
             };
-            let ack_uri = target.clone();
             // ACK: for a non-2xx part of the INVITE transaction (same branch, RFC 3261
             // §17.1.1.3); for a 2xx its own transaction (then a BYE ends the call).
             let ack_branch = if resp.code >= 300 {
@@ -728,7 +735,7 @@ impl SipClient {
                 format!("z9hG4bK{}", unique("b"))
             };
             self.send(&format!(
-                "ACK {ack_uri} SIP/2.0\r\n\
+                "ACK {target} SIP/2.0\r\n\
                  Via: SIP/2.0/UDP {local};branch={ack_branch};rport\r\n\
                  Max-Forwards: 70\r\n\
                  From: <sip:{user}@{REALM}>;tag={tag}\r\n\

@@ -1,0 +1,1224 @@
+//! The harness of the system tests (claim 10): the three programs — `relayd`,
+//! `appsrv-agent` and `sip-client` — run as separate processes on loopback, each with its
+//! own configuration file in a temporary directory, and sipp (Debian's `sip-tester`)
+//! standing in for the terminal or for the application server.
+//!
+//! # Where the binaries come from
+//!
+//! Cargo gives an integration test the path of its own crate's binaries only
+//! (`CARGO_BIN_EXE_relayd`). `appsrv-agent` and `sip-client` are built by the same workspace
+//! into the same directory, so they are looked up next to `relayd`; before the first test
+//! uses them, [`programs`] runs `cargo build -p appsrv-agent -p sip-client` once (same
+//! profile), which is a no-op when they are fresh (as under `cargo test --workspace`) and
+//! keeps `cargo test -p relayd --test system` from running stale binaries. A build that
+//! fails or takes longer than [`BUILD_TIMEOUT`] fails the tests with what cargo said.
+//!
+//! # Waiting and cleaning up
+//!
+//! Every wait polls a condition (a process exits, a metric appears, a record is exported, a
+//! log line shows) against a bounded deadline, and fails with the evidence: the logs of every
+//! process of the test. Every process is owned by a guard that kills it, by its own pid,
+//! when dropped. When a test fails its directory is kept and its path printed.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long one step of a scenario may take (a call, a record showing up, a process
+/// starting). Generous: the machine is shared with builds.
+pub const STEP: Duration = Duration::from_secs(20);
+
+/// How long building `appsrv-agent` and `sip-client` may take.
+pub const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
+
+/// The realm and SIP domain of every test relay.
+pub const DOMAIN: &str = "relay.test";
+
+/// Subscriber alice (plan basic: echo and clock).
+pub const ALICE: (&str, &str) = ("alice", "alice-secret");
+/// Subscriber bob (plan premium: every service).
+pub const BOB: (&str, &str) = ("bob", "bob-secret");
+
+/// Bytes an agent delivers per charge unit in these tests.
+pub const BYTES_PER_CHARGE: u64 = 1024;
+/// The price of one charge unit, in minor units (not 1, so amounts differ from units).
+pub const PRICE_PER_UNIT: i64 = 3;
+
+/// The test tariff: setup 10, 60 per 60 s in 60/60 increments, EUR.
+pub const TARIFF: &str = "[[tariffs]]\nname = \"system\"\nsetup = 10\nrate = 60\n\
+    period_seconds = 60\nincrement = \"60/60\"\nfree_seconds = 0\ncurrency = \"EUR\"\n";
+
+/// What [`TARIFF`] charges for a session of `duration_ms`: nothing for no time at all, else
+/// the setup charge and one unit per second billed, rounded up to whole minutes.
+pub fn tariff_charge(duration_ms: i64) -> i64 {
+    if duration_ms <= 0 {
+        return 0;
+    }
+    let seconds = (duration_ms + 999) / 1000;
+    let billed = (seconds + 59) / 60 * 60;
+    10 + billed
+}
+
+// ---------------------------------------------------------------------------------------
+// Waiting, ports, files.
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A loopback port free for both UDP and TCP a moment ago, never handed out twice by this
+/// process (tests run in parallel threads).
+pub fn free_port() -> u16 {
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
+    for _ in 0..200 {
+        let tcp = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_err() {
+            continue;
+        }
+        if given.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+    panic!("no free loopback port found");
+}
+
+/// The text of a file, empty when it does not exist (yet).
+pub fn read_text(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The JSON objects of a JSON-lines text (lines that are not JSON are skipped: a line may
+/// be half-written while it is read).
+pub fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l.trim()).ok())
+        .collect()
+}
+
+/// A string field of a JSON object, `""` when absent or not a string.
+pub fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or("")
+}
+
+/// An integer field of a JSON object (`-1` when absent).
+pub fn int(v: &Value, key: &str) -> i64 {
+    v[key].as_i64().unwrap_or(-1)
+}
+
+// ---------------------------------------------------------------------------------------
+// The programs.
+
+/// Where the three programs are.
+pub struct Programs {
+    /// `relayd`.
+    pub relayd: PathBuf,
+    /// `appsrv-agent`.
+    pub agent: PathBuf,
+    /// `sip-client`.
+    pub client: PathBuf,
+}
+
+/// The three programs, `appsrv-agent` and `sip-client` built first if needed (see the
+/// module documentation). Panics with cargo's output when they cannot be had.
+pub fn programs() -> &'static Programs {
+    static PROGRAMS: OnceLock<Result<Programs, String>> = OnceLock::new();
+    match PROGRAMS.get_or_init(locate_programs) {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn locate_programs() -> Result<Programs, String> {
+    let relayd = PathBuf::from(env!("CARGO_BIN_EXE_relayd"));
+    let dir = relayd
+        .parent()
+        .ok_or("CARGO_BIN_EXE_relayd has no directory")?
+        .to_path_buf();
+    let exe = |name: &str| dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let profile = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_string(),
+        Some(other) => other.to_string(),
+    };
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let log = std::env::temp_dir().join(format!("system-tests-build-{}.log", std::process::id()));
+    let out = File::create(&log).map_err(|e| e.to_string())?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let mut child = Command::new(&cargo)
+        .arg("build")
+        .arg("--manifest-path")
+        .arg(&workspace)
+        .args(["-p", "appsrv-agent", "-p", "sip-client", "--profile", &profile])
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("could not run {cargo:?} to build appsrv-agent and sip-client: {e}"))?;
+    let deadline = Instant::now() + BUILD_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "building appsrv-agent and sip-client took longer than {BUILD_TIMEOUT:?}; \
+                 build them first: cargo build -p appsrv-agent -p sip-client"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = read_text(&log);
+    let _ = std::fs::remove_file(&log);
+    if !status.success() {
+        return Err(format!(
+            "cargo build -p appsrv-agent -p sip-client --profile {profile} failed ({status}):\n{}",
+            tail(&output, 40)
+        ));
+    }
+    let programs = Programs {
+        relayd,
+        agent: exe("appsrv-agent"),
+        client: exe("sip-client"),
+    };
+    for path in [&programs.agent, &programs.client] {
+        if !path.exists() {
+            return Err(format!(
+                "{} is missing after the build: the system tests look for appsrv-agent and \
+                 sip-client next to relayd ({}); build the workspace with the same profile and \
+                 target directory as the tests (cargo build --workspace)",
+                path.display(),
+                dir.display()
+            ));
+        }
+    }
+    Ok(programs)
+}
+
+/// The sipp program; panics naming the Debian package when it is missing.
+pub fn sipp() -> &'static str {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    let present = *PRESENT.get_or_init(|| {
+        Command::new("sipp")
+            .arg("-v")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    });
+    assert!(
+        present,
+        "sipp is not installed: the system tests need the Debian package `sip-tester` \
+         (apt-get install -y sip-tester)"
+    );
+    "sipp"
+}
+
+/// A sipp scenario of these tests (in `tests/system_support/`).
+pub fn scenario(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/system_support")
+        .join(name)
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes.
+
+/// A child process, killed (by its pid) when dropped.
+pub struct Guard {
+    child: Child,
+    /// For messages.
+    pub name: String,
+}
+
+impl Guard {
+    fn spawn(mut cmd: Command, name: &str) -> Guard {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {name}: {e}"));
+        Guard {
+            child,
+            name: name.to_string(),
+        }
+    }
+
+    /// Its exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Waits for it to exit, at most `timeout`.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.try_wait();
+            status.is_some()
+        });
+        status
+    }
+
+    /// Sends it SIGTERM (a clean stop: programs hang up and unregister).
+    pub fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The transport a scenario runs over: every SIP hop of it (terminal–relay and
+/// agent–relay) uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// UDP.
+    Udp,
+    /// TCP.
+    Tcp,
+}
+
+impl Transport {
+    /// The relay's SIP URI for this transport.
+    pub fn relay_uri(self, port: u16) -> String {
+        match self {
+            Transport::Udp => format!("sip:127.0.0.1:{port}"),
+            Transport::Tcp => format!("sip:127.0.0.1:{port};transport=tcp"),
+        }
+    }
+
+    /// sipp's `-t` value.
+    pub fn sipp(self) -> &'static str {
+        match self {
+            Transport::Udp => "u1",
+            Transport::Tcp => "t1",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The system: one relay, its agents, terminals, sipp peers.
+
+/// A static application server in the relay's configuration (a sipp server).
+pub struct StaticServer {
+    /// Its SIP port on 127.0.0.1.
+    pub port: u16,
+    /// Its transport.
+    pub transport: Transport,
+    /// The services it delivers.
+    pub services: Vec<String>,
+}
+
+impl StaticServer {
+    /// Its SIP URI, as written in the relay's configuration and in billing records.
+    pub fn uri(&self) -> String {
+        match self.transport {
+            Transport::Udp => format!("sip:127.0.0.1:{}", self.port),
+            Transport::Tcp => format!("sip:127.0.0.1:{};transport=tcp", self.port),
+        }
+    }
+}
+
+/// A running appsrv-agent.
+pub struct Agent {
+    /// Its account (`as1`, `as2`).
+    pub account: String,
+    /// Its SIP port.
+    pub sip_port: u16,
+    /// Its data gateway's port.
+    pub data_port: u16,
+    /// Its log file.
+    pub log: PathBuf,
+    /// The transport it talks to the relay over.
+    pub transport: Transport,
+    guard: Guard,
+}
+
+impl Agent {
+    /// The URI the relay knows it by (the Contact it registers).
+    pub fn uri(&self) -> String {
+        match self.transport {
+            Transport::Udp => format!("sip:{}@127.0.0.1:{}", self.account, self.sip_port),
+            Transport::Tcp => format!(
+                "sip:{}@127.0.0.1:{};transport=TCP",
+                self.account, self.sip_port
+            ),
+        }
+    }
+
+    /// Its data gateway's address, as its SDP answers name it.
+    pub fn data_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.data_port)
+    }
+
+    /// Its log so far.
+    pub fn log_text(&self) -> String {
+        read_text(&self.log)
+    }
+}
+
+/// One test's world: a temporary directory, relayd, the agents, and the terminals and sipp
+/// peers the test starts.
+pub struct System {
+    dir: Option<tempfile::TempDir>,
+    /// The transport of every SIP hop.
+    pub transport: Transport,
+    /// The relay's SIP port (UDP and TCP).
+    pub port: u16,
+    /// The relay's metrics port.
+    pub metrics_port: u16,
+    /// The relay's configuration file.
+    pub config: PathBuf,
+    relay_log: PathBuf,
+    relay: Option<Guard>,
+    /// The agents, in start order.
+    pub agents: Vec<Agent>,
+    extra_logs: Mutex<Vec<(String, PathBuf)>>,
+}
+
+impl System {
+    /// Starts relayd (services echo, clock and echo-all; subscribers alice and bob;
+    /// accounts as1 and as2) and `agents` appsrv-agents (as1, as2, …) registered over
+    /// `transport`, each delivering echo, clock and echo-all; returns once the relay lists
+    /// every agent as up.
+    pub fn start(transport: Transport, agents: usize) -> System {
+        System::start_with(transport, agents, &[])
+    }
+
+    /// As [`System::start`], with static servers in the relay's configuration too.
+    pub fn start_with(transport: Transport, agents: usize, statics: &[StaticServer]) -> System {
+        let programs = programs();
+        let dir = tempfile::Builder::new()
+            .prefix("relay-system-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let metrics_port = free_port();
+        let config = dir.path().join("relayd.toml");
+        std::fs::write(&config, relay_config(dir.path(), port, metrics_port, statics)).unwrap();
+        let relay_log = dir.path().join("relayd.log");
+        let mut cmd = Command::new(&programs.relayd);
+        cmd.arg("--config")
+            .arg(&config)
+            .env_remove("RELAYD_CONFIG")
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(File::create(dir.path().join("relayd.stdout")).unwrap())
+            .stderr(File::create(&relay_log).unwrap());
+        let mut system = System {
+            dir: Some(dir),
+            transport,
+            port,
+            metrics_port,
+            config,
+            relay_log,
+            relay: Some(Guard::spawn(cmd, "relayd")),
+            agents: Vec::new(),
+            extra_logs: Mutex::new(Vec::new()),
+        };
+        let ready = wait_until(STEP, || {
+            if let Some(status) = system.relay.as_mut().and_then(Guard::try_wait) {
+                panic!("relayd exited at start ({status})\n{}", system.report());
+            }
+            system.metrics().is_some()
+        });
+        assert!(ready, "relayd never served its metrics\n{}", system.report());
+        for i in 1..=agents {
+            system.start_agent(&format!("as{i}"));
+        }
+        system
+    }
+
+    /// The test's directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().unwrap().path()
+    }
+
+    /// Starts one more agent for `account` (as1, as2) and waits until the relay lists it
+    /// as up for each of its services.
+    pub fn start_agent(&mut self, account: &str) {
+        let sip_port = free_port();
+        let data_port = free_port();
+        let path = self.dir().join(format!("{account}.toml"));
+        std::fs::write(
+            &path,
+            agent_config(self.transport, self.port, account, sip_port, data_port),
+        )
+        .unwrap();
+        let log = self.dir().join(format!("{account}.log"));
+        let mut cmd = Command::new(&programs().agent);
+        cmd.arg("--config")
+            .arg(&path)
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .current_dir(self.dir())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap());
+        let mut agent = Agent {
+            account: account.to_string(),
+            sip_port,
+            data_port,
+            log,
+            transport: self.transport,
+            guard: Guard::spawn(cmd, account),
+        };
+        let uri = agent.uri();
+        let ready = wait_until(STEP, || {
+            if let Some(status) = agent.guard.try_wait() {
+                panic!(
+                    "appsrv-agent {account} exited at start ({status}):\n{}\n{}",
+                    agent.log_text(),
+                    self.report()
+                );
+            }
+            ["echo", "clock", "echo-all"]
+                .iter()
+                .all(|s| self.server_up(s, &uri))
+        });
+        self.agents.push(agent);
+        assert!(
+            ready,
+            "the relay never listed {uri} as up for echo, clock and echo-all\n{}",
+            self.report()
+        );
+    }
+
+    /// The agent whose data gateway is `addr` (`127.0.0.1:port`).
+    pub fn agent_by_data(&self, addr: &str) -> Option<&Agent> {
+        self.agents.iter().find(|a| a.data_addr() == addr)
+    }
+
+    /// The relay's SIP URI for this system's transport.
+    pub fn relay_uri(&self) -> String {
+        self.transport.relay_uri(self.port)
+    }
+
+    /// The relay's metrics (Prometheus text), `None` when it does not answer.
+    pub fn metrics(&self) -> Option<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+    }
+
+    /// The value of one metric line (`relayd_sessions_live`, or a name with labels).
+    pub fn metric(&self, name: &str) -> Option<i64> {
+        let metrics = self.metrics()?;
+        metrics.lines().find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
+    }
+
+    /// Whether the relay lists `server` as up for `service`.
+    pub fn server_up(&self, service: &str, server: &str) -> bool {
+        self.metric(&format!(
+            "relayd_server_up{{service=\"{service}\",server=\"{server}\"}}"
+        )) == Some(1)
+    }
+
+    /// A `sip-client` run as `user` against this relay over this system's transport.
+    pub fn client(&self, name: &str, (user, password): (&str, &str)) -> ClientCmd<'_> {
+        ClientCmd {
+            system: self,
+            name: name.to_string(),
+            user: user.to_string(),
+            password: password.to_string(),
+            args: Vec::new(),
+        }
+    }
+
+    /// A `relayd` command on this system's configuration (for `billing`, `check-config`).
+    pub fn relayd_cmd(&self) -> assert_cmd::Command {
+        let mut cmd = assert_cmd::Command::new(&programs().relayd);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env_remove("RELAYD_CONFIG")
+            .env_remove("RUST_LOG")
+            .current_dir(self.dir())
+            .timeout(STEP);
+        cmd
+    }
+
+    /// `relayd billing export --format FORMAT --records RECORDS`, as text.
+    pub fn export_text(&self, format: &str, records: &str) -> String {
+        let out = self
+            .relayd_cmd()
+            .args(["billing", "export", "--format", format, "--records", records])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "relayd billing export failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// The session records (time billing) of the billing store.
+    pub fn sessions(&self) -> Vec<Value> {
+        json_lines(&self.export_text("jsonl", "sessions"))
+    }
+
+    /// The charge records (application billing) of the billing store.
+    pub fn charges(&self) -> Vec<Value> {
+        json_lines(&self.export_text("jsonl", "charges"))
+    }
+
+    /// The session records of the terminal-side `call_id`, once there are `n` of them.
+    pub fn wait_sessions(&self, call_id: &str, n: usize) -> Vec<Value> {
+        let mut found = Vec::new();
+        let done = wait_until(STEP, || {
+            found = self
+                .sessions()
+                .into_iter()
+                .filter(|r| text(r, "call_id") == call_id)
+                .collect();
+            found.len() >= n
+        });
+        assert!(
+            done,
+            "expected {n} session record(s) for call {call_id}, found {}: {found:#?}\n{}",
+            found.len(),
+            self.report()
+        );
+        found
+    }
+
+    /// The relay's log so far.
+    pub fn relay_log(&self) -> String {
+        read_text(&self.relay_log)
+    }
+
+    /// Adds a file to the evidence printed by [`System::report`].
+    pub fn add_log(&self, name: &str, path: PathBuf) {
+        self.extra_logs.lock().unwrap().push((name.to_string(), path));
+    }
+
+    /// Everything worth reading when a test fails: the end of every log.
+    pub fn report(&self) -> String {
+        let mut s = String::new();
+        for (name, path) in self.extra_logs.lock().unwrap().iter() {
+            let _ = writeln!(s, "--- {name}:\n{}", tail(&read_text(path), 30));
+        }
+        for agent in &self.agents {
+            let _ = writeln!(
+                s,
+                "--- appsrv-agent {} (end):\n{}",
+                agent.account,
+                tail(&agent.log_text(), 25)
+            );
+        }
+        let _ = writeln!(s, "--- relayd (end):\n{}", tail(&self.relay_log(), 40));
+        s
+    }
+
+    /// Stops the relay with SIGTERM and waits for it (bounded); its exit status.
+    pub fn stop_relay(&mut self) -> Option<ExitStatus> {
+        let relay = self.relay.as_mut()?;
+        relay.terminate();
+        relay.wait_timeout(STEP)
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        self.agents.clear();
+        self.relay.take();
+        if let Some(dir) = self.dir.take() {
+            if std::thread::panicking() {
+                let kept = dir.keep();
+                eprintln!("system test files kept in {}", kept.display());
+            }
+        }
+    }
+}
+
+/// The relay's configuration for a system test.
+fn relay_config(dir: &Path, port: u16, metrics_port: u16, statics: &[StaticServer]) -> String {
+    let mut s = format!(
+        "[listen]\nudp = \"127.0.0.1:{port}\"\ntcp = \"127.0.0.1:{port}\"\n\n\
+         [relay]\nrealm = \"{DOMAIN}\"\n\n\
+         [storage]\ndata_dir = {data:?}\n\n\
+         [log]\nlevel = \"info,relayd=debug\"\n\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
+         [registrar]\nallowed_contact_nets = [\"127.0.0.0/8\"]\n\n\
+         [directory]\nprobe_interval_secs = 3600\n\n\
+         [[services]]\nname = \"echo\"\nstrategy = \"first\"\n\n\
+         [[services]]\nname = \"clock\"\nstrategy = \"round-robin\"\n\n\
+         [[services]]\nname = \"echo-all\"\nstrategy = \"all\"\n\n\
+         [[users]]\nname = \"{alice}\"\npassword = \"{alice_pw}\"\nplan = \"basic\"\n\
+         services = [\"echo\", \"clock\"]\n\n\
+         [[users]]\nname = \"{bob}\"\npassword = \"{bob_pw}\"\nplan = \"premium\"\n\
+         services = [\"*\"]\n\n\
+         [[server_accounts]]\nname = \"as1\"\npassword = \"as1-secret\"\nservices = [\"*\"]\n\n\
+         [[server_accounts]]\nname = \"as2\"\npassword = \"as2-secret\"\nservices = [\"*\"]\n\n",
+        data = dir.join("relayd-data"),
+        alice = ALICE.0,
+        alice_pw = ALICE.1,
+        bob = BOB.0,
+        bob_pw = BOB.1,
+    );
+    for server in statics {
+        let services = server
+            .services
+            .iter()
+            .map(|s| format!("{s:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = write!(
+            s,
+            "[[servers]]\nuri = \"{}\"\nservices = [{services}]\naccount = \"as1\"\n\n",
+            server.uri()
+        );
+    }
+    s.push_str(TARIFF);
+    s
+}
+
+/// An agent's configuration: `account`'s password is `<account>-secret`.
+fn agent_config(
+    transport: Transport,
+    relay_port: u16,
+    account: &str,
+    sip_port: u16,
+    data_port: u16,
+) -> String {
+    format!(
+        "[relay]\nuri = \"{relay}\"\ndomain = \"{DOMAIN}\"\naccount = \"{account}\"\n\
+         password = \"{account}-secret\"\nexpires = 120\n\n\
+         [sip]\nlisten = \"127.0.0.1:{sip_port}\"\n\n\
+         [data]\nlisten = \"127.0.0.1:{data_port}\"\n\n\
+         [[services]]\nname = \"echo\"\nbackend = \"builtin:echo\"\n\n\
+         [[services]]\nname = \"clock\"\nbackend = \"builtin:clock\"\n\n\
+         [[services]]\nname = \"echo-all\"\nbackend = \"builtin:echo\"\n\n\
+         [billing]\nbytes_per_charge = {BYTES_PER_CHARGE}\nprice_per_block = {PRICE_PER_UNIT}\n\
+         currency = \"EUR\"\nretry_initial_ms = 200\n\n\
+         [log]\nlevel = \"info\"\n",
+        relay = transport.relay_uri(relay_port),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// sip-client.
+
+/// A `sip-client` command being put together.
+pub struct ClientCmd<'a> {
+    system: &'a System,
+    name: String,
+    user: String,
+    password: String,
+    args: Vec<String>,
+}
+
+impl<'a> ClientCmd<'a> {
+    /// Adds arguments (the subcommand and its options).
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Uses another password than the account's.
+    pub fn password(mut self, password: &str) -> Self {
+        self.password = password.to_string();
+        self
+    }
+
+    fn command(&self, files: &ClientFiles) -> Command {
+        let system = self.system;
+        let empty = system.dir().join("sip-client.toml");
+        if !empty.exists() {
+            std::fs::write(&empty, "").unwrap();
+        }
+        let mut cmd = Command::new(&programs().client);
+        cmd.args(["-u", &self.user, "--relay", &system.relay_uri(), "--domain", DOMAIN])
+            .arg("--events-file")
+            .arg(&files.events)
+            .args(&self.args)
+            .env("SIP_CLIENT_PASSWORD", &self.password)
+            .env("SIP_CLIENT_CONFIG", &empty)
+            .env_remove("SIP_CLIENT_USER")
+            .env_remove("SIP_CLIENT_RELAY")
+            .env_remove("SIP_CLIENT_DOMAIN")
+            .env_remove("SIP_CLIENT_TIMER_T1_MS")
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .current_dir(system.dir())
+            .stdout(File::create(&files.stdout).unwrap())
+            .stderr(File::create(&files.stderr).unwrap());
+        cmd
+    }
+
+    /// Starts it with stdin a pipe the test writes to.
+    pub fn spawn(self) -> Client<'a> {
+        let files = ClientFiles::new(self.system.dir(), &self.name);
+        let mut cmd = self.command(&files);
+        cmd.stdin(Stdio::piped());
+        let mut guard = Guard::spawn(cmd, &format!("sip-client {}", self.name));
+        let stdin = guard.child.stdin.take();
+        self.system
+            .add_log(&format!("sip-client {} stderr", self.name), files.stderr.clone());
+        Client {
+            system: self.system,
+            name: self.name,
+            files,
+            guard,
+            stdin,
+        }
+    }
+
+    /// Runs it to the end with `input` on stdin (then EOF).
+    pub fn run(self, input: &[u8]) -> Finished {
+        let mut client = self.spawn();
+        client.write(input);
+        client.close_stdin();
+        client.finish()
+    }
+}
+
+struct ClientFiles {
+    stdout: PathBuf,
+    stderr: PathBuf,
+    events: PathBuf,
+}
+
+impl ClientFiles {
+    fn new(dir: &Path, name: &str) -> ClientFiles {
+        ClientFiles {
+            stdout: dir.join(format!("{name}.out")),
+            stderr: dir.join(format!("{name}.err")),
+            events: dir.join(format!("{name}.events")),
+        }
+    }
+}
+
+/// A running `sip-client`.
+pub struct Client<'a> {
+    system: &'a System,
+    name: String,
+    files: ClientFiles,
+    guard: Guard,
+    stdin: Option<ChildStdin>,
+}
+
+impl Client<'_> {
+    /// Writes to its stdin.
+    pub fn write(&mut self, bytes: &[u8]) {
+        if let Some(stdin) = self.stdin.as_mut() {
+            // The client may have ended already (refused); a broken pipe is its business.
+            let _ = stdin.write_all(bytes);
+            let _ = stdin.flush();
+        }
+    }
+
+    /// Closes its stdin (EOF).
+    pub fn close_stdin(&mut self) {
+        self.stdin.take();
+    }
+
+    /// Its JSON events so far.
+    pub fn events(&self) -> Vec<Value> {
+        json_lines(&read_text(&self.files.events))
+    }
+
+    /// What it wrote to stdout so far.
+    pub fn stdout(&self) -> Vec<u8> {
+        std::fs::read(&self.files.stdout).unwrap_or_default()
+    }
+
+    /// Waits (bounded) for an event named `event` for which `also` holds; returns it.
+    pub fn wait_event(&mut self, event: &str, also: impl Fn(&Value) -> bool) -> Value {
+        let mut found = None;
+        let done = wait_until(STEP, || {
+            found = self
+                .events()
+                .into_iter()
+                .find(|e| text(e, "event") == event && also(e));
+            found.is_some() || self.guard.try_wait().is_some()
+        });
+        match found {
+            Some(e) => e,
+            None => panic!(
+                "sip-client {} {}: no `{event}` event\nevents: {:#?}\nstderr:\n{}\n{}",
+                self.name,
+                if done { "exited" } else { "timed out" },
+                self.events(),
+                read_text(&self.files.stderr),
+                self.system.report()
+            ),
+        }
+    }
+
+    /// Asks it to hang up (SIGTERM, as Ctrl-C).
+    pub fn hang_up(&self) {
+        self.guard.terminate();
+    }
+
+    /// Waits (bounded) for it to exit and collects what it did. Its stdin stays open until
+    /// then (closing it would be one more reason for it to end the session).
+    pub fn finish(mut self) -> Finished {
+        let Some(status) = self.guard.wait_timeout(STEP) else {
+            panic!(
+                "sip-client {} did not exit within {STEP:?}\nstderr:\n{}\n{}",
+                self.name,
+                read_text(&self.files.stderr),
+                self.system.report()
+            );
+        };
+        Finished {
+            status,
+            stdout: std::fs::read(&self.files.stdout).unwrap_or_default(),
+            stderr: read_text(&self.files.stderr),
+            events: self.events(),
+        }
+    }
+}
+
+/// What a finished `sip-client` did.
+pub struct Finished {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Its stdout (the application data).
+    pub stdout: Vec<u8>,
+    /// Its human status lines.
+    pub stderr: String,
+    /// Its JSON events.
+    pub events: Vec<Value>,
+}
+
+impl std::fmt::Debug for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "sip-client exited with {}", self.status)?;
+        writeln!(f, "stdout: {:?}", String::from_utf8_lossy(&self.stdout))?;
+        writeln!(f, "stderr:\n{}", self.stderr.trim_end())?;
+        writeln!(f, "events:")?;
+        for event in &self.events {
+            writeln!(f, "  {event}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Finished {
+    /// The events named `name`.
+    pub fn events_named(&self, name: &str) -> Vec<&Value> {
+        self.events
+            .iter()
+            .filter(|e| text(e, "event") == name)
+            .collect()
+    }
+
+    /// The Call-ID of its (first) session.
+    pub fn call_id(&self) -> String {
+        self.events_named("established")
+            .first()
+            .map(|e| text(e, "call_id").to_string())
+            .unwrap_or_else(|| panic!("no session was established: {self:#?}"))
+    }
+
+    /// Asserts it exited with `code`.
+    pub fn assert_code(&self, code: i32, system: &System) {
+        assert_eq!(
+            self.status.code(),
+            Some(code),
+            "sip-client exit status\nstderr:\n{}\nevents: {:#?}\n{}",
+            self.stderr,
+            self.events,
+            system.report()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// sipp.
+
+/// A sipp process with its log files.
+pub struct Sipp {
+    /// For messages.
+    pub name: String,
+    /// Its local port.
+    pub port: u16,
+    guard: Guard,
+    log: PathBuf,
+    errors: PathBuf,
+    screen: PathBuf,
+    messages: PathBuf,
+}
+
+impl Sipp {
+    /// Starts sipp in the system's directory with `args` (scenario, keys, remote…), on
+    /// 127.0.0.1:`port` over `transport`, logging its scenario's `<log>` lines, errors and
+    /// messages.
+    pub fn start(system: &System, name: &str, port: u16, transport: Transport, args: &[String]) -> Sipp {
+        let dir = system.dir();
+        let log = dir.join(format!("{name}.log"));
+        let errors = dir.join(format!("{name}.errors"));
+        let screen = dir.join(format!("{name}.screen"));
+        let messages = dir.join(format!("{name}.messages"));
+        let mut cmd = Command::new(sipp());
+        cmd.args(args)
+            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-t", transport.sipp()])
+            .arg("-nostdin")
+            .arg("-trace_logs")
+            .arg("-log_file")
+            .arg(&log)
+            .arg("-trace_err")
+            .arg("-error_file")
+            .arg(&errors)
+            .arg("-trace_msg")
+            .arg("-message_file")
+            .arg(&messages)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(File::create(&screen).unwrap())
+            .stderr(File::create(dir.join(format!("{name}.stderr"))).unwrap());
+        system.add_log(&format!("sipp {name} log"), log.clone());
+        system.add_log(&format!("sipp {name} errors"), errors.clone());
+        Sipp {
+            name: name.to_string(),
+            port,
+            guard: Guard::spawn(cmd, name),
+            log,
+            errors,
+            screen,
+            messages,
+        }
+    }
+
+    /// The lines its scenario logged so far.
+    pub fn log(&self) -> Vec<String> {
+        read_text(&self.log)
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    /// Waits (bounded) for a logged line starting with `prefix`; returns the rest of it.
+    pub fn wait_log(&mut self, prefix: &str, system: &System) -> String {
+        let mut found = None;
+        wait_until(STEP, || {
+            found = self
+                .log()
+                .iter()
+                .find_map(|l| l.strip_prefix(prefix).map(|r| r.trim().to_string()));
+            found.is_some() || self.guard.try_wait().is_some()
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "sipp {} never logged `{prefix}`\n{}\n{}",
+                self.name,
+                self.evidence(),
+                system.report()
+            )
+        })
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        self.guard.try_wait().is_some()
+    }
+
+    /// Waits (bounded) for it to exit and asserts it succeeded (every step of its scenario
+    /// went as written).
+    pub fn assert_success(&mut self, system: &System) {
+        let status = self.guard.wait_timeout(STEP).unwrap_or_else(|| {
+            panic!(
+                "sipp {} did not finish within {STEP:?}\n{}\n{}",
+                self.name,
+                self.evidence(),
+                system.report()
+            )
+        });
+        assert!(
+            status.success(),
+            "sipp {} failed ({status})\n{}\n{}",
+            self.name,
+            self.evidence(),
+            system.report()
+        );
+    }
+
+    /// Its log, errors, the end of its screen and of its message trace.
+    pub fn evidence(&self) -> String {
+        format!(
+            "--- sipp {name} log:\n{log}\n--- sipp {name} errors:\n{errors}\n\
+             --- sipp {name} screen (end):\n{screen}\n--- sipp {name} messages (end):\n{messages}",
+            name = self.name,
+            log = self.log().join("\n"),
+            errors = tail(&read_text(&self.errors), 15),
+            screen = tail(&read_text(&self.screen), 20),
+            messages = tail(&read_text(&self.messages), 60),
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// A data gateway for sipp servers, and the data connection of sipp terminals.
+
+/// A stand-in for an application server's data gateway (`docs/protocol.md`, "Data
+/// connection"): accepts one connection, checks its token line, answers `OK`, and echoes
+/// every byte until the terminal closes. For sipp servers, which cannot do it themselves.
+pub struct EchoGateway {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    seen: Arc<Mutex<Vec<String>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoGateway {
+    /// Listens on a free port for a connection presenting `token`.
+    pub fn start(token: &str) -> EchoGateway {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let token = token.to_string();
+        let log = seen.clone();
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + STEP;
+            let stream = loop {
+                match listener.accept() {
+                    Ok((stream, _)) => break stream,
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(_) => return,
+                }
+            };
+            stream.set_nonblocking(false).unwrap();
+            stream.set_read_timeout(Some(STEP)).unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut writer = stream;
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                return;
+            }
+            let presented = line.trim_end().to_string();
+            log.lock().unwrap().push(format!("token {presented}"));
+            if presented != token {
+                let _ = writer.write_all(b"ERR unknown token\n");
+                return;
+            }
+            let _ = writer.write_all(b"OK\n");
+            let mut buf = [0u8; 4096];
+            let mut echoed = 0usize;
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if writer.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        echoed += n;
+                    }
+                }
+            }
+            log.lock().unwrap().push(format!("echoed {echoed}"));
+            let _ = writer.shutdown(std::net::Shutdown::Both);
+        });
+        EchoGateway {
+            port,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    /// What it saw: `token <line>`, then `echoed <bytes>` once the terminal closed.
+    pub fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits (bounded) for the connection to end; what it saw.
+    pub fn finish(mut self) -> Vec<String> {
+        if let Some(thread) = self.thread.take() {
+            let done = wait_until(STEP, || thread.is_finished());
+            if done {
+                let _ = thread.join();
+            }
+        }
+        self.seen()
+    }
+}
+
+/// A terminal's data connection (`docs/protocol.md`): connects to `addr`, sends `token`,
+/// and returns the stream once the gateway said `OK` (panics with what it said otherwise).
+pub fn open_data(addr: SocketAddr, token: &str) -> TcpStream {
+    let mut stream = TcpStream::connect_timeout(&addr, STEP)
+        .unwrap_or_else(|e| panic!("data endpoint {addr}: {e}"));
+    stream.set_read_timeout(Some(STEP)).unwrap();
+    stream.write_all(format!("{token}\n").as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while !answer.ends_with(b"\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => answer.push(byte[0]),
+            _ => break,
+        }
+    }
+    assert_eq!(
+        String::from_utf8_lossy(&answer),
+        "OK\n",
+        "the data gateway at {addr} refused the token"
+    );
+    stream
+}
+
+/// Reads exactly `n` bytes from `stream` (bounded by its read timeout).
+pub fn read_exactly(stream: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    stream.read_exact(&mut buf).unwrap();
+    buf
+}

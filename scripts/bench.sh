@@ -1,0 +1,248 @@
+#!/usr/bin/env bash
+# relayd call-rate benchmark: sipp terminals calling a sipp application server through a
+# release relayd on loopback, at increasing call rates.
+#
+#   scripts/bench.sh [RATE...]      default rates: 50 100 200 400 800 1600 3200 (calls/s)
+#
+# Each call is the full service delivery a terminal sees: INVITE, 407, ACK, INVITE with
+# digest, the relay's inquiry of the server (100/180/200), 200, ACK, a short hold, BYE,
+# 200, and a session record committed (SQLite, synchronous=FULL) before the 200 to the
+# BYE. alice registers once before the runs. For each rate it prints the calls placed,
+# completed, failed and billed (session records written), the rate achieved, and the
+# call-setup time (first INVITE to the 200, challenge round trip included) at p50, p99,
+# mean and max, from the terminal's message trace; then the highest rate at which every
+# call completed and was billed. It stops at the first rate where one failed or went
+# unbilled.
+#
+# Environment: SECONDS_PER_RATE (5) calls are placed for that long at each rate;
+# HOLD_MS (100) how long each call is held; KEEP=1 keeps the work directory (logs, sipp
+# statistics) and says where it is. Needs sipp (Debian package `sip-tester`).
+#
+# Everything it starts (relayd, sipp) is stopped by pid on exit, also on failure or ^C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+SCENARIOS=$ROOT/crates/relayd/tests/scenarios
+
+RATES=("$@")
+if [ ${#RATES[@]} -eq 0 ]; then RATES=(50 100 200 400 800 1600 3200); fi
+SECONDS_PER_RATE=${SECONDS_PER_RATE:-5}
+HOLD_MS=${HOLD_MS:-100}
+
+if ! command -v sipp >/dev/null 2>&1; then
+    echo "bench: sipp not found; install the Debian package sip-tester" >&2
+    exit 1
+fi
+
+echo "building relayd (release)..." >&2
+cargo build --release --quiet -p relayd
+RELAYD=$ROOT/target/release/relayd
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/relayd-bench.XXXXXX")
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "${KEEP:-0}" = 1 ]; then
+        echo "bench: work directory kept: $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A loopback port free for UDP and TCP (asks the kernel; python3 if there, else a guess).
+free_port() {
+    if command -v python3 >/dev/null 2>&1; then
+        python3 - <<'EOF'
+import socket
+while True:
+    t = socket.socket(); t.bind(("127.0.0.1", 0)); port = t.getsockname()[1]
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        t.close(); u.close()
+    print(port); break
+EOF
+    else
+        echo $((20000 + RANDOM % 20000))
+    fi
+}
+
+RELAY_PORT=$(free_port)
+AS_PORT=$(free_port)
+while [ "$AS_PORT" = "$RELAY_PORT" ]; do AS_PORT=$(free_port); done
+
+cat >"$WORK/relayd.toml" <<EOF
+[listen]
+udp = "127.0.0.1:$RELAY_PORT"
+tcp = []
+
+[relay]
+realm = "relay.test"
+
+[storage]
+data_dir = "$WORK/data"
+
+[log]
+level = "warn"
+
+[session]
+probe_interval_secs = 0
+
+[[services]]
+name = "echo"
+
+[[users]]
+name = "alice"
+password = "alice-secret"
+plan = "basic"
+services = ["echo"]
+
+[[servers]]
+uri = "sip:127.0.0.1:$AS_PORT"
+services = ["echo"]
+
+[[tariffs]]
+name = "default"
+rate = 2
+currency = "EUR"
+EOF
+printf 'SEQUENTIAL\nalice;alice-secret\n' >"$WORK/users.csv"
+
+# The application server first, so that the relay's first probe finds it.
+(cd "$WORK" && exec sipp -sf "$SCENARIOS/uas_answer.xml" -i 127.0.0.1 -p "$AS_PORT" -aa \
+    -nostdin -trace_err -error_file "$WORK/uas-errors.log" >/dev/null 2>"$WORK/uas.stderr") &
+PIDS+=($!)
+"$RELAYD" --config "$WORK/relayd.toml" run >/dev/null 2>"$WORK/relayd.log" &
+RELAY_PID=$!
+PIDS+=("$RELAY_PID")
+
+# Registering is also the readiness check: sipp retransmits the REGISTER until the relay
+# answers, for at most 10 s.
+mkdir -p "$WORK/register"
+(cd "$WORK/register" && exec sipp "127.0.0.1:$RELAY_PORT" -sf "$SCENARIOS/uac_register.xml" \
+    -inf "$WORK/users.csv" -au alice -ap alice-secret -i 127.0.0.1 -m 1 -nostdin \
+    -timeout 10s -timeout_error >/dev/null 2>&1) &
+REG_PID=$!
+PIDS+=("$REG_PID")
+if ! wait "$REG_PID"; then
+    echo "bench: alice could not register; relayd log:" >&2
+    tail -20 "$WORK/relayd.log" >&2
+    exit 1
+fi
+
+# Column $2 of the last line of a sipp statistics file, by header name.
+sipp_stat() {
+    awk -F';' -v col="$2" 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == col) c = i; next }
+        NF > 1 { v = $c } END { print (v == "" ? 0 : v) }' "$1"
+}
+
+# Call-setup times (ms), one per call, from a sipp -trace_msg file: from the first INVITE
+# sent (CSeq 1) to the 200 received for the authenticated INVITE (CSeq 2). The message
+# trace is stamped in microseconds; sipp's own response-time counters (rtd="setup" in the
+# scenario) read a coarse clock that ticks every 4 ms on a 250 Hz kernel, too coarse here.
+setup_times() {
+    awk '
+        function flush() {
+            if (first == "") return
+            if (dir == "out" && first ~ /^INVITE / && cseq == "1 INVITE" && !(cid in t0)) t0[cid] = ts
+            if (dir == "in" && first ~ /^SIP\/2\.0 200/ && cseq == "2 INVITE" && (cid in t0) && !(cid in t1)) t1[cid] = ts
+            first = ""
+        }
+        { sub(/\r$/, "") }
+        /^-----------+ [0-9]+-[0-9]+-[0-9]+ [0-9:.]+$/ {
+            flush(); split($3, t, ":"); ts = t[1] * 3600 + t[2] * 60 + t[3]
+            state = "kind"; next
+        }
+        state == "kind" { dir = ($0 ~ / sent /) ? "out" : "in"; state = "gap"; next }
+        state == "gap" { state = "start"; next }
+        state == "start" { first = $0; cid = ""; cseq = ""; state = "headers"; next }
+        state == "headers" && /^Call-ID:/ { cid = $2 }
+        state == "headers" && /^CSeq:/ { cseq = $2 " " $3 }
+        END {
+            flush()
+            for (c in t1) { d = t1[c] - t0[c]; if (d < 0) d += 86400; printf "%.3f\n", d * 1000 }
+        }' "$1"
+}
+
+# p50, p99, mean and max of numbers on standard input.
+summary() {
+    sort -g | awk '
+        { v[NR] = $1; sum += $1 }
+        END {
+            if (NR == 0) { print "- - - -"; exit }
+            i50 = int(NR * 0.50 + 0.999999); i99 = int(NR * 0.99 + 0.999999)
+            printf "%.2f %.2f %.2f %.2f\n", v[i50], v[i99], sum / NR, v[NR]
+        }'
+}
+
+# Session records in the billing store so far.
+records() {
+    "$RELAYD" --config "$WORK/relayd.toml" billing export --format csv | tail -n +2 | wc -l
+}
+
+ROW='%8s %6s %9s %6s %6s %9s %7s %7s %7s %7s\n'
+# shellcheck disable=SC2059
+printf "$ROW" "rate" "calls" "completed" "failed" "billed" "achieved" "p50 ms" "p99 ms" "mean ms" "max ms"
+BEST=0
+BILLED_BEFORE=0
+for RATE in "${RATES[@]}"; do
+    CALLS=$((RATE * SECONDS_PER_RATE))
+    DIR="$WORK/rate-$RATE"
+    mkdir -p "$DIR"
+    START=$(date +%s.%N)
+    (cd "$DIR" && exec sipp "127.0.0.1:$RELAY_PORT" -sf "$SCENARIOS/uac_bench.xml" \
+        -inf "$WORK/users.csv" -au alice -ap alice-secret -s echo -i 127.0.0.1 \
+        -r "$RATE" -m "$CALLS" -d "$HOLD_MS" -l 20000 -nostdin \
+        -trace_stat -stf "$DIR/stats.csv" -fd 1 -trace_msg -message_file "$DIR/messages.log" \
+        -trace_err -error_file "$DIR/errors.log" \
+        -timeout "$((SECONDS_PER_RATE + 30))s" >"$DIR/screen.txt" 2>&1) &
+    UAC_PID=$!
+    PIDS+=("$UAC_PID")
+    RC=0
+    wait "$UAC_PID" || RC=$?
+    END=$(date +%s.%N)
+    OK=$(sipp_stat "$DIR/stats.csv" 'SuccessfulCall(C)')
+    FAILED=$(sipp_stat "$DIR/stats.csv" 'FailedCall(C)')
+    BILLED_NOW=$(records)
+    BILLED=$((BILLED_NOW - BILLED_BEFORE))
+    BILLED_BEFORE=$BILLED_NOW
+    ACHIEVED=$(awk -v n="$OK" -v a="$START" -v b="$END" 'BEGIN { printf "%.0f/s", n / (b - a) }')
+    read -r P50 P99 MEAN MAX <<<"$(setup_times "$DIR/messages.log" | summary)"
+    [ "${KEEP:-0}" = 1 ] || rm -f "$DIR/messages.log"
+    # shellcheck disable=SC2059
+    printf "$ROW" "$RATE/s" "$CALLS" "$OK" "$FAILED" "$BILLED" "$ACHIEVED" "$P50" "$P99" "$MEAN" "$MAX"
+    if ! kill -0 "$RELAY_PID" 2>/dev/null; then
+        echo "bench: relayd died; log tail:" >&2
+        tail -20 "$WORK/relayd.log" >&2
+        exit 1
+    fi
+    if [ "$RC" -ne 0 ] || [ "$FAILED" -ne 0 ] || [ "$OK" -ne "$CALLS" ]; then
+        echo "bench: failed calls at $RATE calls/s (sipp exit $RC); first errors:" >&2
+        grep -m 3 -E 'Aborting|Failed|timeout|Timeout' "$DIR/errors.log" | cut -c1-200 >&2 || true
+        break
+    fi
+    if [ "$BILLED" -ne "$OK" ]; then
+        echo "bench: at $RATE calls/s, $((OK - BILLED)) completed calls were not billed" >&2
+        break
+    fi
+    BEST=$RATE
+done
+
+RSS=$(awk '/VmHWM/ { h = $2 " " $3 } /VmRSS/ { r = $2 " " $3 } END { print h " (now " r ")" }' "/proc/$RELAY_PID/status" 2>/dev/null || echo "?")
+echo
+echo "highest rate with every call completed and billed: $BEST calls/s"
+echo "relayd peak RSS: $RSS"
+echo "call setup: first INVITE sent to the 200 received (407 round trip and inquiry"
+echo "included), from the terminal's message trace, microsecond timestamps"
+echo "machine: $(nproc) CPU(s), shared by relayd, the sipp terminal and the sipp server"

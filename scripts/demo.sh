@@ -1,0 +1,508 @@
+#!/usr/bin/env bash
+# The whole service delivery system in one command (claim 10): builds the three programs,
+# starts the relay (relayd) and two application-server agents (appsrv-agent) on loopback,
+# and walks through every claim with the terminal program (sip-client), saying what each
+# step does and checking that it did it. Prints the billing report at the end.
+#
+#   scripts/demo.sh            release build, then the walk-through
+#   scripts/demo.sh --debug    use a debug build (quicker to build)
+#   scripts/demo.sh --keep     keep the working directory (configs, logs, billing store)
+#
+# Needs only Rust (cargo) and bash. Uses the ports of the examples: SIP 5060 (relay), 5080
+# and 5082 (agents), data gateways 7080 and 7082, metrics 9060, all on 127.0.0.1.
+# Stops everything it started, by pid, also when a step fails or on Ctrl-C. Exit status 0
+# when every step did what it said, 1 when one did not, 2 for a usage error.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PROFILE=release
+KEEP=0
+for arg in "$@"; do
+  case "$arg" in
+    --debug) PROFILE=debug ;;
+    --keep) KEEP=1 ;;
+    -h | --help)
+      sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+      exit 0
+      ;;
+    *)
+      echo "demo: unknown argument '$arg' (try --help)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+RELAY=sip:127.0.0.1:5060
+DOMAIN=relay.test
+METRICS=127.0.0.1:9060
+STEP_TIMEOUT=30 # seconds any one wait may take
+
+# Everything this script starts, by pid; stopped in reverse order on exit.
+PIDS=()
+NAMES=()
+WORK=""
+FAILED=0
+
+# --- narration ----------------------------------------------------------------------------
+
+say() { printf '%s\n' "$*"; }
+heading() { printf '\n== %s\n' "$*"; }
+# Shows a command the way a person would type it.
+shows() { printf '   $ %s\n' "$*"; }
+# Indents what a program printed.
+indent() { sed 's/^/   | /'; }
+ok() { printf '   ok: %s\n' "$*"; }
+
+# Says what went wrong, shows the logs, and stops (the EXIT trap cleans up).
+fail() {
+  FAILED=1
+  printf '\n   FAILED: %s\n' "$*" >&2
+  if [[ -n "$WORK" ]]; then
+    for log in relayd.log as1.log as2.log; do
+      if [[ -s "$WORK/$log" ]]; then
+        printf '\n   --- last lines of %s:\n' "$log" >&2
+        tail -n 15 "$WORK/$log" | sed 's/^/   | /' >&2
+      fi
+    done
+  fi
+  exit 1
+}
+
+# --- processes ----------------------------------------------------------------------------
+
+# start NAME LOG CMD...: runs CMD in the background in $WORK, output to LOG; remembers its pid.
+start() {
+  local name=$1 log=$2
+  shift 2
+  (cd "$WORK" && exec 3>&- 4>&- && exec "$@") >"$WORK/$log" 2>&1 </dev/null &
+  PIDS+=("$!")
+  NAMES+=("$name")
+  LAST_PID=$!
+}
+
+# stop_pid PID: SIGTERM, then up to 10 s for it to exit, then SIGKILL.
+stop_pid() {
+  local pid=$1 i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  exec 3>&-
+  local i
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    stop_pid "${PIDS[$i]}"
+  done
+  if [[ -n "$WORK" && -d "$WORK" ]]; then
+    if [[ $KEEP -eq 1 || $FAILED -eq 1 || $status -ne 0 ]]; then
+      say ""
+      say "The working directory is kept: $WORK (configs, logs, billing store)."
+    else
+      rm -rf "$WORK"
+    fi
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'FAILED=1; exit 130' INT TERM
+
+# wait_for SECONDS WHAT CMD...: polls CMD until it succeeds; fails the demo after SECONDS.
+wait_for() {
+  local seconds=$1 what=$2
+  shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@"; do
+    if ((SECONDS >= deadline)); then
+      fail "$what: not done within ${seconds} s"
+    fi
+    sleep 0.1
+  done
+}
+
+alive() { kill -0 "$1" 2>/dev/null; }
+
+# The relay's metrics (Prometheus text) over plain bash /dev/tcp: no curl needed.
+metrics() {
+  local host=${METRICS%:*} port=${METRICS##*:}
+  (
+    exec 5<>"/dev/tcp/$host/$port" || exit 1
+    printf 'GET /metrics HTTP/1.0\r\nHost: %s\r\n\r\n' "$METRICS" >&5
+    cat <&5
+  ) 2>/dev/null
+}
+
+# server_up SERVICE SERVER-URI: the relay lists that server for that service and it is up.
+server_up() {
+  metrics | grep -qF "relayd_server_up{service=\"$1\",server=\"$2\"} 1"
+}
+
+# port_busy PORT: something already accepts TCP connections on 127.0.0.1:PORT.
+port_busy() { (exec 5<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+relayd() { "$BIN/relayd" --config "$WORK/relayd.toml" "$@"; }
+
+# export_records sessions|charges: the billing store as JSON lines.
+export_records() { (cd "$WORK" && relayd billing export --format jsonl --records "$1"); }
+
+# Number of lines of FILE matching every fixed string given.
+count_matching() {
+  local file=$1
+  shift
+  local lines
+  lines=$(cat "$file")
+  for pattern in "$@"; do
+    lines=$(grep -F -- "$pattern" <<<"$lines" || true)
+  done
+  if [[ -z "$lines" ]]; then echo 0; else wc -l <<<"$lines" | tr -d ' '; fi
+}
+
+# The value of a string field in one JSON line: json_field LINE KEY.
+json_field() { grep -o "\"$2\":\"[^\"]*\"" <<<"$1" | head -n 1 | cut -d'"' -f4; }
+
+# --- set-up -------------------------------------------------------------------------------
+
+heading "Service relay demo: relay, two application servers and a terminal on 127.0.0.1"
+say "The relay (relayd) authenticates terminals, finds an application server for the"
+say "service they ask for, relays the session and bills it. Each application server runs"
+say "appsrv-agent beside it. The terminal is sip-client. Every step below says what it does,"
+say "runs it, and checks that it happened."
+
+command -v cargo >/dev/null 2>&1 || {
+  echo "demo: cargo is not installed (https://rustup.rs)" >&2
+  exit 1
+}
+
+for port in 5060 5080 5082 7080 7082 9060; do
+  if port_busy "$port"; then
+    echo "demo: port $port on 127.0.0.1 is already in use; stop what runs there first" >&2
+    exit 1
+  fi
+done
+
+heading "Building the three programs ($PROFILE)"
+BUILD=(cargo build --workspace --quiet)
+[[ $PROFILE == release ]] && BUILD+=(--release)
+shows "${BUILD[*]}"
+(cd "$ROOT" && "${BUILD[@]}") || fail "the build failed"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
+for program in relayd appsrv-agent sip-client; do
+  [[ -x "$BIN/$program" ]] || fail "$BIN/$program was not built"
+done
+ok "built relayd, appsrv-agent and sip-client in $BIN"
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/relay-demo.XXXXXX")
+unset RUST_LOG
+export NO_COLOR=1
+
+heading "The relay's configuration"
+say "The demo runs relayd with examples/relayd.toml, changed in two ways (the result is"
+say "$WORK/relayd.toml):"
+say " - the static server clock-1 (sip:127.0.0.1:5081) is left out: no agent runs there;"
+say " - a service 'echo-all' with strategy \"all\" is added: a request for it is forked to"
+say "   every server that delivers it (claim 7)."
+say "Billing data goes to $WORK/relayd-data."
+# Paragraph mode: drop the paragraph that declares clock-1; then add the fork service.
+awk 'BEGIN { RS = ""; ORS = "\n\n" } !/^\[\[servers\]\]\nname = "clock-1"/' \
+  "$ROOT/examples/relayd.toml" >"$WORK/relayd.toml"
+if ! grep -q '^name = "echo-all"' "$WORK/relayd.toml"; then
+  cat >>"$WORK/relayd.toml" <<'EOF'
+# Added by scripts/demo.sh: forked to every server that delivers it (claim 7).
+[[services]]
+name = "echo-all"
+strategy = "all"
+description = "Echo, from every server at once"
+EOF
+fi
+shows "relayd --config relayd.toml check-config"
+(cd "$WORK" && relayd check-config) 2>&1 | indent || fail "relayd refused its configuration"
+
+heading "Starting the relay and two application servers"
+say "relayd listens for SIP on UDP and TCP 127.0.0.1:5060 and serves metrics on $METRICS."
+shows "relayd --config relayd.toml"
+start relayd relayd.log "$BIN/relayd" --config "$WORK/relayd.toml"
+RELAYD_PID=$LAST_PID
+relay_ready() {
+  alive "$RELAYD_PID" || fail "relayd exited at start (is UDP port 5060 in use?)"
+  metrics | grep -q '^relayd_registered_users '
+}
+wait_for "$STEP_TIMEOUT" "relayd starting" relay_ready
+ok "relayd is serving (pid $RELAYD_PID)"
+
+say ""
+say "Two agents register the services echo, clock and echo-all with the relay as account"
+say "as1, from examples/appsrv.toml. Both charge 1 cent per KiB they deliver (claim 4):"
+AGENT_ARGS=(--config "$ROOT/examples/appsrv.toml" --bytes-per-charge 1024 --price-per-block 1
+  --service echo-all=builtin:echo)
+shows "appsrv-agent --config examples/appsrv.toml --bytes-per-charge 1024 --service echo-all=builtin:echo"
+start as1 as1.log "$BIN/appsrv-agent" "${AGENT_ARGS[@]}"
+AS1_PID=$LAST_PID
+shows "appsrv-agent ... --listen 127.0.0.1:5082 --data-listen 127.0.0.1:7082"
+start as2 as2.log "$BIN/appsrv-agent" "${AGENT_ARGS[@]}" \
+  --listen 127.0.0.1:5082 --data-listen 127.0.0.1:7082
+AS2_PID=$LAST_PID
+agents_ready() {
+  alive "$AS1_PID" || fail "the first appsrv-agent exited at start"
+  alive "$AS2_PID" || fail "the second appsrv-agent exited at start"
+  server_up echo-all sip:as1@127.0.0.1:5080 && server_up echo-all sip:as1@127.0.0.1:5082
+}
+wait_for "$STEP_TIMEOUT" "the agents registering" agents_ready
+ok "the relay lists both servers (sip:as1@127.0.0.1:5080 and sip:as1@127.0.0.1:5082) as up"
+
+# The terminal's settings, as a person would export them.
+export SIP_CLIENT_RELAY=$RELAY SIP_CLIENT_DOMAIN=$DOMAIN
+: >"$WORK/sip-client.toml"
+export SIP_CLIENT_CONFIG="$WORK/sip-client.toml" # no personal config file gets in the way
+say ""
+say "The terminal's settings:"
+shows "export SIP_CLIENT_RELAY=$RELAY SIP_CLIENT_DOMAIN=$DOMAIN"
+
+# client NAME USER PASSWORD ARGS...: runs sip-client with stdin as given; stdout to NAME.out,
+# human status lines to NAME.err, JSON events to NAME.events; returns its exit status.
+client() {
+  local name=$1 user=$2 password=$3
+  shift 3
+  (cd "$WORK" && exec 3>&- 4>&- && SIP_CLIENT_PASSWORD=$password exec "$BIN/sip-client" \
+    -u "$user" --events-file "$WORK/$name.events" "$@") >"$WORK/$name.out" 2>"$WORK/$name.err"
+}
+
+# client_bg NAME USER PASSWORD FIFO ARGS...: the same in the background, reading FIFO (which
+# this script holds open); its pid in LAST_PID.
+client_bg() {
+  local name=$1 user=$2 password=$3 fifo=$4
+  shift 4
+  (cd "$WORK" && exec 3>&- 4>&- && SIP_CLIENT_PASSWORD=$password exec "$BIN/sip-client" \
+    -u "$user" --events-file "$WORK/$name.events" "$@") \
+    <"$fifo" >"$WORK/$name.out" 2>"$WORK/$name.err" &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+  NAMES+=("$name")
+}
+
+# The number of live sessions the relay counts (its metrics).
+live_sessions() { metrics | grep '^relayd_sessions_live ' | cut -d' ' -f2; }
+
+# --- step 1: register ---------------------------------------------------------------------
+
+heading "Step 1 of 7: register"
+say "alice's terminal registers: REGISTER, the relay challenges it (401, digest SHA-256 and"
+say "MD5), the terminal answers with her password, the relay binds her address."
+shows "SIP_CLIENT_PASSWORD=alice-secret sip-client -u alice register --once"
+status=0
+client register alice alice-secret register --once || status=$?
+indent <"$WORK/register.err"
+[[ $status -eq 0 ]] || fail "sip-client register exited with status $status"
+grep -q '"event":"registered"' "$WORK/register.events" || fail "no registration reported"
+ok "alice is registered (exit status 0)"
+
+# --- step 2: call echo --------------------------------------------------------------------
+
+heading "Step 2 of 7: call the echo service and round-trip data (claims 1, 3)"
+say "alice calls sip:echo@relay.test. The relay challenges the INVITE (407), checks that she"
+say "subscribes to echo, picks a server by the rules, and inquires of it (its own INVITE)."
+say "The server's answer carries a data endpoint and a one-time token; the terminal connects"
+say "there directly, and the data never passes through the relay. When the data is done the"
+say "session is hung up and the relay writes a time-based billing record."
+printf 'Hello from alice, through the service relay.\n' >"$WORK/echo.in"
+shows "echo 'Hello from alice, through the service relay.' | sip-client -u alice call echo"
+status=0
+client echo alice alice-secret call echo --wait-after-eof 2s <"$WORK/echo.in" || status=$?
+indent <"$WORK/echo.err"
+say "   what came back:"
+indent <"$WORK/echo.out"
+[[ $status -eq 0 ]] || fail "sip-client call echo exited with status $status"
+cmp -s "$WORK/echo.in" "$WORK/echo.out" || fail "the data did not come back unchanged"
+echo_call=$(json_field "$(grep '"event":"established"' "$WORK/echo.events")" call_id)
+[[ -n "$echo_call" ]] || fail "no session was established"
+echo_records() { [[ $(export_records sessions | grep -cF "\"call_id\":\"$echo_call\"") -eq 1 ]]; }
+wait_for "$STEP_TIMEOUT" "the echo session's billing record" echo_records
+record=$(export_records sessions | grep -F "\"call_id\":\"$echo_call\"")
+[[ $(json_field "$record" service) == echo ]] || fail "the record is not for echo: $record"
+ok "the data came back unchanged, and the relay billed the session:"
+indent <<<"$record"
+
+# --- steps 3 and 4: change and transfer ---------------------------------------------------
+
+heading "Step 3 of 7: change the live session to the clock service (claim 5)"
+say "alice calls echo again and keeps the session open. One second in, her terminal sends a"
+say "re-INVITE with P-Preferred-Service: clock. The relay finds a clock server, inquires of"
+say "it, and moves the session there; the bill splits: echo until now, clock from now on."
+mkfifo "$WORK/live.in"
+exec 3<>"$WORK/live.in" # held open by this script, so the terminal's input stays open
+printf 'Hello again.\n' >&3
+shows "sip-client -u alice call echo --then 'after 1s change clock; after 3s transfer clock'"
+client_bg live alice alice-secret "$WORK/live.in" call echo \
+  --then 'after 1s change clock; after 3s transfer clock'
+LIVE_PID=$LAST_PID
+changed() {
+  alive "$LIVE_PID" || fail "the terminal exited: $(tail -n 3 "$WORK/live.err")"
+  grep -q '"event":"changed"' "$WORK/live.events" 2>/dev/null
+}
+wait_for "$STEP_TIMEOUT" "the change to clock" changed
+grep -q '"event":"changed".*"status":200' "$WORK/live.events" ||
+  fail "the change was refused: $(grep '"event":"changed"' "$WORK/live.events")"
+indent <"$WORK/live.err"
+shown_lines=$(wc -l <"$WORK/live.err")
+ok "the session now runs the clock service"
+
+heading "Step 4 of 7: transfer the session to the other application server (claim 6)"
+say "Three seconds later the terminal sends REFER with Refer-To: sip:clock@relay.test. The"
+say "relay answers 202, finds a clock server other than the current one, inquires of it,"
+say "reports progress as NOTIFYs, re-INVITEs the terminal with the new server's data"
+say "endpoint, and ends the first server's leg. The clock then comes from the other server."
+transferred() {
+  alive "$LIVE_PID" || fail "the terminal exited: $(tail -n 3 "$WORK/live.err")"
+  grep -q '"event":"transferred"' "$WORK/live.events" 2>/dev/null
+}
+wait_for "$STEP_TIMEOUT" "the transfer" transferred
+grep -q '"event":"transferred".*"status":200' "$WORK/live.events" ||
+  fail "the transfer failed: $(grep '"event":"transferred"' "$WORK/live.events")"
+# Two ticks of the new server's clock after the transfer.
+ticks_at_transfer=$(grep -c 'Z$' "$WORK/live.out" || true)
+ticks_after_transfer() {
+  [[ $(grep -c 'Z$' "$WORK/live.out" || true) -ge $((ticks_at_transfer + 2)) ]]
+}
+wait_for "$STEP_TIMEOUT" "the new server's clock" ticks_after_transfer
+tail -n +"$((shown_lines + 1))" "$WORK/live.err" | indent
+shown_lines=$(wc -l <"$WORK/live.err")
+say "   what the terminal received (echo, then the clock of each server):"
+indent <"$WORK/live.out"
+endpoints=$(grep '"event":"data-connected"' "$WORK/live.events" | grep -o '"addr":"[^"]*"' | cut -d'"' -f4 | tr '\n' ' ')
+ok "the session moved; its data endpoints, in order: $endpoints"
+
+# --- step 5: application charge -----------------------------------------------------------
+
+heading "Step 5 of 7: an application charge (claim 4)"
+say "While that session runs, alice opens a second one to echo and sends 4 KiB through it."
+say "The echo server charges 1 cent per KiB it delivers: it sends the relay MESSAGEs"
+say "(application/vnd.relay.charge+json), authenticated as its account; the relay commits a"
+say "charge record before it answers 200. Then alice ends her input, and the session ends."
+head -c 4096 /dev/zero | tr '\0' '.' | fold -w 64 >"$WORK/bulk.in"
+charges_before=$(export_records charges | wc -l | tr -d ' ')
+mkfifo "$WORK/bulk.fifo"
+exec 4<>"$WORK/bulk.fifo"
+shows "sip-client -u alice call echo < 4KiB.txt"
+client_bg bulk alice alice-secret "$WORK/bulk.fifo" call echo --wait-after-eof 2s
+BULK_PID=$LAST_PID
+bulk_up() {
+  alive "$BULK_PID" || fail "the terminal exited: $(tail -n 3 "$WORK/bulk.err")"
+  grep -q '"event":"data-connected"' "$WORK/bulk.events" 2>/dev/null && [[ $(live_sessions) -ge 2 ]]
+}
+wait_for "$STEP_TIMEOUT" "the second session" bulk_up
+cat "$WORK/bulk.in" >&4
+# The units of the charge records written since this step began.
+new_charges() { export_records charges | tail -n +"$((charges_before + 1))"; }
+charged_units() {
+  local total=0 n
+  while read -r n; do
+    [[ -n "$n" ]] && total=$((total + n))
+  done < <(new_charges | grep -o '"units":{"units":[0-9]*' | grep -o '[0-9]*$')
+  echo "$total"
+}
+four_units() { [[ $(charged_units) -ge 4 ]]; }
+wait_for "$STEP_TIMEOUT" "4 charge units for the 4 KiB" four_units
+exec 4>&- # end of alice's input
+bulk_done() { ! alive "$BULK_PID"; }
+wait_for "$STEP_TIMEOUT" "the second session ending" bulk_done
+status=0
+wait "$BULK_PID" || status=$?
+indent <"$WORK/bulk.err"
+[[ $status -eq 0 ]] || fail "sip-client call echo exited with status $status"
+cmp -s "$WORK/bulk.in" "$WORK/bulk.out" || fail "the 4 KiB did not come back unchanged"
+units=$(charged_units)
+[[ $units -eq 4 ]] || fail "expected 4 charge units for 4 KiB, the relay recorded $units"
+bulk_call=$(json_field "$(grep '"event":"established"' "$WORK/bulk.events")" call_id)
+bulk_session() {
+  export_records sessions | grep -F "\"call_id\":\"$bulk_call\"" | head -n 1 |
+    grep -o '"session_id":"[^"]*"' | cut -d'"' -f4
+}
+has_bulk_session() { [[ -n "$(bulk_session)" ]]; }
+wait_for "$STEP_TIMEOUT" "the second session's billing record" has_bulk_session
+bulk_sid=$(bulk_session)
+linked=$(new_charges | grep -cF "\"session_id\":\"$bulk_sid\"" || true)
+[[ $linked -eq $(new_charges | wc -l) ]] ||
+  fail "every charge should name the session $bulk_sid: $(new_charges)"
+ok "the relay recorded 4 units (1 cent each) for alice's session $bulk_sid:"
+new_charges | indent
+
+# --- step 6: fork -------------------------------------------------------------------------
+
+heading "Step 6 of 7: one request, two sessions (claim 7)"
+say "bob calls echo-all. Its strategy is \"all\": the relay inquires of both servers at once"
+say "and relays each 200 OK with its own To tag; bob's terminal confirms each, and holds two"
+say "sessions, each with its own data connection and its own billing record."
+printf 'Hello, both of you.\n' >"$WORK/fork.in"
+shows "echo 'Hello, both of you.' | sip-client -u bob call echo-all --label --then 'sessions 2; after 1s bye'"
+status=0
+client fork bob bob-secret call echo-all --label --then 'sessions 2; after 1s bye' <"$WORK/fork.in" ||
+  status=$?
+indent <"$WORK/fork.err"
+say "   what came back:"
+indent <"$WORK/fork.out"
+[[ $status -eq 0 ]] || fail "sip-client call echo-all exited with status $status"
+sessions=$(grep -c '"event":"established"' "$WORK/fork.events" || true)
+[[ $sessions -eq 2 ]] || fail "expected 2 sessions from one request, got $sessions"
+[[ $(grep -c 'Hello, both of you.' "$WORK/fork.out" || true) -eq 2 ]] ||
+  fail "each session should have echoed the line"
+fork_call=$(json_field "$(grep '"event":"established"' "$WORK/fork.events" | head -n 1)" call_id)
+fork_records() { [[ $(export_records sessions | grep -cF "\"call_id\":\"$fork_call\"") -eq 2 ]]; }
+wait_for "$STEP_TIMEOUT" "two billing records for the forked request" fork_records
+servers=$(export_records sessions | grep -F "\"call_id\":\"$fork_call\"" |
+  grep -o '"server":"[^"]*"' | sort -u | wc -l | tr -d ' ')
+[[ $servers -eq 2 ]] || fail "the two sessions should be on two servers"
+ok "two sessions from one INVITE, one on each server, each billed:"
+export_records sessions | grep -F "\"call_id\":\"$fork_call\"" | indent
+
+# --- step 7: hang up ----------------------------------------------------------------------
+
+heading "Step 7 of 7: hang up (claim 3)"
+say "alice hangs up the session of steps 3 and 4 (SIGTERM, as Ctrl-C would): the terminal"
+say "sends BYE; the relay relays it to the server, measures the duration, and commits the"
+say "billing record before it answers 200."
+shows "kill -TERM <sip-client pid>     # or Ctrl-C in its terminal"
+live_call=$(json_field "$(grep '"event":"established"' "$WORK/live.events")" call_id)
+kill -TERM "$LIVE_PID"
+exited() { ! alive "$LIVE_PID"; }
+wait_for "$STEP_TIMEOUT" "the terminal hanging up" exited
+status=0
+wait "$LIVE_PID" || status=$?
+exec 3>&-
+tail -n +"$((shown_lines + 1))" "$WORK/live.err" | indent
+[[ $status -eq 0 ]] || fail "the terminal exited with status $status after hanging up"
+grep -q '"event":"ended".*"by":"local"' "$WORK/live.events" || fail "no BYE was sent"
+export_records sessions | grep -F "\"call_id\":\"$live_call\"" >"$WORK/live.records" || true
+segments=$(wc -l <"$WORK/live.records" | tr -d ' ')
+[[ $segments -eq 3 ]] || fail "expected 3 billing records (echo, clock, clock), got $segments"
+causes=$(grep -o '"service":"[^"]*"\|"cause":"[^"]*"' "$WORK/live.records" | cut -d'"' -f4 | paste -sd' ' -)
+[[ $causes == "echo changed clock transferred clock caller-bye" ]] ||
+  fail "unexpected services and causes of the records: $causes"
+clock_servers=$(grep '"service":"clock"' "$WORK/live.records" | grep -o '"server":"[^"]*"' | sort -u | wc -l | tr -d ' ')
+[[ $clock_servers -eq 2 ]] || fail "the two clock records should name two servers"
+ok "one call, three billing records: echo (ended by the change), clock on the first server"
+say "       (ended by the transfer), clock on the second server (ended by alice's BYE):"
+indent <"$WORK/live.records"
+
+# --- billing report -----------------------------------------------------------------------
+
+heading "The billing report"
+say "Totals per subscriber and per service, from the relay's billing store (SQLite):"
+shows "relayd --config relayd.toml billing report"
+(cd "$WORK" && relayd billing report) 2>&1 | indent || fail "billing report failed"
+shows "relayd --config relayd.toml billing report --by service"
+(cd "$WORK" && relayd billing report --by service) 2>&1 | indent || fail "billing report failed"
+say "Every record is in CSV or JSON lines too:"
+say "   $ relayd --config relayd.toml billing export --format csv --records sessions"
+
+heading "Done"
+say "Every step did what it said. The relay, the two agents and any terminal still running"
+say "are stopped now. To run the pieces by hand, see README.md (three-terminal walk-through)."
