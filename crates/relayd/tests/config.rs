@@ -192,3 +192,45 @@ fn user_remove_edits_the_users_file() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("not in"));
 }
+
+#[test]
+fn user_add_stores_only_the_digest_hashes_of_the_password_it_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "relayd.toml",
+        "users_file = \"users.toml\"\n[relay]\nrealm = \"relay.test\"\n[[services]]\nname = \"echo\"\n[[tariffs]]\nname = \"basic\"\nplan = \"basic\"\nrate = 1\ncurrency = \"EUR\"\n",
+    );
+    let out = relayd()
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "user",
+            "add",
+            "carol",
+            "--plan",
+            "basic",
+            "--services",
+            "echo",
+        ])
+        .write_stdin("s3cret-Pass\n")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let users = std::fs::read_to_string(dir.path().join("users.toml")).unwrap();
+    assert!(
+        !users.contains("s3cret-Pass"),
+        "the password itself was written: {users}"
+    );
+    use sip_core::digest::{ha1, Algorithm};
+    let md5 = ha1(Algorithm::Md5, "carol", "relay.test", "s3cret-Pass");
+    let sha256 = ha1(Algorithm::Sha256, "carol", "relay.test", "s3cret-Pass");
+    assert!(users.contains(&format!("ha1_md5 = \"{md5}\"")), "{users}");
+    assert!(
+        users.contains(&format!("ha1_sha256 = \"{sha256}\"")),
+        "{users}"
+    );
+    // The configuration with the new user still loads.
+    let out = run(&["--config", config.to_str().unwrap(), "check-config"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
