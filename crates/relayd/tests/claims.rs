@@ -17,15 +17,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod claims_support;
+mod support;
 
-use claims_support::{RelayConfig, Scene};
 use serde_json::Value;
 
-const ALICE: (&str, &str) = ("alice", "alice-secret");
-const BOB: (&str, &str) = ("bob", "bob-secret");
-const AS1: (&str, &str) = ("as1", "as1-secret");
-const AS2: (&str, &str) = ("as2", "as2-secret");
+use support::relay::{server_uri, RelayConfig, ServerSpec};
+use support::scene::Scene;
+use support::sipp::Transport;
+use support::{ALICE, AS1, AS2, BOB, STEP};
 
 /// Collects every mismatch of a test, so one run shows all that is wrong, then fails with
 /// them and the logs of every process.
@@ -48,7 +47,7 @@ impl Findings {
 
     /// Compares what application server `name` saw — the first word of each line it
     /// logged: INVITE, ACK, REINVITE, CANCEL, BYE… — with `expected`, waiting (at most
-    /// [`claims_support::STEP`]) until it has logged as many events, so a request still in
+    /// [`support::STEP`]) until it has logged as many events, so a request still in
     /// flight when the terminal finished is counted.
     fn server_saw(&mut self, scene: &Scene, name: &str, expected: &[&str]) {
         let events = |lines: &[String]| -> Vec<String> {
@@ -78,7 +77,7 @@ impl Findings {
 }
 
 fn uri(port: u16) -> String {
-    format!("sip:127.0.0.1:{port}")
+    server_uri(port, Transport::Udp)
 }
 
 /// The logged lines starting with `prefix`, without it.
@@ -158,7 +157,7 @@ fn charge_in_dialog_is_billed_once_despite_a_retransmission_and_a_duplicate() {
     scene.start_relay(
         &RelayConfig::default()
             .service("echo", "first")
-            .server(echo, &["echo"], Some("as1"))
+            .server(ServerSpec::udp(echo, &["echo"]).account("as1"))
             .user(ALICE, &["echo"])
             .account(AS1),
     );
@@ -231,8 +230,8 @@ fn charge_out_of_dialog_gets_its_status_and_only_good_charges_are_billed() {
         &RelayConfig::default()
             .service("echo", "first")
             .service("clock", "first")
-            .server(echo, &["echo"], Some("as1"))
-            .server(clock, &["clock"], Some("as2"))
+            .server(ServerSpec::udp(echo, &["echo"]).account("as1"))
+            .server(ServerSpec::udp(clock, &["clock"]).account("as2"))
             .user(ALICE, &["echo", "clock"])
             .user(BOB, &["echo"])
             .account(AS1)
@@ -401,8 +400,8 @@ fn change_to_a_service_of_another_server_moves_the_session_and_splits_the_bill()
         &RelayConfig::default()
             .service("echo", "first")
             .service("clock", "first")
-            .server(echo, &["echo"], None)
-            .server(clock, &["clock"], None)
+            .server(ServerSpec::udp(echo, &["echo"]))
+            .server(ServerSpec::udp(clock, &["clock"]))
             .user(ALICE, &["echo", "clock"]),
     );
     let mut terminal = scene.terminal(
@@ -464,7 +463,7 @@ fn change_to_a_service_of_the_same_server_reinvites_its_leg() {
         &RelayConfig::default()
             .service("echo", "first")
             .service("clock", "first")
-            .server(both, &["echo", "clock"], None)
+            .server(ServerSpec::udp(both, &["echo", "clock"]))
             .user(ALICE, &["echo", "clock"]),
     );
     let mut terminal = scene.terminal(
@@ -523,8 +522,8 @@ fn change_refusals_reach_the_terminal_and_leave_the_session_as_it_was() {
             .service("echo", "first")
             .service("clock", "first")
             .service("premium", "first")
-            .server(echo, &["echo"], None)
-            .server(clock, &["clock"], None)
+            .server(ServerSpec::udp(echo, &["echo"]))
+            .server(ServerSpec::udp(clock, &["clock"]))
             .user(ALICE, &["echo", "clock"]),
     );
     let mut terminal = scene.terminal(
@@ -538,7 +537,7 @@ fn change_refusals_reach_the_terminal_and_leave_the_session_as_it_was() {
             ("refused", "clock"),
         ],
     );
-    let status = terminal.wait();
+    let status = terminal.wait_exit(STEP);
 
     let mut f = Findings::default();
     // Only the refusing server was inquired; the session's own leg was never touched.
@@ -602,8 +601,8 @@ fn transfer_moves_the_session_to_a_second_server_with_notify_reports() {
     scene.start_relay(
         &RelayConfig::default()
             .service("echo", "first")
-            .server(first, &["echo"], None)
-            .server(second, &["echo"], None)
+            .server(ServerSpec::udp(first, &["echo"]))
+            .server(ServerSpec::udp(second, &["echo"]))
             .user(ALICE, &["echo"]),
     );
     let mut terminal = scene.terminal(
@@ -613,7 +612,7 @@ fn transfer_moves_the_session_to_a_second_server_with_notify_reports() {
         "echo",
         &[("target", "echo")],
     );
-    let status = terminal.wait();
+    let status = terminal.wait_exit(STEP);
 
     let mut f = Findings::default();
     // The first server's leg ended with BYE; the second one took the session to its end.
@@ -681,8 +680,8 @@ fn transfer_refusals_are_reported_and_the_session_stays_on_the_first_server() {
     scene.start_relay(
         &RelayConfig::default()
             .service("echo", "first")
-            .server(first, &["echo"], None)
-            .server(second, &["echo"], None)
+            .server(ServerSpec::udp(first, &["echo"]))
+            .server(ServerSpec::udp(second, &["echo"]))
             .user(ALICE, &["echo"]),
     );
     let mut terminal = scene.terminal(
@@ -692,7 +691,7 @@ fn transfer_refusals_are_reported_and_the_session_stays_on_the_first_server() {
         "echo",
         &[("unknown", "video"), ("target", "echo")],
     );
-    let status = terminal.wait();
+    let status = terminal.wait_exit(STEP);
 
     let mut f = Findings::default();
     f.check(
@@ -762,9 +761,9 @@ fn fork_to_three_servers_with_one_refusing_gives_two_sessions_and_two_records() 
     scene.start_relay(
         &RelayConfig::default()
             .service("multi", "all")
-            .server(a, &["multi"], None)
-            .server(b, &["multi"], None)
-            .server(c, &["multi"], None)
+            .server(ServerSpec::udp(a, &["multi"]))
+            .server(ServerSpec::udp(b, &["multi"]))
+            .server(ServerSpec::udp(c, &["multi"]))
             .user(ALICE, &["multi"]),
     );
     let mut terminal = scene.terminal("terminal", "terminal_fork.xml", ALICE, "multi", &[]);
@@ -838,12 +837,12 @@ fn fork_where_every_server_refuses_gives_the_best_final_response() {
     scene.start_relay(
         &RelayConfig::default()
             .service("multi", "all")
-            .server(busy, &["multi"], None)
-            .server(unavailable, &["multi"], None)
+            .server(ServerSpec::udp(busy, &["multi"]))
+            .server(ServerSpec::udp(unavailable, &["multi"]))
             .user(ALICE, &["multi"]),
     );
     let mut terminal = scene.terminal("terminal", "terminal_refused.xml", ALICE, "multi", &[]);
-    let status = terminal.wait();
+    let status = terminal.wait_exit(STEP);
 
     let mut f = Findings::default();
     f.check(
@@ -870,12 +869,12 @@ fn fork_cancel_cancels_every_pending_leg() {
     scene.start_relay(
         &RelayConfig::default()
             .service("multi", "all")
-            .server(a, &["multi"], None)
-            .server(b, &["multi"], None)
+            .server(ServerSpec::udp(a, &["multi"]))
+            .server(ServerSpec::udp(b, &["multi"]))
             .user(ALICE, &["multi"]),
     );
     let mut terminal = scene.terminal("terminal", "terminal_cancel.xml", ALICE, "multi", &[]);
-    let status = terminal.wait();
+    let status = terminal.wait_exit(STEP);
 
     let mut f = Findings::default();
     f.check(

@@ -8,52 +8,50 @@
 mod support;
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
-use support::{field, int, Relay, RelaySpec, ServerSpec, Sipp, Transport};
+use support::billing::{field, int};
+use support::relay::{RelayConfig, ServerSpec};
+use support::scene::Scene;
+use support::sipp::{Sipp, SippOpts};
+use support::ALICE;
 
 const SESSIONS: usize = 3;
 
-/// A relay with one sipp server, and a sipp terminal holding `SESSIONS` sessions through it
-/// until the relay hangs up; returns once the relay logged every one established.
-fn sessions_up(dir: &Path) -> (Relay, Sipp, Sipp) {
-    let as_port = support::free_port();
-    let server = support::uas(dir, "uas", "uas_answer.xml", as_port, Transport::Udp, &[]);
-    let relay = Relay::start(
-        dir,
-        &RelaySpec {
-            servers: vec![ServerSpec::new(as_port, Transport::Udp, &["echo"])],
-            ..RelaySpec::default()
-        },
-    );
-    let terminal = support::uac(
-        dir,
+/// A relay with one sipp server ("uas"), and a sipp terminal holding `SESSIONS` sessions
+/// through it until the relay hangs up; returns once the relay logged every one
+/// established.
+fn sessions_up(scene: &mut Scene) -> Sipp {
+    let as_port = scene.server("uas", "uas_answer.xml", SippOpts::default());
+    scene.start_relay(&RelayConfig::standard().server(ServerSpec::udp(as_port, &["echo"])));
+    let terminal = scene.terminal(
         "uac",
         "uac_held.xml",
-        relay.port,
-        Transport::Udp,
-        support::ALICE_ECHO,
-        &["-m", &SESSIONS.to_string(), "-r", "10"],
+        ALICE,
+        "echo",
+        SippOpts::default()
+            .calls(SESSIONS as u64)
+            .args(&["-r", "10"]),
     );
+    let relay = scene.relay();
     relay.wait_for("session established", SESSIONS, Duration::from_secs(15));
     // Up and journaled, but nothing billed while they last.
     assert!(relay.sessions().is_empty(), "{:#?}", relay.sessions());
-    (relay, terminal, server)
+    terminal
 }
 
 #[test]
 fn killed_relay_closes_its_sessions_on_restart_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut relay, mut terminal, mut server) = sessions_up(dir.path());
-    let (config, port) = (relay.config.clone(), relay.port);
-    relay.kill();
+    let mut scene = Scene::new();
+    let mut terminal = sessions_up(&mut scene);
+    scene.relay_mut().kill();
     terminal.kill();
-    server.kill();
+    scene.server_named_mut("uas").kill();
     // Killed mid-session: nothing was written for these sessions but their journal.
-    assert!(support::export(&config, "sessions").is_empty());
+    assert!(scene.session_records().is_empty());
 
-    let mut restarted = Relay::start_with(&config, port);
+    scene.restart_relay();
+    let restarted = scene.relay();
     let records = restarted.sessions();
     assert_eq!(records.len(), SESSIONS, "{records:#?}\n{}", restarted.log());
     let mut call_ids = HashSet::new();
@@ -71,42 +69,49 @@ fn killed_relay_closes_its_sessions_on_restart_exactly_once() {
     );
 
     // Killed again and restarted: the recovered sessions are not closed a second time.
-    restarted.kill();
-    let again = Relay::start_with(&config, port);
+    scene.restart_relay();
+    let again = scene.relay();
     assert_eq!(again.sessions(), records, "{}", again.log());
 }
 
 #[test]
 fn terminated_relay_hangs_up_bills_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut relay, mut terminal, server) = sessions_up(dir.path());
-    let status = relay.terminate(Duration::from_secs(15));
-    assert!(status.success(), "relayd exited {status}\n{}", relay.log());
+    let mut scene = Scene::new();
+    let mut terminal = sessions_up(&mut scene);
+    let status = scene.relay_mut().terminate(Duration::from_secs(15));
+    assert!(
+        status.success(),
+        "relayd exited {status}\n{}",
+        scene.relay().log()
+    );
 
     // Both legs got a BYE: the terminal's scenario ends (successfully) only on the relay's
     // BYE, and so does the server's.
     let ended = terminal.wait_exit(Duration::from_secs(15));
-    assert!(
-        ended.success(),
-        "terminal: {ended}\n{}",
-        terminal.evidence()
-    );
+    assert!(ended.success(), "terminal: {ended}\n{}", terminal.report());
     assert_eq!(
         terminal.stats().unwrap().count("SuccessfulCall"),
         SESSIONS as u64,
         "{}",
-        terminal.evidence()
+        terminal.report()
     );
+    let server = scene.server_named("uas");
     let stats = server.wait_count("SuccessfulCall", SESSIONS as u64, Duration::from_secs(15));
-    assert_eq!(stats.count("FailedCall"), 0, "{}", server.evidence());
+    assert_eq!(stats.count("FailedCall"), 0, "{}", server.report());
 
-    let records = relay.sessions();
-    assert_eq!(records.len(), SESSIONS, "{records:#?}\n{}", relay.log());
+    let records = scene.session_records();
+    assert_eq!(
+        records.len(),
+        SESSIONS,
+        "{records:#?}\n{}",
+        scene.relay().log()
+    );
     for r in &records {
         assert_eq!(field(r, "cause"), "relay-shutdown", "{r}");
         assert_eq!(field(r, "subscriber"), "alice", "{r}");
     }
     // Closed cleanly: a restart finds nothing left to recover.
-    let again = Relay::start_with(&relay.config, relay.port);
+    scene.restart_relay();
+    let again = scene.relay();
     assert_eq!(again.sessions(), records, "{}", again.log());
 }

@@ -10,7 +10,12 @@ mod support;
 
 use std::time::Duration;
 
-use support::{field, Relay, RelaySpec, Response, ServerSpec, SipClient, Transport};
+use support::billing::field;
+use support::relay::{server_uri, RelayConfig, ServerSpec};
+use support::scene::Scene;
+use support::sip::{Response, SipClient};
+use support::sipp::{SippOpts, Transport};
+use support::{ALICE, BOB};
 
 fn statuses(finals: &[Response]) -> Vec<String> {
     finals.iter().map(Response::status).collect()
@@ -26,8 +31,9 @@ fn invite_authenticated(client: &SipClient, service: &str, password: &str) -> Re
 
 #[test]
 fn unregistered_terminal_is_refused_not_registered() {
-    let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), &RelaySpec::default());
+    let mut scene = Scene::new();
+    scene.start_relay(&RelayConfig::standard());
+    let relay = scene.relay();
     let alice = SipClient::new(relay.port, "alice");
     let resp = invite_authenticated(&alice, "echo", "alice-secret");
     assert_eq!(resp.status(), "403 Not registered");
@@ -41,8 +47,9 @@ fn unregistered_terminal_is_refused_not_registered() {
 
 #[test]
 fn service_not_subscribed_and_unknown_service_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), &RelaySpec::default());
+    let mut scene = Scene::new();
+    scene.start_relay(&RelayConfig::standard());
+    let relay = scene.relay();
     let bob = SipClient::new(relay.port, "bob");
     assert_eq!(bob.register("bob-secret").status(), "200 OK");
     // bob subscribes to clock only.
@@ -59,15 +66,10 @@ fn service_not_subscribed_and_unknown_service_are_refused() {
 
 #[test]
 fn wrong_password_is_challenged_again_then_locked_out() {
-    let dir = tempfile::tempdir().unwrap();
+    let mut scene = Scene::new();
     // max_failures = 3: two wrong answers are challenged again, the third locks carol out.
-    let relay = Relay::start(
-        dir.path(),
-        &RelaySpec {
-            max_failures: 3,
-            ..RelaySpec::default()
-        },
-    );
+    scene.start_relay(&RelayConfig::standard().max_failures(3));
+    let relay = scene.relay();
     let carol = SipClient::new(relay.port, "carol");
     assert_eq!(carol.register("carol-secret").code, 200);
     let finals = carol.invite("echo", &["wrong-1", "wrong-2", "wrong-3"]);
@@ -92,23 +94,10 @@ fn wrong_password_is_challenged_again_then_locked_out() {
 
 #[test]
 fn no_server_left_is_480() {
-    let dir = tempfile::tempdir().unwrap();
-    let busy_port = support::free_port();
-    let busy = support::uas(
-        dir.path(),
-        "busy",
-        "uas_busy.xml",
-        busy_port,
-        Transport::Udp,
-        &[],
-    );
-    let relay = Relay::start(
-        dir.path(),
-        &RelaySpec {
-            servers: vec![ServerSpec::new(busy_port, Transport::Udp, &["clock"])],
-            ..RelaySpec::default()
-        },
-    );
+    let mut scene = Scene::new();
+    let busy_port = scene.server("busy", "uas_busy.xml", SippOpts::default());
+    scene.start_relay(&RelayConfig::standard().server(ServerSpec::udp(busy_port, &["clock"])));
+    let relay = scene.relay();
     let alice = SipClient::new(relay.port, "alice");
     assert_eq!(alice.register("alice-secret").code, 200);
     // The only clock server is busy: failed over to nobody.
@@ -117,7 +106,9 @@ fn no_server_left_is_480() {
         resp.status(),
         "480 No application server available (last answer 486)"
     );
-    busy.wait_count("SuccessfulCall", 1, Duration::from_secs(10));
+    scene
+        .server_named("busy")
+        .wait_count("SuccessfulCall", 1, Duration::from_secs(10));
     // No server delivers echo at all.
     let resp = invite_authenticated(&alice, "echo", "alice-secret");
     assert_eq!(resp.status(), "480 No application server available");
@@ -128,54 +119,55 @@ fn no_server_left_is_480() {
 /// status and checks the reason with a regexp (a mismatch fails the call, exit 1).
 #[test]
 fn sipp_terminal_sees_403_service_not_subscribed() {
-    let dir = tempfile::tempdir().unwrap();
-    let relay = Relay::start(dir.path(), &RelaySpec::default());
-    let mut bob = support::uac(
-        dir.path(),
+    let mut scene = Scene::new();
+    scene.start_relay(&RelayConfig::standard());
+    let mut bob = scene.terminal(
         "bob",
         "uac_not_subscribed.xml",
-        relay.port,
-        Transport::Udp,
-        support::Caller {
-            user: "bob",
-            password: "bob-secret",
-            service: "echo",
-        },
-        &["-m", "2"],
+        BOB,
+        "echo",
+        SippOpts::default().calls(2),
     );
     let status = bob.wait_exit(Duration::from_secs(20));
-    assert!(status.success(), "sipp: {status}\n{}", bob.evidence());
+    assert!(
+        status.success(),
+        "sipp: {status}\n{}",
+        scene.report(Some(&bob))
+    );
     let stats = bob.stats().unwrap();
-    assert_eq!(stats.count("SuccessfulCall"), 2, "{}", bob.evidence());
+    assert_eq!(stats.count("SuccessfulCall"), 2, "{}", bob.report());
     assert_eq!(
         stats.count("FailedRegexpDoesntMatch"),
         0,
         "{}",
-        bob.evidence()
+        bob.report()
     );
 }
 
-/// Failover calls: three calls to echo, whose first server is `first`, the second a sipp
-/// server that answers. Every call must complete and be billed to the second.
-fn calls_fail_over(dir: &std::path::Path, relay: &Relay, second: &support::Sipp, second_uri: &str) {
-    let mut alice = support::uac(
-        dir,
+/// Failover calls: three calls to echo, whose first server is `first`, the second the sipp
+/// server `second` (on `second_port`), which answers. Every call must complete and be
+/// billed to the second.
+fn calls_fail_over(scene: &Scene, second: &str, second_port: u16) {
+    let mut alice = scene.terminal(
         "alice",
         "uac_call.xml",
-        relay.port,
-        Transport::Udp,
-        support::ALICE_ECHO,
-        &["-m", "3", "-r", "10", "-d", "100"],
+        ALICE,
+        "echo",
+        SippOpts::default()
+            .calls(3)
+            .args(&["-r", "10", "-d", "100"]),
     );
     let status = alice.wait_exit(Duration::from_secs(30));
     assert!(
         status.success(),
-        "sipp: {status}\n{}\n--- relayd ---\n{}",
-        alice.evidence(),
-        relay.log()
+        "sipp: {status}\n{}",
+        scene.report(Some(&alice))
     );
-    second.wait_count("SuccessfulCall", 3, Duration::from_secs(10));
-    let records = relay.sessions();
+    let second_uri = server_uri(second_port, Transport::Udp);
+    scene
+        .server_named(second)
+        .wait_count("SuccessfulCall", 3, Duration::from_secs(10));
+    let records = scene.session_records();
     assert_eq!(records.len(), 3, "{records:#?}");
     for r in &records {
         assert_eq!(field(r, "server"), second_uri, "{r}");
@@ -185,34 +177,21 @@ fn calls_fail_over(dir: &std::path::Path, relay: &Relay, second: &support::Sipp,
 
 #[test]
 fn silent_first_server_fails_over_to_the_second() {
-    let dir = tempfile::tempdir().unwrap();
+    let mut scene = Scene::new();
     // Nothing listens on the first server's port: the inquiry gets no answer at all.
-    let dead_port = support::free_port();
-    let live_port = support::free_port();
-    let live = support::uas(
-        dir.path(),
-        "live",
-        "uas_answer.xml",
-        live_port,
-        Transport::Udp,
-        &[],
-    );
-    let relay = Relay::start(
-        dir.path(),
-        &RelaySpec {
-            servers: vec![
-                ServerSpec::new(dead_port, Transport::Udp, &["echo"]),
-                ServerSpec::new(live_port, Transport::Udp, &["echo"]),
-            ],
+    let dead_port = support::ports::free_port();
+    let live_port = scene.server("live", "uas_answer.xml", SippOpts::default());
+    scene.start_relay(
+        &RelayConfig::standard()
+            .server(ServerSpec::udp(dead_port, &["echo"]))
+            .server(ServerSpec::udp(live_port, &["echo"]))
             // Keep the dead server a candidate: each call must try it first and fail over.
-            failure_threshold: 100,
-            inquiry_timeout_ms: 500,
-            ..RelaySpec::default()
-        },
+            .failure_threshold(100)
+            .inquiry_timeout_ms(500),
     );
-    let live_uri = ServerSpec::new(live_port, Transport::Udp, &[]).uri;
-    calls_fail_over(dir.path(), &relay, &live, &live_uri);
-    let dead_uri = ServerSpec::new(dead_port, Transport::Udp, &[]).uri;
+    calls_fail_over(&scene, "live", live_port);
+    let relay = scene.relay();
+    let dead_uri = server_uri(dead_port, Transport::Udp);
     let tried_dead = relay
         .log()
         .lines()
@@ -228,38 +207,17 @@ fn silent_first_server_fails_over_to_the_second() {
 
 #[test]
 fn refusing_first_server_fails_over_to_the_second() {
-    let dir = tempfile::tempdir().unwrap();
-    let refusing_port = support::free_port();
-    let live_port = support::free_port();
-    let refusing = support::uas(
-        dir.path(),
-        "refusing",
-        "uas_unavailable.xml",
-        refusing_port,
-        Transport::Udp,
-        &[],
+    let mut scene = Scene::new();
+    let refusing_port = scene.server("refusing", "uas_unavailable.xml", SippOpts::default());
+    let live_port = scene.server("live", "uas_answer.xml", SippOpts::default());
+    scene.start_relay(
+        &RelayConfig::standard()
+            .server(ServerSpec::udp(refusing_port, &["echo"]))
+            .server(ServerSpec::udp(live_port, &["echo"])),
     );
-    let live = support::uas(
-        dir.path(),
-        "live",
-        "uas_answer.xml",
-        live_port,
-        Transport::Udp,
-        &[],
-    );
-    let relay = Relay::start(
-        dir.path(),
-        &RelaySpec {
-            servers: vec![
-                ServerSpec::new(refusing_port, Transport::Udp, &["echo"]),
-                ServerSpec::new(live_port, Transport::Udp, &["echo"]),
-            ],
-            ..RelaySpec::default()
-        },
-    );
-    let live_uri = ServerSpec::new(live_port, Transport::Udp, &[]).uri;
-    calls_fail_over(dir.path(), &relay, &live, &live_uri);
+    calls_fail_over(&scene, "live", live_port);
     // The refusing server really was asked each time (and got its ACK).
+    let refusing = scene.server_named("refusing");
     let stats = refusing.wait_count("SuccessfulCall", 3, Duration::from_secs(10));
-    assert_eq!(stats.count("FailedCall"), 0, "{}", refusing.evidence());
+    assert_eq!(stats.count("FailedCall"), 0, "{}", refusing.report());
 }

@@ -179,12 +179,21 @@ fn locate_programs() -> Result<Programs, String> {
         .arg("build")
         .arg("--manifest-path")
         .arg(&workspace)
-        .args(["-p", "appsrv-agent", "-p", "sip-client", "--profile", &profile])
+        .args([
+            "-p",
+            "appsrv-agent",
+            "-p",
+            "sip-client",
+            "--profile",
+            &profile,
+        ])
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
         .spawn()
-        .map_err(|e| format!("could not run {cargo:?} to build appsrv-agent and sip-client: {e}"))?;
+        .map_err(|e| {
+            format!("could not run {cargo:?} to build appsrv-agent and sip-client: {e}")
+        })?;
     let deadline = Instant::now() + BUILD_TIMEOUT;
     let status = loop {
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
@@ -433,7 +442,11 @@ impl System {
         let port = free_port();
         let metrics_port = free_port();
         let config = dir.path().join("relayd.toml");
-        std::fs::write(&config, relay_config(dir.path(), port, metrics_port, statics)).unwrap();
+        std::fs::write(
+            &config,
+            relay_config(dir.path(), port, metrics_port, statics),
+        )
+        .unwrap();
         let relay_log = dir.path().join("relayd.log");
         let mut cmd = Command::new(&programs.relayd);
         cmd.arg("--config")
@@ -462,7 +475,11 @@ impl System {
             }
             system.metrics().is_some()
         });
-        assert!(ready, "relayd never served its metrics\n{}", system.report());
+        assert!(
+            ready,
+            "relayd never served its metrics\n{}",
+            system.report()
+        );
         for i in 1..=agents {
             system.start_agent(&format!("as{i}"));
         }
@@ -591,7 +608,14 @@ impl System {
     pub fn export_text(&self, format: &str, records: &str) -> String {
         let out = self
             .relayd_cmd()
-            .args(["billing", "export", "--format", format, "--records", records])
+            .args([
+                "billing",
+                "export",
+                "--format",
+                format,
+                "--records",
+                records,
+            ])
             .output()
             .unwrap();
         assert!(
@@ -640,7 +664,10 @@ impl System {
 
     /// Adds a file to the evidence printed by [`System::report`].
     pub fn add_log(&self, name: &str, path: PathBuf) {
-        self.extra_logs.lock().unwrap().push((name.to_string(), path));
+        self.extra_logs
+            .lock()
+            .unwrap()
+            .push((name.to_string(), path));
     }
 
     /// Everything worth reading when a test fails: the end of every log.
@@ -783,21 +810,28 @@ impl<'a> ClientCmd<'a> {
             std::fs::write(&empty, "").unwrap();
         }
         let mut cmd = Command::new(&programs().client);
-        cmd.args(["-u", &self.user, "--relay", &system.relay_uri(), "--domain", DOMAIN])
-            .arg("--events-file")
-            .arg(&files.events)
-            .args(&self.args)
-            .env("SIP_CLIENT_PASSWORD", &self.password)
-            .env("SIP_CLIENT_CONFIG", &empty)
-            .env_remove("SIP_CLIENT_USER")
-            .env_remove("SIP_CLIENT_RELAY")
-            .env_remove("SIP_CLIENT_DOMAIN")
-            .env_remove("SIP_CLIENT_TIMER_T1_MS")
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .current_dir(system.dir())
-            .stdout(File::create(&files.stdout).unwrap())
-            .stderr(File::create(&files.stderr).unwrap());
+        cmd.args([
+            "-u",
+            &self.user,
+            "--relay",
+            &system.relay_uri(),
+            "--domain",
+            DOMAIN,
+        ])
+        .arg("--events-file")
+        .arg(&files.events)
+        .args(&self.args)
+        .env("SIP_CLIENT_PASSWORD", &self.password)
+        .env("SIP_CLIENT_CONFIG", &empty)
+        .env_remove("SIP_CLIENT_USER")
+        .env_remove("SIP_CLIENT_RELAY")
+        .env_remove("SIP_CLIENT_DOMAIN")
+        .env_remove("SIP_CLIENT_TIMER_T1_MS")
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .current_dir(system.dir())
+        .stdout(File::create(&files.stdout).unwrap())
+        .stderr(File::create(&files.stderr).unwrap());
         cmd
     }
 
@@ -808,8 +842,10 @@ impl<'a> ClientCmd<'a> {
         cmd.stdin(Stdio::piped());
         let mut guard = Guard::spawn(cmd, &format!("sip-client {}", self.name));
         let stdin = guard.child.stdin.take();
-        self.system
-            .add_log(&format!("sip-client {} stderr", self.name), files.stderr.clone());
+        self.system.add_log(
+            &format!("sip-client {} stderr", self.name),
+            files.stderr.clone(),
+        );
         Client {
             system: self.system,
             name: self.name,
@@ -1001,7 +1037,13 @@ impl Sipp {
     /// Starts sipp in the system's directory with `args` (scenario, keys, remote…), on
     /// 127.0.0.1:`port` over `transport`, logging its scenario's `<log>` lines, errors and
     /// messages.
-    pub fn start(system: &System, name: &str, port: u16, transport: Transport, args: &[String]) -> Sipp {
+    pub fn start(
+        system: &System,
+        name: &str,
+        port: u16,
+        transport: Transport,
+        args: &[String],
+    ) -> Sipp {
         let dir = system.dir();
         let log = dir.join(format!("{name}.log"));
         let errors = dir.join(format!("{name}.errors"));
@@ -1009,7 +1051,14 @@ impl Sipp {
         let messages = dir.join(format!("{name}.messages"));
         let mut cmd = Command::new(sipp());
         cmd.args(args)
-            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-t", transport.sipp()])
+            .args([
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-t",
+                transport.sipp(),
+            ])
             .arg("-nostdin")
             .arg("-trace_logs")
             .arg("-log_file")

@@ -1,0 +1,24 @@
+//! Loopback ports for relays and sipp processes.
+
+use std::collections::HashSet;
+use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::sync::{Mutex, OnceLock};
+
+/// A loopback port free for both UDP and TCP right now, never handed out twice in this
+/// test process (tests run in parallel threads).
+pub fn free_port() -> u16 {
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
+    for _ in 0..200 {
+        let tcp = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let Ok(udp) = UdpSocket::bind((Ipv4Addr::LOCALHOST, port)) else {
+            continue;
+        };
+        drop((tcp, udp));
+        if given.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+    panic!("no free loopback port found");
+}
