@@ -40,7 +40,6 @@ STEP_TIMEOUT=30 # seconds any one wait may take
 
 # Everything this script starts, by pid; stopped in reverse order on exit.
 PIDS=()
-NAMES=()
 WORK=""
 FAILED=0
 
@@ -77,7 +76,6 @@ start() {
   shift 2
   (cd "$WORK" && exec 3>&- 4>&- && exec "$@") >"$WORK/$log" 2>&1 </dev/null &
   PIDS+=("$!")
-  NAMES+=("$name")
   LAST_PID=$!
 }
 
@@ -154,18 +152,6 @@ relayd() { "$BIN/relayd" --config "$WORK/relayd.toml" "$@"; }
 
 # export_records sessions|charges: the billing store as JSON lines.
 export_records() { (cd "$WORK" && relayd billing export --format jsonl --records "$1"); }
-
-# Number of lines of FILE matching every fixed string given.
-count_matching() {
-  local file=$1
-  shift
-  local lines
-  lines=$(cat "$file")
-  for pattern in "$@"; do
-    lines=$(grep -F -- "$pattern" <<<"$lines" || true)
-  done
-  if [[ -z "$lines" ]]; then echo 0; else wc -l <<<"$lines" | tr -d ' '; fi
-}
 
 # The value of a string field in one JSON line: json_field LINE KEY.
 json_field() { grep -o "\"$2\":\"[^\"]*\"" <<<"$1" | head -n 1 | cut -d'"' -f4; }
@@ -286,7 +272,6 @@ client_bg() {
     <"$fifo" >"$WORK/$name.out" 2>"$WORK/$name.err" &
   LAST_PID=$!
   PIDS+=("$LAST_PID")
-  NAMES+=("$name")
 }
 
 # The number of live sessions the relay counts (its metrics).
@@ -295,8 +280,8 @@ live_sessions() { metrics | grep '^relayd_sessions_live ' | cut -d' ' -f2; }
 # --- step 1: register ---------------------------------------------------------------------
 
 heading "Step 1 of 7: register"
-say "alice's terminal registers: REGISTER, the relay challenges it (401, digest SHA-256 and"
-say "MD5), the terminal answers with her password, the relay binds her address."
+say "alice's terminal registers: REGISTER, the relay challenges it (401: digest, MD5 and"
+say "SHA-256), the terminal answers with her password, the relay binds her address."
 shows "SIP_CLIENT_PASSWORD=alice-secret sip-client -u alice register --once"
 status=0
 client register alice alice-secret register --once || status=$?

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use billing::money::{Currency, Money};
 use billing::store::{ChargeAmount, NewCharge};
@@ -45,15 +45,24 @@ pub struct ServedSession {
     pub terminal_call_id: String,
 }
 
+/// How long an ended session stays findable: a server may send its last charge just after
+/// the BYE, and it still belongs to that session.
+const ENDED_GRACE: Duration = Duration::from_secs(600);
+
 #[derive(Default)]
 struct ServedInner {
-    by_key: HashMap<String, ServedSession>,
+    /// By session id and by both Call-IDs; with the time the session ended, if it did.
+    by_key: HashMap<String, (ServedSession, Option<Instant>)>,
     /// (server URI, subscriber) pairs ever served since start-up, for charges outside a
     /// session.
     history: HashSet<(String, String)>,
 }
 
-/// Which server serves which live session, and which subscribers each server has served.
+/// Which server serves which session, and which subscribers each server has served.
+///
+/// A session is findable from the moment its server answered 2xx — the terminal may use its
+/// data connection before its ACK reaches the relay, and the server may charge for it — until
+/// [`ENDED_GRACE`] after it ended.
 #[derive(Default)]
 pub struct ServedIndex {
     inner: Mutex<ServedInner>,
@@ -64,9 +73,14 @@ impl ServedIndex {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a confirmed session, findable by its id and both Call-IDs.
+    /// Records an answered session (or a new billing segment of one), findable by its id and
+    /// both Call-IDs.
     pub fn insert(&self, s: ServedSession) {
         let mut inner = self.lock();
+        let now = Instant::now();
+        inner
+            .by_key
+            .retain(|_, (_, ended)| ended.is_none_or(|t| now.duration_since(t) < ENDED_GRACE));
         inner
             .history
             .insert((s.server.clone(), s.subscriber.clone()));
@@ -75,23 +89,32 @@ impl ServedIndex {
             s.server_call_id.clone(),
             s.terminal_call_id.clone(),
         ] {
-            inner.by_key.insert(key, s.clone());
+            inner.by_key.insert(key, (s.clone(), None));
         }
     }
 
-    /// Forgets a session that ended (its history entry stays).
+    /// Marks a session (segment) ended; it stays findable for [`ENDED_GRACE`].
     pub fn remove(&self, session_id: &str) {
         let mut inner = self.lock();
-        if let Some(s) = inner.by_key.get(session_id).cloned() {
-            for key in [s.session_id, s.server_call_id, s.terminal_call_id] {
-                inner.by_key.remove(&key);
+        let now = Instant::now();
+        if let Some((s, _)) = inner.by_key.get(session_id).cloned() {
+            for key in [
+                s.session_id.clone(),
+                s.server_call_id.clone(),
+                s.terminal_call_id.clone(),
+            ] {
+                if let Some(entry) = inner.by_key.get_mut(&key) {
+                    if entry.0.session_id == s.session_id {
+                        entry.1 = Some(now);
+                    }
+                }
             }
         }
     }
 
-    /// The live session with this id or Call-ID.
+    /// The session with this id or Call-ID (live, or ended within the grace period).
     pub fn find(&self, key: &str) -> Option<ServedSession> {
-        self.lock().by_key.get(key).cloned()
+        self.lock().by_key.get(key).map(|(s, _)| s.clone())
     }
 
     /// Whether `server` has ever delivered a session to `subscriber`.

@@ -316,7 +316,7 @@ pub enum UserFileError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The users file could not be written.
-    #[error("{}: cannot write: {source}", file.display())]
+    #[error("{}: cannot write", file.display())]
     Write {
         /// The file.
         file: PathBuf,

@@ -171,7 +171,9 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(io::stderr);
+        .with_writer(io::stderr)
+        // Colour only for a person at a terminal, not for log files or the journal.
+        .with_ansi(io::stderr().is_terminal());
     let installed = match config.log.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -543,7 +543,7 @@ impl Call {
                     self.relay
                         .directory
                         .session_ended(&self.sessions[i].b.server);
-                    self.sessions[i].state = State::Ended;
+                    self.ended_unbilled(i);
                 }
                 State::Established if self.sessions[i].next_probe.is_some_and(|d| d <= now) => {
                     self.sessions[i].next_probe = Some(now + self.relay.limits.probe_interval);
@@ -785,7 +785,7 @@ impl Call {
                             self.relay
                                 .directory
                                 .session_ended(&self.sessions[i].b.server);
-                            self.sessions[i].state = State::Ended;
+                            self.ended_unbilled(i);
                         }
                         State::Ended => {}
                     }
@@ -1001,6 +1001,8 @@ impl Call {
             next_probe: None,
             answered_at: SystemTime::now(),
         });
+        // The server may charge for the session from now on.
+        self.index(self.sessions.len() - 1);
         // The first 2xx completes the INVITE transaction; further 2xx of a fork go out
         // through the transaction's Accepted state (RFC 6026), each with its own To tag.
         self.a.final_sent = true;
@@ -1085,7 +1087,7 @@ impl Call {
             self.relay
                 .directory
                 .session_ended(&self.sessions[i].b.server);
-            self.sessions[i].state = State::Ended;
+            self.ended_unbilled(i);
             return;
         }
         let s = &mut self.sessions[i];
@@ -1095,6 +1097,13 @@ impl Call {
         self.index(i);
         let s = &self.sessions[i];
         info!(session_id = %s.id, server = s.b.server.uri_text(), service = %s.service, subscriber = %self.adm.subscriber, "session established");
+    }
+
+    /// Marks session `i` over without a bill: it was never confirmed (or could not be
+    /// journaled).
+    fn ended_unbilled(&mut self, i: usize) {
+        self.sessions[i].state = State::Ended;
+        self.relay.served.remove(&self.sessions[i].id);
     }
 
     /// Makes session `i` findable by charge requests.
@@ -1173,7 +1182,7 @@ impl Call {
                     self.relay
                         .directory
                         .session_ended(&self.sessions[i].b.server);
-                    self.sessions[i].state = State::Ended;
+                    self.ended_unbilled(i);
                 }
             }
             return;

@@ -423,6 +423,8 @@ fn answered(line: &str) -> (SocketAddr, String) {
     (addr, field("token="))
 }
 
+/// Starts sipp as alice's terminal (`terminal.xml`) calling echo over the system's
+/// transport, holding its ACK back `ack_delay_ms` after the 2xx.
 fn sipp_terminal(system: &System, name: &str, ack_delay_ms: u64) -> Sipp {
     let (user, password) = ALICE;
     let args: Vec<String> = [

@@ -90,12 +90,20 @@ pub struct Peer {
 impl Peer {
     /// A UDP peer.
     pub fn udp(addr: SocketAddr) -> Peer {
-        Peer { transport: Transport::Udp, addr, conn: None }
+        Peer {
+            transport: Transport::Udp,
+            addr,
+            conn: None,
+        }
     }
 
     /// A TCP peer with no particular connection (one is reused or opened on send).
     pub fn tcp(addr: SocketAddr) -> Peer {
-        Peer { transport: Transport::Tcp, addr, conn: None }
+        Peer {
+            transport: Transport::Tcp,
+            addr,
+            conn: None,
+        }
     }
 
     /// Whether the transport to this peer is reliable.

@@ -61,7 +61,7 @@ impl Default for TransportConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// Binding a listening socket failed.
-    #[error("cannot bind {transport} on {addr}: {source}")]
+    #[error("cannot bind {transport} on {addr}")]
     Bind {
         /// The transport being bound.
         transport: Transport,
@@ -77,7 +77,7 @@ pub enum TransportError {
     #[error("message of {0} bytes is too large")]
     TooLarge(usize),
     /// Connecting to a stream peer failed.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}")]
     Connect {
         /// The peer address.
         addr: SocketAddr,
@@ -88,7 +88,7 @@ pub enum TransportError {
     #[error("connection to {0} is closed")]
     ConnectionClosed(SocketAddr),
     /// Sending on a socket failed.
-    #[error("send to {addr} failed: {source}")]
+    #[error("send to {addr} failed")]
     Send {
         /// The peer address.
         addr: SocketAddr,
