@@ -96,8 +96,7 @@ impl RelaySources {
     pub fn allows(&self, peer: &Peer) -> bool {
         self.entries.iter().any(|(ip, port)| {
             *ip == peer.addr.ip()
-                && (peer.transport != Transport::Udp
-                    || port.map_or(true, |p| p == peer.addr.port()))
+                && (peer.transport != Transport::Udp || port.is_none_or(|p| p == peer.addr.port()))
         })
     }
 }

@@ -455,7 +455,7 @@ impl Core {
             && accepted
                 .offer
                 .as_ref()
-                .map_or(true, |o| o.connection == Some(Connection::Existing));
+                .is_none_or(|o| o.connection == Some(Connection::Existing));
         let counters = s.counters.clone();
         let outstanding = s.outstanding.clone();
         let previous = s.answer.clone();

@@ -268,7 +268,7 @@ impl Server {
     }
 
     fn is_candidate(&self, now: Instant) -> bool {
-        self.is_up() && !self.is_full() && self.expires_at().map_or(true, |at| at > now)
+        self.is_up() && !self.is_full() && self.expires_at().is_none_or(|at| at > now)
     }
 }
 

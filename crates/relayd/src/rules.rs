@@ -282,15 +282,15 @@ impl Rule {
             && self
                 .ruri_user
                 .as_ref()
-                .map_or(true, |re| re.is_match(&facts.ruri_user))
+                .is_none_or(|re| re.is_match(&facts.ruri_user))
             && self.ruri_params.iter().all(|(n, re)| param(n, re))
             && self
                 .from_user
                 .as_ref()
-                .map_or(true, |re| re.is_match(&facts.from_user))
+                .is_none_or(|re| re.is_match(&facts.from_user))
             && self.headers.iter().all(|(n, re)| any_header(n, re))
-            && self.sdp.as_ref().map_or(true, |re| re.is_match(&facts.sdp))
-            && self.preferred_service.as_ref().map_or(true, |re| {
+            && self.sdp.as_ref().is_none_or(|re| re.is_match(&facts.sdp))
+            && self.preferred_service.as_ref().is_none_or(|re| {
                 facts
                     .preferred_service
                     .as_deref()

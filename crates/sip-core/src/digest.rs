@@ -740,7 +740,7 @@ where
             Ok(c) => {
                 let better = best
                     .as_ref()
-                    .map_or(true, |b| c.algorithm.strength() > b.algorithm.strength());
+                    .is_none_or(|b| c.algorithm.strength() > b.algorithm.strength());
                 if better {
                     best = Some(c);
                 }
