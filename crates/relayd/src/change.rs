@@ -8,7 +8,7 @@
 //!
 //! Billing: the old segment is closed with cause `changed` and a new one opens on the new
 //! service's tariff, committed before the terminal hears the 2xx. A re-INVITE with no
-//! service change is relayed as it is ([`crate::session`]) and bills nothing new.
+//! service change is relayed as it is ([`crate::in_dialog`]) and bills nothing new.
 
 use std::collections::VecDeque;
 
@@ -19,7 +19,10 @@ use tracing::{info, warn};
 
 use crate::b2bua;
 use crate::directory::ServerRef;
-use crate::session::{fails_over, AnswerPurpose, Call, PendingAck, Purpose, SessionInput, Side};
+use crate::in_dialog::PendingAck;
+use crate::leg::{Purpose, ServerLeg};
+use crate::routing::{AnswerPurpose, SessionInput};
+use crate::session::{fails_over, Call, Side};
 
 /// The service a change asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,7 +240,7 @@ pub(crate) async fn on_same_server_answer(
 pub(crate) async fn on_new_server_answer(
     call: &mut Call,
     p: Pending,
-    mut leg: crate::session::ServerLeg,
+    mut leg: ServerLeg,
     resp: Response,
 ) {
     let Some(i) = call.session_index(&p.session) else {

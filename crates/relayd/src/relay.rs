@@ -28,8 +28,9 @@ use crate::charge::{self, ServedIndex};
 use crate::config::{Config, Secret};
 use crate::directory::{Directory, ServerRef, Strategy};
 use crate::registrar::{RegisterRequest, Registrar, Role};
+use crate::routing::{SessionInput, SessionTable};
 use crate::rules::{RequestFacts, RuleSet};
-use crate::session::{self, Admission, SessionInput, SessionLimits, SessionTable};
+use crate::session::{self, Admission, SessionLimits};
 
 /// Counters of the relay, for logs and metrics.
 #[derive(Debug, Default)]

@@ -4,7 +4,7 @@
 //!
 //! 1. **Inquiry** — the candidates found in the directory are asked with INVITE legs of the
 //!    relay's own, in order (failover) or all at once (fork). Each leg runs in a small task
-//!    of its own ([`spawn_leg`]) that reports the server's answers to the call's inbox.
+//!    of its own ([`crate::leg`]) that reports the server's answers to the call's inbox.
 //!    Provisional answers are relayed to the terminal; a server that fails (silent for the
 //!    inquiry timeout, 408, 480, 486, 5xx, 6xx) is replaced by the next candidate. A CANCEL
 //!    from the terminal cancels the pending legs.
@@ -17,196 +17,34 @@
 //!    does not hold the session open. In-dialog OPTIONS probes end a session whose terminal
 //!    or server vanished (cause `timeout`).
 //!
-//! Changing a live session's service ([`crate::change`]) and transferring it to a second
-//! server ([`crate::transfer`]) reuse the same leg machinery. Everything of one call happens
-//! in its task, fed through its inbox by the [`SessionTable`], so no lock is shared between
-//! calls.
+//! Other in-dialog requests of a session, and their ACKs, are relayed between its legs by
+//! [`crate::in_dialog`]. Changing a live session's service ([`crate::change`]) and
+//! transferring it to a second server ([`crate::transfer`]) reuse the same leg machinery.
+//! Everything of one call happens in its task, fed through its inbox by the
+//! [`SessionTable`](crate::routing::SessionTable), so no lock is shared between calls.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use billing::record::EndCause;
 use rsip::prelude::*;
 use rsip::{Header, Method, Request, Response};
-use sip_core::dialog::{cancel_for, Dialog, DialogState};
-use sip_core::endpoint::{ClientEvent, IncomingRequest, ServerTx};
+use sip_core::dialog::{Dialog, DialogState};
+use sip_core::endpoint::{IncomingRequest, ServerTx};
 use sip_core::{message, Peer};
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::b2bua::{self, Inquiry};
+use crate::b2bua;
 use crate::billing_control::SessionStart;
 use crate::charge::{self, ServedSession};
 use crate::directory::{ServerRef, Strategy};
+use crate::in_dialog::PendingAck;
+use crate::leg::{LegEvent, LegId, PendingLeg, Purpose, ServerLeg};
 use crate::relay::Relay;
+use crate::routing::{AnswerPurpose, Inbox, SessionInput};
 use crate::{change, fork, transfer};
-
-/// What the dispatcher and the call's own helper tasks hand to a call. (Messages move
-/// through a channel once each; boxing the large variants would only add an allocation.)
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum SessionInput {
-    /// A request on one of the call's Call-IDs.
-    Request(IncomingRequest),
-    /// A CANCEL for the terminal's INVITE.
-    Cancel {
-        /// The CANCEL request.
-        req: Request,
-        /// The CANCEL's transaction (answer 200).
-        tx: ServerTx,
-        /// The INVITE's transaction.
-        invite: ServerTx,
-    },
-    /// An ACK for a 2xx on one of the call's Call-IDs.
-    Ack(Request),
-    /// A response that matched no transaction (a server re-sending its 2xx).
-    Stray(Response),
-    /// What a server leg's INVITE got.
-    Leg {
-        /// Which leg.
-        leg: LegId,
-        /// What it got.
-        event: LegEvent,
-    },
-    /// The final answer to an in-dialog request the call sent and must act on.
-    Answered {
-        /// What the request was for.
-        purpose: AnswerPurpose,
-        /// The request sent.
-        sent: Request,
-        /// Its final response.
-        resp: Response,
-    },
-    /// The result of a liveness probe of one leg of a session.
-    Probe {
-        /// The session's id.
-        session: String,
-        /// Whether the leg answered.
-        alive: bool,
-    },
-    /// The relay is shutting down: end everything now.
-    Shutdown,
-}
-
-/// What an in-dialog request sent by the call was for.
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum AnswerPurpose {
-    /// A re-INVITE to the same server for a service change (claim 5); the terminal's
-    /// re-INVITE waits for the answer.
-    ChangeSameServer {
-        /// The session.
-        session: String,
-        /// The terminal's re-INVITE.
-        reinvite: IncomingRequest,
-        /// The new service and its parameters.
-        target: change::Target,
-    },
-    /// The relay's re-INVITE of the terminal with a new server's SDP (transfer, claim 6).
-    TerminalReinvite {
-        /// The session.
-        session: String,
-    },
-}
-
-/// Identifies one INVITE leg towards an application server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct LegId(pub u64);
-
-/// What a server leg's INVITE got, as reported by its task.
-#[derive(Debug)]
-pub enum LegEvent {
-    /// A 101–199.
-    Provisional(Response),
-    /// A 2xx (again for each retransmission the server sends).
-    Answered(Response),
-    /// A final failure, or no answer in time (408, with no response).
-    Failed {
-        /// The status code (408 for silence).
-        code: u16,
-        /// The response, when there was one.
-        resp: Option<Response>,
-    },
-}
-
-/// Routes messages to live calls by Call-ID. Sharded, so dispatching takes one small lock
-/// among many and calls never contend with each other.
-pub struct SessionTable {
-    shards: Vec<Mutex<HashMap<String, mpsc::UnboundedSender<SessionInput>>>>,
-}
-
-const TABLE_SHARDS: usize = 64;
-
-type Inbox = mpsc::UnboundedSender<SessionInput>;
-
-impl Default for SessionTable {
-    fn default() -> Self {
-        SessionTable {
-            shards: (0..TABLE_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
-                .collect(),
-        }
-    }
-}
-
-impl SessionTable {
-    fn shard(&self, call_id: &str) -> std::sync::MutexGuard<'_, HashMap<String, Inbox>> {
-        let h = call_id
-            .bytes()
-            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
-        self.shards[h % TABLE_SHARDS]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Routes `call_id` to a call's inbox.
-    pub fn insert(&self, call_id: &str, inbox: Inbox) {
-        self.shard(call_id).insert(call_id.to_string(), inbox);
-    }
-
-    /// Stops routing `call_id`.
-    pub fn remove(&self, call_id: &str) {
-        self.shard(call_id).remove(call_id);
-    }
-
-    /// The inbox of the call owning `call_id`.
-    pub fn get(&self, call_id: &str) -> Option<Inbox> {
-        self.shard(call_id).get(call_id).cloned()
-    }
-
-    /// Hands `input` to the call owning `call_id`; gives it back when there is none.
-    #[allow(clippy::result_large_err)]
-    pub fn deliver(&self, call_id: &str, input: SessionInput) -> Result<(), SessionInput> {
-        match self.get(call_id) {
-            Some(tx) => tx.send(input).map_err(|e| e.0),
-            None => Err(input),
-        }
-    }
-
-    /// Tells every call to end (relay shutdown).
-    pub fn shutdown_all(&self) {
-        for shard in &self.shards {
-            let map = shard.lock().unwrap_or_else(|p| p.into_inner());
-            for tx in map.values() {
-                let _ = tx.send(SessionInput::Shutdown);
-            }
-        }
-    }
-
-    /// How many Call-IDs are routed (two or more per call).
-    pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
-    }
-
-    /// Whether no Call-ID is routed.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// What admission decided for an authenticated INVITE: who, which service, how to search,
 /// how to bill.
@@ -269,41 +107,6 @@ pub(crate) struct TerminalRequest {
     pub(crate) final_sent: bool,
 }
 
-/// An application server's leg, once it answered 2xx.
-pub(crate) struct ServerLeg {
-    pub(crate) server: ServerRef,
-    pub(crate) invite: Request,
-    pub(crate) peer: Peer,
-    pub(crate) call_id: String,
-    pub(crate) dialog: Dialog,
-    pub(crate) ack: Option<Request>,
-}
-
-/// What a pending INVITE leg is for.
-#[allow(clippy::large_enum_variant)]
-pub(crate) enum Purpose {
-    /// The terminal's initial request (a session of its own per 2xx).
-    Initial {
-        /// The To tag the terminal sees for this leg's answers.
-        a_tag: String,
-    },
-    /// A service change onto a new server (claim 5).
-    Change(change::Pending),
-    /// A transfer to a second server (claim 6).
-    Transfer(transfer::Pending),
-}
-
-/// An INVITE leg in flight.
-pub(crate) struct PendingLeg {
-    pub(crate) server: ServerRef,
-    pub(crate) invite: Request,
-    pub(crate) peer: Peer,
-    pub(crate) call_id: String,
-    pub(crate) purpose: Purpose,
-    /// Whether a provisional came (a CANCEL may be sent only then, RFC 3261 §9.1).
-    pub(crate) provisional: bool,
-}
-
 /// Where a session stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum State {
@@ -313,14 +116,6 @@ pub(crate) enum State {
     Established,
     /// Over.
     Ended,
-}
-
-/// A re-INVITE relayed from one side whose 2xx the other side's ACK must follow.
-pub(crate) struct PendingAck {
-    /// The side whose ACK we wait for (the side that sent the re-INVITE).
-    pub(crate) from: Side,
-    /// The re-INVITE we sent on the other side.
-    pub(crate) sent: Request,
 }
 
 /// One of the two legs of a session.
@@ -361,11 +156,13 @@ pub(crate) struct Call {
     fork: bool,
     fork_deadline: Option<tokio::time::Instant>,
     pub(crate) legs: HashMap<LegId, PendingLeg>,
-    next_leg: u64,
+    /// The id of the next leg started.
+    pub(crate) next_leg: u64,
     pub(crate) sessions: Vec<Session>,
     cancelled: bool,
     failures: Vec<(u16, Option<Response>)>,
-    routed: Vec<String>,
+    /// Every Call-ID routed to this call, unrouted when it ends.
+    pub(crate) routed: Vec<String>,
 }
 
 /// Starts the call task for an admitted INVITE.
@@ -401,87 +198,6 @@ pub fn spawn(relay: Arc<Relay>, incoming: IncomingRequest, adm: Admission) {
         routed: vec![call_id],
     };
     tokio::spawn(call.run().instrument(span));
-}
-
-/// Spawns the task of one INVITE leg: sends it, applies the inquiry and answer timeouts,
-/// and reports every answer to the call's inbox.
-fn spawn_leg(relay: &Arc<Relay>, me: Inbox, leg: LegId, invite: Request, peer: Peer) {
-    let ctx = relay.endpoint.send_request(invite.clone(), peer);
-    let limits = relay.limits;
-    let endpoint = relay.endpoint.clone();
-    tokio::spawn(async move {
-        let mut ctx = match ctx {
-            Ok(ctx) => ctx,
-            Err(e) => {
-                warn!(error = %e, "cannot send inquiry");
-                let _ = me.send(SessionInput::Leg {
-                    leg,
-                    event: LegEvent::Failed {
-                        code: 503,
-                        resp: None,
-                    },
-                });
-                return;
-            }
-        };
-        let started = tokio::time::Instant::now();
-        let mut deadline = started + limits.inquiry_timeout;
-        let mut answered = false;
-        let mut heard = false;
-        loop {
-            tokio::select! {
-                ev = ctx.recv() => {
-                    let event = match ev {
-                        Some(ClientEvent::Response(r)) => {
-                            let code = r.status_code.code();
-                            if !heard {
-                                heard = true;
-                                deadline = started + limits.answer_timeout;
-                            }
-                            match code {
-                                100 => continue,
-                                101..=199 => LegEvent::Provisional(r),
-                                200..=299 => {
-                                    if !answered {
-                                        // Further 2xx (retransmissions until our ACK) come
-                                        // within 64·T1 (RFC 6026 Timer M); then the leg is done.
-                                        answered = true;
-                                        deadline = tokio::time::Instant::now() + limits.ack_timeout;
-                                    }
-                                    LegEvent::Answered(r)
-                                }
-                                _ => LegEvent::Failed { code, resp: Some(r) },
-                            }
-                        }
-                        Some(ClientEvent::TimedOut) => LegEvent::Failed { code: 408, resp: None },
-                        Some(ClientEvent::Failed(e)) => {
-                            warn!(error = %e, "inquiry failed");
-                            LegEvent::Failed { code: 503, resp: None }
-                        }
-                        None => return,
-                    };
-                    let last = matches!(event, LegEvent::Failed { .. });
-                    if me.send(SessionInput::Leg { leg, event }).is_err() || last {
-                        return;
-                    }
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    if answered {
-                        return;
-                    }
-                    if heard {
-                        // Ringing too long: cancel it (a provisional came, so CANCEL is allowed).
-                        if let Ok(cancel) = cancel_for(&invite) {
-                            let _ = endpoint.send_request(cancel, peer);
-                        }
-                    }
-                    info!(to = %peer, "no answer in time");
-                    let _ = me.send(SessionInput::Leg { leg, event: LegEvent::Failed { code: 408, resp: None } });
-                    return;
-                }
-            }
-        }
-    });
 }
 
 impl Call {
@@ -617,88 +333,6 @@ impl Call {
         };
         self.start_leg(server, &service, &params, (headers, body), purpose)
             .await
-    }
-
-    /// Builds and sends an inquiry INVITE to `server`; false when it could not be sent.
-    pub(crate) async fn start_leg(
-        &mut self,
-        server: ServerRef,
-        service: &str,
-        params: &[(String, String)],
-        offer: (Vec<Header>, Vec<u8>),
-        purpose: Purpose,
-    ) -> bool {
-        let relay = self.relay.clone();
-        let Some(peer) = relay.resolve_server(&server).await else {
-            warn!(
-                server = server.uri_text(),
-                "cannot resolve application server"
-            );
-            return false;
-        };
-        let local = relay.local(peer.transport);
-        let hostport = server.uri().host_with_port.to_string();
-        let mut base = self.a.invite.clone();
-        base.headers.retain(|h| {
-            !matches!(
-                h,
-                Header::ContentType(_) | Header::ContentDisposition(_) | Header::ContentEncoding(_)
-            )
-        });
-        base.headers.extend(offer.0);
-        base.body = offer.1;
-        let invite = match b2bua::inquiry_invite(&Inquiry {
-            service,
-            params,
-            subscriber: &self.adm.subscriber,
-            realm: &relay.realm,
-            server_hostport: &hostport,
-            terminal_request: &base,
-            local: &local,
-        }) {
-            Ok(inv) => inv,
-            Err(e) => {
-                warn!(error = %e, "cannot build inquiry");
-                return false;
-            }
-        };
-        let Ok(summary) = message::Summary::of_request(&invite) else {
-            return false;
-        };
-        relay.sessions.insert(&summary.call_id, self.me.clone());
-        self.routed.push(summary.call_id.clone());
-        let id = LegId(self.next_leg);
-        self.next_leg += 1;
-        info!(server = server.uri_text(), service, "inquiring");
-        spawn_leg(&relay, self.me.clone(), id, invite.clone(), peer);
-        self.legs.insert(
-            id,
-            PendingLeg {
-                server,
-                invite,
-                peer,
-                call_id: summary.call_id,
-                purpose,
-                provisional: false,
-            },
-        );
-        true
-    }
-
-    fn cancel_leg(&self, leg: &PendingLeg) {
-        if !leg.provisional {
-            // RFC 3261 §9.1: no CANCEL before a provisional; the leg's task stops waiting
-            // at the inquiry timeout and a late 2xx is ACKed and hung up.
-            return;
-        }
-        match cancel_for(&leg.invite) {
-            Ok(cancel) => {
-                if let Err(e) = self.relay.endpoint.send_request(cancel, leg.peer) {
-                    warn!(error = %e, "cannot send CANCEL");
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot build CANCEL"),
-        }
     }
 
     fn cancel_pending_legs(&mut self) {
@@ -1215,224 +849,6 @@ impl Call {
         self.relay_in_dialog(i, side, r);
     }
 
-    /// Builds a request on one leg's dialog of session `i` with the relay's Via for that leg.
-    pub(crate) fn build_request(
-        &mut self,
-        i: usize,
-        side: Side,
-        method: Method,
-        extra: Vec<Header>,
-        body: Vec<u8>,
-    ) -> Option<(Request, Peer)> {
-        let a_peer = self.a.peer;
-        let relay = self.relay.clone();
-        let s = &mut self.sessions[i];
-        let (dialog, peer) = match side {
-            Side::Terminal => (&mut s.a_dialog, a_peer),
-            Side::Server => (&mut s.b.dialog, s.b.peer),
-        };
-        let local = relay.local(peer.transport);
-        match dialog.request(method, &local.via(), extra, body) {
-            Ok(req) => Some((req, peer)),
-            Err(e) => {
-                warn!(error = %e, "cannot build in-dialog request");
-                None
-            }
-        }
-    }
-
-    /// Relays an in-dialog request (re-INVITE, INFO, OPTIONS, UPDATE, MESSAGE, NOTIFY…) to
-    /// the other leg and its final answer back.
-    fn relay_in_dialog(&mut self, i: usize, from: Side, r: IncomingRequest) {
-        let s = &mut self.sessions[i];
-        let dialog = match from {
-            Side::Terminal => &mut s.a_dialog,
-            Side::Server => &mut s.b.dialog,
-        };
-        if let Err(e) = dialog.check_remote_cseq(&r.req) {
-            debug!(error = %e, "in-dialog request out of order");
-            let _ = r.tx.respond(b2bua::local_response(
-                &r.req,
-                500,
-                "CSeq out of order",
-                None,
-            ));
-            return;
-        }
-        let _ = dialog.refresh_from_request(&r.req);
-        let to = match from {
-            Side::Terminal => Side::Server,
-            Side::Server => Side::Terminal,
-        };
-        let (mut extra, body) = b2bua::carried_body(&r.req);
-        for h in r.req.headers.iter() {
-            match h {
-                Header::Other(name, _)
-                    if ["Refer-To", "Referred-By", "P-Preferred-Service"]
-                        .iter()
-                        .any(|n| name.eq_ignore_ascii_case(n)) =>
-                {
-                    extra.push(h.clone())
-                }
-                Header::Event(_) | Header::SubscriptionState(_) => extra.push(h.clone()),
-                _ => {}
-            }
-        }
-        let method = r.req.method;
-        let Some((req, peer)) = self.build_request(i, to, method, extra, body) else {
-            let _ = r.tx.respond(b2bua::local_response(
-                &r.req,
-                500,
-                "Cannot relay the request",
-                None,
-            ));
-            return;
-        };
-        if method == Method::Invite {
-            self.sessions[i].pending_ack = Some(PendingAck {
-                from,
-                sent: req.clone(),
-            });
-        }
-        let contact = self.relay.local(r.from.transport).contact_header();
-        let ctx = self.relay.endpoint.send_request(req, peer);
-        tokio::spawn(async move {
-            let resp = match ctx {
-                Ok(mut ctx) => ctx.final_response().await,
-                Err(e) => {
-                    let _ = r.tx.respond(b2bua::local_response(
-                        &r.req,
-                        500,
-                        &format!("Cannot relay: {e}"),
-                        None,
-                    ));
-                    return;
-                }
-            };
-            let contact = (method == Method::Invite).then_some(contact);
-            let _ =
-                r.tx.respond(b2bua::relayed_response(&r.req, &resp, None, contact));
-        });
-    }
-
-    /// Relays the ACK for a relayed re-INVITE's 2xx; ignores re-sent ACKs of the initial
-    /// INVITE.
-    async fn relay_ack(&mut self, i: usize, ack: Request) {
-        let from = if self.is_terminal(&ack) {
-            Side::Terminal
-        } else {
-            Side::Server
-        };
-        let a_peer = self.a.peer;
-        let s = &mut self.sessions[i];
-        let Some(pending) = s.pending_ack.take() else {
-            return;
-        };
-        if pending.from != from {
-            s.pending_ack = Some(pending);
-            return;
-        }
-        let (headers, body) = b2bua::carried_body(&ack);
-        let (dialog, peer) = match from {
-            Side::Terminal => (&s.b.dialog, s.b.peer),
-            Side::Server => (&s.a_dialog, a_peer),
-        };
-        let local = self.relay.local(peer.transport);
-        match dialog.ack_for_2xx(&pending.sent, &local.via(), headers, body) {
-            Ok(relayed) => {
-                let _ = self.relay.endpoint.send_stateless(&peer, relayed).await;
-            }
-            Err(e) => warn!(error = %e, "cannot relay ACK"),
-        }
-    }
-
-    /// Sends an in-dialog OPTIONS on each leg of session `i`; the answers come back as
-    /// [`SessionInput::Probe`].
-    fn probe(&mut self, i: usize) {
-        for side in [Side::Terminal, Side::Server] {
-            let Some((req, peer)) =
-                self.build_request(i, side, Method::Options, Vec::new(), Vec::new())
-            else {
-                continue;
-            };
-            let Ok(mut ctx) = self.relay.endpoint.send_request(req, peer) else {
-                continue;
-            };
-            let me = self.me.clone();
-            let session = self.sessions[i].id.clone();
-            tokio::spawn(async move {
-                let resp = ctx.final_response().await;
-                let alive = !matches!(resp.status_code.code(), 408 | 481);
-                let _ = me.send(SessionInput::Probe { session, alive });
-            });
-        }
-    }
-
-    pub(crate) async fn ack_leg(&self, leg: &mut ServerLeg) {
-        let local = self.relay.local(leg.peer.transport);
-        match leg
-            .dialog
-            .ack_for_2xx(&leg.invite, &local.via(), Vec::new(), Vec::new())
-        {
-            Ok(ack) => {
-                if let Err(e) = self
-                    .relay
-                    .endpoint
-                    .send_stateless(&leg.peer, ack.clone())
-                    .await
-                {
-                    warn!(error = %e, "cannot send ACK to server");
-                }
-                leg.ack = Some(ack);
-            }
-            Err(e) => warn!(error = %e, "cannot build ACK"),
-        }
-    }
-
-    pub(crate) async fn ack_server(&mut self, i: usize) {
-        if self.sessions[i].b.ack.is_some() {
-            return;
-        }
-        let relay = self.relay.clone();
-        let s = &mut self.sessions[i];
-        let local = relay.local(s.b.peer.transport);
-        if let Ok(ack) =
-            s.b.dialog
-                .ack_for_2xx(&s.b.invite, &local.via(), Vec::new(), Vec::new())
-        {
-            let _ = relay.endpoint.send_stateless(&s.b.peer, ack.clone()).await;
-            s.b.ack = Some(ack);
-        }
-    }
-
-    async fn reack(&mut self, i: usize) {
-        let s = &self.sessions[i];
-        if let Some(ack) = s.b.ack.clone() {
-            let _ = self.relay.endpoint.send_stateless(&s.b.peer, ack).await;
-        }
-    }
-
-    /// Sends BYE on a server leg that is not (or no longer) part of a session.
-    pub(crate) fn bye_leg(&self, leg: &mut ServerLeg) {
-        let local = self.relay.local(leg.peer.transport);
-        match leg
-            .dialog
-            .request(Method::Bye, &local.via(), Vec::new(), Vec::new())
-        {
-            Ok(req) => send_and_forget(&self.relay, req, leg.peer, "BYE"),
-            Err(e) => warn!(error = %e, "cannot build BYE"),
-        }
-    }
-
-    /// Sends BYE on one leg of session `i` without waiting for its answer: a party that does
-    /// not answer does not keep the session open.
-    pub(crate) fn bye(&mut self, i: usize, side: Side) {
-        if let Some((req, peer)) = self.build_request(i, side, Method::Bye, Vec::new(), Vec::new())
-        {
-            send_and_forget(&self.relay, req, peer, "BYE");
-        }
-    }
-
     /// Ends session `i`: BYE to the legs that did not send one, the record committed, then
     /// the BYE that caused it answered.
     pub(crate) async fn end(
@@ -1498,18 +914,6 @@ impl Call {
         self.index(i);
         info!(old = %old, new = %self.sessions[i].id, cause = cause.as_str(), "new billing segment");
         Ok(())
-    }
-}
-
-pub(crate) fn send_and_forget(relay: &Relay, req: Request, peer: Peer, what: &'static str) {
-    match relay.endpoint.send_request(req, peer) {
-        Ok(mut ctx) => {
-            tokio::spawn(async move {
-                let resp = ctx.final_response().await;
-                debug!(what, code = resp.status_code.code(), "answered");
-            });
-        }
-        Err(e) => warn!(error = %e, what, "cannot send"),
     }
 }
 

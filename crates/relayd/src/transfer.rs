@@ -18,9 +18,10 @@ use tracing::{info, warn};
 
 use crate::b2bua;
 use crate::directory::ServerRef;
-use crate::session::{
-    fails_over, send_and_forget, AnswerPurpose, Call, Purpose, ServerLeg, SessionInput, Side,
-};
+use crate::in_dialog::send_and_forget;
+use crate::leg::{Purpose, ServerLeg};
+use crate::routing::{AnswerPurpose, SessionInput};
+use crate::session::{fails_over, Call, Side};
 
 /// A transfer waiting for the second server's answer.
 pub(crate) struct Pending {

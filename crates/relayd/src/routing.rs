@@ -1,0 +1,161 @@
+//! Which call a message belongs to: [`SessionTable`] routes each Call-ID (the terminal's and
+//! every server leg's) to the inbox of the call that owns it, and [`SessionInput`] is what
+//! goes into that inbox — from the dispatcher ([`crate::relay`]), from the tasks of the
+//! call's server legs ([`crate::leg`]) and from the call's own helper tasks.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use rsip::{Request, Response};
+use sip_core::endpoint::{IncomingRequest, ServerTx};
+use tokio::sync::mpsc;
+
+use crate::change;
+use crate::leg::{LegEvent, LegId};
+
+/// What the dispatcher and the call's own helper tasks hand to a call. (Messages move
+/// through a channel once each; boxing the large variants would only add an allocation.)
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum SessionInput {
+    /// A request on one of the call's Call-IDs.
+    Request(IncomingRequest),
+    /// A CANCEL for the terminal's INVITE.
+    Cancel {
+        /// The CANCEL request.
+        req: Request,
+        /// The CANCEL's transaction (answer 200).
+        tx: ServerTx,
+        /// The INVITE's transaction.
+        invite: ServerTx,
+    },
+    /// An ACK for a 2xx on one of the call's Call-IDs.
+    Ack(Request),
+    /// A response that matched no transaction (a server re-sending its 2xx).
+    Stray(Response),
+    /// What a server leg's INVITE got.
+    Leg {
+        /// Which leg.
+        leg: LegId,
+        /// What it got.
+        event: LegEvent,
+    },
+    /// The final answer to an in-dialog request the call sent and must act on.
+    Answered {
+        /// What the request was for.
+        purpose: AnswerPurpose,
+        /// The request sent.
+        sent: Request,
+        /// Its final response.
+        resp: Response,
+    },
+    /// The result of a liveness probe of one leg of a session.
+    Probe {
+        /// The session's id.
+        session: String,
+        /// Whether the leg answered.
+        alive: bool,
+    },
+    /// The relay is shutting down: end everything now.
+    Shutdown,
+}
+
+/// What an in-dialog request sent by the call was for.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum AnswerPurpose {
+    /// A re-INVITE to the same server for a service change (claim 5); the terminal's
+    /// re-INVITE waits for the answer.
+    ChangeSameServer {
+        /// The session.
+        session: String,
+        /// The terminal's re-INVITE.
+        reinvite: IncomingRequest,
+        /// The new service and its parameters.
+        target: change::Target,
+    },
+    /// The relay's re-INVITE of the terminal with a new server's SDP (transfer, claim 6).
+    TerminalReinvite {
+        /// The session.
+        session: String,
+    },
+}
+
+/// Routes messages to live calls by Call-ID. Sharded, so dispatching takes one small lock
+/// among many and calls never contend with each other.
+pub struct SessionTable {
+    shards: Vec<Mutex<HashMap<String, mpsc::UnboundedSender<SessionInput>>>>,
+}
+
+const TABLE_SHARDS: usize = 64;
+
+/// The sending end of a call's inbox.
+pub(crate) type Inbox = mpsc::UnboundedSender<SessionInput>;
+
+impl Default for SessionTable {
+    fn default() -> Self {
+        SessionTable {
+            shards: (0..TABLE_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
+        }
+    }
+}
+
+impl SessionTable {
+    fn shard(&self, call_id: &str) -> std::sync::MutexGuard<'_, HashMap<String, Inbox>> {
+        let h = call_id
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        self.shards[h % TABLE_SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Routes `call_id` to a call's inbox.
+    pub fn insert(&self, call_id: &str, inbox: Inbox) {
+        self.shard(call_id).insert(call_id.to_string(), inbox);
+    }
+
+    /// Stops routing `call_id`.
+    pub fn remove(&self, call_id: &str) {
+        self.shard(call_id).remove(call_id);
+    }
+
+    /// The inbox of the call owning `call_id`.
+    pub fn get(&self, call_id: &str) -> Option<Inbox> {
+        self.shard(call_id).get(call_id).cloned()
+    }
+
+    /// Hands `input` to the call owning `call_id`; gives it back when there is none.
+    #[allow(clippy::result_large_err)]
+    pub fn deliver(&self, call_id: &str, input: SessionInput) -> Result<(), SessionInput> {
+        match self.get(call_id) {
+            Some(tx) => tx.send(input).map_err(|e| e.0),
+            None => Err(input),
+        }
+    }
+
+    /// Tells every call to end (relay shutdown).
+    pub fn shutdown_all(&self) {
+        for shard in &self.shards {
+            let map = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for tx in map.values() {
+                let _ = tx.send(SessionInput::Shutdown);
+            }
+        }
+    }
+
+    /// How many Call-IDs are routed (two or more per call).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+
+    /// Whether no Call-ID is routed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
