@@ -15,6 +15,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
 mod system_support;
 
 use std::collections::HashSet;
@@ -22,10 +23,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 
 use serde_json::Value;
+use support::ports::free_port;
+use support::sipp::{Sipp, SippOpts, Transport};
+use support::{wait_until, ALICE, BOB, REALM as DOMAIN, STEP};
 use system_support::{
-    int, open_data, programs, read_exactly, tariff_charge, text, wait_until, EchoGateway, Finished,
-    Sipp, StaticServer, System, Transport, ALICE, BOB, BYTES_PER_CHARGE, DOMAIN, PRICE_PER_UNIT,
-    STEP,
+    evidence, int, open_data, programs, read_exactly, tariff_charge, text, EchoGateway, Finished,
+    StaticServer, System, BYTES_PER_CHARGE, PRICE_PER_UNIT,
 };
 
 /// The checks every session record must pass: who, what, and a charge that is the tariff's
@@ -423,41 +426,13 @@ fn answered(line: &str) -> (SocketAddr, String) {
     (addr, field("token="))
 }
 
-/// Starts sipp as alice's terminal (`terminal.xml`) calling echo over the system's
+/// Starts sipp as alice's terminal (`system_terminal.xml`) calling echo over the system's
 /// transport, holding its ACK back `ack_delay_ms` after the 2xx.
 fn sipp_terminal(system: &System, name: &str, ack_delay_ms: u64) -> Sipp {
-    let (user, password) = ALICE;
-    let args: Vec<String> = [
-        format!("127.0.0.1:{}", system.port),
-        "-sf".into(),
-        system_support::scenario("terminal.xml")
-            .display()
-            .to_string(),
-        "-m".into(),
-        "1".into(),
-        "-s".into(),
-        "echo".into(),
-        "-au".into(),
-        user.into(),
-        "-ap".into(),
-        password.into(),
-        "-key".into(),
-        "user".into(),
-        user.into(),
-        "-d".into(),
-        ack_delay_ms.to_string(),
-        "-timeout".into(),
-        format!("{}s", STEP.as_secs() * 2),
-        "-timeout_error".into(),
-    ]
-    .into();
-    Sipp::start(
-        system,
-        name,
-        system_support::free_port(),
-        system.transport,
-        &args,
-    )
+    let opts = SippOpts::default()
+        .timeout(2 * STEP)
+        .args(&["-d", &ack_delay_ms.to_string()]);
+    system.sipp_terminal(name, "system_terminal.xml", ALICE, "echo", opts)
 }
 
 /// A terminal we did not write (sipp) calls echo through relayd and a real appsrv-agent;
@@ -466,7 +441,7 @@ fn sipp_terminal(system: &System, name: &str, ack_delay_ms: u64) -> Sipp {
 fn sipp_terminal_to_agent(transport: Transport) {
     let system = System::start(transport, 1);
     let mut sipp = sipp_terminal(&system, "terminal", 0);
-    let line = sipp.wait_log("ANSWERED", &system);
+    let line = system.wait_log(&mut sipp, "ANSWERED");
     let (addr, token) = answered(&line);
     assert_eq!(addr.to_string(), system.agents[0].data_addr(), "{line}");
     let mut data = open_data(addr, &token);
@@ -475,7 +450,7 @@ fn sipp_terminal_to_agent(transport: Transport) {
     data.shutdown(std::net::Shutdown::Write).unwrap();
     let mut rest = Vec::new();
     let _ = data.read_to_end(&mut rest);
-    sipp.assert_success(&system);
+    system.assert_success(&mut sipp);
     assert!(
         sipp.log().contains(&"BYE".to_string()),
         "the agent's BYE reached sipp"
@@ -522,7 +497,7 @@ fn sipp_terminal_to_agent_over_tcp() {
 fn data_before_the_ack_is_still_charged_to_its_session() {
     let system = System::start(Transport::Tcp, 1);
     let mut sipp = sipp_terminal(&system, "terminal", 4000);
-    let line = sipp.wait_log("ANSWERED", &system);
+    let line = system.wait_log(&mut sipp, "ANSWERED");
     let (addr, token) = answered(&line);
     let mut data = open_data(addr, &token);
     let input = vec![b'x'; 2 * BYTES_PER_CHARGE as usize];
@@ -542,7 +517,7 @@ fn data_before_the_ack_is_still_charged_to_its_session() {
     data.shutdown(std::net::Shutdown::Write).unwrap();
     let mut rest = Vec::new();
     let _ = data.read_to_end(&mut rest);
-    sipp.assert_success(&system);
+    system.assert_success(&mut sipp);
     assert!(
         !acked_before,
         "the test meant to charge before the ACK but sipp had ACKed already (slow machine?)"
@@ -572,7 +547,7 @@ fn data_before_the_ack_is_still_charged_to_its_session() {
 fn client_to_sipp_server(transport: Transport) {
     let token = "tok-sipp-server-1";
     let gateway = EchoGateway::start(token);
-    let sipp_port = system_support::free_port();
+    let sipp_port = free_port();
     let server = StaticServer {
         port: sipp_port,
         transport,
@@ -581,28 +556,18 @@ fn client_to_sipp_server(transport: Transport) {
     let uri = server.uri();
     let system = System::start_with(transport, 0, &[server]);
     // No -m: the relay's OPTIONS probes, answered by -aa, would count as calls.
-    let args: Vec<String> = [
-        "-sf".to_string(),
-        system_support::scenario("server.xml").display().to_string(),
-        "-aa".into(),
-        "-key".into(),
-        "data_port".into(),
-        gateway.port.to_string(),
-        "-key".into(),
-        "token".into(),
-        token.into(),
-        "-timeout".into(),
-        format!("{}s", STEP.as_secs() * 2),
-        "-timeout_error".into(),
-    ]
-    .into();
-    let mut sipp = Sipp::start(&system, "server", sipp_port, transport, &args);
+    let data_port = gateway.port.to_string();
+    let opts = SippOpts::keys(&[("data_port", &data_port), ("token", token)])
+        .port(sipp_port)
+        .timeout(2 * STEP)
+        .args(&["-aa"]);
+    let mut sipp = system.sipp_server("server", "system_server.xml", opts);
     // sipp is ready once its port is taken (asking it anything would start a call).
     let listening = wait_until(STEP, || match transport {
         Transport::Tcp => std::net::TcpListener::bind(("127.0.0.1", sipp_port)).is_err(),
         Transport::Udp => UdpSocket::bind(("127.0.0.1", sipp_port)).is_err(),
     });
-    assert!(listening, "sipp server never listened\n{}", sipp.evidence());
+    assert!(listening, "sipp server never listened\n{}", evidence(&sipp));
 
     let input = b"to a server we did not write\n";
     let run = system
@@ -611,11 +576,11 @@ fn client_to_sipp_server(transport: Transport) {
         .run(input);
     run.assert_code(0, &system);
     assert_eq!(run.stdout, input, "the gateway echoed the data");
-    sipp.wait_log("BYE", &system);
+    system.wait_log(&mut sipp, "BYE");
     assert!(
         !sipp.exited(),
         "sipp failed its scenario\n{}",
-        sipp.evidence()
+        evidence(&sipp)
     );
     let seen = gateway.finish();
     assert_eq!(
@@ -642,7 +607,7 @@ fn client_to_sipp_server(transport: Transport) {
         .into_iter()
         .map(|l| l.split_whitespace().next().unwrap_or_default().to_string())
         .collect();
-    assert_eq!(steps, ["INVITE", "ACK", "BYE"], "{}", sipp.evidence());
+    assert_eq!(steps, ["INVITE", "ACK", "BYE"], "{}", evidence(&sipp));
     let records = system.wait_sessions(&run.call_id(), 1);
     check_record(&records[0], "alice", "echo");
     assert_eq!(text(&records[0], "server"), uri);

@@ -1,27 +1,23 @@
 //! The billing store read back as `relayd billing export --format jsonl` prints it.
 
 use std::path::Path;
-use std::process::Command;
 
 use serde_json::Value;
 
-use super::relay::relayd_bin;
+use super::relay::relayd_cmd;
 
-/// `relayd --config CONFIG billing export --format jsonl --records KIND` (`sessions` or
-/// `charges`), one JSON value per record, in the store's order.
-pub fn export(config: &Path, records: &str) -> Vec<Value> {
-    let out = Command::new(relayd_bin())
-        .arg("--config")
-        .arg(config)
+/// `relayd --config CONFIG billing export --format FORMAT --records KIND` (`jsonl`, `csv`…;
+/// `sessions` or `charges`), as the text it printed; panics with its stderr when it fails.
+pub fn export_text(config: &Path, format: &str, records: &str) -> String {
+    let out = relayd_cmd(config)
         .args([
             "billing",
             "export",
             "--format",
-            "jsonl",
+            format,
             "--records",
             records,
         ])
-        .env_remove("RELAYD_CONFIG")
         .output()
         .unwrap();
     assert!(
@@ -30,7 +26,13 @@ pub fn export(config: &Path, records: &str) -> Vec<Value> {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `relayd --config CONFIG billing export --format jsonl --records KIND` (`sessions` or
+/// `charges`), one JSON value per record, in the store's order.
+pub fn export(config: &Path, records: &str) -> Vec<Value> {
+    export_text(config, "jsonl", records)
         .lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad export line {l:?}: {e}")))

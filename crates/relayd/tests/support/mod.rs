@@ -11,6 +11,9 @@
 //! * [`billing`]: the billing export as JSON records;
 //! * [`scene`]: one test's world (directory, relay, servers), kept on failure.
 //!
+//! The system tests (`system.rs`, with `system_support`) use the generic parts of it too:
+//! ports, process guards, waits, sipp, the relayd process and the billing export.
+//!
 //! Every wait is on a condition (a process exits, a log line appears, a counter moves, a
 //! socket answers) and bounded; every process is killed by its own guard, by its pid, so a
 //! failing test leaves nothing running. Each test binary compiles this module on its own and
@@ -51,6 +54,36 @@ pub const AS1: Credentials<'static> = ("as1", "as1-secret");
 /// Application-server account as2.
 pub const AS2: Credentials<'static> = ("as2", "as2-secret");
 
+/// A test's temporary directory: removed when dropped, unless the test is failing (the
+/// thread is panicking), when it is kept and its path printed.
+pub struct TestDir(Option<tempfile::TempDir>);
+
+impl TestDir {
+    /// A fresh directory named `PREFIX…` in the system's temporary directory.
+    pub fn new(prefix: &str) -> TestDir {
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+        TestDir(Some(dir))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.0
+            .as_ref()
+            .map_or(Path::new(""), tempfile::TempDir::path)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            if std::thread::panicking() {
+                let kept = dir.keep();
+                eprintln!("test files kept in {}", kept.display());
+            }
+        }
+    }
+}
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes; whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -75,15 +108,15 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// A file's text (lossy), empty when it cannot be read.
-fn read_text(path: &Path) -> String {
+/// A file's text (lossy), empty when it cannot be read (yet).
+pub fn read_text(path: &Path) -> String {
     std::fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
 }
 
 /// The last `lines` lines of `text`.
-fn tail(text: &str, lines: usize) -> String {
+pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -1,7 +1,7 @@
 //! Child processes owned by guards: killed (SIGKILL, by their own pid) and reaped when
 //! dropped, so a failing test leaves nothing running.
 
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, ChildStdin, Command, ExitStatus};
 use std::time::Duration;
 
 use super::wait_until;
@@ -44,15 +44,30 @@ impl Guard {
         status
     }
 
-    /// Sends `signal` (a name for kill(1): TERM, USR1…) to the child.
+    /// Sends `signal` (a name for kill(1): TERM, USR1…) to the child; panics when it
+    /// cannot be sent.
     pub fn signal(&self, signal: &str) {
-        let ok = Command::new("kill")
+        assert!(
+            self.try_signal(signal),
+            "kill -{signal} {} ({}) failed",
+            self.pid(),
+            self.what
+        );
+    }
+
+    /// Sends `signal` to the child; whether kill(1) succeeded (it fails once the child has
+    /// exited and been reaped).
+    pub fn try_signal(&self, signal: &str) -> bool {
+        Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(self.pid().to_string())
             .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{signal} {} ({}) failed", self.pid(), self.what);
+            .is_ok_and(|s| s.success())
+    }
+
+    /// The write end of the child's stdin, when it was spawned with `Stdio::piped()` (once).
+    pub fn take_stdin(&mut self) -> Option<ChildStdin> {
+        self.child.stdin.take()
     }
 
     /// SIGKILL now (unless it has exited), and reap.

@@ -20,10 +20,23 @@ pub fn relayd_bin() -> &'static str {
     env!("CARGO_BIN_EXE_relayd")
 }
 
+/// `relayd --config CONFIG` for a one-shot subcommand (`billing …`, `check-config`), with
+/// `RELAYD_CONFIG` and `RUST_LOG` removed from its environment and its run bounded by
+/// [`STEP`].
+pub fn relayd_cmd(config: &Path) -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::new(relayd_bin());
+    cmd.arg("--config")
+        .arg(config)
+        .env_remove("RELAYD_CONFIG")
+        .env_remove("RUST_LOG")
+        .timeout(STEP);
+    cmd
+}
+
 /// The URI of an application server on 127.0.0.1:`port` reached over `transport`, as the
 /// configuration names it and the records carry it.
 pub fn server_uri(port: u16, transport: Transport) -> String {
-    format!("sip:127.0.0.1:{port}{}", transport.uri_param())
+    transport.loopback_uri(port)
 }
 
 /// One static application server of a test configuration (`[[servers]]`).

@@ -9,13 +9,14 @@ use serde_json::Value;
 
 use super::relay::{Relay, RelayConfig};
 use super::sipp::{Sipp, SippOpts};
-use super::{tail, unique, Credentials, STEP};
+use super::{tail, unique, Credentials, TestDir, STEP};
 
-/// A test's directory, relay and servers; dropping it kills them all.
+/// A test's directory, relay and servers; dropping it kills them all. Fields drop in
+/// declaration order: the processes (their guards kill them), then the directory.
 pub struct Scene {
-    dir: Option<tempfile::TempDir>,
     relay: Option<Relay>,
     servers: Vec<Sipp>,
+    dir: TestDir,
 }
 
 impl Default for Scene {
@@ -28,15 +29,15 @@ impl Scene {
     /// An empty scene in a fresh temporary directory.
     pub fn new() -> Scene {
         Scene {
-            dir: Some(tempfile::tempdir().unwrap()),
             relay: None,
             servers: Vec::new(),
+            dir: TestDir::new("relayd-test-"),
         }
     }
 
     /// Its directory.
     pub fn dir(&self) -> &Path {
-        self.dir.as_ref().unwrap().path()
+        self.dir.path()
     }
 
     /// Starts an application server `name` running `scenario_file` with `opts` on a free
@@ -170,19 +171,5 @@ impl Scene {
             );
         }
         s
-    }
-}
-
-impl Drop for Scene {
-    fn drop(&mut self) {
-        // Processes first (their guards kill them), then the directory.
-        self.relay.take();
-        self.servers.clear();
-        if let Some(dir) = self.dir.take() {
-            if std::thread::panicking() {
-                let kept = dir.keep();
-                eprintln!("test files kept in {}", kept.display());
-            }
-        }
     }
 }

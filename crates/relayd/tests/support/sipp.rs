@@ -69,16 +69,25 @@ impl Transport {
             Transport::Tcp => ";transport=tcp",
         }
     }
+
+    /// The SIP URI of 127.0.0.1:`port` reached over this transport
+    /// (`sip:127.0.0.1:PORT[;transport=tcp]`).
+    pub fn loopback_uri(self, port: u16) -> String {
+        format!("sip:127.0.0.1:{port}{}", self.uri_param())
+    }
 }
 
 /// How to run one sipp beyond its scenario: the transport, scenario keywords (`-key`), the
-/// number of calls (`-m`) and further arguments. The default is UDP, no keywords, one call
-/// for a terminal and no limit for a server.
+/// number of calls (`-m`), its local port (`-p`), a time limit (`-timeout`) and further
+/// arguments. The default is UDP, no keywords, one call for a terminal and no limit for a
+/// server, a free port, and [`STEP`] for a terminal and no limit for a server.
 #[derive(Debug, Clone, Default)]
 pub struct SippOpts {
     transport: Transport,
     keys: Vec<(String, String)>,
     calls: Option<u64>,
+    port: Option<u16>,
+    timeout: Option<Duration>,
     args: Vec<String>,
 }
 
@@ -107,6 +116,20 @@ impl SippOpts {
         self
     }
 
+    /// The local port (`-p`), for a server whose port the relay's configuration names
+    /// before it starts; a free one by default.
+    pub fn port(mut self, port: u16) -> SippOpts {
+        self.port = Some(port);
+        self
+    }
+
+    /// How long the whole run may take (`-timeout`, with `-timeout_error`: reaching it is a
+    /// failure).
+    pub fn timeout(mut self, timeout: Duration) -> SippOpts {
+        self.timeout = Some(timeout);
+        self
+    }
+
     /// Further sipp arguments (`-r 10`, `-d 1000`…).
     pub fn args(mut self, args: &[&str]) -> SippOpts {
         self.args.extend(args.iter().map(|a| a.to_string()));
@@ -118,6 +141,13 @@ impl SippOpts {
         let mut args = vec!["-t".to_string(), self.transport.sipp_flag().to_string()];
         if let Some(n) = self.calls {
             args.extend(["-m".to_string(), n.to_string()]);
+        }
+        if let Some(timeout) = self.timeout {
+            args.extend([
+                "-timeout".to_string(),
+                format!("{}s", timeout.as_secs()),
+                "-timeout_error".to_string(),
+            ]);
         }
         for (k, v) in &self.keys {
             args.extend(["-key".to_string(), k.clone(), v.clone()]);
@@ -185,6 +215,7 @@ pub struct Sipp {
     stats: PathBuf,
     errors: PathBuf,
     out: PathBuf,
+    messages: PathBuf,
     /// The readiness probe's TCP connection, kept open while a TCP server runs.
     probe: Option<TcpStream>,
 }
@@ -224,7 +255,7 @@ impl Sipp {
     /// A terminal (UAC) running `scenario_file` in `dir` against the relay on
     /// 127.0.0.1:`relay_port` as `user` (`-au`/`-ap`, keyword `[user]`, and `[field0]` /
     /// `[field1]` of an injection file), calling `service` (`-s`) when given; one call
-    /// unless `opts` say otherwise, all within [`STEP`] (`-timeout`, an error when reached).
+    /// within [`STEP`] (`-timeout`, an error when reached) unless `opts` say otherwise.
     pub fn terminal(
         dir: &Path,
         name: &str,
@@ -237,37 +268,38 @@ impl Sipp {
         let csv = dir.join(format!("{name}.users.csv"));
         std::fs::write(&csv, format!("SEQUENTIAL\n{user};{password}\n")).unwrap();
         let calls = opts.calls.unwrap_or(1);
+        let timeout = opts.timeout.unwrap_or(STEP);
         let csv = csv.display().to_string();
-        let timeout = format!("{}s", STEP.as_secs());
-        let mut opts = opts.calls(calls).key("user", user).args(&[
-            "-au",
-            user,
-            "-ap",
-            password,
-            "-inf",
-            &csv,
-            "-timeout",
-            &timeout,
-            "-timeout_error",
-        ]);
+        let mut opts = opts
+            .calls(calls)
+            .timeout(timeout)
+            .key("user", user)
+            .args(&["-au", user, "-ap", password, "-inf", &csv]);
         if let Some(service) = service {
             opts = opts.args(&["-s", service]);
         }
         Sipp::start(dir, name, scenario_file, Some(relay_port), opts)
     }
 
-    /// Starts sipp on a free local port, towards 127.0.0.1:`remote` for a UAC.
-    fn start(
+    /// Starts sipp running `scenario_file` in `dir` on its local port (a free one unless
+    /// `opts` name it), towards 127.0.0.1:`remote` for a UAC, and returns at once: for a
+    /// server that must not be probed (with `-aa` an OPTIONS would count as a call).
+    pub fn start(
         dir: &Path,
         name: &str,
         scenario_file: &str,
         remote: Option<u16>,
         opts: SippOpts,
     ) -> Sipp {
-        let port = free_port();
+        let port = opts.port.unwrap_or_else(free_port);
         let file = |ext: &str| dir.join(format!("{name}.{ext}"));
-        let (log, stats, errors, out) =
-            (file("log"), file("stats.csv"), file("errors"), file("out"));
+        let (log, stats, errors, out, messages) = (
+            file("log"),
+            file("stats.csv"),
+            file("errors"),
+            file("out"),
+            file("messages"),
+        );
         // %u: the call number, from 1.
         let cid = format!("{name}-{}-%u@127.0.0.1", unique(""));
         let mut cmd = Command::new(sipp());
@@ -285,7 +317,7 @@ impl Sipp {
             .args(["-trace_err", "-error_file"])
             .arg(&errors)
             .args(["-trace_msg", "-message_file"])
-            .arg(file("messages"))
+            .arg(&messages)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap())
@@ -299,6 +331,7 @@ impl Sipp {
             stats,
             errors,
             out,
+            messages,
             probe: None,
         }
     }
@@ -321,6 +354,38 @@ impl Sipp {
             done(&lines)
         });
         lines
+    }
+
+    /// Waits until a line it logged starts with `prefix`, for at most [`STEP`] and no longer
+    /// than it runs; the rest of that line, trimmed.
+    pub fn wait_logged(&mut self, prefix: &str) -> Option<String> {
+        let find = |sipp: &Sipp| {
+            sipp.log()
+                .iter()
+                .find_map(|l| l.strip_prefix(prefix).map(|rest| rest.trim().to_string()))
+        };
+        let mut found = None;
+        wait_until(STEP, || {
+            found = find(self);
+            found.is_some() || self.guard.try_wait().is_some()
+        });
+        // A line written just before it exited.
+        found.or_else(|| find(self))
+    }
+
+    /// Its scenario log file (`NAME.log`).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Its error log file (`NAME.errors`).
+    pub fn errors_path(&self) -> &Path {
+        &self.errors
+    }
+
+    /// Its trace of every message sent and received so far.
+    pub fn messages(&self) -> String {
+        read_text(&self.messages)
     }
 
     /// The last statistics line sipp wrote, if any yet.
@@ -372,7 +437,7 @@ impl Sipp {
     /// Waits for it to exit (a terminal, or a server with a number of calls); panics with
     /// the report on timeout.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        match self.guard.wait_timeout(timeout) {
+        match self.wait_timeout(timeout) {
             Some(status) => status,
             None => panic!(
                 "{} still running after {timeout:?}\n{}",
@@ -380,6 +445,16 @@ impl Sipp {
                 self.report()
             ),
         }
+    }
+
+    /// Waits up to `timeout` for it to exit; its status, `None` while it still runs.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.guard.wait_timeout(timeout)
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        self.guard.try_wait().is_some()
     }
 
     /// Kills it now.

@@ -3,6 +3,12 @@
 //! own configuration file in a temporary directory, and sipp (Debian's `sip-tester`)
 //! standing in for the terminal or for the application server.
 //!
+//! What is not particular to the three programs comes from the harness of relayd's other
+//! cross-process tests (`support`): free ports, process guards, bounded waits, sipp and
+//! its reports, relayd run as a process, the billing export. This module adds the system:
+//! where `appsrv-agent` and `sip-client` come from, their configurations and the relay's,
+//! [`System`] and [`Agent`], the `sip-client` runs, and a data gateway for sipp servers.
+//!
 //! # Where the binaries come from
 //!
 //! Cargo gives an integration test the path of its own crate's binaries only
@@ -22,33 +28,27 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// How long one step of a scenario may take (a call, a record showing up, a process
-/// starting). Generous: the machine is shared with builds.
-pub const STEP: Duration = Duration::from_secs(20);
+use crate::support::billing;
+use crate::support::ports::free_port;
+use crate::support::process::Guard;
+use crate::support::relay::{relayd_cmd, Relay};
+use crate::support::sipp::{Sipp, SippOpts, Transport};
+use crate::support::{read_text, tail, wait_until, Credentials, TestDir, ALICE, BOB, REALM, STEP};
 
 /// How long building `appsrv-agent` and `sip-client` may take.
 pub const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
-
-/// The realm and SIP domain of every test relay.
-pub const DOMAIN: &str = "relay.test";
-
-/// Subscriber alice (plan basic: echo and clock).
-pub const ALICE: (&str, &str) = ("alice", "alice-secret");
-/// Subscriber bob (plan premium: every service).
-pub const BOB: (&str, &str) = ("bob", "bob-secret");
 
 /// Bytes an agent delivers per charge unit in these tests.
 pub const BYTES_PER_CHARGE: u64 = 1024;
@@ -71,52 +71,7 @@ pub fn tariff_charge(duration_ms: i64) -> i64 {
 }
 
 // ---------------------------------------------------------------------------------------
-// Waiting, ports, files.
-
-/// Polls `cond` every 20 ms until it holds or `timeout` passes; whether it held.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A loopback port free for both UDP and TCP a moment ago, never handed out twice by this
-/// process (tests run in parallel threads).
-pub fn free_port() -> u16 {
-    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
-    let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
-    for _ in 0..200 {
-        let tcp = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_err() {
-            continue;
-        }
-        if given.lock().unwrap().insert(port) {
-            return port;
-        }
-    }
-    panic!("no free loopback port found");
-}
-
-/// The text of a file, empty when it does not exist (yet).
-pub fn read_text(path: &Path) -> String {
-    std::fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
-/// The last `n` lines of `text`.
-pub fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
+// JSON lines and fields.
 
 /// The JSON objects of a JSON-lines text (lines that are not JSON are skipped: a line may
 /// be half-written while it is read).
@@ -175,8 +130,8 @@ fn locate_programs() -> Result<Programs, String> {
     let log = std::env::temp_dir().join(format!("system-tests-build-{}.log", std::process::id()));
     let out = File::create(&log).map_err(|e| e.to_string())?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
-    let mut child = Command::new(&cargo)
-        .arg("build")
+    let mut cmd = Command::new(&cargo);
+    cmd.arg("build")
         .arg("--manifest-path")
         .arg(&workspace)
         .args([
@@ -189,28 +144,21 @@ fn locate_programs() -> Result<Programs, String> {
         ])
         .stdin(Stdio::null())
         .stdout(out)
-        .stderr(err)
-        .spawn()
-        .map_err(|e| {
-            format!("could not run {cargo:?} to build appsrv-agent and sip-client: {e}")
-        })?;
-    let deadline = Instant::now() + BUILD_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            break status;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "building appsrv-agent and sip-client took longer than {BUILD_TIMEOUT:?}; \
-                 build them first: cargo build -p appsrv-agent -p sip-client"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+        .stderr(err);
+    let mut build = Guard::spawn(
+        cmd,
+        &format!("{cargo:?} to build appsrv-agent and sip-client"),
+    );
+    // Past the deadline the guard kills the build as it goes.
+    let status = build.wait_timeout(BUILD_TIMEOUT);
     let output = read_text(&log);
     let _ = std::fs::remove_file(&log);
+    let Some(status) = status else {
+        return Err(format!(
+            "building appsrv-agent and sip-client took longer than {BUILD_TIMEOUT:?}; \
+             build them first: cargo build -p appsrv-agent -p sip-client"
+        ));
+    };
     if !status.success() {
         return Err(format!(
             "cargo build -p appsrv-agent -p sip-client --profile {profile} failed ({status}):\n{}",
@@ -236,116 +184,6 @@ fn locate_programs() -> Result<Programs, String> {
     Ok(programs)
 }
 
-/// The sipp program; panics naming the Debian package when it is missing.
-pub fn sipp() -> &'static str {
-    static PRESENT: OnceLock<bool> = OnceLock::new();
-    let present = *PRESENT.get_or_init(|| {
-        Command::new("sipp")
-            .arg("-v")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-    });
-    assert!(
-        present,
-        "sipp is not installed: the system tests need the Debian package `sip-tester` \
-         (apt-get install -y sip-tester)"
-    );
-    "sipp"
-}
-
-/// A sipp scenario of these tests (in `tests/system_support/`).
-pub fn scenario(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/system_support")
-        .join(name)
-}
-
-// ---------------------------------------------------------------------------------------
-// Processes.
-
-/// A child process, killed (by its pid) when dropped.
-pub struct Guard {
-    child: Child,
-    /// For messages.
-    pub name: String,
-}
-
-impl Guard {
-    fn spawn(mut cmd: Command, name: &str) -> Guard {
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("could not start {name}: {e}"));
-        Guard {
-            child,
-            name: name.to_string(),
-        }
-    }
-
-    /// Its exit status, if it has exited.
-    pub fn try_wait(&mut self) -> Option<ExitStatus> {
-        self.child.try_wait().unwrap()
-    }
-
-    /// Waits for it to exit, at most `timeout`.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        wait_until(timeout, || {
-            status = self.try_wait();
-            status.is_some()
-        });
-        status
-    }
-
-    /// Sends it SIGTERM (a clean stop: programs hang up and unregister).
-    pub fn terminate(&self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// The transport a scenario runs over: every SIP hop of it (terminal–relay and
-/// agent–relay) uses it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    /// UDP.
-    Udp,
-    /// TCP.
-    Tcp,
-}
-
-impl Transport {
-    /// The relay's SIP URI for this transport.
-    pub fn relay_uri(self, port: u16) -> String {
-        match self {
-            Transport::Udp => format!("sip:127.0.0.1:{port}"),
-            Transport::Tcp => format!("sip:127.0.0.1:{port};transport=tcp"),
-        }
-    }
-
-    /// sipp's `-t` value.
-    pub fn sipp(self) -> &'static str {
-        match self {
-            Transport::Udp => "u1",
-            Transport::Tcp => "t1",
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// The system: one relay, its agents, terminals, sipp peers.
-
 /// A static application server in the relay's configuration (a sipp server).
 pub struct StaticServer {
     /// Its SIP port on 127.0.0.1.
@@ -359,10 +197,7 @@ pub struct StaticServer {
 impl StaticServer {
     /// Its SIP URI, as written in the relay's configuration and in billing records.
     pub fn uri(&self) -> String {
-        match self.transport {
-            Transport::Udp => format!("sip:127.0.0.1:{}", self.port),
-            Transport::Tcp => format!("sip:127.0.0.1:{};transport=tcp", self.port),
-        }
+        self.transport.loopback_uri(self.port)
     }
 }
 
@@ -405,9 +240,9 @@ impl Agent {
 }
 
 /// One test's world: a temporary directory, relayd, the agents, and the terminals and sipp
-/// peers the test starts.
+/// peers the test starts. Fields drop in declaration order: the agents, the relay, then the
+/// directory (kept when the test failed).
 pub struct System {
-    dir: Option<tempfile::TempDir>,
     /// The transport of every SIP hop.
     pub transport: Transport,
     /// The relay's SIP port (UDP and TCP).
@@ -416,11 +251,11 @@ pub struct System {
     pub metrics_port: u16,
     /// The relay's configuration file.
     pub config: PathBuf,
-    relay_log: PathBuf,
-    relay: Option<Guard>,
     /// The agents, in start order.
     pub agents: Vec<Agent>,
+    relay: Option<Relay>,
     extra_logs: Mutex<Vec<(String, PathBuf)>>,
+    dir: TestDir,
 }
 
 impl System {
@@ -434,11 +269,9 @@ impl System {
 
     /// As [`System::start`], with static servers in the relay's configuration too.
     pub fn start_with(transport: Transport, agents: usize, statics: &[StaticServer]) -> System {
-        let programs = programs();
-        let dir = tempfile::Builder::new()
-            .prefix("relay-system-")
-            .tempdir()
-            .unwrap();
+        // appsrv-agent and sip-client are built before anything starts.
+        programs();
+        let dir = TestDir::new("relay-system-");
         let port = free_port();
         let metrics_port = free_port();
         let config = dir.path().join("relayd.toml");
@@ -447,34 +280,18 @@ impl System {
             relay_config(dir.path(), port, metrics_port, statics),
         )
         .unwrap();
-        let relay_log = dir.path().join("relayd.log");
-        let mut cmd = Command::new(&programs.relayd);
-        cmd.arg("--config")
-            .arg(&config)
-            .env_remove("RELAYD_CONFIG")
-            .env_remove("RUST_LOG")
-            .env("NO_COLOR", "1")
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(File::create(dir.path().join("relayd.stdout")).unwrap())
-            .stderr(File::create(&relay_log).unwrap());
+        let relay = Relay::start_with(&config, port);
         let mut system = System {
-            dir: Some(dir),
             transport,
             port,
             metrics_port,
             config,
-            relay_log,
-            relay: Some(Guard::spawn(cmd, "relayd")),
             agents: Vec::new(),
+            relay: Some(relay),
             extra_logs: Mutex::new(Vec::new()),
+            dir,
         };
-        let ready = wait_until(STEP, || {
-            if let Some(status) = system.relay.as_mut().and_then(Guard::try_wait) {
-                panic!("relayd exited at start ({status})\n{}", system.report());
-            }
-            system.metrics().is_some()
-        });
+        let ready = wait_until(STEP, || system.metrics().is_some());
         assert!(
             ready,
             "relayd never served its metrics\n{}",
@@ -488,7 +305,7 @@ impl System {
 
     /// The test's directory.
     pub fn dir(&self) -> &Path {
-        self.dir.as_ref().unwrap().path()
+        self.dir.path()
     }
 
     /// Starts one more agent for `account` (as1, as2) and waits until the relay lists it
@@ -518,7 +335,7 @@ impl System {
             data_port,
             log,
             transport: self.transport,
-            guard: Guard::spawn(cmd, account),
+            guard: Guard::spawn(cmd, &format!("appsrv-agent {account}")),
         };
         let uri = agent.uri();
         let ready = wait_until(STEP, || {
@@ -548,7 +365,7 @@ impl System {
 
     /// The relay's SIP URI for this system's transport.
     pub fn relay_uri(&self) -> String {
-        self.transport.relay_uri(self.port)
+        self.transport.loopback_uri(self.port)
     }
 
     /// The relay's metrics (Prometheus text), `None` when it does not answer.
@@ -582,7 +399,7 @@ impl System {
     }
 
     /// A `sip-client` run as `user` against this relay over this system's transport.
-    pub fn client(&self, name: &str, (user, password): (&str, &str)) -> ClientCmd<'_> {
+    pub fn client(&self, name: &str, (user, password): Credentials<'_>) -> ClientCmd<'_> {
         ClientCmd {
             system: self,
             name: name.to_string(),
@@ -594,47 +411,24 @@ impl System {
 
     /// A `relayd` command on this system's configuration (for `billing`, `check-config`).
     pub fn relayd_cmd(&self) -> assert_cmd::Command {
-        let mut cmd = assert_cmd::Command::new(&programs().relayd);
-        cmd.arg("--config")
-            .arg(&self.config)
-            .env_remove("RELAYD_CONFIG")
-            .env_remove("RUST_LOG")
-            .current_dir(self.dir())
-            .timeout(STEP);
+        let mut cmd = relayd_cmd(&self.config);
+        cmd.current_dir(self.dir());
         cmd
     }
 
     /// `relayd billing export --format FORMAT --records RECORDS`, as text.
     pub fn export_text(&self, format: &str, records: &str) -> String {
-        let out = self
-            .relayd_cmd()
-            .args([
-                "billing",
-                "export",
-                "--format",
-                format,
-                "--records",
-                records,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "relayd billing export failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        billing::export_text(&self.config, format, records)
     }
 
     /// The session records (time billing) of the billing store.
     pub fn sessions(&self) -> Vec<Value> {
-        json_lines(&self.export_text("jsonl", "sessions"))
+        billing::export(&self.config, "sessions")
     }
 
     /// The charge records (application billing) of the billing store.
     pub fn charges(&self) -> Vec<Value> {
-        json_lines(&self.export_text("jsonl", "charges"))
+        billing::export(&self.config, "charges")
     }
 
     /// The session records of the terminal-side `call_id`, once there are `n` of them.
@@ -659,7 +453,7 @@ impl System {
 
     /// The relay's log so far.
     pub fn relay_log(&self) -> String {
-        read_text(&self.relay_log)
+        self.relay.as_ref().map(Relay::log).unwrap_or_default()
     }
 
     /// Adds a file to the evidence printed by [`System::report`].
@@ -691,21 +485,7 @@ impl System {
     /// Stops the relay with SIGTERM and waits for it (bounded); its exit status.
     pub fn stop_relay(&mut self) -> Option<ExitStatus> {
         let relay = self.relay.as_mut()?;
-        relay.terminate();
-        relay.wait_timeout(STEP)
-    }
-}
-
-impl Drop for System {
-    fn drop(&mut self) {
-        self.agents.clear();
-        self.relay.take();
-        if let Some(dir) = self.dir.take() {
-            if std::thread::panicking() {
-                let kept = dir.keep();
-                eprintln!("system test files kept in {}", kept.display());
-            }
-        }
+        Some(relay.terminate(STEP))
     }
 }
 
@@ -713,7 +493,7 @@ impl Drop for System {
 fn relay_config(dir: &Path, port: u16, metrics_port: u16, statics: &[StaticServer]) -> String {
     let mut s = format!(
         "[listen]\nudp = \"127.0.0.1:{port}\"\ntcp = \"127.0.0.1:{port}\"\n\n\
-         [relay]\nrealm = \"{DOMAIN}\"\n\n\
+         [relay]\nrealm = \"{REALM}\"\n\n\
          [storage]\ndata_dir = {data:?}\n\n\
          [log]\nlevel = \"info,relayd=debug\"\n\n\
          [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
@@ -760,7 +540,7 @@ fn agent_config(
     data_port: u16,
 ) -> String {
     format!(
-        "[relay]\nuri = \"{relay}\"\ndomain = \"{DOMAIN}\"\naccount = \"{account}\"\n\
+        "[relay]\nuri = \"{relay}\"\ndomain = \"{REALM}\"\naccount = \"{account}\"\n\
          password = \"{account}-secret\"\nexpires = 120\n\n\
          [sip]\nlisten = \"127.0.0.1:{sip_port}\"\n\n\
          [data]\nlisten = \"127.0.0.1:{data_port}\"\n\n\
@@ -770,7 +550,7 @@ fn agent_config(
          [billing]\nbytes_per_charge = {BYTES_PER_CHARGE}\nprice_per_block = {PRICE_PER_UNIT}\n\
          currency = \"EUR\"\nretry_initial_ms = 200\n\n\
          [log]\nlevel = \"info\"\n",
-        relay = transport.relay_uri(relay_port),
+        relay = transport.loopback_uri(relay_port),
     )
 }
 
@@ -816,7 +596,7 @@ impl<'a> ClientCmd<'a> {
             "--relay",
             &system.relay_uri(),
             "--domain",
-            DOMAIN,
+            REALM,
         ])
         .arg("--events-file")
         .arg(&files.events)
@@ -841,7 +621,7 @@ impl<'a> ClientCmd<'a> {
         let mut cmd = self.command(&files);
         cmd.stdin(Stdio::piped());
         let mut guard = Guard::spawn(cmd, &format!("sip-client {}", self.name));
-        let stdin = guard.child.stdin.take();
+        let stdin = guard.take_stdin();
         self.system.add_log(
             &format!("sip-client {} stderr", self.name),
             files.stderr.clone(),
@@ -939,7 +719,8 @@ impl Client<'_> {
 
     /// Asks it to hang up (SIGTERM, as Ctrl-C).
     pub fn hang_up(&self) {
-        self.guard.terminate();
+        // It may have ended already: then there is no one to signal.
+        self.guard.try_signal("TERM");
     }
 
     /// Waits (bounded) for it to exit and collects what it did. Its stdin stays open until
@@ -1018,140 +799,101 @@ impl Finished {
 }
 
 // ---------------------------------------------------------------------------------------
-// sipp.
+// sipp in the system.
 
-/// A sipp process with its log files.
-pub struct Sipp {
-    /// For messages.
-    pub name: String,
-    /// Its local port.
-    pub port: u16,
-    guard: Guard,
-    log: PathBuf,
-    errors: PathBuf,
-    screen: PathBuf,
-    messages: PathBuf,
-}
-
-impl Sipp {
-    /// Starts sipp in the system's directory with `args` (scenario, keys, remote…), on
-    /// 127.0.0.1:`port` over `transport`, logging its scenario's `<log>` lines, errors and
-    /// messages.
-    pub fn start(
-        system: &System,
+impl System {
+    /// Starts sipp `name` as `user`'s terminal, running `scenario_file` (tests/scenarios)
+    /// against the relay over this system's transport and asking for `service`; its log
+    /// and errors join [`System::report`].
+    pub fn sipp_terminal(
+        &self,
         name: &str,
-        port: u16,
-        transport: Transport,
-        args: &[String],
+        scenario_file: &str,
+        user: Credentials<'_>,
+        service: &str,
+        opts: SippOpts,
     ) -> Sipp {
-        let dir = system.dir();
-        let log = dir.join(format!("{name}.log"));
-        let errors = dir.join(format!("{name}.errors"));
-        let screen = dir.join(format!("{name}.screen"));
-        let messages = dir.join(format!("{name}.messages"));
-        let mut cmd = Command::new(sipp());
-        cmd.args(args)
-            .args([
-                "-i",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-t",
-                transport.sipp(),
-            ])
-            .arg("-nostdin")
-            .arg("-trace_logs")
-            .arg("-log_file")
-            .arg(&log)
-            .arg("-trace_err")
-            .arg("-error_file")
-            .arg(&errors)
-            .arg("-trace_msg")
-            .arg("-message_file")
-            .arg(&messages)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(File::create(&screen).unwrap())
-            .stderr(File::create(dir.join(format!("{name}.stderr"))).unwrap());
-        system.add_log(&format!("sipp {name} log"), log.clone());
-        system.add_log(&format!("sipp {name} errors"), errors.clone());
-        Sipp {
-            name: name.to_string(),
-            port,
-            guard: Guard::spawn(cmd, name),
-            log,
-            errors,
-            screen,
-            messages,
-        }
+        let sipp = Sipp::terminal(
+            self.dir(),
+            name,
+            scenario_file,
+            self.port,
+            user,
+            Some(service),
+            opts.over(self.transport),
+        );
+        self.watch(&sipp);
+        sipp
     }
 
-    /// The lines its scenario logged so far.
-    pub fn log(&self) -> Vec<String> {
-        read_text(&self.log)
-            .lines()
-            .map(|l| l.trim().to_string())
-            .filter(|l| !l.is_empty())
-            .collect()
+    /// Starts sipp `name` as an application server running `scenario_file` over this
+    /// system's transport (on the port `opts` name, the one the relay's configuration
+    /// knows) and returns at once: an OPTIONS probe would count as one of its calls, so the
+    /// test waits for its port to be taken. Its log and errors join [`System::report`].
+    pub fn sipp_server(&self, name: &str, scenario_file: &str, opts: SippOpts) -> Sipp {
+        let sipp = Sipp::start(
+            self.dir(),
+            name,
+            scenario_file,
+            None,
+            opts.over(self.transport),
+        );
+        self.watch(&sipp);
+        sipp
     }
 
-    /// Waits (bounded) for a logged line starting with `prefix`; returns the rest of it.
-    pub fn wait_log(&mut self, prefix: &str, system: &System) -> String {
-        let mut found = None;
-        wait_until(STEP, || {
-            found = self
-                .log()
-                .iter()
-                .find_map(|l| l.strip_prefix(prefix).map(|r| r.trim().to_string()));
-            found.is_some() || self.guard.try_wait().is_some()
-        });
-        found.unwrap_or_else(|| {
+    fn watch(&self, sipp: &Sipp) {
+        let name = &sipp.name;
+        self.add_log(&format!("sipp {name} log"), sipp.log_path().to_path_buf());
+        self.add_log(
+            &format!("sipp {name} errors"),
+            sipp.errors_path().to_path_buf(),
+        );
+    }
+
+    /// Waits (bounded, and no longer than `sipp` runs) for a line `sipp` logged starting
+    /// with `prefix`; returns the rest of it.
+    pub fn wait_log(&self, sipp: &mut Sipp, prefix: &str) -> String {
+        sipp.wait_logged(prefix).unwrap_or_else(|| {
             panic!(
                 "sipp {} never logged `{prefix}`\n{}\n{}",
-                self.name,
-                self.evidence(),
-                system.report()
+                sipp.name,
+                evidence(sipp),
+                self.report()
             )
         })
     }
 
-    /// Whether it has exited.
-    pub fn exited(&mut self) -> bool {
-        self.guard.try_wait().is_some()
-    }
-
-    /// Waits (bounded) for it to exit and asserts it succeeded (every step of its scenario
-    /// went as written).
-    pub fn assert_success(&mut self, system: &System) {
-        let status = self.guard.wait_timeout(STEP).unwrap_or_else(|| {
+    /// Waits (bounded) for `sipp` to exit and asserts it succeeded (every step of its
+    /// scenario went as written).
+    pub fn assert_success(&self, sipp: &mut Sipp) {
+        let status = sipp.wait_timeout(STEP).unwrap_or_else(|| {
             panic!(
                 "sipp {} did not finish within {STEP:?}\n{}\n{}",
-                self.name,
-                self.evidence(),
-                system.report()
+                sipp.name,
+                evidence(sipp),
+                self.report()
             )
         });
         assert!(
             status.success(),
             "sipp {} failed ({status})\n{}\n{}",
-            self.name,
-            self.evidence(),
-            system.report()
+            sipp.name,
+            evidence(sipp),
+            self.report()
         );
     }
+}
 
-    /// Its log, errors, the end of its screen and of its message trace.
-    pub fn evidence(&self) -> String {
-        format!(
-            "--- sipp {name} log:\n{log}\n--- sipp {name} errors:\n{errors}\n\
-             --- sipp {name} screen (end):\n{screen}\n--- sipp {name} messages (end):\n{messages}",
-            name = self.name,
-            log = self.log().join("\n"),
-            errors = tail(&read_text(&self.errors), 15),
-            screen = tail(&read_text(&self.screen), 20),
-            messages = tail(&read_text(&self.messages), 60),
-        )
-    }
+/// Everything `sipp` left to read: its report (log, counters, errors, screen) and the end of
+/// its message trace.
+pub fn evidence(sipp: &Sipp) -> String {
+    format!(
+        "{}--- {} messages (end):\n{}",
+        sipp.report(),
+        sipp.name,
+        tail(&sipp.messages(), 60)
+    )
 }
 
 // ---------------------------------------------------------------------------------------
