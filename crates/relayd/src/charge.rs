@@ -8,7 +8,7 @@
 //! gets 400 with a reason; a session the server does not serve, or a subscriber it never
 //! served, gets 403.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -53,9 +53,36 @@ const ENDED_GRACE: Duration = Duration::from_secs(600);
 struct ServedInner {
     /// By session id and by both Call-IDs; with the time the session ended, if it did.
     by_key: HashMap<String, (ServedSession, Option<Instant>)>,
+    /// Ended sessions in the order they ended, to forget them after the grace period
+    /// without scanning the whole index.
+    ended: VecDeque<(Instant, ServedSession)>,
     /// (server URI, subscriber) pairs ever served since start-up, for charges outside a
     /// session.
     history: HashSet<(String, String)>,
+}
+
+impl ServedInner {
+    /// Forgets the sessions that ended more than [`ENDED_GRACE`] ago.
+    fn forget_expired(&mut self, now: Instant) {
+        while let Some((at, _)) = self.ended.front() {
+            if now.duration_since(*at) < ENDED_GRACE {
+                break;
+            }
+            let Some((_, s)) = self.ended.pop_front() else {
+                break;
+            };
+            for key in [&s.session_id, &s.server_call_id, &s.terminal_call_id] {
+                // A key may have moved on to a later segment of the same call: keep that.
+                if self
+                    .by_key
+                    .get(key)
+                    .is_some_and(|(e, ended)| e.session_id == s.session_id && ended.is_some())
+                {
+                    self.by_key.remove(key);
+                }
+            }
+        }
+    }
 }
 
 /// Which server serves which session, and which subscribers each server has served.
@@ -77,10 +104,7 @@ impl ServedIndex {
     /// both Call-IDs.
     pub fn insert(&self, s: ServedSession) {
         let mut inner = self.lock();
-        let now = Instant::now();
-        inner
-            .by_key
-            .retain(|_, (_, ended)| ended.is_none_or(|t| now.duration_since(t) < ENDED_GRACE));
+        inner.forget_expired(Instant::now());
         inner
             .history
             .insert((s.server.clone(), s.subscriber.clone()));
@@ -97,19 +121,18 @@ impl ServedIndex {
     pub fn remove(&self, session_id: &str) {
         let mut inner = self.lock();
         let now = Instant::now();
-        if let Some((s, _)) = inner.by_key.get(session_id).cloned() {
-            for key in [
-                s.session_id.clone(),
-                s.server_call_id.clone(),
-                s.terminal_call_id.clone(),
-            ] {
-                if let Some(entry) = inner.by_key.get_mut(&key) {
-                    if entry.0.session_id == s.session_id {
-                        entry.1 = Some(now);
-                    }
+        inner.forget_expired(now);
+        let Some((s, None)) = inner.by_key.get(session_id).cloned() else {
+            return;
+        };
+        for key in [&s.session_id, &s.server_call_id, &s.terminal_call_id] {
+            if let Some(entry) = inner.by_key.get_mut(key) {
+                if entry.0.session_id == s.session_id {
+                    entry.1 = Some(now);
                 }
             }
         }
+        inner.ended.push_back((now, s));
     }
 
     /// The session with this id or Call-ID (live, or ended within the grace period).
@@ -369,4 +392,59 @@ fn answer(r: &IncomingRequest, code: u16, reason: &str) {
     let tag = message::new_tag();
     let _ =
         r.tx.respond(b2bua::local_response(&r.req, code, reason, Some(&tag)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(id: &str, call: &str) -> ServedSession {
+        ServedSession {
+            session_id: id.into(),
+            subscriber: "alice".into(),
+            service: "echo".into(),
+            server: "sip:127.0.0.1:5080".into(),
+            server_call_id: format!("b-{call}"),
+            terminal_call_id: format!("a-{call}"),
+        }
+    }
+
+    #[test]
+    fn a_session_is_found_by_id_and_both_call_ids_until_after_it_ended() {
+        let index = ServedIndex::default();
+        index.insert(served("s1", "c1"));
+        for key in ["s1", "b-c1", "a-c1"] {
+            assert_eq!(
+                index.find(key).map(|s| s.session_id),
+                Some("s1".to_string()),
+                "{key}"
+            );
+        }
+        index.remove("s1");
+        // Ended, but a late charge still finds it.
+        assert!(index.find("a-c1").is_some());
+        assert!(index.has_served("sip:127.0.0.1:5080", "alice"));
+        assert!(!index.has_served("sip:127.0.0.1:5080", "bob"));
+    }
+
+    #[test]
+    fn ended_sessions_are_forgotten_after_the_grace_period_but_not_a_later_segment() {
+        let index = ServedIndex::default();
+        index.insert(served("s1", "c1"));
+        // A change opened a new segment of the same call; the old one ended.
+        index.insert(served("s2", "c1"));
+        index.remove("s1");
+        let later = Instant::now() + ENDED_GRACE + Duration::from_secs(1);
+        index.lock().forget_expired(later);
+        assert!(index.find("s1").is_none());
+        assert_eq!(
+            index.find("a-c1").map(|s| s.session_id),
+            Some("s2".to_string())
+        );
+        index.remove("s2");
+        index
+            .lock()
+            .forget_expired(later + ENDED_GRACE + Duration::from_secs(1));
+        assert!(index.find("a-c1").is_none() && index.find("s2").is_none());
+    }
 }
