@@ -201,7 +201,9 @@ for RATE in "${RATES[@]}"; do
     DIR="$WORK/rate-$RATE"
     mkdir -p "$DIR"
     START=$(date +%s.%N)
-    (cd "$DIR" && exec sipp "127.0.0.1:$RELAY_PORT" -sf "$SCENARIOS/uac_bench.xml" \
+    # sipp has been seen ignoring its own -timeout under overload: bound it from outside too.
+    (cd "$DIR" && exec timeout -k 5 "$((SECONDS_PER_RATE + 60))" \
+        sipp "127.0.0.1:$RELAY_PORT" -sf "$SCENARIOS/uac_bench.xml" \
         -inf "$WORK/users.csv" -au alice -ap alice-secret -s echo -i 127.0.0.1 \
         -r "$RATE" -m "$CALLS" -d "$HOLD_MS" -l 20000 -nostdin \
         -trace_stat -stf "$DIR/stats.csv" -fd 1 -trace_msg -message_file "$DIR/messages.log" \
