@@ -32,6 +32,8 @@
 # failure or ^C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 ROOT=$(pwd)
 SCENARIOS=$ROOT/crates/relayd/tests/scenarios
 
@@ -80,26 +82,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A loopback port free for UDP and TCP (asks the kernel; python3 if there, else a guess).
-free_port() {
-    if command -v python3 >/dev/null 2>&1; then
-        python3 - <<'EOF'
-import socket
-while True:
-    t = socket.socket(); t.bind(("127.0.0.1", 0)); port = t.getsockname()[1]
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        u.bind(("127.0.0.1", port))
-    except OSError:
-        continue
-    finally:
-        t.close(); u.close()
-    print(port); break
-EOF
-    else
-        echo $((20000 + RANDOM % 20000))
-    fi
-}
 
 KAM_PORT=$(free_port)
 AS_PORT=$(free_port)
@@ -290,48 +272,8 @@ if ! wait "$REG_PID"; then
     exit 1
 fi
 
-# Column $2 of the last line of a sipp statistics file, by header name (as in bench.sh).
-sipp_stat() {
-    awk -F';' -v col="$2" 'NR == 1 { for (i = 1; i <= NF; i++) if ($i == col) c = i; next }
-        NF > 1 { v = $c } END { print (v == "" ? 0 : v) }' "$1"
-}
 
-# Call-setup times (ms) from a sipp -trace_msg file, first INVITE (CSeq 1) sent to the 200
-# for CSeq 2 received: the same computation as bench.sh's.
-setup_times() {
-    awk '
-        function flush() {
-            if (first == "") return
-            if (dir == "out" && first ~ /^INVITE / && cseq == "1 INVITE" && !(cid in t0)) t0[cid] = ts
-            if (dir == "in" && first ~ /^SIP\/2\.0 200/ && cseq == "2 INVITE" && (cid in t0) && !(cid in t1)) t1[cid] = ts
-            first = ""
-        }
-        { sub(/\r$/, "") }
-        /^-----------+ [0-9]+-[0-9]+-[0-9]+ [0-9:.]+$/ {
-            flush(); split($3, t, ":"); ts = t[1] * 3600 + t[2] * 60 + t[3]
-            state = "kind"; next
-        }
-        state == "kind" { dir = ($0 ~ / sent /) ? "out" : "in"; state = "gap"; next }
-        state == "gap" { state = "start"; next }
-        state == "start" { first = $0; cid = ""; cseq = ""; state = "headers"; next }
-        state == "headers" && /^Call-ID:/ { cid = $2 }
-        state == "headers" && /^CSeq:/ { cseq = $2 " " $3 }
-        END {
-            flush()
-            for (c in t1) { d = t1[c] - t0[c]; if (d < 0) d += 86400; printf "%.3f\n", d * 1000 }
-        }' "$1"
-}
 
-# p50, p99, mean and max of numbers on standard input (as in bench.sh).
-summary() {
-    sort -g | awk '
-        { v[NR] = $1; sum += $1 }
-        END {
-            if (NR == 0) { print "- - - -"; exit }
-            i50 = int(NR * 0.50 + 0.999999); i99 = int(NR * 0.99 + 0.999999)
-            printf "%.2f %.2f %.2f %.2f\n", v[i50], v[i99], sum / NR, v[NR]
-        }'
-}
 
 # CDRs written so far: the acc module logs one per ended dialog.
 records() {
