@@ -330,6 +330,22 @@ impl Default for RelayConfig {
     }
 }
 
+/// `[sip]`: protocol timers.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [sip] table")]
+pub struct SipConfig {
+    /// RFC 3261 T1, the round-trip estimate, in milliseconds (default 500). Retransmission
+    /// intervals and the 64·T1 transaction timeouts (Timers B, F, H…) scale with it; lower it
+    /// only on networks known to be fast.
+    pub t1_ms: u64,
+}
+
+impl Default for SipConfig {
+    fn default() -> Self {
+        SipConfig { t1_ms: 500 }
+    }
+}
+
 /// `[metrics]`: the Prometheus text endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default, expecting = "a [metrics] table")]
@@ -748,6 +764,8 @@ pub struct Config {
     pub billing: BillingConfig,
     /// `[metrics]`
     pub metrics: MetricsConfig,
+    /// `[sip]`
+    pub sip: SipConfig,
     /// A second file of `[[users]]` that `relayd user add` rewrites whole; relative to the
     /// configuration file's directory. A file that does not exist yet holds no users.
     pub users_file: Option<PathBuf>,

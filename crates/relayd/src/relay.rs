@@ -120,6 +120,10 @@ impl Relay {
                 tcp: config.listen.tcp.clone(),
                 ..TransportConfig::default()
             },
+            timers: sip_core::transaction::Timers {
+                t1: Duration::from_millis(config.sip.t1_ms.max(1)),
+                ..sip_core::transaction::Timers::default()
+            },
             ..EndpointConfig::default()
         };
         let (endpoint, events) = Endpoint::bind(endpoint_config)
@@ -184,7 +188,7 @@ impl Relay {
         let limits = SessionLimits {
             inquiry_timeout: Duration::from_millis(config.session.inquiry_timeout_ms),
             answer_timeout: Duration::from_secs(u64::from(config.session.answer_timeout_secs)),
-            ack_timeout: Duration::from_secs(32),
+            ack_timeout: Duration::from_millis(config.sip.t1_ms.max(1) * 64),
             probe_interval: Duration::from_secs(u64::from(config.session.probe_interval_secs)),
             fork_timeout: Duration::from_secs(u64::from(config.session.fork_timeout_secs)),
         };

@@ -115,3 +115,35 @@ fn terminated_relay_hangs_up_bills_and_exits_zero() {
     let again = scene.relay();
     assert_eq!(again.sessions(), records, "{}", again.log());
 }
+
+/// Liveness (issue 4): a terminal that vanishes mid-session stops answering the relay's
+/// in-dialog OPTIONS probes; the relay ends the session, hangs up the server and bills it
+/// with cause `timeout` instead of letting it run for ever.
+#[test]
+fn a_vanished_terminal_is_detected_by_probes_and_billed_timeout() {
+    let mut scene = Scene::new();
+    let as_port = scene.server("uas", "uas_answer.xml", SippOpts::default());
+    // Probes every second; T1 = 50 ms makes a probe's timeout (64·T1) 3.2 s.
+    scene.start_relay(
+        &RelayConfig::standard()
+            .server(ServerSpec::udp(as_port, &["echo"]))
+            .probe_interval_secs(1)
+            .t1_ms(50),
+    );
+    let mut terminal = scene.terminal(
+        "uac",
+        "uac_held.xml",
+        ALICE,
+        "echo",
+        SippOpts::default().calls(1),
+    );
+    let relay = scene.relay();
+    relay.wait_for("session established", 1, Duration::from_secs(15));
+    terminal.kill();
+    relay.wait_for("a leg stopped answering", 1, Duration::from_secs(20));
+    relay.wait_for("session ended and billed", 1, Duration::from_secs(10));
+    let records = relay.sessions();
+    assert_eq!(records.len(), 1, "{records:#?}\n{}", relay.log());
+    assert_eq!(field(&records[0], "cause"), "timeout", "{}", records[0]);
+    assert_eq!(field(&records[0], "subscriber"), "alice");
+}

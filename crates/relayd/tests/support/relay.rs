@@ -88,6 +88,8 @@ pub struct RelayConfig {
     failure_threshold: u32,
     max_failures: u32,
     max_charge: Option<i64>,
+    probe_interval_secs: u32,
+    t1_ms: u64,
 }
 
 impl Default for RelayConfig {
@@ -103,6 +105,8 @@ impl Default for RelayConfig {
             failure_threshold: 100,
             max_failures: 3,
             max_charge: None,
+            probe_interval_secs: 0,
+            t1_ms: 500,
         }
     }
 }
@@ -164,6 +168,18 @@ impl RelayConfig {
         self
     }
 
+    /// `[session] probe_interval_secs`: in-dialog OPTIONS liveness probes (0: off).
+    pub fn probe_interval_secs(mut self, secs: u32) -> Self {
+        self.probe_interval_secs = secs;
+        self
+    }
+
+    /// `[sip] t1_ms`: RFC 3261 T1 (timeouts are 64·T1).
+    pub fn t1_ms(mut self, ms: u64) -> Self {
+        self.t1_ms = ms;
+        self
+    }
+
     /// `[billing] max_charge`: the per-event charge limit.
     pub fn max_charge(mut self, limit: i64) -> Self {
         self.max_charge = Some(limit);
@@ -185,11 +201,14 @@ impl RelayConfig {
              [log]\nlevel = \"info\"\n\n\
              [directory]\nprobe_interval_secs = 3600\nfailure_threshold = {ft}\n\n\
              [auth]\nmax_failures = {mf}\nlockout_secs = 300\n\n\
-             [session]\nprobe_interval_secs = 0\ninquiry_timeout_ms = {it}\n\
-             fork_timeout_secs = 30\n\n",
+             [session]\nprobe_interval_secs = {pi}\ninquiry_timeout_ms = {it}\n\
+             fork_timeout_secs = 30\n\n\
+             [sip]\nt1_ms = {t1}\n\n",
             ft = self.failure_threshold,
             mf = self.max_failures,
             it = self.inquiry_timeout_ms,
+            pi = self.probe_interval_secs,
+            t1 = self.t1_ms,
         );
         if let Some(limit) = self.max_charge {
             let _ = write!(s, "[billing]\nmax_charge = {limit}\n\n");
