@@ -280,58 +280,7 @@ records() {
     grep -c 'start_time=.*end_time=' "$WORK/kamailio.log" || true
 }
 
-ROW='%8s %6s %9s %6s %6s %9s %7s %7s %7s %7s\n'
-# shellcheck disable=SC2059
-printf "$ROW" "rate" "calls" "completed" "failed" "billed" "achieved" "p50 ms" "p99 ms" "mean ms" "max ms"
-BEST=0
-BEST_ROW=""
-BILLED_BEFORE=$(records)
-for RATE in "${RATES[@]}"; do
-    CALLS=$((RATE * SECONDS_PER_RATE))
-    DIR="$WORK/rate-$RATE"
-    mkdir -p "$DIR"
-    START=$(date +%s.%N)
-    # sipp's own -timeout does not always end it when calls are stuck (seen at 3200/s, a
-    # sipp left waiting for ten minutes): timeout(1) bounds it, and exits 124 if it had to.
-    (cd "$DIR" && exec timeout -k 5 "$((SECONDS_PER_RATE + 60))" \
-        sipp "127.0.0.1:$KAM_PORT" -sf "$SCENARIOS/uac_bench.xml" \
-        -inf "$WORK/users.csv" -au alice -ap alice-secret -s echo -i 127.0.0.1 \
-        -r "$RATE" -m "$CALLS" -d "$HOLD_MS" -l 20000 -nostdin \
-        -trace_stat -stf "$DIR/stats.csv" -fd 1 -trace_msg -message_file "$DIR/messages.log" \
-        -trace_err -error_file "$DIR/errors.log" \
-        -timeout "$((SECONDS_PER_RATE + 30))s" >"$DIR/screen.txt" 2>&1) &
-    UAC_PID=$!
-    PIDS+=("$UAC_PID")
-    RC=0
-    wait "$UAC_PID" || RC=$?
-    END=$(date +%s.%N)
-    OK=$(sipp_stat "$DIR/stats.csv" 'SuccessfulCall(C)')
-    FAILED=$(sipp_stat "$DIR/stats.csv" 'FailedCall(C)')
-    BILLED_NOW=$(records)
-    BILLED=$((BILLED_NOW - BILLED_BEFORE))
-    BILLED_BEFORE=$BILLED_NOW
-    ACHIEVED=$(awk -v n="$OK" -v a="$START" -v b="$END" 'BEGIN { printf "%.0f/s", n / (b - a) }')
-    read -r P50 P99 MEAN MAX <<<"$(setup_times "$DIR/messages.log" | summary)"
-    [ "${KEEP:-0}" = 1 ] || rm -f "$DIR/messages.log"
-    # shellcheck disable=SC2059
-    printf "$ROW" "$RATE/s" "$CALLS" "$OK" "$FAILED" "$BILLED" "$ACHIEVED" "$P50" "$P99" "$MEAN" "$MAX"
-    if ! kill -0 "$KAM_PID" 2>/dev/null; then
-        echo "bench-kamailio: kamailio died; log tail:" >&2
-        tail -20 "$WORK/kamailio.log" >&2
-        exit 1
-    fi
-    if [ "$RC" -ne 0 ] || [ "$FAILED" -ne 0 ] || [ "$OK" -ne "$CALLS" ]; then
-        echo "bench-kamailio: failed calls at $RATE calls/s (sipp exit $RC); first errors:" >&2
-        grep -m 3 -E 'Aborting|Failed|timeout|Timeout' "$DIR/errors.log" | cut -c1-200 >&2 || true
-        break
-    fi
-    if [ "$BILLED" -ne "$OK" ]; then
-        echo "bench-kamailio: at $RATE calls/s, $((OK - BILLED)) completed calls got no CDR" >&2
-        break
-    fi
-    BEST=$RATE
-    BEST_ROW="p50 $P50 ms, p99 $P99 ms"
-done
+run_rates bench-kamailio "$KAM_PORT" "$KAM_PID" "$WORK/kamailio.log"
 
 # Kamailio's memory now: proportional set size summed over the main process and its
 # workers (each shared page split among the processes that map it), so the shared memory

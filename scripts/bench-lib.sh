@@ -67,3 +67,66 @@ summary() {
             printf "%.2f %.2f %.2f %.2f\n", v[i50], v[i99], sum / NR, v[NR]
         }'
 }
+
+# Drives the sipp terminal (uac_bench.xml, alice registered) at each of RATES against
+# 127.0.0.1:$2 and prints a row per rate: calls completed, failed and billed (by the
+# caller's `records` function), the rate achieved, and call-setup percentiles. Stops at the
+# first rate with a failed or unbilled call, or when the process $3 (the server under test)
+# dies, showing the tail of log $4. Uses RATES, SECONDS_PER_RATE, HOLD_MS, WORK, SCENARIOS
+# and PIDS of the caller; sets BEST (the highest clean rate) and BEST_ROW (its percentiles).
+run_rates() {
+    local name=$1 port=$2 target_pid=$3 log=$4
+    local row='%8s %6s %9s %6s %6s %9s %7s %7s %7s %7s\n'
+    # shellcheck disable=SC2059
+    printf "$row" "rate" "calls" "completed" "failed" "billed" "achieved" "p50 ms" "p99 ms" "mean ms" "max ms"
+    BEST=0
+    BEST_ROW=""
+    local billed_before
+    billed_before=$(records)
+    local RATE
+    for RATE in "${RATES[@]}"; do
+        local calls=$((RATE * SECONDS_PER_RATE)) dir="$WORK/rate-$RATE" start end rc=0
+        mkdir -p "$dir"
+        start=$(date +%s.%N)
+        # sipp's own -timeout does not always end it when calls are stuck (seen at 3200/s, a
+        # sipp left waiting for ten minutes): timeout(1) bounds it, and exits 124 if it had to.
+        (cd "$dir" && exec timeout -k 5 "$((SECONDS_PER_RATE + 60))" \
+            sipp "127.0.0.1:$port" -sf "$SCENARIOS/uac_bench.xml" \
+            -inf "$WORK/users.csv" -au alice -ap alice-secret -s echo -i 127.0.0.1 \
+            -r "$RATE" -m "$calls" -d "$HOLD_MS" -l 20000 -nostdin \
+            -trace_stat -stf "$dir/stats.csv" -fd 1 -trace_msg -message_file "$dir/messages.log" \
+            -trace_err -error_file "$dir/errors.log" \
+            -timeout "$((SECONDS_PER_RATE + 30))s" >"$dir/screen.txt" 2>&1) &
+        local uac_pid=$!
+        PIDS+=("$uac_pid")
+        wait "$uac_pid" || rc=$?
+        end=$(date +%s.%N)
+        local ok failed billed_now billed achieved p50 p99 mean max
+        ok=$(sipp_stat "$dir/stats.csv" 'SuccessfulCall(C)')
+        failed=$(sipp_stat "$dir/stats.csv" 'FailedCall(C)')
+        billed_now=$(records)
+        billed=$((billed_now - billed_before))
+        billed_before=$billed_now
+        achieved=$(awk -v n="$ok" -v a="$start" -v b="$end" 'BEGIN { printf "%.0f/s", n / (b - a) }')
+        read -r p50 p99 mean max <<<"$(setup_times "$dir/messages.log" | summary)"
+        [ "${KEEP:-0}" = 1 ] || rm -f "$dir/messages.log"
+        # shellcheck disable=SC2059
+        printf "$row" "$RATE/s" "$calls" "$ok" "$failed" "$billed" "$achieved" "$p50" "$p99" "$mean" "$max"
+        if ! kill -0 "$target_pid" 2>/dev/null; then
+            echo "$name: the server under test died; log tail:" >&2
+            tail -20 "$log" >&2
+            exit 1
+        fi
+        if [ "$rc" -ne 0 ] || [ "$failed" -ne 0 ] || [ "$ok" -ne "$calls" ]; then
+            echo "$name: failed calls at $RATE calls/s (sipp exit $rc); first errors:" >&2
+            grep -m 3 -E 'Aborting|Failed|timeout|Timeout' "$dir/errors.log" | cut -c1-200 >&2 || true
+            break
+        fi
+        if [ "$billed" -ne "$ok" ]; then
+            echo "$name: at $RATE calls/s, $((ok - billed)) completed calls were not billed" >&2
+            break
+        fi
+        BEST=$RATE
+        BEST_ROW="p50 $p50 ms, p99 $p99 ms"
+    done
+}
