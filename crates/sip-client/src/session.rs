@@ -492,6 +492,21 @@ impl Session {
         }
     }
 
+    /// A 408 or 481 to an in-dialog request means the dialog is gone (RFC 3261 §12.2.1.2):
+    /// ends the session and says so.
+    fn end_if_dialog_gone(&mut self, code: u16, reason: &str) -> bool {
+        if !matches!(code, 408 | 481) {
+            return false;
+        }
+        self.op = None;
+        self.end(
+            "local",
+            format!("dialog gone ({code} {reason})"),
+            Some(code),
+        );
+        true
+    }
+
     async fn on_response(&mut self, cseq: u32, resp: Response) {
         let (code, reason) = headers::status(&resp);
         let current = self
@@ -534,13 +549,7 @@ impl Session {
                         status: code,
                         reason: reason.clone(),
                     });
-                    if matches!(code, 408 | 481) {
-                        self.op = None;
-                        self.end(
-                            "local",
-                            format!("dialog gone ({code} {reason})"),
-                            Some(code),
-                        );
+                    if self.end_if_dialog_gone(code, &reason) {
                         return;
                     }
                 }
@@ -561,13 +570,7 @@ impl Session {
                         status: code,
                         reason: reason.clone(),
                     });
-                    if matches!(code, 408 | 481) {
-                        self.op = None;
-                        self.end(
-                            "local",
-                            format!("dialog gone ({code} {reason})"),
-                            Some(code),
-                        );
+                    if self.end_if_dialog_gone(code, &reason) {
                         return;
                     }
                     self.complete_op();
