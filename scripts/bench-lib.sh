@@ -57,6 +57,17 @@ setup_times() {
         }' "$1"
 }
 
+# CPU time (clock ticks, user + system) used so far by process $1 and its direct children:
+# relayd is one process, Kamailio a main process with its workers.
+tree_ticks() {
+    local pid total=0 t
+    for pid in "$1" $(pgrep -P "$1" || true); do
+        t=$(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
+
 # p50, p99, mean and max of numbers on standard input.
 summary() {
     sort -g | awk '
@@ -76,9 +87,11 @@ summary() {
 # and PIDS of the caller; sets BEST (the highest clean rate) and BEST_ROW (its percentiles).
 run_rates() {
     local name=$1 port=$2 target_pid=$3 log=$4
-    local row='%8s %6s %9s %6s %6s %9s %7s %7s %7s %7s\n'
+    local row='%8s %6s %9s %6s %6s %9s %7s %7s %7s %7s %8s\n'
+    local hz
+    hz=$(getconf CLK_TCK)
     # shellcheck disable=SC2059
-    printf "$row" "rate" "calls" "completed" "failed" "billed" "achieved" "p50 ms" "p99 ms" "mean ms" "max ms"
+    printf "$row" "rate" "calls" "completed" "failed" "billed" "achieved" "p50 ms" "p99 ms" "mean ms" "max ms" "cpu/call"
     BEST=0
     BEST_ROW=""
     local billed_before
@@ -88,6 +101,8 @@ run_rates() {
         local calls=$((RATE * SECONDS_PER_RATE)) dir="$WORK/rate-$RATE" start end rc=0
         mkdir -p "$dir"
         start=$(date +%s.%N)
+        local ticks_before
+        ticks_before=$(tree_ticks "$target_pid")
         # sipp's own -timeout does not always end it when calls are stuck (seen at 3200/s, a
         # sipp left waiting for ten minutes): timeout(1) bounds it, and exits 124 if it had to.
         (cd "$dir" && exec timeout -k 5 "$((SECONDS_PER_RATE + 60))" \
@@ -101,6 +116,8 @@ run_rates() {
         PIDS+=("$uac_pid")
         wait "$uac_pid" || rc=$?
         end=$(date +%s.%N)
+        local ticks_after cpu
+        ticks_after=$(tree_ticks "$target_pid")
         local ok failed billed_now billed achieved p50 p99 mean max
         ok=$(sipp_stat "$dir/stats.csv" 'SuccessfulCall(C)')
         failed=$(sipp_stat "$dir/stats.csv" 'FailedCall(C)')
@@ -109,9 +126,13 @@ run_rates() {
         billed_before=$billed_now
         achieved=$(awk -v n="$ok" -v a="$start" -v b="$end" 'BEGIN { printf "%.0f/s", n / (b - a) }')
         read -r p50 p99 mean max <<<"$(setup_times "$dir/messages.log" | summary)"
+        # CPU time the server under test spent per completed call (all of it counted, the
+        # tail of the previous rate's calls included), in microseconds.
+        cpu=$(awk -v t="$((ticks_after - ticks_before))" -v hz="$hz" -v n="$ok" \
+            'BEGIN { if (n > 0) printf "%.0fus", t * 1e6 / hz / n; else print "-" }')
         [ "${KEEP:-0}" = 1 ] || rm -f "$dir/messages.log"
         # shellcheck disable=SC2059
-        printf "$row" "$RATE/s" "$calls" "$ok" "$failed" "$billed" "$achieved" "$p50" "$p99" "$mean" "$max"
+        printf "$row" "$RATE/s" "$calls" "$ok" "$failed" "$billed" "$achieved" "$p50" "$p99" "$mean" "$max" "$cpu"
         if ! kill -0 "$target_pid" 2>/dev/null; then
             echo "$name: the server under test died; log tail:" >&2
             tail -20 "$log" >&2

@@ -16,7 +16,7 @@ use billing::record::{ChargeRecord, EndCause, SessionRecord};
 use billing::sqlite::SqliteStore;
 use billing::store::{CloseSession, NewCharge, OpenSession, TouchSessions};
 use billing::tariff::TariffTable;
-use billing::writer::{Writer, WriterHandle};
+use billing::writer::{Writer, WriterConfig, WriterHandle};
 use tracing::{info, warn};
 
 /// Milliseconds since the Unix epoch, the time unit of billing records.
@@ -56,15 +56,27 @@ pub struct BillingControl {
 }
 
 impl BillingControl {
-    /// Opens (creating if needed) the SQLite store in `data_dir` and starts its writer. The
-    /// returned [`Writer`] must be kept and shut down when the relay stops.
-    pub fn open(data_dir: &Path, tariffs: TariffTable) -> anyhow::Result<(BillingControl, Writer)> {
+    /// Opens (creating if needed) the SQLite store in `data_dir` and starts its writer,
+    /// committing at most once per `commit_interval`. The returned [`Writer`] must be kept
+    /// and shut down when the relay stops.
+    pub fn open(
+        data_dir: &Path,
+        tariffs: TariffTable,
+        commit_interval: std::time::Duration,
+    ) -> anyhow::Result<(BillingControl, Writer)> {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
         let path = data_dir.join("billing.db");
         let store = SqliteStore::open(&path)
             .with_context(|| format!("opening the billing store {}", path.display()))?;
-        let writer = Writer::spawn(store).context("starting the billing writer")?;
+        let writer = Writer::spawn_with(
+            store,
+            WriterConfig {
+                commit_interval,
+                ..WriterConfig::default()
+            },
+        )
+        .context("starting the billing writer")?;
         let control = BillingControl {
             writer: writer.handle(),
             tariffs,

@@ -52,10 +52,11 @@ const ENDED_GRACE: Duration = Duration::from_secs(600);
 #[derive(Default)]
 struct ServedInner {
     /// By session id and by both Call-IDs; with the time the session ended, if it did.
-    by_key: HashMap<String, (ServedSession, Option<Instant>)>,
+    /// One session shared by its three keys.
+    by_key: HashMap<String, (Arc<ServedSession>, Option<Instant>)>,
     /// Ended sessions in the order they ended, to forget them after the grace period
     /// without scanning the whole index.
-    ended: VecDeque<(Instant, ServedSession)>,
+    ended: VecDeque<(Instant, Arc<ServedSession>)>,
     /// (server URI, subscriber) pairs ever served since start-up, for charges outside a
     /// session.
     history: HashSet<(String, String)>,
@@ -108,12 +109,13 @@ impl ServedIndex {
         inner
             .history
             .insert((s.server.clone(), s.subscriber.clone()));
+        let s = Arc::new(s);
         for key in [
             s.session_id.clone(),
             s.server_call_id.clone(),
             s.terminal_call_id.clone(),
         ] {
-            inner.by_key.insert(key, (s.clone(), None));
+            inner.by_key.insert(key, (Arc::clone(&s), None));
         }
     }
 
@@ -137,7 +139,10 @@ impl ServedIndex {
 
     /// The session with this id or Call-ID (live, or ended within the grace period).
     pub fn find(&self, key: &str) -> Option<ServedSession> {
-        self.lock().by_key.get(key).map(|(s, _)| s.clone())
+        self.lock()
+            .by_key
+            .get(key)
+            .map(|(s, _)| ServedSession::clone(s))
     }
 
     /// Whether `server` has ever delivered a session to `subscriber`.

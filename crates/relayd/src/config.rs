@@ -431,6 +431,10 @@ pub struct BillingConfig {
     pub max_charge: i64,
     /// Seconds between refreshes of live sessions' last-seen time in the journal.
     pub touch_interval_secs: u32,
+    /// The least time, in milliseconds, between the starts of two billing commits: under
+    /// load, what arrives within it shares one commit (one `fsync`); 0 commits each batch
+    /// as soon as the previous one is done. It is the most it adds to the answer of a BYE.
+    pub commit_interval_ms: u32,
 }
 
 impl Default for BillingConfig {
@@ -439,6 +443,7 @@ impl Default for BillingConfig {
             currency: "EUR".into(),
             max_charge: 100_000,
             touch_interval_secs: 10,
+            commit_interval_ms: 2,
         }
     }
 }

@@ -139,6 +139,8 @@ fn spawn_leg(relay: &Arc<Relay>, me: Inbox, leg: LegId, invite: Request, peer: P
                         return;
                     }
                 }
+                // The call has ended: nothing is left to report to.
+                () = me.closed() => return,
                 _ = tokio::time::sleep_until(deadline) => {
                     if answered {
                         return;

@@ -22,6 +22,12 @@ use relayd::relay::{self, Relay};
 use relayd::{health, metrics};
 use sip_core::digest;
 
+/// mimalloc instead of glibc's malloc: every SIP message is parsed into, and serialized
+/// from, many small allocations; under sipp load glibc's malloc/free took 13 % of relayd's
+/// CPU and kept freed pages (see `scripts/bench.sh`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(&cli) {

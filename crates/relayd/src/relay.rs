@@ -177,7 +177,11 @@ impl Relay {
             .context("building the service directory")?;
         let rules = config.build_rules().map_err(|e| anyhow::anyhow!("{e}"))?;
         let tariffs = config.tariff_table().context("reading [[tariffs]]")?;
-        let (billing, writer) = BillingControl::open(&config.storage.data_dir, tariffs)?;
+        let (billing, writer) = BillingControl::open(
+            &config.storage.data_dir,
+            tariffs,
+            Duration::from_millis(u64::from(config.billing.commit_interval_ms)),
+        )?;
         let recovered = billing.recover().await?;
         if !recovered.is_empty() {
             info!(

@@ -33,7 +33,6 @@ use rsip::{Header, Method, Request, Response};
 use sip_core::dialog::{Dialog, DialogState};
 use sip_core::endpoint::{IncomingRequest, ServerTx};
 use sip_core::{message, Peer};
-use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::b2bua;
@@ -43,7 +42,7 @@ use crate::directory::{ServerRef, Strategy};
 use crate::in_dialog::PendingAck;
 use crate::leg::{LegEvent, LegId, PendingLeg, Purpose, ServerLeg};
 use crate::relay::Relay;
-use crate::routing::{AnswerPurpose, Inbox, SessionInput};
+use crate::routing::{self, AnswerPurpose, Inbox, InboxReceiver, SessionInput};
 use crate::{change, fork, transfer};
 
 /// What admission decided for an authenticated INVITE: who, which service, how to search,
@@ -149,7 +148,7 @@ pub(crate) struct Session {
 pub(crate) struct Call {
     pub(crate) relay: Arc<Relay>,
     pub(crate) me: Inbox,
-    inbox: mpsc::UnboundedReceiver<SessionInput>,
+    inbox: InboxReceiver,
     pub(crate) a: TerminalRequest,
     pub(crate) adm: Admission,
     candidates: VecDeque<ServerRef>,
@@ -171,7 +170,7 @@ pub fn spawn(relay: Arc<Relay>, incoming: IncomingRequest, adm: Admission) {
         Ok(s) => s.call_id,
         Err(_) => return,
     };
-    let (me, inbox) = mpsc::unbounded_channel();
+    let (me, inbox) = routing::inbox();
     relay.sessions.insert(&call_id, me.clone());
     let span = info_span!("call", call_id = %call_id, service = %adm.service);
     let fork = adm.strategy == Strategy::All;

@@ -335,6 +335,16 @@ fn response_peer(req: &Request, from: Peer) -> Peer {
     }) else {
         return from;
     };
+    if let Some(view) = message::top_via(via.value()) {
+        if view.param("rport").is_some() {
+            return from;
+        }
+        let port = view.port.unwrap_or(from.transport.default_port());
+        return Peer {
+            addr: SocketAddr::new(from.addr.ip(), port),
+            ..from
+        };
+    }
     let Ok(via) = rsip::typed::Via::try_from(via.clone()) else {
         return from;
     };

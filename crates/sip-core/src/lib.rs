@@ -13,6 +13,7 @@
 pub mod dialog;
 pub mod digest;
 pub mod endpoint;
+pub mod fields;
 pub mod framing;
 pub mod message;
 pub mod peer;

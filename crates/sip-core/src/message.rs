@@ -8,6 +8,8 @@ use rand::Rng;
 use rsip::prelude::*;
 use rsip::{Header, Method, Request, Response, SipMessage, StatusCode};
 
+use crate::fields;
+
 /// The RFC 3261 §8.1.1.7 magic cookie that starts every branch we generate.
 pub const BRANCH_COOKIE: &str = "z9hG4bK";
 
@@ -177,37 +179,60 @@ fn summarize(headers: &rsip::Headers) -> Result<Summary, MessageError> {
             _ => {}
         }
     }
-    let via = via
-        .ok_or(MessageError::Missing("Via"))?
-        .typed()
-        .map_err(|_| MessageError::Invalid("Via"))?;
-    let cseq = cseq
-        .ok_or(MessageError::Missing("CSeq"))?
-        .typed()
-        .map_err(|_| MessageError::Invalid("CSeq"))?;
+    let via = via.ok_or(MessageError::Missing("Via"))?;
+    let (branch, sent_by) = match top_via(via.value()) {
+        Some(v) => (v.branch().unwrap_or_default().to_string(), v.sent_by()),
+        None => {
+            let via = via.typed().map_err(|_| MessageError::Invalid("Via"))?;
+            (
+                via.branch().map(|b| b.to_string()).unwrap_or_default(),
+                via.uri.host_with_port.to_string(),
+            )
+        }
+    };
+    let cseq = cseq.ok_or(MessageError::Missing("CSeq"))?;
+    let (cseq, cseq_method) = match fields::cseq(cseq.value()) {
+        Some(c) => c,
+        None => {
+            let c = cseq.typed().map_err(|_| MessageError::Invalid("CSeq"))?;
+            (c.seq, c.method)
+        }
+    };
     let call_id = call_id.ok_or(MessageError::Missing("Call-ID"))?.value();
     if call_id.trim().is_empty() {
         return Err(MessageError::Invalid("Call-ID"));
     }
     let from = from.ok_or(MessageError::Missing("From"))?;
     let to = to.ok_or(MessageError::Missing("To"))?;
-    let from_tag = from
-        .tag()
-        .map_err(|_| MessageError::Invalid("From"))?
-        .map(|t| t.value().to_string());
-    let to_tag = to
-        .tag()
-        .map_err(|_| MessageError::Invalid("To"))?
-        .map(|t| t.value().to_string());
+    let from_tag = match fields::tag(from.value()) {
+        Some(tag) => tag.map(str::to_string),
+        None => from
+            .tag()
+            .map_err(|_| MessageError::Invalid("From"))?
+            .map(|t| t.value().to_string()),
+    };
+    let to_tag = match fields::tag(to.value()) {
+        Some(tag) => tag.map(str::to_string),
+        None => to
+            .tag()
+            .map_err(|_| MessageError::Invalid("To"))?
+            .map(|t| t.value().to_string()),
+    };
     Ok(Summary {
-        branch: via.branch().map(|b| b.to_string()).unwrap_or_default(),
-        sent_by: via.uri.host_with_port.to_string(),
+        branch,
+        sent_by,
         call_id: call_id.trim().to_string(),
-        cseq: cseq.seq,
-        cseq_method: cseq.method,
+        cseq,
+        cseq_method,
         from_tag,
         to_tag,
     })
+}
+
+/// The one-pass reading of a top Via value, when it is in the plain form and spells the
+/// parameters rsip knows as rsip does (else the caller asks rsip).
+pub(crate) fn top_via(value: &str) -> Option<fields::ViaView<'_>> {
+    fields::ViaView::parse(value).filter(|v| !v.has_unusual_param_names())
 }
 
 /// Builds a response to `req` per RFC 3261 §8.2.6.1: Via headers, From, To, Call-ID and CSeq
@@ -267,17 +292,48 @@ pub fn set_content_length(headers: &mut rsip::Headers, body_len: usize) {
     *headers = rsip::Headers::from(kept);
 }
 
-/// Serialises a message for the wire with a correct Content-Length.
+/// Serialises a message for the wire with a correct Content-Length (any Content-Length it
+/// carries is replaced by the body's length, written last among the headers).
+///
+/// The text is what rsip's `Display` writes, minus its intermediate strings (one per
+/// header, then their join): the message is formatted into a buffer reused by the thread and
+/// copied out at its exact size, since a transaction keeps its last message for its whole
+/// retention time (up to 64·T1).
 pub fn to_bytes(msg: impl Into<SipMessage>) -> Bytes {
-    let mut msg: SipMessage = msg.into();
-    let len = msg.body().len();
-    set_content_length(msg.headers_mut(), len);
-    // rsip's Display writes the body lossily; write head and body separately so a
-    // binary body survives.
-    let body = std::mem::take(msg.body_mut());
-    let mut out = msg.to_string().into_bytes();
-    out.extend_from_slice(&body);
-    Bytes::from(out)
+    use std::fmt::Write as _;
+    thread_local! {
+        static BUFFER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+    let msg: SipMessage = msg.into();
+    let (headers, body) = match &msg {
+        SipMessage::Request(r) => (&r.headers, &r.body),
+        SipMessage::Response(r) => (&r.headers, &r.body),
+    };
+    BUFFER.with(|buffer| {
+        let mut fresh = String::new();
+        // A re-entrant call (none today) gets a buffer of its own rather than a panic.
+        let mut borrowed = buffer.try_borrow_mut();
+        let out: &mut String = match borrowed.as_deref_mut() {
+            Ok(b) => b,
+            Err(_) => &mut fresh,
+        };
+        out.clear();
+        // Writing into a String cannot fail.
+        let _ = match &msg {
+            SipMessage::Request(r) => write!(out, "{} {} {}\r\n", r.method, r.uri, r.version),
+            SipMessage::Response(r) => write!(out, "{} {}\r\n", r.version, r.status_code),
+        };
+        for header in headers.iter() {
+            if !matches!(header, Header::ContentLength(_)) {
+                let _ = write!(out, "{header}\r\n");
+            }
+        }
+        let _ = write!(out, "Content-Length: {}\r\n\r\n", body.len());
+        let mut bytes = Vec::with_capacity(out.len() + body.len());
+        bytes.extend_from_slice(out.as_bytes());
+        bytes.extend_from_slice(body);
+        Bytes::from(bytes)
+    })
 }
 
 /// RFC 3581 §4 / RFC 3261 §18.2.1: stamps the top Via of a received request with the address
@@ -291,9 +347,52 @@ pub fn stamp_received(req: &mut Request, source: std::net::SocketAddr) {
     }) else {
         return;
     };
-    let Ok(mut typed) = via.typed() else {
-        return;
+    let stamped = match top_via(via.value()) {
+        Some(view) => stamp_view(&view, source),
+        None => stamp_typed(via, source),
     };
+    if let Some(value) = stamped {
+        *via = rsip::headers::Via::new(value);
+    }
+}
+
+/// [`stamp_received`] on a Via read in one pass: the new value, or `None` to leave it.
+fn stamp_view(via: &fields::ViaView<'_>, source: std::net::SocketAddr) -> Option<String> {
+    use std::fmt::Write as _;
+    let wants_rport = via
+        .params()
+        .any(|(name, value)| value.is_none() && name.eq_ignore_ascii_case("rport"));
+    let same_host = via.host.parse::<std::net::IpAddr>().ok() == Some(source.ip());
+    if same_host && !wants_rport {
+        return None;
+    }
+    let mut out = format!("SIP/2.0/{} {}", via.transport, via.sent_by());
+    let mut placed = false;
+    for (name, value) in via.params() {
+        if name.eq_ignore_ascii_case("received") {
+            continue;
+        }
+        if wants_rport && !placed && name.eq_ignore_ascii_case("rport") {
+            let _ = write!(out, ";received={};rport={}", source.ip(), source.port());
+            placed = true;
+            continue;
+        }
+        out.push(';');
+        out.push_str(name);
+        if let Some(value) = value {
+            out.push('=');
+            out.push_str(value);
+        }
+    }
+    if !placed {
+        let _ = write!(out, ";received={}", source.ip());
+    }
+    Some(out)
+}
+
+/// [`stamp_received`] through rsip's typed Via, for the spellings [`fields`] leaves to it.
+fn stamp_typed(via: &rsip::headers::Via, source: std::net::SocketAddr) -> Option<String> {
+    let mut typed = via.typed().ok()?;
     let is_rport = |p: &rsip::Param| matches!(p, rsip::Param::Other(name, _) if name.value().eq_ignore_ascii_case("rport"));
     let wants_rport = typed
         .params
@@ -304,7 +403,7 @@ pub fn stamp_received(req: &mut Request, source: std::net::SocketAddr) {
         rsip::Host::IpAddr(ip) if *ip == source.ip()
     );
     if same_host && !wants_rport {
-        return;
+        return None;
     }
     typed
         .params
@@ -318,7 +417,7 @@ pub fn stamp_received(req: &mut Request, source: std::net::SocketAddr) {
         }
         _ => typed.params.push(received),
     }
-    *via = rsip::headers::Via::new(typed.to_string());
+    Some(typed.to_string())
 }
 
 /// RFC 3261 §16.3 step 3 / §16.6 step 3: the Max-Forwards check of an element that forwards a
@@ -421,6 +520,48 @@ CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
             "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK1;received=198.51.100.7;rport=40000"
         );
         assert_eq!(response_target(&req), Some(src));
+    }
+
+    #[test]
+    fn one_pass_stamp_writes_what_rsip_writes() {
+        for (via, src) in [
+            (
+                "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK1;rport",
+                "198.51.100.7:40000",
+            ),
+            (
+                "SIP/2.0/UDP 10.0.0.1:05060;rport=7;branch=z9hG4bK1;rport",
+                "198.51.100.7:1",
+            ),
+            (
+                "SIP/2.0/TCP client.test;received=1.2.3.4;branch=z9hG4bK1",
+                "192.0.2.1:5070",
+            ),
+            (
+                "SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bK1;rport",
+                "192.0.2.1:5070",
+            ),
+            (
+                "SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bK1",
+                "192.0.2.1:5070",
+            ),
+            (
+                "SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bK1",
+                "192.0.2.2:5070",
+            ),
+            (
+                "SIP/2.0/UDP h.test;ttl=1;maddr=224.0.0.1;branch=z9hG4bK1;x",
+                "192.0.2.2:9",
+            ),
+        ] {
+            let src: std::net::SocketAddr = src.parse().unwrap();
+            let view = super::top_via(via).unwrap();
+            assert_eq!(
+                stamp_view(&view, src),
+                stamp_typed(&rsip::headers::Via::new(via), src),
+                "{via}"
+            );
+        }
     }
 
     #[test]
@@ -541,6 +682,26 @@ Content-Length: 0\r\n\r\n";
         assert!(text.contains("Content-Length: 5\r\n"), "{text}");
         assert_eq!(text.matches("Content-Length").count(), 1);
         assert!(text.ends_with("\r\n\r\nv=0\r\n"));
+    }
+
+    #[test]
+    fn serialisation_is_rsips_text_with_the_length_last() {
+        // What rsip's Display writes once Content-Length is set (the earlier way), for a
+        // request with a body and a response without one: same bytes, the header moved last.
+        let mut req = invite();
+        req.body = b"v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\n".to_vec();
+        let resp = response_for(&invite(), 180, Some("Ringing"), Some("t1"));
+        for msg in [SipMessage::Request(req), SipMessage::Response(resp)] {
+            let mut expected = msg.clone();
+            let len = expected.body().len();
+            set_content_length(expected.headers_mut(), len);
+            let ours = to_bytes(msg);
+            assert_eq!(ours.as_ref(), expected.to_string().as_bytes());
+            assert_eq!(ours.len(), ours.as_ref().len());
+            let back = SipMessage::try_from(ours.as_ref()).unwrap();
+            assert_eq!(back.headers(), expected.headers());
+            assert_eq!(back.body(), expected.body());
+        }
     }
 
     #[test]

@@ -43,6 +43,13 @@ pub struct TransportConfig {
     pub idle_timeout: Duration,
     /// How long an outgoing TCP connect may take.
     pub connect_timeout: Duration,
+    /// The receive buffer asked for each UDP socket, in bytes (the kernel caps it at
+    /// `net.core.rmem_max`): what absorbs a burst of datagrams while the receiving task
+    /// waits for a core. 0 keeps the system default.
+    pub udp_recv_buffer: usize,
+    /// The send buffer asked for each UDP socket, in bytes (capped at
+    /// `net.core.wmem_max`); 0 keeps the system default.
+    pub udp_send_buffer: usize,
 }
 
 impl Default for TransportConfig {
@@ -53,6 +60,8 @@ impl Default for TransportConfig {
             max_message: StreamDecoder::DEFAULT_MAX,
             idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
+            udp_recv_buffer: 4 << 20,
+            udp_send_buffer: 1 << 20,
         }
     }
 }
@@ -151,13 +160,11 @@ impl Transports {
     ) -> Result<Transports, TransportError> {
         let mut udp = Vec::new();
         for addr in &config.udp {
-            let socket = UdpSocket::bind(addr)
-                .await
-                .map_err(|source| TransportError::Bind {
-                    transport: Transport::Udp,
-                    addr: *addr,
-                    source,
-                })?;
+            let socket = bind_udp(*addr, &config).map_err(|source| TransportError::Bind {
+                transport: Transport::Udp,
+                addr: *addr,
+                source,
+            })?;
             udp.push(Arc::new(socket));
         }
         let mut listeners = Vec::new();
@@ -318,6 +325,32 @@ fn lock(m: &Mutex<ConnTable>) -> std::sync::MutexGuard<'_, ConnTable> {
     // A panic while holding this lock cannot leave the table inconsistent (each operation is a
     // single insert or remove), so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A non-blocking UDP socket bound to `addr` with the configured buffer sizes. A size the
+/// kernel refuses is logged and left at its default: the socket still works.
+fn bind_udp(addr: SocketAddr, config: &TransportConfig) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if config.udp_recv_buffer > 0 {
+        if let Err(e) = socket.set_recv_buffer_size(config.udp_recv_buffer) {
+            warn!(%addr, error = %e, "cannot set the UDP receive buffer size");
+        }
+    }
+    if config.udp_send_buffer > 0 {
+        if let Err(e) = socket.set_send_buffer_size(config.udp_send_buffer) {
+            warn!(%addr, error = %e, "cannot set the UDP send buffer size");
+        }
+    }
+    debug!(
+        %addr,
+        recv_buffer = socket.recv_buffer_size().unwrap_or(0),
+        send_buffer = socket.send_buffer_size().unwrap_or(0),
+        "udp socket buffers"
+    );
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 async fn udp_recv_loop(inner: std::sync::Weak<Inner>, socket: Arc<UdpSocket>) {

@@ -201,6 +201,7 @@ impl ClientTx {
             }
             (ClientState::Calling | ClientState::Proceeding, 200..=299) => {
                 self.state = ClientState::Accepted;
+                self.forget_request();
                 self.timers.disarm(Slot::Resend);
                 self.arm(io, Slot::Lifetime, now + io.timers.transaction_timeout());
                 io.event(Event::Response { tx: self.id, resp });
@@ -208,6 +209,7 @@ impl ClientTx {
             }
             (ClientState::Calling | ClientState::Proceeding, _) => {
                 self.state = ClientState::Completed;
+                self.forget_request();
                 self.timers.disarm(Slot::Resend);
                 self.timers.disarm(Slot::Lifetime);
                 if let Some(parts) = self.invite.as_mut() {
@@ -250,6 +252,12 @@ impl ClientTx {
         }
     }
 
+    /// A final response came: the request is never sent again, so its bytes need not be
+    /// kept for the rest of the transaction's life (up to 64·T1 in Accepted).
+    fn forget_request(&mut self) {
+        self.request = Bytes::new();
+    }
+
     fn non_invite_response(
         &mut self,
         now: Instant,
@@ -265,6 +273,7 @@ impl ClientTx {
             }
             (ClientState::Calling | ClientState::Proceeding, _) => {
                 self.state = ClientState::Completed;
+                self.forget_request();
                 self.timers.disarm(Slot::Resend);
                 self.timers.disarm(Slot::Lifetime);
                 io.event(Event::Response { tx: self.id, resp });

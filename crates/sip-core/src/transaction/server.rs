@@ -250,6 +250,9 @@ impl ServerTx {
         match self.state {
             ServerState::Completed if self.invite.is_some() => {
                 self.state = ServerState::Confirmed;
+                // Confirmed absorbs retransmissions without answering: the final
+                // response is not sent again.
+                self.last = None;
                 self.timers.disarm(Slot::Resend);
                 self.timers.disarm(Slot::Lifetime);
                 let wait = io.timers.timer_t4(self.from.is_reliable());
@@ -275,6 +278,8 @@ impl ServerTx {
             if self.state == ServerState::Accepted && !parts.acked {
                 trace!(tx = ?self.id, "2xx acknowledged");
                 parts.acked = true;
+                // Nothing resends the 2xx now (INVITE retransmissions are absorbed).
+                self.last = None;
                 self.timers.disarm(Slot::Resend);
             }
         }
