@@ -115,6 +115,9 @@ log_stderror=yes
 children=$KAM_CHILDREN
 disable_tcp=yes
 auto_aliases=no
+# The receive buffer relayd asks for (4 MiB, capped by net.core.rmem_max): Kamailio probes
+# upwards to this limit, 256 KiB by default.
+maxbuffer=4194304
 alias="relay.test"
 listen=udp:127.0.0.1:$KAM_PORT
 rundir="$WORK/run"
@@ -248,20 +251,20 @@ if [ "$(grep -c 'last_Record-Route' "$WORK/uas_answer.xml")" -ne 2 ]; then
     exit 1
 fi
 
-(cd "$WORK" && exec sipp -sf "$WORK/uas_answer.xml" -i 127.0.0.1 -p "$AS_PORT" -aa \
+(cd "$WORK" && exec "${LOAD_CPUS[@]}" sipp -sf "$WORK/uas_answer.xml" -i 127.0.0.1 -p "$AS_PORT" -aa -buff_size "$SIPP_BUFFER" \
     -nostdin -trace_err -error_file "$WORK/uas-errors.log" >/dev/null 2>"$WORK/uas.stderr") &
 PIDS+=($!)
 # -DD: the main process stays in the foreground (its workers are its children and end with
 # it); -E: log (accounting and CDRs included) to standard error, here a file; -m: shared
 # memory in MB, for the transactions and dialogs of the highest rates.
-"$KAMAILIO" -DD -E -m 512 -M 16 -f "$WORK/kamailio.cfg" >/dev/null 2>"$WORK/kamailio.log" &
+"${SERVER_CPUS[@]}" "$KAMAILIO" -DD -E -m 512 -M 16 -f "$WORK/kamailio.cfg" >/dev/null 2>"$WORK/kamailio.log" &
 KAM_PID=$!
 PIDS+=("$KAM_PID")
 
 # Registering is also the readiness check: sipp retransmits the REGISTER until Kamailio
 # answers, for at most 10 s.
 mkdir -p "$WORK/register"
-(cd "$WORK/register" && exec sipp "127.0.0.1:$KAM_PORT" -sf "$SCENARIOS/uac_register.xml" \
+(cd "$WORK/register" && exec "${LOAD_CPUS[@]}" sipp "127.0.0.1:$KAM_PORT" -sf "$SCENARIOS/uac_register.xml" \
     -inf "$WORK/users.csv" -au alice -ap alice-secret -i 127.0.0.1 -m 1 -nostdin \
     -timeout 10s -timeout_error >/dev/null 2>&1) &
 REG_PID=$!
@@ -298,7 +301,7 @@ echo "kamailio: $KAM_VERSION, $KAM_CHILDREN UDP workers, accounting and CDRs to 
 echo "kamailio memory after the runs (PSS summed over its $NPROC processes): $PSS kB"
 echo "call setup: first INVITE sent to the 200 received (407 round trip included),"
 echo "from the terminal's message trace, microsecond timestamps"
-echo "machine: $(nproc) CPU(s), shared by kamailio, the sipp terminal and the sipp server"
+echo "machine: $PIN_NOTE"
 
 # Side by side with relayd, if bench.sh's output was saved (scripts/bench.sh | tee FILE).
 if [ -r "$RELAYD_RESULT" ]; then

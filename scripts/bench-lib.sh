@@ -2,6 +2,29 @@
 # scripts/bench-kamailio.sh for Kamailio), so both compute their figures the same way.
 # Sourced, not run.
 
+# The socket buffers of the sipp terminal and server (sipp's -buff_size; the kernel caps it at
+# net.core.rmem_max): with sipp's 64 KiB default the load generator itself drops datagrams
+# in bursts, and the retransmissions that follow measure sipp, not the server under test.
+SIPP_BUFFER=${SIPP_BUFFER:-4194304}
+
+# PIN=1 (the default on a machine with two CPUs or more) runs the server under test on CPU 0
+# alone and the sipp terminal and server on the others (taskset), so that the figure is the
+# server's and not how the scheduler shares cores between it and its load generator; PIN=0
+# lets all of them share every CPU. Both benchmarks pin the same way.
+PIN=${PIN:-auto}
+if [ "$PIN" = auto ]; then
+    if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null 2>&1; then PIN=1; else PIN=0; fi
+fi
+if [ "$PIN" = 1 ]; then
+    SERVER_CPUS=(taskset -c 0)
+    LOAD_CPUS=(taskset -c "1-$(($(nproc) - 1))")
+    PIN_NOTE="server on CPU 0 alone, sipp on CPU 1-$(($(nproc) - 1)) (PIN=0 to share)"
+else
+    SERVER_CPUS=()
+    LOAD_CPUS=()
+    PIN_NOTE="$(nproc) CPU(s) shared by the server and both sipps (PIN=1 to separate)"
+fi
+
 # A loopback port free for UDP and TCP (asks the kernel; python3 if there, else a guess).
 free_port() {
     if command -v python3 >/dev/null 2>&1; then
@@ -105,8 +128,8 @@ run_rates() {
         ticks_before=$(tree_ticks "$target_pid")
         # sipp's own -timeout does not always end it when calls are stuck (seen at 3200/s, a
         # sipp left waiting for ten minutes): timeout(1) bounds it, and exits 124 if it had to.
-        (cd "$dir" && exec timeout -k 5 "$((SECONDS_PER_RATE + 60))" \
-            sipp "127.0.0.1:$port" -sf "$SCENARIOS/uac_bench.xml" \
+        (cd "$dir" && exec "${LOAD_CPUS[@]}" timeout -k 5 "$((SECONDS_PER_RATE + 60))" \
+            sipp "127.0.0.1:$port" -sf "$SCENARIOS/uac_bench.xml" -buff_size "$SIPP_BUFFER" \
             -inf "$WORK/users.csv" -au alice -ap alice-secret -s echo -i 127.0.0.1 \
             -r "$RATE" -m "$calls" -d "$HOLD_MS" -l 20000 -nostdin \
             -trace_stat -stf "$dir/stats.csv" -fd 1 -trace_msg -message_file "$dir/messages.log" \

@@ -102,17 +102,17 @@ EOF
 printf 'SEQUENTIAL\nalice;alice-secret\n' >"$WORK/users.csv"
 
 # The application server first, so that the relay's first probe finds it.
-(cd "$WORK" && exec sipp -sf "$SCENARIOS/uas_answer.xml" -i 127.0.0.1 -p "$AS_PORT" -aa \
+(cd "$WORK" && exec "${LOAD_CPUS[@]}" sipp -sf "$SCENARIOS/uas_answer.xml" -i 127.0.0.1 -p "$AS_PORT" -aa -buff_size "$SIPP_BUFFER" \
     -nostdin -trace_err -error_file "$WORK/uas-errors.log" >/dev/null 2>"$WORK/uas.stderr") &
 PIDS+=($!)
-"$RELAYD" --config "$WORK/relayd.toml" run >/dev/null 2>"$WORK/relayd.log" &
+"${SERVER_CPUS[@]}" "$RELAYD" --config "$WORK/relayd.toml" run >/dev/null 2>"$WORK/relayd.log" &
 RELAY_PID=$!
 PIDS+=("$RELAY_PID")
 
 # Registering is also the readiness check: sipp retransmits the REGISTER until the relay
 # answers, for at most 10 s.
 mkdir -p "$WORK/register"
-(cd "$WORK/register" && exec sipp "127.0.0.1:$RELAY_PORT" -sf "$SCENARIOS/uac_register.xml" \
+(cd "$WORK/register" && exec "${LOAD_CPUS[@]}" sipp "127.0.0.1:$RELAY_PORT" -sf "$SCENARIOS/uac_register.xml" \
     -inf "$WORK/users.csv" -au alice -ap alice-secret -i 127.0.0.1 -m 1 -nostdin \
     -timeout 10s -timeout_error >/dev/null 2>&1) &
 REG_PID=$!
@@ -139,4 +139,4 @@ echo "highest rate with every call completed and billed: $BEST calls/s"
 echo "relayd peak RSS: $RSS"
 echo "call setup: first INVITE sent to the 200 received (407 round trip and inquiry"
 echo "included), from the terminal's message trace, microsecond timestamps"
-echo "machine: $(nproc) CPU(s), shared by relayd, the sipp terminal and the sipp server"
+echo "machine: $PIN_NOTE"

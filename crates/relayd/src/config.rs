@@ -443,7 +443,7 @@ impl Default for BillingConfig {
             currency: "EUR".into(),
             max_charge: 100_000,
             touch_interval_secs: 10,
-            commit_interval_ms: 2,
+            commit_interval_ms: 10,
         }
     }
 }

@@ -173,20 +173,22 @@ pub enum ClientEvent {
 /// The user's end of a client transaction.
 #[derive(Debug)]
 pub struct ClientTx {
-    rx: mpsc::UnboundedReceiver<ClientEvent>,
+    // Boxed events: a tokio channel allocates 32 slots at a time, and a slot holding a
+    // whole response made that 3.5 KB per transaction, for as long as the transaction lives.
+    rx: mpsc::UnboundedReceiver<Box<ClientEvent>>,
 }
 
 impl ClientTx {
     /// The next thing the transaction reports; `None` once it can report nothing more.
     pub async fn recv(&mut self) -> Option<ClientEvent> {
-        self.rx.recv().await
+        self.rx.recv().await.map(|e| *e)
     }
 
     /// Waits for the final response, skipping provisionals. A timeout or failure becomes a
     /// locally generated 408 or 503, as RFC 3261 §8.1.3.1 has the UA do.
     pub async fn final_response(&mut self) -> Response {
         loop {
-            match self.rx.recv().await {
+            match self.recv().await {
                 Some(ClientEvent::Response(r)) if r.status_code.code() >= 200 => return r,
                 Some(ClientEvent::Response(_)) => continue,
                 Some(ClientEvent::TimedOut) => return synthetic_response(408, "Request Timeout"),
@@ -229,7 +231,7 @@ enum Command {
     Send {
         req: Request,
         to: Peer,
-        events: mpsc::UnboundedSender<ClientEvent>,
+        events: mpsc::UnboundedSender<Box<ClientEvent>>,
     },
     Respond {
         tx: ServerTxId,
@@ -476,7 +478,7 @@ struct Shard {
     me: mpsc::UnboundedSender<Command>,
     events: mpsc::Sender<EndpointEvent>,
     transports: Transports,
-    clients: HashMap<ClientTxId, mpsc::UnboundedSender<ClientEvent>>,
+    clients: HashMap<ClientTxId, mpsc::UnboundedSender<Box<ClientEvent>>>,
     shared: Weak<Shared>,
 }
 
@@ -518,7 +520,7 @@ impl Shard {
                     self.clients.insert(id, events);
                 }
                 Err(e) => {
-                    let _ = events.send(ClientEvent::Failed(e.to_string()));
+                    let _ = events.send(Box::new(ClientEvent::Failed(e.to_string())));
                 }
             },
             Command::Respond { tx, resp } => {
@@ -605,7 +607,7 @@ impl Shard {
                     Ok(rsip::Method::Invite)
                 );
                 if let Some(user) = self.clients.get(&tx) {
-                    let _ = user.send(ClientEvent::Response(resp));
+                    let _ = user.send(Box::new(ClientEvent::Response(resp)));
                 }
                 // After a final response nothing more comes, except further 2xx to an INVITE.
                 if code >= 300 || (code >= 200 && !method_invite) {
@@ -615,7 +617,7 @@ impl Shard {
             }
             Event::TimedOut { tx } => {
                 if let Some(user) = self.clients.remove(&tx) {
-                    let _ = user.send(ClientEvent::TimedOut);
+                    let _ = user.send(Box::new(ClientEvent::TimedOut));
                 }
                 return;
             }

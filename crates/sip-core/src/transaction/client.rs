@@ -96,7 +96,9 @@ impl AckTemplate {
 #[derive(Debug)]
 struct InviteParts {
     /// Source of the ACK for a non-2xx final response; dropped once that ACK is built.
-    template: Option<AckTemplate>,
+    /// Boxed: transactions live in a hash table for up to 64·T1, and the template (a whole
+    /// URI and headers) is gone after the first response.
+    template: Option<Box<AckTemplate>>,
     /// The ACK sent for the non-2xx final response, resent on each retransmission of it.
     ack: Option<Bytes>,
 }
@@ -133,7 +135,7 @@ impl ClientTx {
         io: &mut Io<'_>,
     ) -> ClientTx {
         let invite = (req.method == Method::Invite).then(|| InviteParts {
-            template: Some(AckTemplate::of(&req, cseq)),
+            template: Some(Box::new(AckTemplate::of(&req, cseq))),
             ack: None,
         });
         let request = to_bytes(req);

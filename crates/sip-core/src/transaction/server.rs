@@ -49,7 +49,7 @@ pub(super) enum AckDisposition {
 struct InviteParts {
     /// The 100 (Trying) to send if the TU stays silent for 200 ms; `None` once any
     /// response went out.
-    trying: Option<Response>,
+    trying: Option<Box<Response>>,
     /// The dialog fields an ACK for our 2xx carries.
     ack_key: AckKey,
     /// Whether the ACK for our 2xx arrived.
@@ -97,7 +97,7 @@ impl ServerTx {
             state: ServerState::Proceeding,
             last: None,
             invite: Some(InviteParts {
-                trying: Some(trying),
+                trying: Some(Box::new(trying)),
                 ack_key,
                 acked: false,
             }),
@@ -236,7 +236,7 @@ impl ServerTx {
                 } else if let Some(trying) = self.invite.as_mut().and_then(|p| p.trying.take()) {
                     // The client is already retransmitting: send 100 (Trying) now rather
                     // than when the 200 ms are up.
-                    self.send(to_bytes(trying), io);
+                    self.send(to_bytes(*trying), io);
                     self.timers.disarm(Slot::Resend);
                 }
             }
@@ -291,7 +291,7 @@ impl ServerTx {
             (Slot::Resend, ServerState::Proceeding) => {
                 if let Some(trying) = self.invite.as_mut().and_then(|p| p.trying.take()) {
                     trace!(tx = ?self.id, "TU silent for 200 ms: 100 Trying");
-                    self.send(to_bytes(trying), io);
+                    self.send(to_bytes(*trying), io);
                 }
                 Fate::Live
             }

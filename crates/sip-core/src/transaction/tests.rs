@@ -1072,3 +1072,14 @@ fn client_and_server_complete_an_invite_over_tcp() {
     let _ = s;
     assert_eq!(Transport::Tcp, tcp(BOB).transport);
 }
+
+/// Transactions sit in hash tables for up to 64·T1 after their last message: the slot of
+/// each stays small (what a transaction no longer needs is boxed and dropped).
+#[test]
+fn transactions_stay_small_in_their_tables() {
+    let client = std::mem::size_of::<super::client::ClientTx>();
+    let server = std::mem::size_of::<super::server::ServerTx>();
+    // The client was 552 bytes before its ACK template was boxed.
+    assert!(client <= 256, "ClientTx is {client} bytes");
+    assert!(server <= 288, "ServerTx is {server} bytes");
+}
