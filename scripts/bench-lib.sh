@@ -107,7 +107,9 @@ summary() {
 # caller's `records` function), the rate achieved, and call-setup percentiles. Stops at the
 # first rate with a failed or unbilled call, or when the process $3 (the server under test)
 # dies, showing the tail of log $4. Uses RATES, SECONDS_PER_RATE, HOLD_MS, WORK, SCENARIOS
-# and PIDS of the caller; sets BEST (the highest clean rate) and BEST_ROW (its percentiles).
+# and PIDS of the caller; sets BEST (the highest clean rate), BEST_ROW (its percentiles) and
+# KEPT (the highest clean rate the server kept pace with: achieved at least 95 % of it, the
+# rest being the last calls' hold time; above it calls queue and setup times grow).
 run_rates() {
     local name=$1 port=$2 target_pid=$3 log=$4
     local row='%8s %6s %9s %6s %6s %9s %7s %7s %7s %7s %8s\n'
@@ -117,6 +119,7 @@ run_rates() {
     printf "$row" "rate" "calls" "completed" "failed" "billed" "achieved" "p50 ms" "p99 ms" "mean ms" "max ms" "cpu/call"
     BEST=0
     BEST_ROW=""
+    KEPT=0
     local billed_before
     billed_before=$(records)
     local RATE
@@ -172,5 +175,8 @@ run_rates() {
         fi
         BEST=$RATE
         BEST_ROW="p50 $p50 ms, p99 $p99 ms"
+        if awk -v n="$ok" -v a="$start" -v b="$end" -v r="$RATE" 'BEGIN { exit !(n / (b - a) >= 0.95 * r) }'; then
+            KEPT=$RATE
+        fi
     done
 }

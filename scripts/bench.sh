@@ -136,6 +136,7 @@ run_rates bench "$RELAY_PORT" "$RELAY_PID" "$WORK/relayd.log"
 RSS=$(awk '/VmHWM/ { h = $2 " " $3 } /VmRSS/ { r = $2 " " $3 } END { print h " (now " r ")" }' "/proc/$RELAY_PID/status" 2>/dev/null || echo "?")
 echo
 echo "highest rate with every call completed and billed: $BEST calls/s"
+echo "highest such rate kept pace with (achieved >= 95 % of it): $KEPT calls/s"
 echo "relayd peak RSS: $RSS"
 echo "call setup: first INVITE sent to the 200 received (407 round trip and inquiry"
 echo "included), from the terminal's message trace, microsecond timestamps"
