@@ -15,8 +15,9 @@
 # terminal's message trace; then the highest rate at which every call completed and was
 # billed, and, if bench.sh's result file is there, the side-by-side line.
 #
-# Environment: SECONDS_PER_RATE (5), HOLD_MS (100) as in bench.sh; KAM_CHILDREN (8, the
-# count in Debian's stock kamailio.cfg) UDP worker processes; RELAYD_RESULT
+# Environment: SECONDS_PER_RATE (5), HOLD_MS (100), PIN (0), SIPP_BUFFER as in bench.sh;
+# KAM_CHILDREN (8, the count in Debian's stock kamailio.cfg) UDP worker processes; on a
+# 2-CPU machine 2 serve it best (see docs/performance.md); RELAYD_RESULT
 # (target/bench/relayd.last) a file holding bench.sh's output to compare with; KEEP=1 keeps
 # the work directory (kamailio.cfg, kamailio.log with the accounting lines, sipp statistics)
 # and says where it is.

@@ -10,13 +10,15 @@
 # BYE. alice registers once before the runs. For each rate it prints the calls placed,
 # completed, failed and billed (session records written), the rate achieved, and the
 # call-setup time (first INVITE to the 200, challenge round trip included) at p50, p99,
-# mean and max, from the terminal's message trace; then the highest rate at which every
-# call completed and was billed. It stops at the first rate where one failed or went
-# unbilled.
+# mean and max, from the terminal's message trace, and relayd's CPU time per call; then
+# the highest rate at which every call completed and was billed, and the highest of those
+# it kept pace with (achieved at least 95 % of it). It stops at the first rate where a
+# call failed or went unbilled.
 #
 # Environment: SECONDS_PER_RATE (5) calls are placed for that long at each rate;
-# HOLD_MS (100) how long each call is held; KEEP=1 keeps the work directory (logs, sipp
-# statistics) and says where it is. Needs sipp (Debian package `sip-tester`).
+# HOLD_MS (100) how long each call is held; PIN=1 runs relayd on CPU 0 and sipp on the
+# other CPUs (default 0: all share); SIPP_BUFFER (4194304) sipp's socket buffers; KEEP=1
+# keeps the work directory (logs, sipp statistics) and says where it is. Needs sipp (Debian package `sip-tester`).
 #
 # Everything it starts (relayd, sipp) is stopped by pid on exit, also on failure or ^C.
 set -euo pipefail

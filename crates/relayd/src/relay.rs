@@ -392,7 +392,7 @@ fn call_id(req: &Request) -> Option<String> {
 
 fn has_to_tag(req: &Request) -> bool {
     req.headers.iter().any(|h| match h {
-        Header::To(to) => matches!(to.tag(), Ok(Some(_))),
+        Header::To(to) => sip_core::fields::tag_of(to.value()).is_some(),
         _ => false,
     })
 }

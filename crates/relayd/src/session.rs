@@ -932,7 +932,7 @@ pub(crate) fn call_id_of(headers: &rsip::Headers) -> Option<String> {
 
 fn to_tag_of(headers: &rsip::Headers) -> Option<String> {
     headers.iter().find_map(|h| match h {
-        Header::To(to) => to.tag().ok().flatten().map(|t| t.value().to_string()),
+        Header::To(to) => sip_core::fields::tag_of(to.value()).map(|t| t.into_owned()),
         _ => None,
     })
 }

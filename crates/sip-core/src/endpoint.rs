@@ -602,10 +602,13 @@ impl Shard {
             },
             Event::Response { tx, resp } => {
                 let code = resp.status_code.code();
-                let method_invite = matches!(
-                    message::Summary::of_response(&resp).map(|s| s.cseq_method),
-                    Ok(rsip::Method::Invite)
-                );
+                let method_invite = resp.headers.iter().any(|h| match h {
+                    Header::CSeq(c) => match crate::fields::cseq(c.value()) {
+                        Some((_, method)) => method == rsip::Method::Invite,
+                        None => matches!(c.typed(), Ok(c) if c.method == rsip::Method::Invite),
+                    },
+                    _ => false,
+                });
                 if let Some(user) = self.clients.get(&tx) {
                     let _ = user.send(Box::new(ClientEvent::Response(resp)));
                 }

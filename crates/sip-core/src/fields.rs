@@ -209,6 +209,20 @@ pub fn tag(value: &str) -> Option<Option<&str>> {
     Some(found)
 }
 
+/// The tag of a From or To header value, read by [`tag`] where it can and by rsip otherwise;
+/// `None` when there is none (or rsip cannot read the header either).
+pub fn tag_of(value: &str) -> Option<std::borrow::Cow<'_, str>> {
+    use rsip::headers::UntypedHeader as _;
+    match tag(value) {
+        Some(t) => t.map(std::borrow::Cow::Borrowed),
+        None => rsip::headers::To::new(value)
+            .tag()
+            .ok()
+            .flatten()
+            .map(|t| std::borrow::Cow::Owned(t.value().to_string())),
+    }
+}
+
 /// A CSeq header value (`7 INVITE`): its number and method; `None` when not in that form.
 pub fn cseq(value: &str) -> Option<(u32, Method)> {
     let value = value.trim_matches(|c| c == ' ' || c == '\t');
@@ -295,6 +309,18 @@ mod tests {
         assert_eq!(tag("<sip:a@b>;TAG=t"), None);
         assert_eq!(tag("<sip:a@b>;tag=t;tag=u"), None);
         assert_eq!(tag("<sip:a@b> ;tag=t"), None);
+    }
+
+    #[test]
+    fn tag_of_falls_back_to_rsip() {
+        assert_eq!(tag_of("<sip:a@b>;tag=x").as_deref(), Some("x"));
+        assert_eq!(tag_of("<sip:a@b>").as_deref(), None);
+        // Left to rsip by the one-pass reader, read by rsip.
+        assert_eq!(tag("sip:a@b;tag=y"), None);
+        assert_eq!(
+            tag_of("sip:a@b;tag=y").as_deref(),
+            rsip_tag("sip:a@b;tag=y").flatten().as_deref()
+        );
     }
 
     #[test]

@@ -251,7 +251,7 @@ pub fn response_for(
                 headers.push(header.clone())
             }
             Header::To(to) => {
-                let has_tag = matches!(to.tag(), Ok(Some(_)));
+                let has_tag = fields::tag_of(to.value()).is_some();
                 match (has_tag, to_tag, code) {
                     (false, Some(tag), c) if c != 100 => headers.push(Header::To(
                         rsip::headers::To::new(format!("{};tag={tag}", to.value())),
