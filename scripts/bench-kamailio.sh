@@ -64,26 +64,7 @@ KAMAILIO=$(command -v kamailio)
 MPATH=$(dirname "$(dpkg -L kamailio | grep -m 1 '/modules/tm\.so$')")
 KAM_VERSION=$("$KAMAILIO" -v | awk 'NR == 1 { print $2, $3 }')
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/kamailio-bench.XXXXXX")
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [ "${KEEP:-0}" = 1 ]; then
-        echo "bench-kamailio: work directory kept: $WORK" >&2
-    else
-        rm -rf "$WORK"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-
+start_work bench-kamailio kamailio-bench
 KAM_PORT=$(free_port)
 AS_PORT=$(free_port)
 while [ "$AS_PORT" = "$KAM_PORT" ]; do AS_PORT=$(free_port); done

@@ -27,6 +27,32 @@ else
     PIN_NOTE="$(nproc) CPU(s) shared by the server and both sipps (PIN=1 to separate)"
 fi
 
+# Creates the work directory WORK (named after $2) and PIDS, the processes to stop; on exit,
+# also on failure or ^C, stops them by pid and removes WORK unless KEEP=1 ($1 names the
+# script in what it says).
+start_work() {
+    BENCH_NAME=$1
+    WORK=$(mktemp -d "${TMPDIR:-/tmp}/$2.XXXXXX")
+    PIDS=()
+    trap cleanup_work EXIT
+    trap 'exit 130' INT TERM
+}
+
+cleanup_work() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "${KEEP:-0}" = 1 ]; then
+        echo "$BENCH_NAME: work directory kept: $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+}
+
 # A loopback port free for UDP and TCP (asks the kernel; python3 if there, else a guess).
 free_port() {
     if command -v python3 >/dev/null 2>&1; then

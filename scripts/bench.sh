@@ -42,26 +42,7 @@ echo "building relayd (release)..." >&2
 cargo build --release --quiet -p relayd
 RELAYD=$ROOT/target/release/relayd
 
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/relayd-bench.XXXXXX")
-PIDS=()
-cleanup() {
-    local pid
-    for pid in "${PIDS[@]}"; do
-        kill "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        wait "$pid" 2>/dev/null || true
-    done
-    if [ "${KEEP:-0}" = 1 ]; then
-        echo "bench: work directory kept: $WORK" >&2
-    else
-        rm -rf "$WORK"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-
+start_work bench relayd-bench
 RELAY_PORT=$(free_port)
 AS_PORT=$(free_port)
 while [ "$AS_PORT" = "$RELAY_PORT" ]; do AS_PORT=$(free_port); done

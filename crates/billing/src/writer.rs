@@ -455,10 +455,12 @@ mod tests {
         Pin::new(fut).poll(&mut Context::from_waker(&waker))
     }
 
-    /// A store that blocks every batch until the test lets it go, and remembers batches.
+    /// A store that blocks every batch until the test lets it go, and remembers batches
+    /// (their sizes, and when each started).
     struct GateStore {
         gate: mpsc::Receiver<Result<(), String>>,
         batches: Arc<Mutex<Vec<usize>>>,
+        started: Arc<Mutex<Vec<Instant>>>,
     }
 
     impl Store for GateStore {
@@ -466,6 +468,7 @@ mod tests {
             &mut self,
             ops: &[Op],
         ) -> Result<Vec<Result<Outcome, BillingError>>, BillingError> {
+            self.started.lock().unwrap().push(Instant::now());
             self.batches.lock().unwrap().push(ops.len());
             match self.gate.recv() {
                 Ok(Ok(())) => Ok(ops.iter().map(|_| Ok(Outcome::Touched(1))).collect()),
@@ -514,6 +517,7 @@ mod tests {
         let writer = Writer::spawn(GateStore {
             gate: gate_rx,
             batches: Arc::clone(&batches),
+            started: Arc::default(),
         })
         .unwrap();
         let handle = writer.handle();
@@ -544,42 +548,21 @@ mod tests {
         writer.shutdown().unwrap();
     }
 
-    /// A store that records when each batch started, committing at once.
-    struct TimedStore(Arc<Mutex<Vec<(Instant, usize)>>>);
-
-    impl Store for TimedStore {
-        fn apply(
-            &mut self,
-            ops: &[Op],
-        ) -> Result<Vec<Result<Outcome, BillingError>>, BillingError> {
-            self.0.lock().unwrap().push((Instant::now(), ops.len()));
-            Ok(ops.iter().map(|_| Ok(Outcome::Touched(1))).collect())
-        }
-        fn journal(&self) -> Result<Vec<JournaledSession>, BillingError> {
-            Ok(Vec::new())
-        }
-        fn scan_sessions(
-            &self,
-            _: Period,
-            _: &mut dyn FnMut(SessionRecord) -> Result<(), BillingError>,
-        ) -> Result<(), BillingError> {
-            Ok(())
-        }
-        fn scan_charges(
-            &self,
-            _: Period,
-            _: &mut dyn FnMut(ChargeRecord) -> Result<(), BillingError>,
-        ) -> Result<(), BillingError> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn commits_are_spaced_by_the_commit_interval_and_gather_what_arrives() {
         let interval = Duration::from_millis(300);
+        let (gate, gate_rx) = mpsc::channel();
         let batches = Arc::new(Mutex::new(Vec::new()));
+        let started = Arc::new(Mutex::new(Vec::new()));
+        // Both commits may go through at once: only their timing is under test.
+        gate.send(Ok(())).unwrap();
+        gate.send(Ok(())).unwrap();
         let writer = Writer::spawn_with(
-            TimedStore(Arc::clone(&batches)),
+            GateStore {
+                gate: gate_rx,
+                batches: Arc::clone(&batches),
+                started: Arc::clone(&started),
+            },
             WriterConfig {
                 commit_interval: interval,
                 ..WriterConfig::default()
@@ -595,25 +578,32 @@ mod tests {
         for p in pending {
             assert_eq!(p.wait().unwrap(), 1);
         }
-        let batches = batches.lock().unwrap().clone();
         assert_eq!(
-            batches.iter().map(|b| b.1).collect::<Vec<_>>(),
+            *batches.lock().unwrap(),
             [1, 3],
             "the three requests share one commit"
         );
+        let started = started.lock().unwrap().clone();
         assert!(
-            batches[1].0.duration_since(batches[0].0) >= interval,
+            started[1].duration_since(started[0]) >= interval,
             "the second commit started {:?} after the first",
-            batches[1].0.duration_since(batches[0].0)
+            started[1].duration_since(started[0])
         );
         writer.shutdown().unwrap();
     }
 
     #[test]
     fn shutdown_commits_at_once_what_waits_for_the_interval() {
+        let (gate, gate_rx) = mpsc::channel();
         let batches = Arc::new(Mutex::new(Vec::new()));
+        gate.send(Ok(())).unwrap();
+        gate.send(Ok(())).unwrap();
         let writer = Writer::spawn_with(
-            TimedStore(Arc::clone(&batches)),
+            GateStore {
+                gate: gate_rx,
+                batches: Arc::clone(&batches),
+                started: Arc::default(),
+            },
             WriterConfig {
                 commit_interval: Duration::from_secs(3600),
                 ..WriterConfig::default()
@@ -636,6 +626,7 @@ mod tests {
         let writer = Writer::spawn(GateStore {
             gate: gate_rx,
             batches: Arc::clone(&batches),
+            started: Arc::default(),
         })
         .unwrap();
         let handle = writer.handle();

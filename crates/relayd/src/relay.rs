@@ -390,13 +390,6 @@ fn call_id(req: &Request) -> Option<String> {
     })
 }
 
-fn has_to_tag(req: &Request) -> bool {
-    req.headers.iter().any(|h| match h {
-        Header::To(to) => sip_core::fields::tag_of(to.value()).is_some(),
-        _ => false,
-    })
-}
-
 /// Takes the endpoint's events until the endpoint closes.
 pub async fn dispatch(relay: Arc<Relay>, mut events: mpsc::Receiver<EndpointEvent>) {
     while let Some(event) = events.recv().await {
@@ -463,11 +456,11 @@ fn out_of_dialog(relay: &Arc<Relay>, r: IncomingRequest, cid: String) {
             let relay = relay.clone();
             tokio::spawn(async move { register(&relay, r) }.instrument(span));
         }
-        Method::Invite if !has_to_tag(&r.req) => {
+        Method::Invite if !session::has_to_tag(&r.req) => {
             let relay = relay.clone();
             tokio::spawn(async move { admit(relay, r) }.instrument(span));
         }
-        Method::Options if !has_to_tag(&r.req) => {
+        Method::Options if !session::has_to_tag(&r.req) => {
             let mut resp = b2bua::local_response(&r.req, 200, "OK", Some(&message::new_tag()));
             resp.headers.push(Header::Allow(rsip::headers::Allow::new(
                 "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, REFER, NOTIFY, INFO",
@@ -477,7 +470,7 @@ fn out_of_dialog(relay: &Arc<Relay>, r: IncomingRequest, cid: String) {
             )));
             let _ = r.tx.respond(resp);
         }
-        Method::Message if !has_to_tag(&r.req) => {
+        Method::Message if !session::has_to_tag(&r.req) => {
             let relay = relay.clone();
             tokio::spawn(async move { charge::handle(relay, r).await }.instrument(span));
         }

@@ -193,3 +193,30 @@ impl SessionTable {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_inbox_hands_inputs_over_and_says_when_its_call_has_ended() {
+        let (inbox, mut rx) = inbox();
+        inbox.send(SessionInput::Shutdown).unwrap();
+        assert!(matches!(rx.recv().await, Some(SessionInput::Shutdown)));
+        let helper = inbox.clone();
+        let waiting = tokio::spawn(async move { helper.closed().await });
+        // The call ends: its receiver goes, helpers waiting on `closed` are let go, and
+        // what is sent afterwards comes back.
+        drop(rx);
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("closed() never completed")
+            .unwrap();
+        assert!(matches!(
+            inbox.send(SessionInput::Shutdown),
+            Err(SessionInput::Shutdown)
+        ));
+    }
+}

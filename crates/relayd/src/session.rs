@@ -932,11 +932,15 @@ pub(crate) fn call_id_of(headers: &rsip::Headers) -> Option<String> {
 
 fn to_tag_of(headers: &rsip::Headers) -> Option<String> {
     headers.iter().find_map(|h| match h {
-        Header::To(to) => sip_core::fields::tag_of(to.value()).map(|t| t.into_owned()),
+        Header::To(to) => sip_core::fields::tag_of(to.value())
+            .ok()
+            .flatten()
+            .map(|t| t.into_owned()),
         _ => None,
     })
 }
 
-fn has_to_tag(req: &Request) -> bool {
+/// Whether a request carries a To tag, i.e. belongs to a dialog (RFC 3261 §12.2).
+pub(crate) fn has_to_tag(req: &Request) -> bool {
     to_tag_of(&req.headers).is_some()
 }

@@ -337,34 +337,28 @@ fn response_peer(req: &Request, from: Peer) -> Peer {
     }) else {
         return from;
     };
-    if let Some(view) = message::top_via(via.value()) {
-        if view.param("rport").is_some() {
-            return from;
+    // Whether rport was asked for, and the sent-by port: in one pass, or through rsip.
+    let (asks_rport, port) = match message::top_via(via.value()) {
+        Some(view) => (view.param("rport").is_some(), view.port),
+        None => {
+            let Ok(via) = rsip::typed::Via::try_from(via.clone()) else {
+                return from;
+            };
+            let asks_rport = via.params.iter().any(|p| match p {
+                rsip::Param::Other(name, _) => name.value().eq_ignore_ascii_case("rport"),
+                _ => false,
+            });
+            (asks_rport, via.uri.host_with_port.port.map(|p| *p.value()))
         }
-        let port = view.port.unwrap_or(from.transport.default_port());
-        return Peer {
-            addr: SocketAddr::new(from.addr.ip(), port),
-            ..from
-        };
-    }
-    let Ok(via) = rsip::typed::Via::try_from(via.clone()) else {
-        return from;
     };
-    let asks_rport = via.params.iter().any(|p| match p {
-        rsip::Param::Other(name, _) => name.value().eq_ignore_ascii_case("rport"),
-        _ => false,
-    });
     if asks_rport {
         return from;
     }
-    let port = via
-        .uri
-        .host_with_port
-        .port
-        .map(|p| *p.value())
-        .unwrap_or(from.transport.default_port());
     Peer {
-        addr: SocketAddr::new(from.addr.ip(), port),
+        addr: SocketAddr::new(
+            from.addr.ip(),
+            port.unwrap_or(from.transport.default_port()),
+        ),
         ..from
     }
 }
@@ -602,12 +596,9 @@ impl Shard {
             },
             Event::Response { tx, resp } => {
                 let code = resp.status_code.code();
-                let method_invite = resp.headers.iter().any(|h| match h {
-                    Header::CSeq(c) => match crate::fields::cseq(c.value()) {
-                        Some((_, method)) => method == rsip::Method::Invite,
-                        None => matches!(c.typed(), Ok(c) if c.method == rsip::Method::Invite),
-                    },
-                    _ => false,
+                let method_invite = resp.headers.iter().any(|h| {
+                    matches!(h, Header::CSeq(c)
+                        if matches!(crate::fields::cseq_of(c.value()), Some((_, rsip::Method::Invite))))
                 });
                 if let Some(user) = self.clients.get(&tx) {
                     let _ = user.send(Box::new(ClientEvent::Response(resp)));

@@ -209,18 +209,28 @@ pub fn tag(value: &str) -> Option<Option<&str>> {
     Some(found)
 }
 
-/// The tag of a From or To header value, read by [`tag`] where it can and by rsip otherwise;
-/// `None` when there is none (or rsip cannot read the header either).
-pub fn tag_of(value: &str) -> Option<std::borrow::Cow<'_, str>> {
+/// The tag of a From or To header value, read by [`tag`] where it can and by rsip otherwise:
+/// `Ok(None)` when there is none, `Err` when rsip cannot read the header either.
+pub fn tag_of(value: &str) -> Result<Option<std::borrow::Cow<'_, str>>, rsip::Error> {
     use rsip::headers::UntypedHeader as _;
     match tag(value) {
-        Some(t) => t.map(std::borrow::Cow::Borrowed),
-        None => rsip::headers::To::new(value)
-            .tag()
-            .ok()
-            .flatten()
-            .map(|t| std::borrow::Cow::Owned(t.value().to_string())),
+        Some(t) => Ok(t.map(std::borrow::Cow::Borrowed)),
+        None => Ok(rsip::headers::To::new(value)
+            .tag()?
+            .map(|t| std::borrow::Cow::Owned(t.value().to_string()))),
     }
+}
+
+/// A CSeq header value's number and method, read by [`cseq`] where it can and by rsip
+/// otherwise; `None` when neither can.
+pub fn cseq_of(value: &str) -> Option<(u32, Method)> {
+    use rsip::headers::{ToTypedHeader as _, UntypedHeader as _};
+    cseq(value).or_else(|| {
+        rsip::headers::CSeq::new(value)
+            .typed()
+            .ok()
+            .map(|c| (c.seq, c.method))
+    })
 }
 
 /// A CSeq header value (`7 INVITE`): its number and method; `None` when not in that form.
@@ -313,14 +323,21 @@ mod tests {
 
     #[test]
     fn tag_of_falls_back_to_rsip() {
-        assert_eq!(tag_of("<sip:a@b>;tag=x").as_deref(), Some("x"));
-        assert_eq!(tag_of("<sip:a@b>").as_deref(), None);
+        assert_eq!(tag_of("<sip:a@b>;tag=x").unwrap().as_deref(), Some("x"));
+        assert_eq!(tag_of("<sip:a@b>").unwrap().as_deref(), None);
         // Left to rsip by the one-pass reader, read by rsip.
         assert_eq!(tag("sip:a@b;tag=y"), None);
         assert_eq!(
-            tag_of("sip:a@b;tag=y").as_deref(),
+            tag_of("sip:a@b;tag=y").unwrap().as_deref(),
             rsip_tag("sip:a@b;tag=y").flatten().as_deref()
         );
+    }
+
+    #[test]
+    fn cseq_of_falls_back_to_rsip() {
+        assert_eq!(cseq("7  INVITE"), None);
+        assert_eq!(cseq_of("7  INVITE"), Some((7, Method::Invite)));
+        assert_eq!(cseq_of("seven INVITE"), None);
     }
 
     #[test]

@@ -191,33 +191,19 @@ fn summarize(headers: &rsip::Headers) -> Result<Summary, MessageError> {
         }
     };
     let cseq = cseq.ok_or(MessageError::Missing("CSeq"))?;
-    let (cseq, cseq_method) = match fields::cseq(cseq.value()) {
-        Some(c) => c,
-        None => {
-            let c = cseq.typed().map_err(|_| MessageError::Invalid("CSeq"))?;
-            (c.seq, c.method)
-        }
-    };
+    let (cseq, cseq_method) = fields::cseq_of(cseq.value()).ok_or(MessageError::Invalid("CSeq"))?;
     let call_id = call_id.ok_or(MessageError::Missing("Call-ID"))?.value();
     if call_id.trim().is_empty() {
         return Err(MessageError::Invalid("Call-ID"));
     }
     let from = from.ok_or(MessageError::Missing("From"))?;
     let to = to.ok_or(MessageError::Missing("To"))?;
-    let from_tag = match fields::tag(from.value()) {
-        Some(tag) => tag.map(str::to_string),
-        None => from
-            .tag()
-            .map_err(|_| MessageError::Invalid("From"))?
-            .map(|t| t.value().to_string()),
-    };
-    let to_tag = match fields::tag(to.value()) {
-        Some(tag) => tag.map(str::to_string),
-        None => to
-            .tag()
-            .map_err(|_| MessageError::Invalid("To"))?
-            .map(|t| t.value().to_string()),
-    };
+    let from_tag = fields::tag_of(from.value())
+        .map_err(|_| MessageError::Invalid("From"))?
+        .map(|t| t.into_owned());
+    let to_tag = fields::tag_of(to.value())
+        .map_err(|_| MessageError::Invalid("To"))?
+        .map(|t| t.into_owned());
     Ok(Summary {
         branch,
         sent_by,
@@ -251,7 +237,7 @@ pub fn response_for(
                 headers.push(header.clone())
             }
             Header::To(to) => {
-                let has_tag = fields::tag_of(to.value()).is_some();
+                let has_tag = matches!(fields::tag_of(to.value()), Ok(Some(_)));
                 match (has_tag, to_tag, code) {
                     (false, Some(tag), c) if c != 100 => headers.push(Header::To(
                         rsip::headers::To::new(format!("{};tag={tag}", to.value())),

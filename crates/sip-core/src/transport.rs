@@ -495,3 +495,39 @@ async fn conn_reader(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn udp_sockets_get_the_buffer_sizes_asked_for() {
+        // Small sizes, below any system default and rmem_max: Linux doubles what it is
+        // given, so a socket left at its default (208 KiB and up) would be far above this.
+        let config = TransportConfig {
+            udp_recv_buffer: 4096,
+            udp_send_buffer: 4096,
+            ..TransportConfig::default()
+        };
+        let socket = bind_udp("127.0.0.1:0".parse().unwrap(), &config).unwrap();
+        let sock = socket2::SockRef::from(&socket);
+        assert!(sock.recv_buffer_size().unwrap() <= 16 * 1024);
+        assert!(sock.send_buffer_size().unwrap() <= 16 * 1024);
+        let default = bind_udp(
+            "127.0.0.1:0".parse().unwrap(),
+            &TransportConfig {
+                udp_recv_buffer: 0,
+                udp_send_buffer: 0,
+                ..TransportConfig::default()
+            },
+        )
+        .unwrap();
+        assert!(
+            socket2::SockRef::from(&default).recv_buffer_size().unwrap()
+                > sock.recv_buffer_size().unwrap(),
+            "0 keeps the larger system default"
+        );
+    }
+}
