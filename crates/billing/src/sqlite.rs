@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
@@ -18,8 +19,8 @@ use crate::error::BillingError;
 use crate::money::{Currency, Money};
 use crate::record::{ChargeRecord, EndCause, SessionRecord, UnitCharge};
 use crate::store::{
-    recovered_end, unique_ids, JournaledSession, NewCharge, Op, OpenSession, Outcome, Period,
-    Store, TouchSessions,
+    recovered_end, unique_ids, CloseSession, JournaledSession, NewCharge, Op, OpenSession, Outcome,
+    Period, Store, TouchSessions,
 };
 use crate::tariff::Tariff;
 
@@ -93,15 +94,69 @@ CREATE TABLE charge_records (
 CREATE INDEX charge_records_by_time ON charge_records (charged_at_ms);
 ";
 
-/// The schema's history, oldest first.
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "meta, open-session journal, session records, charge records",
-    sql: SCHEMA_V1,
-}];
+/// Version 2 rebuilds `session_records` with its end-cause `CHECK` written as a chain of
+/// `=` tests: for `IN (…)` SQLite builds an ephemeral table on every insert, about a third
+/// of the cost of writing a record. Nothing else about the table changes (columns, types,
+/// `STRICT`, the other `CHECK`s, the index, the record ids), and no row can fail the new
+/// `CHECK`, which accepts exactly the causes the old one did.
+///
+/// It follows SQLite's procedure for changing a table (<https://sqlite.org/lang_altertable.html>,
+/// "Making Other Kinds Of Table Schema Changes"): create the new table, copy the rows, drop
+/// the old table, rename the new one, recreate the index; all inside the migration's
+/// transaction. No view, trigger or foreign key refers to `session_records`, and foreign
+/// keys are not enabled, so the other steps have nothing to do.
+///
+/// A migration is history: once released, its SQL never changes, so this list of causes is
+/// frozen here rather than generated from [`EndCause`]. A new cause needs a new migration;
+/// `the_end_cause_check_lists_every_cause_and_nothing_else` fails until it has one.
+const SCHEMA_V2: &str = "
+CREATE TABLE new_session_records (
+    record_id       INTEGER PRIMARY KEY,
+    session_id      TEXT NOT NULL CHECK (length(session_id) > 0),
+    call_id         TEXT NOT NULL CHECK (length(call_id) > 0),
+    subscriber      TEXT NOT NULL CHECK (length(subscriber) > 0),
+    service         TEXT NOT NULL CHECK (length(service) > 0),
+    server          TEXT NOT NULL CHECK (length(server) > 0),
+    plan            TEXT NOT NULL CHECK (length(plan) > 0),
+    tariff          TEXT NOT NULL CHECK (length(tariff) > 0),
+    confirmed_at_ms INTEGER NOT NULL CHECK (confirmed_at_ms >= 0),
+    ended_at_ms     INTEGER NOT NULL CHECK (ended_at_ms >= confirmed_at_ms),
+    duration_ms     INTEGER NOT NULL CHECK (duration_ms = ended_at_ms - confirmed_at_ms),
+    end_cause       TEXT NOT NULL CHECK (end_cause = 'caller-bye' OR end_cause = 'server-bye'
+                        OR end_cause = 'timeout' OR end_cause = 'transferred'
+                        OR end_cause = 'changed' OR end_cause = 'relay-shutdown'
+                        OR end_cause = 'recovered-after-restart'),
+    amount_minor    INTEGER NOT NULL CHECK (amount_minor >= 0),
+    currency        TEXT NOT NULL CHECK (length(currency) = 3 AND currency = upper(currency))
+) STRICT;
+INSERT INTO new_session_records (record_id, session_id, call_id, subscriber, service, server,
+        plan, tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, amount_minor,
+        currency)
+    SELECT record_id, session_id, call_id, subscriber, service, server, plan, tariff,
+        confirmed_at_ms, ended_at_ms, duration_ms, end_cause, amount_minor, currency
+    FROM session_records ORDER BY record_id;
+DROP TABLE session_records;
+ALTER TABLE new_session_records RENAME TO session_records;
+CREATE INDEX session_records_by_end ON session_records (ended_at_ms);
+";
+
+/// The schema's history, oldest first. A new database runs all of it, so that it has
+/// exactly the schema of one migrated from an older version.
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "meta, open-session journal, session records, charge records",
+        sql: SCHEMA_V1,
+    },
+    Migration {
+        version: 2,
+        description: "session records: end-cause check without IN (no ephemeral table)",
+        sql: SCHEMA_V2,
+    },
+];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SESSION_COLUMNS: &str = "record_id, session_id, call_id, subscriber, service, server, plan, \
      tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, amount_minor, currency";
@@ -112,8 +167,8 @@ const CHARGE_COLUMNS: &str = "record_id, session_id, server, subscriber, service
 enum OpFailure {
     /// The op was refused and left no trace; the rest of the batch goes on.
     Refused(BillingError),
-    /// The transaction itself is lost (rolled back by SQLite, or a savepoint could not be
-    /// undone); the whole batch fails.
+    /// The transaction itself is lost (rolled back by SQLite, or a savepoint or a
+    /// half-done close could not be undone); the whole batch fails.
     Fatal(BillingError),
 }
 
@@ -124,10 +179,13 @@ pub struct SqliteStore {
     path: PathBuf,
     /// Journaled tariff snapshots already parsed, by their JSON text: most sessions share
     /// a handful of tariffs, and parsing one per close would cost more than the insert.
-    tariffs: RefCell<HashMap<String, Tariff>>,
+    tariffs: RefCell<HashMap<String, Arc<Tariff>>>,
+    /// The JSON snapshots of the tariffs already journaled, for the same reason: one
+    /// serialisation per distinct tariff rather than one per opened session.
+    snapshots: RefCell<HashMap<Tariff, Arc<str>>>,
 }
 
-/// The most parsed tariff snapshots kept; past this the cache starts over.
+/// The most tariffs kept in each of the caches; past this a cache starts over.
 const TARIFF_CACHE: usize = 64;
 
 impl SqliteStore {
@@ -136,21 +194,41 @@ impl SqliteStore {
             conn,
             path,
             tariffs: RefCell::new(HashMap::new()),
+            snapshots: RefCell::new(HashMap::new()),
         }
     }
 
     /// The tariff of a journaled session, parsed once per distinct snapshot.
-    fn journaled_tariff(&self, session_id: &str, json: &str) -> Result<Tariff, BillingError> {
+    fn journaled_tariff(&self, session_id: &str, json: &str) -> Result<Arc<Tariff>, BillingError> {
         let mut cache = self.tariffs.borrow_mut();
         if let Some(tariff) = cache.get(json) {
-            return Ok(tariff.clone());
+            return Ok(Arc::clone(tariff));
         }
-        let tariff = parse_tariff(session_id, json)?;
+        let tariff = Arc::new(parse_tariff(session_id, json)?);
         if cache.len() >= TARIFF_CACHE {
             cache.clear();
         }
-        cache.insert(json.to_owned(), tariff.clone());
+        cache.insert(json.to_owned(), Arc::clone(&tariff));
         Ok(tariff)
+    }
+
+    /// The JSON snapshot journaled for `tariff`, serialised once per distinct tariff.
+    fn tariff_snapshot(&self, tariff: &Tariff) -> Result<Arc<str>, BillingError> {
+        let mut cache = self.snapshots.borrow_mut();
+        if let Some(json) = cache.get(tariff) {
+            return Ok(Arc::clone(json));
+        }
+        let json: Arc<str> = serde_json::to_string(tariff)
+            .map_err(|e| BillingError::InvalidInput {
+                field: "tariff",
+                reason: e.to_string(),
+            })?
+            .into();
+        if cache.len() >= TARIFF_CACHE {
+            cache.clear();
+        }
+        cache.insert(tariff.clone(), Arc::clone(&json));
+        Ok(json)
     }
 
     /// Opens (creating if missing) the billing database at `path` for reading and
@@ -418,10 +496,7 @@ impl SqliteStore {
                 self.single_statement(self.insert_open(open).map(|()| Outcome::Opened))
             }
             Op::Touch(touch) => self.in_savepoint(|s| s.touch(touch).map(Outcome::Touched)),
-            Op::Close(close) => self.in_savepoint(|s| {
-                s.close_row(&close.session_id, close.ended_at_ms, close.cause)
-                    .map(Outcome::Closed)
-            }),
+            Op::Close(close) => self.close_op(close).map(Outcome::Closed),
             Op::Charge(charge) => self.single_statement(
                 self.charge(charge)
                     .map(|(record, duplicate)| Outcome::Charged { record, duplicate }),
@@ -433,11 +508,7 @@ impl SqliteStore {
     }
 
     fn insert_open(&self, open: &OpenSession) -> Result<(), BillingError> {
-        let tariff =
-            serde_json::to_string(&open.tariff).map_err(|e| BillingError::InvalidInput {
-                field: "tariff",
-                reason: e.to_string(),
-            })?;
+        let tariff = self.tariff_snapshot(&open.tariff)?;
         let inserted = self
             .conn
             .prepare_cached(
@@ -453,7 +524,7 @@ impl SqliteStore {
                     open.service,
                     open.server,
                     open.plan,
-                    tariff,
+                    &*tariff,
                     open.confirmed_at_ms,
                 ])
             })
@@ -483,8 +554,56 @@ impl SqliteStore {
         Ok(touched)
     }
 
-    /// Removes a session from the journal and writes its record.
+    /// Closes a session for [`Op::Close`] without a savepoint (one costs more than the
+    /// close itself): the record is written first, by a single statement that SQLite
+    /// undoes by itself if it fails; if removing the journal row then fails, the record is
+    /// deleted again. Either way a refused close leaves no trace. If that undo fails too,
+    /// or SQLite rolled the transaction back, the whole batch fails.
+    fn close_op(&self, close: &CloseSession) -> Result<SessionRecord, OpFailure> {
+        let record = self.single_statement(self.write_record(
+            &close.session_id,
+            close.ended_at_ms,
+            close.cause,
+        ))?;
+        match self.remove_journal_row(&close.session_id) {
+            Ok(()) => Ok(record),
+            Err(e) if self.conn.is_autocommit() => Err(OpFailure::Fatal(e)),
+            Err(e) => {
+                let undone = self
+                    .conn
+                    .prepare_cached("DELETE FROM session_records WHERE record_id = ?1")
+                    .and_then(|mut stmt| stmt.execute([record.record_id]))
+                    .map_err(|e| self.fatal(e))?;
+                if undone != 1 {
+                    return Err(OpFailure::Fatal(self.corrupt(format!(
+                        "record {} of session {:?} vanished while undoing its close",
+                        record.record_id, close.session_id
+                    ))));
+                }
+                Err(OpFailure::Refused(e))
+            }
+        }
+    }
+
+    /// Removes a session from the journal and writes its record. Run it under a
+    /// savepoint: a failure after the first write leaves the other one done.
     fn close_row(
+        &self,
+        session_id: &str,
+        ended_at_ms: i64,
+        cause: EndCause,
+    ) -> Result<SessionRecord, BillingError> {
+        let record = self.write_record(session_id, ended_at_ms, cause)?;
+        self.remove_journal_row(session_id)?;
+        Ok(record)
+    }
+
+    /// Rates a journaled session and writes its record, leaving the journal row.
+    ///
+    /// Plain statements, none with `RETURNING`: SQLite runs a `RETURNING` clause through
+    /// an ephemeral table, which costs more than the write itself. Only the insert
+    /// writes, so a failure leaves nothing behind (SQLite undoes a failed statement).
+    fn write_record(
         &self,
         session_id: &str,
         ended_at_ms: i64,
@@ -493,8 +612,8 @@ impl SqliteStore {
         let journaled = self
             .conn
             .prepare_cached(
-                "DELETE FROM open_sessions WHERE session_id = ?1 RETURNING \
-                 call_id, subscriber, service, server, plan, tariff, confirmed_at_ms",
+                "SELECT call_id, subscriber, service, server, plan, tariff, confirmed_at_ms \
+                 FROM open_sessions WHERE session_id = ?1",
             )
             .and_then(|mut stmt| {
                 stmt.query_row([session_id], |row| {
@@ -537,37 +656,51 @@ impl SqliteStore {
             cause,
             charge,
         };
-        record.record_id = self
-            .conn
+        self.conn
             .prepare_cached(
                 "INSERT INTO session_records (session_id, call_id, subscriber, service, server, \
                  plan, tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, \
                  amount_minor, currency) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13) \
-                 RETURNING record_id",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )
             .and_then(|mut stmt| {
-                stmt.query_row(
-                    params![
-                        record.session_id,
-                        record.call_id,
-                        record.subscriber,
-                        record.service,
-                        record.server,
-                        record.plan,
-                        record.tariff,
-                        record.confirmed_at_ms,
-                        record.ended_at_ms,
-                        record.duration_ms,
-                        record.cause.as_str(),
-                        record.charge.minor,
-                        record.charge.currency.as_str(),
-                    ],
-                    |row| row.get(0),
-                )
+                stmt.execute(params![
+                    record.session_id,
+                    record.call_id,
+                    record.subscriber,
+                    record.service,
+                    record.server,
+                    record.plan,
+                    record.tariff,
+                    record.confirmed_at_ms,
+                    record.ended_at_ms,
+                    record.duration_ms,
+                    record.cause.as_str(),
+                    record.charge.minor,
+                    record.charge.currency.as_str(),
+                ])
             })
             .map_err(|e| self.db(e))?;
+        // The rowid of the insert that just succeeded on this connection, which only
+        // this thread uses.
+        record.record_id = self.conn.last_insert_rowid();
         Ok(record)
+    }
+
+    /// Deletes the journal row of a session that [`write_record`](Self::write_record)
+    /// has just read (the transaction holds the write lock, so it is still there).
+    fn remove_journal_row(&self, session_id: &str) -> Result<(), BillingError> {
+        let deleted = self
+            .conn
+            .prepare_cached("DELETE FROM open_sessions WHERE session_id = ?1")
+            .and_then(|mut stmt| stmt.execute([session_id]))
+            .map_err(|e| self.db(e))?;
+        if deleted != 1 {
+            return Err(self.corrupt(format!(
+                "journal row of session {session_id:?} vanished while closing it"
+            )));
+        }
+        Ok(())
     }
 
     fn charge(&self, charge: &NewCharge) -> Result<(ChargeRecord, bool), BillingError> {
@@ -584,38 +717,36 @@ impl SqliteStore {
             description: charge.description.clone(),
             charged_at_ms: charge.charged_at_ms,
         };
-        let inserted: Option<i64> = self
+        // No `RETURNING` (see `write_record`): the row count tells a new event from a
+        // duplicate, and the new row's id is the connection's last insert.
+        let inserted = self
             .conn
             .prepare_cached(
                 "INSERT INTO charge_records (session_id, server, subscriber, service, event_id, \
                  amount_minor, currency, units, unit_price_minor, description, charged_at_ms) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
-                 ON CONFLICT (server, event_id) DO NOTHING RETURNING record_id",
+                 ON CONFLICT (server, event_id) DO NOTHING",
             )
             .and_then(|mut stmt| {
-                stmt.query_row(
-                    params![
-                        record.session_id,
-                        record.server,
-                        record.subscriber,
-                        record.service,
-                        record.event_id,
-                        record.amount.minor,
-                        record.amount.currency.as_str(),
-                        record.units.map(|u| u.units),
-                        record.units.map(|u| u.unit_price_minor),
-                        record.description,
-                        record.charged_at_ms,
-                    ],
-                    |row| row.get(0),
-                )
-                .optional()
+                stmt.execute(params![
+                    record.session_id,
+                    record.server,
+                    record.subscriber,
+                    record.service,
+                    record.event_id,
+                    record.amount.minor,
+                    record.amount.currency.as_str(),
+                    record.units.map(|u| u.units),
+                    record.units.map(|u| u.unit_price_minor),
+                    record.description,
+                    record.charged_at_ms,
+                ])
             })
             .map_err(|e| self.db(e))?;
-        if let Some(record_id) = inserted {
+        if inserted == 1 {
             return Ok((
                 ChargeRecord {
-                    record_id,
+                    record_id: self.conn.last_insert_rowid(),
                     ..record
                 },
                 false,
@@ -1116,6 +1247,169 @@ mod tests {
     }
 
     #[test]
+    fn cached_tariff_snapshots_journal_and_rate_like_the_tariffs_themselves() {
+        let (_dir, mut store) = fresh();
+        // More distinct tariffs than a cache holds, some sharing a name, each used twice
+        // (the second time from the caches, unless evicted in between).
+        let tariffs: Vec<Tariff> = (0..TARIFF_CACHE as i64 + 6)
+            .map(|k| {
+                Tariff::new(TariffSpec {
+                    name: format!("t{}", k % 5),
+                    service: None,
+                    plan: None,
+                    currency: eur(),
+                    setup: k % 3,
+                    rate: k,
+                    period_seconds: 60,
+                    increment: if k % 2 == 0 { "60/60" } else { "30/6" }.parse().unwrap(),
+                    free_seconds: (k % 4) as u32,
+                })
+                .unwrap()
+            })
+            .collect();
+        let mut expected = Vec::new();
+        for round in 0..2 {
+            for (k, t) in tariffs.iter().enumerate() {
+                let id = format!("s{round}-{k}");
+                let mut open = session(&id, T0);
+                open.tariff = t.clone();
+                store.open_session(open).unwrap();
+                let json: String = store
+                    .conn
+                    .query_row(
+                        "SELECT tariff FROM open_sessions WHERE session_id = ?1",
+                        [&id],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+                assert_eq!(json, serde_json::to_string(t).unwrap(), "{id}");
+                let duration = 1_000 * (k as i64 * 7 + round);
+                expected.push((id, t.clone(), duration));
+            }
+        }
+        assert!(store.snapshots.borrow().len() <= TARIFF_CACHE);
+        let journal = store.journal().unwrap();
+        for (id, t, _) in &expected {
+            let j = journal
+                .iter()
+                .find(|j| &j.session.session_id == id)
+                .unwrap();
+            assert_eq!(&j.session.tariff, t, "{id}");
+        }
+        for (id, t, duration) in &expected {
+            let record = store
+                .close_session(close(id, T0 + duration, EndCause::CallerBye))
+                .unwrap();
+            assert_eq!(record.charge, t.charge_for(duration.unsigned_abs()), "{id}");
+            assert_eq!(record.tariff, t.name());
+        }
+        assert!(store.tariffs.borrow().len() <= TARIFF_CACHE);
+    }
+
+    #[test]
+    fn a_close_that_fails_half_way_is_undone_and_the_batch_goes_on() {
+        let (_dir, mut store) = fresh();
+        // Make removing b's journal row fail after its record has been written.
+        store
+            .conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER keep_b BEFORE DELETE ON open_sessions \
+                 WHEN OLD.session_id = 'b' BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+            )
+            .unwrap();
+        let results = store
+            .apply(&[
+                Op::Open(session("a", T0)),
+                Op::Open(session("b", T0)),
+                Op::Close(close("b", T0 + 1_000, EndCause::CallerBye)),
+                Op::Close(close("a", T0 + 2_000, EndCause::CallerBye)),
+                Op::Charge(charge("as1", "ev-1", 5)),
+            ])
+            .unwrap();
+        assert!(
+            matches!(&results[2], Err(BillingError::Database { source, .. })
+                if source.to_string().contains("injected")),
+            "{:?}",
+            results[2]
+        );
+        assert!(results.iter().enumerate().all(|(i, r)| i == 2 || r.is_ok()));
+        let records = store.session_records(Period::all()).unwrap();
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].session_id, "a");
+        // Not even b's record id is gone: a got the one b had taken.
+        assert_eq!(records[0].record_id, 1);
+        let journal = store.journal().unwrap();
+        assert_eq!(journal.len(), 1);
+        assert_eq!(journal[0].session, session("b", T0));
+        assert_eq!(store.charge_records(Period::all()).unwrap().len(), 1);
+
+        // A record that cannot be written is refused the same way.
+        store
+            .conn
+            .execute_batch(
+                "DROP TRIGGER keep_b; \
+                 CREATE TEMP TRIGGER no_records BEFORE INSERT ON session_records \
+                 BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+            )
+            .unwrap();
+        let err = store
+            .close_session(close("b", T0 + 3_000, EndCause::CallerBye))
+            .unwrap_err();
+        assert!(err.to_string().contains("injected"), "{err}");
+        assert_eq!(store.journal().unwrap().len(), 1);
+        store
+            .conn
+            .execute_batch("DROP TRIGGER no_records;")
+            .unwrap();
+        let record = store
+            .close_session(close("b", T0 + 3_000, EndCause::CallerBye))
+            .unwrap();
+        assert_eq!(record.record_id, 2);
+        assert!(store.journal().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_close_that_cannot_be_undone_fails_the_whole_batch() {
+        for (trigger, undo_fails) in [
+            // The journal row stays, and so would the record, whose removal fails too.
+            ("RAISE(ABORT, 'injected')", true),
+            // SQLite rolls the whole transaction back itself.
+            ("RAISE(ROLLBACK, 'injected')", false),
+        ] {
+            let (_dir, mut store) = fresh();
+            store.open_session(session("b", T0)).unwrap();
+            let mut sql = format!(
+                "CREATE TEMP TRIGGER keep_b BEFORE DELETE ON open_sessions \
+                 BEGIN SELECT {trigger}; END;"
+            );
+            if undo_fails {
+                sql.push_str(
+                    "CREATE TEMP TRIGGER keep_records BEFORE DELETE ON session_records \
+                     BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+                );
+            }
+            store.conn.execute_batch(&sql).unwrap();
+            let err = store
+                .apply(&[
+                    Op::Charge(charge("as1", "ev-1", 5)),
+                    Op::Open(session("c", T0)),
+                    Op::Close(close("b", T0 + 1_000, EndCause::CallerBye)),
+                ])
+                .unwrap_err();
+            assert!(
+                matches!(err, BillingError::CommitFailed { .. }),
+                "{trigger}: {err:?}"
+            );
+            assert!(store.conn.is_autocommit(), "{trigger}");
+            assert!(store.session_records(Period::all()).unwrap().is_empty());
+            assert!(store.charge_records(Period::all()).unwrap().is_empty());
+            let journal = store.journal().unwrap();
+            assert_eq!(journal.len(), 1, "{trigger}");
+            assert_eq!(journal[0].session.session_id, "b");
+        }
+    }
+
+    #[test]
     fn touch_refreshes_open_sessions_and_never_goes_back() {
         let (_dir, mut store) = fresh();
         store.open_session(session("a", T0)).unwrap();
@@ -1394,6 +1688,165 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Writes a session record straight into the table, past the store's checks.
+    fn insert_raw_record(conn: &Connection, record_id: i64, cause: &str) -> rusqlite::Result<()> {
+        conn.execute(
+            "INSERT INTO session_records (record_id, session_id, call_id, subscriber, service, \
+             server, plan, tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, \
+             amount_minor, currency) \
+             VALUES (?1, 'raw', 'call-raw', 'alice', 'video', 'as1', 'basic', 'standard', \
+             0, 10, 10, ?2, 0, 'EUR')",
+            params![record_id, cause],
+        )
+        .map(|_| ())
+    }
+
+    fn is_check_failure(result: rusqlite::Result<()>) -> bool {
+        matches!(result, Err(ref e)
+            if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
+                && e.to_string().contains("CHECK constraint failed"))
+    }
+
+    /// Every object of the schema (type, name, table, SQL with whitespace collapsed),
+    /// without the root pages, which depend on the file's history.
+    fn schema_of(conn: &Connection) -> Vec<[String; 4]> {
+        let mut stmt = conn
+            .prepare(
+                "SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master \
+                 ORDER BY type, name",
+            )
+            .unwrap();
+        stmt.query_map([], |r| {
+            let sql: String = r.get(3)?;
+            Ok([
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                sql.split_whitespace().collect::<Vec<_>>().join(" "),
+            ])
+        })
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .unwrap()
+    }
+
+    fn session_records_sql(conn: &Connection) -> String {
+        conn.query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'session_records'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_version_1_database_migrates_keeping_every_record_and_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("billing.db");
+        let (records, journal, charges) = {
+            // A database as version 1 wrote it.
+            let mut store = SqliteStore::open_with(&path, &MIGRATIONS[..1]).unwrap();
+            assert_eq!(store.schema_version().unwrap(), 1);
+            assert!(session_records_sql(&store.conn).contains("end_cause IN ('caller-bye'"));
+            for (i, cause) in EndCause::ALL.into_iter().enumerate() {
+                let id = format!("s{i}");
+                store.open_session(session(&id, T0)).unwrap();
+                store
+                    .close_session(close(&id, T0 + 1_000 * (i as i64 + 1), cause))
+                    .unwrap();
+            }
+            // Ids with a gap, and a last id that is not the row count.
+            store
+                .conn
+                .execute("DELETE FROM session_records WHERE record_id = 3", [])
+                .unwrap();
+            store.open_session(session("live", T0)).unwrap();
+            store.record_charge(charge("as1", "ev-1", 5)).unwrap();
+            (
+                store.session_records(Period::all()).unwrap(),
+                store.journal().unwrap(),
+                store.charge_records(Period::all()).unwrap(),
+            )
+        };
+        let ids: Vec<i64> = records.iter().map(|r| r.record_id).collect();
+        assert_eq!(ids, [1, 2, 4, 5, 6, 7]);
+        assert!(matches!(
+            SqliteStore::open_read_only(&path).unwrap_err(),
+            BillingError::OlderSchema {
+                found: 1,
+                supported: 2,
+                ..
+            }
+        ));
+
+        let mut store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        store.integrity_check().unwrap();
+        assert_eq!(store.session_records(Period::all()).unwrap(), records);
+        assert_eq!(store.journal().unwrap(), journal);
+        assert_eq!(store.charge_records(Period::all()).unwrap(), charges);
+
+        // The new CHECK is in force, and the index is back.
+        let sql = session_records_sql(&store.conn);
+        assert!(sql.contains("CHECK (end_cause = 'caller-bye' OR"), "{sql}");
+        assert!(!sql.contains(" IN ("), "{sql}");
+        assert!(is_check_failure(insert_raw_record(
+            &store.conn,
+            100,
+            "hung-up"
+        )));
+        let plan: String = store
+            .conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT * FROM session_records WHERE ended_at_ms >= 0",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("session_records_by_end"), "{plan}");
+
+        // Ids go on after the highest one kept.
+        let record = store
+            .close_session(close("live", T0 + 9_000, EndCause::Timeout))
+            .unwrap();
+        assert_eq!(record.record_id, 8);
+
+        // And the migrated file has exactly the schema of a new one.
+        let (_fresh_dir, fresh) = fresh();
+        assert_eq!(schema_of(&store.conn), schema_of(&fresh.conn));
+        drop(store);
+        assert_eq!(
+            SqliteStore::open_read_only(&path)
+                .unwrap()
+                .session_records(Period::all())
+                .unwrap()
+                .len(),
+            records.len() + 1
+        );
+    }
+
+    #[test]
+    fn the_end_cause_check_lists_every_cause_and_nothing_else() {
+        let (_dir, store) = fresh();
+        let sql = session_records_sql(&store.conn);
+        let start = sql.find("CHECK (end_cause").expect("an end-cause CHECK");
+        let check = &sql[start..start + sql[start..].find(')').unwrap()];
+        let mut listed: Vec<&str> = check.split('\'').skip(1).step_by(2).collect();
+        listed.sort_unstable();
+        let mut causes: Vec<&str> = EndCause::ALL.iter().map(|c| c.as_str()).collect();
+        causes.sort_unstable();
+        assert_eq!(listed, causes, "{check}");
+
+        for (i, cause) in EndCause::ALL.into_iter().enumerate() {
+            insert_raw_record(&store.conn, i as i64 + 1, cause.as_str()).unwrap();
+        }
+        for bad in ["", "hung-up", "Caller-Bye", "caller-bye ", "timeout'"] {
+            assert!(
+                is_check_failure(insert_raw_record(&store.conn, 100, bad)),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

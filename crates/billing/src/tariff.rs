@@ -194,7 +194,7 @@ fn default_period() -> u32 {
 /// The plain, unchecked form of a tariff, as written in the configuration.
 ///
 /// [`Tariff::new`] checks it; a [`Tariff`] deserializes through it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TariffSpec {
     /// The tariff's name, written into every session record it rates.
@@ -226,7 +226,7 @@ pub struct TariffSpec {
 /// A checked tariff: non-negative charges, a period of at least one second, sane names.
 ///
 /// See the [module documentation](self) for exactly how a duration is charged.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "TariffSpec", into = "TariffSpec")]
 pub struct Tariff {
     spec: TariffSpec,
