@@ -62,7 +62,7 @@ impl DialogId {
     /// The dialog an incoming request belongs to, seen from its UAS (local tag = To tag,
     /// remote tag = From tag; §12.2.2). `None` when the To tag is absent (out of dialog).
     pub fn of_incoming_request(req: &Request) -> Option<DialogId> {
-        let parts = Parts::of(&req.headers).ok()?;
+        let parts = Ids::of(&req.headers).ok()?;
         Some(DialogId {
             call_id: parts.call_id,
             local_tag: parts.to_tag?,
@@ -73,7 +73,7 @@ impl DialogId {
     /// The dialog a response to one of our requests belongs to, seen from its UAC (local
     /// tag = From tag, remote tag = To tag). `None` when the To tag is absent.
     pub fn of_response(resp: &Response) -> Option<DialogId> {
-        let parts = Parts::of(&resp.headers).ok()?;
+        let parts = Ids::of(&resp.headers).ok()?;
         Some(DialogId {
             call_id: parts.call_id,
             local_tag: parts.from_tag?,
@@ -168,28 +168,27 @@ impl Party {
     }
 }
 
-/// The headers a dialog is made from, read once.
-struct Parts {
+/// The identifying headers of a message, read once and in one pass where they are in
+/// their plain form ([`crate::fields`], falling back to rsip): Call-ID, CSeq and the From and
+/// To tags. The full From and To (display name, URI, parameters) are parsed only by the two
+/// constructors that keep them ([`typed_from`], [`typed_to`]).
+struct Ids {
     call_id: String,
     cseq: u32,
     cseq_method: Method,
-    from: rsip::typed::From,
     from_tag: Option<String>,
-    to: rsip::typed::To,
     to_tag: Option<String>,
 }
 
-impl Parts {
-    fn of(headers: &rsip::Headers) -> Result<Parts, DialogError> {
+impl Ids {
+    fn of(headers: &rsip::Headers) -> Result<Ids, DialogError> {
         let mut call_id = None;
         let mut cseq = None;
         let mut from = None;
         let mut to = None;
         for h in headers.iter() {
             match h {
-                Header::CallId(c) if call_id.is_none() => {
-                    call_id = Some(c.value().trim().to_string())
-                }
+                Header::CallId(c) if call_id.is_none() => call_id = Some(c.value().trim()),
                 Header::CSeq(c) if cseq.is_none() => cseq = Some(c),
                 Header::From(f) if from.is_none() => from = Some(f),
                 Header::To(t) if to.is_none() => to = Some(t),
@@ -198,37 +197,52 @@ impl Parts {
         }
         let call_id = call_id
             .filter(|c| !c.is_empty())
-            .ok_or(DialogError::Missing("Call-ID"))?;
-        let cseq = cseq
-            .ok_or(DialogError::Missing("CSeq"))?
-            .typed()
-            .map_err(|_| DialogError::Invalid("CSeq"))?;
-        let from = from
-            .ok_or(DialogError::Missing("From"))?
-            .typed()
-            .map_err(|_| DialogError::Invalid("From"))?;
-        let to = to
-            .ok_or(DialogError::Missing("To"))?
-            .typed()
-            .map_err(|_| DialogError::Invalid("To"))?;
-        let from_tag = from
-            .tag()
-            .map(|t| t.value().to_string())
-            .filter(|t| !t.is_empty());
-        let to_tag = to
-            .tag()
-            .map(|t| t.value().to_string())
-            .filter(|t| !t.is_empty());
-        Ok(Parts {
+            .ok_or(DialogError::Missing("Call-ID"))?
+            .to_string();
+        let (cseq, cseq_method) =
+            crate::fields::cseq_of(cseq.ok_or(DialogError::Missing("CSeq"))?.value())
+                .ok_or(DialogError::Invalid("CSeq"))?;
+        let tag = |value: &str, name: &'static str| {
+            crate::fields::tag_of(value)
+                .map(|t| t.map(|t| t.into_owned()).filter(|t| !t.is_empty()))
+                .map_err(|_| DialogError::Invalid(name))
+        };
+        let from_tag = tag(from.ok_or(DialogError::Missing("From"))?.value(), "From")?;
+        let to_tag = tag(to.ok_or(DialogError::Missing("To"))?.value(), "To")?;
+        Ok(Ids {
             call_id,
-            cseq: cseq.seq,
-            cseq_method: cseq.method,
-            from,
+            cseq,
+            cseq_method,
             from_tag,
-            to,
             to_tag,
         })
     }
+}
+
+/// The first From header, parsed whole.
+fn typed_from(headers: &rsip::Headers) -> Result<rsip::typed::From, DialogError> {
+    headers
+        .iter()
+        .find_map(|h| match h {
+            Header::From(f) => Some(f),
+            _ => None,
+        })
+        .ok_or(DialogError::Missing("From"))?
+        .typed()
+        .map_err(|_| DialogError::Invalid("From"))
+}
+
+/// The first To header, parsed whole.
+fn typed_to(headers: &rsip::Headers) -> Result<rsip::typed::To, DialogError> {
+    headers
+        .iter()
+        .find_map(|h| match h {
+            Header::To(t) => Some(t),
+            _ => None,
+        })
+        .ok_or(DialogError::Missing("To"))?
+        .typed()
+        .map_err(|_| DialogError::Invalid("To"))
 }
 
 /// The URI of the first Contact header, if any.
@@ -301,8 +315,10 @@ impl Dialog {
         if !(101..300).contains(&code) {
             return Err(DialogError::NotDialogCreating);
         }
-        let req = Parts::of(&request.headers)?;
-        let resp = Parts::of(&response.headers)?;
+        let req = Ids::of(&request.headers)?;
+        let resp = Ids::of(&response.headers)?;
+        let local = typed_from(&request.headers)?;
+        let remote = typed_to(&response.headers)?;
         let local_tag = req
             .from_tag
             .clone()
@@ -311,7 +327,7 @@ impl Dialog {
         let local_target = contact_uri(&request.headers)?.ok_or(DialogError::Missing("Contact"))?;
         let remote_target = match contact_uri(&response.headers)? {
             Some(uri) => uri,
-            None if code < 200 => resp.to.uri.clone(),
+            None if code < 200 => remote.uri.clone(),
             None => return Err(DialogError::Missing("Contact")),
         };
         let mut route_set = record_routes(&response.headers)?;
@@ -329,16 +345,8 @@ impl Dialog {
             },
             local_seq: Some(req.cseq),
             remote_seq: None,
-            local: Party::new(
-                req.from.display_name.clone(),
-                req.from.uri.clone(),
-                &req.from.params,
-            ),
-            remote: Party::new(
-                resp.to.display_name.clone(),
-                resp.to.uri.clone(),
-                &resp.to.params,
-            ),
+            local: Party::new(local.display_name, local.uri, &local.params),
+            remote: Party::new(remote.display_name, remote.uri, &remote.params),
             local_target,
             remote_target,
             route_set,
@@ -357,7 +365,9 @@ impl Dialog {
         local_contact: Uri,
         state: DialogState,
     ) -> Result<Dialog, DialogError> {
-        let req = Parts::of(&request.headers)?;
+        let req = Ids::of(&request.headers)?;
+        let local = typed_to(&request.headers)?;
+        let remote = typed_from(&request.headers)?;
         let remote_tag = req
             .from_tag
             .clone()
@@ -373,16 +383,8 @@ impl Dialog {
             state,
             local_seq: None,
             remote_seq: Some(req.cseq),
-            local: Party::new(
-                req.to.display_name.clone(),
-                req.to.uri.clone(),
-                &req.to.params,
-            ),
-            remote: Party::new(
-                req.from.display_name.clone(),
-                req.from.uri.clone(),
-                &req.from.params,
-            ),
+            local: Party::new(local.display_name, local.uri, &local.params),
+            remote: Party::new(remote.display_name, remote.uri, &remote.params),
             local_target: local_contact,
             remote_target,
             route_set: record_routes(&request.headers)?,
@@ -498,7 +500,7 @@ impl Dialog {
     /// target refresh (1xx in an early dialog, or 2xx) with a Contact updates the remote
     /// target (§12.2.1.2). Responses of another dialog are ignored.
     pub fn on_response(&mut self, resp: &Response) -> Result<(), DialogError> {
-        let parts = Parts::of(&resp.headers)?;
+        let parts = Ids::of(&resp.headers)?;
         if parts.call_id != self.id.call_id
             || parts.from_tag.as_deref() != Some(self.id.local_tag.as_str())
             || parts.to_tag.as_deref() != Some(self.id.remote_tag.as_str())
@@ -627,7 +629,7 @@ impl Dialog {
         extra: Vec<Header>,
         body: Vec<u8>,
     ) -> Result<Request, DialogError> {
-        let parts = Parts::of(&invite.headers)?;
+        let parts = Ids::of(&invite.headers)?;
         let mut req = self.base_request(Method::Ack, parts.cseq, via.header());
         for h in invite.headers.iter() {
             if matches!(h, Header::Authorization(_) | Header::ProxyAuthorization(_)) {
@@ -647,7 +649,7 @@ impl Dialog {
 /// CSeq number (method CANCEL), a top Via identical to the INVITE's (branch included), its
 /// Route headers, Max-Forwards 70 and no body.
 pub fn cancel_for(invite: &Request) -> Result<Request, DialogError> {
-    let parts = Parts::of(&invite.headers)?;
+    let parts = Ids::of(&invite.headers)?;
     let mut headers = Vec::new();
     let via = invite
         .headers

@@ -2,9 +2,15 @@
 //! timers, parses what arrives through the [`wire`](crate::wire) layer, and gives a
 //! transaction user an async API.
 //!
-//! State is sharded by Call-ID: each shard is one task owning one `TransactionLayer`, fed by a
-//! channel, so every message of a call meets the same state and no global lock sits on the
-//! path of a message. Parsing happens in the receiving task, before the shard is chosen.
+//! State is sharded by Call-ID: each shard is one `TransactionLayer` behind its own lock, so
+//! every message of a call meets the same state and no global lock sits on the path of a
+//! message. The layer is driven inline by whoever has input for it — the receiving task with
+//! a parsed message, a transaction user answering a request or starting one — and by one
+//! timer task per shard that sleeps until the layer's next deadline. What the layer gives
+//! back is taken out under the lock and acted on after it: datagrams are sent without
+//! waiting (a send that would wait, or a stream connection still to open, goes to a task of
+//! its own), events handed to the user's [`EventSink`]. A message thus reaches the user with
+//! no hop between tasks, and a response leaves from the task that sent it.
 //!
 //! The user gets:
 //! - a stream of [`EndpointEvent`]s: new requests (each with a [`ServerTx`] handle to answer
@@ -17,19 +23,21 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rsip::prelude::*;
 use rsip::{Header, Request, Response, SipMessage};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, trace, warn};
 
 use crate::message;
 use crate::peer::{Peer, Transport};
-use crate::transaction::{ClientTxId, Event, Output, ServerTxId, Timers, TransactionLayer};
-use crate::transport::{Sink, TransportConfig, TransportError, Transports};
+use crate::transaction::{
+    ClientTxId, Event, Output, ServerTxId, Timers, TransactionLayer, Transmit,
+};
+use crate::transport::{Sink, TransportConfig, TransportError, Transports, TrySendError};
 use crate::wire;
 
 /// How an endpoint is set up.
@@ -128,7 +136,8 @@ pub struct IncomingRequest {
 #[derive(Clone)]
 pub struct ServerTx {
     id: ServerTxId,
-    shard: mpsc::UnboundedSender<Command>,
+    shard: usize,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for ServerTx {
@@ -139,7 +148,7 @@ impl std::fmt::Debug for ServerTx {
 
 impl PartialEq for ServerTx {
     fn eq(&self, other: &Self) -> bool {
-        self.id == other.id && self.shard.same_channel(&other.shard)
+        self.id == other.id && self.shard == other.shard && Arc::ptr_eq(&self.shared, &other.shared)
     }
 }
 
@@ -152,9 +161,13 @@ impl ServerTx {
     /// Sends a response on the transaction: any number of provisionals, then one final.
     /// A response the transaction cannot take (a second final) is logged and dropped.
     pub fn respond(&self, resp: Response) -> Result<(), EndpointError> {
-        self.shard
-            .send(Command::Respond { tx: self.id, resp })
-            .map_err(|_| EndpointError::Closed)
+        let id = self.id;
+        self.shared.run(self.shard, |state, now| {
+            if let Err(e) = state.layer.respond(now, id, resp) {
+                warn!(tx = ?id, error = %e, "response not sent");
+            }
+        });
+        Ok(())
     }
 }
 
@@ -168,6 +181,30 @@ pub enum ClientEvent {
     TimedOut,
     /// The transaction could not be started or sent.
     Failed(String),
+}
+
+/// Where a client transaction's events go when its user takes them inline (see
+/// [`Endpoint::send_request_to`]): called from the task that produced each event (a
+/// receiving task or a timer task), after the shard's lock is released. It must not block.
+pub trait ClientSink: Send + Sync + 'static {
+    /// Takes one event of the transaction: provisionals, then its final response (for an
+    /// INVITE, 2xx retransmissions and other forks' 2xx until Timer M), or a timeout.
+    fn deliver(&self, event: ClientEvent);
+    /// Whether the user has gone: the shard then stops keeping its handle.
+    fn is_closed(&self) -> bool;
+}
+
+/// The sink behind a [`ClientTx`]: a queue its user reads.
+struct ClientQueue(mpsc::UnboundedSender<Box<ClientEvent>>);
+
+impl ClientSink for ClientQueue {
+    fn deliver(&self, event: ClientEvent) {
+        let _ = self.0.send(Box::new(event));
+    }
+
+    fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
 }
 
 /// The user's end of a client transaction.
@@ -223,39 +260,280 @@ pub struct EndpointStats {
     pub overloaded: AtomicU64,
 }
 
-enum Command {
-    Incoming {
-        msg: SipMessage,
-        from: Peer,
-    },
-    Send {
-        req: Request,
-        to: Peer,
-        events: mpsc::UnboundedSender<Box<ClientEvent>>,
-    },
-    Respond {
-        tx: ServerTxId,
-        resp: Response,
-    },
+/// Where an endpoint hands its [`EndpointEvent`]s: called inline, from the task that
+/// produced the event (a receiving task, a timer task, or a transaction user's), after the
+/// shard's lock is released, so it may call back into the endpoint. It must not block.
+pub trait EventSink: Send + Sync + 'static {
+    /// Takes one event. A new request given back (`Err`) means the user is overloaded: the
+    /// endpoint answers it 503 with Retry-After. Other events given back are dropped.
+    #[allow(clippy::result_large_err)]
+    fn deliver(&self, event: EndpointEvent) -> Result<(), EndpointEvent>;
+}
+
+/// The sink of [`Endpoint::bind`]: a bounded queue read by the user. New requests are given
+/// back when it is full; ACKs, CANCELs and stray responses belong to calls already under
+/// way (losing one would lose a confirmation or a hang-up), so when it is full they wait
+/// for room in a task of their own.
+struct QueueSink {
+    tx: mpsc::Sender<EndpointEvent>,
+}
+
+impl EventSink for QueueSink {
+    fn deliver(&self, event: EndpointEvent) -> Result<(), EndpointEvent> {
+        match self.tx.try_send(event) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(event @ EndpointEvent::Request(_))) => Err(event),
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(event).await;
+                });
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+        }
+    }
+}
+
+/// One shard of the transaction state: the layer behind its lock, and the bell of its timer
+/// task.
+struct Shard {
+    state: Mutex<ShardState>,
+    /// Rung when the layer's next deadline moved earlier than the one the timer task sleeps
+    /// until.
+    timer: Notify,
+}
+
+struct ShardState {
+    layer: TransactionLayer,
+    /// The users of the shard's client transactions.
+    clients: HashMap<ClientTxId, Arc<dyn ClientSink>>,
+    /// The deadline the timer task sleeps until.
+    armed: Option<std::time::Instant>,
+}
+
+/// What a shard's layer gave back, taken out under the lock and acted on after it.
+#[derive(Default)]
+struct Outbox {
+    transmits: Vec<Transmit>,
+    events: Vec<EndpointEvent>,
+    client_events: Vec<(Arc<dyn ClientSink>, ClientEvent)>,
+    /// The timer task must look at the deadline again.
+    ring_timer: bool,
 }
 
 struct Shared {
-    shards: Vec<mpsc::UnboundedSender<Command>>,
+    shards: Vec<Shard>,
     stats: EndpointStats,
     transports: std::sync::OnceLock<Transports>,
+    sink: Arc<dyn EventSink>,
 }
 
 impl Shared {
-    fn shard_for(&self, call_id: &str) -> &mpsc::UnboundedSender<Command> {
+    fn shard_for(&self, call_id: &str) -> usize {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         call_id.hash(&mut h);
-        let n = self.shards.len().max(1);
-        &self.shards[(h.finish() as usize) % n]
+        (h.finish() as usize) % self.shards.len().max(1)
+    }
+
+    fn lock(&self, shard: usize) -> std::sync::MutexGuard<'_, ShardState> {
+        // Every operation on the state is a call into the sans-IO layer, which does not
+        // panic on input; a poisoned lock is still consistent enough to go on.
+        self.shards[shard]
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `op` on shard `shard`'s state under its lock, takes out what the layer gave back,
+    /// and acts on it after the lock is released.
+    fn run<R>(
+        self: &Arc<Self>,
+        shard: usize,
+        op: impl FnOnce(&mut ShardState, std::time::Instant) -> R,
+    ) -> R {
+        let mut out = Outbox::default();
+        let result = {
+            let mut state = self.lock(shard);
+            let now = std::time::Instant::now();
+            let result = op(&mut state, now);
+            self.take_output(shard, &mut state, &mut out);
+            result
+        };
+        self.act(shard, out);
+        result
+    }
+
+    /// Drains the layer's output into `out`, until its next deadline.
+    fn take_output(self: &Arc<Self>, shard: usize, state: &mut ShardState, out: &mut Outbox) {
+        loop {
+            match state.layer.poll_output() {
+                Output::Transmit(t) => out.transmits.push(t),
+                Output::Event(e) => self.take_event(shard, state, e, out),
+                Output::Timeout(deadline) => {
+                    if let Some(d) = deadline {
+                        out.ring_timer = state.armed.is_none_or(|armed| d < armed);
+                    }
+                    state.armed = deadline;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn server_tx(self: &Arc<Self>, shard: usize, id: ServerTxId) -> ServerTx {
+        ServerTx {
+            id,
+            shard,
+            shared: Arc::clone(self),
+        }
+    }
+
+    fn take_event(
+        self: &Arc<Self>,
+        shard: usize,
+        state: &mut ShardState,
+        event: Event,
+        out: &mut Outbox,
+    ) {
+        let user = match event {
+            Event::Request { tx, req, from } => EndpointEvent::Request(IncomingRequest {
+                req,
+                from,
+                tx: self.server_tx(shard, tx),
+            }),
+            Event::Cancel {
+                tx,
+                invite,
+                req,
+                from,
+            } => EndpointEvent::Cancel {
+                req,
+                from,
+                tx: self.server_tx(shard, tx),
+                invite: self.server_tx(shard, invite),
+            },
+            Event::Ack2xx { ack, from } => EndpointEvent::Ack { ack, from },
+            Event::StrayResponse { resp, from } => EndpointEvent::StrayResponse { resp, from },
+            Event::AckTimeout { tx } => EndpointEvent::AckTimeout {
+                tx: self.server_tx(shard, tx),
+            },
+            Event::Response { tx, resp } => {
+                let code = resp.status_code.code();
+                let method_invite = resp.headers.iter().any(|h| {
+                    matches!(h, Header::CSeq(c)
+                        if matches!(crate::fields::cseq_of(c.value()), Some((_, rsip::Method::Invite))))
+                });
+                // After a final response nothing more comes, except further 2xx to an INVITE.
+                let user = if code >= 300 || (code >= 200 && !method_invite) {
+                    state.clients.remove(&tx)
+                } else {
+                    state.clients.get(&tx).cloned()
+                };
+                if let Some(user) = user {
+                    out.client_events.push((user, ClientEvent::Response(resp)));
+                }
+                return;
+            }
+            Event::TimedOut { tx } => {
+                if let Some(user) = state.clients.remove(&tx) {
+                    out.client_events.push((user, ClientEvent::TimedOut));
+                }
+                return;
+            }
+        };
+        out.events.push(user);
+    }
+
+    /// Acts on what a shard's layer gave back: sends, then hands out events.
+    fn act(self: &Arc<Self>, shard: usize, out: Outbox) {
+        if out.ring_timer {
+            self.shards[shard].timer.notify_one();
+        }
+        if let Some(transports) = self.transports.get() {
+            for t in out.transmits {
+                trace!(to = %t.to, len = t.bytes.len(), "transmit");
+                match transports.try_send(&t.to, t.bytes) {
+                    Ok(()) => {}
+                    Err(TrySendError::Failed(e)) => debug!(to = %t.to, error = %e, "send failed"),
+                    Err(TrySendError::WouldBlock(bytes)) => {
+                        // A full socket buffer, or a stream connection to open: never hold
+                        // up the task that drives the layer.
+                        let transports = transports.clone();
+                        let to = t.to;
+                        tokio::spawn(async move {
+                            if let Err(e) = transports.send(&to, bytes).await {
+                                debug!(%to, error = %e, "send failed");
+                            }
+                        });
+                    }
+                }
+            }
+        }
+        for (user, event) in out.client_events {
+            user.deliver(event);
+        }
+        for event in out.events {
+            match self.sink.deliver(event) {
+                Ok(()) => {}
+                Err(EndpointEvent::Request(r)) => self.overloaded(&r),
+                Err(_) => {
+                    self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Answers a request the user had no room for: 503 with Retry-After (an ACK is only
+    /// counted).
+    fn overloaded(self: &Arc<Self>, r: &IncomingRequest) {
+        self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+        if r.req.method == rsip::Method::Ack {
+            return;
+        }
+        let mut resp = message::response_for(
+            &r.req,
+            503,
+            Some("Server overloaded"),
+            Some(&message::new_tag()),
+        );
+        resp.headers
+            .push(Header::RetryAfter(rsip::headers::RetryAfter::new("5")));
+        let _ = r.tx.respond(resp);
+    }
+
+    /// The timer task of one shard: sleeps until the layer's next deadline (or until an
+    /// earlier one is rung in), fires the timers due, and now and then forgets client
+    /// transactions whose user has gone.
+    async fn timers(self: Arc<Self>, shard: usize) {
+        let mut next_sweep = tokio::time::Instant::now() + SWEEP_EVERY;
+        loop {
+            let armed = self.lock(shard).armed;
+            let wake = match armed {
+                Some(d) => tokio::time::Instant::from_std(d).min(next_sweep),
+                None => next_sweep,
+            };
+            tokio::select! {
+                _ = self.shards[shard].timer.notified() => continue,
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+            let now = tokio::time::Instant::now();
+            let sweep = now >= next_sweep;
+            if sweep {
+                next_sweep = now + SWEEP_EVERY;
+            }
+            self.run(shard, |state, _| {
+                state.layer.handle_timeout(now.into_std());
+                if sweep {
+                    state.clients.retain(|_, tx| !tx.is_closed());
+                }
+            });
+        }
     }
 }
 
 /// The SIP endpoint: transports, sharded transaction state and the user's API. Cheap to
-/// clone; the endpoint runs until every clone and the event receiver are dropped.
+/// clone.
 #[derive(Clone)]
 pub struct Endpoint {
     shared: Arc<Shared>,
@@ -276,14 +554,14 @@ impl Sink for EndpointSink {
         match wire::parse(&bytes) {
             Ok(msg) => {
                 shared.stats.parsed.fetch_add(1, Ordering::Relaxed);
-                let Some(call_id) = call_id_of(&msg) else {
+                let Some(shard) = call_id_of(&msg).map(|cid| shared.shard_for(cid)) else {
                     shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
                     return;
                 };
                 let (msg, from) = stamp(msg, from);
-                let _ = shared
-                    .shard_for(&call_id)
-                    .send(Command::Incoming { msg, from });
+                shared.run(shard, |state, now| {
+                    state.layer.handle_message(now, msg, from)
+                });
             }
             Err(err) => {
                 let reply = wire::reject(&bytes, &err);
@@ -306,9 +584,9 @@ impl Sink for EndpointSink {
     }
 }
 
-fn call_id_of(msg: &SipMessage) -> Option<String> {
+fn call_id_of(msg: &SipMessage) -> Option<&str> {
     msg.headers().iter().find_map(|h| match h {
-        Header::CallId(c) => Some(c.value().trim().to_string()),
+        Header::CallId(c) => Some(c.value().trim()),
         _ => None,
     })
 }
@@ -365,10 +643,23 @@ fn response_peer(req: &Request, from: Peer) -> Peer {
 
 impl Endpoint {
     /// Opens the transports and starts the shards. Returns the endpoint and the stream of
-    /// events for its user.
+    /// events for its user (a queue of `config.event_queue` events: new requests beyond it
+    /// are answered 503).
     pub async fn bind(
         config: EndpointConfig,
     ) -> Result<(Endpoint, mpsc::Receiver<EndpointEvent>), EndpointError> {
+        let (tx, rx) = mpsc::channel(config.event_queue.max(1));
+        let endpoint = Endpoint::bind_with_sink(config, Arc::new(QueueSink { tx })).await?;
+        Ok((endpoint, rx))
+    }
+
+    /// Opens the transports and starts the shards, handing events to `sink` inline, from
+    /// the task that produced each (see [`EventSink`]): no queue and no task between a
+    /// message and its user. `config.event_queue` is not used.
+    pub async fn bind_with_sink(
+        config: EndpointConfig,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<Endpoint, EndpointError> {
         let n = if config.shards == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get() * 2)
@@ -376,48 +667,64 @@ impl Endpoint {
         } else {
             config.shards
         };
-        let (event_tx, event_rx) = mpsc::channel(config.event_queue.max(1));
-        let mut senders = Vec::with_capacity(n);
-        let mut receivers = Vec::with_capacity(n);
-        for _ in 0..n {
-            let (tx, rx) = mpsc::unbounded_channel();
-            senders.push(tx);
-            receivers.push(rx);
-        }
+        let shards = (0..n)
+            .map(|_| Shard {
+                state: Mutex::new(ShardState {
+                    layer: TransactionLayer::new(config.timers),
+                    clients: HashMap::new(),
+                    armed: None,
+                }),
+                timer: Notify::new(),
+            })
+            .collect();
         let shared = Arc::new(Shared {
-            shards: senders,
+            shards,
             stats: EndpointStats::default(),
             transports: std::sync::OnceLock::new(),
+            sink,
         });
-        let sink = Arc::new(EndpointSink(Arc::downgrade(&shared)));
-        let transports = Transports::bind(config.transport.clone(), sink).await?;
+        let receiver = Arc::new(EndpointSink(Arc::downgrade(&shared)));
+        let transports = Transports::bind(config.transport.clone(), receiver).await?;
         let _ = shared.transports.set(transports.clone());
-        for (i, rx) in receivers.into_iter().enumerate() {
-            let shard = Shard {
-                layer: TransactionLayer::new(config.timers),
-                rx,
-                me: shared.shards[i].clone(),
-                events: event_tx.clone(),
-                transports: transports.clone(),
-                clients: HashMap::new(),
-                shared: Arc::downgrade(&shared),
-            };
-            tokio::spawn(shard.run());
+        for i in 0..n {
+            tokio::spawn(Arc::clone(&shared).timers(i));
         }
-        Ok((Endpoint { shared, transports }, event_rx))
+        Ok(Endpoint { shared, transports })
     }
 
     /// Starts a client transaction for `req` towards `to`. The request must carry its top Via
     /// with a fresh branch (see [`Endpoint::via`]); an ACK is not a transaction (use
     /// [`Endpoint::send_stateless`]).
     pub fn send_request(&self, req: Request, to: Peer) -> Result<ClientTx, EndpointError> {
-        let summary = message::Summary::of_request(&req)?;
         let (events, rx) = mpsc::unbounded_channel();
-        self.shared
-            .shard_for(&summary.call_id)
-            .send(Command::Send { req, to, events })
-            .map_err(|_| EndpointError::Closed)?;
+        self.send_request_to(req, to, Arc::new(ClientQueue(events)))?;
         Ok(ClientTx { rx })
+    }
+
+    /// Starts a client transaction whose events go to `sink` inline, with no task or queue
+    /// of the endpoint's in between (as [`Endpoint::send_request`] otherwise). A request the
+    /// transaction layer refuses reaches the sink as [`ClientEvent::Failed`].
+    pub fn send_request_to(
+        &self,
+        req: Request,
+        to: Peer,
+        sink: Arc<dyn ClientSink>,
+    ) -> Result<(), EndpointError> {
+        let summary = message::Summary::of_request(&req)?;
+        let shard = self.shared.shard_for(&summary.call_id);
+        let refused = self.shared.run(shard, |state, now| {
+            match state.layer.send_request(now, req, to) {
+                Ok(id) => {
+                    state.clients.insert(id, Arc::clone(&sink));
+                    None
+                }
+                Err(e) => Some(e.to_string()),
+            }
+        });
+        if let Some(e) = refused {
+            sink.deliver(ClientEvent::Failed(e));
+        }
+        Ok(())
     }
 
     /// Sends a message outside any transaction: the ACK for a 2xx, or a stateless response.
@@ -466,188 +773,5 @@ impl Endpoint {
     }
 }
 
-struct Shard {
-    layer: TransactionLayer,
-    rx: mpsc::UnboundedReceiver<Command>,
-    me: mpsc::UnboundedSender<Command>,
-    events: mpsc::Sender<EndpointEvent>,
-    transports: Transports,
-    clients: HashMap<ClientTxId, mpsc::UnboundedSender<Box<ClientEvent>>>,
-    shared: Weak<Shared>,
-}
-
 /// How often a shard forgets client transactions whose user has gone.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
-
-impl Shard {
-    async fn run(mut self) {
-        let mut next_sweep = tokio::time::Instant::now() + SWEEP_EVERY;
-        loop {
-            let deadline = self.drain().await;
-            let wake = match deadline {
-                Some(d) => tokio::time::Instant::from_std(d).min(next_sweep),
-                None => next_sweep,
-            };
-            tokio::select! {
-                cmd = self.rx.recv() => match cmd {
-                    Some(cmd) => self.command(cmd),
-                    None => return,
-                },
-                _ = tokio::time::sleep_until(wake) => {
-                    let now = tokio::time::Instant::now();
-                    self.layer.handle_timeout(now.into_std());
-                    if now >= next_sweep {
-                        self.clients.retain(|_, tx| !tx.is_closed());
-                        next_sweep = now + SWEEP_EVERY;
-                    }
-                }
-            }
-        }
-    }
-
-    fn command(&mut self, cmd: Command) {
-        let now = tokio::time::Instant::now().into_std();
-        match cmd {
-            Command::Incoming { msg, from } => self.layer.handle_message(now, msg, from),
-            Command::Send { req, to, events } => match self.layer.send_request(now, req, to) {
-                Ok(id) => {
-                    self.clients.insert(id, events);
-                }
-                Err(e) => {
-                    let _ = events.send(Box::new(ClientEvent::Failed(e.to_string())));
-                }
-            },
-            Command::Respond { tx, resp } => {
-                if let Err(e) = self.layer.respond(now, tx, resp) {
-                    warn!(?tx, error = %e, "response not sent");
-                }
-            }
-        }
-    }
-
-    /// Sends everything the layer has to send and hands its events out; returns the next
-    /// deadline.
-    async fn drain(&mut self) -> Option<std::time::Instant> {
-        loop {
-            match self.layer.poll_output() {
-                Output::Transmit(t) => {
-                    trace!(to = %t.to, len = t.bytes.len(), "transmit");
-                    if t.to.transport == Transport::Udp {
-                        if let Err(e) = self.transports.send(&t.to, t.bytes).await {
-                            debug!(to = %t.to, error = %e, "send failed");
-                        }
-                    } else {
-                        // A stream send may have to connect first: never hold up the shard.
-                        let transports = self.transports.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) = transports.send(&t.to, t.bytes).await {
-                                debug!(to = %t.to, error = %e, "send failed");
-                            }
-                        });
-                    }
-                }
-                Output::Event(e) => self.event(e),
-                Output::Timeout(deadline) => return deadline,
-            }
-        }
-    }
-
-    fn server_tx(&self, id: ServerTxId) -> ServerTx {
-        ServerTx {
-            id,
-            shard: self.me.clone(),
-        }
-    }
-
-    fn event(&mut self, event: Event) {
-        let user = match event {
-            Event::Request { tx, req, from } => {
-                let handle = self.server_tx(tx);
-                match self
-                    .events
-                    .try_send(EndpointEvent::Request(IncomingRequest {
-                        req,
-                        from,
-                        tx: handle,
-                    })) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(EndpointEvent::Request(r))) => {
-                        self.overloaded(tx, &r.req);
-                    }
-                    Err(_) => {}
-                }
-                return;
-            }
-            Event::Cancel {
-                tx,
-                invite,
-                req,
-                from,
-            } => EndpointEvent::Cancel {
-                req,
-                from,
-                tx: self.server_tx(tx),
-                invite: self.server_tx(invite),
-            },
-            Event::Ack2xx { ack, from } => EndpointEvent::Ack { ack, from },
-            Event::StrayResponse { resp, from } => EndpointEvent::StrayResponse { resp, from },
-            Event::AckTimeout { tx } => EndpointEvent::AckTimeout {
-                tx: self.server_tx(tx),
-            },
-            Event::Response { tx, resp } => {
-                let code = resp.status_code.code();
-                let method_invite = resp.headers.iter().any(|h| {
-                    matches!(h, Header::CSeq(c)
-                        if matches!(crate::fields::cseq_of(c.value()), Some((_, rsip::Method::Invite))))
-                });
-                if let Some(user) = self.clients.get(&tx) {
-                    let _ = user.send(Box::new(ClientEvent::Response(resp)));
-                }
-                // After a final response nothing more comes, except further 2xx to an INVITE.
-                if code >= 300 || (code >= 200 && !method_invite) {
-                    self.clients.remove(&tx);
-                }
-                return;
-            }
-            Event::TimedOut { tx } => {
-                if let Some(user) = self.clients.remove(&tx) {
-                    let _ = user.send(Box::new(ClientEvent::TimedOut));
-                }
-                return;
-            }
-        };
-        // ACKs, CANCELs and stray responses belong to calls already under way: losing one
-        // would lose a confirmation or a hang-up. When the queue is full they wait for room
-        // in a task of their own (new requests are the ones refused with 503).
-        if let Err(mpsc::error::TrySendError::Full(user)) = self.events.try_send(user) {
-            if let Some(shared) = self.shared.upgrade() {
-                shared.stats.overloaded.fetch_add(1, Ordering::Relaxed);
-            }
-            let events = self.events.clone();
-            tokio::spawn(async move {
-                let _ = events.send(user).await;
-            });
-        }
-    }
-
-    fn overloaded(&mut self, tx: ServerTxId, req: &Request) {
-        if let Some(shared) = self.shared.upgrade() {
-            shared.stats.overloaded.fetch_add(1, Ordering::Relaxed);
-        }
-        if req.method == rsip::Method::Ack {
-            return;
-        }
-        let mut resp = message::response_for(
-            req,
-            503,
-            Some("Server overloaded"),
-            Some(&message::new_tag()),
-        );
-        resp.headers
-            .push(Header::RetryAfter(rsip::headers::RetryAfter::new("5")));
-        let now = tokio::time::Instant::now().into_std();
-        if let Err(e) = self.layer.respond(now, tx, resp) {
-            debug!(error = %e, "503 not sent");
-        }
-    }
-}

@@ -406,6 +406,23 @@ fn stamp_typed(via: &rsip::headers::Via, source: std::net::SocketAddr) -> Option
     Some(typed.to_string())
 }
 
+/// RFC 3261 §16.3 step 3: whether a request may still be forwarded, without changing it
+/// (what [`decrement_max_forwards`] checks): `Err(TooManyHops)` when Max-Forwards is 0,
+/// `Err(Invalid)` when it is not a number; a request without one may be forwarded.
+pub fn check_max_forwards(req: &Request) -> Result<(), MessageError> {
+    let Some(mf) = req.headers.iter().find_map(|h| match h {
+        Header::MaxForwards(mf) => Some(mf),
+        _ => None,
+    }) else {
+        return Ok(());
+    };
+    match mf.value().trim().parse::<u32>() {
+        Ok(0) => Err(MessageError::TooManyHops),
+        Ok(_) => Ok(()),
+        Err(_) => Err(MessageError::Invalid("Max-Forwards")),
+    }
+}
+
 /// RFC 3261 §16.3 step 3 / §16.6 step 3: the Max-Forwards check of an element that forwards a
 /// request. `Err(TooManyHops)` when it is 0 (answer `483`); otherwise decrements it, or adds
 /// `Max-Forwards: 70` when the request has none.
@@ -601,6 +618,28 @@ CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
             decrement_max_forwards(&mut req),
             Err(MessageError::Invalid("Max-Forwards"))
         );
+    }
+
+    #[test]
+    fn max_forwards_check_agrees_with_the_decrement_and_changes_nothing() {
+        for value in [
+            Some("0"),
+            Some("1"),
+            Some("70"),
+            Some("many"),
+            Some(""),
+            None,
+        ] {
+            let req = request("SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1", value);
+            let before = req.to_string();
+            let mut decremented = req.clone();
+            assert_eq!(
+                check_max_forwards(&req),
+                decrement_max_forwards(&mut decremented),
+                "Max-Forwards {value:?}"
+            );
+            assert_eq!(req.to_string(), before);
+        }
     }
 }
 

@@ -106,6 +106,16 @@ pub enum TransportError {
     },
 }
 
+/// Why [`Transports::try_send`] did not send.
+#[derive(Debug)]
+pub enum TrySendError {
+    /// Sending now would have to wait (a full socket buffer or connection queue, or a
+    /// connection still to open): the message, to be sent with [`Transports::send`].
+    WouldBlock(Bytes),
+    /// The send failed (counted in [`TransportStats::send_errors`]).
+    Failed(TransportError),
+}
+
 /// Counters kept by the transports, for metrics.
 #[derive(Debug, Default)]
 pub struct TransportStats {
@@ -134,7 +144,9 @@ struct Conn {
 
 struct Inner {
     config: TransportConfig,
-    udp: Vec<Arc<UdpSocket>>,
+    /// The UDP sockets with their local addresses (read once: a `getsockname` per send
+    /// showed in profiles).
+    udp: Vec<(Arc<UdpSocket>, SocketAddr)>,
     tcp_local: Vec<SocketAddr>,
     conns: Mutex<ConnTable>,
     next_conn: AtomicU64,
@@ -165,7 +177,12 @@ impl Transports {
                 addr: *addr,
                 source,
             })?;
-            udp.push(Arc::new(socket));
+            let local = socket.local_addr().map_err(|source| TransportError::Bind {
+                transport: Transport::Udp,
+                addr: *addr,
+                source,
+            })?;
+            udp.push((Arc::new(socket), local));
         }
         let mut listeners = Vec::new();
         let mut tcp_local = Vec::new();
@@ -197,7 +214,7 @@ impl Transports {
             sink,
             stats: TransportStats::default(),
         });
-        for socket in &inner.udp {
+        for (socket, _) in &inner.udp {
             tokio::spawn(udp_recv_loop(Arc::downgrade(&inner), socket.clone()));
         }
         for listener in listeners {
@@ -209,7 +226,7 @@ impl Transports {
     /// The local address of the first socket of a transport (useful after binding port 0).
     pub fn local_addr(&self, transport: Transport) -> Option<SocketAddr> {
         match transport {
-            Transport::Udp => self.inner.udp.first().and_then(|s| s.local_addr().ok()),
+            Transport::Udp => self.inner.udp.first().map(|(_, local)| *local),
             Transport::Tcp => self.inner.tcp_local.first().copied(),
             Transport::Tls => None,
         }
@@ -233,8 +250,7 @@ impl Transports {
             .inner
             .udp
             .iter()
-            .filter_map(|s| s.local_addr().ok())
-            .map(|a| (Transport::Udp, a))
+            .map(|(_, a)| (Transport::Udp, *a))
             .collect();
         out.extend(self.inner.tcp_local.iter().map(|a| (Transport::Tcp, *a)));
         out
@@ -263,42 +279,91 @@ impl Transports {
         result
     }
 
-    async fn send_udp(&self, addr: SocketAddr, bytes: &[u8]) -> Result<(), TransportError> {
-        if bytes.len() > 65_507 {
-            return Err(TransportError::TooLarge(bytes.len()));
+    /// Sends one finished message now if that needs no waiting: a UDP datagram, or a frame
+    /// for a TCP connection that is open and has room in its queue. Otherwise the message
+    /// comes back as [`TrySendError::WouldBlock`], for [`Transports::send`] in a task.
+    pub fn try_send(&self, to: &Peer, bytes: Bytes) -> Result<(), TrySendError> {
+        let result = match to.transport {
+            Transport::Udp => match self.udp_socket(to.addr, bytes.len()) {
+                Ok(socket) => match socket.try_send_to(&bytes, to.addr) {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        return Err(TrySendError::WouldBlock(bytes))
+                    }
+                    Err(source) => Err(TransportError::Send {
+                        addr: to.addr,
+                        source,
+                    }),
+                },
+                Err(e) => Err(e),
+            },
+            Transport::Tcp => {
+                let Some(tx) = self.open_conn(to) else {
+                    return Err(TrySendError::WouldBlock(bytes));
+                };
+                match tx.try_send(bytes) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Full(bytes)) => {
+                        return Err(TrySendError::WouldBlock(bytes))
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        Err(TransportError::ConnectionClosed(to.addr))
+                    }
+                }
+            }
+            Transport::Tls => Err(TransportError::NoTransport(Transport::Tls)),
+        };
+        match result {
+            Ok(()) => {
+                self.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.inner.stats.send_errors.fetch_add(1, Ordering::Relaxed);
+                Err(TrySendError::Failed(e))
+            }
         }
-        let socket = self
-            .inner
+    }
+
+    /// The UDP socket to send a datagram of `len` bytes to `addr` from: one of the same
+    /// address family, else the first.
+    fn udp_socket(&self, addr: SocketAddr, len: usize) -> Result<&UdpSocket, TransportError> {
+        if len > 65_507 {
+            return Err(TransportError::TooLarge(len));
+        }
+        self.inner
             .udp
             .iter()
-            .find(|s| {
-                s.local_addr()
-                    .map(|l| l.is_ipv4() == addr.is_ipv4())
-                    .unwrap_or(false)
-            })
+            .find(|(_, local)| local.is_ipv4() == addr.is_ipv4())
             .or_else(|| self.inner.udp.first())
-            .ok_or(TransportError::NoTransport(Transport::Udp))?;
-        socket
+            .map(|(socket, _)| socket.as_ref())
+            .ok_or(TransportError::NoTransport(Transport::Udp))
+    }
+
+    async fn send_udp(&self, addr: SocketAddr, bytes: &[u8]) -> Result<(), TransportError> {
+        self.udp_socket(addr, bytes.len())?
             .send_to(bytes, addr)
             .await
             .map(|_| ())
             .map_err(|source| TransportError::Send { addr, source })
     }
 
+    /// The queue of an open connection to `to`: the one it names, else one to its address.
+    fn open_conn(&self, to: &Peer) -> Option<mpsc::Sender<Bytes>> {
+        let table = lock(&self.inner.conns);
+        to.conn
+            .and_then(|id| table.by_id.get(&id))
+            .or_else(|| {
+                table
+                    .by_addr
+                    .get(&to.addr)
+                    .and_then(|id| table.by_id.get(id))
+            })
+            .map(|c| c.tx.clone())
+    }
+
     async fn send_tcp(&self, to: &Peer, bytes: Bytes) -> Result<(), TransportError> {
-        let existing = {
-            let table = lock(&self.inner.conns);
-            to.conn
-                .and_then(|id| table.by_id.get(&id))
-                .or_else(|| {
-                    table
-                        .by_addr
-                        .get(&to.addr)
-                        .and_then(|id| table.by_id.get(id))
-                })
-                .map(|c| c.tx.clone())
-        };
-        let tx = match existing {
+        let tx = match self.open_conn(to) {
             Some(tx) => tx,
             None => self.connect(to.addr).await?,
         };

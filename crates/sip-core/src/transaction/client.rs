@@ -151,15 +151,16 @@ impl ClientTx {
         };
         io.transmit(to, tx.request.clone());
         if !to.is_reliable() {
-            tx.arm(io, Slot::Resend, now + tx.interval);
+            tx.arm(io, Slot::Resend, now, tx.interval);
         }
-        tx.arm(io, Slot::Lifetime, now + io.timers.transaction_timeout());
+        tx.arm(io, Slot::Lifetime, now, io.timers.transaction_timeout());
         trace!(tx = ?id, invite = tx.invite.is_some(), "client transaction started");
         tx
     }
 
-    fn arm(&mut self, io: &mut Io<'_>, slot: Slot, at: Instant) {
-        self.timers.arm(io.queue, TxRef::Client(self.id), slot, at);
+    fn arm(&mut self, io: &mut Io<'_>, slot: Slot, now: Instant, after: Duration) {
+        self.timers
+            .arm(io.queue, TxRef::Client(self.id), slot, now, after);
     }
 
     /// The current state.
@@ -205,7 +206,7 @@ impl ClientTx {
                 self.state = ClientState::Accepted;
                 self.forget_request();
                 self.timers.disarm(Slot::Resend);
-                self.arm(io, Slot::Lifetime, now + io.timers.transaction_timeout());
+                self.arm(io, Slot::Lifetime, now, io.timers.transaction_timeout());
                 io.event(Event::Response { tx: self.id, resp });
                 Fate::Live
             }
@@ -226,7 +227,7 @@ impl ClientTx {
                 if wait.is_zero() {
                     return Fate::Terminated;
                 }
-                self.arm(io, Slot::Lifetime, now + wait);
+                self.arm(io, Slot::Lifetime, now, wait);
                 Fate::Live
             }
             // RFC 6026 §8.4: every 2xx in Accepted goes up (retransmissions and other forks);
@@ -283,7 +284,7 @@ impl ClientTx {
                 if wait.is_zero() {
                     return Fate::Terminated;
                 }
-                self.arm(io, Slot::Lifetime, now + wait);
+                self.arm(io, Slot::Lifetime, now, wait);
                 Fate::Live
             }
             // Completed absorbs retransmissions until Timer K.
@@ -304,7 +305,7 @@ impl ClientTx {
                 };
                 trace!(tx = ?self.id, next = ?self.interval, "retransmitting request");
                 io.transmit(self.to, self.request.clone());
-                self.arm(io, Slot::Resend, now + self.interval);
+                self.arm(io, Slot::Resend, now, self.interval);
                 Fate::Live
             }
             (Slot::Lifetime, ClientState::Calling | ClientState::Proceeding) => {

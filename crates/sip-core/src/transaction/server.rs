@@ -104,7 +104,7 @@ impl ServerTx {
             interval: io.timers.t1,
             timers: TimerSlots::default(),
         };
-        tx.arm(io, Slot::Resend, now + TRYING_DELAY);
+        tx.arm(io, Slot::Resend, now, TRYING_DELAY);
         tx
     }
 
@@ -122,8 +122,9 @@ impl ServerTx {
         }
     }
 
-    fn arm(&mut self, io: &mut Io<'_>, slot: Slot, at: Instant) {
-        self.timers.arm(io.queue, TxRef::Server(self.id), slot, at);
+    fn arm(&mut self, io: &mut Io<'_>, slot: Slot, now: Instant, after: Duration) {
+        self.timers
+            .arm(io.queue, TxRef::Server(self.id), slot, now, after);
     }
 
     /// The current state.
@@ -179,10 +180,10 @@ impl ServerTx {
                 if reliable {
                     self.timers.disarm(Slot::Resend);
                 } else {
-                    self.arm(io, Slot::Resend, now + self.interval);
+                    self.arm(io, Slot::Resend, now, self.interval);
                 }
                 // Timer L, which is also how long we wait for the ACK (§13.3.1.4).
-                self.arm(io, Slot::Lifetime, now + io.timers.transaction_timeout());
+                self.arm(io, Slot::Lifetime, now, io.timers.transaction_timeout());
                 Ok(Fate::Live)
             }
             (true, _, _) => {
@@ -193,10 +194,10 @@ impl ServerTx {
                     self.timers.disarm(Slot::Resend);
                 } else {
                     // Timer G.
-                    self.arm(io, Slot::Resend, now + self.interval);
+                    self.arm(io, Slot::Resend, now, self.interval);
                 }
                 // Timer H.
-                self.arm(io, Slot::Lifetime, now + io.timers.transaction_timeout());
+                self.arm(io, Slot::Lifetime, now, io.timers.transaction_timeout());
                 Ok(Fate::Live)
             }
             (false, _, 100..=199) => {
@@ -211,7 +212,7 @@ impl ServerTx {
                 if wait.is_zero() {
                     return Ok(Fate::Terminated);
                 }
-                self.arm(io, Slot::Lifetime, now + wait);
+                self.arm(io, Slot::Lifetime, now, wait);
                 Ok(Fate::Live)
             }
         }
@@ -260,7 +261,7 @@ impl ServerTx {
                     return AckDisposition::Absorb(Fate::Terminated);
                 }
                 // Timer I.
-                self.arm(io, Slot::Lifetime, now + wait);
+                self.arm(io, Slot::Lifetime, now, wait);
                 AckDisposition::Absorb(Fate::Live)
             }
             ServerState::Accepted => {
@@ -301,7 +302,7 @@ impl ServerTx {
                     io.transmit(self.from, last);
                 }
                 self.interval = io.timers.backoff_capped(self.interval);
-                self.arm(io, Slot::Resend, now + self.interval);
+                self.arm(io, Slot::Resend, now, self.interval);
                 Fate::Live
             }
             (Slot::Lifetime, ServerState::Accepted) => {

@@ -2,13 +2,20 @@
 //! transaction layer keeps them in.
 //!
 //! Every transaction has two timer slots whose meaning depends on its state (see
-//! [`Slot`]). Arming a slot records the deadline in the transaction and pushes an entry on
-//! one shared binary heap. Re-arming or disarming never searches the heap: an entry is
-//! live only while the transaction still exists and still holds the same deadline in that
-//! slot, so stale entries are recognised in O(1) when they reach the top and are skipped.
+//! [`Slot`]). Arming a slot records the deadline in the transaction and appends an entry to
+//! the queue. Re-arming or disarming never searches the queue: an entry is live only while
+//! the transaction still exists and still holds the same deadline in that slot, so stale
+//! entries are recognised in O(1) when they come due and are skipped.
+//!
+//! The queue keeps one first-in first-out lane per timer duration (T1, 2·T1, …, T4, 64·T1,
+//! the 200 ms of the 100 Trying): the transaction layer is driven with a clock that does not
+//! go back, so the entries of one duration come due in the order they were armed, and both
+//! arming and taking the earliest entry cost O(number of durations) — about a dozen —
+//! instead of a binary heap's O(log n) over every deadline of every retained transaction
+//! (hundreds of thousands under load, with 64·T1 of retention), whose growth also moved the
+//! whole heap in memory each time it doubled.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::{ClientTxId, ServerTxId};
@@ -152,29 +159,73 @@ pub(super) struct Entry {
 /// skipped by the caller.
 #[derive(Debug, Default)]
 pub(super) struct TimerQueue {
-    heap: BinaryHeap<Reverse<Entry>>,
+    lanes: Vec<Lane>,
+}
+
+/// The entries armed for one duration, in the order they come due.
+#[derive(Debug)]
+struct Lane {
+    after: Duration,
+    entries: VecDeque<Entry>,
 }
 
 impl TimerQueue {
-    /// Schedules an entry.
-    pub fn push(&mut self, entry: Entry) {
-        self.heap.push(Reverse(entry));
+    /// Schedules an entry armed `after` its duration (its `at` is the time of arming plus
+    /// `after`).
+    pub fn push(&mut self, entry: Entry, after: Duration) {
+        let lane = match self.lanes.iter().position(|l| l.after == after) {
+            Some(i) => &mut self.lanes[i],
+            None => {
+                self.lanes.push(Lane {
+                    after,
+                    entries: VecDeque::new(),
+                });
+                let last = self.lanes.len() - 1;
+                &mut self.lanes[last]
+            }
+        };
+        match lane.entries.back() {
+            Some(last) if last.at > entry.at => {
+                // Armed with an earlier clock than the last entry (a caller whose `now`
+                // went back): keep the lane in order.
+                let i = lane.entries.partition_point(|e| e.at <= entry.at);
+                lane.entries.insert(i, entry);
+            }
+            _ => lane.entries.push_back(entry),
+        }
+    }
+
+    /// The lane holding the earliest entry.
+    fn earliest(&self) -> Option<usize> {
+        let mut best: Option<(usize, Instant)> = None;
+        for (i, lane) in self.lanes.iter().enumerate() {
+            if let Some(front) = lane.entries.front() {
+                if best.is_none_or(|(_, at)| front.at < at) {
+                    best = Some((i, front.at));
+                }
+            }
+        }
+        best.map(|(i, _)| i)
     }
 
     /// The earliest entry, live or stale.
     pub fn peek(&self) -> Option<Entry> {
-        self.heap.peek().map(|e| e.0)
+        self.earliest()
+            .and_then(|i| self.lanes[i].entries.front().copied())
     }
 
     /// Removes the earliest entry.
     pub fn pop(&mut self) -> Option<Entry> {
-        self.heap.pop().map(|e| e.0)
+        let i = self.earliest()?;
+        self.lanes[i].entries.pop_front()
     }
 
     /// Removes and returns the earliest entry if it is due at `now`.
     pub fn pop_due(&mut self, now: Instant) -> Option<Entry> {
-        match self.heap.peek() {
-            Some(Reverse(e)) if e.at <= now => self.pop(),
+        let i = self.earliest()?;
+        let lane = &mut self.lanes[i].entries;
+        match lane.front() {
+            Some(e) if e.at <= now => lane.pop_front(),
             _ => None,
         }
     }
@@ -182,7 +233,7 @@ impl TimerQueue {
     /// Number of entries, stale ones included.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.heap.len()
+        self.lanes.iter().map(|l| l.entries.len()).sum()
     }
 }
 
@@ -201,10 +252,18 @@ impl TimerSlots {
         }
     }
 
-    /// Arms `slot` for `at`, replacing any earlier deadline of that slot.
-    pub fn arm(&mut self, queue: &mut TimerQueue, tx: TxRef, slot: Slot, at: Instant) {
+    /// Arms `slot` to fire `after` from `now`, replacing any earlier deadline of that slot.
+    pub fn arm(
+        &mut self,
+        queue: &mut TimerQueue,
+        tx: TxRef,
+        slot: Slot,
+        now: Instant,
+        after: Duration,
+    ) {
+        let at = now + after;
         *self.get_mut(slot) = Some(at);
-        queue.push(Entry { at, tx, slot });
+        queue.push(Entry { at, tx, slot }, after);
     }
 
     /// Disarms `slot`; its heap entry becomes stale.
@@ -305,8 +364,8 @@ mod tests {
         let mut slots = TimerSlots::default();
         let t0 = Instant::now();
         let tx = TxRef::Client(ClientTxId(1));
-        slots.arm(&mut q, tx, Slot::Resend, t0 + Duration::from_secs(1));
-        slots.arm(&mut q, tx, Slot::Resend, t0 + Duration::from_secs(2));
+        slots.arm(&mut q, tx, Slot::Resend, t0, Duration::from_secs(1));
+        slots.arm(&mut q, tx, Slot::Resend, t0, Duration::from_secs(2));
         assert_eq!(q.len(), 2);
         assert!(q.pop_due(t0).is_none());
         let first = q.pop_due(t0 + Duration::from_secs(5)).unwrap();
@@ -316,5 +375,50 @@ mod tests {
         assert!(slots.fire(second.slot, second.at));
         assert!(!slots.is_armed(Slot::Resend));
         assert!(q.pop().is_none());
+    }
+
+    fn entry(at: Instant, id: u64) -> Entry {
+        Entry {
+            at,
+            tx: TxRef::Server(ServerTxId(id)),
+            slot: Slot::Lifetime,
+        }
+    }
+
+    /// Entries of several durations, armed at increasing times, come out in deadline order
+    /// whatever lane they are in; an entry armed with an earlier clock than the one before
+    /// it in its lane still comes out in its place.
+    #[test]
+    fn entries_come_out_in_deadline_order_across_lanes() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut q = TimerQueue::default();
+        let mut want = Vec::new();
+        let durations = [ms(32_000), ms(500), ms(200), ms(5_000), ms(1_000)];
+        for step in 0..200u64 {
+            let now = t0 + ms(step * 7);
+            let after = durations[(step % 5) as usize];
+            q.push(entry(now + after, step), after);
+            want.push((now + after, step));
+        }
+        // A caller whose clock went back: armed 1 s before the last arming, same lane.
+        let late = t0 + ms(190 * 7 - 1_000) + ms(500);
+        q.push(entry(late, 999), ms(500));
+        want.push((late, 999));
+        want.sort();
+        assert_eq!(q.len(), want.len());
+        assert!(q.pop_due(t0).is_none(), "nothing is due at the start");
+        let mut got = Vec::new();
+        while let Some(e) = q.pop_due(t0 + ms(60_000)) {
+            let TxRef::Server(ServerTxId(id)) = e.tx else {
+                unreachable!()
+            };
+            got.push((e.at, id));
+        }
+        let want_at: Vec<Instant> = want.iter().map(|(at, _)| *at).collect();
+        let got_at: Vec<Instant> = got.iter().map(|(at, _)| *at).collect();
+        assert_eq!(got_at, want_at);
+        assert_eq!(got.len(), 201);
+        assert!(q.peek().is_none());
     }
 }
