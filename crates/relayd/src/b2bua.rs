@@ -9,40 +9,53 @@ use rsip::{Header, Method, Request, Response};
 use sip_core::dialog::ViaSpec;
 use sip_core::{message, Transport};
 
-/// The relay's own addresses on one transport: what to write in Via and Contact.
+/// The relay's own addresses on one transport: what to write in Via and Contact, worked
+/// out once (every call writes them several times).
 #[derive(Debug, Clone)]
 pub struct LocalAddr {
     /// The transport.
     pub transport: Transport,
     /// The socket address we listen on.
     pub addr: SocketAddr,
+    via: ViaSpec,
+    contact_uri: rsip::Uri,
+    contact_value: String,
 }
 
 impl LocalAddr {
+    /// The relay's addresses for `transport` listening on `addr`.
+    pub fn new(transport: Transport, addr: SocketAddr) -> LocalAddr {
+        let text = match transport {
+            Transport::Udp => format!("sip:relay@{addr}"),
+            t => format!("sip:relay@{addr};transport={}", t.param_name()),
+        };
+        let contact_uri = rsip::Uri::try_from(text.as_str()).unwrap_or_default();
+        LocalAddr {
+            transport,
+            addr,
+            via: ViaSpec {
+                transport,
+                sent_by: addr.to_string(),
+            },
+            contact_value: format!("<{contact_uri}>"),
+            contact_uri,
+        }
+    }
+
     /// A Via spec for requests leaving on this transport.
     pub fn via(&self) -> ViaSpec {
-        ViaSpec {
-            transport: self.transport,
-            sent_by: self.addr.to_string(),
-        }
+        self.via.clone()
     }
 
     /// The relay's Contact URI on this transport (RFC 3261 §8.1.1.8), where in-dialog
     /// requests of the leg come back to.
     pub fn contact_uri(&self) -> rsip::Uri {
-        let text = match self.transport {
-            Transport::Udp => format!("sip:relay@{}", self.addr),
-            t => format!("sip:relay@{};transport={}", self.addr, t.param_name()),
-        };
-        rsip::Uri::try_from(text.as_str()).unwrap_or_default()
+        self.contact_uri.clone()
     }
 
     /// The Contact header carrying [`LocalAddr::contact_uri`].
     pub fn contact_header(&self) -> Header {
-        Header::Contact(rsip::headers::Contact::new(format!(
-            "<{}>",
-            self.contact_uri()
-        )))
+        Header::Contact(rsip::headers::Contact::new(self.contact_value.clone()))
     }
 }
 
@@ -230,10 +243,7 @@ mod tests {
 
     #[test]
     fn inquiry_asserts_identity_and_service_and_carries_the_offer() {
-        let local = LocalAddr {
-            transport: Transport::Udp,
-            addr: "127.0.0.1:5060".parse().unwrap(),
-        };
+        let local = LocalAddr::new(Transport::Udp, "127.0.0.1:5060".parse().unwrap());
         let req = terminal_invite();
         let params = vec![("quality".to_string(), "hd".to_string())];
         let inv = inquiry_invite(&Inquiry {

@@ -59,7 +59,9 @@ struct ServedInner {
     ended: VecDeque<(Instant, Arc<ServedSession>)>,
     /// (server URI, subscriber) pairs ever served since start-up, for charges outside a
     /// session.
-    history: HashSet<(String, String)>,
+    /// By server URI, the subscribers it has served (looked up by `&str`: a session
+    /// already seen costs no allocation).
+    history: HashMap<String, HashSet<String>>,
 }
 
 impl ServedInner {
@@ -106,9 +108,13 @@ impl ServedIndex {
     pub fn insert(&self, s: ServedSession) {
         let mut inner = self.lock();
         inner.forget_expired(Instant::now());
-        inner
-            .history
-            .insert((s.server.clone(), s.subscriber.clone()));
+        let served = match inner.history.get_mut(s.server.as_str()) {
+            Some(served) => served,
+            None => inner.history.entry(s.server.clone()).or_default(),
+        };
+        if !served.contains(s.subscriber.as_str()) {
+            served.insert(s.subscriber.clone());
+        }
         let s = Arc::new(s);
         for key in [
             s.session_id.clone(),
@@ -149,7 +155,8 @@ impl ServedIndex {
     pub fn has_served(&self, server: &str, subscriber: &str) -> bool {
         self.lock()
             .history
-            .contains(&(server.to_string(), subscriber.to_string()))
+            .get(server)
+            .is_some_and(|served| served.contains(subscriber))
     }
 }
 

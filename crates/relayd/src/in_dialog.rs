@@ -190,12 +190,16 @@ impl Call {
 /// Sends `req` and logs its final answer when it comes, without waiting for it.
 pub(crate) fn send_and_forget(relay: &Relay, req: Request, peer: Peer, what: &'static str) {
     match relay.endpoint.send_request(req, peer) {
-        Ok(mut ctx) => {
+        // The transaction goes on (retransmissions, timers) without its user; only the
+        // debug log wants to hear how it ended, and a task to wait for that costs a spawn
+        // per call under load.
+        Ok(mut ctx) if tracing::enabled!(tracing::Level::DEBUG) => {
             tokio::spawn(async move {
                 let resp = ctx.final_response().await;
                 debug!(what, code = resp.status_code.code(), "answered");
             });
         }
+        Ok(_) => {}
         Err(e) => warn!(error = %e, what, "cannot send"),
     }
 }

@@ -1,34 +1,35 @@
 //! A call's server legs: each INVITE of the relay's own towards an application server (an
-//! inquiry) runs in a small task of its own (`spawn_leg`) that sends it, applies the
-//! inquiry and answer timeouts and reports the server's answers to the call's inbox as
-//! [`LegEvent`]s. Here too are the call's bookkeeping of a leg in flight (`PendingLeg`, what
-//! it is for: `Purpose`), the leg once answered (`ServerLeg`), and the CANCEL, ACK and BYE
-//! a call sends on a leg. The initial inquiry, a service change ([`crate::change`]) and a
+//! inquiry) is a client transaction whose events the endpoint puts straight into the call's
+//! inbox as [`LegEvent`]s (`LegSink`); the call applies the inquiry and answer timeouts
+//! itself (`PendingLeg::deadline`). Here too are the call's bookkeeping of a leg in flight
+//! (`PendingLeg`, what it is for: `Purpose`), the leg once answered (`ServerLeg`), and the
+//! CANCEL, ACK and BYE a call sends on a leg. The initial inquiry, a service change ([`crate::change`]) and a
 //! transfer ([`crate::transfer`]) all start their legs here.
 
 use std::sync::Arc;
 
 use rsip::{Header, Method, Request, Response};
 use sip_core::dialog::{cancel_for, Dialog};
-use sip_core::endpoint::ClientEvent;
+use sip_core::endpoint::{ClientEvent, ClientSink};
 use sip_core::{message, Peer};
 use tracing::{info, warn};
 
 use crate::b2bua::{self, Inquiry};
 use crate::directory::ServerRef;
 use crate::in_dialog::send_and_forget;
-use crate::relay::Relay;
 use crate::routing::{Inbox, SessionInput};
-use crate::session::Call;
+use crate::session::{Call, SessionLimits};
 use crate::{change, transfer};
 
 /// Identifies one INVITE leg towards an application server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct LegId(pub u64);
 
-/// What a server leg's INVITE got, as reported by its task.
+/// What a server leg's INVITE got.
 #[derive(Debug)]
 pub enum LegEvent {
+    /// A 100 (Trying): the server heard; it now has the answer timeout to answer.
+    Trying,
     /// A 101–199.
     Provisional(Response),
     /// A 2xx (again for each retransmission the server sends).
@@ -75,89 +76,65 @@ pub(crate) struct PendingLeg {
     pub(crate) purpose: Purpose,
     /// Whether a provisional came (a CANCEL may be sent only then, RFC 3261 §9.1).
     pub(crate) provisional: bool,
+    /// When the INVITE was sent.
+    pub(crate) started: tokio::time::Instant,
+    /// When the call stops waiting for it: the inquiry timeout until the server is heard
+    /// from at all, then the answer timeout.
+    pub(crate) deadline: tokio::time::Instant,
+    /// Whether any response came.
+    pub(crate) heard: bool,
 }
 
-/// Spawns the task of one INVITE leg: sends it, applies the inquiry and answer timeouts,
-/// and reports every answer to the call's inbox.
-fn spawn_leg(relay: &Arc<Relay>, me: Inbox, leg: LegId, invite: Request, peer: Peer) {
-    let ctx = relay.endpoint.send_request(invite.clone(), peer);
-    let limits = relay.limits;
-    let endpoint = relay.endpoint.clone();
-    tokio::spawn(async move {
-        let mut ctx = match ctx {
-            Ok(ctx) => ctx,
-            Err(e) => {
-                warn!(error = %e, "cannot send inquiry");
-                let _ = me.send(SessionInput::Leg {
-                    leg,
-                    event: LegEvent::Failed {
-                        code: 503,
-                        resp: None,
-                    },
-                });
-                return;
+impl PendingLeg {
+    /// The server answered something: from now on it has the answer timeout.
+    pub(crate) fn heard(&mut self, limits: &SessionLimits) {
+        if !self.heard {
+            self.heard = true;
+            self.deadline = self.started + limits.answer_timeout;
+        }
+    }
+}
+
+/// Takes a server leg's transaction events inline, from the endpoint's receiving or timer
+/// task, and puts them in the call's inbox as [`LegEvent`]s: no task of its own per leg.
+struct LegSink {
+    me: Inbox,
+    leg: LegId,
+}
+
+impl ClientSink for LegSink {
+    fn deliver(&self, event: ClientEvent) {
+        let event = match event {
+            ClientEvent::Response(r) => match r.status_code.code() {
+                100 => LegEvent::Trying,
+                101..=199 => LegEvent::Provisional(r),
+                200..=299 => LegEvent::Answered(r),
+                code => LegEvent::Failed {
+                    code,
+                    resp: Some(r),
+                },
+            },
+            ClientEvent::TimedOut => LegEvent::Failed {
+                code: 408,
+                resp: None,
+            },
+            ClientEvent::Failed(e) => {
+                warn!(error = %e, "inquiry failed");
+                LegEvent::Failed {
+                    code: 503,
+                    resp: None,
+                }
             }
         };
-        let started = tokio::time::Instant::now();
-        let mut deadline = started + limits.inquiry_timeout;
-        let mut answered = false;
-        let mut heard = false;
-        loop {
-            tokio::select! {
-                ev = ctx.recv() => {
-                    let event = match ev {
-                        Some(ClientEvent::Response(r)) => {
-                            let code = r.status_code.code();
-                            if !heard {
-                                heard = true;
-                                deadline = started + limits.answer_timeout;
-                            }
-                            match code {
-                                100 => continue,
-                                101..=199 => LegEvent::Provisional(r),
-                                200..=299 => {
-                                    if !answered {
-                                        // Further 2xx (retransmissions until our ACK) come
-                                        // within 64·T1 (RFC 6026 Timer M); then the leg is done.
-                                        answered = true;
-                                        deadline = tokio::time::Instant::now() + limits.ack_timeout;
-                                    }
-                                    LegEvent::Answered(r)
-                                }
-                                _ => LegEvent::Failed { code, resp: Some(r) },
-                            }
-                        }
-                        Some(ClientEvent::TimedOut) => LegEvent::Failed { code: 408, resp: None },
-                        Some(ClientEvent::Failed(e)) => {
-                            warn!(error = %e, "inquiry failed");
-                            LegEvent::Failed { code: 503, resp: None }
-                        }
-                        None => return,
-                    };
-                    let last = matches!(event, LegEvent::Failed { .. });
-                    if me.send(SessionInput::Leg { leg, event }).is_err() || last {
-                        return;
-                    }
-                }
-                // The call has ended: nothing is left to report to.
-                () = me.closed() => return,
-                _ = tokio::time::sleep_until(deadline) => {
-                    if answered {
-                        return;
-                    }
-                    if heard {
-                        // Ringing too long: cancel it (a provisional came, so CANCEL is allowed).
-                        if let Ok(cancel) = cancel_for(&invite) {
-                            let _ = endpoint.send_request(cancel, peer);
-                        }
-                    }
-                    info!(to = %peer, "no answer in time");
-                    let _ = me.send(SessionInput::Leg { leg, event: LegEvent::Failed { code: 408, resp: None } });
-                    return;
-                }
-            }
-        }
-    });
+        let _ = self.me.send(SessionInput::Leg {
+            leg: self.leg,
+            event,
+        });
+    }
+
+    fn is_closed(&self) -> bool {
+        self.me.is_closed()
+    }
 }
 
 impl Call {
@@ -180,15 +157,25 @@ impl Call {
         };
         let local = relay.local(peer.transport);
         let hostport = server.uri().host_with_port.to_string();
-        let mut base = self.a.invite.clone();
-        base.headers.retain(|h| {
-            !matches!(
-                h,
-                Header::ContentType(_) | Header::ContentDisposition(_) | Header::ContentEncoding(_)
-            )
-        });
-        base.headers.extend(offer.0);
-        base.body = offer.1;
+        // What the inquiry takes from the terminal's INVITE: its Max-Forwards, and the
+        // offer with the headers describing it (not a copy of the whole INVITE).
+        let mut headers: rsip::Headers = self
+            .a
+            .invite
+            .headers
+            .iter()
+            .filter(|h| matches!(h, Header::MaxForwards(_)))
+            .cloned()
+            .collect::<Vec<_>>()
+            .into();
+        headers.extend(offer.0);
+        let base = Request {
+            method: Method::Invite,
+            uri: self.a.invite.uri.clone(),
+            version: rsip::Version::V2,
+            headers,
+            body: offer.1,
+        };
         let invite = match b2bua::inquiry_invite(&Inquiry {
             service,
             params,
@@ -212,7 +199,21 @@ impl Call {
         let id = LegId(self.next_leg);
         self.next_leg += 1;
         info!(server = server.uri_text(), service, "inquiring");
-        spawn_leg(&relay, self.me.clone(), id, invite.clone(), peer);
+        let sink = Arc::new(LegSink {
+            me: self.me.clone(),
+            leg: id,
+        });
+        if let Err(e) = relay.endpoint.send_request_to(invite.clone(), peer, sink) {
+            warn!(error = %e, "cannot send inquiry");
+            let _ = self.me.send(SessionInput::Leg {
+                leg: id,
+                event: LegEvent::Failed {
+                    code: 503,
+                    resp: None,
+                },
+            });
+        }
+        let started = tokio::time::Instant::now();
         self.legs.insert(
             id,
             PendingLeg {
@@ -222,6 +223,9 @@ impl Call {
                 call_id: summary.call_id,
                 purpose,
                 provisional: false,
+                started,
+                deadline: started + relay.limits.inquiry_timeout,
+                heard: false,
             },
         );
         true

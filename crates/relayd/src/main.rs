@@ -18,7 +18,7 @@ use billing::sqlite::SqliteStore;
 use billing::store::Period;
 use relayd::cli::{self, BillingCommand, Cli, Command, Ha1Hasher, UserCommand};
 use relayd::config::{Config, LogFormat};
-use relayd::relay::{self, Relay};
+use relayd::relay::Relay;
 use relayd::{health, metrics};
 use sip_core::digest;
 
@@ -200,7 +200,7 @@ fn run(config: Config) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let source = config.file_name();
-    let (relay, events, writer) = Relay::start(config).await?;
+    let (relay, writer) = Relay::start(config).await?;
     tracing::info!(
         config = %source.display(),
         addresses = ?relay.endpoint.transports().local_addrs(),
@@ -212,7 +212,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let touch =
         std::time::Duration::from_secs(u64::from(relay.config.billing.touch_interval_secs.max(1)));
     let mut tasks = vec![
-        tokio::spawn(relay::dispatch(relay.clone(), events)),
         tokio::spawn(health::probe_loop(relay.clone())),
         tokio::spawn(health::expiry_loop(relay.clone())),
         tokio::spawn(relay.billing.clone().touch_loop(touch)),

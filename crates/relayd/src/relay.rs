@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -14,11 +14,10 @@ use rand::RngCore;
 use rsip::prelude::*;
 use rsip::{Header, Method, Request};
 use sip_core::digest::StoredCredential;
-use sip_core::endpoint::{Endpoint, EndpointConfig, EndpointEvent, IncomingRequest};
+use sip_core::endpoint::{Endpoint, EndpointConfig, EndpointEvent, EventSink, IncomingRequest};
 use sip_core::resolve::{resolve, SystemDns};
 use sip_core::transport::TransportConfig;
 use sip_core::{message, Peer, Transport};
-use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::auth::{AuthOutcome, Authenticator, ChallengeKind, CredentialStore, FailurePolicy};
@@ -29,7 +28,7 @@ use crate::config::{Config, Secret};
 use crate::directory::{Directory, ServerRef, Strategy};
 use crate::registrar::{RegisterRequest, Registrar, Role};
 use crate::routing::{SessionInput, SessionTable};
-use crate::rules::{RequestFacts, RuleSet};
+use crate::rules::{FactNeeds, RequestFacts, RuleSet};
 use crate::session::{self, Admission, SessionLimits};
 
 /// Counters of the relay, for logs and metrics.
@@ -50,7 +49,7 @@ pub struct Relay {
     /// The realm, also the relay's SIP domain.
     pub realm: String,
     domains: HashSet<String>,
-    locals: Vec<LocalAddr>,
+    locals: Vec<Arc<LocalAddr>>,
     /// Digest authentication.
     pub auth: Authenticator,
     credentials: HashMap<String, StoredCredential>,
@@ -104,15 +103,9 @@ fn utc_second_of_day() -> u32 {
 
 impl Relay {
     /// Builds the relay from a validated configuration: binds the sockets, opens the billing
-    /// store, runs crash recovery. Returns the relay, the endpoint's events, and the billing
-    /// writer (to shut down last).
-    pub async fn start(
-        config: Config,
-    ) -> anyhow::Result<(
-        Arc<Relay>,
-        mpsc::Receiver<EndpointEvent>,
-        billing::writer::Writer,
-    )> {
+    /// store, runs crash recovery, then starts dispatching what the sockets receive. Returns
+    /// the relay and the billing writer (to shut down last).
+    pub async fn start(config: Config) -> anyhow::Result<(Arc<Relay>, billing::writer::Writer)> {
         let realm = config.relay.realm.clone();
         let endpoint_config = EndpointConfig {
             transport: TransportConfig {
@@ -126,14 +119,15 @@ impl Relay {
             },
             ..EndpointConfig::default()
         };
-        let (endpoint, events) = Endpoint::bind(endpoint_config)
+        let events = Arc::new(RelayEvents::new());
+        let endpoint = Endpoint::bind_with_sink(endpoint_config, events.clone())
             .await
             .context("opening the SIP transports")?;
-        let locals: Vec<LocalAddr> = endpoint
+        let locals: Vec<Arc<LocalAddr>> = endpoint
             .transports()
             .local_addrs()
             .into_iter()
-            .map(|(transport, addr)| LocalAddr { transport, addr })
+            .map(|(transport, addr)| Arc::new(LocalAddr::new(transport, addr)))
             .collect();
         let mut domains: HashSet<String> = HashSet::new();
         domains.insert(realm.to_ascii_lowercase());
@@ -213,7 +207,8 @@ impl Relay {
             served: ServedIndex::default(),
             stats: RelayStats::default(),
         });
-        Ok((relay, events, writer))
+        events.start(&relay);
+        Ok((relay, writer))
     }
 
     /// Whether `service` is one the relay delivers: configured, or offered by a registered
@@ -293,15 +288,17 @@ impl Relay {
     }
 
     /// The relay's address on `transport` (or its first address).
-    pub fn local(&self, transport: Transport) -> LocalAddr {
+    pub fn local(&self, transport: Transport) -> Arc<LocalAddr> {
         self.locals
             .iter()
             .find(|l| l.transport == transport)
             .or_else(|| self.locals.first())
             .cloned()
-            .unwrap_or(LocalAddr {
-                transport,
-                addr: SocketAddr::from(([127, 0, 0, 1], 5060)),
+            .unwrap_or_else(|| {
+                Arc::new(LocalAddr::new(
+                    transport,
+                    SocketAddr::from(([127, 0, 0, 1], 5060)),
+                ))
             })
     }
 
@@ -390,19 +387,82 @@ fn call_id(req: &Request) -> Option<String> {
     })
 }
 
-/// Takes the endpoint's events until the endpoint closes.
-pub async fn dispatch(relay: Arc<Relay>, mut events: mpsc::Receiver<EndpointEvent>) {
-    while let Some(event) = events.recv().await {
+/// Hands the endpoint's events to the relay inline, from the task that received each
+/// message (see [`EventSink`]): a request on a live call goes straight into that call's
+/// inbox. Events that come before the relay is built (its billing recovery may take a
+/// moment) wait in a bounded buffer and are dispatched when it is; new requests beyond the
+/// buffer are answered 503.
+pub struct RelayEvents {
+    relay: OnceLock<Weak<Relay>>,
+    early: Mutex<Option<Vec<EndpointEvent>>>,
+}
+
+/// How many events may wait for the relay to be built.
+const EARLY_EVENTS: usize = 16 * 1024;
+
+impl RelayEvents {
+    fn new() -> Self {
+        RelayEvents {
+            relay: OnceLock::new(),
+            early: Mutex::new(Some(Vec::new())),
+        }
+    }
+
+    fn early(&self) -> std::sync::MutexGuard<'_, Option<Vec<EndpointEvent>>> {
+        self.early.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts dispatching to `relay`, the events that waited first.
+    fn start(&self, relay: &Arc<Relay>) {
+        let _ = self.relay.set(Arc::downgrade(relay));
+        let waiting = self.early().take().unwrap_or_default();
+        for event in waiting {
+            dispatch(relay, event);
+        }
+    }
+}
+
+impl EventSink for RelayEvents {
+    fn deliver(&self, event: EndpointEvent) -> Result<(), EndpointEvent> {
+        if let Some(relay) = self.relay.get() {
+            if let Some(relay) = relay.upgrade() {
+                dispatch(&relay, event);
+            }
+            return Ok(());
+        }
+        let mut early = self.early();
+        match early.as_mut() {
+            Some(waiting) if waiting.len() < EARLY_EVENTS => {
+                waiting.push(event);
+                Ok(())
+            }
+            Some(_) => Err(event),
+            None => {
+                // Started between the look above and the lock.
+                drop(early);
+                if let Some(relay) = self.relay.get().and_then(Weak::upgrade) {
+                    dispatch(&relay, event);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Routes one event of the endpoint: requests and ACKs of live calls to their inbox, new
+/// requests to admission or registration.
+fn dispatch(relay: &Arc<Relay>, event: EndpointEvent) {
+    {
         match event {
             EndpointEvent::Request(r) => {
-                let Some(cid) = call_id(&r.req) else { continue };
+                let Some(cid) = call_id(&r.req) else { return };
                 if r.req.method != Method::Register {
                     if let Some(inbox) = relay.sessions.get(&cid) {
                         let _ = inbox.send(SessionInput::Request(r));
-                        continue;
+                        return;
                     }
                 }
-                out_of_dialog(&relay, r, cid);
+                out_of_dialog(relay, r, cid);
             }
             EndpointEvent::Cancel {
                 req,
@@ -410,7 +470,7 @@ pub async fn dispatch(relay: Arc<Relay>, mut events: mpsc::Receiver<EndpointEven
                 tx,
                 invite,
             } => {
-                let Some(cid) = call_id(&req) else { continue };
+                let Some(cid) = call_id(&req) else { return };
                 if let Err(SessionInput::Cancel { req, tx, invite }) = relay
                     .sessions
                     .deliver(&cid, SessionInput::Cancel { req, tx, invite })
@@ -564,7 +624,7 @@ fn register(relay: &Relay, r: IncomingRequest) {
 }
 
 /// The facts of a request that the rules look at.
-fn facts(req: &Request, plan: &str, class: &str) -> RequestFacts {
+fn facts(req: &Request, plan: &str, class: &str, needs: FactNeeds) -> RequestFacts {
     let ruri_params = req
         .uri
         .params
@@ -578,28 +638,34 @@ fn facts(req: &Request, plan: &str, class: &str) -> RequestFacts {
             }
         })
         .collect();
-    let from_user = req
-        .headers
-        .iter()
-        .find_map(|h| match h {
-            Header::From(f) => f
-                .typed()
-                .ok()
-                .and_then(|t| t.uri.user().map(|u| u.to_string())),
-            _ => None,
-        })
-        .unwrap_or_default();
-    let headers = req
-        .headers
-        .iter()
-        .map(|h| {
-            let text = h.to_string();
-            match text.split_once(':') {
-                Some((n, v)) => (n.trim().to_string(), v.trim().to_string()),
-                None => (text, String::new()),
-            }
-        })
-        .collect();
+    let from_user = if needs.from_user {
+        req.headers
+            .iter()
+            .find_map(|h| match h {
+                Header::From(f) => f
+                    .typed()
+                    .ok()
+                    .and_then(|t| t.uri.user().map(|u| u.to_string())),
+                _ => None,
+            })
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    let headers = if needs.headers {
+        req.headers
+            .iter()
+            .map(|h| {
+                let text = h.to_string();
+                match text.split_once(':') {
+                    Some((n, v)) => (n.trim().to_string(), v.trim().to_string()),
+                    None => (text, String::new()),
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     let preferred_service =
         b2bua::other_header(&req.headers, "P-Preferred-Service").map(|s| s.trim().to_string());
     RequestFacts {
@@ -608,7 +674,11 @@ fn facts(req: &Request, plan: &str, class: &str) -> RequestFacts {
         ruri_params,
         from_user,
         headers,
-        sdp: String::from_utf8_lossy(&req.body).into_owned(),
+        sdp: if needs.sdp {
+            String::from_utf8_lossy(&req.body).into_owned()
+        } else {
+            String::new()
+        },
         preferred_service,
         plan: plan.to_string(),
         class: class.to_string(),
@@ -622,8 +692,7 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
         relay.refuse(&r, 403, "Not relaying");
         return;
     }
-    let mut req = r.req.clone();
-    if message::decrement_max_forwards(&mut req).is_err() {
+    if message::check_max_forwards(&r.req).is_err() {
         relay.refuse(&r, 483, "Too Many Hops");
         return;
     }
@@ -639,7 +708,12 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
         return;
     }
     let decision = relay.rules.evaluate(
-        &facts(&r.req, &subscriber.plan, &subscriber.class),
+        &facts(
+            &r.req,
+            &subscriber.plan,
+            &subscriber.class,
+            relay.rules.needs(),
+        ),
         utc_second_of_day(),
     );
     if decision.service.is_empty() {

@@ -112,6 +112,11 @@ impl Inbox {
         self.0.send(Box::new(input)).map_err(|e| *e.0)
     }
 
+    /// Whether the call has ended (its receiver is gone).
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+
     /// Completes when the call has ended (its receiver is gone): a helper task of the call
     /// stops then instead of outliving it.
     pub async fn closed(&self) {

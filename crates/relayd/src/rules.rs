@@ -164,11 +164,12 @@ pub struct RequestFacts {
     pub ruri_user: String,
     /// The Request-URI parameters, in order; `None` for a parameter without a value.
     pub ruri_params: Vec<(String, Option<String>)>,
-    /// The From URI's user.
+    /// The From URI's user (may be left empty when no rule reads it: [`RuleSet::needs`]).
     pub from_user: String,
-    /// Every header as (name, value), full names (the wire layer expands compact ones).
+    /// Every header as (name, value), full names (the wire layer expands compact ones); may
+    /// be left empty when no rule reads headers.
     pub headers: Vec<(String, String)>,
-    /// The SDP body as text, empty when there is none.
+    /// The SDP body as text, empty when there is none (or when no rule reads it).
     pub sdp: String,
     /// The `P-Preferred-Service` value, if the request has one.
     pub preferred_service: Option<String>,
@@ -315,7 +316,29 @@ pub struct RuleSet {
     service_strategies: HashMap<String, Strategy>,
 }
 
+/// Which of the costlier request facts some rule looks at: a fact no rule reads need not be
+/// gathered for every INVITE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FactNeeds {
+    /// Some rule matches the From user.
+    pub from_user: bool,
+    /// Some rule matches headers.
+    pub headers: bool,
+    /// Some rule matches the SDP body.
+    pub sdp: bool,
+}
+
 impl RuleSet {
+    /// Which costlier facts the rules read ([`RequestFacts::from_user`], `headers`, `sdp`);
+    /// the others may be left empty.
+    pub fn needs(&self) -> FactNeeds {
+        FactNeeds {
+            from_user: self.rules.iter().any(|r| r.from_user.is_some()),
+            headers: self.rules.iter().any(|r| !r.headers.is_empty()),
+            sdp: self.rules.iter().any(|r| r.sdp.is_some()),
+        }
+    }
+
     /// Compiles and validates `rules`, reporting every problem with its key path
     /// (`rules[i].…`).
     pub fn compile(rules: &[RuleConfig]) -> Result<RuleSet, RuleErrors> {
@@ -684,6 +707,35 @@ mod tests {
         assert!(hits(&set, &facts, NOON));
         facts.headers.pop();
         assert!(!hits(&set, &facts, NOON));
+    }
+
+    #[test]
+    fn needs_name_the_costly_facts_some_rule_reads_and_only_those() {
+        let none = FactNeeds {
+            from_user: false,
+            headers: false,
+            sdp: false,
+        };
+        assert_eq!(RuleSet::compile(&[]).unwrap().needs(), none);
+        assert_eq!(one("ruri_user = \"^echo$\"").needs(), none);
+        assert_eq!(
+            one("from_user = \"^bob$\"").needs(),
+            FactNeeds {
+                from_user: true,
+                ..none
+            }
+        );
+        assert_eq!(
+            one("headers = { \"user-agent\" = \"x\" }").needs(),
+            FactNeeds {
+                headers: true,
+                ..none
+            }
+        );
+        assert_eq!(
+            one("sdp = \"TCP\"").needs(),
+            FactNeeds { sdp: true, ..none }
+        );
     }
 
     #[test]

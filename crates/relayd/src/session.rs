@@ -3,8 +3,8 @@
 //! case, several when the request is forked ([`crate::fork`]).
 //!
 //! 1. **Inquiry** — the candidates found in the directory are asked with INVITE legs of the
-//!    relay's own, in order (failover) or all at once (fork). Each leg runs in a small task
-//!    of its own ([`crate::leg`]) that reports the server's answers to the call's inbox.
+//!    relay's own, in order (failover) or all at once (fork). The endpoint reports each
+//!    leg's answers straight to the call's inbox ([`crate::leg`]).
 //!    Provisional answers are relayed to the terminal; a server that fails (silent for the
 //!    inquiry timeout, 408, 480, 486, 5xx, 6xx) is replaced by the next candidate. A CANCEL
 //!    from the terminal cancels the pending legs.
@@ -202,11 +202,23 @@ pub fn spawn(relay: Arc<Relay>, incoming: IncomingRequest, adm: Admission) {
 impl Call {
     async fn run(mut self) {
         self.start_inquiry().await;
+        // One timer for the call, moved only when its next deadline changes (a new one per
+        // input made a timer-wheel insert and removal per message).
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(sleep);
+        let mut armed = None;
         while !self.finished() {
             let wake = self.next_deadline();
+            if wake != armed {
+                armed = wake;
+                if let Some(at) = wake {
+                    sleep.as_mut().reset(at);
+                }
+            }
             let input = tokio::select! {
                 input = self.inbox.recv() => input,
-                _ = sleep_until_opt(wake) => {
+                () = &mut sleep, if armed.is_some() => {
+                    armed = None;
                     self.on_deadline().await;
                     continue;
                 }
@@ -227,6 +239,9 @@ impl Call {
 
     fn next_deadline(&self) -> Option<tokio::time::Instant> {
         let mut next = self.fork_deadline;
+        for leg in self.legs.values() {
+            next = Some(next.map_or(leg.deadline, |n| n.min(leg.deadline)));
+        }
         for s in &self.sessions {
             let d = match s.state {
                 State::AwaitingAck(d) => Some(d),
@@ -243,6 +258,31 @@ impl Call {
 
     async fn on_deadline(&mut self) {
         let now = tokio::time::Instant::now();
+        let overdue: Vec<LegId> = self
+            .legs
+            .iter()
+            .filter(|(_, leg)| leg.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in overdue {
+            if let Some(leg) = self.legs.get(&id) {
+                if leg.heard {
+                    // Ringing too long: cancel it (a response came, so CANCEL is allowed).
+                    if let Ok(cancel) = sip_core::dialog::cancel_for(&leg.invite) {
+                        let _ = self.relay.endpoint.send_request(cancel, leg.peer);
+                    }
+                }
+                info!(to = %leg.peer, "no answer in time");
+            }
+            self.on_leg(
+                id,
+                LegEvent::Failed {
+                    code: 408,
+                    resp: None,
+                },
+            )
+            .await;
+        }
         if self.fork_deadline.is_some_and(|d| d <= now) {
             self.fork_deadline = None;
             info!("fork timeout: cancelling the legs still pending");
@@ -453,8 +493,10 @@ impl Call {
             return;
         };
         match event {
+            LegEvent::Trying => leg.heard(&self.relay.limits),
             LegEvent::Provisional(resp) => {
                 leg.provisional = true;
+                leg.heard(&self.relay.limits);
                 if self.cancelled {
                     // The CANCEL can go now that the leg is proceeding.
                     if let Some(leg) = self.legs.get(&id) {
@@ -913,13 +955,6 @@ impl Call {
         self.index(i);
         info!(old = %old, new = %self.sessions[i].id, cause = cause.as_str(), "new billing segment");
         Ok(())
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 
