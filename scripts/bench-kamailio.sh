@@ -17,7 +17,10 @@
 #
 # Environment: SECONDS_PER_RATE (5), HOLD_MS (100), PIN (0), SIPP_BUFFER as in bench.sh;
 # KAM_CHILDREN (8, the count in Debian's stock kamailio.cfg) UDP worker processes; on a
-# 2-CPU machine 2 serve it best (see docs/performance.md); RELAYD_RESULT
+# 2-CPU machine 2 serve it best (see docs/performance.md); KAM_SHM_MB (2048) its shared
+# memory in MB (-m): with 512, Kamailio 5.6 ran out of shared memory above 2800 calls/s
+# here, failed calls and then crashed, which measured its configuration, not its speed;
+# RELAYD_RESULT
 # (target/bench/relayd.last) a file holding bench.sh's output to compare with; KEEP=1 keeps
 # the work directory (kamailio.cfg, kamailio.log with the accounting lines, sipp statistics)
 # and says where it is.
@@ -43,6 +46,7 @@ if [ ${#RATES[@]} -eq 0 ]; then RATES=(50 100 200 400 800 1600 3200); fi
 SECONDS_PER_RATE=${SECONDS_PER_RATE:-5}
 HOLD_MS=${HOLD_MS:-100}
 KAM_CHILDREN=${KAM_CHILDREN:-8}
+KAM_SHM_MB=${KAM_SHM_MB:-2048}
 RELAYD_RESULT=${RELAYD_RESULT:-$ROOT/target/bench/relayd.last}
 
 if ! command -v sipp >/dev/null 2>&1; then
@@ -235,11 +239,12 @@ fi
 
 (cd "$WORK" && exec "${LOAD_CPUS[@]}" sipp -sf "$WORK/uas_answer.xml" -i 127.0.0.1 -p "$AS_PORT" -aa -buff_size "$SIPP_BUFFER" \
     -nostdin -trace_err -error_file "$WORK/uas-errors.log" >/dev/null 2>"$WORK/uas.stderr") &
-PIDS+=($!)
+UAS_PID=$!
+PIDS+=("$UAS_PID")
 # -DD: the main process stays in the foreground (its workers are its children and end with
 # it); -E: log (accounting and CDRs included) to standard error, here a file; -m: shared
 # memory in MB, for the transactions and dialogs of the highest rates.
-"${SERVER_CPUS[@]}" "$KAMAILIO" -DD -E -m 512 -M 16 -f "$WORK/kamailio.cfg" >/dev/null 2>"$WORK/kamailio.log" &
+"${SERVER_CPUS[@]}" "$KAMAILIO" -DD -E -m "$KAM_SHM_MB" -M 16 -f "$WORK/kamailio.cfg" >/dev/null 2>"$WORK/kamailio.log" &
 KAM_PID=$!
 PIDS+=("$KAM_PID")
 
@@ -269,7 +274,7 @@ run_rates bench-kamailio "$KAM_PORT" "$KAM_PID" "$WORK/kamailio.log"
 
 # Kamailio's memory now: proportional set size summed over the main process and its
 # workers (each shared page split among the processes that map it), so the shared memory
-# pool (-m 512) is counted once, as far as it was touched.
+# pool (-m) is counted once, as far as it was touched.
 PSS=0
 NPROC=0
 for pid in $KAM_PID $(pgrep -P "$KAM_PID" || true); do

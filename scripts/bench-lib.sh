@@ -80,11 +80,26 @@ sipp_stat() {
         NF > 1 { v = $c } END { print (v == "" ? 0 : v) }' "$1"
 }
 
-# Call-setup times (ms), one per call, from a sipp -trace_msg file: from the first INVITE
-# sent (CSeq 1) to the 200 received for the authenticated INVITE (CSeq 2). The message
-# trace is stamped in microseconds; sipp's own response-time counters (rtd="setup" in the
-# scenario) read a coarse clock that ticks every 4 ms on a 250 Hz kernel, too coarse here.
+# How the sipp terminal traces its messages for the call-setup times: `short` (the default,
+# sipp's -trace_shortmsg: one line per message, microsecond timestamps) or `full`
+# (-trace_msg: every message whole). Both cost sipp about the same CPU per call (measured
+# 142 and 152 us at 2400 calls/s, within the noise); the short trace is a tenth of the disk.
+SIPP_TRACE=${SIPP_TRACE:-short}
+
+# Call-setup times (ms), one per call, from the terminal's message trace ($1, in the
+# SIPP_TRACE format): from the first INVITE sent (CSeq 1) to the 200 received for the
+# authenticated INVITE (CSeq 2). Both traces are stamped in microseconds; sipp's own
+# response-time counters (rtd="setup" in the scenario) read a coarse clock that ticks every
+# 4 ms on a 250 Hz kernel, too coarse here.
 setup_times() {
+    if [ "$SIPP_TRACE" = short ]; then
+        # date, time, epoch seconds, S(ent)/R(eceived), Call-ID, "CSeq:N METHOD", first line
+        awk -F'\t' '
+            $4 == "S" && $6 == "CSeq:1 INVITE" && $7 ~ /^INVITE / && !($5 in t0) { t0[$5] = $3 }
+            $4 == "R" && $6 == "CSeq:2 INVITE" && $7 ~ /^SIP\/2\.0 200/ && ($5 in t0) && !($5 in t1) { t1[$5] = $3 }
+            END { for (c in t1) printf "%.3f\n", (t1[c] - t0[c]) * 1000 }' "$1"
+        return
+    fi
     awk '
         function flush() {
             if (first == "") return
@@ -106,6 +121,15 @@ setup_times() {
             flush()
             for (c in t1) { d = t1[c] - t0[c]; if (d < 0) d += 86400; printf "%.3f\n", d * 1000 }
         }' "$1"
+}
+
+# sipp's options for the terminal's message trace, written to $1.
+trace_options() {
+    if [ "$SIPP_TRACE" = short ]; then
+        echo "-trace_shortmsg -shortmessage_file $1"
+    else
+        echo "-trace_msg -message_file $1"
+    fi
 }
 
 # CPU time (clock ticks, user + system) used so far by process $1 and its direct children:
@@ -130,24 +154,55 @@ summary() {
         }'
 }
 
+# Warm-up before the measured rates: WARMUP_SECONDS (10) of calls at half the first rate,
+# not counted, so that neither server is measured while it first faults in its memory pools
+# or fills its caches (Kamailio's first rate ran at a p50 of 60-350 ms without it, and
+# relayd's at a higher CPU per call). 0 skips it.
+WARMUP_SECONDS=${WARMUP_SECONDS:-10}
+
+warm_up() {
+    local port=$1 rate calls dir="$WORK/warm-up"
+    [ "$WARMUP_SECONDS" -gt 0 ] || return 0
+    rate=$(( ${RATES[0]} / 2 > 0 ? ${RATES[0]} / 2 : 1 ))
+    calls=$((rate * WARMUP_SECONDS))
+    mkdir -p "$dir"
+    (cd "$dir" && exec "${LOAD_CPUS[@]}" timeout -k 5 "$((WARMUP_SECONDS + 60))" \
+        sipp "127.0.0.1:$port" -sf "$SCENARIOS/uac_bench.xml" -buff_size "$SIPP_BUFFER" \
+        -inf "$WORK/users.csv" -au alice -ap alice-secret -s echo -i 127.0.0.1 \
+        -r "$rate" -m "$calls" -d "$HOLD_MS" -l 20000 -nostdin \
+        -trace_stat -stf "$dir/stats.csv" -fd 1 \
+        -timeout "$((WARMUP_SECONDS + 30))s" >"$dir/screen.txt" 2>&1) &
+    local pid=$!
+    PIDS+=("$pid")
+    wait "$pid" || true
+    echo "warm-up (not counted): $calls calls at $rate/s, $(sipp_stat "$dir/stats.csv" 'SuccessfulCall(C)') completed"
+}
+
+# The sipp terminal runs under time(1) (-f "%U %S": its user and system CPU seconds), so
+# that the load generator's own CPU per call can be printed beside the server's.
+if [ ! -x /usr/bin/time ]; then
+    echo "bench: /usr/bin/time not found (Debian package time): load/call counts the sipp server only" >&2
+fi
+
 # Drives the sipp terminal (uac_bench.xml, alice registered) at each of RATES against
 # 127.0.0.1:$2 and prints a row per rate: calls completed, failed and billed (by the
 # caller's `records` function), the rate achieved, and call-setup percentiles. Stops at the
 # first rate with a failed or unbilled call, or when the process $3 (the server under test)
 # dies, showing the tail of log $4. Uses RATES, SECONDS_PER_RATE, HOLD_MS, WORK, SCENARIOS
-# and PIDS of the caller; sets BEST (the highest clean rate), BEST_ROW (its percentiles) and
+# PIDS and UAS_PID (the sipp application server) of the caller; sets BEST (the highest clean rate), BEST_ROW (its percentiles) and
 # KEPT (the highest clean rate the server kept pace with: achieved at least 95 % of it, the
 # rest being the last calls' hold time; above it calls queue and setup times grow).
 run_rates() {
     local name=$1 port=$2 target_pid=$3 log=$4
-    local row='%8s %6s %9s %6s %6s %9s %7s %7s %7s %7s %8s\n'
+    local row='%8s %6s %9s %6s %6s %9s %7s %7s %7s %7s %8s %9s\n'
     local hz
     hz=$(getconf CLK_TCK)
     # shellcheck disable=SC2059
-    printf "$row" "rate" "calls" "completed" "failed" "billed" "achieved" "p50 ms" "p99 ms" "mean ms" "max ms" "cpu/call"
+    printf "$row" "rate" "calls" "completed" "failed" "billed" "achieved" "p50 ms" "p99 ms" "mean ms" "max ms" "cpu/call" "load/call"
     BEST=0
     BEST_ROW=""
     KEPT=0
+    warm_up "$port"
     local billed_before
     billed_before=$(records)
     local RATE
@@ -155,23 +210,27 @@ run_rates() {
         local calls=$((RATE * SECONDS_PER_RATE)) dir="$WORK/rate-$RATE" start end rc=0
         mkdir -p "$dir"
         start=$(date +%s.%N)
-        local ticks_before
+        local ticks_before uas_before
         ticks_before=$(tree_ticks "$target_pid")
+        uas_before=$(tree_ticks "$UAS_PID")
         # sipp's own -timeout does not always end it when calls are stuck (seen at 3200/s, a
         # sipp left waiting for ten minutes): timeout(1) bounds it, and exits 124 if it had to.
-        (cd "$dir" && exec "${LOAD_CPUS[@]}" timeout -k 5 "$((SECONDS_PER_RATE + 60))" \
+        local timed=()
+        [ ! -x /usr/bin/time ] || timed=(/usr/bin/time -f "%U %S" -o "$dir/uac.time")
+        (cd "$dir" && exec "${LOAD_CPUS[@]}" "${timed[@]}" timeout -k 5 "$((SECONDS_PER_RATE + 60))" \
             sipp "127.0.0.1:$port" -sf "$SCENARIOS/uac_bench.xml" -buff_size "$SIPP_BUFFER" \
             -inf "$WORK/users.csv" -au alice -ap alice-secret -s echo -i 127.0.0.1 \
             -r "$RATE" -m "$calls" -d "$HOLD_MS" -l 20000 -nostdin \
-            -trace_stat -stf "$dir/stats.csv" -fd 1 -trace_msg -message_file "$dir/messages.log" \
+            -trace_stat -stf "$dir/stats.csv" -fd 1 $(trace_options "$dir/messages.log") \
             -trace_err -error_file "$dir/errors.log" \
             -timeout "$((SECONDS_PER_RATE + 30))s" >"$dir/screen.txt" 2>&1) &
         local uac_pid=$!
         PIDS+=("$uac_pid")
         wait "$uac_pid" || rc=$?
         end=$(date +%s.%N)
-        local ticks_after cpu
+        local ticks_after uas_after cpu load
         ticks_after=$(tree_ticks "$target_pid")
+        uas_after=$(tree_ticks "$UAS_PID")
         local ok failed billed_now billed achieved p50 p99 mean max
         ok=$(sipp_stat "$dir/stats.csv" 'SuccessfulCall(C)')
         failed=$(sipp_stat "$dir/stats.csv" 'FailedCall(C)')
@@ -184,9 +243,14 @@ run_rates() {
         # tail of the previous rate's calls included), in microseconds.
         cpu=$(awk -v t="$((ticks_after - ticks_before))" -v hz="$hz" -v n="$ok" \
             'BEGIN { if (n > 0) printf "%.0fus", t * 1e6 / hz / n; else print "-" }')
+        # CPU time the load generator (the sipp terminal and the sipp server) spent per
+        # completed call: on a shared machine, what it takes is not left to the server.
+        load=$(awk -v t="$((uas_after - uas_before))" -v hz="$hz" -v n="$ok" -v f="$dir/uac.time" \
+            'BEGIN { u = 0; if ((getline line < f) > 0) { split(line, a, " "); u = a[1] + a[2] }
+                     if (n > 0) printf "%.0fus", (t / hz + u) * 1e6 / n; else print "-" }')
         [ "${KEEP:-0}" = 1 ] || rm -f "$dir/messages.log"
         # shellcheck disable=SC2059
-        printf "$row" "$RATE/s" "$calls" "$ok" "$failed" "$billed" "$achieved" "$p50" "$p99" "$mean" "$max" "$cpu"
+        printf "$row" "$RATE/s" "$calls" "$ok" "$failed" "$billed" "$achieved" "$p50" "$p99" "$mean" "$max" "$cpu" "$load"
         if ! kill -0 "$target_pid" 2>/dev/null; then
             echo "$name: the server under test died; log tail:" >&2
             tail -20 "$log" >&2

@@ -18,7 +18,9 @@
 # Environment: SECONDS_PER_RATE (5) calls are placed for that long at each rate;
 # HOLD_MS (100) how long each call is held; PIN=1 runs relayd on CPU 0 and sipp on the
 # other CPUs (default 0: all share); SIPP_BUFFER (4194304) sipp's socket buffers; KEEP=1
-# keeps the work directory (logs, sipp statistics) and says where it is. Needs sipp (Debian package `sip-tester`).
+# keeps the work directory (logs, sipp statistics) and says where it is; RELAYD_BIN runs that
+# relayd binary instead of building this tree's (an older build, to compare). Needs sipp
+# (Debian package `sip-tester`).
 #
 # Everything it starts (relayd, sipp) is stopped by pid on exit, also on failure or ^C.
 set -euo pipefail
@@ -38,9 +40,13 @@ if ! command -v sipp >/dev/null 2>&1; then
     exit 1
 fi
 
-echo "building relayd (release)..." >&2
-cargo build --release --quiet -p relayd
-RELAYD=$ROOT/target/release/relayd
+if [ -n "${RELAYD_BIN:-}" ]; then
+    RELAYD=$RELAYD_BIN
+else
+    echo "building relayd (release)..." >&2
+    cargo build --release --quiet -p relayd
+    RELAYD=$ROOT/target/release/relayd
+fi
 
 start_work bench relayd-bench
 RELAY_PORT=$(free_port)
@@ -87,7 +93,8 @@ printf 'SEQUENTIAL\nalice;alice-secret\n' >"$WORK/users.csv"
 # The application server first, so that the relay's first probe finds it.
 (cd "$WORK" && exec "${LOAD_CPUS[@]}" sipp -sf "$SCENARIOS/uas_answer.xml" -i 127.0.0.1 -p "$AS_PORT" -aa -buff_size "$SIPP_BUFFER" \
     -nostdin -trace_err -error_file "$WORK/uas-errors.log" >/dev/null 2>"$WORK/uas.stderr") &
-PIDS+=($!)
+UAS_PID=$!
+PIDS+=("$UAS_PID")
 "${SERVER_CPUS[@]}" "$RELAYD" --config "$WORK/relayd.toml" run >/dev/null 2>"$WORK/relayd.log" &
 RELAY_PID=$!
 PIDS+=("$RELAY_PID")

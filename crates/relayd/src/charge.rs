@@ -49,114 +49,174 @@ pub struct ServedSession {
 /// the BYE, and it still belongs to that session.
 const ENDED_GRACE: Duration = Duration::from_secs(600);
 
+/// One shard of the index: the sessions whose keys hash here, by key hash, with the time
+/// each ended (if it did); the ended ones in the order they ended, to forget them after the
+/// grace period without scanning.
 #[derive(Default)]
-struct ServedInner {
-    /// By session id and by both Call-IDs; with the time the session ended, if it did.
-    /// One session shared by its three keys.
-    by_key: HashMap<String, (Arc<ServedSession>, Option<Instant>)>,
-    /// Ended sessions in the order they ended, to forget them after the grace period
-    /// without scanning the whole index.
-    ended: VecDeque<(Instant, Arc<ServedSession>)>,
-    /// (server URI, subscriber) pairs ever served since start-up, for charges outside a
-    /// session.
-    /// By server URI, the subscribers it has served (looked up by `&str`: a session
-    /// already seen costs no allocation).
-    history: HashMap<String, HashSet<String>>,
+struct ServedShard {
+    by_key: HashMap<u64, (Arc<ServedSession>, Option<Instant>)>,
+    ended: VecDeque<(Instant, u64)>,
 }
 
-impl ServedInner {
-    /// Forgets the sessions that ended more than [`ENDED_GRACE`] ago.
+impl ServedShard {
+    /// Forgets the keys of sessions that ended more than [`ENDED_GRACE`] before `now`.
     fn forget_expired(&mut self, now: Instant) {
-        while let Some((at, _)) = self.ended.front() {
-            if now.duration_since(*at) < ENDED_GRACE {
+        while let Some(&(at, key)) = self.ended.front() {
+            if now.duration_since(at) < ENDED_GRACE {
                 break;
             }
-            let Some((_, s)) = self.ended.pop_front() else {
-                break;
-            };
-            for key in [&s.session_id, &s.server_call_id, &s.terminal_call_id] {
-                // A key may have moved on to a later segment of the same call: keep that.
-                if self
-                    .by_key
-                    .get(key)
-                    .is_some_and(|(e, ended)| e.session_id == s.session_id && ended.is_some())
-                {
-                    self.by_key.remove(key);
-                }
+            self.ended.pop_front();
+            // A key may have moved on to a later segment of the same call: keep that.
+            if self
+                .by_key
+                .get(&key)
+                .is_some_and(|(_, ended)| ended.is_some_and(|e| e <= at))
+            {
+                self.by_key.remove(&key);
             }
         }
     }
 }
+
+/// How many shards the index has: every call takes a few of their locks, none all of them.
+const SERVED_SHARDS: usize = 16;
 
 /// Which server serves which session, and which subscribers each server has served.
 ///
 /// A session is findable from the moment its server answered 2xx — the terminal may use its
 /// data connection before its ACK reaches the relay, and the server may charge for it — until
-/// [`ENDED_GRACE`] after it ended.
-#[derive(Default)]
+/// [`ENDED_GRACE`] after it ended, by its id and by both Call-IDs. Those keys are kept as
+/// 64-bit keyed hashes (SipHash with a random key), sharded by hash: no string is copied per
+/// session and no lock is shared by all calls. A lookup checks the key against the session
+/// found, so a collision of two hashes can only make a key unfindable, never find the wrong
+/// session.
 pub struct ServedIndex {
-    inner: Mutex<ServedInner>,
+    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<Mutex<ServedShard>>,
+    /// By server URI, the subscribers it has served since start-up (looked up by `&str`: a
+    /// pair already seen costs no allocation).
+    history: Mutex<HashMap<String, HashSet<String>>>,
+}
+
+impl Default for ServedIndex {
+    fn default() -> Self {
+        ServedIndex {
+            hasher: std::collections::hash_map::RandomState::new(),
+            shards: (0..SERVED_SHARDS)
+                .map(|_| Mutex::new(ServedShard::default()))
+                .collect(),
+            history: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+fn keys_of(s: &ServedSession) -> [&str; 3] {
+    [
+        s.session_id.as_str(),
+        s.server_call_id.as_str(),
+        s.terminal_call_id.as_str(),
+    ]
 }
 
 impl ServedIndex {
-    fn lock(&self) -> std::sync::MutexGuard<'_, ServedInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn hash(&self, key: &str) -> u64 {
+        use std::hash::BuildHasher as _;
+        self.hasher.hash_one(key)
+    }
+
+    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, ServedShard> {
+        // Each operation on a shard is a map insert, lookup or removal: a poisoned lock
+        // cannot hold a half-done one.
+        self.shards[(hash >> 32) as usize % SERVED_SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records an answered session (or a new billing segment of one), findable by its id and
     /// both Call-IDs.
     pub fn insert(&self, s: ServedSession) {
-        let mut inner = self.lock();
-        inner.forget_expired(Instant::now());
-        let served = match inner.history.get_mut(s.server.as_str()) {
-            Some(served) => served,
-            None => inner.history.entry(s.server.clone()).or_default(),
-        };
-        if !served.contains(s.subscriber.as_str()) {
-            served.insert(s.subscriber.clone());
+        {
+            let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+            let served = match history.get_mut(s.server.as_str()) {
+                Some(served) => served,
+                None => history.entry(s.server.clone()).or_default(),
+            };
+            if !served.contains(s.subscriber.as_str()) {
+                served.insert(s.subscriber.clone());
+            }
         }
+        let now = Instant::now();
         let s = Arc::new(s);
-        for key in [
-            s.session_id.clone(),
-            s.server_call_id.clone(),
-            s.terminal_call_id.clone(),
-        ] {
-            inner.by_key.insert(key, (Arc::clone(&s), None));
+        for key in keys_of(&s) {
+            let hash = self.hash(key);
+            let mut shard = self.shard(hash);
+            shard.forget_expired(now);
+            shard.by_key.insert(hash, (Arc::clone(&s), None));
         }
     }
 
     /// Marks a session (segment) ended; it stays findable for [`ENDED_GRACE`].
     pub fn remove(&self, session_id: &str) {
-        let mut inner = self.lock();
         let now = Instant::now();
-        inner.forget_expired(now);
-        let Some((s, None)) = inner.by_key.get(session_id).cloned() else {
+        let Some(s) = self.live(session_id) else {
             return;
         };
-        for key in [&s.session_id, &s.server_call_id, &s.terminal_call_id] {
-            if let Some(entry) = inner.by_key.get_mut(key) {
-                if entry.0.session_id == s.session_id {
+        for key in keys_of(&s) {
+            let hash = self.hash(key);
+            let mut shard = self.shard(hash);
+            let mine = match shard.by_key.get_mut(&hash) {
+                Some(entry) if entry.0.session_id == s.session_id => {
                     entry.1 = Some(now);
+                    true
                 }
+                _ => false,
+            };
+            if mine {
+                shard.ended.push_back((now, hash));
             }
         }
-        inner.ended.push_back((now, s));
+    }
+
+    /// The live (not ended) session with this id.
+    fn live(&self, session_id: &str) -> Option<Arc<ServedSession>> {
+        let hash = self.hash(session_id);
+        let shard = self.shard(hash);
+        match shard.by_key.get(&hash) {
+            Some((s, None)) if s.session_id == session_id => Some(Arc::clone(s)),
+            _ => None,
+        }
     }
 
     /// The session with this id or Call-ID (live, or ended within the grace period).
     pub fn find(&self, key: &str) -> Option<ServedSession> {
-        self.lock()
+        let hash = self.hash(key);
+        let shard = self.shard(hash);
+        shard
             .by_key
-            .get(key)
+            .get(&hash)
+            .filter(|(s, _)| keys_of(s).contains(&key))
             .map(|(s, _)| ServedSession::clone(s))
     }
 
     /// Whether `server` has ever delivered a session to `subscriber`.
     pub fn has_served(&self, server: &str, subscriber: &str) -> bool {
-        self.lock()
-            .history
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .get(server)
             .is_some_and(|served| served.contains(subscriber))
+    }
+
+    /// Forgets what ended more than [`ENDED_GRACE`] before `now` (done as the index is
+    /// used; here for tests).
+    #[cfg(test)]
+    fn forget_expired(&self, now: Instant) {
+        for shard in &self.shards {
+            shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget_expired(now);
+        }
     }
 }
 
@@ -447,16 +507,44 @@ mod tests {
         index.insert(served("s2", "c1"));
         index.remove("s1");
         let later = Instant::now() + ENDED_GRACE + Duration::from_secs(1);
-        index.lock().forget_expired(later);
+        index.forget_expired(later);
         assert!(index.find("s1").is_none());
         assert_eq!(
             index.find("a-c1").map(|s| s.session_id),
             Some("s2".to_string())
         );
         index.remove("s2");
-        index
-            .lock()
-            .forget_expired(later + ENDED_GRACE + Duration::from_secs(1));
+        index.forget_expired(later + ENDED_GRACE + Duration::from_secs(1));
         assert!(index.find("a-c1").is_none() && index.find("s2").is_none());
+    }
+
+    #[test]
+    fn sessions_over_every_shard_are_found_by_their_own_keys_only_and_all_forgotten() {
+        let index = ServedIndex::default();
+        for i in 0..1000 {
+            index.insert(served(&format!("s{i}"), &format!("c{i}")));
+        }
+        for i in 0..1000 {
+            for key in [format!("s{i}"), format!("a-c{i}"), format!("b-c{i}")] {
+                assert_eq!(
+                    index.find(&key).map(|s| s.session_id),
+                    Some(format!("s{i}"))
+                );
+            }
+            assert!(index.find(&format!("x-c{i}")).is_none());
+        }
+        for i in 0..1000 {
+            index.remove(&format!("s{i}"));
+        }
+        // Removing an unknown or already ended session changes nothing.
+        index.remove("s1");
+        index.remove("nobody");
+        index.forget_expired(Instant::now() + ENDED_GRACE + Duration::from_secs(1));
+        assert!((0..1000).all(|i| index.find(&format!("a-c{i}")).is_none()));
+        assert!(index.shards.iter().all(|s| s
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_key
+            .is_empty()));
     }
 }
