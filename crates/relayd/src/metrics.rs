@@ -77,9 +77,17 @@ pub fn render(relay: &Relay) -> String {
         "overload_refused_total",
         "counter",
         "Requests refused with 503 because the relay was overloaded.",
-        e.overloaded.load(Ordering::Relaxed),
+        e.overloaded
+            .load(Ordering::Relaxed)
+            .saturating_add(relay.stats.overloaded.load(Ordering::Relaxed)),
     );
     let r = &relay.stats;
+    metric(
+        "requests_in_hand",
+        "gauge",
+        "New out-of-dialog requests being handled (503 past 16384).",
+        relay.backlog.len() as u64,
+    );
     metric(
         "invites_admitted_total",
         "counter",

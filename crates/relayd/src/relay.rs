@@ -40,6 +40,72 @@ pub struct RelayStats {
     pub refused: AtomicU64,
     /// Challenges sent (401/407).
     pub challenged: AtomicU64,
+    /// New requests answered 503 because too many were already waiting to be handled.
+    pub overloaded: AtomicU64,
+}
+
+/// How many new out-of-dialog requests (REGISTER, INVITE, MESSAGE) may be in hand at once —
+/// handed to a task and not yet answered or turned into a call. Past it the relay is
+/// overloaded and answers new ones 503 with Retry-After instead of queueing them without
+/// bound (the role the endpoint's bounded event queue had before events were dispatched
+/// inline).
+pub const MAX_BACKLOG: usize = 16 * 1024;
+
+/// A count of requests in hand, with a limit: [`Backlog::enter`] gives a ticket that counts
+/// until it is dropped, or nothing when the limit is reached.
+#[derive(Debug)]
+pub struct Backlog {
+    in_hand: Arc<std::sync::atomic::AtomicUsize>,
+    limit: usize,
+}
+
+/// One request in hand (see [`Backlog`]); dropping it lets the next one in.
+#[derive(Debug)]
+pub struct BacklogTicket(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for BacklogTicket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Backlog {
+    /// A backlog admitting at most `limit` requests at once.
+    pub fn new(limit: usize) -> Backlog {
+        Backlog {
+            in_hand: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
+    /// A ticket for one more request, unless `limit` are in hand already.
+    pub fn enter(&self) -> Option<BacklogTicket> {
+        let mut now = self.in_hand.load(Ordering::Acquire);
+        loop {
+            if now >= self.limit {
+                return None;
+            }
+            match self.in_hand.compare_exchange_weak(
+                now,
+                now + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(BacklogTicket(Arc::clone(&self.in_hand))),
+                Err(seen) => now = seen,
+            }
+        }
+    }
+
+    /// How many requests are in hand.
+    pub fn len(&self) -> usize {
+        self.in_hand.load(Ordering::Acquire)
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Everything the relay's tasks share. Built once from the configuration.
@@ -71,6 +137,8 @@ pub struct Relay {
     pub served: ServedIndex,
     /// Counters.
     pub stats: RelayStats,
+    /// New out-of-dialog requests in hand (see [`MAX_BACKLOG`]).
+    pub backlog: Backlog,
 }
 
 impl CredentialStore for Relay {
@@ -206,6 +274,7 @@ impl Relay {
             limits,
             served: ServedIndex::default(),
             stats: RelayStats::default(),
+            backlog: Backlog::new(MAX_BACKLOG),
         });
         events.start(&relay);
         Ok((relay, writer))
@@ -511,14 +580,50 @@ fn dispatch(relay: &Arc<Relay>, event: EndpointEvent) {
 
 fn out_of_dialog(relay: &Arc<Relay>, r: IncomingRequest, cid: String) {
     let span = info_span!("request", call_id = %cid, method = %r.req.method);
+    let handed_to_a_task = matches!(
+        r.req.method,
+        Method::Register | Method::Invite | Method::Message
+    ) && (r.req.method == Method::Register || !session::has_to_tag(&r.req));
+    let ticket = if handed_to_a_task {
+        match relay.backlog.enter() {
+            Some(ticket) => Some(ticket),
+            None => {
+                relay.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                let mut resp = b2bua::local_response(
+                    &r.req,
+                    503,
+                    "Server overloaded",
+                    Some(&message::new_tag()),
+                );
+                resp.headers
+                    .push(Header::RetryAfter(rsip::headers::RetryAfter::new("5")));
+                let _ = r.tx.respond(resp);
+                return;
+            }
+        }
+    } else {
+        None
+    };
     match r.req.method {
         Method::Register => {
             let relay = relay.clone();
-            tokio::spawn(async move { register(&relay, r) }.instrument(span));
+            tokio::spawn(
+                async move {
+                    let _ticket = ticket;
+                    register(&relay, r)
+                }
+                .instrument(span),
+            );
         }
         Method::Invite if !session::has_to_tag(&r.req) => {
             let relay = relay.clone();
-            tokio::spawn(async move { admit(relay, r) }.instrument(span));
+            tokio::spawn(
+                async move {
+                    let _ticket = ticket;
+                    admit(relay, r)
+                }
+                .instrument(span),
+            );
         }
         Method::Options if !session::has_to_tag(&r.req) => {
             let mut resp = b2bua::local_response(&r.req, 200, "OK", Some(&message::new_tag()));
@@ -532,7 +637,13 @@ fn out_of_dialog(relay: &Arc<Relay>, r: IncomingRequest, cid: String) {
         }
         Method::Message if !session::has_to_tag(&r.req) => {
             let relay = relay.clone();
-            tokio::spawn(async move { charge::handle(relay, r).await }.instrument(span));
+            tokio::spawn(
+                async move {
+                    let _ticket = ticket;
+                    charge::handle(relay, r).await
+                }
+                .instrument(span),
+            );
         }
         Method::Ack => {}
         Method::Subscribe | Method::Publish => {
@@ -752,5 +863,46 @@ impl WithCseqMethod for rsip::Response {
             }
         }
         self
+    }
+}
+
+#[cfg(test)]
+mod backlog_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_backlog_admits_up_to_its_limit_and_lets_one_in_per_ticket_dropped() {
+        let backlog = Backlog::new(3);
+        let mut tickets: Vec<_> = (0..3).map(|_| backlog.enter().unwrap()).collect();
+        assert_eq!(backlog.len(), 3);
+        assert!(backlog.enter().is_none(), "a fourth is refused");
+        tickets.pop();
+        let again = backlog.enter();
+        assert!(again.is_some(), "a dropped ticket lets the next one in");
+        assert!(backlog.enter().is_none());
+        drop(again);
+        assert_eq!(backlog.len(), 2);
+    }
+
+    #[test]
+    fn tickets_taken_and_dropped_on_many_threads_add_up() {
+        let backlog = Arc::new(Backlog::new(usize::MAX));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let backlog = Arc::clone(&backlog);
+                std::thread::spawn(move || {
+                    for _ in 0..10_000 {
+                        let t = backlog.enter().unwrap();
+                        drop(t);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(backlog.is_empty());
     }
 }
