@@ -111,32 +111,31 @@ async fn pair(refuse: bool) -> (Endpoint, SocketAddr, Endpoint, SocketAddr) {
     (uas, uas_addr, uac, uac_addr)
 }
 
+/// Sends an OPTIONS from `uac` to `uas` through a client sink; its final status and
+/// Retry-After.
+async fn options(uac: &Endpoint, uac_addr: SocketAddr, uas: SocketAddr) -> (u16, Option<String>) {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    uac.send_request_to(
+        request("OPTIONS", uac_addr, uas),
+        Peer::udp(uas),
+        Arc::new(Collect(tx)),
+    )
+    .unwrap();
+    final_code(&mut rx).await
+}
+
 #[tokio::test]
 async fn an_inline_sink_answers_from_inside_and_the_answer_reaches_a_client_sink() {
     let (_uas, uas_addr, uac, uac_addr) = pair(false).await;
     for _ in 0..20 {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        uac.send_request_to(
-            request("OPTIONS", uac_addr, uas_addr),
-            Peer::udp(uas_addr),
-            Arc::new(Collect(tx)),
-        )
-        .unwrap();
-        assert_eq!(final_code(&mut rx).await, (200, None));
+        assert_eq!(options(&uac, uac_addr, uas_addr).await, (200, None));
     }
 }
 
 #[tokio::test]
 async fn a_request_the_sink_gives_back_is_answered_503_with_retry_after() {
     let (_uas, uas_addr, uac, uac_addr) = pair(true).await;
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    uac.send_request_to(
-        request("OPTIONS", uac_addr, uas_addr),
-        Peer::udp(uas_addr),
-        Arc::new(Collect(tx)),
-    )
-    .unwrap();
-    let (code, retry_after) = final_code(&mut rx).await;
+    let (code, retry_after) = options(&uac, uac_addr, uas_addr).await;
     assert_eq!(code, 503);
     assert_eq!(retry_after.as_deref().map(str::trim), Some("5"));
 }
