@@ -9,7 +9,7 @@
 //! served, gets 403.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use billing::money::{Currency, Money};
@@ -93,9 +93,10 @@ const SERVED_SHARDS: usize = 16;
 pub struct ServedIndex {
     hasher: std::collections::hash_map::RandomState,
     shards: Vec<Mutex<ServedShard>>,
-    /// By server URI, the subscribers it has served since start-up (looked up by `&str`: a
-    /// pair already seen costs no allocation).
-    history: Mutex<HashMap<String, HashSet<String>>>,
+    /// By server URI, the subscribers it has served since start-up. Read-locked to look a
+    /// pair up by `&str` (almost always already there: no allocation, no exclusive lock on
+    /// the path of a call); written only for a new pair.
+    history: RwLock<HashMap<String, HashSet<String>>>,
 }
 
 impl Default for ServedIndex {
@@ -105,7 +106,7 @@ impl Default for ServedIndex {
             shards: (0..SERVED_SHARDS)
                 .map(|_| Mutex::new(ServedShard::default()))
                 .collect(),
-            history: Mutex::new(HashMap::new()),
+            history: RwLock::new(HashMap::new()),
         }
     }
 }
@@ -135,15 +136,13 @@ impl ServedIndex {
     /// Records an answered session (or a new billing segment of one), findable by its id and
     /// both Call-IDs.
     pub fn insert(&self, s: ServedSession) {
-        {
-            let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
-            let served = match history.get_mut(s.server.as_str()) {
-                Some(served) => served,
-                None => history.entry(s.server.clone()).or_default(),
-            };
-            if !served.contains(s.subscriber.as_str()) {
-                served.insert(s.subscriber.clone());
-            }
+        if !self.has_served(&s.server, &s.subscriber) {
+            self.history
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(s.server.clone())
+                .or_default()
+                .insert(s.subscriber.clone());
         }
         let now = Instant::now();
         let s = Arc::new(s);
@@ -201,7 +200,7 @@ impl ServedIndex {
     /// Whether `server` has ever delivered a session to `subscriber`.
     pub fn has_served(&self, server: &str, subscriber: &str) -> bool {
         self.history
-            .lock()
+            .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(server)
             .is_some_and(|served| served.contains(subscriber))

@@ -77,9 +77,7 @@ pub fn render(relay: &Relay) -> String {
         "overload_refused_total",
         "counter",
         "Requests refused with 503 because the relay was overloaded.",
-        e.overloaded
-            .load(Ordering::Relaxed)
-            .saturating_add(relay.stats.overloaded.load(Ordering::Relaxed)),
+        e.overloaded.load(Ordering::Relaxed),
     );
     let r = &relay.stats;
     metric(

@@ -40,15 +40,13 @@ pub struct RelayStats {
     pub refused: AtomicU64,
     /// Challenges sent (401/407).
     pub challenged: AtomicU64,
-    /// New requests answered 503 because too many were already waiting to be handled.
-    pub overloaded: AtomicU64,
 }
 
 /// How many new out-of-dialog requests (REGISTER, INVITE, MESSAGE) may be in hand at once —
-/// handed to a task and not yet answered or turned into a call. Past it the relay is
-/// overloaded and answers new ones 503 with Retry-After instead of queueing them without
-/// bound (the role the endpoint's bounded event queue had before events were dispatched
-/// inline).
+/// handed to a task and not yet answered or turned into a call. Past it the relay gives new
+/// ones back to the endpoint, which answers them 503 with Retry-After and counts them,
+/// instead of queueing them without bound (the role the endpoint's bounded event queue had
+/// before events were dispatched inline).
 pub const MAX_BACKLOG: usize = 16 * 1024;
 
 /// A count of requests in hand, with a limit: [`Backlog::enter`] gives a ticket that counts
@@ -486,7 +484,14 @@ impl RelayEvents {
         let _ = self.relay.set(Arc::downgrade(relay));
         let waiting = self.early().take().unwrap_or_default();
         for event in waiting {
-            dispatch(relay, event);
+            if let Err(EndpointEvent::Request(r)) = dispatch(relay, event) {
+                relay
+                    .endpoint
+                    .stats()
+                    .overloaded
+                    .fetch_add(1, Ordering::Relaxed);
+                r.refuse_overloaded();
+            }
         }
     }
 }
@@ -494,10 +499,10 @@ impl RelayEvents {
 impl EventSink for RelayEvents {
     fn deliver(&self, event: EndpointEvent) -> Result<(), EndpointEvent> {
         if let Some(relay) = self.relay.get() {
-            if let Some(relay) = relay.upgrade() {
-                dispatch(&relay, event);
-            }
-            return Ok(());
+            return match relay.upgrade() {
+                Some(relay) => dispatch(&relay, event),
+                None => Ok(()),
+            };
         }
         let mut early = self.early();
         match early.as_mut() {
@@ -509,10 +514,10 @@ impl EventSink for RelayEvents {
             None => {
                 // Started between the look above and the lock.
                 drop(early);
-                if let Some(relay) = self.relay.get().and_then(Weak::upgrade) {
-                    dispatch(&relay, event);
+                match self.relay.get().and_then(Weak::upgrade) {
+                    Some(relay) => dispatch(&relay, event),
+                    None => Ok(()),
                 }
-                Ok(())
             }
         }
     }
@@ -520,92 +525,83 @@ impl EventSink for RelayEvents {
 
 /// Routes one event of the endpoint: requests and ACKs of live calls to their inbox, new
 /// requests to admission or registration.
-fn dispatch(relay: &Arc<Relay>, event: EndpointEvent) {
-    {
-        match event {
-            EndpointEvent::Request(r) => {
-                let Some(cid) = call_id(&r.req) else { return };
-                if r.req.method != Method::Register {
-                    if let Some(inbox) = relay.sessions.get(&cid) {
-                        let _ = inbox.send(SessionInput::Request(r));
-                        return;
-                    }
-                }
-                out_of_dialog(relay, r, cid);
-            }
-            EndpointEvent::Cancel {
-                req,
-                from: _,
-                tx,
-                invite,
-            } => {
-                let Some(cid) = call_id(&req) else { return };
-                if let Err(SessionInput::Cancel { req, tx, invite }) = relay
-                    .sessions
-                    .deliver(&cid, SessionInput::Cancel { req, tx, invite })
-                {
-                    // Admission still running or already refused: end the INVITE here.
-                    let _ = tx.respond(b2bua::local_response(&req, 200, "OK", None));
-                    let _ = invite.respond(
-                        b2bua::local_response(
-                            &req,
-                            487,
-                            "Request Terminated",
-                            Some(&message::new_tag()),
-                        )
-                        .with_cseq_method(Method::Invite),
-                    );
+#[allow(clippy::result_large_err)]
+fn dispatch(relay: &Arc<Relay>, event: EndpointEvent) -> Result<(), EndpointEvent> {
+    match event {
+        EndpointEvent::Request(r) => {
+            let Some(cid) = call_id(&r.req) else {
+                return Ok(());
+            };
+            if r.req.method != Method::Register {
+                if let Some(inbox) = relay.sessions.get(&cid) {
+                    let _ = inbox.send(SessionInput::Request(r));
+                    return Ok(());
                 }
             }
-            EndpointEvent::Ack { ack, from: _ } => {
-                if let Some(cid) = call_id(&ack) {
-                    let _ = relay.sessions.deliver(&cid, SessionInput::Ack(ack));
-                }
+            return out_of_dialog(relay, r, cid).map_err(EndpointEvent::Request);
+        }
+        EndpointEvent::Cancel {
+            req,
+            from: _,
+            tx,
+            invite,
+        } => {
+            let Some(cid) = call_id(&req) else {
+                return Ok(());
+            };
+            if let Err(SessionInput::Cancel { req, tx, invite }) = relay
+                .sessions
+                .deliver(&cid, SessionInput::Cancel { req, tx, invite })
+            {
+                // Admission still running or already refused: end the INVITE here.
+                let _ = tx.respond(b2bua::local_response(&req, 200, "OK", None));
+                let _ = invite.respond(
+                    b2bua::local_response(
+                        &req,
+                        487,
+                        "Request Terminated",
+                        Some(&message::new_tag()),
+                    )
+                    .with_cseq_method(Method::Invite),
+                );
             }
-            EndpointEvent::StrayResponse { resp, from: _ } => {
-                let cid = resp.headers.iter().find_map(|h| match h {
-                    Header::CallId(c) => Some(c.value().trim().to_string()),
-                    _ => None,
-                });
-                if let Some(cid) = cid {
-                    let _ = relay.sessions.deliver(&cid, SessionInput::Stray(resp));
-                }
+        }
+        EndpointEvent::Ack { ack, from: _ } => {
+            if let Some(cid) = call_id(&ack) {
+                let _ = relay.sessions.deliver(&cid, SessionInput::Ack(ack));
             }
-            EndpointEvent::AckTimeout { tx } => {
-                debug!(?tx, "a 2xx was never acknowledged");
+        }
+        EndpointEvent::StrayResponse { resp, from: _ } => {
+            let cid = resp.headers.iter().find_map(|h| match h {
+                Header::CallId(c) => Some(c.value().trim().to_string()),
+                _ => None,
+            });
+            if let Some(cid) = cid {
+                let _ = relay.sessions.deliver(&cid, SessionInput::Stray(resp));
             }
+        }
+        EndpointEvent::AckTimeout { tx } => {
+            debug!(?tx, "a 2xx was never acknowledged");
         }
     }
+    Ok(())
 }
 
-fn out_of_dialog(relay: &Arc<Relay>, r: IncomingRequest, cid: String) {
+/// Handles a request outside any live call: REGISTER, a new INVITE and an out-of-dialog
+/// MESSAGE go to a task of their own, unless [`MAX_BACKLOG`] are in hand already: then the
+/// request comes back, for the endpoint to answer 503.
+#[allow(clippy::result_large_err)]
+fn out_of_dialog(
+    relay: &Arc<Relay>,
+    r: IncomingRequest,
+    cid: String,
+) -> Result<(), IncomingRequest> {
     let span = info_span!("request", call_id = %cid, method = %r.req.method);
-    let handed_to_a_task = matches!(
-        r.req.method,
-        Method::Register | Method::Invite | Method::Message
-    ) && (r.req.method == Method::Register || !session::has_to_tag(&r.req));
-    let ticket = if handed_to_a_task {
-        match relay.backlog.enter() {
-            Some(ticket) => Some(ticket),
-            None => {
-                relay.stats.overloaded.fetch_add(1, Ordering::Relaxed);
-                let mut resp = b2bua::local_response(
-                    &r.req,
-                    503,
-                    "Server overloaded",
-                    Some(&message::new_tag()),
-                );
-                resp.headers
-                    .push(Header::RetryAfter(rsip::headers::RetryAfter::new("5")));
-                let _ = r.tx.respond(resp);
-                return;
-            }
-        }
-    } else {
-        None
-    };
     match r.req.method {
         Method::Register => {
+            let Some(ticket) = relay.backlog.enter() else {
+                return Err(r);
+            };
             let relay = relay.clone();
             tokio::spawn(
                 async move {
@@ -616,6 +612,9 @@ fn out_of_dialog(relay: &Arc<Relay>, r: IncomingRequest, cid: String) {
             );
         }
         Method::Invite if !session::has_to_tag(&r.req) => {
+            let Some(ticket) = relay.backlog.enter() else {
+                return Err(r);
+            };
             let relay = relay.clone();
             tokio::spawn(
                 async move {
@@ -636,6 +635,9 @@ fn out_of_dialog(relay: &Arc<Relay>, r: IncomingRequest, cid: String) {
             let _ = r.tx.respond(resp);
         }
         Method::Message if !session::has_to_tag(&r.req) => {
+            let Some(ticket) = relay.backlog.enter() else {
+                return Err(r);
+            };
             let relay = relay.clone();
             tokio::spawn(
                 async move {
@@ -656,6 +658,7 @@ fn out_of_dialog(relay: &Arc<Relay>, r: IncomingRequest, cid: String) {
         }
         _ => relay.refuse(&r, 481, "Call/Transaction Does Not Exist"),
     }
+    Ok(())
 }
 
 /// REGISTER (RFC 3261 §10.3): authenticate (401), check the address of record is the

@@ -312,13 +312,14 @@ pub fn is_token(s: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct RuleSet {
     rules: Vec<Rule>,
+    needs: FactNeeds,
     utc_offset_secs: i32,
     service_strategies: HashMap<String, Strategy>,
 }
 
 /// Which of the costlier request facts some rule looks at: a fact no rule reads need not be
 /// gathered for every INVITE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FactNeeds {
     /// Some rule matches the From user.
     pub from_user: bool,
@@ -332,11 +333,7 @@ impl RuleSet {
     /// Which costlier facts the rules read ([`RequestFacts::from_user`], `headers`, `sdp`);
     /// the others may be left empty.
     pub fn needs(&self) -> FactNeeds {
-        FactNeeds {
-            from_user: self.rules.iter().any(|r| r.from_user.is_some()),
-            headers: self.rules.iter().any(|r| !r.headers.is_empty()),
-            sdp: self.rules.iter().any(|r| r.sdp.is_some()),
-        }
+        self.needs
     }
 
     /// Compiles and validates `rules`, reporting every problem with its key path
@@ -507,8 +504,14 @@ impl RuleSet {
             }
         }
         if errors.is_empty() {
+            let needs = FactNeeds {
+                from_user: compiled.iter().any(|r| r.from_user.is_some()),
+                headers: compiled.iter().any(|r| !r.headers.is_empty()),
+                sdp: compiled.iter().any(|r| r.sdp.is_some()),
+            };
             Ok(RuleSet {
                 rules: compiled,
+                needs,
                 ..RuleSet::default()
             })
         } else {

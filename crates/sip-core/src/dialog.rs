@@ -219,30 +219,34 @@ impl Ids {
     }
 }
 
-/// The first From header, parsed whole.
-fn typed_from(headers: &rsip::Headers) -> Result<rsip::typed::From, DialogError> {
+/// The first header `pick` finds, parsed whole (`name` for the error).
+fn first_typed<'a, H: rsip::headers::ToTypedHeader<'a> + 'a>(
+    headers: &'a rsip::Headers,
+    name: &'static str,
+    pick: impl Fn(&'a Header) -> Option<&'a H>,
+) -> Result<H::Typed, DialogError> {
     headers
         .iter()
-        .find_map(|h| match h {
-            Header::From(f) => Some(f),
-            _ => None,
-        })
-        .ok_or(DialogError::Missing("From"))?
+        .find_map(pick)
+        .ok_or(DialogError::Missing(name))?
         .typed()
-        .map_err(|_| DialogError::Invalid("From"))
+        .map_err(|_| DialogError::Invalid(name))
+}
+
+/// The first From header, parsed whole.
+fn typed_from(headers: &rsip::Headers) -> Result<rsip::typed::From, DialogError> {
+    first_typed(headers, "From", |h| match h {
+        Header::From(f) => Some(f),
+        _ => None,
+    })
 }
 
 /// The first To header, parsed whole.
 fn typed_to(headers: &rsip::Headers) -> Result<rsip::typed::To, DialogError> {
-    headers
-        .iter()
-        .find_map(|h| match h {
-            Header::To(t) => Some(t),
-            _ => None,
-        })
-        .ok_or(DialogError::Missing("To"))?
-        .typed()
-        .map_err(|_| DialogError::Invalid("To"))
+    first_typed(headers, "To", |h| match h {
+        Header::To(t) => Some(t),
+        _ => None,
+    })
 }
 
 /// The URI of the first Contact header, if any.

@@ -132,6 +132,25 @@ pub struct IncomingRequest {
     pub tx: ServerTx,
 }
 
+impl IncomingRequest {
+    /// Answers the request `503 Server overloaded` with `Retry-After: 5` (RFC 3261 §21.5.4):
+    /// what a user with no room for it does. An ACK gets no answer.
+    pub fn refuse_overloaded(&self) {
+        if self.req.method == rsip::Method::Ack {
+            return;
+        }
+        let mut resp = message::response_for(
+            &self.req,
+            503,
+            Some("Server overloaded"),
+            Some(&message::new_tag()),
+        );
+        resp.headers
+            .push(Header::RetryAfter(rsip::headers::RetryAfter::new("5")));
+        let _ = self.tx.respond(resp);
+    }
+}
+
 /// A handle to answer one server transaction. Cheap to clone.
 #[derive(Clone)]
 pub struct ServerTx {
@@ -484,22 +503,11 @@ impl Shared {
         }
     }
 
-    /// Answers a request the user had no room for: 503 with Retry-After (an ACK is only
-    /// counted).
+    /// Answers a request the user had no room for (see [`IncomingRequest::refuse_overloaded`])
+    /// and counts it.
     fn overloaded(self: &Arc<Self>, r: &IncomingRequest) {
         self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
-        if r.req.method == rsip::Method::Ack {
-            return;
-        }
-        let mut resp = message::response_for(
-            &r.req,
-            503,
-            Some("Server overloaded"),
-            Some(&message::new_tag()),
-        );
-        resp.headers
-            .push(Header::RetryAfter(rsip::headers::RetryAfter::new("5")));
-        let _ = r.tx.respond(resp);
+        r.refuse_overloaded();
     }
 
     /// The timer task of one shard: sleeps until the layer's next deadline (or until an
