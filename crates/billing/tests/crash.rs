@@ -11,15 +11,22 @@
 //!
 //! The child is this same test binary, re-executed with `--exact crash_child` and the
 //! database path in `BILLING_CRASH_CHILD_DB`; in a normal run `crash_child` does nothing.
+//!
+//! The child reports on a channel of its own: a Unix socket the parent listens on (path in
+//! `BILLING_CRASH_CHILD_IDS`), never its stdout, where libtest writes `test crash_child ... `
+//! with no line break of its own and could share a line with an id. Every line on that
+//! socket must be an id or `FROZEN`; anything else fails the test, so no id the child
+//! reported as committed can go unread or unverified.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use billing::money::{Currency, Money};
@@ -33,6 +40,8 @@ use billing::writer::Writer;
 use rand::Rng;
 
 const CHILD_ENV: &str = "BILLING_CRASH_CHILD_DB";
+/// The path of the Unix socket the child reports its ids on.
+const IDS_ENV: &str = "BILLING_CRASH_CHILD_IDS";
 /// When set to N, the child stops sending requests once it has printed N ids, prints
 /// `FROZEN` when all its workers have stopped, and waits to be killed.
 const FREEZE_ENV: &str = "BILLING_CRASH_FREEZE_AFTER";
@@ -84,6 +93,8 @@ fn crash_child() {
         return;
     };
     let freeze_after: Option<usize> = std::env::var(FREEZE_ENV).ok().map(|n| n.parse().unwrap());
+    let ids_path = std::env::var_os(IDS_ENV).expect("the parent names the ids socket");
+    let ids = Arc::new(Mutex::new(UnixStream::connect(ids_path).unwrap()));
     let store = SqliteStore::open(PathBuf::from(path)).unwrap();
     let writer = Writer::spawn(store).unwrap();
     let started = Instant::now();
@@ -94,11 +105,13 @@ fn crash_child() {
             let handle = writer.handle();
             let printed = Arc::clone(&printed);
             let frozen = Arc::clone(&frozen);
+            let ids = Arc::clone(&ids);
             std::thread::spawn(move || {
                 let eur = Currency::new("EUR").unwrap();
                 let tariff = tariff();
+                // One whole line per write, under the lock: lines never interleave.
                 let write_line = |line: &str| {
-                    let mut out = std::io::stdout().lock();
+                    let mut out = ids.lock().unwrap();
                     out.write_all(line.as_bytes()).unwrap();
                     out.flush().unwrap();
                 };
@@ -205,17 +218,19 @@ impl Printed {
         self.sessions.len() + self.charges.len() + self.journaled.len()
     }
 
+    /// Takes one line of the ids channel. Nothing but the child's reports travels there,
+    /// so a line that is not one is a broken report, never something to skip.
     fn take(&mut self, line: &str) {
         let mut parts = line.split(' ');
-        match (parts.next(), parts.next(), parts.next()) {
-            (Some("S"), Some(id), Some(sid)) => {
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("S"), Some(id), Some(sid), None) => {
                 self.sessions.push((id.parse().unwrap(), sid.to_owned()));
             }
-            (Some("C"), Some(id), Some(event)) => {
+            (Some("C"), Some(id), Some(event), None) => {
                 self.charges.push((id.parse().unwrap(), event.to_owned()));
             }
-            (Some("J"), Some(sid), None) => self.journaled.push(sid.to_owned()),
-            _ => {} // the test harness's own lines
+            (Some("J"), Some(sid), None, None) => self.journaled.push(sid.to_owned()),
+            _ => panic!("the child reported a line that is not an id: {line:?}"),
         }
     }
 }
@@ -225,27 +240,56 @@ fn iteration(sid: &str) -> u64 {
     sid.split('-').nth(1).unwrap().parse().unwrap()
 }
 
+/// Accepts the child's connection on `listener`, giving up after `deadline`.
+fn accept_child(listener: &UnixListener, deadline: Instant) -> Option<UnixStream> {
+    listener.set_nonblocking(true).unwrap();
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).unwrap();
+                return Some(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accepting the child's ids connection: {e}"),
+        }
+    }
+}
+
 /// Runs the child until it has printed `kill_after` ids (and, with `freeze`, stopped
 /// writing), kills it, and returns everything it printed.
 fn run_and_kill(path: &Path, kill_after: usize, freeze: bool) -> Printed {
+    let ids_path = path.with_extension("ids.sock");
+    let listener = UnixListener::bind(&ids_path).unwrap();
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
         .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, path);
+        .env(CHILD_ENV, path)
+        .env(IDS_ENV, &ids_path);
     if freeze {
         command.env(FREEZE_ENV, kill_after.to_string());
     }
     let mut child = command
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let Some(ids) = accept_child(&listener, Instant::now() + Duration::from_secs(30)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the child never connected to its ids socket");
+    };
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
+        // Until EOF: the kill closes the child's end, and every line it wrote before is
+        // still read.
+        for line in BufReader::new(ids).lines() {
+            let line = line.expect("the ids channel carries UTF-8 lines");
             if tx.send(line).is_err() {
                 break;
             }
@@ -270,8 +314,9 @@ fn run_and_kill(path: &Path, kill_after: usize, freeze: bool) -> Printed {
     child.kill().unwrap(); // SIGKILL on Unix
     let status = child.wait().unwrap();
     assert!(!status.success(), "the child was killed, not finished");
-    // Lines already in the pipe were printed before the kill, so they count too.
+    // Lines already in the socket were printed before the kill, so they count too.
     for line in rx.iter() {
+        assert_ne!(line, "FROZEN", "FROZEN reported twice");
         printed.take(&line);
     }
     reader.join().unwrap();
