@@ -11,8 +11,9 @@
 use std::fmt;
 
 use rsip::prelude::*;
-use rsip::{Header, Method, Param, Request, Response, Uri, UriWithParams};
+use rsip::{Header, Method, Request, Response, Uri};
 
+use crate::address::{self, Contacts, FromTo, NameAddr};
 use crate::message::{new_branch, set_content_length};
 use crate::peer::Transport;
 
@@ -127,41 +128,24 @@ impl ViaSpec {
     }
 }
 
-/// A party of the dialog, as written in From/To: display name, URI and the parameters other
-/// than the tag.
+/// A party of the dialog, as written in From/To (read by [`crate::address`]): display name,
+/// URI and the parameters other than the tag, kept as written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Party {
-    display_name: Option<String>,
-    uri: Uri,
-    params: Vec<Param>,
+    addr: NameAddr,
 }
 
 impl Party {
-    fn new(display_name: Option<String>, uri: Uri, params: &[Param]) -> Party {
+    fn new(value: FromTo) -> Party {
         Party {
-            display_name,
-            uri,
-            params: params
-                .iter()
-                .filter(|p| !matches!(p, Param::Tag(_)))
-                .cloned()
-                .collect(),
+            addr: value.into_address().without_param("tag"),
         }
     }
 
     /// `["Name" ]<uri>;params;tag=…`.
     fn render(&self, tag: &str) -> String {
-        let mut out = String::new();
-        if let Some(name) = &self.display_name {
-            out.push_str(name);
-            out.push(' ');
-        }
-        out.push('<');
-        out.push_str(&self.uri.to_string());
-        out.push('>');
-        for p in &self.params {
-            out.push_str(&p.to_string());
-        }
+        let mut out = String::with_capacity(self.addr.as_str().len() + 5 + tag.len());
+        out.push_str(self.addr.as_str());
         out.push_str(";tag=");
         out.push_str(tag);
         out
@@ -219,67 +203,42 @@ impl Ids {
     }
 }
 
-/// The first header `pick` finds, parsed whole (`name` for the error).
-fn first_typed<'a, H: rsip::headers::ToTypedHeader<'a> + 'a>(
-    headers: &'a rsip::Headers,
-    name: &'static str,
-    pick: impl Fn(&'a Header) -> Option<&'a H>,
-) -> Result<H::Typed, DialogError> {
-    headers
-        .iter()
-        .find_map(pick)
-        .ok_or(DialogError::Missing(name))?
-        .typed()
+/// The first From or To header (`name`), parsed whole by [`crate::address`].
+fn party(headers: &rsip::Headers, name: &'static str) -> Result<Party, DialogError> {
+    let value = address::header_values(headers, name)
+        .next()
+        .ok_or(DialogError::Missing(name))?;
+    FromTo::parse(value)
+        .map(Party::new)
         .map_err(|_| DialogError::Invalid(name))
 }
 
-/// The first From header, parsed whole.
-fn typed_from(headers: &rsip::Headers) -> Result<rsip::typed::From, DialogError> {
-    first_typed(headers, "From", |h| match h {
-        Header::From(f) => Some(f),
-        _ => None,
-    })
-}
-
-/// The first To header, parsed whole.
-fn typed_to(headers: &rsip::Headers) -> Result<rsip::typed::To, DialogError> {
-    first_typed(headers, "To", |h| match h {
-        Header::To(t) => Some(t),
-        _ => None,
-    })
-}
-
-/// The URI of the first Contact header, if any.
-fn contact_uri(headers: &rsip::Headers) -> Result<Option<Uri>, DialogError> {
-    match headers.iter().find_map(|h| match h {
-        Header::Contact(c) => Some(c),
-        _ => None,
-    }) {
-        None => Ok(None),
-        Some(c) => c
-            .typed()
-            .map(|c| Some(c.uri))
-            .map_err(|_| DialogError::Invalid("Contact")),
+/// The URI of the first Contact value, if any (§12.1.1, §12.1.2: the remote target). Read by
+/// [`crate::address`], so that any legal Contact works (IPv6 hosts, quoted feature parameters
+/// such as linphone's `+sip.instance="<urn:uuid:…>"`).
+fn contact_uri(headers: &rsip::Headers) -> Result<Option<crate::uri::Uri>, DialogError> {
+    let Some(value) = address::header_values(headers, "Contact").next() else {
+        return Ok(None);
+    };
+    match Contacts::parse(value) {
+        Ok(Contacts::List(list)) => match list.into_iter().next() {
+            Some(c) => Ok(Some(c.into_address().uri().clone())),
+            None => Err(DialogError::Invalid("Contact")),
+        },
+        Ok(Contacts::Wildcard) | Err(_) => Err(DialogError::Invalid("Contact")),
     }
 }
 
 /// Every Record-Route entry, in message order (several per header allowed).
-fn record_routes(headers: &rsip::Headers) -> Result<Vec<UriWithParams>, DialogError> {
-    let mut out = Vec::new();
-    for h in headers.iter() {
-        if let Header::RecordRoute(rr) = h {
-            let typed = rr
-                .typed()
-                .map_err(|_| DialogError::Invalid("Record-Route"))?;
-            out.extend(typed.uris().iter().cloned());
-        }
-    }
-    Ok(out)
+fn record_routes(headers: &rsip::Headers) -> Result<Vec<NameAddr>, DialogError> {
+    address::route_headers(headers, "Record-Route")
+        .map_err(|_| DialogError::Invalid("Record-Route"))
 }
 
-/// Whether a route entry is a loose router (`;lr`, RFC 3261 §19.1.1).
-fn is_loose(route: &UriWithParams) -> bool {
-    route.uri.params.contains(&Param::Lr) || route.params.contains(&Param::Lr)
+/// Whether a route entry is a loose router (`;lr`, RFC 3261 §19.1.1); an `lr` written after
+/// a bare URI (illegal, but seen) counts too.
+fn is_loose(route: &NameAddr) -> bool {
+    route.uri().has_param("lr") || route.has_param("lr")
 }
 
 /// Whether a method refreshes the remote target (§12.2: re-INVITE; UPDATE, RFC 3311;
@@ -304,8 +263,10 @@ pub struct Dialog {
     local: Party,
     remote: Party,
     local_target: Uri,
-    remote_target: Uri,
-    route_set: Vec<UriWithParams>,
+    remote_target: crate::uri::Uri,
+    route_set: Vec<NameAddr>,
+    /// [`Dialog::next_hop_uri`] as an rsip URI (kept for [`Dialog::next_hop`]).
+    next_hop: Uri,
 }
 
 impl Dialog {
@@ -321,22 +282,24 @@ impl Dialog {
         }
         let req = Ids::of(&request.headers)?;
         let resp = Ids::of(&response.headers)?;
-        let local = typed_from(&request.headers)?;
-        let remote = typed_to(&response.headers)?;
+        let local = party(&request.headers, "From")?;
+        let remote = party(&response.headers, "To")?;
         let local_tag = req
             .from_tag
             .clone()
             .ok_or(DialogError::Missing("From tag"))?;
         let remote_tag = resp.to_tag.clone().ok_or(DialogError::NotDialogCreating)?;
-        let local_target = contact_uri(&request.headers)?.ok_or(DialogError::Missing("Contact"))?;
+        let local_target = contact_uri(&request.headers)?
+            .ok_or(DialogError::Missing("Contact"))?
+            .to_rsip();
         let remote_target = match contact_uri(&response.headers)? {
             Some(uri) => uri,
-            None if code < 200 => remote.uri.clone(),
+            None if code < 200 => remote.addr.uri().clone(),
             None => return Err(DialogError::Missing("Contact")),
         };
         let mut route_set = record_routes(&response.headers)?;
         route_set.reverse();
-        Ok(Dialog {
+        Ok(Dialog::with_next_hop(Dialog {
             id: DialogId {
                 call_id: req.call_id.clone(),
                 local_tag,
@@ -349,12 +312,13 @@ impl Dialog {
             },
             local_seq: Some(req.cseq),
             remote_seq: None,
-            local: Party::new(local.display_name, local.uri, &local.params),
-            remote: Party::new(remote.display_name, remote.uri, &remote.params),
+            local,
+            remote,
             local_target,
             remote_target,
             route_set,
-        })
+            next_hop: Uri::default(),
+        }))
     }
 
     /// The dialog a UAS has after receiving `request` and answering it with `local_tag` in
@@ -370,15 +334,15 @@ impl Dialog {
         state: DialogState,
     ) -> Result<Dialog, DialogError> {
         let req = Ids::of(&request.headers)?;
-        let local = typed_to(&request.headers)?;
-        let remote = typed_from(&request.headers)?;
+        let local = party(&request.headers, "To")?;
+        let remote = party(&request.headers, "From")?;
         let remote_tag = req
             .from_tag
             .clone()
             .ok_or(DialogError::Missing("From tag"))?;
         let remote_target =
             contact_uri(&request.headers)?.ok_or(DialogError::Missing("Contact"))?;
-        Ok(Dialog {
+        Ok(Dialog::with_next_hop(Dialog {
             id: DialogId {
                 call_id: req.call_id.clone(),
                 local_tag: local_tag.to_string(),
@@ -387,12 +351,23 @@ impl Dialog {
             state,
             local_seq: None,
             remote_seq: Some(req.cseq),
-            local: Party::new(local.display_name, local.uri, &local.params),
-            remote: Party::new(remote.display_name, remote.uri, &remote.params),
+            local,
+            remote,
             local_target: local_contact,
             remote_target,
             route_set: record_routes(&request.headers)?,
-        })
+            next_hop: Uri::default(),
+        }))
+    }
+
+    /// The dialog with its rsip next hop computed.
+    fn with_next_hop(mut self) -> Dialog {
+        self.update_next_hop();
+        self
+    }
+
+    fn update_next_hop(&mut self) {
+        self.next_hop = self.next_hop_uri().to_rsip();
     }
 
     /// The dialog's identity.
@@ -421,13 +396,23 @@ impl Dialog {
     }
 
     /// Our URI (From of our requests).
-    pub fn local_uri(&self) -> &Uri {
-        &self.local.uri
+    pub fn local_uri(&self) -> &crate::uri::Uri {
+        self.local.addr.uri()
     }
 
     /// The peer's URI (To of our requests).
-    pub fn remote_uri(&self) -> &Uri {
-        &self.remote.uri
+    pub fn remote_uri(&self) -> &crate::uri::Uri {
+        self.remote.addr.uri()
+    }
+
+    /// Our address as the From of our requests carries it, without the tag.
+    pub fn local_address(&self) -> &NameAddr {
+        &self.local.addr
+    }
+
+    /// The peer's address as the To of our requests carries it, without the tag.
+    pub fn remote_address(&self) -> &NameAddr {
+        &self.remote.addr
     }
 
     /// Our Contact.
@@ -436,21 +421,30 @@ impl Dialog {
     }
 
     /// The peer's Contact: where in-dialog requests go (§12.2.1.1).
-    pub fn remote_target(&self) -> &Uri {
+    pub fn remote_target(&self) -> &crate::uri::Uri {
         &self.remote_target
     }
 
-    /// The route set, in the order our requests visit it.
-    pub fn route_set(&self) -> &[UriWithParams] {
+    /// The route set, in the order our requests visit it, each entry as the Record-Route
+    /// carried it (§12.1.1, §12.1.2).
+    pub fn route_set(&self) -> &[NameAddr] {
         &self.route_set
     }
 
     /// Where to send an in-dialog request: the first route, or the remote target when the
-    /// route set is empty (§12.2.1.1, §8.1.2).
+    /// route set is empty (§12.2.1.1, §8.1.2); as an rsip URI that prints like
+    /// [`Dialog::next_hop_uri`] (see [`crate::uri::Uri::to_rsip`]: an IPv6 or `tel:` target
+    /// comes as a carrier; read it with [`Dialog::next_hop_uri`]).
     pub fn next_hop(&self) -> &Uri {
+        &self.next_hop
+    }
+
+    /// Where to send an in-dialog request (§12.2.1.1, §8.1.2), read by our parser: IPv6
+    /// hosts and every URI form included.
+    pub fn next_hop_uri(&self) -> &crate::uri::Uri {
         self.route_set
             .first()
-            .map(|r| &r.uri)
+            .map(|r| r.uri())
             .unwrap_or(&self.remote_target)
     }
 
@@ -466,25 +460,21 @@ impl Dialog {
         if req.method == Method::Ack {
             return Ok(());
         }
-        let cseq = req
+        let value = req
             .headers
             .iter()
             .find_map(|h| match h {
                 Header::CSeq(c) => Some(c),
                 _ => None,
             })
-            .ok_or(DialogError::Missing("CSeq"))?
-            .typed()
-            .map_err(|_| DialogError::Invalid("CSeq"))?;
+            .ok_or(DialogError::Missing("CSeq"))?;
+        let (seq, _) = crate::fields::cseq_of(value.value()).ok_or(DialogError::Invalid("CSeq"))?;
         if let Some(last) = self.remote_seq {
-            if cseq.seq < last {
-                return Err(DialogError::CSeqOutOfOrder {
-                    got: cseq.seq,
-                    last,
-                });
+            if seq < last {
+                return Err(DialogError::CSeqOutOfOrder { got: seq, last });
             }
         }
-        self.remote_seq = Some(cseq.seq);
+        self.remote_seq = Some(seq);
         Ok(())
     }
 
@@ -494,6 +484,7 @@ impl Dialog {
         if is_target_refresh(req.method) {
             if let Some(uri) = contact_uri(&req.headers)? {
                 self.remote_target = uri;
+                self.update_next_hop();
             }
         }
         Ok(())
@@ -518,11 +509,13 @@ impl Dialog {
             let mut routes = record_routes(&resp.headers)?;
             routes.reverse();
             self.route_set = routes;
+            self.update_next_hop();
         }
         let early_refresh = self.state == DialogState::Early && (101..200).contains(&code);
         if is_target_refresh(parts.cseq_method) && (success || early_refresh) {
             if let Some(uri) = contact_uri(&resp.headers)? {
                 self.remote_target = uri;
+                self.update_next_hop();
             }
         }
         Ok(())
@@ -533,17 +526,15 @@ impl Dialog {
     /// strict router first, that router (minus parameters a Request-URI may not carry) and
     /// the rest of the route set followed by the remote target.
     fn target_and_routes(&self) -> (Uri, Vec<Header>) {
-        let route_header =
-            |r: &UriWithParams| Header::Route(rsip::headers::Route::new(r.to_string()));
+        let route_header = |r: &NameAddr| Header::Route(rsip::headers::Route::new(r.as_str()));
         match self.route_set.first() {
-            None => (self.remote_target.clone(), Vec::new()),
+            None => (self.next_hop.clone(), Vec::new()),
             Some(first) if is_loose(first) => (
-                self.remote_target.clone(),
+                self.remote_target.to_rsip(),
                 self.route_set.iter().map(route_header).collect(),
             ),
             Some(first) => {
-                let mut uri = first.uri.clone();
-                uri.params.retain(|p| !matches!(p, Param::Method(_)));
+                let uri = first.uri().for_request_line().to_rsip();
                 let mut routes: Vec<Header> =
                     self.route_set[1..].iter().map(route_header).collect();
                 routes.push(Header::Route(rsip::headers::Route::new(format!(
@@ -826,7 +817,7 @@ Content-Length: 0\r\n\r\n";
         assert_eq!(d.remote_seq(), None);
         assert_eq!(
             d.remote_target().to_string(),
-            "sip:bob@198.51.100.9:5080;transport=TCP"
+            "sip:bob@198.51.100.9:5080;transport=tcp"
         );
         let rs: Vec<String> = d.route_set().iter().map(|r| r.to_string()).collect();
         assert_eq!(
@@ -907,7 +898,7 @@ Content-Length: 0\r\n\r\n";
             200,
         );
         let mut d = Dialog::uac(&invite, &ok).unwrap();
-        assert_eq!(d.next_hop().to_string(), "sip:p2.test;transport=TCP");
+        assert_eq!(d.next_hop().to_string(), "sip:p2.test;transport=tcp");
         let bye = parse_back(d.request(Method::Bye, &via(), vec![], vec![]).unwrap());
         assert_eq!(bye.uri.to_string(), "sip:p2.test;transport=TCP");
         assert_eq!(
@@ -1051,6 +1042,128 @@ Content-Length: 0\r\n\r\n";
             Err(DialogError::Missing("From tag"))
         );
         assert_eq!(DialogId::of_incoming_request(&invite), None);
+    }
+
+    /// §12.1.2 with values rsip cannot read: linphone's Contact (a quoted `+sip.instance`
+    /// holding `<…>`), IPv6 hosts in Contact and Record-Route, a quoted From parameter.
+    #[test]
+    fn uac_dialog_from_values_rsip_cannot_read() {
+        let invite = request(&INVITE.replace(
+            "From: \"Alice\" <sip:alice@relay.test>;tag=alice1",
+            "From: \"Alice \\\"A\\\"\" <sip:alice@relay.test>;x=\"a;b,c\";tag=alice1",
+        ));
+        let linphone = "<sip:bob@127.0.0.1:59754;transport=udp>;+sip.instance=\"<urn:uuid:090b314c-7132-0014-ac65-4248b341241a>\";expires=3600";
+        let ok = ok_for(
+            &invite,
+            &["<sip:[2001:db8::9]:5070;lr>", "<sip:p1.test;lr>"],
+            linphone,
+            200,
+        );
+        let d = Dialog::uac(&invite, &ok).unwrap();
+        assert_eq!(
+            d.remote_target().to_string(),
+            "sip:bob@127.0.0.1:59754;transport=udp"
+        );
+        assert_eq!(d.remote_target().transport(), Some("udp"));
+        assert_eq!(d.next_hop_uri().to_string(), "sip:p1.test;lr");
+        assert_eq!(d.next_hop().to_string(), "sip:p1.test;lr");
+        assert_eq!(
+            d.local_address().param("x").flatten().as_deref(),
+            Some("a;b,c")
+        );
+        // What we send, before any rsip re-parse (rsip would upper-case `transport=udp`).
+        let bye = Dialog::uac(&invite, &ok)
+            .unwrap()
+            .request(Method::Bye, &via(), vec![], vec![])
+            .unwrap();
+        assert!(String::from_utf8(to_bytes(bye.clone()).to_vec())
+            .unwrap()
+            .starts_with("BYE sip:bob@127.0.0.1:59754;transport=udp SIP/2.0\r\n"));
+        assert_eq!(bye.uri.to_string(), "sip:bob@127.0.0.1:59754;transport=udp");
+        assert_eq!(
+            header_values(&bye, "Route"),
+            ["<sip:p1.test;lr>", "<sip:[2001:db8::9]:5070;lr>"]
+        );
+        assert_eq!(
+            header_values(&bye, "From"),
+            ["\"Alice \\\"A\\\"\" <sip:alice@relay.test>;x=\"a;b,c\";tag=alice1"]
+        );
+
+        // An IPv6 Contact and no route: the request goes to the IPv6 target.
+        let ok6 = ok_for(
+            &invite,
+            &[],
+            "<sip:bob@[2001:db8::10]:5070;transport=tcp>;expires=60",
+            200,
+        );
+        let mut d = Dialog::uac(&invite, &ok6).unwrap();
+        let target = d.next_hop_uri();
+        assert!(matches!(target.host(), Some(crate::uri::Host::V6(_))));
+        assert_eq!(target.host_port_text(), Some("[2001:db8::10]:5070"));
+        assert_eq!(
+            d.next_hop().to_string(),
+            "sip:bob@[2001:db8::10]:5070;transport=tcp"
+        );
+        let bye = d.request(Method::Bye, &via(), vec![], vec![]).unwrap();
+        assert_eq!(
+            bye.uri.to_string(),
+            "sip:bob@[2001:db8::10]:5070;transport=tcp"
+        );
+    }
+
+    /// §12.1.1 with an IPv6 Contact, a strict IPv6 router and a `tel:` To.
+    #[test]
+    fn uas_dialog_with_ipv6_and_tel() {
+        let invite = request(
+            &INVITE
+                .replace("To: <sip:echo@relay.test>", "To: <tel:+1-555-123-4567;phone-context=relay.test>")
+                .replace(
+                    "Contact: <sip:alice@192.0.2.1:5070>",
+                    "Contact: \"Alice\" <sip:alice@[2001:db8::1]:5070;ob>;reg-id=1",
+                )
+                .replace(
+                    "Record-Route: <sip:p1.test;lr>, <sip:p2.test;lr>\r\nRecord-Route: <sip:p3.test;lr>\r\n",
+                    "Record-Route: <sip:[2001:db8::5];method=INVITE>, <sip:p2.test;lr>\r\n",
+                ),
+        );
+        let mut d = Dialog::uas(
+            &invite,
+            "t",
+            Uri::try_from("sip:me@h").unwrap(),
+            DialogState::Confirmed,
+        )
+        .unwrap();
+        assert_eq!(
+            d.remote_target().to_string(),
+            "sip:alice@[2001:db8::1]:5070;ob"
+        );
+        assert_eq!(d.next_hop_uri().host_port_text(), Some("[2001:db8::5]"));
+        let bye = d.request(Method::Bye, &via(), vec![], vec![]).unwrap();
+        // Strict routing: the router's URI (minus method) is the Request-URI.
+        assert_eq!(bye.uri.to_string(), "sip:[2001:db8::5]");
+        assert_eq!(
+            header_values(&bye, "Route"),
+            ["<sip:p2.test;lr>", "<sip:alice@[2001:db8::1]:5070;ob>"]
+        );
+        assert_eq!(
+            header_values(&bye, "From"),
+            ["<tel:+1-555-123-4567;phone-context=relay.test>;tag=t"]
+        );
+        assert_eq!(d.local_uri().tel_number().as_deref(), Some("+15551234567"));
+        // A Contact nobody can read is an error, not a panic.
+        let bad = request(&INVITE.replace(
+            "Contact: <sip:alice@192.0.2.1:5070>",
+            "Contact: <sip:alice@[zz]>",
+        ));
+        assert_eq!(
+            Dialog::uas(
+                &bad,
+                "t",
+                Uri::try_from("sip:me@h").unwrap(),
+                DialogState::Early
+            ),
+            Err(DialogError::Invalid("Contact"))
+        );
     }
 
     #[test]

@@ -13,12 +13,14 @@
 use rsip::Method;
 
 /// The top Via of a message, read in place: `SIP/2.0/<transport> <host>[:<port>]` followed
-/// by `;name[=value]` parameters, with no whitespace or comma in between.
+/// by `;name[=value]` parameters, with no whitespace or comma in between. The host may be an
+/// IPv6 reference (`[2001:db8::1]`, RFC 3261 §25.1 `sent-by`, RFC 5118 §4.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ViaView<'a> {
     /// The transport token as written (`UDP`, `TCP`, `TLS`, …).
     pub transport: &'a str,
-    /// The sent-by host (an IPv4 address or a domain name).
+    /// The sent-by host as written: a domain name, an IPv4 address, or an IPv6 reference
+    /// with its brackets (`[2001:db8::1]`).
     pub host: &'a str,
     /// The sent-by port, when written.
     pub port: Option<u16>,
@@ -40,13 +42,26 @@ impl<'a> ViaView<'a> {
         }
         let end = rest.find(';').unwrap_or(rest.len());
         let (sent_by, params) = rest.split_at(end);
-        let (host, port) = match sent_by.split_once(':') {
-            Some((host, port)) => (host, Some(parse_port(port)?)),
-            None => (sent_by, None),
+        let (host, port) = if sent_by.starts_with('[') {
+            // An IPv6 reference: `[addr]` then an optional `:port`.
+            let close = sent_by.find(']')?;
+            sent_by[1..close].parse::<std::net::Ipv6Addr>().ok()?;
+            let (host, rest) = sent_by.split_at(close + 1);
+            let port = match rest {
+                "" => None,
+                _ => Some(parse_port(rest.strip_prefix(':')?)?),
+            };
+            (host, port)
+        } else {
+            let (host, port) = match sent_by.split_once(':') {
+                Some((host, port)) => (host, Some(parse_port(port)?)),
+                None => (sent_by, None),
+            };
+            if host.is_empty() || !host.bytes().all(is_host_char) || !looks_like_host(host) {
+                return None;
+            }
+            (host, port)
         };
-        if host.is_empty() || !host.bytes().all(is_host_char) || !looks_like_host(host) {
-            return None;
-        }
         let view = ViaView {
             transport,
             host,
@@ -96,7 +111,27 @@ impl<'a> ViaView<'a> {
             .find_map(|(n, v)| if n == "branch" { v } else { None })
     }
 
-    /// The sent-by as rsip writes it: `host` or `host:port`.
+    /// The sent-by host as an IP address (an IPv6 reference without its brackets); `None`
+    /// for a domain name.
+    pub fn host_ip(&self) -> Option<std::net::IpAddr> {
+        parse_ip(self.host)
+    }
+
+    /// The `received` parameter (RFC 3261 §18.2.1) as an IP address: IPv4, or IPv6 with or
+    /// without brackets (RFC 5118 §4.5 writes it bare). `None` when absent or not an address.
+    pub fn received(&self) -> Option<std::net::IpAddr> {
+        self.raw_params()
+            .find_map(|(n, v)| {
+                if n.eq_ignore_ascii_case("received") {
+                    v
+                } else {
+                    None
+                }
+            })
+            .and_then(parse_ip)
+    }
+
+    /// The sent-by as rsip writes it: `host` or `host:port` (an IPv6 host in brackets).
     pub fn sent_by(&self) -> String {
         match self.port {
             Some(port) => format!("{}:{port}", self.host),
@@ -144,9 +179,19 @@ fn is_token_char(b: u8) -> bool {
         )
 }
 
-/// A parameter value: a token, or an IPv4 address or host (`received=`, `maddr=`).
+/// A parameter value: a token, or an IPv4 or IPv6 address or host (`received=`, `maddr=`;
+/// an IPv6 address bare or in brackets).
 fn is_value_char(b: u8) -> bool {
-    is_token_char(b)
+    is_token_char(b) || matches!(b, b':' | b'[' | b']')
+}
+
+/// An IP address, an IPv6 one bare or in brackets.
+fn parse_ip(text: &str) -> Option<std::net::IpAddr> {
+    let bare = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(text);
+    bare.parse().ok()
 }
 
 /// The tag parameter of a From or To header value (§19.3): `Some(Some(tag))`,
@@ -209,15 +254,17 @@ pub fn tag(value: &str) -> Option<Option<&str>> {
     Some(found)
 }
 
-/// The tag of a From or To header value, read by [`tag`] where it can and by rsip otherwise:
-/// `Ok(None)` when there is none, `Err` when rsip cannot read the header either.
+/// The tag of a From or To header value (§19.3), read by [`tag`] where it can and by
+/// [`crate::address::FromTo`] otherwise (any legal spelling: bare addr-spec, IPv6, `tel:`,
+/// quoted parameters…): `Ok(None)` when there is none, `Err` when the value is not a
+/// name-addr or addr-spec (the error's text says why).
 pub fn tag_of(value: &str) -> Result<Option<std::borrow::Cow<'_, str>>, rsip::Error> {
-    use rsip::headers::UntypedHeader as _;
     match tag(value) {
         Some(t) => Ok(t.map(std::borrow::Cow::Borrowed)),
-        None => Ok(rsip::headers::To::new(value)
-            .tag()?
-            .map(|t| std::borrow::Cow::Owned(t.value().to_string()))),
+        None => match crate::address::FromTo::parse(value) {
+            Ok(v) => Ok(v.tag().map(|t| std::borrow::Cow::Owned(t.to_string()))),
+            Err(e) => Err(rsip::Error::ParseError(e.to_string())),
+        },
     }
 }
 
@@ -293,7 +340,10 @@ mod tests {
             "SIP / 2.0 / UDP host;branch=z9hG4bK1",
             "SIP/2.0/UDP  host;branch=z9hG4bK1",
             "SIP/2.0/UDP host ; branch=z9hG4bK1",
-            "SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bK1",
+            "SIP/2.0/UDP [2001:db8::1;branch=z9hG4bK1",
+            "SIP/2.0/UDP [2001:db8::g]:5060;branch=z9hG4bK1",
+            "SIP/2.0/UDP [::1]5060;branch=z9hG4bK1",
+            "SIP/2.0/UDP [::1]:;branch=z9hG4bK1",
             "SIP/2.0/UDP host:99999;branch=z9hG4bK1",
             "SIP/2.0/UDP host;branch=\"quoted\"",
             "SIP/2.0/UDP host;branch=",
@@ -303,6 +353,53 @@ mod tests {
         ] {
             assert_eq!(ViaView::parse(odd), None, "{odd}");
         }
+    }
+
+    #[test]
+    fn reads_ipv6_sent_by_and_received() {
+        let v = ViaView::parse(
+            "SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bKv6;received=2001:db8::9;rport=5070",
+        )
+        .unwrap();
+        assert_eq!(v.host, "[2001:db8::1]");
+        assert_eq!(v.port, Some(5060));
+        assert_eq!(v.host_ip(), Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(v.sent_by(), "[2001:db8::1]:5060");
+        assert_eq!(v.branch(), Some("z9hG4bKv6"));
+        assert_eq!(v.received(), Some("2001:db8::9".parse().unwrap()));
+        assert_eq!(v.param("rport"), Some(Some("5070")));
+        let v = ViaView::parse("SIP/2.0/TLS [::1];branch=z9hG4bK2;received=[2001:db8::7]").unwrap();
+        assert_eq!((v.host, v.port), ("[::1]", None));
+        assert_eq!(v.sent_by(), "[::1]");
+        assert_eq!(v.received(), Some("2001:db8::7".parse().unwrap()));
+        let v = ViaView::parse("SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK3;received=192.0.2.1").unwrap();
+        assert_eq!(v.received(), Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(v.host_ip(), Some("10.0.0.1".parse().unwrap()));
+        let v = ViaView::parse("SIP/2.0/UDP h.test;branch=z9hG4bK3;received=x").unwrap();
+        assert_eq!((v.received(), v.host_ip()), (None, None));
+    }
+
+    #[test]
+    fn tag_of_reads_what_rsip_cannot() {
+        assert_eq!(
+            tag_of("<sip:bob@[2001:db8::10]:5070>;tag=v6")
+                .unwrap()
+                .as_deref(),
+            Some("v6")
+        );
+        assert_eq!(
+            tag_of("<tel:+1-555-123-4567>;tag=t1").unwrap().as_deref(),
+            Some("t1")
+        );
+        assert_eq!(
+            tag_of("<sip:a@b.test>;x=\"a;b\";tag=q").unwrap().as_deref(),
+            Some("q")
+        );
+        assert_eq!(
+            tag_of("<sip:a@b.test>;TAG=up").unwrap().as_deref(),
+            Some("up")
+        );
+        assert!(tag_of("<sip:a@b.test").is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! of it so that no caller ever meets them: compact header names, folding, comma-joined
 //! headers and Content-Length framing are handled here.
 
+pub mod address;
 pub mod dialog;
 pub mod digest;
 pub mod endpoint;
@@ -21,6 +22,7 @@ pub mod resolve;
 pub mod sdp;
 pub mod transaction;
 pub mod transport;
+pub mod uri;
 pub mod wire;
 
 pub use peer::{ConnId, Peer, Transport};

@@ -348,7 +348,7 @@ fn stamp_view(via: &fields::ViaView<'_>, source: std::net::SocketAddr) -> Option
     let wants_rport = via
         .params()
         .any(|(name, value)| value.is_none() && name.eq_ignore_ascii_case("rport"));
-    let same_host = via.host.parse::<std::net::IpAddr>().ok() == Some(source.ip());
+    let same_host = via.host_ip() == Some(source.ip());
     if same_host && !wants_rport {
         return None;
     }
@@ -460,6 +460,21 @@ pub fn response_target(req: &Request) -> Option<std::net::SocketAddr> {
         Header::Via(via) => Some(via),
         _ => None,
     })?;
+    if let Some(view) = top_via(via.value()) {
+        // The one-pass reader (IPv6 sent-by and received included).
+        let default_port = if view.transport.starts_with("TLS") {
+            5061
+        } else {
+            5060
+        };
+        let port = view
+            .param("rport")
+            .flatten()
+            .and_then(|p| p.parse::<u16>().ok())
+            .unwrap_or(view.port.unwrap_or(default_port));
+        let ip = view.received().or_else(|| view.host_ip())?;
+        return Some(std::net::SocketAddr::new(ip, port));
+    }
     let typed = via.typed().ok()?;
     let default_port = match typed.transport {
         rsip::Transport::Tls | rsip::Transport::TlsSctp => 5061,
@@ -585,6 +600,69 @@ CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
             response_target(&req),
             Some("192.0.2.1:5060".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn ipv6_vias_are_stamped_and_answered() {
+        let src: std::net::SocketAddr = "[2001:db8::9]:40000".parse().unwrap();
+        let mut req = request("SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bK1;rport", None);
+        stamp_received(&mut req, src);
+        assert_eq!(
+            top_via(&req),
+            "SIP/2.0/UDP [2001:db8::1]:5060;branch=z9hG4bK1;received=2001:db8::9;rport=40000"
+        );
+        assert_eq!(response_target(&req), Some(src));
+        let s = Summary::of_request(&req).unwrap();
+        assert_eq!(s.sent_by, "[2001:db8::1]:5060");
+        // Same host, no rport: left alone, answered at the sent-by.
+        let src: std::net::SocketAddr = "[2001:db8::1]:5070".parse().unwrap();
+        let mut req = request("SIP/2.0/TLS [2001:db8::1];branch=z9hG4bK1", None);
+        stamp_received(&mut req, src);
+        assert_eq!(top_via(&req), "SIP/2.0/TLS [2001:db8::1];branch=z9hG4bK1");
+        assert_eq!(
+            response_target(&req),
+            Some("[2001:db8::1]:5061".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn response_target_agrees_with_rsip() {
+        for via in [
+            "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK1;received=198.51.100.7;rport=40000",
+            "SIP/2.0/TLS 192.0.2.9;branch=z9hG4bK1",
+            "SIP/2.0/UDP 192.0.2.9:5080;branch=z9hG4bK1;rport",
+            "SIP/2.0/TCP client.test;branch=z9hG4bK1",
+            "SIP/2.0/TCP client.test;branch=z9hG4bK1;received=192.0.2.1",
+        ] {
+            let req = request(via, None);
+            let theirs = (|| {
+                let typed = req.via_header().ok()?.typed().ok()?;
+                let port = typed
+                    .params
+                    .iter()
+                    .find_map(|p| match p {
+                        rsip::Param::Other(n, Some(v)) if n.value() == "rport" => {
+                            v.value().parse().ok()
+                        }
+                        _ => None,
+                    })
+                    .or(typed.uri.host_with_port.port.map(|p| *p.value()))
+                    .unwrap_or(if typed.transport == rsip::Transport::Tls {
+                        5061
+                    } else {
+                        5060
+                    });
+                let ip = match typed.received().ok().flatten() {
+                    Some(ip) => ip,
+                    None => match typed.uri.host_with_port.host {
+                        rsip::Host::IpAddr(ip) => ip,
+                        rsip::Host::Domain(_) => return None,
+                    },
+                };
+                Some(std::net::SocketAddr::new(ip, port))
+            })();
+            assert_eq!(response_target(&req), theirs, "{via}");
+        }
     }
 
     #[test]
