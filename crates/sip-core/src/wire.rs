@@ -122,7 +122,11 @@ pub enum WireError {
     /// The message is larger than [`MAX_MESSAGE`].
     #[error("message larger than {MAX_MESSAGE} bytes")]
     TooLarge,
-    /// rsip refused the normalised message (IPv6 literals and `tel:` URIs are among its gaps).
+    /// The Request-URI's scheme is not one this stack serves: `sip`, `sips` and `tel`
+    /// (answered with `416 Unsupported URI Scheme`, RFC 3261 §8.2.2.1, RFC 4475 §3.3.2).
+    #[error("unsupported Request-URI scheme {0}")]
+    UnsupportedUriScheme(String),
+    /// rsip refused the normalised message.
     #[error("rsip rejected the message: {0}")]
     Rsip(String),
 }
@@ -146,6 +150,7 @@ impl WireError {
             }
             WireError::NotUtf8Headers => "Bad Request: headers are not UTF-8".to_string(),
             WireError::TooLarge => "Message Too Large".to_string(),
+            WireError::UnsupportedUriScheme(_) => "Unsupported URI Scheme".to_string(),
             WireError::Rsip(_) => "Bad Request: unparseable message".to_string(),
         }
     }
@@ -193,14 +198,28 @@ pub fn parse(bytes: &[u8]) -> Result<SipMessage, WireError> {
     if let Some(err) = scan.problem {
         return Err(err);
     }
+    let carried_uri = match scan.start {
+        Start::Request { uri, .. } => Some(served_request_uri(uri)?),
+        Start::Response { .. } => None,
+    };
     let end = scan.body_start + body_len;
-    let mut msg = if scan.rewrite {
-        let canonical = rewrite(frame, &scan, body_len)?;
-        SipMessage::try_from(canonical.as_slice())
+    let canonical;
+    let input = if scan.rewrite {
+        canonical = rewrite(frame, &scan, body_len)?;
+        canonical.as_slice()
     } else {
-        SipMessage::try_from(frame.get(..end).unwrap_or(frame))
-    }
-    .map_err(|e| WireError::Rsip(truncate(e.to_string())))?;
+        frame.get(..end).unwrap_or(frame)
+    };
+    let mut msg = match carried_uri {
+        // rsip cannot model this Request-URI: it reads the message with a stand-in one,
+        // and the request then carries the URI as written (see [`crate::uri::rsip_carrier`]).
+        Some(Some(text)) => {
+            let mut req = parse_with_stand_in_uri(input)?;
+            req.uri = crate::uri::rsip_carrier(text);
+            SipMessage::Request(req)
+        }
+        _ => SipMessage::try_from(input).map_err(|e| WireError::Rsip(truncate(e.to_string())))?,
+    };
     if let (SipMessage::Response(resp), Start::Response { code, reason, .. }) =
         (&mut msg, &scan.start)
     {
@@ -235,6 +254,7 @@ pub fn reject(bytes: &[u8], err: &WireError) -> Option<Bytes> {
         WireError::UnknownMethod(_) => (501, "Not Implemented".to_string()),
         WireError::UnsupportedVersion(_) => (505, "Version Not Supported".to_string()),
         WireError::TooLarge => (513, "Message Too Large".to_string()),
+        WireError::UnsupportedUriScheme(_) => (416, "Unsupported URI Scheme".to_string()),
         other => (400, other.reason()),
     };
 
@@ -782,6 +802,61 @@ fn check_request_uri(uri: &[u8]) -> Result<(), WireError> {
         }
     }
     Ok(())
+}
+
+/// Checks that the Request-URI has a scheme this stack serves (`sip`, `sips`, `tel`), and
+/// says whether rsip 0.4 can model it: `Ok(None)` when rsip reads it itself, `Ok(Some(text))`
+/// when the request must carry it as written (a `tel:` URI, an IPv6 reference, a user part
+/// holding `;` as in RFC 4475's `semiuri`). sip-core's own parser ([`crate::uri`]) reads it
+/// in every case; a URI it refuses is a `400`.
+fn served_request_uri(uri: &[u8]) -> Result<Option<&str>, WireError> {
+    let scheme = uri_scheme(uri).ok_or(WireError::BadRequestUri("no scheme"))?;
+    let served = [&b"sip"[..], b"sips", b"tel"]
+        .iter()
+        .any(|s| scheme.eq_ignore_ascii_case(s));
+    if !served {
+        return Err(WireError::UnsupportedUriScheme(
+            String::from_utf8_lossy(scheme).into_owned(),
+        ));
+    }
+    let text = std::str::from_utf8(uri).map_err(|_| WireError::NotUtf8Headers)?;
+    let parsed = crate::uri::Uri::parse(text).map_err(|_| WireError::BadRequestUri("malformed"))?;
+    Ok((!rsip_models(text, &parsed)).then_some(text))
+}
+
+/// Whether rsip 0.4 reads this URI right: a `sip`/`sips` URI on a domain name or an IPv4
+/// address, with no `;` in its user part (rsip ends the user part there).
+fn rsip_models(text: &str, parsed: &crate::uri::Uri) -> bool {
+    if !parsed.is_sip() || text.contains('[') {
+        return false;
+    }
+    match text.find('@') {
+        Some(at) => !text.get(..at).unwrap_or_default().contains(';'),
+        None => true,
+    }
+}
+
+/// Parses a request whose Request-URI rsip cannot model: the start line is read with a
+/// stand-in URI, which the caller replaces. The start line was checked by [`scan`] already.
+fn parse_with_stand_in_uri(input: &[u8]) -> Result<rsip::Request, WireError> {
+    let line_end = find(input, b'\n').ok_or(WireError::BadStartLine)?;
+    let line = strip_cr(input.get(..line_end).unwrap_or_default());
+    let mut parts = line.split(|&b| b == b' ');
+    let (Some(method), Some(_uri), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(WireError::BadStartLine);
+    };
+    let mut stand_in = Vec::with_capacity(input.len() + 32);
+    stand_in.extend_from_slice(method);
+    stand_in.extend_from_slice(b" sip:stand-in.invalid ");
+    stand_in.extend_from_slice(version);
+    stand_in.extend_from_slice(b"\r\n");
+    stand_in.extend_from_slice(input.get(line_end + 1..).unwrap_or_default());
+    match SipMessage::try_from(stand_in.as_slice()) {
+        Ok(SipMessage::Request(req)) => Ok(req),
+        Ok(SipMessage::Response(_)) => Err(WireError::BadStartLine),
+        Err(e) => Err(WireError::Rsip(truncate(e.to_string()))),
+    }
 }
 
 /// The scheme of an absolute URI (RFC 3986 §3.1), if it has one.
@@ -1509,6 +1584,55 @@ mod tests {
 
     use super::*;
     use rsip::prelude::*;
+
+    fn with_request_uri(uri: &str) -> Vec<u8> {
+        INVITE.replacen("sip:bob@relay.test", uri, 1).into_bytes()
+    }
+
+    #[test]
+    fn request_uris_rsip_cannot_read_are_carried_as_written() {
+        for uri in [
+            "tel:+15551234",
+            "tel:+1-555-123-4567;phone-context=example.com",
+            "sip:bob@[2001:db8::10]:5070",
+            "sip:[::1]",
+            "sips:alice;day=tuesday@example.com",
+        ] {
+            let msg = parse(&with_request_uri(uri)).unwrap_or_else(|e| panic!("{uri}: {e}"));
+            let SipMessage::Request(req) = msg else {
+                panic!("{uri}: not a request");
+            };
+            assert_eq!(req.uri.to_string(), uri);
+            let ours = crate::uri::Uri::from_rsip(&req.uri).unwrap();
+            assert_eq!(ours.to_string(), uri);
+            assert!(crate::message::to_bytes(req)
+                .starts_with(format!("INVITE {uri} SIP/2.0\r\n").as_bytes()));
+        }
+        // What rsip reads itself keeps its typed form.
+        let SipMessage::Request(req) = parse(INVITE.as_bytes()).unwrap() else {
+            panic!("not a request");
+        };
+        assert_eq!(req.uri.user(), Some("bob"));
+    }
+
+    #[test]
+    fn an_unknown_request_uri_scheme_is_answered_416() {
+        for (uri, scheme) in [
+            ("mailto:bob@example.com", "mailto"),
+            ("urn:service:sos", "urn"),
+        ] {
+            let bytes = with_request_uri(uri);
+            let err = parse(&bytes).unwrap_err();
+            assert_eq!(err, WireError::UnsupportedUriScheme(scheme.into()));
+            let answer = reject(&bytes, &err).unwrap();
+            assert!(answer.starts_with(b"SIP/2.0 416 Unsupported URI Scheme\r\n"));
+        }
+        // A served scheme whose URI is malformed is a 400.
+        let bytes = with_request_uri("sip:bob@[2001:db8::10");
+        let err = parse(&bytes).unwrap_err();
+        assert!(matches!(err, WireError::BadRequestUri(_)), "{err:?}");
+        assert!(reject(&bytes, &err).unwrap().starts_with(b"SIP/2.0 400 "));
+    }
 
     const INVITE: &str = "INVITE sip:bob@relay.test SIP/2.0\r\n\
 Via: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKabc;rport\r\n\
