@@ -7,6 +7,18 @@
 //! do not tell an attacker which user names exist. Failed attempts are counted per user name;
 //! past the limit the user is refused with 403 for a lock-out period instead of being
 //! challenged again, which stops online password guessing.
+//!
+//! # Which algorithms are offered
+//!
+//! Every user is challenged with the relay's default algorithms (`[auth] algorithms`, MD5
+//! alone unless configured: baresip 1.0 refuses a 401 that carries a challenge it does not
+//! know, and most softphones speak only MD5), except users and accounts given their own
+//! list (`digest_algorithms`, e.g. SHA-256 then MD5, RFC 8760 §2.4). The user is the
+//! username of the credentials when the request carries some for the realm, else the user
+//! of the To URI (REGISTER) or the From URI (anything else). Unknown users get the default,
+//! exactly like known users without a list of their own. Credentials computed with an
+//! algorithm the user was not offered are refused (challenged again), so a user moved to
+//! SHA-256 alone cannot be pushed back to MD5.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rsip::prelude::*;
 use rsip::{Header, Request};
-use sip_core::digest::{Credentials, DigestError, DigestServer, StoredCredential};
+use sip_core::digest::{Algorithm, Credentials, DigestError, DigestServer, StoredCredential};
 
 /// Who may authenticate: a lookup from user name to stored HA1 hashes.
 pub trait CredentialStore: Send + Sync {
@@ -104,6 +116,12 @@ pub struct Authenticator {
     digest: DigestServer,
     failures: Vec<Mutex<HashMap<String, Failures>>>,
     policy: FailurePolicy,
+    /// Offered to users without a list of their own (and to unknown users).
+    default: Vec<Algorithm>,
+    /// Users and accounts with their own list.
+    per_user: HashMap<String, Vec<Algorithm>>,
+    /// Every algorithm offered to anyone, in the order the digest server challenges.
+    accepted: Vec<Algorithm>,
 }
 
 const FAILURE_SHARDS: usize = 16;
@@ -123,19 +141,62 @@ impl Authenticator {
         nonce_ttl: Duration,
         policy: FailurePolicy,
     ) -> Authenticator {
+        let default = vec![Algorithm::Md5];
         Authenticator {
-            digest: DigestServer::new(realm, secret, nonce_ttl),
+            digest: DigestServer::new(realm, secret, nonce_ttl).with_algorithms(&default),
             failures: (0..FAILURE_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
             policy,
+            accepted: default.clone(),
+            default,
+            per_user: HashMap::new(),
         }
     }
 
-    /// Challenges with `algorithms`, in this order (RFC 8760 §2.4).
-    pub fn with_algorithms(mut self, algorithms: &[sip_core::digest::Algorithm]) -> Authenticator {
-        self.digest = self.digest.with_algorithms(algorithms);
+    /// Challenges users without a list of their own with `algorithms`, in this order (RFC
+    /// 8760 §2.4); MD5 alone when not called. An empty list is ignored.
+    pub fn with_algorithms(mut self, algorithms: &[Algorithm]) -> Authenticator {
+        if !algorithms.is_empty() {
+            self.default = algorithms.to_vec();
+            return self.update_accepted();
+        }
         self
+    }
+
+    /// Challenges each user named in `per_user` with its own algorithms, in order, instead
+    /// of the default (`digest_algorithms` of a `[[users]]` or `[[server_accounts]]` entry).
+    /// Empty lists are left out.
+    pub fn with_user_algorithms(
+        mut self,
+        per_user: HashMap<String, Vec<Algorithm>>,
+    ) -> Authenticator {
+        self.per_user = per_user
+            .into_iter()
+            .filter(|(_, list)| !list.is_empty())
+            .collect();
+        self.update_accepted()
+    }
+
+    fn update_accepted(mut self) -> Authenticator {
+        let mut accepted = self.default.clone();
+        let mut extra: Vec<Algorithm> = self.per_user.values().flatten().copied().collect();
+        extra.sort_by_key(|a| a.name());
+        for a in extra {
+            if !accepted.contains(&a) {
+                accepted.push(a);
+            }
+        }
+        self.digest = self.digest.with_algorithms(&accepted);
+        self.accepted = accepted;
+        self
+    }
+
+    /// The algorithms offered to `user` (RFC 8760 §2.4), in order: its own list, else the
+    /// default (also for an unknown or unnamed user).
+    pub fn algorithms_for(&self, user: Option<&str>) -> &[Algorithm] {
+        user.and_then(|u| self.per_user.get(u))
+            .map_or(self.default.as_slice(), Vec::as_slice)
     }
 
     /// The realm challenged.
@@ -191,6 +252,12 @@ impl Authenticator {
                 (ChallengeKind::Proxy, Header::ProxyAuthorization(a)) => a.value(),
                 _ => continue,
             };
+            // Another scheme than Digest is no credentials of ours: the request is
+            // challenged as if it had none (RFC 3261 §22.4, RFC 4475 §3.3.7).
+            let scheme = value.trim_start().split([' ', '\t']).next().unwrap_or("");
+            if !scheme.eq_ignore_ascii_case("Digest") {
+                continue;
+            }
             match Credentials::parse(value) {
                 Ok(c) if c.realm == self.realm() => {
                     found = Some(c);
@@ -211,6 +278,18 @@ impl Authenticator {
         };
         if self.locked(&creds.username, now) {
             return AuthOutcome::Locked;
+        }
+        if !self
+            .algorithms_for(Some(&creds.username))
+            .contains(&creds.algorithm)
+        {
+            return AuthOutcome::Challenge {
+                stale: false,
+                failure: Some(format!(
+                    "algorithm {} not offered to this user",
+                    creds.algorithm.name()
+                )),
+            };
         }
         match self
             .digest
@@ -248,11 +327,45 @@ impl Authenticator {
         }
     }
 
-    /// The challenge headers for a 401 or 407: SHA-256 first, then MD5 (RFC 8760 §2.4).
+    /// The challenge headers for a 401 or 407 to a user without a list of its own: one per
+    /// default algorithm, in order, sharing one nonce (RFC 8760 §2.4).
     pub fn challenge_headers(&self, kind: ChallengeKind, stale: bool) -> Vec<Header> {
-        self.digest
-            .challenge(unix_now(), stale)
-            .into_iter()
+        self.challenge_headers_with(kind, stale, &self.default)
+    }
+
+    /// The challenge headers for a 401 or 407 answering `req`: the algorithms offered to its
+    /// user (see the [module documentation](self)), in order.
+    pub fn challenge_headers_for(
+        &self,
+        req: &Request,
+        kind: ChallengeKind,
+        stale: bool,
+    ) -> Vec<Header> {
+        if self.per_user.is_empty() {
+            return self.challenge_headers(kind, stale);
+        }
+        let user = request_user(req, kind, self.realm());
+        self.challenge_headers_with(kind, stale, self.algorithms_for(user.as_deref()))
+    }
+
+    fn challenge_headers_with(
+        &self,
+        kind: ChallengeKind,
+        stale: bool,
+        wanted: &[Algorithm],
+    ) -> Vec<Header> {
+        // One value per accepted algorithm, in `accepted` order (DigestServer::challenge).
+        let values = self.digest.challenge(unix_now(), stale);
+        let by_algorithm: Vec<(Algorithm, String)> =
+            self.accepted.iter().copied().zip(values).collect();
+        wanted
+            .iter()
+            .filter_map(|w| {
+                by_algorithm
+                    .iter()
+                    .find(|(a, _)| a == w)
+                    .map(|(_, v)| v.clone())
+            })
             .map(|value| match kind {
                 ChallengeKind::Www => {
                     Header::WwwAuthenticate(rsip::headers::WwwAuthenticate::new(value))
@@ -268,6 +381,49 @@ impl Authenticator {
     pub fn prune(&self) {
         self.digest.prune(unix_now());
     }
+}
+
+/// The user a request speaks for, to choose the algorithms of its challenge: the username
+/// of its credentials for `realm`, else the user part of the To URI (REGISTER, RFC 3261
+/// §10.2: the address of record) or of the From URI. `None` when none can be read.
+fn request_user(req: &Request, kind: ChallengeKind, realm: &str) -> Option<String> {
+    for header in req.headers.iter() {
+        let value = match (kind, header) {
+            (ChallengeKind::Www, Header::Authorization(a)) => a.value(),
+            (ChallengeKind::Proxy, Header::ProxyAuthorization(a)) => a.value(),
+            _ => continue,
+        };
+        if let Ok(c) = Credentials::parse(value) {
+            if c.realm == realm {
+                return Some(c.username);
+            }
+        }
+    }
+    let register = req.method == rsip::Method::Register;
+    let value = req.headers.iter().find_map(|h| match h {
+        Header::To(to) if register => Some(to.value()),
+        Header::From(from) if !register => Some(from.value()),
+        _ => None,
+    })?;
+    uri_user(value).map(str::to_owned)
+}
+
+/// The user part of the URI of a From or To value (`"A" <sip:alice@host>;tag=1`,
+/// `sip:alice@host;tag=1`), without unescaping; `None` when there is none.
+fn uri_user(value: &str) -> Option<&str> {
+    let uri = match value.split_once('<') {
+        Some((_, rest)) => rest.split('>').next()?,
+        None => value.split(';').next()?,
+    };
+    let uri = uri.trim();
+    let rest = uri
+        .strip_prefix("sips:")
+        .or_else(|| uri.strip_prefix("sip:"))
+        .or_else(|| uri.strip_prefix("SIP:"))
+        .or_else(|| uri.strip_prefix("SIPS:"))?;
+    let (userinfo, _) = rest.split_once('@')?;
+    let user = userinfo.split([':', ';']).next()?;
+    (!user.is_empty()).then_some(user)
 }
 
 #[cfg(test)]
@@ -331,8 +487,183 @@ mod tests {
     }
 
     #[test]
-    fn no_credentials_are_challenged_with_both_algorithms() {
+    fn no_credentials_are_challenged_with_md5_alone_by_default() {
         let auth = authenticator(3);
+        let headers = auth.challenge_headers_for(&request(None), ChallengeKind::Proxy, false);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        let text = headers[0].to_string();
+        assert!(
+            text.starts_with("Proxy-Authenticate: Digest") && text.contains("algorithm=MD5"),
+            "{text}"
+        );
+        assert!(text.contains("qop=\"auth\""), "{text}");
+    }
+
+    fn sha256_for(users: &[&str]) -> Authenticator {
+        let per_user = users
+            .iter()
+            .map(|u| (u.to_string(), vec![Algorithm::Sha256, Algorithm::Md5]))
+            .collect();
+        authenticator(5).with_user_algorithms(per_user)
+    }
+
+    fn algorithms_of(headers: &[Header]) -> Vec<String> {
+        headers
+            .iter()
+            .map(|h| {
+                let text = h.to_string();
+                let value = text.split_once(": ").unwrap().1.to_string();
+                sip_core::digest::Challenge::parse(&value)
+                    .unwrap()
+                    .algorithm
+                    .name()
+                    .to_string()
+            })
+            .collect()
+    }
+
+    fn register(user: &str, auth: Option<String>) -> Request {
+        let mut text = format!(
+            "REGISTER sip:relay.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK2\r\n\
+             From: \"Someone\" <sip:{user}@relay.test>;tag=9\r\nTo: <sip:{user}@relay.test>\r\n\
+             Call-ID: r@b\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n"
+        );
+        if let Some(a) = auth {
+            text.push_str(&format!("Authorization: {a}\r\n"));
+        }
+        text.push_str("\r\n");
+        match rsip::SipMessage::try_from(text.as_str()).unwrap() {
+            rsip::SipMessage::Request(r) => r,
+            _ => panic!("not a request"),
+        }
+    }
+
+    #[test]
+    fn a_user_with_its_own_list_is_offered_sha256_first_others_md5() {
+        let auth = sha256_for(&["alice"]);
+        // INVITE: the From user; REGISTER: the To user.
+        let alice = auth.challenge_headers_for(&request(None), ChallengeKind::Proxy, false);
+        assert_eq!(algorithms_of(&alice), ["SHA-256", "MD5"]);
+        let reg = auth.challenge_headers_for(&register("alice", None), ChallengeKind::Www, false);
+        assert_eq!(algorithms_of(&reg), ["SHA-256", "MD5"]);
+        assert!(reg[0].to_string().starts_with("WWW-Authenticate: "));
+        // A known user without a list and an unknown user get the same single challenge.
+        for user in ["bob", "nobody-here"] {
+            let h = auth.challenge_headers_for(&register(user, None), ChallengeKind::Www, false);
+            assert_eq!(algorithms_of(&h), ["MD5"], "{user}");
+        }
+        // Both challenges of one answer share one nonce.
+        let nonces: Vec<String> = alice
+            .iter()
+            .map(|h| {
+                let value = h.to_string().split_once(": ").unwrap().1.to_string();
+                sip_core::digest::Challenge::parse(&value).unwrap().nonce
+            })
+            .collect();
+        assert_eq!(nonces[0], nonces[1]);
+    }
+
+    #[test]
+    fn sha256_credentials_authenticate_a_user_offered_sha256_only() {
+        let mut store = store();
+        store.insert(
+            "bob".into(),
+            StoredCredential::from_password("bob", "relay.test", "bob-secret"),
+        );
+        let auth = sha256_for(&["alice"]);
+        let headers = auth.challenge_headers_for(&request(None), ChallengeKind::Proxy, false);
+        let values: Vec<String> = headers
+            .iter()
+            .map(|h| h.to_string().split_once(": ").unwrap().1.to_string())
+            .collect();
+        let sha = sip_core::digest::best_challenge(values.iter().map(String::as_str)).unwrap();
+        assert_eq!(sha.algorithm, Algorithm::Sha256);
+        let creds = sha
+            .answer(
+                "INVITE",
+                "sip:echo@relay.test",
+                "alice",
+                "alice-secret",
+                "c1",
+                1,
+            )
+            .unwrap()
+            .to_header_value();
+        assert_eq!(
+            auth.check(
+                &request(Some(creds)),
+                ChallengeKind::Proxy,
+                &store,
+                Instant::now()
+            ),
+            AuthOutcome::Authenticated("alice".into())
+        );
+        // bob was never offered SHA-256: his SHA-256 answer (to alice's challenge) is
+        // challenged again, not verified.
+        let creds = sha
+            .answer(
+                "INVITE",
+                "sip:echo@relay.test",
+                "bob",
+                "bob-secret",
+                "c2",
+                1,
+            )
+            .unwrap()
+            .to_header_value();
+        let out = auth.check(
+            &request(Some(creds)),
+            ChallengeKind::Proxy,
+            &store,
+            Instant::now(),
+        );
+        assert!(
+            matches!(&out, AuthOutcome::Challenge { stale: false, failure: Some(f) } if f.contains("not offered")),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn md5_is_refused_to_a_user_moved_to_sha256_alone() {
+        let auth = authenticator(5).with_user_algorithms(
+            [("alice".to_string(), vec![Algorithm::Sha256])]
+                .into_iter()
+                .collect(),
+        );
+        let h = auth.challenge_headers_for(&request(None), ChallengeKind::Proxy, false);
+        assert_eq!(algorithms_of(&h), ["SHA-256"]);
+        // An MD5 answer, to the challenge any other user gets.
+        let creds = answer(&auth, "alice", "alice-secret", 1);
+        let out = auth.check(
+            &request(Some(creds)),
+            ChallengeKind::Proxy,
+            &store(),
+            Instant::now(),
+        );
+        assert!(matches!(out, AuthOutcome::Challenge { .. }), "{out:?}");
+    }
+
+    #[test]
+    fn the_user_of_a_request() {
+        assert_eq!(uri_user("<sip:alice@relay.test>;tag=1"), Some("alice"));
+        assert_eq!(
+            uri_user("\"A, B\" <sips:bob@h:5061;transport=tls>"),
+            Some("bob")
+        );
+        assert_eq!(uri_user("sip:carol:pw@h;tag=2"), Some("carol"));
+        assert_eq!(uri_user("<sip:relay.test>"), None);
+        assert_eq!(uri_user("<tel:+331234>"), None);
+        assert_eq!(uri_user("garbage"), None);
+        let req = register("dave", None);
+        assert_eq!(
+            request_user(&req, ChallengeKind::Www, "relay.test").as_deref(),
+            Some("dave")
+        );
+    }
+
+    #[test]
+    fn configured_algorithms_are_all_challenged_in_order() {
+        let auth = authenticator(3).with_algorithms(&[Algorithm::Sha256, Algorithm::Md5]);
         let out = auth.check(
             &request(None),
             ChallengeKind::Proxy,

@@ -443,6 +443,7 @@ pub fn user_add(
         password: None,
         ha1_md5: Some(ha1(HashAlgorithm::Md5, name, realm, password)),
         ha1_sha256: Some(ha1(HashAlgorithm::Sha256, name, realm, password)),
+        digest_algorithms: None,
         plan: args.plan.clone(),
         class: args.class.clone(),
         services: args.services.clone(),
@@ -450,7 +451,12 @@ pub fn user_add(
     let mut file = UsersFile::load(&path)?;
     let replaced = match file.users.iter_mut().find(|u| u.name == name) {
         Some(existing) => {
-            *existing = user;
+            // A new password keeps the algorithms the operator chose for the user.
+            let digest_algorithms = existing.digest_algorithms.take();
+            *existing = UserConfig {
+                digest_algorithms,
+                ..user
+            };
             true
         }
         None => {

@@ -366,11 +366,13 @@ pub struct AuthConfig {
     pub max_failures: u32,
     /// How long a user name stays refused after too many failures, in seconds.
     pub lockout_secs: u32,
-    /// The digest algorithms challenged with, one challenge each, in this order (RFC 8760
-    /// §2.4): any of "MD5", "SHA-256", "MD5-sess", "SHA-256-sess". MD5 comes first by
-    /// default because some deployed user agents (sipp 3.6 among them) answer only the
-    /// first challenge and know only MD5; clients that prefer SHA-256 (sip-client) pick it
-    /// from the second challenge. Put "SHA-256" first where every client can do it.
+    /// The digest algorithms every user is challenged with unless its own
+    /// `digest_algorithms` says otherwise, one challenge each, in this order (RFC 8760
+    /// §2.4): any of "MD5", "SHA-256", "MD5-sess", "SHA-256-sess". The default is MD5 alone,
+    /// as Kamailio, Asterisk and FreeSWITCH challenge: baresip 1.0 gives up on a 401 that
+    /// carries any challenge it does not know, and sipp answers only the first. Offer
+    /// SHA-256 per user (`digest_algorithms = ["SHA-256", "MD5"]` in its entry), or here
+    /// once every client of the relay takes it (docs/operations.md, "Digest algorithms").
     pub algorithms: Vec<String>,
 }
 
@@ -380,7 +382,7 @@ impl Default for AuthConfig {
             nonce_ttl_secs: 300,
             max_failures: 5,
             lockout_secs: 60,
-            algorithms: vec!["MD5".into(), "SHA-256".into()],
+            algorithms: vec!["MD5".into()],
         }
     }
 }
@@ -388,11 +390,16 @@ impl Default for AuthConfig {
 impl AuthConfig {
     /// The configured algorithms, or the name that is not one.
     pub fn digest_algorithms(&self) -> Result<Vec<sip_core::digest::Algorithm>, String> {
-        self.algorithms
-            .iter()
-            .map(|name| sip_core::digest::Algorithm::from_name(name).ok_or_else(|| name.clone()))
-            .collect()
+        algorithms(&self.algorithms)
     }
+}
+
+/// Digest algorithms by name (RFC 7616 §3.7, RFC 8760 §2), or the first name that is not one.
+fn algorithms(names: &[String]) -> Result<Vec<sip_core::digest::Algorithm>, String> {
+    names
+        .iter()
+        .map(|name| sip_core::digest::Algorithm::from_name(name).ok_or_else(|| name.clone()))
+        .collect()
 }
 
 /// `[session]`: timing of inquiries and liveness of established sessions.
@@ -585,6 +592,11 @@ pub struct UserConfig {
     /// The SHA-256 HA1 hash, hex.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ha1_sha256: Option<String>,
+    /// The digest algorithms this user is challenged with, in order (RFC 8760 §2.4), instead
+    /// of `[auth] algorithms`: `["SHA-256", "MD5"]` moves a user whose client takes SHA-256
+    /// to it. A user whose only stored hash is `ha1_sha256` must be offered SHA-256.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest_algorithms: Option<Vec<String>>,
     /// The tariff plan.
     pub plan: String,
     /// The subscriber class (rules may override it per request).
@@ -600,6 +612,7 @@ impl Default for UserConfig {
             password: None,
             ha1_md5: None,
             ha1_sha256: None,
+            digest_algorithms: None,
             plan: String::new(),
             class: "standard".into(),
             services: Vec::new(),
@@ -614,6 +627,7 @@ impl fmt::Debug for UserConfig {
             .field("password", &redact(&self.password))
             .field("ha1_md5", &redact(&self.ha1_md5))
             .field("ha1_sha256", &redact(&self.ha1_sha256))
+            .field("digest_algorithms", &self.digest_algorithms)
             .field("plan", &self.plan)
             .field("class", &self.class)
             .field("services", &self.services)
@@ -664,6 +678,9 @@ pub struct AccountConfig {
     pub ha1_md5: Option<String>,
     /// The SHA-256 HA1 hash, hex.
     pub ha1_sha256: Option<String>,
+    /// The digest algorithms this account is challenged with, in order (RFC 8760 §2.4),
+    /// instead of `[auth] algorithms` (appsrv-agent takes `["SHA-256", "MD5"]`).
+    pub digest_algorithms: Option<Vec<String>>,
     /// The services it may register; `"*"` for any.
     pub services: Vec<String>,
 }
@@ -675,6 +692,7 @@ impl Default for AccountConfig {
             password: None,
             ha1_md5: None,
             ha1_sha256: None,
+            digest_algorithms: None,
             services: vec!["*".into()],
         }
     }
@@ -687,6 +705,7 @@ impl fmt::Debug for AccountConfig {
             .field("password", &redact(&self.password))
             .field("ha1_md5", &redact(&self.ha1_md5))
             .field("ha1_sha256", &redact(&self.ha1_sha256))
+            .field("digest_algorithms", &self.digest_algorithms)
             .field("services", &self.services)
             .finish()
     }
@@ -718,7 +737,7 @@ pub struct ServiceConfig {
 }
 
 /// A `[[servers]]` entry: a static application server.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default, expecting = "a [[servers]] entry")]
 pub struct ServerConfig {
     /// A name for logs and reports (default: the URI).
@@ -732,6 +751,24 @@ pub struct ServerConfig {
     /// The application-server account that speaks for it (may send charge requests for its
     /// sessions).
     pub account: Option<String>,
+    /// Whether the relay probes it with OPTIONS (RFC 3261 §11) and takes it out while it
+    /// does not answer (default true). With `false` it stays a candidate whatever happens:
+    /// for servers that never answer OPTIONS (sipp's UAS without `-aa`); an inquiry it does
+    /// not answer still fails over, call by call.
+    pub probe: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            name: String::new(),
+            uri: String::new(),
+            services: Vec::new(),
+            capacity: None,
+            account: None,
+            probe: true,
+        }
+    }
 }
 
 impl ServerConfig {
@@ -868,7 +905,99 @@ fn check_credentials(
     }
 }
 
+/// Checks a user's or account's `digest_algorithms` (names, not empty) and that the
+/// algorithms it is offered (its own list, else `[auth] algorithms`) include one whose HA1
+/// is stored: a user holding only `ha1_sha256` must be offered SHA-256.
+fn check_digest_algorithms(
+    p: &mut Problems,
+    field: &dyn Fn(&str) -> String,
+    global: &[String],
+    own: &Option<Vec<String>>,
+    secret: Secret<'_>,
+) {
+    use sip_core::digest::HashFamily;
+    let offered = match own {
+        Some(list) if list.is_empty() => {
+            p.add(
+                field("digest_algorithms"),
+                "must name at least one digest algorithm (leave it out for [auth] algorithms)",
+            );
+            return;
+        }
+        Some(list) => match algorithms(list) {
+            Ok(offered) => offered,
+            Err(name) => {
+                let j = list.iter().position(|n| *n == name).unwrap_or(0);
+                p.add(
+                    field(&format!("digest_algorithms[{j}]")),
+                    format!("unknown digest algorithm {name:?}: expected MD5, SHA-256, MD5-sess or SHA-256-sess"),
+                );
+                return;
+            }
+        },
+        // Reported at auth.algorithms.
+        None => match algorithms(global) {
+            Ok(offered) => offered,
+            Err(_) => return,
+        },
+    };
+    let Secret::Ha1 { md5, sha256 } = secret else {
+        return; // a password gives both hashes
+    };
+    let has = |family: HashFamily| match family {
+        HashFamily::Md5 => md5.is_some(),
+        HashFamily::Sha256 => sha256.is_some(),
+    };
+    if md5.is_none() && sha256.is_none() {
+        return; // reported by check_credentials
+    }
+    if !offered.iter().any(|a| has(a.family())) {
+        let names: Vec<&str> = offered.iter().map(|a| a.name()).collect();
+        let whence = if own.is_some() {
+            "digest_algorithms"
+        } else {
+            "[auth] algorithms"
+        };
+        let (stored, fix) = if md5.is_some() {
+            (
+                "ha1_md5",
+                "set digest_algorithms = [\"MD5\"], or store ha1_sha256 too",
+            )
+        } else {
+            (
+                "ha1_sha256",
+                "set digest_algorithms = [\"SHA-256\"], or store ha1_md5 too and set [\"SHA-256\", \"MD5\"]",
+            )
+        };
+        p.add(
+            field("digest_algorithms"),
+            format!(
+                "only {stored} is stored, but the user is offered {} ({whence}), so it could never log in: {fix}",
+                names.join(", ")
+            ),
+        );
+    }
+}
+
 impl Config {
+    /// The digest algorithms offered to each user and account that has its own
+    /// `digest_algorithms` (RFC 8760 §2.4); the others are offered `[auth] algorithms`.
+    /// Names that are not algorithms are left out ([`Config::validate`] reports them).
+    pub fn digest_algorithms_by_user(&self) -> HashMap<String, Vec<sip_core::digest::Algorithm>> {
+        let users = self.all_users().map(|u| (&u.name, &u.digest_algorithms));
+        let accounts = self
+            .server_accounts
+            .iter()
+            .map(|a| (&a.name, &a.digest_algorithms));
+        users
+            .chain(accounts)
+            .filter_map(|(name, list)| {
+                let list = algorithms(list.as_deref()?).ok()?;
+                (!list.is_empty()).then(|| (name.clone(), list))
+            })
+            .collect()
+    }
+
     /// Reads, parses and validates the configuration file at `path`, and the users file it
     /// names.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -1142,6 +1271,13 @@ impl Config {
                 &user.ha1_md5,
                 &user.ha1_sha256,
             );
+            check_digest_algorithms(
+                &mut p,
+                &field,
+                &self.auth.algorithms,
+                &user.digest_algorithms,
+                user.secret(),
+            );
             check_plan(&mut p, field("plan"), &user.plan);
             if user.class.trim().is_empty() {
                 p.add(field("class"), "must not be empty");
@@ -1173,6 +1309,13 @@ impl Config {
                 &account.password,
                 &account.ha1_md5,
                 &account.ha1_sha256,
+            );
+            check_digest_algorithms(
+                &mut p,
+                &|f| format!("{key}.{f}"),
+                &self.auth.algorithms,
+                &account.digest_algorithms,
+                account.secret(),
             );
             if account.services.is_empty() {
                 p.add(
@@ -1274,11 +1417,12 @@ impl Config {
     pub fn build_directory(&self) -> Result<Directory, DirectoryError> {
         let directory = Directory::new(self.health_policy());
         for server in &self.servers {
-            directory.add_static(
+            directory.add_static_with_probe(
                 server.display_name(),
                 &server.uri,
                 &server.services,
                 server.capacity,
+                server.probe,
             )?;
         }
         Ok(directory)
@@ -1513,6 +1657,10 @@ mod tests {
                 ("sip:127.0.0.1:5081", vec!["clock".to_owned()])
             ]
         );
+
+        assert!(config.servers.iter().all(|s| s.probe));
+        assert_eq!(config.auth.algorithms, ["MD5"]);
+        assert!(config.digest_algorithms_by_user().is_empty());
 
         let (plans, any) = config.tariff_plans();
         assert!(plans.contains("basic") && plans.contains("premium"));
@@ -1760,6 +1908,110 @@ mod tests {
             message.contains("users.toml: ") && message.contains("unknown field `nam`"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn digest_algorithms_default_to_md5_and_are_chosen_per_user() {
+        let config = Config::default();
+        assert_eq!(config.auth.algorithms, ["MD5"]);
+        assert_eq!(
+            config.auth.digest_algorithms().unwrap(),
+            [sip_core::digest::Algorithm::Md5]
+        );
+        let sha = "b".repeat(64);
+        let md5 = "a".repeat(32);
+        let text = format!(
+            "{BASE}\n[[users]]\nname = \"u\"\nplan = \"basic\"\npassword = \"p\"\n\
+             digest_algorithms = [\"SHA-256\", \"MD5\"]\n\
+             [[users]]\nname = \"v\"\nplan = \"basic\"\nha1_sha256 = \"{sha}\"\n\
+             digest_algorithms = [\"SHA-256\"]\n\
+             [[users]]\nname = \"w\"\nplan = \"basic\"\npassword = \"p\"\n\
+             [[server_accounts]]\nname = \"as\"\nha1_md5 = \"{md5}\"\nha1_sha256 = \"{sha}\"\n\
+             digest_algorithms = [\"sha-256\", \"md5\"]\n"
+        );
+        let config = parse(&text).unwrap();
+        config.validate().unwrap();
+        let by_user = config.digest_algorithms_by_user();
+        use sip_core::digest::Algorithm::{Md5, Sha256};
+        assert_eq!(by_user.get("u").unwrap(), &[Sha256, Md5]);
+        assert_eq!(by_user.get("v").unwrap(), &[Sha256]);
+        assert_eq!(by_user.get("as").unwrap(), &[Sha256, Md5]);
+        assert!(!by_user.contains_key("w"), "w takes [auth] algorithms");
+    }
+
+    #[test]
+    fn digest_algorithm_problems_name_the_key() {
+        let sha = "b".repeat(64);
+        let md5 = "a".repeat(32);
+        let text = format!(
+            "{BASE}\n[[users]]\nname = \"u\"\nplan = \"basic\"\npassword = \"p\"\n\
+             digest_algorithms = [\"MD5\", \"SHA-512\"]\n\
+             [[users]]\nname = \"v\"\nplan = \"basic\"\npassword = \"p\"\ndigest_algorithms = []\n\
+             [[users]]\nname = \"w\"\nplan = \"basic\"\nha1_sha256 = \"{sha}\"\n\
+             [[users]]\nname = \"x\"\nplan = \"basic\"\nha1_md5 = \"{md5}\"\n\
+             digest_algorithms = [\"SHA-256\"]\n\
+             [[server_accounts]]\nname = \"as\"\nha1_sha256 = \"{sha}\"\n"
+        );
+        assert_eq!(
+            keys(&text),
+            [
+                "users[0].digest_algorithms[1]",
+                "users[1].digest_algorithms",
+                "users[2].digest_algorithms",
+                "users[3].digest_algorithms",
+                "server_accounts[0].digest_algorithms",
+            ]
+        );
+        let problems = invalid(&text);
+        assert!(problems[0].message.contains("\"SHA-512\""), "{problems:?}");
+        assert!(
+            problems[2].message.contains("only ha1_sha256 is stored")
+                && problems[2]
+                    .message
+                    .contains("offered MD5 ([auth] algorithms)")
+                && problems[2].message.contains("[\"SHA-256\"]"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[3].message.contains("only ha1_md5 is stored"),
+            "{problems:?}"
+        );
+        let error = parse(&text).unwrap().validate().unwrap_err().to_string();
+        assert!(
+            error.contains("relayd.toml: key `users[2].digest_algorithms`: only ha1_sha256"),
+            "{error}"
+        );
+        // Offered SHA-256 by [auth] algorithms, the same user is fine.
+        let fixed = text.replacen(
+            "[[services]]",
+            "[auth]\nalgorithms = [\"SHA-256\", \"MD5\"]\n[[services]]",
+            1,
+        );
+        assert!(!keys(&fixed).contains(&"users[2].digest_algorithms".to_string()));
+        assert!(
+            parse_error("[[users]]\nname = \"u\"\ndigest_algorithms = \"MD5\"\n")
+                .contains("key `users[0].digest_algorithms`")
+        );
+    }
+
+    #[test]
+    fn servers_are_probed_unless_probe_is_false() {
+        let text = format!(
+            "{BASE}\n[[servers]]\nuri = \"sip:127.0.0.1:5080\"\nservices = [\"echo\"]\n\
+             [[servers]]\nuri = \"sip:127.0.0.1:5081\"\nservices = [\"echo\"]\nprobe = false\n"
+        );
+        let config = parse(&text).unwrap();
+        config.validate().unwrap();
+        assert!(config.servers[0].probe);
+        assert!(!config.servers[1].probe);
+        let directory = config.build_directory().unwrap();
+        let servers = directory.servers_of("echo");
+        assert!(servers[0].is_probed() && !servers[1].is_probed());
+        let due = directory.probe_due(std::time::Instant::now());
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].uri_text(), "sip:127.0.0.1:5080");
+        let message = parse_error(&text.replace("probe = false", "probe = \"no\""));
+        assert!(message.contains("key `servers[1].probe`"), "{message}");
     }
 
     #[test]

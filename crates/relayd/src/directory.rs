@@ -7,7 +7,9 @@
 //! periodic `OPTIONS` probes that the session layer sends: [`Directory::probe_due`] says whom
 //! to probe, [`Directory::probe_result`] takes the answer. A server that misses
 //! `failure_threshold` probes in a row is taken out; `recovery_threshold` answers in a row put
-//! it back.
+//! it back. Any final response is an answer (a server refusing OPTIONS with 404 or 501 is
+//! alive); only silence or a transport failure is a miss. A static server configured with
+//! `probe = false` ([`Directory::add_static_with_probe`]) is never probed and never taken out.
 //!
 //! The directory is sans-IO like the rest of the cores: it takes the current time as a
 //! parameter and never sends anything itself.
@@ -198,6 +200,7 @@ pub struct Server {
     up: AtomicBool,
     expires_at: Mutex<Option<Instant>>,
     probe: Mutex<Probe>,
+    probed: bool,
 }
 
 /// A shared reference to a [`Server`].
@@ -250,6 +253,12 @@ impl Server {
     /// Whether the server answers its probes (a new server is presumed up).
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Whether the server is probed with `OPTIONS` at all: false for a static server
+    /// configured with `probe = false`, which then stays a candidate whatever it answers.
+    pub fn is_probed(&self) -> bool {
+        self.probed
     }
 
     /// When the server last answered a probe.
@@ -374,6 +383,7 @@ impl Directory {
         origin: Origin,
         capacity: Option<u32>,
         expires_at: Option<Instant>,
+        probed: bool,
     ) -> Result<ServerRef, DirectoryError> {
         let parsed = parse_uri(uri)?;
         inner.next_id += 1;
@@ -388,6 +398,7 @@ impl Directory {
             up: AtomicBool::new(true),
             expires_at: Mutex::new(expires_at),
             probe: Mutex::new(Probe::default()),
+            probed,
         }))
     }
 
@@ -400,11 +411,27 @@ impl Directory {
         services: &[String],
         capacity: Option<u32>,
     ) -> Result<ServerRef, DirectoryError> {
+        self.add_static_with_probe(name, uri, services, capacity, true)
+    }
+
+    /// Adds a static server like [`Directory::add_static`]; with `probe` false it is never
+    /// probed (RFC 3261 §11 `OPTIONS` are optional for a server to answer: some application
+    /// servers never do) and stays a candidate for as long as the relay runs. An inquiry it
+    /// does not answer still fails over to the next candidate, call by call.
+    pub fn add_static_with_probe(
+        &self,
+        name: &str,
+        uri: &str,
+        services: &[String],
+        capacity: Option<u32>,
+        probe: bool,
+    ) -> Result<ServerRef, DirectoryError> {
         if services.is_empty() {
             return Err(DirectoryError::NoServices(name.to_owned()));
         }
         let mut inner = self.write();
-        let server = Self::new_server(&mut inner, name, uri, Origin::Static, capacity, None)?;
+        let server =
+            Self::new_server(&mut inner, name, uri, Origin::Static, capacity, None, probe)?;
         inner.index(&server, services);
         inner.statics.push((server.clone(), services.to_vec()));
         Ok(server)
@@ -448,8 +475,15 @@ impl Directory {
         let origin = Origin::Dynamic {
             account: account.to_owned(),
         };
-        let server =
-            Self::new_server(&mut inner, account, uri, origin, capacity, Some(expires_at))?;
+        let server = Self::new_server(
+            &mut inner,
+            account,
+            uri,
+            origin,
+            capacity,
+            Some(expires_at),
+            true,
+        )?;
         inner.index(&server, services);
         inner.dynamic.insert(
             key,
@@ -601,11 +635,12 @@ impl Directory {
 
     /// The servers to send an `OPTIONS` probe to now. Each is scheduled for its next probe
     /// one interval later, so a probe whose result never comes does not stall the schedule.
-    /// A newly added server is due at once.
+    /// A newly added server is due at once; a server that is not probed never is.
     pub fn probe_due(&self, now: Instant) -> Vec<ServerRef> {
         let inner = self.read();
         inner
             .all_servers()
+            .filter(|server| server.probed)
             .filter(|server| {
                 let mut probe = lock(&server.probe);
                 if probe.next_at.is_some_and(|at| at > now) {
@@ -618,19 +653,24 @@ impl Directory {
             .collect()
     }
 
-    /// When the next probe is due, if any server is known: the time to call
+    /// When the next probe is due, if any server is probed: the time to call
     /// [`Directory::probe_due`] again.
     pub fn next_probe(&self, now: Instant) -> Option<Instant> {
         self.read()
             .all_servers()
+            .filter(|server| server.probed)
             .map(|server| lock(&server.probe).next_at.unwrap_or(now))
             .min()
     }
 
     /// Takes the result of a probe of `server`: `ok` when it answered (any final response
     /// counts as an answer: the server is alive), `false` when the probe timed out or could
-    /// not be sent. Returns the change of state, if any.
+    /// not be sent. Returns the change of state, if any. A server that is not probed ignores
+    /// results (it stays up).
     pub fn probe_result(&self, server: &Server, ok: bool, now: Instant) -> Option<HealthChange> {
+        if !server.probed {
+            return None;
+        }
         let mut probe = lock(&server.probe);
         if ok {
             probe.misses = 0;
@@ -833,6 +873,41 @@ mod tests {
         assert_eq!(dir.probe_result(&a, false, now), None);
         assert_eq!(dir.probe_result(&a, true, now), None);
         assert_eq!(dir.probe_result(&a, true, now), Some(HealthChange::Up));
+    }
+
+    #[test]
+    fn an_unprobed_static_server_is_never_due_and_stays_up() {
+        let dir = Directory::new(HealthPolicy {
+            probe_interval: Duration::from_secs(1),
+            failure_threshold: 1,
+            recovery_threshold: 1,
+        });
+        let quiet = dir
+            .add_static_with_probe("quiet", "sip:127.0.0.1:5080", &s(&["echo"]), None, false)
+            .unwrap();
+        dir.add_static("b", "sip:127.0.0.1:5081", &s(&["echo"]), None)
+            .unwrap();
+        assert!(!quiet.is_probed());
+        let t0 = Instant::now();
+        for k in 0..5 {
+            let now = t0 + Duration::from_secs(k);
+            assert_eq!(names(&dir.probe_due(now)), ["b"], "at {k}s");
+            // Even a miss reported for it (a probe raced with a reload) changes nothing.
+            assert_eq!(dir.probe_result(&quiet, false, now), None);
+        }
+        assert!(quiet.is_up());
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::First, t0)),
+            ["quiet", "b"]
+        );
+        // Only the probed server sets the schedule.
+        assert!(dir.next_probe(t0).is_some());
+        let only_quiet = Directory::default();
+        only_quiet
+            .add_static_with_probe("quiet", "sip:127.0.0.1:5080", &s(&["echo"]), None, false)
+            .unwrap();
+        assert!(only_quiet.probe_due(t0).is_empty());
+        assert_eq!(only_quiet.next_probe(t0), None);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! Background duties of the running relay: OPTIONS health probes of application servers
 //! (a server that stops answering is taken out of the directory and put back when it answers
-//! again), expiry of registrations and of dynamically registered servers, refresh of live
+//! again; any final response, 404 or 501 included, is an answer; servers configured with
+//! `probe = false` are never probed), expiry of registrations and of dynamically registered servers, refresh of live
 //! sessions' last-seen time in the billing journal, and pruning of used nonces.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rsip::{Header, Method, Request};
+use sip_core::endpoint::{ClientEvent, ClientTx};
 use sip_core::message;
 use tracing::{debug, info};
 
@@ -47,6 +49,58 @@ pub fn options_probe(
     })
 }
 
+/// How long a probe waits for a final response before it counts as unanswered, whatever
+/// the transaction timeout (64·T1).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What came of one OPTIONS probe (RFC 3261 §11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeAnswer {
+    /// A final response from the server itself, whatever its status: 200, but also 404,
+    /// 405, 501, 503… (a server that answers at all is alive, as with Kamailio's
+    /// `ds_ping_reply_codes`; RFC 3261 §11.2 lets a UAS refuse OPTIONS as any request).
+    Answered(u16),
+    /// No final response: the transaction timed out (Timer F, RFC 3261 §17.1.2.2, which
+    /// the endpoint reports apart from a 408 the server sent) or [`PROBE_TIMEOUT`] passed.
+    Silent,
+    /// The probe could not be sent or the transport failed (RFC 3261 §8.1.3.1).
+    Failed(String),
+}
+
+impl ProbeAnswer {
+    /// Whether the answer shows the server alive: any final response it sent.
+    pub fn is_alive(&self) -> bool {
+        matches!(self, ProbeAnswer::Answered(_))
+    }
+}
+
+impl std::fmt::Display for ProbeAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeAnswer::Answered(code) => write!(f, "{code}"),
+            ProbeAnswer::Silent => f.write_str("no answer"),
+            ProbeAnswer::Failed(reason) => write!(f, "failed: {reason}"),
+        }
+    }
+}
+
+/// Reads the client transaction of a probe up to its outcome. The endpoint's
+/// `final_response` turns a timeout into a local 408 and a failure into a local 503, which
+/// cannot be told from a server's own 408 or 503; the events themselves can.
+async fn probe_answer(ctx: &mut ClientTx) -> ProbeAnswer {
+    loop {
+        match ctx.recv().await {
+            Some(ClientEvent::Response(r)) if r.status_code.code() >= 200 => {
+                return ProbeAnswer::Answered(r.status_code.code())
+            }
+            Some(ClientEvent::Response(_)) => continue,
+            Some(ClientEvent::TimedOut) => return ProbeAnswer::Silent,
+            Some(ClientEvent::Failed(e)) => return ProbeAnswer::Failed(e),
+            None => return ProbeAnswer::Failed("transaction ended".into()),
+        }
+    }
+}
+
 async fn probe(relay: Arc<Relay>, server: ServerRef) {
     let Some(peer) = relay.resolve_server(&server).await else {
         relay.directory.probe_result(&server, false, Instant::now());
@@ -56,13 +110,16 @@ async fn probe(relay: Arc<Relay>, server: ServerRef) {
     let Ok(req) = options_probe(&local, &server, &relay.realm) else {
         return;
     };
-    let Ok(mut ctx) = relay.endpoint.send_request(req, peer) else {
-        return;
+    let answer = match relay.endpoint.send_request(req, peer) {
+        Ok(mut ctx) => tokio::time::timeout(PROBE_TIMEOUT, probe_answer(&mut ctx))
+            .await
+            .unwrap_or(ProbeAnswer::Silent),
+        Err(e) => ProbeAnswer::Failed(e.to_string()),
     };
-    // Any final answer proves the server alive (RFC 3261 §11.2); only silence does not.
-    let alive = tokio::time::timeout(Duration::from_secs(5), ctx.final_response())
-        .await
-        .is_ok_and(|r| r.status_code.code() != 408 && r.status_code.code() != 503);
+    let alive = answer.is_alive();
+    if let ProbeAnswer::Failed(reason) = &answer {
+        debug!(server = server.uri_text(), reason, "probe not sent");
+    }
     match relay.directory.probe_result(&server, alive, Instant::now()) {
         Some(HealthChange::Down) => info!(
             server = server.uri_text(),
@@ -72,7 +129,7 @@ async fn probe(relay: Arc<Relay>, server: ServerRef) {
             server = server.uri_text(),
             "application server answers again; put back"
         ),
-        None => debug!(server = server.uri_text(), alive, "probe"),
+        None => debug!(server = server.uri_text(), alive, answer = %answer, "probe"),
     }
 }
 
@@ -116,5 +173,21 @@ pub async fn expiry_loop(relay: Arc<Relay>) {
         if n % 60 == 0 {
             relay.auth.prune();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_final_answer_is_alive_silence_and_failures_are_not() {
+        for code in [200, 404, 405, 408, 480, 501, 503, 603] {
+            assert!(ProbeAnswer::Answered(code).is_alive(), "{code}");
+        }
+        assert!(!ProbeAnswer::Silent.is_alive());
+        assert!(!ProbeAnswer::Failed("connection refused".into()).is_alive());
+        assert_eq!(ProbeAnswer::Answered(404).to_string(), "404");
+        assert_eq!(ProbeAnswer::Silent.to_string(), "no answer");
     }
 }

@@ -10,7 +10,7 @@
 //! server legs' INVITE tasks), [`in_dialog`] (in-dialog requests relayed between the legs)
 //! and [`b2bua`] (message construction), [`charge`] (application billing), [`change`],
 //! [`transfer`] and [`fork`] (claims 5–7), [`billing_control`], [`health`] (probes and
-//! expiry) and [`metrics`].
+//! expiry), [`extensions`] (420 Bad Extension) and [`metrics`].
 
 pub mod auth;
 pub mod b2bua;
@@ -19,7 +19,9 @@ pub mod change;
 pub mod charge;
 pub mod cli;
 pub mod config;
+pub mod content;
 pub mod directory;
+pub mod extensions;
 pub mod fork;
 pub mod health;
 pub mod in_dialog;

@@ -25,7 +25,9 @@ use crate::b2bua::{self, LocalAddr};
 use crate::billing_control::BillingControl;
 use crate::charge::{self, ServedIndex};
 use crate::config::{Config, Secret};
+use crate::content;
 use crate::directory::{Directory, ServerRef, Strategy};
+use crate::extensions;
 use crate::registrar::{RegisterRequest, Registrar, Role};
 use crate::routing::{SessionInput, SessionTable};
 use crate::rules::{FactNeeds, RequestFacts, RuleSet};
@@ -230,7 +232,8 @@ impl Relay {
         )
         .with_algorithms(&config.auth.digest_algorithms().map_err(|name| {
             anyhow::anyhow!("auth.algorithms: unknown digest algorithm {name:?}")
-        })?);
+        })?)
+        .with_user_algorithms(config.digest_algorithms_by_user());
         let registrar = config.build_registrar();
         let directory = config
             .build_directory()
@@ -384,10 +387,26 @@ impl Relay {
     }
 
     /// Whether a Request-URI names the relay itself: its domain or one of its addresses.
+    ///
+    /// The URI is read with sip-core's own parser (rsip cannot read `tel:` or IPv6
+    /// references). A `tel:` URI (RFC 3966) names a number, which only the relay can route:
+    /// it is always ours, and the rules pick its service.
     pub fn is_ours(&self, uri: &rsip::Uri) -> bool {
-        let host = uri.host_with_port.host.to_string().to_ascii_lowercase();
-        let hostport = uri.host_with_port.to_string().to_ascii_lowercase();
-        self.domains.contains(&host) || self.domains.contains(&hostport)
+        let Ok(uri) = sip_core::uri::Uri::from_rsip(uri) else {
+            return false;
+        };
+        if uri.scheme() == sip_core::uri::Scheme::Tel {
+            return true;
+        }
+        let (Some(host), Some(hostport)) = (uri.host_text(), uri.host_port_text()) else {
+            return false;
+        };
+        let host = host.to_ascii_lowercase();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let hostport = hostport.to_ascii_lowercase();
+        self.domains.contains(&host)
+            || self.domains.contains(bare)
+            || self.domains.contains(&hostport)
     }
 
     fn refuse(&self, r: &IncomingRequest, code: u16, reason: &str) {
@@ -411,7 +430,7 @@ impl Relay {
         resp.headers
             .retain(|h| !matches!(h, Header::ContentLength(_)));
         resp.headers
-            .extend(self.auth.challenge_headers(kind, stale));
+            .extend(self.auth.challenge_headers_for(&r.req, kind, stale));
         message::set_content_length(&mut resp.headers, 0);
         let _ = r.tx.respond(resp);
     }
@@ -597,6 +616,16 @@ fn out_of_dialog(
     cid: String,
 ) -> Result<(), IncomingRequest> {
     let span = info_span!("request", call_id = %cid, method = %r.req.method);
+    // RFC 3261 §8.2.2.3 / §16.3 step 5: after method inspection (the 405s below), before
+    // authentication (see `extensions`).
+    if !matches!(r.req.method, Method::Subscribe | Method::Publish) {
+        if let Some(resp) = extensions::check(&r.req, &message::new_tag()) {
+            relay.stats.refused.fetch_add(1, Ordering::Relaxed);
+            debug!(parent: &span, method = %r.req.method, from = %r.from, "420: requires an unsupported extension");
+            let _ = r.tx.respond(resp);
+            return Ok(());
+        }
+    }
     match r.req.method {
         Method::Register => {
             let Some(ticket) = relay.backlog.enter() else {
@@ -661,11 +690,27 @@ fn out_of_dialog(
     Ok(())
 }
 
+/// Whether the To of `req` is a SIP or SIPS URI (an address of record, RFC 3261 §10.2).
+fn to_is_sip_uri(req: &Request) -> bool {
+    req.headers.iter().any(|h| match h {
+        Header::To(to) => {
+            sip_core::address::FromTo::parse(to.value()).is_ok_and(|t| t.uri().is_sip())
+        }
+        _ => false,
+    })
+}
+
 /// REGISTER (RFC 3261 §10.3): authenticate (401), check the address of record is the
 /// user's own, update the bindings; for an application-server account, the directory too.
 fn register(relay: &Relay, r: IncomingRequest) {
     if !relay.is_ours(&r.req.uri) {
         relay.refuse(&r, 404, "Domain not served here");
+        return;
+    }
+    // §10.3: the address of record is the To's SIP or SIPS URI; RFC 4475 §3.3.4 has a
+    // registrar answer 400 to any other, before anything else is asked of the request.
+    if !to_is_sip_uri(&r.req) {
+        relay.refuse(&r, 400, "Address of record must be a SIP or SIPS URI");
         return;
     }
     let Some(user) = relay.authenticate_request(&r) else {
@@ -738,20 +783,25 @@ fn register(relay: &Relay, r: IncomingRequest) {
 }
 
 /// The facts of a request that the rules look at.
+///
+/// The Request-URI is read with sip-core's own parser: its user is the service asked for,
+/// or for a `tel:` URI (RFC 3966) the number, in its global form without visual separators
+/// (`tel:+1-555-1234` reads `+15551234`), so that rules can match numbers.
 fn facts(req: &Request, plan: &str, class: &str, needs: FactNeeds) -> RequestFacts {
-    let ruri_params = req
-        .uri
-        .params
-        .iter()
-        .map(|p| {
-            let text = p.to_string();
-            let text = text.trim_start_matches(';');
-            match text.split_once('=') {
-                Some((k, v)) => (k.to_string(), Some(v.to_string())),
-                None => (text.to_string(), None),
-            }
+    let ruri = sip_core::uri::Uri::from_rsip(&req.uri).ok();
+    let ruri_params = ruri
+        .as_ref()
+        .map(|u| {
+            u.params()
+                .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+                .collect()
         })
-        .collect();
+        .unwrap_or_default();
+    let ruri_user = match &ruri {
+        Some(u) if u.scheme() == sip_core::uri::Scheme::Tel => u.tel_number().unwrap_or_default(),
+        Some(u) => u.user().unwrap_or_default().to_string(),
+        None => String::new(),
+    };
     let from_user = if needs.from_user {
         req.headers
             .iter()
@@ -784,7 +834,7 @@ fn facts(req: &Request, plan: &str, class: &str, needs: FactNeeds) -> RequestFac
         b2bua::other_header(&req.headers, "P-Preferred-Service").map(|s| s.trim().to_string());
     RequestFacts {
         method: req.method.to_string(),
-        ruri_user: req.uri.user().map(|u| u.to_string()).unwrap_or_default(),
+        ruri_user,
         ruri_params,
         from_user,
         headers,
@@ -808,6 +858,17 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
     }
     if message::check_max_forwards(&r.req).is_err() {
         relay.refuse(&r, 483, "Too Many Hops");
+        return;
+    }
+    if let Some(refusal) = content::check_invite(&r.req) {
+        let (code, reason) = refusal.status();
+        let mut resp = b2bua::local_response(&r.req, code, reason, Some(&message::new_tag()));
+        if refusal == content::Refusal::UnsupportedMediaType {
+            resp.headers
+                .push(Header::Accept(rsip::headers::Accept::new(content::SDP)));
+        }
+        relay.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let _ = r.tx.respond(resp);
         return;
     }
     let Some(user) = relay.authenticate_request(&r) else {
@@ -907,5 +968,68 @@ mod backlog_tests {
             t.join().unwrap();
         }
         assert!(backlog.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod facts_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::rules::{FactNeeds, RuleConfig, RuleSet};
+
+    fn request(uri: &str) -> Request {
+        let text = format!(
+            "INVITE {uri} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bKf\r\n\
+             From: <sip:alice@relay.test>;tag=a\r\nTo: <{uri}>\r\nCall-ID: f\r\n\
+             CSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        );
+        match sip_core::wire::parse(text.as_bytes()).unwrap() {
+            rsip::SipMessage::Request(r) => r,
+            rsip::SipMessage::Response(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_tel_number_reaches_the_rules_and_picks_a_service() {
+        #[derive(serde::Deserialize)]
+        struct Rules {
+            rules: Vec<RuleConfig>,
+        }
+        let rules: Rules = toml::from_str(
+            "[[rules]]\nname = \"numbers\"\nmatch = { ruri_user = '^\\+1555' }\n\
+             set = { service = \"echo\" }\n[[rules]]\nname = \"default\"\ndefault = true\n",
+        )
+        .unwrap();
+        let set = RuleSet::compile(&rules.rules).unwrap();
+        for uri in [
+            "tel:+1-555-123-4567;phone-context=example.com",
+            "sip:+15551234567@relay.test;user=phone",
+        ] {
+            let got = facts(&request(uri), "basic", "standard", FactNeeds::default());
+            assert_eq!(got.ruri_user, "+15551234567", "{uri}");
+            let decision = set.evaluate(&got, 0);
+            assert_eq!(decision.rule_name, "numbers", "{uri}");
+            assert_eq!(decision.service, "echo", "{uri}");
+        }
+        let got = facts(
+            &request("tel:+4930123456"),
+            "basic",
+            "standard",
+            FactNeeds::default(),
+        );
+        assert_eq!(got.ruri_user, "+4930123456");
+        assert_eq!(set.evaluate(&got, 0).rule_name, "default");
+        // tel parameters are the URI's parameters.
+        let got = facts(
+            &request("tel:+15551234;phone-context=example.com"),
+            "b",
+            "s",
+            FactNeeds::default(),
+        );
+        assert_eq!(
+            got.ruri_params,
+            vec![("phone-context".to_string(), Some("example.com".to_string()))]
+        );
     }
 }

@@ -234,3 +234,30 @@ fn user_add_stores_only_the_digest_hashes_of_the_password_it_reads() {
     let out = run(&["--config", config.to_str().unwrap(), "check-config"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+#[test]
+fn a_user_holding_only_a_sha256_hash_must_be_offered_sha256() {
+    let dir = tempfile::tempdir().unwrap();
+    let base =
+        "[[services]]\nname = \"echo\"\n[[tariffs]]\nname = \"t\"\nrate = 1\ncurrency = \"EUR\"\n\
+                [[users]]\nname = \"carol\"\nplan = \"basic\"\nservices = [\"echo\"]\n";
+    let sha = format!("ha1_sha256 = \"{}\"\n", "ab".repeat(32));
+    // [auth] algorithms is MD5 alone by default: carol could never log in.
+    let bad = write(dir.path(), "sha.toml", &format!("{base}{sha}"));
+    let out = run(&["--config", bad.to_str().unwrap(), "check-config"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(bad.to_str().unwrap())
+            && stderr.contains("key `users[0].digest_algorithms`: only ha1_sha256 is stored"),
+        "{stderr}"
+    );
+    // Offered SHA-256, the same user is fine.
+    let good = write(
+        dir.path(),
+        "sha-ok.toml",
+        &format!("{base}{sha}digest_algorithms = [\"SHA-256\"]\n"),
+    );
+    let out = run(&["--config", good.to_str().unwrap(), "check-config"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

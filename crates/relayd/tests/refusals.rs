@@ -2,7 +2,8 @@
 //! reason phrase, as a terminal sees them on the wire (a raw SIP client over UDP answering
 //! the digest challenges with `sip_core::digest`, and one refusal driven by sipp). Then
 //! failover: a dead or refusing first server does not stop the call, and the bill names the
-//! server that delivered it.
+//! server that delivered it. And the 420 Bad Extension for a request that requires an option
+//! tag the relay does not support, before any challenge.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,7 +16,7 @@ use support::relay::{server_uri, RelayConfig, ServerSpec};
 use support::scene::Scene;
 use support::sip::{Response, SipClient};
 use support::sipp::{SippOpts, Transport};
-use support::{ALICE, BOB};
+use support::{unique, ALICE, BOB, REALM};
 
 fn statuses(finals: &[Response]) -> Vec<String> {
     finals.iter().map(Response::status).collect()
@@ -220,4 +221,89 @@ fn refusing_first_server_fails_over_to_the_second() {
     let refusing = scene.server_named("refusing");
     let stats = refusing.wait_count("SuccessfulCall", 3, Duration::from_secs(10));
     assert_eq!(stats.count("FailedCall"), 0, "{}", refusing.report());
+}
+
+/// Sends `method` (no body, outside any dialog) to the relay on 127.0.0.1:`port` over UDP
+/// with the `extra` header lines, and returns its final response (a raw status line and
+/// headers).
+fn raw_request(port: u16, method: &str, uri: &str, extra: &str) -> Response {
+    let sock = std::net::UdpSocket::bind(("127.0.0.1", 0)).unwrap();
+    let local = sock.local_addr().unwrap();
+    let req = format!(
+        "{method} {uri} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {local};branch=z9hG4bK{branch};rport\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:alice@{REALM}>;tag={tag}\r\n\
+         To: <{uri}>\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 1 {method}\r\n\
+         Contact: <sip:alice@{local}>\r\n\
+         {extra}Content-Length: 0\r\n\r\n",
+        branch = unique("x"),
+        tag = unique("t"),
+        call_id = unique("ext-"),
+    );
+    sock.send_to(req.as_bytes(), ("127.0.0.1", port)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut buf = vec![0u8; 65_535];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(!left.is_zero(), "no final response to {method}");
+        sock.set_read_timeout(Some(left)).unwrap();
+        let Ok(n) = sock.recv(&mut buf) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let head = text.split("\r\n\r\n").next().unwrap_or("");
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap_or("").trim_start_matches("SIP/2.0 ");
+        let (code, reason) = status.split_once(' ').unwrap_or((status, ""));
+        let code: u16 = code.parse().unwrap_or(0);
+        if code < 200 {
+            continue;
+        }
+        return Response {
+            code,
+            reason: reason.to_string(),
+            headers: lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+                .collect(),
+        };
+    }
+}
+
+#[test]
+fn a_required_extension_gets_420_with_unsupported_before_any_challenge() {
+    let mut scene = Scene::new();
+    scene.start_relay(&RelayConfig::standard());
+    let relay = scene.relay();
+    let port = relay.port;
+    let relay_uri = format!("sip:{REALM}");
+
+    // OPTIONS: 200 without Require (the readiness probe), 420 with one.
+    let resp = raw_request(port, "OPTIONS", &relay_uri, "Require: foo\r\n");
+    assert_eq!(resp.status(), "420 Bad Extension");
+    assert_eq!(resp.header("Unsupported"), Some("foo"));
+    let resp = raw_request(port, "OPTIONS", &relay_uri, "Supported: foo, timer\r\n");
+    assert_eq!(resp.status(), "200 OK");
+
+    // INVITE and REGISTER without credentials: 420, not 407/401 (RFC 3261 §16.3 checks
+    // Proxy-Require before Proxy-Authorization); the unknown tags listed once each.
+    let resp = raw_request(
+        port,
+        "INVITE",
+        &format!("sip:echo@{REALM}"),
+        "Require: timer, 100rel\r\nProxy-Require: bar\r\n",
+    );
+    assert_eq!(resp.status(), "420 Bad Extension");
+    assert_eq!(resp.header("Unsupported"), Some("timer, 100rel, bar"));
+    assert!(resp.header("Proxy-Authenticate").is_none());
+    let resp = raw_request(port, "REGISTER", &relay_uri, "Proxy-Require: sec-agree\r\n");
+    assert_eq!(resp.status(), "420 Bad Extension");
+    assert_eq!(resp.header("Unsupported"), Some("sec-agree"));
+    assert!(resp.header("WWW-Authenticate").is_none());
+    // Without Require the same REGISTER is challenged as usual.
+    let resp = raw_request(port, "REGISTER", &relay_uri, "");
+    assert_eq!(resp.code, 401, "{}", resp.status());
 }

@@ -90,6 +90,7 @@ pub struct RelayConfig {
     max_charge: Option<i64>,
     probe_interval_secs: u32,
     t1_ms: u64,
+    extra: String,
 }
 
 impl Default for RelayConfig {
@@ -107,6 +108,7 @@ impl Default for RelayConfig {
             max_charge: None,
             probe_interval_secs: 0,
             t1_ms: 500,
+            extra: String::new(),
         }
     }
 }
@@ -186,6 +188,13 @@ impl RelayConfig {
         self
     }
 
+    /// More TOML appended to the configuration as it is (`[[rules]]` tables, say).
+    pub fn extra_toml(mut self, text: &str) -> Self {
+        self.extra.push_str(text);
+        self.extra.push('\n');
+        self
+    }
+
     /// The TOML text for a relay on UDP and TCP 127.0.0.1:`port`, data in `data_dir`.
     pub fn to_toml(&self, port: u16, data_dir: &Path) -> String {
         let list = |v: &[String]| {
@@ -250,6 +259,8 @@ impl RelayConfig {
             "[[tariffs]]\nname = \"default\"\nsetup = 0\nrate = 6\nperiod_seconds = 60\n\
              increment = \"1/1\"\ncurrency = \"EUR\"\n",
         );
+        s.push('\n');
+        s.push_str(&self.extra);
         s
     }
 }

@@ -253,9 +253,14 @@ impl SipClient {
     /// more than the passwords used, unless a non-407 ends it first). Non-2xx finals are
     /// ACKed; a 2xx is ACKed and hung up at once.
     pub fn invite(&self, service: &str, passwords: &[&str]) -> Vec<Response> {
+        self.invite_uri(&format!("sip:{service}@{REALM}"), passwords)
+    }
+
+    /// [`SipClient::invite`] to any Request-URI (`tel:+15551234`…).
+    pub fn invite_uri(&self, uri: &str, passwords: &[&str]) -> Vec<Response> {
+        let uri = uri.to_string();
         let call_id = unique("inv-");
         let tag = unique("it");
-        let uri = format!("sip:{service}@{REALM}");
         let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=relay\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
                    m=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\n";
         let mut finals = Vec::new();
