@@ -717,10 +717,9 @@ fn register(relay: &Relay, r: IncomingRequest) {
         return;
     };
     let aor_user = r.req.headers.iter().find_map(|h| match h {
-        Header::To(to) => to
-            .typed()
+        Header::To(to) => sip_core::address::FromTo::parse(to.value())
             .ok()
-            .and_then(|t| t.uri.user().map(|u| u.to_string())),
+            .and_then(|t| t.uri().user().map(str::to_string)),
         _ => None,
     });
     if aor_user.as_deref() != Some(user.as_str()) {
@@ -806,10 +805,9 @@ fn facts(req: &Request, plan: &str, class: &str, needs: FactNeeds) -> RequestFac
         req.headers
             .iter()
             .find_map(|h| match h {
-                Header::From(f) => f
-                    .typed()
+                Header::From(f) => sip_core::address::FromTo::parse(f.value())
                     .ok()
-                    .and_then(|t| t.uri.user().map(|u| u.to_string())),
+                    .and_then(|t| t.uri().user().map(str::to_string)),
                 _ => None,
             })
             .unwrap_or_default()
