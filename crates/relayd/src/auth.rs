@@ -405,25 +405,18 @@ fn request_user(req: &Request, kind: ChallengeKind, realm: &str) -> Option<Strin
         Header::From(from) if !register => Some(from.value()),
         _ => None,
     })?;
-    uri_user(value).map(str::to_owned)
+    uri_user(value)
 }
 
-/// The user part of the URI of a From or To value (`"A" <sip:alice@host>;tag=1`,
-/// `sip:alice@host;tag=1`), without unescaping; `None` when there is none.
-fn uri_user(value: &str) -> Option<&str> {
-    let uri = match value.split_once('<') {
-        Some((_, rest)) => rest.split('>').next()?,
-        None => value.split(';').next()?,
-    };
-    let uri = uri.trim();
-    let rest = uri
-        .strip_prefix("sips:")
-        .or_else(|| uri.strip_prefix("sip:"))
-        .or_else(|| uri.strip_prefix("SIP:"))
-        .or_else(|| uri.strip_prefix("SIPS:"))?;
-    let (userinfo, _) = rest.split_once('@')?;
-    let user = userinfo.split([':', ';']).next()?;
-    (!user.is_empty()).then_some(user)
+/// The user part of the SIP or SIPS URI of a From or To value (`"A" <sip:alice@host>;tag=1`,
+/// `sip:alice@host;tag=1`), as written; `None` when there is none (a `tel:` URI has none).
+fn uri_user(value: &str) -> Option<String> {
+    let address = sip_core::address::FromTo::parse(value).ok()?;
+    let uri = address.uri();
+    if !uri.is_sip() {
+        return None;
+    }
+    uri.user().filter(|u| !u.is_empty()).map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -440,20 +433,28 @@ mod tests {
         m
     }
 
-    fn request(auth: Option<String>) -> Request {
-        let mut text = String::from(
-            "INVITE sip:echo@relay.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n\
-             From: <sip:alice@relay.test>;tag=1\r\nTo: <sip:echo@relay.test>\r\nCall-ID: a@b\r\n\
-             CSeq: 1 INVITE\r\nContent-Length: 0\r\n",
-        );
+    /// A request from the head `text` (start line and headers, no blank line), with
+    /// `auth` in header `auth_header` when given.
+    fn parse_request(mut text: String, auth_header: &str, auth: Option<String>) -> Request {
         if let Some(a) = auth {
-            text.push_str(&format!("Proxy-Authorization: {a}\r\n"));
+            text.push_str(&format!("{auth_header}: {a}\r\n"));
         }
         text.push_str("\r\n");
         match rsip::SipMessage::try_from(text.as_str()).unwrap() {
             rsip::SipMessage::Request(r) => r,
             _ => panic!("not a request"),
         }
+    }
+
+    fn request(auth: Option<String>) -> Request {
+        parse_request(
+            "INVITE sip:echo@relay.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK1\r\n\
+             From: <sip:alice@relay.test>;tag=1\r\nTo: <sip:echo@relay.test>\r\nCall-ID: a@b\r\n\
+             CSeq: 1 INVITE\r\nContent-Length: 0\r\n"
+                .to_string(),
+            "Proxy-Authorization",
+            auth,
+        )
     }
 
     fn answer(auth: &Authenticator, user: &str, password: &str, nc: u32) -> String {
@@ -523,19 +524,15 @@ mod tests {
     }
 
     fn register(user: &str, auth: Option<String>) -> Request {
-        let mut text = format!(
-            "REGISTER sip:relay.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK2\r\n\
-             From: \"Someone\" <sip:{user}@relay.test>;tag=9\r\nTo: <sip:{user}@relay.test>\r\n\
-             Call-ID: r@b\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n"
-        );
-        if let Some(a) = auth {
-            text.push_str(&format!("Authorization: {a}\r\n"));
-        }
-        text.push_str("\r\n");
-        match rsip::SipMessage::try_from(text.as_str()).unwrap() {
-            rsip::SipMessage::Request(r) => r,
-            _ => panic!("not a request"),
-        }
+        parse_request(
+            format!(
+                "REGISTER sip:relay.test SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5070;branch=z9hG4bK2\r\n\
+                 From: \"Someone\" <sip:{user}@relay.test>;tag=9\r\nTo: <sip:{user}@relay.test>\r\n\
+                 Call-ID: r@b\r\nCSeq: 1 REGISTER\r\nContent-Length: 0\r\n"
+            ),
+            "Authorization",
+            auth,
+        )
     }
 
     #[test]
@@ -645,12 +642,15 @@ mod tests {
 
     #[test]
     fn the_user_of_a_request() {
-        assert_eq!(uri_user("<sip:alice@relay.test>;tag=1"), Some("alice"));
         assert_eq!(
-            uri_user("\"A, B\" <sips:bob@h:5061;transport=tls>"),
+            uri_user("<sip:alice@relay.test>;tag=1").as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            uri_user("\"A, B\" <sips:bob@h:5061;transport=tls>").as_deref(),
             Some("bob")
         );
-        assert_eq!(uri_user("sip:carol:pw@h;tag=2"), Some("carol"));
+        assert_eq!(uri_user("sip:carol:pw@h;tag=2").as_deref(), Some("carol"));
         assert_eq!(uri_user("<sip:relay.test>"), None);
         assert_eq!(uri_user("<tel:+331234>"), None);
         assert_eq!(uri_user("garbage"), None);

@@ -6,8 +6,8 @@
 //! authentication, like the other header inspections of §8.2.2: neither answer says
 //! anything about a user.
 
-use rsip::prelude::*;
-use rsip::{Header, Request};
+use rsip::Request;
+use sip_core::address::header_values;
 
 /// The media type of the bodies the relay relays on INVITE (RFC 4566).
 pub const SDP: &str = "application/sdp";
@@ -37,36 +37,18 @@ impl Refusal {
 /// ignored, case-insensitively (RFC 2045 §5.1); `multipart/*` is not relayed either.
 pub fn check_invite(req: &Request) -> Option<Refusal> {
     if !req.body.is_empty() {
-        let content_type = req.headers.iter().find_map(|h| match h {
-            Header::ContentType(c) => Some(c.value().to_string()),
-            Header::Other(name, value) if name.eq_ignore_ascii_case("Content-Type") => {
-                Some(value.clone())
-            }
-            _ => None,
-        });
         // §7.4.1: a body with no Content-Type is not one we can read as SDP either.
-        let is_sdp = content_type.is_some_and(|t| media_type(&t).eq_ignore_ascii_case(SDP));
+        let is_sdp = header_values(&req.headers, "Content-Type")
+            .next()
+            .is_some_and(|t| media_type(t).eq_ignore_ascii_case(SDP));
         if !is_sdp {
             return Some(Refusal::UnsupportedMediaType);
         }
     }
-    let accepts: Vec<String> = req
-        .headers
-        .iter()
-        .filter_map(|h| match h {
-            Header::Accept(a) => Some(a.value().to_string()),
-            Header::Other(name, value) if name.eq_ignore_ascii_case("Accept") => {
-                Some(value.clone())
-            }
-            _ => None,
-        })
-        .collect();
+    let mut accepts = header_values(&req.headers, "Accept").peekable();
     // No Accept: application/sdp is assumed (§20.1). An empty one accepts no body at all.
-    if accepts.is_empty() {
-        return None;
-    }
+    accepts.peek()?;
     let takes_sdp = accepts
-        .iter()
         .flat_map(|v| v.split(','))
         .map(media_type)
         .any(|range| {

@@ -21,6 +21,7 @@
 
 use rsip::prelude::*;
 use rsip::{Header, Method, Request, Response};
+use sip_core::address::header_values;
 
 /// The option tags (RFC 3261 §19.2) the relay supports as a UAS: none.
 pub const SUPPORTED: &[&str] = &[];
@@ -34,18 +35,9 @@ pub fn unsupported(req: &Request) -> Vec<String> {
         return Vec::new();
     }
     let mut out: Vec<String> = Vec::new();
-    for header in req.headers.iter() {
-        let value = match header {
-            Header::Require(r) => r.value(),
-            Header::ProxyRequire(r) => r.value(),
-            Header::Other(name, value)
-                if name.trim().eq_ignore_ascii_case("Require")
-                    || name.trim().eq_ignore_ascii_case("Proxy-Require") =>
-            {
-                value.as_str()
-            }
-            _ => continue,
-        };
+    let values =
+        header_values(&req.headers, "Require").chain(header_values(&req.headers, "Proxy-Require"));
+    for value in values {
         for tag in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             let known = SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(tag));
             if !known && !out.iter().any(|t| t.eq_ignore_ascii_case(tag)) {

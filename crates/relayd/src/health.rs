@@ -1,8 +1,9 @@
 //! Background duties of the running relay: OPTIONS health probes of application servers
 //! (a server that stops answering is taken out of the directory and put back when it answers
 //! again; any final response, 404 or 501 included, is an answer; servers configured with
-//! `probe = false` are never probed), expiry of registrations and of dynamically registered servers, refresh of live
-//! sessions' last-seen time in the billing journal, and pruning of used nonces.
+//! `probe = false` are never probed), expiry of registrations and of dynamically registered
+//! servers, refresh of live sessions' last-seen time in the billing journal, and pruning of
+//! used nonces.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -392,9 +392,11 @@ impl Relay {
     /// references). A `tel:` URI (RFC 3966) names a number, which only the relay can route:
     /// it is always ours, and the rules pick its service.
     pub fn is_ours(&self, uri: &rsip::Uri) -> bool {
-        let Ok(uri) = sip_core::uri::Uri::from_rsip(uri) else {
-            return false;
-        };
+        sip_core::uri::Uri::from_rsip(uri).is_ok_and(|u| self.names_relay(&u))
+    }
+
+    /// [`Relay::is_ours`] for a URI already read with sip-core's parser.
+    pub fn names_relay(&self, uri: &sip_core::uri::Uri) -> bool {
         if uri.scheme() == sip_core::uri::Scheme::Tel {
             return true;
         }
@@ -690,16 +692,6 @@ fn out_of_dialog(
     Ok(())
 }
 
-/// Whether the To of `req` is a SIP or SIPS URI (an address of record, RFC 3261 §10.2).
-fn to_is_sip_uri(req: &Request) -> bool {
-    req.headers.iter().any(|h| match h {
-        Header::To(to) => {
-            sip_core::address::FromTo::parse(to.value()).is_ok_and(|t| t.uri().is_sip())
-        }
-        _ => false,
-    })
-}
-
 /// REGISTER (RFC 3261 §10.3): authenticate (401), check the address of record is the
 /// user's own, update the bindings; for an application-server account, the directory too.
 fn register(relay: &Relay, r: IncomingRequest) {
@@ -709,20 +701,17 @@ fn register(relay: &Relay, r: IncomingRequest) {
     }
     // §10.3: the address of record is the To's SIP or SIPS URI; RFC 4475 §3.3.4 has a
     // registrar answer 400 to any other, before anything else is asked of the request.
-    if !to_is_sip_uri(&r.req) {
-        relay.refuse(&r, 400, "Address of record must be a SIP or SIPS URI");
-        return;
-    }
+    let aor = match sip_core::address::to_header(&r.req.headers) {
+        Ok(Some(to)) if to.uri().is_sip() => to,
+        _ => {
+            relay.refuse(&r, 400, "Address of record must be a SIP or SIPS URI");
+            return;
+        }
+    };
     let Some(user) = relay.authenticate_request(&r) else {
         return;
     };
-    let aor_user = r.req.headers.iter().find_map(|h| match h {
-        Header::To(to) => sip_core::address::FromTo::parse(to.value())
-            .ok()
-            .and_then(|t| t.uri().user().map(str::to_string)),
-        _ => None,
-    });
-    if aor_user.as_deref() != Some(user.as_str()) {
+    if aor.uri().user() != Some(user.as_str()) {
         relay.refuse(&r, 403, "Cannot register another user");
         return;
     }
@@ -786,20 +775,20 @@ fn register(relay: &Relay, r: IncomingRequest) {
 /// The Request-URI is read with sip-core's own parser: its user is the service asked for,
 /// or for a `tel:` URI (RFC 3966) the number, in its global form without visual separators
 /// (`tel:+1-555-1234` reads `+15551234`), so that rules can match numbers.
-fn facts(req: &Request, plan: &str, class: &str, needs: FactNeeds) -> RequestFacts {
-    let ruri = sip_core::uri::Uri::from_rsip(&req.uri).ok();
+fn facts(
+    req: &Request,
+    ruri: &sip_core::uri::Uri,
+    plan: &str,
+    class: &str,
+    needs: FactNeeds,
+) -> RequestFacts {
     let ruri_params = ruri
-        .as_ref()
-        .map(|u| {
-            u.params()
-                .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let ruri_user = match &ruri {
-        Some(u) if u.scheme() == sip_core::uri::Scheme::Tel => u.tel_number().unwrap_or_default(),
-        Some(u) => u.user().unwrap_or_default().to_string(),
-        None => String::new(),
+        .params()
+        .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+        .collect();
+    let ruri_user = match ruri.scheme() {
+        sip_core::uri::Scheme::Tel => ruri.tel_number().unwrap_or_default(),
+        _ => ruri.user().unwrap_or_default().to_string(),
     };
     let from_user = if needs.from_user {
         req.headers
@@ -850,10 +839,14 @@ fn facts(req: &Request, plan: &str, class: &str, needs: FactNeeds) -> RequestFac
 /// Admission of a new INVITE (claim 1's authentication, claim 2's rules): authenticate
 /// (407), then registered, then service known and subscribed; then the session starts.
 fn admit(relay: Arc<Relay>, r: IncomingRequest) {
-    if !relay.is_ours(&r.req.uri) {
-        relay.refuse(&r, 403, "Not relaying");
-        return;
-    }
+    // Read once: for the domain here and for the rules' facts below.
+    let ruri = match sip_core::uri::Uri::from_rsip(&r.req.uri) {
+        Ok(u) if relay.names_relay(&u) => u,
+        _ => {
+            relay.refuse(&r, 403, "Not relaying");
+            return;
+        }
+    };
     if message::check_max_forwards(&r.req).is_err() {
         relay.refuse(&r, 483, "Too Many Hops");
         return;
@@ -883,6 +876,7 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
     let decision = relay.rules.evaluate(
         &facts(
             &r.req,
+            &ruri,
             &subscriber.plan,
             &subscriber.class,
             relay.rules.needs(),
@@ -974,7 +968,7 @@ mod facts_tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::rules::{FactNeeds, RuleConfig, RuleSet};
+    use crate::rules::{FactNeeds, RequestFacts, RuleConfig, RuleSet};
 
     fn request(uri: &str) -> Request {
         let text = format!(
@@ -986,6 +980,13 @@ mod facts_tests {
             rsip::SipMessage::Request(r) => r,
             rsip::SipMessage::Response(_) => unreachable!(),
         }
+    }
+
+    /// The rules' facts of an INVITE to `uri`, read as `admit` reads them.
+    fn facts_of(uri: &str) -> RequestFacts {
+        let req = request(uri);
+        let ruri = sip_core::uri::Uri::from_rsip(&req.uri).unwrap();
+        facts(&req, &ruri, "basic", "standard", FactNeeds::default())
     }
 
     #[test]
@@ -1004,27 +1005,17 @@ mod facts_tests {
             "tel:+1-555-123-4567;phone-context=example.com",
             "sip:+15551234567@relay.test;user=phone",
         ] {
-            let got = facts(&request(uri), "basic", "standard", FactNeeds::default());
+            let got = facts_of(uri);
             assert_eq!(got.ruri_user, "+15551234567", "{uri}");
             let decision = set.evaluate(&got, 0);
             assert_eq!(decision.rule_name, "numbers", "{uri}");
             assert_eq!(decision.service, "echo", "{uri}");
         }
-        let got = facts(
-            &request("tel:+4930123456"),
-            "basic",
-            "standard",
-            FactNeeds::default(),
-        );
+        let got = facts_of("tel:+4930123456");
         assert_eq!(got.ruri_user, "+4930123456");
         assert_eq!(set.evaluate(&got, 0).rule_name, "default");
         // tel parameters are the URI's parameters.
-        let got = facts(
-            &request("tel:+15551234;phone-context=example.com"),
-            "b",
-            "s",
-            FactNeeds::default(),
-        );
+        let got = facts_of("tel:+15551234;phone-context=example.com");
         assert_eq!(
             got.ruri_params,
             vec![("phone-context".to_string(), Some("example.com".to_string()))]

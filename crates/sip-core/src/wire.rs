@@ -805,33 +805,35 @@ fn check_request_uri(uri: &[u8]) -> Result<(), WireError> {
 }
 
 /// Checks that the Request-URI has a scheme this stack serves (`sip`, `sips`, `tel`), and
-/// says whether rsip 0.4 can model it: `Ok(None)` when rsip reads it itself, `Ok(Some(text))`
-/// when the request must carry it as written (a `tel:` URI, an IPv6 reference, a user part
-/// holding `;` as in RFC 4475's `semiuri`). sip-core's own parser ([`crate::uri`]) reads it
-/// in every case; a URI it refuses is a `400`.
+/// says whether rsip 0.4 can model it: `Ok(None)` when rsip reads it itself (the usual case,
+/// decided from its bytes without parsing twice), `Ok(Some(text))` when the request must
+/// carry it as written (a `tel:` URI, an IPv6 reference, a user part holding `;` as in RFC
+/// 4475's `semiuri`). Such a URI is read by sip-core's own parser ([`crate::uri`]) here; a
+/// URI it refuses is a `400`.
 fn served_request_uri(uri: &[u8]) -> Result<Option<&str>, WireError> {
     let scheme = uri_scheme(uri).ok_or(WireError::BadRequestUri("no scheme"))?;
-    let served = [&b"sip"[..], b"sips", b"tel"]
-        .iter()
-        .any(|s| scheme.eq_ignore_ascii_case(s));
-    if !served {
+    let sip = scheme.eq_ignore_ascii_case(b"sip") || scheme.eq_ignore_ascii_case(b"sips");
+    if !sip && !scheme.eq_ignore_ascii_case(b"tel") {
         return Err(WireError::UnsupportedUriScheme(
             String::from_utf8_lossy(scheme).into_owned(),
         ));
     }
+    if sip && rsip_models(uri) {
+        return Ok(None);
+    }
     let text = std::str::from_utf8(uri).map_err(|_| WireError::NotUtf8Headers)?;
-    let parsed = crate::uri::Uri::parse(text).map_err(|_| WireError::BadRequestUri("malformed"))?;
-    Ok((!rsip_models(text, &parsed)).then_some(text))
+    crate::uri::Uri::parse(text).map_err(|_| WireError::BadRequestUri("malformed"))?;
+    Ok(Some(text))
 }
 
-/// Whether rsip 0.4 reads this URI right: a `sip`/`sips` URI on a domain name or an IPv4
-/// address, with no `;` in its user part (rsip ends the user part there).
-fn rsip_models(text: &str, parsed: &crate::uri::Uri) -> bool {
-    if !parsed.is_sip() || text.contains('[') {
+/// Whether rsip 0.4 reads this `sip`/`sips` URI right: no IPv6 reference, and no `;` in its
+/// user part (rsip ends the user part there).
+fn rsip_models(uri: &[u8]) -> bool {
+    if uri.contains(&b'[') {
         return false;
     }
-    match text.find('@') {
-        Some(at) => !text.get(..at).unwrap_or_default().contains(';'),
+    match find(uri, b'@') {
+        Some(at) => !uri.get(..at).unwrap_or_default().contains(&b';'),
         None => true,
     }
 }
