@@ -29,7 +29,10 @@ impl LocalAddr {
             Transport::Udp => format!("sip:relay@{addr}"),
             t => format!("sip:relay@{addr};transport={}", t.param_name()),
         };
-        let contact_uri = rsip::Uri::try_from(text.as_str()).unwrap_or_default();
+        // rsip cannot read an IPv6 reference: sip-core parses, and rsip carries it verbatim.
+        let contact_uri = sip_core::uri::Uri::parse(&text)
+            .map(|u| u.to_rsip())
+            .unwrap_or_else(|_| sip_core::uri::rsip_carrier(&text));
         LocalAddr {
             transport,
             addr,
@@ -89,6 +92,22 @@ pub struct Inquiry<'a> {
     pub local: &'a LocalAddr,
 }
 
+/// The `P-Asserted-Service` value (RFC 6050 §4.1, with the relay's service ids) for
+/// `service` and its parameters: `service[;name[=value]…]`. The relay puts it on the
+/// inquiry and on every re-INVITE it relays to a server, which switches service on this
+/// header alone, never on what a terminal's SDP says.
+pub fn asserted_service(service: &str, params: &[(String, String)]) -> String {
+    let mut out = service.to_string();
+    for (k, v) in params {
+        if v.is_empty() {
+            out.push_str(&format!(";{k}"));
+        } else {
+            out.push_str(&format!(";{k}={v}"));
+        }
+    }
+    out
+}
+
 /// Builds the INVITE of a server leg (DESIGN.md "inquiry"): a new dialog of its own with the
 /// relay as UAC, `P-Asserted-Identity` and `P-Asserted-Service` set by the relay, and the
 /// terminal's SDP offer as body.
@@ -104,7 +123,10 @@ pub fn inquiry_invite(inq: &Inquiry<'_>) -> Result<Request, rsip::Error> {
     if inq.local.transport != Transport::Udp {
         ruri.push_str(&format!(";transport={}", inq.local.transport.param_name()));
     }
-    let uri = rsip::Uri::try_from(ruri.as_str())?;
+    // sip-core reads the URI (an IPv6 server included); rsip carries it.
+    let uri = sip_core::uri::Uri::parse(&ruri)
+        .map_err(|e| rsip::Error::ParseError(e.to_string()))?
+        .to_rsip();
     let max_forwards = inq
         .terminal_request
         .headers

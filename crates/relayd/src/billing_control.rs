@@ -9,7 +9,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use billing::record::{ChargeRecord, EndCause, SessionRecord};
@@ -24,6 +24,38 @@ pub fn unix_ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+/// When a billing segment started, on both clocks: the wall clock gives the record its
+/// timestamps, the monotonic clock its duration, so that a step of the wall clock (NTP, an
+/// operator's `date`) while a session lives moves neither its duration nor its bill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentClock {
+    wall: SystemTime,
+    mono: Instant,
+}
+
+impl SegmentClock {
+    /// A segment starting at wall-clock `wall`, which is monotonic instant `mono`.
+    pub fn start(wall: SystemTime, mono: Instant) -> SegmentClock {
+        SegmentClock { wall, mono }
+    }
+
+    /// A segment starting now.
+    pub fn now() -> SegmentClock {
+        SegmentClock::start(SystemTime::now(), Instant::now())
+    }
+
+    /// The wall-clock start, as the record carries it.
+    pub fn started_at(&self) -> SystemTime {
+        self.wall
+    }
+
+    /// The wall-clock end of a segment ending at monotonic instant `mono_now`: the start
+    /// plus the monotonic time elapsed, whatever the wall clock says meanwhile.
+    pub fn end_at(&self, mono_now: Instant) -> SystemTime {
+        self.wall + mono_now.saturating_duration_since(self.mono)
+    }
 }
 
 /// What a session tells billing when it is confirmed.
@@ -41,7 +73,7 @@ pub struct SessionStart {
     pub server: String,
     /// The tariff plan decided for this request.
     pub plan: String,
-    /// When the terminal confirmed (its ACK), wall-clock time.
+    /// When billing starts: the moment the 2xx went to the terminal, wall-clock time.
     pub confirmed_at: SystemTime,
 }
 
@@ -222,5 +254,24 @@ impl BillingControl {
             tick.tick().await;
             self.touch_live().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_segment_lasts_what_the_monotonic_clock_says() {
+        let wall = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let mono = Instant::now();
+        let clock = SegmentClock::start(wall, mono);
+        assert_eq!(clock.started_at(), wall);
+        // 90 s later on the monotonic clock, whatever the wall clock was stepped to in
+        // between (the end is never read from it), the segment ends 90 s after its start.
+        let end = clock.end_at(mono + Duration::from_secs(90));
+        assert_eq!(unix_ms(end) - unix_ms(wall), 90_000);
+        // Ending at the very start bills nothing.
+        assert_eq!(clock.end_at(mono), wall);
     }
 }

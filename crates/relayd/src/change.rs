@@ -74,6 +74,18 @@ pub fn requested(req: &Request, service: &str, params: &[(String, String)]) -> O
     (target.service != service || target.params != params).then_some(target)
 }
 
+/// The service an SDP body names (`a=service:<id>`, at session or media level), if any.
+pub fn sdp_service(body: &[u8]) -> Option<String> {
+    let sdp = sip_core::sdp::Sdp::parse(body).ok()?;
+    let named = sdp
+        .session_attribute(sip_core::sdp::SERVICE_ATTR)
+        .or_else(|| {
+            sdp.media_of_type("application")
+                .find_map(|m| m.attribute(sip_core::sdp::SERVICE_ATTR))
+        })?;
+    Some(named.trim().to_string())
+}
+
 fn refuse(r: &IncomingRequest, code: u16, reason: &str) {
     let _ =
         r.tx.respond(b2bua::local_response(&r.req, code, reason, None));
@@ -91,10 +103,26 @@ pub(crate) async fn start(call: &mut Call, i: usize, r: IncomingRequest, target:
         return;
     }
     let relay = call.relay.clone();
-    if let Err((code, reason)) = relay.check_service(&call.adm.subscriber, &target.service) {
-        refuse(&r, code, reason);
-        return;
-    }
+    // The rules run again, as for a new call to the service asked: they may redirect it,
+    // restrict it or bill it on another plan.
+    let target = match relay.decide_again(
+        &call.adm.subscriber,
+        &r.req,
+        &target.service,
+        &target.params,
+    ) {
+        Ok(decision) => {
+            call.sessions[i].next_plan = Some(decision.plan);
+            Target {
+                service: decision.service,
+                params: decision.params.into_iter().collect(),
+            }
+        }
+        Err((code, reason)) => {
+            refuse(&r, code, reason);
+            return;
+        }
+    };
     let session = call.sessions[i].id.clone();
     let current = call.sessions[i].b.server.clone();
     info!(session_id = %session, from = %call.sessions[i].service, to = %target.service, "service change asked");
@@ -150,15 +178,7 @@ pub(crate) async fn start(call: &mut Call, i: usize, r: IncomingRequest, target:
 
 /// The value of `P-Asserted-Service` for a target: the service id with its parameters.
 fn asserted(target: &Target) -> String {
-    let mut out = target.service.clone();
-    for (k, v) in &target.params {
-        if v.is_empty() {
-            out.push_str(&format!(";{k}"));
-        } else {
-            out.push_str(&format!(";{k}={v}"));
-        }
-    }
-    out
+    b2bua::asserted_service(&target.service, &target.params)
 }
 
 async fn try_next(call: &mut Call, mut pending: Pending, offer: (Vec<Header>, Vec<u8>)) {
@@ -226,7 +246,7 @@ pub(crate) async fn on_same_server_answer(
         from: Side::Terminal,
         sent,
     });
-    let contact = call.relay.local(reinvite.from.transport).contact_header();
+    let contact = call.relay.local(reinvite.from).contact_header();
     info!(session_id = %call.sessions[i].id, service = %target.service, "service changed on the same server");
     let _ = reinvite.tx.respond(b2bua::relayed_response(
         &reinvite.req,
@@ -262,7 +282,7 @@ pub(crate) async fn on_new_server_answer(
         warn!(error = %format!("{e:#}"), "billing of the change failed");
     }
     info!(session_id = %call.sessions[i].id, server = call.sessions[i].b.server.uri_text(), service = %p.target.service, "service changed onto another server");
-    let contact = call.relay.local(p.reinvite.from.transport).contact_header();
+    let contact = call.relay.local(p.reinvite.from).contact_header();
     let _ = p.reinvite.tx.respond(b2bua::relayed_response(
         &p.reinvite.req,
         &resp,

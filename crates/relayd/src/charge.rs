@@ -310,12 +310,13 @@ fn account_servers(relay: &Relay, account: &str) -> Vec<String> {
 
 fn same_server(a: &str, b: &str) -> bool {
     let host = |u: &str| -> String {
-        rsip::Uri::try_from(u)
-            .map(|u| {
-                let port = u.host_with_port.port.map(|p| *p.value()).unwrap_or(5060);
-                format!("{}:{port}", u.host_with_port.host)
+        sip_core::uri::Uri::parse(u.trim())
+            .ok()
+            .and_then(|u| {
+                let host = u.host()?.to_string().to_ascii_lowercase();
+                Some(format!("{host}:{}", u.port().unwrap_or(5060)))
             })
-            .unwrap_or_else(|_| u.to_string())
+            .unwrap_or_else(|| u.to_string())
     };
     host(a) == host(b)
 }

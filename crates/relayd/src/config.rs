@@ -1102,7 +1102,7 @@ impl Config {
         };
         let check_plan = |p: &mut Problems, key: String, plan: &str| {
             if plan.trim().is_empty() {
-                p.add(key, "must name a tariff plan");
+                p.add(key, format!("must name a tariff plan ({})", plan_list()));
             } else if !any_plan && !plans.contains(plan) {
                 p.add(key, format!("unknown plan `{plan}` ({})", plan_list()));
             }
@@ -1331,12 +1331,8 @@ impl Config {
         // [[servers]]
         for (i, server) in self.servers.iter().enumerate() {
             let key = format!("servers[{i}]");
-            match rsip::Uri::try_from(server.uri.trim()) {
-                Ok(uri)
-                    if matches!(
-                        uri.scheme,
-                        Some(rsip::Scheme::Sip) | Some(rsip::Scheme::Sips)
-                    ) => {}
+            match sip_core::uri::Uri::parse(server.uri.trim()) {
+                Ok(uri) if (uri.is_sip() || uri.is_sips()) && uri.host().is_some() => {}
                 _ => p.add(
                     format!("{key}.uri"),
                     format!(

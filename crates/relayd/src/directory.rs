@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, Rw
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use sip_core::uri::{Scheme, Uri};
 
 /// How the candidates for a service are ordered: the first is tried first, the others are
 /// failover candidates in turn.
@@ -191,7 +192,7 @@ struct Probe {
 pub struct Server {
     id: ServerId,
     name: String,
-    uri: rsip::Uri,
+    uri: Uri,
     uri_text: String,
     origin: Origin,
     /// 0 means no limit.
@@ -222,8 +223,9 @@ impl Server {
         &self.name
     }
 
-    /// Where to send the INVITE leg and the `OPTIONS` probes.
-    pub fn uri(&self) -> &rsip::Uri {
+    /// Where to send the INVITE leg and the `OPTIONS` probes, read with sip-core's parser
+    /// (an IPv6 reference such as `sip:[::1]:5080` included, which rsip cannot read).
+    pub fn uri(&self) -> &Uri {
         &self.uri
     }
 
@@ -331,14 +333,14 @@ impl Inner {
     }
 }
 
-fn parse_uri(uri: &str) -> Result<rsip::Uri, DirectoryError> {
+fn parse_uri(uri: &str) -> Result<Uri, DirectoryError> {
     let bad = |reason: String| DirectoryError::BadUri {
         uri: uri.to_owned(),
         reason,
     };
-    let parsed = rsip::Uri::try_from(uri.trim()).map_err(|e| bad(e.to_string()))?;
-    match parsed.scheme {
-        Some(rsip::Scheme::Sip) | Some(rsip::Scheme::Sips) => Ok(parsed),
+    let parsed = Uri::parse(uri.trim()).map_err(|e| bad(e.to_string()))?;
+    match parsed.scheme() {
+        Scheme::Sip | Scheme::Sips if parsed.host().is_some() => Ok(parsed),
         _ => Err(bad("the scheme must be sip: or sips:".to_owned())),
     }
 }

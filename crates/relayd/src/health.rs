@@ -23,7 +23,7 @@ pub fn options_probe(
     server: &ServerRef,
     realm: &str,
 ) -> Result<Request, rsip::Error> {
-    let uri = server.uri().clone();
+    let uri = server.uri().to_rsip();
     let mut headers = rsip::Headers::default();
     headers.push(local.via().header());
     headers.push(Header::MaxForwards(rsip::headers::MaxForwards::from(70u32)));
@@ -107,7 +107,7 @@ async fn probe(relay: Arc<Relay>, server: ServerRef) {
         relay.directory.probe_result(&server, false, Instant::now());
         return;
     };
-    let local = relay.local(peer.transport);
+    let local = relay.local(peer);
     let Ok(req) = options_probe(&local, &server, &relay.realm) else {
         return;
     };

@@ -40,7 +40,7 @@ impl Call {
             Side::Terminal => (&mut s.a_dialog, a_peer),
             Side::Server => (&mut s.b.dialog, s.b.peer),
         };
-        let local = relay.local(peer.transport);
+        let local = relay.local(peer);
         match dialog.request(method, &local.via(), extra, body) {
             Ok(req) => Some((req, peer)),
             Err(e) => {
@@ -88,6 +88,14 @@ impl Call {
             }
         }
         let method = r.req.method;
+        if method == Method::Invite && to == Side::Server {
+            // The relay asserts the service on every re-INVITE it relays to the server.
+            let s = &self.sessions[i];
+            extra.push(Header::Other(
+                "P-Asserted-Service".into(),
+                b2bua::asserted_service(&s.service, &s.params),
+            ));
+        }
         let Some((req, peer)) = self.build_request(i, to, method, extra, body) else {
             let _ = r.tx.respond(b2bua::local_response(
                 &r.req,
@@ -103,7 +111,7 @@ impl Call {
                 sent: req.clone(),
             });
         }
-        let contact = self.relay.local(r.from.transport).contact_header();
+        let contact = self.relay.local(r.from).contact_header();
         let ctx = self.relay.endpoint.send_request(req, peer);
         tokio::spawn(async move {
             let resp = match ctx {
@@ -146,7 +154,7 @@ impl Call {
             Side::Terminal => (&s.b.dialog, s.b.peer),
             Side::Server => (&s.a_dialog, a_peer),
         };
-        let local = self.relay.local(peer.transport);
+        let local = self.relay.local(peer);
         match dialog.ack_for_2xx(&pending.sent, &local.via(), headers, body) {
             Ok(relayed) => {
                 let _ = self.relay.endpoint.send_stateless(&peer, relayed).await;

@@ -155,8 +155,8 @@ impl Call {
             );
             return false;
         };
-        let local = relay.local(peer.transport);
-        let hostport = server.uri().host_with_port.to_string();
+        let local = relay.local(peer);
+        let hostport = server.uri().host_port_text().unwrap_or_default().to_owned();
         // What the inquiry takes from the terminal's INVITE: its Max-Forwards, and the
         // offer with the headers describing it (not a copy of the whole INVITE).
         let mut headers: rsip::Headers = self
@@ -250,7 +250,7 @@ impl Call {
 
     /// Sends the ACK for a server leg's 2xx and keeps it for re-sending.
     pub(crate) async fn ack_leg(&self, leg: &mut ServerLeg) {
-        let local = self.relay.local(leg.peer.transport);
+        let local = self.relay.local(leg.peer);
         match leg
             .dialog
             .ack_for_2xx(&leg.invite, &local.via(), Vec::new(), Vec::new())
@@ -277,7 +277,7 @@ impl Call {
         }
         let relay = self.relay.clone();
         let s = &mut self.sessions[i];
-        let local = relay.local(s.b.peer.transport);
+        let local = relay.local(s.b.peer);
         if let Ok(ack) =
             s.b.dialog
                 .ack_for_2xx(&s.b.invite, &local.via(), Vec::new(), Vec::new())
@@ -297,7 +297,7 @@ impl Call {
 
     /// Sends BYE on a server leg that is not (or no longer) part of a session.
     pub(crate) fn bye_leg(&self, leg: &mut ServerLeg) {
-        let local = self.relay.local(leg.peer.transport);
+        let local = self.relay.local(leg.peer);
         match leg
             .dialog
             .request(Method::Bye, &local.via(), Vec::new(), Vec::new())

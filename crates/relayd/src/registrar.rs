@@ -57,6 +57,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use rsip::prelude::*;
+use sip_core::uri::{Host, Uri};
 use sip_core::Peer;
 
 use crate::directory::DynamicServer;
@@ -271,8 +272,8 @@ pub struct ContactAddress {
     pub display_name: Option<String>,
     /// The URI as written.
     pub uri_text: String,
-    /// The URI.
-    pub uri: rsip::Uri,
+    /// The URI, read with sip-core's parser (IPv6 references included).
+    pub uri: Uri,
     /// The header parameters, in order.
     pub params: Vec<ContactParam>,
 }
@@ -405,11 +406,8 @@ fn parse_entry(entry: &str) -> Result<ContactEntry, String> {
             None => (None, entry, ""),
         }
     };
-    let uri = rsip::Uri::try_from(uri_text).map_err(|e| format!("bad Contact URI: {e}"))?;
-    if !matches!(
-        uri.scheme,
-        Some(rsip::Scheme::Sip) | Some(rsip::Scheme::Sips)
-    ) {
+    let uri = Uri::parse(uri_text).map_err(|e| format!("bad Contact URI: {e}"))?;
+    if !(uri.is_sip() || uri.is_sips()) || uri.host().is_none() {
         return Err(format!("unsupported Contact URI scheme in {uri_text:?}"));
     }
     Ok(ContactEntry::Address(Box::new(ContactAddress {
@@ -442,43 +440,35 @@ fn delta_seconds(value: &str) -> Option<u32> {
 /// Compares Contact URIs as RFC 3261 §19.1.4 does in substance: scheme and host without
 /// case, user with case, an explicit port different from none, and the parameters that
 /// must match when present (transport, user, ttl, method, maddr).
-fn uri_key(uri: &rsip::Uri) -> String {
-    let scheme = uri
-        .scheme
-        .as_ref()
-        .map(|s| s.to_string().to_ascii_lowercase())
-        .unwrap_or_default();
+fn uri_key(uri: &Uri) -> String {
+    let scheme = uri.scheme_str().to_ascii_lowercase();
     let user = uri.user().unwrap_or("");
-    let host = uri.host_with_port.host.to_string().to_ascii_lowercase();
-    let port = uri
-        .host_with_port
-        .port
-        .as_ref()
-        .map(|p| p.to_string())
+    let host = uri
+        .host()
+        .map(|h| h.to_string().to_ascii_lowercase())
         .unwrap_or_default();
+    let port = uri.port().map(|p| p.to_string()).unwrap_or_default();
     let mut params: Vec<String> = uri
-        .params
-        .iter()
-        .filter(|p| {
-            matches!(
-                p,
-                rsip::Param::Transport(_)
-                    | rsip::Param::User(_)
-                    | rsip::Param::Ttl(_)
-                    | rsip::Param::Method(_)
-                    | rsip::Param::Maddr(_)
-            )
+        .params()
+        .filter(|(name, _)| {
+            ["transport", "user", "ttl", "method", "maddr"]
+                .iter()
+                .any(|p| name.eq_ignore_ascii_case(p))
         })
-        .map(|p| p.to_string().to_ascii_lowercase())
+        .map(|(name, value)| match value {
+            Some(v) => format!(";{name}={v}").to_ascii_lowercase(),
+            None => format!(";{name}").to_ascii_lowercase(),
+        })
         .collect();
     params.sort();
     format!("{scheme}:{user}@{host}:{port}{}", params.concat())
 }
 
-fn host_ip(uri: &rsip::Uri) -> Option<IpAddr> {
-    match &uri.host_with_port.host {
-        rsip::Host::IpAddr(ip) => Some(*ip),
-        rsip::Host::Domain(domain) => domain.to_string().parse().ok(),
+fn host_ip(uri: &Uri) -> Option<IpAddr> {
+    match uri.host()? {
+        Host::V4(ip) => Some(IpAddr::V4(ip)),
+        Host::V6(ip) => Some(IpAddr::V6(ip)),
+        Host::Domain(_) => None,
     }
 }
 
@@ -490,7 +480,7 @@ pub struct Binding {
     /// The Contact URI as registered: where requests for the user go.
     pub uri_text: String,
     /// The Contact URI.
-    pub uri: rsip::Uri,
+    pub uri: Uri,
     /// The display name of the Contact, if any.
     pub display_name: Option<String>,
     /// The Contact parameters other than `expires`, as received.
@@ -718,7 +708,7 @@ impl Registrar {
             Some(ip) if nets.iter().any(|net| net.contains(ip)) => Ok(()),
             _ => Err(RegisterError::Forbidden(format!(
                 "Contact address {} not allowed",
-                address.uri.host_with_port
+                address.uri.host_port_text().unwrap_or_default()
             ))),
         }
     }
@@ -1550,7 +1540,7 @@ mod tests {
 
     #[test]
     fn uri_comparison_follows_the_rfc_in_substance() {
-        let key = |s: &str| uri_key(&rsip::Uri::try_from(s).unwrap());
+        let key = |s: &str| uri_key(&Uri::parse(s).unwrap());
         assert_eq!(key("sip:alice@Example.COM"), key("SIP:alice@example.com"));
         assert_ne!(key("sip:alice@example.com"), key("sip:Alice@example.com"));
         assert_ne!(

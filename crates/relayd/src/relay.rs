@@ -15,9 +15,9 @@ use rsip::prelude::*;
 use rsip::{Header, Method, Request};
 use sip_core::digest::StoredCredential;
 use sip_core::endpoint::{Endpoint, EndpointConfig, EndpointEvent, EventSink, IncomingRequest};
-use sip_core::resolve::{resolve, SystemDns};
+use sip_core::resolve::{resolve, SystemDns, Target};
 use sip_core::transport::TransportConfig;
-use sip_core::{message, Peer, Transport};
+use sip_core::{message, Peer};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::auth::{AuthOutcome, Authenticator, ChallengeKind, CredentialStore, FailurePolicy};
@@ -327,6 +327,40 @@ impl Relay {
         Ok(())
     }
 
+    /// Runs the rules again for a live session of `subscriber` asking, with in-dialog request
+    /// `req`, for `service` and `params` (a change's `P-Preferred-Service`, a transfer's
+    /// `Refer-To`), as if the subscriber had called that service: a rule that restricts or
+    /// redirects a service (by plan, class, time, headers…) holds for a change or a transfer
+    /// as it does for a new call. The decision's service must be known and subscribed.
+    pub fn decide_again(
+        &self,
+        subscriber: &str,
+        req: &Request,
+        service: &str,
+        params: &[(String, String)],
+    ) -> Result<crate::rules::Decision, (u16, &'static str)> {
+        let Some(user) = self.config.user(subscriber) else {
+            return Err((403, "Not a subscriber"));
+        };
+        let mut text = format!("sip:{service}@{}", self.realm);
+        for (k, v) in params {
+            if v.is_empty() {
+                text.push_str(&format!(";{k}"));
+            } else {
+                text.push_str(&format!(";{k}={v}"));
+            }
+        }
+        let ruri = sip_core::uri::Uri::parse(&text).map_err(|_| (400, "Unreadable service"))?;
+        let mut facts = facts(req, &ruri, &user.plan, &user.class, self.rules.needs());
+        facts.method = Method::Invite.to_string();
+        let decision = self.rules.evaluate(&facts, utc_second_of_day());
+        if decision.service.is_empty() {
+            return Err((404, "No service requested"));
+        }
+        self.check_service(subscriber, &decision.service)?;
+        Ok(decision)
+    }
+
     /// The servers to move a live session of `service` to, in the service's selection order
     /// (a fork strategy asks them one by one here): servers other than `current` first, then
     /// `current` itself when `current_last` (a transfer may come back to it as a last resort).
@@ -357,11 +391,15 @@ impl Relay {
         others
     }
 
-    /// The relay's address on `transport` (or its first address).
-    pub fn local(&self, transport: Transport) -> Arc<LocalAddr> {
+    /// The relay's address for talking to `peer`: one on the peer's transport and address
+    /// family (its Via and Contact must be reachable from there: an IPv6 peer gets the
+    /// relay's IPv6 address), else one on the transport, else the first.
+    pub fn local(&self, peer: Peer) -> Arc<LocalAddr> {
+        let transport = peer.transport;
         self.locals
             .iter()
-            .find(|l| l.transport == transport)
+            .find(|l| l.transport == transport && l.addr.is_ipv4() == peer.addr.is_ipv4())
+            .or_else(|| self.locals.iter().find(|l| l.transport == transport))
             .or_else(|| self.locals.first())
             .cloned()
             .unwrap_or_else(|| {
@@ -376,9 +414,16 @@ impl Relay {
     /// port and transport for an IP host).
     pub async fn resolve_server(&self, server: &ServerRef) -> Option<Peer> {
         let targets = resolve(server.uri(), &SystemDns).await.ok()?;
+        // A target the relay can reach from an address of the same family first.
+        let reachable = |t: &Target, same_family: bool| {
+            self.locals.iter().any(|l| {
+                l.transport == t.transport && (!same_family || l.addr.is_ipv4() == t.addr.is_ipv4())
+            })
+        };
         let t = targets
-            .into_iter()
-            .find(|t| self.locals.iter().any(|l| l.transport == t.transport))?;
+            .iter()
+            .find(|t| reachable(t, true))
+            .or_else(|| targets.iter().find(|t| reachable(t, false)))?;
         Some(Peer {
             transport: t.transport,
             addr: t.addr,

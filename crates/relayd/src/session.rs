@@ -25,18 +25,18 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use billing::record::EndCause;
 use rsip::prelude::*;
 use rsip::{Header, Method, Request, Response};
-use sip_core::dialog::{Dialog, DialogState};
+use sip_core::dialog::{Dialog, DialogId, DialogState};
 use sip_core::endpoint::{IncomingRequest, ServerTx};
 use sip_core::{message, Peer};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::b2bua;
-use crate::billing_control::SessionStart;
+use crate::billing_control::{SegmentClock, SessionStart};
 use crate::charge::{self, ServedSession};
 use crate::directory::{ServerRef, Strategy};
 use crate::in_dialog::PendingAck;
@@ -140,8 +140,14 @@ pub(crate) struct Session {
     /// The terminal's current SDP offer (for a transfer's inquiry).
     pub(crate) offer: (Vec<Header>, Vec<u8>),
     pub(crate) next_probe: Option<tokio::time::Instant>,
-    /// When the 2xx went to the terminal.
-    pub(crate) answered_at: SystemTime,
+    /// When the current billing segment started: the 2xx to the terminal, or the change or
+    /// transfer that opened it.
+    pub(crate) clock: SegmentClock,
+    /// The tariff plan of the current billing segment.
+    pub(crate) plan: String,
+    /// The plan the rules decided for a change or transfer in progress, which the next
+    /// segment is billed on.
+    pub(crate) next_plan: Option<String>,
 }
 
 /// A call: the terminal's INVITE and every session it gave.
@@ -291,14 +297,11 @@ impl Call {
         for i in 0..self.sessions.len() {
             match self.sessions[i].state {
                 State::AwaitingAck(d) if d <= now => {
+                    // The terminal has the 2xx and its data token: the session was
+                    // delivered, and is billed from the 2xx to now.
                     info!(session_id = %self.sessions[i].id, "terminal never acknowledged the 2xx; ending both legs");
                     self.ack_server(i).await;
-                    self.bye(i, Side::Server);
-                    self.bye(i, Side::Terminal);
-                    self.relay
-                        .directory
-                        .session_ended(&self.sessions[i].b.server);
-                    self.ended_unbilled(i);
+                    self.end(i, EndCause::Timeout, None).await;
                 }
                 State::Established if self.sessions[i].next_probe.is_some_and(|d| d <= now) => {
                     self.sessions[i].next_probe = Some(now + self.relay.limits.probe_interval);
@@ -453,12 +456,7 @@ impl Call {
                         State::Established => self.end(i, EndCause::RelayShutdown, None).await,
                         State::AwaitingAck(_) => {
                             self.ack_server(i).await;
-                            self.bye(i, Side::Server);
-                            self.bye(i, Side::Terminal);
-                            self.relay
-                                .directory
-                                .session_ended(&self.sessions[i].b.server);
-                            self.ended_unbilled(i);
+                            self.end(i, EndCause::RelayShutdown, None).await;
                         }
                         State::Ended => {}
                     }
@@ -506,7 +504,7 @@ impl Call {
                 }
                 if let Purpose::Initial { a_tag } = &leg.purpose {
                     if !self.a.final_sent {
-                        let contact = self.relay.local(self.a.peer.transport).contact_header();
+                        let contact = self.relay.local(self.a.peer).contact_header();
                         let a_tag = a_tag.clone();
                         let out = b2bua::relayed_response(
                             &self.a.invite,
@@ -637,7 +635,7 @@ impl Call {
             }
             return;
         }
-        let local = self.relay.local(self.a.peer.transport);
+        let local = self.relay.local(self.a.peer);
         let a_dialog = match Dialog::uas(
             &self.a.invite,
             &a_tag,
@@ -674,10 +672,29 @@ impl Call {
             busy: false,
             offer,
             next_probe: None,
-            answered_at: SystemTime::now(),
+            clock: SegmentClock::now(),
+            plan: self.adm.plan.clone(),
+            next_plan: None,
         });
+        let i = self.sessions.len() - 1;
+        // The 2xx hands the terminal the service (and its data token): the session is
+        // journaled, committed, before it goes out, and billed from here whatever happens
+        // next (ACK, BYE before ACK, no ACK at all).
+        if let Err(e) = self.journal(i).await {
+            warn!(error = %format!("{e:#}"), "cannot journal the session; refusing it");
+            self.ack_server(i).await;
+            self.bye(i, Side::Server);
+            self.relay
+                .directory
+                .session_ended(&self.sessions[i].b.server);
+            self.ended_unbilled(i);
+            if !self.a.final_sent {
+                self.refuse_a(500, "Billing unavailable");
+            }
+            return;
+        }
         // The server may charge for the session from now on.
-        self.index(self.sessions.len() - 1);
+        self.index(i);
         // The first 2xx completes the INVITE transaction; further 2xx of a fork go out
         // through the transaction's Accepted state (RFC 6026), each with its own To tag.
         self.a.final_sent = true;
@@ -686,20 +703,25 @@ impl Call {
         }
     }
 
-    /// The session whose terminal dialog has this local tag (the To tag of the terminal's
-    /// in-dialog requests).
+    /// The live session whose terminal dialog the request belongs to: its whole dialog id
+    /// (Call-ID, To tag, From tag; RFC 3261 §12.2.2).
     fn session_by_a_tag(&self, req: &Request) -> Option<usize> {
-        let tag = to_tag_of(&req.headers)?;
+        let id = DialogId::of_incoming_request(req)?;
         self.sessions
             .iter()
-            .position(|s| s.a_dialog.id().local_tag == tag && s.state != State::Ended)
+            .position(|s| s.a_dialog.id() == &id && s.state != State::Ended)
     }
 
-    fn session_by_b_call_id(&self, req: &Request) -> Option<usize> {
-        let cid = call_id_of(&req.headers)?;
-        self.sessions
-            .iter()
-            .position(|s| s.b.call_id == cid && s.state != State::Ended)
+    /// The live session whose server leg the request belongs to: its whole dialog id, and
+    /// sent from the server's address. A Call-ID alone is not enough: whoever learnt one
+    /// could otherwise hang up or charge someone else's session.
+    fn session_by_b_call_id(&self, req: &Request, from: &Peer) -> Option<usize> {
+        let id = DialogId::of_incoming_request(req)?;
+        self.sessions.iter().position(|s| {
+            s.state != State::Ended
+                && s.b.dialog.id() == &id
+                && s.b.peer.addr.ip() == from.addr.ip()
+        })
     }
 
     pub(crate) fn is_terminal(&self, req: &Request) -> bool {
@@ -717,7 +739,7 @@ impl Call {
             State::AwaitingAck(_) => {
                 let (headers, body) = b2bua::carried_body(&ack);
                 let s = &mut self.sessions[i];
-                let local = self.relay.local(s.b.peer.transport);
+                let local = self.relay.local(s.b.peer);
                 match s
                     .b
                     .dialog
@@ -736,14 +758,15 @@ impl Call {
                     }
                     Err(e) => warn!(error = %e, "cannot build ACK for the server"),
                 }
-                self.establish(i, SystemTime::now()).await;
+                self.establish(i);
             }
             State::Established => self.relay_ack(i, ack).await,
             State::Ended => {}
         }
     }
 
-    async fn establish(&mut self, i: usize, confirmed_at: SystemTime) {
+    /// Journals session `i` in billing from its clock's start; resolves once committed.
+    async fn journal(&self, i: usize) -> anyhow::Result<()> {
         let s = &self.sessions[i];
         let start = SessionStart {
             session_id: s.id.clone(),
@@ -751,25 +774,19 @@ impl Call {
             subscriber: self.adm.subscriber.clone(),
             service: s.service.clone(),
             server: s.b.server.uri_text().to_string(),
-            plan: self.adm.plan.clone(),
-            confirmed_at,
+            plan: s.plan.clone(),
+            confirmed_at: s.clock.started_at(),
         };
-        if let Err(e) = self.relay.billing.session_confirmed(start).await {
-            // A session that cannot be billed is not delivered.
-            warn!(error = %format!("{e:#}"), "cannot journal the session; ending it");
-            self.bye(i, Side::Server);
-            self.bye(i, Side::Terminal);
-            self.relay
-                .directory
-                .session_ended(&self.sessions[i].b.server);
-            self.ended_unbilled(i);
-            return;
-        }
+        self.relay.billing.session_confirmed(start).await
+    }
+
+    /// The terminal confirmed session `i` (its ACK, or a BYE proving it had the 2xx): in-dialog
+    /// requests and probes may run. Billing started at the 2xx.
+    fn establish(&mut self, i: usize) {
         let s = &mut self.sessions[i];
         s.state = State::Established;
         let interval = self.relay.limits.probe_interval;
         s.next_probe = (!interval.is_zero()).then(|| tokio::time::Instant::now() + interval);
-        self.index(i);
         let s = &self.sessions[i];
         info!(session_id = %s.id, server = s.b.server.uri_text(), service = %s.service, subscriber = %self.adm.subscriber, "session established");
     }
@@ -799,7 +816,7 @@ impl Call {
         let found = if from_terminal {
             self.session_by_a_tag(&r.req)
         } else {
-            self.session_by_b_call_id(&r.req)
+            self.session_by_b_call_id(&r.req, &r.from)
         };
         let Some(i) = found else {
             let code = if r.req.method == Method::Invite && !has_to_tag(&r.req) {
@@ -835,29 +852,20 @@ impl Call {
                     };
                     self.end(i, cause, Some((side, r))).await;
                 }
-                State::AwaitingAck(_) if side == Side::Terminal => {
-                    // A BYE in the dialog proves the terminal got our 2xx: its ACK was lost
-                    // or is late (RFC 3261 §15). The session was delivered, so bill it, from
-                    // the moment the 2xx went out.
+                State::AwaitingAck(_) => {
+                    // The 2xx went out, so the session was delivered and is billed from
+                    // it: a BYE from the terminal proves it got the 2xx (its ACK was lost
+                    // or is late, RFC 3261 §15); one from the server ends what it served.
                     self.ack_server(i).await;
-                    let answered_at = self.sessions[i].answered_at;
-                    self.establish(i, answered_at).await;
-                    if self.sessions[i].state == State::Established {
-                        self.end(i, EndCause::CallerBye, Some((side, r))).await;
+                    let cause = if side == Side::Terminal {
+                        EndCause::CallerBye
                     } else {
-                        let _ = r.tx.respond(b2bua::local_response(&r.req, 200, "OK", None));
-                    }
+                        EndCause::ServerBye
+                    };
+                    self.end(i, cause, Some((side, r))).await;
                 }
-                _ => {
-                    // The server hung up before the terminal confirmed: nothing was
-                    // delivered; end both legs.
-                    self.ack_server(i).await;
-                    self.bye(i, Side::Terminal);
+                State::Ended => {
                     let _ = r.tx.respond(b2bua::local_response(&r.req, 200, "OK", None));
-                    self.relay
-                        .directory
-                        .session_ended(&self.sessions[i].b.server);
-                    self.ended_unbilled(i);
                 }
             }
             return;
@@ -881,6 +889,21 @@ impl Call {
                 change::start(self, i, r, target).await;
                 return;
             }
+            // An offer naming another service is not a change: changes are asked with
+            // P-Preferred-Service, checked and billed. Relayed, it would switch the server
+            // to a service the relay goes on billing as the old one.
+            if let Some(named) = change::sdp_service(&r.req.body) {
+                if named != self.sessions[i].service {
+                    info!(session_id = %self.sessions[i].id, service = %named, "re-INVITE offer names another service; refused");
+                    let _ = r.tx.respond(b2bua::local_response(
+                        &r.req,
+                        488,
+                        "Offer names another service (ask with P-Preferred-Service)",
+                        None,
+                    ));
+                    return;
+                }
+            }
             self.sessions[i].offer = b2bua::carried_body(&r.req);
         }
         if side == Side::Terminal && r.req.method == Method::Refer {
@@ -898,7 +921,7 @@ impl Call {
         cause: EndCause,
         bye: Option<(Side, IncomingRequest)>,
     ) {
-        let ended_at = SystemTime::now();
+        let ended_at = self.sessions[i].clock.end_at(Instant::now());
         let initiator = bye.as_ref().map(|(side, _)| *side);
         for side in [Side::Terminal, Side::Server] {
             if Some(side) != initiator {
@@ -935,11 +958,16 @@ impl Call {
     /// Closes session `i`'s billing segment with `cause` and opens a new one (a new session
     /// id) for its current service and server: a change or a transfer.
     pub(crate) async fn new_segment(&mut self, i: usize, cause: EndCause) -> anyhow::Result<()> {
-        let now = SystemTime::now();
+        let mono = Instant::now();
+        let now = self.sessions[i].clock.end_at(mono);
         let old = self.sessions[i].id.clone();
         self.relay.served.remove(&old);
         self.relay.billing.session_ended(&old, cause, now).await?;
+        self.sessions[i].clock = SegmentClock::start(now, mono);
         let new_id = format!("s-{}", message::new_tag());
+        if let Some(plan) = self.sessions[i].next_plan.take() {
+            self.sessions[i].plan = plan;
+        }
         let s = &self.sessions[i];
         let start = SessionStart {
             session_id: new_id.clone(),
@@ -947,7 +975,7 @@ impl Call {
             subscriber: self.adm.subscriber.clone(),
             service: s.service.clone(),
             server: s.b.server.uri_text().to_string(),
-            plan: self.adm.plan.clone(),
+            plan: s.plan.clone(),
             confirmed_at: now,
         };
         self.sessions[i].id = new_id;

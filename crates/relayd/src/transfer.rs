@@ -13,7 +13,9 @@ use std::collections::VecDeque;
 use billing::record::EndCause;
 use rsip::prelude::*;
 use rsip::{Header, Method, Request, Response};
+use sip_core::address::ReferTo;
 use sip_core::endpoint::IncomingRequest;
+use sip_core::uri::Uri;
 use tracing::{info, warn};
 
 use crate::b2bua;
@@ -30,14 +32,14 @@ pub(crate) struct Pending {
     pub(crate) rest: VecDeque<ServerRef>,
 }
 
-/// The service a `Refer-To` names: the user part of a SIP URI addressed to the relay.
-pub fn refer_target(value: &str) -> Option<(String, rsip::Uri)> {
-    let value = value.trim();
-    let inner = match (value.find('<'), value.rfind('>')) {
-        (Some(a), Some(b)) if a < b => &value[a + 1..b],
-        _ => value,
-    };
-    let uri = rsip::Uri::try_from(inner).ok()?;
+/// The service a `Refer-To` names (RFC 3515 §2.1): the user part of a SIP URI addressed to
+/// the relay, read with sip-core's parser (name-addr or addr-spec, IPv6 hosts included).
+pub fn refer_target(value: &str) -> Option<(String, Uri)> {
+    let refer_to = ReferTo::parse(value).ok()?;
+    let uri = refer_to.uri().clone();
+    if !(uri.is_sip() || uri.is_sips()) {
+        return None;
+    }
     let service = uri.user()?.to_string();
     (!service.is_empty()).then_some((service, uri))
 }
@@ -82,7 +84,7 @@ pub(crate) async fn start(call: &mut Call, i: usize, r: IncomingRequest) {
         return;
     };
     let relay = call.relay.clone();
-    if !relay.is_ours(&uri) {
+    if !relay.names_relay(&uri) {
         refuse(&r, 403, "Refer-To must name a service of this relay");
         return;
     }
@@ -90,10 +92,21 @@ pub(crate) async fn start(call: &mut Call, i: usize, r: IncomingRequest) {
         refuse(&r, 491, "Request Pending");
         return;
     }
-    if let Err((code, reason)) = relay.check_service(&call.adm.subscriber, &service) {
-        refuse(&r, code, reason);
-        return;
-    }
+    // The rules run again, as for a new call to the service the Refer-To names.
+    let params: Vec<(String, String)> = uri
+        .params()
+        .map(|(k, v)| (k.to_string(), v.unwrap_or_default().to_string()))
+        .collect();
+    let service = match relay.decide_again(&call.adm.subscriber, &r.req, &service, &params) {
+        Ok(decision) => {
+            call.sessions[i].next_plan = Some(decision.plan);
+            decision.service
+        }
+        Err((code, reason)) => {
+            refuse(&r, code, reason);
+            return;
+        }
+    };
     let _ =
         r.tx.respond(b2bua::local_response(&r.req, 202, "Accepted", None));
     notify(call, i, 100, "Trying", false);
@@ -203,7 +216,7 @@ pub(crate) async fn on_terminal_reinvited(
         return;
     }
     let _ = call.sessions[i].a_dialog.on_response(&resp);
-    let local = call.relay.local(call.a.peer.transport);
+    let local = call.relay.local(call.a.peer);
     match call.sessions[i]
         .a_dialog
         .ack_for_2xx(&sent, &local.via(), Vec::new(), Vec::new())
@@ -254,8 +267,11 @@ mod tests {
     fn refer_to_names_a_service() {
         let (service, uri) = refer_target("<sip:echo@relay.test>").unwrap();
         assert_eq!(service, "echo");
-        assert_eq!(uri.host_with_port.to_string(), "relay.test");
+        assert_eq!(uri.host_port_text(), Some("relay.test"));
         assert_eq!(refer_target("sip:clock@127.0.0.1:5060").unwrap().0, "clock");
+        let (service, uri) = refer_target("<sip:news@[::1]:5060;transport=tcp>").unwrap();
+        assert_eq!(service, "news");
+        assert_eq!(uri.host_port_text(), Some("[::1]:5060"));
         assert!(refer_target("<sip:relay.test>").is_none());
         assert!(refer_target("garbage").is_none());
     }

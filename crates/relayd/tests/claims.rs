@@ -512,6 +512,66 @@ fn change_to_a_service_of_the_same_server_reinvites_its_leg() {
     f.finish(&scene);
 }
 
+/// A re-INVITE without P-Preferred-Service whose offer names another service
+/// (`a=service:clock`) is not a change: relayed, it would switch the server to a service
+/// the relay goes on billing as the old one. It is refused with 488 and never reaches the
+/// server; a plain re-INVITE is relayed, asserting the session's service.
+#[test]
+fn a_reinvite_naming_another_service_in_its_sdp_is_refused_and_relayed_ones_assert_the_service() {
+    let mut scene = Scene::new();
+    let both = scene.server("both", "server_answer.xml", &[("token", "b1")]);
+    scene.start_relay(
+        &RelayConfig::default()
+            .service("echo", "first")
+            .service("clock", "first")
+            .server(ServerSpec::udp(both, &["echo", "clock"]))
+            .user(ALICE, &["echo", "clock"]),
+    );
+    let mut terminal = scene.terminal(
+        "terminal",
+        "terminal_sdp_service.xml",
+        ALICE,
+        "echo",
+        &[("target", "clock")],
+    );
+    scene.assert_success(&mut terminal);
+
+    let mut f = Findings::default();
+    let t = terminal.log();
+    f.check(
+        logged(&t, "SDP-CHANGE ")
+            .iter()
+            .all(|l| l.starts_with("SIP/2.0 488 ")),
+        format!("the SDP-only change was not refused 488: {t:?}"),
+    );
+    f.check(
+        logged(&t, "UPDATED ")
+            .iter()
+            .all(|l| l.starts_with("SIP/2.0 200 ")),
+        format!("the plain re-INVITE was not answered 200: {t:?}"),
+    );
+    // One re-INVITE reached the server (the plain one), asserting the session's service.
+    f.server_saw(&scene, "both", &["INVITE", "ACK", "REINVITE", "BYE"]);
+    f.equal(
+        "re-INVITEs the server got (with the asserted service)",
+        logged(&scene.server_named("both").log(), "REINVITE ")
+            .iter()
+            .map(|l| {
+                l.split_once(' ')
+                    .map(|x| x.1.to_string())
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>(),
+        vec!["service=echo".to_string()],
+    );
+    f.equal(
+        "session records",
+        sessions_summary(&scene.session_records()),
+        vec![summary("echo", both, "caller-bye")],
+    );
+    f.finish(&scene);
+}
+
 #[test]
 fn change_refusals_reach_the_terminal_and_leave_the_session_as_it_was() {
     let mut scene = Scene::new();
@@ -747,6 +807,154 @@ fn transfer_refusals_are_reported_and_the_session_stays_on_the_first_server() {
         vec![summary("echo", first, "caller-bye")],
     );
     f.finish(&scene);
+}
+
+/// A rule that keeps alice's clock calls away from the clock service (sends them to
+/// `premium`, which she does not subscribe to) holds for a change and a transfer as it
+/// does for a new call: neither may reach clock by another way.
+const CLOCK_RESTRICTED: &str = r#"
+[[rules]]
+name = "no-clock-for-alice"
+match = { ruri_user = "^clock$", from_user = "^alice$" }
+set = { service = "premium" }
+
+[[rules]]
+name = "default"
+default = true
+"#;
+
+#[test]
+fn change_and_transfer_run_the_rules_again() {
+    // A change to clock: refused as a call to clock would be (403), clock never inquired.
+    let mut scene = Scene::new();
+    let echo = scene.server("echo", "server_answer.xml", &[("token", "e1")]);
+    let clock = scene.server("clock", "server_answer.xml", &[("token", "c1")]);
+    scene.start_relay(
+        &RelayConfig::default()
+            .service("echo", "first")
+            .service("clock", "first")
+            .service("premium", "first")
+            .server(ServerSpec::udp(echo, &["echo"]))
+            .server(ServerSpec::udp(clock, &["clock"]))
+            .user(ALICE, &["echo", "clock"])
+            .extra_toml(CLOCK_RESTRICTED),
+    );
+    let mut terminal = scene.terminal(
+        "terminal",
+        "terminal_change_refused.xml",
+        ALICE,
+        "echo",
+        &[
+            ("unknown", "video"),
+            ("unsubscribed", "news"),
+            ("refused", "clock"),
+        ],
+    );
+    let status = terminal.wait_exit(STEP);
+    let mut f = Findings::default();
+    f.check(
+        status.success(),
+        format!("the terminal's scenario failed ({status})"),
+    );
+    let changes = logged(&terminal.log(), "CHANGE clock ");
+    f.check(
+        changes.len() == 1 && changes[0].starts_with("SIP/2.0 403 "),
+        format!("change to a service a rule keeps alice from: got {changes:?}, expected 403"),
+    );
+    f.server_saw(&scene, "echo", &["INVITE", "ACK", "BYE"]);
+    f.server_saw(&scene, "clock", &[]);
+    f.equal(
+        "session records",
+        sessions_summary(&scene.session_records()),
+        vec![summary("echo", echo, "caller-bye")],
+    );
+    f.finish(&scene);
+
+    // A transfer to clock: refused the same way, the session stays where it was.
+    let mut scene = Scene::new();
+    let first = scene.server("echo-1", "server_answer.xml", &[("token", "e1")]);
+    let second = scene.server("echo-2", "server_busy.xml", &[]);
+    let clock = scene.server("clock", "server_answer.xml", &[("token", "c1")]);
+    scene.start_relay(
+        &RelayConfig::default()
+            .service("echo", "first")
+            .service("clock", "first")
+            .service("premium", "first")
+            .server(ServerSpec::udp(first, &["echo"]))
+            .server(ServerSpec::udp(second, &["echo"]))
+            .server(ServerSpec::udp(clock, &["clock"]))
+            .user(ALICE, &["echo", "clock"])
+            .extra_toml(CLOCK_RESTRICTED),
+    );
+    let mut terminal = scene.terminal(
+        "terminal",
+        "terminal_transfer_refused.xml",
+        ALICE,
+        "echo",
+        &[("unknown", "clock"), ("target", "echo")],
+    );
+    let status = terminal.wait_exit(STEP);
+    let mut f = Findings::default();
+    f.check(
+        status.success(),
+        format!("the terminal's scenario failed ({status})"),
+    );
+    let refer = logged(&terminal.log(), "REFER clock ");
+    f.check(
+        refer.len() == 1 && refer[0].starts_with("SIP/2.0 403 "),
+        format!("REFER to a service a rule keeps alice from: got {refer:?}, expected 403"),
+    );
+    f.server_saw(&scene, "clock", &[]);
+    f.equal(
+        "session records",
+        sessions_summary(&scene.session_records()),
+        vec![summary("echo", first, "caller-bye")],
+    );
+    f.finish(&scene);
+}
+
+/// The plan a rule sets for a service applies to the segment a change opens on it.
+#[test]
+fn a_change_is_billed_on_the_plan_the_rules_give_the_new_service() {
+    let mut scene = Scene::new();
+    let both = scene.server("both", "server_answer.xml", &[("token", "b1")]);
+    scene.start_relay(
+        &RelayConfig::default()
+            .service("echo", "first")
+            .service("clock", "first")
+            .server(ServerSpec::udp(both, &["echo", "clock"]))
+            .user(ALICE, &["echo", "clock"])
+            .extra_toml(
+                r#"
+[[rules]]
+name = "clock-is-premium"
+match = { ruri_user = "^clock$" }
+set = { plan = "premium" }
+
+[[rules]]
+name = "default"
+default = true
+"#,
+            ),
+    );
+    let mut terminal = scene.terminal(
+        "terminal",
+        "terminal_change.xml",
+        ALICE,
+        "echo",
+        &[("target", "clock")],
+    );
+    scene.assert_success(&mut terminal);
+    let records = scene.session_records();
+    let plans: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| (text(r, "service"), text(r, "plan")))
+        .collect();
+    assert_eq!(
+        plans,
+        [("echo", "basic"), ("clock", "premium")],
+        "{records:#?}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

@@ -12,13 +12,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use rsip::{Host, Scheme, Uri};
+use rsip::Host;
 use rsip_dns::records::{
     AddrRecord, NaptrEntry, NaptrFlags, NaptrRecord, NaptrServices, SrvEntry, SrvRecord,
 };
 use rsip_dns::{Context, DnsClient, Lookup, ResolvableExt, SrvDomain, SupportedTransports};
 
 use crate::peer::{Peer, Transport};
+use crate::uri::{Host as UriHost, Scheme as UriScheme};
 
 /// The most targets one resolution yields; RFC 3263 lookups can fan out widely.
 const MAX_TARGETS: usize = 16;
@@ -86,20 +87,27 @@ fn from_rsip(t: rsip::Transport) -> Option<Transport> {
 ///
 /// * scheme `sips` means TLS (a `transport=tcp` on it is TLS over TCP; `transport=udp` is
 ///   an error); `sip` without `transport=` means UDP for an IP host (RFC 3263 §4.1);
-/// * an IP host gives one target: its port, or 5060 (5061 for TLS);
+/// * an IP host (IPv4, or IPv6 in brackets) gives one target: its port, or 5060 (5061 for
+///   TLS);
 /// * a domain goes through rsip-dns with `dns` (NAPTR, SRV, then A/AAAA; an explicit port
 ///   skips NAPTR and SRV). Duplicates are dropped; at most 16 targets are returned.
-pub async fn resolve<C: DnsClient>(uri: &Uri, dns: &C) -> Result<Vec<Target>, ResolveError> {
-    let secure_scheme = match &uri.scheme {
-        None | Some(Scheme::Sip) => false,
-        Some(Scheme::Sips) => true,
-        Some(other) => return Err(ResolveError::UnsupportedScheme(other.to_string())),
+///
+/// The URI is read with sip-core's own parser ([`crate::uri::Uri`]): rsip 0.4 cannot read
+/// an IPv6 reference.
+pub async fn resolve<C: DnsClient>(
+    uri: &crate::uri::Uri,
+    dns: &C,
+) -> Result<Vec<Target>, ResolveError> {
+    let secure_scheme = match uri.scheme() {
+        UriScheme::Sip => false,
+        UriScheme::Sips => true,
+        _ => return Err(ResolveError::UnsupportedScheme(uri.scheme_str().to_owned())),
     };
     let transport = match uri.transport() {
         None => None,
         Some(t) => {
-            let ours =
-                from_rsip(*t).ok_or_else(|| ResolveError::UnsupportedTransport(t.to_string()))?;
+            let ours = Transport::from_name(t)
+                .ok_or_else(|| ResolveError::UnsupportedTransport(t.to_ascii_uppercase()))?;
             Some(match (secure_scheme, ours) {
                 (true, Transport::Udp) => return Err(ResolveError::InsecureTransport),
                 (true, _) => Transport::Tls,
@@ -108,26 +116,29 @@ pub async fn resolve<C: DnsClient>(uri: &Uri, dns: &C) -> Result<Vec<Target>, Re
         }
     };
     let secure = secure_scheme || transport == Some(Transport::Tls);
-    let port = uri.port().map(|p| *p.value());
+    let port = uri.port();
+    let ip_target = |ip: IpAddr| {
+        let transport = transport.unwrap_or(if secure {
+            Transport::Tls
+        } else {
+            Transport::Udp
+        });
+        let port = port.unwrap_or_else(|| transport.default_port());
+        Ok(vec![Target {
+            transport,
+            addr: SocketAddr::new(ip, port),
+        }])
+    };
 
     match uri.host() {
-        Host::IpAddr(ip) => {
-            let transport = transport.unwrap_or(if secure {
-                Transport::Tls
-            } else {
-                Transport::Udp
-            });
-            let port = port.unwrap_or_else(|| transport.default_port());
-            Ok(vec![Target {
-                transport,
-                addr: SocketAddr::new(*ip, port),
-            }])
-        }
-        Host::Domain(domain) => {
+        None => Err(ResolveError::NotFound(uri.as_str().to_owned())),
+        Some(UriHost::V4(ip)) => ip_target(IpAddr::V4(ip)),
+        Some(UriHost::V6(ip)) => ip_target(IpAddr::V6(ip)),
+        Some(UriHost::Domain(domain)) => {
             let context = Context {
                 secure,
-                host: Host::Domain(domain.clone()),
-                port: uri.port().cloned(),
+                host: Host::Domain(domain.into()),
+                port: port.map(rsip::Port::from),
                 transport: transport.map(to_rsip),
                 dns_client: dns.clone(),
                 supported_transports: SupportedTransports::only(vec![
@@ -352,8 +363,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    fn uri(s: &str) -> Uri {
-        Uri::try_from(s).unwrap()
+    fn uri(s: &str) -> crate::uri::Uri {
+        crate::uri::Uri::parse(s).unwrap()
     }
 
     fn t(transport: Transport, addr: &str) -> Target {
@@ -425,6 +436,23 @@ mod tests {
         assert_eq!(
             r("sip:10.1.2.3;transport=sctp").await,
             Err(ResolveError::UnsupportedTransport("SCTP".into()))
+        );
+        // IPv6 references (RFC 3261 §25.1, RFC 5118), which rsip 0.4 cannot read.
+        assert_eq!(
+            r("sip:[::1]:5070").await.unwrap(),
+            [t(Transport::Udp, "[::1]:5070")]
+        );
+        assert_eq!(
+            r("sip:as1@[2001:db8::10];transport=tcp").await.unwrap(),
+            [t(Transport::Tcp, "[2001:db8::10]:5060")]
+        );
+        assert_eq!(
+            r("sips:[2001:db8::10]").await.unwrap(),
+            [t(Transport::Tls, "[2001:db8::10]:5061")]
+        );
+        assert_eq!(
+            r("tel:+15551234").await,
+            Err(ResolveError::UnsupportedScheme("tel".into()))
         );
     }
 

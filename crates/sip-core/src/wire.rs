@@ -1282,9 +1282,19 @@ fn params(c: &mut Cur<'_>, out: &mut impl Out) -> Result<(), &'static str> {
                 Some(b'"') => quoted_string(c, out)?,
                 Some(b'[') => ipv6_reference(c, out)?,
                 _ => {
-                    let v = c.take_while(is_token);
+                    // A token, or a bare IPv6 address (`received=2001:db8::9`, `::1`:
+                    // RFC 3261 §20.42 via-received, RFC 5118 §4.5).
+                    let v = c.take_while(|b| is_token(b) || b == b':');
                     if v.is_empty() {
                         return Err("empty parameter value");
+                    }
+                    if v.contains(&b':')
+                        && std::str::from_utf8(v)
+                            .ok()
+                            .and_then(|t| t.parse::<std::net::Ipv6Addr>().ok())
+                            .is_none()
+                    {
+                        return Err("malformed parameter value");
                     }
                     out.put(v);
                 }
@@ -1919,6 +1929,30 @@ Content-Length: 0\r\n\r\n";
         let mut out = Vec::new();
         unfold_into_out(b"a  b\r\n   c \r\n\td", &mut out);
         assert_eq!(out, b"a  b c d");
+    }
+
+    #[test]
+    fn via_received_may_be_a_bare_ipv6_address() {
+        // RFC 3261 §20.42: via-received = "received" EQUAL (IPv4address / IPv6address);
+        // what a UA copies back from a response into its ACK (RFC 5118 §4.5).
+        for (raw, canonical) in [
+            (
+                &b"SIP/2.0/UDP [::1]:5090;branch=z9hG4bK1;received=::1;rport=5090"[..],
+                &b"SIP/2.0/UDP [::1]:5090;branch=z9hG4bK1;received=::1;rport=5090"[..],
+            ),
+            (
+                b"SIP/2.0/UDP [2001:db8::1];received = 2001:db8::9 ;branch=z9hG4bK2",
+                b"SIP/2.0/UDP [2001:db8::1];received=2001:db8::9;branch=z9hG4bK2",
+            ),
+        ] {
+            let mut out = Vec::new();
+            canon_via(raw, &mut out).unwrap();
+            assert_eq!(out, canonical);
+        }
+        assert_eq!(
+            canon_via(b"SIP/2.0/UDP h.test;received=a:b:zz", &mut Vec::new()),
+            Err("malformed parameter value")
+        );
     }
 
     #[test]

@@ -90,6 +90,7 @@ pub struct RelayConfig {
     max_charge: Option<i64>,
     probe_interval_secs: u32,
     t1_ms: u64,
+    dual_stack: bool,
     extra: String,
 }
 
@@ -108,6 +109,7 @@ impl Default for RelayConfig {
             max_charge: None,
             probe_interval_secs: 0,
             t1_ms: 500,
+            dual_stack: false,
             extra: String::new(),
         }
     }
@@ -188,6 +190,12 @@ impl RelayConfig {
         self
     }
 
+    /// Listens on [::1] too (UDP and TCP, the same port as on 127.0.0.1).
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
+    }
+
     /// More TOML appended to the configuration as it is (`[[rules]]` tables, say).
     pub fn extra_toml(mut self, text: &str) -> Self {
         self.extra.push_str(text);
@@ -203,8 +211,13 @@ impl RelayConfig {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        let listen = if self.dual_stack {
+            format!("[\"127.0.0.1:{port}\", \"[::1]:{port}\"]")
+        } else {
+            format!("\"127.0.0.1:{port}\"")
+        };
         let mut s = format!(
-            "[listen]\nudp = \"127.0.0.1:{port}\"\ntcp = \"127.0.0.1:{port}\"\n\n\
+            "[listen]\nudp = {listen}\ntcp = {listen}\n\n\
              [relay]\nrealm = \"{REALM}\"\n\n\
              [storage]\ndata_dir = {data_dir:?}\n\n\
              [log]\nlevel = \"info\"\n\n\

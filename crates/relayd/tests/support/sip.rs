@@ -3,7 +3,7 @@
 //! `sip_core::digest` (RFC 3261 §22, RFC 7616).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use sip_core::digest;
@@ -21,15 +21,17 @@ pub fn options_ping(port: u16, transport: Transport) -> bool {
 }
 
 pub(super) fn udp_options(port: u16) -> bool {
-    let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    udp_options_at(Ipv4Addr::LOCALHOST.into(), port)
+}
+
+/// OPTIONS over UDP to `ip`:`port` (IPv4 or IPv6 loopback); whether a 200 came back.
+pub(super) fn udp_options_at(ip: IpAddr, port: u16) -> bool {
+    let sock = UdpSocket::bind((ip, 0)).unwrap();
     let local = sock.local_addr().unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
-    let req = options_request(port, local, "UDP");
-    if sock
-        .send_to(req.as_bytes(), (Ipv4Addr::LOCALHOST, port))
-        .is_err()
-    {
+    let req = options_request(SocketAddr::new(ip, port), local, "UDP");
+    if sock.send_to(req.as_bytes(), (ip, port)).is_err() {
         return false;
     }
     let mut buf = [0u8; 65_535];
@@ -43,13 +45,17 @@ pub(super) fn udp_options(port: u16) -> bool {
 /// Keep it open while the peer runs: a sipp server counts a connection closed under it as
 /// a failed call (FailedTcpClosed), and exits on a reset.
 pub(super) fn tcp_options(port: u16) -> Option<TcpStream> {
+    tcp_options_at(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
+}
+
+/// OPTIONS over a new TCP connection to `addr`, as [`tcp_options`].
+pub(super) fn tcp_options_at(addr: SocketAddr) -> Option<TcpStream> {
     let timeout = Duration::from_millis(300);
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut stream = TcpStream::connect_timeout(&addr, timeout).ok()?;
     stream.set_read_timeout(Some(timeout)).ok()?;
     let local = stream.local_addr().ok()?;
     stream
-        .write_all(options_request(port, local, "TCP").as_bytes())
+        .write_all(options_request(addr, local, "TCP").as_bytes())
         .ok()?;
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
@@ -62,8 +68,8 @@ pub(super) fn tcp_options(port: u16) -> Option<TcpStream> {
     got.starts_with(b"SIP/2.0 200").then_some(stream)
 }
 
-fn options_request(port: u16, local: SocketAddr, transport: &str) -> String {
-    let target = format!("sip:127.0.0.1:{port}");
+fn options_request(to: SocketAddr, local: SocketAddr, transport: &str) -> String {
+    let target = format!("sip:{to}");
     out_of_dialog("OPTIONS", &target, local, transport, &unique("ping-"))
 }
 
@@ -163,12 +169,17 @@ pub struct SipClient {
 impl SipClient {
     /// A client of `user` towards the relay on 127.0.0.1:`relay_port`.
     pub fn new(relay_port: u16, user: &str) -> SipClient {
-        let sock = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        SipClient::at(Ipv4Addr::LOCALHOST.into(), relay_port, user)
+    }
+
+    /// A client of `user` on `ip` (127.0.0.1 or ::1) towards the relay on `ip`:`relay_port`.
+    pub fn at(ip: IpAddr, relay_port: u16, user: &str) -> SipClient {
+        let sock = UdpSocket::bind((ip, 0)).unwrap();
         let local = sock.local_addr().unwrap();
         SipClient {
             sock,
             local,
-            relay: SocketAddr::from((Ipv4Addr::LOCALHOST, relay_port)),
+            relay: SocketAddr::new(ip, relay_port),
             user: user.to_string(),
         }
     }
@@ -261,8 +272,14 @@ impl SipClient {
         let uri = uri.to_string();
         let call_id = unique("inv-");
         let tag = unique("it");
-        let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=relay\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
-                   m=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\n";
+        let (family, ip) = match self.local.ip() {
+            IpAddr::V4(ip) => ("IP4", ip.to_string()),
+            IpAddr::V6(ip) => ("IP6", ip.to_string()),
+        };
+        let sdp = format!(
+            "v=0\r\no=- 1 1 IN {family} {ip}\r\ns=relay\r\nc=IN {family} {ip}\r\nt=0 0\r\n\
+             m=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\n"
+        );
         let mut finals = Vec::new();
         let mut auth = String::new();
         let mut passwords = passwords.iter();

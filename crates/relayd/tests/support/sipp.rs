@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::net::TcpStream;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use super::ports::free_port;
 use super::process::Guard;
-use super::sip::{send_info, tcp_options, udp_options};
+use super::sip::{send_info, tcp_options_at, udp_options_at};
 use super::{read_text, tail, unique, wait_until, Credentials, STEP};
 
 /// The sipp binary; a test that needs it fails naming the Debian package when it is missing.
@@ -62,6 +62,14 @@ impl Transport {
         }
     }
 
+    /// The name in a Via's sent-protocol (`SIP/2.0/UDP`).
+    pub fn via_name(self) -> &'static str {
+        match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+        }
+    }
+
     /// The URI parameter that makes the relay use this transport towards a server.
     pub fn uri_param(self) -> &'static str {
         match self {
@@ -89,6 +97,7 @@ pub struct SippOpts {
     port: Option<u16>,
     timeout: Option<Duration>,
     args: Vec<String>,
+    host: Option<IpAddr>,
 }
 
 impl SippOpts {
@@ -127,6 +136,13 @@ impl SippOpts {
     /// failure).
     pub fn timeout(mut self, timeout: Duration) -> SippOpts {
         self.timeout = Some(timeout);
+        self
+    }
+
+    /// The loopback address sipp binds (`-i`) and, for a terminal, where it finds the relay:
+    /// 127.0.0.1 by default, `::1` for IPv6.
+    pub fn on(mut self, host: IpAddr) -> SippOpts {
+        self.host = Some(host);
         self
     }
 
@@ -227,6 +243,7 @@ impl Sipp {
     /// as a failed call).
     pub fn server(dir: &Path, name: &str, scenario_file: &str, opts: SippOpts) -> Sipp {
         let transport = opts.transport;
+        let host = opts.host.unwrap_or(Ipv4Addr::LOCALHOST.into());
         let mut sipp = Sipp::start(dir, name, scenario_file, None, opts.args(&["-aa"]));
         let port = sipp.port;
         let ok = wait_until(STEP, || {
@@ -234,9 +251,9 @@ impl Sipp {
                 return true;
             }
             match transport {
-                Transport::Udp => udp_options(port),
+                Transport::Udp => udp_options_at(host, port),
                 Transport::Tcp => {
-                    sipp.probe = tcp_options(port);
+                    sipp.probe = tcp_options_at(SocketAddr::new(host, port));
                     sipp.probe.is_some()
                 }
             }
@@ -292,6 +309,7 @@ impl Sipp {
         opts: SippOpts,
     ) -> Sipp {
         let port = opts.port.unwrap_or_else(free_port);
+        let host = opts.host.unwrap_or(Ipv4Addr::LOCALHOST.into());
         let file = |ext: &str| dir.join(format!("{name}.{ext}"));
         let (log, stats, errors, out, messages) = (
             file("log"),
@@ -304,11 +322,12 @@ impl Sipp {
         let cid = format!("{name}-{}-%u@127.0.0.1", unique(""));
         let mut cmd = Command::new(sipp());
         if let Some(remote) = remote {
-            cmd.arg(format!("127.0.0.1:{remote}"));
+            cmd.arg(SocketAddr::new(host, remote).to_string());
         }
         cmd.arg("-sf")
             .arg(scenario(scenario_file))
-            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-cid_str", &cid])
+            .args(["-i", &host.to_string(), "-p", &port.to_string()])
+            .args(["-cid_str", &cid])
             .args(opts.to_args())
             .args(["-nostdin", "-trace_logs", "-log_file"])
             .arg(&log)
