@@ -45,9 +45,10 @@ pub struct ServedSession {
     pub terminal_call_id: String,
 }
 
-/// How long an ended session stays findable: a server may send its last charge just after
-/// the BYE, and it still belongs to that session.
-const ENDED_GRACE: Duration = Duration::from_secs(600);
+/// How long an ended session stays findable by default (`[billing] late_charge_grace_secs`):
+/// a server may send its last charge just after the BYE, and it still belongs to that
+/// session.
+pub const ENDED_GRACE: Duration = Duration::from_secs(600);
 
 /// One shard of the index: the sessions whose keys hash here, by key hash, with the time
 /// each ended (if it did); the ended ones in the order they ended, to forget them after the
@@ -59,10 +60,10 @@ struct ServedShard {
 }
 
 impl ServedShard {
-    /// Forgets the keys of sessions that ended more than [`ENDED_GRACE`] before `now`.
-    fn forget_expired(&mut self, now: Instant) {
+    /// Forgets the keys of sessions that ended more than `grace` before `now`.
+    fn forget_expired(&mut self, now: Instant, grace: Duration) {
         while let Some(&(at, key)) = self.ended.front() {
-            if now.duration_since(at) < ENDED_GRACE {
+            if now.saturating_duration_since(at) < grace {
                 break;
             }
             self.ended.pop_front();
@@ -91,6 +92,7 @@ const SERVED_SHARDS: usize = 16;
 /// found, so a collision of two hashes can only make a key unfindable, never find the wrong
 /// session.
 pub struct ServedIndex {
+    grace: Duration,
     hasher: std::collections::hash_map::RandomState,
     shards: Vec<Mutex<ServedShard>>,
     /// By server URI, the subscribers it has served since start-up. Read-locked to look a
@@ -100,8 +102,17 @@ pub struct ServedIndex {
 }
 
 impl Default for ServedIndex {
+    /// An index keeping ended sessions for [`ENDED_GRACE`].
     fn default() -> Self {
+        ServedIndex::with_grace(ENDED_GRACE)
+    }
+}
+
+impl ServedIndex {
+    /// An index keeping ended sessions findable for `grace`.
+    pub fn with_grace(grace: Duration) -> Self {
         ServedIndex {
+            grace,
             hasher: std::collections::hash_map::RandomState::new(),
             shards: (0..SERVED_SHARDS)
                 .map(|_| Mutex::new(ServedShard::default()))
@@ -149,12 +160,12 @@ impl ServedIndex {
         for key in keys_of(&s) {
             let hash = self.hash(key);
             let mut shard = self.shard(hash);
-            shard.forget_expired(now);
+            shard.forget_expired(now, self.grace);
             shard.by_key.insert(hash, (Arc::clone(&s), None));
         }
     }
 
-    /// Marks a session (segment) ended; it stays findable for [`ENDED_GRACE`].
+    /// Marks a session (segment) ended; it stays findable for the grace period.
     pub fn remove(&self, session_id: &str) {
         let now = Instant::now();
         let Some(s) = self.live(session_id) else {
@@ -206,16 +217,29 @@ impl ServedIndex {
             .is_some_and(|served| served.contains(subscriber))
     }
 
-    /// Forgets what ended more than [`ENDED_GRACE`] before `now` (done as the index is
-    /// used; here for tests).
-    #[cfg(test)]
-    fn forget_expired(&self, now: Instant) {
+    /// Forgets what ended more than the grace period before `now`. Done as sessions are
+    /// inserted, and by the relay's housekeeping every second, so that an idle relay gives
+    /// the memory back too.
+    pub fn forget_expired(&self, now: Instant) {
         for shard in &self.shards {
             shard
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .forget_expired(now);
+                .forget_expired(now, self.grace);
         }
+    }
+
+    /// How many keys the index holds (three per session, live or in its grace period).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).by_key.len())
+            .sum()
+    }
+
+    /// Whether the index holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -546,5 +570,22 @@ mod tests {
             .unwrap_or_else(|p| p.into_inner())
             .by_key
             .is_empty()));
+    }
+
+    #[test]
+    fn the_grace_period_is_the_configured_one() {
+        let grace = Duration::from_secs(5);
+        let index = ServedIndex::with_grace(grace);
+        index.insert(served("s1", "c1"));
+        assert_eq!(index.len(), 3);
+        index.remove("s1");
+        let ended = Instant::now();
+        // Within its grace period a late charge still finds it ...
+        index.forget_expired(ended + Duration::from_secs(4));
+        assert!(index.find("b-c1").is_some());
+        // ... and once it is over, nothing of it is left (well before the default 600 s).
+        index.forget_expired(ended + grace + Duration::from_secs(1));
+        assert!(index.find("b-c1").is_none());
+        assert!(index.is_empty());
     }
 }

@@ -442,6 +442,10 @@ pub struct BillingConfig {
     /// load, what arrives within it shares one commit (one `fsync`); 0 commits each batch
     /// as soon as the previous one is done. It is the most it adds to the answer of a BYE.
     pub commit_interval_ms: u32,
+    /// Seconds an ended session stays findable by charge requests: a server may send its
+    /// last charge just after the BYE, and it still belongs to that session. Each ended
+    /// session costs its index entry for this long.
+    pub late_charge_grace_secs: u32,
 }
 
 impl Default for BillingConfig {
@@ -451,6 +455,7 @@ impl Default for BillingConfig {
             max_charge: 100_000,
             touch_interval_secs: 10,
             commit_interval_ms: 10,
+            late_charge_grace_secs: 600,
         }
     }
 }

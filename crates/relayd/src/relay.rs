@@ -174,6 +174,8 @@ impl Relay {
     /// store, runs crash recovery, then starts dispatching what the sockets receive. Returns
     /// the relay and the billing writer (to shut down last).
     pub async fn start(config: Config) -> anyhow::Result<(Arc<Relay>, billing::writer::Writer)> {
+        let late_charge_grace =
+            Duration::from_secs(u64::from(config.billing.late_charge_grace_secs));
         let realm = config.relay.realm.clone();
         let endpoint_config = EndpointConfig {
             transport: TransportConfig {
@@ -273,7 +275,7 @@ impl Relay {
             billing: Arc::new(billing),
             sessions: SessionTable::default(),
             limits,
-            served: ServedIndex::default(),
+            served: ServedIndex::with_grace(late_charge_grace),
             stats: RelayStats::default(),
             backlog: Backlog::new(MAX_BACKLOG),
         });
