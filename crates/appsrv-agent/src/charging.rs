@@ -22,12 +22,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::RngCore;
-use rsip::prelude::*;
-use rsip::{Header, Method, Request, Response, Uri};
+use rsip::headers::UntypedHeader as _;
+use rsip::{Header, Method, Request, Response};
 use sip_core::dialog::ViaSpec;
 use sip_core::endpoint::Endpoint;
 use sip_core::message;
 use sip_core::resolve::{self, SystemDns};
+use sip_core::uri::Uri;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
@@ -253,7 +254,8 @@ pub fn verdict(code: u16) -> Verdict {
     }
 }
 
-/// Where charges go and how they are paid for.
+/// Where charges go and how they are paid for. The URIs are sip-core's, so that an IPv6
+/// relay (`sip:[::1]:5060`) reads and prints as written.
 #[derive(Clone)]
 pub struct ChargerConfig {
     /// The SIP endpoint.
@@ -568,12 +570,7 @@ struct MessageBuilder {
 
 impl MessageBuilder {
     fn new(config: &ChargerConfig) -> MessageBuilder {
-        let host = config
-            .sent_by
-            .split(':')
-            .next()
-            .unwrap_or("agent")
-            .to_string();
+        let host = crate::config::host_of(&config.sent_by).to_string();
         MessageBuilder {
             charge_uri: config.charge_uri.clone(),
             aor: config.aor.clone(),
@@ -604,7 +601,7 @@ impl MessageBuilder {
         debug!(call_id = %self.call_id, cseq = self.cseq, "charge MESSAGE");
         Request {
             method: Method::Message,
-            uri: self.charge_uri.clone(),
+            uri: self.charge_uri.to_rsip(),
             version: rsip::Version::V2,
             headers,
             body,
@@ -730,8 +727,8 @@ mod tests {
             sent_by: "127.0.0.1:5080".into(),
         };
         let mut b = MessageBuilder {
-            charge_uri: Uri::try_from("sip:charge@relay.test").unwrap(),
-            aor: Uri::try_from("sip:as1@relay.test").unwrap(),
+            charge_uri: Uri::parse("sip:charge@relay.test").unwrap(),
+            aor: Uri::parse("sip:as1@relay.test").unwrap(),
             call_id: "c1@127.0.0.1".into(),
             from_tag: "t1".into(),
             cseq: 0,
@@ -750,5 +747,36 @@ mod tests {
         assert!(one.contains(&format!("Content-Type: {CONTENT_TYPE}")));
         assert!(one.contains("Call-ID: c1@127.0.0.1") && two.contains("Call-ID: c1@127.0.0.1"));
         assert!(one.ends_with("\r\n\r\n{}"), "{one}");
+    }
+
+    #[test]
+    fn a_charge_toward_an_ipv6_relay_brackets_every_address() {
+        let via = ViaSpec {
+            transport: sip_core::Transport::Udp,
+            sent_by: crate::config::host_port("::1", 5080),
+        };
+        let mut b = MessageBuilder {
+            charge_uri: Uri::parse("sip:charge@[::1]:5060").unwrap(),
+            aor: Uri::parse("sip:as1@[::1]:5060").unwrap(),
+            call_id: "c6@[::1]".into(),
+            from_tag: "t6".into(),
+            cseq: 0,
+        };
+        let req = b.build(&via, None, b"{}".to_vec());
+        let text = message::to_bytes(req);
+        let text = String::from_utf8_lossy(&text);
+        assert!(
+            text.starts_with("MESSAGE sip:charge@[::1]:5060 SIP/2.0\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("Via: SIP/2.0/UDP [::1]:5080;"), "{text}");
+        assert!(
+            text.contains("From: <sip:as1@[::1]:5060>;tag=t6\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("To: <sip:charge@[::1]:5060>\r\n"), "{text}");
+        // What goes out parses back, Request-URI included.
+        let back = sip_core::wire::parse(text.as_bytes());
+        assert!(back.is_ok(), "{text}");
     }
 }

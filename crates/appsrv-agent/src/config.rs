@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use rsip::{Host, Scheme, Uri};
 use serde::de::{self, Deserialize, Deserializer};
+use sip_core::uri::{Host, Scheme, Uri};
 
 use crate::backend::Backend;
 
@@ -26,7 +26,10 @@ use crate::backend::Backend;
              its data gateway.",
     after_help = "Example:\n  appsrv-agent --relay sip:127.0.0.1:5060 --domain relay.test --account as1 \
                   --password-file as1.pw --service echo=builtin:echo \
-                  --service chat=tcp://127.0.0.1:7000 --capacity 50\n\n\
+                  --service chat=tcp://127.0.0.1:7000 --capacity 50\n\
+                  Over IPv6 (SIP and data then listen on [::1]):\n  appsrv-agent --relay \
+                  'sip:[::1]:5060' --domain relay.test --account as1 --password-file as1.pw \
+                  --service echo=builtin:echo\n\n\
                   Backends: builtin:echo, builtin:clock, tcp://host:port.\n\
                   SIGTERM or Ctrl-C: live sessions are ended with BYE and the registration removed."
 )]
@@ -35,7 +38,8 @@ pub struct Flags {
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The relay's SIP URI: where to register and send charges, and the only source of
-    /// inquiries [file: relay.uri, default: sip:127.0.0.1:5060].
+    /// inquiries; an IPv6 address goes in brackets (sip:[::1]:5060) [file: relay.uri,
+    /// default: sip:127.0.0.1:5060].
     #[arg(long, value_name = "URI")]
     pub relay: Option<String>,
     /// The relay's domain (realm) for REGISTER, From and To [file: relay.domain, default:
@@ -56,13 +60,15 @@ pub struct Flags {
     /// grants [file: relay.expires, default: 120].
     #[arg(long, value_name = "SECS")]
     pub expires: Option<u32>,
-    /// SIP address (UDP and TCP) [file: sip.listen, default: 127.0.0.1:5080].
+    /// SIP address (UDP and TCP); of the relay's address family [file: sip.listen,
+    /// default: 127.0.0.1:5080, or [::1]:5080 when the relay is an IPv6 address].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// Host written in Contact and Via [file: sip.advertise, default: the listen IP].
     #[arg(long, value_name = "HOST")]
     pub advertise: Option<String>,
-    /// Data gateway address (TCP) [file: data.listen, default: 127.0.0.1:7080].
+    /// Data gateway address (TCP) [file: data.listen, default: 127.0.0.1:7080, or
+    /// [::1]:7080 when the relay is an IPv6 address].
     #[arg(long, value_name = "ADDR")]
     pub data_listen: Option<SocketAddr>,
     /// IP address written in the SDP answer [file: data.advertise, default: the data
@@ -162,7 +168,9 @@ impl fmt::Debug for Secret {
 /// The relay: where to register, whom to accept inquiries from, where charges go.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// The relay's SIP URI (`sip:127.0.0.1:5060`, `sip:relay.example;transport=tcp`).
+    /// The relay's SIP URI (`sip:127.0.0.1:5060`, `sip:[::1]:5060`,
+    /// `sip:relay.example;transport=tcp`), read by sip-core's parser (rsip 0.4 cannot read
+    /// IPv6 references).
     pub uri: Uri,
     /// The relay's domain: Request-URI of REGISTER, host of From/To.
     pub domain: String,
@@ -412,8 +420,12 @@ where
 pub const DEFAULT_RELAY: &str = "sip:127.0.0.1:5060";
 /// Default SIP address.
 pub const DEFAULT_SIP_LISTEN: &str = "127.0.0.1:5080";
+/// Default SIP address when the relay is an IPv6 address.
+pub const DEFAULT_SIP_LISTEN_V6: &str = "[::1]:5080";
 /// Default data gateway address.
 pub const DEFAULT_DATA_LISTEN: &str = "127.0.0.1:7080";
+/// Default data gateway address when the relay is an IPv6 address.
+pub const DEFAULT_DATA_LISTEN_V6: &str = "[::1]:7080";
 /// Default registration lifetime asked for, in seconds.
 pub const DEFAULT_EXPIRES: u32 = 120;
 /// Default bytes per charge unit (1 MiB).
@@ -488,9 +500,10 @@ impl Config {
         };
         let relay = b.relay(raw.relay)?;
         let billing = b.billing(raw.billing, &relay.domain)?;
+        let relay_ip = relay_ip(&relay.uri);
         Ok(Config {
-            sip: b.sip(raw.sip)?,
-            data: b.data(raw.data)?,
+            sip: b.sip(raw.sip, relay_ip)?,
+            data: b.data(raw.data, relay_ip)?,
             capacity: b.capacity(raw.limits)?,
             services: b.services(raw.services)?,
             relay,
@@ -580,7 +593,7 @@ impl Build<'_> {
             .clone()
             .or(raw.uri)
             .unwrap_or_else(|| DEFAULT_RELAY.to_string());
-        let uri = parse_relay_uri(&uri_text).map_err(|m| invalid(uri_origin, m))?;
+        let uri = parse_relay_uri(&uri_text).map_err(|m| invalid(uri_origin.clone(), m))?;
         let domain = match self.flags.domain.clone().or(raw.domain) {
             Some(d) => {
                 let d = d.trim().to_string();
@@ -593,7 +606,10 @@ impl Build<'_> {
                 }
                 d
             }
-            None => uri.host_with_port.to_string(),
+            None => uri
+                .host_port_text()
+                .map(str::to_string)
+                .ok_or_else(|| invalid(uri_origin, "the relay URI has no host"))?,
         };
         let account = self.flags.account.clone().or(raw.account).ok_or_else(|| {
             invalid(
@@ -660,12 +676,33 @@ impl Build<'_> {
         })
     }
 
-    fn sip(&self, raw: RawSip) -> Result<SipConfig, ConfigError> {
+    /// The SIP side; `relay_ip` is the relay's address when its URI names one, whose family
+    /// the default listen address follows and a configured one must reach.
+    fn sip(&self, raw: RawSip, relay_ip: Option<IpAddr>) -> Result<SipConfig, ConfigError> {
         let sip_listen = self
             .flags
             .listen
             .or(raw.listen)
-            .unwrap_or_else(|| default_addr(DEFAULT_SIP_LISTEN));
+            .unwrap_or_else(|| match relay_ip {
+                Some(IpAddr::V6(_)) => default_addr(DEFAULT_SIP_LISTEN_V6),
+                _ => default_addr(DEFAULT_SIP_LISTEN),
+            });
+        if let Some(relay) = relay_ip {
+            if !can_reach(sip_listen.ip(), relay) {
+                return Err(invalid(
+                    self.o
+                        .of(self.flags.listen.is_some(), "--listen", "sip.listen"),
+                    format!(
+                        "{sip_listen} cannot reach the relay at {relay}: listen on an address \
+                         of the relay's family ({})",
+                        match relay {
+                            IpAddr::V4(_) => "IPv4, such as 127.0.0.1:5080 or 0.0.0.0:5080",
+                            IpAddr::V6(_) => "IPv6, such as [::1]:5080 or [::]:5080",
+                        }
+                    ),
+                ));
+            }
+        }
         let advertise_origin = self.o.of(
             self.flags.advertise.is_some(),
             "--advertise",
@@ -697,12 +734,17 @@ impl Build<'_> {
         })
     }
 
-    fn data(&self, raw: RawData) -> Result<DataConfig, ConfigError> {
+    /// The data gateway; its default address follows the family of `relay_ip` (the
+    /// terminals' family is not known here: the relay's is the best guess).
+    fn data(&self, raw: RawData, relay_ip: Option<IpAddr>) -> Result<DataConfig, ConfigError> {
         let data_listen = self
             .flags
             .data_listen
             .or(raw.listen)
-            .unwrap_or_else(|| default_addr(DEFAULT_DATA_LISTEN));
+            .unwrap_or_else(|| match relay_ip {
+                Some(IpAddr::V6(_)) => default_addr(DEFAULT_DATA_LISTEN_V6),
+                _ => default_addr(DEFAULT_DATA_LISTEN),
+            });
         let data_advertise = match self.flags.data_advertise.or(raw.advertise) {
             Some(ip) if ip.is_unspecified() => {
                 return Err(invalid(
@@ -865,16 +907,16 @@ impl Build<'_> {
             ));
         }
         let charge_uri = match raw.charge_uri {
-            Some(text) => Uri::try_from(text.as_str())
+            Some(text) => Uri::parse(&text)
                 .ok()
-                .filter(|u| matches!(u.scheme, Some(Scheme::Sip) | None))
+                .filter(|u| u.scheme() == Scheme::Sip)
                 .ok_or_else(|| {
                     invalid(
                         self.o.key("billing.charge_uri"),
                         format!("{text:?} is not a sip: URI"),
                     )
                 })?,
-            None => Uri::try_from(format!("sip:charge@{domain}").as_str()).map_err(|_| {
+            None => Uri::parse(&format!("sip:charge@{domain}")).map_err(|_| {
                 invalid(
                     self.o.key("relay.domain"),
                     format!("sip:charge@{domain} is not a valid URI"),
@@ -953,27 +995,71 @@ fn is_host(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
 }
 
-/// Checks the relay URI: `sip:` only (the agent has no TLS), UDP or TCP, no user part needed.
+/// Checks the relay URI, read by sip-core's parser (IPv6 references included): `sip:` only
+/// (the agent has no TLS), UDP or TCP, no user part needed.
 fn parse_relay_uri(text: &str) -> Result<Uri, String> {
-    let uri = Uri::try_from(text.trim()).map_err(|_| format!("{text:?} is not a SIP URI"))?;
-    match uri.scheme {
-        Some(Scheme::Sip) => {}
-        Some(Scheme::Sips) => return Err(format!("{text:?}: sips (TLS) is not supported")),
+    let uri = Uri::parse(text.trim()).map_err(|e| format!("{text:?} is not a SIP URI ({e})"))?;
+    match uri.scheme() {
+        Scheme::Sip => {}
+        Scheme::Sips => return Err(format!("{text:?}: sips (TLS) is not supported")),
         _ => return Err(format!("{text:?} is not a sip: URI")),
     }
     if let Some(t) = uri.transport() {
-        if !matches!(t, rsip::Transport::Udp | rsip::Transport::Tcp) {
+        if !(t.eq_ignore_ascii_case("udp") || t.eq_ignore_ascii_case("tcp")) {
             return Err(format!(
                 "{text:?}: transport {t} is not supported (udp or tcp)"
             ));
         }
     }
-    if let Host::Domain(d) = &uri.host_with_port.host {
-        if d.to_string().is_empty() {
-            return Err(format!("{text:?} has no host"));
-        }
+    match uri.host() {
+        Some(Host::Domain("")) | None => Err(format!("{text:?} has no host")),
+        Some(_) => Ok(uri),
     }
-    Ok(uri)
+}
+
+/// `host:port` as it goes into a Via or a URI: an IPv6 address in brackets
+/// (`[::1]:5080`), a domain name or IPv4 address as it is. A host already in brackets is
+/// kept so.
+pub fn host_port(host: &str, port: u16) -> String {
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
+        _ => format!("{host}:{port}"),
+    }
+}
+
+/// The host of a `host[:port]` text (a Via's sent-by), an IPv6 reference with its
+/// brackets: `[::1]:5080` gives `[::1]`, `127.0.0.1:5080` gives `127.0.0.1`.
+pub fn host_of(host_port: &str) -> &str {
+    if host_port.starts_with('[') {
+        return match host_port.find(']') {
+            Some(end) => &host_port[..=end],
+            None => host_port,
+        };
+    }
+    match host_port.rsplit_once(':') {
+        // A bare IPv6 address (several colons) has no port to strip.
+        Some((host, _)) if !host.contains(':') => host,
+        _ => host_port,
+    }
+}
+
+/// The relay's IP address when its URI names one (not a domain name).
+pub fn relay_ip(uri: &Uri) -> Option<IpAddr> {
+    match uri.host()? {
+        Host::V4(ip) => Some(IpAddr::V4(ip)),
+        Host::V6(ip) => Some(IpAddr::V6(ip)),
+        Host::Domain(_) => None,
+    }
+}
+
+/// Whether a socket bound on `local` can exchange datagrams with `remote`: the same family,
+/// or the IPv6 wildcard (dual-stack) for an IPv4 peer.
+fn can_reach(local: IpAddr, remote: IpAddr) -> bool {
+    match (local, remote) {
+        (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => true,
+        (IpAddr::V6(l), IpAddr::V4(_)) => l.is_unspecified() || l.to_ipv4_mapped().is_some(),
+        (IpAddr::V4(_), IpAddr::V6(r)) => r.to_ipv4_mapped().is_some(),
+    }
 }
 
 #[cfg(test)]
@@ -1158,6 +1244,91 @@ mod tests {
         std::fs::write(&file, text).unwrap();
         let c = Config::load(&flags(&["--config", file.to_str().unwrap()])).unwrap();
         assert_eq!(c.relay.password.expose(), "from-file");
+    }
+
+    #[test]
+    fn an_ipv6_relay_is_read_and_the_defaults_follow_its_family() {
+        let base = "[relay]\naccount = \"as1\"\npassword = \"pw\"\n\
+                    [[services]]\nname = \"echo\"\nbackend = \"builtin:echo\"\n";
+        let c = Config::from_toml(
+            base,
+            Path::new("a.toml"),
+            &flags(&["--relay", "sip:[::1]:5999"]),
+        )
+        .unwrap();
+        assert_eq!(c.relay.uri.to_string(), "sip:[::1]:5999");
+        assert_eq!(relay_ip(&c.relay.uri), Some("::1".parse().unwrap()));
+        assert_eq!(c.relay.uri.port(), Some(5999));
+        assert_eq!(c.relay.domain, "[::1]:5999");
+        assert_eq!(c.sip.listen, "[::1]:5080".parse().unwrap());
+        assert_eq!(c.sip.advertise, "::1");
+        assert_eq!(c.data.listen, "[::1]:7080".parse().unwrap());
+        assert_eq!(c.data.advertise, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(c.billing.charge_uri.to_string(), "sip:charge@[::1]:5999");
+        assert_eq!(host_port(&c.sip.advertise, 5080), "[::1]:5080");
+
+        // The file's relay.uri, with a transport, and addresses of its own.
+        let text = "[relay]\nuri = \"sip:as1@[2001:db8::1]:5070;transport=TCP\"\n\
+                    account = \"as1\"\npassword = \"pw\"\n\
+                    [sip]\nlisten = \"[::]:5080\"\nadvertise = \"2001:db8::7\"\n\
+                    [data]\nlisten = \"[2001:db8::7]:7000\"\n\
+                    [[services]]\nname = \"echo\"\nbackend = \"builtin:echo\"\n";
+        let c = Config::from_toml(text, Path::new("a.toml"), &flags(&[])).unwrap();
+        assert_eq!(c.relay.uri.transport(), Some("TCP"));
+        assert_eq!(c.relay.domain, "[2001:db8::1]:5070");
+        assert_eq!(c.sip.listen, "[::]:5080".parse().unwrap());
+        assert_eq!(host_port(&c.sip.advertise, 5080), "[2001:db8::7]:5080");
+        assert_eq!(c.data.advertise, "2001:db8::7".parse::<IpAddr>().unwrap());
+
+        // An IPv4 socket cannot reach an IPv6 relay; the IPv6 wildcard reaches an IPv4 one.
+        let e = error_of(
+            base,
+            &["--relay", "sip:[::1]:5999", "--listen", "127.0.0.1:5080"],
+        );
+        assert!(e.starts_with("--listen:") && e.contains("IPv6"), "{e}");
+        let e = error_of(
+            base,
+            &["--relay", "sip:127.0.0.1:5999", "--listen", "[::1]:5080"],
+        );
+        assert!(e.starts_with("--listen:") && e.contains("IPv4"), "{e}");
+        let dual = Config::from_toml(
+            base,
+            Path::new("a.toml"),
+            &flags(&[
+                "--relay",
+                "sip:127.0.0.1",
+                "--listen",
+                "[::]:5080",
+                "--advertise",
+                "127.0.0.1",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(dual.sip.listen, "[::]:5080".parse().unwrap());
+
+        // Broken IPv6 references are refused with the flag named.
+        for bad in [
+            "sip:[::1",
+            "sip:[fe80::zz]:5060",
+            "sip:[::1]:99999",
+            "tel:+15551234",
+        ] {
+            let e = error_of(base, &["--relay", bad]);
+            assert!(e.starts_with("--relay:"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn host_port_brackets_ipv6_and_host_of_reads_it_back() {
+        assert_eq!(host_port("::1", 5080), "[::1]:5080");
+        assert_eq!(host_port("[::1]", 5080), "[::1]:5080");
+        assert_eq!(host_port("127.0.0.1", 5080), "127.0.0.1:5080");
+        assert_eq!(host_port("agent.example", 5080), "agent.example:5080");
+        assert_eq!(host_of("[::1]:5080"), "[::1]");
+        assert_eq!(host_of("[2001:db8::1]"), "[2001:db8::1]");
+        assert_eq!(host_of("127.0.0.1:5080"), "127.0.0.1");
+        assert_eq!(host_of("agent.example"), "agent.example");
+        assert_eq!(host_of("::1"), "::1");
     }
 
     #[test]

@@ -18,10 +18,11 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use rsip::prelude::*;
-use rsip::{Header, Param, Request, Uri};
+use rsip::Request;
+use sip_core::address::{header_values, parse_asserted_identity, unquote, ServiceId};
 use sip_core::resolve::{self, SystemDns};
 use sip_core::sdp::{AppSdp, Connection, SdpError, Setup, APP_PROTO};
+use sip_core::uri::Uri;
 use sip_core::{Peer, Transport};
 
 use crate::config::{Config, ServiceConfig};
@@ -73,12 +74,12 @@ impl RelaySources {
         RelaySources { entries }
     }
 
-    /// The sources of a relay URI: its IP address and port, or the addresses its domain
-    /// resolves to (RFC 3263).
+    /// The sources of a relay URI: its IP address (IPv4, or IPv6 in brackets) and port, or
+    /// the addresses its domain resolves to (RFC 3263).
     pub async fn of_uri(uri: &Uri) -> Result<RelaySources, String> {
-        let port = uri.host_with_port.port.map(|p| *p.value());
-        if let rsip::Host::IpAddr(ip) = &uri.host_with_port.host {
-            return Ok(RelaySources::new(vec![(*ip, port)]));
+        let port = uri.port();
+        if let Some(ip) = crate::config::relay_ip(uri) {
+            return Ok(RelaySources::new(vec![(ip, port)]));
         }
         let targets = resolve::resolve(uri, &SystemDns)
             .await
@@ -92,10 +93,12 @@ impl RelaySources {
         Ok(RelaySources::new(entries))
     }
 
-    /// Whether a request from `peer` comes from the relay.
+    /// Whether a request from `peer` comes from the relay. An IPv4 relay seen through a
+    /// dual-stack socket (`::ffff:127.0.0.1`) counts as itself.
     pub fn allows(&self, peer: &Peer) -> bool {
+        let from = peer.addr.ip().to_canonical();
         self.entries.iter().any(|(ip, port)| {
-            *ip == peer.addr.ip()
+            ip.to_canonical() == from
                 && (peer.transport != Transport::Udp || port.is_none_or(|p| p == peer.addr.port()))
         })
     }
@@ -243,63 +246,64 @@ fn check_capacity(config: &Config, service: &ServiceConfig, load: &Load) -> Resu
     Ok(())
 }
 
-/// The value of the first header named `name` (an extension header rsip keeps as text).
+/// The value of the first header named `name` (ASCII case ignored, compact forms
+/// included), trimmed.
 pub fn header_value<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
-    req.headers.iter().find_map(|h| match h {
-        Header::Other(n, v) if n.trim().eq_ignore_ascii_case(name) => Some(v.trim()),
-        _ => None,
-    })
+    header_values(&req.headers, name).next()
 }
 
-/// The service in `P-Asserted-Service`: `echo`, `<echo>`, `echo;quality=hd`, or a URN whose
-/// last segment is the name (`urn:urn-7:3gpp-service.echo`).
+/// The service in `P-Asserted-Service` (RFC 6050 §4, read by sip-core's [`ServiceId`]):
+/// `echo`, `<echo>`, `echo;quality=hd`, or a URN whose last segment is the name
+/// (`urn:urn-7:3gpp-service.echo`). The first of a list.
 fn asserted_service(req: &Request) -> Option<Named> {
     let value = header_value(req, P_ASSERTED_SERVICE)?;
-    let value = value
-        .strip_prefix('<')
-        .and_then(|v| v.split_once('>'))
-        .map_or_else(
-            || value.to_string(),
-            |(inner, rest)| format!("{inner}{rest}"),
-        );
-    let mut parts = value.split(';');
-    let name = parts.next()?.trim();
-    let name = if name.to_ascii_lowercase().starts_with("urn:") {
-        name.rsplit([':', '.']).next()?
-    } else {
-        name
-    };
+    let id = ServiceId::parse_list(value).ok()?.into_iter().next()?;
+    let name = id.name();
     if name.is_empty() {
         return None;
     }
-    let params = parts
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (k.trim().to_string(), Some(v.trim().to_string())),
-            None => (p.trim().to_string(), None),
-        })
+    let params = id
+        .params()
+        .map(|(k, v)| (k.to_string(), v.map(|v| unquote(v).into_owned())))
         .collect();
     Some((name.to_string(), params))
 }
 
-fn ruri_service(req: &Request) -> Option<Named> {
-    req.uri
-        .user()
-        .filter(|u| !u.is_empty())
-        .map(|u| (u.to_string(), Vec::new()))
+/// The Request-URI read by sip-core's parser: rsip 0.4 cannot model an IPv6 host, and the
+/// wire layer then hands the URI over as written (an rsip carrier), which this reads back.
+fn request_uri(req: &Request) -> Option<Uri> {
+    Uri::from_rsip(&req.uri).ok()
 }
 
+fn ruri_service(req: &Request) -> Option<Named> {
+    let uri = request_uri(req)?;
+    let user = uri.user_decoded()?;
+    (!user.is_empty()).then(|| (user.into_owned(), Vec::new()))
+}
+
+/// The URI parameters of RFC 3261 §19.1.1 and those rsip reads as its own (Via, From and
+/// Contact parameters): not service parameters.
+const SIP_URI_PARAMS: [&str; 11] = [
+    "transport",
+    "user",
+    "method",
+    "ttl",
+    "maddr",
+    "lr",
+    "branch",
+    "received",
+    "tag",
+    "expires",
+    "q",
+];
+
 fn ruri_params(req: &Request) -> Params {
-    req.uri
-        .params
-        .iter()
-        .filter_map(|p| match p {
-            Param::Other(name, value) => Some((
-                name.value().to_string(),
-                value.as_ref().map(|v| v.value().to_string()),
-            )),
-            _ => None,
-        })
+    let Some(uri) = request_uri(req) else {
+        return Vec::new();
+    };
+    uri.params()
+        .filter(|(name, _)| !SIP_URI_PARAMS.iter().any(|p| p.eq_ignore_ascii_case(name)))
+        .map(|(name, value)| (name.to_string(), value.map(str::to_string)))
         .collect()
 }
 
@@ -310,39 +314,18 @@ fn offered_service(offer: &Result<Option<AppSdp>, Refusal>) -> Option<Named> {
     }
 }
 
-/// The user part of the first SIP URI in `P-Asserted-Identity` (RFC 3325 §9.1; a `tel:`
-/// identity beside it is skipped).
+/// The user part of the first SIP URI in `P-Asserted-Identity` (RFC 3325 §9.1, read by
+/// sip-core's address parser; a `tel:` identity beside it is skipped).
 pub fn asserted_subscriber(req: &Request) -> Option<String> {
     let value = header_value(req, P_ASSERTED_IDENTITY)?;
-    split_identities(value).into_iter().find_map(|id| {
-        let id = id.trim();
-        let uri = match (id.find('<'), id.rfind('>')) {
-            (Some(open), Some(close)) if open < close => &id[open + 1..close],
-            _ => id.split(';').next().unwrap_or(id),
-        };
-        let uri = Uri::try_from(uri.trim()).ok()?;
-        uri.user().filter(|u| !u.is_empty()).map(str::to_string)
-    })
-}
-
-/// Splits a header value at commas outside quotes and angle brackets.
-fn split_identities(value: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let (mut quoted, mut angle, mut start) = (false, false, 0);
-    for (i, c) in value.char_indices() {
-        match c {
-            '"' => quoted = !quoted,
-            '<' if !quoted => angle = true,
-            '>' if !quoted => angle = false,
-            ',' if !quoted && !angle => {
-                out.push(&value[start..i]);
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    out.push(&value[start..]);
-    out
+    parse_asserted_identity(value)
+        .ok()?
+        .iter()
+        .filter(|id| id.uri().is_sip())
+        .find_map(|id| {
+            let user = id.uri().user_decoded()?;
+            (!user.is_empty()).then(|| user.into_owned())
+        })
 }
 
 /// The terminal's offer: none for an empty body; `415` for a body that is not SDP; `488`
@@ -351,12 +334,7 @@ pub fn read_offer(req: &Request) -> Result<Option<AppSdp>, Refusal> {
     if req.body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let content_type = req.headers.iter().find_map(|h| match h {
-        Header::ContentType(ct) => Some(ct.value().to_string()),
-        _ => None,
-    });
-    let is_sdp = content_type
-        .as_deref()
+    let is_sdp = header_value(req, "Content-Type")
         .and_then(|ct| ct.split(';').next())
         .is_some_and(|ct| ct.trim().eq_ignore_ascii_case("application/sdp"));
     if !is_sdp {
@@ -421,7 +399,8 @@ mod tests {
     use super::*;
     use crate::config::Flags;
     use clap::Parser;
-    use rsip::SipMessage;
+    use rsip::headers::UntypedHeader as _;
+    use rsip::{Header, SipMessage};
 
     fn config(extra: &str) -> Config {
         let text = format!(
@@ -454,7 +433,8 @@ t=0 0\r\nm=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\
             text.push_str("Content-Type: application/sdp\r\n");
         }
         text.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-        match SipMessage::try_from(text.as_str()).unwrap() {
+        // Read as the endpoint reads it: sip-core's wire layer (IPv6 Request-URIs included).
+        match sip_core::wire::parse(text.as_bytes()).unwrap() {
             SipMessage::Request(r) => r,
             _ => unreachable!(),
         }
@@ -626,7 +606,7 @@ t=0 0\r\nm=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\
 
     #[tokio::test]
     async fn relay_sources_of_an_ip_uri() {
-        let uri = Uri::try_from("sip:127.0.0.1:5999").unwrap();
+        let uri = Uri::parse("sip:127.0.0.1:5999").unwrap();
         let s = RelaySources::of_uri(&uri).await.unwrap();
         assert_eq!(
             s,
@@ -676,5 +656,58 @@ t=0 0\r\nm=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\
         );
         assert_eq!(again.connection, Some(Connection::Existing));
         assert_eq!(again.token, None);
+    }
+
+    #[test]
+    fn an_ipv6_data_address_gives_an_ip6_answer() {
+        let data: SocketAddr = "[::1]:7080".parse().unwrap();
+        let sdp = answer(data, Some("0123abcd"), "echo", None);
+        let text = sdp.to_string();
+        assert!(text.contains("c=IN IP6 ::1\r\n"), "{text}");
+        let origin = text.lines().find(|l| l.starts_with("o=")).unwrap();
+        assert!(origin.ends_with(" IN IP6 ::1"), "{origin}");
+        assert!(
+            text.contains("m=application 7080 TCP relay-data\r\n"),
+            "{text}"
+        );
+        let parsed = AppSdp::parse(text.as_bytes()).unwrap();
+        assert_eq!(parsed.socket_addr(), data);
+        assert_eq!(parsed.origin.addr, data.ip());
+    }
+
+    #[test]
+    fn an_inquiry_to_an_ipv6_request_uri_names_its_service_and_params() {
+        let c = config("");
+        let req = invite(
+            "sip:echo@[::1]:5080;quality=hd;transport=udp",
+            &["P-Asserted-Identity: <sip:alice@[2001:db8::1]>"],
+            OFFER,
+        );
+        assert_eq!(ruri_service(&req), Some(("echo".to_string(), Vec::new())));
+        let a = decide(&req, &c, &Load::default()).unwrap();
+        assert_eq!(a.service.name, "echo");
+        assert_eq!(a.subscriber, "alice");
+        assert_eq!(
+            a.params,
+            vec![("quality".to_string(), Some("hd".to_string()))],
+            "transport= is not a service parameter"
+        );
+    }
+
+    #[tokio::test]
+    async fn relay_sources_of_an_ipv6_uri() {
+        let uri = Uri::parse("sip:[::1]:5999").unwrap();
+        let s = RelaySources::of_uri(&uri).await.unwrap();
+        assert_eq!(
+            s,
+            RelaySources::new(vec![("::1".parse().unwrap(), Some(5999))])
+        );
+        assert!(s.allows(&Peer::udp("[::1]:5999".parse().unwrap())));
+        assert!(!s.allows(&Peer::udp("[::1]:5998".parse().unwrap())));
+        assert!(!s.allows(&Peer::udp("127.0.0.1:5999".parse().unwrap())));
+        assert!(s.allows(&Peer::tcp("[::1]:40000".parse().unwrap())));
+        // An IPv4 relay seen on a dual-stack socket.
+        let v4 = RelaySources::new(vec![("127.0.0.1".parse().unwrap(), Some(5060))]);
+        assert!(v4.allows(&Peer::udp("[::ffff:127.0.0.1]:5060".parse().unwrap())));
     }
 }

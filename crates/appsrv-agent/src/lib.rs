@@ -26,6 +26,14 @@
 //!   is ended with BYE;
 //! * charges are made per whole block of `billing.bytes_per_charge` bytes delivered to the
 //!   terminal; a backend cannot ask for a charge of its own yet.
+//!
+//! IPv6: the relay URI and every URI the agent builds or reads (its Contact, address of
+//! record, registrar, charge URI, the relay's Request-URIs, Contacts and asserted identities)
+//! go through sip-core's parsers ([`sip_core::uri`], [`sip_core::address`]), since rsip 0.4
+//! cannot read an IPv6 reference; they enter rsip messages as carriers that print as written.
+//! An IPv6 relay (`sip:[::1]:5060`) makes the SIP and data addresses default to `[::1]`;
+//! hosts are written in brackets in Via, Contact and URIs, and an IPv6 data address gives an
+//! `IN IP6` SDP answer.
 
 pub mod auth;
 pub mod backend;

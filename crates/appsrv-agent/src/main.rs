@@ -7,16 +7,16 @@
 //! command line, from clap).
 
 use std::io::{self, IsTerminal};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use clap::Parser;
-use rsip::Uri;
 use sip_core::endpoint::{Endpoint, EndpointConfig};
 use sip_core::transport::TransportConfig;
+use sip_core::uri::Uri;
 use sip_core::Transport;
 use tokio::sync::{mpsc, watch};
 use tracing::info;
@@ -94,18 +94,10 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     installed.map_err(|e| anyhow!("cannot install the logger: {e}"))
 }
 
-/// `host:port` with brackets around an IPv6 address.
-fn host_port(host: &str, port: u16) -> String {
-    match host.parse::<IpAddr>() {
-        Ok(IpAddr::V6(v6)) => format!("[{v6}]:{port}"),
-        _ => format!("{host}:{port}"),
-    }
-}
-
 async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let relay_transport = match config.relay.uri.transport() {
-        Some(rsip::Transport::Tcp) => Transport::Tcp,
+    let relay_transport = match config.relay.uri.transport().and_then(Transport::from_name) {
+        Some(Transport::Tcp) => Transport::Tcp,
         _ => Transport::Udp,
     };
 
@@ -125,17 +117,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let sip_addr = endpoint
         .local_addr(relay_transport)
         .ok_or_else(|| anyhow!("no {relay_transport} socket on {listen}"))?;
-    let sent_by = host_port(&config.sip.advertise, sip_addr.port());
+    let sent_by = appsrv_agent::config::host_port(&config.sip.advertise, sip_addr.port());
     let transport_param = match relay_transport {
         Transport::Tcp => ";transport=tcp",
         _ => "",
     };
-    let contact =
-        Uri::try_from(format!("sip:{}@{sent_by}{transport_param}", config.relay.account).as_str())
-            .map_err(|e| anyhow!("cannot make our Contact URI from sip.advertise: {e}"))?;
-    let aor =
-        Uri::try_from(format!("sip:{}@{}", config.relay.account, config.relay.domain).as_str())
-            .map_err(|e| anyhow!("cannot make the address of record from relay.domain: {e}"))?;
+    let contact = Uri::parse(&format!(
+        "sip:{}@{sent_by}{transport_param}",
+        config.relay.account
+    ))
+    .map_err(|e| anyhow!("cannot make our Contact URI from sip.advertise: {e}"))?;
+    let aor = Uri::parse(&format!(
+        "sip:{}@{}",
+        config.relay.account, config.relay.domain
+    ))
+    .map_err(|e| anyhow!("cannot make the address of record from relay.domain: {e}"))?;
 
     let relay = RelaySources::of_uri(&config.relay.uri)
         .await
@@ -206,7 +202,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     // Registration.
     let (registration, registration_task) = if config.relay.register {
         let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
-        let registrar = Uri::try_from(format!("sip:{}", config.relay.domain).as_str())
+        let registrar = Uri::parse(&format!("sip:{}", config.relay.domain))
             .map_err(|e| anyhow!("cannot make the registrar URI from relay.domain: {e}"))?;
         let params = RegistrationParams {
             registrar,

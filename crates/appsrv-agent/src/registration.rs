@@ -11,12 +11,14 @@
 
 use std::time::{Duration, Instant};
 
-use rsip::prelude::*;
-use rsip::{Header, Method, Request, Response, Uri};
+use rsip::headers::UntypedHeader as _;
+use rsip::{Header, Method, Request, Response};
+use sip_core::address::{header_values, Contacts};
 use sip_core::dialog::ViaSpec;
 use sip_core::endpoint::Endpoint;
 use sip_core::message;
 use sip_core::resolve::{self, SystemDns};
+use sip_core::uri::{Host, Uri};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -31,7 +33,8 @@ const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// Challenges answered in a row before the attempt counts as failed.
 const MAX_CHALLENGES: u8 = 3;
 
-/// What a REGISTER says about us.
+/// What a REGISTER says about us. The URIs are sip-core's (an IPv6 host in brackets reads
+/// and prints as written); they go into the rsip message as [`Uri::to_rsip`] carriers.
 #[derive(Debug, Clone)]
 pub struct RegistrationParams {
     /// Request-URI: `sip:<relay domain>`.
@@ -124,7 +127,7 @@ impl Registration {
         backoff: Backoff,
         now: Instant,
     ) -> Registration {
-        let host = params.contact.host_with_port.host.to_string();
+        let host = params.contact.host_text().unwrap_or("agent").to_string();
         Registration {
             expires: params.expires,
             params,
@@ -250,7 +253,7 @@ impl Registration {
         message::set_content_length(&mut headers, 0);
         Request {
             method: Method::Register,
-            uri: self.params.registrar.clone(),
+            uri: self.params.registrar.to_rsip(),
             version: rsip::Version::V2,
             headers,
             body: Vec::new(),
@@ -306,10 +309,8 @@ impl Registration {
                 ),
             },
             423 => {
-                let min = resp.headers.iter().find_map(|h| match h {
-                    Header::MinExpires(m) => m.value().trim().parse::<u32>().ok(),
-                    _ => None,
-                });
+                let min =
+                    header_values(&resp.headers, "Min-Expires").find_map(|v| v.parse::<u32>().ok());
                 match min {
                     Some(min) if min > self.expires && min <= 86_400 && !unregister => {
                         self.expires = min;
@@ -366,16 +367,10 @@ impl Registration {
     /// `Expires` header, else what we asked for (RFC 3261 §10.2.4). At least one second.
     fn granted_expires(&self, resp: &Response) -> u32 {
         let ours = &self.params.contact;
-        let from_contact = resp.headers.iter().find_map(|h| match h {
-            Header::Contact(c) => contact_expires(c.value(), ours),
-            _ => None,
-        });
-        let from_header = || {
-            resp.headers.iter().find_map(|h| match h {
-                Header::Expires(e) => e.value().trim().parse::<u32>().ok(),
-                _ => None,
-            })
-        };
+        let from_contact =
+            header_values(&resp.headers, "Contact").find_map(|v| contact_expires(v, ours));
+        let from_header =
+            || header_values(&resp.headers, "Expires").find_map(|v| v.parse::<u32>().ok());
         from_contact
             .or_else(from_header)
             .unwrap_or(self.expires)
@@ -383,30 +378,28 @@ impl Registration {
     }
 }
 
-/// The `expires` parameter of a Contact value when its URI is `ours` (same user and
-/// host:port). rsip's typed Contact refuses quoted parameter values such as
-/// `services="echo,clock"`, so the value is read here.
+/// The `expires` parameter of a Contact value (a list, possibly) for the entry whose URI is
+/// `ours` (same user, host and port; an IPv6 host compared as an address). The value is read
+/// by sip-core's parser, which takes quoted parameter values such as `services="echo,clock"`
+/// and IPv6 references, both of which rsip's typed Contact refuses.
 fn contact_expires(value: &str, ours: &Uri) -> Option<u32> {
-    let value = value.trim();
-    let (uri, params) = match (value.find('<'), value.find('>')) {
-        (Some(open), Some(close)) if open < close => (&value[open + 1..close], &value[close + 1..]),
-        _ => value.split_once(';').unwrap_or((value, "")),
-    };
-    let uri = Uri::try_from(uri.trim()).ok()?;
-    if uri.host_with_port != ours.host_with_port || uri.user() != ours.user() {
+    let Ok(Contacts::List(list)) = Contacts::parse(value) else {
         return None;
-    }
-    let mut in_quotes = false;
-    params
-        .split(|c: char| {
-            if c == '"' {
-                in_quotes = !in_quotes;
-            }
-            c == ';' && !in_quotes
-        })
-        .filter_map(|p| p.split_once('='))
-        .find(|(name, _)| name.trim().eq_ignore_ascii_case("expires"))
-        .and_then(|(_, v)| v.trim().parse().ok())
+    };
+    list.iter()
+        .find(|c| same_binding(c.uri(), ours))
+        .and_then(|c| c.expires())
+}
+
+/// Whether two SIP URIs name the same binding: user, host (a domain without regard to
+/// case, an IP address by value) and port.
+fn same_binding(a: &Uri, b: &Uri) -> bool {
+    let same_host = match (a.host(), b.host()) {
+        (Some(Host::Domain(x)), Some(Host::Domain(y))) => x.eq_ignore_ascii_case(y),
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    };
+    same_host && a.port() == b.port() && a.user() == b.user()
 }
 
 fn reason_of(resp: &Response) -> String {
@@ -613,9 +606,9 @@ mod tests {
 
     fn params() -> RegistrationParams {
         RegistrationParams {
-            registrar: Uri::try_from("sip:relay.test").unwrap(),
-            aor: Uri::try_from("sip:as1@relay.test").unwrap(),
-            contact: Uri::try_from("sip:as1@127.0.0.1:5080").unwrap(),
+            registrar: Uri::parse("sip:relay.test").unwrap(),
+            aor: Uri::parse("sip:as1@relay.test").unwrap(),
+            contact: Uri::parse("sip:as1@127.0.0.1:5080").unwrap(),
             contact_params: RegistrationParams::service_params(&["echo", "clock"], Some(50)),
             expires: 120,
         }
@@ -844,7 +837,7 @@ mod tests {
 
     #[test]
     fn contact_expires_reads_our_contact_only() {
-        let ours = Uri::try_from("sip:as1@127.0.0.1:5080").unwrap();
+        let ours = Uri::parse("sip:as1@127.0.0.1:5080").unwrap();
         let read = |v: &str| contact_expires(v, &ours);
         assert_eq!(
             read("<sip:as1@127.0.0.1:5080>;services=\"a;b,c\";expires=60"),
@@ -859,6 +852,67 @@ mod tests {
         assert_eq!(read("<sip:as2@127.0.0.1:5080>;expires=60"), None);
         assert_eq!(read("<sip:as1@127.0.0.1:5080>;services=x"), None);
         assert_eq!(read("<garbage>;expires=1"), None);
+    }
+
+    #[test]
+    fn registers_an_ipv6_contact_with_an_ipv6_relay() {
+        let t0 = Instant::now();
+        let params = RegistrationParams {
+            registrar: Uri::parse("sip:[::1]:5060").unwrap(),
+            aor: Uri::parse("sip:as1@[::1]:5060").unwrap(),
+            contact: Uri::parse("sip:as1@[::1]:5080").unwrap(),
+            contact_params: RegistrationParams::service_params(&["echo"], None),
+            expires: 120,
+        };
+        let mut reg = Registration::new(
+            params,
+            ClientAuth::new("as1", Secret("as1-secret".into())),
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(8)),
+            t0,
+        );
+        let via = ViaSpec {
+            transport: sip_core::Transport::Udp,
+            sent_by: "[::1]:5080".into(),
+        };
+        let req = reg.poll_request(t0, &via).unwrap();
+        let text = String::from_utf8(message::to_bytes(req.clone()).to_vec()).unwrap();
+        assert!(
+            text.starts_with("REGISTER sip:[::1]:5060 SIP/2.0\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("Via: SIP/2.0/UDP [::1]:5080;"), "{text}");
+        assert!(
+            text.contains("Contact: <sip:as1@[::1]:5080>;services=\"echo\"\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("From: <sip:as1@[::1]:5060>;tag="), "{text}");
+        assert!(header(&req, "Call-ID").unwrap().ends_with("@[::1]"));
+        // The relay echoes our Contact, the address written another way.
+        let ok = reply(
+            &req,
+            200,
+            vec![Header::Contact(rsip::headers::Contact::new(
+                "<sip:as1@[0:0::1]:5080>;services=\"echo\";expires=60",
+            ))],
+        );
+        assert_eq!(
+            reg.on_response(t0, &ok),
+            Outcome::Registered { expires: 60 }
+        );
+    }
+
+    #[test]
+    fn contact_expires_reads_ipv6_contacts_and_lists() {
+        let ours = Uri::parse("sip:as1@[::1]:5080").unwrap();
+        let read = |v: &str| contact_expires(v, &ours);
+        assert_eq!(read("<sip:as1@[::1]:5080>;expires=30"), Some(30));
+        assert_eq!(
+            read("<sip:as1@[::1]:5081>;expires=1, <sip:as1@[::1]:5080>;expires=2"),
+            Some(2)
+        );
+        assert_eq!(read("<sip:as1@127.0.0.1:5080>;expires=30"), None);
+        assert_eq!(read("<sip:as1@[::2]:5080>;expires=30"), None);
+        assert_eq!(read("<sip:as1@[::1>;expires=30"), None);
     }
 
     #[test]

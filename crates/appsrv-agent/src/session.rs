@@ -25,12 +25,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rsip::prelude::*;
-use rsip::{Header, Method, Request, Response, Uri};
+use rsip::{Header, Method, Request, Response};
 use sip_core::dialog::{Dialog, DialogId, DialogState, ViaSpec};
 use sip_core::endpoint::{Endpoint, EndpointEvent, IncomingRequest, ServerTx};
 use sip_core::message;
 use sip_core::resolve::{self, SystemDns};
 use sip_core::sdp::{new_session_token, AppSdp, Connection};
+use sip_core::uri::Uri;
 use sip_core::Peer;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -114,7 +115,7 @@ pub struct CoreParts {
     pub tokens: Arc<TokenTable>,
     /// Where charges go (`None`: billing off).
     pub charges: Option<ChargeSink>,
-    /// Our Contact URI for dialogs.
+    /// Our Contact URI for dialogs (sip-core's: an IPv6 host in brackets).
     pub contact: Uri,
     /// Our `host:port` for Via headers.
     pub sent_by: String,
@@ -305,7 +306,7 @@ impl Core {
         let dialog = match Dialog::uas(
             &req,
             &tag,
-            self.parts.contact.clone(),
+            self.parts.contact.to_rsip(),
             DialogState::Confirmed,
         ) {
             Ok(d) => d,
@@ -647,7 +648,8 @@ impl Core {
                     debug!(%call_id, "charges still unanswered; BYE goes now");
                 }
             }
-            let target = dialog.next_hop().clone();
+            // Read by sip-core's parser: an IPv6 next hop is an rsip carrier.
+            let target = dialog.next_hop_uri().clone();
             let peer = match resolve::resolve(&target, &SystemDns).await {
                 Ok(targets) => targets.first().map_or(fallback, |t| t.peer()),
                 Err(e) => {
@@ -780,7 +782,7 @@ mod tests {
     #[test]
     fn the_200_carries_contact_record_route_and_the_sdp() {
         let req = invite();
-        let contact = Uri::try_from("sip:as1@127.0.0.1:5080").unwrap();
+        let contact = Uri::parse("sip:as1@127.0.0.1:5080").unwrap();
         let sdp = inquiry::answer(
             "127.0.0.1:7080".parse().unwrap(),
             Some("abcd"),
@@ -808,6 +810,35 @@ mod tests {
             "{out}"
         );
         assert!(out.ends_with(&body), "{out}");
+    }
+
+    #[tokio::test]
+    async fn an_inquiry_over_ipv6_is_answered_with_bracketed_contact_and_ip6_sdp() {
+        let wire = "INVITE sip:echo@[::1]:5080 SIP/2.0\r\n\
+            Via: SIP/2.0/UDP [::1]:5060;branch=z9hG4bKx6;rport\r\n\
+            From: <sip:relay@[::1]:5060>;tag=r6\r\nTo: <sip:echo@[::1]:5080>\r\n\
+            Call-ID: leg-6\r\nCSeq: 1 INVITE\r\nContact: <sip:relay@[::1]:5060>\r\n\
+            Content-Length: 0\r\n\r\n";
+        let req = match sip_core::wire::parse(wire.as_bytes()).unwrap() {
+            SipMessage::Request(r) => r,
+            _ => unreachable!(),
+        };
+        let contact = Uri::parse("sip:as1@[::1]:5080").unwrap();
+        let sdp = inquiry::answer("[::1]:7080".parse().unwrap(), Some("abcd"), "echo", None);
+        let out = text(ok_reply(&req, "t6", &contact, &sdp));
+        assert!(out.contains("Contact: <sip:as1@[::1]:5080>\r\n"), "{out}");
+        assert!(
+            out.contains("To: <sip:echo@[::1]:5080>;tag=t6\r\n"),
+            "{out}"
+        );
+        assert!(out.contains("c=IN IP6 ::1\r\n"), "{out}");
+        // The dialog takes our Contact as an rsip carrier, and its BYE goes to the relay's
+        // IPv6 Contact.
+        let dialog = Dialog::uas(&req, "t6", contact.to_rsip(), DialogState::Confirmed).unwrap();
+        assert_eq!(dialog.local_target().to_string(), "sip:as1@[::1]:5080");
+        let hop = dialog.next_hop_uri().clone();
+        let targets = resolve::resolve(&hop, &SystemDns).await.unwrap();
+        assert_eq!(targets[0].addr, "[::1]:5060".parse().unwrap());
     }
 
     #[test]

@@ -152,6 +152,74 @@ async fn charges_are_authenticated_retried_with_one_event_id_and_add_up() {
     agent.wait_for("charge confirmed by the relay").await;
 }
 
+/// Charges toward an IPv6 relay: the relay stand-in listens on `[::1]` and the agent is
+/// given `--relay sip:[::1]:PORT` (no `--domain`: the charge URI is the relay's IPv6
+/// address). The SDP answer names the gateway in IPv6, the data goes over IPv6, and each
+/// charge MESSAGE arrives over IPv6 with every address bracketed; the agent then hangs up
+/// toward the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn charges_reach_an_ipv6_relay() {
+    let mut relay = Relay::bind_on("[::1]:0").await;
+    let uri = relay.uri();
+    assert!(uri.starts_with("sip:[::1]:"), "{uri}");
+    let agent = Agent::start(&[
+        "--relay",
+        &uri,
+        "--no-register",
+        "--listen",
+        "[::1]:0",
+        "--data-listen",
+        "[::1]:0",
+        "--service",
+        "echo=builtin:echo",
+        "--bytes-per-charge",
+        "1000",
+    ])
+    .await;
+    let leg = relay.call(agent.sip, "echo", "alice").await;
+    assert_eq!(leg.answer.socket_addr(), agent.data);
+    assert!(leg.answer.addr.is_ipv6() && leg.answer.origin.addr.is_ipv6());
+    let (mut data, line) = present_token(agent.data, leg.answer.token.as_deref().unwrap()).await;
+    assert_eq!(line, "OK");
+    data.write_all(&[7u8; 2500]).await.unwrap();
+    let mut back = vec![0u8; 2500];
+    tokio::time::timeout(common::WAIT, data.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    let charge_uri = format!("sip:charge@{}", relay.addr);
+    let mut units = 0;
+    while units < 2 {
+        let r = relay.next_request().await;
+        assert_eq!(r.req.method, Method::Message, "unexpected {}", r.req);
+        assert!(r.from.addr.is_ipv6(), "{}", r.from);
+        assert_eq!(r.req.uri.to_string(), charge_uri);
+        let via = header(&r.req, "Via").unwrap();
+        assert!(
+            via.starts_with(&format!("SIP/2.0/UDP {};", agent.sip)),
+            "{via}"
+        );
+        let from = header(&r.req, "From").unwrap();
+        assert!(
+            from.starts_with(&format!("<sip:as1@{}>;tag=", relay.addr)),
+            "{from}"
+        );
+        let body: serde_json::Value = serde_json::from_slice(&r.req.body).unwrap();
+        units += body["units"].as_u64().unwrap();
+        r.tx.respond(message::response_for(
+            &r.req,
+            200,
+            None,
+            Some(&message::new_tag()),
+        ))
+        .unwrap();
+    }
+    assert_eq!(units, 2);
+    agent.wait_for("charge confirmed by the relay").await;
+    data.shutdown().await.unwrap();
+    relay.expect_bye(&call_id(&leg)).await;
+}
+
 /// A charge left in the spool by an earlier run (a crash before the relay confirmed it) is
 /// sent at start with its event id unchanged, and leaves the spool once confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{assert_sipp_ok, free_udp_port, header, run_sipp_uas, sipp, Agent, Relay};
+use common::{
+    assert_sipp_ok, free_udp_port, header, run_sipp_uas, run_sipp_uas_on, sipp, Agent, Relay,
+};
 use rsip::prelude::*;
 use rsip::{Header, Method};
 use sip_core::digest::{Credentials, DigestServer, StoredCredential};
@@ -44,6 +46,44 @@ async fn registers_with_digest_to_sipp_and_unregisters_on_sigterm() {
     agent.sigterm();
     let out = registrar.await.unwrap();
     assert_sipp_ok(&out, "register_uas", &agent);
+    let status = agent.wait_exit().await;
+    assert!(status.success(), "agent exit {status:?}:\n{}", agent.log());
+    agent.wait_for("unregistered from the relay").await;
+}
+
+/// The same over IPv6: sipp is the registrar on `::1`, the agent is given
+/// `--relay sip:[::1]:PORT` (no `--domain`, so the registrar URI is the relay's IPv6
+/// address) and listens on `[::1]`. sipp checks `REGISTER sip:[::1]:PORT`, a bracketed
+/// Via and the Contact `<sip:as1@[::1]:PORT>` with the services, verifies the digest, and
+/// takes the unregistration on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_over_ipv6_to_sipp_and_unregisters_on_sigterm() {
+    sipp();
+    let port = free_udp_port("::1");
+    let registrar = tokio::spawn(run_sipp_uas_on("register_uas_ipv6.xml", "::1", port));
+    common::wait_port_bound_on("::1", port).await;
+    let relay = format!("sip:[::1]:{port}");
+    let mut agent = Agent::start(&[
+        "--relay",
+        &relay,
+        "--listen",
+        "[::1]:0",
+        "--data-listen",
+        "[::1]:0",
+        "--service",
+        "echo=builtin:echo",
+        "--service",
+        "clock=builtin:clock",
+        "--capacity",
+        "7",
+    ])
+    .await;
+    assert!(agent.sip.is_ipv6(), "{}", agent.sip);
+    let registered = agent.wait_for("registered with the relay").await;
+    assert!(registered.contains(&relay), "{registered}");
+    agent.sigterm();
+    let out = registrar.await.unwrap();
+    assert_sipp_ok(&out, "register_uas_ipv6", &agent);
     let status = agent.wait_exit().await;
     assert!(status.success(), "agent exit {status:?}:\n{}", agent.log());
     agent.wait_for("unregistered from the relay").await;

@@ -5,7 +5,10 @@
 
 mod common;
 
-use common::{assert_sipp_ok, free_udp_port, run_sipp, sipp, Agent};
+use common::{
+    assert_sipp_ok, free_udp_port, present_token, read_to_end, run_sipp, sipp, Agent, SippRun,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An INVITE from the relay for `echo` gets 200 with an SDP answer (checked by sipp's
 /// regexps: `m=application <port> TCP relay-data`, `a=setup:passive`, a 32-hex-digit
@@ -110,4 +113,87 @@ async fn inquiries_from_outside_the_relay_get_403() {
         .wait_for_nth("request from outside the relay refused", 2)
         .await;
     assert!(!agent.log().contains("inquiry accepted"), "{}", agent.log());
+}
+
+/// Over IPv6 end to end: sipp is the relay on `::1` (`--relay sip:[::1]:PORT`), the agent
+/// listens on `[::1]` for SIP and data. sipp's INVITE gets a 200 whose Contact is
+/// `<sip:as1@[::1]:PORT>` and whose SDP answer says `IN IP6 ::1` in `o=` and `c=` (sipp's
+/// regexps); sipp logs the session token. The data gateway, reached at the answer's IPv6
+/// address, refuses a wrong token and lets the right one through to the echo service; when
+/// the terminal's side ends, the agent hangs up with a BYE sent to the relay over IPv6
+/// (Via bracketed, checked by sipp), which the scenario must receive to pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sipp_inquiry_over_ipv6_gets_an_ip6_answer_and_gated_data() {
+    sipp();
+    let port = free_udp_port("::1");
+    let relay = format!("sip:[::1]:{port}");
+    let agent = Agent::start(&[
+        "--relay",
+        &relay,
+        "--no-register",
+        "--listen",
+        "[::1]:0",
+        "--data-listen",
+        "[::1]:0",
+        "--service",
+        "echo=builtin:echo",
+        "--bytes-per-charge",
+        "0",
+    ])
+    .await;
+    assert!(
+        agent.sip.is_ipv6() && agent.data.is_ipv6(),
+        "{} {}",
+        agent.sip,
+        agent.data
+    );
+    let ready = agent.wait_for("appsrv-agent ready").await;
+    assert!(
+        ready.contains("contact=sip:as1@[::1]:") && ready.contains(&format!("relay={relay}")),
+        "{ready}"
+    );
+
+    let mut sipp = SippRun::start(agent.sip, "invite_ipv6_data.xml", "::1", port);
+    let token = sipp.wait_logged("TOKEN").await;
+    assert_eq!(token.len(), 32, "{token}");
+
+    // The gate, over IPv6: a wrong token gets nothing through.
+    let (mut bad, line) = present_token(agent.data, "00000000000000000000000000000000").await;
+    assert_eq!(line, "ERR unknown token");
+    assert!(
+        read_to_end(&mut bad).await.is_empty(),
+        "bytes after a refusal"
+    );
+
+    let (mut good, line) = present_token(agent.data, &token).await;
+    assert_eq!(line, "OK");
+    assert!(good.local_addr().unwrap().is_ipv6());
+    let payload: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    let (mut rd, mut wr) = good.split();
+    let write = async {
+        wr.write_all(&payload).await.unwrap();
+        wr.shutdown().await.unwrap();
+    };
+    let read = async {
+        let mut back = Vec::new();
+        rd.read_to_end(&mut back).await.unwrap();
+        back
+    };
+    let ((), back) = tokio::time::timeout(common::WAIT, async { tokio::join!(write, read) })
+        .await
+        .expect("echo over IPv6 did not finish");
+    assert!(back == payload, "echo over IPv6 changed the bytes");
+    let attached = agent.wait_for("data connection attached").await;
+    assert!(attached.contains("peer=[::1]:"), "{attached}");
+
+    // The echo service ended: the agent's BYE reaches sipp over IPv6.
+    let out = sipp.finish().await;
+    assert_sipp_ok(&out, "invite_ipv6_data", &agent);
+    let ended = agent.wait_for("session ended").await;
+    assert!(
+        ended.contains("backend closed") && ended.contains("bytes_in=50000"),
+        "{ended}"
+    );
+    let bye = agent.wait_for("sending BYE").await;
+    assert!(bye.contains(&format!("[::1]:{port}")), "{bye}");
 }

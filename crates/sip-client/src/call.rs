@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use rsip::{Method, Request, Response, Uri};
+use rsip::{Method, Request, Response};
 use sip_core::dialog::{cancel_for, Dialog, DialogId};
 use sip_core::endpoint::{ClientEvent, ClientTx};
 use sip_core::message;
 use sip_core::sdp::{AppSdp, Setup};
+use sip_core::uri::Uri;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -202,11 +203,12 @@ impl Call {
     ) -> anyhow::Result<Request> {
         let domain = &self.ua().account().domain;
         let uri_text = self.service.uri(domain);
-        let uri = Uri::try_from(uri_text.as_str())
+        // sip-core's parser: the domain may be an IPv6 reference (`sip:echo@[::1]`).
+        let uri = Uri::parse(&uri_text)
             .with_context(|| format!("{uri_text} is not a valid Request-URI"))?;
         Ok(self.ua().request(
             Method::Invite,
-            uri,
+            &uri,
             &format!("<{uri_text}>"),
             call_id,
             from_tag,
@@ -416,7 +418,7 @@ impl Call {
                 return;
             }
         };
-        let peer = self.ua().peer_for(dialog.next_hop());
+        let peer = self.ua().peer_for(dialog.next_hop_uri());
         let n = self.dialogs.len() as u32 + 1;
         self.dialogs.insert(id.clone(), n);
         self.answered = true;

@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 use sip_core::resolve::{NaptrSpec, SrvSpec, StaticDns};
+use sip_core::uri::{Scheme, Uri};
 use sip_core::Transport;
 
 /// Text after the options in `--help`: examples, exit codes, files.
@@ -23,6 +24,7 @@ Examples:
   export SIP_CLIENT_PASSWORD=secret
   sip-client -u alice --relay sip:relay.example.com register --once
   echo hi | sip-client -u alice --relay sip:127.0.0.1:5060 --domain relay.test call echo
+  echo hi | sip-client -u alice --relay 'sip:[::1]:5060' --domain relay.test call echo
   sip-client -u alice --relay sip:relay.test call video ';quality=hd'
   sip-client call clock --no-data --then 'after 2s change echo; after 2s transfer clock; after 1s bye'
   sip-client --json call echo < input.bin > output.bin 2> events.jsonl
@@ -80,8 +82,8 @@ pub struct CommonArgs {
     /// Read the password from the first line of FILE
     #[arg(long, global = true, value_name = "FILE")]
     pub password_file: Option<PathBuf>,
-    /// The relay: a SIP URI (sip:relay.example.com, sip:127.0.0.1:5060;transport=tcp); a
-    /// domain name is resolved per RFC 3263 (NAPTR, SRV, A)
+    /// The relay: a SIP URI (sip:relay.example.com, sip:127.0.0.1:5060;transport=tcp,
+    /// sip:[::1]:5060 for IPv6); a domain name is resolved per RFC 3263 (NAPTR, SRV, A/AAAA)
     #[arg(
         short,
         long,
@@ -97,7 +99,8 @@ pub struct CommonArgs {
     /// SIP transport [default: the relay URI's transport= parameter, else udp]
     #[arg(long, global = true, value_enum)]
     pub transport: Option<TransportArg>,
-    /// Local address to bind, IP or IP:PORT [default: the address that routes to the relay, port 0]
+    /// Local address to bind, IP or IP:PORT ([::1]:5070 for IPv6), of the relay's address
+    /// family [default: the address that routes to the relay, port 0]
     #[arg(long, global = true, value_name = "ADDR")]
     pub listen: Option<String>,
     /// Registration lifetime asked for, in seconds [default: 3600]
@@ -246,7 +249,7 @@ pub struct FileConfig {
     pub domain: Option<String>,
     /// `udp` or `tcp`.
     pub transport: Option<String>,
-    /// Local address, IP or IP:PORT.
+    /// Local address, IP or IP:PORT (IPv6 in brackets with a port: `[::1]:5070`).
     pub listen: Option<String>,
     /// Registration lifetime, seconds.
     pub expires: Option<u32>,
@@ -321,8 +324,9 @@ pub struct Settings {
     pub password: String,
     /// The relay's domain (Request-URI host, From/To host).
     pub domain: String,
-    /// The relay URI to resolve.
-    pub relay: rsip::Uri,
+    /// The relay URI to resolve, read by sip-core's parser (rsip 0.4 cannot read an IPv6
+    /// reference such as `sip:[::1]:5060`).
+    pub relay: Uri,
     /// The transport asked for explicitly, if any.
     pub transport: Option<Transport>,
     /// The local address to bind, if given.
@@ -500,7 +504,9 @@ impl Settings {
                 check_domain(&d).map_err(|m| err(src, m))?;
                 d
             }
-            None => relay.host_with_port.host.to_string(),
+            // The host as written: an IPv6 address keeps its brackets (`[::1]`), so that
+            // `sip:<user>@<domain>` stays a valid URI.
+            None => relay.host_text().unwrap_or_default().to_string(),
         };
 
         let transport = match (args.transport, &file.transport) {
@@ -518,10 +524,35 @@ impl Settings {
         };
 
         let listen = match (&args.listen, &file.listen) {
-            (Some(l), _) => Some(parse_listen(l).map_err(|m| err("--listen", m))?),
-            (None, Some(l)) => Some(parse_listen(l).map_err(|m| err(fsrc("listen"), m))?),
+            (Some(l), _) => Some((
+                parse_listen(l).map_err(|m| err("--listen", m))?,
+                "--listen".to_string(),
+            )),
+            (None, Some(l)) => Some((
+                parse_listen(l).map_err(|m| err(fsrc("listen"), m))?,
+                fsrc("listen"),
+            )),
             (None, None) => None,
         };
+        // A relay given by IP address: the socket must be of its family (a relay known by
+        // name is checked once resolved).
+        if let (Some((addr, src)), Some(relay_ip)) = (&listen, relay_ip(&relay)) {
+            if !reaches(addr.ip(), relay_ip) {
+                return Err(err(
+                    src.clone(),
+                    format!(
+                        "{addr} cannot reach the relay at {relay}: give an address of the relay's \
+                         family ({})",
+                        if relay_ip.is_ipv6() {
+                            "IPv6, such as [::1] or [::]"
+                        } else {
+                            "IPv4, such as 127.0.0.1"
+                        }
+                    ),
+                ));
+            }
+        }
+        let listen = listen.map(|(addr, _)| addr);
 
         let expires = args.expires.or(file.expires).unwrap_or(3600);
         let t1_ms = args.timer_t1_ms.or(file.timer_t1_ms).unwrap_or(500);
@@ -590,36 +621,69 @@ fn check_domain(domain: &str) -> Result<(), String> {
     }
 }
 
-/// Reads the relay URI; a bare `host[:port]` gets `sip:` in front.
-pub fn parse_relay(text: &str) -> Result<rsip::Uri, String> {
+/// Reads the relay URI with sip-core's parser (IPv6 references included); a bare
+/// `host[:port]` gets `sip:` in front, and a bare IPv6 address (`::1`) its brackets too.
+pub fn parse_relay(text: &str) -> Result<Uri, String> {
     let t = text.trim();
-    let with_scheme = if t.starts_with("sip:") || t.starts_with("sips:") {
+    let has_scheme = t
+        .split_once(':')
+        .is_some_and(|(s, _)| s.eq_ignore_ascii_case("sip") || s.eq_ignore_ascii_case("sips"));
+    let with_scheme = if has_scheme {
         t.to_string()
+    } else if let Ok(std::net::IpAddr::V6(v6)) = t.parse::<std::net::IpAddr>() {
+        format!("sip:[{v6}]")
     } else if t.contains("://")
-        || t.split_once(':')
-            .is_some_and(|(_, rest)| !rest.starts_with(|c: char| c.is_ascii_digit()))
+        || (!t.starts_with('[')
+            && t.split_once(':')
+                .is_some_and(|(_, rest)| !rest.starts_with(|c: char| c.is_ascii_digit())))
     {
         return Err(format!(
-            "{t:?} is not a SIP URI (sip:host[:port][;transport=tcp])"
+            "{t:?} is not a SIP URI (sip:host[:port][;transport=tcp], sip:[::1]:5060)"
         ));
     } else {
         format!("sip:{t}")
     };
-    let uri = rsip::Uri::try_from(with_scheme.as_str())
-        .map_err(|e| format!("{t:?} is not a SIP URI ({e})"))?;
-    if uri.host_with_port.host.to_string().is_empty() {
+    let uri = Uri::parse(&with_scheme).map_err(|e| format!("{t:?} is not a SIP URI ({e})"))?;
+    if !matches!(uri.scheme(), Scheme::Sip | Scheme::Sips) {
+        return Err(format!("{t:?} is not a sip: URI"));
+    }
+    if uri.host_text().is_none_or(str::is_empty) {
         return Err(format!("{t:?} has no host"));
     }
     Ok(uri)
 }
 
-/// Reads `IP` or `IP:PORT`.
+/// The relay's IP address when its URI names one rather than a domain.
+fn relay_ip(relay: &Uri) -> Option<IpAddr> {
+    match relay.host()? {
+        sip_core::uri::Host::V4(ip) => Some(IpAddr::V4(ip)),
+        sip_core::uri::Host::V6(ip) => Some(IpAddr::V6(ip)),
+        sip_core::uri::Host::Domain(_) => None,
+    }
+}
+
+/// Whether a socket bound on `local` can reach `remote`: the same family, or the IPv6
+/// wildcard (dual-stack) for an IPv4 peer.
+pub fn reaches(local: IpAddr, remote: IpAddr) -> bool {
+    match (local, remote) {
+        (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => true,
+        (IpAddr::V6(l), IpAddr::V4(_)) => l.is_unspecified(),
+        (IpAddr::V4(_), IpAddr::V6(_)) => false,
+    }
+}
+
+/// Reads `IP` or `IP:PORT`; an IPv6 address bare (`::1`), in brackets (`[::1]`) or with a
+/// port (`[::1]:5070`).
 pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
     let t = text.trim();
     if let Ok(addr) = t.parse::<SocketAddr>() {
         return Ok(addr);
     }
-    t.parse::<IpAddr>()
+    let bare = t
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .unwrap_or(t);
+    bare.parse::<IpAddr>()
         .map(|ip| SocketAddr::new(ip, 0))
         .map_err(|_| format!("{t:?}: expected IP or IP:PORT"))
 }
@@ -829,6 +893,91 @@ mod tests {
         );
         assert_eq!(parse_listen("127.0.0.1:5099").unwrap().port(), 5099);
         assert!(parse_listen("here").is_err());
+    }
+
+    #[test]
+    fn ipv6_relays_are_read_by_sip_core() {
+        let r = parse_relay("sip:[::1]:5070").unwrap();
+        assert_eq!(r.to_string(), "sip:[::1]:5070");
+        assert_eq!(
+            r.host(),
+            Some(sip_core::uri::Host::V6(std::net::Ipv6Addr::LOCALHOST))
+        );
+        assert_eq!(r.port(), Some(5070));
+        assert_eq!(
+            parse_relay("[2001:db8::1]:5070").unwrap().to_string(),
+            "sip:[2001:db8::1]:5070"
+        );
+        assert_eq!(parse_relay("::1").unwrap().to_string(), "sip:[::1]");
+        assert_eq!(
+            parse_relay("SIP:[::1];transport=tcp").unwrap().transport(),
+            Some("tcp")
+        );
+        for bad in [
+            "sip:[::1",
+            "sip:[::zz]:5070",
+            "[::1]:port",
+            "sip:[::1]:99999",
+            "tel:+1555",
+        ] {
+            assert!(parse_relay(bad).is_err(), "{bad} accepted");
+        }
+        assert_eq!(
+            parse_listen("[::1]:5099").unwrap(),
+            "[::1]:5099".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(parse_listen("::1").unwrap().to_string(), "[::1]:0");
+
+        // From the command line and from the file; the domain keeps its brackets.
+        let env = |k: &str| (k == "SIP_CLIENT_PASSWORD").then(|| "pw".to_string());
+        let c = cli(&["-u", "alice", "--relay", "sip:[::1]:5070", "register"]);
+        let s = load(&c, &env).0.unwrap();
+        assert_eq!(s.relay.to_string(), "sip:[::1]:5070");
+        assert_eq!(s.domain, "[::1]");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "user = \"bob\"\npassword = \"pw\"\nrelay = \"sip:[2001:db8::5]:5080;transport=tcp\"\n\
+             listen = \"[2001:db8::6]\"\n",
+        )
+        .unwrap();
+        let c = cli(&["--config", path.to_str().unwrap(), "register"]);
+        let s = load(&c, &no_env).0.unwrap();
+        assert_eq!(s.relay.host_port_text(), Some("[2001:db8::5]:5080"));
+        assert_eq!(s.domain, "[2001:db8::5]");
+        assert_eq!(s.listen, Some("[2001:db8::6]:0".parse().unwrap()));
+        // A socket of the other family cannot reach the relay: a configuration error.
+        let c = cli(&[
+            "-u",
+            "alice",
+            "--relay",
+            "sip:[::1]:5070",
+            "--listen",
+            "127.0.0.1",
+            "register",
+        ]);
+        let e = load(&c, &env).0.unwrap_err();
+        assert_eq!(e.source, "--listen");
+        assert!(e.message.contains("IPv6"), "{e}");
+        let c = cli(&[
+            "-u",
+            "alice",
+            "--relay",
+            "sip:127.0.0.1:5070",
+            "--listen",
+            "[::]",
+            "register",
+        ]);
+        assert!(load(&c, &env).0.is_ok(), "the IPv6 wildcard is dual-stack");
+        std::fs::write(
+            &path,
+            "user = \"bob\"\npassword = \"pw\"\nrelay = \"sip:[::1\"\n",
+        )
+        .unwrap();
+        let c = cli(&["--config", path.to_str().unwrap(), "register"]);
+        let e = load(&c, &no_env).0.unwrap_err();
+        assert!(e.source.ends_with("config.toml: relay"), "{e}");
     }
 
     #[test]

@@ -1,23 +1,16 @@
 //! Header values rsip gives no typed accessor for (Proxy-Authenticate, Refer-To, Event,
 //! P-Preferred-Service…), read by name, and the few we write.
 
-use rsip::prelude::*;
+use rsip::headers::UntypedHeader as _;
 use rsip::{Header, Headers, Method};
+use sip_core::address::header_values;
 
-/// The values of every header named `name` (case-insensitive), in message order. The
-/// [`sip_core::wire`] layer has already expanded compact names and split comma-joined
-/// values where RFC 3261 §7.3.1 allows it.
+/// The values of every header named `name` (case-insensitive, compact forms included), in
+/// message order, trimmed; read with sip-core's [`header_values`]. The [`sip_core::wire`]
+/// layer has already expanded compact names and split comma-joined values where RFC 3261
+/// §7.3.1 allows it.
 pub fn values(headers: &Headers, name: &str) -> Vec<String> {
-    headers
-        .iter()
-        .filter_map(|h| {
-            let text = h.to_string();
-            let (n, v) = text.split_once(':')?;
-            n.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
-        .collect()
+    header_values(headers, name).map(str::to_string).collect()
 }
 
 /// The value of the first header named `name`, if any.
@@ -30,12 +23,22 @@ pub fn other(name: &str, value: impl Into<String>) -> Header {
     Header::Other(name.to_string(), value.into())
 }
 
-/// The CSeq number and method of a message.
+/// The CSeq number and method of a message (`7 INVITE`), read here and by sip-core rather
+/// than by rsip's typed header; `None` when absent or not in that form.
 pub fn cseq(headers: &Headers) -> Option<(u32, Method)> {
-    headers.iter().find_map(|h| match h {
-        Header::CSeq(c) => c.typed().ok().map(|c| (c.seq, c.method)),
-        _ => None,
-    })
+    header_values(headers, "CSeq").find_map(cseq_value)
+}
+
+/// A CSeq value: the number and the method separated by any linear white space (RFC 3261
+/// §20.16: `1*DIGIT LWS Method`), checked by [`sip_core::fields::cseq`] once the white
+/// space is one space (that reader takes exactly one).
+fn cseq_value(value: &str) -> Option<(u32, Method)> {
+    let mut parts = value.split_ascii_whitespace();
+    let (seq, method) = (parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    sip_core::fields::cseq(&format!("{seq} {method}"))
 }
 
 /// The status code and reason phrase of a response (the peer's phrase, kept by the wire
@@ -102,5 +105,27 @@ mod tests {
         assert!(values(&h, "Proxy-Authenticate")[0].contains("SHA-256"));
         assert_eq!(first(&h, "Event"), None);
         assert_eq!(cseq(&h), Some((7, Method::Refer)));
+    }
+
+    #[test]
+    fn cseq_is_read_without_rsip_typing() {
+        let read = |v: &str| {
+            cseq(&Headers::from(vec![Header::CSeq(
+                rsip::headers::CSeq::new(v),
+            )]))
+        };
+        assert_eq!(
+            read("  42 \t  BYE "),
+            Some((42, Method::Bye)),
+            "any LWS between"
+        );
+        assert_eq!(read("42 BYE extra"), None);
+        assert_eq!(read("42 bye"), None, "methods are case-sensitive");
+        assert_eq!(read("42 BYE"), Some((42, Method::Bye)));
+        assert_eq!(read(" 1 INVITE"), Some((1, Method::Invite)));
+        assert_eq!(read("x INVITE"), None);
+        assert_eq!(read("1"), None);
+        assert_eq!(read("99999999999 INVITE"), None);
+        assert_eq!(cseq(&Headers::default()), None);
     }
 }

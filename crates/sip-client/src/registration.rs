@@ -8,9 +8,11 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 use anyhow::Context as _;
-use rsip::prelude::*;
+use rsip::headers::UntypedHeader as _;
 use rsip::{Header, Response};
+use sip_core::address::{header_values, Contacts};
 use sip_core::message;
+use sip_core::uri::{Host, Uri};
 
 use crate::events::{Event, Events};
 use crate::failure::Failure;
@@ -41,7 +43,8 @@ impl Registration {
     }
 
     async fn send(&mut self, expires: u32) -> anyhow::Result<Response> {
-        let uri = rsip::Uri::try_from(format!("sip:{}", self.ua.account().domain).as_str())
+        // sip-core's parser: the domain may be an IPv6 reference (`[::1]`).
+        let uri = Uri::parse(&format!("sip:{}", self.ua.account().domain))
             .context("the domain does not make a REGISTER Request-URI")?;
         let aor = format!("<{}>", self.ua.account().aor());
         let relay = self.ua.relay();
@@ -54,7 +57,7 @@ impl Registration {
                 *cseq += 1;
                 Ok(ua.request(
                     rsip::Method::Register,
-                    uri.clone(),
+                    &uri,
                     &aor,
                     &call_id,
                     &from_tag,
@@ -87,8 +90,7 @@ impl Registration {
             let (_, reason) = headers::status(&resp);
             return Err(Failure::from_status("REGISTER", code, &reason).into());
         }
-        let granted =
-            granted_expires(&resp, &self.ua.contact().to_string()).unwrap_or(self.expires);
+        let granted = granted_expires(&resp, self.ua.contact()).unwrap_or(self.expires);
         self.events.emit(Event::Registered {
             aor: self.ua.account().aor(),
             contact: self.ua.contact().to_string(),
@@ -130,24 +132,29 @@ pub fn refresh_after(expires: u32) -> Duration {
 }
 
 /// The lifetime the registrar granted our Contact (§10.2.4): its `expires` parameter in the
-/// 200's Contact list, else the Expires header.
-pub fn granted_expires(resp: &Response, our_contact: &str) -> Option<u32> {
-    let ours = our_contact.trim_start_matches("sip:");
-    for c in headers::values(&resp.headers, "Contact") {
-        if !c.contains(ours) {
-            continue;
-        }
-        for param in c.split(';').skip(1) {
-            if let Some((k, v)) = param.split_once('=') {
-                if k.trim().eq_ignore_ascii_case("expires") {
-                    if let Ok(n) = v.trim().trim_matches('"').parse() {
-                        return Some(n);
-                    }
-                }
-            }
-        }
-    }
-    headers::first(&resp.headers, "Expires").and_then(|v| v.trim().parse().ok())
+/// 200's Contact list (read by sip-core's address parser: IPv6 hosts, quoted parameters and
+/// comma-joined lists included), else the Expires header.
+pub fn granted_expires(resp: &Response, our_contact: &Uri) -> Option<u32> {
+    let from_contact = header_values(&resp.headers, "Contact")
+        .filter_map(|v| match Contacts::parse(v) {
+            Ok(Contacts::List(list)) => Some(list),
+            _ => None,
+        })
+        .flatten()
+        .find(|c| same_binding(c.uri(), our_contact))
+        .and_then(|c| c.expires());
+    from_contact.or_else(|| header_values(&resp.headers, "Expires").find_map(|v| v.parse().ok()))
+}
+
+/// Whether two SIP URIs name the same binding: user, host (a domain without regard to case,
+/// an IP address by value, so `[::1]` and `[0:0::1]` are one) and port.
+fn same_binding(a: &Uri, b: &Uri) -> bool {
+    let same_host = match (a.host(), b.host()) {
+        (Some(Host::Domain(x)), Some(Host::Domain(y))) => x.eq_ignore_ascii_case(y),
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    };
+    same_host && a.port() == b.port() && a.user() == b.user()
 }
 
 #[cfg(test)]
@@ -167,12 +174,28 @@ mod tests {
 
     #[test]
     fn granted_expiry_from_our_contact_then_header() {
+        let ours = Uri::parse("sip:a@127.0.0.1:5070").unwrap();
         let r = resp("Contact: <sip:b@10.0.0.9:5060>;expires=99\r\nContact: <sip:a@127.0.0.1:5070>;expires=120\r\nExpires: 3600\r\n");
-        assert_eq!(granted_expires(&r, "sip:a@127.0.0.1:5070"), Some(120));
+        assert_eq!(granted_expires(&r, &ours), Some(120));
         let r = resp("Expires: 300\r\n");
-        assert_eq!(granted_expires(&r, "sip:a@127.0.0.1:5070"), Some(300));
-        assert_eq!(granted_expires(&resp(""), "sip:a@127.0.0.1:5070"), None);
+        assert_eq!(granted_expires(&r, &ours), Some(300));
+        assert_eq!(granted_expires(&resp(""), &ours), None);
+        // Another port of ours is another binding.
+        let r = resp("Contact: <sip:a@127.0.0.1:50701>;expires=99\r\nExpires: 30\r\n");
+        assert_eq!(granted_expires(&r, &ours), Some(30));
         assert_eq!(refresh_after(3600), Duration::from_secs(1800));
         assert_eq!(refresh_after(1), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn granted_expiry_of_an_ipv6_contact() {
+        let ours = Uri::parse("sip:alice@[::1]:5070").unwrap();
+        let r = resp(
+            "Contact: <sip:alice@[::1]:5071>;expires=7, <sip:alice@[0:0::1]:5070>;expires=60\r\n\
+             Expires: 3600\r\n",
+        );
+        assert_eq!(granted_expires(&r, &ours), Some(60));
+        let r = resp("Contact: <sip:alice@127.0.0.1:5070>;expires=9\r\nExpires: 20\r\n");
+        assert_eq!(granted_expires(&r, &ours), Some(20));
     }
 }

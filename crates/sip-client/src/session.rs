@@ -459,7 +459,7 @@ impl Session {
 
     /// Sends a request of this dialog and forwards its responses to the session.
     fn send_tracked(&mut self, req: Request, cseq: u32) {
-        let peer = self.ua().peer_for(self.dialog.next_hop());
+        let peer = self.ua().peer_for(self.dialog.next_hop_uri());
         let invite = req.method == Method::Invite;
         match self.ua().send(req, peer) {
             Ok(tx) => {
@@ -634,7 +634,7 @@ impl Session {
             .ack_for_2xx(invite, &via, Vec::new(), Vec::new())
         {
             Ok(ack) => {
-                let peer = self.ua().peer_for(self.dialog.next_hop());
+                let peer = self.ua().peer_for(self.dialog.next_hop_uri());
                 self.ua().send_ack(ack.clone(), peer).await;
                 self.last_reinvite_ack = Some((cseq, ack));
             }
@@ -660,7 +660,7 @@ impl Session {
         };
         if let Some(ack) = ack {
             tracing::debug!(session = self.id, cseq, "2xx again: ACK again");
-            let peer = self.ua().peer_for(self.dialog.next_hop());
+            let peer = self.ua().peer_for(self.dialog.next_hop_uri());
             self.ua().send_ack(ack, peer).await;
         }
     }

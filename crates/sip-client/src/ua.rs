@@ -1,19 +1,25 @@
 //! The user agent core: one SIP endpoint bound for the client, the relay it talks to, our
 //! Via and Contact, and the account's digest answers. Registration, the call and its
 //! sessions all send through it.
+//!
+//! The endpoint is bound on the relay's address family (IPv4 or IPv6); our Via sent-by and
+//! Contact write an IPv6 address in brackets (`[::1]:5070`). URIs are sip-core's
+//! ([`sip_core::uri::Uri`]): rsip 0.4 cannot read IPv6 references, so they enter rsip
+//! messages only as [`Uri::to_rsip`] carriers, which print as written.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use rsip::prelude::*;
-use rsip::{Header, Request, Response, Uri};
+use rsip::headers::UntypedHeader as _;
+use rsip::{Header, Request, Response};
 use sip_core::dialog::ViaSpec;
 use sip_core::endpoint::{ClientTx, Endpoint, EndpointConfig, EndpointEvent, ServerTx};
 use sip_core::resolve::{resolve, SystemDns, Target};
 use sip_core::transaction::Timers;
 use sip_core::transport::TransportConfig;
+use sip_core::uri::{Host, Uri};
 use sip_core::{message, Peer, Transport};
 use tokio::sync::mpsc;
 
@@ -40,17 +46,77 @@ struct Inner {
 }
 
 /// The local address packets to `to` leave from (no packet is sent: a connected UDP
-/// socket only looks the route up).
+/// socket only looks the route up); the loopback address of `to`'s family when there is no
+/// route.
 fn route_ip(to: SocketAddr) -> IpAddr {
-    let any: IpAddr = if to.is_ipv4() {
-        Ipv4Addr::UNSPECIFIED.into()
+    let (any, loopback): (IpAddr, IpAddr) = if to.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED.into(), Ipv4Addr::LOCALHOST.into())
     } else {
-        Ipv6Addr::UNSPECIFIED.into()
+        (Ipv6Addr::UNSPECIFIED.into(), Ipv6Addr::LOCALHOST.into())
     };
     std::net::UdpSocket::bind(SocketAddr::new(any, 0))
         .and_then(|s| s.connect(to).and_then(|_| s.local_addr()))
         .map(|a| a.ip())
-        .unwrap_or(Ipv4Addr::LOCALHOST.into())
+        .unwrap_or(loopback)
+}
+
+/// Checks that a socket bound on `listen` can reach the relay at `relay`: the same address
+/// family, or the IPv6 wildcard (dual-stack) for an IPv4 relay.
+fn check_family(listen: SocketAddr, relay: SocketAddr) -> anyhow::Result<()> {
+    if crate::config::reaches(listen.ip(), relay.ip()) {
+        Ok(())
+    } else {
+        bail!(
+            "--listen {listen} cannot reach the relay at {relay}: give an address of the relay's \
+             family ({})",
+            if relay.is_ipv6() {
+                "IPv6, such as [::1] or [::]"
+            } else {
+                "IPv4, such as 127.0.0.1"
+            }
+        )
+    }
+}
+
+/// The address we write in Via, Contact and the SDP for a socket bound on `local`: itself,
+/// or, for a wildcard (`0.0.0.0`, `[::]`), the address that routes to the relay.
+fn advertised(local: SocketAddr, relay: SocketAddr) -> SocketAddr {
+    if local.ip().is_unspecified() {
+        SocketAddr::new(route_ip(relay), local.port())
+    } else {
+        local
+    }
+}
+
+/// Our Contact URI, `sip:<user>@<host:port>[;transport=…]`, an IPv6 host in brackets.
+fn contact_uri(user: &str, local: SocketAddr, transport: Transport) -> anyhow::Result<Uri> {
+    let transport_param = match transport {
+        Transport::Udp => String::new(),
+        t => format!(";transport={}", t.param_name()),
+    };
+    // `SocketAddr` prints an IPv6 address in brackets: `[::1]:5070`.
+    let text = format!("sip:{user}@{local}{transport_param}");
+    Uri::parse(&text).with_context(|| format!("cannot build a Contact from {text}"))
+}
+
+/// See [`Ua::peer_for`]: `relay` is where a domain's requests go.
+fn peer_of(uri: &Uri, relay: Peer) -> Peer {
+    let ip = match uri.host() {
+        Some(Host::V4(ip)) => IpAddr::V4(ip),
+        Some(Host::V6(ip)) => IpAddr::V6(ip),
+        Some(Host::Domain(_)) | None => return relay,
+    };
+    let transport = uri
+        .transport()
+        .and_then(Transport::from_name)
+        .filter(|t| *t != Transport::Tls)
+        .unwrap_or(relay.transport);
+    let port = uri.port().unwrap_or(transport.default_port());
+    Peer {
+        transport,
+        addr: SocketAddr::new(ip, port),
+        conn: None,
+    }
 }
 
 /// Picks the target to use: the first of the transport asked for, else the first we speak.
@@ -89,9 +155,13 @@ impl Ua {
         .with_context(|| format!("cannot find the relay {}", settings.relay))?;
         let relay = pick_target(&targets, settings.transport)?;
         tracing::debug!(%relay, ?targets, "relay resolved");
-        let listen = settings
-            .listen
-            .unwrap_or_else(|| SocketAddr::new(route_ip(relay.addr), 0));
+        let listen = match settings.listen {
+            Some(l) => {
+                check_family(l, relay.addr)?;
+                l
+            }
+            None => SocketAddr::new(route_ip(relay.addr), 0),
+        };
         let timers = Timers {
             t1: settings.t1,
             t2: Timers::default().t2.max(settings.t1),
@@ -114,16 +184,12 @@ impl Ua {
         let (endpoint, events) = Endpoint::bind(config)
             .await
             .with_context(|| format!("cannot bind {listen}"))?;
-        let local = endpoint
+        let bound = endpoint
             .local_addr(relay.transport)
             .with_context(|| format!("no local {} socket", relay.transport))?;
-        let transport_param = match relay.transport {
-            Transport::Udp => String::new(),
-            t => format!(";transport={}", t.param_name()),
-        };
-        let contact =
-            Uri::try_from(format!("sip:{}@{}{}", settings.user, local, transport_param).as_str())
-                .with_context(|| format!("cannot build a Contact for {local}"))?;
+        let local = advertised(bound, relay.addr);
+        let contact = contact_uri(&settings.user, local, relay.transport)?;
+        tracing::debug!(%bound, %local, %contact, "endpoint bound");
         let account = Account {
             user: settings.user.clone(),
             password: settings.password.clone(),
@@ -160,12 +226,12 @@ impl Ua {
         &self.inner.via
     }
 
-    /// Our Contact URI.
+    /// Our Contact URI (an IPv6 host in brackets).
     pub fn contact(&self) -> &Uri {
         &self.inner.contact
     }
 
-    /// Our IP address (for the SDP).
+    /// Our IP address (for the SDP: `c=IN IP6 …` when it is IPv6).
     pub fn local_ip(&self) -> IpAddr {
         self.inner.local_ip
     }
@@ -180,39 +246,21 @@ impl Ua {
         self.inner.timers.transaction_timeout()
     }
 
-    /// Where to send a request for `uri` (an in-dialog request's next hop): an IP host
-    /// directly, with the URI's transport or the relay's; a domain through the relay.
+    /// Where to send a request for `uri` (an in-dialog request's next hop, read by
+    /// sip-core's parser): an IP host (IPv4, or IPv6 in brackets) directly, with the URI's
+    /// transport or the relay's; a domain (or a non-SIP URI) through the relay.
     pub fn peer_for(&self, uri: &Uri) -> Peer {
-        let relay = self.inner.relay;
-        match &uri.host_with_port.host {
-            rsip::Host::IpAddr(ip) => {
-                let transport = uri
-                    .transport()
-                    .and_then(|t| Transport::from_name(&t.to_string()))
-                    .filter(|t| *t != Transport::Tls)
-                    .unwrap_or(relay.transport);
-                let port = uri
-                    .host_with_port
-                    .port
-                    .map(|p| *p.value())
-                    .unwrap_or(transport.default_port());
-                Peer {
-                    transport,
-                    addr: SocketAddr::new(*ip, port),
-                    conn: None,
-                }
-            }
-            rsip::Host::Domain(_) => relay,
-        }
+        peer_of(uri, self.inner.relay)
     }
 
-    /// An out-of-dialog request: Via, Max-Forwards, From (our AOR with `from_tag`), To,
-    /// Call-ID, CSeq, Contact, User-Agent, then `extra`, and the body.
+    /// An out-of-dialog request to `uri` (put into the message as an rsip value that prints
+    /// as written, IPv6 hosts included): Via, Max-Forwards, From (our AOR with `from_tag`),
+    /// To, Call-ID, CSeq, Contact, User-Agent, then `extra`, and the body.
     #[allow(clippy::too_many_arguments)]
     pub fn request(
         &self,
         method: rsip::Method,
-        uri: Uri,
+        uri: &Uri,
         to: &str,
         call_id: &str,
         from_tag: &str,
@@ -241,7 +289,7 @@ impl Ua {
         message::set_content_length(&mut headers, body.len());
         Request {
             method,
-            uri,
+            uri: uri.to_rsip(),
             version: rsip::Version::V2,
             headers,
             body,
@@ -366,5 +414,61 @@ mod tests {
             route_ip("127.0.0.1:9".parse().unwrap()),
             IpAddr::from(Ipv4Addr::LOCALHOST)
         );
+        assert_eq!(
+            route_ip("[::1]:9".parse().unwrap()),
+            IpAddr::from(Ipv6Addr::LOCALHOST)
+        );
+    }
+
+    #[test]
+    fn ipv6_contact_and_via_are_bracketed() {
+        let local: SocketAddr = "[::1]:5070".parse().unwrap();
+        let contact = contact_uri("alice", local, Transport::Udp).unwrap();
+        assert_eq!(contact.to_string(), "sip:alice@[::1]:5070");
+        assert_eq!(contact.host(), Some(Host::V6(Ipv6Addr::LOCALHOST)));
+        let tcp = contact_uri("alice", local, Transport::Tcp).unwrap();
+        assert_eq!(tcp.to_string(), "sip:alice@[::1]:5070;transport=tcp");
+        // Into an rsip message and out again, unchanged.
+        assert_eq!(contact.to_rsip().to_string(), "sip:alice@[::1]:5070");
+        let via = ViaSpec {
+            transport: Transport::Udp,
+            sent_by: local.to_string(),
+        }
+        .header_with_branch("z9hG4bK1");
+        assert_eq!(
+            via.to_string(),
+            "Via: SIP/2.0/UDP [::1]:5070;branch=z9hG4bK1;rport"
+        );
+        // A wildcard bind advertises the address that routes to the relay.
+        let relay: SocketAddr = "[::1]:5060".parse().unwrap();
+        assert_eq!(advertised("[::]:5070".parse().unwrap(), relay), local);
+        assert_eq!(advertised(local, relay), local);
+    }
+
+    #[test]
+    fn listen_family_must_reach_the_relay() {
+        let v6: SocketAddr = "[::1]:5060".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:5060".parse().unwrap();
+        assert!(check_family("[::1]:0".parse().unwrap(), v6).is_ok());
+        assert!(check_family("[::]:0".parse().unwrap(), v4).is_ok());
+        let e = check_family("127.0.0.1:0".parse().unwrap(), v6).unwrap_err();
+        assert!(e.to_string().contains("IPv6"), "{e}");
+        assert!(check_family("[::1]:0".parse().unwrap(), v4).is_err());
+    }
+
+    #[test]
+    fn in_dialog_targets_with_ipv6_hosts_go_direct() {
+        let relay = Peer::udp("[::1]:5060".parse().unwrap());
+        let direct = |u: &str| peer_of(&Uri::parse(u).unwrap(), relay);
+        assert_eq!(
+            direct("sip:as1@[::1]:5080"),
+            Peer::udp("[::1]:5080".parse().unwrap())
+        );
+        assert_eq!(
+            direct("sip:as1@[2001:db8::2];transport=tcp"),
+            Peer::tcp("[2001:db8::2]:5060".parse().unwrap())
+        );
+        assert_eq!(direct("sip:relay.test;lr"), relay);
+        assert_eq!(direct("tel:+15551234"), relay);
     }
 }

@@ -63,6 +63,38 @@ fn register_answers_the_401_and_exits_with_once() {
     assert_eq!(creds.nonce, "fixednonce0001");
 }
 
+/// Over IPv6: sipp is the registrar on `::1` and the client is given
+/// `--relay sip:[::1]:PORT`. The client binds IPv6 and its REGISTERs carry a bracketed Via
+/// and Contact `<sip:alice@[::1]:PORT>` (sipp's regexps); the 401 is answered with a
+/// digest that verifies; the 200 echoes our Contact with `expires=120` and no Expires
+/// header, so `for 120 s` shows that the client found its own IPv6 Contact in the answer.
+#[test]
+fn register_over_ipv6_answers_the_401_with_a_bracketed_contact() {
+    let mut sipp = Sipp::start_on("::1", "register_401_ipv6.xml", "u1", &[], &[]);
+    let relay = sipp.relay("u1");
+    assert!(relay.starts_with("sip:[::1]:"), "{relay}");
+    let home = tempfile::tempdir().unwrap();
+    let run = Run::of(client(&relay, home.path()).args(["--json", "register", "--once"]));
+    run.expect_code(0);
+    let events: Vec<serde_json::Value> = run
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events[0]["event"], "registered", "{}", run.stderr);
+    assert_eq!(events[0]["expires"], 120, "{}", run.stderr);
+    let contact = events[0]["contact"].as_str().unwrap();
+    assert!(contact.starts_with("sip:alice@[::1]:"), "{contact}");
+    sipp.expect_success();
+    assert!(
+        sipp.logs().contains(&format!("CONTACT <{contact}>")),
+        "{}",
+        sipp.logs()
+    );
+    let creds = verify_logged_digest(&sipp.logs(), "AUTHORIZATION ", "REGISTER");
+    assert_eq!(creds.uri, "sip:relay.test");
+}
+
 #[test]
 fn register_finds_the_relay_by_srv_from_the_config_file() {
     let mut sipp = Sipp::start("register_401.xml", "u1", &[]);
@@ -188,6 +220,61 @@ fn call_over_tcp_with_json_events() {
     assert_eq!(events[1]["status"], 200);
     assert_eq!(events[4]["by"], "local");
     assert_eq!(events[5]["code"], 0);
+}
+
+/// A call over IPv6 end to end: sipp is the relay on `::1`, the data server listens on
+/// `[::1]`, and the client is given `--relay sip:[::1]:PORT` and no domain (so the service
+/// is requested as `sip:echo@[::1]`). sipp checks the INVITE's Request-URI, bracketed Via,
+/// From and Contact, and the SDP offer's `o=`/`c=` `IN IP6 ::1`; it answers with an IPv6
+/// SDP; the client pipes its data over IPv6 to the data server and hangs up with a BYE to
+/// the relay's IPv6 Contact (checked by sipp too).
+#[test]
+fn call_over_ipv6_offers_ip6_and_pipes_data_over_ipv6() {
+    let data = DataServer::start_on("::1", &[("tok-v6", "")]);
+    let port = data.port.to_string();
+    let mut sipp = Sipp::start_on(
+        "::1",
+        "basic_call_ipv6.xml",
+        "u1",
+        &[("data_port", &port), ("token", "tok-v6")],
+        &[],
+    );
+    let home = tempfile::tempdir().unwrap();
+    let mut cmd = assert_cmd::Command::cargo_bin("sip-client").unwrap();
+    cmd.env_clear()
+        .env("HOME", home.path())
+        .env("SIP_CLIENT_PASSWORD", PASSWORD)
+        .args([
+            "-u",
+            USER,
+            "--relay",
+            &sipp.relay("u1"),
+            "--timer-t1-ms",
+            "50",
+        ])
+        .args(["call", "echo", "--no-register"])
+        .write_stdin("over ipv6\n")
+        .timeout(std::time::Duration::from_secs(15));
+    let run = Run::of(&mut cmd);
+    run.expect_code(0);
+    assert_eq!(run.stdout, "over ipv6\n");
+    assert!(
+        run.stderr.contains("[1] established: 200 OK (echo)"),
+        "{}",
+        run.stderr
+    );
+    sipp.expect_success();
+    assert!(
+        sipp.logs().contains("OFFER-CONN c=IN IP6 ::1"),
+        "{}",
+        sipp.logs()
+    );
+    assert_eq!(data.seen(), ["tok-v6"]);
+    let peers = data.peers.lock().unwrap().clone();
+    assert!(
+        peers.len() == 1 && peers[0].ip() == std::net::Ipv6Addr::LOCALHOST,
+        "{peers:?}"
+    );
 }
 
 #[test]

@@ -280,10 +280,13 @@ pub fn cseq_of(value: &str) -> Option<(u32, Method)> {
     })
 }
 
-/// A CSeq header value (`7 INVITE`): its number and method; `None` when not in that form.
+/// A CSeq header value (`7 INVITE`; RFC 3261 §20.16, any linear white space between the
+/// number and the method): its number and method; `None` when not in that form.
 pub fn cseq(value: &str) -> Option<(u32, Method)> {
-    let value = value.trim_matches(|c| c == ' ' || c == '\t');
-    let (seq, method) = value.split_once(' ')?;
+    let is_ws = |c: char| c == ' ' || c == '\t';
+    let value = value.trim_matches(is_ws);
+    let (seq, method) = value.split_once(is_ws)?;
+    let method = method.trim_start_matches(is_ws);
     if seq.is_empty() || seq.len() > 10 || !seq.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -432,7 +435,6 @@ mod tests {
 
     #[test]
     fn cseq_of_falls_back_to_rsip() {
-        assert_eq!(cseq("7  INVITE"), None);
         assert_eq!(cseq_of("7  INVITE"), Some((7, Method::Invite)));
         assert_eq!(cseq_of("seven INVITE"), None);
     }
@@ -442,7 +444,11 @@ mod tests {
         assert_eq!(cseq("7 INVITE"), Some((7, Method::Invite)));
         assert_eq!(cseq(" 4294967295 BYE "), Some((u32::MAX, Method::Bye)));
         assert_eq!(cseq("4294967296 BYE"), None);
-        assert_eq!(cseq("7  INVITE"), None);
+        // Any linear white space between number and method (RFC 3261 §20.16, LWS).
+        assert_eq!(cseq("7  INVITE"), Some((7, Method::Invite)));
+        assert_eq!(cseq("7\t \tBYE"), Some((7, Method::Bye)));
+        assert_eq!(cseq("7"), None);
+        assert_eq!(cseq("7 "), None);
         assert_eq!(cseq("x INVITE"), None);
         assert_eq!(cseq("7 invite"), None);
     }

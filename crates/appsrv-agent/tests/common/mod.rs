@@ -238,9 +238,14 @@ t=0 0\r\nm=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\
 
 impl Relay {
     pub async fn bind() -> Relay {
+        Relay::bind_on("127.0.0.1:0").await
+    }
+
+    /// A relay stand-in on `addr` (`[::1]:0` for IPv6).
+    pub async fn bind_on(addr: &str) -> Relay {
         let config = EndpointConfig {
             transport: TransportConfig {
-                udp: vec!["127.0.0.1:0".parse().unwrap()],
+                udp: vec![addr.parse().unwrap()],
                 ..TransportConfig::default()
             },
             shards: 1,
@@ -287,7 +292,8 @@ impl Relay {
             call_id = message::new_call_id("relay.test"),
             len = OFFER.len(),
         );
-        match rsip::SipMessage::try_from(text.as_str()).unwrap() {
+        // sip-core's wire layer reads what rsip cannot: an IPv6 Request-URI.
+        match sip_core::wire::parse(text.as_bytes()).unwrap() {
             rsip::SipMessage::Request(r) => r,
             _ => unreachable!(),
         }
@@ -449,10 +455,20 @@ pub fn call_id(leg: &Leg) -> String {
 /// Runs sipp as a server (a UAS scenario) on `port`; returns its output when its one call
 /// is done.
 pub async fn run_sipp_uas(scenario_name: &'static str, port: u16) -> std::process::Output {
+    run_sipp_uas_on(scenario_name, "127.0.0.1", port).await
+}
+
+/// Runs sipp as a server (a UAS scenario) on `local_ip` (`::1` for IPv6) and `port`;
+/// returns its output when its one call is done.
+pub async fn run_sipp_uas_on(
+    scenario_name: &'static str,
+    local_ip: &str,
+    port: u16,
+) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
     let child = Command::new(sipp())
         .args(["-sf", &scenario(scenario_name)])
-        .args(["-i", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-i", local_ip, "-p", &port.to_string()])
         .args(["-m", "1", "-t", "u1"])
         .args(["-timeout", "40s", "-timeout_error"])
         .arg("-nostdin")
@@ -471,12 +487,114 @@ pub async fn run_sipp_uas(scenario_name: &'static str, port: u16) -> std::proces
 
 /// Waits (bounded) until something has bound UDP `port` on 127.0.0.1 (a server we started).
 pub async fn wait_port_bound(port: u16) {
+    wait_port_bound_on("127.0.0.1", port).await
+}
+
+/// Waits (bounded) until something has bound UDP `port` on `ip` (a server we started).
+pub async fn wait_port_bound_on(ip: &str, port: u16) {
     let deadline = tokio::time::Instant::now() + WAIT;
-    while std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+    while std::net::UdpSocket::bind((ip, port)).is_ok() {
         assert!(
             tokio::time::Instant::now() < deadline,
             "nothing bound UDP port {port} within {WAIT:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// sipp running a client (UAC) scenario in the background, in a directory kept for its
+/// logs (`-trace_logs`: what the scenario's `<log>` actions write), so that a test can read
+/// what sipp captured while the call goes on.
+pub struct SippRun {
+    dir: tempfile::TempDir,
+    child: Child,
+    scenario: String,
+}
+
+impl SippRun {
+    /// Starts `scenario_name` against `target` from `local_ip`:`port`, one call.
+    pub fn start(target: SocketAddr, scenario_name: &str, local_ip: &str, port: u16) -> SippRun {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(sipp())
+            .arg(target.to_string())
+            .args(["-sf", &scenario(scenario_name)])
+            .args(["-i", local_ip, "-p", &port.to_string()])
+            .args(["-m", "1", "-t", "u1"])
+            .args(["-timeout", "40s", "-timeout_error"])
+            .args(["-nostdin", "-trace_logs", "-trace_err"])
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        SippRun {
+            dir,
+            child,
+            scenario: scenario_name.trim_end_matches(".xml").to_string(),
+        }
+    }
+
+    fn file_ending(&self, suffix: &str) -> String {
+        let mut out = String::new();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if name.ends_with(suffix) {
+                out.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+            }
+        }
+        out
+    }
+
+    /// What the scenario's `<log>` actions wrote so far.
+    pub fn logs(&self) -> String {
+        self.file_ending("_logs.log")
+    }
+
+    /// sipp's errors so far (`-trace_err`): a failed regexp check, an unexpected message.
+    pub fn errors(&self) -> String {
+        self.file_ending("_errors.log")
+    }
+
+    /// Waits (bounded) for a logged line starting with `key` and returns its next word.
+    pub async fn wait_logged(&mut self, key: &str) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let logs = self.logs();
+            if let Some(rest) = logs.lines().find_map(|l| l.trim().strip_prefix(key)) {
+                if let Some(word) = rest.split_whitespace().next() {
+                    return word.to_string();
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "sipp ({}) ended ({status:?}) before logging {key:?}:\n{logs}\n{}",
+                    self.scenario,
+                    self.errors()
+                );
+            }
+            let errors = self.errors();
+            assert!(
+                errors.trim().is_empty(),
+                "sipp ({}) failed before logging {key:?}:\n{errors}",
+                self.scenario
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sipp ({}) logged no {key:?} within {WAIT:?}:\n{logs}",
+                self.scenario
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (bounded) for the scenario to end; its output.
+    pub async fn finish(self) -> std::process::Output {
+        match tokio::time::timeout(Duration::from_secs(60), self.child.wait_with_output()).await {
+            Ok(out) => out.unwrap(),
+            Err(_) => panic!("sipp ({}) did not finish within 60 s", self.scenario),
+        }
     }
 }

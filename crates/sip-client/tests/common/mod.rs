@@ -35,12 +35,17 @@ pub fn sipp_path() -> PathBuf {
 
 /// A port that was free a moment ago (bound to port 0, read, dropped).
 pub fn free_port() -> u16 {
-    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    free_port_on("127.0.0.1")
+}
+
+/// A port free a moment ago on `ip` (`::1` for IPv6), for UDP and TCP.
+pub fn free_port_on(ip: &str) -> u16 {
+    let udp = UdpSocket::bind((ip, 0)).unwrap();
     let port = udp.local_addr().unwrap().port();
     // The same port must be free for TCP too.
-    match TcpListener::bind(("127.0.0.1", port)) {
+    match TcpListener::bind((ip, port)) {
         Ok(_) => port,
-        Err(_) => free_port(),
+        Err(_) => free_port_on(ip),
     }
 }
 
@@ -83,6 +88,8 @@ fn scenario(name: &str) -> PathBuf {
 /// A sipp process playing a scenario as the relay, in its own directory (for its logs).
 pub struct Sipp {
     child: Option<Child>,
+    /// The address it listens on (`127.0.0.1`, or `::1` for IPv6).
+    pub ip: String,
     /// The port it listens on.
     pub port: u16,
     dir: tempfile::TempDir,
@@ -104,6 +111,18 @@ impl Sipp {
         keys: &[(&str, &str)],
         substitutions: &[(&str, &str)],
     ) -> Sipp {
+        Sipp::start_on("127.0.0.1", scenario_name, transport, keys, substitutions)
+    }
+
+    /// Like [`Sipp::start_with`], listening on `ip` (`::1` for the IPv6 tests: sipp's
+    /// `-i ::1`).
+    pub fn start_on(
+        ip: &str,
+        scenario_name: &str,
+        transport: &str,
+        keys: &[(&str, &str)],
+        substitutions: &[(&str, &str)],
+    ) -> Sipp {
         let sipp = sipp_path();
         let dir = tempfile::tempdir().unwrap();
         let mut path = scenario(scenario_name);
@@ -115,11 +134,11 @@ impl Sipp {
             path = dir.path().join(scenario_name);
             std::fs::write(&path, text).unwrap();
         }
-        let port = free_port();
+        let port = free_port_on(ip);
         let mut cmd = Command::new(sipp);
         cmd.arg("-sf")
             .arg(&path)
-            .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-t", transport])
+            .args(["-i", ip, "-p", &port.to_string(), "-t", transport])
             .args([
                 "-m",
                 "1",
@@ -157,18 +176,24 @@ impl Sipp {
         }
         Sipp {
             child: Some(child),
+            ip: ip.to_string(),
             port,
             dir,
             name: scenario_name.trim_end_matches(".xml").to_string(),
         }
     }
 
-    /// The relay URI for the client.
+    /// The relay URI for the client (an IPv6 address in brackets: `sip:[::1]:PORT`).
     pub fn relay(&self, transport: &str) -> String {
-        if transport.starts_with('t') {
-            format!("sip:127.0.0.1:{};transport=tcp", self.port)
+        let host = if self.ip.contains(':') {
+            format!("[{}]", self.ip)
         } else {
-            format!("sip:127.0.0.1:{}", self.port)
+            self.ip.clone()
+        };
+        if transport.starts_with('t') {
+            format!("sip:{host}:{};transport=tcp", self.port)
+        } else {
+            format!("sip:{host}:{}", self.port)
         }
     }
 
@@ -244,12 +269,19 @@ pub struct DataServer {
     pub port: u16,
     /// The tokens presented, in order.
     pub seen: Arc<Mutex<Vec<String>>>,
+    /// The addresses the connections came from, in order.
+    pub peers: Arc<Mutex<Vec<SocketAddr>>>,
 }
 
 impl DataServer {
     /// Serves `tokens` (token → greeting) on a free port, any number of connections.
     pub fn start(tokens: &[(&str, &str)]) -> DataServer {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        DataServer::start_on("127.0.0.1", tokens)
+    }
+
+    /// Like [`DataServer::start`], on `ip` (`::1` for IPv6).
+    pub fn start_on(ip: &str, tokens: &[(&str, &str)]) -> DataServer {
+        let listener = TcpListener::bind((ip, 0)).unwrap();
         let port = listener.local_addr().unwrap().port();
         let tokens: Vec<(String, String)> = tokens
             .iter()
@@ -257,15 +289,20 @@ impl DataServer {
             .collect();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let seen2 = seen.clone();
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let peers2 = peers.clone();
         thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { return };
+                if let Ok(peer) = conn.peer_addr() {
+                    peers2.lock().unwrap().push(peer);
+                }
                 let tokens = tokens.clone();
                 let seen = seen2.clone();
                 thread::spawn(move || serve(conn, &tokens, &seen));
             }
         });
-        DataServer { port, seen }
+        DataServer { port, seen, peers }
     }
 
     /// The tokens presented so far.
