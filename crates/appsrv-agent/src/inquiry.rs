@@ -189,7 +189,9 @@ pub fn decide(req: &Request, config: &Config, load: &Load) -> Result<Accepted, R
 }
 
 /// Decides a re-INVITE of a live session of `current` for `subscriber`: the service is the
-/// one asserted (or named in the offer), else the current one. A change of service is
+/// one the relay asserts (`P-Asserted-Service`), else the current one. What the terminal's
+/// offer names (`a=service:`) never changes it: the relay decides and bills changes, and
+/// asserts the service on every re-INVITE it relays. A change of service is
 /// checked like a new inquiry, with the session itself not counted against the new
 /// service's capacity twice; the server's total does not change.
 pub fn decide_change(
@@ -200,9 +202,7 @@ pub fn decide_change(
     load: &Load,
 ) -> Result<Accepted, Refusal> {
     let offer = read_offer(req);
-    let (name, params) = asserted_service(req)
-        .or_else(|| offered_service(&offer))
-        .unwrap_or_else(|| (current.to_string(), Vec::new()));
+    let (name, params) = asserted_service(req).unwrap_or_else(|| (current.to_string(), Vec::new()));
     let service = config
         .service(&name)
         .ok_or_else(|| Refusal::new(404, format!("Service {name} not offered here")))?;
@@ -580,6 +580,20 @@ t=0 0\r\nm=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\
                 .unwrap_err()
                 .code,
             403
+        );
+        // An offer naming clock, with no service asserted by the relay: no change.
+        let sdp_only = invite(
+            "sip:as1@h",
+            &[],
+            &OFFER.replace("a=service:echo", "a=service:clock"),
+        );
+        assert!(OFFER.contains("a=service:echo"));
+        assert_eq!(
+            decide_change(&sdp_only, "echo", "alice", &c, &load)
+                .unwrap()
+                .service
+                .name,
+            "echo"
         );
         let to_video = invite("sip:as1@h", &["P-Asserted-Service: video"], OFFER);
         assert_eq!(
