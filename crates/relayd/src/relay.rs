@@ -960,8 +960,8 @@ impl WithCseqMethod for rsip::Response {
     fn with_cseq_method(mut self, method: Method) -> Self {
         for h in self.headers.iter_mut() {
             if let Header::CSeq(c) = h {
-                if let Ok(typed) = c.typed() {
-                    *h = Header::CSeq(rsip::headers::CSeq::new(format!("{} {method}", typed.seq)));
+                if let Some((seq, _)) = sip_core::fields::cseq(c.value()) {
+                    *h = Header::CSeq(rsip::headers::CSeq::new(format!("{seq} {method}")));
                 }
             }
         }

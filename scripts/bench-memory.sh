@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# relayd's memory per concurrent session, and how much it gives back once the calls end.
+#
+#   scripts/bench-memory.sh [CALLS] [RATE] [HOLD_MS]   default 30000 calls, 1000/s, 45000 ms
+#
+# A sipp terminal places CALLS calls at RATE calls/s through a release relayd (the bench.sh
+# configuration: digest on every INVITE, log level warn, in-dialog probes off) to a sipp
+# application server, each held HOLD_MS: with CALLS/RATE < HOLD_MS/1000 every call is up at
+# once when the last one is placed. relayd's resident memory (VmRSS) is sampled every second.
+# It prints RSS at idle (registered, no call), at the peak, per concurrent session
+# ((peak - idle) / CALLS), and 60 s after the last call ended, with its ratio to idle.
+#
+# Environment: AFTER_SECS (60) how long to wait after the last call before the last sample;
+# SIPP_BUFFER, PIN, KEEP, RELAYD_BIN as in bench.sh. Needs sipp (Debian package sip-tester).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
+ROOT=$(pwd)
+SCENARIOS=$ROOT/crates/relayd/tests/scenarios
+CALLS=${1:-30000}
+RATE=${2:-1000}
+HOLD_MS=${3:-45000}
+AFTER_SECS=${AFTER_SECS:-60}
+
+if ! command -v sipp >/dev/null 2>&1; then
+    echo "bench-memory: sipp not found; install the Debian package sip-tester" >&2
+    exit 1
+fi
+if [ -n "${RELAYD_BIN:-}" ]; then
+    RELAYD=$RELAYD_BIN
+else
+    echo "building relayd (release)..." >&2
+    cargo build --release --quiet -p relayd
+    RELAYD=$ROOT/target/release/relayd
+fi
+
+start_work bench-memory relayd-memory
+RELAY_PORT=$(free_port)
+AS_PORT=$(free_port)
+while [ "$AS_PORT" = "$RELAY_PORT" ]; do AS_PORT=$(free_port); done
+cat >"$WORK/relayd.toml" <<EOF
+[listen]
+udp = "127.0.0.1:$RELAY_PORT"
+tcp = []
+
+[relay]
+realm = "relay.test"
+
+[storage]
+data_dir = "$WORK/data"
+
+[log]
+level = "warn"
+
+[session]
+probe_interval_secs = 0
+
+[[services]]
+name = "echo"
+
+[[users]]
+name = "alice"
+password = "alice-secret"
+plan = "basic"
+services = ["echo"]
+
+[[servers]]
+uri = "sip:127.0.0.1:$AS_PORT"
+services = ["echo"]
+
+[[tariffs]]
+name = "default"
+rate = 2
+currency = "EUR"
+EOF
+printf 'SEQUENTIAL\nalice;alice-secret\n' >"$WORK/users.csv"
+
+(cd "$WORK" && exec "${LOAD_CPUS[@]}" sipp -sf "$SCENARIOS/uas_answer.xml" -i 127.0.0.1 -p "$AS_PORT" -aa \
+    -buff_size "$SIPP_BUFFER" -nostdin >/dev/null 2>"$WORK/uas.stderr") &
+PIDS+=("$!")
+"${SERVER_CPUS[@]}" "$RELAYD" --config "$WORK/relayd.toml" run >/dev/null 2>"$WORK/relayd.log" &
+RELAY_PID=$!
+PIDS+=("$RELAY_PID")
+mkdir -p "$WORK/register"
+(cd "$WORK/register" && exec sipp "127.0.0.1:$RELAY_PORT" -sf "$SCENARIOS/uac_register.xml" \
+    -inf "$WORK/users.csv" -au alice -ap alice-secret -i 127.0.0.1 -m 1 -nostdin \
+    -timeout 10s -timeout_error >/dev/null 2>&1) &
+REG_PID=$!
+PIDS+=("$REG_PID")
+if ! wait "$REG_PID"; then
+    echo "bench-memory: alice could not register; relayd log:" >&2
+    tail -20 "$WORK/relayd.log" >&2
+    exit 1
+fi
+
+rss_kb() { awk '/^VmRSS/ { print $2 }' "/proc/$RELAY_PID/status"; }
+IDLE=$(rss_kb)
+
+(cd "$WORK" && exec "${LOAD_CPUS[@]}" sipp "127.0.0.1:$RELAY_PORT" -sf "$SCENARIOS/uac_call.xml" -s echo \
+    -inf "$WORK/users.csv" -au alice -ap alice-secret -i 127.0.0.1 -r "$RATE" -m "$CALLS" \
+    -d "$HOLD_MS" -buff_size "$SIPP_BUFFER" -nostdin -trace_stat -stf "$WORK/uac.csv" -fd 1 \
+    >/dev/null 2>"$WORK/uac.stderr") &
+UAC_PID=$!
+PIDS+=("$UAC_PID")
+PEAK=$IDLE
+while kill -0 "$UAC_PID" 2>/dev/null; do
+    now=$(rss_kb)
+    [ "$now" -gt "$PEAK" ] && PEAK=$now
+    sleep 1
+done
+wait "$UAC_PID" || true
+OK=$(sipp_stat "$WORK/uac.csv" 'SuccessfulCall(C)')
+FAILED=$(sipp_stat "$WORK/uac.csv" 'FailedCall(C)')
+# RSS every 10 s after the last call, to see what is given back when.
+TRACE=""
+for ((t = 10; t <= AFTER_SECS; t += 10)); do
+    sleep 10
+    TRACE="$TRACE ${t}s:$(($(rss_kb) / 1024))M"
+done
+sleep $((AFTER_SECS % 10))
+AFTER=$(rss_kb)
+
+echo "calls: $CALLS at $RATE/s held ${HOLD_MS} ms: $OK completed, $FAILED failed"
+echo "relayd RSS idle: $IDLE KiB"
+echo "relayd RSS peak: $PEAK KiB"
+awk -v p="$PEAK" -v i="$IDLE" -v n="$CALLS" 'BEGIN { printf "per concurrent session: %.2f KiB\n", (p - i) / n }'
+awk -v a="$AFTER" -v i="$IDLE" -v s="$AFTER_SECS" 'BEGIN { printf "relayd RSS %d s after the last call: %d KiB (%.2f x idle)\n", s, a, a / i }'
+echo "relayd RSS after the last call:$TRACE"
+echo "machine: $PIN_NOTE"
