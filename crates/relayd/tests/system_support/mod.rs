@@ -217,12 +217,13 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// The URI the relay knows it by (the Contact it registers).
+    /// The URI the relay knows it by (the Contact it registers; `transport=` lower-case, as
+    /// RFC 3261 writes it).
     pub fn uri(&self) -> String {
         match self.transport {
             Transport::Udp => format!("sip:{}@127.0.0.1:{}", self.account, self.sip_port),
             Transport::Tcp => format!(
-                "sip:{}@127.0.0.1:{};transport=TCP",
+                "sip:{}@127.0.0.1:{};transport=tcp",
                 self.account, self.sip_port
             ),
         }
