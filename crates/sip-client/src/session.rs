@@ -509,6 +509,21 @@ impl Session {
 
     async fn on_response(&mut self, cseq: u32, resp: Response) {
         let (code, reason) = headers::status(&resp);
+        // The REFER's 2xx may come after the NOTIFYs it started (they may cross on the
+        // wire, RFC 6665 §4.1.2.4): the transfer has moved on, but its acceptance is still
+        // reported.
+        let late_refer_2xx = (200..300).contains(&code)
+            && self.op.as_ref().is_some_and(|o| {
+                o.cseq == cseq && o.stage != Stage::Sent && matches!(o.kind, OpKind::Transfer(_))
+            });
+        if late_refer_2xx {
+            self.emit(Event::TransferProgress {
+                session: self.id,
+                status: code,
+                reason,
+            });
+            return;
+        }
         let current = self
             .op
             .as_ref()
