@@ -49,69 +49,7 @@ else
 fi
 
 start_work bench relayd-bench
-RELAY_PORT=$(free_port)
-AS_PORT=$(free_port)
-while [ "$AS_PORT" = "$RELAY_PORT" ]; do AS_PORT=$(free_port); done
-
-cat >"$WORK/relayd.toml" <<EOF
-[listen]
-udp = "127.0.0.1:$RELAY_PORT"
-tcp = []
-
-[relay]
-realm = "relay.test"
-
-[storage]
-data_dir = "$WORK/data"
-
-[log]
-level = "warn"
-
-[session]
-probe_interval_secs = 0
-
-[[services]]
-name = "echo"
-
-[[users]]
-name = "alice"
-password = "alice-secret"
-plan = "basic"
-services = ["echo"]
-
-[[servers]]
-uri = "sip:127.0.0.1:$AS_PORT"
-services = ["echo"]
-
-[[tariffs]]
-name = "default"
-rate = 2
-currency = "EUR"
-EOF
-printf 'SEQUENTIAL\nalice;alice-secret\n' >"$WORK/users.csv"
-
-# The application server first, so that the relay's first probe finds it.
-(cd "$WORK" && exec "${LOAD_CPUS[@]}" sipp -sf "$SCENARIOS/uas_answer.xml" -i 127.0.0.1 -p "$AS_PORT" -aa -buff_size "$SIPP_BUFFER" \
-    -nostdin -trace_err -error_file "$WORK/uas-errors.log" >/dev/null 2>"$WORK/uas.stderr") &
-UAS_PID=$!
-PIDS+=("$UAS_PID")
-"${SERVER_CPUS[@]}" "$RELAYD" --config "$WORK/relayd.toml" run >/dev/null 2>"$WORK/relayd.log" &
-RELAY_PID=$!
-PIDS+=("$RELAY_PID")
-
-# Registering is also the readiness check: sipp retransmits the REGISTER until the relay
-# answers, for at most 10 s.
-mkdir -p "$WORK/register"
-(cd "$WORK/register" && exec "${LOAD_CPUS[@]}" sipp "127.0.0.1:$RELAY_PORT" -sf "$SCENARIOS/uac_register.xml" \
-    -inf "$WORK/users.csv" -au alice -ap alice-secret -i 127.0.0.1 -m 1 -nostdin \
-    -timeout 10s -timeout_error >/dev/null 2>&1) &
-REG_PID=$!
-PIDS+=("$REG_PID")
-if ! wait "$REG_PID"; then
-    echo "bench: alice could not register; relayd log:" >&2
-    tail -20 "$WORK/relayd.log" >&2
-    exit 1
-fi
+start_bench_relay
 
 
 

@@ -92,19 +92,26 @@ pub struct Inquiry<'a> {
     pub local: &'a LocalAddr,
 }
 
+/// Service parameters written as URI or header parameters: `;name[=value]` each, in order
+/// (an empty value writes the name alone).
+pub fn write_params(out: &mut String, params: &[(String, String)]) {
+    use std::fmt::Write as _;
+    for (k, v) in params {
+        let _ = if v.is_empty() {
+            write!(out, ";{k}")
+        } else {
+            write!(out, ";{k}={v}")
+        };
+    }
+}
+
 /// The `P-Asserted-Service` value (RFC 6050 §4.1, with the relay's service ids) for
 /// `service` and its parameters: `service[;name[=value]…]`. The relay puts it on the
 /// inquiry and on every re-INVITE it relays to a server, which switches service on this
 /// header alone, never on what a terminal's SDP says.
 pub fn asserted_service(service: &str, params: &[(String, String)]) -> String {
     let mut out = service.to_string();
-    for (k, v) in params {
-        if v.is_empty() {
-            out.push_str(&format!(";{k}"));
-        } else {
-            out.push_str(&format!(";{k}={v}"));
-        }
-    }
+    write_params(&mut out, params);
     out
 }
 
@@ -113,13 +120,7 @@ pub fn asserted_service(service: &str, params: &[(String, String)]) -> String {
 /// terminal's SDP offer as body.
 pub fn inquiry_invite(inq: &Inquiry<'_>) -> Result<Request, rsip::Error> {
     let mut ruri = format!("sip:{}@{}", inq.service, inq.server_hostport);
-    for (k, v) in inq.params {
-        if v.is_empty() {
-            ruri.push_str(&format!(";{k}"));
-        } else {
-            ruri.push_str(&format!(";{k}={v}"));
-        }
-    }
+    write_params(&mut ruri, inq.params);
     if inq.local.transport != Transport::Udp {
         ruri.push_str(&format!(";transport={}", inq.local.transport.param_name()));
     }

@@ -345,13 +345,7 @@ impl Relay {
             return Err((403, "Not a subscriber"));
         };
         let mut text = format!("sip:{service}@{}", self.realm);
-        for (k, v) in params {
-            if v.is_empty() {
-                text.push_str(&format!(";{k}"));
-            } else {
-                text.push_str(&format!(";{k}={v}"));
-            }
-        }
+        b2bua::write_params(&mut text, params);
         let ruri = sip_core::uri::Uri::parse(&text).map_err(|_| (400, "Unreadable service"))?;
         let mut facts = facts(req, &ruri, &user.plan, &user.class, self.rules.needs());
         facts.method = Method::Invite.to_string();
