@@ -2,18 +2,21 @@
 //! `MESSAGE sip:charge@<domain>` with an `application/vnd.relay.charge+json` body
 //! (`docs/protocol.md`), digest-authenticated as the agent's account.
 //!
-//! Every charge gets its own event id (`<account>-<run id>-<sequence>`, the run id random per
-//! start of the agent so ids never repeat across restarts) and keeps it on every retry, so
-//! the relay stores it once however often it arrives. A charge is retried, with backoff,
-//! until the relay gives a final answer: 2xx confirms it; a 4xx other than 401/407/408/480/491
-//! (or a 3xx/6xx) refuses it for good, which is logged with the body — except a `403` to a
-//! charge naming a session the relay has already closed, which is sent again for the
-//! subscriber alone, under the same event id. With a spool directory
-//! each charge is written to disk (fsync) before the first attempt and removed once
+//! Charges come from two places: byte blocks delivered by the data gateway, and the
+//! application server itself (control API or [`crate::handle::AgentHandle::charge`], checked
+//! in [`crate::app_charge`]). Every charge has an event id that it keeps on every retry, so
+//! the relay stores it once however often it arrives: the agent's own are
+//! `<account>-<run id>-<sequence>` (the run id random per start of the agent so ids never
+//! repeat across restarts); the application server's are its own, written `app:<its id>`.
+//! A charge is retried, with backoff, until the relay gives a final answer: 2xx confirms it;
+//! a 4xx other than 401/407/408/480/491 (or a 3xx/6xx) refuses it for good, which is logged
+//! with the body — except a `403` to a charge naming a session the relay has already closed,
+//! which is sent again for the subscriber alone, under the same event id. With a spool
+//! directory each charge is written to disk (fsync) before the first attempt and removed once
 //! confirmed; charges left there by a crash are sent again at the next start.
 //!
-//! Today charges come from byte blocks delivered by the data gateway; a backend cannot ask
-//! for a charge of its own yet.
+//! Whoever asked may hear how it went ([`Delivery`]): confirmed, refused, or — after the
+//! first attempt that will be retried — pending (and whether it is spooled).
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -29,7 +32,7 @@ use sip_core::endpoint::Endpoint;
 use sip_core::message;
 use sip_core::resolve::{self, SystemDns};
 use sip_core::uri::Uri;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
@@ -90,21 +93,70 @@ impl Drop for OutstandingGuard {
     }
 }
 
-/// A request to charge a session's subscriber, from the data gateway.
+/// How much a charge is for: units at a price, or an amount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Price {
+    /// `units` × `unit_price` (the configured `billing.price_per_block` when `None`).
+    Units {
+        /// Units charged.
+        units: u64,
+        /// Price of a unit, in minor units.
+        unit_price: Option<u64>,
+    },
+    /// A total, in minor units.
+    Amount(u64),
+}
+
+/// A request to charge a subscriber, from the data gateway or the application server.
 #[derive(Debug)]
 pub struct ChargeRequest {
-    /// The server leg's Call-ID.
-    pub call_id: String,
+    /// The event id as sent to the relay; `None`: the agent makes one.
+    pub event_id: Option<String>,
+    /// The server leg's Call-ID, when the charge belongs to a session.
+    pub call_id: Option<String>,
     /// The subscriber the relay asserted.
     pub subscriber: String,
-    /// The service delivered.
-    pub service: String,
-    /// Units to charge.
-    pub units: u64,
-    /// Bytes per unit, for the description.
-    pub unit_bytes: u64,
+    /// How much.
+    pub price: Price,
+    /// ISO 4217 code; `None`: the configured `billing.currency`.
+    pub currency: Option<String>,
+    /// For the billing record.
+    pub description: String,
     /// Held until the relay answers the charge.
     pub guard: Option<OutstandingGuard>,
+    /// Told how the delivery went (confirmed, refused, or pending after a first failure).
+    pub reply: Option<oneshot::Sender<Delivery>>,
+}
+
+/// How the delivery of one charge went, as far as its requester needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The relay committed it (2xx).
+    Confirmed {
+        /// Its event id, as sent to the relay.
+        event_id: String,
+    },
+    /// The relay refused it for good.
+    Refused {
+        /// Its event id, as sent to the relay.
+        event_id: String,
+        /// The relay's status code.
+        status: u16,
+        /// The relay's reason phrase.
+        reason: String,
+    },
+    /// The first attempt failed in a way that is retried (timeout, 5xx…); the charge stays
+    /// queued (and on disk when `spooled`) until the relay answers.
+    Pending {
+        /// Its event id, as sent to the relay.
+        event_id: String,
+        /// Whether it is in the spool directory (survives a restart).
+        spooled: bool,
+        /// The status of the failed attempt (503 for a transport error).
+        status: u16,
+        /// Its reason.
+        reason: String,
+    },
 }
 
 /// The body of a charge `MESSAGE` (`docs/protocol.md`).
@@ -118,14 +170,30 @@ pub struct Charge {
     pub call_id: Option<String>,
     /// The subscriber.
     pub subscriber: String,
-    /// Units charged.
-    pub units: u64,
-    /// Price of a unit, in minor units.
-    pub unit_price: u64,
+    /// Units charged (with `unit_price`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub units: Option<u64>,
+    /// Price of a unit, in minor units (with `units`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit_price: Option<u64>,
+    /// A total in minor units (instead of `units` and `unit_price`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<u64>,
     /// ISO 4217 code.
     pub currency: String,
     /// For the billing record.
     pub description: String,
+}
+
+impl Charge {
+    /// The total in minor units (saturating).
+    pub fn total(&self) -> u64 {
+        match (self.amount, self.units, self.unit_price) {
+            (Some(a), _, _) => a,
+            (None, Some(u), Some(p)) => u.saturating_mul(p),
+            _ => 0,
+        }
+    }
 }
 
 /// Event ids: `<account>-<run id>-<sequence>`.
@@ -170,17 +238,17 @@ impl Spool {
         })
     }
 
+    /// The file of a charge: its event id with every byte but ASCII letters, digits and `-`
+    /// written `_xx` (hex), so that two event ids never share a file.
     fn path(&self, event_id: &str, ext: &str) -> PathBuf {
-        let safe: String = event_id
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let mut safe = String::with_capacity(event_id.len());
+        for b in event_id.bytes() {
+            if b.is_ascii_alphanumeric() || b == b'-' {
+                safe.push(char::from(b));
+            } else {
+                safe.push_str(&format!("_{b:02x}"));
+            }
+        }
         self.dir.join(format!("{safe}.{ext}"))
     }
 
@@ -287,10 +355,11 @@ pub struct ChargerConfig {
 pub struct ChargeSink(mpsc::UnboundedSender<ChargeRequest>);
 
 impl ChargeSink {
-    /// Queues a charge; it is sent at once and retried until the relay answers.
+    /// Queues a charge; it is sent at once and retried until the relay answers. When
+    /// charging has stopped the charge is dropped (its `reply`, if any, is closed).
     pub fn charge(&self, req: ChargeRequest) {
         if let Err(e) = self.0.send(req) {
-            error!(call_id = %e.0.call_id, units = e.0.units, "charging has stopped: charge dropped");
+            error!(call_id = ?e.0.call_id, price = ?e.0.price, "charging has stopped: charge dropped");
         }
     }
 
@@ -338,7 +407,7 @@ async fn run(
                     info!(count = charges.len(), "sending charges left in the spool");
                 }
                 for charge in charges {
-                    pending.spawn(deliver(shared.clone(), charge, None));
+                    pending.spawn(deliver(shared.clone(), charge, None, None));
                 }
             }
             Err(e) => error!(error = %e, "cannot read the charge spool"),
@@ -349,8 +418,9 @@ async fn run(
             req = rx.recv() => match req {
                 Some(mut req) => {
                     let guard = req.guard.take();
+                    let reply = req.reply.take();
                     let charge = shared.make_charge(&mut ids, req);
-                    pending.spawn(deliver(shared.clone(), charge, guard));
+                    pending.spawn(deliver(shared.clone(), charge, guard, reply));
                 }
                 None => break,
             },
@@ -361,8 +431,9 @@ async fn run(
     // Shutdown: what was queued goes out too, then the answers are awaited for a while.
     while let Ok(mut req) = rx.try_recv() {
         let guard = req.guard.take();
+        let reply = req.reply.take();
         let charge = shared.make_charge(&mut ids, req);
-        pending.spawn(deliver(shared.clone(), charge, guard));
+        pending.spawn(deliver(shared.clone(), charge, guard, reply));
     }
     let flush = async { while pending.join_next().await.is_some() {} };
     if tokio::time::timeout(shared.config.flush_timeout, flush)
@@ -387,17 +458,23 @@ async fn run(
 
 impl Shared {
     fn make_charge(&self, ids: &mut EventIds, req: ChargeRequest) -> Charge {
-        let charge = Charge {
-            event_id: ids.next_id(),
-            description: format!(
-                "{} x {} bytes delivered ({}, call {})",
-                req.units, req.unit_bytes, req.service, req.call_id
+        let (units, unit_price, amount) = match req.price {
+            Price::Units { units, unit_price } => (
+                Some(units),
+                Some(unit_price.unwrap_or(self.config.unit_price)),
+                None,
             ),
-            call_id: Some(req.call_id),
+            Price::Amount(a) => (None, None, Some(a)),
+        };
+        let charge = Charge {
+            event_id: req.event_id.unwrap_or_else(|| ids.next_id()),
+            description: req.description,
+            call_id: req.call_id,
             subscriber: req.subscriber,
-            units: req.units,
-            unit_price: self.config.unit_price,
-            currency: self.config.currency.clone(),
+            units,
+            unit_price,
+            amount,
+            currency: req.currency.unwrap_or_else(|| self.config.currency.clone()),
         };
         if let Some(spool) = &self.config.spool {
             if let Err(e) = spool.store(&charge) {
@@ -428,8 +505,14 @@ impl Shared {
 /// session (it ended, say by the BYE that followed the last bytes, before the charge
 /// arrived): the same charge, same event id, is then sent for the subscriber alone, whom the
 /// relay knows the server has served.
-/// `_guard` keeps the charge counted as outstanding for its session until this returns.
-async fn deliver(shared: Arc<Shared>, mut charge: Charge, _guard: Option<OutstandingGuard>) {
+/// `_guard` keeps the charge counted as outstanding for its session until this returns;
+/// `reply` hears the outcome (or, after a first failure that is retried, that it is pending).
+async fn deliver(
+    shared: Arc<Shared>,
+    mut charge: Charge,
+    _guard: Option<OutstandingGuard>,
+    mut reply: Option<oneshot::Sender<Delivery>>,
+) {
     let config = &shared.config;
     let mut body = match serde_json::to_vec(&charge) {
         Ok(b) => b,
@@ -470,9 +553,15 @@ async fn deliver(shared: Arc<Shared>, mut charge: Charge, _guard: Option<Outstan
                 info!(
                     event_id = %charge.event_id,
                     call_id = ?charge.call_id,
-                    units = charge.units,
-                    amount = charge.units.saturating_mul(charge.unit_price),
+                    units = ?charge.units,
+                    amount = charge.total(),
                     "charge confirmed by the relay"
+                );
+                tell(
+                    &mut reply,
+                    Delivery::Confirmed {
+                        event_id: charge.event_id.clone(),
+                    },
                 );
                 return;
             }
@@ -526,10 +615,27 @@ async fn deliver(shared: Arc<Shared>, mut charge: Charge, _guard: Option<Outstan
                         warn!(event_id = %charge.event_id, error = %e, "cannot set the refused charge aside");
                     }
                 }
+                tell(
+                    &mut reply,
+                    Delivery::Refused {
+                        event_id: charge.event_id.clone(),
+                        status: code,
+                        reason: reason_of(&resp),
+                    },
+                );
                 return;
             }
         }
         challenges = 0;
+        tell(
+            &mut reply,
+            Delivery::Pending {
+                event_id: charge.event_id.clone(),
+                spooled: config.spool.is_some(),
+                status: code,
+                reason: reason_of(&resp),
+            },
+        );
         let delay = backoff.next_delay();
         warn!(
             event_id = %charge.event_id,
@@ -539,6 +645,14 @@ async fn deliver(shared: Arc<Shared>, mut charge: Charge, _guard: Option<Outstan
             "charge not confirmed yet"
         );
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// Tells the requester, once, how its charge went.
+fn tell(reply: &mut Option<oneshot::Sender<Delivery>>, delivery: Delivery) {
+    if let Some(tx) = reply.take() {
+        // The requester may have stopped waiting; the charge goes on regardless.
+        let _ = tx.send(delivery);
     }
 }
 
@@ -619,8 +733,9 @@ mod tests {
             event_id: id.into(),
             call_id: Some("leg-1@relay".into()),
             subscriber: "alice".into(),
-            units: 3,
-            unit_price: 5,
+            units: Some(3),
+            unit_price: Some(5),
+            amount: None,
             currency: "EUR".into(),
             description: "3 x 1048576 bytes delivered (echo)".into(),
         }
@@ -679,6 +794,15 @@ mod tests {
         let json = serde_json::to_value(for_subscriber).unwrap();
         assert!(json.get("call_id").is_none(), "{json}");
         assert_eq!(json["subscriber"], "alice");
+        assert!(json.get("amount").is_none(), "{json}");
+        // An amount instead of units: only the amount goes out.
+        let mut total = charge("app:level-1");
+        (total.units, total.unit_price, total.amount) = (None, None, Some(25));
+        let json = serde_json::to_value(&total).unwrap();
+        assert_eq!(json["amount"], 25);
+        assert!(json.get("units").is_none() && json.get("unit_price").is_none());
+        assert_eq!(total.total(), 25);
+        assert_eq!(charge("x").total(), 15);
     }
 
     #[test]
@@ -718,6 +842,12 @@ mod tests {
             .collect();
         assert_eq!(ids, ["as1-r-000003"]);
         assert!(dir.path().join("spool/as1-r-000002.rejected").exists());
+        // Event ids that differ only in punctuation get files of their own.
+        spool.store(&charge("app:a_b")).unwrap();
+        spool.store(&charge("app:a:b")).unwrap();
+        spool.store(&charge("app:a.b")).unwrap();
+        assert_eq!(spool.load().unwrap().len(), 4);
+        assert!(dir.path().join("spool/app_3aa_5fb.json").exists());
     }
 
     #[test]

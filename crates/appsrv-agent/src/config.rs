@@ -15,6 +15,7 @@ use serde::de::{self, Deserialize, Deserializer};
 use sip_core::uri::{Host, Scheme, Uri};
 
 use crate::backend::Backend;
+use crate::preamble::PreambleFormat;
 
 /// The command line. Every flag overrides the file's value of the same meaning.
 #[derive(Debug, Clone, Default, clap::Parser)]
@@ -98,6 +99,14 @@ pub struct Flags {
     /// billing.spool_dir, default: none, kept in memory].
     #[arg(long, value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
+    /// Serve the application server's control API (HTTP) on this loopback address
+    /// [file: control.listen, default: none, no API].
+    #[arg(long, value_name = "ADDR")]
+    pub control_listen: Option<SocketAddr>,
+    /// A file holding the control API's bearer token on its first line [file:
+    /// control.token_file].
+    #[arg(long, value_name = "FILE")]
+    pub control_token_file: Option<PathBuf>,
     /// Log filter, e.g. info or appsrv_agent=debug (RUST_LOG wins) [file: log.level].
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
@@ -148,11 +157,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// A password, kept out of `Debug` output.
+/// A password or token, kept out of `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub(crate) String);
 
 impl Secret {
+    /// A secret holding `text`.
+    pub fn new(text: impl Into<String>) -> Secret {
+        Secret(text.into())
+    }
+
     /// The password itself.
     pub fn expose(&self) -> &str {
         &self.0
@@ -245,6 +259,8 @@ pub struct ServiceConfig {
     pub capacity: Option<u32>,
     /// Who may use it.
     pub policy: Policy,
+    /// What its `tcp://` backend is told before the terminal's bytes.
+    pub preamble: PreambleFormat,
 }
 
 /// Application billing (claim 4).
@@ -264,6 +280,18 @@ pub struct BillingConfig {
     pub retry_max: Duration,
     /// Where charges wait until the relay confirms them (none: in memory only).
     pub spool_dir: Option<PathBuf>,
+    /// How long a charge the application server asks for waits for the relay's answer
+    /// before it is answered as pending.
+    pub confirm_wait: Duration,
+}
+
+/// The application server's control API (`docs/protocol.md`, "Control API").
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// The loopback address of its HTTP listener.
+    pub listen: SocketAddr,
+    /// The bearer token every request must carry.
+    pub token: Secret,
 }
 
 /// Logging.
@@ -290,6 +318,8 @@ pub struct Config {
     pub services: Vec<ServiceConfig>,
     /// Application billing.
     pub billing: BillingConfig,
+    /// The control API, when served.
+    pub control: Option<ControlConfig>,
     /// Logging.
     pub log: LogConfig,
 }
@@ -335,6 +365,7 @@ struct RawConfig {
     limits: RawLimits,
     services: Vec<RawService>,
     billing: RawBilling,
+    control: RawControl,
     log: RawLog,
 }
 
@@ -385,6 +416,8 @@ struct RawService {
     allow: Option<Vec<String>>,
     #[serde(default)]
     deny: Vec<String>,
+    #[serde(default, deserialize_with = "opt_from_str")]
+    preamble: Option<PreambleFormat>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -397,6 +430,15 @@ struct RawBilling {
     retry_initial_ms: Option<u64>,
     retry_max_secs: Option<u64>,
     spool_dir: Option<PathBuf>,
+    confirm_wait_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawControl {
+    listen: Option<SocketAddr>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -415,6 +457,18 @@ where
     let s = String::deserialize(deserializer)?;
     s.parse().map_err(de::Error::custom)
 }
+
+fn opt_from_str<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    from_str(deserializer).map(Some)
+}
+
+/// The shortest control API token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 /// Default relay URI.
 pub const DEFAULT_RELAY: &str = "sip:127.0.0.1:5060";
@@ -506,6 +560,7 @@ impl Config {
             data: b.data(raw.data, relay_ip)?,
             capacity: b.capacity(raw.limits)?,
             services: b.services(raw.services)?,
+            control: b.control(raw.control)?,
             relay,
             billing,
             log: LogConfig {
@@ -552,12 +607,13 @@ impl Config {
         out.push_str(&format!("capacity   {}\n", capacity(self.capacity)));
         for s in &self.services {
             out.push_str(&format!(
-                "service    {} -> {} (capacity {}, allow {:?}, deny {:?})\n",
+                "service    {} -> {} (capacity {}, allow {:?}, deny {:?}, preamble {})\n",
                 s.name,
                 s.backend,
                 capacity(s.capacity),
                 s.policy.allow,
-                s.policy.deny
+                s.policy.deny,
+                s.preamble
             ));
         }
         if self.billing.bytes_per_charge == 0 {
@@ -570,6 +626,10 @@ impl Config {
                 self.billing.bytes_per_charge,
                 self.billing.charge_uri
             ));
+        }
+        match &self.control {
+            Some(c) => out.push_str(&format!("control    http://{} (bearer token)\n", c.listen)),
+            None => out.push_str("control    off\n"),
         }
         out
     }
@@ -855,6 +915,7 @@ impl Build<'_> {
                     allow,
                     deny: s.deny,
                 },
+                preamble: s.preamble.unwrap_or_default(),
             });
         }
         for flag in &self.flags.services {
@@ -865,7 +926,19 @@ impl Build<'_> {
                     backend: flag.backend.clone(),
                     capacity: None,
                     policy: Policy::default(),
+                    preamble: PreambleFormat::None,
                 }),
+            }
+        }
+        for (i, s) in services.iter().enumerate() {
+            if s.preamble != PreambleFormat::None && !matches!(s.backend, Backend::Tcp { .. }) {
+                return Err(invalid(
+                    self.o.key(&format!("services[{i}].preamble")),
+                    format!(
+                        "a preamble is for tcp:// backends; {} is {}",
+                        s.name, s.backend
+                    ),
+                ));
             }
         }
         if services.is_empty() {
@@ -937,6 +1010,13 @@ impl Build<'_> {
                 format!("{retry_max} is out of range (1 to 3600 seconds)"),
             ));
         }
+        let confirm_wait = raw.confirm_wait_secs.unwrap_or(10);
+        if !(1..=600).contains(&confirm_wait) {
+            return Err(invalid(
+                self.o.key("billing.confirm_wait_secs"),
+                format!("{confirm_wait} is out of range (1 to 600 seconds)"),
+            ));
+        }
         let spool_dir = match (&self.flags.spool_dir, raw.spool_dir) {
             (Some(dir), _) => Some(dir.clone()),
             (None, Some(dir)) => Some(self.base_dir.join(dir)),
@@ -951,7 +1031,74 @@ impl Build<'_> {
             retry_initial: Duration::from_millis(retry_initial),
             retry_max: Duration::from_secs(retry_max),
             spool_dir,
+            confirm_wait: Duration::from_secs(confirm_wait),
         })
+    }
+
+    /// The control API: served when `control.listen` (or `--control-listen`) is set, on a
+    /// loopback address only, with a token of at least [`MIN_TOKEN_LEN`] characters.
+    fn control(&self, raw: RawControl) -> Result<Option<ControlConfig>, ConfigError> {
+        let listen_origin = self.o.of(
+            self.flags.control_listen.is_some(),
+            "--control-listen",
+            "control.listen",
+        );
+        let token = match (&self.flags.control_token_file, raw.token, raw.token_file) {
+            (Some(path), _, _) => Some(read_password(path, "--control-token-file".to_string())?),
+            (None, Some(_), Some(_)) => {
+                return Err(invalid(
+                    self.o.key("control.token_file"),
+                    "give either control.token or control.token_file, not both",
+                ))
+            }
+            (None, Some(t), None) => Some(Secret(t)),
+            (None, None, Some(path)) => Some(read_password(
+                &self.base_dir.join(path),
+                self.o.key("control.token_file"),
+            )?),
+            (None, None, None) => None,
+        };
+        let token_origin = if self.flags.control_token_file.is_some() {
+            "--control-token-file".to_string()
+        } else {
+            self.o.key("control.token")
+        };
+        let Some(listen) = self.flags.control_listen.or(raw.listen) else {
+            if token.is_some() {
+                return Err(invalid(
+                    listen_origin,
+                    "a control token is set but no control.listen address to serve the API on",
+                ));
+            }
+            return Ok(None);
+        };
+        if !listen.ip().is_loopback() {
+            return Err(invalid(
+                listen_origin,
+                format!(
+                    "{listen} is not a loopback address: the control API is for the application \
+                     server on this host (127.0.0.1 or [::1])"
+                ),
+            ));
+        }
+        let Some(token) = token else {
+            return Err(invalid(
+                token_origin,
+                "the control API needs a token: set control.token or control.token_file, or \
+                 --control-token-file",
+            ));
+        };
+        let t = token.expose();
+        if t.chars().count() < MIN_TOKEN_LEN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                token_origin,
+                format!(
+                    "the token must be at least {MIN_TOKEN_LEN} printable characters without \
+                     spaces"
+                ),
+            ));
+        }
+        Ok(Some(ControlConfig { listen, token }))
     }
 }
 
@@ -982,7 +1129,7 @@ fn read_password(path: &Path, origin: String) -> Result<Secret, ConfigError> {
     if first.is_empty() {
         return Err(invalid(
             origin,
-            format!("{}: the first line (the password) is empty", path.display()),
+            format!("{}: the first line is empty", path.display()),
         ));
     }
     Ok(Secret(first.to_string()))
@@ -1329,6 +1476,111 @@ mod tests {
         assert_eq!(host_of("127.0.0.1:5080"), "127.0.0.1");
         assert_eq!(host_of("agent.example"), "agent.example");
         assert_eq!(host_of("::1"), "::1");
+    }
+
+    #[test]
+    fn the_control_api_is_loopback_only_with_a_long_enough_token() {
+        let base = "[relay]\naccount = \"as1\"\npassword = \"pw\"\n\
+                    [[services]]\nname = \"echo\"\nbackend = \"builtin:echo\"\n";
+        let c = Config::from_toml(base, Path::new("a.toml"), &flags(&[])).unwrap();
+        assert!(c.control.is_none(), "no API unless asked for");
+        assert_eq!(c.billing.confirm_wait, Duration::from_secs(10));
+        let text =
+            format!("{base}[control]\nlisten = \"127.0.0.1:7090\"\ntoken = \"0123456789abcdef\"\n");
+        let c = Config::from_toml(&text, Path::new("a.toml"), &flags(&[])).unwrap();
+        let control = c.control.as_ref().unwrap();
+        assert_eq!(control.listen, "127.0.0.1:7090".parse().unwrap());
+        assert_eq!(control.token.expose(), "0123456789abcdef");
+        assert!(
+            !format!("{c:?}").contains("0123456789abcdef"),
+            "token in Debug"
+        );
+        assert!(c.summary().contains("control    http://127.0.0.1:7090"));
+
+        let e = error_of(
+            &format!("{base}[control]\nlisten = \"0.0.0.0:7090\"\ntoken = \"0123456789abcdef\"\n"),
+            &[],
+        );
+        assert!(
+            e.starts_with("agent.toml: key `control.listen`") && e.contains("loopback"),
+            "{e}"
+        );
+        let e = error_of(
+            &format!("{base}[control]\nlisten = \"127.0.0.1:7090\"\n"),
+            &[],
+        );
+        assert!(
+            e.contains("control.token") && e.contains("needs a token"),
+            "{e}"
+        );
+        let e = error_of(
+            &format!("{base}[control]\nlisten = \"[::1]:7090\"\ntoken = \"short\"\n"),
+            &[],
+        );
+        assert!(
+            e.starts_with("agent.toml: key `control.token`") && e.contains("at least 16"),
+            "{e}"
+        );
+        let e = error_of(
+            &format!("{base}[control]\ntoken = \"0123456789abcdef\"\n"),
+            &[],
+        );
+        assert!(e.contains("control.listen"), "{e}");
+
+        // Flags: the address and a token file.
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "fedcba9876543210fedcba\n").unwrap();
+        let c = Config::from_toml(
+            base,
+            Path::new("a.toml"),
+            &flags(&[
+                "--control-listen",
+                "[::1]:0",
+                "--control-token-file",
+                token.to_str().unwrap(),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.control.unwrap().token.expose(), "fedcba9876543210fedcba");
+        let e = error_of(base, &["--control-listen", "192.0.2.1:7090"]);
+        assert!(e.starts_with("--control-listen:"), "{e}");
+    }
+
+    #[test]
+    fn a_preamble_is_set_per_tcp_service() {
+        let text = "[relay]\naccount = \"as1\"\npassword = \"pw\"\n\
+                    [[services]]\nname = \"game\"\nbackend = \"tcp://127.0.0.1:7000\"\n\
+                    preamble = \"proxy-v2\"\n\
+                    [[services]]\nname = \"chat\"\nbackend = \"tcp://127.0.0.1:7001\"\n";
+        let c = Config::from_toml(text, Path::new("a.toml"), &flags(&[])).unwrap();
+        assert_eq!(c.service("game").unwrap().preamble, PreambleFormat::ProxyV2);
+        assert_eq!(c.service("chat").unwrap().preamble, PreambleFormat::None);
+        assert!(c.summary().contains("preamble proxy-v2"), "{}", c.summary());
+        let e = error_of(
+            "[relay]\naccount = \"as1\"\npassword = \"pw\"\n\
+             [[services]]\nname = \"echo\"\nbackend = \"builtin:echo\"\npreamble = \"json\"\n",
+            &[],
+        );
+        assert!(
+            e.contains("services[0].preamble") && e.contains("tcp://"),
+            "{e}"
+        );
+        let e = error_of(
+            "[relay]\naccount = \"as1\"\npassword = \"pw\"\n\
+             [[services]]\nname = \"game\"\nbackend = \"tcp://h:1\"\npreamble = \"v1\"\n",
+            &[],
+        );
+        assert!(
+            e.contains("services[0].preamble") && e.contains("expected none"),
+            "{e}"
+        );
+        let e = error_of(
+            "[relay]\naccount = \"as1\"\npassword = \"pw\"\n[billing]\nconfirm_wait_secs = 0\n\
+             [[services]]\nname = \"echo\"\nbackend = \"builtin:echo\"\n",
+            &[],
+        );
+        assert!(e.contains("billing.confirm_wait_secs"), "{e}");
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! the tokens the agent handed out: each is good once, and only for the configured time after
 //! its 200 OK was sent (a terminal may connect before the relay's ACK reaches the agent). An
 //! unknown, used or expired token, or a line that is not a token, gets `ERR <reason>` and the
-//! connection is closed: nothing is forwarded. A good token gets `OK` and from then on the
-//! bytes are spliced both ways between the terminal and the service backend, counted per
-//! session, and each completed block of bytes delivered to the terminal becomes a charge.
+//! connection is closed: nothing is forwarded. A good token opens the service backend — a
+//! `tcp://` backend is first told who is connected, in the format its service configures
+//! ([`crate::preamble`]) — then gets `OK`, and from then on the bytes are spliced both ways
+//! between the terminal and the backend, counted per session, and each completed block of
+//! bytes delivered to the terminal becomes a charge.
 //!
 //! The connection ends when the backend closes its side (after the terminal's end of input,
 //! for the built-ins), when either side fails, or when the session closes it (BYE, shutdown,
@@ -26,7 +28,8 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, BackendStream};
-use crate::charging::{ChargeRequest, ChargeSink, Outstanding};
+use crate::charging::{ChargeRequest, ChargeSink, Outstanding, Price};
+use crate::preamble::{self, PreambleFormat, SessionContext};
 
 /// The longest token line accepted, newline included.
 pub const MAX_TOKEN_LINE: usize = 256;
@@ -103,6 +106,10 @@ pub struct Binding {
     pub slot: u64,
     /// The backend to splice to.
     pub backend: Backend,
+    /// What a `tcp://` backend is told first.
+    pub preamble: PreambleFormat,
+    /// Who is connected, for the preamble.
+    pub context: Arc<SessionContext>,
     /// The session's byte counters.
     pub counters: Arc<Counters>,
     /// Turns true (or its sender goes away) when the session closes this connection.
@@ -366,7 +373,13 @@ impl Connection {
         };
         let call_id = binding.call_id.clone();
         let slot = binding.slot;
-        let backend = match binding.backend.open(self.timeouts.backend_connect).await {
+        let opened = match binding.backend.open(self.timeouts.backend_connect).await {
+            Ok(mut b) => tell_backend(&mut b, &binding, peer, stream.local_addr())
+                .await
+                .map(|()| b),
+            Err(e) => Err(e),
+        };
+        let backend = match opened {
             Ok(b) => b,
             Err(e) => {
                 warn!(%call_id, %peer, backend = %binding.backend, error = %e, "backend unavailable");
@@ -406,6 +419,28 @@ impl Connection {
             reason,
         });
     }
+}
+
+/// Sends a `tcp://` backend the session's preamble, if its service has one (built-in
+/// services need none).
+async fn tell_backend(
+    backend: &mut BackendStream,
+    binding: &Binding,
+    terminal: SocketAddr,
+    gateway: std::io::Result<SocketAddr>,
+) -> std::io::Result<()> {
+    if !matches!(binding.backend, Backend::Tcp { .. }) || binding.preamble == PreambleFormat::None {
+        return Ok(());
+    }
+    let bytes = preamble::encode(binding.preamble, &binding.context, terminal, gateway?);
+    backend.write_all(&bytes).await?;
+    debug!(
+        call_id = %binding.call_id,
+        preamble = %binding.preamble,
+        bytes = bytes.len(),
+        "preamble sent to the backend"
+    );
+    Ok(())
 }
 
 /// How long a refused connection is drained after the `ERR` line, and how much of it.
@@ -525,12 +560,20 @@ where
             if let (Some(billing), true) = (&binding.billing, units > 0) {
                 debug!(call_id = %binding.call_id, units, "charge units completed");
                 billing.sink.charge(ChargeRequest {
-                    call_id: binding.call_id.clone(),
+                    event_id: None,
+                    call_id: Some(binding.call_id.clone()),
                     subscriber: billing.subscriber.clone(),
-                    service: billing.service.clone(),
-                    units,
-                    unit_bytes: billing.block,
+                    price: Price::Units {
+                        units,
+                        unit_price: None,
+                    },
+                    currency: None,
+                    description: format!(
+                        "{units} x {} bytes delivered ({}, call {})",
+                        billing.block, billing.service, binding.call_id
+                    ),
                     guard: Some(billing.outstanding.begin()),
+                    reply: None,
                 });
             }
         }
@@ -572,6 +615,13 @@ mod tests {
                 call_id: call_id.into(),
                 slot,
                 backend,
+                preamble: PreambleFormat::None,
+                context: Arc::new(SessionContext {
+                    session_id: call_id.into(),
+                    subscriber: "alice".into(),
+                    service: "echo".into(),
+                    params: Vec::new(),
+                }),
                 counters: Arc::new(Counters::default()),
                 close,
                 billing: None,
@@ -738,10 +788,13 @@ mod tests {
         let mut units = 0;
         while let Ok(c) = charges.try_recv() {
             assert_eq!(
-                (c.call_id.as_str(), c.subscriber.as_str()),
-                ("call-7", "alice")
+                (c.call_id.as_deref(), c.subscriber.as_str()),
+                (Some("call-7"), "alice")
             );
-            units += c.units;
+            let Price::Units { units: n, .. } = c.price else {
+                panic!("{:?}", c.price)
+            };
+            units += n;
         }
         assert_eq!(units, 2, "11 bytes in blocks of 4: two whole blocks");
         assert_eq!(
@@ -777,6 +830,68 @@ mod tests {
                 reason: EndReason::Closed
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_tcp_backend_hears_the_preamble_before_the_terminal() {
+        let mut h = harness().await;
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = backend.local_addr().unwrap().port();
+        let (mut b, _close) = binding(
+            "call-3@relay",
+            1,
+            Backend::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            },
+        );
+        b.preamble = PreambleFormat::Json;
+        b.context = Arc::new(SessionContext {
+            session_id: "call-3@relay".into(),
+            subscriber: "alice".into(),
+            service: "game".into(),
+            params: vec![("level".into(), Some("2".into()))],
+        });
+        h.tokens.issue("t3".into(), b, Instant::now());
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        let terminal = s.local_addr().unwrap();
+        s.write_all(b"t3\nfirst bytes").await.unwrap();
+        let (mut server, _) = backend.accept().await.unwrap();
+        let mut got = Vec::new();
+        while !got.ends_with(b"first bytes") {
+            let mut buf = [0u8; 512];
+            let n = server.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "backend closed early: {:?}",
+                String::from_utf8_lossy(&got)
+            );
+            got.extend_from_slice(&buf[..n]);
+        }
+        let newline = got.iter().position(|b| *b == b'\n').unwrap();
+        let p = preamble::JsonPreamble::parse(&got[..=newline]).unwrap();
+        assert_eq!(
+            (
+                p.session_id.as_str(),
+                p.subscriber.as_str(),
+                p.service.as_str()
+            ),
+            ("call-3@relay", "alice", "game")
+        );
+        assert_eq!(p.params.get("level"), Some(&Some("2".to_string())));
+        assert_eq!(p.terminal, terminal);
+        assert_eq!(p.gateway, h.addr);
+        assert_eq!(&got[newline + 1..], b"first bytes");
+        let mut ok = [0u8; 3];
+        s.read_exact(&mut ok).await.unwrap();
+        assert_eq!(&ok, b"OK\n");
+        // The backend closes: the connection ends, the terminal sees the end.
+        drop(server);
+        assert!(matches!(
+            h.events.recv().await.unwrap(),
+            GatewayEvent::Attached { .. }
+        ));
+        assert!(read_all(&mut s).await.is_empty());
     }
 
     #[tokio::test]

@@ -13,13 +13,21 @@
 //!   for a new data connection, which replaces the old one once it is used, or
 //!   `a=connection:existing` when the terminal keeps its connection), no is a refusal that
 //!   leaves the session as it was.
-//! * **BYE** from the relay: `200`, the data connection is closed and the tokens revoked.
+//! * **BYE** from the relay: `200`, the data connection is closed and the tokens revoked. A
+//!   `Reason` header naming `transferred` or `changed` tells that the relay moved the session
+//!   to another server.
 //! * The **data connection ends** from the application side (the backend closed, a side
-//!   failed) or its token **expires unused**: the agent sends BYE. A BYE waits for the ACK
-//!   of our 2xx (RFC 3261 §15) or the ACK's timeout.
+//!   failed), its token **expires unused**, or the **application server hangs up**
+//!   ([`Command::HangUp`]): the agent sends BYE. A BYE waits for the ACK of our 2xx
+//!   (RFC 3261 §15) or the ACK's timeout.
 //! * **Shutdown**: every session is ended with BYE; new INVITEs get `503`.
+//!
+//! Every step is told as a [`SessionEvent`] on the core's broadcast channel; the application
+//! server's [`Command`]s (list, look up, hang up) arrive on the core's command channel, so the
+//! sessions keep one owner. Sessions that ended stay known for [`RECENT_GRACE`] (subscriber
+//! only), so that a charge for a session that just ended still finds it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,14 +41,16 @@ use sip_core::resolve::{self, SystemDns};
 use sip_core::sdp::{new_session_token, AppSdp, Connection};
 use sip_core::uri::Uri;
 use sip_core::Peer;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use crate::charging::{ChargeSink, Outstanding};
 use crate::config::Config;
+use crate::events::{now_ms, EndCause, SessionEvent, SessionInfo, SessionState};
 use crate::gateway::{Billing, Binding, Counters, GatewayEvent, TokenTable};
-use crate::inquiry::{self, Accepted, Load, Refusal, RelaySources};
+use crate::inquiry::{self, Accepted, Load, Params, Refusal, RelaySources};
+use crate::preamble::{param_map, SessionContext};
 use crate::registration::{RegistrationHandle, USER_AGENT};
 
 /// The methods we answer, for `Allow`.
@@ -50,6 +60,66 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How long our BYE waits for the session's charges to be answered, so that they reach
 /// the relay while it still holds the session.
 const CHARGE_SETTLE: Duration = Duration::from_secs(3);
+/// How long an ended session stays known to charges (the relay's default
+/// `late_charge_grace_secs`).
+pub const RECENT_GRACE: Duration = Duration::from_secs(600);
+/// The most ended sessions remembered at once.
+const RECENT_MAX: usize = 100_000;
+
+/// The relay's final answer to our BYE (`None`: the session ended otherwise before our BYE
+/// went out), or why there is none.
+pub type HangUpResult = Result<Option<u16>, HangUpError>;
+
+/// Why a hang-up asked by the application server did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HangUpError {
+    /// No live session has this id.
+    #[error("no live session {0:?}")]
+    NotFound(String),
+    /// The BYE could not be built or sent.
+    #[error("the BYE could not be sent: {0}")]
+    Bye(String),
+    /// The agent is stopping.
+    #[error("the agent is shutting down")]
+    Stopped,
+}
+
+/// A session as a charge needs it.
+#[derive(Debug, Clone)]
+pub struct SessionRef {
+    /// The subscriber the relay asserted.
+    pub subscriber: String,
+    /// Its charges not yet answered, while the session is live (`None` once it ended): a
+    /// charge counted there holds the session's BYE back a little, so that it reaches the
+    /// relay while the relay still holds the session.
+    pub outstanding: Option<Arc<Outstanding>>,
+}
+
+/// What the application server asks of the session core.
+#[derive(Debug)]
+pub enum Command {
+    /// The live sessions.
+    List {
+        /// Where the answer goes.
+        reply: oneshot::Sender<Vec<SessionInfo>>,
+    },
+    /// One session, live or ended within [`RECENT_GRACE`], for a charge.
+    Lookup {
+        /// Its id.
+        session_id: String,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Option<SessionRef>>,
+    },
+    /// End a live session with BYE.
+    HangUp {
+        /// Its id.
+        session_id: String,
+        /// Why, for the BYE's `Reason` and the logs.
+        reason: String,
+        /// Told once the relay answered the BYE.
+        reply: oneshot::Sender<HangUpResult>,
+    },
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -64,6 +134,8 @@ struct Session {
     dialog: Dialog,
     service: String,
     subscriber: String,
+    /// The service parameters the relay asserted.
+    params: Params,
     state: State,
     /// The last INVITE (initial or re-INVITE) answered with a 2xx.
     invite_tx: ServerTx,
@@ -81,8 +153,13 @@ struct Session {
     /// Closing signals of the session's data connections.
     closers: HashMap<u64, watch::Sender<bool>>,
     started: Instant,
+    started_ms: u64,
+    /// The terminal's address on the data connection carrying bytes.
+    terminal: Option<SocketAddr>,
     /// Set when the session must end but our 2xx is not ACKed yet.
-    ending: Option<String>,
+    ending: Option<(EndCause, String)>,
+    /// The application server waiting for this session's BYE to be answered.
+    hang_up: Option<oneshot::Sender<HangUpResult>>,
 }
 
 impl Session {
@@ -98,6 +175,55 @@ impl Session {
         }
         self.pending_slot = None;
         self.active_slot = None;
+    }
+
+    fn info(&self, session_id: &str) -> SessionInfo {
+        SessionInfo {
+            session_id: session_id.to_string(),
+            subscriber: self.subscriber.clone(),
+            service: self.service.clone(),
+            params: param_map(&self.params),
+            state: match self.state {
+                State::Pending => SessionState::Pending,
+                State::Live => SessionState::Live,
+            },
+            terminal: self.terminal,
+            started_at_ms: self.started_ms,
+            bytes_in: self.counters.bytes_in(),
+            bytes_out: self.counters.bytes_out(),
+        }
+    }
+}
+
+/// Sessions that ended lately, by id: their subscriber, for late charges.
+#[derive(Debug, Default)]
+struct Recent {
+    by_id: HashMap<String, String>,
+    order: VecDeque<(Instant, String)>,
+}
+
+impl Recent {
+    fn insert(&mut self, now: Instant, session_id: &str, subscriber: &str) {
+        self.forget_expired(now);
+        if self.order.len() >= RECENT_MAX {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.by_id.remove(&old);
+            }
+        }
+        self.by_id
+            .insert(session_id.to_string(), subscriber.to_string());
+        self.order.push_back((now, session_id.to_string()));
+    }
+
+    fn forget_expired(&mut self, now: Instant) {
+        while let Some((at, _)) = self.order.front() {
+            if now.saturating_duration_since(*at) < RECENT_GRACE {
+                break;
+            }
+            if let Some((_, id)) = self.order.pop_front() {
+                self.by_id.remove(&id);
+            }
+        }
     }
 }
 
@@ -121,12 +247,15 @@ pub struct CoreParts {
     pub sent_by: String,
     /// The data gateway address written in SDP answers.
     pub data_addr: SocketAddr,
+    /// Where session events go.
+    pub events: broadcast::Sender<SessionEvent>,
 }
 
 /// The session core.
 pub struct Core {
     parts: CoreParts,
     sessions: HashMap<String, Session>,
+    recent: Recent,
     load: Load,
     next_slot: u64,
     byes: JoinSet<()>,
@@ -139,6 +268,7 @@ impl Core {
         Core {
             parts,
             sessions: HashMap::new(),
+            recent: Recent::default(),
             load: Load::default(),
             next_slot: 1,
             byes: JoinSet::new(),
@@ -146,12 +276,14 @@ impl Core {
         }
     }
 
-    /// Serves SIP and gateway events until `shutdown` turns true; then ends every session
-    /// with BYE and waits up to `bye_timeout` for the relay's answers.
+    /// Serves SIP and gateway events and the application server's commands until
+    /// `shutdown` turns true; then ends every session with BYE and waits up to `bye_timeout`
+    /// for the relay's answers.
     pub async fn run(
         mut self,
         mut sip: mpsc::Receiver<EndpointEvent>,
         mut gateway: mpsc::UnboundedReceiver<GatewayEvent>,
+        mut commands: mpsc::Receiver<Command>,
         mut shutdown: watch::Receiver<bool>,
         bye_timeout: Duration,
     ) {
@@ -164,6 +296,7 @@ impl Core {
                     None => break,
                 },
                 Some(event) = gateway.recv() => self.on_gateway(event),
+                Some(command) = commands.recv() => self.on_command(command),
                 _ = sweep.tick() => self.on_sweep(Instant::now()),
                 Some(_) = self.byes.join_next(), if !self.byes.is_empty() => {}
                 _ = shutdown.changed() => break,
@@ -175,7 +308,11 @@ impl Core {
             info!(sessions = ids.len(), "ending live sessions");
         }
         for id in ids {
-            self.end(&id, "agent shutting down", true);
+            self.end(&id, EndCause::Shutdown, "agent shutting down", true);
+        }
+        commands.close();
+        while let Ok(command) = commands.try_recv() {
+            self.on_command(command);
         }
         let deadline = tokio::time::Instant::now() + bye_timeout;
         while !self.byes.is_empty() || self.sessions.values().any(|s| s.ending.is_some()) {
@@ -216,7 +353,7 @@ impl Core {
                         // The transaction is over: a BYE may go now (RFC 3261 §15).
                         s.state = State::Live;
                     }
-                    self.end(&id, "no ACK", true);
+                    self.end(&id, EndCause::NoAck, "no ACK", true);
                 }
             }
             EndpointEvent::StrayResponse { resp, from } => {
@@ -341,12 +478,21 @@ impl Core {
             "inquiry accepted"
         );
         self.load.add(&accepted.service.name);
+        let started_ms = now_ms();
+        self.emit(SessionEvent::Started {
+            session_id: call_id.clone(),
+            subscriber: accepted.subscriber.clone(),
+            service: accepted.service.name.clone(),
+            params: param_map(&accepted.params),
+            at_ms: started_ms,
+        });
         self.sessions.insert(
             call_id,
             Session {
                 dialog,
                 service: accepted.service.name,
                 subscriber: accepted.subscriber,
+                params: accepted.params,
                 state: State::Pending,
                 invite_tx: tx,
                 peer: from,
@@ -357,9 +503,17 @@ impl Core {
                 active_slot: None,
                 closers: HashMap::from([(slot, closer)]),
                 started: Instant::now(),
+                started_ms,
+                terminal: None,
                 ending: None,
+                hang_up: None,
             },
         );
+    }
+
+    fn emit(&self, event: SessionEvent) {
+        // No subscriber is fine: nobody listens.
+        let _ = self.parts.events.send(event);
     }
 
     /// Hands the data gateway a token for a new data connection of a session.
@@ -391,6 +545,13 @@ impl Core {
             call_id: call_id.to_string(),
             slot,
             backend: accepted.service.backend.clone(),
+            preamble: accepted.service.preamble,
+            context: Arc::new(SessionContext {
+                session_id: call_id.to_string(),
+                subscriber: accepted.subscriber.clone(),
+                service: accepted.service.name.clone(),
+                params: accepted.params.clone(),
+            }),
             counters: counters.clone(),
             close,
             billing,
@@ -412,8 +573,8 @@ impl Core {
         if s.state == State::Pending {
             s.state = State::Live;
             info!(call_id = %id, service = %s.service, subscriber = %s.subscriber, "session established");
-            if let Some(reason) = s.ending.take() {
-                self.end(&id, &reason, true);
+            if let Some((cause, reason)) = s.ending.take() {
+                self.end(&id, cause, &reason, true);
             }
         }
     }
@@ -496,7 +657,15 @@ impl Core {
         if changed {
             info!(%call_id, from = %s.service, to = %accepted.service.name, "service changed");
             self.load.switch(&s.service, &accepted.service.name);
-            s.service = accepted.service.name;
+            let event = SessionEvent::Changed {
+                session_id: id.clone(),
+                from: std::mem::replace(&mut s.service, accepted.service.name),
+                to: s.service.clone(),
+                params: param_map(&accepted.params),
+                at_ms: now_ms(),
+            };
+            s.params = accepted.params;
+            let _ = self.parts.events.send(event);
         } else {
             info!(%call_id, service = %s.service, keeps_connection, "session updated");
         }
@@ -519,7 +688,70 @@ impl Core {
             s.ending = None;
         }
         respond(&tx, reply(&req, 200, None, None));
-        self.end(&call_id, "BYE from the relay", false);
+        let cause = relay_end_cause(&req);
+        let reason = match cause {
+            EndCause::Transferred => "BYE from the relay: transferred to another server",
+            EndCause::Changed => "BYE from the relay: changed to another server's service",
+            _ => "BYE from the relay",
+        };
+        self.end(&call_id, cause, reason, false);
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::List { reply } => {
+                let mut list: Vec<SessionInfo> =
+                    self.sessions.iter().map(|(id, s)| s.info(id)).collect();
+                list.sort_by_key(|s| s.started_at_ms);
+                let _ = reply.send(list);
+            }
+            Command::Lookup { session_id, reply } => {
+                let found = match self.sessions.get(&session_id) {
+                    Some(s) => Some(SessionRef {
+                        subscriber: s.subscriber.clone(),
+                        outstanding: Some(s.outstanding.clone()),
+                    }),
+                    None => self
+                        .recent
+                        .by_id
+                        .get(&session_id)
+                        .map(|subscriber| SessionRef {
+                            subscriber: subscriber.clone(),
+                            outstanding: None,
+                        }),
+                };
+                let _ = reply.send(found);
+            }
+            Command::HangUp {
+                session_id,
+                reason,
+                reply,
+            } => {
+                if !self.accepting {
+                    let _ = reply.send(Err(HangUpError::Stopped));
+                    return;
+                }
+                let Some(s) = self.sessions.get_mut(&session_id) else {
+                    let _ = reply.send(Err(HangUpError::NotFound(session_id)));
+                    return;
+                };
+                if s.hang_up.is_some() || s.ending.is_some() {
+                    // Already on its way out: this caller hears the same BYE's answer.
+                    if let Some(earlier) = s.hang_up.replace(reply) {
+                        let _ = earlier.send(Ok(None));
+                    }
+                    return;
+                }
+                info!(call_id = %session_id, %reason, "the application server ends the session");
+                s.hang_up = Some(reply);
+                self.end(
+                    &session_id,
+                    EndCause::ServerHangUp,
+                    &format!("ended by the application server: {reason}"),
+                    true,
+                );
+            }
+        }
     }
 
     fn on_gateway(&mut self, event: GatewayEvent) {
@@ -538,7 +770,13 @@ impl Core {
                         debug!(%call_id, old, new = slot, "new data connection replaces the old one");
                         s.close_slot(old);
                     }
+                    s.terminal = Some(peer);
                     debug!(%call_id, slot, %peer, "data connection attached");
+                    self.emit(SessionEvent::Connected {
+                        session_id: call_id,
+                        terminal: peer,
+                        at_ms: now_ms(),
+                    });
                 } else {
                     // A connection the session no longer wants (withdrawn token).
                     s.close_slot(slot);
@@ -557,6 +795,7 @@ impl Core {
                 let was_pending = s.pending_slot.as_ref().is_some_and(|(p, _)| *p == slot);
                 if was_active {
                     s.active_slot = None;
+                    s.terminal = None;
                 }
                 if was_pending {
                     s.pending_slot = None;
@@ -565,13 +804,14 @@ impl Core {
                     && s.active_slot.is_none()
                     && s.pending_slot.is_none()
                 {
-                    self.end(&call_id, &reason.to_string(), true);
+                    self.end(&call_id, EndCause::DataClosed, &reason.to_string(), true);
                 }
             }
         }
     }
 
     fn on_sweep(&mut self, now: Instant) {
+        self.recent.forget_expired(now);
         for (call_id, slot) in self.parts.tokens.sweep(now) {
             let Some(s) = self.sessions.get_mut(&call_id) else {
                 continue;
@@ -581,7 +821,12 @@ impl Core {
                 s.closers.remove(&slot);
                 warn!(%call_id, slot, "session token expired unused");
                 if s.active_slot.is_none() {
-                    self.end(&call_id, "no data connection in time", true);
+                    self.end(
+                        &call_id,
+                        EndCause::TokenExpired,
+                        "no data connection in time",
+                        true,
+                    );
                 }
             }
         }
@@ -589,7 +834,7 @@ impl Core {
 
     /// Ends a session: closes its data connection, revokes its tokens, frees its place and,
     /// when `bye`, sends BYE to the relay (after the ACK of our 2xx, RFC 3261 §15).
-    fn end(&mut self, call_id: &str, reason: &str, bye: bool) {
+    fn end(&mut self, call_id: &str, cause: EndCause, reason: &str, bye: bool) {
         let Some(s) = self.sessions.get_mut(call_id) else {
             return;
         };
@@ -598,18 +843,32 @@ impl Core {
         if bye && s.state == State::Pending {
             if s.ending.is_none() {
                 debug!(%call_id, %reason, "session to end once our 2xx is ACKed");
-                s.ending = Some(reason.to_string());
+                s.ending = Some((cause, reason.to_string()));
             }
             return;
         }
-        let Some(s) = self.sessions.remove(call_id) else {
+        let Some(mut s) = self.sessions.remove(call_id) else {
             return;
         };
         self.load.remove(&s.service);
+        self.recent.insert(Instant::now(), call_id, &s.subscriber);
+        if cause == EndCause::Transferred {
+            self.emit(SessionEvent::Transferred {
+                session_id: call_id.to_string(),
+                at_ms: now_ms(),
+            });
+        }
+        self.emit(SessionEvent::Ended {
+            session_id: call_id.to_string(),
+            cause,
+            reason: reason.to_string(),
+            at_ms: now_ms(),
+        });
         info!(
             %call_id,
             service = %s.service,
             subscriber = %s.subscriber,
+            %cause,
             %reason,
             duration_ms = s.started.elapsed().as_millis() as u64,
             bytes_in = s.counters.bytes_in(),
@@ -617,6 +876,7 @@ impl Core {
             charged_units = s.counters.charged_units(),
             "session ended"
         );
+        let done = s.hang_up.take();
         if bye {
             let bye = Bye {
                 call_id: call_id.to_string(),
@@ -624,8 +884,11 @@ impl Core {
                 fallback: s.peer,
                 reason: reason.to_string(),
                 outstanding: s.outstanding,
+                done,
             };
             self.send_bye(bye);
+        } else if let Some(done) = done {
+            let _ = done.send(Ok(None));
         }
     }
 
@@ -640,6 +903,7 @@ impl Core {
             fallback,
             reason,
             outstanding,
+            done,
         } = bye;
         self.byes.spawn(async move {
             if outstanding.count() > 0 {
@@ -670,16 +934,27 @@ impl Core {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(%call_id, error = %e, "cannot build the BYE");
+                    if let Some(done) = done {
+                        let _ = done.send(Err(HangUpError::Bye(e.to_string())));
+                    }
                     return;
                 }
             };
             info!(%call_id, to = %peer, %reason, "sending BYE");
-            match endpoint.send_request(req, peer) {
+            let result = match endpoint.send_request(req, peer) {
                 Ok(mut tx) => {
                     let resp = tx.final_response().await;
-                    debug!(%call_id, status = resp.status_code.code(), "BYE answered");
+                    let code = resp.status_code.code();
+                    debug!(%call_id, status = code, "BYE answered");
+                    Ok(Some(code))
                 }
-                Err(e) => warn!(%call_id, error = %e, "cannot send the BYE"),
+                Err(e) => {
+                    warn!(%call_id, error = %e, "cannot send the BYE");
+                    Err(HangUpError::Bye(e.to_string()))
+                }
+            };
+            if let Some(done) = done {
+                let _ = done.send(result);
             }
         });
     }
@@ -692,6 +967,23 @@ struct Bye {
     fallback: Peer,
     reason: String,
     outstanding: Arc<Outstanding>,
+    /// The application server waiting for the BYE's answer.
+    done: Option<oneshot::Sender<HangUpResult>>,
+}
+
+/// Why the relay's BYE ends the session: its `Reason` header's text naming `transferred`
+/// or `changed` (the relay's own end causes) tells that the session moved to another server.
+fn relay_end_cause(req: &Request) -> EndCause {
+    for value in sip_core::address::header_values(&req.headers, "Reason") {
+        let value = value.to_ascii_lowercase();
+        if value.contains("transferred") {
+            return EndCause::Transferred;
+        }
+        if value.contains("changed") {
+            return EndCause::Changed;
+        }
+    }
+    EndCause::RelayBye
 }
 
 fn call_id_of(req: &Request) -> String {
