@@ -6,11 +6,27 @@
 //! authentication, like the other header inspections of §8.2.2: neither answer says
 //! anything about a user.
 
-use rsip::Request;
+use rsip::prelude::*;
+use rsip::{Header, Request};
 use sip_core::address::header_values;
 
 /// The media type of the bodies the relay relays on INVITE (RFC 4566).
 pub const SDP: &str = "application/sdp";
+
+/// The content type of a charge request (docs/protocol.md, claim 4).
+pub const CHARGE_CONTENT_TYPE: &str = "application/vnd.relay.charge+json";
+
+/// Whether a request is a charge request (by its Content-Type).
+pub fn is_charge(req: &Request) -> bool {
+    req.headers.iter().any(|h| match h {
+        Header::ContentType(c) => c
+            .value()
+            .trim()
+            .to_ascii_lowercase()
+            .starts_with(CHARGE_CONTENT_TYPE),
+        _ => false,
+    })
+}
 
 /// Why a new INVITE is refused for its content, with the status and phrase to answer.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use billing::sqlite::SqliteStore;
 use billing::store::Period;
 use relayd::cli::{self, BillingCommand, Cli, Command, Ha1Hasher, UserCommand};
 use relayd::config::{Config, LogFormat};
-use relayd::relay::Relay;
+use relayd::dispatch;
 use relayd::{health, metrics};
 use sip_core::digest;
 
@@ -200,7 +200,7 @@ fn run(config: Config) -> anyhow::Result<()> {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let source = config.file_name();
-    let (relay, writer) = Relay::start(config).await?;
+    let (relay, writer) = dispatch::start(config).await?;
     tracing::info!(
         config = %source.display(),
         addresses = ?relay.endpoint.transports().local_addrs(),

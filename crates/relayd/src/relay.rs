@@ -1,12 +1,12 @@
-//! The running relay: the shared context every task reads, built from the configuration, and
-//! the dispatcher that takes the endpoint's events and hands each to the session it belongs
-//! to, or to the handler of an out-of-dialog request (REGISTER, INVITE admission, OPTIONS,
-//! MESSAGE charge requests).
+//! The running relay: the shared context every task reads, built from the configuration —
+//! the endpoint, the registrar, the rules, the directory, billing, the routing table — and
+//! what a call asks of it ([`CallEnv`], [`Relaying`]). The endpoint's events are taken by
+//! [`crate::dispatch`].
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -14,24 +14,22 @@ use rand::RngCore;
 use rsip::prelude::*;
 use rsip::{Header, Method, Request};
 use sip_core::digest::StoredCredential;
-use sip_core::endpoint::{Endpoint, EndpointConfig, EndpointEvent, EventSink, IncomingRequest};
+use sip_core::endpoint::{Endpoint, EndpointConfig, EventSink, IncomingRequest};
 use sip_core::resolve::{resolve, SystemDns, Target};
 use sip_core::transport::TransportConfig;
 use sip_core::{message, Peer};
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, warn};
 
 use crate::auth::{AuthOutcome, Authenticator, ChallengeKind, CredentialStore, FailurePolicy};
 use crate::b2bua::{self, LocalAddr};
 use crate::billing_control::BillingControl;
-use crate::charge::{self, ServedIndex};
+use crate::call::driver::routing::SessionTable;
+use crate::call::{CallEnv, Redecision, SessionLimits};
 use crate::config::{Config, Secret};
-use crate::content;
 use crate::directory::{Directory, ServerRef, Strategy};
-use crate::extensions;
-use crate::registrar::{RegisterRequest, Registrar, Role};
-use crate::routing::{SessionInput, SessionTable};
+use crate::registrar::Registrar;
 use crate::rules::{FactNeeds, RequestFacts, RuleSet};
-use crate::session::{self, Admission, SessionLimits};
+use crate::served::{ServedIndex, ServedSession};
 
 /// Counters of the relay, for logs and metrics.
 #[derive(Debug, Default)]
@@ -161,7 +159,8 @@ fn stored_credential(
 }
 
 /// The second of the UTC day, for time-of-day rules.
-fn utc_second_of_day() -> u32 {
+/// The second of the UTC day now, for the rules' time conditions.
+pub(crate) fn utc_second_of_day() -> u32 {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -173,7 +172,10 @@ impl Relay {
     /// Builds the relay from a validated configuration: binds the sockets, opens the billing
     /// store, runs crash recovery, then starts dispatching what the sockets receive. Returns
     /// the relay and the billing writer (to shut down last).
-    pub async fn start(config: Config) -> anyhow::Result<(Arc<Relay>, billing::writer::Writer)> {
+    pub async fn start(
+        config: Config,
+        events: Arc<dyn EventSink>,
+    ) -> anyhow::Result<(Arc<Relay>, billing::writer::Writer)> {
         let late_charge_grace =
             Duration::from_secs(u64::from(config.billing.late_charge_grace_secs));
         let realm = config.relay.realm.clone();
@@ -189,8 +191,7 @@ impl Relay {
             },
             ..EndpointConfig::default()
         };
-        let events = Arc::new(RelayEvents::new());
-        let endpoint = Endpoint::bind_with_sink(endpoint_config, events.clone())
+        let endpoint = Endpoint::bind_with_sink(endpoint_config, events)
             .await
             .context("opening the SIP transports")?;
         let locals: Vec<Arc<LocalAddr>> = endpoint
@@ -279,7 +280,6 @@ impl Relay {
             stats: RelayStats::default(),
             backlog: Backlog::new(MAX_BACKLOG),
         });
-        events.start(&relay);
         Ok((relay, writer))
     }
 
@@ -340,7 +340,7 @@ impl Relay {
         req: &Request,
         service: &str,
         params: &[(String, String)],
-    ) -> Result<crate::rules::Decision, (u16, &'static str)> {
+    ) -> Result<Redecision, (u16, &'static str)> {
         let Some(user) = self.config.user(subscriber) else {
             return Err((403, "Not a subscriber"));
         };
@@ -354,7 +354,11 @@ impl Relay {
             return Err((404, "No service requested"));
         }
         self.check_service(subscriber, &decision.service)?;
-        Ok(decision)
+        Ok(Redecision {
+            service: decision.service,
+            params: decision.params.into_iter().collect(),
+            plan: decision.plan,
+        })
     }
 
     /// The servers to move a live session of `service` to, in the service's selection order
@@ -452,7 +456,8 @@ impl Relay {
             || self.domains.contains(&hostport)
     }
 
-    fn refuse(&self, r: &IncomingRequest, code: u16, reason: &str) {
+    /// Answers `r` with a refusal of the relay's own (counted).
+    pub(crate) fn refuse(&self, r: &IncomingRequest, code: u16, reason: &str) {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
         let _ = r.tx.respond(b2bua::local_response(
             &r.req,
@@ -509,305 +514,67 @@ impl Relay {
     }
 }
 
-fn call_id(req: &Request) -> Option<String> {
-    req.headers.iter().find_map(|h| match h {
-        Header::CallId(c) => Some(c.value().trim().to_string()),
-        _ => None,
-    })
-}
-
-/// Hands the endpoint's events to the relay inline, from the task that received each
-/// message (see [`EventSink`]): a request on a live call goes straight into that call's
-/// inbox. Events that come before the relay is built (its billing recovery may take a
-/// moment) wait in a bounded buffer and are dispatched when it is; new requests beyond the
-/// buffer are answered 503.
-pub struct RelayEvents {
-    relay: OnceLock<Weak<Relay>>,
-    early: Mutex<Option<Vec<EndpointEvent>>>,
-}
-
-/// How many events may wait for the relay to be built.
-const EARLY_EVENTS: usize = 16 * 1024;
-
-impl RelayEvents {
-    fn new() -> Self {
-        RelayEvents {
-            relay: OnceLock::new(),
-            early: Mutex::new(Some(Vec::new())),
-        }
+impl CallEnv for Relay {
+    fn limits(&self) -> SessionLimits {
+        self.limits
     }
 
-    fn early(&self) -> std::sync::MutexGuard<'_, Option<Vec<EndpointEvent>>> {
-        self.early.lock().unwrap_or_else(|p| p.into_inner())
+    fn realm(&self) -> &str {
+        &self.realm
     }
 
-    /// Starts dispatching to `relay`, the events that waited first.
-    fn start(&self, relay: &Arc<Relay>) {
-        let _ = self.relay.set(Arc::downgrade(relay));
-        let waiting = self.early().take().unwrap_or_default();
-        for event in waiting {
-            if let Err(EndpointEvent::Request(r)) = dispatch(relay, event) {
-                relay
-                    .endpoint
-                    .stats()
-                    .overloaded
-                    .fetch_add(1, Ordering::Relaxed);
-                r.refuse_overloaded();
-            }
-        }
+    fn local(&self, peer: Peer) -> Arc<LocalAddr> {
+        Relay::local(self, peer)
     }
-}
 
-impl EventSink for RelayEvents {
-    fn deliver(&self, event: EndpointEvent) -> Result<(), EndpointEvent> {
-        if let Some(relay) = self.relay.get() {
-            return match relay.upgrade() {
-                Some(relay) => dispatch(&relay, event),
-                None => Ok(()),
-            };
-        }
-        let mut early = self.early();
-        match early.as_mut() {
-            Some(waiting) if waiting.len() < EARLY_EVENTS => {
-                waiting.push(event);
-                Ok(())
-            }
-            Some(_) => Err(event),
-            None => {
-                // Started between the look above and the lock.
-                drop(early);
-                match self.relay.get().and_then(Weak::upgrade) {
-                    Some(relay) => dispatch(&relay, event),
-                    None => Ok(()),
-                }
-            }
-        }
+    fn candidates(&self, service: &str, strategy: Strategy) -> Vec<ServerRef> {
+        self.directory.candidates(service, strategy, Instant::now())
     }
-}
 
-/// Routes one event of the endpoint: requests and ACKs of live calls to their inbox, new
-/// requests to admission or registration.
-#[allow(clippy::result_large_err)]
-fn dispatch(relay: &Arc<Relay>, event: EndpointEvent) -> Result<(), EndpointEvent> {
-    match event {
-        EndpointEvent::Request(r) => {
-            let Some(cid) = call_id(&r.req) else {
-                return Ok(());
-            };
-            if r.req.method != Method::Register {
-                if let Some(inbox) = relay.sessions.get(&cid) {
-                    let _ = inbox.send(SessionInput::Request(r));
-                    return Ok(());
-                }
-            }
-            return out_of_dialog(relay, r, cid).map_err(EndpointEvent::Request);
-        }
-        EndpointEvent::Cancel {
-            req,
-            from: _,
-            tx,
-            invite,
-        } => {
-            let Some(cid) = call_id(&req) else {
-                return Ok(());
-            };
-            if let Err(SessionInput::Cancel { req, tx, invite }) = relay
-                .sessions
-                .deliver(&cid, SessionInput::Cancel { req, tx, invite })
-            {
-                // Admission still running or already refused: end the INVITE here.
-                let _ = tx.respond(b2bua::local_response(&req, 200, "OK", None));
-                let _ = invite.respond(
-                    b2bua::local_response(
-                        &req,
-                        487,
-                        "Request Terminated",
-                        Some(&message::new_tag()),
-                    )
-                    .with_cseq_method(Method::Invite),
-                );
-            }
-        }
-        EndpointEvent::Ack { ack, from: _ } => {
-            if let Some(cid) = call_id(&ack) {
-                let _ = relay.sessions.deliver(&cid, SessionInput::Ack(ack));
-            }
-        }
-        EndpointEvent::StrayResponse { resp, from: _ } => {
-            let cid = resp.headers.iter().find_map(|h| match h {
-                Header::CallId(c) => Some(c.value().trim().to_string()),
-                _ => None,
-            });
-            if let Some(cid) = cid {
-                let _ = relay.sessions.deliver(&cid, SessionInput::Stray(resp));
-            }
-        }
-        EndpointEvent::AckTimeout { tx } => {
-            debug!(?tx, "a 2xx was never acknowledged");
-        }
+    fn candidates_away_from(
+        &self,
+        service: &str,
+        current: &ServerRef,
+        current_last: bool,
+    ) -> std::collections::VecDeque<ServerRef> {
+        Relay::candidates_away_from(self, service, current, current_last)
     }
-    Ok(())
-}
 
-/// Handles a request outside any live call: REGISTER, a new INVITE and an out-of-dialog
-/// MESSAGE go to a task of their own, unless [`MAX_BACKLOG`] are in hand already: then the
-/// request comes back, for the endpoint to answer 503.
-#[allow(clippy::result_large_err)]
-fn out_of_dialog(
-    relay: &Arc<Relay>,
-    r: IncomingRequest,
-    cid: String,
-) -> Result<(), IncomingRequest> {
-    let span = info_span!("request", call_id = %cid, method = %r.req.method);
-    // RFC 3261 §8.2.2.3 / §16.3 step 5: after method inspection (the 405s below), before
-    // authentication (see `extensions`).
-    if !matches!(r.req.method, Method::Subscribe | Method::Publish) {
-        if let Some(resp) = extensions::check(&r.req, &message::new_tag()) {
-            relay.stats.refused.fetch_add(1, Ordering::Relaxed);
-            debug!(parent: &span, method = %r.req.method, from = %r.from, "420: requires an unsupported extension");
-            let _ = r.tx.respond(resp);
-            return Ok(());
-        }
+    fn serves(&self, server: &ServerRef, service: &str) -> bool {
+        self.directory
+            .servers_of(service)
+            .iter()
+            .any(|s| s.uri_text() == server.uri_text())
     }
-    match r.req.method {
-        Method::Register => {
-            let Some(ticket) = relay.backlog.enter() else {
-                return Err(r);
-            };
-            let relay = relay.clone();
-            tokio::spawn(
-                async move {
-                    let _ticket = ticket;
-                    register(&relay, r)
-                }
-                .instrument(span),
-            );
-        }
-        Method::Invite if !session::has_to_tag(&r.req) => {
-            let Some(ticket) = relay.backlog.enter() else {
-                return Err(r);
-            };
-            let relay = relay.clone();
-            tokio::spawn(
-                async move {
-                    let _ticket = ticket;
-                    admit(relay, r)
-                }
-                .instrument(span),
-            );
-        }
-        Method::Options if !session::has_to_tag(&r.req) => {
-            let mut resp = b2bua::local_response(&r.req, 200, "OK", Some(&message::new_tag()));
-            resp.headers.push(Header::Allow(rsip::headers::Allow::new(
-                "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, REFER, NOTIFY, INFO",
-            )));
-            resp.headers.push(Header::Accept(rsip::headers::Accept::new(
-                "application/sdp, application/vnd.relay.charge+json",
-            )));
-            let _ = r.tx.respond(resp);
-        }
-        Method::Message if !session::has_to_tag(&r.req) => {
-            let Some(ticket) = relay.backlog.enter() else {
-                return Err(r);
-            };
-            let relay = relay.clone();
-            tokio::spawn(
-                async move {
-                    let _ticket = ticket;
-                    charge::handle(relay, r).await
-                }
-                .instrument(span),
-            );
-        }
-        Method::Ack => {}
-        Method::Subscribe | Method::Publish => {
-            let mut resp =
-                b2bua::local_response(&r.req, 405, "Method Not Allowed", Some(&message::new_tag()));
-            resp.headers.push(Header::Allow(rsip::headers::Allow::new(
-                "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, REFER, NOTIFY, INFO",
-            )));
-            let _ = r.tx.respond(resp);
-        }
-        _ => relay.refuse(&r, 481, "Call/Transaction Does Not Exist"),
-    }
-    Ok(())
-}
 
-/// REGISTER (RFC 3261 §10.3): authenticate (401), check the address of record is the
-/// user's own, update the bindings; for an application-server account, the directory too.
-fn register(relay: &Relay, r: IncomingRequest) {
-    if !relay.is_ours(&r.req.uri) {
-        relay.refuse(&r, 404, "Domain not served here");
-        return;
+    fn decide_again(
+        &self,
+        subscriber: &str,
+        req: &Request,
+        service: &str,
+        params: &[(String, String)],
+    ) -> Result<Redecision, (u16, &'static str)> {
+        Relay::decide_again(self, subscriber, req, service, params)
     }
-    // §10.3: the address of record is the To's SIP or SIPS URI; RFC 4475 §3.3.4 has a
-    // registrar answer 400 to any other, before anything else is asked of the request.
-    let aor = match sip_core::address::to_header(&r.req.headers) {
-        Ok(Some(to)) if to.uri().is_sip() => to,
-        _ => {
-            relay.refuse(&r, 400, "Address of record must be a SIP or SIPS URI");
-            return;
-        }
-    };
-    let Some(user) = relay.authenticate_request(&r) else {
-        return;
-    };
-    if aor.uri().user() != Some(user.as_str()) {
-        relay.refuse(&r, 403, "Cannot register another user");
-        return;
+
+    fn names_relay(&self, uri: &sip_core::uri::Uri) -> bool {
+        Relay::names_relay(self, uri)
     }
-    let account = relay.config.server_account(&user);
-    let role = match account {
-        Some(a) => Role::AppServer {
-            allowed_services: a.allowed_services(),
-        },
-        None if relay.config.user(&user).is_some() => Role::Subscriber,
-        None => {
-            relay.refuse(&r, 403, "Unknown account");
-            return;
-        }
-    };
-    let now = Instant::now();
-    let outcome = RegisterRequest::from_sip(&r.req, Some(r.from))
-        .and_then(|rr| relay.registrar.register(&user, role, &rr, now));
-    match outcome {
-        Ok(ok) => {
-            if account.is_some() {
-                for gone in &ok.removed {
-                    relay.directory.remove_dynamic(&user, &gone.uri_text);
-                }
-                let servers: Vec<_> = ok
-                    .bindings
-                    .iter()
-                    .filter_map(|b| b.dynamic_server())
-                    .collect();
-                let (_, errors) = relay.directory.sync_account(&user, &servers);
-                for e in errors {
-                    warn!(account = %user, error = %e, "application server not added to the directory");
-                }
-            }
-            info!(user = %user, bindings = ok.bindings.len(), "registered");
-            let mut resp = b2bua::local_response(&r.req, 200, "OK", Some(&message::new_tag()));
-            resp.headers
-                .retain(|h| !matches!(h, Header::ContentLength(_)));
-            resp.headers.extend(ok.contact_headers(now));
-            message::set_content_length(&mut resp.headers, 0);
-            let _ = r.tx.respond(resp);
-        }
-        Err(e) => {
-            info!(user = %user, error = %e, "registration refused");
-            let mut resp = b2bua::local_response(
-                &r.req,
-                e.status_code(),
-                &e.reason(),
-                Some(&message::new_tag()),
-            );
-            if let Some(h) = e.extra_header() {
-                resp.headers.push(h);
-            }
-            relay.stats.refused.fetch_add(1, Ordering::Relaxed);
-            let _ = r.tx.respond(resp);
-        }
+
+    fn session_started(&self, server: &ServerRef) {
+        self.directory.session_started(server);
+    }
+
+    fn session_ended(&self, server: &ServerRef) {
+        self.directory.session_ended(server);
+    }
+
+    fn index(&self, served: ServedSession) {
+        self.served.insert(served);
+    }
+
+    fn unindex(&self, session_id: &str) {
+        self.served.remove(session_id);
     }
 }
 
@@ -816,7 +583,7 @@ fn register(relay: &Relay, r: IncomingRequest) {
 /// The Request-URI is read with sip-core's own parser: its user is the service asked for,
 /// or for a `tel:` URI (RFC 3966) the number, in its global form without visual separators
 /// (`tel:+1-555-1234` reads `+15551234`), so that rules can match numbers.
-fn facts(
+pub(crate) fn facts(
     req: &Request,
     ruri: &sip_core::uri::Uri,
     plan: &str,
@@ -874,92 +641,6 @@ fn facts(
         preferred_service,
         plan: plan.to_string(),
         class: class.to_string(),
-    }
-}
-
-/// Admission of a new INVITE (claim 1's authentication, claim 2's rules): authenticate
-/// (407), then registered, then service known and subscribed; then the session starts.
-fn admit(relay: Arc<Relay>, r: IncomingRequest) {
-    // Read once: for the domain here and for the rules' facts below.
-    let ruri = match sip_core::uri::Uri::from_rsip(&r.req.uri) {
-        Ok(u) if relay.names_relay(&u) => u,
-        _ => {
-            relay.refuse(&r, 403, "Not relaying");
-            return;
-        }
-    };
-    if message::check_max_forwards(&r.req).is_err() {
-        relay.refuse(&r, 483, "Too Many Hops");
-        return;
-    }
-    if let Some(refusal) = content::check_invite(&r.req) {
-        let (code, reason) = refusal.status();
-        let mut resp = b2bua::local_response(&r.req, code, reason, Some(&message::new_tag()));
-        if refusal == content::Refusal::UnsupportedMediaType {
-            resp.headers
-                .push(Header::Accept(rsip::headers::Accept::new(content::SDP)));
-        }
-        relay.stats.refused.fetch_add(1, Ordering::Relaxed);
-        let _ = r.tx.respond(resp);
-        return;
-    }
-    let Some(user) = relay.authenticate_request(&r) else {
-        return;
-    };
-    let Some(subscriber) = relay.config.user(&user) else {
-        relay.refuse(&r, 403, "Not a subscriber");
-        return;
-    };
-    if !relay.registrar.is_registered(&user, Instant::now()) {
-        relay.refuse(&r, 403, "Not registered");
-        return;
-    }
-    let decision = relay.rules.evaluate(
-        &facts(
-            &r.req,
-            &ruri,
-            &subscriber.plan,
-            &subscriber.class,
-            relay.rules.needs(),
-        ),
-        utc_second_of_day(),
-    );
-    if decision.service.is_empty() {
-        relay.refuse(&r, 404, "No service requested");
-        return;
-    }
-    if let Err((code, reason)) = relay.check_service(&user, &decision.service) {
-        relay.refuse(&r, code, reason);
-        return;
-    }
-    relay.stats.admitted.fetch_add(1, Ordering::Relaxed);
-    info!(subscriber = %user, service = %decision.service, rule = %decision.rule_name, "admitted");
-    let adm = Admission {
-        subscriber: user,
-        service: decision.service,
-        strategy: decision.strategy,
-        params: decision.params.into_iter().collect(),
-        plan: decision.plan,
-        rule: decision.rule_name,
-    };
-    session::spawn(relay, r, adm);
-}
-
-/// Sets the method of a response's CSeq (a 487 for an INVITE built from its CANCEL).
-trait WithCseqMethod {
-    fn with_cseq_method(self, method: Method) -> Self;
-}
-
-impl WithCseqMethod for rsip::Response {
-    fn with_cseq_method(mut self, method: Method) -> Self {
-        for h in self.headers.iter_mut() {
-            if let Header::CSeq(c) = h {
-                if let Some((seq, _)) = sip_core::fields::cseq(c.value()) {
-                    *h = Header::CSeq(rsip::headers::CSeq::new(format!("{seq} {method}")));
-                }
-            }
-        }
-        self
     }
 }
 

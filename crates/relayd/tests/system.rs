@@ -355,7 +355,7 @@ fn forked_request_gives_two_sessions(transport: Transport) {
     let system = System::start(transport, 2);
     let run = system
         .client("fork", BOB)
-        .args(["call", "echo-all", "--label", "--then", "sessions 2; bye"])
+        .args(["call", "echo-all", "--label", "--then", "sessions 2"])
         .run(b"hello, both of you\n");
     run.assert_code(0, &system);
     let established = run.events_named("established");

@@ -242,9 +242,16 @@ impl Call {
         let mut window_deadline: Option<tokio::time::Instant> = None;
         let mut interrupts = 0u32;
         let mut shutdown = Shutdown::new();
+        let mut script_done = self.shared.script_done.clone();
 
         loop {
-            if self.answered && self.sessions.is_empty() {
+            // With every session over, the call is done, unless the script still waits for
+            // sessions that other forks may yet bring within the fork window (Timer M).
+            let script_waits = !*script_done.borrow();
+            if self.answered
+                && self.sessions.is_empty()
+                && !(script_waits && window_deadline.is_some())
+            {
                 return Ok(self.exit);
             }
             let ringing = !self.answered && self.cancelled.is_none();
@@ -332,6 +339,12 @@ impl Call {
                 _ = tokio::time::sleep_until(ring_deadline), if ringing => {
                     self.cancel(&invite, Cancelled::NoAnswer);
                     window_deadline = Some(tokio::time::Instant::now() + self.ua().transaction_timeout());
+                }
+                changed = script_done.changed(), if script_waits => {
+                    if changed.is_err() {
+                        // The script is gone: it waits for nothing any more.
+                        script_done = watch::channel(true).1;
+                    }
                 }
                 _ = sleep_opt(window_deadline), if window_deadline.is_some() => {
                     window_deadline = None;

@@ -1,22 +1,22 @@
 //! Which call a message belongs to: [`SessionTable`] routes each Call-ID (the terminal's and
-//! every server leg's) to the inbox of the call that owns it, and [`SessionInput`] is what
-//! goes into that inbox — from the dispatcher ([`crate::relay`]), from the tasks of the
-//! call's server legs ([`crate::leg`]) and from the call's own helper tasks.
+//! every server leg's) to the inbox of the driver of the call that owns it, and
+//! [`SessionInput`] is what goes into that inbox — from the relay's dispatcher, from the
+//! transactions of the call's legs and requests, and from the driver's own tasks (DNS,
+//! billing commits).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use rsip::{Request, Response};
 use sip_core::endpoint::{IncomingRequest, ServerTx};
+use sip_core::Peer;
 use tokio::sync::mpsc;
 
-use crate::change;
-use crate::leg::{LegEvent, LegId};
+use crate::call::{LegEvent, LegId, Token};
 
-/// What the dispatcher and the call's own helper tasks hand to a call. It travels boxed
-/// (see [`Inbox`]), so its size does not matter.
+/// What the dispatcher, the endpoint's transactions and the driver's own tasks hand to a
+/// call's driver. It travels boxed (see [`Inbox`]), so its size does not matter.
 #[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
 pub enum SessionInput {
     /// A request on one of the call's Call-IDs.
     Request(IncomingRequest),
@@ -40,45 +40,29 @@ pub enum SessionInput {
         /// What it got.
         event: LegEvent,
     },
-    /// The final answer to an in-dialog request the call sent and must act on.
+    /// Where a leg's server is.
+    Resolved {
+        /// Which leg.
+        leg: LegId,
+        /// Its address, or `None`.
+        peer: Option<Peer>,
+    },
+    /// The final answer to a request the call waits for.
     Answered {
-        /// What the request was for.
-        purpose: AnswerPurpose,
-        /// The request sent.
-        sent: Request,
-        /// Its final response.
+        /// The request's token.
+        token: Token,
+        /// The final response.
         resp: Response,
     },
-    /// The result of a liveness probe of one leg of a session.
-    Probe {
-        /// The session's id.
-        session: String,
-        /// Whether the leg answered.
-        alive: bool,
+    /// A billing command committed (or failed).
+    Billed {
+        /// The command's token.
+        token: Token,
+        /// What became of it.
+        result: Result<(), String>,
     },
     /// The relay is shutting down: end everything now.
     Shutdown,
-}
-
-/// What an in-dialog request sent by the call was for.
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum AnswerPurpose {
-    /// A re-INVITE to the same server for a service change (claim 5); the terminal's
-    /// re-INVITE waits for the answer.
-    ChangeSameServer {
-        /// The session.
-        session: String,
-        /// The terminal's re-INVITE.
-        reinvite: IncomingRequest,
-        /// The new service and its parameters.
-        target: change::Target,
-    },
-    /// The relay's re-INVITE of the terminal with a new server's SDP (transfer, claim 6).
-    TerminalReinvite {
-        /// The session.
-        session: String,
-    },
 }
 
 /// Routes messages to live calls by Call-ID. Sharded, so dispatching takes one small lock

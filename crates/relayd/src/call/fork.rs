@@ -1,5 +1,5 @@
 //! Forking (claim 7): with the selection strategy `all`, the call inquires of every healthy
-//! server for the service at once ([`crate::session`] starts one [`crate::leg`] each); every
+//! server for the service at once (the inquiry starts one leg each); every
 //! 2xx is relayed to the terminal with its own To tag and becomes a session of its own when
 //! the terminal ACKs it. Servers that refuse do not fail the request while another succeeds;
 //! when all refuse, the terminal gets the best final response (RFC 3261 §16.7 step 6), and a

@@ -1,0 +1,394 @@
+//! The thin tokio layer around a [`Call`]: one task per call that owns the call, the server
+//! transactions it answers and the timer, feeds it what arrives in its inbox, and carries out
+//! what it asks — sending through the endpoint, resolving servers, committing billing
+//! commands on the group-committing writer. The only part of the call that knows tokio.
+
+pub mod routing;
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use sip_core::dialog::DialogId;
+use sip_core::endpoint::{
+    synthetic_response, ClientEvent, ClientSink, Endpoint, IncomingRequest, ServerTx,
+};
+use sip_core::uri::Host;
+use sip_core::Peer;
+use tracing::{debug, info_span, warn, Instrument};
+
+use self::routing::{inbox, Inbox, SessionInput, SessionTable};
+use super::{Admission, BillingCmd, Call, CallEnv, Incoming, Input, LegEvent, LegId, Output};
+use super::{Token, TxId};
+use crate::billing_control::BillingControl;
+use crate::directory::ServerRef;
+
+/// What the driver needs of the relay besides what the call asks ([`CallEnv`]): the
+/// endpoint, the billing control, the routing table, DNS and charging.
+pub trait Relaying: CallEnv + Send + Sync + 'static {
+    /// The SIP endpoint.
+    fn endpoint(&self) -> &Endpoint;
+    /// The billing control.
+    fn billing(&self) -> &BillingControl;
+    /// Where each Call-ID's messages go.
+    fn table(&self) -> &SessionTable;
+    /// Where a server is (RFC 3263).
+    fn resolve(&self, server: &ServerRef) -> impl Future<Output = Option<Peer>> + Send;
+    /// Handles a charge request that came on the server leg of session `session_id`.
+    fn charge_in_dialog(self: &Arc<Self>, incoming: IncomingRequest, session_id: &str);
+}
+
+/// Starts the call task for an admitted INVITE whose Call-ID is `call_id`.
+pub fn spawn<R: Relaying>(
+    relay: Arc<R>,
+    incoming: IncomingRequest,
+    adm: Admission,
+    call_id: String,
+) {
+    let (me, rx) = inbox();
+    relay.table().insert(&call_id, me.clone());
+    let span = info_span!("call", call_id = %call_id, service = %adm.service);
+    tokio::spawn(
+        async move {
+            let mut driver = Driver {
+                relay,
+                me,
+                txs: HashMap::new(),
+                next_tx: 0,
+                invite_tx: TxId(0),
+                routed: vec![call_id.clone()],
+                ready: VecDeque::new(),
+            };
+            driver.invite_tx = driver.hold(incoming.tx);
+            let invite = Incoming {
+                tx: driver.invite_tx,
+                req: incoming.req,
+                from: incoming.from,
+            };
+            let relay = driver.relay.clone();
+            let call = Call::new(
+                invite,
+                call_id,
+                adm,
+                &*relay,
+                Instant::now(),
+                SystemTime::now(),
+            );
+            driver.run(call, rx).await;
+        }
+        .instrument(span),
+    );
+}
+
+struct Driver<R> {
+    relay: Arc<R>,
+    me: Inbox,
+    /// The server transactions the call answers, by the ids it knows them by.
+    txs: HashMap<TxId, ServerTx>,
+    next_tx: u64,
+    invite_tx: TxId,
+    /// Every Call-ID routed to this call, unrouted when it ends.
+    routed: Vec<String>,
+    /// Inputs produced while carrying out outputs (a failed send, a resolved IP address).
+    ready: VecDeque<Input>,
+}
+
+impl<R: Relaying> Driver<R> {
+    async fn run(&mut self, mut call: Call, mut rx: routing::InboxReceiver) {
+        // One timer for the call, moved only when its next deadline changes.
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(sleep);
+        let mut armed = None;
+        loop {
+            self.carry_out(&mut call).await;
+            if call.is_finished() {
+                debug!("call over");
+                break;
+            }
+            let wake = call.poll_timeout();
+            if wake != armed {
+                armed = wake;
+                if let Some(at) = wake {
+                    sleep.as_mut().reset(tokio::time::Instant::from_std(at));
+                }
+            }
+            tokio::select! {
+                input = rx.recv() => {
+                    let Some(input) = input else { break };
+                    if let Some(input) = self.translate(input) {
+                        call.handle(input, &*self.relay, Instant::now());
+                    }
+                }
+                () = &mut sleep, if armed.is_some() => {
+                    armed = None;
+                    call.handle_timeout(&*self.relay, Instant::now());
+                }
+            }
+        }
+        for call_id in &self.routed {
+            self.relay.table().remove(call_id);
+        }
+    }
+
+    fn hold(&mut self, tx: ServerTx) -> TxId {
+        self.next_tx += 1;
+        let id = TxId(self.next_tx);
+        self.txs.insert(id, tx);
+        id
+    }
+
+    /// What the call makes of one inbox message.
+    fn translate(&mut self, input: SessionInput) -> Option<Input> {
+        Some(match input {
+            SessionInput::Request(r) => {
+                let dialog = DialogId::of_incoming_request(&r.req);
+                let tx = self.hold(r.tx);
+                Input::Request {
+                    incoming: Incoming {
+                        tx,
+                        req: r.req,
+                        from: r.from,
+                    },
+                    dialog,
+                }
+            }
+            SessionInput::Cancel { req, tx, invite: _ } => {
+                let tx = self.hold(tx);
+                Input::Cancel { tx, req }
+            }
+            SessionInput::Ack(req) => {
+                let dialog = DialogId::of_incoming_request(&req);
+                Input::Ack { req, dialog }
+            }
+            SessionInput::Stray(resp) => {
+                let dialog = DialogId::of_response(&resp);
+                Input::Stray { resp, dialog }
+            }
+            SessionInput::Leg { leg, event } => Input::Leg { leg, event },
+            SessionInput::Resolved { leg, peer } => Input::Resolved { leg, peer },
+            SessionInput::Answered { token, resp } => Input::Answered { token, resp },
+            SessionInput::Billed { token, result } => Input::Billed { token, result },
+            SessionInput::Shutdown => Input::Shutdown,
+        })
+    }
+
+    /// Carries out everything the call asks, feeding back what that produces at once,
+    /// until it asks nothing more.
+    async fn carry_out(&mut self, call: &mut Call) {
+        loop {
+            while let Some(out) = call.poll_output() {
+                self.execute(out).await;
+            }
+            let Some(input) = self.ready.pop_front() else {
+                return;
+            };
+            call.handle(input, &*self.relay, Instant::now());
+        }
+    }
+
+    async fn execute(&mut self, out: Output) {
+        let relay = &self.relay;
+        match out {
+            Output::Respond { tx, resp } => {
+                let last = resp.status_code.code() >= 200 && tx != self.invite_tx;
+                let held = if last {
+                    self.txs.remove(&tx)
+                } else {
+                    self.txs.get(&tx).cloned()
+                };
+                if let Some(t) = held {
+                    if t.respond(resp).is_err() {
+                        debug!("transaction gone");
+                    }
+                }
+            }
+            Output::Resolve { leg, server } => {
+                let literal = matches!(server.uri().host(), Some(Host::V4(_) | Host::V6(_)));
+                if literal {
+                    // No lookup to wait for: the address is in the URI.
+                    let peer = relay.resolve(&server).await;
+                    self.ready.push_back(Input::Resolved { leg, peer });
+                } else {
+                    let relay = relay.clone();
+                    let me = self.me.clone();
+                    tokio::spawn(async move {
+                        let peer = relay.resolve(&server).await;
+                        let _ = me.send(SessionInput::Resolved { leg, peer });
+                    });
+                }
+            }
+            Output::Invite { leg, req, peer } => {
+                let sink = Arc::new(LegSink {
+                    me: self.me.clone(),
+                    leg,
+                });
+                if let Err(e) = relay.endpoint().send_request_to(req, peer, sink) {
+                    warn!(error = %e, "cannot send inquiry");
+                    self.ready.push_back(Input::Leg {
+                        leg,
+                        event: LegEvent::Failed {
+                            code: 503,
+                            resp: None,
+                        },
+                    });
+                }
+            }
+            Output::Request { req, peer, answer } => {
+                let method = req.method;
+                match answer {
+                    Some(token) => {
+                        let sink = Arc::new(AnswerSink {
+                            me: self.me.clone(),
+                            token,
+                            done: AtomicBool::new(false),
+                        });
+                        if let Err(e) = relay.endpoint().send_request_to(req, peer, sink) {
+                            warn!(error = %e, %method, "cannot send");
+                            self.ready.push_back(Input::Answered {
+                                token,
+                                resp: synthetic_response(503, &e.to_string()),
+                            });
+                        }
+                    }
+                    None => {
+                        // The transaction goes on (retransmissions, timers) without a user.
+                        if let Err(e) = relay.endpoint().send_request(req, peer) {
+                            warn!(error = %e, %method, "cannot send");
+                        }
+                    }
+                }
+            }
+            Output::Ack { req, peer } => {
+                if let Err(e) = relay.endpoint().send_stateless(&peer, req).await {
+                    warn!(error = %e, "cannot send ACK");
+                }
+            }
+            Output::Route { call_id } => {
+                relay.table().insert(&call_id, self.me.clone());
+                self.routed.push(call_id);
+            }
+            Output::Bill { token, cmd } => {
+                let relay = relay.clone();
+                let me = self.me.clone();
+                tokio::spawn(async move {
+                    let result = commit(relay.billing(), cmd)
+                        .await
+                        .map_err(|e| format!("{e:#}"));
+                    let _ = me.send(SessionInput::Billed { token, result });
+                });
+            }
+            Output::Charge {
+                incoming,
+                session_id,
+            } => {
+                if let Some(tx) = self.txs.remove(&incoming.tx) {
+                    let r = IncomingRequest {
+                        req: incoming.req,
+                        from: incoming.from,
+                        tx,
+                    };
+                    relay.charge_in_dialog(r, &session_id);
+                }
+            }
+        }
+    }
+}
+
+/// Commits one billing command; resolves once it is durable.
+async fn commit(billing: &BillingControl, cmd: BillingCmd) -> anyhow::Result<()> {
+    match cmd {
+        BillingCmd::Open(start) => billing.session_confirmed(start).await,
+        BillingCmd::Close {
+            session_id,
+            cause,
+            ended_at,
+        } => {
+            let record = billing.session_ended(&session_id, cause, ended_at).await?;
+            debug!(session_id = %session_id, duration_ms = record.duration_ms, "record written");
+            Ok(())
+        }
+        BillingCmd::Segment {
+            closing,
+            cause,
+            at,
+            open,
+        } => {
+            billing.session_ended(&closing, cause, at).await?;
+            billing.session_confirmed(open).await
+        }
+    }
+}
+
+/// Takes a leg's INVITE transaction events inline, from the endpoint's receiving or timer
+/// task, and puts them in the call's inbox: no task of its own per leg.
+struct LegSink {
+    me: Inbox,
+    leg: LegId,
+}
+
+impl ClientSink for LegSink {
+    fn deliver(&self, event: ClientEvent) {
+        let event = match event {
+            ClientEvent::Response(r) => match r.status_code.code() {
+                100 => LegEvent::Trying,
+                101..=199 => LegEvent::Provisional(r),
+                200..=299 => LegEvent::Answered(r),
+                code => LegEvent::Failed {
+                    code,
+                    resp: Some(r),
+                },
+            },
+            ClientEvent::TimedOut => LegEvent::Failed {
+                code: 408,
+                resp: None,
+            },
+            ClientEvent::Failed(e) => {
+                warn!(error = %e, "inquiry failed");
+                LegEvent::Failed {
+                    code: 503,
+                    resp: None,
+                }
+            }
+        };
+        let _ = self.me.send(SessionInput::Leg {
+            leg: self.leg,
+            event,
+        });
+    }
+
+    fn is_closed(&self) -> bool {
+        self.me.is_closed()
+    }
+}
+
+/// Takes the final answer of a request the call waits for (a timeout as 408, a transport
+/// failure as 503, RFC 3261 §8.1.3.1) and puts it in the call's inbox, once.
+struct AnswerSink {
+    me: Inbox,
+    token: Token,
+    done: AtomicBool,
+}
+
+impl ClientSink for AnswerSink {
+    fn deliver(&self, event: ClientEvent) {
+        let resp = match event {
+            ClientEvent::Response(r) if r.status_code.code() >= 200 => r,
+            ClientEvent::Response(_) => return,
+            ClientEvent::TimedOut => synthetic_response(408, "Request Timeout"),
+            ClientEvent::Failed(e) => synthetic_response(503, &e),
+        };
+        if self.done.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.me.send(SessionInput::Answered {
+            token: self.token,
+            resp,
+        });
+    }
+
+    fn is_closed(&self) -> bool {
+        self.done.load(Ordering::Acquire) || self.me.is_closed()
+    }
+}

@@ -1,0 +1,178 @@
+//! A call's legs towards application servers: an INVITE leg in flight ([`PendingLeg`]: being
+//! resolved, then inquiring, with its inquiry and answer deadlines), the leg once a server
+//! answered 2xx ([`ServerLeg`]), and the requests a call sends on a leg of its own (the
+//! inquiry INVITE, CANCEL, the ACK of its 2xx, BYE).
+
+use std::time::Instant;
+
+use rsip::{Header, Method, Request};
+use sip_core::dialog::{cancel_for, Dialog};
+use sip_core::Peer;
+use tracing::warn;
+
+use super::limits::SessionLimits;
+use crate::b2bua::{self, Inquiry, LocalAddr};
+use crate::directory::ServerRef;
+
+/// What a leg's INVITE asks once its server is resolved: the service, its parameters and
+/// the offer (body and the headers describing it).
+#[derive(Debug, Clone)]
+pub(crate) struct LegPlan {
+    pub(crate) service: String,
+    pub(crate) params: Vec<(String, String)>,
+    pub(crate) offer: (Vec<Header>, Vec<u8>),
+}
+
+/// An INVITE leg in flight; `P` says what it is for.
+pub(crate) struct PendingLeg<P> {
+    pub(crate) server: ServerRef,
+    /// What to ask, until the INVITE is built.
+    pub(crate) plan: Option<LegPlan>,
+    /// The INVITE sent and where, once resolved.
+    pub(crate) sent: Option<(Request, Peer)>,
+    pub(crate) purpose: P,
+    /// Whether a provisional came (a CANCEL may be sent only then, RFC 3261 §9.1).
+    pub(crate) provisional: bool,
+    /// When the leg started.
+    pub(crate) started: Instant,
+    /// When the call stops waiting for it: the inquiry timeout until the server is heard
+    /// from at all, then the answer timeout.
+    pub(crate) deadline: Instant,
+    /// Whether any response came.
+    pub(crate) heard: bool,
+}
+
+impl<P> PendingLeg<P> {
+    /// A leg to `server` for `purpose`, started now.
+    pub(crate) fn new(
+        server: ServerRef,
+        plan: LegPlan,
+        purpose: P,
+        now: Instant,
+        limits: &SessionLimits,
+    ) -> Self {
+        PendingLeg {
+            server,
+            plan: Some(plan),
+            sent: None,
+            purpose,
+            provisional: false,
+            started: now,
+            deadline: now + limits.inquiry_timeout,
+            heard: false,
+        }
+    }
+
+    /// The server answered something: from now on it has the answer timeout.
+    pub(crate) fn heard(&mut self, limits: &SessionLimits) {
+        if !self.heard {
+            self.heard = true;
+            self.deadline = self.started + limits.answer_timeout;
+        }
+    }
+
+    /// The CANCEL of the leg's INVITE, once a provisional allows it (RFC 3261 §9.1: a leg
+    /// that never answered is left to its inquiry timeout, and a late 2xx is hung up).
+    pub(crate) fn cancel(&self) -> Option<(Request, Peer)> {
+        if !self.provisional {
+            return None;
+        }
+        let (invite, peer) = self.sent.as_ref()?;
+        match cancel_for(invite) {
+            Ok(cancel) => Some((cancel, *peer)),
+            Err(e) => {
+                warn!(error = %e, "cannot build CANCEL");
+                None
+            }
+        }
+    }
+}
+
+/// Builds the inquiry INVITE of a leg (DESIGN.md "inquiry"): `terminal` lends its
+/// Request-URI and Max-Forwards, `plan` the service and offer.
+pub(crate) fn inquiry(
+    terminal: &Request,
+    plan: LegPlan,
+    subscriber: &str,
+    realm: &str,
+    server: &ServerRef,
+    local: &LocalAddr,
+) -> Result<Request, rsip::Error> {
+    let hostport = server.uri().host_port_text().unwrap_or_default();
+    let mut headers: rsip::Headers = terminal
+        .headers
+        .iter()
+        .filter(|h| matches!(h, Header::MaxForwards(_)))
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    headers.extend(plan.offer.0);
+    let base = Request {
+        method: Method::Invite,
+        uri: terminal.uri.clone(),
+        version: rsip::Version::V2,
+        headers,
+        body: plan.offer.1,
+    };
+    b2bua::inquiry_invite(&Inquiry {
+        service: &plan.service,
+        params: &plan.params,
+        subscriber,
+        realm,
+        server_hostport: hostport,
+        terminal_request: &base,
+        local,
+    })
+}
+
+/// An application server's leg, once it answered 2xx.
+pub(crate) struct ServerLeg {
+    pub(crate) id: super::io::LegId,
+    pub(crate) server: ServerRef,
+    pub(crate) invite: Request,
+    pub(crate) peer: Peer,
+    pub(crate) dialog: Dialog,
+    /// The ACK of its 2xx, kept to send again when the 2xx comes again.
+    pub(crate) ack: Option<Request>,
+}
+
+impl ServerLeg {
+    /// The ACK of the leg's 2xx (built once; the same again afterwards), carrying `body`.
+    pub(crate) fn ack(
+        &mut self,
+        local: &LocalAddr,
+        headers: Vec<Header>,
+        body: Vec<u8>,
+    ) -> Option<Request> {
+        if let Some(ack) = &self.ack {
+            return Some(ack.clone());
+        }
+        match self
+            .dialog
+            .ack_for_2xx(&self.invite, &local.via(), headers, body)
+        {
+            Ok(ack) => {
+                self.ack = Some(ack.clone());
+                Some(ack)
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot build the ACK for the server");
+                None
+            }
+        }
+    }
+
+    /// A BYE on the leg.
+    pub(crate) fn bye(&mut self, local: &LocalAddr) -> Option<Request> {
+        match self
+            .dialog
+            .request(Method::Bye, &local.via(), Vec::new(), Vec::new())
+        {
+            Ok(req) => Some(req),
+            Err(e) => {
+                warn!(error = %e, "cannot build BYE");
+                None
+            }
+        }
+    }
+}

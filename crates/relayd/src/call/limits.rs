@@ -1,0 +1,59 @@
+//! What a call is told when it starts: what admission decided ([`Admission`]) and the timing
+//! limits every call lives by ([`SessionLimits`]), and which failures send an inquiry on to
+//! the next candidate ([`fails_over`]).
+
+use std::time::Duration;
+
+use crate::directory::Strategy;
+
+/// What admission decided for an authenticated INVITE (claims 1 and 2): who, which service,
+/// how to search, how to bill.
+#[derive(Debug, Clone)]
+pub struct Admission {
+    /// The authenticated subscriber.
+    pub subscriber: String,
+    /// The service to deliver.
+    pub service: String,
+    /// The server selection strategy.
+    pub strategy: Strategy,
+    /// Service parameters passed on to the server.
+    pub params: Vec<(String, String)>,
+    /// The tariff plan.
+    pub plan: String,
+    /// The rule that decided.
+    pub rule: String,
+}
+
+/// Liveness and timing limits of sessions.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// How long a server may take to answer an inquiry at all (any response) before the
+    /// next candidate is tried.
+    pub inquiry_timeout: Duration,
+    /// How long a server may ring before the inquiry gives up on it.
+    pub answer_timeout: Duration,
+    /// How long to wait for the terminal's ACK to a 2xx (64·T1, RFC 3261 §13.3.1.4).
+    pub ack_timeout: Duration,
+    /// How often each leg of an established session is probed with OPTIONS; zero disables.
+    pub probe_interval: Duration,
+    /// How long a forked inquiry waits for answers before cancelling the pending legs.
+    pub fork_timeout: Duration,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            inquiry_timeout: Duration::from_secs(4),
+            answer_timeout: Duration::from_secs(120),
+            ack_timeout: Duration::from_secs(32),
+            probe_interval: Duration::from_secs(30),
+            fork_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Whether a failure from a server makes the inquiry try the next candidate: the server
+/// cannot serve now (408, 480, 486, 5xx), or declines for itself (6xx).
+pub fn fails_over(code: u16) -> bool {
+    matches!(code, 408 | 480 | 486 | 500..=699)
+}

@@ -1,0 +1,157 @@
+//! One session of a call: the terminal's dialog paired with a server leg, billed on its own
+//! (DESIGN.md claims 1 and 3). The call owns its sessions; everything else (the served
+//! index, the directory's counters, the billing journal) only points at them by id.
+
+use std::time::{Instant, SystemTime};
+
+use rsip::{Header, Method, Request};
+use sip_core::dialog::Dialog;
+use sip_core::Peer;
+use tracing::warn;
+
+use super::env::CallEnv;
+use super::io::Incoming;
+use super::leg::ServerLeg;
+use crate::billing_control::{SegmentClock, SessionStart};
+use crate::served::ServedSession;
+
+/// Where a session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    /// A server answered 2xx; the session is being journaled, and its 2xx goes to the
+    /// terminal once that is committed.
+    Journaling,
+    /// The 2xx went to the terminal; waiting for its ACK until the deadline.
+    AwaitingAck(Instant),
+    /// Confirmed and billed by time.
+    Established,
+    /// Over.
+    Ended,
+}
+
+/// One of the two legs of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The terminal's leg (the relay is UAS).
+    Terminal,
+    /// The application server's leg (the relay is UAC).
+    Server,
+}
+
+impl Side {
+    /// The other leg.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Terminal => Side::Server,
+            Side::Server => Side::Terminal,
+        }
+    }
+}
+
+/// A re-INVITE relayed from one side whose 2xx the other side's ACK must follow.
+pub(crate) struct PendingAck {
+    /// The side whose ACK we wait for (the side that sent the re-INVITE).
+    pub(crate) from: Side,
+    /// The re-INVITE we sent on the other side.
+    pub(crate) sent: Request,
+}
+
+/// One session: a terminal dialog paired with a server leg.
+pub(crate) struct Session {
+    pub(crate) id: String,
+    pub(crate) a_dialog: Dialog,
+    pub(crate) b: ServerLeg,
+    pub(crate) service: String,
+    pub(crate) params: Vec<(String, String)>,
+    pub(crate) state: State,
+    pub(crate) pending_ack: Option<PendingAck>,
+    /// A change or transfer in progress (another is refused with 491 meanwhile).
+    pub(crate) busy: bool,
+    /// The terminal's current SDP offer (for a transfer's inquiry).
+    pub(crate) offer: (Vec<Header>, Vec<u8>),
+    pub(crate) next_probe: Option<Instant>,
+    /// When the current billing segment started: the 2xx to the terminal, or the change or
+    /// transfer that opened it.
+    pub(crate) clock: SegmentClock,
+    /// The tariff plan of the current billing segment.
+    pub(crate) plan: String,
+    /// The plan the rules decided for a change or transfer in progress, which the next
+    /// segment is billed on.
+    pub(crate) next_plan: Option<String>,
+    /// A BYE that came while the session was being journaled: handled once it is.
+    pub(crate) deferred_bye: Option<(Side, Incoming)>,
+}
+
+/// Who a session bills and what it delivers, for its journal entry and its index entry.
+pub(crate) struct Billed<'a> {
+    pub(crate) subscriber: &'a str,
+    pub(crate) terminal_call_id: &'a str,
+}
+
+impl Session {
+    /// Builds a request on one leg's dialog with the relay's Via for that leg.
+    pub(crate) fn request(
+        &mut self,
+        side: Side,
+        a_peer: Peer,
+        method: Method,
+        extra: Vec<Header>,
+        body: Vec<u8>,
+        env: &dyn CallEnv,
+    ) -> Option<(Request, Peer)> {
+        let (dialog, peer) = match side {
+            Side::Terminal => (&mut self.a_dialog, a_peer),
+            Side::Server => (&mut self.b.dialog, self.b.peer),
+        };
+        let local = env.local(peer);
+        match dialog.request(method, &local.via(), extra, body) {
+            Ok(req) => Some((req, peer)),
+            Err(e) => {
+                warn!(error = %e, "cannot build in-dialog request");
+                None
+            }
+        }
+    }
+
+    /// The journal entry of the current segment.
+    pub(crate) fn start(&self, who: &Billed<'_>) -> SessionStart {
+        SessionStart {
+            session_id: self.id.clone(),
+            call_id: who.terminal_call_id.to_string(),
+            subscriber: who.subscriber.to_string(),
+            service: self.service.clone(),
+            server: self.b.server.uri_text().to_string(),
+            plan: self.plan.clone(),
+            confirmed_at: self.clock.started_at(),
+        }
+    }
+
+    /// The served-index entry of the current segment.
+    pub(crate) fn served(&self, who: &Billed<'_>) -> ServedSession {
+        ServedSession {
+            session_id: self.id.clone(),
+            subscriber: who.subscriber.to_string(),
+            service: self.service.clone(),
+            server: self.b.server.uri_text().to_string(),
+            server_call_id: self.b.dialog.id().call_id.clone(),
+            terminal_call_id: who.terminal_call_id.to_string(),
+        }
+    }
+
+    /// Whether the session is live (not ended).
+    pub(crate) fn live(&self) -> bool {
+        self.state != State::Ended
+    }
+
+    /// Ends the current segment at monotonic `now` and starts the next one there; returns
+    /// when the closed one ended on the wall clock.
+    pub(crate) fn next_segment(&mut self, now: Instant, new_id: String) -> SystemTime {
+        let at = self.clock.end_at(now);
+        self.clock = SegmentClock::start(at, now);
+        self.id = new_id;
+        if let Some(plan) = self.next_plan.take() {
+            self.plan = plan;
+        }
+        at
+    }
+}

@@ -1,0 +1,1317 @@
+//! The call driven through scripted peers on a virtual clock (the idea of quinn-proto's test
+//! `Pair`): a terminal and one or more application servers, written as the messages they
+//! send, around one [`Call`], with a billing store that commits, holds or fails on command.
+//! Each test asserts what the terminal, the servers and the store see; none sleeps.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use billing::record::EndCause;
+use rsip::prelude::*;
+use rsip::{Header, Method, Request, Response, SipMessage};
+use sip_core::dialog::DialogId;
+use sip_core::{message, Peer, Transport};
+
+use super::*;
+use crate::b2bua::LocalAddr;
+use crate::billing_control::{unix_ms, SessionStart};
+use crate::directory::{Directory, HealthPolicy, ServerRef, Strategy};
+use crate::served::ServedSession;
+
+const TERMINAL: &str = "127.0.0.1:5070";
+const RELAY: &str = "127.0.0.1:5060";
+const SDP: &str = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=application 9 TCP/TLS/x\r\n";
+
+fn peer(addr: &str) -> Peer {
+    Peer {
+        transport: Transport::Udp,
+        addr: addr.parse::<SocketAddr>().unwrap(),
+        conn: None,
+    }
+}
+
+fn parse_request(text: &str) -> Request {
+    match sip_core::wire::parse(text.as_bytes()).unwrap() {
+        SipMessage::Request(r) => r,
+        SipMessage::Response(_) => panic!("not a request"),
+    }
+}
+
+fn header(headers: &rsip::Headers, name: &str) -> Option<String> {
+    headers.iter().find_map(|h| {
+        let text = h.to_string();
+        let (n, v) = text.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_string())
+    })
+}
+
+fn to_tag(headers: &rsip::Headers) -> Option<String> {
+    sip_core::address::to_header(headers)
+        .ok()
+        .flatten()
+        .and_then(|t| t.tag().map(str::to_string))
+}
+
+/// The relay around the call: a directory of static servers, rules that allow everything
+/// but what a test forbids, and the indexes the call points into.
+struct TestEnv {
+    directory: Directory,
+    local: Arc<LocalAddr>,
+    limits: SessionLimits,
+    /// Services the rules refuse on a change or transfer, with the status.
+    refused: Vec<(String, u16)>,
+    /// The plan the rules give each service on a change or transfer.
+    plans: HashMap<String, String>,
+    active: RefCell<HashMap<String, i64>>,
+    served: RefCell<HashMap<String, ServedSession>>,
+}
+
+impl TestEnv {
+    fn new(servers: &[(&str, &[&str])]) -> TestEnv {
+        let directory = Directory::new(HealthPolicy::default());
+        for (i, (uri, services)) in servers.iter().enumerate() {
+            let services: Vec<String> = services.iter().map(|s| s.to_string()).collect();
+            directory
+                .add_static(&format!("s{i}"), uri, &services, None)
+                .unwrap();
+        }
+        TestEnv {
+            directory,
+            local: Arc::new(LocalAddr::new(Transport::Udp, RELAY.parse().unwrap())),
+            limits: SessionLimits {
+                inquiry_timeout: Duration::from_secs(4),
+                answer_timeout: Duration::from_secs(120),
+                ack_timeout: Duration::from_secs(32),
+                probe_interval: Duration::from_secs(30),
+                fork_timeout: Duration::from_secs(30),
+            },
+            refused: Vec::new(),
+            plans: HashMap::new(),
+            active: RefCell::new(HashMap::new()),
+            served: RefCell::new(HashMap::new()),
+        }
+    }
+
+    fn active(&self, server: &str) -> i64 {
+        self.active.borrow().get(server).copied().unwrap_or(0)
+    }
+}
+
+impl CallEnv for TestEnv {
+    fn limits(&self) -> SessionLimits {
+        self.limits
+    }
+    fn realm(&self) -> &str {
+        "relay.test"
+    }
+    fn local(&self, _peer: Peer) -> Arc<LocalAddr> {
+        self.local.clone()
+    }
+    fn candidates(&self, service: &str, strategy: Strategy) -> Vec<ServerRef> {
+        self.directory.candidates(service, strategy, Instant::now())
+    }
+    fn candidates_away_from(
+        &self,
+        service: &str,
+        current: &ServerRef,
+        current_last: bool,
+    ) -> VecDeque<ServerRef> {
+        let all = self
+            .directory
+            .candidates(service, Strategy::First, Instant::now());
+        let (same, others): (Vec<_>, Vec<_>) = all
+            .into_iter()
+            .partition(|s| s.uri_text() == current.uri_text());
+        let mut others: VecDeque<_> = others.into();
+        if current_last {
+            others.extend(same);
+        }
+        others
+    }
+    fn serves(&self, server: &ServerRef, service: &str) -> bool {
+        self.directory
+            .servers_of(service)
+            .iter()
+            .any(|s| s.uri_text() == server.uri_text())
+    }
+    fn decide_again(
+        &self,
+        _subscriber: &str,
+        _req: &Request,
+        service: &str,
+        params: &[(String, String)],
+    ) -> Result<Redecision, (u16, &'static str)> {
+        if let Some((_, code)) = self.refused.iter().find(|(s, _)| s == service) {
+            return Err((*code, "Refused by the rules"));
+        }
+        Ok(Redecision {
+            service: service.to_string(),
+            params: params.to_vec(),
+            plan: self
+                .plans
+                .get(service)
+                .cloned()
+                .unwrap_or_else(|| "basic".into()),
+        })
+    }
+    fn names_relay(&self, uri: &sip_core::uri::Uri) -> bool {
+        uri.host_text() == Some("relay.test")
+    }
+    fn session_started(&self, server: &ServerRef) {
+        *self
+            .active
+            .borrow_mut()
+            .entry(server.uri_text().to_string())
+            .or_default() += 1;
+    }
+    fn session_ended(&self, server: &ServerRef) {
+        *self
+            .active
+            .borrow_mut()
+            .entry(server.uri_text().to_string())
+            .or_default() -= 1;
+    }
+    fn index(&self, served: ServedSession) {
+        self.served
+            .borrow_mut()
+            .insert(served.session_id.clone(), served);
+    }
+    fn unindex(&self, session_id: &str) {
+        self.served.borrow_mut().remove(session_id);
+    }
+}
+
+/// How the scripted billing store treats commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    /// Commits at once.
+    Commit,
+    /// Holds them until [`Pair::release_billing`].
+    Hold,
+    /// Fails them.
+    Fail,
+}
+
+/// A record the scripted store wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Record {
+    id: String,
+    service: String,
+    server: String,
+    plan: String,
+    cause: EndCause,
+    duration_ms: i64,
+}
+
+/// What one peer got from the relay, in order.
+#[derive(Debug, Clone)]
+enum Got {
+    Response(TxId, Response),
+    Request(Request, Option<Token>),
+    Ack(Request),
+}
+
+/// An INVITE leg as its server sees it.
+struct ServerSide {
+    invite: Request,
+    peer: Peer,
+    tag: String,
+}
+
+/// One call between a scripted terminal and scripted servers, on a virtual clock.
+struct Pair {
+    env: TestEnv,
+    call: Call,
+    now: Instant,
+    invite_tx: TxId,
+    next_tx: u64,
+    /// Everything the terminal got.
+    terminal: Vec<Got>,
+    /// Everything each server (by address) got, outside its INVITE legs.
+    servers: HashMap<SocketAddr, Vec<Got>>,
+    /// The legs, in the order they were started.
+    legs: Vec<(LegId, ServerSide)>,
+    store: Store,
+    held: Vec<(Token, BillingCmd)>,
+    open: HashMap<String, SessionStart>,
+    records: Vec<Record>,
+    /// The order of what the peers and the store saw, for claims on ordering.
+    trace: Vec<String>,
+    charges: Vec<String>,
+    routed: Vec<String>,
+    terminal_cseq: u32,
+}
+
+impl Pair {
+    fn new(servers: &[(&str, &[&str])], strategy: Strategy) -> Pair {
+        Pair::with_env(TestEnv::new(servers), strategy)
+    }
+
+    fn with_env(env: TestEnv, strategy: Strategy) -> Pair {
+        let now = Instant::now();
+        let invite = parse_request(&format!(
+            "INVITE sip:echo@relay.test SIP/2.0\r\nVia: SIP/2.0/UDP {TERMINAL};branch=z9hG4bK-t1\r\nMax-Forwards: 70\r\nFrom: <sip:alice@relay.test>;tag=term\r\nTo: <sip:echo@relay.test>\r\nCall-ID: term-call\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@{TERMINAL}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{SDP}",
+            SDP.len()
+        ));
+        let adm = Admission {
+            subscriber: "alice".into(),
+            service: "echo".into(),
+            strategy,
+            params: Vec::new(),
+            plan: "basic".into(),
+            rule: "test".into(),
+        };
+        let invite_tx = TxId(1);
+        let call = Call::new(
+            Incoming {
+                tx: invite_tx,
+                req: invite,
+                from: peer(TERMINAL),
+            },
+            "term-call".into(),
+            adm,
+            &env,
+            now,
+            // Any wall-clock time: durations come from the virtual monotonic clock.
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        );
+        let mut pair = Pair {
+            env,
+            call,
+            now,
+            invite_tx,
+            next_tx: 1,
+            terminal: Vec::new(),
+            servers: HashMap::new(),
+            legs: Vec::new(),
+            store: Store::Commit,
+            held: Vec::new(),
+            open: HashMap::new(),
+            records: Vec::new(),
+            trace: Vec::new(),
+            charges: Vec::new(),
+            routed: Vec::new(),
+            terminal_cseq: 1,
+        };
+        pair.pump();
+        pair
+    }
+
+    fn input(&mut self, input: Input) {
+        self.call.handle(input, &self.env, self.now);
+        self.pump();
+    }
+
+    /// Carries out everything the call asks, as the driver would, with the scripted peers
+    /// and store.
+    fn pump(&mut self) {
+        let mut ready = VecDeque::new();
+        loop {
+            while let Some(out) = self.call.poll_output() {
+                match out {
+                    Output::Respond { tx, resp } => {
+                        self.trace.push(format!(
+                            "terminal<-{} {}",
+                            resp.status_code.code(),
+                            cseq_method(&resp.headers)
+                        ));
+                        self.terminal.push(Got::Response(tx, resp));
+                    }
+                    Output::Resolve { leg, server } => {
+                        let addr = server.uri().host_port_text().unwrap().to_string();
+                        ready.push_back(Input::Resolved {
+                            leg,
+                            peer: Some(peer(&addr)),
+                        });
+                    }
+                    Output::Invite { leg, req, peer } => {
+                        self.trace.push(format!("{}<-INVITE", peer.addr.port()));
+                        self.legs.push((
+                            leg,
+                            ServerSide {
+                                invite: req,
+                                peer,
+                                tag: format!("srv{}", leg.0),
+                            },
+                        ));
+                    }
+                    Output::Request { req, peer, answer } => {
+                        self.trace
+                            .push(format!("{}<-{}", peer.addr.port(), req.method));
+                        self.got(peer, Got::Request(req, answer));
+                    }
+                    Output::Ack { req, peer } => {
+                        self.trace.push(format!("{}<-ACK", peer.addr.port()));
+                        self.got(peer, Got::Ack(req));
+                    }
+                    Output::Route { call_id } => self.routed.push(call_id),
+                    Output::Bill { token, cmd } => match self.store {
+                        Store::Commit => {
+                            self.apply(&cmd);
+                            ready.push_back(Input::Billed {
+                                token,
+                                result: Ok(()),
+                            });
+                        }
+                        Store::Hold => self.held.push((token, cmd)),
+                        Store::Fail => ready.push_back(Input::Billed {
+                            token,
+                            result: Err("disk full".into()),
+                        }),
+                    },
+                    Output::Charge { session_id, .. } => self.charges.push(session_id),
+                }
+            }
+            let Some(input) = ready.pop_front() else {
+                return;
+            };
+            self.call.handle(input, &self.env, self.now);
+        }
+    }
+
+    fn got(&mut self, to: Peer, got: Got) {
+        let key = to.addr;
+        if key.to_string() == TERMINAL {
+            self.terminal.push(got);
+        } else {
+            self.servers.entry(key).or_default().push(got);
+        }
+    }
+
+    fn apply(&mut self, cmd: &BillingCmd) {
+        match cmd {
+            BillingCmd::Open(start) => {
+                self.trace.push("commit open".into());
+                self.open.insert(start.session_id.clone(), start.clone());
+            }
+            BillingCmd::Close {
+                session_id,
+                cause,
+                ended_at,
+            } => {
+                self.trace.push("commit close".into());
+                self.close(session_id, *cause, *ended_at);
+            }
+            BillingCmd::Segment {
+                closing,
+                cause,
+                at,
+                open,
+            } => {
+                self.trace.push("commit segment".into());
+                self.close(closing, *cause, *at);
+                self.open.insert(open.session_id.clone(), open.clone());
+            }
+        }
+    }
+
+    fn close(&mut self, id: &str, cause: EndCause, at: SystemTime) {
+        let start = self
+            .open
+            .remove(id)
+            .expect("closing a session never opened");
+        self.records.push(Record {
+            id: id.to_string(),
+            service: start.service,
+            server: start.server,
+            plan: start.plan,
+            cause,
+            duration_ms: unix_ms(at) - unix_ms(start.confirmed_at),
+        });
+    }
+
+    /// Commits what the store held.
+    fn release_billing(&mut self) {
+        self.store = Store::Commit;
+        for (token, cmd) in std::mem::take(&mut self.held) {
+            self.apply(&cmd);
+            self.call.handle(
+                Input::Billed {
+                    token,
+                    result: Ok(()),
+                },
+                &self.env,
+                self.now,
+            );
+        }
+        self.pump();
+    }
+
+    /// Moves the virtual clock on by `d`, waking the call at each deadline on the way.
+    fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        while let Some(at) = self.call.poll_timeout().filter(|at| *at <= end) {
+            self.now = self.now.max(at);
+            self.call.handle_timeout(&self.env, self.now);
+            self.pump();
+        }
+        self.now = end;
+    }
+
+    // --- the servers ---
+
+    /// Leg `n`'s server answers its INVITE with `code` (a 2xx with an SDP answer).
+    fn server_answers(&mut self, n: usize, code: u16) {
+        let (leg, side) = &self.legs[n];
+        let leg = *leg;
+        let mut resp = message::response_for(&side.invite, code, None, Some(&side.tag));
+        if (101..300).contains(&code) {
+            resp.headers
+                .push(Header::Contact(rsip::headers::Contact::new(format!(
+                    "<sip:srv@{}>",
+                    side.peer.addr
+                ))));
+        }
+        if code / 100 == 2 {
+            resp.headers
+                .push(Header::ContentType(rsip::headers::ContentType::new(
+                    "application/sdp",
+                )));
+            resp.body = SDP
+                .replace("127.0.0.1", &side.peer.addr.ip().to_string())
+                .into_bytes();
+            message::set_content_length(&mut resp.headers, resp.body.len());
+        }
+        let event = match code {
+            100 => LegEvent::Trying,
+            101..=199 => LegEvent::Provisional(resp),
+            200..=299 => LegEvent::Answered(resp),
+            _ => LegEvent::Failed {
+                code,
+                resp: Some(resp),
+            },
+        };
+        self.input(Input::Leg { leg, event });
+    }
+
+    /// A request from leg `n`'s server in its dialog, from address `from`.
+    fn server_request_from(&mut self, n: usize, method: &str, extra: &str, from: &str) -> TxId {
+        let side = &self.legs[n].1;
+        let relay_from = header(&side.invite.headers, "From").unwrap();
+        let server_to = header(&side.invite.headers, "To").unwrap();
+        let call_id = header(&side.invite.headers, "Call-ID").unwrap();
+        let req = parse_request(&format!(
+            "{method} sip:relay@{RELAY} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bK-s{}\r\nMax-Forwards: 70\r\nFrom: {server_to};tag={}\r\nTo: {relay_from}\r\nCall-ID: {call_id}\r\nCSeq: 10 {method}\r\n{extra}Content-Length: 0\r\n\r\n",
+            self.next_tx, side.tag
+        ));
+        self.send_request(req, peer(from))
+    }
+
+    fn server_request(&mut self, n: usize, method: &str, extra: &str) -> TxId {
+        let from = self.legs[n].1.peer.addr.to_string();
+        self.server_request_from(n, method, extra, &from)
+    }
+
+    fn send_request(&mut self, req: Request, from: Peer) -> TxId {
+        self.next_tx += 1;
+        let tx = TxId(self.next_tx);
+        let dialog = DialogId::of_incoming_request(&req);
+        self.input(Input::Request {
+            incoming: Incoming { tx, req, from },
+            dialog,
+        });
+        tx
+    }
+
+    /// What server `addr` got, besides its INVITE legs.
+    fn server_got(&self, addr: &str) -> &[Got] {
+        self.servers
+            .get(&addr.parse::<SocketAddr>().unwrap())
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    fn server_methods(&self, addr: &str) -> Vec<String> {
+        self.server_got(addr)
+            .iter()
+            .map(|g| match g {
+                Got::Request(r, _) => r.method.to_string(),
+                Got::Ack(_) => "ACK".into(),
+                Got::Response(..) => "response".into(),
+            })
+            .collect()
+    }
+
+    /// Answers the last request that server `addr` got and the call waits for.
+    fn server_answers_request(&mut self, addr: &str, code: u16) {
+        let (req, token) = self
+            .server_got(addr)
+            .iter()
+            .rev()
+            .find_map(|g| match g {
+                Got::Request(r, Some(t)) => Some((r.clone(), *t)),
+                _ => None,
+            })
+            .expect("no request waiting for an answer");
+        let mut resp = message::response_for(&req, code, None, None);
+        if req.method == Method::Invite && code / 100 == 2 {
+            resp.headers
+                .push(Header::ContentType(rsip::headers::ContentType::new(
+                    "application/sdp",
+                )));
+            resp.body = SDP.as_bytes().to_vec();
+            message::set_content_length(&mut resp.headers, resp.body.len());
+        }
+        self.input(Input::Answered { token, resp });
+    }
+
+    // --- the terminal ---
+
+    /// The final responses the terminal got to its INVITE.
+    fn invite_finals(&self) -> Vec<u16> {
+        self.terminal
+            .iter()
+            .filter_map(|g| match g {
+                Got::Response(tx, r) if *tx == self.invite_tx && r.status_code.code() >= 200 => {
+                    Some(r.status_code.code())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn invite_responses(&self) -> Vec<u16> {
+        self.terminal
+            .iter()
+            .filter_map(|g| match g {
+                Got::Response(tx, r) if *tx == self.invite_tx => Some(r.status_code.code()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The response the terminal got on transaction `tx`.
+    fn answer_to(&self, tx: TxId) -> Option<u16> {
+        self.terminal.iter().rev().find_map(|g| match g {
+            Got::Response(t, r) if *t == tx && r.status_code.code() >= 200 => {
+                Some(r.status_code.code())
+            }
+            _ => None,
+        })
+    }
+
+    /// The To tag of the `k`-th 2xx the terminal got.
+    fn a_tag(&self, k: usize) -> String {
+        self.terminal
+            .iter()
+            .filter_map(|g| match g {
+                Got::Response(tx, r) if *tx == self.invite_tx && r.status_code.code() == 200 => {
+                    to_tag(&r.headers)
+                }
+                _ => None,
+            })
+            .nth(k)
+            .expect("no such 2xx")
+    }
+
+    fn terminal_methods(&self) -> Vec<String> {
+        self.terminal
+            .iter()
+            .filter_map(|g| match g {
+                Got::Request(r, _) => Some(r.method.to_string()),
+                Got::Ack(_) => Some("ACK".into()),
+                Got::Response(..) => None,
+            })
+            .collect()
+    }
+
+    fn terminal_message(
+        &self,
+        method: &str,
+        a_tag: &str,
+        cseq: u32,
+        extra: &str,
+        body: &str,
+    ) -> Request {
+        parse_request(&format!(
+            "{method} sip:relay@{RELAY} SIP/2.0\r\nVia: SIP/2.0/UDP {TERMINAL};branch=z9hG4bK-a{cseq}{method}\r\nMax-Forwards: 70\r\nFrom: <sip:alice@relay.test>;tag=term\r\nTo: <sip:echo@relay.test>;tag={a_tag}\r\nCall-ID: term-call\r\nCSeq: {cseq} {method}\r\nContact: <sip:alice@{TERMINAL}>\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+    }
+
+    fn terminal_acks(&mut self, k: usize) {
+        let tag = self.a_tag(k);
+        let ack = self.terminal_message("ACK", &tag, 1, "", "");
+        let dialog = DialogId::of_incoming_request(&ack);
+        self.input(Input::Ack { req: ack, dialog });
+    }
+
+    /// A request from the terminal in the dialog of its `k`-th 2xx.
+    fn terminal_sends(&mut self, k: usize, method: &str, extra: &str, body: &str) -> TxId {
+        let tag = self.a_tag(k);
+        self.terminal_cseq += 1;
+        let req = self.terminal_message(method, &tag, self.terminal_cseq, extra, body);
+        self.send_request(req, peer(TERMINAL))
+    }
+
+    fn terminal_cancels(&mut self) -> TxId {
+        self.next_tx += 1;
+        let tx = TxId(self.next_tx);
+        let req = parse_request(&format!(
+            "CANCEL sip:echo@relay.test SIP/2.0\r\nVia: SIP/2.0/UDP {TERMINAL};branch=z9hG4bK-t1\r\nMax-Forwards: 70\r\nFrom: <sip:alice@relay.test>;tag=term\r\nTo: <sip:echo@relay.test>\r\nCall-ID: term-call\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+        ));
+        self.input(Input::Cancel { tx, req });
+        tx
+    }
+
+    /// Runs a call to one established session on server 0 (answered and ACKed).
+    fn established(servers: &[(&str, &[&str])]) -> Pair {
+        let mut p = Pair::new(servers, Strategy::First);
+        p.server_answers(0, 200);
+        p.terminal_acks(0);
+        p
+    }
+}
+
+fn cseq_method(headers: &rsip::Headers) -> String {
+    header(headers, "CSeq")
+        .and_then(|v| v.split_whitespace().nth(1).map(str::to_string))
+        .unwrap_or_default()
+}
+
+const S1: &str = "127.0.0.1:5081";
+const S2: &str = "127.0.0.1:5082";
+const ONE: &[(&str, &[&str])] = &[("sip:127.0.0.1:5081", &["echo"])];
+const TWO: &[(&str, &[&str])] = &[
+    ("sip:127.0.0.1:5081", &["echo", "clock"]),
+    ("sip:127.0.0.1:5082", &["echo", "clock"]),
+];
+
+// --- claims 1 and 3: inquiry, response relay, confirmation, disconnection ---
+
+#[test]
+fn a_call_is_relayed_journaled_before_its_2xx_and_billed_for_the_time_between_2xx_and_bye() {
+    let mut p = Pair::new(ONE, Strategy::First);
+    assert_eq!(p.legs.len(), 1, "one inquiry to the one server");
+    let inquiry = &p.legs[0].1.invite;
+    assert_eq!(
+        header(&inquiry.headers, "P-Asserted-Identity").as_deref(),
+        Some("<sip:alice@relay.test>")
+    );
+    assert_eq!(
+        header(&inquiry.headers, "P-Asserted-Service").as_deref(),
+        Some("echo")
+    );
+    assert_eq!(
+        inquiry.body,
+        SDP.as_bytes(),
+        "the terminal's offer is carried untouched"
+    );
+    p.server_answers(0, 180);
+    assert_eq!(p.invite_responses(), vec![180]);
+    p.store = Store::Hold;
+    p.server_answers(0, 200);
+    assert!(
+        p.invite_finals().is_empty(),
+        "no 2xx before the journal is committed"
+    );
+    p.release_billing();
+    assert_eq!(p.invite_finals(), vec![200]);
+    let pos = |t: &str| p.trace.iter().position(|x| x == t).unwrap();
+    assert!(pos("commit open") < pos("terminal<-200 INVITE"));
+    assert_eq!(
+        p.env.served.borrow().len(),
+        1,
+        "chargeable once the 2xx is out"
+    );
+    p.advance(Duration::from_secs(3));
+    p.terminal_acks(0);
+    assert_eq!(p.server_methods(S1), vec!["ACK"]);
+    p.advance(Duration::from_secs(7));
+    p.store = Store::Hold;
+    let bye = p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(
+        p.server_methods(S1),
+        vec!["ACK", "BYE"],
+        "the BYE is relayed at once"
+    );
+    assert_eq!(
+        p.answer_to(bye),
+        None,
+        "the BYE is answered only once the record is committed"
+    );
+    p.release_billing();
+    assert_eq!(p.answer_to(bye), Some(200));
+    assert_eq!(p.records.len(), 1);
+    let r = &p.records[0];
+    assert_eq!(
+        (r.cause, r.duration_ms, r.service.as_str()),
+        (EndCause::CallerBye, 10_000, "echo")
+    );
+    assert_eq!(p.env.active("sip:127.0.0.1:5081"), 0);
+    assert!(p.env.served.borrow().is_empty());
+    assert!(p.call.is_finished());
+}
+
+#[test]
+fn a_server_that_fails_is_replaced_by_the_next_and_a_silent_one_after_the_inquiry_timeout() {
+    let mut p = Pair::new(TWO, Strategy::First);
+    p.server_answers(0, 486);
+    assert_eq!(p.legs.len(), 2, "failover to the second server");
+    assert!(p.invite_finals().is_empty());
+    // The second says nothing at all: after the inquiry timeout there is no one left.
+    p.advance(Duration::from_millis(3_999));
+    assert!(p.invite_finals().is_empty());
+    p.advance(Duration::from_millis(1));
+    assert_eq!(p.invite_finals(), vec![480]);
+    assert!(p.records.is_empty() && p.open.is_empty());
+    assert!(p.call.is_finished());
+}
+
+#[test]
+fn a_refusal_another_server_would_give_too_is_relayed() {
+    let mut p = Pair::new(TWO, Strategy::First);
+    p.server_answers(0, 488);
+    assert_eq!(p.legs.len(), 1, "no failover on 488");
+    assert_eq!(p.invite_finals(), vec![488]);
+}
+
+// --- failure paths: loss, CANCEL, BYE before ACK, no ACK ---
+
+#[test]
+fn a_lost_ack_is_sent_again_when_the_server_repeats_its_2xx_and_a_repeated_terminal_ack_is_not_relayed(
+) {
+    let mut p = Pair::established(ONE);
+    assert_eq!(p.server_methods(S1), vec!["ACK"]);
+    // Our ACK was lost: the server's 2xx comes again, on the leg or as a stray.
+    p.server_answers(0, 200);
+    let side = &p.legs[0].1;
+    let mut again = message::response_for(&side.invite, 200, None, Some(&side.tag));
+    again.body = Vec::new();
+    let dialog = DialogId::of_response(&again);
+    p.input(Input::Stray {
+        resp: again,
+        dialog,
+    });
+    assert_eq!(p.server_methods(S1), vec!["ACK", "ACK", "ACK"]);
+    let acks: Vec<&Got> = p.server_got(S1).iter().collect();
+    let (Got::Ack(a), Got::Ack(b)) = (acks[0], acks[1]) else {
+        panic!()
+    };
+    assert_eq!(
+        a.to_string(),
+        b.to_string(),
+        "the same ACK again (RFC 3261 §13.2.2.4)"
+    );
+    // The terminal's ACK comes twice (its 2xx was retransmitted): the server gets no more.
+    p.terminal_acks(0);
+    assert_eq!(p.server_methods(S1).len(), 3);
+    assert_eq!(p.records.len(), 0);
+    assert_eq!(p.open.len(), 1);
+}
+
+#[test]
+fn a_cancel_before_any_answer_cancels_the_leg_once_it_rings_and_bills_nothing() {
+    let mut p = Pair::new(ONE, Strategy::First);
+    p.server_answers(0, 100);
+    let cancel = p.terminal_cancels();
+    assert_eq!(p.answer_to(cancel), Some(200));
+    assert!(
+        p.server_methods(S1).is_empty(),
+        "no CANCEL before a provisional (RFC 3261 §9.1)"
+    );
+    p.server_answers(0, 180);
+    assert_eq!(p.server_methods(S1), vec!["CANCEL"]);
+    p.server_answers(0, 487);
+    assert_eq!(p.invite_finals(), vec![487]);
+    assert!(p.records.is_empty() && p.open.is_empty());
+    assert!(p.call.is_finished());
+}
+
+#[test]
+fn a_2xx_that_crosses_the_cancel_is_acked_and_hung_up_and_bills_nothing() {
+    let mut p = Pair::new(ONE, Strategy::First);
+    p.server_answers(0, 180);
+    p.terminal_cancels();
+    // The server answered 2xx before it got our CANCEL.
+    p.server_answers(0, 200);
+    assert_eq!(p.server_methods(S1), vec!["CANCEL", "ACK", "BYE"]);
+    assert_eq!(p.invite_finals(), vec![487]);
+    assert!(p.open.is_empty() && p.records.is_empty());
+}
+
+#[test]
+fn a_cancel_while_the_2xx_is_being_journaled_loses_the_race_and_the_session_is_billed() {
+    let mut p = Pair::new(ONE, Strategy::First);
+    p.server_answers(0, 180);
+    p.store = Store::Hold;
+    p.server_answers(0, 200);
+    let cancel = p.terminal_cancels();
+    assert_eq!(p.answer_to(cancel), Some(200));
+    assert!(p.invite_finals().is_empty());
+    p.release_billing();
+    assert_eq!(
+        p.invite_finals(),
+        vec![200],
+        "the 2xx decided before the CANCEL goes out"
+    );
+    p.advance(Duration::from_secs(5));
+    p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(p.records.len(), 1);
+    assert_eq!(p.records[0].duration_ms, 5_000);
+}
+
+#[test]
+fn a_bye_before_the_ack_acks_the_server_then_hangs_up_and_bills_from_the_2xx() {
+    let mut p = Pair::new(ONE, Strategy::First);
+    p.server_answers(0, 200);
+    p.advance(Duration::from_secs(2));
+    let bye = p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(p.answer_to(bye), Some(200));
+    assert_eq!(p.server_methods(S1), vec!["ACK", "BYE"]);
+    assert_eq!(p.records[0].cause, EndCause::CallerBye);
+    assert_eq!(p.records[0].duration_ms, 2_000);
+}
+
+#[test]
+fn a_terminal_that_never_acks_is_hung_up_after_64_t1_and_billed_for_that_time() {
+    let mut p = Pair::new(ONE, Strategy::First);
+    p.server_answers(0, 200);
+    p.advance(Duration::from_millis(31_999));
+    assert!(p.records.is_empty());
+    p.advance(Duration::from_millis(1));
+    assert_eq!(p.server_methods(S1), vec!["ACK", "BYE"]);
+    assert_eq!(p.terminal_methods(), vec!["BYE"]);
+    assert_eq!(
+        p.records.len(),
+        1,
+        "service delivered with the 2xx is billed"
+    );
+    assert_eq!(
+        (p.records[0].cause, p.records[0].duration_ms),
+        (EndCause::Timeout, 32_000)
+    );
+}
+
+#[test]
+fn a_server_bye_while_the_session_is_journaled_waits_for_the_2xx_and_then_ends_it() {
+    let mut p = Pair::new(ONE, Strategy::First);
+    p.store = Store::Hold;
+    p.server_answers(0, 200);
+    let bye = p.server_request(0, "BYE", "");
+    assert_eq!(p.answer_to(bye), None);
+    p.release_billing();
+    assert_eq!(p.invite_finals(), vec![200]);
+    assert_eq!(p.answer_to(bye), Some(200));
+    assert_eq!(p.terminal_methods(), vec!["BYE"]);
+    assert_eq!(p.records[0].cause, EndCause::ServerBye);
+}
+
+#[test]
+fn a_journal_that_cannot_be_written_refuses_the_call_and_hangs_up_the_server() {
+    let mut p = Pair::new(ONE, Strategy::First);
+    p.store = Store::Fail;
+    p.server_answers(0, 200);
+    assert_eq!(p.invite_finals(), vec![500]);
+    assert_eq!(p.server_methods(S1), vec!["ACK", "BYE"]);
+    assert!(p.env.served.borrow().is_empty());
+    assert_eq!(p.env.active("sip:127.0.0.1:5081"), 0);
+    assert!(p.call.is_finished());
+}
+
+#[test]
+fn a_record_that_cannot_be_written_answers_the_bye_500() {
+    let mut p = Pair::established(ONE);
+    p.store = Store::Fail;
+    let bye = p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(p.answer_to(bye), Some(500));
+}
+
+#[test]
+fn a_leg_that_stops_answering_probes_ends_the_session_as_timed_out() {
+    let mut p = Pair::established(ONE);
+    p.advance(Duration::from_secs(30));
+    assert_eq!(p.server_methods(S1), vec!["ACK", "OPTIONS"]);
+    assert_eq!(p.terminal_methods(), vec!["OPTIONS"]);
+    p.server_answers_request(S1, 408);
+    assert_eq!(p.records[0].cause, EndCause::Timeout);
+    assert_eq!(p.records[0].duration_ms, 30_000);
+}
+
+#[test]
+fn durations_come_from_the_monotonic_clock_not_the_wall_clock() {
+    // The call's wall-clock epoch is fixed; only the virtual monotonic clock moves. A wall
+    // clock stepped meanwhile (NTP) is never read again, so the bill is the time elapsed.
+    let mut p = Pair::established(ONE);
+    p.advance(Duration::from_millis(61_250));
+    p.terminal_sends(0, "BYE", "", "");
+    let start = &p.records[0];
+    assert_eq!(start.duration_ms, 61_250);
+}
+
+// --- server-leg requests: matched by full dialog id and address ---
+
+#[test]
+fn server_leg_requests_need_the_whole_dialog_id_and_the_servers_address() {
+    let mut p = Pair::established(ONE);
+    let charge = "Content-Type: application/vnd.relay.charge+json\r\n";
+    // From another address: as if it did not exist.
+    let tx = p.server_request_from(0, "BYE", "", "127.0.0.9:5081");
+    assert_eq!(p.answer_to(tx), Some(481));
+    let tx = p.server_request_from(0, "MESSAGE", charge, "127.0.0.9:5081");
+    assert_eq!(p.answer_to(tx), Some(481));
+    assert!(p.charges.is_empty());
+    // With a wrong tag: the same.
+    let real = std::mem::replace(&mut p.legs[0].1.tag, "guessed".into());
+    let tx = p.server_request(0, "BYE", "");
+    assert_eq!(p.answer_to(tx), Some(481));
+    p.legs[0].1.tag = real;
+    assert!(p.records.is_empty());
+    // The server itself, in its dialog: a charge goes to charging, a BYE ends the session.
+    p.server_request(0, "MESSAGE", charge);
+    assert_eq!(p.charges.len(), 1);
+    p.server_request(0, "BYE", "");
+    assert_eq!(p.records[0].cause, EndCause::ServerBye);
+}
+
+// --- in-dialog requests, re-INVITE glare ---
+
+#[test]
+fn an_in_dialog_request_is_relayed_and_its_answer_relayed_back_and_a_reinvite_asserts_the_service()
+{
+    let mut p = Pair::established(ONE);
+    let info = p.terminal_sends(0, "INFO", "", "");
+    assert_eq!(p.server_methods(S1), vec!["ACK", "INFO"]);
+    p.server_answers_request(S1, 200);
+    assert_eq!(p.answer_to(info), Some(200));
+    let sdp_header = "Content-Type: application/sdp\r\n";
+    let reinvite = p.terminal_sends(0, "INVITE", sdp_header, SDP);
+    let Some(Got::Request(sent, _)) = p.server_got(S1).last() else {
+        panic!()
+    };
+    assert_eq!(
+        header(&sent.headers, "P-Asserted-Service").as_deref(),
+        Some("echo")
+    );
+    p.server_answers_request(S1, 200);
+    assert_eq!(p.answer_to(reinvite), Some(200));
+    // The terminal's ACK of that 2xx follows to the server.
+    let tag = p.a_tag(0);
+    let ack = p.terminal_message("ACK", &tag, p.terminal_cseq, "", "");
+    let dialog = DialogId::of_incoming_request(&ack);
+    p.input(Input::Ack { req: ack, dialog });
+    assert_eq!(p.server_methods(S1), vec!["ACK", "INFO", "INVITE", "ACK"]);
+    assert_eq!(p.open.len(), 1, "a plain re-INVITE bills nothing new");
+}
+
+#[test]
+fn a_reinvite_whose_offer_names_another_service_is_refused_488() {
+    let mut p = Pair::established(TWO);
+    let offer = format!("{SDP}a=service:clock\r\n");
+    let tx = p.terminal_sends(0, "INVITE", "Content-Type: application/sdp\r\n", &offer);
+    assert_eq!(p.answer_to(tx), Some(488));
+    assert_eq!(p.server_methods(S1), vec!["ACK"], "nothing relayed");
+}
+
+#[test]
+fn a_second_change_while_one_is_in_progress_gets_491_and_so_does_a_request_before_the_ack() {
+    let mut p = Pair::established(TWO);
+    let first = p.terminal_sends(0, "INVITE", "P-Preferred-Service: clock\r\n", "");
+    let glare = p.terminal_sends(0, "INVITE", "P-Preferred-Service: clock;tz=utc\r\n", "");
+    assert_eq!(p.answer_to(glare), Some(491));
+    assert_eq!(p.answer_to(first), None);
+    let mut q = Pair::new(ONE, Strategy::First);
+    q.server_answers(0, 200);
+    let early = q.terminal_sends(0, "INFO", "", "");
+    assert_eq!(q.answer_to(early), Some(491));
+}
+
+// --- claim 5: change of service ---
+
+#[test]
+fn a_change_on_the_same_server_closes_the_segment_and_bills_the_new_service_on_the_plan_the_rules_give(
+) {
+    let mut env = TestEnv::new(TWO);
+    env.plans.insert("clock".into(), "premium".into());
+    let mut p = Pair::with_env(env, Strategy::First);
+    p.server_answers(0, 200);
+    p.terminal_acks(0);
+    p.advance(Duration::from_secs(4));
+    let change = p.terminal_sends(0, "INVITE", "P-Preferred-Service: clock\r\n", "");
+    let Some(Got::Request(sent, _)) = p.server_got(S1).last() else {
+        panic!()
+    };
+    assert_eq!(sent.method, Method::Invite);
+    assert_eq!(
+        header(&sent.headers, "P-Asserted-Service").as_deref(),
+        Some("clock")
+    );
+    p.store = Store::Hold;
+    p.server_answers_request(S1, 200);
+    assert_eq!(
+        p.answer_to(change),
+        None,
+        "the terminal hears the 2xx once the new segment is committed"
+    );
+    p.release_billing();
+    assert_eq!(p.answer_to(change), Some(200));
+    p.advance(Duration::from_secs(6));
+    p.terminal_sends(0, "BYE", "", "");
+    let got: Vec<(&str, &str, EndCause, i64)> = p
+        .records
+        .iter()
+        .map(|r| (r.service.as_str(), r.plan.as_str(), r.cause, r.duration_ms))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("echo", "basic", EndCause::Changed, 4_000),
+            ("clock", "premium", EndCause::CallerBye, 6_000)
+        ]
+    );
+}
+
+#[test]
+fn a_change_the_rules_refuse_leaves_the_session_as_it_was() {
+    let mut env = TestEnv::new(TWO);
+    env.refused.push(("clock".into(), 403));
+    let mut p = Pair::with_env(env, Strategy::First);
+    p.server_answers(0, 200);
+    p.terminal_acks(0);
+    let change = p.terminal_sends(0, "INVITE", "P-Preferred-Service: clock\r\n", "");
+    assert_eq!(p.answer_to(change), Some(403));
+    assert_eq!(p.server_methods(S1), vec!["ACK"]);
+    p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(p.records.len(), 1);
+    assert_eq!(p.records[0].service, "echo");
+}
+
+#[test]
+fn a_change_onto_another_server_moves_the_session_and_a_refused_one_rolls_back() {
+    let servers: &[(&str, &[&str])] = &[
+        ("sip:127.0.0.1:5081", &["echo"]),
+        ("sip:127.0.0.1:5082", &["clock"]),
+    ];
+    let mut p = Pair::established(servers);
+    // Refused by the other server: the session stays as it was.
+    let change = p.terminal_sends(0, "INVITE", "P-Preferred-Service: clock\r\n", "");
+    assert_eq!(p.legs.len(), 2);
+    p.server_answers(1, 486);
+    assert_eq!(p.answer_to(change), Some(486));
+    assert_eq!(p.open.len(), 1);
+    // Asked again and accepted: the new leg is ACKed, the old one hung up.
+    let change = p.terminal_sends(0, "INVITE", "P-Preferred-Service: clock\r\n", "");
+    p.server_answers(2, 200);
+    assert_eq!(p.answer_to(change), Some(200));
+    assert_eq!(p.server_methods(S1), vec!["ACK", "BYE"]);
+    assert_eq!(p.server_methods(S2), vec!["ACK"]);
+    assert_eq!(
+        (
+            p.env.active("sip:127.0.0.1:5081"),
+            p.env.active("sip:127.0.0.1:5082")
+        ),
+        (0, 1)
+    );
+    p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(p.server_methods(S2), vec!["ACK", "BYE"]);
+    let servers: Vec<&str> = p.records.iter().map(|r| r.server.as_str()).collect();
+    assert_eq!(servers, vec!["sip:127.0.0.1:5081", "sip:127.0.0.1:5082"]);
+}
+
+// --- claim 6: transfer ---
+
+fn refer(to: &str) -> String {
+    format!("Refer-To: <sip:{to}@relay.test>\r\n")
+}
+
+fn notify_fragments(p: &Pair) -> Vec<String> {
+    p.terminal
+        .iter()
+        .filter_map(|g| match g {
+            Got::Request(r, _) if r.method == Method::Notify => {
+                Some(String::from_utf8_lossy(&r.body).trim().to_string())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_transfer_moves_the_session_to_the_second_server_and_reinvites_the_terminal() {
+    let mut p = Pair::established(TWO);
+    p.advance(Duration::from_secs(5));
+    let tx = p.terminal_sends(0, "REFER", &refer("echo"), "");
+    assert_eq!(p.answer_to(tx), Some(202));
+    assert_eq!(p.legs.len(), 2);
+    assert_eq!(
+        p.legs[1].1.peer.addr.to_string(),
+        S2,
+        "another server than the current"
+    );
+    p.server_answers(1, 200);
+    assert_eq!(
+        notify_fragments(&p),
+        vec!["SIP/2.0 100 Trying", "SIP/2.0 200 OK"]
+    );
+    assert_eq!(p.server_methods(S1), vec!["ACK", "BYE"]);
+    assert_eq!(p.terminal_methods(), vec!["NOTIFY", "NOTIFY", "INVITE"]);
+    // The terminal takes the new SDP; the relay ACKs it.
+    let Some(Got::Request(reinvite, Some(token))) = p
+        .terminal
+        .iter()
+        .rev()
+        .find(|g| matches!(g, Got::Request(r, _) if r.method == Method::Invite))
+        .cloned()
+    else {
+        panic!()
+    };
+    let resp = message::response_for(&reinvite, 200, None, None);
+    p.input(Input::Answered { token, resp });
+    assert_eq!(p.terminal_methods().last().map(String::as_str), Some("ACK"));
+    p.advance(Duration::from_secs(3));
+    p.terminal_sends(0, "BYE", "", "");
+    let got: Vec<(&str, EndCause, i64)> = p
+        .records
+        .iter()
+        .map(|r| (r.server.as_str(), r.cause, r.duration_ms))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("sip:127.0.0.1:5081", EndCause::Transferred, 5_000),
+            ("sip:127.0.0.1:5082", EndCause::CallerBye, 3_000)
+        ]
+    );
+}
+
+#[test]
+fn a_transfer_target_that_refuses_leaves_the_session_on_the_first_server() {
+    let mut p = Pair::established(TWO);
+    p.terminal_sends(0, "REFER", &refer("echo"), "");
+    p.server_answers(1, 486);
+    assert_eq!(
+        notify_fragments(&p),
+        vec!["SIP/2.0 100 Trying", "SIP/2.0 486 Busy Here"]
+    );
+    assert_eq!(p.server_methods(S1), vec!["ACK"], "the first leg untouched");
+    p.advance(Duration::from_secs(9));
+    p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(p.records.len(), 1);
+    assert_eq!(
+        (p.records[0].server.as_str(), p.records[0].duration_ms),
+        ("sip:127.0.0.1:5081", 9_000)
+    );
+}
+
+#[test]
+fn a_server_that_hangs_up_during_a_transfer_ends_the_session_and_the_late_answer_is_hung_up() {
+    let mut p = Pair::established(TWO);
+    p.advance(Duration::from_secs(2));
+    p.terminal_sends(0, "REFER", &refer("echo"), "");
+    p.server_request(0, "BYE", "");
+    assert_eq!(p.records.len(), 1);
+    assert_eq!(
+        (p.records[0].cause, p.records[0].duration_ms),
+        (EndCause::ServerBye, 2_000)
+    );
+    p.server_answers(1, 200);
+    assert_eq!(
+        p.server_methods(S2),
+        vec!["ACK", "BYE"],
+        "the second server is not left up"
+    );
+    assert_eq!(p.records.len(), 1, "no second segment");
+    assert!(p.open.is_empty());
+    assert_eq!(p.env.active("sip:127.0.0.1:5082"), 0);
+}
+
+#[test]
+fn a_transfer_the_rules_refuse_is_refused_before_the_202() {
+    let mut env = TestEnv::new(TWO);
+    env.refused.push(("clock".into(), 403));
+    let mut p = Pair::with_env(env, Strategy::First);
+    p.server_answers(0, 200);
+    p.terminal_acks(0);
+    let tx = p.terminal_sends(0, "REFER", &refer("clock"), "");
+    assert_eq!(p.answer_to(tx), Some(403));
+    assert_eq!(p.legs.len(), 1);
+}
+
+// --- claim 7: fork ---
+
+#[test]
+fn a_fork_where_one_server_answers_2xx_and_another_486_gives_one_session() {
+    let mut p = Pair::new(TWO, Strategy::All);
+    assert_eq!(p.legs.len(), 2, "both asked at once");
+    p.server_answers(1, 486);
+    assert!(
+        p.invite_finals().is_empty(),
+        "one refusal does not fail the request"
+    );
+    p.server_answers(0, 200);
+    assert_eq!(p.invite_finals(), vec![200]);
+    p.terminal_acks(0);
+    p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(p.records.len(), 1);
+    assert_eq!(p.records[0].server, "sip:127.0.0.1:5081");
+}
+
+#[test]
+fn a_fork_where_both_answer_gives_two_sessions_each_billed() {
+    let mut p = Pair::new(TWO, Strategy::All);
+    p.server_answers(0, 200);
+    p.server_answers(1, 200);
+    assert_eq!(p.invite_finals(), vec![200, 200]);
+    assert_ne!(p.a_tag(0), p.a_tag(1), "each 2xx with its own To tag");
+    p.terminal_acks(0);
+    p.terminal_acks(1);
+    p.advance(Duration::from_secs(1));
+    p.terminal_sends(0, "BYE", "", "");
+    p.advance(Duration::from_secs(1));
+    p.terminal_sends(1, "BYE", "", "");
+    let durations: Vec<i64> = p.records.iter().map(|r| r.duration_ms).collect();
+    assert_eq!(durations, vec![1_000, 2_000]);
+}
+
+#[test]
+fn a_fork_where_all_refuse_answers_the_best_response_and_a_fork_timeout_cancels_the_rest() {
+    let mut p = Pair::new(TWO, Strategy::All);
+    p.server_answers(0, 503);
+    p.server_answers(1, 486);
+    assert_eq!(
+        p.invite_finals(),
+        vec![486],
+        "4xx before 5xx (RFC 3261 §16.7)"
+    );
+    let mut q = Pair::new(TWO, Strategy::All);
+    q.server_answers(0, 180);
+    q.server_answers(1, 180);
+    q.advance(Duration::from_secs(30));
+    assert_eq!(q.server_methods(S1), vec!["CANCEL"]);
+    assert_eq!(q.server_methods(S2), vec!["CANCEL"]);
+}
+
+#[test]
+fn shutdown_ends_live_sessions_and_refuses_a_call_still_inquiring() {
+    let mut p = Pair::established(ONE);
+    p.advance(Duration::from_secs(1));
+    p.input(Input::Shutdown);
+    assert_eq!(p.records[0].cause, EndCause::RelayShutdown);
+    assert!(p.call.is_finished());
+    let mut q = Pair::new(ONE, Strategy::First);
+    q.server_answers(0, 180);
+    q.input(Input::Shutdown);
+    assert_eq!(q.invite_finals(), vec![503]);
+}
+
+#[test]
+fn a_forks_two_answers_are_journaled_side_by_side_and_both_relayed() {
+    let mut p = Pair::new(TWO, Strategy::All);
+    p.store = Store::Hold;
+    p.server_answers(0, 200);
+    p.server_answers(1, 200);
+    assert_eq!(
+        p.held.len(),
+        2,
+        "the second journal does not wait for the first"
+    );
+    p.release_billing();
+    assert_eq!(p.invite_finals(), vec![200, 200]);
+}

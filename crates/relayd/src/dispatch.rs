@@ -1,0 +1,465 @@
+//! The dispatcher: takes the endpoint's events and hands each to the call it belongs to, or
+//! to the handler of an out-of-dialog request (REGISTER, INVITE admission, OPTIONS, MESSAGE
+//! charge requests). [`start`] builds the relay with it as the endpoint's event sink.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Instant;
+
+use rsip::prelude::*;
+use rsip::{Header, Method, Request};
+use sip_core::endpoint::{Endpoint, EndpointEvent, EventSink, IncomingRequest};
+use sip_core::{message, Peer};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::b2bua;
+use crate::billing_control::BillingControl;
+use crate::call::driver::routing::SessionInput;
+use crate::call::driver::routing::SessionTable;
+use crate::call::driver::Relaying;
+use crate::call::{self, Admission};
+use crate::charge;
+use crate::config::Config;
+use crate::content;
+use crate::directory::ServerRef;
+use crate::extensions;
+use crate::registrar::{RegisterRequest, Role};
+use crate::relay::{facts, utc_second_of_day, Relay};
+
+/// Builds the relay from a validated configuration (see [`Relay::start`]) and starts
+/// dispatching what its sockets receive; the events that came while it was being built
+/// first. Returns the relay and the billing writer (to shut down last).
+pub async fn start(config: Config) -> anyhow::Result<(Arc<Relay>, billing::writer::Writer)> {
+    let events = Arc::new(RelayEvents::new());
+    let (relay, writer) = Relay::start(config, events.clone()).await?;
+    events.start(&relay);
+    Ok((relay, writer))
+}
+
+fn call_id(req: &Request) -> Option<String> {
+    req.headers.iter().find_map(|h| match h {
+        Header::CallId(c) => Some(c.value().trim().to_string()),
+        _ => None,
+    })
+}
+
+/// Hands the endpoint's events to the relay inline, from the task that received each
+/// message (see [`EventSink`]): a request on a live call goes straight into that call's
+/// inbox. Events that come before the relay is built (its billing recovery may take a
+/// moment) wait in a bounded buffer and are dispatched when it is; new requests beyond the
+/// buffer are answered 503.
+pub struct RelayEvents {
+    relay: OnceLock<Weak<Relay>>,
+    early: Mutex<Option<Vec<EndpointEvent>>>,
+}
+
+/// How many events may wait for the relay to be built.
+const EARLY_EVENTS: usize = 16 * 1024;
+
+impl RelayEvents {
+    fn new() -> Self {
+        RelayEvents {
+            relay: OnceLock::new(),
+            early: Mutex::new(Some(Vec::new())),
+        }
+    }
+
+    fn early(&self) -> std::sync::MutexGuard<'_, Option<Vec<EndpointEvent>>> {
+        self.early.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts dispatching to `relay`, the events that waited first.
+    fn start(&self, relay: &Arc<Relay>) {
+        let _ = self.relay.set(Arc::downgrade(relay));
+        let waiting = self.early().take().unwrap_or_default();
+        for event in waiting {
+            if let Err(EndpointEvent::Request(r)) = dispatch(relay, event) {
+                relay
+                    .endpoint
+                    .stats()
+                    .overloaded
+                    .fetch_add(1, Ordering::Relaxed);
+                r.refuse_overloaded();
+            }
+        }
+    }
+}
+
+impl EventSink for RelayEvents {
+    fn deliver(&self, event: EndpointEvent) -> Result<(), EndpointEvent> {
+        if let Some(relay) = self.relay.get() {
+            return match relay.upgrade() {
+                Some(relay) => dispatch(&relay, event),
+                None => Ok(()),
+            };
+        }
+        let mut early = self.early();
+        match early.as_mut() {
+            Some(waiting) if waiting.len() < EARLY_EVENTS => {
+                waiting.push(event);
+                Ok(())
+            }
+            Some(_) => Err(event),
+            None => {
+                // Started between the look above and the lock.
+                drop(early);
+                match self.relay.get().and_then(Weak::upgrade) {
+                    Some(relay) => dispatch(&relay, event),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Routes one event of the endpoint: requests and ACKs of live calls to their inbox, new
+/// requests to admission or registration.
+#[allow(clippy::result_large_err)]
+fn dispatch(relay: &Arc<Relay>, event: EndpointEvent) -> Result<(), EndpointEvent> {
+    match event {
+        EndpointEvent::Request(r) => {
+            let Some(cid) = call_id(&r.req) else {
+                return Ok(());
+            };
+            if r.req.method != Method::Register {
+                if let Some(inbox) = relay.sessions.get(&cid) {
+                    let _ = inbox.send(SessionInput::Request(r));
+                    return Ok(());
+                }
+            }
+            return out_of_dialog(relay, r, cid).map_err(EndpointEvent::Request);
+        }
+        EndpointEvent::Cancel {
+            req,
+            from: _,
+            tx,
+            invite,
+        } => {
+            let Some(cid) = call_id(&req) else {
+                return Ok(());
+            };
+            if let Err(SessionInput::Cancel { req, tx, invite }) = relay
+                .sessions
+                .deliver(&cid, SessionInput::Cancel { req, tx, invite })
+            {
+                // Admission still running or already refused: end the INVITE here.
+                let _ = tx.respond(b2bua::local_response(&req, 200, "OK", None));
+                let _ = invite.respond(
+                    b2bua::local_response(
+                        &req,
+                        487,
+                        "Request Terminated",
+                        Some(&message::new_tag()),
+                    )
+                    .with_cseq_method(Method::Invite),
+                );
+            }
+        }
+        EndpointEvent::Ack { ack, from: _ } => {
+            if let Some(cid) = call_id(&ack) {
+                let _ = relay.sessions.deliver(&cid, SessionInput::Ack(ack));
+            }
+        }
+        EndpointEvent::StrayResponse { resp, from: _ } => {
+            let cid = resp.headers.iter().find_map(|h| match h {
+                Header::CallId(c) => Some(c.value().trim().to_string()),
+                _ => None,
+            });
+            if let Some(cid) = cid {
+                let _ = relay.sessions.deliver(&cid, SessionInput::Stray(resp));
+            }
+        }
+        EndpointEvent::AckTimeout { tx } => {
+            debug!(?tx, "a 2xx was never acknowledged");
+        }
+    }
+    Ok(())
+}
+
+/// Handles a request outside any live call: REGISTER, a new INVITE and an out-of-dialog
+/// MESSAGE go to a task of their own, unless [`MAX_BACKLOG`] are in hand already: then the
+/// request comes back, for the endpoint to answer 503.
+#[allow(clippy::result_large_err)]
+fn out_of_dialog(
+    relay: &Arc<Relay>,
+    r: IncomingRequest,
+    cid: String,
+) -> Result<(), IncomingRequest> {
+    let span = info_span!("request", call_id = %cid, method = %r.req.method);
+    // RFC 3261 §8.2.2.3 / §16.3 step 5: after method inspection (the 405s below), before
+    // authentication (see `extensions`).
+    if !matches!(r.req.method, Method::Subscribe | Method::Publish) {
+        if let Some(resp) = extensions::check(&r.req, &message::new_tag()) {
+            relay.stats.refused.fetch_add(1, Ordering::Relaxed);
+            debug!(parent: &span, method = %r.req.method, from = %r.from, "420: requires an unsupported extension");
+            let _ = r.tx.respond(resp);
+            return Ok(());
+        }
+    }
+    match r.req.method {
+        Method::Register => {
+            let Some(ticket) = relay.backlog.enter() else {
+                return Err(r);
+            };
+            let relay = relay.clone();
+            tokio::spawn(
+                async move {
+                    let _ticket = ticket;
+                    register(&relay, r)
+                }
+                .instrument(span),
+            );
+        }
+        Method::Invite if !has_to_tag(&r.req) => {
+            let Some(ticket) = relay.backlog.enter() else {
+                return Err(r);
+            };
+            let relay = relay.clone();
+            tokio::spawn(
+                async move {
+                    let _ticket = ticket;
+                    admit(relay, r)
+                }
+                .instrument(span),
+            );
+        }
+        Method::Options if !has_to_tag(&r.req) => {
+            let mut resp = b2bua::local_response(&r.req, 200, "OK", Some(&message::new_tag()));
+            resp.headers.push(Header::Allow(rsip::headers::Allow::new(
+                "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, REFER, NOTIFY, INFO",
+            )));
+            resp.headers.push(Header::Accept(rsip::headers::Accept::new(
+                "application/sdp, application/vnd.relay.charge+json",
+            )));
+            let _ = r.tx.respond(resp);
+        }
+        Method::Message if !has_to_tag(&r.req) => {
+            let Some(ticket) = relay.backlog.enter() else {
+                return Err(r);
+            };
+            let relay = relay.clone();
+            tokio::spawn(
+                async move {
+                    let _ticket = ticket;
+                    charge::handle(relay, r).await
+                }
+                .instrument(span),
+            );
+        }
+        Method::Ack => {}
+        Method::Subscribe | Method::Publish => {
+            let mut resp =
+                b2bua::local_response(&r.req, 405, "Method Not Allowed", Some(&message::new_tag()));
+            resp.headers.push(Header::Allow(rsip::headers::Allow::new(
+                "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, REFER, NOTIFY, INFO",
+            )));
+            let _ = r.tx.respond(resp);
+        }
+        _ => relay.refuse(&r, 481, "Call/Transaction Does Not Exist"),
+    }
+    Ok(())
+}
+
+/// REGISTER (RFC 3261 §10.3): authenticate (401), check the address of record is the
+/// user's own, update the bindings; for an application-server account, the directory too.
+fn register(relay: &Relay, r: IncomingRequest) {
+    if !relay.is_ours(&r.req.uri) {
+        relay.refuse(&r, 404, "Domain not served here");
+        return;
+    }
+    // §10.3: the address of record is the To's SIP or SIPS URI; RFC 4475 §3.3.4 has a
+    // registrar answer 400 to any other, before anything else is asked of the request.
+    let aor = match sip_core::address::to_header(&r.req.headers) {
+        Ok(Some(to)) if to.uri().is_sip() => to,
+        _ => {
+            relay.refuse(&r, 400, "Address of record must be a SIP or SIPS URI");
+            return;
+        }
+    };
+    let Some(user) = relay.authenticate_request(&r) else {
+        return;
+    };
+    if aor.uri().user() != Some(user.as_str()) {
+        relay.refuse(&r, 403, "Cannot register another user");
+        return;
+    }
+    let account = relay.config.server_account(&user);
+    let role = match account {
+        Some(a) => Role::AppServer {
+            allowed_services: a.allowed_services(),
+        },
+        None if relay.config.user(&user).is_some() => Role::Subscriber,
+        None => {
+            relay.refuse(&r, 403, "Unknown account");
+            return;
+        }
+    };
+    let now = Instant::now();
+    let outcome = RegisterRequest::from_sip(&r.req, Some(r.from))
+        .and_then(|rr| relay.registrar.register(&user, role, &rr, now));
+    match outcome {
+        Ok(ok) => {
+            if account.is_some() {
+                for gone in &ok.removed {
+                    relay.directory.remove_dynamic(&user, &gone.uri_text);
+                }
+                let servers: Vec<_> = ok
+                    .bindings
+                    .iter()
+                    .filter_map(|b| b.dynamic_server())
+                    .collect();
+                let (_, errors) = relay.directory.sync_account(&user, &servers);
+                for e in errors {
+                    warn!(account = %user, error = %e, "application server not added to the directory");
+                }
+            }
+            info!(user = %user, bindings = ok.bindings.len(), "registered");
+            let mut resp = b2bua::local_response(&r.req, 200, "OK", Some(&message::new_tag()));
+            resp.headers
+                .retain(|h| !matches!(h, Header::ContentLength(_)));
+            resp.headers.extend(ok.contact_headers(now));
+            message::set_content_length(&mut resp.headers, 0);
+            let _ = r.tx.respond(resp);
+        }
+        Err(e) => {
+            info!(user = %user, error = %e, "registration refused");
+            let mut resp = b2bua::local_response(
+                &r.req,
+                e.status_code(),
+                &e.reason(),
+                Some(&message::new_tag()),
+            );
+            if let Some(h) = e.extra_header() {
+                resp.headers.push(h);
+            }
+            relay.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let _ = r.tx.respond(resp);
+        }
+    }
+}
+
+/// Admission of a new INVITE (claim 1's authentication, claim 2's rules): authenticate
+/// (407), then registered, then service known and subscribed; then the session starts.
+fn admit(relay: Arc<Relay>, r: IncomingRequest) {
+    // Read once: for the domain here and for the rules' facts below.
+    let ruri = match sip_core::uri::Uri::from_rsip(&r.req.uri) {
+        Ok(u) if relay.names_relay(&u) => u,
+        _ => {
+            relay.refuse(&r, 403, "Not relaying");
+            return;
+        }
+    };
+    if message::check_max_forwards(&r.req).is_err() {
+        relay.refuse(&r, 483, "Too Many Hops");
+        return;
+    }
+    if let Some(refusal) = content::check_invite(&r.req) {
+        let (code, reason) = refusal.status();
+        let mut resp = b2bua::local_response(&r.req, code, reason, Some(&message::new_tag()));
+        if refusal == content::Refusal::UnsupportedMediaType {
+            resp.headers
+                .push(Header::Accept(rsip::headers::Accept::new(content::SDP)));
+        }
+        relay.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let _ = r.tx.respond(resp);
+        return;
+    }
+    let Some(user) = relay.authenticate_request(&r) else {
+        return;
+    };
+    let Some(subscriber) = relay.config.user(&user) else {
+        relay.refuse(&r, 403, "Not a subscriber");
+        return;
+    };
+    if !relay.registrar.is_registered(&user, Instant::now()) {
+        relay.refuse(&r, 403, "Not registered");
+        return;
+    }
+    let decision = relay.rules.evaluate(
+        &facts(
+            &r.req,
+            &ruri,
+            &subscriber.plan,
+            &subscriber.class,
+            relay.rules.needs(),
+        ),
+        utc_second_of_day(),
+    );
+    if decision.service.is_empty() {
+        relay.refuse(&r, 404, "No service requested");
+        return;
+    }
+    if let Err((code, reason)) = relay.check_service(&user, &decision.service) {
+        relay.refuse(&r, code, reason);
+        return;
+    }
+    relay.stats.admitted.fetch_add(1, Ordering::Relaxed);
+    info!(subscriber = %user, service = %decision.service, rule = %decision.rule_name, "admitted");
+    let adm = Admission {
+        subscriber: user,
+        service: decision.service,
+        strategy: decision.strategy,
+        params: decision.params.into_iter().collect(),
+        plan: decision.plan,
+        rule: decision.rule_name,
+    };
+    let Some(cid) = call_id(&r.req) else {
+        return;
+    };
+    call::driver::spawn(relay, r, adm, cid);
+}
+
+/// Sets the method of a response's CSeq (a 487 for an INVITE built from its CANCEL).
+trait WithCseqMethod {
+    fn with_cseq_method(self, method: Method) -> Self;
+}
+
+impl WithCseqMethod for rsip::Response {
+    fn with_cseq_method(mut self, method: Method) -> Self {
+        for h in self.headers.iter_mut() {
+            if let Header::CSeq(c) = h {
+                if let Some((seq, _)) = sip_core::fields::cseq(c.value()) {
+                    *h = Header::CSeq(rsip::headers::CSeq::new(format!("{seq} {method}")));
+                }
+            }
+        }
+        self
+    }
+}
+
+/// Whether a request carries a To tag, i.e. belongs to a dialog (RFC 3261 §12.2).
+fn has_to_tag(req: &Request) -> bool {
+    sip_core::address::to_header(&req.headers)
+        .ok()
+        .flatten()
+        .is_some_and(|to| to.tag().is_some())
+}
+
+/// What a call's driver does through the relay: send, commit, route, resolve, charge.
+impl Relaying for Relay {
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    fn billing(&self) -> &BillingControl {
+        &self.billing
+    }
+
+    fn table(&self) -> &SessionTable {
+        &self.sessions
+    }
+
+    fn resolve(
+        &self,
+        server: &ServerRef,
+    ) -> impl std::future::Future<Output = Option<Peer>> + Send {
+        self.resolve_server(server)
+    }
+
+    fn charge_in_dialog(self: &Arc<Self>, incoming: IncomingRequest, session_id: &str) {
+        if let Some(served) = self.served.find(session_id) {
+            let span = tracing::info_span!("charge", session_id = %session_id);
+            tokio::spawn(charge::handle_in_dialog(self.clone(), incoming, served).instrument(span));
+        }
+    }
+}

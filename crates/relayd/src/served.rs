@@ -1,0 +1,323 @@
+//! Which application server serves which live session, for charge requests (claim 4): the
+//! index a call keeps of its sessions (it owns them; this only indexes them), found by
+//! session id and by either leg's Call-ID, and kept findable for a grace period after a
+//! session ended, since a server may send its last charge just after the BYE.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// A live session as charging sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedSession {
+    /// The relay's session id.
+    pub session_id: String,
+    /// The subscriber it delivers to.
+    pub subscriber: String,
+    /// The service delivered.
+    pub service: String,
+    /// The application server's URI (as in the directory).
+    pub server: String,
+    /// The server leg's Call-ID.
+    pub server_call_id: String,
+    /// The terminal leg's Call-ID.
+    pub terminal_call_id: String,
+}
+
+/// How long an ended session stays findable by default (`[billing] late_charge_grace_secs`):
+/// a server may send its last charge just after the BYE, and it still belongs to that
+/// session.
+pub const ENDED_GRACE: Duration = Duration::from_secs(600);
+
+/// One shard of the index: the sessions whose keys hash here, by key hash, with the time
+/// each ended (if it did); the ended ones in the order they ended, to forget them after the
+/// grace period without scanning.
+#[derive(Default)]
+struct ServedShard {
+    by_key: HashMap<u64, (Arc<ServedSession>, Option<Instant>)>,
+    ended: VecDeque<(Instant, u64)>,
+}
+
+impl ServedShard {
+    /// Forgets the keys of sessions that ended more than `grace` before `now`.
+    fn forget_expired(&mut self, now: Instant, grace: Duration) {
+        while let Some(&(at, key)) = self.ended.front() {
+            if now.saturating_duration_since(at) < grace {
+                break;
+            }
+            self.ended.pop_front();
+            // A key may have moved on to a later segment of the same call: keep that.
+            if self
+                .by_key
+                .get(&key)
+                .is_some_and(|(_, ended)| ended.is_some_and(|e| e <= at))
+            {
+                self.by_key.remove(&key);
+            }
+        }
+    }
+}
+
+/// How many shards the index has: every call takes a few of their locks, none all of them.
+const SERVED_SHARDS: usize = 16;
+
+/// Which server serves which session, and which subscribers each server has served.
+///
+/// A session is findable from the moment its server answered 2xx — the terminal may use its
+/// data connection before its ACK reaches the relay, and the server may charge for it — until
+/// [`ENDED_GRACE`] after it ended, by its id and by both Call-IDs. Those keys are kept as
+/// 64-bit keyed hashes (SipHash with a random key), sharded by hash: no string is copied per
+/// session and no lock is shared by all calls. A lookup checks the key against the session
+/// found, so a collision of two hashes can only make a key unfindable, never find the wrong
+/// session.
+pub struct ServedIndex {
+    grace: Duration,
+    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<Mutex<ServedShard>>,
+    /// By server URI, the subscribers it has served since start-up. Read-locked to look a
+    /// pair up by `&str` (almost always already there: no allocation, no exclusive lock on
+    /// the path of a call); written only for a new pair.
+    history: RwLock<HashMap<String, HashSet<String>>>,
+}
+
+impl Default for ServedIndex {
+    /// An index keeping ended sessions for [`ENDED_GRACE`].
+    fn default() -> Self {
+        ServedIndex::with_grace(ENDED_GRACE)
+    }
+}
+
+impl ServedIndex {
+    /// An index keeping ended sessions findable for `grace`.
+    pub fn with_grace(grace: Duration) -> Self {
+        ServedIndex {
+            grace,
+            hasher: std::collections::hash_map::RandomState::new(),
+            shards: (0..SERVED_SHARDS)
+                .map(|_| Mutex::new(ServedShard::default()))
+                .collect(),
+            history: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+fn keys_of(s: &ServedSession) -> [&str; 3] {
+    [
+        s.session_id.as_str(),
+        s.server_call_id.as_str(),
+        s.terminal_call_id.as_str(),
+    ]
+}
+
+impl ServedIndex {
+    fn hash(&self, key: &str) -> u64 {
+        use std::hash::BuildHasher as _;
+        self.hasher.hash_one(key)
+    }
+
+    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, ServedShard> {
+        // Each operation on a shard is a map insert, lookup or removal: a poisoned lock
+        // cannot hold a half-done one.
+        self.shards[(hash >> 32) as usize % SERVED_SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records an answered session (or a new billing segment of one), findable by its id and
+    /// both Call-IDs.
+    pub fn insert(&self, s: ServedSession) {
+        if !self.has_served(&s.server, &s.subscriber) {
+            self.history
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(s.server.clone())
+                .or_default()
+                .insert(s.subscriber.clone());
+        }
+        let now = Instant::now();
+        let s = Arc::new(s);
+        for key in keys_of(&s) {
+            let hash = self.hash(key);
+            let mut shard = self.shard(hash);
+            shard.forget_expired(now, self.grace);
+            shard.by_key.insert(hash, (Arc::clone(&s), None));
+        }
+    }
+
+    /// Marks a session (segment) ended; it stays findable for the grace period.
+    pub fn remove(&self, session_id: &str) {
+        let now = Instant::now();
+        let Some(s) = self.live(session_id) else {
+            return;
+        };
+        for key in keys_of(&s) {
+            let hash = self.hash(key);
+            let mut shard = self.shard(hash);
+            let mine = match shard.by_key.get_mut(&hash) {
+                Some(entry) if entry.0.session_id == s.session_id => {
+                    entry.1 = Some(now);
+                    true
+                }
+                _ => false,
+            };
+            if mine {
+                shard.ended.push_back((now, hash));
+            }
+        }
+    }
+
+    /// The live (not ended) session with this id.
+    fn live(&self, session_id: &str) -> Option<Arc<ServedSession>> {
+        let hash = self.hash(session_id);
+        let shard = self.shard(hash);
+        match shard.by_key.get(&hash) {
+            Some((s, None)) if s.session_id == session_id => Some(Arc::clone(s)),
+            _ => None,
+        }
+    }
+
+    /// The session with this id or Call-ID (live, or ended within the grace period).
+    pub fn find(&self, key: &str) -> Option<ServedSession> {
+        let hash = self.hash(key);
+        let shard = self.shard(hash);
+        shard
+            .by_key
+            .get(&hash)
+            .filter(|(s, _)| keys_of(s).contains(&key))
+            .map(|(s, _)| ServedSession::clone(s))
+    }
+
+    /// Whether `server` has ever delivered a session to `subscriber`.
+    pub fn has_served(&self, server: &str, subscriber: &str) -> bool {
+        self.history
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(server)
+            .is_some_and(|served| served.contains(subscriber))
+    }
+
+    /// Forgets what ended more than the grace period before `now`. Done as sessions are
+    /// inserted, and by the relay's housekeeping every second, so that an idle relay gives
+    /// the memory back too.
+    pub fn forget_expired(&self, now: Instant) {
+        for shard in &self.shards {
+            shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .forget_expired(now, self.grace);
+        }
+    }
+
+    /// How many keys the index holds (three per session, live or in its grace period).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).by_key.len())
+            .sum()
+    }
+
+    /// Whether the index holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(id: &str, call: &str) -> ServedSession {
+        ServedSession {
+            session_id: id.into(),
+            subscriber: "alice".into(),
+            service: "echo".into(),
+            server: "sip:127.0.0.1:5080".into(),
+            server_call_id: format!("b-{call}"),
+            terminal_call_id: format!("a-{call}"),
+        }
+    }
+
+    #[test]
+    fn a_session_is_found_by_id_and_both_call_ids_until_after_it_ended() {
+        let index = ServedIndex::default();
+        index.insert(served("s1", "c1"));
+        for key in ["s1", "b-c1", "a-c1"] {
+            assert_eq!(
+                index.find(key).map(|s| s.session_id),
+                Some("s1".to_string()),
+                "{key}"
+            );
+        }
+        index.remove("s1");
+        // Ended, but a late charge still finds it.
+        assert!(index.find("a-c1").is_some());
+        assert!(index.has_served("sip:127.0.0.1:5080", "alice"));
+        assert!(!index.has_served("sip:127.0.0.1:5080", "bob"));
+    }
+
+    #[test]
+    fn ended_sessions_are_forgotten_after_the_grace_period_but_not_a_later_segment() {
+        let index = ServedIndex::default();
+        index.insert(served("s1", "c1"));
+        // A change opened a new segment of the same call; the old one ended.
+        index.insert(served("s2", "c1"));
+        index.remove("s1");
+        let later = Instant::now() + ENDED_GRACE + Duration::from_secs(1);
+        index.forget_expired(later);
+        assert!(index.find("s1").is_none());
+        assert_eq!(
+            index.find("a-c1").map(|s| s.session_id),
+            Some("s2".to_string())
+        );
+        index.remove("s2");
+        index.forget_expired(later + ENDED_GRACE + Duration::from_secs(1));
+        assert!(index.find("a-c1").is_none() && index.find("s2").is_none());
+    }
+
+    #[test]
+    fn sessions_over_every_shard_are_found_by_their_own_keys_only_and_all_forgotten() {
+        let index = ServedIndex::default();
+        for i in 0..1000 {
+            index.insert(served(&format!("s{i}"), &format!("c{i}")));
+        }
+        for i in 0..1000 {
+            for key in [format!("s{i}"), format!("a-c{i}"), format!("b-c{i}")] {
+                assert_eq!(
+                    index.find(&key).map(|s| s.session_id),
+                    Some(format!("s{i}"))
+                );
+            }
+            assert!(index.find(&format!("x-c{i}")).is_none());
+        }
+        for i in 0..1000 {
+            index.remove(&format!("s{i}"));
+        }
+        // Removing an unknown or already ended session changes nothing.
+        index.remove("s1");
+        index.remove("nobody");
+        index.forget_expired(Instant::now() + ENDED_GRACE + Duration::from_secs(1));
+        assert!((0..1000).all(|i| index.find(&format!("a-c{i}")).is_none()));
+        assert!(index.shards.iter().all(|s| s
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_key
+            .is_empty()));
+    }
+
+    #[test]
+    fn the_grace_period_is_the_configured_one() {
+        let grace = Duration::from_secs(5);
+        let index = ServedIndex::with_grace(grace);
+        index.insert(served("s1", "c1"));
+        assert_eq!(index.len(), 3);
+        index.remove("s1");
+        let ended = Instant::now();
+        // Within its grace period a late charge still finds it ...
+        index.forget_expired(ended + Duration::from_secs(4));
+        assert!(index.find("b-c1").is_some());
+        // ... and once it is over, nothing of it is left (well before the default 600 s).
+        index.forget_expired(ended + grace + Duration::from_secs(1));
+        assert!(index.find("b-c1").is_none());
+        assert!(index.is_empty());
+    }
+}
