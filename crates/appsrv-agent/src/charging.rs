@@ -20,7 +20,6 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,12 +31,13 @@ use sip_core::endpoint::Endpoint;
 use sip_core::message;
 use sip_core::resolve::{self, SystemDns};
 use sip_core::uri::Uri;
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 use crate::auth::{ChallengeOutcome, ClientAuth};
 use crate::backoff::Backoff;
+use crate::inflight::InFlightGuard;
 use crate::registration::{local_response, USER_AGENT};
 
 /// The body's media type.
@@ -45,53 +45,6 @@ pub const CONTENT_TYPE: &str = "application/vnd.relay.charge+json";
 
 /// Challenges answered in a row for one attempt before it counts as failed.
 const MAX_CHALLENGES: u8 = 3;
-
-/// Counts a session's charges that the relay has not answered yet, so that the session's
-/// BYE can wait for them: a charge naming a session the relay has already closed would
-/// lose its link to the session.
-#[derive(Debug, Default)]
-pub struct Outstanding {
-    count: AtomicUsize,
-    idle: Notify,
-}
-
-impl Outstanding {
-    /// Counts one more charge until the returned guard is dropped.
-    pub fn begin(self: &Arc<Self>) -> OutstandingGuard {
-        self.count.fetch_add(1, Ordering::SeqCst);
-        OutstandingGuard(self.clone())
-    }
-
-    /// Charges not answered yet.
-    pub fn count(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
-    }
-
-    /// Returns once no charge is outstanding.
-    pub async fn settled(&self) {
-        loop {
-            let idle = self.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if self.count() == 0 {
-                return;
-            }
-            idle.await;
-        }
-    }
-}
-
-/// One outstanding charge; dropping it (answer received, or delivery given up) uncounts it.
-#[derive(Debug)]
-pub struct OutstandingGuard(Arc<Outstanding>);
-
-impl Drop for OutstandingGuard {
-    fn drop(&mut self) {
-        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
 
 /// How much a charge is for: units at a price, or an amount.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +76,7 @@ pub struct ChargeRequest {
     /// For the billing record.
     pub description: String,
     /// Held until the relay answers the charge.
-    pub guard: Option<OutstandingGuard>,
+    pub guard: Option<InFlightGuard>,
     /// Told how the delivery went (confirmed, refused, or pending after a first failure).
     pub reply: Option<oneshot::Sender<Delivery>>,
 }
@@ -510,7 +463,7 @@ impl Shared {
 async fn deliver(
     shared: Arc<Shared>,
     mut charge: Charge,
-    _guard: Option<OutstandingGuard>,
+    _guard: Option<InFlightGuard>,
     mut reply: Option<oneshot::Sender<Delivery>>,
 ) {
     let config = &shared.config;
@@ -739,27 +692,6 @@ mod tests {
             currency: "EUR".into(),
             description: "3 x 1048576 bytes delivered (echo)".into(),
         }
-    }
-
-    #[tokio::test]
-    async fn outstanding_charges_settle_when_every_guard_is_gone() {
-        let o = Arc::new(Outstanding::default());
-        o.settled().await;
-        let a = o.begin();
-        let b = o.begin();
-        assert_eq!(o.count(), 2);
-        let waiter = {
-            let o = o.clone();
-            tokio::spawn(async move { o.settled().await })
-        };
-        drop(a);
-        assert_eq!(o.count(), 1);
-        drop(b);
-        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
-            .await
-            .expect("settled() did not return")
-            .unwrap();
-        assert_eq!(o.count(), 0);
     }
 
     #[test]

@@ -12,8 +12,14 @@
 //! bytes delivered to the terminal becomes a charge.
 //!
 //! The connection ends when the backend closes its side (after the terminal's end of input,
-//! for the built-ins), when either side fails, or when the session closes it (BYE, shutdown,
-//! or a newer data connection of the same session). The session layer hears of every
+//! for the built-ins), when either side fails, or when the session closes it
+//! ([`CloseSignal`]): at once (BYE from the relay, shutdown, a newer data connection of the
+//! same session), or — when the application server hung up — after the backend's last
+//! bytes reached the terminal: the backend is told the end of input, what it still sends is
+//! delivered until it closes (for at most [`DRAIN_LIMIT`]), and then the terminal's
+//! connection is held open until the session's BYE has gone out (at most [`PARK_LIMIT`]), so
+//! that the terminal hears the server's BYE before it sees its data connection close (a
+//! terminal that sees it close first hangs up itself). The session layer hears of every
 //! attachment and end as a [`GatewayEvent`].
 
 use std::collections::HashMap;
@@ -28,13 +34,34 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::backend::{Backend, BackendStream};
-use crate::charging::{ChargeRequest, ChargeSink, Outstanding, Price};
+use crate::charging::{ChargeRequest, ChargeSink, Price};
+use crate::inflight::InFlight;
 use crate::preamble::{self, PreambleFormat, SessionContext};
 
 /// The longest token line accepted, newline included.
 pub const MAX_TOKEN_LINE: usize = 256;
 /// Splice buffer size, per direction.
 const BUF: usize = 16 * 1024;
+/// How long a data connection closed with [`CloseSignal::Drain`] may still deliver the
+/// backend's bytes.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+/// How long a drained connection holds the terminal's side open, waiting for the session's
+/// BYE to go out.
+pub const PARK_LIMIT: Duration = Duration::from_secs(10);
+
+/// What the session wants of a data connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseSignal {
+    /// Keep it open.
+    Open,
+    /// Stop taking the terminal's bytes, tell the backend the end of input, deliver what the
+    /// backend still sends until it closes (at most [`DRAIN_LIMIT`]), then hold the
+    /// terminal's side open until [`CloseSignal::Now`] (at most [`PARK_LIMIT`]).
+    Drain,
+    /// Close now.
+    Now,
+}
 
 /// Bytes through one session's data connections, and the charge units already requested.
 #[derive(Debug, Default)]
@@ -94,7 +121,7 @@ pub struct Billing {
     /// The service delivered.
     pub service: String,
     /// The session's charges not yet answered by the relay.
-    pub outstanding: Arc<Outstanding>,
+    pub outstanding: Arc<InFlight>,
 }
 
 /// What a token opens: one data connection of one session.
@@ -112,8 +139,11 @@ pub struct Binding {
     pub context: Arc<SessionContext>,
     /// The session's byte counters.
     pub counters: Arc<Counters>,
-    /// Turns true (or its sender goes away) when the session closes this connection.
-    pub close: watch::Receiver<bool>,
+    /// Tells when the session closes this connection (its sender going away closes it at
+    /// once).
+    pub close: watch::Receiver<CloseSignal>,
+    /// Counts the session's data connections still delivering, for its BYE to wait on.
+    pub open: Arc<InFlight>,
     /// Charging, when on.
     pub billing: Option<Billing>,
 }
@@ -516,8 +546,23 @@ impl From<Failure> for EndReason {
     }
 }
 
+/// Returns once the session asks the connection to drain or close (never when the sender
+/// went away: the splice's own watch handles that).
+async fn drain_asked(close: &mut watch::Receiver<CloseSignal>) {
+    loop {
+        if *close.borrow_and_update() != CloseSignal::Open {
+            return;
+        }
+        if close.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// Copies bytes both ways until the backend closes, a side fails, or the session closes the
-/// connection. The terminal's end of input is passed on to the backend (half-close).
+/// connection. The terminal's end of input is passed on to the backend (half-close), and so
+/// is a drain asked by the session ([`CloseSignal::Drain`]); the backend's end of output is
+/// passed on to the terminal, except during a drain (see the module documentation).
 pub async fn splice<T>(
     terminal: T,
     backend: BackendStream,
@@ -530,6 +575,7 @@ where
     let (mut t_r, mut t_w) = tokio::io::split(terminal);
     let (mut b_r, mut b_w) = tokio::io::split(backend);
     let counters = &binding.counters;
+    let mut up_close = binding.close.clone();
     let up = async {
         if !leftover.is_empty() {
             b_w.write_all(&leftover).await.map_err(Failure::Backend)?;
@@ -537,7 +583,10 @@ where
         }
         let mut buf = vec![0u8; BUF];
         loop {
-            let n = t_r.read(&mut buf).await.map_err(Failure::Terminal)?;
+            let n = tokio::select! {
+                read = t_r.read(&mut buf) => read.map_err(Failure::Terminal)?,
+                () = drain_asked(&mut up_close) => 0,
+            };
             if n == 0 {
                 b_w.shutdown().await.map_err(Failure::Backend)?;
                 return Ok::<(), Failure>(());
@@ -546,12 +595,15 @@ where
             counters.add_in(n as u64);
         }
     };
+    let down_close = binding.close.clone();
     let down = async {
         let mut buf = vec![0u8; BUF];
         loop {
             let n = b_r.read(&mut buf).await.map_err(Failure::Backend)?;
             if n == 0 {
-                let _ = t_w.shutdown().await;
+                if *down_close.borrow() == CloseSignal::Open {
+                    let _ = t_w.shutdown().await;
+                }
                 return Ok::<(), Failure>(());
             }
             t_w.write_all(&buf[..n]).await.map_err(Failure::Terminal)?;
@@ -580,27 +632,51 @@ where
     };
     tokio::pin!(up, down);
     let mut close = binding.close.clone();
-    if *close.borrow_and_update() {
+    if *close.borrow_and_update() != CloseSignal::Open {
         return EndReason::Closed;
     }
+    let delivering = binding.open.begin();
     let mut up_done = false;
+    let mut drain_until: Option<tokio::time::Instant> = None;
     loop {
+        let drain_deadline = drain_until.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
-            r = &mut down => return match r {
-                Ok(()) => EndReason::BackendClosed,
-                Err(f) => f.into(),
+            r = &mut down => match r {
+                Ok(()) if drain_until.is_some() => break,
+                Ok(()) => return EndReason::BackendClosed,
+                Err(f) => return f.into(),
             },
             r = &mut up, if !up_done => match r {
                 Ok(()) => up_done = true,
                 Err(f) => return f.into(),
             },
             changed = close.changed() => {
-                if changed.is_err() || *close.borrow() {
-                    return EndReason::Closed;
+                match (changed.is_ok(), *close.borrow_and_update()) {
+                    (false, _) | (true, CloseSignal::Now) => return EndReason::Closed,
+                    (true, CloseSignal::Drain) => {
+                        if drain_until.is_none() {
+                            debug!(call_id = %binding.call_id, "draining the backend's last bytes");
+                            drain_until = Some(tokio::time::Instant::now() + DRAIN_LIMIT);
+                        }
+                    }
+                    (true, CloseSignal::Open) => {}
                 }
             }
+            () = tokio::time::sleep_until(drain_deadline), if drain_until.is_some() => break,
         }
     }
+    // Drained: the backend's bytes are delivered. The terminal's side stays open (the
+    // futures holding it are not dropped) until the session's BYE has gone out.
+    drop(delivering);
+    let parked = async {
+        while close.changed().await.is_ok() {
+            if *close.borrow_and_update() == CloseSignal::Now {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(PARK_LIMIT, parked).await;
+    EndReason::Closed
 }
 
 #[cfg(test)]
@@ -608,8 +684,12 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
-    fn binding(call_id: &str, slot: u64, backend: Backend) -> (Binding, watch::Sender<bool>) {
-        let (close_tx, close) = watch::channel(false);
+    fn binding(
+        call_id: &str,
+        slot: u64,
+        backend: Backend,
+    ) -> (Binding, watch::Sender<CloseSignal>) {
+        let (close_tx, close) = watch::channel(CloseSignal::Open);
         (
             Binding {
                 call_id: call_id.into(),
@@ -624,6 +704,7 @@ mod tests {
                 }),
                 counters: Arc::new(Counters::default()),
                 close,
+                open: Arc::new(InFlight::default()),
                 billing: None,
             },
             close_tx,
@@ -748,7 +829,7 @@ mod tests {
         let mut h = harness().await;
         let (sink, mut charges) = ChargeSink::channel();
         let (mut b, _close) = binding("call-7", 1, Backend::Echo);
-        let outstanding = Arc::new(Outstanding::default());
+        let outstanding = Arc::new(InFlight::default());
         b.billing = Some(Billing {
             block: 4,
             sink,
@@ -819,7 +900,7 @@ mod tests {
             h.events.recv().await.unwrap(),
             GatewayEvent::Attached { .. }
         ));
-        close.send_replace(true);
+        close.send_replace(CloseSignal::Now);
         let text = read_all(&mut s).await;
         assert!(text.starts_with("OK\n"), "{text}");
         assert_eq!(
@@ -892,6 +973,83 @@ mod tests {
             GatewayEvent::Attached { .. }
         ));
         assert!(read_all(&mut s).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_drain_delivers_the_backends_last_bytes_then_closes() {
+        let mut h = harness().await;
+        let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = backend.local_addr().unwrap().port();
+        let (b, close) = binding(
+            "call-4",
+            1,
+            Backend::Tcp {
+                host: "127.0.0.1".into(),
+                port,
+            },
+        );
+        let open = b.open.clone();
+        h.tokens.issue("t4".into(), b, Instant::now());
+        let mut s = TcpStream::connect(h.addr).await.unwrap();
+        s.write_all(b"t4\n").await.unwrap();
+        let (mut server, _) = backend.accept().await.unwrap();
+        assert!(matches!(
+            h.events.recv().await.unwrap(),
+            GatewayEvent::Attached { .. }
+        ));
+        assert_eq!(open.count(), 1, "the connection counts as open");
+        // The server writes its last words and hangs up at once.
+        server.write_all(b"last words\n").await.unwrap();
+        close.send_replace(CloseSignal::Drain);
+        // The backend hears the end of input, then closes; the terminal gets every byte.
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        server.write_all(b"and a postscript\n").await.unwrap();
+        drop(server);
+        let mut got = vec![0u8; "OK\nlast words\nand a postscript\n".len()];
+        s.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"OK\nlast words\nand a postscript\n");
+        // Delivered: no longer counted, but the terminal's side is held open until the
+        // session says so (its BYE has gone out).
+        tokio::time::timeout(Duration::from_secs(5), open.settled())
+            .await
+            .unwrap();
+        let mut one = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), s.read(&mut one))
+                .await
+                .is_err(),
+            "the terminal's side closed before the BYE"
+        );
+        close.send_replace(CloseSignal::Now);
+        assert!(read_all(&mut s).await.is_empty());
+        assert!(matches!(
+            h.events.recv().await.unwrap(),
+            GatewayEvent::Ended {
+                reason: EndReason::Closed,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_gives_up_on_a_backend_that_never_closes() {
+        let (binding, close) = binding("call-8", 1, Backend::Echo);
+        let (terminal, mut far_end) = tokio::io::duplex(1024);
+        let (backend, _keep) = tokio::io::duplex(1024);
+        let task =
+            tokio::spawn(
+                async move { splice(terminal, Box::new(backend), Vec::new(), &binding).await },
+            );
+        close.send_replace(CloseSignal::Drain);
+        let reason = tokio::time::timeout(DRAIN_LIMIT + PARK_LIMIT + DRAIN_LIMIT, task)
+            .await
+            .expect("the drain outlived its limit")
+            .unwrap();
+        assert_eq!(reason, EndReason::Closed);
+        let mut rest = Vec::new();
+        far_end.read_to_end(&mut rest).await.unwrap();
     }
 
     #[tokio::test]

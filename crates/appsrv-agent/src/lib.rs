@@ -24,6 +24,7 @@
 //! * [`backend`] — built-in `echo` and `clock`, and `tcp://` servers; [`preamble`] — who is
 //!   connected, told to a `tcp://` backend first (JSON line or PROXY v2);
 //! * [`charging`] — charge `MESSAGE`s, retried until answered, optionally spooled on disk;
+//!   [`inflight`] — charges and data connections a session's BYE waits for;
 //!   [`app_charge`] — the checks of the charges the application server asks for;
 //! * [`events`] — session events and snapshots for the application server;
 //! * [`control`] — the control API (HTTP on loopback, bearer token) over [`http`], a minimal
@@ -62,6 +63,7 @@ pub mod events;
 pub mod gateway;
 pub mod handle;
 pub mod http;
+pub mod inflight;
 pub mod inquiry;
 pub mod preamble;
 pub mod registration;

@@ -45,10 +45,13 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::charging::{ChargeSink, Outstanding};
+use crate::charging::ChargeSink;
 use crate::config::Config;
 use crate::events::{now_ms, EndCause, SessionEvent, SessionInfo, SessionState};
-use crate::gateway::{Billing, Binding, Counters, GatewayEvent, TokenTable};
+use crate::gateway::{
+    Billing, Binding, CloseSignal, Counters, GatewayEvent, TokenTable, DRAIN_LIMIT,
+};
+use crate::inflight::InFlight;
 use crate::inquiry::{self, Accepted, Load, Params, Refusal, RelaySources};
 use crate::preamble::{param_map, SessionContext};
 use crate::registration::{RegistrationHandle, USER_AGENT};
@@ -92,7 +95,7 @@ pub struct SessionRef {
     /// Its charges not yet answered, while the session is live (`None` once it ended): a
     /// charge counted there holds the session's BYE back a little, so that it reaches the
     /// relay while the relay still holds the session.
-    pub outstanding: Option<Arc<Outstanding>>,
+    pub outstanding: Option<Arc<InFlight>>,
 }
 
 /// What the application server asks of the session core.
@@ -145,13 +148,15 @@ struct Session {
     answer: AppSdp,
     counters: Arc<Counters>,
     /// Its charges the relay has not answered yet.
-    outstanding: Arc<Outstanding>,
+    outstanding: Arc<InFlight>,
     /// The data connection whose token is out and unused.
     pending_slot: Option<(u64, String)>,
     /// The data connection carrying bytes.
     active_slot: Option<u64>,
     /// Closing signals of the session's data connections.
-    closers: HashMap<u64, watch::Sender<bool>>,
+    closers: HashMap<u64, watch::Sender<CloseSignal>>,
+    /// Its data connections still open (the BYE waits for a drain to finish).
+    connections: Arc<InFlight>,
     started: Instant,
     started_ms: u64,
     /// The terminal's address on the data connection carrying bytes.
@@ -165,13 +170,15 @@ struct Session {
 impl Session {
     fn close_slot(&mut self, slot: u64) {
         if let Some(closer) = self.closers.remove(&slot) {
-            closer.send_replace(true);
+            closer.send_replace(CloseSignal::Now);
         }
     }
 
-    fn close_all(&mut self) {
-        for (_, closer) in self.closers.drain() {
-            closer.send_replace(true);
+    /// Closes every data connection: `Drain` lets the backend's last bytes through first.
+    /// The signals stay with the session (a drained connection waits for `Now`).
+    fn close_all(&mut self, how: CloseSignal) {
+        for closer in self.closers.values() {
+            closer.send_replace(how);
         }
         self.pending_slot = None;
         self.active_slot = None;
@@ -457,8 +464,10 @@ impl Core {
             }
         };
         let counters = Arc::new(Counters::default());
-        let outstanding = Arc::new(Outstanding::default());
-        let (slot, token, closer) = self.issue(&call_id, &accepted, &counters, &outstanding);
+        let outstanding = Arc::new(InFlight::default());
+        let connections = Arc::new(InFlight::default());
+        let (slot, token, closer) =
+            self.issue(&call_id, &accepted, &counters, &outstanding, &connections);
         let answer = inquiry::answer(
             self.parts.data_addr,
             Some(&token),
@@ -502,6 +511,7 @@ impl Core {
                 pending_slot: Some((slot, token)),
                 active_slot: None,
                 closers: HashMap::from([(slot, closer)]),
+                connections,
                 started: Instant::now(),
                 started_ms,
                 terminal: None,
@@ -522,12 +532,13 @@ impl Core {
         call_id: &str,
         accepted: &Accepted,
         counters: &Arc<Counters>,
-        outstanding: &Arc<Outstanding>,
-    ) -> (u64, String, watch::Sender<bool>) {
+        outstanding: &Arc<InFlight>,
+        connections: &Arc<InFlight>,
+    ) -> (u64, String, watch::Sender<CloseSignal>) {
         let slot = self.next_slot;
         self.next_slot += 1;
         let token = new_session_token();
-        let (closer, close) = watch::channel(false);
+        let (closer, close) = watch::channel(CloseSignal::Open);
         let billing = match (
             &self.parts.charges,
             self.parts.config.billing.bytes_per_charge,
@@ -554,6 +565,7 @@ impl Core {
             }),
             counters: counters.clone(),
             close,
+            open: connections.clone(),
             billing,
         };
         self.parts
@@ -620,6 +632,7 @@ impl Core {
                 .is_none_or(|o| o.connection == Some(Connection::Existing));
         let counters = s.counters.clone();
         let outstanding = s.outstanding.clone();
+        let connections = s.connections.clone();
         let previous = s.answer.clone();
         let answer = if keeps_connection {
             inquiry::answer(
@@ -629,7 +642,8 @@ impl Core {
                 Some(&previous),
             )
         } else {
-            let (slot, token, closer) = self.issue(&id, &accepted, &counters, &outstanding);
+            let (slot, token, closer) =
+                self.issue(&id, &accepted, &counters, &outstanding, &connections);
             let answer = inquiry::answer(
                 self.parts.data_addr,
                 Some(&token),
@@ -838,7 +852,12 @@ impl Core {
         let Some(s) = self.sessions.get_mut(call_id) else {
             return;
         };
-        s.close_all();
+        // What the application server sent before it hung up still reaches the terminal.
+        s.close_all(if cause == EndCause::ServerHangUp {
+            CloseSignal::Drain
+        } else {
+            CloseSignal::Now
+        });
         self.parts.tokens.revoke_call(call_id);
         if bye && s.state == State::Pending {
             if s.ending.is_none() {
@@ -877,6 +896,7 @@ impl Core {
             "session ended"
         );
         let done = s.hang_up.take();
+        let closers: Vec<watch::Sender<CloseSignal>> = s.closers.drain().map(|(_, c)| c).collect();
         if bye {
             let bye = Bye {
                 call_id: call_id.to_string(),
@@ -884,16 +904,24 @@ impl Core {
                 fallback: s.peer,
                 reason: reason.to_string(),
                 outstanding: s.outstanding,
+                connections: s.connections,
+                closers,
                 done,
             };
             self.send_bye(bye);
-        } else if let Some(done) = done {
-            let _ = done.send(Ok(None));
+        } else {
+            for closer in closers {
+                closer.send_replace(CloseSignal::Now);
+            }
+            if let Some(done) = done {
+                let _ = done.send(Ok(None));
+            }
         }
     }
 
     /// Sends a BYE on an ended session's dialog, once its charges are answered (or after
-    /// [`CHARGE_SETTLE`]).
+    /// [`CHARGE_SETTLE`]) and its data connections have closed (a drain takes at most
+    /// [`DRAIN_LIMIT`]).
     fn send_bye(&mut self, bye: Bye) {
         let endpoint = self.parts.endpoint.clone();
         let sent_by = self.parts.sent_by.clone();
@@ -903,9 +931,18 @@ impl Core {
             fallback,
             reason,
             outstanding,
+            connections,
+            closers,
             done,
         } = bye;
         self.byes.spawn(async move {
+            if connections.count() > 0 {
+                debug!(%call_id, "BYE waits for the data connection to close");
+                let limit = DRAIN_LIMIT + Duration::from_millis(500);
+                if tokio::time::timeout(limit, connections.settled()).await.is_err() {
+                    debug!(%call_id, "data connection still open; BYE goes now");
+                }
+            }
             if outstanding.count() > 0 {
                 debug!(%call_id, charges = outstanding.count(), "BYE waits for the session's charges");
                 if tokio::time::timeout(CHARGE_SETTLE, outstanding.settled()).await.is_err() {
@@ -953,6 +990,10 @@ impl Core {
                     Err(HangUpError::Bye(e.to_string()))
                 }
             };
+            // The terminal has been told: its data connection may close now.
+            for closer in closers {
+                closer.send_replace(CloseSignal::Now);
+            }
             if let Some(done) = done {
                 let _ = done.send(result);
             }
@@ -966,7 +1007,10 @@ struct Bye {
     dialog: Dialog,
     fallback: Peer,
     reason: String,
-    outstanding: Arc<Outstanding>,
+    outstanding: Arc<InFlight>,
+    connections: Arc<InFlight>,
+    /// The signals of its data connections: `Now` once the BYE is answered.
+    closers: Vec<watch::Sender<CloseSignal>>,
     /// The application server waiting for the BYE's answer.
     done: Option<oneshot::Sender<HangUpResult>>,
 }

@@ -189,45 +189,56 @@ pub fn programs() -> &'static Programs {
     }
 }
 
-fn locate() -> Result<Programs, String> {
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_appsrv-agent"));
-    let dir = agent
-        .parent()
-        .ok_or("CARGO_BIN_EXE_appsrv-agent has no directory")?
-        .to_path_buf();
-    let profile = match dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => "dev".to_string(),
-        Some(other) => other.to_string(),
-    };
+/// Runs `cargo build ARGS --profile <the tests' profile>` on the workspace, bounded by
+/// [`BUILD_TIMEOUT`]; the error says what cargo said.
+fn cargo_build(args: &[&str], profile: &str) -> Result<(), String> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let log = std::env::temp_dir().join(format!("appsrv-tests-build-{}.log", std::process::id()));
+    let what = format!("cargo build {} --profile {profile}", args.join(" "));
+    let log = std::env::temp_dir().join(format!(
+        "appsrv-tests-build-{}-{}.log",
+        std::process::id(),
+        args.join("_").replace(['-', ' '], "")
+    ));
     let out = File::create(&log).map_err(|e| e.to_string())?;
     let err = out.try_clone().map_err(|e| e.to_string())?;
     let mut cmd = Command::new(&cargo);
     cmd.arg("build")
         .arg("--manifest-path")
         .arg(&workspace)
-        .args(["-p", "relayd", "-p", "sip-client", "--profile", &profile])
+        .args(args)
+        .args(["--profile", profile])
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
-    let mut build = Guard::spawn(cmd, "cargo build -p relayd -p sip-client");
+    let mut build = Guard::spawn(cmd, &what);
     let status = build.wait_timeout(BUILD_TIMEOUT);
     let output = read_text(&log);
     let _ = std::fs::remove_file(&log);
-    let Some(status) = status else {
-        return Err(format!(
-            "building relayd and sip-client took longer than {BUILD_TIMEOUT:?}; build them \
-             first: cargo build -p relayd -p sip-client"
-        ));
-    };
-    if !status.success() {
-        return Err(format!(
-            "cargo build -p relayd -p sip-client --profile {profile} failed ({status}):\n{}",
-            tail(&output, 40)
-        ));
+    match status {
+        None => Err(format!(
+            "{what} took longer than {BUILD_TIMEOUT:?}; run it first"
+        )),
+        Some(s) if !s.success() => Err(format!("{what} failed ({s}):\n{}", tail(&output, 40))),
+        Some(_) => Ok(()),
     }
+}
+
+/// The profile the tests were built with (`dev`, `release`…), from where the agent is.
+fn profile_of(dir: &Path) -> String {
+    match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev".to_string(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn locate() -> Result<Programs, String> {
+    let agent = PathBuf::from(env!("CARGO_BIN_EXE_appsrv-agent"));
+    let dir = agent
+        .parent()
+        .ok_or("CARGO_BIN_EXE_appsrv-agent has no directory")?
+        .to_path_buf();
+    cargo_build(&["-p", "relayd", "-p", "sip-client"], &profile_of(&dir))?;
     let exe = |name: &str| dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     let programs = Programs {
         relayd: exe("relayd"),
@@ -241,6 +252,25 @@ fn locate() -> Result<Programs, String> {
         }
     }
     Ok(programs)
+}
+
+/// This crate's example `name`, built first if needed (a no-op when `cargo test` has just
+/// built it).
+pub fn example(name: &str) -> PathBuf {
+    let programs = programs();
+    let dir = programs.agent.parent().unwrap_or(Path::new("."));
+    if let Err(e) = cargo_build(&["-p", "appsrv-agent", "--example", name], &profile_of(dir)) {
+        panic!("{e}");
+    }
+    let path = programs
+        .examples
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        path.exists(),
+        "{} is missing after the build",
+        path.display()
+    );
+    path
 }
 
 /// A test's temporary directory: removed when dropped, kept (and its path printed) when
