@@ -169,7 +169,7 @@ async fn an_embedding_server_hears_every_step_of_its_sessions() {
         next(&mut events).await,
         SessionEvent::Started { .. }
     ));
-    assert_eq!(live(&handle).await, [third_id.clone()]);
+    assert_eq!(live(&handle).await, std::slice::from_ref(&third_id));
     let stopping = tokio::spawn(agent.shutdown());
     relay.expect_bye(&third_id).await;
     assert_ended(&mut events, &third_id, EndCause::Shutdown).await;
