@@ -165,10 +165,8 @@ async fn serve(handle: AgentHandle, stream: TcpStream) -> anyhow::Result<()> {
                 wr.write_all(answer.as_bytes()).await?;
             }
             "bye" => {
-                // The last words, then the end of our output: the agent delivers what we
-                // sent before its BYE goes out.
+                // The last words: the agent delivers what we wrote before its BYE goes out.
                 wr.write_all(b"bye\n").await?;
-                wr.shutdown().await?;
                 match handle
                     .hang_up(&who.session_id, "the terminal said bye")
                     .await

@@ -16,7 +16,8 @@
 //! ([`CloseSignal`]): at once (BYE from the relay, shutdown, a newer data connection of the
 //! same session), or — when the application server hung up — after the backend's last
 //! bytes reached the terminal: the backend is told the end of input, what it still sends is
-//! delivered until it closes (for at most [`DRAIN_LIMIT`]), and then the terminal's
+//! delivered until it closes or falls quiet for [`DRAIN_QUIET`] (for at most
+//! [`DRAIN_LIMIT`]), and then the terminal's
 //! connection is held open until the session's BYE has gone out (at most [`PARK_LIMIT`]), so
 //! that the terminal hears the server's BYE before it sees its data connection close (a
 //! terminal that sees it close first hangs up itself). The session layer hears of every
@@ -45,6 +46,8 @@ const BUF: usize = 16 * 1024;
 /// How long a data connection closed with [`CloseSignal::Drain`] may still deliver the
 /// backend's bytes.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+/// A draining backend that sends nothing for this long has said all it had to say.
+pub const DRAIN_QUIET: Duration = Duration::from_millis(250);
 
 /// How long a drained connection holds the terminal's side open, waiting for the session's
 /// BYE to go out.
@@ -56,8 +59,9 @@ pub enum CloseSignal {
     /// Keep it open.
     Open,
     /// Stop taking the terminal's bytes, tell the backend the end of input, deliver what the
-    /// backend still sends until it closes (at most [`DRAIN_LIMIT`]), then hold the
-    /// terminal's side open until [`CloseSignal::Now`] (at most [`PARK_LIMIT`]).
+    /// backend still sends until it closes or falls quiet ([`DRAIN_QUIET`]; at most
+    /// [`DRAIN_LIMIT`]), then hold the terminal's side open until [`CloseSignal::Now`] (at
+    /// most [`PARK_LIMIT`]).
     Drain,
     /// Close now.
     Now,
@@ -638,8 +642,10 @@ where
     let delivering = binding.open.begin();
     let mut up_done = false;
     let mut drain_until: Option<tokio::time::Instant> = None;
+    // While draining: the bytes delivered at the last look, and when to look again.
+    let mut quiet = (0u64, tokio::time::Instant::now());
     loop {
-        let drain_deadline = drain_until.unwrap_or_else(tokio::time::Instant::now);
+        let wake = drain_until.map_or_else(tokio::time::Instant::now, |until| until.min(quiet.1));
         tokio::select! {
             r = &mut down => match r {
                 Ok(()) if drain_until.is_some() => break,
@@ -656,13 +662,22 @@ where
                     (true, CloseSignal::Drain) => {
                         if drain_until.is_none() {
                             debug!(call_id = %binding.call_id, "draining the backend's last bytes");
-                            drain_until = Some(tokio::time::Instant::now() + DRAIN_LIMIT);
+                            let now = tokio::time::Instant::now();
+                            drain_until = Some(now + DRAIN_LIMIT);
+                            quiet = (counters.bytes_out(), now + DRAIN_QUIET);
                         }
                     }
                     (true, CloseSignal::Open) => {}
                 }
             }
-            () = tokio::time::sleep_until(drain_deadline), if drain_until.is_some() => break,
+            () = tokio::time::sleep_until(wake), if drain_until.is_some() => {
+                let now = tokio::time::Instant::now();
+                let delivered = counters.bytes_out();
+                if drain_until.is_some_and(|until| now >= until) || delivered == quiet.0 {
+                    break;
+                }
+                quiet = (delivered, now + DRAIN_QUIET);
+            }
         }
     }
     // Drained: the backend's bytes are delivered. The terminal's side stays open (the
