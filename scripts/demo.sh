@@ -9,7 +9,8 @@
 #   scripts/demo.sh --keep     keep the working directory (configs, logs, billing store)
 #
 # Needs only Rust (cargo) and bash. Uses the ports of the examples: SIP 5060 (relay), 5080
-# and 5082 (agents), data gateways 7080 and 7082, metrics 9060, all on 127.0.0.1.
+# and 5082 (agents), 5084 (the embedded example server), data gateways 7080, 7082 and 7084,
+# metrics 9060, all on 127.0.0.1.
 # Stops everything it started, by pid, also when a step fails or on Ctrl-C. Exit status 0
 # when every step did what it said, 1 when one did not, 2 for a usage error.
 
@@ -58,7 +59,7 @@ fail() {
   FAILED=1
   printf '\n   FAILED: %s\n' "$*" >&2
   if [[ -n "$WORK" ]]; then
-    for log in relayd.log as1.log as2.log; do
+    for log in relayd.log as1.log as2.log quotes.log; do
       if [[ -s "$WORK/$log" ]]; then
         printf '\n   --- last lines of %s:\n' "$log" >&2
         tail -n 15 "$WORK/$log" | sed 's/^/   | /' >&2
@@ -169,7 +170,7 @@ command -v cargo >/dev/null 2>&1 || {
   exit 1
 }
 
-for port in 5060 5080 5082 7080 7082 9060; do
+for port in 5060 5080 5082 5084 7080 7082 7084 9060; do
   if port_busy "$port"; then
     echo "demo: port $port on 127.0.0.1 is already in use; stop what runs there first" >&2
     exit 1
@@ -181,22 +182,28 @@ BUILD=(cargo build --workspace --quiet)
 [[ $PROFILE == release ]] && BUILD+=(--release)
 shows "${BUILD[*]}"
 (cd "$ROOT" && "${BUILD[@]}") || fail "the build failed"
+# The application server that embeds appsrv-agent as a library (step 6).
+EXAMPLE_BUILD=(cargo build -p appsrv-agent --example metered_server --quiet)
+[[ $PROFILE == release ]] && EXAMPLE_BUILD+=(--release)
+shows "${EXAMPLE_BUILD[*]}"
+(cd "$ROOT" && "${EXAMPLE_BUILD[@]}") || fail "the build of the example failed"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/$PROFILE"
-for program in relayd appsrv-agent sip-client; do
+for program in relayd appsrv-agent sip-client examples/metered_server; do
   [[ -x "$BIN/$program" ]] || fail "$BIN/$program was not built"
 done
-ok "built relayd, appsrv-agent and sip-client in $BIN"
+ok "built relayd, appsrv-agent, sip-client and examples/metered_server in $BIN"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/relay-demo.XXXXXX")
 unset RUST_LOG
 export NO_COLOR=1
 
 heading "The relay's configuration"
-say "The demo runs relayd with examples/relayd.toml, changed in two ways (the result is"
+say "The demo runs relayd with examples/relayd.toml, changed in three ways (the result is"
 say "$WORK/relayd.toml):"
 say " - the static server clock-1 (sip:127.0.0.1:5081) is left out: no agent runs there;"
 say " - a service 'echo-all' with strategy \"all\" is added: a request for it is forked to"
-say "   every server that delivers it (claim 7)."
+say "   every server that delivers it (claim 7);"
+say " - a service 'quotes' is added, delivered by an application server of its own (step 6)."
 say "Billing data goes to $WORK/relayd-data."
 # Paragraph mode: drop the paragraph that declares clock-1; then add the fork service.
 awk 'BEGIN { RS = ""; ORS = "\n\n" } !/^\[\[servers\]\]\nname = "clock-1"/' \
@@ -208,6 +215,15 @@ if ! grep -q '^name = "echo-all"' "$WORK/relayd.toml"; then
 name = "echo-all"
 strategy = "all"
 description = "Echo, from every server at once"
+EOF
+fi
+if ! grep -q '^name = "quotes"' "$WORK/relayd.toml"; then
+  cat >>"$WORK/relayd.toml" <<'EOF'
+# Added by scripts/demo.sh: served by crates/appsrv-agent/examples/metered_server.rs (step 6).
+[[services]]
+name = "quotes"
+strategy = "first"
+description = "A quote per request, charged by the application server"
 EOF
 fi
 shows "relayd --config relayd.toml check-config"
@@ -279,7 +295,7 @@ live_sessions() { metrics | grep '^relayd_sessions_live ' | cut -d' ' -f2; }
 
 # --- step 1: register ---------------------------------------------------------------------
 
-heading "Step 1 of 7: register"
+heading "Step 1 of 8: register"
 say "alice's terminal registers: REGISTER, the relay challenges it (401: digest, MD5 and"
 say "SHA-256), the terminal answers with her password, the relay binds her address."
 shows "SIP_CLIENT_PASSWORD=alice-secret sip-client -u alice register --once"
@@ -292,7 +308,7 @@ ok "alice is registered (exit status 0)"
 
 # --- step 2: call echo --------------------------------------------------------------------
 
-heading "Step 2 of 7: call the echo service and round-trip data (claims 1, 3)"
+heading "Step 2 of 8: call the echo service and round-trip data (claims 1, 3)"
 say "alice calls sip:echo@relay.test. The relay challenges the INVITE (407), checks that she"
 say "subscribes to echo, picks a server by the rules, and inquires of it (its own INVITE)."
 say "The server's answer carries a data endpoint and a one-time token; the terminal connects"
@@ -318,7 +334,7 @@ indent <<<"$record"
 
 # --- steps 3 and 4: change and transfer ---------------------------------------------------
 
-heading "Step 3 of 7: change the live session to the clock service (claim 5)"
+heading "Step 3 of 8: change the live session to the clock service (claim 5)"
 say "alice calls echo again and keeps the session open. One second in, her terminal sends a"
 say "re-INVITE with P-Preferred-Service: clock. The relay finds a clock server, inquires of"
 say "it, and moves the session there; the bill splits: echo until now, clock from now on."
@@ -340,7 +356,7 @@ indent <"$WORK/live.err"
 shown_lines=$(wc -l <"$WORK/live.err")
 ok "the session now runs the clock service"
 
-heading "Step 4 of 7: transfer the session to the other application server (claim 6)"
+heading "Step 4 of 8: transfer the session to the other application server (claim 6)"
 say "Three seconds later the terminal sends REFER with Refer-To: sip:clock@relay.test. The"
 say "relay answers 202, finds a clock server other than the current one, inquires of it,"
 say "reports progress as NOTIFYs, re-INVITEs the terminal with the new server's data"
@@ -367,7 +383,7 @@ ok "the session moved; its data endpoints, in order: $endpoints"
 
 # --- step 5: application charge -----------------------------------------------------------
 
-heading "Step 5 of 7: an application charge (claim 4)"
+heading "Step 5 of 8: an application charge per block of bytes delivered (claim 4)"
 say "While that session runs, alice opens a second one to echo and sends 4 KiB through it."
 say "The echo server charges 1 cent per KiB it delivers: it sends the relay MESSAGEs"
 say "(application/vnd.relay.charge+json), authenticated as its account; the relay commits a"
@@ -420,9 +436,61 @@ linked=$(new_charges | grep -cF "\"session_id\":\"$bulk_sid\"" || true)
 ok "the relay recorded 4 units (1 cent each) for alice's session $bulk_sid:"
 new_charges | indent
 
-# --- step 6: fork -------------------------------------------------------------------------
+# --- step 6: the application server's own charges ----------------------------------------
 
-heading "Step 6 of 7: one request, two sessions (claim 7)"
+heading "Step 6 of 8: charges the application server asked for (claim 4)"
+say "An application server also charges for what it delivers by itself: an item, a level, a"
+say "request served. crates/appsrv-agent/examples/metered_server.rs is a small one that embeds"
+say "appsrv-agent as a library: it registers the service 'quotes' (account as1), is told who"
+say "is connected (the agent's JSON preamble), and charges 2 cents per quote it serves, under"
+say "its own event ids, before it answers. On 'bye' it hangs up: the agent sends the BYE, and"
+say "the relay records the end as the server's (server-bye)."
+printf 'as1-secret\n' >"$WORK/as1.password"
+QUOTES_ARGS=(--relay "$RELAY" --domain "$DOMAIN" --account as1 --password-file "$WORK/as1.password"
+  --listen 127.0.0.1:5084 --data-listen 127.0.0.1:7084 --bytes-per-charge 0 --price-per-block 2)
+shows "metered_server --relay $RELAY --domain $DOMAIN --account as1 --password-file as1.password \\"
+printf '       %s\n' "--listen 127.0.0.1:5084 --data-listen 127.0.0.1:7084 --bytes-per-charge 0 --price-per-block 2"
+start quotes quotes.log "$BIN/examples/metered_server" "${QUOTES_ARGS[@]}"
+QUOTES_PID=$LAST_PID
+quotes_ready() {
+  alive "$QUOTES_PID" || fail "the quotes server exited at start"
+  server_up quotes sip:as1@127.0.0.1:5084
+}
+wait_for "$STEP_TIMEOUT" "the quotes server registering" quotes_ready
+ok "the relay lists sip:as1@127.0.0.1:5084 as up for quotes"
+charges_before=$(export_records charges | wc -l | tr -d ' ')
+printf 'quote\nquote\nbye\n' >"$WORK/quotes.in"
+shows "printf 'quote\\nquote\\nbye\\n' | sip-client -u bob call quotes"
+status=0
+client quotes-call bob bob-secret call quotes <"$WORK/quotes.in" || status=$?
+indent <"$WORK/quotes-call.err"
+say "   what came back:"
+indent <"$WORK/quotes-call.out"
+[[ $status -eq 0 ]] || fail "sip-client call quotes exited with status $status"
+[[ $(grep -c ')$' "$WORK/quotes-call.out" || true) -eq 2 ]] || fail "expected two quotes"
+grep -q '"event":"ended".*"by":"remote"' "$WORK/quotes-call.events" ||
+  fail "the server did not hang up: $(grep '"event":"ended"' "$WORK/quotes-call.events")"
+quotes_call=$(json_field "$(grep '"event":"established"' "$WORK/quotes-call.events")" call_id)
+quotes_record() { export_records sessions | grep -F "\"call_id\":\"$quotes_call\"" | head -n 1; }
+has_quotes_record() { [[ -n "$(quotes_record)" ]]; }
+wait_for "$STEP_TIMEOUT" "the quotes session's billing record" has_quotes_record
+record=$(quotes_record)
+[[ $(json_field "$record" cause) == server-bye ]] || fail "the record should say server-bye: $record"
+quotes_sid=$(json_field "$record" session_id)
+quote_charges() { export_records charges | tail -n +"$((charges_before + 1))" | grep -F '"event_id":"app:quote-'; }
+two_quote_charges() { [[ $(quote_charges | wc -l) -eq 2 ]]; }
+wait_for "$STEP_TIMEOUT" "two charge records for the two quotes" two_quote_charges
+[[ $(quote_charges | grep -cF "\"session_id\":\"$quotes_sid\"") -eq 2 ]] ||
+  fail "both charges should name the session $quotes_sid: $(quote_charges)"
+[[ $(quote_charges | grep -c '"minor":2,') -eq 2 ]] || fail "each quote should cost 2: $(quote_charges)"
+ok "two quotes, two charges of 2 cents under the server's own event ids, tied to bob's"
+say "       session $quotes_sid, which the server ended (server-bye):"
+quote_charges | indent
+indent <<<"$record"
+
+# --- step 7: fork -------------------------------------------------------------------------
+
+heading "Step 7 of 8: one request, two sessions (claim 7)"
 say "bob calls echo-all. Its strategy is \"all\": the relay inquires of both servers at once"
 say "and relays each 200 OK with its own To tag; bob's terminal confirms each, and holds two"
 say "sessions, each with its own data connection and its own billing record."
@@ -448,9 +516,9 @@ servers=$(export_records sessions | grep -F "\"call_id\":\"$fork_call\"" |
 ok "two sessions from one INVITE, one on each server, each billed:"
 export_records sessions | grep -F "\"call_id\":\"$fork_call\"" | indent
 
-# --- step 7: hang up ----------------------------------------------------------------------
+# --- step 8: hang up ----------------------------------------------------------------------
 
-heading "Step 7 of 7: hang up (claim 3)"
+heading "Step 8 of 8: hang up (claim 3)"
 say "alice hangs up the session of steps 3 and 4 (SIGTERM, as Ctrl-C would): the terminal"
 say "sends BYE; the relay relays it to the server, measures the duration, and commits the"
 say "billing record before it answers 200."
