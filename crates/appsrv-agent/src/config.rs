@@ -88,7 +88,8 @@ pub struct Flags {
     /// data.token_ttl_secs, default: 30].
     #[arg(long, value_name = "SECS")]
     pub token_ttl: Option<u64>,
-    /// Bytes delivered per charge unit; 0 turns application billing off [file:
+    /// Bytes delivered per charge unit; 0 turns byte-block charging off (the application
+    /// server's own charges go on) [file:
     /// billing.bytes_per_charge, default: 1048576].
     #[arg(long, value_name = "BYTES")]
     pub bytes_per_charge: Option<u64>,
@@ -266,7 +267,8 @@ pub struct ServiceConfig {
 /// Application billing (claim 4).
 #[derive(Debug, Clone)]
 pub struct BillingConfig {
-    /// Bytes delivered to the terminal per charge unit; 0 turns charging off.
+    /// Bytes delivered to the terminal per charge unit; 0 turns byte-block charging off
+    /// (the application server's own charges go on).
     pub bytes_per_charge: u64,
     /// Price of one unit, in minor units.
     pub price_per_block: u64,
@@ -617,7 +619,10 @@ impl Config {
             ));
         }
         if self.billing.bytes_per_charge == 0 {
-            out.push_str("billing    off\n");
+            out.push_str(&format!(
+                "billing    no byte-block charges; the application server's charges in {} to {}\n",
+                self.billing.currency, self.billing.charge_uri
+            ));
         } else {
             out.push_str(&format!(
                 "billing    {} {} per {} bytes delivered, to {}\n",
@@ -969,7 +974,7 @@ impl Build<'_> {
                     "--price-per-block",
                     "billing.price_per_block",
                 ),
-                "must be at least 1 while billing.bytes_per_charge is set (0 turns billing off)",
+                "must be at least 1 while billing.bytes_per_charge is set (0 turns byte-block charging off)",
             ));
         }
         let currency = raw.currency.unwrap_or_else(|| "EUR".to_string());
