@@ -9,7 +9,8 @@
 //!   relay's billing store holds exactly two charge records, each tied to the session.
 //! * The backend ends the session through the API: the terminal sees BYE, the relay writes
 //!   the session record with the server's end cause (`server-bye`), the agent closes the
-//!   backend connection, and the events stream says `ended` (`server-hang-up`).
+//!   backend connection, and the events stream says `ended` (`server-hang-up`); a charge for
+//!   the subscriber out of session is then stored without a session.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod relay_system;
@@ -254,4 +255,11 @@ fn ending_a_session_through_the_api_hangs_up_the_terminal_and_closes_the_backend
         log.contains("the application server ends the session"),
         "the agent logged the hang-up:\n{log}"
     );
+
+    // The charge out of session: the subscriber alone.
+    let renewal = world.wait_records("charges", 1, |r| text(r, "event_id") == "app:renewal-1");
+    assert!(renewal[0]["session_id"].is_null(), "{}", renewal[0]);
+    assert_eq!(text(&renewal[0], "subscriber"), "alice");
+    assert_eq!(text(&renewal[0], "server"), agent_uri);
+    assert_eq!(renewal[0]["amount"]["minor"], 99);
 }

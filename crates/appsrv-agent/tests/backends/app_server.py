@@ -13,7 +13,7 @@ expected subscriber and service, and then, by --mode:
            what the terminal sends until it closes, then closes.
   end      follows the session's events (GET /v1/events), ends the session through the API,
            and checks that its own connection is closed by the agent and that the events say
-           `ended` with cause `server-hang-up`.
+           `ended` with cause `server-hang-up`; then charges the subscriber out of session.
 
 Every step is printed as one JSON line on stdout ({"step": ..., ...}); the last is
 {"result": "ok"} or {"result": "failed", "why": ...}, and the exit status is 0 or 1.
@@ -234,6 +234,14 @@ def mode_end(api, conn, session):
     status, body = api.call("POST", "/v1/sessions/%s/end" % quoted(sid))
     check(status == 404, "ending it again: expected 404, got %d %s" % (status, body))
     emit(step="end-again-refused")
+
+    # Out of session: the subscriber this server has just served.
+    status, body = api.call("POST", "/v1/charges",
+                            body={"event_id": "renewal-1", "subscriber": session["subscriber"],
+                                  "amount": 99, "description": "monthly renewal"})
+    check(status == 200 and body["status"] == "confirmed" and body["session_id"] is None,
+          "out-of-session charge: %d %s" % (status, body))
+    emit(step="charged-out-of-session", answer=body)
 
 
 def main():
