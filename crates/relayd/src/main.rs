@@ -24,7 +24,9 @@ use sip_core::digest;
 
 /// mimalloc instead of glibc's malloc: every SIP message is parsed into, and serialized
 /// from, many small allocations; under sipp load glibc's malloc/free took 13 % of relayd's
-/// CPU and kept freed pages (see `scripts/bench.sh`).
+/// CPU and kept freed pages (see `scripts/bench.sh`). The `system-allocator` feature keeps
+/// the system's, for heap profilers that only see malloc (heaptrack, scripts/bench-memory.sh).
+#[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

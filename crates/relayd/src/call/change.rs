@@ -259,7 +259,7 @@ impl Call {
             self.refuse(&p.reinvite, 481, "Call/Transaction Does Not Exist");
             return;
         }
-        self.move_to_leg(i, leg, env);
+        self.move_to_leg(i, leg, "changed", env);
         let s = &mut self.sessions[i];
         s.busy = false;
         s.service = p.target.service.clone();
@@ -278,8 +278,15 @@ impl Call {
         );
     }
 
-    /// Moves session `i` onto a new server leg (ACKed here) and hangs up the old one.
-    pub(super) fn move_to_leg(&mut self, i: usize, mut leg: ServerLeg, env: &dyn CallEnv) {
+    /// Moves session `i` onto a new server leg (ACKed here) and hangs up the old one with a
+    /// `Reason` saying `why` (`changed`, `transferred`).
+    pub(super) fn move_to_leg(
+        &mut self,
+        i: usize,
+        mut leg: ServerLeg,
+        why: &str,
+        env: &dyn CallEnv,
+    ) {
         let local = env.local(leg.peer);
         if let Some(ack) = leg.ack(&local, Vec::new(), Vec::new()) {
             self.out.push(super::Output::Ack {
@@ -292,7 +299,7 @@ impl Call {
         env.session_ended(&old.server);
         let mut old = old;
         let local = env.local(old.peer);
-        if let Some(bye) = old.bye(&local) {
+        if let Some(bye) = old.bye(&local, vec![super::leg::moved_on(why)]) {
             self.out.send(bye, old.peer);
         }
     }

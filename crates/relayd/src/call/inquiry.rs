@@ -369,7 +369,7 @@ impl Call {
                 peer: b.peer,
             });
         }
-        if let Some(bye) = b.bye(&local) {
+        if let Some(bye) = b.bye(&local, Vec::new()) {
             self.out.send(bye, b.peer);
         }
     }
@@ -460,7 +460,7 @@ impl Call {
             self.ack_server(i, env);
             let s = &mut self.sessions[i];
             let local = env.local(s.b.peer);
-            if let Some(bye) = s.b.bye(&local) {
+            if let Some(bye) = s.b.bye(&local, Vec::new()) {
                 let peer = s.b.peer;
                 self.out.send(bye, peer);
             }

@@ -125,6 +125,13 @@ pub(crate) fn inquiry(
     })
 }
 
+/// The `Reason` (RFC 3326) of a BYE that ends a server's leg because the session moved on
+/// to another leg: `text` says why (`changed`, `transferred`), so that the server can tell
+/// it from the terminal hanging up.
+pub(crate) fn moved_on(text: &str) -> Header {
+    Header::Other("Reason".into(), format!("SIP;cause=200;text=\"{text}\""))
+}
+
 /// An application server's leg, once it answered 2xx.
 pub(crate) struct ServerLeg {
     pub(crate) id: super::io::LegId,
@@ -162,11 +169,11 @@ impl ServerLeg {
         }
     }
 
-    /// A BYE on the leg.
-    pub(crate) fn bye(&mut self, local: &LocalAddr) -> Option<Request> {
+    /// A BYE on the leg, with `extra` headers (a `Reason`, RFC 3326).
+    pub(crate) fn bye(&mut self, local: &LocalAddr, extra: Vec<Header>) -> Option<Request> {
         match self
             .dialog
-            .request(Method::Bye, &local.via(), Vec::new(), Vec::new())
+            .request(Method::Bye, &local.via(), extra, Vec::new())
         {
             Ok(req) => Some(req),
             Err(e) => {

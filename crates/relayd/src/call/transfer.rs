@@ -162,7 +162,7 @@ impl Call {
             return;
         }
         self.notify(i, 200, "OK", true, env);
-        self.move_to_leg(i, leg, env);
+        self.move_to_leg(i, leg, "transferred", env);
         let s = &mut self.sessions[i];
         s.busy = false;
         s.service = p.service;
