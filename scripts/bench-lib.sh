@@ -277,11 +277,13 @@ run_rates() {
 # on a free port (AS_PORT, pid UAS_PID), a relayd ($RELAYD) configured with one service on it,
 # subscriber alice, digest, log level warn and in-dialog probes off (RELAY_PORT, pid
 # RELAY_PID), and alice registered, which is also the readiness check. $SCENARIOS names the
-# sipp scenarios. Exits naming the failure when alice cannot register.
+# sipp scenarios. Its metrics are on METRICS_PORT (see relay_metric). Exits naming the
+# failure when alice cannot register.
 start_bench_relay() {
     RELAY_PORT=$(free_port)
     AS_PORT=$(free_port)
     while [ "$AS_PORT" = "$RELAY_PORT" ]; do AS_PORT=$(free_port); done
+    METRICS_PORT=$(free_port)
 
     cat >"$WORK/relayd.toml" <<EOF
 [listen]
@@ -296,6 +298,9 @@ data_dir = "$WORK/data"
 
 [log]
 level = "warn"
+
+[metrics]
+listen = "127.0.0.1:$METRICS_PORT"
 
 [session]
 probe_interval_secs = 0
@@ -342,4 +347,10 @@ EOF
         tail -20 "$WORK/relayd.log" >&2
         exit 1
     fi
+}
+
+# The value of relayd's metric relayd_$1 (started by start_bench_relay), or "?".
+relay_metric() {
+    curl -s "http://127.0.0.1:$METRICS_PORT/metrics" 2>/dev/null |
+        awk -v m="relayd_$1" '$1 == m { print $2; found = 1 } END { if (!found) print "?" }'
 }

@@ -60,7 +60,7 @@ FAILED=$(sipp_stat "$WORK/uac.csv" 'FailedCall(C)')
 TRACE=""
 for ((t = 10; t <= AFTER_SECS; t += 10)); do
     sleep 10
-    TRACE="$TRACE ${t}s:$(($(rss_kb) / 1024))M"
+    TRACE="$TRACE ${t}s:$(($(rss_kb) / 1024))M/$(relay_metric call_ids_routed)"
 done
 sleep $((AFTER_SECS % 10))
 AFTER=$(rss_kb)
@@ -70,5 +70,6 @@ echo "relayd RSS idle: $IDLE KiB"
 echo "relayd RSS peak: $PEAK KiB"
 awk -v p="$PEAK" -v i="$IDLE" -v n="$CALLS" 'BEGIN { printf "per concurrent session: %.2f KiB\n", (p - i) / n }'
 awk -v a="$AFTER" -v i="$IDLE" -v s="$AFTER_SECS" 'BEGIN { printf "relayd RSS %d s after the last call: %d KiB (%.2f x idle)\n", s, a, a / i }'
-echo "relayd RSS after the last call:$TRACE"
+echo "relayd RSS after the last call (RSS/Call-IDs still routed):$TRACE"
+echo "served-index entries (late-charge grace): $(relay_metric served_index_entries)"
 echo "machine: $PIN_NOTE"

@@ -1,6 +1,6 @@
 //! Message construction for the back-to-back user agent: the inquiry INVITE of a server leg,
 //! responses relayed from one leg onto the other (SDP passed through untouched), and the
-//! relay's own Contact. No state lives here; [`crate::session`] decides what to send.
+//! relay's own Contact. No state lives here; [`crate::call`] decides what to send.
 
 use std::net::SocketAddr;
 

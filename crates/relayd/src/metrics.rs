@@ -111,6 +111,18 @@ pub fn render(relay: &Relay) -> String {
         relay.billing.live_sessions() as u64,
     );
     metric(
+        "call_ids_routed",
+        "gauge",
+        "Call-IDs routed to calls in progress (the terminal's and each server leg's).",
+        relay.sessions.len() as u64,
+    );
+    metric(
+        "served_index_entries",
+        "gauge",
+        "Sessions findable by charge requests (live, or ended within the late-charge grace).",
+        relay.served.len() as u64,
+    );
+    metric(
         "registered_users",
         "gauge",
         "Users with at least one binding.",

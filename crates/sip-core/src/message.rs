@@ -257,6 +257,35 @@ pub fn response_for(
     }
 }
 
+/// What [`response_for`] needs of a request, and nothing more: its method and
+/// Request-URI, the Via, From, To, Call-ID and CSeq headers, no body. A UAS that must
+/// still answer a request long after it arrived (a 2xx of another fork, a late final)
+/// keeps this instead of the whole request.
+pub fn response_headers_only(req: &Request) -> Request {
+    let headers: Vec<Header> = req
+        .headers
+        .iter()
+        .filter(|h| {
+            matches!(
+                h,
+                Header::Via(_)
+                    | Header::From(_)
+                    | Header::To(_)
+                    | Header::CallId(_)
+                    | Header::CSeq(_)
+            )
+        })
+        .cloned()
+        .collect();
+    Request {
+        method: req.method,
+        uri: req.uri.clone(),
+        version: req.version.clone(),
+        headers: headers.into(),
+        body: Vec::new(),
+    }
+}
+
 /// Sets the Content-Length header to the body's length (adding it when missing, dropping
 /// duplicates), so that every message we send is framed right on a stream transport.
 pub fn set_content_length(headers: &mut rsip::Headers, body_len: usize) {
@@ -718,6 +747,25 @@ Content-Length: 0\r\n\r\n";
         assert_eq!(s.cseq_method, Method::Invite);
         assert_eq!(s.from_tag.as_deref(), Some("f1"));
         assert_eq!(s.to_tag, None);
+    }
+
+    #[test]
+    fn a_request_cut_to_its_response_headers_answers_the_same() {
+        let mut full = invite();
+        full.body = b"v=0\r\n".to_vec();
+        let slim = response_headers_only(&full);
+        assert!(slim.body.is_empty());
+        assert!(!slim
+            .headers
+            .iter()
+            .any(|h| matches!(h, Header::MaxForwards(_))));
+        for code in [180, 200, 486] {
+            assert_eq!(
+                to_bytes(response_for(&slim, code, None, Some("t1"))),
+                to_bytes(response_for(&full, code, None, Some("t1"))),
+                "{code}"
+            );
+        }
     }
 
     #[test]

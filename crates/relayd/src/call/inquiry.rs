@@ -278,7 +278,7 @@ impl Call {
                 let b = ServerLeg {
                     id,
                     server: leg.server,
-                    invite,
+                    invite: Some(invite),
                     peer,
                     dialog,
                     ack: None,

@@ -136,7 +136,8 @@ pub(crate) fn moved_on(text: &str) -> Header {
 pub(crate) struct ServerLeg {
     pub(crate) id: super::io::LegId,
     pub(crate) server: ServerRef,
-    pub(crate) invite: Request,
+    /// The leg's INVITE, until the ACK of its 2xx is built from it.
+    pub(crate) invite: Option<Request>,
     pub(crate) peer: Peer,
     pub(crate) dialog: Dialog,
     /// The ACK of its 2xx, kept to send again when the 2xx comes again.
@@ -154,11 +155,11 @@ impl ServerLeg {
         if let Some(ack) = &self.ack {
             return Some(ack.clone());
         }
-        match self
-            .dialog
-            .ack_for_2xx(&self.invite, &local.via(), headers, body)
-        {
+        let invite = self.invite.as_ref()?;
+        match self.dialog.ack_for_2xx(invite, &local.via(), headers, body) {
             Ok(ack) => {
+                // The ACK is all the leg needs of its INVITE from now on.
+                self.invite = None;
                 self.ack = Some(ack.clone());
                 Some(ack)
             }

@@ -73,6 +73,8 @@ struct Terminal {
     call_id: String,
     /// Whether the INVITE has had a final response.
     final_sent: bool,
+    /// Whether `invite` was cut down to what its responses need.
+    slim: bool,
 }
 
 /// What a pending INVITE leg is for.
@@ -170,6 +172,7 @@ impl Call {
                 peer: invite.from,
                 call_id,
                 final_sent: false,
+                slim: false,
             },
             adm,
             epoch: (wall, now),
@@ -257,10 +260,42 @@ impl Call {
             Input::Billed { token, result } => self.on_billed(token, result, env, now),
             Input::Shutdown => self.shutdown(env, now),
         }
+        self.settle();
+    }
+
+    /// Gives back what the call holds only while it may need it: the terminal's INVITE
+    /// once the inquiry is over (its responses need only the headers RFC 3261 §8.2.6.2
+    /// copies), and the room of emptied tables. A call lives as long as its sessions, so
+    /// what it keeps is paid for every concurrent session.
+    fn settle(&mut self) {
+        let inquiring = !self.a.final_sent
+            || self
+                .legs
+                .iter()
+                .any(|(_, l)| matches!(l.purpose, Purpose::Initial { .. }))
+            || self.sessions.iter().any(|s| s.state == State::Journaling);
+        if !inquiring && !self.a.slim {
+            self.a.invite = message::response_headers_only(&self.a.invite);
+            self.a.slim = true;
+        }
+        if self.legs.is_empty() && self.legs.capacity() > 0 {
+            self.legs = Vec::new();
+        }
+        if self.waiting.is_empty() && self.waiting.capacity() > 0 {
+            self.waiting = HashMap::new();
+        }
+        if self.billing.in_flight.is_empty() && self.billing.in_flight.capacity() > 0 {
+            self.billing = BillingQueue::default();
+        }
     }
 
     /// Acts on every deadline that has come by monotonic `now`.
     pub fn handle_timeout(&mut self, env: &dyn CallEnv, now: Instant) {
+        self.on_timeout(env, now);
+        self.settle();
+    }
+
+    fn on_timeout(&mut self, env: &dyn CallEnv, now: Instant) {
         let overdue: Vec<LegId> = self
             .legs
             .iter()

@@ -207,8 +207,10 @@ impl<R: Relaying> Driver<R> {
             Output::Resolve { leg, server } => {
                 let literal = matches!(server.uri().host(), Some(Host::V4(_) | Host::V6(_)));
                 if literal {
-                    // No lookup to wait for: the address is in the URI.
-                    let peer = relay.resolve(&server).await;
+                    // No lookup to wait for: the address is in the URI. (Boxed, as the
+                    // send below: a future awaited here is part of every call's task,
+                    // which lives as long as its sessions.)
+                    let peer = Box::pin(relay.resolve(&server)).await;
                     self.ready.push_back(Input::Resolved { leg, peer });
                 } else {
                     let relay = relay.clone();
@@ -261,7 +263,7 @@ impl<R: Relaying> Driver<R> {
                 }
             }
             Output::Ack { req, peer } => {
-                if let Err(e) = relay.endpoint().send_stateless(&peer, req).await {
+                if let Err(e) = Box::pin(relay.endpoint().send_stateless(&peer, req)).await {
                     warn!(error = %e, "cannot send ACK");
                 }
             }
