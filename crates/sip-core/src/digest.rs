@@ -716,6 +716,99 @@ impl Credentials {
     }
 }
 
+impl Credentials {
+    /// Whether the `uri` these credentials were computed over designates the same resource
+    /// as the request's Request-URI `request_uri` (RFC 7616 §3.4.6, RFC 2617 §3.2.2.5: the
+    /// server "MUST assure" it does, and SHOULD answer 400 when not; RFC 3261 §22.4 takes
+    /// digest over as it is). Equal text matches; SIP and SIPS URIs also match when equal
+    /// under RFC 3261 §19.1.4 (user and password case-sensitive after `%HH` decoding, host
+    /// without regard to case or as an address, the same port or none on both, parameters
+    /// present in both equal, `user`, `ttl`, `method` and `maddr` on both or neither,
+    /// headers all equal); `tel:` URIs match by number and parameters (RFC 3966 §4).
+    /// Anything that does not parse matches only as identical text.
+    pub fn uri_matches(&self, request_uri: &str) -> bool {
+        if self.uri == request_uri {
+            return true;
+        }
+        match (
+            crate::uri::Uri::parse(&self.uri),
+            crate::uri::Uri::parse(request_uri),
+        ) {
+            (Ok(a), Ok(b)) => equivalent_uris(&a, &b),
+            _ => false,
+        }
+    }
+}
+
+/// RFC 3261 §19.1.4 equality of two SIP or SIPS URIs, and RFC 3966 §4 of two `tel:` URIs
+/// (number without visual separators, parameters as for SIP); other schemes never match.
+fn equivalent_uris(a: &crate::uri::Uri, b: &crate::uri::Uri) -> bool {
+    use crate::uri::{percent_decode, Host, Scheme};
+    fn password(u: &crate::uri::Uri) -> Option<std::borrow::Cow<'_, str>> {
+        u.password().map(percent_decode)
+    }
+    if a.scheme() != b.scheme() {
+        return false;
+    }
+    match a.scheme() {
+        Scheme::Sip | Scheme::Sips => {}
+        Scheme::Tel => {
+            return a.tel_number().is_some()
+                && a.tel_number() == b.tel_number()
+                && same_params(a, b)
+        }
+        Scheme::Other => return false,
+    }
+    let same_host = match (a.host(), b.host()) {
+        (Some(Host::Domain(x)), Some(Host::Domain(y))) => x.eq_ignore_ascii_case(y),
+        (Some(x), Some(y)) => x == y,
+        _ => false,
+    };
+    let headers = |u: &crate::uri::Uri| {
+        let mut h: Vec<(String, String)> = u
+            .headers()
+            .map(|(n, v)| {
+                (
+                    percent_decode(n).to_ascii_lowercase(),
+                    percent_decode(v).into_owned(),
+                )
+            })
+            .collect();
+        h.sort();
+        h
+    };
+    same_host
+        && a.port() == b.port()
+        && a.user_decoded() == b.user_decoded()
+        && password(a) == password(b)
+        && same_params(a, b)
+        && headers(a) == headers(b)
+}
+
+/// RFC 3261 §19.1.4 on URI parameters: any parameter in both must be equal (names and
+/// values without regard to case, after `%HH` decoding); `user`, `ttl`, `method` and `maddr`
+/// must be in both or neither; any other parameter in one only is ignored.
+fn same_params(a: &crate::uri::Uri, b: &crate::uri::Uri) -> bool {
+    use crate::uri::percent_decode;
+    let value = |u: &crate::uri::Uri, name: &str| {
+        u.param(name)
+            .map(|v| v.map(|v| percent_decode(v).to_ascii_lowercase()))
+    };
+    let one_way = |x: &crate::uri::Uri, y: &crate::uri::Uri| {
+        x.params().all(|(name, _)| {
+            let (vx, vy) = (value(x, name), value(y, name));
+            let must_be_in_both = ["user", "ttl", "method", "maddr"]
+                .iter()
+                .any(|m| m.eq_ignore_ascii_case(name));
+            match vy {
+                Some(_) => vx == vy,
+                None => !must_be_in_both,
+            }
+        })
+    };
+    one_way(a, b) && one_way(b, a)
+}
+
 impl fmt::Display for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_header_value())
@@ -1639,5 +1732,68 @@ mod tests {
         assert!(!constant_time_eq(b"abc", b"abd"));
         assert!(!constant_time_eq(b"abc", b"ab"));
         assert!(constant_time_eq(b"", b""));
+    }
+
+    fn with_uri(uri: &str) -> Credentials {
+        Credentials {
+            username: "alice".into(),
+            realm: "relay.test".into(),
+            nonce: "n".into(),
+            uri: uri.into(),
+            response: "r".into(),
+            algorithm: Algorithm::Md5,
+            qop: None,
+            cnonce: None,
+            nc: None,
+            opaque: None,
+        }
+    }
+
+    #[test]
+    fn the_digest_uri_must_designate_the_request_uri() {
+        // RFC 3261 §19.1.4 equivalents of the Request-URI match.
+        for (digest, request) in [
+            ("sip:echo@relay.test", "sip:echo@relay.test"),
+            ("sip:echo@RELAY.test", "sip:echo@relay.test"),
+            ("SIP:echo@relay.test", "sip:echo@relay.test"),
+            ("sip:%65cho@relay.test", "sip:echo@relay.test"),
+            (
+                "sip:echo@relay.test;Transport=TCP",
+                "sip:echo@relay.test;transport=tcp",
+            ),
+            ("sip:echo@relay.test;quality=hd", "sip:echo@relay.test"),
+            ("sip:relay.test", "sip:relay.test"),
+            ("sip:[::1]:5060", "sip:[0::1]:5060"),
+            ("tel:+1-555-1234", "tel:+15551234"),
+        ] {
+            assert!(
+                with_uri(digest).uri_matches(request),
+                "{digest} designates {request}"
+            );
+        }
+        // Anything naming another resource does not.
+        for (digest, request) in [
+            ("sip:premium@relay.test", "sip:echo@relay.test"),
+            ("sip:Echo@relay.test", "sip:echo@relay.test"),
+            ("sip:echo@elsewhere.test", "sip:echo@relay.test"),
+            ("sip:echo@relay.test:5060", "sip:echo@relay.test"),
+            ("sips:echo@relay.test", "sip:echo@relay.test"),
+            ("sip:echo@relay.test;user=phone", "sip:echo@relay.test"),
+            ("sip:echo@relay.test;maddr=10.0.0.1", "sip:echo@relay.test"),
+            (
+                "sip:echo@relay.test;quality=sd",
+                "sip:echo@relay.test;quality=hd",
+            ),
+            ("sip:echo@relay.test?Subject=x", "sip:echo@relay.test"),
+            ("sip:127.0.0.1:5060", "sip:echo@relay.test"),
+            ("tel:+15551234", "tel:+15551235"),
+            ("not a uri", "sip:echo@relay.test"),
+            ("", "sip:echo@relay.test"),
+        ] {
+            assert!(
+                !with_uri(digest).uri_matches(request),
+                "{digest} does not designate {request}"
+            );
+        }
     }
 }
