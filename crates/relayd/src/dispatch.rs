@@ -456,6 +456,10 @@ impl Relaying for Relay {
         self.resolve_server(server)
     }
 
+    fn resolve_now(&self, server: &ServerRef) -> Option<Option<Peer>> {
+        self.resolve_server_now(server)
+    }
+
     fn charge_in_dialog(self: &Arc<Self>, incoming: IncomingRequest, session_id: &str) {
         if let Some(served) = self.served.find(session_id) {
             let span = tracing::info_span!("charge", session_id = %session_id);

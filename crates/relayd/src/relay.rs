@@ -414,7 +414,18 @@ impl Relay {
     /// port and transport for an IP host).
     pub async fn resolve_server(&self, server: &ServerRef) -> Option<Peer> {
         let targets = resolve(server.uri(), &SystemDns).await.ok()?;
-        // A target the relay can reach from an address of the same family first.
+        self.reachable_target(&targets)
+    }
+
+    /// [`Relay::resolve_server`] when that needs no DNS lookup (an IP host): `Some` with the
+    /// answer, `None` for a name.
+    pub fn resolve_server_now(&self, server: &ServerRef) -> Option<Option<Peer>> {
+        let targets = sip_core::resolve::resolve_literal(server.uri())?;
+        Some(targets.ok().and_then(|t| self.reachable_target(&t)))
+    }
+
+    /// The first target the relay can reach: from an address of the same family first.
+    fn reachable_target(&self, targets: &[Target]) -> Option<Peer> {
         let reachable = |t: &Target, same_family: bool| {
             self.locals.iter().any(|l| {
                 l.transport == t.transport && (!same_family || l.addr.is_ipv4() == t.addr.is_ipv4())

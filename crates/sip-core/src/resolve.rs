@@ -83,21 +83,31 @@ fn from_rsip(t: rsip::Transport) -> Option<Transport> {
     }
 }
 
-/// The targets for a SIP URI, in the order to try them (RFC 3263 §4).
-///
-/// * scheme `sips` means TLS (a `transport=tcp` on it is TLS over TCP; `transport=udp` is
-///   an error); `sip` without `transport=` means UDP for an IP host (RFC 3263 §4.1);
-/// * an IP host (IPv4, or IPv6 in brackets) gives one target: its port, or 5060 (5061 for
-///   TLS);
-/// * a domain goes through rsip-dns with `dns` (NAPTR, SRV, then A/AAAA; an explicit port
-///   skips NAPTR and SRV). Duplicates are dropped; at most 16 targets are returned.
-///
-/// The URI is read with sip-core's own parser ([`crate::uri::Uri`]): rsip 0.4 cannot read
-/// an IPv6 reference.
-pub async fn resolve<C: DnsClient>(
-    uri: &crate::uri::Uri,
-    dns: &C,
-) -> Result<Vec<Target>, ResolveError> {
+/// RFC 3263 for a URI whose answer needs no DNS: `Some` with the targets (or the error)
+/// when the host is an IP address, or the URI cannot be resolved at all; `None` when the
+/// host is a name that [`resolve`] must look up.
+pub fn resolve_literal(uri: &crate::uri::Uri) -> Option<Result<Vec<Target>, ResolveError>> {
+    match literal(uri) {
+        Ok(Literal::Done(targets)) => Some(Ok(targets)),
+        Ok(Literal::Lookup { .. }) => None,
+        Err(e) => Some(Err(e)),
+    }
+}
+
+/// What a URI says before any lookup.
+enum Literal<'a> {
+    /// Its host is an address: the targets.
+    Done(Vec<Target>),
+    /// Its host is a name to look up, with what the URI fixes.
+    Lookup {
+        domain: &'a str,
+        secure: bool,
+        port: Option<u16>,
+        transport: Option<Transport>,
+    },
+}
+
+fn literal(uri: &crate::uri::Uri) -> Result<Literal<'_>, ResolveError> {
     let secure_scheme = match uri.scheme() {
         UriScheme::Sip => false,
         UriScheme::Sips => true,
@@ -124,56 +134,86 @@ pub async fn resolve<C: DnsClient>(
             Transport::Udp
         });
         let port = port.unwrap_or_else(|| transport.default_port());
-        Ok(vec![Target {
+        Ok(Literal::Done(vec![Target {
             transport,
             addr: SocketAddr::new(ip, port),
-        }])
+        }]))
     };
 
     match uri.host() {
         None => Err(ResolveError::NotFound(uri.as_str().to_owned())),
         Some(UriHost::V4(ip)) => ip_target(IpAddr::V4(ip)),
         Some(UriHost::V6(ip)) => ip_target(IpAddr::V6(ip)),
-        Some(UriHost::Domain(domain)) => {
-            let context = Context {
-                secure,
-                host: Host::Domain(domain.into()),
-                port: port.map(rsip::Port::from),
-                transport: transport.map(to_rsip),
-                dns_client: dns.clone(),
-                supported_transports: SupportedTransports::only(vec![
-                    rsip::Transport::Udp,
-                    rsip::Transport::Tcp,
-                    rsip::Transport::Tls,
-                ]),
-            };
-            let mut lookup = Lookup::from(context);
-            let mut targets: Vec<Target> = Vec::new();
-            for _ in 0..MAX_STEPS {
-                let Some(next) = lookup.resolve_next().await else {
-                    break;
-                };
-                let Some(transport) = from_rsip(next.transport) else {
-                    continue;
-                };
-                let target = Target {
-                    transport,
-                    addr: SocketAddr::new(next.ip_addr, *next.port.value()),
-                };
-                if !targets.contains(&target) {
-                    targets.push(target);
-                    if targets.len() >= MAX_TARGETS {
-                        break;
-                    }
-                }
+        Some(UriHost::Domain(domain)) => Ok(Literal::Lookup {
+            domain,
+            secure,
+            port,
+            transport,
+        }),
+    }
+}
+
+/// The targets for a SIP URI, in the order to try them (RFC 3263 §4).
+///
+/// * scheme `sips` means TLS (a `transport=tcp` on it is TLS over TCP; `transport=udp` is
+///   an error); `sip` without `transport=` means UDP for an IP host (RFC 3263 §4.1);
+/// * an IP host (IPv4, or IPv6 in brackets) gives one target: its port, or 5060 (5061 for
+///   TLS);
+/// * a domain goes through rsip-dns with `dns` (NAPTR, SRV, then A/AAAA; an explicit port
+///   skips NAPTR and SRV). Duplicates are dropped; at most 16 targets are returned.
+///
+/// The URI is read with sip-core's own parser ([`crate::uri::Uri`]): rsip 0.4 cannot read
+/// an IPv6 reference.
+pub async fn resolve<C: DnsClient>(
+    uri: &crate::uri::Uri,
+    dns: &C,
+) -> Result<Vec<Target>, ResolveError> {
+    let (domain, secure, port, transport) = match literal(uri)? {
+        Literal::Done(targets) => return Ok(targets),
+        Literal::Lookup {
+            domain,
+            secure,
+            port,
+            transport,
+        } => (domain, secure, port, transport),
+    };
+    let context = Context {
+        secure,
+        host: Host::Domain(domain.into()),
+        port: port.map(rsip::Port::from),
+        transport: transport.map(to_rsip),
+        dns_client: dns.clone(),
+        supported_transports: SupportedTransports::only(vec![
+            rsip::Transport::Udp,
+            rsip::Transport::Tcp,
+            rsip::Transport::Tls,
+        ]),
+    };
+    let mut lookup = Lookup::from(context);
+    let mut targets: Vec<Target> = Vec::new();
+    for _ in 0..MAX_STEPS {
+        let Some(next) = lookup.resolve_next().await else {
+            break;
+        };
+        let Some(transport) = from_rsip(next.transport) else {
+            continue;
+        };
+        let target = Target {
+            transport,
+            addr: SocketAddr::new(next.ip_addr, *next.port.value()),
+        };
+        if !targets.contains(&target) {
+            targets.push(target);
+            if targets.len() >= MAX_TARGETS {
+                break;
             }
-            if targets.is_empty() {
-                tracing::debug!(%uri, "no DNS target");
-                return Err(ResolveError::NotFound(domain.to_string()));
-            }
-            Ok(targets)
         }
     }
+    if targets.is_empty() {
+        tracing::debug!(%uri, "no DNS target");
+        return Err(ResolveError::NotFound(domain.to_string()));
+    }
+    Ok(targets)
 }
 
 fn normalize(name: &str) -> String {

@@ -227,10 +227,10 @@ impl Call {
         s.service = w.target.service.clone();
         s.params = w.target.params.clone();
         s.offer = b2bua::carried_body(&w.reinvite.req);
-        s.pending_ack = Some(PendingAck {
+        s.pending_ack = Some(Box::new(PendingAck {
             from: Side::Terminal,
             sent: w.sent,
-        });
+        }));
         info!(session_id = %s.id, service = %w.target.service, "service changed on the same server");
         self.new_segment(
             i,
@@ -290,7 +290,7 @@ impl Call {
         let local = env.local(leg.peer);
         if let Some(ack) = leg.ack(&local, Vec::new(), Vec::new()) {
             self.out.push(super::Output::Ack {
-                req: ack,
+                msg: ack,
                 peer: leg.peer,
             });
         }

@@ -9,7 +9,7 @@ use rsip::{Header, Method, Request};
 use tracing::{debug, warn};
 
 use super::env::CallEnv;
-use super::io::{Incoming, Output};
+use super::io::Incoming;
 use super::session::{PendingAck, Side};
 use super::{Call, Waiting};
 use crate::b2bua;
@@ -65,10 +65,10 @@ impl Call {
             return;
         };
         if method == Method::Invite {
-            self.sessions[i].pending_ack = Some(PendingAck {
+            self.sessions[i].pending_ack = Some(Box::new(PendingAck {
                 from,
                 sent: req.clone(),
-            });
+            }));
         }
         let contact = (method == Method::Invite).then(|| env.local(r.from).contact_header());
         let token = self.out.send_waiting(req, peer);
@@ -97,7 +97,7 @@ impl Call {
         };
         let local = env.local(peer);
         match dialog.ack_for_2xx(&pending.sent, &local.via(), headers, body) {
-            Ok(relayed) => self.out.push(Output::Ack { req: relayed, peer }),
+            Ok(relayed) => self.out.ack(relayed, peer),
             Err(e) => warn!(error = %e, "cannot relay ACK"),
         }
     }

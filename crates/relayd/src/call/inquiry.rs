@@ -278,7 +278,7 @@ impl Call {
                 let b = ServerLeg {
                     id,
                     server: leg.server,
-                    invite: Some(invite),
+                    invite: Some(Box::new(invite)),
                     peer,
                     dialog,
                     ack: None,
@@ -365,7 +365,7 @@ impl Call {
         let local = env.local(b.peer);
         if let Some(ack) = b.ack(&local, Vec::new(), Vec::new()) {
             self.out.push(Output::Ack {
-                req: ack,
+                msg: ack,
                 peer: b.peer,
             });
         }
@@ -467,7 +467,7 @@ impl Call {
             let s = &mut self.sessions[i];
             s.state = State::Ended;
             env.session_ended(&s.b.server);
-            if let Some((_, bye)) = s.deferred_bye.take() {
+            if let Some((_, bye)) = s.deferred_bye.take().map(|b| *b) {
                 self.out
                     .respond(bye.tx, b2bua::local_response(&bye.req, 200, "OK", None));
             }
@@ -493,7 +493,7 @@ impl Call {
         // through the transaction's Accepted state (RFC 6026), each with its own To tag.
         self.a.final_sent = true;
         self.out.respond(self.a.tx, answer);
-        if let Some((side, bye)) = self.sessions[i].deferred_bye.take() {
+        if let Some((side, bye)) = self.sessions[i].deferred_bye.take().map(|b| *b) {
             let cause = match side {
                 super::Side::Terminal => billing::record::EndCause::CallerBye,
                 super::Side::Server => billing::record::EndCause::ServerBye,

@@ -7,6 +7,8 @@
 use std::collections::VecDeque;
 use std::time::SystemTime;
 
+use bytes::Bytes;
+
 use billing::record::EndCause;
 use rsip::{Request, Response};
 use sip_core::dialog::DialogId;
@@ -159,10 +161,11 @@ pub enum Output {
         /// The token of the answer, when the call waits for it.
         answer: Option<Token>,
     },
-    /// Send an ACK for a 2xx, outside any transaction (RFC 3261 §13.2.2.4).
+    /// Send an ACK for a 2xx, outside any transaction (RFC 3261 §13.2.2.4), as it goes on
+    /// the wire (a server leg keeps its ACK that way, to send it again).
     Ack {
-        /// The ACK.
-        req: Request,
+        /// The ACK, serialised.
+        msg: Bytes,
         /// Where to.
         peer: Peer,
     },
@@ -240,6 +243,14 @@ impl Outbox {
         self.queue.push_back(Output::Respond { tx, resp });
     }
 
+    /// Queues an ACK built for this send.
+    pub(crate) fn ack(&mut self, req: Request, peer: Peer) {
+        self.queue.push_back(Output::Ack {
+            msg: sip_core::message::to_bytes(req),
+            peer,
+        });
+    }
+
     /// Queues a request not waited for.
     pub(crate) fn send(&mut self, req: Request, peer: Peer) {
         self.queue.push_back(Output::Request {
@@ -275,5 +286,12 @@ impl Outbox {
     /// The next output.
     pub(crate) fn pop(&mut self) -> Option<Output> {
         self.queue.pop_front()
+    }
+
+    /// Gives back the queue's room once it is drained (a call keeps its outbox for life).
+    pub(crate) fn shrink(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > 0 {
+            self.queue = VecDeque::new();
+        }
     }
 }

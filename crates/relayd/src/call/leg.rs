@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use bytes::Bytes;
 use rsip::{Header, Method, Request};
 use sip_core::dialog::{cancel_for, Dialog};
 use sip_core::Peer;
@@ -137,21 +138,22 @@ pub(crate) struct ServerLeg {
     pub(crate) id: super::io::LegId,
     pub(crate) server: ServerRef,
     /// The leg's INVITE, until the ACK of its 2xx is built from it.
-    pub(crate) invite: Option<Request>,
+    pub(crate) invite: Option<Box<Request>>,
     pub(crate) peer: Peer,
     pub(crate) dialog: Dialog,
-    /// The ACK of its 2xx, kept to send again when the 2xx comes again.
-    pub(crate) ack: Option<Request>,
+    /// The ACK of its 2xx as sent, kept to send again when the 2xx comes again.
+    pub(crate) ack: Option<Bytes>,
 }
 
 impl ServerLeg {
-    /// The ACK of the leg's 2xx (built once; the same again afterwards), carrying `body`.
+    /// The ACK of the leg's 2xx, serialised (built once; the same again afterwards),
+    /// carrying `body`.
     pub(crate) fn ack(
         &mut self,
         local: &LocalAddr,
         headers: Vec<Header>,
         body: Vec<u8>,
-    ) -> Option<Request> {
+    ) -> Option<Bytes> {
         if let Some(ack) = &self.ack {
             return Some(ack.clone());
         }
@@ -160,6 +162,7 @@ impl ServerLeg {
             Ok(ack) => {
                 // The ACK is all the leg needs of its INVITE from now on.
                 self.invite = None;
+                let ack = sip_core::message::to_bytes(ack);
                 self.ack = Some(ack.clone());
                 Some(ack)
             }

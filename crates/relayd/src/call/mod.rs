@@ -195,7 +195,11 @@ impl Call {
 
     /// The next thing to do, until there is none.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.out.pop()
+        let out = self.out.pop();
+        if out.is_none() {
+            self.out.shrink();
+        }
+        out
     }
 
     /// When [`Call::handle_timeout`] is due next.
@@ -229,6 +233,12 @@ impl Call {
             && self.sessions.iter().all(|s| s.state == State::Ended)
             && self.waiting.is_empty()
             && self.billing.in_flight.is_empty()
+    }
+
+    /// Whether the terminal's INVITE transaction can take nothing more from the call: its
+    /// final response went out and no other fork can answer (the driver may let it go).
+    pub fn inquiry_over(&self) -> bool {
+        self.a.slim
     }
 
     /// How many sessions are live.
@@ -515,7 +525,7 @@ impl Call {
                 let local = env.local(s.b.peer);
                 if let Some(relayed) = s.b.ack(&local, headers, body) {
                     let peer = s.b.peer;
-                    self.out.push(Output::Ack { req: relayed, peer });
+                    self.out.push(Output::Ack { msg: relayed, peer });
                 }
                 self.establish(i, env, now);
             }
@@ -543,7 +553,7 @@ impl Call {
         let local = env.local(s.b.peer);
         if let Some(ack) = s.b.ack(&local, Vec::new(), Vec::new()) {
             let peer = s.b.peer;
-            self.out.push(Output::Ack { req: ack, peer });
+            self.out.push(Output::Ack { msg: ack, peer });
         }
     }
 
@@ -552,7 +562,7 @@ impl Call {
         let s = &self.sessions[i];
         if let Some(ack) = s.b.ack.clone() {
             self.out.push(Output::Ack {
-                req: ack,
+                msg: ack,
                 peer: s.b.peer,
             });
         }
@@ -597,7 +607,7 @@ impl Call {
                     };
                     self.end(i, cause, Some((side, r)), env, now);
                 }
-                State::Journaling => self.sessions[i].deferred_bye = Some((side, r)),
+                State::Journaling => self.sessions[i].deferred_bye = Some(Box::new((side, r))),
                 State::Ended => self
                     .out
                     .respond(r.tx, b2bua::local_response(&r.req, 200, "OK", None)),

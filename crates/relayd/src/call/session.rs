@@ -64,7 +64,9 @@ pub(crate) struct Session {
     pub(crate) service: String,
     pub(crate) params: Vec<(String, String)>,
     pub(crate) state: State,
-    pub(crate) pending_ack: Option<PendingAck>,
+    /// Boxed, as the other rarely-set parts: a session keeps its inline size for its
+    /// whole life.
+    pub(crate) pending_ack: Option<Box<PendingAck>>,
     /// A change or transfer in progress (another is refused with 491 meanwhile).
     pub(crate) busy: bool,
     /// The terminal's current SDP offer (for a transfer's inquiry).
@@ -79,7 +81,7 @@ pub(crate) struct Session {
     /// segment is billed on.
     pub(crate) next_plan: Option<String>,
     /// A BYE that came while the session was being journaled: handled once it is.
-    pub(crate) deferred_bye: Option<(Side, Incoming)>,
+    pub(crate) deferred_bye: Option<Box<(Side, Incoming)>>,
 }
 
 /// Who a session bills and what it delivers, for its journal entry and its index entry.

@@ -347,7 +347,11 @@ impl Pair {
                             .push(format!("{}<-{}", peer.addr.port(), req.method));
                         self.got(peer, Got::Request(req, answer));
                     }
-                    Output::Ack { req, peer } => {
+                    Output::Ack { msg, peer } => {
+                        let req = match sip_core::wire::parse(&msg).unwrap() {
+                            SipMessage::Request(r) => r,
+                            SipMessage::Response(_) => panic!("an ACK that is a response"),
+                        };
                         self.trace.push(format!("{}<-ACK", peer.addr.port()));
                         self.got(peer, Got::Ack(req));
                     }

@@ -20,7 +20,7 @@ use sip_core::uri::Uri;
 use tracing::{info, warn};
 
 use super::env::CallEnv;
-use super::io::{Incoming, Output};
+use super::io::Incoming;
 use super::leg::{LegPlan, ServerLeg};
 use super::limits::fails_over;
 use super::session::Side;
@@ -223,10 +223,7 @@ impl Call {
             .a_dialog
             .ack_for_2xx(&sent, &local.via(), Vec::new(), Vec::new())
         {
-            Ok(ack) => self.out.push(Output::Ack {
-                req: ack,
-                peer: a_peer,
-            }),
+            Ok(ack) => self.out.ack(ack, a_peer),
             Err(e) => warn!(error = %e, "cannot ACK the terminal"),
         }
         // The terminal's answer is its offer's counterpart now.

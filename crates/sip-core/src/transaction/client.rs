@@ -205,6 +205,11 @@ impl ClientTx {
             (ClientState::Calling | ClientState::Proceeding, 200..=299) => {
                 self.state = ClientState::Accepted;
                 self.forget_request();
+                // The TU ACKs a 2xx (§13.2.2.4); the template is for a non-2xx final only,
+                // which cannot come now. Accepted lasts 64·T1: keep only what it needs.
+                if let Some(parts) = self.invite.as_mut() {
+                    parts.template = None;
+                }
                 self.timers.disarm(Slot::Resend);
                 self.arm(io, Slot::Lifetime, now, io.timers.transaction_timeout());
                 io.event(Event::Response { tx: self.id, resp });

@@ -15,7 +15,7 @@ use sip_core::dialog::DialogId;
 use sip_core::endpoint::{
     synthetic_response, ClientEvent, ClientSink, Endpoint, IncomingRequest, ServerTx,
 };
-use sip_core::uri::Host;
+use sip_core::transport::TrySendError;
 use sip_core::Peer;
 use tracing::{debug, info_span, warn, Instrument};
 
@@ -36,6 +36,9 @@ pub trait Relaying: CallEnv + Send + Sync + 'static {
     fn table(&self) -> &SessionTable;
     /// Where a server is (RFC 3263).
     fn resolve(&self, server: &ServerRef) -> impl Future<Output = Option<Peer>> + Send;
+    /// Where a server is when that needs no lookup (an IP address in its URI): `Some`
+    /// with the answer, `None` when [`Relaying::resolve`] must look it up.
+    fn resolve_now(&self, server: &ServerRef) -> Option<Option<Peer>>;
     /// Handles a charge request that came on the server leg of session `session_id`.
     fn charge_in_dialog(self: &Arc<Self>, incoming: IncomingRequest, session_id: &str);
 }
@@ -50,36 +53,37 @@ pub fn spawn<R: Relaying>(
     let (me, rx) = inbox();
     relay.table().insert(&call_id, me.clone());
     let span = info_span!("call", call_id = %call_id, service = %adm.service);
-    tokio::spawn(
-        async move {
-            let mut driver = Driver {
-                relay,
-                me,
-                txs: HashMap::new(),
-                next_tx: 0,
-                invite_tx: TxId(0),
-                routed: vec![call_id.clone()],
-                ready: VecDeque::new(),
-            };
-            driver.invite_tx = driver.hold(incoming.tx);
-            let invite = Incoming {
-                tx: driver.invite_tx,
-                req: incoming.req,
-                from: incoming.from,
-            };
-            let relay = driver.relay.clone();
-            let call = Call::new(
-                invite,
-                call_id,
-                adm,
-                &*relay,
-                Instant::now(),
-                SystemTime::now(),
-            );
-            driver.run(call, rx).await;
-        }
-        .instrument(span),
-    );
+    let task = async move {
+        let mut driver = Driver {
+            relay,
+            me,
+            txs: HashMap::new(),
+            next_tx: 0,
+            invite_tx: TxId(0),
+            routed: vec![call_id.clone()],
+            ready: VecDeque::new(),
+        };
+        driver.invite_tx = driver.hold(incoming.tx);
+        let invite = Incoming {
+            tx: driver.invite_tx,
+            req: incoming.req,
+            from: incoming.from,
+        };
+        let relay = driver.relay.clone();
+        let call = Call::new(
+            invite,
+            call_id,
+            adm,
+            &*relay,
+            Instant::now(),
+            SystemTime::now(),
+        );
+        driver.run(call, rx).await;
+    };
+    // What every call's task holds for the call's whole life (its future's size); the
+    // call's own state is behind it on the heap.
+    tracing::trace!(task_bytes = std::mem::size_of_val(&task), "call task");
+    tokio::spawn(task.instrument(span));
 }
 
 struct Driver<R> {
@@ -102,7 +106,13 @@ impl<R: Relaying> Driver<R> {
         tokio::pin!(sleep);
         let mut armed = None;
         loop {
-            self.carry_out(&mut call).await;
+            self.carry_out(&mut call);
+            if call.inquiry_over() && self.txs.contains_key(&self.invite_tx) {
+                // The transaction goes on in the endpoint (2xx retransmissions, Timer L);
+                // the call has nothing more to send on it.
+                self.txs.remove(&self.invite_tx);
+                self.txs.shrink_to_fit();
+            }
             if call.is_finished() {
                 debug!("call over");
                 break;
@@ -175,20 +185,24 @@ impl<R: Relaying> Driver<R> {
     }
 
     /// Carries out everything the call asks, feeding back what that produces at once,
-    /// until it asks nothing more.
-    async fn carry_out(&mut self, call: &mut Call) {
+    /// until it asks nothing more. Nothing here waits: what must (a DNS lookup, a TCP
+    /// connection to open, a billing commit) goes to a task of its own and comes back
+    /// through the inbox, so that the call's task stays small.
+    fn carry_out(&mut self, call: &mut Call) {
         loop {
             while let Some(out) = call.poll_output() {
-                self.execute(out).await;
+                self.execute(out);
             }
             let Some(input) = self.ready.pop_front() else {
-                return;
+                break;
             };
             call.handle(input, &*self.relay, Instant::now());
         }
+        // Its room is given back: a call keeps its driver for life.
+        self.ready = VecDeque::new();
     }
 
-    async fn execute(&mut self, out: Output) {
+    fn execute(&mut self, out: Output) {
         let relay = &self.relay;
         match out {
             Output::Respond { tx, resp } => {
@@ -205,12 +219,8 @@ impl<R: Relaying> Driver<R> {
                 }
             }
             Output::Resolve { leg, server } => {
-                let literal = matches!(server.uri().host(), Some(Host::V4(_) | Host::V6(_)));
-                if literal {
-                    // No lookup to wait for: the address is in the URI. (Boxed, as the
-                    // send below: a future awaited here is part of every call's task,
-                    // which lives as long as its sessions.)
-                    let peer = Box::pin(relay.resolve(&server)).await;
+                if let Some(peer) = relay.resolve_now(&server) {
+                    // No lookup to wait for: the address is in the URI.
                     self.ready.push_back(Input::Resolved { leg, peer });
                 } else {
                     let relay = relay.clone();
@@ -262,11 +272,19 @@ impl<R: Relaying> Driver<R> {
                     }
                 }
             }
-            Output::Ack { req, peer } => {
-                if let Err(e) = Box::pin(relay.endpoint().send_stateless(&peer, req)).await {
-                    warn!(error = %e, "cannot send ACK");
+            Output::Ack { msg, peer } => match relay.endpoint().transports().try_send(&peer, msg) {
+                Ok(()) => {}
+                Err(TrySendError::WouldBlock(msg)) => {
+                    // A TCP connection to open, or a full queue: wait for it elsewhere.
+                    let relay = relay.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = relay.endpoint().transports().send(&peer, msg).await {
+                            warn!(error = %e, "cannot send ACK");
+                        }
+                    });
                 }
-            }
+                Err(TrySendError::Failed(e)) => warn!(error = %e, "cannot send ACK"),
+            },
             Output::Route { call_id } => {
                 relay.table().insert(&call_id, self.me.clone());
                 self.routed.push(call_id);
