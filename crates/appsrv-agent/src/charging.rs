@@ -11,7 +11,13 @@
 //! A charge is retried, with backoff, until the relay gives a final answer: 2xx confirms it;
 //! a 4xx other than 401/407/408/480/491 (or a 3xx/6xx) refuses it for good, which is logged
 //! with the body — except a `403` to a charge naming a session the relay has already closed,
-//! which is sent again for the subscriber alone, under the same event id. With a spool
+//! which is sent again for the subscriber alone, under the same event id. A refusal of the
+//! agent's address or account for too many failed authentication attempts is no answer to
+//! the charge (issue 14): relayd says so with `503` and `Retry-After` (RFC 3261 §21.5.4),
+//! a relay of an older kind with `403 Too many failed attempts`; both are retried like a
+//! timeout, no sooner than the `Retry-After` (within `retry_max`), and a charge stays
+//! spooled meanwhile. A challenge that follows credentials (the account's credentials not
+//! taken from here just now) is retried likewise. With a spool
 //! directory each charge is written to disk (fsync) before the first attempt and removed once
 //! confirmed; charges left there by a crash are sent again at the next start.
 //!
@@ -38,7 +44,7 @@ use tracing::{debug, error, info, warn};
 use crate::auth::{ChallengeOutcome, ClientAuth};
 use crate::backoff::Backoff;
 use crate::inflight::InFlightGuard;
-use crate::registration::{local_response, USER_AGENT};
+use crate::registration::{local_response, retry_after, USER_AGENT};
 
 /// The body's media type.
 pub const CONTENT_TYPE: &str = "application/vnd.relay.charge+json";
@@ -275,6 +281,38 @@ pub fn verdict(code: u16) -> Verdict {
     }
 }
 
+/// The reason phrase with which a relay refuses an address or account that failed to
+/// authenticate too often (relayd's, with 503 now, with 403 before issue 14).
+pub const LOCKED_OUT_REASON: &str = "Too many failed attempts";
+
+/// What to do with a final response to a charge: [`verdict`] of its code, except that a
+/// lock-out refusal (`403 Too many failed attempts`) is retried: it says nothing about the
+/// charge, only that the relay does not take credentials from here for a while (issue 14).
+pub fn verdict_of(resp: &Response) -> Verdict {
+    let code = resp.status_code.code();
+    if code == 403 && is_lockout(resp) {
+        return Verdict::Retry;
+    }
+    verdict(code)
+}
+
+/// Whether `resp` refuses the sender for too many failed authentication attempts (by its
+/// reason phrase, ASCII case ignored).
+pub fn is_lockout(resp: &Response) -> bool {
+    reason_of(resp)
+        .trim()
+        .eq_ignore_ascii_case(LOCKED_OUT_REASON)
+}
+
+/// The wait before the next attempt after `resp`: the backoff's `next`, or what the relay
+/// asks in `Retry-After` when that is longer, but never more than `max`.
+pub fn retry_delay(resp: &Response, next: Duration, max: Duration) -> Duration {
+    match retry_after(resp) {
+        Some(asked) => next.max(asked.min(max)),
+        None => next,
+    }
+}
+
 /// Where charges go and how they are paid for. The URIs are sip-core's, so that an IPv6
 /// relay (`sip:[::1]:5060`) reads and prints as written.
 #[derive(Clone)]
@@ -454,7 +492,8 @@ impl Shared {
 
 /// Sends one charge until the relay gives a final answer.
 ///
-/// A `403` to a charge naming the session's Call-ID means the relay no longer holds that
+/// A `403` (other than a lock-out, see [`verdict_of`]) to a charge naming the session's
+/// Call-ID means the relay no longer holds that
 /// session (it ended, say by the BYE that followed the last bytes, before the charge
 /// arrived): the same charge, same event id, is then sent for the subscriber alone, whom the
 /// relay knows the server has served.
@@ -496,7 +535,7 @@ async fn deliver(
             Err(reason) => local_response(503, &reason),
         };
         let code = resp.status_code.code();
-        match verdict(code) {
+        match verdict_of(&resp) {
             Verdict::Confirmed => {
                 if let Some(spool) = &config.spool {
                     if let Err(e) = spool.remove(&charge.event_id) {
@@ -589,7 +628,7 @@ async fn deliver(
                 reason: reason_of(&resp),
             },
         );
-        let delay = backoff.next_delay();
+        let delay = retry_delay(&resp, backoff.next_delay(), config.retry_max);
         warn!(
             event_id = %charge.event_id,
             status = code,
@@ -749,6 +788,65 @@ mod tests {
         for refused in [302, 400, 403, 404, 415, 488, 603] {
             assert_eq!(verdict(refused), Verdict::Refused, "{refused}");
         }
+    }
+
+    fn response(code: u16, reason: &str, retry_after: Option<&str>) -> Response {
+        let mut resp = local_response(code, reason);
+        if let Some(secs) = retry_after {
+            resp.headers
+                .push(Header::RetryAfter(rsip::headers::RetryAfter::new(secs)));
+        }
+        resp
+    }
+
+    #[test]
+    fn a_lockout_is_retried_never_final() {
+        // relayd refuses a failing address with 503 + Retry-After; an older relay with 403.
+        let refused = response(503, "Too many failed attempts", Some("300"));
+        assert_eq!(verdict_of(&refused), Verdict::Retry);
+        for reason in ["Too many failed attempts", "too many FAILED attempts "] {
+            let old = response(403, reason, None);
+            assert!(is_lockout(&old), "{reason}");
+            assert_eq!(verdict_of(&old), Verdict::Retry, "{reason}");
+        }
+        // Any other 403 is the relay's word on the charge itself.
+        for reason in ["Session not served by this server", "Forbidden", ""] {
+            assert_eq!(
+                verdict_of(&response(403, reason, None)),
+                Verdict::Refused,
+                "{reason}"
+            );
+        }
+        assert_eq!(verdict_of(&response(200, "OK", None)), Verdict::Confirmed);
+        assert_eq!(
+            verdict_of(&response(407, "Proxy Authentication Required", None)),
+            Verdict::Challenge
+        );
+    }
+
+    #[test]
+    fn retry_after_is_waited_for_within_the_longest_delay() {
+        let max = Duration::from_secs(60);
+        let next = Duration::from_secs(2);
+        let with = |v: &str| response(503, "Too many failed attempts", Some(v));
+        assert_eq!(retry_after(&with("30")), Some(Duration::from_secs(30)));
+        assert_eq!(
+            retry_after(&with("18000;duration=3600")),
+            Some(Duration::from_secs(18000))
+        );
+        assert_eq!(
+            retry_after(&with("120 (I'm in a meeting)")),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(retry_after(&with("soon")), None);
+        assert_eq!(retry_delay(&with("30"), next, max), Duration::from_secs(30));
+        assert_eq!(retry_delay(&with("300"), next, max), max, "capped");
+        assert_eq!(
+            retry_delay(&with("1"), next, max),
+            next,
+            "the backoff if longer"
+        );
+        assert_eq!(retry_delay(&response(500, "Oops", None), next, max), next);
     }
 
     #[test]

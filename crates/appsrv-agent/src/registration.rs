@@ -3,6 +3,13 @@
 //! digest challenge, refreshes at half the granted lifetime, retries with backoff when the
 //! relay does not answer or refuses, and unregisters (`Expires: 0`) on shutdown.
 //!
+//! A refused attempt never ends the registration (issue 14: a stranger's wrong answers
+//! once got the account locked out, and the agent out of the directory): every failure is
+//! retried, no sooner than a `Retry-After` the relay gives (RFC 3261 §20.33, up to an hour)
+//! but, while the relay still holds the binding, always before it lapses — at half the time
+//! left — so a refusal that ends (a lock-out of our address, a relay restarting) costs no
+//! binding.
+//!
 //! [`Registration`] is the sans-IO core: it is told the time and the responses, and says
 //! which REGISTER to send and when. [`run`] drives it with the endpoint. A relay that
 //! restarts has forgotten the binding; the next refresh (at most half the lifetime later)
@@ -32,6 +39,8 @@ pub const USER_AGENT: &str = concat!("appsrv-agent/", env!("CARGO_PKG_VERSION"))
 const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// Challenges answered in a row before the attempt counts as failed.
 const MAX_CHALLENGES: u8 = 3;
+/// The longest `Retry-After` waited for.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// What a REGISTER says about us. The URIs are sip-core's (an IPv6 host in brackets reads
 /// and prints as written); they go into the rsip message as [`Uri::to_rsip`] carriers.
@@ -325,7 +334,8 @@ impl Registration {
             }
             _ => {
                 let reason = format!("{code} {}", reason_of(resp));
-                self.fail(now, unregister, reason)
+                let asked = retry_after(resp);
+                self.fail_after(now, unregister, reason, asked)
             }
         }
     }
@@ -344,6 +354,17 @@ impl Registration {
     }
 
     fn fail(&mut self, now: Instant, unregister: bool, reason: String) -> Outcome {
+        self.fail_after(now, unregister, reason, None)
+    }
+
+    /// A failed attempt, the relay having asked for `asked` before the next (Retry-After).
+    fn fail_after(
+        &mut self,
+        now: Instant,
+        unregister: bool,
+        reason: String,
+        asked: Option<Duration>,
+    ) -> Outcome {
         self.challenges = 0;
         if unregister {
             self.phase = Phase::Closed;
@@ -352,7 +373,18 @@ impl Registration {
                 retry_in: None,
             };
         }
-        let delay = self.backoff.next_delay();
+        let mut delay = self.backoff.next_delay();
+        if let Some(asked) = asked {
+            delay = delay.max(asked.min(MAX_RETRY_AFTER));
+        }
+        // Still bound: try again before the binding lapses (see the module documentation).
+        if let Some(left) = self
+            .bound_until
+            .map(|until| until.saturating_duration_since(now))
+            .filter(|left| !left.is_zero())
+        {
+            delay = delay.min((left / 2).max(MIN_REFRESH));
+        }
         self.phase = Phase::Due {
             at: now + delay,
             unregister: false,
@@ -400,6 +432,19 @@ fn same_binding(a: &Uri, b: &Uri) -> bool {
         _ => false,
     };
     same_host && a.port() == b.port() && a.user() == b.user()
+}
+
+/// The `Retry-After` of `resp` in seconds (RFC 3261 §20.33: the delta-seconds, maybe
+/// followed by a comment and parameters), `None` when absent or unreadable.
+pub fn retry_after(resp: &Response) -> Option<Duration> {
+    header_values(&resp.headers, "Retry-After").find_map(|v| {
+        let digits: String = v
+            .trim_start()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse::<u64>().ok().map(Duration::from_secs)
+    })
 }
 
 fn reason_of(resp: &Response) -> String {
@@ -762,6 +807,87 @@ mod tests {
         }
         // The binding granted before still holds until it expires.
         assert!(reg.is_bound(t0 + Duration::from_secs(119)));
+    }
+
+    #[test]
+    fn a_refused_refresh_is_retried_before_the_binding_lapses() {
+        let t0 = Instant::now();
+        let mut reg = Registration::new(
+            params(),
+            ClientAuth::new("as1", Secret("as1-secret".into())),
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(600)),
+            t0,
+        );
+        let req = reg.poll_request(t0, &via()).unwrap();
+        assert_eq!(
+            reg.on_response(t0, &reply(&req, 200, vec![])),
+            Outcome::Registered { expires: 120 }
+        );
+        // The refresh, at 60 s, meets the refusal of our address for five minutes.
+        let mut now = t0 + Duration::from_secs(60);
+        let refused = |req: &Request| {
+            reply(
+                req,
+                503,
+                vec![Header::RetryAfter(rsip::headers::RetryAfter::new("300"))],
+            )
+        };
+        let mut tries = Vec::new();
+        while reg.is_bound(now) && tries.len() < 20 {
+            let req = reg.poll_request(now, &via()).unwrap();
+            match reg.on_response(now, &refused(&req)) {
+                Outcome::Failed {
+                    retry_in: Some(d), ..
+                } => tries.push(d.as_secs()),
+                other => panic!("{other:?}"),
+            }
+            now = reg.deadline().unwrap();
+        }
+        // Half the time left each time, never the 300 s asked, down to a second.
+        assert_eq!(&tries[..5], [30, 15, 7, 3, 1], "{tries:?}");
+        assert!(tries.iter().all(|&d| d >= 1), "{tries:?}");
+        // The refusal ends: registered again, and the backoff starts over.
+        let req = reg.poll_request(now, &via()).unwrap();
+        assert_eq!(
+            reg.on_response(now, &reply(&req, 200, vec![])),
+            Outcome::Registered { expires: 120 }
+        );
+    }
+
+    #[test]
+    fn unbound_the_agent_waits_what_the_relay_asks_and_keeps_trying() {
+        let t0 = Instant::now();
+        let mut reg = new_reg(t0);
+        let req = reg.poll_request(t0, &via()).unwrap();
+        let mut old_relay = reply(&req, 403, vec![]);
+        old_relay.status_code = message::status(403, Some("Too many failed attempts"));
+        match reg.on_response(t0, &old_relay) {
+            Outcome::Failed {
+                reason,
+                retry_in: Some(d),
+            } => {
+                assert!(reason.contains("Too many failed attempts"), "{reason}");
+                assert_eq!(d, Duration::from_secs(1), "backoff, then again");
+            }
+            other => panic!("{other:?}"),
+        }
+        let now = reg.deadline().unwrap();
+        let req = reg.poll_request(now, &via()).unwrap();
+        let refused = reply(
+            &req,
+            503,
+            vec![Header::RetryAfter(rsip::headers::RetryAfter::new(
+                "20;duration=60",
+            ))],
+        );
+        match reg.on_response(now, &refused) {
+            Outcome::Failed { retry_in, .. } => {
+                assert_eq!(retry_in, Some(Duration::from_secs(20)))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!reg.is_closed());
+        assert!(reg.deadline().is_some(), "another attempt is due");
     }
 
     #[test]
