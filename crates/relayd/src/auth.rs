@@ -4,9 +4,47 @@
 //! REGISTER is challenged with 401 / `WWW-Authenticate`, every other request with 407 /
 //! `Proxy-Authenticate` (the relay acts as a proxy-like element). Unknown users are challenged
 //! exactly like known ones (the digest server verifies them against a dummy), so the answers
-//! do not tell an attacker which user names exist. Failed attempts are counted per user name;
-//! past the limit the user is refused with 403 for a lock-out period instead of being
-//! challenged again, which stops online password guessing.
+//! do not tell an attacker which user names exist.
+//!
+//! # Failed attempts (issue 14)
+//!
+//! Failures are counted in the pike / fail2ban tradition ([`limits`]), never per user name
+//! alone — a stranger sending wrong answers for alice from its own address must not lock
+//! alice out everywhere:
+//!
+//! * per *source* (an IPv4 address or IPv6 /64), for every failure whatever the name:
+//!   past `[auth] source_max_failures` within `source_window_secs` the source is refused —
+//!   every request from it that needs authentication is answered `503` with `Retry-After`
+//!   (RFC 3261 §21.5.4: a temporary refusal, to be tried again later; `403` would tell a
+//!   client never to repeat it, §21.4.4) — for `source_block_secs`;
+//! * per (user, source) for users that exist: past `max_failures` within `lockout_secs` the
+//!   user's credentials are no longer checked from that source for `lockout_secs` — answered
+//!   with a challenge as if the password were wrong, the same answer an unknown name gets, so
+//!   the lock-out tells an attacker nothing about which names exist, and its guesses while
+//!   locked are wasted even when right;
+//! * a failure over UDP counts `udp_failure_weight` percent of one over TCP or TLS, since a
+//!   UDP source address can be forged;
+//! * unknown user names are counted per source only and never stored; both tables are
+//!   bounded and keyed by a per-process random hash key (see [`limits`]).
+//!
+//! Every failure adds the same weight to its source whether the name exists or not, and the
+//! refusal of a source answers every name alike, so a run of wrong answers gets the same
+//! responses for an existing user as for a made-up one (SIPVicious' svwar and svcrack learn
+//! nothing), while guessing from any one address stays slow.
+//!
+//! # The digest `uri`
+//!
+//! Credentials are computed over a `uri` that must designate the Request-URI (RFC 7616
+//! §3.4.6, RFC 2617 §3.2.2.5: "the server SHOULD return a 400 Bad Request error" when it does
+//! not), else a captured answer for one service could be replayed on a request for another.
+//! A mismatch gets `400`, not a new challenge: a new challenge would be answered over the
+//! same wrong `uri` again, and the RFC's 400 tells the client's operator what is wrong. The
+//! check runs before the user is looked up, so it says nothing about names. With `[auth]
+//! digest_uri = "request-uri-or-relay"` (the default) a `uri` that names the relay itself
+//! (no user part, one of its domains or addresses) is accepted too: sipp, the load generator
+//! of Debian's `sip-tester`, always answers over `sip:<remote host>:<port>` (its
+//! `-auth_uri`; an IPv6 host without brackets), never the Request-URI. `digest_uri =
+//! "request-uri"` refuses that too.
 //!
 //! # Which algorithms are offered
 //!
@@ -20,18 +58,32 @@
 //! algorithm the user was not offered are refused (challenged again), so a user moved to
 //! SHA-256 alone cannot be pushed back to MD5.
 
+pub mod limits;
+
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rsip::prelude::*;
 use rsip::{Header, Request};
 use sip_core::digest::{Algorithm, Credentials, DigestError, DigestServer, StoredCredential};
+use sip_core::uri::Uri;
+use sip_core::Peer;
+use tracing::{info, warn};
 
-/// Who may authenticate: a lookup from user name to stored HA1 hashes.
+use self::limits::{weight, Rule, SourceKey, Table, UserKeys};
+
+/// Who may authenticate: a lookup from user name to stored HA1 hashes, and the names the
+/// relay itself goes by (for the digest `uri` check).
 pub trait CredentialStore: Send + Sync {
     /// The stored credential of `user`, or `None` when no such account exists.
     fn credential(&self, user: &str) -> Option<StoredCredential>;
+
+    /// Whether `uri` names the relay itself (one of its domains or addresses): accepted as a
+    /// digest `uri` under [`DigestUriCheck::RequestUriOrRelay`]. None by default.
+    fn names_relay(&self, _uri: &Uri) -> bool {
+        false
+    }
 }
 
 impl CredentialStore for HashMap<String, StoredCredential> {
@@ -53,19 +105,53 @@ pub enum AuthOutcome {
         /// Why credentials failed, for the log (`None` when there were none).
         failure: Option<String>,
     },
-    /// Refuse with 403: too many failed attempts for this user name.
-    Locked,
+    /// The source address failed too often: refuse with 503 and `Retry-After` (RFC 3261
+    /// §21.5.4, §20.33) without looking at the credentials.
+    SourceRefused {
+        /// How long the source stays refused.
+        retry_after: Duration,
+    },
     /// The credentials cannot be read at all: answer 400 with this reason.
     Malformed(String),
+    /// The digest `uri` does not designate the Request-URI (RFC 7616 §3.4.6): answer 400.
+    UriMismatch {
+        /// The `uri` of the credentials.
+        uri: String,
+    },
 }
 
-/// Limits on failed attempts.
-#[derive(Debug, Clone, Copy)]
+/// Which digest `uri` values are taken for a request (RFC 7616 §3.4.6; see the [module
+/// documentation](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DigestUriCheck {
+    /// Only a URI equal to the Request-URI (RFC 3261 §19.1.4).
+    RequestUri,
+    /// The Request-URI, or a URI naming the relay itself (what sipp sends).
+    #[default]
+    RequestUriOrRelay,
+}
+
+/// Limits on failed attempts (see the [module documentation](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FailurePolicy {
-    /// Failed attempts tolerated per user name before refusing with 403.
+    /// Whole failed attempts of one user from one source before its credentials are no
+    /// longer checked from there.
     pub max_failures: u32,
-    /// How long a user name stays refused, and how long failures are remembered.
+    /// How long those are counted from the first, and how long the user stays locked out
+    /// from that source.
     pub lockout: Duration,
+    /// Whole failed attempts from one source, any user names, before the source is refused.
+    pub source_max_failures: u32,
+    /// How long those are counted from the first.
+    pub source_window: Duration,
+    /// How long a source stays refused.
+    pub source_block: Duration,
+    /// What one failure over UDP weighs, in percent of one over TCP or TLS (1 to 100).
+    pub udp_weight_percent: u32,
+    /// Sources counted at once (the table's bound).
+    pub max_tracked_sources: usize,
+    /// (user, source) pairs counted at once (the table's bound).
+    pub max_tracked_user_sources: usize,
 }
 
 impl Default for FailurePolicy {
@@ -73,14 +159,50 @@ impl Default for FailurePolicy {
         FailurePolicy {
             max_failures: 5,
             lockout: Duration::from_secs(60),
+            source_max_failures: 20,
+            source_window: Duration::from_secs(60),
+            source_block: Duration::from_secs(300),
+            udp_weight_percent: 50,
+            max_tracked_sources: 65_536,
+            max_tracked_user_sources: 65_536,
         }
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Failures {
-    count: u32,
-    last: Instant,
+impl FailurePolicy {
+    fn user_rule(&self) -> Rule {
+        Rule {
+            max_failures: self.max_failures,
+            window: self.lockout,
+            block: self.lockout,
+        }
+    }
+
+    fn source_rule(&self) -> Rule {
+        Rule {
+            max_failures: self.source_max_failures,
+            window: self.source_window,
+            block: self.source_block,
+        }
+    }
+}
+
+/// Counters of the authenticator, for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct AuthStats {
+    /// Failed digest answers (wrong password, unknown user, algorithm not offered, or a
+    /// user locked out from that source).
+    pub failures: AtomicU64,
+    /// Times a (user, source) pair was locked out.
+    pub user_lockouts: AtomicU64,
+    /// Times a source was refused.
+    pub sources_refused: AtomicU64,
+    /// Requests refused because their source was.
+    pub source_refusals: AtomicU64,
+    /// Counters evicted from a full table.
+    pub evictions: AtomicU64,
+    /// Credentials whose digest `uri` did not designate the Request-URI.
+    pub uri_mismatches: AtomicU64,
 }
 
 /// Which header pair a challenge uses.
@@ -111,11 +233,19 @@ impl ChallengeKind {
     }
 }
 
-/// Checks credentials and builds challenges; shared by every task of the relay.
+/// Checks credentials (RFC 3261 §22.4, RFC 7616 §3.4) and builds challenges (§22.1, RFC
+/// 8760 §2.4), and counts failed attempts per source and per (user, source) (see the
+/// [module documentation](self)); shared by every task of the relay.
 pub struct Authenticator {
     digest: DigestServer,
-    failures: Vec<Mutex<HashMap<String, Failures>>>,
     policy: FailurePolicy,
+    uri_check: DigestUriCheck,
+    /// Failures per source address.
+    sources: Table<SourceKey>,
+    /// Failures per (keyed hash of a known user's name, source address).
+    user_sources: Table<(u64, SourceKey)>,
+    user_keys: UserKeys,
+    stats: AuthStats,
     /// Offered to users without a list of their own (and to unknown users).
     default: Vec<Algorithm>,
     /// Users and accounts with their own list.
@@ -123,8 +253,6 @@ pub struct Authenticator {
     /// Every algorithm offered to anyone, in the order the digest server challenges.
     accepted: Vec<Algorithm>,
 }
-
-const FAILURE_SHARDS: usize = 16;
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -144,14 +272,23 @@ impl Authenticator {
         let default = vec![Algorithm::Md5];
         Authenticator {
             digest: DigestServer::new(realm, secret, nonce_ttl).with_algorithms(&default),
-            failures: (0..FAILURE_SHARDS)
-                .map(|_| Mutex::new(HashMap::new()))
-                .collect(),
+            uri_check: DigestUriCheck::default(),
+            sources: Table::new(policy.max_tracked_sources),
+            user_sources: Table::new(policy.max_tracked_user_sources),
+            user_keys: UserKeys::new(),
+            stats: AuthStats::default(),
             policy,
             accepted: default.clone(),
             default,
             per_user: HashMap::new(),
         }
+    }
+
+    /// Takes digest `uri` values as `check` says (RFC 7616 §3.4.6); the default is
+    /// [`DigestUriCheck::RequestUriOrRelay`].
+    pub fn with_uri_check(mut self, check: DigestUriCheck) -> Authenticator {
+        self.uri_check = check;
+        self
     }
 
     /// Challenges users without a list of their own with `algorithms`, in this order (RFC
@@ -204,45 +341,109 @@ impl Authenticator {
         self.digest.realm()
     }
 
-    fn shard(&self, user: &str) -> &Mutex<HashMap<String, Failures>> {
-        let h = user
-            .bytes()
-            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
-        &self.failures[h % self.failures.len()]
+    /// The counters, for the metrics endpoint.
+    pub fn stats(&self) -> &AuthStats {
+        &self.stats
     }
 
-    fn locked(&self, user: &str, now: Instant) -> bool {
-        let map = self.shard(user).lock().unwrap_or_else(|p| p.into_inner());
-        map.get(user).is_some_and(|f| {
-            f.count >= self.policy.max_failures && now.duration_since(f.last) < self.policy.lockout
-        })
+    /// How many sources have failure counters.
+    pub fn tracked_sources(&self) -> usize {
+        self.sources.len()
     }
 
-    fn record_failure(&self, user: &str, now: Instant) {
-        let mut map = self.shard(user).lock().unwrap_or_else(|p| p.into_inner());
-        let lockout = self.policy.lockout;
-        map.retain(|_, f| now.duration_since(f.last) < lockout);
-        let entry = map.entry(user.to_string()).or_insert(Failures {
-            count: 0,
-            last: now,
-        });
-        entry.count += 1;
-        entry.last = now;
+    /// How many (user, source) pairs have failure counters.
+    pub fn tracked_user_sources(&self) -> usize {
+        self.user_sources.len()
     }
 
-    fn clear_failures(&self, user: &str) {
-        let mut map = self.shard(user).lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(user);
+    /// Counts one failure from `source` (weighted by `transport`), and for `user` from there
+    /// when the user exists; whether the source is refused now.
+    fn record_failure(
+        &self,
+        user: Option<&str>,
+        source: SourceKey,
+        from: &Peer,
+        now: Instant,
+    ) -> bool {
+        self.stats.failures.fetch_add(1, Ordering::Relaxed);
+        let weight = weight(from.transport, self.policy.udp_weight_percent);
+        if let Some(user) = user {
+            let counted = self.user_sources.fail(
+                (self.user_keys.of(user), source),
+                weight,
+                &self.policy.user_rule(),
+                now,
+            );
+            self.stats
+                .evictions
+                .fetch_add(counted.evicted, Ordering::Relaxed);
+            if counted.newly_refused {
+                self.stats.user_lockouts.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    %user,
+                    source = %from.addr.ip(),
+                    lockout_secs = self.policy.lockout.as_secs(),
+                    "user locked out from this source after too many failed attempts"
+                );
+            }
+        }
+        let counted = self
+            .sources
+            .fail(source, weight, &self.policy.source_rule(), now);
+        self.stats
+            .evictions
+            .fetch_add(counted.evicted, Ordering::Relaxed);
+        if counted.newly_refused {
+            self.stats.sources_refused.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                source = %from.addr.ip(),
+                transport = ?from.transport,
+                block_secs = self.policy.source_block.as_secs(),
+                "source refused after too many failed authentication attempts"
+            );
+        }
+        counted.newly_refused
     }
 
-    /// Checks the credentials of `req` (in the header that `kind` names) against `store`.
+    /// The answer to a failed attempt: a challenge, unless this failure got the source
+    /// refused (then the same refusal every later request from it gets).
+    fn failed(
+        &self,
+        user: Option<&str>,
+        source: SourceKey,
+        from: &Peer,
+        now: Instant,
+        failure: &str,
+    ) -> AuthOutcome {
+        if self.record_failure(user, source, from, now) {
+            self.stats.source_refusals.fetch_add(1, Ordering::Relaxed);
+            return AuthOutcome::SourceRefused {
+                retry_after: self.policy.source_block,
+            };
+        }
+        AuthOutcome::Challenge {
+            stale: false,
+            failure: Some(failure.into()),
+        }
+    }
+
+    /// Checks the credentials of `req` (in the header that `kind` names) against `store`,
+    /// for a request that came from `from`, at `now`.
     pub fn check(
         &self,
         req: &Request,
         kind: ChallengeKind,
         store: &dyn CredentialStore,
+        from: &Peer,
         now: Instant,
     ) -> AuthOutcome {
+        let source = SourceKey::of(from.addr.ip());
+        if let Some(until) = self.sources.refused_until(&source, now) {
+            self.stats.source_refusals.fetch_add(1, Ordering::Relaxed);
+            return AuthOutcome::SourceRefused {
+                retry_after: until.saturating_duration_since(now),
+            };
+        }
         let method = req.method.to_string();
         let mut malformed = None;
         let mut found = None;
@@ -276,54 +477,77 @@ impl Authenticator {
                 },
             };
         };
-        if self.locked(&creds.username, now) {
-            return AuthOutcome::Locked;
+        if !self.uri_designates_request(&creds, req, store) {
+            self.stats.uri_mismatches.fetch_add(1, Ordering::Relaxed);
+            return AuthOutcome::UriMismatch { uri: creds.uri };
         }
         if !self
             .algorithms_for(Some(&creds.username))
             .contains(&creds.algorithm)
         {
-            return AuthOutcome::Challenge {
-                stale: false,
-                failure: Some(format!(
-                    "algorithm {} not offered to this user",
-                    creds.algorithm.name()
-                )),
-            };
+            // Counted against the source alone, as for an unknown name.
+            let failure = format!(
+                "algorithm {} not offered to this user",
+                creds.algorithm.name()
+            );
+            return self.failed(None, source, from, now, &failure);
         }
         match self
             .digest
             .verify(&creds, &method, |u| store.credential(u), unix_now())
         {
+            // Locked out from this source: the right password is not taken either, and the
+            // answer is the one a wrong password gets (also for a right answer to an expired
+            // nonce, whose `stale=true` would otherwise tell a right guess from a wrong one).
+            Ok(_) | Err(DigestError::Stale) if self.locked_out(&creds.username, source, now) => {
+                let user = Some(creds.username.as_str());
+                self.failed(user, source, from, now, "user locked out from this source")
+            }
             Ok(v) => {
-                self.clear_failures(&v.username);
+                self.user_sources
+                    .reset(&(self.user_keys.of(&v.username), source));
                 AuthOutcome::Authenticated(v.username)
             }
             Err(DigestError::Stale) => AuthOutcome::Challenge {
                 stale: true,
                 failure: Some("nonce expired".into()),
             },
-            Err(e @ (DigestError::WrongResponse | DigestError::UnknownUser)) => {
-                self.record_failure(&creds.username, now);
-                if self.locked(&creds.username, now) {
-                    AuthOutcome::Locked
-                } else {
-                    // Unknown and known users get the same answer.
-                    let failure = if e == DigestError::UnknownUser {
-                        "unknown user"
-                    } else {
-                        "wrong password"
-                    };
-                    AuthOutcome::Challenge {
-                        stale: false,
-                        failure: Some(failure.into()),
-                    }
-                }
+            // Unknown and known users get the same answer; only a known name is counted
+            // per (user, source), and no name is ever stored.
+            Err(DigestError::WrongResponse) => {
+                self.failed(Some(&creds.username), source, from, now, "wrong password")
             }
+            Err(DigestError::UnknownUser) => self.failed(None, source, from, now, "unknown user"),
             Err(e) => AuthOutcome::Challenge {
                 stale: false,
                 failure: Some(e.to_string()),
             },
+        }
+    }
+
+    /// Whether `user` is locked out from `source` at `now`.
+    fn locked_out(&self, user: &str, source: SourceKey, now: Instant) -> bool {
+        self.user_sources
+            .refused_until(&(self.user_keys.of(user), source), now)
+            .is_some()
+    }
+
+    /// Whether the digest `uri` of `creds` is one taken for `req` (see [`DigestUriCheck`]).
+    fn uri_designates_request(
+        &self,
+        creds: &Credentials,
+        req: &Request,
+        store: &dyn CredentialStore,
+    ) -> bool {
+        if creds.uri_matches(&req.uri.to_string()) {
+            return true;
+        }
+        match self.uri_check {
+            DigestUriCheck::RequestUri => false,
+            DigestUriCheck::RequestUriOrRelay => Uri::parse(&creds.uri)
+                .ok()
+                .or_else(|| bracket_bare_ipv6(&creds.uri))
+                .is_some_and(|u| u.is_sip() && u.user().is_none() && store.names_relay(&u)),
         }
     }
 
@@ -380,7 +604,25 @@ impl Authenticator {
     /// Forgets expired nonces and failure counts; call now and then.
     pub fn prune(&self) {
         self.digest.prune(unix_now());
+        self.prune_failures(Instant::now());
     }
+
+    /// Forgets the failure counts that no longer count at `now`.
+    pub fn prune_failures(&self, now: Instant) {
+        self.sources.prune(&self.policy.source_rule(), now);
+        self.user_sources.prune(&self.policy.user_rule(), now);
+    }
+}
+
+/// sipp's digest `uri` toward an IPv6 relay, `sip:<address>:<port>` with the address not in
+/// brackets (it prints `sip:%s:%d`), read as the URI it means (`sip:[::1]:5060`); `None`
+/// for anything else.
+fn bracket_bare_ipv6(uri: &str) -> Option<Uri> {
+    let rest = uri.strip_prefix("sip:")?;
+    let (host, port) = rest.rsplit_once(':')?;
+    let ip: std::net::Ipv6Addr = host.parse().ok()?;
+    let port: u16 = port.parse().ok()?;
+    Uri::parse(&format!("sip:[{ip}]:{port}")).ok()
 }
 
 /// The user a request speaks for, to choose the algorithms of its challenge: the username
@@ -423,6 +665,8 @@ fn uri_user(value: &str) -> Option<String> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use rand::RngCore;
+    use std::net::SocketAddr;
 
     fn store() -> HashMap<String, StoredCredential> {
         let mut m = HashMap::new();
@@ -476,15 +720,7 @@ mod tests {
     }
 
     fn authenticator(max_failures: u32) -> Authenticator {
-        Authenticator::new(
-            "relay.test",
-            [7u8; 32],
-            Duration::from_secs(300),
-            FailurePolicy {
-                max_failures,
-                lockout: Duration::from_secs(60),
-            },
-        )
+        with_policy(policy(max_failures))
     }
 
     #[test]
@@ -591,6 +827,7 @@ mod tests {
                 &request(Some(creds)),
                 ChallengeKind::Proxy,
                 &store,
+                &udp(1),
                 Instant::now()
             ),
             AuthOutcome::Authenticated("alice".into())
@@ -612,6 +849,7 @@ mod tests {
             &request(Some(creds)),
             ChallengeKind::Proxy,
             &store,
+            &udp(1),
             Instant::now(),
         );
         assert!(
@@ -635,6 +873,7 @@ mod tests {
             &request(Some(creds)),
             ChallengeKind::Proxy,
             &store(),
+            &udp(1),
             Instant::now(),
         );
         assert!(matches!(out, AuthOutcome::Challenge { .. }), "{out:?}");
@@ -668,6 +907,7 @@ mod tests {
             &request(None),
             ChallengeKind::Proxy,
             &store(),
+            &udp(1),
             Instant::now(),
         );
         assert_eq!(
@@ -695,44 +935,451 @@ mod tests {
             &request(Some(creds)),
             ChallengeKind::Proxy,
             &store(),
+            &udp(1),
             Instant::now(),
         );
         assert_eq!(out, AuthOutcome::Authenticated("alice".into()));
     }
 
+    /// A UDP peer on 10.0.0.`n`.
+    fn udp(n: u8) -> Peer {
+        Peer::udp(SocketAddr::from(([10, 0, 0, n], 5060)))
+    }
+
+    /// A TCP peer on 10.0.0.`n`.
+    fn tcp(n: u8) -> Peer {
+        Peer::tcp(SocketAddr::from(([10, 0, 0, n], 5060)))
+    }
+
+    /// Failure limits for the tests: `max_failures` per (user, source), 60 s lock-out;
+    /// sources refused after 10 failures within 60 s, for 300 s; UDP counts half.
+    fn policy(max_failures: u32) -> FailurePolicy {
+        FailurePolicy {
+            max_failures,
+            lockout: Duration::from_secs(60),
+            source_max_failures: 10,
+            source_window: Duration::from_secs(60),
+            source_block: Duration::from_secs(300),
+            udp_weight_percent: 50,
+            max_tracked_sources: 1024,
+            max_tracked_user_sources: 1024,
+        }
+    }
+
+    fn with_policy(policy: FailurePolicy) -> Authenticator {
+        Authenticator::new("relay.test", [7u8; 32], Duration::from_secs(300), policy)
+    }
+
+    fn is_challenge(out: &AuthOutcome) -> bool {
+        matches!(out, AuthOutcome::Challenge { stale: false, .. })
+    }
+
+    /// `user`'s INVITE with credentials for `password` (a fresh nonce-count each time).
+    fn attempt(
+        auth: &Authenticator,
+        user: &str,
+        password: &str,
+        from: &Peer,
+        now: Instant,
+    ) -> AuthOutcome {
+        static NC: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        let nc = NC.fetch_add(1, Ordering::Relaxed);
+        let creds = answer(auth, user, password, nc);
+        auth.check(
+            &request(Some(creds)),
+            ChallengeKind::Proxy,
+            &store(),
+            from,
+            now,
+        )
+    }
+
     #[test]
-    fn wrong_password_is_challenged_then_locked() {
-        let auth = authenticator(3);
+    fn failures_lock_a_user_out_from_one_source_only() {
+        let auth = with_policy(policy(3));
         let now = Instant::now();
-        for i in 1..=2 {
-            let creds = answer(&auth, "alice", "guess", i);
-            let out = auth.check(&request(Some(creds)), ChallengeKind::Proxy, &store(), now);
-            assert!(
-                matches!(out, AuthOutcome::Challenge { stale: false, .. }),
-                "attempt {i}: {out:?}"
+        // Three wrong answers over TCP from 10.0.0.1: challenged each time.
+        for i in 1..=3 {
+            let out = attempt(&auth, "alice", "guess", &tcp(1), now);
+            assert!(is_challenge(&out), "attempt {i}: {out:?}");
+        }
+        assert_eq!(auth.stats().user_lockouts.load(Ordering::Relaxed), 1);
+        // Locked out from 10.0.0.1: the right password is answered as a wrong one.
+        let out = attempt(&auth, "alice", "alice-secret", &tcp(1), now);
+        assert!(
+            matches!(&out, AuthOutcome::Challenge { stale: false, failure: Some(f) } if f.contains("locked")),
+            "{out:?}"
+        );
+        // From anywhere else alice is alice, at once.
+        for from in [tcp(2), udp(3)] {
+            assert_eq!(
+                attempt(&auth, "alice", "alice-secret", &from, now),
+                AuthOutcome::Authenticated("alice".into()),
+                "from {from}"
             );
         }
-        let creds = answer(&auth, "alice", "guess", 3);
+        // After the lock-out, from 10.0.0.1 too; the success clears its count.
+        let later = now + Duration::from_secs(60);
         assert_eq!(
-            auth.check(&request(Some(creds)), ChallengeKind::Proxy, &store(), now),
-            AuthOutcome::Locked
-        );
-        // Even the right password is refused while locked; allowed again after the lock-out.
-        let creds = answer(&auth, "alice", "alice-secret", 4);
-        assert_eq!(
-            auth.check(
-                &request(Some(creds.clone())),
-                ChallengeKind::Proxy,
-                &store(),
-                now
-            ),
-            AuthOutcome::Locked
-        );
-        let later = now + Duration::from_secs(61);
-        assert_eq!(
-            auth.check(&request(Some(creds)), ChallengeKind::Proxy, &store(), later),
+            attempt(&auth, "alice", "alice-secret", &tcp(1), later),
             AuthOutcome::Authenticated("alice".into())
         );
+        for _ in 1..=2 {
+            attempt(&auth, "alice", "guess", &tcp(1), later);
+        }
+        assert_eq!(
+            attempt(&auth, "alice", "alice-secret", &tcp(1), later),
+            AuthOutcome::Authenticated("alice".into()),
+            "two failures after the success do not lock"
+        );
+    }
+
+    #[test]
+    fn a_failure_over_udp_counts_half() {
+        let auth = with_policy(policy(3));
+        let now = Instant::now();
+        // 3 whole failures: 6 over UDP.
+        for _ in 1..=5 {
+            attempt(&auth, "alice", "guess", &udp(1), now);
+        }
+        assert_eq!(
+            attempt(&auth, "alice", "alice-secret", &udp(1), now),
+            AuthOutcome::Authenticated("alice".into()),
+            "five UDP failures are two and a half"
+        );
+        for _ in 1..=6 {
+            attempt(&auth, "alice", "guess", &udp(1), now);
+        }
+        assert!(is_challenge(&attempt(
+            &auth,
+            "alice",
+            "alice-secret",
+            &udp(1),
+            now
+        )));
+        // Over TCP a failure counts in full: three lock alice out from another source.
+        for _ in 1..=3 {
+            attempt(&auth, "alice", "guess", &tcp(2), now);
+        }
+        assert!(is_challenge(&attempt(
+            &auth,
+            "alice",
+            "alice-secret",
+            &tcp(2),
+            now
+        )));
+        assert_eq!(auth.stats().user_lockouts.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn unknown_users_are_never_stored_and_count_against_their_source() {
+        let auth = with_policy(policy(3));
+        let now = Instant::now();
+        let long = "x".repeat(60_000);
+        for name in ["mallory", "eve", long.as_str()] {
+            let out = attempt(&auth, name, "guess", &tcp(1), now);
+            assert!(is_challenge(&out), "{out:?}");
+        }
+        assert_eq!(auth.tracked_user_sources(), 0, "no unknown name is stored");
+        assert_eq!(auth.tracked_sources(), 1);
+        assert_eq!(auth.stats().failures.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn a_failing_source_is_refused_then_released_on_the_clock() {
+        let auth = with_policy(policy(3));
+        let t0 = Instant::now();
+        // Ten whole failures (TCP) from 10.0.0.1 under as many names: the tenth refuses it.
+        for i in 1..=9 {
+            let out = attempt(&auth, &format!("name{i}"), "guess", &tcp(1), t0);
+            assert!(is_challenge(&out), "attempt {i}: {out:?}");
+        }
+        assert_eq!(
+            attempt(&auth, "name10", "guess", &tcp(1), t0),
+            AuthOutcome::SourceRefused {
+                retry_after: Duration::from_secs(300)
+            }
+        );
+        assert_eq!(auth.stats().sources_refused.load(Ordering::Relaxed), 1);
+        // Refused for everything, with or without credentials, right or wrong, any name.
+        let t1 = t0 + Duration::from_secs(100);
+        assert_eq!(
+            attempt(&auth, "alice", "alice-secret", &tcp(1), t1),
+            AuthOutcome::SourceRefused {
+                retry_after: Duration::from_secs(200)
+            }
+        );
+        let bare = auth.check(&request(None), ChallengeKind::Proxy, &store(), &udp(1), t1);
+        assert!(
+            matches!(bare, AuthOutcome::SourceRefused { .. }),
+            "{bare:?}"
+        );
+        // Others are not.
+        assert_eq!(
+            attempt(&auth, "alice", "alice-secret", &tcp(2), t1),
+            AuthOutcome::Authenticated("alice".into())
+        );
+        // Released after source_block_secs (300 s), on the clock given.
+        let t2 = t0 + Duration::from_secs(299);
+        assert!(matches!(
+            attempt(&auth, "alice", "alice-secret", &tcp(1), t2),
+            AuthOutcome::SourceRefused { .. }
+        ));
+        let t3 = t0 + Duration::from_secs(300);
+        assert_eq!(
+            attempt(&auth, "alice", "alice-secret", &tcp(1), t3),
+            AuthOutcome::Authenticated("alice".into())
+        );
+        assert!(auth.stats().source_refusals.load(Ordering::Relaxed) >= 4);
+        // Failures that have expired are pruned.
+        auth.prune_failures(t3 + Duration::from_secs(60));
+        assert_eq!(auth.tracked_sources(), 0);
+    }
+
+    #[test]
+    fn failures_spread_over_more_than_the_window_do_not_refuse_a_source() {
+        let auth = with_policy(policy(100));
+        let t0 = Instant::now();
+        for i in 0..30u64 {
+            let now = t0 + Duration::from_secs(i * 7);
+            let out = attempt(&auth, "alice", "guess", &tcp(1), now);
+            assert!(is_challenge(&out), "failure {i}: {out:?}");
+        }
+    }
+
+    #[test]
+    fn the_tables_stay_bounded_under_100_000_random_names() {
+        let mut p = policy(3);
+        p.max_tracked_sources = 256;
+        p.max_tracked_user_sources = 256;
+        p.source_max_failures = 100_000;
+        let auth = with_policy(p);
+        let now = Instant::now();
+        let nonce = {
+            let value = auth.challenge_headers(ChallengeKind::Proxy, false)[0].to_string();
+            sip_core::digest::Challenge::parse(value.split_once(": ").unwrap().1)
+                .unwrap()
+                .nonce
+        };
+        let mut base = request(None);
+        let mut rng = rand::thread_rng();
+        for i in 0..100_000u32 {
+            // A random name (up to 64 bytes), from a source of its own.
+            let len = 1 + (rng.next_u32() % 64) as usize;
+            let name: String = (0..len)
+                .map(|_| char::from(b'a' + (rng.next_u32() % 26) as u8))
+                .collect();
+            let creds = format!(
+                "Digest username=\"{name}\", realm=\"relay.test\", nonce=\"{nonce}\", \
+                 uri=\"sip:echo@relay.test\", response=\"{:032x}\", algorithm=MD5, \
+                 cnonce=\"c\", qop=auth, nc=00000001",
+                i
+            );
+            base.headers
+                .retain(|h| !matches!(h, Header::ProxyAuthorization(_)));
+            base.headers.push(Header::ProxyAuthorization(
+                rsip::headers::ProxyAuthorization::new(creds),
+            ));
+            let [a, b, c, d] = i.to_be_bytes();
+            let from = Peer::udp(SocketAddr::from(([10 ^ a, b, c, d], 5060)));
+            let out = auth.check(&base, ChallengeKind::Proxy, &store(), &from, now);
+            assert!(is_challenge(&out), "{out:?}");
+        }
+        assert_eq!(auth.stats().failures.load(Ordering::Relaxed), 100_000);
+        assert_eq!(
+            auth.tracked_user_sources(),
+            0,
+            "random names are never stored"
+        );
+        assert!(auth.tracked_sources() <= 256, "{}", auth.tracked_sources());
+        assert!(auth.stats().evictions.load(Ordering::Relaxed) >= 100_000 - 256);
+        // Known users from as many sources are bounded too.
+        for i in 0..5_000u32 {
+            let [_, _, c, d] = i.to_be_bytes();
+            let from = Peer::tcp(SocketAddr::from(([172, 16, c, d], 5060)));
+            attempt(&auth, "alice", "guess", &from, now);
+        }
+        assert!(
+            auth.tracked_user_sources() <= 256,
+            "{}",
+            auth.tracked_user_sources()
+        );
+        assert!(auth.tracked_sources() <= 256);
+    }
+
+    #[test]
+    fn a_run_of_wrong_answers_looks_the_same_for_a_known_and_an_unknown_name() {
+        let auth = with_policy(policy(3));
+        let now = Instant::now();
+        let run = |user: &str, from: &Peer| -> Vec<String> {
+            (0..25)
+                .map(|_| match attempt(&auth, user, "guess", from, now) {
+                    AuthOutcome::Challenge { stale, .. } => format!("challenge stale={stale}"),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        };
+        let known = run("alice", &udp(1));
+        let unknown = run("nobody", &udp(2));
+        assert_eq!(known, unknown);
+        assert!(
+            known.last().is_some_and(|s| s.contains("SourceRefused")),
+            "{known:?}"
+        );
+    }
+
+    #[test]
+    fn a_locked_out_user_is_not_told_a_right_guess_by_a_stale_nonce() {
+        let auth = with_policy(policy(3));
+        let now = Instant::now();
+        for _ in 0..3 {
+            attempt(&auth, "alice", "guess", &tcp(1), now);
+        }
+        // A right answer to a challenge issued an hour ago (nonces live 300 s here).
+        let old = auth.digest.challenge(unix_now() - 3600, false);
+        let creds = sip_core::digest::respond(
+            &old[0],
+            "INVITE",
+            "sip:echo@relay.test",
+            "alice",
+            "alice-secret",
+            "c",
+            1,
+        )
+        .unwrap();
+        let locked = auth.check(
+            &request(Some(creds.clone())),
+            ChallengeKind::Proxy,
+            &store(),
+            &tcp(1),
+            now,
+        );
+        assert_eq!(
+            locked,
+            AuthOutcome::Challenge {
+                stale: false,
+                failure: Some("user locked out from this source".into())
+            }
+        );
+        // From elsewhere, the same answer is stale, as it should be.
+        let elsewhere = auth.check(
+            &request(Some(creds)),
+            ChallengeKind::Proxy,
+            &store(),
+            &tcp(2),
+            now,
+        );
+        assert!(
+            matches!(elsewhere, AuthOutcome::Challenge { stale: true, .. }),
+            "{elsewhere:?}"
+        );
+    }
+
+    /// A store that knows alice and goes by relay.test and 127.0.0.1:5060.
+    struct Relayish(HashMap<String, StoredCredential>);
+
+    impl CredentialStore for Relayish {
+        fn credential(&self, user: &str) -> Option<StoredCredential> {
+            self.0.credential(user)
+        }
+
+        fn names_relay(&self, uri: &Uri) -> bool {
+            matches!(uri.host_port_text(), Some("relay.test" | "127.0.0.1:5060"))
+        }
+    }
+
+    /// A store that knows alice and goes by [::1]:5060.
+    struct Relayish6(HashMap<String, StoredCredential>);
+
+    impl CredentialStore for Relayish6 {
+        fn credential(&self, user: &str) -> Option<StoredCredential> {
+            self.0.credential(user)
+        }
+
+        fn names_relay(&self, uri: &Uri) -> bool {
+            uri.host_port_text() == Some("[::1]:5060")
+        }
+    }
+
+    fn with_digest_uri(auth: &Authenticator, uri: &str) -> Request {
+        let challenge = auth.challenge_headers(ChallengeKind::Proxy, false)[0].to_string();
+        let value = challenge.split_once(": ").unwrap().1.to_string();
+        let creds =
+            sip_core::digest::respond(&value, "INVITE", uri, "alice", "alice-secret", "c", 1)
+                .unwrap();
+        request(Some(creds))
+    }
+
+    #[test]
+    fn a_digest_uri_other_than_the_request_uri_is_refused() {
+        let store = Relayish(store());
+        let now = Instant::now();
+        let auth = with_policy(policy(3));
+        // The Request-URI is sip:echo@relay.test.
+        for uri in [
+            "sip:echo@relay.test",
+            "sip:echo@RELAY.TEST",
+            "sip:127.0.0.1:5060",
+            "sip:relay.test",
+        ] {
+            let out = auth.check(
+                &with_digest_uri(&auth, uri),
+                ChallengeKind::Proxy,
+                &store,
+                &tcp(1),
+                now,
+            );
+            assert_eq!(out, AuthOutcome::Authenticated("alice".into()), "{uri}");
+        }
+        for uri in [
+            "sip:premium@relay.test",
+            "sip:echo@elsewhere.test",
+            "sip:10.9.9.9:5060",
+            "sip:alice@127.0.0.1:5060",
+        ] {
+            let out = auth.check(
+                &with_digest_uri(&auth, uri),
+                ChallengeKind::Proxy,
+                &store,
+                &tcp(1),
+                now,
+            );
+            assert_eq!(out, AuthOutcome::UriMismatch { uri: uri.into() }, "{uri}");
+        }
+        // sipp's unbracketed IPv6 form of the relay's address.
+        let v6 = Relayish6(store.0.clone());
+        let out = auth.check(
+            &with_digest_uri(&auth, "sip:::1:5060"),
+            ChallengeKind::Proxy,
+            &v6,
+            &tcp(1),
+            now,
+        );
+        assert_eq!(out, AuthOutcome::Authenticated("alice".into()));
+        assert!(bracket_bare_ipv6("sip:::1").is_none());
+        assert!(bracket_bare_ipv6("sip:alice@::1:5060").is_none());
+        assert!(bracket_bare_ipv6("sips:::1:5060").is_none());
+        // Strictly the Request-URI: the relay's own name is refused too.
+        let strict = with_policy(policy(3)).with_uri_check(DigestUriCheck::RequestUri);
+        let out = strict.check(
+            &with_digest_uri(&strict, "sip:127.0.0.1:5060"),
+            ChallengeKind::Proxy,
+            &store,
+            &tcp(1),
+            now,
+        );
+        assert!(matches!(out, AuthOutcome::UriMismatch { .. }), "{out:?}");
+        let out = strict.check(
+            &with_digest_uri(&strict, "sip:echo@relay.test"),
+            ChallengeKind::Proxy,
+            &store,
+            &tcp(1),
+            now,
+        );
+        assert_eq!(out, AuthOutcome::Authenticated("alice".into()));
+        // A mismatch is not a guess: nothing is counted, whoever the name.
+        assert_eq!(auth.stats().uri_mismatches.load(Ordering::Relaxed), 4);
+        assert_eq!(auth.stats().failures.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -743,12 +1390,14 @@ mod tests {
             &request(Some(answer(&auth, "mallory", "x", 1))),
             ChallengeKind::Proxy,
             &store(),
+            &udp(1),
             now,
         );
         let wrong = auth.check(
             &request(Some(answer(&auth, "alice", "x", 1))),
             ChallengeKind::Proxy,
             &store(),
+            &udp(1),
             now,
         );
         assert!(matches!(
@@ -765,6 +1414,7 @@ mod tests {
             &request(Some("Digest ,,,=\"".into())),
             ChallengeKind::Proxy,
             &store(),
+            &udp(1),
             Instant::now(),
         );
         assert!(matches!(out, AuthOutcome::Malformed(_)), "{out:?}");

@@ -355,17 +355,42 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
-/// `[auth]`: digest authentication limits.
+/// `[auth]`: digest authentication and its limits on failed attempts (RFC 3261 §22; issue
+/// 14: counted per source address and per (user, source), never per user name alone; see
+/// `crate::auth` and docs/operations.md, "Authentication limits").
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default, expecting = "an [auth] table")]
 pub struct AuthConfig {
     /// How long a nonce stays valid, in seconds; after that the client is challenged with
     /// `stale=true`.
     pub nonce_ttl_secs: u32,
-    /// Failed attempts per user name before the relay answers 403 instead of challenging.
+    /// Failed attempts of one user from one source address (a UDP one counting
+    /// `udp_failure_weight` percent) before that user's credentials are no longer checked
+    /// from there (answered as a wrong password) — 1 to 1000.
     pub max_failures: u32,
-    /// How long a user name stays refused after too many failures, in seconds.
+    /// How long those failures are counted from the first, and how long the user then stays
+    /// locked out from that source, in seconds — 1 to 604800.
     pub lockout_secs: u32,
+    /// Failed attempts from one source address (IPv4, or IPv6 /64), whatever the user names,
+    /// before the source is refused (503 with Retry-After) — 1 to 100000.
+    pub source_max_failures: u32,
+    /// How long a source's failures are counted from the first, in seconds — 1 to 604800.
+    pub source_window_secs: u32,
+    /// How long a source stays refused, in seconds — 1 to 604800.
+    pub source_block_secs: u32,
+    /// What a failure over UDP counts, in percent of one over TCP or TLS (a UDP source
+    /// address can be forged) — 1 to 100.
+    pub udp_failure_weight: u32,
+    /// Source addresses whose failures are counted at once; past it the oldest idle one is
+    /// forgotten — 16 to 16777216.
+    pub max_tracked_sources: u32,
+    /// (user, source) pairs whose failures are counted at once (only users that exist) —
+    /// 16 to 16777216.
+    pub max_tracked_user_sources: u32,
+    /// Which digest `uri` values are taken (RFC 7616 §3.4.6): "request-uri" (the
+    /// Request-URI only) or "request-uri-or-relay" (also a URI naming the relay itself, as
+    /// sipp sends; the default). Another `uri` gets 400.
+    pub digest_uri: String,
     /// The digest algorithms every user is challenged with unless its own
     /// `digest_algorithms` says otherwise, one challenge each, in this order (RFC 8760
     /// §2.4): any of "MD5", "SHA-256", "MD5-sess", "SHA-256-sess". The default is MD5 alone,
@@ -382,12 +407,43 @@ impl Default for AuthConfig {
             nonce_ttl_secs: 300,
             max_failures: 5,
             lockout_secs: 60,
+            source_max_failures: 20,
+            source_window_secs: 60,
+            source_block_secs: 300,
+            udp_failure_weight: 50,
+            max_tracked_sources: 65_536,
+            max_tracked_user_sources: 65_536,
+            digest_uri: "request-uri-or-relay".into(),
             algorithms: vec!["MD5".into()],
         }
     }
 }
 
 impl AuthConfig {
+    /// The limits on failed attempts.
+    pub fn failure_policy(&self) -> crate::auth::FailurePolicy {
+        let secs = |s: u32| Duration::from_secs(u64::from(s));
+        crate::auth::FailurePolicy {
+            max_failures: self.max_failures,
+            lockout: secs(self.lockout_secs),
+            source_max_failures: self.source_max_failures,
+            source_window: secs(self.source_window_secs),
+            source_block: secs(self.source_block_secs),
+            udp_weight_percent: self.udp_failure_weight,
+            max_tracked_sources: self.max_tracked_sources as usize,
+            max_tracked_user_sources: self.max_tracked_user_sources as usize,
+        }
+    }
+
+    /// The digest `uri` check of `digest_uri`, or `None` for a value that is not one.
+    pub fn digest_uri_check(&self) -> Option<crate::auth::DigestUriCheck> {
+        match self.digest_uri.as_str() {
+            "request-uri" => Some(crate::auth::DigestUriCheck::RequestUri),
+            "request-uri-or-relay" => Some(crate::auth::DigestUriCheck::RequestUriOrRelay),
+            _ => None,
+        }
+    }
+
     /// The configured algorithms, or the name that is not one.
     pub fn digest_algorithms(&self) -> Result<Vec<sip_core::digest::Algorithm>, String> {
         algorithms(&self.algorithms)
@@ -1092,6 +1148,70 @@ impl Config {
             p.add("auth.algorithms", format!("unknown digest algorithm {name:?}: expected MD5, SHA-256, MD5-sess or SHA-256-sess"));
         } else if self.auth.algorithms.is_empty() {
             p.add("auth.algorithms", "must name at least one digest algorithm");
+        }
+        let a = &self.auth;
+        const WEEK: u32 = 7 * 24 * 3600;
+        for (key, value, min, max, unit) in [
+            ("auth.max_failures", a.max_failures, 1, 1000, ""),
+            ("auth.lockout_secs", a.lockout_secs, 1, WEEK, " seconds"),
+            (
+                "auth.source_max_failures",
+                a.source_max_failures,
+                1,
+                100_000,
+                "",
+            ),
+            (
+                "auth.source_window_secs",
+                a.source_window_secs,
+                1,
+                WEEK,
+                " seconds",
+            ),
+            (
+                "auth.source_block_secs",
+                a.source_block_secs,
+                1,
+                WEEK,
+                " seconds",
+            ),
+            (
+                "auth.udp_failure_weight",
+                a.udp_failure_weight,
+                1,
+                100,
+                " percent",
+            ),
+            (
+                "auth.max_tracked_sources",
+                a.max_tracked_sources,
+                16,
+                1 << 24,
+                "",
+            ),
+            (
+                "auth.max_tracked_user_sources",
+                a.max_tracked_user_sources,
+                16,
+                1 << 24,
+                "",
+            ),
+        ] {
+            if !(min..=max).contains(&value) {
+                p.add(
+                    key,
+                    format!("{value} is out of range ({min} to {max}{unit})"),
+                );
+            }
+        }
+        if a.digest_uri_check().is_none() {
+            p.add(
+                "auth.digest_uri",
+                format!(
+                    "expected \"request-uri\" or \"request-uri-or-relay\", got {:?}",
+                    a.digest_uri
+                ),
+            );
         }
         let services = self.service_names();
         let (plans, any_plan) = self.tariff_plans();
@@ -1841,6 +1961,75 @@ mod tests {
         assert_eq!(
             keys(&format!("{BASE}\n[[users]]\nname = \"u\"\nplan = \"basic\"\npassword = \"p\"\n[[server_accounts]]\nname = \"u\"\npassword = \"q\"\n")),
             ["server_accounts[0].name"]
+        );
+    }
+
+    #[test]
+    fn authentication_limits_have_safe_defaults_and_bad_values_are_named() {
+        let config = Config::default();
+        let policy = config.auth.failure_policy();
+        assert_eq!(policy, crate::auth::FailurePolicy::default());
+        assert_eq!(
+            config.auth.digest_uri_check(),
+            Some(crate::auth::DigestUriCheck::RequestUriOrRelay)
+        );
+        let text = "[auth]\nmax_failures = 3\nlockout_secs = 120\nsource_max_failures = 8\n\
+                    source_window_secs = 30\nsource_block_secs = 900\nudp_failure_weight = 25\n\
+                    max_tracked_sources = 1024\nmax_tracked_user_sources = 2048\n\
+                    digest_uri = \"request-uri\"\n";
+        let config = parse(text).unwrap();
+        config.validate().unwrap();
+        let policy = config.auth.failure_policy();
+        assert_eq!(policy.max_failures, 3);
+        assert_eq!(policy.lockout, Duration::from_secs(120));
+        assert_eq!(policy.source_max_failures, 8);
+        assert_eq!(policy.source_window, Duration::from_secs(30));
+        assert_eq!(policy.source_block, Duration::from_secs(900));
+        assert_eq!(policy.udp_weight_percent, 25);
+        assert_eq!(policy.max_tracked_sources, 1024);
+        assert_eq!(policy.max_tracked_user_sources, 2048);
+        assert_eq!(
+            config.auth.digest_uri_check(),
+            Some(crate::auth::DigestUriCheck::RequestUri)
+        );
+
+        let text = "[auth]\nmax_failures = 0\nlockout_secs = 0\nsource_max_failures = 0\n\
+                    source_window_secs = 0\nsource_block_secs = 604801\nudp_failure_weight = 101\n\
+                    max_tracked_sources = 15\nmax_tracked_user_sources = 16777217\n\
+                    digest_uri = \"anything\"\n";
+        assert_eq!(
+            keys(text),
+            [
+                "auth.max_failures",
+                "auth.lockout_secs",
+                "auth.source_max_failures",
+                "auth.source_window_secs",
+                "auth.source_block_secs",
+                "auth.udp_failure_weight",
+                "auth.max_tracked_sources",
+                "auth.max_tracked_user_sources",
+                "auth.digest_uri",
+            ]
+        );
+        let problems = invalid(text);
+        assert_eq!(
+            problems[5].message,
+            "101 is out of range (1 to 100 percent)"
+        );
+        assert!(
+            problems[8].message.contains("request-uri-or-relay"),
+            "{:?}",
+            problems[8]
+        );
+        let error = parse(text).unwrap().validate().unwrap_err().to_string();
+        assert!(
+            error.contains("relayd.toml: key `auth.udp_failure_weight`: 101 is out of range"),
+            "the error names the file and the key: {error}"
+        );
+        let message = parse_error("[auth]\nsource_max_failures = \"many\"\n");
+        assert!(
+            message.contains("key `auth.source_max_failures`") && message.contains("line 2"),
+            "{message}"
         );
     }
 

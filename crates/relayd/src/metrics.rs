@@ -104,6 +104,55 @@ pub fn render(relay: &Relay) -> String {
         "Digest challenges sent (401/407).",
         r.challenged.load(Ordering::Relaxed),
     );
+    let a = relay.auth.stats();
+    metric(
+        "auth_failures_total",
+        "counter",
+        "Failed digest answers (wrong password, unknown user, or locked out).",
+        a.failures.load(Ordering::Relaxed),
+    );
+    metric(
+        "auth_user_lockouts_total",
+        "counter",
+        "Times a user was locked out from one source address ([auth] max_failures).",
+        a.user_lockouts.load(Ordering::Relaxed),
+    );
+    metric(
+        "auth_sources_refused_total",
+        "counter",
+        "Times a source address was refused ([auth] source_max_failures).",
+        a.sources_refused.load(Ordering::Relaxed),
+    );
+    metric(
+        "auth_source_refusals_total",
+        "counter",
+        "Requests answered 503 because their source address was refused.",
+        a.source_refusals.load(Ordering::Relaxed),
+    );
+    metric(
+        "auth_tracked_sources",
+        "gauge",
+        "Source addresses with failure counters ([auth] max_tracked_sources).",
+        relay.auth.tracked_sources() as u64,
+    );
+    metric(
+        "auth_tracked_user_sources",
+        "gauge",
+        "(user, source address) pairs with failure counters ([auth] max_tracked_user_sources).",
+        relay.auth.tracked_user_sources() as u64,
+    );
+    metric(
+        "auth_counter_evictions_total",
+        "counter",
+        "Failure counters forgotten to make room in a full table.",
+        a.evictions.load(Ordering::Relaxed),
+    );
+    metric(
+        "auth_digest_uri_mismatches_total",
+        "counter",
+        "Credentials refused with 400: digest uri not the Request-URI.",
+        a.uri_mismatches.load(Ordering::Relaxed),
+    );
     metric(
         "sessions_live",
         "gauge",

@@ -20,7 +20,7 @@ use sip_core::transport::TransportConfig;
 use sip_core::{message, Peer};
 use tracing::{debug, info, warn};
 
-use crate::auth::{AuthOutcome, Authenticator, ChallengeKind, CredentialStore, FailurePolicy};
+use crate::auth::{AuthOutcome, Authenticator, ChallengeKind, CredentialStore};
 use crate::b2bua::{self, LocalAddr};
 use crate::billing_control::BillingControl;
 use crate::call::driver::routing::SessionTable;
@@ -143,6 +143,10 @@ impl CredentialStore for Relay {
     fn credential(&self, user: &str) -> Option<StoredCredential> {
         self.credentials.get(user).cloned()
     }
+
+    fn names_relay(&self, uri: &sip_core::uri::Uri) -> bool {
+        Relay::names_relay(self, uri)
+    }
 }
 
 fn stored_credential(
@@ -228,11 +232,9 @@ impl Relay {
             &realm,
             secret,
             Duration::from_secs(u64::from(config.auth.nonce_ttl_secs)),
-            FailurePolicy {
-                max_failures: config.auth.max_failures,
-                lockout: Duration::from_secs(u64::from(config.auth.lockout_secs)),
-            },
+            config.auth.failure_policy(),
         )
+        .with_uri_check(config.auth.digest_uri_check().unwrap_or_default())
         .with_algorithms(&config.auth.digest_algorithms().map_err(|name| {
             anyhow::anyhow!("auth.algorithms: unknown digest algorithm {name:?}")
         })?)
@@ -498,7 +500,7 @@ impl Relay {
     /// credentials are good.
     pub fn authenticate_request(&self, r: &IncomingRequest) -> Option<String> {
         let kind = ChallengeKind::for_method(&r.req.method);
-        match self.auth.check(&r.req, kind, self, Instant::now()) {
+        match self.auth.check(&r.req, kind, self, &r.from, Instant::now()) {
             AuthOutcome::Authenticated(user) => Some(user),
             AuthOutcome::Challenge { stale, failure } => {
                 if let Some(failure) = failure {
@@ -512,13 +514,34 @@ impl Relay {
                 self.challenge(r, kind, stale);
                 None
             }
-            AuthOutcome::Locked => {
-                warn!(from = %r.from, "too many failed authentication attempts");
-                self.refuse(r, 403, "Too many failed attempts");
+            AuthOutcome::SourceRefused { retry_after } => {
+                // 503 + Retry-After, not 403: the refusal is temporary (RFC 3261 §21.5.4,
+                // §21.4.4); see crate::auth.
+                let secs = retry_after.as_secs().max(1);
+                debug!(from = %r.from, retry_after_secs = secs, "source refused: too many failed authentication attempts");
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                let mut resp = b2bua::local_response(
+                    &r.req,
+                    503,
+                    "Too many failed attempts",
+                    Some(&message::new_tag()),
+                );
+                resp.headers
+                    .push(Header::RetryAfter(rsip::headers::RetryAfter::new(
+                        secs.to_string(),
+                    )));
+                let _ = r.tx.respond(resp);
                 None
             }
             AuthOutcome::Malformed(reason) => {
                 self.refuse(r, 400, &format!("Malformed credentials: {reason}"));
+                None
+            }
+            AuthOutcome::UriMismatch { uri } => {
+                // RFC 7616 §3.4.6 / RFC 2617 §3.2.2.5: 400, and worth a log line, since it
+                // may be an attack (crate::auth says why not a new challenge).
+                warn!(from = %r.from, request_uri = %r.req.uri, digest_uri = %uri, "digest uri does not match the Request-URI");
+                self.refuse(r, 400, "Digest uri does not match the Request-URI");
                 None
             }
         }
