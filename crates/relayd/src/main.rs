@@ -22,13 +22,15 @@ use relayd::dispatch;
 use relayd::{health, metrics};
 use sip_core::digest;
 
-/// mimalloc instead of glibc's malloc: every SIP message is parsed into, and serialized
-/// from, many small allocations; under sipp load glibc's malloc/free took 13 % of relayd's
-/// CPU and kept freed pages (see `scripts/bench.sh`). The `system-allocator` feature keeps
-/// the system's, for heap profilers that only see malloc (heaptrack, scripts/bench-memory.sh).
+/// jemalloc instead of glibc's malloc: every SIP message is parsed into, and serialized
+/// from, many small allocations (under sipp load glibc's malloc/free took 13 % of relayd's
+/// CPU), and a relay's memory must come back after a peak of calls: jemalloc's background
+/// thread gives freed pages back to the system after its decay time (10 s), where glibc and
+/// mimalloc kept them (docs/performance.md). The `system-allocator` feature keeps the
+/// system's, for heap profilers that only see malloc (heaptrack, scripts/bench-memory.sh).
 #[cfg(not(feature = "system-allocator"))]
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
