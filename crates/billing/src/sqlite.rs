@@ -496,6 +496,9 @@ impl SqliteStore {
                 self.single_statement(self.insert_open(open).map(|()| Outcome::Opened))
             }
             Op::Touch(touch) => self.in_savepoint(|s| s.touch(touch).map(Outcome::Touched)),
+            Op::TouchAll { seen_at_ms } => {
+                self.single_statement(self.touch_all(*seen_at_ms).map(Outcome::Touched))
+            }
             Op::Close(close) => self.close_op(close).map(Outcome::Closed),
             Op::Charge(charge) => self.single_statement(
                 self.charge(charge)
@@ -535,6 +538,13 @@ impl SqliteStore {
             });
         }
         Ok(())
+    }
+
+    fn touch_all(&self, seen_at_ms: i64) -> Result<usize, BillingError> {
+        self.conn
+            .prepare_cached("UPDATE open_sessions SET last_seen_ms = max(last_seen_ms, ?1)")
+            .and_then(|mut stmt| stmt.execute(params![seen_at_ms]))
+            .map_err(|e| self.db(e))
     }
 
     fn touch(&self, touch: &TouchSessions) -> Result<usize, BillingError> {
@@ -1407,6 +1417,26 @@ mod tests {
             assert_eq!(journal.len(), 1, "{trigger}");
             assert_eq!(journal[0].session.session_id, "b");
         }
+    }
+
+    #[test]
+    fn touch_all_refreshes_every_open_session_and_never_goes_back() {
+        let (_dir, mut store) = fresh();
+        store.open_session(session("a", T0)).unwrap();
+        store.open_session(session("b", T0)).unwrap();
+        assert_eq!(store.touch_all_open(T0 + 50_000).unwrap(), 2);
+        assert_eq!(store.touch_all_open(T0 + 20_000).unwrap(), 2);
+        store
+            .close_session(close("a", T0 + 60_000, EndCause::CallerBye))
+            .unwrap();
+        assert_eq!(store.touch_all_open(T0 + 70_000).unwrap(), 1);
+        let seen: Vec<(String, i64)> = store
+            .journal()
+            .unwrap()
+            .iter()
+            .map(|j| (j.session.session_id.clone(), j.last_seen_ms))
+            .collect();
+        assert_eq!(seen, [("b".to_string(), T0 + 70_000)]);
     }
 
     #[test]

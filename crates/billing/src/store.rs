@@ -153,6 +153,12 @@ pub enum Op {
     Open(OpenSession),
     /// Refresh the last-seen time of live sessions.
     Touch(TouchSessions),
+    /// Refresh the last-seen time of every open session: those of the one relay that
+    /// writes this store, which need not keep a list of them to say so.
+    TouchAll {
+        /// When they were seen, Unix ms; a last-seen time never moves backwards.
+        seen_at_ms: i64,
+    },
     /// Close a session and write its record.
     Close(CloseSession),
     /// Record an application charge.
@@ -170,6 +176,7 @@ impl Op {
         match self {
             Op::Open(_) => "open",
             Op::Touch(_) => "touch",
+            Op::TouchAll { .. } => "touch-all",
             Op::Close(_) => "close",
             Op::Charge(_) => "charge",
             Op::Recover { .. } => "recover",
@@ -289,6 +296,11 @@ pub trait Store: Send {
     /// Refreshes the last-seen time of live sessions; returns how many were open.
     fn touch_sessions(&mut self, touch: TouchSessions) -> Result<usize, BillingError> {
         self.apply_one(Op::Touch(touch))?.into_touched()
+    }
+
+    /// Refreshes the last-seen time of every open session; returns how many there were.
+    fn touch_all_open(&mut self, seen_at_ms: i64) -> Result<usize, BillingError> {
+        self.apply_one(Op::TouchAll { seen_at_ms })?.into_touched()
     }
 
     /// Closes a session: writes its record and removes it from the journal, atomically.
@@ -451,6 +463,7 @@ impl Op {
         match self {
             Op::Open(o) => o.validate(),
             Op::Touch(t) => t.validate(),
+            Op::TouchAll { seen_at_ms } => check_time("seen-at", *seen_at_ms),
             Op::Close(c) => c.validate(),
             Op::Charge(c) => c.validate().map(|_| ()),
             Op::Recover { now_ms } => check_time("now", *now_ms),

@@ -198,6 +198,12 @@ impl WriterHandle {
         self.request(Op::Touch(touch), Outcome::into_touched)
     }
 
+    /// Refreshes the last-seen time of every open session; resolves to how many there
+    /// were.
+    pub fn touch_all_open(&self, seen_at_ms: i64) -> Pending<usize> {
+        self.request(Op::TouchAll { seen_at_ms }, Outcome::into_touched)
+    }
+
     /// Closes a session; resolves to its record once the record is durable and the
     /// session is out of the journal.
     pub fn close_session(&self, close: CloseSession) -> Pending<SessionRecord> {

@@ -6,15 +6,14 @@
 //! block on the disk; each call resolves only once its transaction is committed, which is
 //! what lets a session answer a BYE only after its record is durable.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use billing::record::{ChargeRecord, EndCause, SessionRecord};
 use billing::sqlite::SqliteStore;
-use billing::store::{CloseSession, NewCharge, OpenSession, TouchSessions};
+use billing::store::{CloseSession, NewCharge, OpenSession};
 use billing::tariff::TariffTable;
 use billing::writer::{Writer, WriterConfig, WriterHandle};
 use tracing::{info, warn};
@@ -77,13 +76,12 @@ pub struct SessionStart {
     pub confirmed_at: SystemTime,
 }
 
-const LIVE_SHARDS: usize = 16;
-
-/// The relay's billing control. Shared by every session task.
+/// The relay's billing control. Shared by every call. It keeps no list of the sessions
+/// (the calls own them, the store journals them): only how many are open.
 pub struct BillingControl {
     writer: WriterHandle,
     tariffs: TariffTable,
-    live: Vec<Mutex<HashSet<String>>>,
+    live: AtomicUsize,
     path: PathBuf,
 }
 
@@ -112,9 +110,7 @@ impl BillingControl {
         let control = BillingControl {
             writer: writer.handle(),
             tariffs,
-            live: (0..LIVE_SHARDS)
-                .map(|_| Mutex::new(HashSet::new()))
-                .collect(),
+            live: AtomicUsize::new(0),
             path,
         };
         Ok((control, writer))
@@ -123,13 +119,6 @@ impl BillingControl {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    fn shard(&self, id: &str) -> &Mutex<HashSet<String>> {
-        let h = id
-            .bytes()
-            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
-        &self.live[h % LIVE_SHARDS]
     }
 
     /// Closes every session a crash left open (cause `recovered-after-restart`), once.
@@ -171,10 +160,7 @@ impl BillingControl {
             })
             .await
             .with_context(|| format!("journaling session {id}"))?;
-        self.shard(&id)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id);
+        self.live.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -185,18 +171,20 @@ impl BillingControl {
         cause: EndCause,
         ended_at: SystemTime,
     ) -> anyhow::Result<SessionRecord> {
-        self.shard(session_id)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(session_id);
-        self.writer
+        let record = self
+            .writer
             .close_session(CloseSession {
                 session_id: session_id.to_string(),
                 ended_at_ms: unix_ms(ended_at),
                 cause,
             })
             .await
-            .with_context(|| format!("closing session {session_id}"))
+            .with_context(|| format!("closing session {session_id}"))?;
+        // Never below zero, whatever order the counts come in.
+        let _ = self
+            .live
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        Ok(record)
     }
 
     /// Records an application charge; `true` in the result when the event id was already
@@ -215,33 +203,16 @@ impl BillingControl {
 
     /// How many sessions are live (journaled and not yet closed).
     pub fn live_sessions(&self) -> usize {
-        self.live
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
+        self.live.load(Ordering::Relaxed)
     }
 
-    /// Refreshes the last-seen time of every live session in one batch.
+    /// Refreshes the last-seen time of every open session in one statement (crash
+    /// recovery closes a session at that time, see the `billing` crate).
     pub async fn touch_live(&self) {
-        let ids: Vec<String> = self
-            .live
-            .iter()
-            .flat_map(|s| {
-                s.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
-                    .cloned()
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        if ids.is_empty() {
+        if self.live_sessions() == 0 {
             return;
         }
-        let touch = TouchSessions {
-            session_ids: ids,
-            seen_at_ms: unix_ms(SystemTime::now()),
-        };
-        if let Err(e) = self.writer.touch_sessions(touch).await {
+        if let Err(e) = self.writer.touch_all_open(unix_ms(SystemTime::now())).await {
             warn!(error = %e, "refreshing last-seen times of live sessions failed");
         }
     }
