@@ -265,8 +265,6 @@ pub struct Dialog {
     local_target: Uri,
     remote_target: crate::uri::Uri,
     route_set: Vec<NameAddr>,
-    /// [`Dialog::next_hop_uri`] as an rsip URI (kept for [`Dialog::next_hop`]).
-    next_hop: Uri,
 }
 
 impl Dialog {
@@ -299,7 +297,7 @@ impl Dialog {
         };
         let mut route_set = record_routes(&response.headers)?;
         route_set.reverse();
-        Ok(Dialog::with_next_hop(Dialog {
+        Ok(Dialog {
             id: DialogId {
                 call_id: req.call_id.clone(),
                 local_tag,
@@ -317,8 +315,7 @@ impl Dialog {
             local_target,
             remote_target,
             route_set,
-            next_hop: Uri::default(),
-        }))
+        })
     }
 
     /// The dialog a UAS has after receiving `request` and answering it with `local_tag` in
@@ -342,7 +339,7 @@ impl Dialog {
             .ok_or(DialogError::Missing("From tag"))?;
         let remote_target =
             contact_uri(&request.headers)?.ok_or(DialogError::Missing("Contact"))?;
-        Ok(Dialog::with_next_hop(Dialog {
+        Ok(Dialog {
             id: DialogId {
                 call_id: req.call_id.clone(),
                 local_tag: local_tag.to_string(),
@@ -356,20 +353,10 @@ impl Dialog {
             local_target: local_contact,
             remote_target,
             route_set: record_routes(&request.headers)?,
-            next_hop: Uri::default(),
-        }))
+        })
     }
 
     /// The dialog with its rsip next hop computed.
-    fn with_next_hop(mut self) -> Dialog {
-        self.update_next_hop();
-        self
-    }
-
-    fn update_next_hop(&mut self) {
-        self.next_hop = self.next_hop_uri().to_rsip();
-    }
-
     /// The dialog's identity.
     pub fn id(&self) -> &DialogId {
         &self.id
@@ -435,8 +422,8 @@ impl Dialog {
     /// route set is empty (§12.2.1.1, §8.1.2); as an rsip URI that prints like
     /// [`Dialog::next_hop_uri`] (see [`crate::uri::Uri::to_rsip`]: an IPv6 or `tel:` target
     /// comes as a carrier; read it with [`Dialog::next_hop_uri`]).
-    pub fn next_hop(&self) -> &Uri {
-        &self.next_hop
+    pub fn next_hop(&self) -> Uri {
+        self.next_hop_uri().to_rsip()
     }
 
     /// Where to send an in-dialog request (§12.2.1.1, §8.1.2), read by our parser: IPv6
@@ -484,7 +471,6 @@ impl Dialog {
         if is_target_refresh(req.method) {
             if let Some(uri) = contact_uri(&req.headers)? {
                 self.remote_target = uri;
-                self.update_next_hop();
             }
         }
         Ok(())
@@ -509,13 +495,11 @@ impl Dialog {
             let mut routes = record_routes(&resp.headers)?;
             routes.reverse();
             self.route_set = routes;
-            self.update_next_hop();
         }
         let early_refresh = self.state == DialogState::Early && (101..200).contains(&code);
         if is_target_refresh(parts.cseq_method) && (success || early_refresh) {
             if let Some(uri) = contact_uri(&resp.headers)? {
                 self.remote_target = uri;
-                self.update_next_hop();
             }
         }
         Ok(())
@@ -528,7 +512,7 @@ impl Dialog {
     fn target_and_routes(&self) -> (Uri, Vec<Header>) {
         let route_header = |r: &NameAddr| Header::Route(rsip::headers::Route::new(r.as_str()));
         match self.route_set.first() {
-            None => (self.next_hop.clone(), Vec::new()),
+            None => (self.next_hop(), Vec::new()),
             Some(first) if is_loose(first) => (
                 self.remote_target.to_rsip(),
                 self.route_set.iter().map(route_header).collect(),
