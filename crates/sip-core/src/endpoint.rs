@@ -18,6 +18,15 @@
 //!   2xx responses that were never ACKed;
 //! - [`Endpoint::send_request`], returning a [`ClientTx`] that yields the responses;
 //! - [`Endpoint::send_stateless`] for what is sent outside a transaction (the ACK for a 2xx).
+//!
+//! Two limits guard the endpoint against a flood (RFC 3261 §26.1.5). With
+//! [`EndpointConfig::rate_limit`] set, requests (ACK aside) are counted per source address
+//! before they are parsed ([`crate::rate`]); one past the limit is answered
+//! `503 Service Unavailable` with `Retry-After` (§21.5.4) outside any transaction, or, past the
+//! answers allowed a second, dropped. And a message that cannot leave at once (a full UDP
+//! socket buffer, a stream connection still to open) waits in a task of its own, but no more
+//! than [`EndpointConfig::max_pending_sends`] of them at once: past that it is dropped and
+//! counted (the transaction layer retransmits over UDP).
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -34,6 +43,7 @@ use tracing::{debug, trace, warn};
 
 use crate::message;
 use crate::peer::{Peer, Transport};
+use crate::rate::{RateLimit, RateLimiter, Verdict};
 use crate::transaction::{
     ClientTxId, Event, Output, ServerTxId, Timers, TransactionLayer, Transmit,
 };
@@ -52,6 +62,11 @@ pub struct EndpointConfig {
     pub shards: usize,
     /// How many events may wait for the user before new requests are refused with 503.
     pub event_queue: usize,
+    /// The limit on requests per source address ([`crate::rate`]); `None`: no limit.
+    pub rate_limit: Option<RateLimit>,
+    /// How many messages that could not be sent at once may wait for their socket at the
+    /// same time, each in a task; past it they are dropped and counted.
+    pub max_pending_sends: usize,
 }
 
 impl Default for EndpointConfig {
@@ -61,6 +76,8 @@ impl Default for EndpointConfig {
             timers: Timers::default(),
             shards: 0,
             event_queue: 16 * 1024,
+            rate_limit: None,
+            max_pending_sends: 4096,
         }
     }
 }
@@ -277,6 +294,14 @@ pub struct EndpointStats {
     pub dropped: AtomicU64,
     /// Requests refused with 503 because the user's queue was full.
     pub overloaded: AtomicU64,
+    /// Requests over the per-address rate limit answered 503 with Retry-After.
+    pub rate_limited: AtomicU64,
+    /// Requests over the per-address rate limit dropped unanswered (past the answers allowed
+    /// a second).
+    pub rate_dropped: AtomicU64,
+    /// Messages dropped because [`EndpointConfig::max_pending_sends`] were already waiting
+    /// for their sockets.
+    pub sends_dropped: AtomicU64,
 }
 
 /// Where an endpoint hands its [`EndpointEvent`]s: called inline, from the task that
@@ -346,6 +371,10 @@ struct Shared {
     stats: EndpointStats,
     transports: std::sync::OnceLock<Transports>,
     sink: Arc<dyn EventSink>,
+    rate: Option<RateLimiter>,
+    /// Messages waiting in tasks for their sockets ([`Shared::send_later`]).
+    pending_sends: Arc<std::sync::atomic::AtomicUsize>,
+    max_pending_sends: usize,
 }
 
 impl Shared {
@@ -478,13 +507,7 @@ impl Shared {
                     Err(TrySendError::WouldBlock(bytes)) => {
                         // A full socket buffer, or a stream connection to open: never hold
                         // up the task that drives the layer.
-                        let transports = transports.clone();
-                        let to = t.to;
-                        tokio::spawn(async move {
-                            if let Err(e) = transports.send(&to, bytes).await {
-                                debug!(%to, error = %e, "send failed");
-                            }
-                        });
+                        self.send_later(transports, t.to, bytes);
                     }
                 }
             }
@@ -499,6 +522,86 @@ impl Shared {
                 Err(_) => {
                     self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+        }
+    }
+
+    /// Sends `bytes` to `to` from a task of its own (it could not leave at once), unless
+    /// [`EndpointConfig::max_pending_sends`] are waiting already: then it is dropped and
+    /// counted. Each waits at most the transport's connect or write timeout.
+    fn send_later(&self, transports: &Transports, to: Peer, bytes: Bytes) {
+        let pending = Arc::clone(&self.pending_sends);
+        if pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending_sends {
+            pending.fetch_sub(1, Ordering::AcqRel);
+            self.stats.sends_dropped.fetch_add(1, Ordering::Relaxed);
+            debug!(%to, "too many sends waiting; message dropped");
+            return;
+        }
+        let transports = transports.clone();
+        tokio::spawn(async move {
+            if let Err(e) = transports.send(&to, bytes).await {
+                debug!(%to, error = %e, "send failed");
+            }
+            pending.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    /// Sends `bytes` to `to` now if it can leave without waiting, else from a task
+    /// ([`Shared::send_later`]).
+    fn send_now_or_later(&self, transports: &Transports, to: Peer, bytes: Bytes) {
+        match transports.try_send(&to, bytes) {
+            Ok(()) => {}
+            Err(TrySendError::Failed(e)) => debug!(%to, error = %e, "send failed"),
+            Err(TrySendError::WouldBlock(bytes)) => self.send_later(transports, to, bytes),
+        }
+    }
+
+    /// Whether a message from `from` may go on, under the per-address rate limit: a request
+    /// (not an ACK, not a response) over it is answered 503 with Retry-After or dropped,
+    /// and counted. Looks at the start line only; parses only to answer.
+    fn within_rate(&self, from: Peer, bytes: &Bytes) -> bool {
+        let Some(rate) = &self.rate else {
+            return true;
+        };
+        if !counts_for_rate(bytes) {
+            return true;
+        }
+        match rate.check(from.addr.ip(), std::time::Instant::now()) {
+            Verdict::Pass => true,
+            Verdict::Drop => {
+                self.stats.rate_dropped.fetch_add(1, Ordering::Relaxed);
+                trace!(%from, "over the rate limit; dropped");
+                false
+            }
+            Verdict::Refuse { retry_after } => {
+                let answered = match (wire::parse(bytes), self.transports.get()) {
+                    (Ok(SipMessage::Request(req)), Some(transports)) => {
+                        let to = response_peer(&req, from);
+                        let mut resp = message::response_for(
+                            &req,
+                            503,
+                            Some("Too many requests"),
+                            Some(&message::new_tag()),
+                        );
+                        resp.headers
+                            .push(Header::RetryAfter(rsip::headers::RetryAfter::new(
+                                retry_after.to_string(),
+                            )));
+                        // Never waits: an answer that cannot leave at once is not sent.
+                        transports
+                            .try_send(&to, message::to_bytes(SipMessage::Response(resp)))
+                            .is_ok()
+                    }
+                    _ => false,
+                };
+                let counter = if answered {
+                    &self.stats.rate_limited
+                } else {
+                    &self.stats.rate_dropped
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                debug!(%from, retry_after, answered, "over the rate limit; refused");
+                false
             }
         }
     }
@@ -559,6 +662,9 @@ impl Sink for EndpointSink {
             // A keep-alive (RFC 5626 §4.4.1 CRLF on UDP): nothing to do.
             return;
         }
+        if !shared.within_rate(from, &bytes) {
+            return;
+        }
         match wire::parse(&bytes) {
             Ok(msg) => {
                 shared.stats.parsed.fetch_add(1, Ordering::Relaxed);
@@ -577,10 +683,7 @@ impl Sink for EndpointSink {
                     (Some(reply), Some(transports)) => {
                         shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
                         debug!(%from, error = %err, "malformed request answered");
-                        let transports = transports.clone();
-                        tokio::spawn(async move {
-                            let _ = transports.send(&from, reply).await;
-                        });
+                        shared.send_now_or_later(transports, from, reply);
                     }
                     _ => {
                         shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -590,6 +693,16 @@ impl Sink for EndpointSink {
             }
         }
     }
+}
+
+/// Whether a message counts against the per-address rate limit: anything but a response
+/// (`SIP/2.0 …`) or an ACK (which gets no answer, and losing one would lose a confirmation).
+fn counts_for_rate(bytes: &[u8]) -> bool {
+    let start = bytes
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .map_or(&[][..], |i| &bytes[i..]);
+    !(start.starts_with(b"SIP/") || start.starts_with(b"ACK "))
 }
 
 fn call_id_of(msg: &SipMessage) -> Option<&str> {
@@ -690,6 +803,9 @@ impl Endpoint {
             stats: EndpointStats::default(),
             transports: std::sync::OnceLock::new(),
             sink,
+            rate: config.rate_limit.clone().map(RateLimiter::new),
+            pending_sends: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            max_pending_sends: config.max_pending_sends,
         });
         let receiver = Arc::new(EndpointSink(Arc::downgrade(&shared)));
         let transports = Transports::bind(config.transport.clone(), receiver).await?;
@@ -778,6 +894,17 @@ impl Endpoint {
     /// Counters for metrics.
     pub fn stats(&self) -> &EndpointStats {
         &self.shared.stats
+    }
+
+    /// Source addresses the rate limit tracks right now (0 without a limit).
+    pub fn rate_tracked_sources(&self) -> usize {
+        self.shared.rate.as_ref().map_or(0, RateLimiter::tracked)
+    }
+
+    /// Messages waiting in tasks for their sockets right now (at most
+    /// [`EndpointConfig::max_pending_sends`]).
+    pub fn pending_sends(&self) -> usize {
+        self.shared.pending_sends.load(Ordering::Relaxed)
     }
 }
 

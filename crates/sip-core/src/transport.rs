@@ -2,25 +2,48 @@
 //! stream framing. What arrives is handed, unparsed, to a [`Sink`] (the endpoint); what leaves
 //! is a finished byte string for a [`Peer`].
 //!
-//! TCP connections are framed by Content-Length with [`StreamDecoder`]; a connection that
-//! sends a frame over the size limit, or an unframeable stream, is closed; an idle connection is
-//! closed after the configured time. A response goes back on the connection its request came on
-//! (§18.2.2); a request to a TCP peer reuses a connection to that address or opens one.
+//! TCP connections are framed by Content-Length with [`StreamDecoder`] (§18.3); a connection
+//! that sends a frame over the size limit, or an unframeable stream, is closed. A response goes
+//! back on the connection its request came on (§18.2.2); a request to a TCP peer reuses a
+//! connection to that address or opens one.
+//!
+//! A stream transport must expect peers that hold resources without using them (RFC 3261
+//! §26.1.5; RFC 5626 §4.4 on the cost of flows), so every connection is bounded:
+//!
+//! * **Caps.** Connections accepted at once are capped overall and per source (an IPv4
+//!   address or an IPv6 /64, [`crate::limits`]); one past a cap is closed at once and
+//!   counted. Connections the transports open themselves are not capped (they follow the
+//!   user's own requests).
+//! * **A deadline per message.** A message must arrive whole within
+//!   [`TransportConfig::message_timeout`] of its first byte — and an accepted connection's
+//!   first message within it of the accept. The deadline is not moved by bytes arriving, so a
+//!   peer trickling a byte at a time (slowloris) is closed when it passes.
+//! * **Idle connections.** One with no complete message (or keep-alive) for
+//!   [`TransportConfig::idle_timeout`] is closed; a partial message does not count.
+//! * **Writes.** One frame's write may block for [`TransportConfig::write_timeout`] at most,
+//!   then the connection is closed; a frame for a connection whose queue is full (its peer
+//!   does not read) closes it too, so no sender ever waits on a peer. Nothing waits forever
+//!   and no task is spawned per message.
+//! * **Buffers.** A connection's read buffer holds at most one message of
+//!   [`TransportConfig::max_message`] bytes (and what came with it in one read); one grown
+//!   past [`READ_BUF_KEEP`] is given back once it is empty.
 
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::framing::{Frame, StreamDecoder};
+use crate::limits::{CapRefusal, ConnectionCaps, ConnectionPermit};
 use crate::peer::{ConnId, Peer, Transport};
 
 /// Where the transports deliver what they receive: one call per complete message (a UDP
@@ -39,8 +62,19 @@ pub struct TransportConfig {
     pub tcp: Vec<SocketAddr>,
     /// The largest message accepted on a stream or datagram, in bytes.
     pub max_message: usize,
-    /// A TCP connection with no traffic for this long is closed.
+    /// A TCP connection with no complete message or keep-alive for this long is closed.
     pub idle_timeout: Duration,
+    /// How long a whole message may take to arrive on a stream, from its first byte (for an
+    /// accepted connection's first message, from the accept). Bytes arriving do not move it.
+    pub message_timeout: Duration,
+    /// How long writing one frame to a stream may block before the connection is closed.
+    pub write_timeout: Duration,
+    /// Stream connections accepted and open at once, from every source together; one more
+    /// is closed at once (0: no cap).
+    pub max_connections: usize,
+    /// Stream connections accepted and open at once from one source (an IPv4 address or an
+    /// IPv6 /64); one more is closed at once (0: no cap).
+    pub max_connections_per_source: usize,
     /// How long an outgoing TCP connect may take.
     pub connect_timeout: Duration,
     /// The receive buffer asked for each UDP socket, in bytes (the kernel caps it at
@@ -59,6 +93,10 @@ impl Default for TransportConfig {
             tcp: Vec::new(),
             max_message: StreamDecoder::DEFAULT_MAX,
             idle_timeout: Duration::from_secs(300),
+            message_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_connections_per_source: 64,
             connect_timeout: Duration::from_secs(5),
             udp_recv_buffer: 4 << 20,
             udp_send_buffer: 1 << 20,
@@ -96,6 +134,10 @@ pub enum TransportError {
     /// The connection named by the peer is gone.
     #[error("connection to {0} is closed")]
     ConnectionClosed(SocketAddr),
+    /// The connection's queue was full — its peer does not read what is sent to it — so it
+    /// was closed.
+    #[error("connection to {0} closed: its peer does not read")]
+    QueueFull(SocketAddr),
     /// Sending on a socket failed.
     #[error("send to {addr} failed")]
     Send {
@@ -109,8 +151,8 @@ pub enum TransportError {
 /// Why [`Transports::try_send`] did not send.
 #[derive(Debug)]
 pub enum TrySendError {
-    /// Sending now would have to wait (a full socket buffer or connection queue, or a
-    /// connection still to open): the message, to be sent with [`Transports::send`].
+    /// Sending now would have to wait (a full UDP socket buffer, or a stream connection
+    /// still to open): the message, to be sent with [`Transports::send`].
     WouldBlock(Bytes),
     /// The send failed (counted in [`TransportStats::send_errors`]).
     Failed(TransportError),
@@ -129,6 +171,24 @@ pub struct TransportStats {
     pub send_errors: AtomicU64,
     /// TCP connections accepted or opened.
     pub connections: AtomicU64,
+    /// TCP connections open right now (accepted and opened).
+    pub connections_open: AtomicU64,
+    /// Connections closed at once because every connection allowed was taken
+    /// ([`TransportConfig::max_connections`]).
+    pub refused_overall: AtomicU64,
+    /// Connections closed at once because their source held as many as one may
+    /// ([`TransportConfig::max_connections_per_source`]).
+    pub refused_per_source: AtomicU64,
+    /// Connections closed because a message did not arrive whole in time
+    /// ([`TransportConfig::message_timeout`]).
+    pub message_timeouts: AtomicU64,
+    /// Connections closed for being idle ([`TransportConfig::idle_timeout`]).
+    pub idle_closed: AtomicU64,
+    /// Connections closed because a write blocked too long
+    /// ([`TransportConfig::write_timeout`]).
+    pub write_timeouts: AtomicU64,
+    /// Connections closed because their send queue was full (the peer does not read).
+    pub queue_full: AtomicU64,
 }
 
 /// The open transports: a cheap handle that can be cloned into every task that sends.
@@ -140,6 +200,8 @@ pub struct Transports {
 struct Conn {
     peer_addr: SocketAddr,
     tx: mpsc::Sender<Bytes>,
+    /// Never sent on: dropping it (removing the entry) tells the connection's tasks to end.
+    _close: watch::Sender<()>,
 }
 
 struct Inner {
@@ -152,6 +214,10 @@ struct Inner {
     next_conn: AtomicU64,
     sink: Arc<dyn Sink>,
     stats: TransportStats,
+    /// The caps on accepted connections.
+    caps: Arc<ConnectionCaps>,
+    /// When a refusal by a cap was last logged at `warn` (one a minute at most).
+    cap_warned: Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -160,8 +226,19 @@ struct ConnTable {
     by_addr: HashMap<SocketAddr, ConnId>,
 }
 
-/// How many frames may wait for one connection's writer before senders see back-pressure.
+/// How many frames may wait for one connection's writer; one more closes the connection
+/// (its peer does not read).
 const CONN_QUEUE: usize = 256;
+
+/// The read buffer a connection starts with, in bytes.
+const READ_BUF: usize = 4 * 1024;
+
+/// A connection's read buffer grown past this many bytes (by a large message) is given back
+/// once it is empty.
+pub const READ_BUF_KEEP: usize = 16 * 1024;
+
+/// How often a refusal by a connection cap is logged at `warn` (each is counted).
+const CAP_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl Transports {
     /// Binds every configured socket and starts the receiving tasks, which hand messages to
@@ -206,13 +283,15 @@ impl Transports {
             listeners.push(listener);
         }
         let inner = Arc::new(Inner {
-            config,
             udp,
             tcp_local,
             conns: Mutex::new(ConnTable::default()),
             next_conn: AtomicU64::new(1),
             sink,
             stats: TransportStats::default(),
+            caps: ConnectionCaps::new(config.max_connections, config.max_connections_per_source),
+            cap_warned: Mutex::new(None),
+            config,
         });
         for (socket, _) in &inner.udp {
             tokio::spawn(udp_recv_loop(Arc::downgrade(&inner), socket.clone()));
@@ -298,18 +377,10 @@ impl Transports {
                 Err(e) => Err(e),
             },
             Transport::Tcp => {
-                let Some(tx) = self.open_conn(to) else {
+                let Some((id, tx)) = self.open_conn(to) else {
                     return Err(TrySendError::WouldBlock(bytes));
                 };
-                match tx.try_send(bytes) {
-                    Ok(()) => Ok(()),
-                    Err(mpsc::error::TrySendError::Full(bytes)) => {
-                        return Err(TrySendError::WouldBlock(bytes))
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        Err(TransportError::ConnectionClosed(to.addr))
-                    }
-                }
+                self.queue(id, &tx, to.addr, bytes)
             }
             Transport::Tls => Err(TransportError::NoTransport(Transport::Tls)),
         };
@@ -349,30 +420,54 @@ impl Transports {
     }
 
     /// The queue of an open connection to `to`: the one it names, else one to its address.
-    fn open_conn(&self, to: &Peer) -> Option<mpsc::Sender<Bytes>> {
+    fn open_conn(&self, to: &Peer) -> Option<(ConnId, mpsc::Sender<Bytes>)> {
         let table = lock(&self.inner.conns);
         to.conn
-            .and_then(|id| table.by_id.get(&id))
+            .and_then(|id| table.by_id.get(&id).map(|c| (id, c)))
             .or_else(|| {
                 table
                     .by_addr
                     .get(&to.addr)
-                    .and_then(|id| table.by_id.get(id))
+                    .and_then(|id| table.by_id.get(id).map(|c| (*id, c)))
             })
-            .map(|c| c.tx.clone())
+            .map(|(id, c)| (id, c.tx.clone()))
+    }
+
+    /// Puts a frame on connection `id`'s queue without waiting: a full queue means its peer
+    /// does not read what it is sent, and the connection is closed.
+    fn queue(
+        &self,
+        id: ConnId,
+        tx: &mpsc::Sender<Bytes>,
+        addr: SocketAddr,
+        bytes: Bytes,
+    ) -> Result<(), TransportError> {
+        match tx.try_send(bytes) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.inner.stats.queue_full.fetch_add(1, Ordering::Relaxed);
+                warn!(%addr, queued = CONN_QUEUE, "tcp peer does not read what it is sent; closing");
+                close_conn(&self.inner, id);
+                Err(TransportError::QueueFull(addr))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(TransportError::ConnectionClosed(addr))
+            }
+        }
     }
 
     async fn send_tcp(&self, to: &Peer, bytes: Bytes) -> Result<(), TransportError> {
-        let tx = match self.open_conn(to) {
-            Some(tx) => tx,
+        let (id, tx) = match self.open_conn(to) {
+            Some(open) => open,
             None => self.connect(to.addr).await?,
         };
-        tx.send(bytes)
-            .await
-            .map_err(|_| TransportError::ConnectionClosed(to.addr))
+        self.queue(id, &tx, to.addr, bytes)
     }
 
-    async fn connect(&self, addr: SocketAddr) -> Result<mpsc::Sender<Bytes>, TransportError> {
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+    ) -> Result<(ConnId, mpsc::Sender<Bytes>), TransportError> {
         let stream =
             tokio::time::timeout(self.inner.config.connect_timeout, TcpStream::connect(addr))
                 .await
@@ -382,7 +477,12 @@ impl Transports {
                 })?
                 .map_err(|source| TransportError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
-        Ok(spawn_connection(&self.inner, stream, addr))
+        Ok(spawn_connection(&self.inner, stream, addr, None))
+    }
+
+    /// Stream connections accepted and open right now (those the caps count).
+    pub fn accepted_connections(&self) -> usize {
+        self.inner.caps.total()
     }
 }
 
@@ -441,7 +541,7 @@ async fn udp_recv_loop(inner: std::sync::Weak<Inner>, socket: Arc<UdpSocket>) {
     }
 }
 
-async fn accept_loop(inner: std::sync::Weak<Inner>, listener: TcpListener) {
+async fn accept_loop(inner: Weak<Inner>, listener: TcpListener) {
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(r) => r,
@@ -453,19 +553,92 @@ async fn accept_loop(inner: std::sync::Weak<Inner>, listener: TcpListener) {
             }
         };
         let Some(inner) = inner.upgrade() else { return };
+        let permit = match inner.caps.admit(addr.ip()) {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                refuse_connection(&inner, addr, refusal);
+                // Dropping the stream closes it: nothing is read from it or kept for it.
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
-        spawn_connection(&inner, stream, addr);
+        spawn_connection(&inner, stream, addr, Some(permit));
     }
 }
 
-/// Registers a connection in the table and starts its reader and writer tasks.
+/// Counts a connection refused by a cap, and logs it (at `warn` once a minute, else at
+/// `debug`: a flood must not flood the log too).
+fn refuse_connection(inner: &Inner, addr: SocketAddr, refusal: CapRefusal) {
+    let counter = match refusal {
+        CapRefusal::Overall => &inner.stats.refused_overall,
+        CapRefusal::PerSource => &inner.stats.refused_per_source,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    let now = Instant::now();
+    let loud = {
+        let mut warned = inner.cap_warned.lock().unwrap_or_else(|p| p.into_inner());
+        let due = warned.is_none_or(|at| now.duration_since(at) >= CAP_WARN_EVERY);
+        if due {
+            *warned = Some(now);
+        }
+        due
+    };
+    let (overall, per_source) = (
+        inner.stats.refused_overall.load(Ordering::Relaxed),
+        inner.stats.refused_per_source.load(Ordering::Relaxed),
+    );
+    if loud {
+        warn!(%addr, reason = %refusal, refused_overall = overall, refused_per_address = per_source,
+            "tcp connection refused (logged once a minute; every refusal is counted)");
+    } else {
+        debug!(%addr, reason = %refusal, "tcp connection refused");
+    }
+}
+
+/// Removes connection `id` from the table, which tells its tasks to end: the writer sends
+/// what is queued (each frame within the write timeout) and closes, the reader stops.
+fn close_conn(inner: &Inner, id: ConnId) {
+    let removed = {
+        let mut table = lock(&inner.conns);
+        let conn = table.by_id.remove(&id);
+        if let Some(conn) = &conn {
+            if table.by_addr.get(&conn.peer_addr) == Some(&id) {
+                table.by_addr.remove(&conn.peer_addr);
+            }
+        }
+        conn
+    };
+    // Dropped outside the lock.
+    drop(removed);
+}
+
+/// What a connection holds until both its tasks have ended: its place under the caps (for
+/// an accepted one) and its count among the open connections.
+struct Held {
+    inner: Weak<Inner>,
+    _permit: Option<ConnectionPermit>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Registers a connection in the table and starts its reader and writer tasks. `permit` is
+/// its place under the caps when it was accepted (`None`: we opened it).
 fn spawn_connection(
     inner: &Arc<Inner>,
     stream: TcpStream,
     addr: SocketAddr,
-) -> mpsc::Sender<Bytes> {
+    permit: Option<ConnectionPermit>,
+) -> (ConnId, mpsc::Sender<Bytes>) {
     let id = ConnId(inner.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, rx) = mpsc::channel(CONN_QUEUE);
+    let (close, closed) = watch::channel(());
+    let accepted = permit.is_some();
     {
         let mut table = lock(&inner.conns);
         table.by_id.insert(
@@ -473,91 +646,229 @@ fn spawn_connection(
             Conn {
                 peer_addr: addr,
                 tx: tx.clone(),
+                _close: close,
             },
         );
         table.by_addr.insert(addr, id);
     }
     inner.stats.connections.fetch_add(1, Ordering::Relaxed);
+    inner.stats.connections_open.fetch_add(1, Ordering::Relaxed);
+    let held = Arc::new(Held {
+        inner: Arc::downgrade(inner),
+        _permit: permit,
+    });
     let (reader, writer) = stream.into_split();
-    tokio::spawn(conn_writer(writer, rx));
+    tokio::spawn(conn_writer(
+        Arc::downgrade(inner),
+        Writer {
+            writer,
+            rx,
+            closed: closed.clone(),
+            id,
+            addr,
+            timeout: inner.config.write_timeout,
+            _held: held.clone(),
+        },
+    ));
     tokio::spawn(conn_reader(
         Arc::downgrade(inner),
-        reader,
-        id,
-        addr,
-        tx.clone(),
+        Reader {
+            reader,
+            id,
+            addr,
+            tx: tx.clone(),
+            closed,
+            accepted,
+            _held: held,
+        },
     ));
-    tx
+    (id, tx)
 }
 
-async fn conn_writer(mut writer: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Bytes>) {
-    while let Some(bytes) = rx.recv().await {
-        if let Err(e) = writer.write_all(&bytes).await {
-            debug!(error = %e, "tcp write failed; closing");
-            break;
-        }
-    }
-    let _ = writer.shutdown().await;
-}
-
-async fn conn_reader(
-    inner: std::sync::Weak<Inner>,
-    mut reader: tokio::net::tcp::OwnedReadHalf,
+/// What a connection's writer task owns.
+struct Writer {
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    rx: mpsc::Receiver<Bytes>,
+    closed: watch::Receiver<()>,
     id: ConnId,
     addr: SocketAddr,
+    timeout: Duration,
+    _held: Arc<Held>,
+}
+
+/// Why a writer stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriteEnd {
+    /// Every sender is gone.
+    Done,
+    /// The connection was closed (by its reader, or by a sender finding its queue full).
+    Closed,
+    /// A write failed.
+    Failed,
+    /// A write blocked past the write timeout.
+    TimedOut,
+}
+
+/// How long a closed connection's writer may still spend sending what was queued.
+const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
+
+async fn conn_writer(inner: Weak<Inner>, mut w: Writer) {
+    let addr = w.addr;
+    let end = loop {
+        let bytes = tokio::select! {
+            bytes = w.rx.recv() => match bytes {
+                Some(bytes) => bytes,
+                None => break WriteEnd::Done,
+            },
+            _ = w.closed.changed() => break WriteEnd::Closed,
+        };
+        // A blocked write ends at the write timeout, or when the connection is closed.
+        tokio::select! {
+            written = tokio::time::timeout(w.timeout, w.writer.write_all(&bytes)) => match written {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(%addr, error = %e, "tcp write failed; closing");
+                    break WriteEnd::Failed;
+                }
+                Err(_) => break WriteEnd::TimedOut,
+            },
+            _ = w.closed.changed() => break WriteEnd::Closed,
+        }
+    };
+    match end {
+        WriteEnd::Closed => {
+            // Send what is already queued (answers to the last requests), for a bounded time.
+            let flush = async {
+                while let Ok(bytes) = w.rx.try_recv() {
+                    if w.writer.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(FLUSH_ON_CLOSE.min(w.timeout), flush).await;
+        }
+        WriteEnd::TimedOut | WriteEnd::Failed => {
+            if let Some(inner) = inner.upgrade() {
+                if end == WriteEnd::TimedOut {
+                    inner.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                    warn!(%addr, timeout = ?w.timeout, "tcp write blocked too long (the peer does not read); closing");
+                }
+                close_conn(&inner, w.id);
+            }
+        }
+        WriteEnd::Done => {}
+    }
+    let _ = tokio::time::timeout(FLUSH_ON_CLOSE.min(w.timeout), w.writer.shutdown()).await;
+}
+
+/// What a connection's reader task owns.
+struct Reader {
+    reader: tokio::net::tcp::OwnedReadHalf,
+    id: ConnId,
+    addr: SocketAddr,
+    /// The connection's queue, for keep-alive pongs.
     tx: mpsc::Sender<Bytes>,
-) {
-    let (max, idle) = match inner.upgrade() {
-        Some(i) => (i.config.max_message, i.config.idle_timeout),
+    closed: watch::Receiver<()>,
+    /// Accepted (its first message is due within the message timeout of the accept), not
+    /// opened by us.
+    accepted: bool,
+    _held: Arc<Held>,
+}
+
+/// Why a reader stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadEnd {
+    Closed,
+    Eof,
+    Error,
+    Idle,
+    MessageTimeout,
+    Framing,
+}
+
+async fn conn_reader(inner: Weak<Inner>, mut r: Reader) {
+    let (max, idle, message_timeout) = match inner.upgrade() {
+        Some(i) => (
+            i.config.max_message,
+            i.config.idle_timeout,
+            i.config.message_timeout,
+        ),
         None => return,
     };
     let mut decoder = StreamDecoder::new(max);
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut buf = BytesMut::with_capacity(READ_BUF);
     let peer = Peer {
         transport: Transport::Tcp,
-        addr,
-        conn: Some(id),
+        addr: r.addr,
+        conn: Some(r.id),
     };
-    'conn: loop {
-        match tokio::time::timeout(idle, reader.read_buf(&mut buf)).await {
-            Err(_) => {
-                debug!(%addr, "tcp connection idle; closing");
-                break;
+    let addr = r.addr;
+    let start = Instant::now();
+    let mut idle_at = start + idle;
+    // The deadline of the message under way: for an accepted connection, its first one is
+    // due from the accept.
+    let mut message_by = r.accepted.then_some(start + message_timeout);
+    let end = 'conn: loop {
+        let wake = message_by.unwrap_or(idle_at);
+        tokio::select! {
+            read = r.reader.read_buf(&mut buf) => match read {
+                Ok(0) => break ReadEnd::Eof,
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(%addr, error = %e, "tcp read failed");
+                    break ReadEnd::Error;
+                }
+            },
+            _ = r.closed.changed() => break ReadEnd::Closed,
+            () = tokio::time::sleep_until(wake) => {
+                break if message_by.is_some() { ReadEnd::MessageTimeout } else { ReadEnd::Idle };
             }
-            Ok(Err(e)) => {
-                debug!(%addr, error = %e, "tcp read failed");
-                break;
-            }
-            Ok(Ok(0)) => break,
-            Ok(Ok(_)) => {}
         }
         let Some(inner) = inner.upgrade() else { return };
         loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(Frame::Message(bytes))) => {
                     inner.stats.received.fetch_add(1, Ordering::Relaxed);
+                    idle_at = Instant::now() + idle;
+                    message_by = None;
                     inner.sink.deliver(peer, bytes);
                 }
                 Ok(Some(Frame::Ping)) => {
+                    idle_at = Instant::now() + idle;
+                    message_by = None;
                     // RFC 5626 §3.5.1: a double-CRLF ping is answered with a single CRLF pong.
-                    let _ = tx.try_send(Bytes::from_static(b"\r\n"));
+                    let _ = r.tx.try_send(Bytes::from_static(b"\r\n"));
                 }
                 Ok(None) => break,
                 Err(e) => {
                     inner.stats.framing_errors.fetch_add(1, Ordering::Relaxed);
                     warn!(%addr, error = %e, "tcp framing error; closing connection");
-                    break 'conn;
+                    break 'conn ReadEnd::Framing;
                 }
             }
         }
-    }
-    if let Some(inner) = inner.upgrade() {
-        let mut table = lock(&inner.conns);
-        if let Some(conn) = table.by_id.remove(&id) {
-            if table.by_addr.get(&conn.peer_addr) == Some(&id) {
-                table.by_addr.remove(&conn.peer_addr);
+        if buf.is_empty() {
+            if buf.capacity() > READ_BUF_KEEP {
+                buf = BytesMut::with_capacity(READ_BUF);
             }
+        } else if message_by.is_none() {
+            // The first bytes of a message: the whole of it is due within the timeout.
+            message_by = Some(Instant::now() + message_timeout);
         }
+    };
+    if let Some(inner) = inner.upgrade() {
+        match end {
+            ReadEnd::MessageTimeout => {
+                inner.stats.message_timeouts.fetch_add(1, Ordering::Relaxed);
+                debug!(%addr, pending = buf.len(), timeout = ?message_timeout, "tcp message not complete in time; closing");
+            }
+            ReadEnd::Idle => {
+                inner.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                debug!(%addr, "tcp connection idle; closing");
+            }
+            _ => {}
+        }
+        close_conn(&inner, r.id);
     }
 }
 
