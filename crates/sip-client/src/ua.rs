@@ -180,6 +180,7 @@ impl Ua {
             timers,
             shards: 1,
             event_queue: 1024,
+            ..EndpointConfig::default()
         };
         let (endpoint, events) = Endpoint::bind(config)
             .await
