@@ -213,7 +213,8 @@ impl Agent {
             addr: config.data.listen,
             key: "data.listen",
             source,
-        })?;
+        })?
+        .with_pending_caps(config.data.pending_caps());
         let data_port = gateway
             .local_addr()
             .map_err(|source| StartError::Bind {

@@ -221,6 +221,22 @@ pub struct DataConfig {
     pub handshake_timeout: Duration,
     /// How long opening a TCP backend may take.
     pub backend_connect_timeout: Duration,
+    /// Data connections waiting for their token line at once, from every address together
+    /// (issue 14, finding 6); one more is closed at once.
+    pub max_pending: usize,
+    /// Data connections waiting for their token line at once from one address (IPv4, or
+    /// IPv6 /64); one more is closed at once.
+    pub max_pending_per_address: usize,
+}
+
+impl DataConfig {
+    /// The caps on connections waiting for their token, for the gateway.
+    pub fn pending_caps(&self) -> crate::gateway::PendingCaps {
+        crate::gateway::PendingCaps {
+            overall: self.max_pending,
+            per_address: self.max_pending_per_address,
+        }
+    }
 }
 
 /// Who may use a service, by the subscriber name the relay asserts.
@@ -398,6 +414,8 @@ struct RawData {
     token_ttl_secs: Option<u64>,
     handshake_timeout_secs: Option<u64>,
     backend_connect_timeout_secs: Option<u64>,
+    max_pending_connections: Option<u64>,
+    max_pending_per_address: Option<u64>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -601,10 +619,14 @@ impl Config {
             self.sip.listen, self.sip.advertise
         ));
         out.push_str(&format!(
-            "data       {} (advertised as {}, tokens valid {} s)\n",
+            "data       {} (advertised as {}, tokens valid {} s, token line within {} s, \
+             at most {} connections waiting for it, {} per address)\n",
             self.data.listen,
             self.data.advertise,
-            self.data.token_ttl.as_secs()
+            self.data.token_ttl.as_secs(),
+            self.data.handshake_timeout.as_secs(),
+            self.data.max_pending,
+            self.data.max_pending_per_address
         ));
         out.push_str(&format!("capacity   {}\n", capacity(self.capacity)));
         for s in &self.services {
@@ -844,7 +866,7 @@ impl Build<'_> {
                 format!("{token_ttl} is out of range (1 to 3600 seconds)"),
             ));
         }
-        let handshake = raw.handshake_timeout_secs.unwrap_or(10);
+        let handshake = raw.handshake_timeout_secs.unwrap_or(5);
         if !(1..=600).contains(&handshake) {
             return Err(invalid(
                 self.o.key("data.handshake_timeout_secs"),
@@ -859,12 +881,37 @@ impl Build<'_> {
             ));
         }
 
+        let defaults = crate::gateway::PendingCaps::default();
+        let cap = |key: &str, value: Option<u64>, default: usize| {
+            let value = value.unwrap_or(default as u64);
+            if (1..=100_000).contains(&value) {
+                Ok(value as usize)
+            } else {
+                Err(invalid(
+                    self.o.key(key),
+                    format!("{value} is out of range (1 to 100000)"),
+                ))
+            }
+        };
+        let max_pending = cap(
+            "data.max_pending_connections",
+            raw.max_pending_connections,
+            defaults.overall,
+        )?;
+        let max_pending_per_address = cap(
+            "data.max_pending_per_address",
+            raw.max_pending_per_address,
+            defaults.per_address,
+        )?;
+
         Ok(DataConfig {
             listen: data_listen,
             advertise: data_advertise,
             token_ttl: Duration::from_secs(token_ttl),
             handshake_timeout: Duration::from_secs(handshake),
             backend_connect_timeout: Duration::from_secs(connect),
+            max_pending,
+            max_pending_per_address,
         })
     }
 
@@ -1334,6 +1381,48 @@ mod tests {
         Config::from_toml(text, Path::new("agent.toml"), &flags(args))
             .unwrap_err()
             .to_string()
+    }
+
+    #[test]
+    fn data_connections_waiting_for_a_token_are_capped_by_default_and_bad_caps_are_named() {
+        let base = "[relay]\naccount = \"as1\"\npassword = \"pw\"\n\
+                    [[services]]\nname = \"echo\"\nbackend = \"builtin:echo\"\n";
+        let c = Config::from_toml(base, Path::new("agent.toml"), &flags(&[])).unwrap();
+        assert_eq!(c.data.handshake_timeout, Duration::from_secs(5));
+        assert_eq!(
+            c.data.pending_caps(),
+            crate::gateway::PendingCaps {
+                overall: 256,
+                per_address: 16
+            }
+        );
+        assert!(c
+            .summary()
+            .contains("token line within 5 s, at most 256 connections"));
+        let c = Config::from_toml(
+            &format!(
+                "{base}[data]\nmax_pending_connections = 1000\nmax_pending_per_address = 4\n\
+                 handshake_timeout_secs = 2\n"
+            ),
+            Path::new("agent.toml"),
+            &flags(&[]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.data.max_pending, c.data.max_pending_per_address),
+            (1000, 4)
+        );
+        assert_eq!(c.data.handshake_timeout, Duration::from_secs(2));
+        for (key, value) in [
+            ("max_pending_connections", "0"),
+            ("max_pending_per_address", "100001"),
+        ] {
+            let e = error_of(&format!("{base}[data]\n{key} = {value}\n"), &[]);
+            assert_eq!(
+                e,
+                format!("agent.toml: key `data.{key}`: {value} is out of range (1 to 100000)")
+            );
+        }
     }
 
     #[test]

@@ -22,12 +22,23 @@
 //! that the terminal hears the server's BYE before it sees its data connection close (a
 //! terminal that sees it close first hangs up itself). The session layer hears of every
 //! attachment and end as a [`GatewayEvent`].
+//!
+//! A connection that has not yet presented a good token costs a descriptor and a task and
+//! proves nothing, so those are capped (issue 14, finding 6; RFC 3261 §26.1.5 on flooding):
+//! at most [`PendingCaps::overall`] connections wait for their token line at once, and
+//! [`PendingCaps::per_address`] from one address (IPv4, or IPv6 /64). One past a cap is
+//! closed at once, without a byte read or written, and counted in [`GatewayStats`]; the
+//! token line is due within [`Timeouts::handshake`]. A connection leaves the count once its
+//! token is taken (a spliced connection belongs to a session the relay admitted) or once its
+//! refusal has been drained.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use sip_core::limits::{CapRefusal, ConnectionCaps, ConnectionPermit};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -327,12 +338,47 @@ pub struct Timeouts {
     pub backend_connect: Duration,
 }
 
+/// The caps on data connections that have not yet presented a good token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingCaps {
+    /// Connections waiting for their token at once, from every address together.
+    pub overall: usize,
+    /// Connections waiting for their token at once from one address (IPv4, or IPv6 /64).
+    pub per_address: usize,
+}
+
+impl Default for PendingCaps {
+    /// 256 overall, 16 per address.
+    fn default() -> Self {
+        PendingCaps {
+            overall: 256,
+            per_address: 16,
+        }
+    }
+}
+
+/// Counters of the data port, for logs (and whoever embeds the agent).
+#[derive(Debug, Default)]
+pub struct GatewayStats {
+    /// Connections closed at once: [`PendingCaps::overall`] were waiting for their token.
+    pub refused_overall: AtomicU64,
+    /// Connections closed at once: their address had [`PendingCaps::per_address`] waiting.
+    pub refused_per_address: AtomicU64,
+    /// Connections refused for sending no token line within [`Timeouts::handshake`].
+    pub token_timeouts: AtomicU64,
+}
+
+/// How often a refusal by a cap is logged at `warn` (each is counted).
+const CAP_WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// The data port.
 pub struct Gateway {
     listener: TcpListener,
     tokens: Arc<TokenTable>,
     events: mpsc::UnboundedSender<GatewayEvent>,
     timeouts: Timeouts,
+    pending: Arc<ConnectionCaps>,
+    stats: Arc<GatewayStats>,
 }
 
 impl Gateway {
@@ -343,12 +389,34 @@ impl Gateway {
         events: mpsc::UnboundedSender<GatewayEvent>,
         timeouts: Timeouts,
     ) -> std::io::Result<Gateway> {
+        let caps = PendingCaps::default();
         Ok(Gateway {
             listener: TcpListener::bind(addr).await?,
             tokens,
             events,
             timeouts,
+            pending: ConnectionCaps::new(caps.overall, caps.per_address),
+            stats: Arc::new(GatewayStats::default()),
         })
+    }
+
+    /// The same gateway with `caps` on connections waiting for their token (instead of
+    /// [`PendingCaps::default`]).
+    pub fn with_pending_caps(self, caps: PendingCaps) -> Gateway {
+        Gateway {
+            pending: ConnectionCaps::new(caps.overall, caps.per_address),
+            ..self
+        }
+    }
+
+    /// The data port's counters.
+    pub fn stats(&self) -> Arc<GatewayStats> {
+        self.stats.clone()
+    }
+
+    /// A handle on the count of connections waiting for their token right now.
+    pub fn pending(&self) -> Arc<ConnectionCaps> {
+        self.pending.clone()
     }
 
     /// The address listened on.
@@ -359,17 +427,28 @@ impl Gateway {
     /// Accepts data connections until `shutdown` turns true. Connections already spliced
     /// stay until their session closes them.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut warned: Option<Instant> = None;
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        let permit = match self.pending.admit(peer.ip()) {
+                            Ok(permit) => permit,
+                            Err(refusal) => {
+                                self.refused(peer, refusal, &mut warned);
+                                // Dropped: closed without a byte read or written.
+                                drop(stream);
+                                continue;
+                            }
+                        };
                         let conn = Connection {
                             tokens: self.tokens.clone(),
                             events: self.events.clone(),
                             timeouts: self.timeouts,
                             peer,
+                            stats: self.stats.clone(),
                         };
-                        tokio::spawn(conn.serve(stream));
+                        tokio::spawn(conn.serve(stream, permit));
                     }
                     Err(e) => {
                         // Out of descriptors and the like: wait a little rather than spin.
@@ -381,6 +460,31 @@ impl Gateway {
             }
         }
     }
+
+    /// Counts a connection refused by a cap, and logs it (at `warn` once a minute, else at
+    /// `debug`: a flood must not flood the log too).
+    fn refused(&self, peer: SocketAddr, refusal: CapRefusal, warned: &mut Option<Instant>) {
+        let counter = match refusal {
+            CapRefusal::Overall => &self.stats.refused_overall,
+            CapRefusal::PerSource => &self.stats.refused_per_address,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        if warned.is_none_or(|at| now.duration_since(at) >= CAP_WARN_EVERY) {
+            *warned = Some(now);
+            warn!(
+                %peer,
+                reason = %refusal,
+                waiting = self.pending.total(),
+                refused_overall = self.stats.refused_overall.load(Ordering::Relaxed),
+                refused_per_address = self.stats.refused_per_address.load(Ordering::Relaxed),
+                "data connection refused: too many waiting for their token \
+                 (logged once a minute; every refusal is counted)"
+            );
+        } else {
+            debug!(%peer, reason = %refusal, "data connection refused: too many waiting for their token");
+        }
+    }
 }
 
 struct Connection {
@@ -388,10 +492,13 @@ struct Connection {
     events: mpsc::UnboundedSender<GatewayEvent>,
     timeouts: Timeouts,
     peer: SocketAddr,
+    stats: Arc<GatewayStats>,
 }
 
 impl Connection {
-    async fn serve(self, mut stream: TcpStream) {
+    /// Serves one data connection; `pending` is its place among those waiting for a token,
+    /// given back once the token is taken or the refusal drained.
+    async fn serve(self, mut stream: TcpStream, pending: ConnectionPermit) {
         let _ = stream.set_nodelay(true);
         let peer = self.peer;
         let (token, leftover) =
@@ -399,12 +506,16 @@ impl Connection {
             {
                 Ok(Ok(line)) => line,
                 Ok(Err(refusal)) => return refuse(stream, peer, refusal).await,
-                Err(_) => return refuse(stream, peer, Refusal::Timeout).await,
+                Err(_) => {
+                    self.stats.token_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return refuse(stream, peer, Refusal::Timeout).await;
+                }
             };
         let binding = match self.tokens.claim(&token, Instant::now()) {
             Ok(b) => b,
             Err(refusal) => return refuse(stream, peer, refusal).await,
         };
+        drop(pending);
         let call_id = binding.call_id.clone();
         let slot = binding.slot;
         let opened = match binding.backend.open(self.timeouts.backend_connect).await {
