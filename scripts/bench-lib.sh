@@ -314,6 +314,11 @@ password = "alice-secret"
 plan = "basic"
 services = ["echo"]
 
+# One subscriber places every call of the benchmark: lift the per-subscriber limit (10).
+[[classes]]
+name = "*"
+max_sessions = 100000
+
 [[servers]]
 uri = "sip:127.0.0.1:$AS_PORT"
 services = ["echo"]

@@ -285,17 +285,57 @@ fn write_json_line<W: Write, T: Serialize>(out: &mut W, record: &T) -> Result<()
     Ok(())
 }
 
-fn write_csv_row<W: Write>(out: &mut W, fields: &[&str]) -> Result<(), BillingError> {
+/// One CSV cell: text that came from outside (ids, names, descriptions: neutralised, see
+/// [`push_text_cell`]), or a number the store computed or checked (amounts, durations,
+/// counts: written as they are).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cell<'a> {
+    /// Text, neutralised against formula injection and quoted when needed.
+    Text(&'a str),
+    /// An integer, or nothing (an empty cell).
+    Number(Option<i64>),
+}
+
+fn write_csv_row<W: Write>(out: &mut W, cells: &[Cell<'_>]) -> Result<(), BillingError> {
     let mut line = String::new();
-    for (i, field) in fields.iter().enumerate() {
+    for (i, cell) in cells.iter().enumerate() {
         if i > 0 {
             line.push(',');
         }
-        push_csv_field(&mut line, field);
+        match cell {
+            Cell::Text(text) => push_text_cell(&mut line, text),
+            Cell::Number(Some(n)) => {
+                let _ = write!(line, "{n}");
+            }
+            Cell::Number(None) => {}
+        }
     }
     line.push_str("\r\n");
     out.write_all(line.as_bytes())?;
     Ok(())
+}
+
+/// Whether a spreadsheet would read text starting like `text` as a formula (or a DDE
+/// command): `=`, `+`, `-`, `@`, or a tab or carriage return before one (OWASP, "CSV
+/// Injection").
+fn reads_as_formula(text: &str) -> bool {
+    text.starts_with(['=', '+', '-', '@', '\t', '\r'])
+}
+
+/// Appends a text cell: neutralised with a leading `'` when a spreadsheet would take it
+/// for a formula (a Call-ID, an event id or a description comes from the network, and
+/// `=HYPERLINK(…)` or `=cmd|…` in one would run in the reader's spreadsheet), then quoted
+/// per RFC 4180 when needed. Text is always text: `-5` as an event id is written `'-5`.
+/// Number cells ([`Cell::Number`]) are never prefixed: a negative amount stays a number.
+fn push_text_cell(line: &mut String, text: &str) {
+    if reads_as_formula(text) {
+        let mut neutral = String::with_capacity(text.len() + 1);
+        neutral.push('\'');
+        neutral.push_str(text);
+        push_csv_field(line, &neutral);
+    } else {
+        push_csv_field(line, text);
+    }
 }
 
 /// Appends `field` to `line`, quoted per RFC 4180 when it holds a comma, a quote, a line
@@ -316,45 +356,40 @@ fn write_session_csv<W: Write>(out: &mut W, r: &SessionRecord) -> Result<(), Bil
     write_csv_row(
         out,
         &[
-            &r.record_id.to_string(),
-            &r.session_id,
-            &r.call_id,
-            &r.subscriber,
-            &r.service,
-            &r.server,
-            &r.plan,
-            &r.tariff,
-            &rfc3339(r.confirmed_at_ms),
-            &rfc3339(r.ended_at_ms),
-            &r.duration_ms.to_string(),
-            r.cause.as_str(),
-            &r.charge.minor.to_string(),
-            r.charge.currency.as_str(),
+            Cell::Number(Some(r.record_id)),
+            Cell::Text(&r.session_id),
+            Cell::Text(&r.call_id),
+            Cell::Text(&r.subscriber),
+            Cell::Text(&r.service),
+            Cell::Text(&r.server),
+            Cell::Text(&r.plan),
+            Cell::Text(&r.tariff),
+            Cell::Text(&rfc3339(r.confirmed_at_ms)),
+            Cell::Text(&rfc3339(r.ended_at_ms)),
+            Cell::Number(Some(r.duration_ms)),
+            Cell::Text(r.cause.as_str()),
+            Cell::Number(Some(r.charge.minor)),
+            Cell::Text(r.charge.currency.as_str()),
         ],
     )
 }
 
 fn write_charge_csv<W: Write>(out: &mut W, c: &ChargeRecord) -> Result<(), BillingError> {
-    let units = c.units.map(|u| u.units.to_string()).unwrap_or_default();
-    let price = c
-        .units
-        .map(|u| u.unit_price_minor.to_string())
-        .unwrap_or_default();
     write_csv_row(
         out,
         &[
-            &c.record_id.to_string(),
-            c.session_id.as_deref().unwrap_or(""),
-            &c.server,
-            &c.subscriber,
-            c.service.as_deref().unwrap_or(""),
-            &c.event_id,
-            &c.amount.minor.to_string(),
-            c.amount.currency.as_str(),
-            &units,
-            &price,
-            &c.description,
-            &rfc3339(c.charged_at_ms),
+            Cell::Number(Some(c.record_id)),
+            Cell::Text(c.session_id.as_deref().unwrap_or("")),
+            Cell::Text(&c.server),
+            Cell::Text(&c.subscriber),
+            Cell::Text(c.service.as_deref().unwrap_or("")),
+            Cell::Text(&c.event_id),
+            Cell::Number(Some(c.amount.minor)),
+            Cell::Text(c.amount.currency.as_str()),
+            Cell::Number(c.units.map(|u| u.units)),
+            Cell::Number(c.units.map(|u| u.unit_price_minor)),
+            Cell::Text(&c.description),
+            Cell::Text(&rfc3339(c.charged_at_ms)),
         ],
     )
 }
@@ -797,6 +832,102 @@ bob         USD              1  0:00:07.000                7        0           
         assert_eq!(quoted("say \"hi\""), "\"say \"\"hi\"\"\"");
         assert_eq!(quoted("two\nlines"), "\"two\nlines\"");
         assert_eq!(quoted(" padded"), "\" padded\"");
+    }
+
+    /// Issue 14, finding 11: text from the network (a terminal's Call-ID, a server's event
+    /// id and description) was written as it came, so `=HYPERLINK(…)` or `=cmd|…` ran as a
+    /// formula in the spreadsheet of whoever opened the export.
+    #[test]
+    fn csv_text_that_reads_as_a_formula_is_neutralised_and_numbers_are_kept() {
+        let row = |cells: &[Cell<'_>]| {
+            let mut out = Vec::new();
+            write_csv_row(&mut out, cells).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            row(&[
+                Cell::Text("=1+1"),
+                Cell::Text("+1"),
+                Cell::Text("-2+3"),
+                Cell::Text("@SUM(A1)"),
+                Cell::Text("\t=1"),
+                Cell::Text("\r=1"),
+            ]),
+            "'=1+1,'+1,'-2+3,'@SUM(A1),'\t=1,\"'\r=1\"\r\n"
+        );
+        // Quoting still applies after the prefix.
+        assert_eq!(
+            row(&[Cell::Text("=HYPERLINK(\"http://x\",\"y\")")]),
+            "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"\r\n"
+        );
+        // A number stays a number, negative or not; text is text even when it looks like one.
+        assert_eq!(
+            row(&[
+                Cell::Number(Some(-50)),
+                Cell::Number(Some(7)),
+                Cell::Number(None),
+                Cell::Text("-50"),
+                Cell::Text("a=b"),
+                Cell::Text("x-1"),
+                Cell::Text(""),
+            ]),
+            "-50,7,,'-50,a=b,x-1,\r\n"
+        );
+
+        // Through the store and the export.
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(dir.path().join("b.db")).unwrap();
+        store
+            .open_session(OpenSession {
+                session_id: "s1".into(),
+                call_id: "=cmd|' /C calc'!A0".into(),
+                subscriber: "alice".into(),
+                service: "video".into(),
+                server: "@as1".into(),
+                plan: "basic".into(),
+                tariff: tariff("EUR"),
+                confirmed_at_ms: T0 - 1_000,
+            })
+            .unwrap();
+        store
+            .close_session(CloseSession {
+                session_id: "s1".into(),
+                ended_at_ms: T0,
+                cause: EndCause::CallerBye,
+            })
+            .unwrap();
+        store
+            .record_charge(NewCharge {
+                session_id: None,
+                server: "as1".into(),
+                subscriber: "alice".into(),
+                service: None,
+                event_id: "-1+1".into(),
+                amount: ChargeAmount::Units {
+                    units: 2,
+                    unit_price: Money::new(5, currency("EUR")),
+                },
+                description: "+HYPERLINK(\"http://evil\")".into(),
+                charged_at_ms: T0,
+            })
+            .unwrap();
+        let export_of = |kind| {
+            let mut out = Vec::new();
+            export(&store, Period::all(), kind, ExportFormat::Csv, &mut out).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let sessions = export_of(RecordKind::Sessions);
+        assert_eq!(
+            sessions.split("\r\n").nth(1).unwrap(),
+            "1,s1,'=cmd|' /C calc'!A0,alice,video,'@as1,basic,per-second-EUR,\
+             2023-11-14T22:13:19.000Z,2023-11-14T22:13:20.000Z,1000,caller-bye,1,EUR"
+        );
+        let charges = export_of(RecordKind::Charges);
+        assert_eq!(
+            charges.split("\r\n").nth(1).unwrap(),
+            "1,,as1,alice,,'-1+1,10,EUR,2,5,\"'+HYPERLINK(\"\"http://evil\"\")\",\
+             2023-11-14T22:13:20.000Z"
+        );
     }
 
     #[test]

@@ -374,12 +374,10 @@ fn write_users(path: &Path, users: &UsersFile, realm: &str) -> Result<(), UserFi
     let body = toml::to_string(users)
         .map_err(|e| write_error(io::Error::new(io::ErrorKind::InvalidData, e)))?;
     let text = format!("{USERS_FILE_HEADER} \"{realm}\".\n\n{body}");
-    // Write beside, then rename: a crash leaves the old file or the new, never half.
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, text).map_err(write_error)?;
-    std::fs::rename(&tmp, path).map_err(write_error)
+    // Mode 0600 (the hashes are as good as passwords for the realm), written beside,
+    // fsynced, renamed, directory fsynced: a crash leaves the old file or the new, never
+    // half of one (issue 14, finding 11).
+    crate::private_files::write_atomic(path, text.as_bytes()).map_err(write_error)
 }
 
 /// Checks the result of an edit the way a start-up would, before anything is written.
@@ -707,6 +705,29 @@ mod tests {
             Err(UserFileError::NotFound { .. })
         ));
         assert!(!dir.path().join("users.toml.tmp").exists());
+    }
+
+    /// Issue 14, finding 11: the users file holds digest hashes, as good as passwords for
+    /// the realm; it was created readable by every local user.
+    #[test]
+    fn the_users_file_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        let (dir, config) = setup(true);
+        let path = dir.path().join("users.toml");
+        user_add(
+            &config,
+            &add_args("carol", "basic", &["echo"]),
+            "pw",
+            &fake_ha1,
+        )
+        .unwrap();
+        assert_eq!(mode(&path), 0o600, "a new users file");
+        // One an older relayd wrote 0644: rewritten without the others' read.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let config = Config::load(&dir.path().join("relayd.toml")).unwrap();
+        user_remove(&config, "carol").unwrap();
+        assert_eq!(mode(&path) & 0o007, 0, "{:o}", mode(&path));
     }
 
     #[test]

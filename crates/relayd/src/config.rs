@@ -346,6 +346,23 @@ impl Default for SipConfig {
     }
 }
 
+/// The range `[sip] t1_ms` is taken in: 1 ms to 60 s (64·T1 is then at most 64 minutes).
+pub const T1_MS_RANGE: std::ops::RangeInclusive<u64> = 1..=60_000;
+
+impl SipConfig {
+    /// T1, held to [`T1_MS_RANGE`] ([`Config::validate`] refuses a value outside it, so this
+    /// only matters for a configuration that was never validated).
+    pub fn t1(&self) -> Duration {
+        Duration::from_millis(self.t1_ms.clamp(*T1_MS_RANGE.start(), *T1_MS_RANGE.end()))
+    }
+
+    /// 64·T1: how long a 2xx waits for its ACK (RFC 3261 §13.3.1.4), the timeout of Timers
+    /// B, F and H. Saturating: never wraps, whatever `t1_ms` holds.
+    pub fn t1_times_64(&self) -> Duration {
+        self.t1().saturating_mul(64)
+    }
+}
+
 /// `[metrics]`: the Prometheus text endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default, expecting = "a [metrics] table")]
@@ -843,6 +860,37 @@ impl ServerConfig {
     }
 }
 
+/// How many sessions one subscriber may hold at once when its class has no `[[classes]]`
+/// entry and there is no `name = "*"` one.
+pub const DEFAULT_MAX_SESSIONS_PER_SUBSCRIBER: u32 = 10;
+
+/// The most `[[classes]] max_sessions` may be.
+pub const MAX_SESSIONS_PER_SUBSCRIBER_LIMIT: u32 = 100_000;
+
+/// A `[[classes]]` entry: what one subscriber of a class may hold at once (issue 14, finding
+/// 10). The class of a request is the subscriber's `class`, or the one a rule's `set.class`
+/// gives it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [[classes]] entry")]
+pub struct ClassConfig {
+    /// The class, as users and rules name it; `"*"` for every class without an entry of its
+    /// own.
+    pub name: String,
+    /// The most sessions one subscriber of the class holds at once, counting each session of
+    /// a forked request and each call still being inquired; one more INVITE is refused with
+    /// `486` — 1 to 100000, default 10.
+    pub max_sessions: u32,
+}
+
+impl Default for ClassConfig {
+    fn default() -> Self {
+        ClassConfig {
+            name: String::new(),
+            max_sessions: DEFAULT_MAX_SESSIONS_PER_SUBSCRIBER,
+        }
+    }
+}
+
 /// The relay's whole configuration. See the [module documentation](self).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default, expecting = "a relayd configuration")]
@@ -882,6 +930,8 @@ pub struct Config {
     pub servers: Vec<ServerConfig>,
     /// `[[rules]]`: ordered rules (see [`crate::rules`]).
     pub rules: Vec<RuleConfig>,
+    /// `[[classes]]`: limits per subscriber class.
+    pub classes: Vec<ClassConfig>,
     /// `[[tariffs]]`, kept as written for the billing crate. `plan` and `service` are read
     /// here to check references (`"*"` or absent: any).
     pub tariffs: Vec<toml::Value>,
@@ -1204,6 +1254,40 @@ impl Config {
                 );
             }
         }
+        if !T1_MS_RANGE.contains(&self.sip.t1_ms) {
+            p.add(
+                "sip.t1_ms",
+                format!(
+                    "{} is out of range ({} to {} milliseconds)",
+                    self.sip.t1_ms,
+                    T1_MS_RANGE.start(),
+                    T1_MS_RANGE.end()
+                ),
+            );
+        }
+        let mut classes: HashMap<&str, usize> = HashMap::new();
+        for (i, class) in self.classes.iter().enumerate() {
+            if class.name.trim().is_empty() {
+                p.add(
+                    format!("classes[{i}].name"),
+                    "must name a subscriber class (or \"*\" for every class without an entry)",
+                );
+            } else if let Some(first) = classes.insert(&class.name, i) {
+                p.add(
+                    format!("classes[{i}].name"),
+                    format!("duplicate class `{}` (also classes[{first}])", class.name),
+                );
+            }
+            if !(1..=MAX_SESSIONS_PER_SUBSCRIBER_LIMIT).contains(&class.max_sessions) {
+                p.add(
+                    format!("classes[{i}].max_sessions"),
+                    format!(
+                        "{} is out of range (1 to {MAX_SESSIONS_PER_SUBSCRIBER_LIMIT})",
+                        class.max_sessions
+                    ),
+                );
+            }
+        }
         if a.digest_uri_check().is_none() {
             p.add(
                 "auth.digest_uri",
@@ -1509,6 +1593,27 @@ impl Config {
         }
     }
 
+    /// The most sessions one subscriber of `class` may hold at once: its `[[classes]]`
+    /// entry, else the `"*"` entry, else [`DEFAULT_MAX_SESSIONS_PER_SUBSCRIBER`].
+    pub fn max_sessions_of(&self, class: &str) -> u32 {
+        let entry = |name: &str| self.classes.iter().find(|c| c.name == name);
+        entry(class)
+            .or_else(|| entry("*"))
+            .map_or(DEFAULT_MAX_SESSIONS_PER_SUBSCRIBER, |c| c.max_sessions)
+    }
+
+    /// The timing limits every call lives by, from `[session]` and `[sip]`.
+    pub fn session_limits(&self) -> crate::call::SessionLimits {
+        let s = &self.session;
+        crate::call::SessionLimits {
+            inquiry_timeout: Duration::from_millis(s.inquiry_timeout_ms),
+            answer_timeout: Duration::from_secs(u64::from(s.answer_timeout_secs)),
+            ack_timeout: self.sip.t1_times_64(),
+            probe_interval: Duration::from_secs(u64::from(s.probe_interval_secs)),
+            fork_timeout: Duration::from_secs(u64::from(s.fork_timeout_secs)),
+        }
+    }
+
     /// The registrar policy of `[registrar]`.
     pub fn registrar_policy(&self) -> RegistrarPolicy {
         RegistrarPolicy {
@@ -1670,6 +1775,17 @@ impl Config {
         for a in &self.server_accounts {
             line(format!("  {} services [{}]", a.name, list(&a.services)));
         }
+        let mut limits = vec![format!("* {}", self.max_sessions_of("*"))];
+        limits.extend(
+            self.classes
+                .iter()
+                .filter(|c| c.name != "*")
+                .map(|c| format!("{} {}", c.name, c.max_sessions)),
+        );
+        line(format!(
+            "sessions per subscriber, by class: {}",
+            limits.join(", ")
+        ));
         line(format!("rules: {}", self.rules.len()));
         for (i, rule) in self.rules.iter().enumerate() {
             let kind = if rule.default { " (default)" } else { "" };
@@ -2031,6 +2147,103 @@ mod tests {
             message.contains("key `auth.source_max_failures`") && message.contains("line 2"),
             "{message}"
         );
+    }
+
+    /// Issue 14, finding 11: `t1_ms * 64` wrapped (a panic in a debug build); now t1_ms is
+    /// range-checked, naming the file and key, and 64·T1 saturates.
+    #[test]
+    fn t1_is_range_checked_and_64_t1_never_wraps() {
+        let limits = Config::default().session_limits();
+        assert_eq!(limits.ack_timeout, Duration::from_secs(32));
+        assert_eq!(limits.inquiry_timeout, Duration::from_secs(4));
+        let fast = parse("[sip]\nt1_ms = 50\n").unwrap();
+        fast.validate().unwrap();
+        assert_eq!(fast.sip.t1(), Duration::from_millis(50));
+        assert_eq!(
+            fast.session_limits().ack_timeout,
+            Duration::from_millis(3_200)
+        );
+
+        let text = format!("[sip]\nt1_ms = {}\n", i64::MAX);
+        let huge = parse(&text).unwrap();
+        // Never validated: still no wrap and no panic.
+        assert_eq!(huge.sip.t1_times_64(), Duration::from_secs(60 * 64));
+        assert_eq!(
+            huge.session_limits().ack_timeout,
+            Duration::from_secs(3_840)
+        );
+        assert_eq!(
+            SipConfig { t1_ms: u64::MAX }.t1_times_64(),
+            Duration::from_secs(3_840)
+        );
+        assert_eq!(SipConfig { t1_ms: 0 }.t1(), Duration::from_millis(1));
+        let error = huge.validate().unwrap_err().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "relayd.toml: key `sip.t1_ms`: {} is out of range (1 to 60000 milliseconds)",
+                i64::MAX
+            )
+        );
+        for bad in [0, 60_001] {
+            assert_eq!(keys(&format!("[sip]\nt1_ms = {bad}\n")), ["sip.t1_ms"]);
+        }
+        parse("[sip]\nt1_ms = 60000\n").unwrap().validate().unwrap();
+    }
+
+    #[test]
+    fn session_limits_per_class_default_to_ten_and_bad_entries_are_named() {
+        let config = Config::default();
+        assert_eq!(
+            config.max_sessions_of("standard"),
+            DEFAULT_MAX_SESSIONS_PER_SUBSCRIBER
+        );
+        assert_eq!(DEFAULT_MAX_SESSIONS_PER_SUBSCRIBER, 10);
+        assert!(config
+            .summary()
+            .contains("sessions per subscriber, by class: * 10"));
+
+        let text = "[[classes]]\nname = \"gold\"\nmax_sessions = 2\n\
+                    [[classes]]\nname = \"*\"\nmax_sessions = 4\n";
+        let config = parse(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.max_sessions_of("gold"), 2);
+        assert_eq!(config.max_sessions_of("standard"), 4, "the \"*\" entry");
+        assert!(config
+            .summary()
+            .contains("sessions per subscriber, by class: * 4, gold 2"));
+        let only_gold = parse("[[classes]]\nname = \"gold\"\n").unwrap();
+        assert_eq!(
+            only_gold.max_sessions_of("gold"),
+            10,
+            "max_sessions defaults to 10"
+        );
+
+        let text = "[[classes]]\nname = \"\"\n\
+                    [[classes]]\nname = \"gold\"\nmax_sessions = 0\n\
+                    [[classes]]\nname = \"gold\"\nmax_sessions = 100001\n";
+        assert_eq!(
+            keys(text),
+            [
+                "classes[0].name",
+                "classes[1].max_sessions",
+                "classes[2].name",
+                "classes[2].max_sessions"
+            ]
+        );
+        let error = parse(text).unwrap().validate().unwrap_err().to_string();
+        assert!(
+            error.contains(
+                "relayd.toml: key `classes[1].max_sessions`: 0 is out of range (1 to 100000)"
+            ),
+            "{error}"
+        );
+        assert!(
+            error.contains("key `classes[2].name`: duplicate class `gold` (also classes[1])"),
+            "{error}"
+        );
+        let message = parse_error("[[classes]]\nname = \"gold\"\nmax = 3\n");
+        assert!(message.contains("classes[0]"), "{message}");
     }
 
     #[test]

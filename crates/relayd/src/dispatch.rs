@@ -26,6 +26,9 @@ use crate::extensions;
 use crate::registrar::{RegisterRequest, Role};
 use crate::relay::{facts, utc_second_of_day, Relay};
 
+/// The longest Call-ID a new INVITE may carry: what the billing journal keeps.
+const MAX_CALL_ID_LEN: usize = billing::store::MAX_FIELD_LEN;
+
 /// Builds the relay from a validated configuration (see [`Relay::start`]) and starts
 /// dispatching what its sockets receive; the events that came while it was being built
 /// first. Returns the relay and the billing writer (to shut down last).
@@ -353,6 +356,20 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
         relay.refuse(&r, 483, "Too Many Hops");
         return;
     }
+    let Some(cid) = call_id(&r.req) else {
+        return;
+    };
+    if cid.len() > MAX_CALL_ID_LEN {
+        // The billing journal keeps the terminal's Call-ID and refuses a longer one (issue
+        // 14, finding 11): refused here, before any server is asked, not at the 2xx.
+        debug!(from = %r.from, call_id_bytes = cid.len(), "400: Call-ID too long");
+        relay.refuse(
+            &r,
+            400,
+            &format!("Call-ID too long (at most {MAX_CALL_ID_LEN} bytes)"),
+        );
+        return;
+    }
     if let Some(refusal) = content::check_invite(&r.req) {
         let (code, reason) = refusal.status();
         let mut resp = b2bua::local_response(&r.req, code, reason, Some(&message::new_tag()));
@@ -393,6 +410,20 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
         relay.refuse(&r, code, reason);
         return;
     }
+    // Issue 14, finding 10: one subscriber may not fill every server. The call holds this
+    // slot until its inquiry ends without a session, or its session ends (see
+    // crate::subscriber_sessions). 486 Busy Here, not 403: the subscriber is "not willing or
+    // able to take additional calls" (RFC 3261 §21.4.26), and may call again as soon as a
+    // session of its own ends, where a 403 says the request "SHOULD NOT be repeated"
+    // (§21.4.4); and not 503, which tells a client to try another server of the domain
+    // (§21.5.4), where the limit is the same.
+    let limit = relay.config.max_sessions_of(&decision.subscriber_class);
+    if !relay.subscriber_sessions.try_take(&user, limit) {
+        relay.subscriber_sessions.count_refusal();
+        info!(subscriber = %user, class = %decision.subscriber_class, limit, "refused: the subscriber holds as many sessions as its class allows");
+        relay.refuse(&r, 486, call::SESSION_LIMIT_REASON);
+        return;
+    }
     relay.stats.admitted.fetch_add(1, Ordering::Relaxed);
     info!(subscriber = %user, service = %decision.service, rule = %decision.rule_name, "admitted");
     let adm = Admission {
@@ -402,9 +433,7 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
         params: decision.params.into_iter().collect(),
         plan: decision.plan,
         rule: decision.rule_name,
-    };
-    let Some(cid) = call_id(&r.req) else {
-        return;
+        session_limit: limit,
     };
     call::driver::spawn(relay, r, adm, cid);
 }

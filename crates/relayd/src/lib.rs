@@ -10,7 +10,9 @@
 //! [`dispatch`] (which handler or call each message goes to), [`b2bua`] (message
 //! construction), [`charge`] (application billing) with [`served`] (which server serves
 //! which session), [`billing_control`], [`health`] (probes and expiry), [`content`] and
-//! [`extensions`] (what a request may carry) and [`metrics`].
+//! [`extensions`] (what a request may carry), [`subscriber_sessions`] (how many sessions each
+//! subscriber holds against its class's limit), [`private_files`] (the users file and the
+//! billing store, readable by the operator only) and [`metrics`].
 
 pub mod auth;
 pub mod b2bua;
@@ -25,7 +27,9 @@ pub mod dispatch;
 pub mod extensions;
 pub mod health;
 pub mod metrics;
+pub mod private_files;
 pub mod registrar;
 pub mod relay;
 pub mod rules;
 pub mod served;
+pub mod subscriber_sessions;

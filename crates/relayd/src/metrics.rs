@@ -6,11 +6,12 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::relay::Relay;
 
@@ -153,6 +154,25 @@ pub fn render(relay: &Relay) -> String {
         "Credentials refused with 400: digest uri not the Request-URI.",
         a.uri_mismatches.load(Ordering::Relaxed),
     );
+    let l = relay.subscriber_sessions.stats();
+    metric(
+        "subscriber_limit_refusals_total",
+        "counter",
+        "INVITEs refused 486 because the subscriber held [[classes]] max_sessions sessions.",
+        l.refused.load(Ordering::Relaxed),
+    );
+    metric(
+        "subscriber_limit_fork_answers_dropped_total",
+        "counter",
+        "Answers of a forked request hung up because the subscriber held its session limit.",
+        l.fork_answers_dropped.load(Ordering::Relaxed),
+    );
+    metric(
+        "subscribers_with_sessions",
+        "gauge",
+        "Subscribers holding at least one session or call in progress.",
+        relay.subscriber_sessions.subscribers() as u64,
+    );
     metric(
         "sessions_live",
         "gauge",
@@ -216,42 +236,149 @@ pub fn render(relay: &Relay) -> String {
     out
 }
 
+/// How long the accept loop waits after a failed accept before it tries again.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Accepts connections with `accept` and hands each to `serve`, for ever. A failed accept
+/// (EMFILE or ENFILE when the process or the system is out of descriptors, ENOBUFS…) is
+/// retried only after [`ACCEPT_BACKOFF`]: the error stays until a descriptor is freed, and
+/// retrying at once would spin a core and starve the relay's own tasks of the time they
+/// need to free one. The first error of a run is logged at `warn`, the rest at `debug`.
+pub async fn accept_loop<S, F, A>(mut accept: A, mut serve: impl FnMut(S, SocketAddr))
+where
+    A: FnMut() -> F,
+    F: std::future::Future<Output = std::io::Result<(S, SocketAddr)>>,
+{
+    let mut failing = false;
+    loop {
+        match accept().await {
+            Ok((stream, peer)) => {
+                failing = false;
+                serve(stream, peer);
+            }
+            Err(e) => {
+                if failing {
+                    debug!(error = %e, "metrics endpoint: accept failed again");
+                } else {
+                    warn!(error = %e, backoff_ms = ACCEPT_BACKOFF.as_millis() as u64, "metrics endpoint: accept failed; retrying after a pause");
+                }
+                failing = true;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
 /// Serves `GET /metrics` on `addr` until the relay stops.
 pub async fn serve(relay: Arc<Relay>, addr: SocketAddr) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics endpoint on {addr}"))?;
     info!(%addr, "metrics endpoint listening");
-    loop {
-        let Ok((mut stream, peer)) = listener.accept().await else {
-            continue;
-        };
-        let relay = relay.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let n = match tokio::time::timeout(
-                std::time::Duration::from_secs(5),
-                stream.read(&mut buf),
-            )
-            .await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) =
-                if request.starts_with("GET /metrics ") || request.starts_with("GET / ") {
-                    ("200 OK", render(&relay))
-                } else {
-                    ("404 Not Found", "only GET /metrics is served\n".to_string())
+    accept_loop(
+        || listener.accept(),
+        |stream, peer| {
+            tokio::spawn(answer(relay.clone(), stream, peer));
+        },
+    )
+    .await;
+    Ok(())
+}
+
+/// Answers one connection to the endpoint.
+async fn answer(relay: Arc<Relay>, mut stream: tokio::net::TcpStream, peer: SocketAddr) {
+    let mut buf = [0u8; 2048];
+    let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await {
+        Ok(Ok(n)) => n,
+        _ => return,
+    };
+    let request = String::from_utf8_lossy(&buf[..n]);
+    let (status, body) = if request.starts_with("GET /metrics ") || request.starts_with("GET / ") {
+        ("200 OK", render(&relay))
+    } else {
+        ("404 Not Found", "only GET /metrics is served\n".to_string())
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if let Err(e) = stream.write_all(response.as_bytes()).await {
+        debug!(%peer, error = %e, "metrics reply failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// A listener out of descriptors: every accept fails at once with EMFILE (os error 24).
+    /// The loop must wait [`ACCEPT_BACKOFF`] between two tries instead of spinning; on the
+    /// paused clock the waits show as time between the tries. (Before the fix the loop
+    /// retried at once: five tries at one instant.)
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_accept_is_retried_after_a_pause_not_at_once() {
+        let tries: Rc<RefCell<Vec<tokio::time::Instant>>> = Rc::default();
+        let seen = Rc::clone(&tries);
+        let accept = move || {
+            let seen = Rc::clone(&seen);
+            async move {
+                let n = {
+                    let mut seen = seen.borrow_mut();
+                    seen.push(tokio::time::Instant::now());
+                    seen.len()
                 };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            if let Err(e) = stream.write_all(response.as_bytes()).await {
-                debug!(%peer, error = %e, "metrics reply failed");
+                if n > 5 {
+                    // Enough: stay pending, as a quiet listener does.
+                    std::future::pending::<()>().await;
+                }
+                Err::<((), SocketAddr), _>(std::io::Error::from_raw_os_error(24))
             }
-        });
+        };
+        let run = accept_loop(accept, |(), _| {});
+        // The paused clock jumps to each timer; a spinning loop never lets it.
+        let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
+        let tries = tries.borrow();
+        assert_eq!(tries.len(), 6, "five failures and the pending sixth try");
+        for pair in tries.windows(2) {
+            assert!(
+                pair[1] - pair[0] >= ACCEPT_BACKOFF,
+                "tries {:?} apart",
+                pair[1] - pair[0]
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accepted_connections_are_served_without_a_pause() {
+        let mut n = 0u16;
+        let accept = move || {
+            n += 1;
+            let result = if n <= 3 {
+                Ok((n, SocketAddr::from(([127, 0, 0, 1], n))))
+            } else {
+                Err(std::io::Error::from_raw_os_error(24))
+            };
+            async move { result }
+        };
+        let served = Rc::new(RefCell::new(Vec::new()));
+        let log = Rc::clone(&served);
+        let start = tokio::time::Instant::now();
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            accept_loop(accept, move |s, _| {
+                log.borrow_mut().push((s, tokio::time::Instant::now()))
+            }),
+        )
+        .await;
+        let served = served.borrow();
+        assert_eq!(
+            served.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
+        assert!(served.iter().all(|(_, at)| *at == start));
     }
 }

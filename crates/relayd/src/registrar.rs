@@ -43,12 +43,12 @@
 //!
 //! The bindings live in N shards keyed by the user name, each behind its own mutex, so
 //! registrations and lookups of different users rarely meet on a lock; there is no global
-//! lock. Each shard keeps a heap of expiry times for [`Registrar::expire`] and
-//! [`Registrar::next_expiry`].
+//! lock. Each shard keeps an ordered queue of expiry times for [`Registrar::expire`] and
+//! [`Registrar::next_expiry`], one entry per user (its earliest binding's), moved by each
+//! refresh, so the queue never holds more entries than there are registered users.
 
-use std::cmp::Reverse;
 use std::collections::hash_map::RandomState;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
@@ -635,12 +635,36 @@ impl RegisterOk {
 #[derive(Debug, Default)]
 struct Shard {
     users: HashMap<String, Vec<Binding>>,
-    /// Expiry times with the user; entries may be stale (the binding was refreshed or
-    /// removed), which only costs an early wake-up.
-    timers: BinaryHeap<Reverse<(Instant, String)>>,
+    /// One entry per user with bindings: the earliest expiry among them. A refresh moves
+    /// the user's entry instead of adding one, so a flood of REGISTER refreshes cannot grow
+    /// the queue (issue 14, finding 11).
+    timers: BTreeSet<(Instant, String)>,
+    /// The time of each user's entry in `timers`.
+    scheduled: HashMap<String, Instant>,
 }
 
 impl Shard {
+    /// Puts the user's one timer entry at the earliest expiry of its bindings, or removes
+    /// it when the user has none.
+    fn reschedule(&mut self, user: &str) {
+        let next = self
+            .users
+            .get(user)
+            .and_then(|list| list.iter().map(|b| b.expires_at).min());
+        let current = self.scheduled.get(user).copied();
+        if next == current {
+            return;
+        }
+        if let Some(at) = current {
+            self.timers.remove(&(at, user.to_owned()));
+            self.scheduled.remove(user);
+        }
+        if let Some(at) = next {
+            self.timers.insert((at, user.to_owned()));
+            self.scheduled.insert(user.to_owned(), at);
+        }
+    }
+
     /// Removes the user's bindings that ended at or before `now`.
     fn sweep_user(&mut self, user: &str, now: Instant) -> Vec<Binding> {
         let Some(list) = self.users.get_mut(user) else {
@@ -891,20 +915,9 @@ impl Registrar {
         if next.is_empty() {
             shard.users.remove(user);
         } else {
-            // One timer per binding this request set; the others have theirs already.
-            let stamp = (request.call_id.as_str(), request.cseq);
-            let mut set_now: Vec<Instant> = next
-                .iter()
-                .filter(|b| (b.call_id.as_str(), b.cseq) == stamp && b.expires_at > now)
-                .map(|b| b.expires_at)
-                .collect();
-            set_now.sort();
-            set_now.dedup();
-            for at in set_now {
-                shard.timers.push(Reverse((at, user.to_owned())));
-            }
             shard.users.insert(user.to_owned(), next.clone());
         }
+        shard.reschedule(user);
         drop(shard);
         let mut bindings = next;
         sort_bindings(&mut bindings);
@@ -944,15 +957,13 @@ impl Registrar {
         let mut removed = Vec::new();
         for shard in &self.shards {
             let mut shard = lock(shard);
-            while shard
-                .timers
-                .peek()
-                .is_some_and(|Reverse((at, _))| *at <= now)
-            {
-                let Some(Reverse((_, user))) = shard.timers.pop() else {
+            while shard.timers.first().is_some_and(|(at, _)| *at <= now) {
+                let Some((_, user)) = shard.timers.pop_first() else {
                     break;
                 };
+                shard.scheduled.remove(&user);
                 let gone = shard.sweep_user(&user, now);
+                shard.reschedule(&user);
                 for binding in &gone {
                     tracing::debug!(user = %binding.user, contact = %binding.uri_text, "binding expired");
                 }
@@ -966,8 +977,17 @@ impl Registrar {
     pub fn next_expiry(&self) -> Option<Instant> {
         self.shards
             .iter()
-            .filter_map(|shard| lock(shard).timers.peek().map(|Reverse((at, _))| *at))
+            .filter_map(|shard| lock(shard).timers.first().map(|(at, _)| *at))
             .min()
+    }
+
+    /// Entries in the expiry queues: at most one per user with bindings, however often its
+    /// bindings are refreshed.
+    pub fn timer_entries(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| lock(shard).timers.len())
+            .sum()
     }
 
     /// The number of users with at least one binding (expired ones not yet swept count).
@@ -1111,6 +1131,60 @@ mod tests {
         assert!(r.is_registered("alice", t0 + Duration::from_secs(100)));
         assert_eq!(r.bindings("alice", t1)[0].cseq, 2);
         assert_eq!(r.expire(t1 + Duration::from_secs(60)).len(), 1);
+    }
+
+    /// Issue 14, finding 11: each REGISTER used to push an expiry entry kept until its time
+    /// came, so a flood of refreshes (3600 s each) grew the queue by one entry per request.
+    #[test]
+    fn a_refresh_flood_keeps_one_timer_entry_per_user() {
+        let r = registrar();
+        let t0 = Instant::now();
+        for i in 0..2_000u32 {
+            let at = t0 + Duration::from_millis(u64::from(i) * 10);
+            r.register(
+                "alice",
+                SUB,
+                &req(
+                    &["<sip:alice@127.0.0.1:5070>, <sip:alice@127.0.0.1:5071>;expires=600"],
+                    Some("3600"),
+                    "c1",
+                    i + 1,
+                ),
+                at,
+            )
+            .unwrap();
+            r.register(
+                "bob",
+                SUB,
+                &req(&["<sip:bob@127.0.0.1:5072>"], Some("3600"), "c2", i + 1),
+                at,
+            )
+            .unwrap();
+        }
+        assert_eq!(r.timer_entries(), 2, "one entry per user");
+        let last = t0 + Duration::from_millis(1_999 * 10);
+        // The earliest binding decides the entry: alice's 600 s Contact.
+        assert_eq!(r.next_expiry(), Some(last + Duration::from_secs(600)));
+        let gone = r.expire(last + Duration::from_secs(600));
+        assert_eq!(uris(&gone), ["sip:alice@127.0.0.1:5071"]);
+        assert_eq!(
+            r.timer_entries(),
+            2,
+            "alice's other binding keeps one entry"
+        );
+        assert_eq!(r.next_expiry(), Some(last + Duration::from_secs(3600)));
+        // Removing every binding removes the entry.
+        r.register(
+            "bob",
+            SUB,
+            &req(&["<sip:bob@127.0.0.1:5072>;expires=0"], None, "c2", 9_999),
+            last,
+        )
+        .unwrap();
+        assert_eq!(r.timer_entries(), 1);
+        assert_eq!(r.expire(last + Duration::from_secs(3600)).len(), 1);
+        assert_eq!(r.timer_entries(), 0);
+        assert_eq!(r.next_expiry(), None);
     }
 
     #[test]
@@ -1293,7 +1367,7 @@ mod tests {
     }
 
     #[test]
-    fn only_bindings_set_by_a_request_get_a_timer() {
+    fn fetches_and_refreshes_keep_one_timer_entry_per_user() {
         let r = Registrar::new(RegistrarPolicy::default(), 1);
         let timers = |r: &Registrar| lock(&r.shards[0]).timers.len();
         let t0 = Instant::now();
@@ -1318,8 +1392,14 @@ mod tests {
             t1,
         )
         .unwrap();
-        assert_eq!(timers(&r), 2);
+        assert_eq!(
+            timers(&r),
+            1,
+            "the user's entry moves, at its earliest binding"
+        );
+        assert_eq!(r.next_expiry(), Some(t0 + Duration::from_secs(3600)));
         assert_eq!(r.expire(t0 + Duration::from_secs(3600)).len(), 1);
+        assert_eq!(timers(&r), 1, "the binding left keeps the entry");
         assert_eq!(r.next_expiry(), Some(t1 + Duration::from_secs(3600)));
     }
 

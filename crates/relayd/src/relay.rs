@@ -27,9 +27,11 @@ use crate::call::driver::routing::SessionTable;
 use crate::call::{CallEnv, Redecision, SessionLimits};
 use crate::config::{Config, Secret};
 use crate::directory::{Directory, ServerRef, Strategy};
+use crate::private_files;
 use crate::registrar::Registrar;
 use crate::rules::{FactNeeds, RequestFacts, RuleSet};
 use crate::served::{ServedIndex, ServedSession};
+use crate::subscriber_sessions::SubscriberSessions;
 
 /// Counters of the relay, for logs and metrics.
 #[derive(Debug, Default)]
@@ -137,6 +139,8 @@ pub struct Relay {
     pub stats: RelayStats,
     /// New out-of-dialog requests in hand (see [`MAX_BACKLOG`]).
     pub backlog: Backlog,
+    /// How many sessions each subscriber holds, against its class's limit.
+    pub subscriber_sessions: SubscriberSessions,
 }
 
 impl CredentialStore for Relay {
@@ -190,7 +194,7 @@ impl Relay {
                 ..TransportConfig::default()
             },
             timers: sip_core::transaction::Timers {
-                t1: Duration::from_millis(config.sip.t1_ms.max(1)),
+                t1: config.sip.t1(),
                 ..sip_core::transaction::Timers::default()
             },
             ..EndpointConfig::default()
@@ -245,6 +249,18 @@ impl Relay {
             .context("building the service directory")?;
         let rules = config.build_rules().map_err(|e| anyhow::anyhow!("{e}"))?;
         let tariffs = config.tariff_table().context("reading [[tariffs]]")?;
+        // The store is created 0600 before SQLite opens it (its -wal and -shm then get the
+        // same mode), in a data directory created 0700 (issue 14, finding 11).
+        let data_dir = &config.storage.data_dir;
+        private_files::create_private_dir(data_dir)
+            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        let store = data_dir.join("billing.db");
+        let narrowed =
+            private_files::prepare_private_file(&store, &["billing.db-wal", "billing.db-shm"])
+                .with_context(|| format!("preparing the billing store {}", store.display()))?;
+        for file in narrowed {
+            info!(file = %file.display(), "billing store file was readable by others; no longer");
+        }
         let (billing, writer) = BillingControl::open(
             &config.storage.data_dir,
             tariffs,
@@ -257,13 +273,7 @@ impl Relay {
                 "closed sessions left open by the last run"
             );
         }
-        let limits = SessionLimits {
-            inquiry_timeout: Duration::from_millis(config.session.inquiry_timeout_ms),
-            answer_timeout: Duration::from_secs(u64::from(config.session.answer_timeout_secs)),
-            ack_timeout: Duration::from_millis(config.sip.t1_ms.max(1) * 64),
-            probe_interval: Duration::from_secs(u64::from(config.session.probe_interval_secs)),
-            fork_timeout: Duration::from_secs(u64::from(config.session.fork_timeout_secs)),
-        };
+        let limits = config.session_limits();
         let relay = Arc::new(Relay {
             endpoint,
             realm,
@@ -281,6 +291,7 @@ impl Relay {
             served: ServedIndex::with_grace(late_charge_grace),
             stats: RelayStats::default(),
             backlog: Backlog::new(MAX_BACKLOG),
+            subscriber_sessions: SubscriberSessions::new(),
         });
         Ok((relay, writer))
     }
@@ -601,6 +612,19 @@ impl CallEnv for Relay {
 
     fn session_ended(&self, server: &ServerRef) {
         self.directory.session_ended(server);
+    }
+
+    fn take_session_slot(&self, subscriber: &str, limit: u32) -> bool {
+        // Only further answers of a forked request ask here (admission takes the first).
+        let taken = self.subscriber_sessions.try_take(subscriber, limit);
+        if !taken {
+            self.subscriber_sessions.count_fork_answer_dropped();
+        }
+        taken
+    }
+
+    fn give_back_session_slot(&self, subscriber: &str) {
+        self.subscriber_sessions.give_back(subscriber);
     }
 
     fn index(&self, served: ServedSession) {

@@ -1,6 +1,6 @@
 //! What a call asks of the relay around it, synchronously and without I/O: its addresses,
-//! its limits, the directory's candidates, the rules, and the indexes that point at the
-//! call's sessions (the call owns them; the directory's counters and the served index only
+//! its limits, the directory's candidates, the rules, the subscriber's session slots, and
+//! the indexes that point at the call's sessions (the call owns them; the directory's counters and the served index only
 //! index them). [`crate::relay::Relay`] implements it; the call's unit tests have their own.
 
 use std::collections::VecDeque;
@@ -60,6 +60,13 @@ pub trait CallEnv {
     fn session_started(&self, server: &ServerRef);
     /// Counts a session on `server` as ended.
     fn session_ended(&self, server: &ServerRef);
+    /// Takes one more of `subscriber`'s concurrent session slots, for a further session of a
+    /// forked request, if it holds fewer than `limit`; whether it did. (Admission took the
+    /// slot of the call's first session; see `crate::subscriber_sessions`.)
+    fn take_session_slot(&self, subscriber: &str, limit: u32) -> bool;
+    /// Gives back one of `subscriber`'s session slots: a session ended, or the inquiry ended
+    /// without using the slot admission took.
+    fn give_back_session_slot(&self, subscriber: &str);
     /// Makes a session findable by charge requests.
     fn index(&self, served: ServedSession);
     /// Marks a session ended in the served index (still findable for the grace period).

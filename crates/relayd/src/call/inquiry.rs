@@ -360,6 +360,16 @@ impl Call {
         }
     }
 
+    /// A session slot for a new session: the one admission took, while unused, else one
+    /// more of the subscriber's if it holds fewer than its limit.
+    fn take_session_slot(&mut self, env: &dyn CallEnv) -> bool {
+        if self.slot_unused {
+            self.slot_unused = false;
+            return true;
+        }
+        env.take_session_slot(&self.adm.subscriber, self.adm.session_limit)
+    }
+
     /// Confirms and hangs up a server leg the call has no use for.
     pub(super) fn hang_up_leg(&mut self, mut b: ServerLeg, env: &dyn CallEnv) {
         let local = env.local(b.peer);
@@ -416,6 +426,19 @@ impl Call {
             Some(&a_tag),
             Some(local.contact_header()),
         );
+        if !self.take_session_slot(env) {
+            // A further answer of a forked request, past the subscriber's limit: each
+            // session counts (see crate::subscriber_sessions).
+            info!(server = b.server.uri_text(), subscriber = %self.adm.subscriber, limit = self.adm.session_limit, "answer past the subscriber's session limit; hanging it up");
+            self.hang_up_leg(b, env);
+            if !self.a.final_sent
+                && !self.initial_legs_pending()
+                && !self.sessions.iter().any(|s| s.state == State::Journaling)
+            {
+                self.refuse_a(486, super::SESSION_LIMIT_REASON);
+            }
+            return;
+        }
         env.session_started(&b.server);
         let id = format!("s-{}", message::new_tag());
         info!(session_id = %id, server = b.server.uri_text(), "server answered");
@@ -467,6 +490,7 @@ impl Call {
             let s = &mut self.sessions[i];
             s.state = State::Ended;
             env.session_ended(&s.b.server);
+            env.give_back_session_slot(&self.adm.subscriber);
             if let Some((_, bye)) = s.deferred_bye.take().map(|b| *b) {
                 self.out
                     .respond(bye.tx, b2bua::local_response(&bye.req, 200, "OK", None));

@@ -1,6 +1,7 @@
-//! What a call is told when it starts: what admission decided ([`Admission`]) and the timing
-//! limits every call lives by ([`SessionLimits`]), and which failures send an inquiry on to
-//! the next candidate ([`fails_over`]).
+//! What a call is told when it starts: what admission decided ([`Admission`], the
+//! subscriber's session limit among it) and the timing limits every call lives by
+//! ([`SessionLimits`]), and which failures send an inquiry on to the next candidate
+//! ([`fails_over`]).
 
 use std::time::Duration;
 
@@ -22,7 +23,15 @@ pub struct Admission {
     pub plan: String,
     /// The rule that decided.
     pub rule: String,
+    /// The most sessions the subscriber may hold at once (`[[classes]] max_sessions` of the
+    /// class decided for this request). Admission took one of its slots for this call: the
+    /// call's first session keeps it, else the call gives it back when its inquiry ends.
+    pub session_limit: u32,
 }
+
+/// The reason phrase of the `486` for a subscriber that holds as many sessions as its class
+/// allows (at admission, or for a forked answer when none was relayed yet).
+pub const SESSION_LIMIT_REASON: &str = "Too many sessions";
 
 /// Liveness and timing limits of sessions.
 #[derive(Debug, Clone, Copy)]

@@ -55,7 +55,7 @@ pub use change::{parse_preferred, requested, sdp_service, Target};
 pub use env::{CallEnv, Redecision};
 pub use fork::best_response;
 pub use io::{BillingCmd, Incoming, Input, LegEvent, LegId, Output, Token, TxId};
-pub use limits::{fails_over, Admission, SessionLimits};
+pub use limits::{fails_over, Admission, SessionLimits, SESSION_LIMIT_REASON};
 pub use session::Side;
 pub use transfer::refer_target;
 
@@ -151,6 +151,9 @@ pub struct Call {
     billing: BillingQueue,
     out: Outbox,
     shutting_down: bool,
+    /// Whether the call still holds, unused, the session slot admission took for it: the
+    /// first session keeps it; the inquiry gives it back when it ends without one.
+    slot_unused: bool,
 }
 
 impl Call {
@@ -183,8 +186,10 @@ impl Call {
             billing: BillingQueue::default(),
             out: Outbox::default(),
             shutting_down: false,
+            slot_unused: true,
         };
         call.start_inquiry(env, now);
+        call.settle(env);
         call
     }
 
@@ -229,6 +234,7 @@ impl Call {
     /// and billed, nothing waited for.
     pub fn is_finished(&self) -> bool {
         self.a.final_sent
+            && !self.slot_unused
             && self.legs.is_empty()
             && self.sessions.iter().all(|s| s.state == State::Ended)
             && self.waiting.is_empty()
@@ -270,14 +276,14 @@ impl Call {
             Input::Billed { token, result } => self.on_billed(token, result, env, now),
             Input::Shutdown => self.shutdown(env, now),
         }
-        self.settle();
+        self.settle(env);
     }
 
     /// Gives back what the call holds only while it may need it: the terminal's INVITE
     /// once the inquiry is over (its responses need only the headers RFC 3261 §8.2.6.2
     /// copies), and the room of emptied tables. A call lives as long as its sessions, so
     /// what it keeps is paid for every concurrent session.
-    fn settle(&mut self) {
+    fn settle(&mut self, env: &dyn CallEnv) {
         let inquiring = !self.a.final_sent
             || self
                 .legs
@@ -287,6 +293,11 @@ impl Call {
         if !inquiring && !self.a.slim {
             self.a.invite = message::response_headers_only(&self.a.invite);
             self.a.slim = true;
+        }
+        if !inquiring && self.slot_unused {
+            // The inquiry ended without a session: the slot admission took goes back.
+            self.slot_unused = false;
+            env.give_back_session_slot(&self.adm.subscriber);
         }
         if self.legs.is_empty() && self.legs.capacity() > 0 {
             self.legs = Vec::new();
@@ -302,7 +313,7 @@ impl Call {
     /// Acts on every deadline that has come by monotonic `now`.
     pub fn handle_timeout(&mut self, env: &dyn CallEnv, now: Instant) {
         self.on_timeout(env, now);
-        self.settle();
+        self.settle(env);
     }
 
     fn on_timeout(&mut self, env: &dyn CallEnv, now: Instant) {
@@ -695,6 +706,7 @@ impl Call {
         s.state = State::Ended;
         s.pending_ack = None;
         env.session_ended(&s.b.server);
+        env.give_back_session_slot(&self.adm.subscriber);
         env.unindex(&s.id);
         let session_id = s.id.clone();
         info!(session_id = %session_id, cause = cause.as_str(), "session ending");

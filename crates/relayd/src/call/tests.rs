@@ -71,6 +71,10 @@ struct TestEnv {
     plans: HashMap<String, String>,
     active: RefCell<HashMap<String, i64>>,
     served: RefCell<HashMap<String, ServedSession>>,
+    /// The subscriber's session slots, as `crate::subscriber_sessions` counts them.
+    slots: crate::subscriber_sessions::SubscriberSessions,
+    /// The subscriber's session limit.
+    session_limit: u32,
 }
 
 impl TestEnv {
@@ -96,7 +100,20 @@ impl TestEnv {
             plans: HashMap::new(),
             active: RefCell::new(HashMap::new()),
             served: RefCell::new(HashMap::new()),
+            slots: crate::subscriber_sessions::SubscriberSessions::new(),
+            session_limit: 10,
         }
+    }
+
+    /// The same with a session limit of `limit` for the subscriber.
+    fn with_session_limit(mut self, limit: u32) -> TestEnv {
+        self.session_limit = limit;
+        self
+    }
+
+    /// The session slots alice holds.
+    fn slots_held(&self) -> u32 {
+        self.slots.held("alice")
     }
 
     fn active(&self, server: &str) -> i64 {
@@ -177,6 +194,12 @@ impl CallEnv for TestEnv {
             .borrow_mut()
             .entry(server.uri_text().to_string())
             .or_default() -= 1;
+    }
+    fn take_session_slot(&self, subscriber: &str, limit: u32) -> bool {
+        self.slots.try_take(subscriber, limit)
+    }
+    fn give_back_session_slot(&self, subscriber: &str) {
+        self.slots.give_back(subscriber);
     }
     fn index(&self, served: ServedSession) {
         self.served
@@ -267,7 +290,13 @@ impl Pair {
             params: Vec::new(),
             plan: "basic".into(),
             rule: "test".into(),
+            session_limit: env.session_limit,
         };
+        // What admission does: one slot for the call.
+        assert!(
+            env.slots.try_take("alice", env.session_limit),
+            "admission would refuse this call"
+        );
         let invite_tx = TxId(1);
         let call = Call::new(
             Incoming {
@@ -1318,4 +1347,96 @@ fn a_forks_two_answers_are_journaled_side_by_side_and_both_relayed() {
     );
     p.release_billing();
     assert_eq!(p.invite_finals(), vec![200, 200]);
+}
+
+// --- issue 14, finding 10: the subscriber's session slots ---
+
+#[test]
+fn the_slot_admission_took_is_kept_by_the_session_from_its_2xx_to_its_end() {
+    let mut p = Pair::new(ONE, Strategy::First);
+    assert_eq!(p.env.slots_held(), 1, "admission took one for the call");
+    p.server_answers(0, 180);
+    p.server_answers(0, 200);
+    assert_eq!(p.env.slots_held(), 1, "the session keeps the call's slot");
+    p.terminal_acks(0);
+    p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(p.env.slots_held(), 0, "the session's end gives it back");
+    assert!(p.call.is_finished());
+}
+
+#[test]
+fn a_call_that_ends_without_a_session_gives_its_slot_back() {
+    // Every server refuses.
+    let mut p = Pair::new(TWO, Strategy::First);
+    p.server_answers(0, 486);
+    assert_eq!(p.env.slots_held(), 1, "still inquiring");
+    p.server_answers(1, 503);
+    assert_eq!(p.invite_finals(), vec![480]);
+    assert_eq!(p.env.slots_held(), 0);
+    assert!(p.call.is_finished());
+    // No server at all: refused as the call starts.
+    let p = Pair::new(&[], Strategy::First);
+    assert_eq!(p.invite_finals(), vec![480]);
+    assert_eq!(p.env.slots_held(), 0);
+    assert!(p.call.is_finished(), "nothing left to wait for");
+    // Cancelled.
+    let mut p = Pair::new(ONE, Strategy::First);
+    p.server_answers(0, 180);
+    p.terminal_cancels();
+    p.server_answers(0, 487);
+    assert_eq!(p.env.slots_held(), 0);
+    // The journal cannot be written.
+    let mut p = Pair::new(ONE, Strategy::First);
+    p.store = Store::Fail;
+    p.server_answers(0, 200);
+    assert_eq!(p.invite_finals(), vec![500]);
+    assert_eq!(p.env.slots_held(), 0);
+    // The relay shuts down while the server rings.
+    let mut p = Pair::new(ONE, Strategy::First);
+    p.server_answers(0, 180);
+    p.input(Input::Shutdown);
+    assert_eq!(p.env.slots_held(), 0);
+}
+
+#[test]
+fn each_session_of_a_fork_takes_a_slot_and_an_answer_past_the_limit_is_hung_up() {
+    // A limit of 2: both answers become sessions, each holding a slot.
+    let mut p = Pair::with_env(TestEnv::new(TWO).with_session_limit(2), Strategy::All);
+    p.server_answers(0, 200);
+    p.server_answers(1, 200);
+    assert_eq!(p.invite_finals(), vec![200, 200]);
+    assert_eq!(p.env.slots_held(), 2);
+    p.terminal_acks(0);
+    p.terminal_acks(1);
+    p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(p.env.slots_held(), 1);
+    p.terminal_sends(1, "BYE", "", "");
+    assert_eq!(p.env.slots_held(), 0);
+
+    // A limit of 1: the second answer is confirmed and hung up, never relayed or billed.
+    let mut p = Pair::with_env(TestEnv::new(TWO).with_session_limit(1), Strategy::All);
+    p.server_answers(0, 200);
+    p.server_answers(1, 200);
+    assert_eq!(p.invite_finals(), vec![200], "one session only");
+    assert_eq!(p.server_methods(S2), vec!["ACK", "BYE"]);
+    assert_eq!(p.open.len(), 1, "one session journaled");
+    assert_eq!(p.env.active("sip:127.0.0.1:5082"), 0);
+    assert_eq!(p.env.slots_held(), 1);
+    p.terminal_acks(0);
+    p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(p.env.slots_held(), 0);
+    assert_eq!(p.records.len(), 1);
+}
+
+#[test]
+fn a_session_moved_by_a_change_or_a_transfer_keeps_its_one_slot() {
+    let mut p = Pair::established(TWO);
+    assert_eq!(p.env.slots_held(), 1);
+    let tx = p.terminal_sends(0, "REFER", &refer("echo"), "");
+    assert_eq!(p.answer_to(tx), Some(202));
+    p.server_answers(1, 200);
+    assert_eq!(p.server_methods(S1), vec!["ACK", "BYE"], "moved to S2");
+    assert_eq!(p.env.slots_held(), 1, "still one session");
+    p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(p.env.slots_held(), 0);
 }
