@@ -142,6 +142,13 @@ impl ConfigStr for IpNet {
     }
 }
 
+impl ConfigStr for sip_core::source::Net {
+    const EXPECTED: &'static str = "a network like 127.0.0.0/8";
+    fn parse_config(s: &str) -> Option<Self> {
+        s.parse().ok()
+    }
+}
+
 impl ConfigStr for UtcOffset {
     const EXPECTED: &'static str = "a UTC offset like +01:00";
     fn parse_config(s: &str) -> Option<Self> {
@@ -360,6 +367,161 @@ impl SipConfig {
     /// B, F and H. Saturating: never wraps, whatever `t1_ms` holds.
     pub fn t1_times_64(&self) -> Duration {
         self.t1().saturating_mul(64)
+    }
+}
+
+/// `[limits]`: what one source address may hold or send (issue 14, findings 4 and 5, and
+/// the per-address rate limit; RFC 3261 §26.1.5): caps on TCP connections, deadlines on
+/// their messages and writes, and a request rate per source address in the tradition of
+/// Kamailio's `pike`. See docs/operations.md, "Flood limits".
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [limits] table")]
+pub struct LimitsConfig {
+    /// TCP connections accepted and open at once, from every address together; one more is
+    /// closed at once — 1 to 1000000.
+    pub max_connections: u32,
+    /// TCP connections accepted and open at once from one address (IPv4, or IPv6 /64) — 1
+    /// to 1000000.
+    pub max_connections_per_address: u32,
+    /// How long a whole SIP message may take to arrive on a TCP connection, from its first
+    /// byte (a new connection's first message: from the accept), in milliseconds; bytes
+    /// arriving do not extend it — 100 to 600000.
+    pub message_timeout_ms: u32,
+    /// A TCP connection with no complete message or keep-alive for this long is closed, in
+    /// seconds — 1 to 86400.
+    pub idle_timeout_secs: u32,
+    /// How long writing one message to a TCP connection may block (its peer not reading)
+    /// before the connection is closed, in milliseconds — 100 to 600000.
+    pub write_timeout_ms: u32,
+    /// Requests a second one source address may send, sustained (ACKs not counted); past it
+    /// requests are answered 503 with Retry-After, then dropped — 0 turns the limit off, else
+    /// up to 1000000.
+    pub requests_per_second: u32,
+    /// Requests one address may send at once after a quiet time — 1 to 10000000.
+    pub request_burst: u32,
+    /// Over the rate, how many requests a second from one address are answered 503; the rest
+    /// are dropped unanswered (a forged UDP source is not flooded with answers) — 0 to
+    /// 100000.
+    pub refusals_per_second: u32,
+    /// Networks the rate limit does not apply to (one or a list; default: loopback).
+    #[serde(deserialize_with = "one_or_many")]
+    pub rate_exempt: Vec<sip_core::source::Net>,
+    /// Addresses whose request rate is tracked at once; past it the one met longest ago is
+    /// forgotten — 16 to 16777216.
+    pub max_tracked_addresses: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let transport = sip_core::transport::TransportConfig::default();
+        let rate = sip_core::rate::RateLimit::default();
+        let ms = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        LimitsConfig {
+            max_connections: u32::try_from(transport.max_connections).unwrap_or(u32::MAX),
+            max_connections_per_address: u32::try_from(transport.max_connections_per_source)
+                .unwrap_or(u32::MAX),
+            message_timeout_ms: ms(transport.message_timeout),
+            idle_timeout_secs: u32::try_from(transport.idle_timeout.as_secs()).unwrap_or(300),
+            write_timeout_ms: ms(transport.write_timeout),
+            requests_per_second: rate.per_second,
+            request_burst: rate.burst,
+            refusals_per_second: rate.replies_per_second,
+            rate_exempt: rate.exempt,
+            max_tracked_addresses: u32::try_from(rate.max_tracked).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The transport configuration with these limits applied to `transport`.
+    pub fn transport(
+        &self,
+        transport: sip_core::transport::TransportConfig,
+    ) -> sip_core::transport::TransportConfig {
+        sip_core::transport::TransportConfig {
+            max_connections: self.max_connections as usize,
+            max_connections_per_source: self.max_connections_per_address as usize,
+            message_timeout: Duration::from_millis(u64::from(self.message_timeout_ms)),
+            idle_timeout: Duration::from_secs(u64::from(self.idle_timeout_secs)),
+            write_timeout: Duration::from_millis(u64::from(self.write_timeout_ms)),
+            ..transport
+        }
+    }
+
+    /// The per-address request rate limit, or `None` when `requests_per_second` is 0.
+    pub fn rate_limit(&self) -> Option<sip_core::rate::RateLimit> {
+        (self.requests_per_second > 0).then(|| sip_core::rate::RateLimit {
+            per_second: self.requests_per_second,
+            burst: self.request_burst,
+            replies_per_second: self.refusals_per_second,
+            exempt: self.rate_exempt.clone(),
+            max_tracked: self.max_tracked_addresses as usize,
+        })
+    }
+
+    /// Adds a problem for every value out of its range.
+    fn check(&self, p: &mut Problems) {
+        const MILLION: u32 = 1_000_000;
+        for (key, value, min, max, unit) in [
+            ("max_connections", self.max_connections, 1, MILLION, ""),
+            (
+                "max_connections_per_address",
+                self.max_connections_per_address,
+                1,
+                MILLION,
+                "",
+            ),
+            (
+                "message_timeout_ms",
+                self.message_timeout_ms,
+                100,
+                600_000,
+                " milliseconds",
+            ),
+            (
+                "idle_timeout_secs",
+                self.idle_timeout_secs,
+                1,
+                86_400,
+                " seconds",
+            ),
+            (
+                "write_timeout_ms",
+                self.write_timeout_ms,
+                100,
+                600_000,
+                " milliseconds",
+            ),
+            (
+                "requests_per_second",
+                self.requests_per_second,
+                0,
+                MILLION,
+                "",
+            ),
+            ("request_burst", self.request_burst, 1, 10 * MILLION, ""),
+            (
+                "refusals_per_second",
+                self.refusals_per_second,
+                0,
+                100_000,
+                "",
+            ),
+            (
+                "max_tracked_addresses",
+                self.max_tracked_addresses,
+                16,
+                1 << 24,
+                "",
+            ),
+        ] {
+            if !(min..=max).contains(&value) {
+                p.add(
+                    format!("limits.{key}"),
+                    format!("{value} is out of range ({min} to {max}{unit})"),
+                );
+            }
+        }
     }
 }
 
@@ -917,6 +1079,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[sip]`
     pub sip: SipConfig,
+    /// `[limits]`
+    pub limits: LimitsConfig,
     /// A second file of `[[users]]` that `relayd user add` rewrites whole; relative to the
     /// configuration file's directory. A file that does not exist yet holds no users.
     pub users_file: Option<PathBuf>,
@@ -1194,6 +1358,7 @@ impl Config {
     /// Checks what types cannot, reporting every problem with its key path.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
+        self.limits.check(&mut p);
         if let Err(name) = self.auth.digest_algorithms() {
             p.add("auth.algorithms", format!("unknown digest algorithm {name:?}: expected MD5, SHA-256, MD5-sess or SHA-256-sess"));
         } else if self.auth.algorithms.is_empty() {
@@ -1735,6 +1900,29 @@ impl Config {
             self.directory.failure_threshold,
             self.directory.recovery_threshold
         ));
+        let l = &self.limits;
+        line(format!(
+            "limits: tcp connections {} ({} per address), message within {} ms, idle {} s, \
+             write {} ms; {}",
+            l.max_connections,
+            l.max_connections_per_address,
+            l.message_timeout_ms,
+            l.idle_timeout_secs,
+            l.write_timeout_ms,
+            match l.rate_limit() {
+                None => "no request rate limit".to_owned(),
+                Some(r) => format!(
+                    "{} requests/s per address (burst {}), exempt [{}]",
+                    r.per_second,
+                    r.burst,
+                    r.exempt
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+        ));
         line(format!("services: {}", self.services.len()));
         for s in &self.services {
             line(format!("  {} (strategy {})", s.name, s.strategy));
@@ -1896,6 +2084,11 @@ mod tests {
         );
 
         assert!(config.servers.iter().all(|s| s.probe));
+        assert_eq!(
+            config.limits,
+            LimitsConfig::default(),
+            "the example's [limits] are the defaults"
+        );
         assert_eq!(config.auth.algorithms, ["MD5"]);
         assert!(config.digest_algorithms_by_user().is_empty());
 
@@ -2078,6 +2271,109 @@ mod tests {
             keys(&format!("{BASE}\n[[users]]\nname = \"u\"\nplan = \"basic\"\npassword = \"p\"\n[[server_accounts]]\nname = \"u\"\npassword = \"q\"\n")),
             ["server_accounts[0].name"]
         );
+    }
+
+    #[test]
+    fn flood_limits_have_safe_defaults_and_bad_values_are_named() {
+        let config = Config::default();
+        let limits = &config.limits;
+        assert_eq!(
+            (limits.max_connections, limits.max_connections_per_address),
+            (4096, 64)
+        );
+        let transport = limits.transport(sip_core::transport::TransportConfig::default());
+        assert_eq!(transport.message_timeout, Duration::from_secs(10));
+        assert_eq!(transport.write_timeout, Duration::from_secs(10));
+        assert_eq!(transport.idle_timeout, Duration::from_secs(300));
+        let rate = limits.rate_limit().unwrap();
+        assert_eq!(
+            (rate.per_second, rate.burst, rate.replies_per_second),
+            (100, 200, 10)
+        );
+        assert!(
+            rate.exempt
+                .iter()
+                .any(|n| n.contains("127.0.0.1".parse().unwrap()))
+                && rate
+                    .exempt
+                    .iter()
+                    .any(|n| n.contains("::1".parse().unwrap())),
+            "loopback is exempt by default (the benchmark calls from it)"
+        );
+
+        let text = "[limits]\nmax_connections = 100\nmax_connections_per_address = 5\n\
+                    message_timeout_ms = 2000\nidle_timeout_secs = 60\nwrite_timeout_ms = 500\n\
+                    requests_per_second = 20\nrequest_burst = 40\nrefusals_per_second = 2\n\
+                    rate_exempt = \"10.0.0.0/8\"\nmax_tracked_addresses = 1024\n";
+        let config = parse(text).unwrap();
+        config.validate().unwrap();
+        let transport = config
+            .limits
+            .transport(sip_core::transport::TransportConfig::default());
+        assert_eq!(
+            (
+                transport.max_connections,
+                transport.max_connections_per_source
+            ),
+            (100, 5)
+        );
+        assert_eq!(transport.message_timeout, Duration::from_millis(2000));
+        assert_eq!(transport.idle_timeout, Duration::from_secs(60));
+        assert_eq!(transport.write_timeout, Duration::from_millis(500));
+        let rate = config.limits.rate_limit().unwrap();
+        assert_eq!(
+            (rate.per_second, rate.burst, rate.replies_per_second),
+            (20, 40, 2)
+        );
+        assert_eq!(rate.exempt, ["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(rate.max_tracked, 1024);
+        assert!(
+            parse("[limits]\nrequests_per_second = 0\n")
+                .unwrap()
+                .limits
+                .rate_limit()
+                .is_none(),
+            "0 turns the rate limit off"
+        );
+        assert!(parse("[limits]\nrate_exempt = []\n")
+            .unwrap()
+            .limits
+            .rate_limit()
+            .unwrap()
+            .exempt
+            .is_empty());
+
+        let text = "[limits]\nmax_connections = 0\nmax_connections_per_address = 1000001\n\
+                    message_timeout_ms = 99\nidle_timeout_secs = 0\nwrite_timeout_ms = 600001\n\
+                    requests_per_second = 1000001\nrequest_burst = 0\n\
+                    refusals_per_second = 100001\nmax_tracked_addresses = 15\n";
+        assert_eq!(
+            keys(text),
+            [
+                "limits.max_connections",
+                "limits.max_connections_per_address",
+                "limits.message_timeout_ms",
+                "limits.idle_timeout_secs",
+                "limits.write_timeout_ms",
+                "limits.requests_per_second",
+                "limits.request_burst",
+                "limits.refusals_per_second",
+                "limits.max_tracked_addresses",
+            ]
+        );
+        let error = parse(text).unwrap().validate().unwrap_err().to_string();
+        assert!(
+            error.contains("relayd.toml: key `limits.message_timeout_ms`: 99 is out of range (100 to 600000 milliseconds)"),
+            "the error names the file and the key: {error}"
+        );
+        let message = parse_error("[limits]\nrate_exempt = [\"10.0.0.0/33\"]\n");
+        assert!(
+            message.contains("key `limits.rate_exempt")
+                && message.contains("expected a network like 127.0.0.0/8"),
+            "{message}"
+        );
+        let message = parse_error("[limits]\nmax_connection = 5\n");
+        assert!(message.contains("max_connection"), "{message}");
     }
 
     #[test]

@@ -55,7 +55,73 @@ pub fn render(relay: &Relay) -> String {
         "TCP connections accepted or opened.",
         t.connections.load(Ordering::Relaxed),
     );
+    metric(
+        "tcp_connections_open",
+        "gauge",
+        "TCP connections open (accepted and opened).",
+        t.connections_open.load(Ordering::Relaxed),
+    );
+    metric(
+        "tcp_connections_refused_overall_total",
+        "counter",
+        "TCP connections closed at once: [limits] max_connections reached.",
+        t.refused_overall.load(Ordering::Relaxed),
+    );
+    metric(
+        "tcp_connections_refused_per_address_total",
+        "counter",
+        "TCP connections closed at once: [limits] max_connections_per_address reached.",
+        t.refused_per_source.load(Ordering::Relaxed),
+    );
+    metric(
+        "tcp_message_timeouts_total",
+        "counter",
+        "TCP connections closed: a message not whole within [limits] message_timeout_ms.",
+        t.message_timeouts.load(Ordering::Relaxed),
+    );
+    metric(
+        "tcp_idle_closed_total",
+        "counter",
+        "TCP connections closed after [limits] idle_timeout_secs without a message.",
+        t.idle_closed.load(Ordering::Relaxed),
+    );
+    metric(
+        "tcp_write_timeouts_total",
+        "counter",
+        "TCP connections closed: a write blocked past [limits] write_timeout_ms.",
+        t.write_timeouts.load(Ordering::Relaxed),
+    );
+    metric(
+        "tcp_queue_full_closed_total",
+        "counter",
+        "TCP connections closed: their send queue was full (the peer does not read).",
+        t.queue_full.load(Ordering::Relaxed),
+    );
     let e = relay.endpoint.stats();
+    metric(
+        "rate_limited_total",
+        "counter",
+        "Requests over [limits] requests_per_second answered 503 with Retry-After.",
+        e.rate_limited.load(Ordering::Relaxed),
+    );
+    metric(
+        "rate_dropped_total",
+        "counter",
+        "Requests over [limits] requests_per_second dropped unanswered.",
+        e.rate_dropped.load(Ordering::Relaxed),
+    );
+    metric(
+        "rate_tracked_addresses",
+        "gauge",
+        "Source addresses whose request rate is tracked ([limits] max_tracked_addresses).",
+        relay.endpoint.rate_tracked_sources() as u64,
+    );
+    metric(
+        "sends_dropped_total",
+        "counter",
+        "Messages dropped because too many were waiting for their sockets.",
+        e.sends_dropped.load(Ordering::Relaxed),
+    );
     metric(
         "messages_parsed_total",
         "counter",

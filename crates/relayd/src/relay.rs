@@ -188,11 +188,12 @@ impl Relay {
             Duration::from_secs(u64::from(config.billing.late_charge_grace_secs));
         let realm = config.relay.realm.clone();
         let endpoint_config = EndpointConfig {
-            transport: TransportConfig {
+            transport: config.limits.transport(TransportConfig {
                 udp: config.listen.udp.clone(),
                 tcp: config.listen.tcp.clone(),
                 ..TransportConfig::default()
-            },
+            }),
+            rate_limit: config.limits.rate_limit(),
             timers: sip_core::transaction::Timers {
                 t1: config.sip.t1(),
                 ..sip_core::transaction::Timers::default()

@@ -344,6 +344,11 @@ impl Relay {
         relay
     }
 
+    /// Its process id (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
     /// Everything it logged so far.
     pub fn log(&self) -> String {
         read_text(&self.log)
