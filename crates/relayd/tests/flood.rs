@@ -358,7 +358,8 @@ fn a_flood_of_registers_and_idle_connections_leaves_memory_bounded_and_calls_wor
         "{m:?}"
     );
     assert!(
-        m["relayd_rate_limited_total"] + m["relayd_rate_dropped_total"] >= 1_000,
+        m["relayd_rate_limited_total"] + m["relayd_rate_dropped_total"]
+            >= (FROM_HARDEST / 4) as u64,
         "the hardest source was not rate-limited: {m:?}"
     );
     assert!(m["relayd_rate_limited_total"] > 0, "{m:?}");
