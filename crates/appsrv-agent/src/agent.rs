@@ -48,7 +48,7 @@ use crate::backoff::Backoff;
 use crate::charging::{self, ChargerConfig, EventIds, Spool};
 use crate::config::{host_port, Config};
 use crate::control::ControlServer;
-use crate::gateway::{Gateway, Timeouts, TokenTable};
+use crate::gateway::{Gateway, PendingCaps, Timeouts, TokenTable};
 use crate::handle::{AgentHandle, ChargeDefaults};
 use crate::inquiry::RelaySources;
 use crate::registration::{self, Registration, RegistrationHandle, RegistrationParams};
@@ -214,7 +214,10 @@ impl Agent {
             key: "data.listen",
             source,
         })?
-        .with_pending_caps(config.data.pending_caps());
+        .with_pending_caps(PendingCaps {
+            overall: config.data.max_pending,
+            per_address: config.data.max_pending_per_address,
+        });
         let data_port = gateway
             .local_addr()
             .map_err(|source| StartError::Bind {

@@ -229,15 +229,13 @@ pub struct DataConfig {
     pub max_pending_per_address: usize,
 }
 
-impl DataConfig {
-    /// The caps on connections waiting for their token, for the gateway.
-    pub fn pending_caps(&self) -> crate::gateway::PendingCaps {
-        crate::gateway::PendingCaps {
-            overall: self.max_pending,
-            per_address: self.max_pending_per_address,
-        }
-    }
-}
+/// Default of `[data] max_pending_connections`: data connections waiting for their token
+/// line at once, from every address together.
+pub const DEFAULT_MAX_PENDING_CONNECTIONS: usize = 256;
+
+/// Default of `[data] max_pending_per_address`: data connections waiting for their token
+/// line at once from one address.
+pub const DEFAULT_MAX_PENDING_PER_ADDRESS: usize = 16;
 
 /// Who may use a service, by the subscriber name the relay asserts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -881,7 +879,6 @@ impl Build<'_> {
             ));
         }
 
-        let defaults = crate::gateway::PendingCaps::default();
         let cap = |key: &str, value: Option<u64>, default: usize| {
             let value = value.unwrap_or(default as u64);
             if (1..=100_000).contains(&value) {
@@ -896,12 +893,12 @@ impl Build<'_> {
         let max_pending = cap(
             "data.max_pending_connections",
             raw.max_pending_connections,
-            defaults.overall,
+            DEFAULT_MAX_PENDING_CONNECTIONS,
         )?;
         let max_pending_per_address = cap(
             "data.max_pending_per_address",
             raw.max_pending_per_address,
-            defaults.per_address,
+            DEFAULT_MAX_PENDING_PER_ADDRESS,
         )?;
 
         Ok(DataConfig {
@@ -1390,11 +1387,8 @@ mod tests {
         let c = Config::from_toml(base, Path::new("agent.toml"), &flags(&[])).unwrap();
         assert_eq!(c.data.handshake_timeout, Duration::from_secs(5));
         assert_eq!(
-            c.data.pending_caps(),
-            crate::gateway::PendingCaps {
-                overall: 256,
-                per_address: 16
-            }
+            (c.data.max_pending, c.data.max_pending_per_address),
+            (256, 16)
         );
         assert!(c
             .summary()

@@ -348,11 +348,12 @@ pub struct PendingCaps {
 }
 
 impl Default for PendingCaps {
-    /// 256 overall, 16 per address.
+    /// The defaults of `[data] max_pending_connections` and `max_pending_per_address`: 256
+    /// overall, 16 per address.
     fn default() -> Self {
         PendingCaps {
-            overall: 256,
-            per_address: 16,
+            overall: crate::config::DEFAULT_MAX_PENDING_CONNECTIONS,
+            per_address: crate::config::DEFAULT_MAX_PENDING_PER_ADDRESS,
         }
     }
 }
