@@ -370,7 +370,7 @@ impl Core {
     }
 
     fn on_request(&mut self, r: IncomingRequest) {
-        let IncomingRequest { req, from, tx } = r;
+        let IncomingRequest { req, from, tx, .. } = r;
         let call_id = call_id_of(&req);
         if req.method == Method::Options {
             let mut resp = reply(&req, 200, None, Some(&message::new_tag()));

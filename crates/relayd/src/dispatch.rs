@@ -121,9 +121,8 @@ impl EventSink for RelayEvents {
 fn dispatch(relay: &Arc<Relay>, event: EndpointEvent) -> Result<(), EndpointEvent> {
     match event {
         EndpointEvent::Request(r) => {
-            let Some(cid) = call_id(&r.req) else {
-                return Ok(());
-            };
+            // The transaction layer read the Call-ID already (RequestIds).
+            let cid = r.ids.call_id.clone();
             if r.req.method != Method::Register {
                 if let Some(inbox) = relay.sessions.get(&cid) {
                     let _ = inbox.send(SessionInput::Request(r));
@@ -213,7 +212,7 @@ fn out_of_dialog(
                 .instrument(span),
             );
         }
-        Method::Invite if !has_to_tag(&r.req) => {
+        Method::Invite if r.ids.to_tag.is_none() => {
             let Some(ticket) = relay.backlog.enter() else {
                 return Err(r);
             };
@@ -226,7 +225,7 @@ fn out_of_dialog(
                 .instrument(span),
             );
         }
-        Method::Options if !has_to_tag(&r.req) => {
+        Method::Options if r.ids.to_tag.is_none() => {
             let mut resp = b2bua::local_response(&r.req, 200, "OK", Some(&message::new_tag()));
             resp.headers.push(Header::Allow(rsip::headers::Allow::new(
                 "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, REFER, NOTIFY, INFO",
@@ -236,7 +235,7 @@ fn out_of_dialog(
             )));
             let _ = r.tx.respond(resp);
         }
-        Method::Message if !has_to_tag(&r.req) => {
+        Method::Message if r.ids.to_tag.is_none() => {
             let Some(ticket) = relay.backlog.enter() else {
                 return Err(r);
             };
@@ -356,9 +355,7 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
         relay.refuse(&r, 483, "Too Many Hops");
         return;
     }
-    let Some(cid) = call_id(&r.req) else {
-        return;
-    };
+    let cid = r.ids.call_id.clone();
     if cid.len() > MAX_CALL_ID_LEN {
         // The billing journal keeps the terminal's Call-ID and refuses a longer one (issue
         // 14, finding 11): refused here, before any server is asked, not at the 2xx.
@@ -454,14 +451,6 @@ impl WithCseqMethod for rsip::Response {
         }
         self
     }
-}
-
-/// Whether a request carries a To tag, i.e. belongs to a dialog (RFC 3261 §12.2).
-fn has_to_tag(req: &Request) -> bool {
-    sip_core::address::to_header(&req.headers)
-        .ok()
-        .flatten()
-        .is_some_and(|to| to.tag().is_some())
 }
 
 /// What a call's driver does through the relay: send, commit, route, resolve, charge.

@@ -71,6 +71,15 @@ impl DialogId {
         })
     }
 
+    /// [`DialogId::of_incoming_request`] from the ids the transaction layer read already.
+    pub fn of_request_ids(ids: &crate::message::RequestIds) -> Option<DialogId> {
+        Some(DialogId {
+            call_id: ids.call_id.clone(),
+            local_tag: ids.to_tag.clone()?,
+            remote_tag: ids.from_tag.clone()?,
+        })
+    }
+
     /// The dialog a response to one of our requests belongs to, seen from its UAC (local
     /// tag = From tag, remote tag = To tag). `None` when the To tag is absent.
     pub fn of_response(resp: &Response) -> Option<DialogId> {

@@ -41,7 +41,7 @@ use rsip::{Header, Request, Response, SipMessage};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, trace, warn};
 
-use crate::message;
+use crate::message::{self, RequestIds};
 use crate::peer::{Peer, Transport};
 use crate::rate::{RateLimit, RateLimiter, Verdict};
 use crate::transaction::{
@@ -147,6 +147,8 @@ pub struct IncomingRequest {
     pub from: Peer,
     /// The handle to answer it.
     pub tx: ServerTx,
+    /// Its Call-ID and tags, as the transaction layer read them (nobody reads them again).
+    pub ids: RequestIds,
 }
 
 impl IncomingRequest {
@@ -445,10 +447,11 @@ impl Shared {
         out: &mut Outbox,
     ) {
         let user = match event {
-            Event::Request { tx, req, from } => EndpointEvent::Request(IncomingRequest {
+            Event::Request { tx, req, from, ids } => EndpointEvent::Request(IncomingRequest {
                 req,
                 from,
                 tx: self.server_tx(shard, tx),
+                ids: *ids,
             }),
             Event::Cancel {
                 tx,

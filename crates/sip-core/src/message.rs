@@ -146,6 +146,36 @@ pub struct Summary {
     pub to_tag: Option<String>,
 }
 
+/// What identifies a request within its dialog, as the transaction layer read it on the
+/// way in (RFC 3261 §12.2.2: Call-ID, From tag, To tag), handed to the transaction user
+/// so that no layer above reads the headers again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestIds {
+    /// The Call-ID.
+    pub call_id: String,
+    /// The tag of the From header (the requester's), if any.
+    pub from_tag: Option<String>,
+    /// The tag of the To header, if any: present on a request within a dialog (§12.2).
+    pub to_tag: Option<String>,
+}
+
+impl RequestIds {
+    /// The ids in a summary.
+    pub fn of(summary: &Summary) -> RequestIds {
+        RequestIds {
+            call_id: summary.call_id.clone(),
+            from_tag: summary.from_tag.clone(),
+            to_tag: summary.to_tag.clone(),
+        }
+    }
+
+    /// Reads them from a request (for one that did not come through the transaction
+    /// layer).
+    pub fn read(req: &Request) -> Result<RequestIds, MessageError> {
+        Summary::of_request(req).map(|s| RequestIds::of(&s))
+    }
+}
+
 impl Summary {
     /// Reads the summary of a request or response.
     pub fn of(msg: &SipMessage) -> Result<Summary, MessageError> {

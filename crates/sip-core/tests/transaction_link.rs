@@ -391,7 +391,7 @@ impl<S: Schedule> Sim<S> {
 
     fn uas_event(&mut self, e: Event) {
         match e {
-            Event::Request { tx, req, from } => {
+            Event::Request { tx, req, from, .. } => {
                 assert_eq!(from, self.uac_peer());
                 match req.method {
                     rsip::Method::Invite => {

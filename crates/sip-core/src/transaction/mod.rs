@@ -27,7 +27,7 @@ use bytes::Bytes;
 use rsip::{Method, Request, Response, SipMessage};
 use tracing::{debug, trace};
 
-use crate::message::{response_for, MessageError, Summary, BRANCH_COOKIE};
+use crate::message::{response_for, MessageError, RequestIds, Summary, BRANCH_COOKIE};
 use crate::Peer;
 
 use client::ClientTx;
@@ -66,6 +66,8 @@ pub enum Event {
         req: Request,
         /// Where it came from.
         from: Peer,
+        /// Its Call-ID and tags, as read here (boxed: an `Event` travels by value).
+        ids: Box<RequestIds>,
     },
     /// A CANCEL matching a live INVITE server transaction (§9.2). The user answers `tx`
     /// (200) and the INVITE `invite` (487; [`TxError::AlreadyFinal`] if the INVITE already
@@ -122,6 +124,9 @@ pub enum Event {
 
 /// What [`TransactionLayer::poll_output`] gives: drain until [`Output::Timeout`].
 #[derive(Debug, Clone, PartialEq)]
+// Outputs are drained one by one as they are made, never stored in bulk: boxing the
+// event would cost an allocation per message for no memory kept.
+#[allow(clippy::large_enum_variant)]
 pub enum Output {
     /// Bytes to send.
     Transmit(Transmit),
@@ -485,6 +490,8 @@ impl TransactionLayer {
             return self.drop_message(&from, MessageError::Invalid("CSeq"));
         }
         let method = req.method;
+        // Read before the keys take their parts of the summary.
+        let ids = (method != Method::Ack).then(|| Box::new(RequestIds::of(&summary)));
         let mut key = ServerKey::new(&mut summary, method);
         if method == Method::Ack {
             return self.on_ack(now, key, summary, req, from);
@@ -539,7 +546,15 @@ impl TransactionLayer {
             ServerTx::non_invite(id, key.clone(), from, &io)
         };
         trace!(tx = ?id, %method, %from, "server transaction created");
-        io.event(Event::Request { tx: id, req, from });
+        let Some(ids) = ids else {
+            return;
+        };
+        io.event(Event::Request {
+            tx: id,
+            req,
+            from,
+            ids,
+        });
         self.server_index.insert(key, id);
         self.servers.insert(id, Box::new(tx));
     }

@@ -568,6 +568,7 @@ fn server_request(l: &mut TransactionLayer, now: Instant, req: &Request, from: P
             tx,
             req: got,
             from: f,
+            ..
         }] => {
             assert_eq!(got, req);
             assert_eq!(*f, from);

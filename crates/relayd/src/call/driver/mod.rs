@@ -15,6 +15,7 @@ use sip_core::dialog::DialogId;
 use sip_core::endpoint::{
     synthetic_response, ClientEvent, ClientSink, Endpoint, IncomingRequest, ServerTx,
 };
+use sip_core::message::RequestIds;
 use sip_core::transport::TrySendError;
 use sip_core::Peer;
 use tracing::{debug, info_span, warn, Instrument};
@@ -153,7 +154,7 @@ impl<R: Relaying> Driver<R> {
     fn translate(&mut self, input: SessionInput) -> Option<Input> {
         Some(match input {
             SessionInput::Request(r) => {
-                let dialog = DialogId::of_incoming_request(&r.req);
+                let dialog = DialogId::of_request_ids(&r.ids);
                 let tx = self.hold(r.tx);
                 Input::Request {
                     incoming: Incoming {
@@ -304,10 +305,16 @@ impl<R: Relaying> Driver<R> {
                 session_id,
             } => {
                 if let Some(tx) = self.txs.remove(&incoming.tx) {
+                    // The call kept the request, not its ids: read them again, for the
+                    // one charge request in a session's life.
+                    let Ok(ids) = RequestIds::read(&incoming.req) else {
+                        return;
+                    };
                     let r = IncomingRequest {
                         req: incoming.req,
                         from: incoming.from,
                         tx,
+                        ids,
                     };
                     relay.charge_in_dialog(r, &session_id);
                 }
