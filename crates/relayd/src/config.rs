@@ -135,13 +135,6 @@ impl ConfigStr for SocketAddr {
     }
 }
 
-impl ConfigStr for IpNet {
-    const EXPECTED: &'static str = "a network like 127.0.0.0/8";
-    fn parse_config(s: &str) -> Option<Self> {
-        s.parse().ok()
-    }
-}
-
 impl ConfigStr for sip_core::source::Net {
     const EXPECTED: &'static str = "a network like 127.0.0.0/8";
     fn parse_config(s: &str) -> Option<Self> {

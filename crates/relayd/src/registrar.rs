@@ -52,7 +52,6 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::hash::BuildHasher;
 use std::net::IpAddr;
-use std::str::FromStr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -63,75 +62,8 @@ use sip_core::Peer;
 use crate::directory::DynamicServer;
 use crate::rules::is_token;
 
-/// An IP network in CIDR notation (`127.0.0.0/8`, `::1/128`; a bare address is a single
-/// host).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-/// A network that is not written as `address/prefix`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("expected a network like 127.0.0.0/8, got {0:?}")]
-pub struct BadIpNet(pub String);
-
-impl IpNet {
-    /// The network of `addr` with the first `prefix` bits significant; `None` if the prefix
-    /// is longer than the address.
-    pub fn new(addr: IpAddr, prefix: u8) -> Option<IpNet> {
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        (prefix <= max).then_some(IpNet { addr, prefix })
-    }
-
-    /// Whether `ip` is in the network. An IPv4-mapped IPv6 address counts as IPv4.
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl FromStr for IpNet {
-    type Err = BadIpNet;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || BadIpNet(s.to_owned());
-        let (addr, prefix) = match s.trim().split_once('/') {
-            Some((addr, prefix)) => (addr, Some(prefix)),
-            None => (s.trim(), None),
-        };
-        let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-        let prefix = match prefix {
-            Some(p) => p.parse::<u8>().map_err(|_| bad())?,
-            None if addr.is_ipv4() => 32,
-            None => 128,
-        };
-        IpNet::new(addr, prefix).ok_or_else(bad)
-    }
-}
-
-impl fmt::Display for IpNet {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
+/// An IP network in CIDR notation, the one sip-core reads for its own limits.
+pub use sip_core::source::Net as IpNet;
 
 /// What the registrar accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
