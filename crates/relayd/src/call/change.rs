@@ -155,7 +155,7 @@ impl Call {
             let Some((req, peer)) =
                 self.sessions[i].request(Side::Server, a_peer, Method::Invite, extra, body, env)
             else {
-                self.sessions[i].busy = false;
+                self.sessions[i].give_up_move();
                 self.refuse(&r, 500, "Cannot build the re-INVITE");
                 return;
             };
@@ -183,7 +183,7 @@ impl Call {
 
     fn try_next_change(&mut self, mut pending: Pending, env: &dyn CallEnv, now: Instant) {
         let Some(server) = pending.rest.pop_front() else {
-            self.sessions[pending.session].busy = false;
+            self.sessions[pending.session].give_up_move();
             self.refuse(
                 &pending.reinvite,
                 480,
@@ -322,8 +322,7 @@ impl Call {
             self.try_next_change(p, env, now);
             return;
         }
-        self.sessions[p.session].busy = false;
-        self.sessions[p.session].next_plan = None;
+        self.sessions[p.session].give_up_move();
         match resp {
             Some(resp) => self.out.respond(
                 p.reinvite.tx,

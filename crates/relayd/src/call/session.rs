@@ -140,6 +140,13 @@ impl Session {
         }
     }
 
+    /// A change or transfer did not happen: the session takes requests again and keeps
+    /// its plan.
+    pub(crate) fn give_up_move(&mut self) {
+        self.busy = false;
+        self.next_plan = None;
+    }
+
     /// Whether the session is live (not ended).
     pub(crate) fn live(&self) -> bool {
         self.state != State::Ended

@@ -134,8 +134,7 @@ impl Call {
     fn try_next_transfer(&mut self, mut pending: Pending, env: &dyn CallEnv, now: Instant) {
         let i = pending.session;
         let Some(server) = pending.rest.pop_front() else {
-            self.sessions[i].busy = false;
-            self.sessions[i].next_plan = None;
+            self.sessions[i].give_up_move();
             self.notify(i, 480, "Temporarily Unavailable", true, env);
             return;
         };
@@ -250,8 +249,7 @@ impl Call {
             return;
         }
         let i = p.session;
-        self.sessions[i].busy = false;
-        self.sessions[i].next_plan = None;
+        self.sessions[i].give_up_move();
         if !self.sessions[i].live() {
             return;
         }
