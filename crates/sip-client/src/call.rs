@@ -29,9 +29,10 @@ use crate::input::InputHub;
 use crate::output::{self, Output};
 use crate::registration::{self, Registration};
 use crate::router::Router;
+use crate::router::SessionInput;
 use crate::script::{self, Action, Step, Target};
 use crate::service::ServiceRequest;
-use crate::session::{self, Report, SessionInput, Shared, Start};
+use crate::session::{self, Report, Shared, Start};
 use crate::ua::Ua;
 
 /// How much of stdin is kept for sessions that start later (forks).

@@ -6,14 +6,30 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rsip::{Header, Method};
+use rsip::{Request, Response};
 use sip_core::dialog::DialogId;
-use sip_core::endpoint::EndpointEvent;
+use sip_core::endpoint::{EndpointEvent, IncomingRequest, ServerTx};
 use sip_core::message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::headers;
-use crate::session::SessionInput;
+use crate::script::Action;
 use crate::ua::Ua;
+
+/// What is routed to a session.
+#[derive(Debug)]
+pub enum SessionInput {
+    /// An in-dialog request.
+    Request(IncomingRequest),
+    /// An ACK for a 2xx we sent (to a re-INVITE).
+    Ack(Request),
+    /// A 2xx to one of our INVITEs again: the ACK was lost, send it again.
+    Stray2xx(Response),
+    /// A 2xx we sent was never ACKed.
+    AckTimeout(ServerTx),
+    /// Something to do; the sender is told when it is done.
+    Command(Action, oneshot::Sender<()>),
+}
 
 /// The live sessions by dialog id. Cheap to clone.
 #[derive(Clone, Default)]

@@ -30,7 +30,7 @@ use crate::events::{Event, Events};
 use crate::headers;
 use crate::input::{InputHub, InputSub};
 use crate::output::Output;
-use crate::router::Router;
+use crate::router::{Router, SessionInput};
 use crate::script::Action;
 use crate::service::ServiceRequest;
 use crate::ua::Ua;
@@ -62,21 +62,6 @@ pub struct Shared {
     pub reports: mpsc::UnboundedSender<Report>,
     /// The dialog routing table.
     pub router: Router,
-}
-
-/// What is routed to a session.
-#[derive(Debug)]
-pub enum SessionInput {
-    /// An in-dialog request.
-    Request(IncomingRequest),
-    /// An ACK for a 2xx we sent (to a re-INVITE).
-    Ack(Request),
-    /// A 2xx to one of our INVITEs again: the ACK was lost, send it again.
-    Stray2xx(Response),
-    /// A 2xx we sent was never ACKed.
-    AckTimeout(ServerTx),
-    /// Something to do; the sender is told when it is done.
-    Command(Action, oneshot::Sender<()>),
 }
 
 /// A session's end, for the call.
