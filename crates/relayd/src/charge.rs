@@ -55,73 +55,36 @@ fn bad(reason: impl Into<String>) -> Refusal {
 }
 
 /// Handles an out-of-dialog charge request: digest-authenticated as an application-server
-/// account.
+/// account, which may charge only for sessions its own servers serve (or served).
 pub async fn handle(relay: Arc<Relay>, r: IncomingRequest) {
     if !relay.is_ours(&r.req.uri) {
         answer(&r, 404, "Not Found");
         return;
     }
-    let Some(account) = relay_authenticate(&relay, &r) else {
+    let Some(account) = relay.authenticate_request(&r) else {
         return;
     };
     if relay.config.server_account(&account).is_none() {
         answer(&r, 403, "Not an application-server account");
         return;
     }
-    let servers: Vec<String> = account_servers(&relay, &account);
-    process(&relay, &r, &account, &servers, None).await;
+    process(&relay, &r, &account, None).await;
 }
 
 /// Handles a charge request that arrived on a server leg of `served` (the leg itself
 /// authenticates the server).
 pub async fn handle_in_dialog(relay: Arc<Relay>, r: IncomingRequest, served: ServedSession) {
-    let servers = vec![served.server.clone()];
-    let account = relay.account_of(&served.server).unwrap_or_default();
-    process(&relay, &r, &account, &servers, Some(served)).await;
-}
-
-fn relay_authenticate(relay: &Relay, r: &IncomingRequest) -> Option<String> {
-    relay.authenticate_request(r)
-}
-
-/// The server URIs an account stands for: its registered bindings and the static servers
-/// configured with that account.
-fn account_servers(relay: &Relay, account: &str) -> Vec<String> {
-    let mut out: Vec<String> = relay
-        .registrar
-        .bindings(account, std::time::Instant::now())
-        .into_iter()
-        .map(|b| b.uri_text)
-        .collect();
-    for s in &relay.config.servers {
-        if s.account.as_deref() == Some(account) {
-            out.push(s.uri.clone());
-        }
-    }
-    out
-}
-
-fn same_server(a: &str, b: &str) -> bool {
-    let host = |u: &str| -> String {
-        sip_core::uri::Uri::parse(u.trim())
-            .ok()
-            .and_then(|u| {
-                let host = u.host()?.to_string().to_ascii_lowercase();
-                Some(format!("{host}:{}", u.port().unwrap_or(5060)))
-            })
-            .unwrap_or_else(|| u.to_string())
-    };
-    host(a) == host(b)
+    let account = served.account.clone().unwrap_or_default();
+    process(&relay, &r, &account, Some(served)).await;
 }
 
 async fn process(
     relay: &Relay,
     r: &IncomingRequest,
     account: &str,
-    servers: &[String],
     in_dialog: Option<ServedSession>,
 ) {
-    match charge(relay, r, servers, in_dialog).await {
+    match charge(relay, r, account, in_dialog).await {
         Ok(()) => answer(r, 200, "OK"),
         Err((code, reason)) => {
             info!(account, code, reason = %reason, "charge refused");
@@ -133,7 +96,7 @@ async fn process(
 async fn charge(
     relay: &Relay,
     r: &IncomingRequest,
-    servers: &[String],
+    account: &str,
     in_dialog: Option<ServedSession>,
 ) -> Result<(), Refusal> {
     if !is_charge(&r.req) {
@@ -188,11 +151,13 @@ async fn charge(
             )))
         }
     }
-    // Whom to charge, and is this server entitled to?
+    // Whom to charge, and is this account entitled to? The session's server must be one
+    // this account speaks for (registered or configured), decided by the directory entry
+    // the call used, never by comparing URI text.
     let session = match (&in_dialog, &body.session_id, &body.call_id) {
         (Some(s), _, _) => Some(s.clone()),
         (None, Some(key), _) | (None, None, Some(key)) => match relay.served.find(key) {
-            Some(s) if servers.iter().any(|srv| same_server(srv, &s.server)) => Some(s),
+            Some(s) if s.account.as_deref() == Some(account) => Some(s),
             _ => return Err((403, "Session not served by this server".into())),
         },
         (None, None, None) => None,
@@ -214,11 +179,7 @@ async fn charge(
                     "Malformed charge: missing session_id, call_id or subscriber",
                 ));
             };
-            let Some(server) = servers
-                .iter()
-                .find(|srv| relay.served.has_served(srv, &subscriber))
-                .cloned()
-            else {
+            let Some(server) = relay.served.server_that_served(account, &subscriber) else {
                 return Err((403, "Subscriber never served by this server".into()));
             };
             (subscriber, None, None, server)

@@ -1807,6 +1807,7 @@ impl Config {
                 &server.services,
                 server.capacity,
                 server.probe,
+                server.account.clone(),
             )?;
         }
         Ok(directory)

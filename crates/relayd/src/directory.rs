@@ -108,7 +108,10 @@ impl fmt::Display for ServerId {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
     /// A `[[servers]]` entry of the configuration; it stays for the life of the process.
-    Static,
+    Static {
+        /// The application-server account configured to speak for it, if any.
+        account: Option<String>,
+    },
     /// Registered by an application-server account; it goes when its registration expires
     /// or is removed.
     Dynamic {
@@ -237,6 +240,16 @@ impl Server {
     /// Whether the server is static or registered, and by whom.
     pub fn origin(&self) -> &Origin {
         &self.origin
+    }
+
+    /// The application-server account that speaks for the server: the one that registered
+    /// it, or the `account` of its `[[servers]]` entry. Charges for the sessions it serves
+    /// are taken from that account only, whatever URI another account registers.
+    pub fn account(&self) -> Option<&str> {
+        match &self.origin {
+            Origin::Static { account } => account.as_deref(),
+            Origin::Dynamic { account } => Some(account),
+        }
     }
 
     /// The most sessions the server takes at once, `None` for no limit.
@@ -413,13 +426,14 @@ impl Directory {
         services: &[String],
         capacity: Option<u32>,
     ) -> Result<ServerRef, DirectoryError> {
-        self.add_static_with_probe(name, uri, services, capacity, true)
+        self.add_static_with_probe(name, uri, services, capacity, true, None)
     }
 
     /// Adds a static server like [`Directory::add_static`]; with `probe` false it is never
     /// probed (RFC 3261 §11 `OPTIONS` are optional for a server to answer: some application
     /// servers never do) and stays a candidate for as long as the relay runs. An inquiry it
-    /// does not answer still fails over to the next candidate, call by call.
+    /// does not answer still fails over to the next candidate, call by call. `account` is
+    /// the application-server account that speaks for it (its charges), if any.
     pub fn add_static_with_probe(
         &self,
         name: &str,
@@ -427,13 +441,21 @@ impl Directory {
         services: &[String],
         capacity: Option<u32>,
         probe: bool,
+        account: Option<String>,
     ) -> Result<ServerRef, DirectoryError> {
         if services.is_empty() {
             return Err(DirectoryError::NoServices(name.to_owned()));
         }
         let mut inner = self.write();
-        let server =
-            Self::new_server(&mut inner, name, uri, Origin::Static, capacity, None, probe)?;
+        let server = Self::new_server(
+            &mut inner,
+            name,
+            uri,
+            Origin::Static { account },
+            capacity,
+            None,
+            probe,
+        )?;
         inner.index(&server, services);
         inner.statics.push((server.clone(), services.to_vec()));
         Ok(server)
@@ -885,7 +907,14 @@ mod tests {
             recovery_threshold: 1,
         });
         let quiet = dir
-            .add_static_with_probe("quiet", "sip:127.0.0.1:5080", &s(&["echo"]), None, false)
+            .add_static_with_probe(
+                "quiet",
+                "sip:127.0.0.1:5080",
+                &s(&["echo"]),
+                None,
+                false,
+                None,
+            )
             .unwrap();
         dir.add_static("b", "sip:127.0.0.1:5081", &s(&["echo"]), None)
             .unwrap();
@@ -906,7 +935,14 @@ mod tests {
         assert!(dir.next_probe(t0).is_some());
         let only_quiet = Directory::default();
         only_quiet
-            .add_static_with_probe("quiet", "sip:127.0.0.1:5080", &s(&["echo"]), None, false)
+            .add_static_with_probe(
+                "quiet",
+                "sip:127.0.0.1:5080",
+                &s(&["echo"]),
+                None,
+                false,
+                None,
+            )
             .unwrap();
         assert!(only_quiet.probe_due(t0).is_empty());
         assert_eq!(only_quiet.next_probe(t0), None);

@@ -304,25 +304,6 @@ impl Relay {
             || self.directory.services().iter().any(|s| s == service)
     }
 
-    /// The application-server account that speaks for the server at `uri`: the account that
-    /// registered it, or the `account` of its `[[servers]]` entry.
-    pub fn account_of(&self, uri: &str) -> Option<String> {
-        for service in self.directory.services() {
-            for server in self.directory.servers_of(&service) {
-                if server.uri_text() == uri {
-                    if let crate::directory::Origin::Dynamic { account } = server.origin() {
-                        return Some(account.clone());
-                    }
-                }
-            }
-        }
-        self.config
-            .servers
-            .iter()
-            .find(|s| s.uri == uri)
-            .and_then(|s| s.account.clone())
-    }
-
     /// Whether `subscriber` may have `service`: the service must exist (else 404) and be
     /// subscribed to (else 403). The refusal comes as status and reason phrase.
     pub fn check_service(

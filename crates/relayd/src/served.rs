@@ -3,7 +3,7 @@
 //! session id and by either leg's Call-ID, and kept findable for a grace period after a
 //! session ended, since a server may send its last charge just after the BYE.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,10 @@ pub struct ServedSession {
     pub service: String,
     /// The application server's URI (as in the directory).
     pub server: String,
+    /// The application-server account that speaks for that server (the one that
+    /// registered it, or its `[[servers]]` entry's `account`): the only one whose charges
+    /// may name this session. `None` for a static server with no account.
+    pub account: Option<String>,
     /// The server leg's Call-ID.
     pub server_call_id: String,
     /// The terminal leg's Call-ID.
@@ -74,10 +78,13 @@ pub struct ServedIndex {
     grace: Duration,
     hasher: std::collections::hash_map::RandomState,
     shards: Vec<Mutex<ServedShard>>,
-    /// By server URI, the subscribers it has served since start-up. Read-locked to look a
-    /// pair up by `&str` (almost always already there: no allocation, no exclusive lock on
-    /// the path of a call); written only for a new pair.
-    history: RwLock<HashMap<String, HashSet<String>>>,
+    /// By application-server account, the subscribers its servers have served since
+    /// start-up, with the URI of the server that last did (charges out of a session are
+    /// recorded against it). Keyed by the account, not by a URI, since another account may
+    /// register the same URI text. Read-locked to look a pair up by `&str` (almost always
+    /// already there: no allocation, no exclusive lock on the path of a call); written only
+    /// for a new pair.
+    history: RwLock<HashMap<String, HashMap<String, String>>>,
 }
 
 impl Default for ServedIndex {
@@ -126,13 +133,15 @@ impl ServedIndex {
     /// Records an answered session (or a new billing segment of one), findable by its id and
     /// both Call-IDs.
     pub fn insert(&self, s: ServedSession) {
-        if !self.has_served(&s.server, &s.subscriber) {
-            self.history
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(s.server.clone())
-                .or_default()
-                .insert(s.subscriber.clone());
+        if let Some(account) = &s.account {
+            if self.server_that_served(account, &s.subscriber).as_deref() != Some(&s.server) {
+                self.history
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(account.clone())
+                    .or_default()
+                    .insert(s.subscriber.clone(), s.server.clone());
+            }
         }
         let now = Instant::now();
         let s = Arc::new(s);
@@ -187,13 +196,14 @@ impl ServedIndex {
             .map(|(s, _)| ServedSession::clone(s))
     }
 
-    /// Whether `server` has ever delivered a session to `subscriber`.
-    pub fn has_served(&self, server: &str, subscriber: &str) -> bool {
+    /// The URI of the server of `account` that last delivered a session to `subscriber`,
+    /// if one ever did: whether the account may charge the subscriber outside a session.
+    pub fn server_that_served(&self, account: &str, subscriber: &str) -> Option<String> {
         self.history
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(server)
-            .is_some_and(|served| served.contains(subscriber))
+            .get(account)
+            .and_then(|served| served.get(subscriber).cloned())
     }
 
     /// Forgets what ended more than the grace period before `now`. Done as sessions are
@@ -232,6 +242,7 @@ mod tests {
             subscriber: "alice".into(),
             service: "echo".into(),
             server: "sip:127.0.0.1:5080".into(),
+            account: Some("as1".into()),
             server_call_id: format!("b-{call}"),
             terminal_call_id: format!("a-{call}"),
         }
@@ -251,8 +262,13 @@ mod tests {
         index.remove("s1");
         // Ended, but a late charge still finds it.
         assert!(index.find("a-c1").is_some());
-        assert!(index.has_served("sip:127.0.0.1:5080", "alice"));
-        assert!(!index.has_served("sip:127.0.0.1:5080", "bob"));
+        assert_eq!(
+            index.server_that_served("as1", "alice").as_deref(),
+            Some("sip:127.0.0.1:5080")
+        );
+        assert_eq!(index.server_that_served("as1", "bob"), None);
+        // Another account that registered the same URI has served nobody.
+        assert_eq!(index.server_that_served("as2", "alice"), None);
     }
 
     #[test]

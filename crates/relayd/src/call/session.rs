@@ -135,6 +135,7 @@ impl Session {
             subscriber: who.subscriber.to_string(),
             service: self.service.clone(),
             server: self.b.server.uri_text().to_string(),
+            account: self.b.server.account().map(str::to_owned),
             server_call_id: self.b.dialog.id().call_id.clone(),
             terminal_call_id: who.terminal_call_id.to_string(),
         }
