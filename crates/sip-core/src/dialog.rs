@@ -17,6 +17,8 @@ use crate::address::{self, Contacts, FromTo, NameAddr};
 use crate::message::{new_branch, set_content_length};
 use crate::peer::Transport;
 
+pub mod session_timer;
+
 /// Why a dialog could not be created or used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DialogError {
