@@ -37,7 +37,15 @@
 //! `allowed_contact_nets` restricts Contact addresses to the given networks (CIDR), so that
 //! a scanner that guessed a password cannot bind a user to a foreign address. A Contact
 //! whose host is a domain name is refused when the list is not empty, since it cannot be
-//! checked without resolving it. An empty list allows every address.
+//! checked without resolving it.
+//!
+//! With the list empty (the default) a subscriber may bind any address (a terminal behind a
+//! NAT names an address the relay cannot reach anyway, and the relay answers it on its
+//! flow), but an application-server account may bind only the address its REGISTER came
+//! from, as an IP literal: the relay sends inquiries there carrying a subscriber's identity
+//! and SDP, so an account must not be able to point them at a host of its choosing
+//! (another server's, or anyone's). An operator whose servers register from elsewhere lists
+//! the networks they are in.
 //!
 //! # Concurrency
 //!
@@ -77,7 +85,8 @@ pub struct RegistrarPolicy {
     pub default_expires: u32,
     /// The most Contacts one user may have bound at once.
     pub max_bindings_per_user: usize,
-    /// The networks Contact addresses must be in; empty allows all.
+    /// The networks Contact addresses must be in. Empty: a subscriber's may be anywhere, an
+    /// application server's must be the address its REGISTER came from.
     pub allowed_contact_nets: Vec<IpNet>,
 }
 
@@ -655,10 +664,26 @@ impl Registrar {
         &self.shards[usize::try_from(index).unwrap_or(0)]
     }
 
-    fn check_address(&self, address: &ContactAddress) -> Result<(), RegisterError> {
+    fn check_address(
+        &self,
+        address: &ContactAddress,
+        role: Role<'_>,
+        source: Option<&Peer>,
+    ) -> Result<(), RegisterError> {
         let nets = &self.policy.allowed_contact_nets;
         if nets.is_empty() {
-            return Ok(());
+            return match (role, source) {
+                (Role::AppServer { .. }, Some(source))
+                    if host_ip(&address.uri).map(|ip| ip.to_canonical())
+                        != Some(source.addr.ip().to_canonical()) =>
+                {
+                    Err(RegisterError::Forbidden(format!(
+                        "Contact address {} is not the address the REGISTER came from",
+                        address.uri.host_port_text().unwrap_or_default()
+                    )))
+                }
+                _ => Ok(()),
+            };
         }
         match host_ip(&address.uri) {
             Some(ip) if nets.iter().any(|net| net.contains(ip)) => Ok(()),
@@ -753,7 +778,7 @@ impl Registrar {
             }
             let expires = expires.min(self.policy.max_expires);
             let (services, capacity) = if expires > 0 {
-                self.check_address(&address)?;
+                self.check_address(&address, role, request.source.as_ref())?;
                 Self::services_of(&address, role)?
             } else {
                 (Vec::new(), None)
@@ -944,6 +969,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use std::net::SocketAddr;
 
     fn registrar() -> Registrar {
         Registrar::new(RegistrarPolicy::default(), 4)
@@ -1420,6 +1446,77 @@ mod tests {
             .unwrap();
         assert_eq!(uris(&ok.bindings), ["sip:a@127.0.0.1:3"]);
         assert_eq!(ok.removed.len(), 2, "the expired bindings are reported");
+    }
+
+    #[test]
+    fn an_app_server_binds_only_the_address_it_registers_from_unless_nets_are_configured() {
+        let r = registrar();
+        let t0 = Instant::now();
+        let role = Role::AppServer {
+            allowed_services: None,
+        };
+        let from = |ip: &str, contact: &str| RegisterRequest {
+            source: Some(Peer::udp(SocketAddr::new(ip.parse().unwrap(), 5080))),
+            ..req(&[contact], Some("600"), &format!("c-{ip}-{contact}"), 1)
+        };
+        // Its own address, IPv4 or IPv6 (and an IPv4 source seen mapped on a dual-stack
+        // socket), is fine.
+        r.register(
+            "as1",
+            role,
+            &from("127.0.0.1", "<sip:as1@127.0.0.1:5080>;services=echo"),
+            t0,
+        )
+        .unwrap();
+        r.register(
+            "as1",
+            role,
+            &from("::ffff:127.0.0.1", "<sip:as1@127.0.0.1:5081>;services=echo"),
+            t0,
+        )
+        .unwrap();
+        r.register(
+            "as6",
+            role,
+            &from("::1", "<sip:as6@[::1]:5080>;services=echo"),
+            t0,
+        )
+        .unwrap();
+        // Another host, or a name, would have the relay send inquiries wherever the
+        // account says: refused.
+        for contact in [
+            "<sip:as2@127.0.0.9:5080>;services=echo",
+            "<sip:as2@203.0.113.7:5080>;services=echo",
+            "<sip:as2@victim.example.com:5080>;services=echo",
+        ] {
+            let e = r
+                .register("as2", role, &from("127.0.0.3", contact), t0)
+                .unwrap_err();
+            assert_eq!(e.status_code(), 403, "{contact}");
+        }
+        // A subscriber's terminal may be anywhere (behind a NAT its Contact is private).
+        r.register(
+            "alice",
+            Role::Subscriber,
+            &from("127.0.0.3", "<sip:alice@192.168.1.20:5060>"),
+            t0,
+        )
+        .unwrap();
+        // With networks configured, they decide instead.
+        let open = Registrar::new(
+            RegistrarPolicy {
+                allowed_contact_nets: vec!["127.0.0.0/8".parse().unwrap()],
+                ..RegistrarPolicy::default()
+            },
+            4,
+        );
+        open.register(
+            "as2",
+            role,
+            &from("127.0.0.3", "<sip:as2@127.0.0.9:5080>;services=echo"),
+            t0,
+        )
+        .unwrap();
     }
 
     #[test]
