@@ -23,6 +23,7 @@ pub mod rate;
 pub mod resolve;
 pub mod sdp;
 pub mod source;
+pub mod tls;
 pub mod transaction;
 pub mod transport;
 pub mod uri;

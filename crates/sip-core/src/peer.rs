@@ -106,6 +106,16 @@ impl Peer {
         }
     }
 
+    /// A TLS peer with no particular connection (one is reused or opened on send, verifying
+    /// the peer's certificate: RFC 3261 §26.2.1, RFC 5922 §7.1).
+    pub fn tls(addr: SocketAddr) -> Peer {
+        Peer {
+            transport: Transport::Tls,
+            addr,
+            conn: None,
+        }
+    }
+
     /// Whether the transport to this peer is reliable.
     pub fn is_reliable(&self) -> bool {
         self.transport.is_reliable()

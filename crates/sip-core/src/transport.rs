@@ -1,11 +1,20 @@
-//! UDP and TCP transports on tokio (RFC 3261 §18): the sockets, the connection table and the
-//! stream framing. What arrives is handed, unparsed, to a [`Sink`] (the endpoint); what leaves
+//! UDP, TCP and TLS transports on tokio (RFC 3261 §18, §26.2): the sockets, the connection
+//! table and the stream framing. What arrives is handed, unparsed, to a [`Sink`] (the endpoint); what leaves
 //! is a finished byte string for a [`Peer`].
 //!
 //! TCP connections are framed by Content-Length with [`StreamDecoder`] (§18.3); a connection
 //! that sends a frame over the size limit, or an unframeable stream, is closed. A response goes
 //! back on the connection its request came on (§18.2.2); a request to a TCP peer reuses a
 //! connection to that address or opens one.
+//!
+//! TLS (RFC 3261 §26.2.1, RFC 5630) is TCP with rustls on top, configured by a
+//! [`TlsSetup`](crate::tls::TlsSetup): the same framing, caps and deadlines, plus a handshake
+//! that must finish within [`TransportConfig::message_timeout`] of the accept (or
+//! [`TransportConfig::connect_timeout`] of the connect). An opened connection verifies the
+//! server's certificate against the trusted CAs and the name the caller expects for that
+//! address ([`Transports::expect_name`], else the IP address itself: RFC 5922 §7.1); an
+//! accepted one asks for a client certificate as configured, and the certificate a peer
+//! presented is kept with the connection ([`Transports::peer_certificate`]).
 //!
 //! A stream transport must expect peers that hold resources without using them (RFC 3261
 //! §26.1.5; RFC 5626 §4.4 on the cost of flows), so every connection is bounded:
@@ -36,7 +45,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -45,6 +55,7 @@ use tracing::{debug, warn};
 use crate::framing::{Frame, StreamDecoder};
 use crate::limits::{CapRefusal, ConnectionCaps, ConnectionPermit};
 use crate::peer::{ConnId, Peer, Transport};
+use crate::tls::TlsSetup;
 
 /// Where the transports deliver what they receive: one call per complete message (a UDP
 /// datagram or a TCP frame). Called from the receiving task; it must not block.
@@ -60,6 +71,13 @@ pub struct TransportConfig {
     pub udp: Vec<SocketAddr>,
     /// TCP addresses to listen on (port 0 picks a free port).
     pub tcp: Vec<SocketAddr>,
+    /// TLS addresses to listen on (port 0 picks a free port; 5061 is the default port of
+    /// SIP over TLS, RFC 3261 §19.1.2). Needs [`TransportConfig::tls_setup`] with a
+    /// certificate.
+    pub tls: Vec<SocketAddr>,
+    /// The TLS certificate, key, trusted CAs and client-certificate policy. With it (and a CA)
+    /// TLS connections can be opened even when nothing listens for TLS.
+    pub tls_setup: Option<TlsSetup>,
     /// The largest message accepted on a stream or datagram, in bytes.
     pub max_message: usize,
     /// A TCP connection with no complete message or keep-alive for this long is closed.
@@ -91,6 +109,8 @@ impl Default for TransportConfig {
         TransportConfig {
             udp: Vec::new(),
             tcp: Vec::new(),
+            tls: Vec::new(),
+            tls_setup: None,
             max_message: StreamDecoder::DEFAULT_MAX,
             idle_timeout: Duration::from_secs(300),
             message_timeout: Duration::from_secs(10),
@@ -123,6 +143,18 @@ pub enum TransportError {
     /// The message is larger than a datagram may carry.
     #[error("message of {0} bytes is too large")]
     TooLarge(usize),
+    /// TLS listening addresses are configured without a certificate and key.
+    #[error("TLS listening addresses need a TLS certificate and key")]
+    NoCertificate,
+    /// The TLS handshake with a peer failed (its certificate is not trusted, does not name the
+    /// host expected, or the handshake did not finish in time).
+    #[error("TLS handshake with {addr} failed")]
+    Handshake {
+        /// The peer address.
+        addr: SocketAddr,
+        /// What went wrong.
+        source: io::Error,
+    },
     /// Connecting to a stream peer failed.
     #[error("cannot connect to {addr}")]
     Connect {
@@ -189,6 +221,8 @@ pub struct TransportStats {
     pub write_timeouts: AtomicU64,
     /// Connections closed because their send queue was full (the peer does not read).
     pub queue_full: AtomicU64,
+    /// TLS handshakes that failed or did not finish in time (accepted and opened).
+    pub tls_handshake_failures: AtomicU64,
 }
 
 /// The open transports: a cheap handle that can be cloned into every task that sends.
@@ -199,6 +233,9 @@ pub struct Transports {
 
 struct Conn {
     peer_addr: SocketAddr,
+    transport: Transport,
+    /// The end-entity certificate a TLS peer presented (verified by the handshake).
+    peer_cert: Option<CertificateDer<'static>>,
     tx: mpsc::Sender<Bytes>,
     /// Never sent on: dropping it (removing the entry) tells the connection's tasks to end.
     _close: watch::Sender<()>,
@@ -210,6 +247,11 @@ struct Inner {
     /// showed in profiles).
     udp: Vec<(Arc<UdpSocket>, SocketAddr)>,
     tcp_local: Vec<SocketAddr>,
+    tls_local: Vec<SocketAddr>,
+    /// The TLS settings, when configured.
+    tls: Option<TlsSetup>,
+    /// The names TLS connections opened to an address must show (RFC 5922 §7.1).
+    tls_names: Mutex<HashMap<SocketAddr, ServerName<'static>>>,
     conns: Mutex<ConnTable>,
     next_conn: AtomicU64,
     sink: Arc<dyn Sink>,
@@ -223,7 +265,7 @@ struct Inner {
 #[derive(Default)]
 struct ConnTable {
     by_id: HashMap<ConnId, Conn>,
-    by_addr: HashMap<SocketAddr, ConnId>,
+    by_addr: HashMap<(Transport, SocketAddr), ConnId>,
 }
 
 /// How many frames may wait for one connection's writer; one more closes the connection
@@ -282,9 +324,29 @@ impl Transports {
             tcp_local.push(local);
             listeners.push(listener);
         }
+        let mut tls_listeners = Vec::new();
+        let mut tls_local = Vec::new();
+        let acceptor = match (&config.tls_setup, config.tls.is_empty()) {
+            (_, true) => None,
+            (Some(setup), false) => Some(setup.acceptor().ok_or(TransportError::NoCertificate)?),
+            (None, false) => return Err(TransportError::NoCertificate),
+        };
+        for addr in &config.tls {
+            let bind_error = |source| TransportError::Bind {
+                transport: Transport::Tls,
+                addr: *addr,
+                source,
+            };
+            let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+            tls_local.push(listener.local_addr().map_err(bind_error)?);
+            tls_listeners.push(listener);
+        }
         let inner = Arc::new(Inner {
             udp,
             tcp_local,
+            tls_local,
+            tls: config.tls_setup.clone(),
+            tls_names: Mutex::new(HashMap::new()),
             conns: Mutex::new(ConnTable::default()),
             next_conn: AtomicU64::new(1),
             sink,
@@ -297,7 +359,16 @@ impl Transports {
             tokio::spawn(udp_recv_loop(Arc::downgrade(&inner), socket.clone()));
         }
         for listener in listeners {
-            tokio::spawn(accept_loop(Arc::downgrade(&inner), listener));
+            tokio::spawn(accept_loop(Arc::downgrade(&inner), listener, None));
+        }
+        if let Some(acceptor) = acceptor {
+            for listener in tls_listeners {
+                tokio::spawn(accept_loop(
+                    Arc::downgrade(&inner),
+                    listener,
+                    Some(acceptor.clone()),
+                ));
+            }
         }
         Ok(Transports { inner })
     }
@@ -307,7 +378,7 @@ impl Transports {
         match transport {
             Transport::Udp => self.inner.udp.first().map(|(_, local)| *local),
             Transport::Tcp => self.inner.tcp_local.first().copied(),
-            Transport::Tls => None,
+            Transport::Tls => self.inner.tls_local.first().copied(),
         }
     }
 
@@ -319,6 +390,9 @@ impl Transports {
         }
         if !self.inner.tcp_local.is_empty() {
             out.push(Transport::Tcp);
+        }
+        if !self.inner.tls_local.is_empty() {
+            out.push(Transport::Tls);
         }
         out
     }
@@ -332,6 +406,7 @@ impl Transports {
             .map(|(_, a)| (Transport::Udp, *a))
             .collect();
         out.extend(self.inner.tcp_local.iter().map(|a| (Transport::Tcp, *a)));
+        out.extend(self.inner.tls_local.iter().map(|a| (Transport::Tls, *a)));
         out
     }
 
@@ -348,8 +423,7 @@ impl Transports {
     pub async fn send(&self, to: &Peer, bytes: Bytes) -> Result<(), TransportError> {
         let result = match to.transport {
             Transport::Udp => self.send_udp(to.addr, &bytes).await,
-            Transport::Tcp => self.send_tcp(to, bytes).await,
-            Transport::Tls => Err(TransportError::NoTransport(Transport::Tls)),
+            Transport::Tcp | Transport::Tls => self.send_stream(to, bytes).await,
         };
         match &result {
             Ok(()) => self.inner.stats.sent.fetch_add(1, Ordering::Relaxed),
@@ -376,13 +450,12 @@ impl Transports {
                 },
                 Err(e) => Err(e),
             },
-            Transport::Tcp => {
+            Transport::Tcp | Transport::Tls => {
                 let Some((id, tx)) = self.open_conn(to) else {
                     return Err(TrySendError::WouldBlock(bytes));
                 };
                 self.queue(id, &tx, to.addr, bytes)
             }
-            Transport::Tls => Err(TransportError::NoTransport(Transport::Tls)),
         };
         match result {
             Ok(()) => {
@@ -422,12 +495,15 @@ impl Transports {
     /// The queue of an open connection to `to`: the one it names, else one to its address.
     fn open_conn(&self, to: &Peer) -> Option<(ConnId, mpsc::Sender<Bytes>)> {
         let table = lock(&self.inner.conns);
+        // A connection of another transport is never used (a TLS peer's message must not
+        // leave in clear on a TCP connection to the same address).
         to.conn
             .and_then(|id| table.by_id.get(&id).map(|c| (id, c)))
+            .filter(|(_, c)| c.transport == to.transport)
             .or_else(|| {
                 table
                     .by_addr
-                    .get(&to.addr)
+                    .get(&(to.transport, to.addr))
                     .and_then(|id| table.by_id.get(id).map(|c| (*id, c)))
             })
             .map(|(id, c)| (id, c.tx.clone()))
@@ -456,28 +532,133 @@ impl Transports {
         }
     }
 
-    async fn send_tcp(&self, to: &Peer, bytes: Bytes) -> Result<(), TransportError> {
+    async fn send_stream(&self, to: &Peer, bytes: Bytes) -> Result<(), TransportError> {
         let (id, tx) = match self.open_conn(to) {
             Some(open) => open,
-            None => self.connect(to.addr).await?,
+            None => self.connect(to.transport, to.addr).await?,
         };
         self.queue(id, &tx, to.addr, bytes)
     }
 
     async fn connect(
         &self,
+        transport: Transport,
         addr: SocketAddr,
     ) -> Result<(ConnId, mpsc::Sender<Bytes>), TransportError> {
-        let stream =
-            tokio::time::timeout(self.inner.config.connect_timeout, TcpStream::connect(addr))
-                .await
-                .map_err(|_| TransportError::Connect {
-                    addr,
-                    source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
-                })?
-                .map_err(|source| TransportError::Connect { addr, source })?;
+        // Fail before connecting when TLS cannot be spoken at all.
+        let tls = match transport {
+            Transport::Tls => Some(
+                self.inner
+                    .tls
+                    .as_ref()
+                    .ok_or(TransportError::NoTransport(Transport::Tls))?,
+            ),
+            _ => None,
+        };
+        let timeout = self.inner.config.connect_timeout;
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| TransportError::Connect {
+                addr,
+                source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+            })?
+            .map_err(|source| TransportError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
-        Ok(spawn_connection(&self.inner, stream, addr, None))
+        let Some(tls) = tls else {
+            let (r, w) = stream.into_split();
+            let halves: Halves = (Box::new(r), Box::new(w));
+            return Ok(spawn_connection(
+                &self.inner,
+                halves,
+                Transport::Tcp,
+                addr,
+                None,
+                None,
+            ));
+        };
+        let name = self.expected_name(addr);
+        let handshake = tls.connector().connect(name, stream);
+        let stream = match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(source)) => {
+                self.inner
+                    .stats
+                    .tls_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                warn!(%addr, error = %source, "TLS handshake failed");
+                return Err(TransportError::Handshake { addr, source });
+            }
+            Err(_) => {
+                self.inner
+                    .stats
+                    .tls_handshake_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(TransportError::Handshake {
+                    addr,
+                    source: io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"),
+                });
+            }
+        };
+        let cert = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned());
+        let (r, w) = tokio::io::split(stream);
+        let halves: Halves = (Box::new(r), Box::new(w));
+        Ok(spawn_connection(
+            &self.inner,
+            halves,
+            Transport::Tls,
+            addr,
+            None,
+            cert,
+        ))
+    }
+
+    /// The name a TLS connection opened to `addr` must show in its certificate: one set by
+    /// [`Transports::expect_name`], else the IP address (RFC 5922 §7.1: the host part of the
+    /// URI that was resolved to `addr`).
+    fn expected_name(&self, addr: SocketAddr) -> ServerName<'static> {
+        let names = self
+            .inner
+            .tls_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        names
+            .get(&addr)
+            .cloned()
+            .unwrap_or_else(|| ServerName::IpAddress(addr.ip().into()))
+    }
+
+    /// Sets the name (a DNS name from a URI's host, RFC 5922 §7.1) that the certificate of a
+    /// TLS connection opened to `addr` must show; by default it must show the IP address. For
+    /// a caller that resolved a `sips:` URI with a domain name to `addr`.
+    pub fn expect_name(&self, addr: SocketAddr, name: ServerName<'static>) {
+        self.inner
+            .tls_names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr, name);
+    }
+
+    /// The end-entity certificate the peer of TLS connection `conn` presented, when it is
+    /// open and the peer presented one. The TLS handshake already verified it against the
+    /// trusted CAs (RFC 5922 §7.2: a server that asked for a client certificate knows its
+    /// peer by it); whose it is, is read from its subjectAltName
+    /// ([`TlsSetup::certificate_names`]).
+    pub fn peer_certificate(&self, conn: ConnId) -> Option<CertificateDer<'static>> {
+        lock(&self.inner.conns)
+            .by_id
+            .get(&conn)
+            .and_then(|c| c.peer_cert.clone())
+    }
+
+    /// The TLS settings, when configured (for a program's other TLS connections, such as the
+    /// application data connection).
+    pub fn tls_setup(&self) -> Option<&TlsSetup> {
+        self.inner.tls.as_ref()
     }
 
     /// Stream connections accepted and open right now (those the caps count).
@@ -541,7 +722,17 @@ async fn udp_recv_loop(inner: std::sync::Weak<Inner>, socket: Arc<UdpSocket>) {
     }
 }
 
-async fn accept_loop(inner: Weak<Inner>, listener: TcpListener) {
+/// A stream connection's two halves (TCP, or TLS over TCP).
+type Halves = (
+    Box<dyn AsyncRead + Send + Unpin>,
+    Box<dyn AsyncWrite + Send + Unpin>,
+);
+
+async fn accept_loop(
+    inner: Weak<Inner>,
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(r) => r,
@@ -562,7 +753,53 @@ async fn accept_loop(inner: Weak<Inner>, listener: TcpListener) {
             }
         };
         let _ = stream.set_nodelay(true);
-        spawn_connection(&inner, stream, addr, Some(permit));
+        match &tls {
+            None => {
+                let (r, w) = stream.into_split();
+                let halves: Halves = (Box::new(r), Box::new(w));
+                spawn_connection(&inner, halves, Transport::Tcp, addr, Some(permit), None);
+            }
+            Some(acceptor) => {
+                // The handshake runs in its own task, holding its place under the caps, and
+                // must finish within the message deadline.
+                let deadline = inner.config.message_timeout;
+                let handshake = acceptor.accept(stream);
+                let weak = Arc::downgrade(&inner);
+                tokio::spawn(async move {
+                    let result = tokio::time::timeout(deadline, handshake).await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let stream = match result {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            inner
+                                .stats
+                                .tls_handshake_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            debug!(%addr, error = %e, "TLS handshake refused");
+                            return;
+                        }
+                        Err(_) => {
+                            inner
+                                .stats
+                                .tls_handshake_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            inner.stats.message_timeouts.fetch_add(1, Ordering::Relaxed);
+                            debug!(%addr, "TLS handshake not finished in time; closing");
+                            return;
+                        }
+                    };
+                    let cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.clone().into_owned());
+                    let (r, w) = tokio::io::split(stream);
+                    let halves: Halves = (Box::new(r), Box::new(w));
+                    spawn_connection(&inner, halves, Transport::Tls, addr, Some(permit), cert);
+                });
+            }
+        }
     }
 }
 
@@ -602,8 +839,9 @@ fn close_conn(inner: &Inner, id: ConnId) {
         let mut table = lock(&inner.conns);
         let conn = table.by_id.remove(&id);
         if let Some(conn) = &conn {
-            if table.by_addr.get(&conn.peer_addr) == Some(&id) {
-                table.by_addr.remove(&conn.peer_addr);
+            let key = (conn.transport, conn.peer_addr);
+            if table.by_addr.get(&key) == Some(&id) {
+                table.by_addr.remove(&key);
             }
         }
         conn
@@ -631,9 +869,11 @@ impl Drop for Held {
 /// its place under the caps when it was accepted (`None`: we opened it).
 fn spawn_connection(
     inner: &Arc<Inner>,
-    stream: TcpStream,
+    (reader, writer): Halves,
+    transport: Transport,
     addr: SocketAddr,
     permit: Option<ConnectionPermit>,
+    peer_cert: Option<CertificateDer<'static>>,
 ) -> (ConnId, mpsc::Sender<Bytes>) {
     let id = ConnId(inner.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, rx) = mpsc::channel(CONN_QUEUE);
@@ -645,11 +885,13 @@ fn spawn_connection(
             id,
             Conn {
                 peer_addr: addr,
+                transport,
+                peer_cert,
                 tx: tx.clone(),
                 _close: close,
             },
         );
-        table.by_addr.insert(addr, id);
+        table.by_addr.insert((transport, addr), id);
     }
     inner.stats.connections.fetch_add(1, Ordering::Relaxed);
     inner.stats.connections_open.fetch_add(1, Ordering::Relaxed);
@@ -657,7 +899,6 @@ fn spawn_connection(
         inner: Arc::downgrade(inner),
         _permit: permit,
     });
-    let (reader, writer) = stream.into_split();
     tokio::spawn(conn_writer(
         Arc::downgrade(inner),
         Writer {
@@ -674,6 +915,7 @@ fn spawn_connection(
         Arc::downgrade(inner),
         Reader {
             reader,
+            transport,
             id,
             addr,
             tx: tx.clone(),
@@ -687,7 +929,7 @@ fn spawn_connection(
 
 /// What a connection's writer task owns.
 struct Writer {
-    writer: tokio::net::tcp::OwnedWriteHalf,
+    writer: Box<dyn AsyncWrite + Send + Unpin>,
     rx: mpsc::Receiver<Bytes>,
     closed: watch::Receiver<()>,
     id: ConnId,
@@ -763,7 +1005,8 @@ async fn conn_writer(inner: Weak<Inner>, mut w: Writer) {
 
 /// What a connection's reader task owns.
 struct Reader {
-    reader: tokio::net::tcp::OwnedReadHalf,
+    reader: Box<dyn AsyncRead + Send + Unpin>,
+    transport: Transport,
     id: ConnId,
     addr: SocketAddr,
     /// The connection's queue, for keep-alive pongs.
@@ -798,7 +1041,7 @@ async fn conn_reader(inner: Weak<Inner>, mut r: Reader) {
     let mut decoder = StreamDecoder::new(max);
     let mut buf = BytesMut::with_capacity(READ_BUF);
     let peer = Peer {
-        transport: Transport::Tcp,
+        transport: r.transport,
         addr: r.addr,
         conn: Some(r.id),
     };
