@@ -23,10 +23,14 @@ pub struct LocalAddr {
 }
 
 impl LocalAddr {
-    /// The relay's addresses for `transport` listening on `addr`.
+    /// The relay's addresses for `transport` listening on `addr`. On TLS the Contact is a
+    /// `sips:` URI (RFC 5630 §3.1.3 deprecates `;transport=tls` for saying "over TLS"; a
+    /// `sips:` Contact asks every hop to the relay to be TLS, RFC 3261 §26.2.2), and the Via
+    /// says `SIP/2.0/TLS`.
     pub fn new(transport: Transport, addr: SocketAddr) -> LocalAddr {
         let text = match transport {
             Transport::Udp => format!("sip:relay@{addr}"),
+            Transport::Tls => format!("sips:relay@{addr}"),
             t => format!("sip:relay@{addr};transport={}", t.param_name()),
         };
         // rsip cannot read an IPv6 reference: sip-core parses, and rsip carries it verbatim.
@@ -119,9 +123,15 @@ pub fn asserted_service(service: &str, params: &[(String, String)]) -> String {
 /// relay as UAC, `P-Asserted-Identity` and `P-Asserted-Service` set by the relay, and the
 /// terminal's SDP offer as body.
 pub fn inquiry_invite(inq: &Inquiry<'_>) -> Result<Request, rsip::Error> {
-    let mut ruri = format!("sip:{}@{}", inq.service, inq.server_hostport);
+    // Over TLS the inquiry's Request-URI is `sips:` (RFC 5630 §3.1.3).
+    let scheme = if inq.local.transport == Transport::Tls {
+        "sips"
+    } else {
+        "sip"
+    };
+    let mut ruri = format!("{scheme}:{}@{}", inq.service, inq.server_hostport);
     write_params(&mut ruri, inq.params);
-    if inq.local.transport != Transport::Udp {
+    if inq.local.transport == Transport::Tcp {
         ruri.push_str(&format!(";transport={}", inq.local.transport.param_name()));
     }
     // sip-core reads the URI (an IPv6 server included); rsip carries it.
@@ -167,7 +177,7 @@ pub fn inquiry_invite(inq: &Inquiry<'_>) -> Result<Request, rsip::Error> {
         inq.service.to_string(),
     ));
     headers.push(Header::Allow(rsip::headers::Allow::new(
-        "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REFER, NOTIFY, INFO",
+        "INVITE, ACK, CANCEL, BYE, OPTIONS, MESSAGE, REFER, NOTIFY, INFO, UPDATE",
     )));
     for h in body_headers(&inq.terminal_request.headers) {
         headers.push(h);

@@ -68,6 +68,10 @@ pub async fn handle(relay: Arc<Relay>, r: IncomingRequest) {
         answer(&r, 403, "Not an application-server account");
         return;
     }
+    if !relay.server_peer_certified(r.from) {
+        answer(&r, 403, "Application servers must charge over mutual TLS");
+        return;
+    }
     process(&relay, &r, &account, None).await;
 }
 

@@ -1074,6 +1074,8 @@ pub struct Config {
     pub sip: SipConfig,
     /// `[limits]`
     pub limits: LimitsConfig,
+    /// `[tls]` (see [`crate::tls_config`])
+    pub tls: crate::tls_config::TlsConfig,
     /// A second file of `[[users]]` that `relayd user add` rewrites whole; relative to the
     /// configuration file's directory. A file that does not exist yet holds no users.
     pub users_file: Option<PathBuf>,
@@ -1296,6 +1298,15 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from(BUILT_IN))
     }
 
+    /// The configuration file's directory, which relative paths are read from.
+    pub fn base_dir(&self) -> PathBuf {
+        self.source
+            .as_deref()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new(""))
+            .to_path_buf()
+    }
+
     /// The users file, resolved against the configuration file's directory.
     pub fn users_file_path(&self) -> Option<PathBuf> {
         let file = self.users_file.as_ref()?;
@@ -1352,6 +1363,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut p = Problems::default();
         self.limits.check(&mut p);
+        for (key, message) in self.tls.load(&self.base_dir()).err().unwrap_or_default() {
+            p.add(key, message);
+        }
         if let Err(name) = self.auth.digest_algorithms() {
             p.add("auth.algorithms", format!("unknown digest algorithm {name:?}: expected MD5, SHA-256, MD5-sess or SHA-256-sess"));
         } else if self.auth.algorithms.is_empty() {

@@ -286,6 +286,11 @@ fn register(relay: &Relay, r: IncomingRequest) {
         return;
     }
     let account = relay.config.server_account(&user);
+    if account.is_some() && !relay.server_peer_certified(r.from) {
+        warn!(account = %user, from = %r.from, "application-server REGISTER without a client certificate refused");
+        relay.refuse(&r, 403, "Application servers must register over mutual TLS");
+        return;
+    }
     let role = match account {
         Some(a) => Role::AppServer {
             allowed_services: a.allowed_services(),

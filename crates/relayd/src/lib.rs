@@ -33,3 +33,4 @@ pub mod relay;
 pub mod rules;
 pub mod served;
 pub mod subscriber_sessions;
+pub mod tls_config;

@@ -17,7 +17,7 @@ use sip_core::digest::StoredCredential;
 use sip_core::endpoint::{Endpoint, EndpointConfig, EventSink, IncomingRequest};
 use sip_core::resolve::{resolve, SystemDns, Target};
 use sip_core::transport::TransportConfig;
-use sip_core::{message, Peer};
+use sip_core::{message, Peer, Transport};
 use tracing::{debug, info, warn};
 
 use crate::auth::{AuthOutcome, Authenticator, ChallengeKind, CredentialStore};
@@ -187,10 +187,22 @@ impl Relay {
         let late_charge_grace =
             Duration::from_secs(u64::from(config.billing.late_charge_grace_secs));
         let realm = config.relay.realm.clone();
+        // `[tls]`: checked by validate already; an error here names the key and file too.
+        let tls_setup = config.tls.load(&config.base_dir()).map_err(|problems| {
+            let text: Vec<String> = problems
+                .iter()
+                .map(|(key, message)| format!("key `{key}`: {message}"))
+                .collect();
+            anyhow::anyhow!("{}: {}", config.file_name().display(), text.join("; "))
+        })?;
+        let mut udp_tcp = config.listen.udp.clone();
+        udp_tcp.extend(config.listen.tcp.iter().copied());
         let endpoint_config = EndpointConfig {
             transport: config.limits.transport(TransportConfig {
                 udp: config.listen.udp.clone(),
                 tcp: config.listen.tcp.clone(),
+                tls: config.tls.listen_addrs(&udp_tcp),
+                tls_setup,
                 ..TransportConfig::default()
             }),
             rate_limit: config.limits.rate_limit(),
@@ -403,6 +415,22 @@ impl Relay {
                     SocketAddr::from(([127, 0, 0, 1], 5060)),
                 ))
             })
+    }
+
+    /// Whether a request of an application-server account from `from` may be taken: always,
+    /// unless `[tls] servers_need_certificate` asks that it came over a TLS connection whose
+    /// peer presented a certificate chained to `[tls] ca` (mutual TLS, RFC 5922 §7.2; the
+    /// handshake verified the chain). A server password alone then registers no server and
+    /// charges no subscriber.
+    pub fn server_peer_certified(&self, from: Peer) -> bool {
+        if !self.config.tls.servers_need_certificate() {
+            return true;
+        }
+        from.transport == Transport::Tls
+            && from
+                .conn
+                .and_then(|conn| self.endpoint.transports().peer_certificate(conn))
+                .is_some()
     }
 
     /// Where to send requests for an application server (RFC 3263 for a name, the URI's own
