@@ -4,7 +4,7 @@
 //! The application data of a session is described by one media section:
 //!
 //! ```text
-//! m=application <port> TCP relay-data
+//! m=application <port> TCP relay-data           (TCP/TLS when the SIP leg is TLS)
 //! c=IN IP4 <addr>
 //! a=setup:active|passive|actpass|holdconn        (RFC 4145 §4)
 //! a=connection:new|existing                      (RFC 4145 §5)
@@ -21,6 +21,13 @@
 //!   IANA-registered attribute; other SDP parsers ignore it as an unknown attribute
 //!   (RFC 8866 §5.13).
 //! * `a=service:<id>` ([`SERVICE_ATTR`]) names the service the stream delivers.
+//! * `TCP/TLS` (RFC 4572 §7, now RFC 8122) in place of `TCP` says the data connection runs
+//!   TLS over the TCP connection ([`AppSdp::tls`]): the passive end (the application
+//!   server's data gateway) presents a certificate, which the active end (the terminal)
+//!   verifies against its trusted CAs and the `c=` address (RFC 5922 §7.1), before the token
+//!   crosses. An agent whose SIP leg is TLS answers only `TCP/TLS`, and a terminal whose SIP
+//!   leg is TLS offers `TCP/TLS` and refuses an answer without it, so the token never crosses
+//!   a network in clear.
 //!
 //! Bodies that are not ours (an audio offer from a softphone) are passed through untouched
 //! by the relay; [`AppSdp::parse`] reports them as [`SdpError::NoApplicationMedia`].
@@ -36,6 +43,8 @@ pub const APP_PROTO: &str = "relay-data";
 pub const TOKEN_ATTR: &str = "session-token";
 /// The attribute naming the delivered service (`a=service:<id>`).
 pub const SERVICE_ATTR: &str = "service";
+/// The m-line transport of a data connection that runs TLS over TCP (RFC 4572 §7).
+pub const TCP_TLS: &str = "TCP/TLS";
 
 /// Why an SDP body could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,7 +58,8 @@ pub enum SdpError {
     /// The body has no `m=application` section: some other session (audio, video).
     #[error("SDP has no application media")]
     NoApplicationMedia,
-    /// There is an application section, but not over TCP (the transport is given).
+    /// There is an application section, but not over TCP or TCP/TLS (the transport is
+    /// given).
     #[error("SDP application media over unsupported transport {0}")]
     UnsupportedTransport(String),
     /// A line the application session needs is missing or invalid; the text says which.
@@ -323,6 +333,8 @@ pub struct AppSdp {
     pub port: u16,
     /// The m-line format, [`APP_PROTO`] for our data streams.
     pub proto: String,
+    /// The m-line transport is `TCP/TLS` (RFC 4572 §7): the data connection runs TLS.
+    pub tls: bool,
     /// `a=setup`; when absent, RFC 4145 §4.1 implies active in an offer and passive in an
     /// answer ([`AppSdp::setup_or_default`]).
     pub setup: Option<Setup>,
@@ -350,6 +362,7 @@ impl AppSdp {
             addr,
             port,
             proto: APP_PROTO.to_string(),
+            tls: false,
             setup: Some(setup),
             connection: Some(Connection::New),
             token: None,
@@ -358,8 +371,8 @@ impl AppSdp {
     }
 
     /// Parses a body. A body without an application section (a softphone's audio offer)
-    /// gives [`SdpError::NoApplicationMedia`]; the first `m=application … TCP …` section
-    /// is the one read.
+    /// gives [`SdpError::NoApplicationMedia`]; the first `m=application … TCP …` (or
+    /// `TCP/TLS`) section is the one read.
     pub fn parse(body: &[u8]) -> Result<AppSdp, SdpError> {
         AppSdp::from_sdp(&Sdp::parse(body)?)
     }
@@ -370,7 +383,9 @@ impl AppSdp {
         let Some(first) = apps.peek().copied() else {
             return Err(SdpError::NoApplicationMedia);
         };
-        let Some(media) = apps.find(|m| m.proto().eq_ignore_ascii_case("TCP")) else {
+        let Some(media) = apps.find(|m| {
+            m.proto().eq_ignore_ascii_case("TCP") || m.proto().eq_ignore_ascii_case(TCP_TLS)
+        }) else {
             return Err(SdpError::UnsupportedTransport(first.proto().to_string()));
         };
         if let Some(v) = sdp.session_value('v') {
@@ -415,6 +430,7 @@ impl AppSdp {
             session_name: sdp.session_value('s').unwrap_or("-").to_string(),
             addr,
             port,
+            tls: media.proto().eq_ignore_ascii_case(TCP_TLS),
             proto,
             setup,
             connection,
@@ -467,8 +483,9 @@ impl fmt::Display for AppSdp {
         write!(f, "t=0 0\r\n")?;
         write!(
             f,
-            "m=application {} TCP {}\r\n",
+            "m=application {} {} {}\r\n",
             self.port,
+            if self.tls { TCP_TLS } else { "TCP" },
             token_text(&self.proto)
         )?;
         if let Some(setup) = self.setup {
@@ -595,6 +612,23 @@ a=sendrecv\r\n";
         app.token = Some("tok123".into());
         app.service = Some("echo".into());
         app
+    }
+
+    #[test]
+    fn tcp_tls_says_the_data_connection_runs_tls() {
+        let mut app = sample();
+        app.tls = true;
+        let text = app.to_string();
+        assert!(
+            text.contains("m=application 40000 TCP/TLS relay-data\r\n"),
+            "{text}"
+        );
+        let back = AppSdp::parse(text.as_bytes()).unwrap();
+        assert!(back.tls);
+        assert_eq!(back, app);
+        assert!(!AppSdp::parse(sample().to_string().as_bytes()).unwrap().tls);
+        let lower = text.replace("TCP/TLS", "tcp/tls");
+        assert!(AppSdp::parse(lower.as_bytes()).unwrap().tls);
     }
 
     #[test]
