@@ -643,7 +643,22 @@ pub struct SessionConfig {
     pub probe_interval_secs: u32,
     /// How long a forked inquiry waits for the servers' answers, in seconds.
     pub fork_timeout_secs: u32,
+    /// The session interval (RFC 4028 §4 `Session-Expires`) the relay asks for on each
+    /// leg, and the largest it accepts, in seconds (default 1800). A leg whose session is
+    /// not refreshed within it is ended and billed up to its last refresh.
+    pub session_expires_secs: u32,
+    /// The smallest session interval the relay accepts (RFC 4028 §5 `Min-SE`), in seconds
+    /// (default 90); a shorter one is refused `422`. RFC 4028 forbids values under 90:
+    /// lower ones (down to 1) are accepted for tests only, and make every session cost a
+    /// refresh that often.
+    pub min_se_secs: u32,
 }
+
+/// Default of `[session] session_expires_secs` (RFC 4028 §4 recommends 1800 s).
+pub const DEFAULT_SESSION_EXPIRES_SECS: u32 = 1800;
+
+/// Default of `[session] min_se_secs` (RFC 4028 §5: never under 90 s).
+pub const DEFAULT_MIN_SE_SECS: u32 = 90;
 
 impl Default for SessionConfig {
     fn default() -> Self {
@@ -652,6 +667,8 @@ impl Default for SessionConfig {
             answer_timeout_secs: 120,
             probe_interval_secs: 30,
             fork_timeout_secs: 30,
+            session_expires_secs: DEFAULT_SESSION_EXPIRES_SECS,
+            min_se_secs: DEFAULT_MIN_SE_SECS,
         }
     }
 }
@@ -1547,6 +1564,18 @@ impl Config {
         if !(1..=4096).contains(&r.shards) {
             p.add("registrar.shards", "must be between 1 and 4096");
         }
+        // [session] timers (RFC 4028): a day at most; under 90 s only for tests.
+        let se = &self.session;
+        if !(1..=86_400).contains(&se.min_se_secs) {
+            p.add("session.min_se_secs", "must be between 1 and 86400 seconds");
+        }
+        if !(se.min_se_secs.max(1)..=86_400).contains(&se.session_expires_secs) {
+            p.add(
+                "session.session_expires_secs",
+                "must be between min_se_secs and 86400 seconds",
+            );
+        }
+
         let d = &self.directory;
         for (key, value) in [
             ("directory.probe_interval_secs", d.probe_interval_secs),
@@ -1783,6 +1812,10 @@ impl Config {
             ack_timeout: self.sip.t1_times_64(),
             probe_interval: Duration::from_secs(u64::from(s.probe_interval_secs)),
             fork_timeout: Duration::from_secs(u64::from(s.fork_timeout_secs)),
+            session_timer: sip_core::dialog::session_timer::Policy {
+                session_expires: s.session_expires_secs,
+                min_se: s.min_se_secs,
+            },
         }
     }
 

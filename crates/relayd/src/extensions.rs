@@ -3,10 +3,10 @@
 //! Extension` with an `Unsupported` header field listing the option tags not understood
 //! (§20.40).
 //!
-//! The relay supports no option tag ([`SUPPORTED`] is empty): it does not do reliable
-//! provisionals (`100rel`, RFC 3262), session timers (`timer`, RFC 4028), `Path` (RFC 3327)
-//! or outbound (RFC 5626) itself. A request that merely lists such tags in `Supported`
-//! passes; only a request that *requires* one is refused.
+//! The relay supports one option tag, session timers (`timer`, RFC 4028, on each leg of a
+//! session: see `call::session_timer`). It does not do reliable provisionals (`100rel`, RFC
+//! 3262), `Path` (RFC 3327) or outbound (RFC 5626) itself. A request that merely lists such
+//! tags in `Supported` passes; only a request that *requires* one is refused.
 //!
 //! `Proxy-Require` is checked like `Require`. RFC 3261 §16.3 has a proxy refuse an unknown
 //! `Proxy-Require` tag with the same 420; relayd is a B2BUA that challenges like a proxy
@@ -23,8 +23,8 @@ use rsip::prelude::*;
 use rsip::{Header, Method, Request, Response};
 use sip_core::address::header_values;
 
-/// The option tags (RFC 3261 §19.2) the relay supports as a UAS: none.
-pub const SUPPORTED: &[&str] = &[];
+/// The option tags (RFC 3261 §19.2) the relay supports as a UAS: session timers (RFC 4028).
+pub const SUPPORTED: &[&str] = &[sip_core::dialog::session_timer::OPTION_TAG];
 
 /// The option tags of `req`'s `Require` and `Proxy-Require` header fields that the relay does
 /// not support (RFC 3261 §8.2.2.3, §16.3), in order of appearance, each once (compared
@@ -92,14 +92,15 @@ mod tests {
     fn unknown_required_tags_are_listed_once_in_order() {
         let req = request(
             "OPTIONS",
-            "Require: foo, timer\r\nRequire: FOO\r\nProxy-Require: bar\r\n",
+            "Require: foo, 100rel\r\nRequire: FOO, timer\r\nProxy-Require: bar\r\n",
         );
-        assert_eq!(unsupported(&req), ["foo", "timer", "bar"]);
+        // `timer` is supported (RFC 4028): not listed.
+        assert_eq!(unsupported(&req), ["foo", "100rel", "bar"]);
         let resp = check(&req, "t1").unwrap();
         assert_eq!(resp.status_code.code(), 420);
         let text = resp.to_string();
         assert!(text.starts_with("SIP/2.0 420 Bad Extension\r\n"), "{text}");
-        assert!(text.contains("Unsupported: foo, timer, bar\r\n"), "{text}");
+        assert!(text.contains("Unsupported: foo, 100rel, bar\r\n"), "{text}");
         assert!(text.contains("tag=t1"), "{text}");
         assert!(text.contains("CSeq: 1 OPTIONS"), "{text}");
     }

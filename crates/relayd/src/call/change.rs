@@ -222,6 +222,7 @@ impl Call {
             );
             return;
         }
+        self.refreshed_by_answer(i, Side::Server, Method::Invite, &resp, now);
         let s = &mut self.sessions[i];
         let _ = s.b.dialog.on_response(&resp);
         s.service = w.target.service.clone();
@@ -259,7 +260,7 @@ impl Call {
             self.refuse(&p.reinvite, 481, "Call/Transaction Does Not Exist");
             return;
         }
-        self.move_to_leg(i, leg, "changed", env);
+        self.move_to_leg(i, leg, "changed", env, now);
         let s = &mut self.sessions[i];
         s.busy = false;
         s.service = p.target.service.clone();
@@ -286,7 +287,10 @@ impl Call {
         mut leg: ServerLeg,
         why: &str,
         env: &dyn CallEnv,
+        now: Instant,
     ) {
+        // The new leg's session timer is what its own 2xx agreed to.
+        self.sessions[i].timers.new_server_leg(leg.timer, now);
         let local = env.local(leg.peer);
         if let Some(ack) = leg.ack(&local, Vec::new(), Vec::new()) {
             self.out.push(super::Output::Ack {

@@ -78,6 +78,8 @@ impl Call {
                 tx: r.tx,
                 req: r.req,
                 contact,
+                session: i,
+                from,
             },
         );
     }

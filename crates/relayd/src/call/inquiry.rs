@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use rsip::{Request, Response};
+use sip_core::dialog::session_timer::{self, Negotiated};
 use sip_core::dialog::{Dialog, DialogState};
 use sip_core::{message, Peer};
 use tracing::{debug, info, warn};
@@ -18,6 +19,7 @@ use super::io::{BillingCmd, LegEvent, LegId, Output, TxId};
 use super::leg::{self, LegPlan, PendingLeg, ServerLeg};
 use super::limits::fails_over;
 use super::session::{Session, State};
+use super::session_timer::Timers;
 use super::{Call, Purpose, Waiting};
 use crate::b2bua;
 use crate::billing_control::SegmentClock;
@@ -125,7 +127,8 @@ impl Call {
         let Some((_, leg)) = self.legs.iter_mut().find(|(l, _)| *l == id) else {
             return;
         };
-        let (Some(peer), Some(plan)) = (peer, leg.plan.take()) else {
+        // The plan stays with the leg until it ends: a `422` asks it again (RFC 4028 §7.3).
+        let (Some(peer), Some(plan)) = (peer, leg.plan.clone()) else {
             warn!(
                 server = leg.server.uri_text(),
                 "cannot resolve application server"
@@ -141,6 +144,8 @@ impl Call {
             env.realm(),
             &leg.server,
             &local,
+            &env.limits().session_timer,
+            leg.session_expires,
         ) {
             Ok(invite) => invite,
             Err(e) => {
@@ -282,6 +287,7 @@ impl Call {
                     peer,
                     dialog,
                     ack: None,
+                    timer: Negotiated::from_2xx(&session_timer::read(&resp.headers)),
                 };
                 match leg.purpose {
                     Purpose::Initial { a_tag } => self.on_initial_answer(b, a_tag, resp, env, now),
@@ -301,6 +307,9 @@ impl Call {
         env: &dyn CallEnv,
         now: Instant,
     ) {
+        let Some(leg) = self.retry_interval_too_small(leg, code, resp.as_ref(), env, now) else {
+            return;
+        };
         match leg.purpose {
             Purpose::Change(p) => {
                 return self.on_change_failure(*p, &leg.server, code, resp, env, now)
@@ -420,12 +429,18 @@ impl Call {
                 return;
             }
         };
-        let answer = b2bua::relayed_response(
+        let mut answer = b2bua::relayed_response(
             &self.a.invite,
             &resp,
             Some(&a_tag),
             Some(local.contact_header()),
         );
+        // The terminal's leg has its own session timer (RFC 4028 §9), not the server's.
+        let a_timer = self.a_timer;
+        match &a_timer {
+            Some(n) => n.stamp_2xx(&mut answer.headers),
+            None => session_timer::strip(&mut answer.headers),
+        }
         if !self.take_session_slot(env) {
             // A further answer of a forked request, past the subscriber's limit: each
             // session counts (see crate::subscriber_sessions).
@@ -457,8 +472,12 @@ impl Call {
             plan: self.adm.plan.clone(),
             next_plan: None,
             deferred_bye: None,
+            timers: Timers::default(),
         });
         let i = self.sessions.len() - 1;
+        let b_timer = self.sessions[i].b.timer;
+        let a_sdp = b2bua::carried_body_of_response(&resp);
+        self.sessions[i].timers.start(a_timer, b_timer, a_sdp, now);
         // The 2xx hands the terminal the service (and its data token): the session is
         // journaled, committed, before it goes out, and billed from here whatever happens
         // next (ACK, BYE before ACK, no ACK at all).

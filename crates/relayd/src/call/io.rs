@@ -32,6 +32,25 @@ pub struct LegId(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Token(pub u64);
 
+/// One of the two legs of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The terminal's leg (the relay is UAS).
+    Terminal,
+    /// The application server's leg (the relay is UAC).
+    Server,
+}
+
+impl Side {
+    /// The other leg.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Terminal => Side::Server,
+            Side::Server => Side::Terminal,
+        }
+    }
+}
+
 /// A request that opened a server transaction, as the call sees it.
 #[derive(Debug, Clone)]
 pub struct Incoming {

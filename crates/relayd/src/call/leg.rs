@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use rsip::{Header, Method, Request};
+use sip_core::dialog::session_timer::{Negotiated, Policy};
 use sip_core::dialog::{cancel_for, Dialog};
 use sip_core::Peer;
 use tracing::warn;
@@ -41,6 +42,9 @@ pub(crate) struct PendingLeg<P> {
     pub(crate) deadline: Instant,
     /// Whether any response came.
     pub(crate) heard: bool,
+    /// The session interval its INVITE asks for (RFC 4028 §7.1): ours, or what a `422`
+    /// asked for.
+    pub(crate) session_expires: u32,
 }
 
 impl<P> PendingLeg<P> {
@@ -61,6 +65,7 @@ impl<P> PendingLeg<P> {
             started: now,
             deadline: now + limits.inquiry_timeout,
             heard: false,
+            session_expires: limits.session_timer.session_expires,
         }
     }
 
@@ -90,7 +95,9 @@ impl<P> PendingLeg<P> {
 }
 
 /// Builds the inquiry INVITE of a leg (DESIGN.md "inquiry"): `terminal` lends its
-/// Request-URI and Max-Forwards, `plan` the service and offer.
+/// Request-URI and Max-Forwards, `plan` the service and offer; it asks for a session timer
+/// of `session_expires` seconds with the relay as refresher (RFC 4028 §7.1).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn inquiry(
     terminal: &Request,
     plan: LegPlan,
@@ -98,6 +105,8 @@ pub(crate) fn inquiry(
     realm: &str,
     server: &ServerRef,
     local: &LocalAddr,
+    timer: &Policy,
+    session_expires: u32,
 ) -> Result<Request, rsip::Error> {
     let hostport = server.uri().host_port_text().unwrap_or_default();
     let mut headers: rsip::Headers = terminal
@@ -115,7 +124,7 @@ pub(crate) fn inquiry(
         headers,
         body: plan.offer.1,
     };
-    b2bua::inquiry_invite(&Inquiry {
+    let mut invite = b2bua::inquiry_invite(&Inquiry {
         service: &plan.service,
         params: &plan.params,
         subscriber,
@@ -123,7 +132,9 @@ pub(crate) fn inquiry(
         server_hostport: hostport,
         terminal_request: &base,
         local,
-    })
+    })?;
+    timer.stamp_request(&mut invite.headers, session_expires);
+    Ok(invite)
 }
 
 /// The `Reason` (RFC 3326) of a BYE that ends a server's leg because the session moved on
@@ -143,6 +154,8 @@ pub(crate) struct ServerLeg {
     pub(crate) dialog: Dialog,
     /// The ACK of its 2xx as sent, kept to send again when the 2xx comes again.
     pub(crate) ack: Option<Bytes>,
+    /// The session timer its 2xx agreed to (RFC 4028 §7.2), if any.
+    pub(crate) timer: Option<Negotiated>,
 }
 
 impl ServerLeg {

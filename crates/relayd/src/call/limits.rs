@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use sip_core::dialog::session_timer;
+
 use crate::directory::Strategy;
 
 /// What admission decided for an authenticated INVITE (claims 1 and 2): who, which service,
@@ -47,6 +49,9 @@ pub struct SessionLimits {
     pub probe_interval: Duration,
     /// How long a forked inquiry waits for answers before cancelling the pending legs.
     pub fork_timeout: Duration,
+    /// The session timers of both legs (RFC 4028): the interval asked for and the smallest
+    /// accepted (`[session] session_expires_secs`, `min_se_secs`).
+    pub session_timer: session_timer::Policy,
 }
 
 impl Default for SessionLimits {
@@ -57,6 +62,7 @@ impl Default for SessionLimits {
             ack_timeout: Duration::from_secs(32),
             probe_interval: Duration::from_secs(30),
             fork_timeout: Duration::from_secs(30),
+            session_timer: session_timer::Policy::default(),
         }
     }
 }

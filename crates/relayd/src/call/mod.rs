@@ -36,6 +36,7 @@ mod io;
 mod leg;
 mod limits;
 mod session;
+mod session_timer;
 mod transfer;
 
 #[cfg(test)]
@@ -47,6 +48,7 @@ use std::time::{Instant, SystemTime};
 
 use billing::record::EndCause;
 use rsip::{Header, Method, Request, Response};
+use sip_core::dialog::session_timer::Negotiated;
 use sip_core::dialog::DialogId;
 use sip_core::{message, Peer};
 use tracing::{debug, info, warn};
@@ -92,11 +94,21 @@ enum Purpose {
 
 /// What the call does when a token's answer or commit comes.
 enum Waiting {
-    /// Relay the answer back on the transaction the request came in.
+    /// Relay the answer back on the transaction the request came in (from side `from` of
+    /// session `session`).
     Relayed {
         tx: TxId,
         req: Request,
         contact: Option<Header>,
+        session: usize,
+        from: Side,
+    },
+    /// The relay's own session refresh on `side` of session `session` (RFC 4028 §10), with
+    /// the re-INVITE sent when it was one (its 2xx is ACKed).
+    Refresh {
+        session: usize,
+        side: Side,
+        sent: Option<Box<Request>>,
     },
     /// A liveness probe of session `session`.
     Probe { session: usize },
@@ -154,6 +166,9 @@ pub struct Call {
     /// Whether the call still holds, unused, the session slot admission took for it: the
     /// first session keeps it; the inquiry gives it back when it ends without one.
     slot_unused: bool,
+    /// The session timer agreed with the terminal from its INVITE (RFC 4028 §9), which
+    /// each session's 2xx to it carries.
+    a_timer: Option<Negotiated>,
 }
 
 impl Call {
@@ -187,8 +202,11 @@ impl Call {
             out: Outbox::default(),
             shutting_down: false,
             slot_unused: true,
+            a_timer: None,
         };
-        call.start_inquiry(env, now);
+        if call.negotiate_terminal_timer(env) {
+            call.start_inquiry(env, now);
+        }
         call.settle(env);
         call
     }
@@ -221,6 +239,9 @@ impl Call {
                 State::AwaitingAck(d) => earliest(d),
                 State::Established => {
                     if let Some(d) = s.next_probe {
+                        earliest(d)
+                    }
+                    if let Some(d) = s.timers.deadline() {
                         earliest(d)
                     }
                 }
@@ -348,10 +369,13 @@ impl Call {
                     info!(session_id = %self.sessions[i].id, "terminal never acknowledged the 2xx; ending both legs");
                     self.end(i, EndCause::Timeout, None, env, now);
                 }
-                State::Established if self.sessions[i].next_probe.is_some_and(|d| d <= now) => {
-                    let interval = env.limits().probe_interval;
-                    self.sessions[i].next_probe = Some(now + interval);
-                    self.probe(i, env);
+                State::Established => {
+                    if self.sessions[i].next_probe.is_some_and(|d| d <= now) {
+                        let interval = env.limits().probe_interval;
+                        self.sessions[i].next_probe = Some(now + interval);
+                        self.probe(i, env);
+                    }
+                    self.on_session_timers(i, env, now);
                 }
                 _ => {}
             }
@@ -454,10 +478,18 @@ impl Call {
                 match then {
                     AfterSegment::Answer { reinvite, resp } => {
                         let contact = env.local(reinvite.from).contact_header();
-                        self.out.respond(
-                            reinvite.tx,
-                            b2bua::relayed_response(&reinvite.req, &resp, None, Some(contact)),
+                        let mut out =
+                            b2bua::relayed_response(&reinvite.req, &resp, None, Some(contact));
+                        let policy = env.limits().session_timer;
+                        self.answer_refresh(
+                            session,
+                            Side::Terminal,
+                            &reinvite.req,
+                            &mut out,
+                            &policy,
+                            now,
                         );
+                        self.out.respond(reinvite.tx, out);
                     }
                     AfterSegment::Reinvite { resp } => self.reinvite_terminal(session, resp, env),
                 }
@@ -474,11 +506,30 @@ impl Call {
             return;
         };
         match then {
-            Waiting::Relayed { tx, req, contact } => {
+            Waiting::Relayed {
+                tx,
+                req,
+                contact,
+                session,
+                from,
+            } => {
                 let contact = (req.method == Method::Invite).then_some(contact).flatten();
-                self.out
-                    .respond(tx, b2bua::relayed_response(&req, &resp, None, contact));
+                let mut out = b2bua::relayed_response(&req, &resp, None, contact);
+                if self.sessions[session].live() {
+                    // A 2xx to a relayed re-INVITE or UPDATE renews both legs (RFC 4028 §10).
+                    self.refreshed_by_answer(session, from.other(), req.method, &resp, now);
+                    let policy = env.limits().session_timer;
+                    self.answer_refresh(session, from, &req, &mut out, &policy, now);
+                } else {
+                    sip_core::dialog::session_timer::strip(&mut out.headers);
+                }
+                self.out.respond(tx, out);
             }
+            Waiting::Refresh {
+                session,
+                side,
+                sent,
+            } => self.on_refresh_answer(session, side, sent, resp, env, now),
             Waiting::Probe { session } => {
                 let alive = !matches!(resp.status_code.code(), 408 | 481);
                 if !alive && self.sessions[session].state == State::Established {
@@ -488,7 +539,7 @@ impl Call {
             }
             Waiting::ChangeSameServer(w) => self.on_change_same_server(*w, resp, env, now),
             Waiting::TerminalReinvite { session, sent } => {
-                self.on_terminal_reinvited(session, sent, resp, env)
+                self.on_terminal_reinvited(session, sent, resp, env, now)
             }
             other => {
                 // Billing continuations come with Billed, not with an answer.
@@ -632,6 +683,9 @@ impl Call {
             );
             return;
         }
+        if !self.check_refresh(i, side, &r, env, now) {
+            return;
+        }
         if side == Side::Server && r.req.method == Method::Message && content::is_charge(&r.req) {
             // Application billing on the leg the relay set up (claim 4).
             let session_id = self.sessions[i].id.clone();
@@ -684,6 +738,21 @@ impl Call {
         env: &dyn CallEnv,
         now: Instant,
     ) {
+        self.end_until(i, cause, bye, env, now, now);
+    }
+
+    /// Ends session `i` at `now` as [`Call::end`] does, its record ending at monotonic
+    /// `billed_until` (a session whose leg vanished is billed up to that leg's last refresh,
+    /// RFC 4028; never before its segment started).
+    fn end_until(
+        &mut self,
+        i: usize,
+        cause: EndCause,
+        bye: Option<(Side, Incoming)>,
+        env: &dyn CallEnv,
+        now: Instant,
+        billed_until: Instant,
+    ) {
         let delivered = matches!(
             self.sessions[i].state,
             State::AwaitingAck(_) | State::Established
@@ -702,7 +771,7 @@ impl Call {
             }
         }
         let s = &mut self.sessions[i];
-        let ended_at = s.clock.end_at(now);
+        let ended_at = s.clock.end_at(billed_until.min(now));
         s.state = State::Ended;
         s.pending_ack = None;
         env.session_ended(&s.b.server);

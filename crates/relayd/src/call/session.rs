@@ -11,7 +11,9 @@ use tracing::warn;
 
 use super::env::CallEnv;
 use super::io::Incoming;
+pub use super::io::Side;
 use super::leg::ServerLeg;
+use super::session_timer::Timers;
 use crate::billing_control::{SegmentClock, SessionStart};
 use crate::served::ServedSession;
 
@@ -27,25 +29,6 @@ pub(crate) enum State {
     Established,
     /// Over.
     Ended,
-}
-
-/// One of the two legs of a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The terminal's leg (the relay is UAS).
-    Terminal,
-    /// The application server's leg (the relay is UAC).
-    Server,
-}
-
-impl Side {
-    /// The other leg.
-    pub fn other(self) -> Side {
-        match self {
-            Side::Terminal => Side::Server,
-            Side::Server => Side::Terminal,
-        }
-    }
 }
 
 /// A re-INVITE relayed from one side whose 2xx the other side's ACK must follow.
@@ -82,6 +65,8 @@ pub(crate) struct Session {
     pub(crate) next_plan: Option<String>,
     /// A BYE that came while the session was being journaled: handled once it is.
     pub(crate) deferred_bye: Option<Box<(Side, Incoming)>>,
+    /// The session timers of both legs (RFC 4028).
+    pub(crate) timers: Timers,
 }
 
 /// Who a session bills and what it delivers, for its journal entry and its index entry.
@@ -91,16 +76,19 @@ pub(crate) struct Billed<'a> {
 }
 
 impl Session {
-    /// Builds a request on one leg's dialog with the relay's Via for that leg.
+    /// Builds a request on one leg's dialog with the relay's Via for that leg; a re-INVITE
+    /// or UPDATE carries the leg's session-timer values (RFC 4028 §7.4).
     pub(crate) fn request(
         &mut self,
         side: Side,
         a_peer: Peer,
         method: Method,
-        extra: Vec<Header>,
+        mut extra: Vec<Header>,
         body: Vec<u8>,
         env: &dyn CallEnv,
     ) -> Option<(Request, Peer)> {
+        self.timers
+            .stamp_request(side, method, &mut extra, &env.limits().session_timer);
         let (dialog, peer) = match side {
             Side::Terminal => (&mut self.a_dialog, a_peer),
             Side::Server => (&mut self.b.dialog, self.b.peer),

@@ -95,6 +95,7 @@ impl TestEnv {
                 ack_timeout: Duration::from_secs(32),
                 probe_interval: Duration::from_secs(30),
                 fork_timeout: Duration::from_secs(30),
+                session_timer: sip_core::dialog::session_timer::Policy::default(),
             },
             refused: Vec::new(),
             plans: HashMap::new(),
@@ -278,9 +279,14 @@ impl Pair {
     }
 
     fn with_env(env: TestEnv, strategy: Strategy) -> Pair {
+        Pair::with_invite(env, strategy, "")
+    }
+
+    /// A call whose terminal INVITE carries the `extra` header lines.
+    fn with_invite(env: TestEnv, strategy: Strategy, extra: &str) -> Pair {
         let now = Instant::now();
         let invite = parse_request(&format!(
-            "INVITE sip:echo@relay.test SIP/2.0\r\nVia: SIP/2.0/UDP {TERMINAL};branch=z9hG4bK-t1\r\nMax-Forwards: 70\r\nFrom: <sip:alice@relay.test>;tag=term\r\nTo: <sip:echo@relay.test>\r\nCall-ID: term-call\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@{TERMINAL}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{SDP}",
+            "INVITE sip:echo@relay.test SIP/2.0\r\nVia: SIP/2.0/UDP {TERMINAL};branch=z9hG4bK-t1\r\nMax-Forwards: 70\r\nFrom: <sip:alice@relay.test>;tag=term\r\nTo: <sip:echo@relay.test>\r\nCall-ID: term-call\r\nCSeq: 1 INVITE\r\nContact: <sip:alice@{TERMINAL}>\r\n{extra}Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{SDP}",
             SDP.len()
         ));
         let adm = Admission {
@@ -492,9 +498,15 @@ impl Pair {
 
     /// Leg `n`'s server answers its INVITE with `code` (a 2xx with an SDP answer).
     fn server_answers(&mut self, n: usize, code: u16) {
+        self.server_answers_with(n, code, "");
+    }
+
+    /// The same with the `extra` header lines (`Name: value\r\n` each).
+    fn server_answers_with(&mut self, n: usize, code: u16, extra: &str) {
         let (leg, side) = &self.legs[n];
         let leg = *leg;
         let mut resp = message::response_for(&side.invite, code, None, Some(&side.tag));
+        push_lines(&mut resp.headers, extra);
         if (101..300).contains(&code) {
             resp.headers
                 .push(Header::Contact(rsip::headers::Contact::new(format!(
@@ -574,6 +586,11 @@ impl Pair {
 
     /// Answers the last request that server `addr` got and the call waits for.
     fn server_answers_request(&mut self, addr: &str, code: u16) {
+        self.server_answers_request_with(addr, code, "");
+    }
+
+    /// The same with the `extra` header lines.
+    fn server_answers_request_with(&mut self, addr: &str, code: u16, extra: &str) {
         let (req, token) = self
             .server_got(addr)
             .iter()
@@ -583,7 +600,26 @@ impl Pair {
                 _ => None,
             })
             .expect("no request waiting for an answer");
-        let mut resp = message::response_for(&req, code, None, None);
+        self.answer_with(&req, token, code, extra);
+    }
+
+    /// Answers the last request the terminal got that the call waits for, with `extra`.
+    fn terminal_answers_request_with(&mut self, code: u16, extra: &str) {
+        let (req, token) = self
+            .terminal
+            .iter()
+            .rev()
+            .find_map(|g| match g {
+                Got::Request(r, Some(t)) => Some((r.clone(), *t)),
+                _ => None,
+            })
+            .expect("no request waiting for the terminal's answer");
+        self.answer_with(&req, token, code, extra);
+    }
+
+    fn answer_with(&mut self, req: &Request, token: Token, code: u16, extra: &str) {
+        let mut resp = message::response_for(req, code, None, None);
+        push_lines(&mut resp.headers, extra);
         if req.method == Method::Invite && code / 100 == 2 {
             resp.headers
                 .push(Header::ContentType(rsip::headers::ContentType::new(
@@ -700,6 +736,22 @@ impl Pair {
         p.server_answers(0, 200);
         p.terminal_acks(0);
         p
+    }
+}
+
+/// Adds header lines (`Name: value\r\n` each) as rsip reads them.
+fn push_lines(headers: &mut rsip::Headers, lines: &str) {
+    if lines.is_empty() {
+        return;
+    }
+    let text = format!(
+        "OPTIONS sip:x@{RELAY} SIP/2.0\r\nVia: SIP/2.0/UDP {RELAY};branch=z9hG4bK-x\r\nFrom: <sip:x@{RELAY}>;tag=x\r\nTo: <sip:x@{RELAY}>\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\n{lines}Content-Length: 0\r\n\r\n"
+    );
+    let parsed = parse_request(&text).headers;
+    let all: Vec<&Header> = parsed.iter().collect();
+    // The five fixed headers before, Content-Length after.
+    for h in &all[5..all.len() - 1] {
+        headers.push((*h).clone());
     }
 }
 
@@ -1439,4 +1491,322 @@ fn a_session_moved_by_a_change_or_a_transfer_keeps_its_one_slot() {
     assert_eq!(p.env.slots_held(), 1, "still one session");
     p.terminal_sends(0, "BYE", "", "");
     assert_eq!(p.env.slots_held(), 0);
+}
+
+// --- session timers (RFC 4028) on both legs ---
+
+/// A terminal that refreshes its own leg (RFC 4028 §7.1: it asks `refresher=uac`).
+const TERMINAL_REFRESHES: &str = "Supported: timer\r\nSession-Expires: 120;refresher=uac\r\n";
+/// A server that leaves the refreshes to the relay and takes UPDATE.
+const SERVER_TIMER: &str = "Session-Expires: 90;refresher=uac\r\nRequire: timer\r\nSupported: timer\r\nAllow: INVITE, ACK, BYE, OPTIONS, UPDATE\r\n";
+
+/// One server, no OPTIONS probes (the timers alone watch the legs), an interval of 120 s
+/// asked and 90 s accepted at least.
+fn timer_env() -> TestEnv {
+    let mut env = TestEnv::new(ONE);
+    env.limits.probe_interval = Duration::ZERO;
+    env.limits.session_timer = sip_core::dialog::session_timer::Policy {
+        session_expires: 120,
+        min_se: 90,
+    };
+    env
+}
+
+/// An established session whose terminal INVITE had `invite` and whose server answered
+/// with `server` header lines.
+fn timed(invite: &str, server: &str) -> Pair {
+    let mut p = Pair::with_invite(timer_env(), Strategy::First, invite);
+    p.server_answers_with(0, 200, server);
+    p.terminal_acks(0);
+    p
+}
+
+/// The 2xx the terminal got to its INVITE.
+fn terminal_2xx(p: &Pair) -> Response {
+    p.terminal
+        .iter()
+        .find_map(|g| match g {
+            Got::Response(tx, r) if *tx == p.invite_tx && r.status_code.code() == 200 => {
+                Some(r.clone())
+            }
+            _ => None,
+        })
+        .expect("no 2xx")
+}
+
+fn count(methods: &[String], method: &str) -> usize {
+    methods.iter().filter(|m| *m == method).count()
+}
+
+/// The last request server `addr` got.
+fn last_server_request(p: &Pair, addr: &str) -> Request {
+    p.server_got(addr)
+        .iter()
+        .rev()
+        .find_map(|g| match g {
+            Got::Request(r, _) => Some(r.clone()),
+            _ => None,
+        })
+        .expect("no request")
+}
+
+#[test]
+fn session_timers_are_negotiated_on_each_leg_with_their_own_values() {
+    let p = timed(TERMINAL_REFRESHES, SERVER_TIMER);
+    // The inquiry asks the relay's interval, the relay refreshing (RFC 4028 §7.1).
+    let inquiry = &p.legs[0].1.invite.headers;
+    assert_eq!(
+        header(inquiry, "Session-Expires").as_deref(),
+        Some("120;refresher=uac")
+    );
+    assert_eq!(header(inquiry, "Min-SE").as_deref(), Some("90"));
+    assert!(header(inquiry, "Supported").is_some_and(|v| v.contains("timer")));
+    assert!(header(inquiry, "Allow").is_some_and(|v| v.contains("UPDATE")));
+    // The terminal's 2xx carries its own leg's values, not the server's 90 s (§9), and
+    // Require: timer since the terminal refreshes.
+    let ok = terminal_2xx(&p);
+    assert_eq!(
+        header(&ok.headers, "Session-Expires").as_deref(),
+        Some("120;refresher=uac")
+    );
+    assert_eq!(header(&ok.headers, "Require").as_deref(), Some("timer"));
+}
+
+#[test]
+fn a_terminal_that_knows_no_timers_gets_none_and_never_sees_the_servers() {
+    let p = timed("", SERVER_TIMER);
+    let ok = terminal_2xx(&p);
+    assert_eq!(header(&ok.headers, "Session-Expires"), None);
+    assert_eq!(header(&ok.headers, "Require"), None);
+    // The in-dialog OPTIONS probes watch it as before (probes are on by default).
+    let mut p = Pair::new(ONE, Strategy::First);
+    p.server_answers_with(0, 200, SERVER_TIMER);
+    p.terminal_acks(0);
+    p.advance(Duration::from_secs(30));
+    assert_eq!(p.terminal_methods(), vec!["OPTIONS"]);
+}
+
+#[test]
+fn refreshes_keep_a_session_alive_over_several_intervals() {
+    let mut p = timed(TERMINAL_REFRESHES, SERVER_TIMER);
+    let mut answered = 0;
+    // 600 s: 40 steps of 15 s; the relay refreshes the server every 45 s (half of 90), the
+    // terminal refreshes its leg every 60 s with a body-less UPDATE.
+    for step in 1..=40 {
+        p.advance(Duration::from_secs(15));
+        if count(&p.server_methods(S1), "UPDATE") > answered {
+            let update = last_server_request(&p, S1);
+            assert_eq!(
+                header(&update.headers, "Session-Expires").as_deref(),
+                Some("90;refresher=uac"),
+                "the relay's refresh keeps the server leg's values (§7.4)"
+            );
+            p.server_answers_request_with(S1, 200, SERVER_TIMER);
+            answered += 1;
+        }
+        if step % 4 == 0 {
+            let tx = p.terminal_sends(0, "UPDATE", TERMINAL_REFRESHES, "");
+            assert_eq!(p.answer_to(tx), Some(200), "answered by the relay itself");
+            let ok = p
+                .terminal
+                .iter()
+                .rev()
+                .find_map(|g| match g {
+                    Got::Response(t, r) if *t == tx => Some(r.clone()),
+                    _ => None,
+                })
+                .unwrap();
+            assert_eq!(
+                header(&ok.headers, "Session-Expires").as_deref(),
+                Some("120;refresher=uac")
+            );
+        }
+    }
+    assert_eq!(answered, 13, "45, 90, …, 585 s");
+    let server = p.server_methods(S1);
+    assert_eq!(count(&server, "UPDATE"), 13);
+    assert_eq!(count(&server, "BYE"), 0, "{server:?}");
+    assert!(
+        !p.terminal_methods().contains(&"BYE".to_string()),
+        "the terminal's UPDATEs went no further than the relay, and nothing ended"
+    );
+    assert!(p.records.is_empty());
+    p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(
+        (p.records[0].cause, p.records[0].duration_ms),
+        (EndCause::CallerBye, 600_000)
+    );
+}
+
+#[test]
+fn a_terminal_that_vanishes_ends_the_session_billed_to_its_last_refresh() {
+    let mut p = timed(TERMINAL_REFRESHES, SERVER_TIMER);
+    p.advance(Duration::from_secs(45));
+    p.server_answers_request_with(S1, 200, SERVER_TIMER);
+    p.advance(Duration::from_secs(15));
+    let tx = p.terminal_sends(0, "UPDATE", TERMINAL_REFRESHES, "");
+    assert_eq!(p.answer_to(tx), Some(200));
+    // The terminal refreshed at 60 s and is heard from no more; the relay gives its leg up
+    // min(32, 120/3) = 32 s before the end (RFC 4028 §10): at 60 + 88 = 148 s.
+    p.advance(Duration::from_secs(30));
+    p.server_answers_request_with(S1, 200, SERVER_TIMER);
+    p.advance(Duration::from_secs(45));
+    p.server_answers_request_with(S1, 200, SERVER_TIMER);
+    p.advance(Duration::from_millis(12_999));
+    assert!(p.records.is_empty(), "not before the expiry");
+    assert!(!p.terminal_methods().contains(&"BYE".to_string()));
+    p.advance(Duration::from_millis(1));
+    assert_eq!(p.terminal_methods().last().map(String::as_str), Some("BYE"));
+    assert_eq!(p.server_methods(S1).last().map(String::as_str), Some("BYE"));
+    assert_eq!(p.records.len(), 1);
+    assert_eq!(
+        (p.records[0].cause, p.records[0].duration_ms),
+        (EndCause::Timeout, 60_000),
+        "billed up to the terminal's last refresh, not to the expiry"
+    );
+    assert_eq!(p.env.active("sip:127.0.0.1:5081"), 0);
+    assert_eq!(p.env.slots_held(), 0);
+}
+
+#[test]
+fn a_server_that_stops_answering_refreshes_ends_the_session_billed_to_its_last_refresh() {
+    let mut p = timed(TERMINAL_REFRESHES, SERVER_TIMER);
+    p.advance(Duration::from_secs(45));
+    p.server_answers_request_with(S1, 200, SERVER_TIMER);
+    p.advance(Duration::from_secs(15));
+    p.terminal_sends(0, "UPDATE", TERMINAL_REFRESHES, "");
+    p.advance(Duration::from_secs(30));
+    // The refresh at 90 s gets no answer: the transaction times out (408, RFC 4028 §10).
+    assert_eq!(count(&p.server_methods(S1), "UPDATE"), 2);
+    p.server_answers_request(S1, 408);
+    assert_eq!(p.terminal_methods().last().map(String::as_str), Some("BYE"));
+    assert_eq!(p.server_methods(S1).last().map(String::as_str), Some("BYE"));
+    assert_eq!(
+        (p.records[0].cause, p.records[0].duration_ms),
+        (EndCause::Timeout, 45_000),
+        "billed up to the server leg's last successful refresh"
+    );
+}
+
+#[test]
+fn a_server_without_update_is_refreshed_by_reinvite_and_a_481_ends_the_session() {
+    // No UPDATE in its Allow: the relay re-INVITEs it with the terminal's offer.
+    let server = "Session-Expires: 90;refresher=uac\r\nRequire: timer\r\n";
+    let mut p = timed(TERMINAL_REFRESHES, server);
+    p.advance(Duration::from_secs(45));
+    let reinvite = last_server_request(&p, S1);
+    assert_eq!(reinvite.method, Method::Invite);
+    assert_eq!(reinvite.body, SDP.as_bytes(), "the last offer again");
+    p.server_answers_request_with(S1, 200, server);
+    assert_eq!(
+        p.server_methods(S1),
+        vec!["ACK", "INVITE", "ACK"],
+        "its 2xx ACKed"
+    );
+    p.advance(Duration::from_secs(15));
+    p.terminal_sends(0, "UPDATE", TERMINAL_REFRESHES, "");
+    p.advance(Duration::from_secs(30));
+    // The server lost the dialog (it restarted): 481.
+    p.server_answers_request(S1, 481);
+    assert_eq!(
+        (p.records[0].cause, p.records[0].duration_ms),
+        (EndCause::Timeout, 45_000)
+    );
+}
+
+#[test]
+fn the_relay_refreshes_a_terminal_that_asks_it_to_with_the_servers_sdp() {
+    // The terminal asks the relay to refresh and takes no UPDATE; the server has no timer.
+    let mut p = timed(
+        "Supported: timer\r\nSession-Expires: 120;refresher=uas\r\n",
+        "",
+    );
+    let ok = terminal_2xx(&p);
+    assert_eq!(
+        header(&ok.headers, "Session-Expires").as_deref(),
+        Some("120;refresher=uas")
+    );
+    assert_eq!(header(&ok.headers, "Require"), None);
+    p.advance(Duration::from_secs(60));
+    let reinvite = p
+        .terminal
+        .iter()
+        .rev()
+        .find_map(|g| match g {
+            Got::Request(r, Some(_)) => Some(r.clone()),
+            _ => None,
+        })
+        .expect("a refresh");
+    assert_eq!(reinvite.method, Method::Invite);
+    assert_eq!(reinvite.body, ok.body, "the SDP the terminal was given");
+    assert_eq!(
+        header(&reinvite.headers, "Session-Expires").as_deref(),
+        Some("120;refresher=uac")
+    );
+    p.terminal_answers_request_with(200, "Session-Expires: 120;refresher=uac\r\n");
+    assert_eq!(p.terminal_methods(), vec!["INVITE", "ACK"]);
+    assert!(
+        p.server_methods(S1) == vec!["ACK"],
+        "the server leg is not touched"
+    );
+    // The next refresh at 120 s goes unanswered.
+    p.advance(Duration::from_secs(60));
+    assert_eq!(count(&p.terminal_methods(), "INVITE"), 2);
+    p.terminal_answers_request_with(408, "");
+    assert_eq!(
+        (p.records[0].cause, p.records[0].duration_ms),
+        (EndCause::Timeout, 60_000)
+    );
+    assert_eq!(p.server_methods(S1), vec!["ACK", "BYE"]);
+}
+
+#[test]
+fn too_small_an_interval_is_refused_422_and_a_servers_422_is_asked_again() {
+    // The terminal's: 422 with our Min-SE, before any server is asked (RFC 4028 §6).
+    let p = Pair::with_invite(
+        timer_env(),
+        Strategy::First,
+        "Supported: timer\r\nSession-Expires: 60\r\n",
+    );
+    assert_eq!(p.invite_finals(), vec![422]);
+    let refusal = p
+        .terminal
+        .iter()
+        .find_map(|g| match g {
+            Got::Response(_, r) => Some(r.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(header(&refusal.headers, "Min-SE").as_deref(), Some("90"));
+    assert!(p.legs.is_empty());
+    assert_eq!(p.env.slots_held(), 0, "the slot went back");
+    assert!(p.call.is_finished());
+
+    // A server's: asked again with its Min-SE (§7.3), and the session goes on.
+    let mut p = Pair::with_invite(timer_env(), Strategy::First, TERMINAL_REFRESHES);
+    p.server_answers_with(0, 422, "Min-SE: 300\r\n");
+    assert_eq!(p.legs.len(), 2, "one more INVITE");
+    assert!(p.invite_finals().is_empty());
+    assert_eq!(
+        header(&p.legs[1].1.invite.headers, "Session-Expires").as_deref(),
+        Some("300;refresher=uac")
+    );
+    p.server_answers_with(1, 200, "Session-Expires: 300;refresher=uac\r\n");
+    assert_eq!(p.invite_finals(), vec![200]);
+    // A second 422 is not asked again: relayed.
+    let mut p = Pair::with_invite(timer_env(), Strategy::First, TERMINAL_REFRESHES);
+    p.server_answers_with(0, 422, "Min-SE: 300\r\n");
+    p.server_answers_with(1, 422, "Min-SE: 300\r\n");
+    assert_eq!(p.invite_finals(), vec![422]);
+
+    // A refresh with too small an interval, mid-session: 422, the session goes on.
+    let mut p = timed(TERMINAL_REFRESHES, SERVER_TIMER);
+    let tx = p.terminal_sends(
+        0,
+        "UPDATE",
+        "Supported: timer\r\nSession-Expires: 30\r\n",
+        "",
+    );
+    assert_eq!(p.answer_to(tx), Some(422));
+    assert!(p.records.is_empty());
 }

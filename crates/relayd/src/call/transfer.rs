@@ -161,7 +161,7 @@ impl Call {
             return;
         }
         self.notify(i, 200, "OK", true, env);
-        self.move_to_leg(i, leg, "transferred", env);
+        self.move_to_leg(i, leg, "transferred", env, now);
         let s = &mut self.sessions[i];
         s.busy = false;
         s.service = p.service;
@@ -182,6 +182,9 @@ impl Call {
             return;
         }
         let (extra, body) = b2bua::carried_body_of_response(&resp);
+        self.sessions[i]
+            .timers
+            .keep_sdp((extra.clone(), body.clone()));
         let a_peer = self.a.peer;
         let Some((req, peer)) =
             self.sessions[i].request(Side::Terminal, a_peer, Method::Invite, extra, body, env)
@@ -205,6 +208,7 @@ impl Call {
         sent: Request,
         resp: Response,
         env: &dyn CallEnv,
+        now: Instant,
     ) {
         let code = resp.status_code.code();
         if code / 100 != 2 {
@@ -227,6 +231,7 @@ impl Call {
         }
         // The terminal's answer is its offer's counterpart now.
         self.sessions[i].offer = b2bua::carried_body_of_response(&resp);
+        self.refreshed_by_answer(i, Side::Terminal, Method::Invite, &resp, now);
     }
 
     /// The second server refused: the next candidate, or the failure reported and the
