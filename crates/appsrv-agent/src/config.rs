@@ -338,7 +338,16 @@ pub struct Config {
     pub control: Option<ControlConfig>,
     /// Logging.
     pub log: LogConfig,
+    /// `[sessions]`: session timers (RFC 4028) on the relay's legs.
+    pub sessions: SessionTimerPolicy,
 }
+
+/// `[sessions]`: the session timer (RFC 4028) the agent holds each session to, so that a
+/// session outlives a crashed relay by one interval at most: `session_expires_secs`
+/// (default 1800) is the longest interval it grants, `min_se_secs` (default 90) the
+/// shortest it accepts (`422` below). RFC 4028 §5 forbids intervals under 90 s: lower ones
+/// (down to 1) are accepted for tests only.
+pub type SessionTimerPolicy = sip_core::dialog::session_timer::Policy;
 
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -383,6 +392,14 @@ struct RawConfig {
     billing: RawBilling,
     control: RawControl,
     log: RawLog,
+    sessions: RawSessions,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawSessions {
+    session_expires_secs: Option<u32>,
+    min_se_secs: Option<u32>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -573,7 +590,9 @@ impl Config {
         let relay = b.relay(raw.relay)?;
         let billing = b.billing(raw.billing, &relay.domain)?;
         let relay_ip = relay_ip(&relay.uri);
+        let sessions = b.sessions(raw.sessions)?;
         Ok(Config {
+            sessions,
             sip: b.sip(raw.sip, relay_ip)?,
             data: b.data(raw.data, relay_ip)?,
             capacity: b.capacity(raw.limits)?,
@@ -909,6 +928,28 @@ impl Build<'_> {
             backend_connect_timeout: Duration::from_secs(connect),
             max_pending,
             max_pending_per_address,
+        })
+    }
+
+    fn sessions(&self, raw: RawSessions) -> Result<SessionTimerPolicy, ConfigError> {
+        let d = SessionTimerPolicy::default();
+        let min_se = raw.min_se_secs.unwrap_or(d.min_se);
+        let expires = raw.session_expires_secs.unwrap_or(d.session_expires);
+        if !(1..=86_400).contains(&min_se) {
+            return Err(invalid(
+                self.o.key("sessions.min_se_secs"),
+                "must be between 1 and 86400 seconds",
+            ));
+        }
+        if !(min_se..=86_400).contains(&expires) {
+            return Err(invalid(
+                self.o.key("sessions.session_expires_secs"),
+                "must be between min_se_secs and 86400 seconds",
+            ));
+        }
+        Ok(SessionTimerPolicy {
+            session_expires: expires,
+            min_se,
         })
     }
 
