@@ -36,6 +36,9 @@ pub enum EndCause {
     NoAck,
     /// The agent is shutting down; it sent BYE.
     Shutdown,
+    /// The relay stopped refreshing the session (RFC 4028 session timer: it crashed or lost
+    /// the session); the agent sent BYE.
+    SessionExpired,
 }
 
 impl EndCause {
@@ -50,6 +53,7 @@ impl EndCause {
             EndCause::TokenExpired => "token-expired",
             EndCause::NoAck => "no-ack",
             EndCause::Shutdown => "shutdown",
+            EndCause::SessionExpired => "session-expired",
         }
     }
 }

@@ -13,6 +13,16 @@
 //!   for a new data connection, which replaces the old one once it is used, or
 //!   `a=connection:existing` when the terminal keeps its connection), no is a refusal that
 //!   leaves the session as it was.
+//! * **Session timer** (RFC 4028): the relay asks for one on its INVITE; the agent grants
+//!   it with the relay as refresher (an interval under `[sessions] min_se_secs` gets `422`
+//!   with `Min-SE`, a longer one than `session_expires_secs` is reduced), and every 2xx
+//!   to a re-INVITE or UPDATE renews it. A session the relay stops refreshing (it crashed)
+//!   is ended `min(32 s, SE/3)` before the interval runs out (§10): BYE, the application
+//!   server told (`session-expired`), its capacity freed. The agent never refreshes itself:
+//!   a relay asking it to (`refresher=uas`, or no `Supported: timer`) gets no timer.
+//! * **In-dialog requests for dialogs the agent does not know** (OPTIONS, BYE, re-INVITE,
+//!   UPDATE, MESSAGE…) get `481`, so that the relay's probes and refreshes notice a session
+//!   the agent lost (RFC 3261 §12.2.2).
 //! * **BYE** from the relay: `200`, the data connection is closed and the tokens revoked. A
 //!   `Reason` header naming `transferred` or `changed` tells that the relay moved the session
 //!   to another server.
@@ -34,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use rsip::prelude::*;
 use rsip::{Header, Method, Request, Response};
+use sip_core::dialog::session_timer::{self, Negotiated, UasAnswer};
 use sip_core::dialog::{Dialog, DialogId, DialogState, ViaSpec};
 use sip_core::endpoint::{Endpoint, EndpointEvent, IncomingRequest, ServerTx};
 use sip_core::message;
@@ -57,7 +68,7 @@ use crate::preamble::{param_map, SessionContext};
 use crate::registration::{RegistrationHandle, USER_AGENT};
 
 /// The methods we answer, for `Allow`.
-const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS";
+const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, UPDATE";
 /// How often expired tokens are looked for.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// How long our BYE waits for the session's charges to be answered, so that they reach
@@ -165,6 +176,19 @@ struct Session {
     ending: Option<(EndCause, String)>,
     /// The application server waiting for this session's BYE to be answered.
     hang_up: Option<oneshot::Sender<HangUpResult>>,
+    /// The session timer agreed with the relay (RFC 4028), the relay refreshing.
+    timer: Option<Negotiated>,
+    /// The last refresh: the INVITE's 200, then each 2xx to a re-INVITE or UPDATE.
+    refreshed_at: Instant,
+}
+
+impl Session {
+    /// When the session is over unless the relay refreshes it (RFC 4028 §10: the side
+    /// that does not refresh gives up `min(32 s, SE/3)` before the interval ends).
+    fn expires_at(&self) -> Option<Instant> {
+        self.timer
+            .map(|n| self.refreshed_at + session_timer::expiry_guard(n.secs))
+    }
 }
 
 impl Session {
@@ -372,6 +396,14 @@ impl Core {
     fn on_request(&mut self, r: IncomingRequest) {
         let IncomingRequest { req, from, tx, .. } = r;
         let call_id = call_id_of(&req);
+        let in_dialog = DialogId::of_incoming_request(&req).is_some();
+        if in_dialog && req.method != Method::Ack && self.dialog_of(&req).is_none() {
+            // A dialog we do not know (never had, or lost in a restart): 481, never 200, so
+            // that the relay's probes and refreshes end a session we no longer hold.
+            debug!(%call_id, %from, method = %req.method, "in-dialog request for no session: 481");
+            respond(&tx, reply(&req, 481, None, None));
+            return;
+        }
         if req.method == Method::Options {
             let mut resp = reply(&req, 200, None, Some(&message::new_tag()));
             resp.headers.push(Header::Accept(rsip::headers::Accept::new(
@@ -400,10 +432,10 @@ impl Core {
             );
             return;
         }
-        let in_dialog = DialogId::of_incoming_request(&req).is_some();
         match (req.method, in_dialog) {
             (Method::Invite, false) => self.on_invite(req, from, tx, call_id),
             (Method::Invite, true) => self.on_reinvite(req, tx, call_id),
+            (Method::Update, true) => self.on_update(req, tx),
             (Method::Bye, true) => self.on_bye(req, tx, call_id),
             (Method::Bye, false) => respond(&tx, reply(&req, 481, None, Some(&message::new_tag()))),
             (_, true) if self.dialog_of(&req).is_none() => {
@@ -439,6 +471,14 @@ impl Core {
             );
             return;
         }
+        let timer = match self.timer_for(&req) {
+            Ok(timer) => timer,
+            Err(resp) => {
+                info!(%call_id, "session interval too small: 422");
+                respond(&tx, with_tag(resp, &tag));
+                return;
+            }
+        };
         let accepted = match inquiry::decide(&req, &self.parts.config, &self.load) {
             Ok(a) => a,
             Err(refusal) => {
@@ -474,7 +514,8 @@ impl Core {
             &accepted.service.name,
             None,
         );
-        if let Err(e) = tx.respond(ok_reply(&req, &tag, &self.parts.contact, &answer)) {
+        let ok = ok_reply(&req, &tag, &self.parts.contact, &answer, timer.as_ref());
+        if let Err(e) = tx.respond(ok) {
             warn!(%call_id, error = %e, "cannot answer the inquiry");
             self.parts.tokens.revoke_call(&call_id);
             return;
@@ -517,6 +558,8 @@ impl Core {
                 terminal: None,
                 ending: None,
                 hang_up: None,
+                timer,
+                refreshed_at: Instant::now(),
             },
         );
     }
@@ -608,6 +651,16 @@ impl Core {
             respond(&tx, reply(&req, 500, Some(&e.to_string()), None));
             return;
         }
+        let timer = match self.timer_for(&req) {
+            Ok(timer) => timer,
+            Err(resp) => {
+                respond(&tx, resp);
+                return;
+            }
+        };
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
         let accepted = match inquiry::decide_change(
             &req,
             &s.service,
@@ -664,10 +717,16 @@ impl Core {
             return;
         };
         let tag = s.dialog.id().local_tag.clone();
-        if let Err(e) = tx.respond(ok_reply(&req, &tag, &self.parts.contact, &answer)) {
+        // A re-INVITE refreshes the session (RFC 4028 §10); one without the extension's
+        // fields leaves the interval as it was.
+        let timer = timer.or(s.timer);
+        let ok = ok_reply(&req, &tag, &self.parts.contact, &answer, timer.as_ref());
+        if let Err(e) = tx.respond(ok) {
             warn!(%call_id, error = %e, "cannot answer the re-INVITE");
             return;
         }
+        s.timer = timer;
+        s.refreshed_at = Instant::now();
         if changed {
             info!(%call_id, from = %s.service, to = %accepted.service.name, "service changed");
             self.load.switch(&s.service, &accepted.service.name);
@@ -685,6 +744,64 @@ impl Core {
         }
         s.answer = answer;
         s.invite_tx = tx;
+    }
+
+    /// The session timer for the relay's INVITE or re-INVITE `req` (RFC 4028 §9), or the
+    /// `422` with our `Min-SE` when its interval is too small (§6). `None` when the relay
+    /// asked for none, or asked us to refresh: the agent never refreshes itself.
+    fn timer_for(&self, req: &Request) -> Result<Option<Negotiated>, Response> {
+        match self
+            .parts
+            .config
+            .sessions
+            .answer(&session_timer::read(&req.headers))
+        {
+            UasAnswer::TooSmall(min_se) => {
+                let mut resp = reply(req, 422, Some("Session Interval Too Small"), None);
+                resp.headers.push(session_timer::min_se_header(min_se));
+                Err(resp)
+            }
+            UasAnswer::Timer(n) if !n.we_refresh => Ok(Some(n)),
+            UasAnswer::Timer(_) | UasAnswer::None => Ok(None),
+        }
+    }
+
+    /// An UPDATE from the relay (RFC 3311): without a body, a session refresh (RFC 4028
+    /// §10), answered 200 with the interval agreed; an offer in it is not taken (`488`:
+    /// offers come in re-INVITEs).
+    fn on_update(&mut self, req: Request, tx: ServerTx) {
+        let Some(id) = self.dialog_of(&req).map(str::to_string) else {
+            respond(&tx, reply(&req, 481, None, None));
+            return;
+        };
+        let timer = match self.timer_for(&req) {
+            Ok(timer) => timer,
+            Err(resp) => {
+                respond(&tx, resp);
+                return;
+            }
+        };
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if let Err(e) = s.dialog.check_remote_cseq(&req) {
+            respond(&tx, reply(&req, 500, Some(&e.to_string()), None));
+            return;
+        }
+        if !req.body.is_empty() {
+            respond(&tx, reply(&req, 488, Some("Offers go in re-INVITEs"), None));
+            return;
+        }
+        let _ = s.dialog.refresh_from_request(&req);
+        let timer = timer.or(s.timer);
+        let mut resp = reply(&req, 200, None, None);
+        if let Some(n) = &timer {
+            n.stamp_2xx(&mut resp.headers);
+        }
+        respond(&tx, resp);
+        s.timer = timer;
+        s.refreshed_at = Instant::now();
+        debug!(call_id = %id, "session refreshed");
     }
 
     fn on_bye(&mut self, req: Request, tx: ServerTx, call_id: String) {
@@ -826,6 +943,22 @@ impl Core {
 
     fn on_sweep(&mut self, now: Instant) {
         self.recent.forget_expired(now);
+        let expired: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.state == State::Live && s.ending.is_none())
+            .filter(|(_, s)| s.expires_at().is_some_and(|at| at <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for call_id in expired {
+            warn!(%call_id, "session timer expired: the relay stopped refreshing the session");
+            self.end(
+                &call_id,
+                EndCause::SessionExpired,
+                "session timer expired (the relay stopped refreshing)",
+                true,
+            );
+        }
         for (call_id, slot) in self.parts.tokens.sweep(now) {
             let Some(s) = self.sessions.get_mut(&call_id) else {
                 continue;
@@ -1040,6 +1173,19 @@ fn call_id_of(req: &Request) -> String {
         .unwrap_or_default()
 }
 
+/// `resp` with our To tag (a refusal of a dialog-creating request, RFC 3261 §8.2.6.2).
+fn with_tag(req_resp: Response, tag: &str) -> Response {
+    let mut resp = req_resp;
+    for h in resp.headers.iter_mut() {
+        if let Header::To(to) = h {
+            if !to.value().contains(";tag=") {
+                *to = rsip::headers::To::new(format!("{};tag={tag}", to.value()));
+            }
+        }
+    }
+    resp
+}
+
 fn respond(tx: &ServerTx, resp: Response) {
     if let Err(e) = tx.respond(resp) {
         warn!(error = %e, "response not sent");
@@ -1068,9 +1214,19 @@ fn refusal_reply(req: &Request, refusal: &Refusal, to_tag: Option<&str>) -> Resp
     resp
 }
 
-/// The 200 to an INVITE: Record-Route copied (RFC 3261 §12.1.1), our Contact, the SDP.
-fn ok_reply(req: &Request, tag: &str, contact: &Uri, sdp: &AppSdp) -> Response {
+/// The 200 to an INVITE: Record-Route copied (RFC 3261 §12.1.1), our Contact, the SDP, and
+/// the session timer agreed (RFC 4028 §9), if any.
+fn ok_reply(
+    req: &Request,
+    tag: &str,
+    contact: &Uri,
+    sdp: &AppSdp,
+    timer: Option<&Negotiated>,
+) -> Response {
     let mut resp = reply(req, 200, None, Some(tag));
+    if let Some(n) = timer {
+        n.stamp_2xx(&mut resp.headers);
+    }
     for h in req.headers.iter() {
         if let Header::RecordRoute(_) = h {
             resp.headers.push(h.clone());
@@ -1125,7 +1281,7 @@ mod tests {
             "echo",
             None,
         );
-        let out = text(ok_reply(&req, "t9", &contact, &sdp));
+        let out = text(ok_reply(&req, "t9", &contact, &sdp, None));
         assert!(out.starts_with("SIP/2.0 200 OK\r\n"), "{out}");
         assert!(
             out.contains("To: <sip:echo@127.0.0.1:5080>;tag=t9\r\n"),
@@ -1161,7 +1317,7 @@ mod tests {
         };
         let contact = Uri::parse("sip:as1@[::1]:5080").unwrap();
         let sdp = inquiry::answer("[::1]:7080".parse().unwrap(), Some("abcd"), "echo", None);
-        let out = text(ok_reply(&req, "t6", &contact, &sdp));
+        let out = text(ok_reply(&req, "t6", &contact, &sdp, None));
         assert!(out.contains("Contact: <sip:as1@[::1]:5080>\r\n"), "{out}");
         assert!(
             out.contains("To: <sip:echo@[::1]:5080>;tag=t6\r\n"),

@@ -331,6 +331,11 @@ impl World {
     /// (password `alice-secret`, every one of them) and application-server account as1
     /// (password `as1-secret`); returns once its metrics answer.
     pub fn start(services: &[&str]) -> World {
+        World::start_with(services, "")
+    }
+
+    /// The same, with `extra` TOML tables in relayd's configuration (`[session]`…).
+    pub fn start_with(services: &[&str], extra: &str) -> World {
         let programs = programs();
         let dir = TestDir::new("appsrv-relay-");
         let port = free_port();
@@ -357,6 +362,7 @@ impl World {
                 "[[services]]\nname = \"{s}\"\nstrategy = \"first\"\n\n"
             );
         }
+        toml.push_str(extra);
         std::fs::write(&config, toml).unwrap();
         let log = dir.path().join("relayd.log");
         let mut cmd = Command::new(&programs.relayd);
