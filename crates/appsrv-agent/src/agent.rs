@@ -140,17 +140,24 @@ impl Agent {
     /// Tokio runtime.
     pub async fn start(config: Config) -> Result<Agent, StartError> {
         let config = Arc::new(config);
-        let relay_transport = match config.relay.uri.transport().and_then(Transport::from_name) {
-            Some(Transport::Tcp) => Transport::Tcp,
-            _ => Transport::Udp,
+        let relay_transport = if config.tls.is_some() {
+            Transport::Tls
+        } else {
+            match config.relay.uri.transport().and_then(Transport::from_name) {
+                Some(Transport::Tcp) => Transport::Tcp,
+                _ => Transport::Udp,
+            }
         };
 
-        // SIP, UDP and TCP on the same address.
+        // SIP, UDP and TCP on the same address; TLS on its own when configured (then only
+        // requests over it from the relay's certificate are taken: RelaySources).
         let listen = config.sip.listen;
         let endpoint_config = EndpointConfig {
             transport: TransportConfig {
                 udp: vec![listen],
                 tcp: vec![listen],
+                tls: config.tls.iter().map(|t| t.listen).collect(),
+                tls_setup: config.tls.as_ref().map(|t| t.setup.clone()),
                 ..TransportConfig::default()
             },
             ..EndpointConfig::default()
@@ -169,12 +176,14 @@ impl Agent {
                 transport: relay_transport,
             })?;
         let sent_by = host_port(&config.sip.advertise, sip_addr.port());
-        let transport_param = match relay_transport {
-            Transport::Tcp => ";transport=tcp",
-            _ => "",
+        // Over TLS the Contact is sips: (RFC 5630 §3.1.3), so the relay reaches us over TLS.
+        let (scheme, transport_param) = match relay_transport {
+            Transport::Tcp => ("sip", ";transport=tcp"),
+            Transport::Tls => ("sips", ""),
+            Transport::Udp => ("sip", ""),
         };
         let contact = Uri::parse(&format!(
-            "sip:{}@{sent_by}{transport_param}",
+            "{scheme}:{}@{sent_by}{transport_param}",
             config.relay.account
         ))
         .map_err(|e| StartError::Uri {
@@ -191,9 +200,34 @@ impl Agent {
             key: "relay.domain",
             message: e.to_string(),
         })?;
-        let relay = RelaySources::of_uri(&config.relay.uri)
+        let mut relay = RelaySources::of_uri(&config.relay.uri)
             .await
             .map_err(StartError::Relay)?;
+        if config.tls.is_some() {
+            let host = config
+                .relay
+                .uri
+                .host_text()
+                .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+                .ok_or_else(|| StartError::Relay("the relay URI has no host".into()))?;
+            // A relay named by a domain: its certificate must name that domain (RFC 5922
+            // §7.1), whichever address it resolved to.
+            if host.parse::<std::net::IpAddr>().is_err() {
+                if let Ok(name) = sip_core::tls::server_name(&host) {
+                    let port = config
+                        .relay
+                        .uri
+                        .port()
+                        .unwrap_or(Transport::Tls.default_port());
+                    for (ip, _) in relay.entries() {
+                        endpoint
+                            .transports()
+                            .expect_name(SocketAddr::new(*ip, port), name.clone());
+                    }
+                }
+            }
+            relay = relay.require_tls(endpoint.transports().clone(), host);
+        }
 
         // The data gateway.
         let tokens = Arc::new(TokenTable::new(config.data.token_ttl));
@@ -218,6 +252,22 @@ impl Agent {
             overall: config.data.max_pending,
             per_address: config.data.max_pending_per_address,
         });
+        // With TLS to the relay, the data connection is TLS too (TCP/TLS in the SDP answer),
+        // so the token never crosses in clear.
+        let gateway = match &config.tls {
+            Some(tls) => match tls.setup.acceptor_without_client_auth() {
+                Ok(Some(acceptor)) => gateway.with_tls(acceptor),
+                Ok(None) => gateway,
+                Err(e) => {
+                    return Err(StartError::Uri {
+                        what: "the data gateway's TLS settings",
+                        key: "tls.certificate",
+                        message: e.to_string(),
+                    })
+                }
+            },
+            None => gateway,
+        };
         let data_port = gateway
             .local_addr()
             .map_err(|source| StartError::Bind {

@@ -12,6 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::de::{self, Deserialize, Deserializer};
+use sip_core::tls::{ClientAuth as TlsClientAuth, TlsError, TlsFiles, TlsSetup};
 use sip_core::uri::{Host, Scheme, Uri};
 
 use crate::backend::Backend;
@@ -114,6 +115,21 @@ pub struct Flags {
     /// Log format [file: log.format, default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// The agent's TLS certificate chain, PEM: presented to the relay as a TLS server (the
+    /// relay's inquiries) and as a TLS client (REGISTER, charges), and by the data gateway
+    /// [file: tls.certificate].
+    #[arg(long, value_name = "FILE")]
+    pub tls_certificate: Option<PathBuf>,
+    /// The certificate's private key, PEM [file: tls.key].
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA the relay's certificate chains to, PEM [file: tls.ca].
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// SIP over TLS address [file: tls.listen, default: the sip.listen IP on port 5061, or
+    /// port 0 when sip.listen's is 0].
+    #[arg(long, value_name = "ADDR")]
+    pub tls_listen: Option<SocketAddr>,
     /// Check the configuration, print a summary and exit.
     #[arg(long)]
     pub check_config: bool,
@@ -319,6 +335,25 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// `[tls]`: mutual TLS with the relay (RFC 3261 §26.2, RFC 5922 §7.2), and TLS on the data
+/// connection.
+///
+/// With it, the relay URI must be `sips:` (or `;transport=tls`); the agent listens for SIP
+/// over TLS on [`AgentTls::listen`] and asks the relay for a certificate chained to `ca` that
+/// names the relay's host; it registers and charges over TLS presenting its own certificate;
+/// and its data gateway speaks only TLS (`TCP/TLS` in SDP). An inquiry that came any other
+/// way — UDP, TCP, or TLS from a peer without such a certificate — is refused `403`
+/// ([`crate::inquiry::RelaySources`]).
+#[derive(Debug, Clone)]
+pub struct AgentTls {
+    /// The PEM files.
+    pub files: TlsFiles,
+    /// The loaded settings: the SIP listener requires client certificates.
+    pub setup: TlsSetup,
+    /// Where SIP over TLS is taken.
+    pub listen: SocketAddr,
+}
+
 /// The whole, checked configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -340,6 +375,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[sessions]`: session timers (RFC 4028) on the relay's legs.
     pub sessions: SessionTimerPolicy,
+    /// Mutual TLS with the relay, when configured.
+    pub tls: Option<AgentTls>,
 }
 
 /// `[sessions]`: the session timer (RFC 4028) the agent holds each session to, so that a
@@ -393,6 +430,16 @@ struct RawConfig {
     control: RawControl,
     log: RawLog,
     sessions: RawSessions,
+    tls: RawTls,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    certificate: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -590,10 +637,13 @@ impl Config {
         let relay = b.relay(raw.relay)?;
         let billing = b.billing(raw.billing, &relay.domain)?;
         let relay_ip = relay_ip(&relay.uri);
+        let sip = b.sip(raw.sip, relay_ip)?;
+        let tls = b.tls(raw.tls, &relay, &sip)?;
         let sessions = b.sessions(raw.sessions)?;
         Ok(Config {
             sessions,
-            sip: b.sip(raw.sip, relay_ip)?,
+            tls,
+            sip,
             data: b.data(raw.data, relay_ip)?,
             capacity: b.capacity(raw.limits)?,
             services: b.services(raw.services)?,
@@ -675,6 +725,13 @@ impl Config {
             Some(c) => out.push_str(&format!("control    http://{} (bearer token)\n", c.listen)),
             None => out.push_str("control    off\n"),
         }
+        match &self.tls {
+            Some(t) => out.push_str(&format!(
+                "tls        SIP on {} (inquiries only from the relay's certificate), data over TLS\n",
+                t.listen
+            )),
+            None => out.push_str("tls        off\n"),
+        }
         out
     }
 }
@@ -687,6 +744,104 @@ struct Build<'a> {
 }
 
 impl Build<'_> {
+    /// `[tls]`: all three files, or none; required exactly when the relay URI is TLS.
+    fn tls(
+        &self,
+        raw: RawTls,
+        relay: &RelayConfig,
+        sip: &SipConfig,
+    ) -> Result<Option<AgentTls>, ConfigError> {
+        let f = self.flags;
+        let pick = |flag: &Option<PathBuf>, file: Option<PathBuf>, name: &str, key: &str| match (
+            flag, file,
+        ) {
+            (Some(p), _) => Some((p.clone(), name.to_string())),
+            (None, Some(p)) => Some((self.base_dir.join(p), self.o.key(key))),
+            (None, None) => None,
+        };
+        let certificate = pick(
+            &f.tls_certificate,
+            raw.certificate,
+            "--tls-certificate",
+            "tls.certificate",
+        );
+        let key = pick(&f.tls_key, raw.key, "--tls-key", "tls.key");
+        let ca = pick(&f.ca, raw.ca, "--ca", "tls.ca");
+        let relay_tls = relay_is_tls(&relay.uri);
+        let relay_origin = self.o.of(f.relay.is_some(), "--relay", "relay.uri");
+        let any = certificate.is_some() || key.is_some() || ca.is_some();
+        if !any {
+            if relay_tls {
+                return Err(invalid(
+                    relay_origin,
+                    format!(
+                        "{} is a TLS URI: set tls.certificate, tls.key and tls.ca (or \
+                         --tls-certificate, --tls-key, --ca) for mutual TLS with the relay",
+                        relay.uri
+                    ),
+                ));
+            }
+            return Ok(None);
+        }
+        let (
+            Some((cert_path, cert_origin)),
+            Some((key_path, key_origin)),
+            Some((ca_path, ca_origin)),
+        ) = (certificate, key, ca)
+        else {
+            return Err(invalid(
+                self.o.key("tls"),
+                "tls.certificate, tls.key and tls.ca (--tls-certificate, --tls-key, --ca) go \
+                 together: mutual TLS with the relay needs all three",
+            ));
+        };
+        if !relay_tls {
+            return Err(invalid(
+                relay_origin,
+                format!(
+                    "{} is not a TLS URI, but [tls] is configured: use sips: (e.g. \
+                     sips:127.0.0.1:5061)",
+                    relay.uri
+                ),
+            ));
+        }
+        let files = TlsFiles {
+            certificate: Some(cert_path.clone()),
+            key: Some(key_path.clone()),
+            ca: Some(ca_path.clone()),
+        };
+        let setup = TlsSetup::load(&files, TlsClientAuth::Required).map_err(|e| {
+            let origin = match &e {
+                TlsError::NoKey { .. } | TlsError::KeyMismatch { .. } => key_origin.clone(),
+                TlsError::BadCa { .. } | TlsError::NoCaForClients => ca_origin.clone(),
+                // A file without a certificate where the CA should be.
+                TlsError::NoCertificate { path } if *path == ca_path => ca_origin.clone(),
+                TlsError::Read { path, .. }
+                | TlsError::Pem { path, .. }
+                | TlsError::NoCertificate { path } => {
+                    if *path == key_path {
+                        key_origin.clone()
+                    } else if *path == ca_path {
+                        ca_origin.clone()
+                    } else {
+                        cert_origin.clone()
+                    }
+                }
+                _ => self.o.key("tls"),
+            };
+            invalid(origin, e.to_string())
+        })?;
+        let listen = f.tls_listen.or(raw.listen).unwrap_or_else(|| {
+            let port = if sip.listen.port() == 0 { 0 } else { 5061 };
+            SocketAddr::new(sip.listen.ip(), port)
+        });
+        Ok(Some(AgentTls {
+            files,
+            setup,
+            listen,
+        }))
+    }
+
     fn relay(&self, raw: RawRelay) -> Result<RelayConfig, ConfigError> {
         let uri_origin = self
             .o
@@ -1238,13 +1393,21 @@ fn parse_relay_uri(text: &str) -> Result<Uri, String> {
     let uri = Uri::parse(text.trim()).map_err(|e| format!("{text:?} is not a SIP URI ({e})"))?;
     match uri.scheme() {
         Scheme::Sip => {}
-        Scheme::Sips => return Err(format!("{text:?}: sips (TLS) is not supported")),
+        Scheme::Sips => {}
         _ => return Err(format!("{text:?} is not a sip: URI")),
     }
     if let Some(t) = uri.transport() {
-        if !(t.eq_ignore_ascii_case("udp") || t.eq_ignore_ascii_case("tcp")) {
+        let ok = if uri.scheme() == Scheme::Sips {
+            // RFC 3261 §26.2.2: sips asks TLS; transport=tcp on it is TLS over TCP.
+            t.eq_ignore_ascii_case("tcp") || t.eq_ignore_ascii_case("tls")
+        } else {
+            t.eq_ignore_ascii_case("udp")
+                || t.eq_ignore_ascii_case("tcp")
+                || t.eq_ignore_ascii_case("tls")
+        };
+        if !ok {
             return Err(format!(
-                "{text:?}: transport {t} is not supported (udp or tcp)"
+                "{text:?}: transport {t} is not supported (udp, tcp or tls; sips: tcp or tls)"
             ));
         }
     }
@@ -1252,6 +1415,15 @@ fn parse_relay_uri(text: &str) -> Result<Uri, String> {
         Some(Host::Domain("")) | None => Err(format!("{text:?} has no host")),
         Some(_) => Ok(uri),
     }
+}
+
+/// Whether a relay URI asks for TLS: `sips:`, or `;transport=tls` (RFC 3261 §26.2.2,
+/// RFC 5630).
+pub fn relay_is_tls(uri: &Uri) -> bool {
+    uri.scheme() == Scheme::Sips
+        || uri
+            .transport()
+            .is_some_and(|t| t.eq_ignore_ascii_case("tls"))
 }
 
 /// `host:port` as it goes into a Via or a URI: an IPv6 address in brackets
@@ -1344,6 +1516,125 @@ mod tests {
             second.data.advertise,
             "127.0.0.1".parse::<IpAddr>().unwrap()
         );
+    }
+
+    /// A CA and a certificate for 127.0.0.1 in `dir`: ca.pem, agent.pem, agent-key.pem.
+    fn pki(dir: &Path) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".into()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("agent.pem"), leaf.pem()).unwrap();
+        std::fs::write(dir.join("agent-key.pem"), key.serialize_pem()).unwrap();
+    }
+
+    #[test]
+    fn tls_needs_a_sips_relay_and_all_three_files_named_on_error() {
+        let dir = tempfile::tempdir().unwrap();
+        pki(dir.path());
+        let file = dir.path().join("agent.toml");
+        let svc = "[[services]]\nname = \"echo\"\nbackend = \"builtin:echo\"\n";
+        let base = |relay: &str, tls: &str| {
+            format!(
+                "[relay]\nuri = \"{relay}\"\naccount = \"as1\"\npassword = \"pw\"\n\
+                 [sip]\nlisten = \"127.0.0.1:5080\"\n{svc}{tls}"
+            )
+        };
+        let good = "[tls]\ncertificate = \"agent.pem\"\nkey = \"agent-key.pem\"\nca = \"ca.pem\"\n";
+        let c = Config::from_toml(&base("sips:127.0.0.1:5061", good), &file, &flags(&[])).unwrap();
+        let tls = c.tls.as_ref().unwrap();
+        assert_eq!(tls.listen, "127.0.0.1:5061".parse::<SocketAddr>().unwrap());
+        assert!(tls.setup.has_certificate() && tls.setup.trusts_any());
+        assert!(c.summary().contains("tls        SIP on 127.0.0.1:5061"));
+        // A sips: relay without [tls].
+        let e = Config::from_toml(&base("sips:127.0.0.1:5061", ""), &file, &flags(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("relay.uri") && e.contains("tls.certificate"),
+            "{e}"
+        );
+        // [tls] with a plain relay.
+        let e = Config::from_toml(&base("sip:127.0.0.1:5060", good), &file, &flags(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("relay.uri") && e.contains("sips:"), "{e}");
+        // Two of three files.
+        let e = Config::from_toml(
+            &base(
+                "sips:127.0.0.1:5061",
+                "[tls]\ncertificate = \"agent.pem\"\nca = \"ca.pem\"\n",
+            ),
+            &file,
+            &flags(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("key `tls`") && e.contains("all three"), "{e}");
+        // A missing file, a key where the CA should be: the key and the file are named.
+        let e = Config::from_toml(
+            &base(
+                "sips:127.0.0.1:5061",
+                &good.replace("agent.pem", "missing.pem"),
+            ),
+            &file,
+            &flags(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("key `tls.certificate`") && e.contains("missing.pem"),
+            "{e}"
+        );
+        let e = Config::from_toml(
+            &base(
+                "sips:127.0.0.1:5061",
+                &good.replace("\"ca.pem\"", "\"agent-key.pem\""),
+            ),
+            &file,
+            &flags(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("key `tls.ca`") && e.contains("agent-key.pem"),
+            "{e}"
+        );
+        // Flags alone.
+        let ca = dir.path().join("ca.pem");
+        let cert = dir.path().join("agent.pem");
+        let key = dir.path().join("agent-key.pem");
+        let c = Config::from_toml(
+            &base("sips:127.0.0.1:5061", ""),
+            &file,
+            &flags(&[
+                "--ca",
+                ca.to_str().unwrap(),
+                "--tls-certificate",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                key.to_str().unwrap(),
+                "--tls-listen",
+                "127.0.0.1:0",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.tls.unwrap().listen.port(), 0);
+        // sips with transport=udp is refused.
+        let e = Config::from_toml(
+            &base("sips:127.0.0.1;transport=udp", good),
+            &file,
+            &flags(&[]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("transport udp"), "{e}");
     }
 
     #[test]

@@ -367,6 +367,9 @@ pub struct GatewayStats {
     pub refused_per_address: AtomicU64,
     /// Connections refused for sending no token line within [`Timeouts::handshake`].
     pub token_timeouts: AtomicU64,
+    /// TLS handshakes on the data port that failed or did not finish within
+    /// [`Timeouts::handshake`] (the connection is closed without a token read).
+    pub tls_failures: AtomicU64,
 }
 
 /// How often a refusal by a cap is logged at `warn` (each is counted).
@@ -380,6 +383,7 @@ pub struct Gateway {
     timeouts: Timeouts,
     pending: Arc<ConnectionCaps>,
     stats: Arc<GatewayStats>,
+    tls: Option<sip_core::tls::TlsAcceptor>,
 }
 
 impl Gateway {
@@ -398,7 +402,19 @@ impl Gateway {
             timeouts,
             pending: ConnectionCaps::new(caps.overall, caps.per_address),
             stats: Arc::new(GatewayStats::default()),
+            tls: None,
         })
+    }
+
+    /// The same gateway speaking TLS on every data connection (`TCP/TLS` in SDP, RFC 4572
+    /// §7): the handshake, then the token line, both within [`Timeouts::handshake`] of the
+    /// accept. The acceptor asks no client certificate: a terminal proves itself by the
+    /// token, which TLS keeps from anyone on the path.
+    pub fn with_tls(self, acceptor: sip_core::tls::TlsAcceptor) -> Gateway {
+        Gateway {
+            tls: Some(acceptor),
+            ..self
+        }
     }
 
     /// The same gateway with `caps` on connections waiting for their token (instead of
@@ -448,6 +464,7 @@ impl Gateway {
                             timeouts: self.timeouts,
                             peer,
                             stats: self.stats.clone(),
+                            tls: self.tls.clone(),
                         };
                         tokio::spawn(conn.serve(stream, permit));
                     }
@@ -494,17 +511,46 @@ struct Connection {
     timeouts: Timeouts,
     peer: SocketAddr,
     stats: Arc<GatewayStats>,
+    tls: Option<sip_core::tls::TlsAcceptor>,
 }
 
 impl Connection {
     /// Serves one data connection; `pending` is its place among those waiting for a token,
-    /// given back once the token is taken or the refusal drained.
-    async fn serve(self, mut stream: TcpStream, pending: ConnectionPermit) {
+    /// given back once the token is taken or the refusal drained. Over TLS the handshake
+    /// comes first, within the same deadline as the token line.
+    async fn serve(self, stream: TcpStream, pending: ConnectionPermit) {
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr();
+        let Some(acceptor) = self.tls.clone() else {
+            let deadline = tokio::time::Instant::now() + self.timeouts.handshake;
+            return self.serve_stream(stream, local, pending, deadline).await;
+        };
+        let deadline = tokio::time::Instant::now() + self.timeouts.handshake;
+        match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => self.serve_stream(tls, local, pending, deadline).await,
+            Ok(Err(e)) => {
+                self.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                debug!(peer = %self.peer, error = %e, "data connection: TLS handshake failed");
+            }
+            Err(_) => {
+                self.stats.tls_failures.fetch_add(1, Ordering::Relaxed);
+                debug!(peer = %self.peer, "data connection: TLS handshake not finished in time");
+            }
+        }
+    }
+
+    async fn serve_stream<S>(
+        self,
+        mut stream: S,
+        local: std::io::Result<SocketAddr>,
+        pending: ConnectionPermit,
+        deadline: tokio::time::Instant,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         let peer = self.peer;
         let (token, leftover) =
-            match tokio::time::timeout(self.timeouts.handshake, read_token_line(&mut stream)).await
-            {
+            match tokio::time::timeout_at(deadline, read_token_line(&mut stream)).await {
                 Ok(Ok(line)) => line,
                 Ok(Err(refusal)) => return refuse(stream, peer, refusal).await,
                 Err(_) => {
@@ -520,7 +566,7 @@ impl Connection {
         let call_id = binding.call_id.clone();
         let slot = binding.slot;
         let opened = match binding.backend.open(self.timeouts.backend_connect).await {
-            Ok(mut b) => tell_backend(&mut b, &binding, peer, stream.local_addr())
+            Ok(mut b) => tell_backend(&mut b, &binding, peer, local)
                 .await
                 .map(|()| b),
             Err(e) => Err(e),
@@ -593,7 +639,11 @@ async fn tell_backend(
 const DRAIN_TIME: Duration = Duration::from_secs(2);
 const DRAIN_BYTES: usize = 1024 * 1024;
 
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, refusal: Refusal) {
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    peer: SocketAddr,
+    refusal: Refusal,
+) {
     warn!(%peer, reason = refusal.reason(), "data connection refused");
     let line = format!("ERR {}\n", refusal.reason());
     let _ = stream.write_all(line.as_bytes()).await;

@@ -56,22 +56,89 @@ impl Refusal {
     }
 }
 
-/// The addresses requests from the relay come from.
+/// Who may send the agent requests: the relay, known by its addresses and — when `[tls]` is
+/// configured — by its certificate (issue 14, finding 7).
 ///
 /// The IP address must be the relay's. Over UDP the port must also match when the relay URI
 /// names one, because the relay sends from its listening socket; over TCP the relay may
 /// connect from any port. The port compared is the one responses go to (RFC 3261 §18.2.2:
 /// the source port, or the Via's when it has no `rport`), so the IP address is the check
 /// that counts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// An address is not an identity: a UDP source is forged in one line, and on the relay's own
+/// host any process can connect from its address. So with TLS configured
+/// ([`RelaySources::require_tls`]) a request counts as the relay's only when it came over a
+/// TLS connection whose peer presented a certificate that chains to the agent's trusted CA
+/// (the TLS handshake checked that) *and* names the relay's host in its subjectAltName
+/// (RFC 5922 §7.2) — a certificate of another application server from the same CA does not
+/// do. Anything else, UDP and TCP included, is refused `403` before any capacity is
+/// counted, so forged INVITEs hold no slots and obtain no tokens.
+///
+/// Why mutual TLS rather than a keyed signature (an HMAC over the relay's requests with a
+/// shared secret): TLS authenticates the whole connection, so every byte of every request
+/// and response is covered — Via, Call-ID, SDP, the token in the answer — without choosing
+/// which headers to sign or canonicalising what proxies may rewrite; it also encrypts, which
+/// the token needs anyway (finding 1), and replay is excluded by the handshake, where a
+/// signature would need nonces or timestamps and a replay cache. Keys are per party
+/// (the relay's certificate, each agent's own) instead of one secret shared by the relay and
+/// every agent, and revoking an agent means not renewing its certificate. The cost — a CA and
+/// certificates to manage — is the one every SIP-over-TLS deployment already pays
+/// (RFC 5922).
+#[derive(Clone)]
 pub struct RelaySources {
     entries: Vec<(IpAddr, Option<u16>)>,
+    tls: Option<RelayTls>,
+}
+
+/// What [`RelaySources::require_tls`] checks a request's connection against.
+#[derive(Clone)]
+struct RelayTls {
+    /// The transports, which keep each TLS connection's peer certificate.
+    transports: sip_core::transport::Transports,
+    /// The relay's host as its URI names it: its certificate must name it.
+    host: String,
+}
+
+/// Equal when the addresses and the TLS requirement (its host) are.
+impl PartialEq for RelaySources {
+    fn eq(&self, other: &RelaySources) -> bool {
+        self.entries == other.entries
+            && self.tls.as_ref().map(|t| &t.host) == other.tls.as_ref().map(|t| &t.host)
+    }
+}
+
+impl Eq for RelaySources {}
+
+impl std::fmt::Debug for RelaySources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelaySources")
+            .field("entries", &self.entries)
+            .field("tls_host", &self.tls.as_ref().map(|t| t.host.as_str()))
+            .finish()
+    }
 }
 
 impl RelaySources {
     /// Sources given directly: addresses and, optionally, the UDP port.
     pub fn new(entries: Vec<(IpAddr, Option<u16>)>) -> RelaySources {
-        RelaySources { entries }
+        RelaySources { entries, tls: None }
+    }
+
+    /// The relay's addresses, and the UDP port when its URI names one.
+    pub fn entries(&self) -> &[(IpAddr, Option<u16>)] {
+        &self.entries
+    }
+
+    /// From now on, a request counts as the relay's only over TLS from a peer whose
+    /// certificate (kept by `transports`, chained to the trusted CA) names `host`, the relay
+    /// URI's host (RFC 5922 §7.2).
+    pub fn require_tls(
+        mut self,
+        transports: sip_core::transport::Transports,
+        host: String,
+    ) -> RelaySources {
+        self.tls = Some(RelayTls { transports, host });
+        self
     }
 
     /// The sources of a relay URI: its IP address (IPv4, or IPv6 in brackets) and port, or
@@ -95,7 +162,21 @@ impl RelaySources {
 
     /// Whether a request from `peer` comes from the relay. An IPv4 relay seen through a
     /// dual-stack socket (`::ffff:127.0.0.1`) counts as itself.
+    ///
+    /// With [`RelaySources::require_tls`], the request must also have come over TLS from the
+    /// relay's certificate.
     pub fn allows(&self, peer: &Peer) -> bool {
+        if let Some(tls) = &self.tls {
+            if peer.transport != Transport::Tls {
+                return false;
+            }
+            let Some(cert) = peer.conn.and_then(|c| tls.transports.peer_certificate(c)) else {
+                return false;
+            };
+            if !sip_core::tls::TlsSetup::certificate_names(&cert, &tls.host) {
+                return false;
+            }
+        }
         let from = peer.addr.ip().to_canonical();
         self.entries.iter().any(|(ip, port)| {
             ip.to_canonical() == from
@@ -387,6 +468,9 @@ pub fn answer(
         Connection::Existing
     });
     if let Some(prev) = previous {
+        // The data gateway speaks TLS or not for the agent's whole life: a later answer says
+        // what the first did.
+        sdp.tls = prev.tls;
         sdp.origin = prev.origin.clone();
         sdp.origin.session_version = prev.origin.session_version.saturating_add(1);
     }

@@ -508,12 +508,14 @@ impl Core {
         let connections = Arc::new(InFlight::default());
         let (slot, token, closer) =
             self.issue(&call_id, &accepted, &counters, &outstanding, &connections);
-        let answer = inquiry::answer(
+        let mut answer = inquiry::answer(
             self.parts.data_addr,
             Some(&token),
             &accepted.service.name,
             None,
         );
+        // With TLS to the relay the data gateway speaks only TLS: say so (TCP/TLS).
+        answer.tls = self.parts.config.tls.is_some();
         let ok = ok_reply(&req, &tag, &self.parts.contact, &answer, timer.as_ref());
         if let Err(e) = tx.respond(ok) {
             warn!(%call_id, error = %e, "cannot answer the inquiry");
