@@ -140,23 +140,34 @@ impl ViaSpec {
 }
 
 /// A party of the dialog, as written in From/To (read by [`crate::address`]): display name,
-/// URI and the parameters other than the tag, kept as written.
+/// URI and the parameters other than the tag, kept as one string as written. A dialog lives
+/// as long as its session and only ever prints its parties, so it keeps their text, not
+/// their parse ([`Dialog::local_address`] reads it again on demand).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Party {
-    addr: NameAddr,
+    text: Box<str>,
 }
 
 impl Party {
     fn new(value: FromTo) -> Party {
         Party {
-            addr: value.into_address().without_param("tag"),
+            text: value
+                .into_address()
+                .without_param("tag")
+                .as_str()
+                .into(),
         }
+    }
+
+    /// The name-addr, parsed again (the text is what a parsed name-addr printed).
+    fn address(&self) -> Option<NameAddr> {
+        NameAddr::parse(&self.text).ok()
     }
 
     /// `["Name" ]<uri>;params;tag=…`.
     fn render(&self, tag: &str) -> String {
-        let mut out = String::with_capacity(self.addr.as_str().len() + 5 + tag.len());
-        out.push_str(self.addr.as_str());
+        let mut out = String::with_capacity(self.text.len() + 5 + tag.len());
+        out.push_str(&self.text);
         out.push_str(";tag=");
         out.push_str(tag);
         out
@@ -273,7 +284,8 @@ pub struct Dialog {
     remote_seq: Option<u32>,
     local: Party,
     remote: Party,
-    local_target: Uri,
+    /// Our Contact URI, as text: it is only ever printed.
+    local_target: Box<str>,
     remote_target: crate::uri::Uri,
     route_set: Vec<NameAddr>,
 }
@@ -300,10 +312,14 @@ impl Dialog {
         let remote_tag = resp.to_tag.clone().ok_or(DialogError::NotDialogCreating)?;
         let local_target = contact_uri(&request.headers)?
             .ok_or(DialogError::Missing("Contact"))?
-            .to_rsip();
+            .to_string()
+            .into_boxed_str();
         let remote_target = match contact_uri(&response.headers)? {
             Some(uri) => uri,
-            None if code < 200 => remote.addr.uri().clone(),
+            None if code < 200 => remote
+                .address()
+                .map(|a| a.uri().clone())
+                .ok_or(DialogError::Invalid("To"))?,
             None => return Err(DialogError::Missing("Contact")),
         };
         let mut route_set = record_routes(&response.headers)?;
@@ -361,7 +377,7 @@ impl Dialog {
             remote_seq: Some(req.cseq),
             local,
             remote,
-            local_target: local_contact,
+            local_target: local_contact.to_string().into_boxed_str(),
             remote_target,
             route_set: record_routes(&request.headers)?,
         })
@@ -393,28 +409,21 @@ impl Dialog {
         self.remote_seq
     }
 
-    /// Our URI (From of our requests).
-    pub fn local_uri(&self) -> &crate::uri::Uri {
-        self.local.addr.uri()
+    /// Our address as the From of our requests carries it, without the tag, read from the
+    /// text the dialog keeps (`None` only if that text no longer parses, which it did when
+    /// the dialog was made). Its URI is our URI (§12.1).
+    pub fn local_address(&self) -> Option<NameAddr> {
+        self.local.address()
     }
 
-    /// The peer's URI (To of our requests).
-    pub fn remote_uri(&self) -> &crate::uri::Uri {
-        self.remote.addr.uri()
+    /// The peer's address as the To of our requests carries it, without the tag, like
+    /// [`Dialog::local_address`]. Its URI is the remote URI (§12.1).
+    pub fn remote_address(&self) -> Option<NameAddr> {
+        self.remote.address()
     }
 
-    /// Our address as the From of our requests carries it, without the tag.
-    pub fn local_address(&self) -> &NameAddr {
-        &self.local.addr
-    }
-
-    /// The peer's address as the To of our requests carries it, without the tag.
-    pub fn remote_address(&self) -> &NameAddr {
-        &self.remote.addr
-    }
-
-    /// Our Contact.
-    pub fn local_target(&self) -> &Uri {
+    /// Our Contact URI, as it goes in the Contact of our requests.
+    pub fn local_target(&self) -> &str {
         &self.local_target
     }
 
@@ -448,7 +457,7 @@ impl Dialog {
 
     /// Sets our Contact (say, after a transport change), used from the next request on.
     pub fn set_local_target(&mut self, contact: Uri) {
-        self.local_target = contact;
+        self.local_target = contact.to_string().into_boxed_str();
     }
 
     /// Checks an incoming in-dialog request's CSeq and records it (§12.2.2): lower than
@@ -1063,7 +1072,7 @@ Content-Length: 0\r\n\r\n";
         assert_eq!(d.next_hop_uri().to_string(), "sip:p1.test;lr");
         assert_eq!(d.next_hop().to_string(), "sip:p1.test;lr");
         assert_eq!(
-            d.local_address().param("x").flatten().as_deref(),
+            d.local_address().unwrap().param("x").flatten().as_deref(),
             Some("a;b,c")
         );
         // What we send, before any rsip re-parse (rsip would upper-case `transport=udp`).
@@ -1144,7 +1153,10 @@ Content-Length: 0\r\n\r\n";
             header_values(&bye, "From"),
             ["<tel:+1-555-123-4567;phone-context=relay.test>;tag=t"]
         );
-        assert_eq!(d.local_uri().tel_number().as_deref(), Some("+15551234567"));
+        assert_eq!(
+            d.local_address().unwrap().uri().tel_number().as_deref(),
+            Some("+15551234567")
+        );
         // A Contact nobody can read is an error, not a panic.
         let bad = request(&INVITE.replace(
             "Contact: <sip:alice@192.0.2.1:5070>",
