@@ -151,11 +151,7 @@ struct Party {
 impl Party {
     fn new(value: FromTo) -> Party {
         Party {
-            text: value
-                .into_address()
-                .without_param("tag")
-                .as_str()
-                .into(),
+            text: value.into_address().without_param("tag").as_str().into(),
         }
     }
 
