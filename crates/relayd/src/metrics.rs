@@ -146,6 +146,14 @@ pub fn render(relay: &Relay) -> String {
         "Requests refused with 503 because the relay was overloaded.",
         e.overloaded.load(Ordering::Relaxed),
     );
+    metric(
+        "server_transactions_unanswered_total",
+        "counter",
+        "Requests the relay gave no final response in time: INVITEs answered 408 by the \
+         transaction layer (180 s after the request or its last provisional), others dropped \
+         after 64*T1.",
+        e.unanswered.load(Ordering::Relaxed),
+    );
     let r = &relay.stats;
     metric(
         "requests_in_hand",

@@ -45,7 +45,7 @@ use crate::message::{self, RequestIds};
 use crate::peer::{Peer, Transport};
 use crate::rate::{RateLimit, RateLimiter, Verdict};
 use crate::transaction::{
-    ClientTxId, Event, Output, ServerTxId, Timers, TransactionLayer, Transmit,
+    ClientTxId, Event, Output, ServerDeadlines, ServerTxId, Timers, TransactionLayer, Transmit,
 };
 use crate::transport::{Sink, TransportConfig, TransportError, Transports, TrySendError};
 use crate::wire;
@@ -57,6 +57,10 @@ pub struct EndpointConfig {
     pub transport: TransportConfig,
     /// Transaction timer values (T1, T2, T4).
     pub timers: Timers,
+    /// How long a server transaction waits for the user's final response before the
+    /// transaction layer answers an INVITE 408 itself or drops another request (see
+    /// [`ServerDeadlines`]); counted in [`EndpointStats::unanswered`].
+    pub server_deadlines: ServerDeadlines,
     /// Number of shards (tasks each owning part of the transaction state). 0 picks twice the
     /// number of CPUs.
     pub shards: usize,
@@ -74,6 +78,7 @@ impl Default for EndpointConfig {
         EndpointConfig {
             transport: TransportConfig::default(),
             timers: Timers::default(),
+            server_deadlines: ServerDeadlines::default(),
             shards: 0,
             event_queue: 16 * 1024,
             rate_limit: None,
@@ -304,6 +309,10 @@ pub struct EndpointStats {
     /// Messages dropped because [`EndpointConfig::max_pending_sends`] were already waiting
     /// for their sockets.
     pub sends_dropped: AtomicU64,
+    /// Server transactions the user gave no final response by their deadline
+    /// ([`EndpointConfig::server_deadlines`]): INVITEs the endpoint answered 408, other
+    /// requests dropped.
+    pub unanswered: AtomicU64,
 }
 
 /// Where an endpoint hands its [`EndpointEvent`]s: called inline, from the task that
@@ -637,7 +646,14 @@ impl Shared {
                 next_sweep = now + SWEEP_EVERY;
             }
             self.run(shard, |state, _| {
+                let before = state.layer.unanswered();
                 state.layer.handle_timeout(now.into_std());
+                let unanswered = state.layer.unanswered().saturating_sub(before);
+                if unanswered > 0 {
+                    self.stats
+                        .unanswered
+                        .fetch_add(unanswered, Ordering::Relaxed);
+                }
                 if sweep {
                     state.clients.retain(|_, tx| !tx.is_closed());
                 }
@@ -794,7 +810,8 @@ impl Endpoint {
         let shards = (0..n)
             .map(|_| Shard {
                 state: Mutex::new(ShardState {
-                    layer: TransactionLayer::new(config.timers),
+                    layer: TransactionLayer::new(config.timers)
+                        .with_server_deadlines(config.server_deadlines),
                     clients: HashMap::new(),
                     armed: None,
                 }),

@@ -21,7 +21,7 @@ mod timers;
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rsip::{Method, Request, Response, SipMessage};
@@ -162,6 +162,62 @@ pub enum TxError {
     InvalidStatus(u16),
 }
 
+/// How long a server transaction waits for its transaction user's final response.
+///
+/// RFC 3261 §17.2 bounds a server transaction only once it has sent its final response;
+/// one whose TU never answers would otherwise be kept for ever. At its deadline:
+///
+/// - an INVITE transaction is answered 408 (Request Timeout) by the layer, with the To tag
+///   of the TU's last provisional (or a fresh one), and then ends like any non-2xx: Timer G
+///   resends it over UDP, the ACK is absorbed, Timer H or I removes it. Its deadline is
+///   counted from the request and again from each provisional the TU sends (like a proxy's
+///   Timer C, §16.8), since a UAS may ring for minutes;
+/// - any other transaction (CANCEL included) is dropped without an answer: its client's
+///   Timer F has fired by then, and a 408 to a non-INVITE request is never sent (RFC 4320
+///   §4.2).
+///
+/// Both are counted in [`TransactionLayer::unanswered`]. A later [`TransactionLayer::respond`]
+/// gets [`TxError::AlreadyFinal`] or [`TxError::UnknownTransaction`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerDeadlines {
+    /// An INVITE's deadline, from the request or the TU's last provisional (default 180 s,
+    /// the least RFC 3261 §16.8 allows for Timer C). Keep it above the longest a TU may
+    /// wait for a callee between two provisionals.
+    pub invite: Duration,
+    /// A non-INVITE request's deadline, from the request; `None` (the default): 64·T1,
+    /// when the client's Timer F fires.
+    pub non_invite: Option<Duration>,
+}
+
+impl Default for ServerDeadlines {
+    fn default() -> Self {
+        ServerDeadlines {
+            invite: Duration::from_secs(180),
+            non_invite: None,
+        }
+    }
+}
+
+/// The longest deadline run with, so that adding it to an `Instant` cannot overflow.
+const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+
+impl ServerDeadlines {
+    /// The values clamped to 1 ms – 24 h.
+    fn normalized(self) -> ServerDeadlines {
+        let clamp = |d: Duration| d.clamp(Duration::from_millis(1), MAX_DEADLINE);
+        ServerDeadlines {
+            invite: clamp(self.invite),
+            non_invite: self.non_invite.map(clamp),
+        }
+    }
+
+    /// The non-INVITE deadline with `timers`.
+    fn non_invite(&self, timers: &Timers) -> Duration {
+        self.non_invite
+            .unwrap_or_else(|| timers.transaction_timeout())
+    }
+}
+
 /// Whether a transaction lives on after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
@@ -172,11 +228,12 @@ enum Fate {
 }
 
 /// What a transaction may touch while it handles an input: the output queue, the timer
-/// queue and the timer values.
+/// queue, the timer values and the TU's deadlines.
 struct Io<'a> {
     out: &'a mut VecDeque<Output>,
     queue: &'a mut TimerQueue,
     timers: &'a Timers,
+    deadlines: &'a ServerDeadlines,
 }
 
 impl Io<'_> {
@@ -193,6 +250,7 @@ impl Io<'_> {
 #[derive(Debug)]
 pub struct TransactionLayer {
     timers: Timers,
+    deadlines: ServerDeadlines,
     next_id: u64,
     // Transactions are boxed in their tables: a table grows by doubling into fresh memory
     // while up to 64·T1 of transactions are retained, and moving 16-byte slots instead of
@@ -207,6 +265,7 @@ pub struct TransactionLayer {
     queue: TimerQueue,
     out: VecDeque<Output>,
     dropped: u64,
+    unanswered: u64,
 }
 
 impl TransactionLayer {
@@ -215,6 +274,7 @@ impl TransactionLayer {
     pub fn new(timers: Timers) -> Self {
         TransactionLayer {
             timers: timers.normalized(),
+            deadlines: ServerDeadlines::default(),
             next_id: 0,
             clients: HashMap::default(),
             client_index: HashMap::new(),
@@ -224,12 +284,26 @@ impl TransactionLayer {
             queue: TimerQueue::default(),
             out: VecDeque::new(),
             dropped: 0,
+            unanswered: 0,
         }
+    }
+
+    /// Sets how long server transactions wait for the TU's final response (each clamped
+    /// to 1 ms – 24 h). Set it before any request comes: transactions already running keep
+    /// the deadline they were given.
+    pub fn with_server_deadlines(mut self, deadlines: ServerDeadlines) -> Self {
+        self.deadlines = deadlines.normalized();
+        self
     }
 
     /// The timer values in use.
     pub fn timers(&self) -> &Timers {
         &self.timers
+    }
+
+    /// The server transaction deadlines in use.
+    pub fn server_deadlines(&self) -> &ServerDeadlines {
+        &self.deadlines
     }
 
     /// Feeds a message that came off the wire (already parsed by [`crate::wire`]). Never
@@ -250,6 +324,7 @@ impl TransactionLayer {
                 out: &mut self.out,
                 queue: &mut self.queue,
                 timers: &self.timers,
+                deadlines: &self.deadlines,
             };
             match tx {
                 TxRef::Client(id) => {
@@ -269,6 +344,10 @@ impl TransactionLayer {
                     };
                     if !tx.timers.fire(slot, at) {
                         continue;
+                    }
+                    // The TU's deadline: the Lifetime slot before any final response.
+                    if slot == timers::Slot::Lifetime && tx.awaits_final() {
+                        self.unanswered += 1;
                     }
                     if tx.on_timer(now, slot, &mut io) == Fate::Terminated {
                         self.remove_server(id);
@@ -310,6 +389,7 @@ impl TransactionLayer {
             out: &mut self.out,
             queue: &mut self.queue,
             timers: &self.timers,
+            deadlines: &self.deadlines,
         };
         let tx = ClientTx::start(now, id, key, req, summary.cseq, to, &mut io);
         self.clients.insert(id, Box::new(tx));
@@ -332,6 +412,7 @@ impl TransactionLayer {
             out: &mut self.out,
             queue: &mut self.queue,
             timers: &self.timers,
+            deadlines: &self.deadlines,
         };
         let fate = server.respond(now, resp, &mut io)?;
         if let Some(key) = server.awaiting_ack() {
@@ -380,6 +461,7 @@ impl TransactionLayer {
                 out: &mut self.out,
                 queue: &mut self.queue,
                 timers: &self.timers,
+                deadlines: &self.deadlines,
             };
             if tx.on_transport_error(&mut io) == Fate::Terminated {
                 self.remove_client(id);
@@ -392,6 +474,11 @@ impl TransactionLayer {
         self.clients.len() + self.servers.len()
     }
 
+    /// Number of live server transactions (for metrics / tests).
+    pub fn server_len(&self) -> usize {
+        self.servers.len()
+    }
+
     /// Whether no transaction is live.
     pub fn is_empty(&self) -> bool {
         self.clients.is_empty() && self.servers.is_empty()
@@ -400,6 +487,13 @@ impl TransactionLayer {
     /// Number of messages dropped because they lacked what matching needs (for metrics).
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+
+    /// Number of server transactions whose TU gave no final response by its deadline
+    /// ([`ServerDeadlines`]): INVITEs answered 408 by the layer, others dropped (for
+    /// metrics).
+    pub fn unanswered(&self) -> u64 {
+        self.unanswered
     }
 
     fn fresh_id(&mut self) -> u64 {
@@ -473,6 +567,7 @@ impl TransactionLayer {
             out: &mut self.out,
             queue: &mut self.queue,
             timers: &self.timers,
+            deadlines: &self.deadlines,
         };
         if tx.on_response(now, resp, from, &mut io) == Fate::Terminated {
             self.remove_client(id);
@@ -502,6 +597,7 @@ impl TransactionLayer {
                     out: &mut self.out,
                     queue: &mut self.queue,
                     timers: &self.timers,
+                    deadlines: &self.deadlines,
                 };
                 tx.on_request_retransmission(&mut io);
             }
@@ -512,6 +608,7 @@ impl TransactionLayer {
             out: &mut self.out,
             queue: &mut self.queue,
             timers: &self.timers,
+            deadlines: &self.deadlines,
         };
         if method == Method::Cancel {
             key.method = method_key(Method::Invite);
@@ -520,8 +617,8 @@ impl TransactionLayer {
             if let Some(invite) = invite {
                 trace!(tx = ?id, ?invite, "CANCEL for a live INVITE");
                 self.server_index.insert(key.clone(), id);
-                self.servers
-                    .insert(id, Box::new(ServerTx::non_invite(id, key, from, &io)));
+                let tx = ServerTx::non_invite(now, id, key, from, &mut io);
+                self.servers.insert(id, Box::new(tx));
                 io.event(Event::Cancel {
                     tx: id,
                     invite,
@@ -543,7 +640,7 @@ impl TransactionLayer {
                 &mut io,
             )
         } else {
-            ServerTx::non_invite(id, key.clone(), from, &io)
+            ServerTx::non_invite(now, id, key.clone(), from, &mut io)
         };
         trace!(tx = ?id, %method, %from, "server transaction created");
         let Some(ids) = ids else {
@@ -575,6 +672,7 @@ impl TransactionLayer {
                     out: &mut self.out,
                     queue: &mut self.queue,
                     timers: &self.timers,
+                    deadlines: &self.deadlines,
                 };
                 match tx.on_ack(now, &mut io) {
                     AckDisposition::Absorb(Fate::Live) => {}

@@ -4,25 +4,33 @@
 //! The UAS core's duty of §13.3.1.4 (retransmit a 2xx to INVITE until its ACK arrives, and
 //! give up after 64·T1) is done here too, in the Accepted state, so that the user only
 //! sends the 2xx once.
+//!
+//! RFC 3261 gives a server transaction no end while its TU stays silent. Here it has one
+//! ([`super::ServerDeadlines`]): an INVITE with no final response from its TU by the
+//! deadline (counted from the request or the TU's last provisional, like a proxy's Timer C,
+//! §16.8) is answered 408 by the layer and ends as any non-2xx does; a non-INVITE one is
+//! dropped without an answer once the client's Timer F has fired (RFC 4320 §4.2: no 408 to
+//! a non-INVITE request). Either way the layer counts it.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rsip::Response;
+use rsip::prelude::UntypedHeader;
+use rsip::{Header, Response};
 use tracing::{debug, trace};
 
 use super::matching::{AckKey, ServerKey};
 use super::timers::{Slot, TimerSlots, TxRef, TRYING_DELAY};
 use super::{Event, Fate, Io, ServerTxId, TxError};
-use crate::message::to_bytes;
+use crate::message::{new_tag, status, to_bytes};
 use crate::Peer;
 
 /// The states of both server machines. Terminated transactions are removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ServerState {
-    /// Non-INVITE only: the request came, nothing sent yet.
+    /// Non-INVITE only: the request came, nothing sent yet. The TU's deadline runs.
     Trying,
-    /// A provisional response was sent (INVITE: from creation on).
+    /// A provisional response was sent (INVITE: from creation on). The TU's deadline runs.
     Proceeding,
     /// INVITE only (RFC 6026 §7.1): a 2xx was sent; INVITE retransmissions are absorbed
     /// until Timer L, the 2xx is retransmitted until its ACK arrives.
@@ -47,9 +55,11 @@ pub(super) enum AckDisposition {
 /// INVITE-only parts of a server transaction.
 #[derive(Debug)]
 struct InviteParts {
-    /// The 100 (Trying) to send if the TU stays silent for 200 ms; `None` once any
-    /// response went out.
-    trying: Option<Box<Response>>,
+    /// The response the layer may have to send itself, built from the request when it
+    /// came: the 100 (Trying) if the TU stays silent for 200 ms, and the 408 if the TU
+    /// gives no final response by its deadline (then with the To header of the TU's last
+    /// provisional, so with its tag). `None` once a final response went out.
+    template: Option<Box<Response>>,
     /// The dialog fields an ACK for our 2xx carries.
     ack_key: AckKey,
     /// Whether the ACK for our 2xx arrived.
@@ -80,7 +90,7 @@ pub(super) struct ServerTx {
 
 impl ServerTx {
     /// A new INVITE server transaction in Proceeding, with the 100 (Trying) it sends after
-    /// 200 ms unless the TU answers first (§17.2.1).
+    /// 200 ms unless the TU answers first (§17.2.1), and the TU's deadline armed.
     pub fn invite(
         now: Instant,
         id: ServerTxId,
@@ -97,7 +107,7 @@ impl ServerTx {
             state: ServerState::Proceeding,
             last: None,
             invite: Some(InviteParts {
-                trying: Some(Box::new(trying)),
+                template: Some(Box::new(trying)),
                 ack_key,
                 acked: false,
             }),
@@ -105,12 +115,19 @@ impl ServerTx {
             timers: TimerSlots::default(),
         };
         tx.arm(io, Slot::Resend, now, TRYING_DELAY);
+        tx.arm(io, Slot::Lifetime, now, io.deadlines.invite);
         tx
     }
 
-    /// A new non-INVITE server transaction in Trying.
-    pub fn non_invite(id: ServerTxId, key: ServerKey, from: Peer, io: &Io<'_>) -> ServerTx {
-        ServerTx {
+    /// A new non-INVITE server transaction in Trying, with the TU's deadline armed.
+    pub fn non_invite(
+        now: Instant,
+        id: ServerTxId,
+        key: ServerKey,
+        from: Peer,
+        io: &mut Io<'_>,
+    ) -> ServerTx {
+        let mut tx = ServerTx {
             id,
             key,
             from,
@@ -119,7 +136,10 @@ impl ServerTx {
             invite: None,
             interval: io.timers.t1,
             timers: TimerSlots::default(),
-        }
+        };
+        let deadline = io.deadlines.non_invite(io.timers);
+        tx.arm(io, Slot::Lifetime, now, deadline);
+        tx
     }
 
     fn arm(&mut self, io: &mut Io<'_>, slot: Slot, now: Instant, after: Duration) {
@@ -131,6 +151,11 @@ impl ServerTx {
     #[cfg(test)]
     pub fn state(&self) -> ServerState {
         self.state
+    }
+
+    /// Whether the TU still owes this transaction its final response.
+    pub fn awaits_final(&self) -> bool {
+        matches!(self.state, ServerState::Trying | ServerState::Proceeding)
     }
 
     /// The dialog key of the ACK this transaction waits for: `Some` in Accepted until the
@@ -168,12 +193,18 @@ impl ServerTx {
                 Err(TxError::AlreadyFinal)
             }
             (true, _, 100..=199) => {
+                if let Some(template) = self.invite.as_mut().and_then(|p| p.template.as_mut()) {
+                    // A 408 of ours would carry the tag the TU chose.
+                    take_to(template, &resp);
+                }
                 self.send(to_bytes(resp), io);
-                // The TU spoke: no 100 (Trying) of our own.
+                // The TU spoke: no 100 (Trying) of our own, and its deadline starts again.
                 self.timers.disarm(Slot::Resend);
+                self.arm(io, Slot::Lifetime, now, io.deadlines.invite);
                 Ok(Fate::Live)
             }
             (true, _, 200..=299) => {
+                self.drop_template();
                 self.send(to_bytes(resp), io);
                 self.state = ServerState::Accepted;
                 self.interval = io.timers.t1;
@@ -187,6 +218,7 @@ impl ServerTx {
                 Ok(Fate::Live)
             }
             (true, _, _) => {
+                self.drop_template();
                 self.send(to_bytes(resp), io);
                 self.state = ServerState::Completed;
                 self.interval = io.timers.t1;
@@ -220,11 +252,27 @@ impl ServerTx {
 
     /// Transmits a response and keeps it for retransmission.
     fn send(&mut self, bytes: Bytes, io: &mut Io<'_>) {
-        if let Some(parts) = self.invite.as_mut() {
-            parts.trying = None;
-        }
         io.transmit(self.from, bytes.clone());
         self.last = Some(bytes);
+    }
+
+    /// A final response is going out: the layer will not answer for the TU any more.
+    fn drop_template(&mut self) {
+        if let Some(parts) = self.invite.as_mut() {
+            parts.template = None;
+        }
+    }
+
+    /// Sends the 100 (Trying) of an INVITE unless a provisional went out already.
+    fn send_trying(&mut self, io: &mut Io<'_>) {
+        if self.last.is_some() {
+            return;
+        }
+        let Some(template) = self.invite.as_ref().and_then(|p| p.template.as_deref()) else {
+            return;
+        };
+        let trying = template.clone();
+        self.send(to_bytes(trying), io);
     }
 
     /// The request was retransmitted (§17.2.1, §17.2.2, RFC 6026 §7.1).
@@ -234,10 +282,10 @@ impl ServerTx {
                 if let Some(last) = self.last.clone() {
                     trace!(tx = ?self.id, "request retransmitted: response again");
                     io.transmit(self.from, last);
-                } else if let Some(trying) = self.invite.as_mut().and_then(|p| p.trying.take()) {
+                } else if self.invite.is_some() {
                     // The client is already retransmitting: send 100 (Trying) now rather
                     // than when the 200 ms are up.
-                    self.send(to_bytes(*trying), io);
+                    self.send_trying(io);
                     self.timers.disarm(Slot::Resend);
                 }
             }
@@ -290,10 +338,8 @@ impl ServerTx {
     pub fn on_timer(&mut self, now: Instant, slot: Slot, io: &mut Io<'_>) -> Fate {
         match (slot, self.state) {
             (Slot::Resend, ServerState::Proceeding) => {
-                if let Some(trying) = self.invite.as_mut().and_then(|p| p.trying.take()) {
-                    trace!(tx = ?self.id, "TU silent for 200 ms: 100 Trying");
-                    self.send(to_bytes(*trying), io);
-                }
+                trace!(tx = ?self.id, "TU silent for 200 ms: 100 Trying");
+                self.send_trying(io);
                 Fate::Live
             }
             (Slot::Resend, ServerState::Accepted | ServerState::Completed) => {
@@ -322,8 +368,65 @@ impl ServerTx {
             }
             // Timer I.
             (Slot::Lifetime, ServerState::Confirmed) => Fate::Terminated,
-            (Slot::Lifetime, ServerState::Trying | ServerState::Proceeding)
-            | (Slot::Resend, ServerState::Trying | ServerState::Confirmed) => Fate::Live,
+            (Slot::Lifetime, ServerState::Trying | ServerState::Proceeding) => {
+                self.tu_deadline(now, io)
+            }
+            (Slot::Resend, ServerState::Trying | ServerState::Confirmed) => Fate::Live,
+        }
+    }
+
+    /// The TU gave no final response in time: an INVITE is answered 408 (Request Timeout,
+    /// as a proxy answers when its Timer C fires, RFC 3261 §16.8) and goes on to Completed;
+    /// any other transaction ends unanswered, its client having given up already.
+    fn tu_deadline(&mut self, now: Instant, io: &mut Io<'_>) -> Fate {
+        let template = self.invite.as_mut().and_then(|p| p.template.take());
+        let Some(template) = template else {
+            debug!(tx = ?self.id, "no final response from the TU in time: dropped");
+            return Fate::Terminated;
+        };
+        debug!(tx = ?self.id, "no final response from the TU in time: 408");
+        let mut resp = *template;
+        resp.status_code = status(408, None);
+        resp.headers
+            .retain(|h| !matches!(h, Header::Timestamp(_)) && !is_other(h, "Timestamp"));
+        ensure_to_tag(&mut resp);
+        match self.respond(now, resp, io) {
+            Ok(fate) => fate,
+            // Not reached: the state was Proceeding.
+            Err(_) => Fate::Terminated,
+        }
+    }
+}
+
+/// Whether `h` is an unparsed header named `name`.
+fn is_other(h: &Header, name: &str) -> bool {
+    matches!(h, Header::Other(n, _) if n.eq_ignore_ascii_case(name))
+}
+
+/// Puts the To header of the TU's provisional `resp` (with its tag) into `template`.
+fn take_to(template: &mut Response, resp: &Response) {
+    let Some(to) = resp.headers.iter().find(|h| matches!(h, Header::To(_))) else {
+        return;
+    };
+    if let Some(slot) = template
+        .headers
+        .iter_mut()
+        .find(|h| matches!(h, Header::To(_)))
+    {
+        *slot = to.clone();
+    }
+}
+
+/// Gives the To header of a final response a tag of our own if it has none (RFC 3261
+/// §8.2.6.2).
+fn ensure_to_tag(resp: &mut Response) {
+    for h in resp.headers.iter_mut() {
+        if let Header::To(to) = h {
+            let value = to.value().to_string();
+            if !matches!(crate::fields::tag_of(&value), Ok(Some(_))) {
+                *to = rsip::headers::To::new(format!("{value};tag={}", new_tag()));
+            }
+            return;
         }
     }
 }

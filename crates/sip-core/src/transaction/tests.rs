@@ -588,7 +588,11 @@ fn server_non_invite_resends_last_response_on_retransmission() {
     l.handle_message(t0 + ms(500), SipMessage::Request(req.clone()), udp(ALICE));
     let d = drain(&mut l);
     assert!(d.sent.is_empty() && d.events.is_empty());
-    assert_eq!(d.deadline, None, "no timer in Trying");
+    assert_eq!(
+        d.deadline,
+        Some(t0 + Duration::from_secs(32)),
+        "only the TU's deadline in Trying"
+    );
     // Proceeding: the provisional again.
     l.respond(t0 + ms(600), id, response(&req, 100)).unwrap();
     let trying = drain(&mut l).sent;
@@ -701,7 +705,11 @@ fn server_invite_sends_100_after_200ms() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(d.deadline, None);
+    assert_eq!(
+        d.deadline,
+        Some(t0 + Duration::from_secs(180)),
+        "the TU's deadline"
+    );
     // INVITE retransmission: the 100 again.
     l.handle_message(t0 + ms(500), SipMessage::Request(req.clone()), udp(ALICE));
     assert_eq!(drain(&mut l).sent, d.sent);
@@ -721,7 +729,11 @@ fn server_invite_no_100_when_the_tu_answers_first() {
     l.respond(t0 + ms(50), id, response(&req, 180)).unwrap();
     let d = drain(&mut l);
     assert_eq!(d.sent.len(), 1);
-    assert_eq!(d.deadline, None, "the 100 timer is off");
+    assert_eq!(
+        d.deadline,
+        Some(t0 + ms(50) + Duration::from_secs(180)),
+        "the 100 timer is off; the TU's deadline runs from its provisional"
+    );
     l.handle_timeout(t0 + ms(300));
     assert!(drain(&mut l).sent.is_empty());
 }
@@ -736,7 +748,7 @@ fn server_invite_retransmission_before_200ms_gets_100_at_once() {
     let d = drain(&mut l);
     assert_eq!(d.sent.len(), 1);
     assert!(d.events.is_empty());
-    assert_eq!(d.deadline, None);
+    assert_eq!(d.deadline, Some(t0 + Duration::from_secs(180)));
 }
 
 #[test]
@@ -1083,4 +1095,197 @@ fn transactions_stay_small_in_their_tables() {
     // The client was 552 bytes before its ACK template was boxed.
     assert!(client <= 256, "ClientTx is {client} bytes");
     assert!(server <= 288, "ServerTx is {server} bytes");
+}
+
+// ---------------------------------------------------------------- server, never answered
+
+/// The status code and To tag of a response the layer sent.
+fn status_and_tag(t: &Transmit) -> (u16, Option<String>) {
+    match parse(&t.bytes) {
+        SipMessage::Response(r) => {
+            let s = Summary::of_response(&r).unwrap();
+            (r.status_code.code(), s.to_tag)
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A non-INVITE request the TU never answers is dropped unanswered once the client's Timer
+/// F has fired (64·T1 from the request): no 408 to a non-INVITE (RFC 4320 §4.2), nothing
+/// kept, counted.
+#[test]
+fn server_non_invite_never_answered_is_dropped_after_64_t1() {
+    let mut l = layer();
+    let t0 = Instant::now();
+    let req = request("OPTIONS", "z9hG4bKu1", 1);
+    let id = server_request(&mut l, t0, &req, udp(ALICE));
+    assert_eq!(drain(&mut l).deadline, Some(t0 + Duration::from_secs(32)));
+    // The client's retransmissions are absorbed meanwhile.
+    l.handle_message(t0 + ms(500), SipMessage::Request(req.clone()), udp(ALICE));
+    assert!(drain(&mut l).sent.is_empty());
+    assert_eq!(run(&mut l, t0, Duration::from_secs(3600)), vec![]);
+    assert!(l.is_empty(), "the transaction is gone");
+    assert_eq!(l.unanswered(), 1);
+    assert_eq!(
+        l.respond(t0 + Duration::from_secs(40), id, response(&req, 200)),
+        Err(TxError::UnknownTransaction)
+    );
+    // A retransmission after that is a new request for the TU (the client has given up,
+    // so only one that ignores Timer F sends it).
+    server_request(&mut l, t0 + Duration::from_secs(40), &req, udp(ALICE));
+}
+
+/// A provisional does not keep a non-INVITE transaction past 64·T1 either.
+#[test]
+fn server_non_invite_proceeding_never_finished_is_dropped_too() {
+    let mut l = layer();
+    let t0 = Instant::now();
+    let req = request("REGISTER", "z9hG4bKu2", 1);
+    let id = server_request(&mut l, t0, &req, tcp(ALICE));
+    l.respond(t0 + ms(100), id, response(&req, 100)).unwrap();
+    assert_eq!(drain(&mut l).sent.len(), 1);
+    assert_eq!(run(&mut l, t0, Duration::from_secs(3600)), vec![]);
+    assert!(l.is_empty());
+    assert_eq!(l.unanswered(), 1);
+}
+
+/// An INVITE the TU never finishes: after the deadline (180 s by default, counted from the
+/// request or the TU's last provisional) the layer answers 408 itself, with the To tag of
+/// the TU's provisional, and the transaction then ends like any other non-2xx: Timer G
+/// resends, the ACK is absorbed, Timer I ends it.
+#[test]
+fn server_invite_never_answered_gets_408_after_the_deadline() {
+    let mut l = layer();
+    let t0 = Instant::now();
+    let req = request("INVITE", "z9hG4bKu3", 1);
+    let id = server_request(&mut l, t0, &req, udp(ALICE));
+    l.handle_timeout(t0 + ms(200));
+    let trying = drain(&mut l);
+    assert_eq!(trying.sent.len(), 1, "100 Trying");
+    assert_eq!(trying.deadline, Some(t0 + Duration::from_secs(180)));
+    // The TU rings at 10 s: the deadline moves to 190 s.
+    l.respond(t0 + Duration::from_secs(10), id, response(&req, 180))
+        .unwrap();
+    let ringing = drain(&mut l);
+    assert_eq!(status_and_tag(&ringing.sent[0]), (180, Some("bob1".into())));
+    assert_eq!(ringing.deadline, Some(t0 + Duration::from_secs(190)));
+    l.handle_timeout(t0 + Duration::from_secs(189));
+    assert!(drain(&mut l).sent.is_empty());
+    l.handle_timeout(t0 + Duration::from_secs(190));
+    let timeout = drain(&mut l);
+    assert_eq!(timeout.sent.len(), 1);
+    assert_eq!(timeout.sent[0].to, udp(ALICE));
+    assert_eq!(status_and_tag(&timeout.sent[0]), (408, Some("bob1".into())));
+    assert!(timeout.events.is_empty());
+    assert_eq!(l.unanswered(), 1);
+    assert_eq!(l.servers[&id].state(), ServerState::Completed);
+    // The TU's late answer is refused; the INVITE's retransmission gets the 408 again.
+    assert_eq!(
+        l.respond(t0 + Duration::from_secs(191), id, response(&req, 200)),
+        Err(TxError::AlreadyFinal)
+    );
+    l.handle_message(
+        t0 + Duration::from_secs(191),
+        SipMessage::Request(req.clone()),
+        udp(ALICE),
+    );
+    assert_eq!(drain(&mut l).sent, timeout.sent);
+    // Timer G at 190.5 s; then the ACK: absorbed, Timer I.
+    l.handle_timeout(t0 + ms(190_500));
+    assert_eq!(drain(&mut l).sent, timeout.sent);
+    let mut ack = req.clone();
+    ack.method = rsip::Method::Ack;
+    for h in ack.headers.iter_mut() {
+        if let rsip::Header::CSeq(c) = h {
+            *c = rsip::headers::CSeq::new("1 ACK");
+        }
+    }
+    l.handle_message(t0 + ms(190_600), SipMessage::Request(ack), udp(ALICE));
+    let acked = drain(&mut l);
+    assert!(acked.sent.is_empty() && acked.events.is_empty());
+    assert_eq!(acked.deadline, Some(t0 + ms(195_600)), "Timer I");
+    assert_eq!(run(&mut l, t0, Duration::from_secs(3600)), vec![]);
+    assert!(l.is_empty());
+    assert_eq!(l.unanswered(), 1);
+}
+
+/// Without any provisional from the TU, the 408 carries a tag of the layer's own (RFC 3261
+/// §8.2.6.2); over TCP it is sent once and the transaction ends at Timer H.
+#[test]
+fn server_invite_never_answered_over_tcp_gets_a_tagged_408() {
+    let mut l = layer();
+    let t0 = Instant::now();
+    let req = request("INVITE", "z9hG4bKu4", 1);
+    server_request(&mut l, t0, &req, tcp(ALICE));
+    let seen = run(&mut l, t0, Duration::from_secs(3600));
+    // The 100 at 200 ms, the 408 at 180 s, nothing after.
+    assert_eq!(seen, sent_at(&[200, 180_000]));
+    assert!(l.is_empty());
+    assert_eq!(l.unanswered(), 1);
+}
+
+/// The bounds are the user's to set ([`ServerDeadlines`]); a TU that answers in time is
+/// not touched, nor counted.
+#[test]
+fn server_deadlines_are_configurable_and_an_answer_in_time_is_untouched() {
+    let deadlines = ServerDeadlines {
+        invite: Duration::from_secs(5),
+        non_invite: Some(Duration::from_secs(2)),
+    };
+    let mut l = TransactionLayer::new(Timers::default()).with_server_deadlines(deadlines);
+    let t0 = Instant::now();
+    let invite = request("INVITE", "z9hG4bKu5", 1);
+    let options = request("OPTIONS", "z9hG4bKu6", 1);
+    let bye = request("BYE", "z9hG4bKu7", 2);
+    server_request(&mut l, t0, &invite, tcp(ALICE));
+    server_request(&mut l, t0, &options, tcp(ALICE));
+    let answered = server_request(&mut l, t0, &bye, tcp(ALICE));
+    l.respond(t0 + ms(1999), answered, response(&bye, 200))
+        .unwrap();
+    l.handle_timeout(t0 + ms(1999));
+    assert_eq!(
+        drain(&mut l).sent.len(),
+        2,
+        "the 200 to the BYE, the INVITE's 100"
+    );
+    l.handle_timeout(t0 + Duration::from_secs(2));
+    assert!(drain(&mut l).sent.is_empty());
+    assert_eq!(l.len(), 1, "the OPTIONS dropped at 2 s, the BYE answered");
+    l.handle_timeout(t0 + Duration::from_secs(5));
+    let d = drain(&mut l);
+    assert_eq!(d.sent.len(), 1);
+    assert_eq!(status_and_tag(&d.sent[0]).0, 408);
+    assert_eq!(l.unanswered(), 2);
+    assert_eq!(run(&mut l, t0, Duration::from_secs(3600)), vec![]);
+    assert!(l.is_empty());
+}
+
+/// A CANCEL's own transaction, which the TU must answer too, is bounded like any other
+/// non-INVITE one; the INVITE it cancels keeps its own deadline.
+#[test]
+fn server_cancel_never_answered_is_dropped() {
+    let mut l = layer();
+    let t0 = Instant::now();
+    let invite = request("INVITE", "z9hG4bKu8", 1);
+    let inv = server_request(&mut l, t0, &invite, udp(ALICE));
+    let mut cancel = invite.clone();
+    cancel.method = rsip::Method::Cancel;
+    for h in cancel.headers.iter_mut() {
+        if let rsip::Header::CSeq(c) = h {
+            *c = rsip::headers::CSeq::new("1 CANCEL");
+        }
+    }
+    l.handle_message(t0 + ms(50), SipMessage::Request(cancel), udp(ALICE));
+    assert!(matches!(
+        &drain(&mut l).events[..],
+        [Event::Cancel { invite, .. }] if *invite == inv
+    ));
+    l.handle_timeout(t0 + ms(50) + Duration::from_secs(32));
+    drain(&mut l);
+    assert_eq!(l.len(), 1, "the CANCEL is gone, the INVITE is not");
+    assert_eq!(l.unanswered(), 1);
+    // The 408 at 180 s and Timer G's ten retransmissions until Timer H.
+    assert_eq!(run(&mut l, t0, Duration::from_secs(3600)).len(), 1 + 10);
+    assert!(l.is_empty());
+    assert_eq!(l.unanswered(), 2);
 }
