@@ -189,6 +189,8 @@ impl Call {
     /// Our SDP offer (docs/protocol.md): the terminal is the active side, port 9.
     fn offer(&self) -> AppSdp {
         let mut sdp = AppSdp::new(self.ua().local_ip(), 9, Setup::Active);
+        // On a TLS SIP leg the data connection must be TLS too (TCP/TLS, RFC 4572 §7).
+        sdp.tls = crate::data::tls_required();
         sdp.session_name = "relay".into();
         sdp.service = Some(self.service.name.clone());
         sdp

@@ -96,9 +96,15 @@ pub struct CommonArgs {
     /// [default: the relay URI's host]
     #[arg(long, global = true, env = "SIP_CLIENT_DOMAIN")]
     pub domain: Option<String>,
-    /// SIP transport [default: the relay URI's transport= parameter, else udp]
+    /// SIP transport [default: the relay URI's transport= parameter, else udp; tls for a
+    /// sips: relay]
     #[arg(long, global = true, value_enum)]
     pub transport: Option<TransportArg>,
+    /// Trusted CA certificates (PEM) to verify the relay's TLS certificate (a sips: relay or
+    /// --transport tls) and the data gateway's (TCP/TLS in the SDP answer) with; the
+    /// certificate must name the relay URI's host (RFC 5922 §7.1)
+    #[arg(long, global = true, env = "SIP_CLIENT_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// Local address to bind, IP or IP:PORT ([::1]:5070 for IPv6), of the relay's address
     /// family [default: the address that routes to the relay, port 0]
     #[arg(long, global = true, value_name = "ADDR")]
@@ -128,6 +134,8 @@ pub enum TransportArg {
     Udp,
     /// TCP (RFC 3261 §18), framed by Content-Length.
     Tcp,
+    /// TLS over TCP (RFC 3261 §26.2; needs --ca).
+    Tls,
 }
 
 impl From<TransportArg> for Transport {
@@ -135,6 +143,7 @@ impl From<TransportArg> for Transport {
         match t {
             TransportArg::Udp => Transport::Udp,
             TransportArg::Tcp => Transport::Tcp,
+            TransportArg::Tls => Transport::Tls,
         }
     }
 }
@@ -247,8 +256,10 @@ pub struct FileConfig {
     pub relay: Option<String>,
     /// The relay's domain and realm.
     pub domain: Option<String>,
-    /// `udp` or `tcp`.
+    /// `udp`, `tcp` or `tls`.
     pub transport: Option<String>,
+    /// Trusted CA certificates (PEM), relative to the config file's directory.
+    pub ca: Option<PathBuf>,
     /// Local address, IP or IP:PORT (IPv6 in brackets with a port: `[::1]:5070`).
     pub listen: Option<String>,
     /// Registration lifetime, seconds.
@@ -329,6 +340,8 @@ pub struct Settings {
     pub relay: Uri,
     /// The transport asked for explicitly, if any.
     pub transport: Option<Transport>,
+    /// The TLS settings (trusted CAs, loaded) when `--ca` is given.
+    pub tls: Option<sip_core::tls::TlsSetup>,
     /// The local address to bind, if given.
     pub listen: Option<SocketAddr>,
     /// Registration lifetime asked for.
@@ -492,7 +505,7 @@ impl Settings {
                     "no relay: give --relay URI, SIP_CLIENT_RELAY or `relay` in the config file",
                 )
             })?;
-        let relay = parse_relay(&relay_text).map_err(|m| err(relay_src, m))?;
+        let relay = parse_relay(&relay_text).map_err(|m| err(relay_src.clone(), m))?;
 
         let domain = match args
             .domain
@@ -512,16 +525,60 @@ impl Settings {
         let transport = match (args.transport, &file.transport) {
             (Some(t), _) => Some(Transport::from(t)),
             (None, Some(t)) => Some(match Transport::from_name(t) {
-                Some(t @ (Transport::Udp | Transport::Tcp)) => t,
+                Some(t) => t,
                 _ => {
                     return Err(err(
                         fsrc("transport"),
-                        format!("{t:?}: expected \"udp\" or \"tcp\""),
+                        format!("{t:?}: expected \"udp\", \"tcp\" or \"tls\""),
                     ))
                 }
             }),
             (None, None) => None,
         };
+
+        let ca = match (&args.ca, &file.ca) {
+            (Some(p), _) => Some((p.clone(), "--ca".to_string())),
+            (None, Some(p)) => Some((
+                file_path
+                    .as_deref()
+                    .and_then(Path::parent)
+                    .map(|d| d.join(p))
+                    .unwrap_or_else(|| p.clone()),
+                fsrc("ca"),
+            )),
+            (None, None) => None,
+        };
+        let secure = relay.is_sips()
+            || transport == Some(Transport::Tls)
+            || relay
+                .transport()
+                .is_some_and(|t| t.eq_ignore_ascii_case("tls"));
+        if relay.is_sips() && matches!(transport, Some(Transport::Udp | Transport::Tcp)) {
+            return Err(err(
+                relay_src.clone(),
+                "a sips: relay is reached over TLS only (RFC 3261 §26.2.2): leave out \
+                 --transport or say tls",
+            ));
+        }
+        let tls =
+            match ca {
+                Some((path, src)) => Some(
+                    sip_core::tls::TlsSetup::load(
+                        &sip_core::tls::TlsFiles {
+                            ca: Some(path),
+                            ..Default::default()
+                        },
+                        sip_core::tls::ClientAuth::None,
+                    )
+                    .map_err(|e| err(src, e.to_string()))?,
+                ),
+                None if secure => return Err(err(
+                    relay_src.clone(),
+                    "TLS to the relay needs the CA that signed its certificate: give --ca FILE \
+                     (or `ca` in the config file)",
+                )),
+                None => None,
+            };
 
         let listen = match (&args.listen, &file.listen) {
             (Some(l), _) => Some((
@@ -586,6 +643,7 @@ impl Settings {
             domain,
             relay,
             transport,
+            tls,
             listen,
             expires,
             t1: Duration::from_millis(t1_ms),
@@ -810,6 +868,45 @@ mod tests {
         let c = cli(&["-u", "alice", "--relay", "sip:relay.test", "register"]);
         let (r, _) = load(&c, &no_env);
         assert!(r.unwrap_err().message.contains("SIP_CLIENT_PASSWORD"));
+    }
+
+    #[test]
+    fn a_sips_relay_needs_a_ca_and_a_bad_ca_file_is_named() {
+        let base = ["-u", "alice", "--password", "pw", "--relay"];
+        let with = |relay: &str, more: &[&str]| {
+            let mut args: Vec<&str> = base.to_vec();
+            args.push(relay);
+            args.extend_from_slice(more);
+            args.push("register");
+            load(&cli(&args), &no_env).0
+        };
+        let e = with("sips:127.0.0.1:5061", &[]).unwrap_err();
+        assert_eq!(e.source, "--relay");
+        assert!(e.message.contains("--ca"), "{e}");
+        let e = with("sip:127.0.0.1:5061", &["--transport", "tls"]).unwrap_err();
+        assert!(e.message.contains("--ca"), "{e}");
+        let e = with("sips:127.0.0.1:5061", &["--transport", "udp"]).unwrap_err();
+        assert!(e.message.contains("TLS only"), "{e}");
+        let e = with("sips:127.0.0.1:5061", &["--ca", "/nonexistent/ca.pem"]).unwrap_err();
+        assert_eq!(e.source, "--ca");
+        assert!(e.message.contains("/nonexistent/ca.pem"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&key).unwrap();
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, ca.pem()).unwrap();
+        let s = with("sips:127.0.0.1:5061", &["--ca", ca_path.to_str().unwrap()]).unwrap();
+        assert!(s.tls.is_some_and(|t| t.trusts_any()));
+        // A key file given as the CA: named, with what is wrong.
+        let key_path = dir.path().join("key.pem");
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let e = with("sips:127.0.0.1:5061", &["--ca", key_path.to_str().unwrap()]).unwrap_err();
+        assert!(
+            e.message.contains("key.pem") && e.message.contains("no PEM certificate"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! The application-data connection (docs/protocol.md, "Data connection"): TCP to the data
 //! endpoint of the SDP answer, the session token as the first line, `OK` back from the
 //! gateway (or `ERR <reason>`), then bytes both ways.
+//!
+//! When the answer's m-line says `TCP/TLS` (RFC 4572 §7) the connection runs TLS first,
+//! verifying the gateway's certificate against `--ca` and the answer's `c=` address
+//! (RFC 5922 §7.1), and only then sends the token. When the SIP leg is TLS an answer without
+//! `TCP/TLS` is refused ([`tls_required`]): the token never crosses a network in clear.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -9,8 +14,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use sip_core::tls::TlsSetup;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// The data connection's stream: TCP, or TLS over TCP.
+pub trait DataStream: AsyncRead + AsyncWrite + Unpin + Send + fmt::Debug {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + fmt::Debug> DataStream for T {}
+
+/// The client's TLS settings for data connections, and whether the SIP leg is TLS.
+static TLS: std::sync::OnceLock<(TlsSetup, bool)> = std::sync::OnceLock::new();
+
+/// Sets the trusted CAs for `TCP/TLS` data connections (from `--ca`), and whether the SIP
+/// leg is TLS (then only `TCP/TLS` data endpoints are used). The first call wins.
+pub fn configure_tls(setup: TlsSetup, sip_leg_is_tls: bool) {
+    let _ = TLS.set((setup, sip_leg_is_tls));
+}
+
+/// Whether the SIP leg is TLS, so the data connection must be too.
+pub fn tls_required() -> bool {
+    TLS.get().is_some_and(|(_, required)| *required)
+}
+
+/// Whether TLS data connections can be made (`--ca` given).
+pub fn tls_available() -> bool {
+    TLS.get().is_some()
+}
 
 use crate::input::InputSub;
 use crate::output::Output;
@@ -49,16 +78,37 @@ impl std::error::Error for DataError {}
 
 /// Connects, presents the token and waits for `OK`. Returns the stream and any bytes the
 /// gateway sent after the `OK` line in the same read.
+///
+/// With `tls` the connection runs TLS first (the handshake within the same `limit`).
 pub async fn open(
     addr: SocketAddr,
     token: &str,
+    tls: bool,
     limit: Duration,
-) -> Result<(TcpStream, Vec<u8>), DataError> {
+) -> Result<(Box<dyn DataStream>, Vec<u8>), DataError> {
     let work = async {
-        let mut stream = TcpStream::connect(addr)
+        let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| DataError::Connect(format!("{addr}: {e}")))?;
-        let _ = stream.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
+        let mut stream: Box<dyn DataStream> = if tls {
+            let Some((setup, _)) = TLS.get() else {
+                return Err(DataError::Connect(format!(
+                    "{addr} asks TLS (TCP/TLS): give --ca FILE to verify it"
+                )));
+            };
+            // The gateway's certificate must name the address the answer gave (RFC 5922
+            // §7.1: the identity is the host the connection was meant for).
+            let name = rustls_name(addr);
+            let stream = setup
+                .connector()
+                .connect(name, tcp)
+                .await
+                .map_err(|e| DataError::Connect(format!("{addr}: TLS: {e}")))?;
+            Box::new(stream)
+        } else {
+            Box::new(tcp)
+        };
         stream
             .write_all(format!("{token}\n").as_bytes())
             .await
@@ -91,6 +141,10 @@ pub async fn open(
     tokio::time::timeout(limit, work)
         .await
         .unwrap_or(Err(DataError::Timeout))
+}
+
+fn rustls_name(addr: SocketAddr) -> sip_core::tls::ServerName<'static> {
+    sip_core::tls::ServerName::IpAddress(addr.ip().into())
 }
 
 /// A reset or broken pipe before `OK` is the gateway closing on us.
@@ -133,7 +187,7 @@ pub enum PipeEnd {
 /// until `wait_after_eof` after our input ended (the write side is shut down at input EOF
 /// so the server sees it). `input` is `None` for a connection that sends nothing.
 pub async fn pipe(
-    stream: TcpStream,
+    stream: Box<dyn DataStream>,
     leftover: Vec<u8>,
     input: Option<Arc<InputSub>>,
     output: Output,
@@ -141,7 +195,7 @@ pub async fn pipe(
     counters: Arc<Counters>,
     wait_after_eof: Duration,
 ) -> PipeEnd {
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     if !leftover.is_empty() {
         counters
             .received
@@ -227,7 +281,9 @@ mod tests {
     #[tokio::test]
     async fn token_ok_then_echo_round_trip() {
         let addr = gateway("tok1", "OK\nhello ").await;
-        let (stream, leftover) = open(addr, "tok1", Duration::from_secs(5)).await.unwrap();
+        let (stream, leftover) = open(addr, "tok1", false, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(leftover, b"hello ");
         let hub = InputHub::new(1024);
         let sub = Arc::new(hub.subscribe());
@@ -260,7 +316,7 @@ mod tests {
     async fn refusals_are_told_apart() {
         let addr = gateway("right", "OK\n").await;
         assert_eq!(
-            open(addr, "wrong", Duration::from_secs(5))
+            open(addr, "wrong", false, Duration::from_secs(5))
                 .await
                 .unwrap_err(),
             DataError::Refused("unknown token".into())
@@ -273,7 +329,9 @@ mod tests {
             drop(s);
         });
         assert_eq!(
-            open(a, "t", Duration::from_secs(5)).await.unwrap_err(),
+            open(a, "t", false, Duration::from_secs(5))
+                .await
+                .unwrap_err(),
             DataError::ClosedBeforeOk
         );
         // Nothing listening.
@@ -283,7 +341,7 @@ mod tests {
             .local_addr()
             .unwrap();
         assert!(matches!(
-            open(free, "t", Duration::from_secs(5)).await,
+            open(free, "t", false, Duration::from_secs(5)).await,
             Err(DataError::Connect(_))
         ));
     }

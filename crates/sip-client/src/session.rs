@@ -151,7 +151,8 @@ enum DataStatus {
 struct DataState {
     gen: u64,
     task: Option<JoinHandle<()>>,
-    endpoint: Option<(SocketAddr, String)>,
+    /// The data endpoint, its token, and whether it speaks TLS (`TCP/TLS`).
+    endpoint: Option<(SocketAddr, String, bool)>,
     status: DataStatus,
     /// The server finished (or our wait after EOF ran out): hang up when nothing else is
     /// pending.
@@ -842,9 +843,18 @@ impl Session {
             Ok(sdp) if !sdp.proto.eq_ignore_ascii_case(APP_PROTO) => {
                 Err(format!("media format {} is not {APP_PROTO}", sdp.proto))
             }
+            // The SIP leg is TLS: the token must not cross in clear.
+            Ok(sdp) if !sdp.tls && data::tls_required() => Err(
+                "the data endpoint is plain TCP but the SIP leg is TLS: refusing to send the \
+                 token in clear (TCP/TLS expected)"
+                    .to_string(),
+            ),
+            Ok(sdp) if sdp.tls && !data::tls_available() => {
+                Err("the data endpoint asks TLS (TCP/TLS): give --ca FILE to verify it".to_string())
+            }
             Ok(sdp) => match sdp.token.clone() {
                 None => Err("no a=session-token".to_string()),
-                Some(t) => Ok((sdp.socket_addr(), t)),
+                Some(t) => Ok((sdp.socket_addr(), t, sdp.tls)),
             },
         };
         match endpoint {
@@ -874,12 +884,12 @@ impl Session {
         }
     }
 
-    fn connect(&mut self, (addr, token): (SocketAddr, String)) {
+    fn connect(&mut self, (addr, token, tls): (SocketAddr, String, bool)) {
         if let Some(old) = self.data.task.take() {
             old.abort();
         }
         self.data.gen += 1;
-        self.data.endpoint = Some((addr, token.clone()));
+        self.data.endpoint = Some((addr, token.clone(), tls));
         self.data.status = DataStatus::Connecting(addr);
         self.data.finished = false;
         let gen = self.data.gen;
@@ -893,7 +903,7 @@ impl Session {
             let send = |ev| {
                 let _ = itx.send(Internal::Data { gen, ev });
             };
-            match data::open(addr, &token, DATA_OPEN_TIMEOUT).await {
+            match data::open(addr, &token, tls, DATA_OPEN_TIMEOUT).await {
                 Err(e) => send(DataEvent::Failed(e)),
                 Ok((stream, leftover)) => {
                     send(DataEvent::Connected(addr));

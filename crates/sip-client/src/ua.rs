@@ -90,12 +90,15 @@ fn advertised(local: SocketAddr, relay: SocketAddr) -> SocketAddr {
 
 /// Our Contact URI, `sip:<user>@<host:port>[;transport=…]`, an IPv6 host in brackets.
 fn contact_uri(user: &str, local: SocketAddr, transport: Transport) -> anyhow::Result<Uri> {
-    let transport_param = match transport {
-        Transport::Udp => String::new(),
-        t => format!(";transport={}", t.param_name()),
+    let (scheme, transport_param) = match transport {
+        Transport::Udp => ("sip", String::new()),
+        // RFC 5630 §3.1.3: sips:, not ;transport=tls. The address is the one our TLS
+        // connection to the relay is bound to, so the relay reaches us back on it.
+        Transport::Tls => ("sips", String::new()),
+        t => ("sip", format!(";transport={}", t.param_name())),
     };
     // `SocketAddr` prints an IPv6 address in brackets: `[::1]:5070`.
-    let text = format!("sip:{user}@{local}{transport_param}");
+    let text = format!("{scheme}:{user}@{local}{transport_param}");
     Uri::parse(&text).with_context(|| format!("cannot build a Contact from {text}"))
 }
 
@@ -106,10 +109,15 @@ fn peer_of(uri: &Uri, relay: Peer) -> Peer {
         Some(Host::V6(ip)) => IpAddr::V6(ip),
         Some(Host::Domain(_)) | None => return relay,
     };
-    let transport = uri
-        .transport()
-        .and_then(Transport::from_name)
-        .filter(|t| *t != Transport::Tls)
+    // A sips: URI, or transport=tls, is TLS (RFC 3261 §26.2.2) — only when we speak it (the
+    // relay leg is TLS); otherwise the relay's transport.
+    let wanted = if uri.is_sips() {
+        Some(Transport::Tls)
+    } else {
+        uri.transport().and_then(Transport::from_name)
+    };
+    let transport = wanted
+        .filter(|t| *t != Transport::Tls || relay.transport == Transport::Tls)
         .unwrap_or(relay.transport);
     let port = uri.port().unwrap_or(transport.default_port());
     Peer {
@@ -121,7 +129,7 @@ fn peer_of(uri: &Uri, relay: Peer) -> Peer {
 
 /// Picks the target to use: the first of the transport asked for, else the first we speak.
 fn pick_target(targets: &[Target], wanted: Option<Transport>) -> anyhow::Result<Peer> {
-    let speakable = |t: &&Target| matches!(t.transport, Transport::Udp | Transport::Tcp);
+    let speakable = |_: &&Target| true;
     let chosen = match wanted {
         Some(w) => targets
             .iter()
@@ -138,9 +146,8 @@ fn pick_target(targets: &[Target], wanted: Option<Transport>) -> anyhow::Result<
         None => targets.iter().find(speakable).map(|t| t.peer()),
     };
     match chosen {
-        Some(p) if p.transport == Transport::Tls => bail!("TLS is not supported by sip-client yet"),
         Some(p) => Ok(p),
-        None => bail!("the relay resolves only to transports sip-client does not speak (TLS)"),
+        None => bail!("the relay resolves to no address"),
     }
 }
 
@@ -167,6 +174,15 @@ impl Ua {
             t2: Timers::default().t2.max(settings.t1),
             t4: Timers::default().t4,
         };
+        let tls = relay.transport == Transport::Tls;
+        if tls && settings.tls.is_none() {
+            bail!("TLS to the relay needs --ca FILE (the CA that signed the relay's certificate)");
+        }
+        // The data connection speaks TLS whenever the answer says TCP/TLS, and must when the
+        // SIP leg is TLS.
+        if let Some(setup) = &settings.tls {
+            crate::data::configure_tls(setup.clone(), tls);
+        }
         let config = EndpointConfig {
             transport: TransportConfig {
                 udp: vec![listen],
@@ -175,6 +191,10 @@ impl Ua {
                 } else {
                     Vec::new()
                 },
+                tls_setup: if tls { settings.tls.clone() } else { None },
+                // We have no certificate, so cannot accept TLS: our TLS connection to the
+                // relay leaves from our SIP port, which our Contact names (see contact_uri).
+                tls_connect_from: tls.then_some(listen),
                 ..TransportConfig::default()
             },
             timers,
@@ -185,9 +205,18 @@ impl Ua {
         let (endpoint, events) = Endpoint::bind(config)
             .await
             .with_context(|| format!("cannot bind {listen}"))?;
+        // Over TLS, our address is the UDP socket's (the TLS connection is bound to it).
         let bound = endpoint
-            .local_addr(relay.transport)
+            .local_addr(if tls { Transport::Udp } else { relay.transport })
             .with_context(|| format!("no local {} socket", relay.transport))?;
+        // A relay known by name: its certificate must name that name (RFC 5922 §7.1).
+        if tls {
+            if let Some(Host::Domain(name)) = settings.relay.host() {
+                let name = sip_core::tls::server_name(name)
+                    .with_context(|| format!("the relay's host {name:?}"))?;
+                endpoint.transports().expect_name(relay.addr, name);
+            }
+        }
         let local = advertised(bound, relay.addr);
         let contact = contact_uri(&settings.user, local, relay.transport)?;
         tracing::debug!(%bound, %local, %contact, "endpoint bound");

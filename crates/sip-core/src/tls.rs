@@ -24,8 +24,9 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+pub use rustls_pki_types::ServerName;
 pub use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 /// What a TLS server asks of its clients (RFC 5922 §7.2 for SIP peers that authenticate each

@@ -78,6 +78,12 @@ pub struct TransportConfig {
     /// The TLS certificate, key, trusted CAs and client-certificate policy. With it (and a CA)
     /// TLS connections can be opened even when nothing listens for TLS.
     pub tls_setup: Option<TlsSetup>,
+    /// The local address TLS connections we open are bound to (port 0: the port of the first
+    /// UDP socket). For a party with no certificate, which cannot accept TLS: its Contact
+    /// names this address, and the peer that accepted the connection finds it there, so
+    /// requests come back on the same connection (connection reuse, RFC 5923 §1; RFC 5626
+    /// §3 for why a client cannot be reached otherwise). `None`: an ephemeral port.
+    pub tls_connect_from: Option<SocketAddr>,
     /// The largest message accepted on a stream or datagram, in bytes.
     pub max_message: usize,
     /// A TCP connection with no complete message or keep-alive for this long is closed.
@@ -111,6 +117,7 @@ impl Default for TransportConfig {
             tcp: Vec::new(),
             tls: Vec::new(),
             tls_setup: None,
+            tls_connect_from: None,
             max_message: StreamDecoder::DEFAULT_MAX,
             idle_timeout: Duration::from_secs(300),
             message_timeout: Duration::from_secs(10),
@@ -248,6 +255,8 @@ struct Inner {
     udp: Vec<(Arc<UdpSocket>, SocketAddr)>,
     tcp_local: Vec<SocketAddr>,
     tls_local: Vec<SocketAddr>,
+    /// Where opened TLS connections are bound ([`TransportConfig::tls_connect_from`]).
+    tls_connect_from: Option<SocketAddr>,
     /// The TLS settings, when configured.
     tls: Option<TlsSetup>,
     /// The names TLS connections opened to an address must show (RFC 5922 §7.1).
@@ -341,7 +350,16 @@ impl Transports {
             tls_local.push(listener.local_addr().map_err(bind_error)?);
             tls_listeners.push(listener);
         }
+        let tls_connect_from = config.tls_connect_from.map(|mut from| {
+            if from.port() == 0 {
+                if let Some((_, local)) = udp.iter().find(|(_, l)| l.is_ipv4() == from.is_ipv4()) {
+                    from.set_port(local.port());
+                }
+            }
+            from
+        });
         let inner = Arc::new(Inner {
+            tls_connect_from,
             udp,
             tcp_local,
             tls_local,
@@ -556,7 +574,12 @@ impl Transports {
             _ => None,
         };
         let timeout = self.inner.config.connect_timeout;
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let from = if tls.is_some() {
+            self.inner.tls_connect_from
+        } else {
+            None
+        };
+        let stream = tokio::time::timeout(timeout, connect_from(from, addr))
             .await
             .map_err(|_| TransportError::Connect {
                 addr,
@@ -665,6 +688,22 @@ impl Transports {
     pub fn accepted_connections(&self) -> usize {
         self.inner.caps.total()
     }
+}
+
+/// A TCP connection to `to`, from `from` when given (its address reusable, so that a
+/// connection to another peer can be bound there too).
+async fn connect_from(from: Option<SocketAddr>, to: SocketAddr) -> io::Result<TcpStream> {
+    let Some(from) = from else {
+        return TcpStream::connect(to).await;
+    };
+    let socket = if from.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(from)?;
+    socket.connect(to).await
 }
 
 fn lock(m: &Mutex<ConnTable>) -> std::sync::MutexGuard<'_, ConnTable> {
