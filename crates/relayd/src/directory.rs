@@ -520,6 +520,33 @@ impl Directory {
         Ok(server)
     }
 
+    /// The account, other than `account`, whose server (registered or configured) is at
+    /// the host and port of `uri`, if any: an application-server account may not bind
+    /// another's address, or inquiries for its services would go to that server under its
+    /// name. A configured server without an account is reported as `"[[servers]]"`.
+    pub fn other_account_at(&self, account: &str, uri: &Uri) -> Option<String> {
+        let place = |u: &Uri| -> Option<(String, u16)> {
+            let host = u.host()?.to_string().to_ascii_lowercase();
+            let default = if u.scheme() == Scheme::Sips {
+                5061
+            } else {
+                5060
+            };
+            Some((host, u.port().unwrap_or(default)))
+        };
+        let wanted = place(uri)?;
+        let inner = self.read();
+        let owner = inner
+            .all_servers()
+            .filter(|s| place(&s.uri).as_ref() == Some(&wanted))
+            .find_map(|s| match s.account() {
+                Some(owner) if owner == account => None,
+                Some(owner) => Some(owner.to_owned()),
+                None => Some("[[servers]]".to_owned()),
+            });
+        owner
+    }
+
     /// Removes the server that `account` registered at `uri`, if any.
     pub fn remove_dynamic(&self, account: &str, uri: &str) -> Option<ServerRef> {
         let mut inner = self.write();
@@ -1101,5 +1128,46 @@ mod tests {
         assert!(dir
             .remove_dynamic("as1", "sip:as1@127.0.0.1:5090")
             .is_none());
+    }
+
+    #[test]
+    fn an_address_is_another_accounts_when_its_server_is_theirs() {
+        let dir = Directory::new(HealthPolicy::default());
+        dir.add_static_with_probe(
+            "a",
+            "sip:127.0.0.1:5080",
+            &s(&["echo"]),
+            None,
+            true,
+            Some("as1".into()),
+        )
+        .unwrap();
+        dir.add_static("plain", "sip:127.0.0.1:5090", &s(&["echo"]), None)
+            .unwrap();
+        dir.upsert_dynamic(
+            "as3",
+            "sip:as3@[::1]:5070",
+            &s(&["clock"]),
+            None,
+            Instant::now() + Duration::from_secs(60),
+        )
+        .unwrap();
+        let at =
+            |account: &str, uri: &str| dir.other_account_at(account, &Uri::parse(uri).unwrap());
+        // Same host and port, whatever the user part, parameters or case.
+        assert_eq!(
+            at("as2", "sip:as2@127.0.0.1:5080;transport=udp").as_deref(),
+            Some("as1")
+        );
+        assert_eq!(at("as2", "sip:x@[::1]:5070").as_deref(), Some("as3"));
+        assert_eq!(
+            at("as2", "sip:127.0.0.1:5090").as_deref(),
+            Some("[[servers]]")
+        );
+        // One's own server, another port or host, or the default port: nobody else's.
+        assert_eq!(at("as1", "sip:as1@127.0.0.1:5080"), None);
+        assert_eq!(at("as2", "sip:as2@127.0.0.1:5081"), None);
+        assert_eq!(at("as2", "sip:as2@127.0.0.2:5080"), None);
+        assert_eq!(at("as2", "sip:as2@127.0.0.1"), None);
     }
 }

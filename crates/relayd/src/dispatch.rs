@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::content;
 use crate::directory::ServerRef;
 use crate::extensions;
-use crate::registrar::{RegisterRequest, Role};
+use crate::registrar::{parse_contacts, ContactEntry, RegisterError, RegisterRequest, Role};
 use crate::relay::{facts, utc_second_of_day, Relay};
 
 /// The longest Call-ID a new INVITE may carry: what the billing journal keeps.
@@ -302,8 +302,12 @@ fn register(relay: &Relay, r: IncomingRequest) {
         }
     };
     let now = Instant::now();
-    let outcome = RegisterRequest::from_sip(&r.req, Some(r.from))
-        .and_then(|rr| relay.registrar.register(&user, role, &rr, now));
+    let outcome = RegisterRequest::from_sip(&r.req, Some(r.from)).and_then(|rr| {
+        if account.is_some() {
+            refuse_others_servers(&relay, &user, &rr)?;
+        }
+        relay.registrar.register(&user, role, &rr, now)
+    });
     match outcome {
         Ok(ok) => {
             if account.is_some() {
@@ -489,4 +493,30 @@ impl Relaying for Relay {
             tokio::spawn(charge::handle_in_dialog(self.clone(), incoming, served).instrument(span));
         }
     }
+}
+
+/// Refuses (403) a REGISTER of application-server `account` that names the address of a
+/// server another account registered or is configured for (issue 14, finding 8): the
+/// relay would send inquiries for this account's services there. Contacts that do not
+/// parse are left to the registrar's 400.
+fn refuse_others_servers(
+    relay: &Relay,
+    account: &str,
+    request: &RegisterRequest,
+) -> Result<(), RegisterError> {
+    for value in &request.contacts {
+        for entry in parse_contacts(value).unwrap_or_default() {
+            let ContactEntry::Address(address) = entry else {
+                continue;
+            };
+            if let Some(owner) = relay.directory.other_account_at(account, &address.uri) {
+                info!(account, owner = %owner, contact = %address.uri_text, "REGISTER names another account's server");
+                return Err(RegisterError::Forbidden(format!(
+                    "Contact address {} is another account's server",
+                    address.uri.host_port_text().unwrap_or_default()
+                )));
+            }
+        }
+    }
+    Ok(())
 }

@@ -102,28 +102,47 @@ impl RawClient {
     }
 
     /// REGISTER (401, `Authorization`) or MESSAGE to the charge URI (407,
-    /// `Proxy-Authorization`) for `user`, with `auth` as the credentials header when given.
+    /// `Proxy-Authorization`) for `user`, with `auth` as the credentials header when given:
+    /// the REGISTER binds the client's own address, the MESSAGE charges alice 1000.
     fn request(&self, method: &str, user: &str, call_id: &str, cseq: u32, auth: &str) -> String {
+        let what = if method == "REGISTER" {
+            format!("<sip:{user}@{}>", self.local)
+        } else {
+            format!(
+                "{{\"event_id\":\"{}\",\"subscriber\":\"alice\",\"amount\":1000,\
+                 \"currency\":\"EUR\",\"description\":\"not ours\"}}",
+                unique("attack-")
+            )
+        };
+        self.request_with(method, user, call_id, cseq, auth, &what)
+    }
+
+    /// As [`RawClient::request`], with `what` as the REGISTER's Contact value or the
+    /// MESSAGE's charge body.
+    fn request_with(
+        &self,
+        method: &str,
+        user: &str,
+        call_id: &str,
+        cseq: u32,
+        auth: &str,
+        what: &str,
+    ) -> String {
         let (uri, to, extra, body) = if method == "REGISTER" {
             let aor = format!("sip:{user}@{REALM}");
             (
                 format!("sip:{REALM}"),
                 aor,
-                format!("Contact: <sip:{user}@{}>\r\nExpires: 300\r\n", self.local),
+                format!("Contact: {what}\r\nExpires: 300\r\n"),
                 String::new(),
             )
         } else {
             let uri = format!("sip:charge@{REALM}");
-            let body = format!(
-                "{{\"event_id\":\"{}\",\"subscriber\":\"alice\",\"amount\":1000,\
-                 \"currency\":\"EUR\",\"description\":\"not ours\"}}",
-                unique("attack-")
-            );
             (
                 uri.clone(),
                 uri,
                 "Content-Type: application/vnd.relay.charge+json\r\n".to_string(),
-                body,
+                what.to_string(),
             )
         };
         format!(
@@ -139,6 +158,49 @@ impl RawClient {
             branch = unique("atk"),
             tag = unique("t"),
             len = body.len(),
+        )
+    }
+
+    /// `method` for `user` with the right `password`: the request, its challenge, and the
+    /// request again with credentials. The final answer to the second.
+    fn authenticated(&self, method: &str, (user, password): (&str, &str), what: &str) -> Answer {
+        let call_id = unique("rights-");
+        let first = self.exchange(
+            &self.request_with(method, user, &call_id, 1, "", what),
+            &format!("1 {method}"),
+        );
+        let (challenge, name, uri) = if method == "REGISTER" {
+            ("WWW-Authenticate", "Authorization", format!("sip:{REALM}"))
+        } else {
+            (
+                "Proxy-Authenticate",
+                "Proxy-Authorization",
+                format!("sip:charge@{REALM}"),
+            )
+        };
+        let challenge = first
+            .header(challenge)
+            .unwrap_or_else(|| panic!("{method} for {user} was not challenged: {first:?}"));
+        let value = digest::respond(
+            challenge,
+            method,
+            &uri,
+            user,
+            password,
+            &digest::new_cnonce(),
+            1,
+        )
+        .unwrap();
+        self.exchange(
+            &self.request_with(
+                method,
+                user,
+                &call_id,
+                2,
+                &format!("{name}: {value}\r\n"),
+                what,
+            ),
+            &format!("2 {method}"),
         )
     }
 
@@ -566,6 +628,74 @@ fn credentials_for_another_uri_are_refused_with_400() {
             .contains("digest uri does not match the Request-URI"),
         "the mismatch is logged\n{}",
         relay.log()
+    );
+}
+
+/// Finding 8: the right to charge is not decided by URI text, and an application-server
+/// account cannot point the relay's inquiries at another host. alice's session is served by
+/// the agent of as1; as2, with its own right password, from 127.0.0.3, cannot bind as1's
+/// Contact address (nor one outside the allowed networks), and once registered at its own address it can
+/// charge neither alice's session (by its Call-ID) nor alice (who never used as2), while as1
+/// itself, over the same raw client, can. The charge store holds as1's charge only.
+#[test]
+fn another_account_cannot_take_a_servers_uri_nor_charge_its_subscribers() {
+    let system = System::start(Transport::Udp, 1);
+    let run = system
+        .client("call", ALICE)
+        .args(["call", "echo"])
+        .run(b"hello");
+    run.assert_code(0, &system);
+    let call_id = run.call_id();
+    system.wait_sessions(&call_id, 1);
+
+    let stranger = RawClient::bind(Ipv4Addr::new(127, 0, 0, 3), system.port);
+    let as2 = ("as2", "as2-secret");
+    let as1_uri = system.agents[0].uri();
+    for contact in [
+        format!("<{as1_uri}>;services=echo"),
+        "<sip:as2@203.0.113.7:5080>;services=echo".to_string(),
+    ] {
+        let answer = stranger.authenticated("REGISTER", as2, &contact);
+        assert_eq!(answer.code, 403, "{contact}: {}", answer.status());
+    }
+    let own = format!("<sip:as2@{}>;services=echo", stranger.local);
+    let answer = stranger.authenticated("REGISTER", as2, &own);
+    assert_eq!(answer.code, 200, "its own address: {}", answer.status());
+
+    let charge = |extra: &str| {
+        format!(
+            "{{\"event_id\":\"{}\",{extra}\"amount\":700,\"currency\":\"EUR\",\
+             \"description\":\"rights\"}}",
+            unique("rights-")
+        )
+    };
+    let by_session = charge(&format!("\"call_id\":\"{call_id}\","));
+    let by_subscriber = charge("\"subscriber\":\"alice\",");
+    for body in [&by_session, &by_subscriber] {
+        let answer = stranger.authenticated("MESSAGE", as2, body);
+        assert_eq!(answer.code, 403, "as2 charging {body}: {}", answer.status());
+    }
+    // The session is still findable: as1, whose server served it, may charge it.
+    let answer = stranger.authenticated("MESSAGE", ("as1", "as1-secret"), &by_session);
+    assert_eq!(
+        answer.code,
+        200,
+        "as1 charging its own session: {}",
+        answer.status()
+    );
+
+    let charges: Vec<Value> = system
+        .charges()
+        .into_iter()
+        .filter(|c| text(c, "description") == "rights")
+        .collect();
+    assert_eq!(charges.len(), 1, "{charges:#?}");
+    assert_eq!(text(&charges[0], "subscriber"), "alice");
+    assert_eq!(int(&charges[0]["amount"], "minor"), 700, "{charges:#?}");
+    assert_eq!(
+        text(&charges[0], "server"),
+        as1_uri,
+        "recorded against as1's server: {charges:#?}"
     );
 }
 
