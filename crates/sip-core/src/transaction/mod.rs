@@ -667,7 +667,18 @@ impl TransactionLayer {
         from: Peer,
     ) {
         if let Some(&id) = self.server_index.get(&key) {
-            if let Some(tx) = self.servers.get_mut(&id) {
+            // An ACK carries the CSeq number of the INVITE it acknowledges (§17.1.1.3,
+            // §13.2.2.4). One with this transaction's branch but another number belongs to
+            // another INVITE of the dialog: sipp, ACKing a retransmitted 407 of its first
+            // INVITE after its second one was answered 180, copies the Via of that 180.
+            // Taken as this transaction's, it would stop the retransmission of a 2xx the
+            // terminal never got, and the call would hang.
+            let ours = self
+                .servers
+                .get(&id)
+                .and_then(|tx| tx.ack_key())
+                .is_none_or(|k| k.cseq == summary.cseq);
+            if let Some(tx) = self.servers.get_mut(&id).filter(|_| ours) {
                 let mut io = Io {
                     out: &mut self.out,
                     queue: &mut self.queue,

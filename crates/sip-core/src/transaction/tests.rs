@@ -947,6 +947,42 @@ fn ack_for_other_dialog_does_not_stop_retransmission() {
 }
 
 #[test]
+fn ack_with_the_invite_branch_but_another_cseq_does_not_stop_retransmission() {
+    // sipp over a lossy link: the 407 of INVITE 1 was retransmitted after INVITE 2 was
+    // answered 180, and sipp ACKed it again with the Via of that 180 (INVITE 2's branch)
+    // but CSeq 1. It acknowledges nothing of INVITE 2, whose 2xx goes on being resent.
+    let mut l = layer();
+    let t0 = Instant::now();
+    let req = request("INVITE", "z9hG4bKvc", 2);
+    let id = server_request(&mut l, t0, &req, udp(ALICE));
+    l.respond(t0, id, response(&req, 180)).unwrap();
+    l.respond(t0, id, response(&req, 200)).unwrap();
+    drain(&mut l);
+    l.handle_message(
+        t0 + ms(100),
+        SipMessage::Request(request("ACK", "z9hG4bKvc", 1)),
+        udp(ALICE),
+    );
+    // Handed up as an ACK matching no transaction (the TU tells what it is).
+    assert!(matches!(&drain(&mut l).events[..], [Event::Ack2xx { .. }]));
+    assert_eq!(l.servers[&id].state(), ServerState::Accepted);
+    assert_eq!(
+        run(&mut l, t0, ms(4000)),
+        sent_at(&[500, 1500, 3500]),
+        "the 2xx is still retransmitted"
+    );
+    // The real ACK (CSeq 2) stops it.
+    l.handle_message(
+        t0 + ms(4000),
+        SipMessage::Request(request("ACK", "z9hG4bKvc", 2)),
+        udp(ALICE),
+    );
+    assert!(matches!(&drain(&mut l).events[..], [Event::Ack2xx { .. }]));
+    assert_eq!(run(&mut l, t0, Duration::from_secs(100)), vec![]);
+    assert!(l.is_empty());
+}
+
+#[test]
 fn cancel_matches_its_invite() {
     let mut l = layer();
     let t0 = Instant::now();
