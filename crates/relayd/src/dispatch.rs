@@ -304,7 +304,7 @@ fn register(relay: &Relay, r: IncomingRequest) {
     let now = Instant::now();
     let outcome = RegisterRequest::from_sip(&r.req, Some(r.from)).and_then(|rr| {
         if account.is_some() {
-            refuse_others_servers(&relay, &user, &rr)?;
+            refuse_others_servers(relay, &user, &rr)?;
         }
         relay.registrar.register(&user, role, &rr, now)
     });
