@@ -146,13 +146,20 @@ pub fn unquote(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// `text` as a quoted string (§25.1), `"` and `\` escaped.
+/// `text` as a quoted string (§25.1): `"`, `\` and the control characters `qdtext` does not
+/// allow escaped as `quoted-pair`s (tab stays as it is); CR and LF, which no quoted string
+/// can carry, left out. What [`unquote`] makes of a display name read off the wire is so
+/// written back in a form that parses again.
 pub fn quote(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
     out.push('"');
     for c in text.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
+        match c {
+            '\r' | '\n' => continue,
+            '"' | '\\' => out.push('\\'),
+            '\t' => {}
+            c if c.is_ascii_control() => out.push('\\'),
+            _ => {}
         }
         out.push(c);
     }
@@ -1257,5 +1264,20 @@ P-Asserted-Service: urn:urn-7:3gpp-service.echo\r\nContent-Length: 0\r\n\r\n"
         assert_eq!(unquote("plain"), "plain");
         assert_eq!(unquote("\""), "\"");
         assert_eq!(quote("a\"b\\"), "\"a\\\"b\\\\\"");
+    }
+
+    /// Found by the `uri` fuzz target: RFC 4475's `intmeth` display name, escaped BEL, NUL
+    /// and DEL, unquoted and quoted again by `NameAddr::new`, gave a value that did not parse.
+    #[test]
+    fn quote_escapes_control_characters_and_drops_line_breaks() {
+        let read =
+            NameAddr::parse("\"BEL:\\\x07 NUL:\\\0 DEL:\\\x7f\" <sip:a@example.com>").unwrap();
+        let name = read.display_name().unwrap();
+        assert_eq!(name, "BEL:\x07 NUL:\0 DEL:\x7f");
+        let again = NameAddr::new(Some(&name), read.uri());
+        let parsed = NameAddr::parse(again.as_str()).unwrap();
+        assert_eq!(parsed.display_name().unwrap(), name);
+        assert_eq!(quote("a\tb\r\nc"), "\"a\tbc\"");
+        assert!(NameAddr::parse(&format!("{} <sip:a@b.test>", quote("x\r\n\0y"))).is_ok());
     }
 }

@@ -539,10 +539,12 @@ fn token_text(s: &str) -> String {
     }
 }
 
-/// A non-empty attribute value without inner whitespace.
+/// A non-empty attribute value without inner whitespace or control characters (which the
+/// rendering would leave out, so that a value read and written back would change).
 fn single_token(v: &str) -> Option<String> {
     let v = v.trim();
-    (!v.is_empty() && !v.contains(char::is_whitespace)).then(|| v.to_string())
+    (!v.is_empty() && !v.contains(|c: char| c.is_whitespace() || c.is_control()))
+        .then(|| v.to_string())
 }
 
 /// `o=<username> <sess-id> <sess-version> IN IP4|IP6 <address>` (RFC 8866 §5.2).
@@ -817,5 +819,23 @@ m=application 5000 UDP/BFCP *\r\n";
         let mut none = sample();
         none.token = None;
         assert!(!none.token_matches(b""));
+    }
+
+    /// Found by the `sdp` fuzz target: a token with NUL bytes was read as it was, and written
+    /// back without them, so the token a relay passed on was not the one it received.
+    #[test]
+    fn a_token_or_service_with_control_characters_is_refused() {
+        let body = sample().to_string();
+        for (attr, bad) in [("session-token", "tok\0\0"), ("service", "echo\x07")] {
+            let good = sample();
+            let value = if attr == "service" {
+                good.service.clone().unwrap()
+            } else {
+                good.token.clone().unwrap()
+            };
+            let body = body.replace(&format!("a={attr}:{value}"), &format!("a={attr}:{bad}"));
+            assert!(body.contains(bad), "{body}");
+            assert!(AppSdp::parse(body.as_bytes()).is_err(), "{attr}");
+        }
     }
 }
