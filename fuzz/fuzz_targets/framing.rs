@@ -1,0 +1,6 @@
+//! Fuzz target `framing`: see [`sip_core_fuzz::framing`] for what it feeds and checks.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| sip_core_fuzz::framing::check(data));
