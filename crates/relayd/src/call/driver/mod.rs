@@ -54,35 +54,38 @@ pub fn spawn<R: Relaying>(
     let (me, rx) = inbox();
     relay.table().insert(&call_id, me.clone());
     let span = info_span!("call", call_id = %call_id, service = %adm.service);
-    let task = async move {
-        let mut driver = Driver {
-            relay,
-            me,
-            txs: HashMap::new(),
-            next_tx: 0,
-            invite_tx: TxId(0),
-            routed: vec![call_id.clone()],
-            ready: VecDeque::new(),
-        };
-        driver.invite_tx = driver.hold(incoming.tx);
-        let invite = Incoming {
-            tx: driver.invite_tx,
-            req: incoming.req,
-            from: incoming.from,
-        };
-        let relay = driver.relay.clone();
-        let call = Call::new(
+    // The call is built here, not inside the task: what the task holds for the call's whole
+    // life is then the driver and the call alone, not also the arguments it was built from
+    // (an async block keeps its captures for as long as it lives).
+    let mut driver = Driver {
+        relay,
+        me,
+        txs: HashMap::new(),
+        next_tx: 0,
+        invite_tx: TxId(0),
+        routed: vec![call_id.clone()],
+        ready: VecDeque::new(),
+    };
+    driver.invite_tx = driver.hold(incoming.tx);
+    let invite = Incoming {
+        tx: driver.invite_tx,
+        req: incoming.req,
+        from: incoming.from,
+    };
+    let call = {
+        let _entered = span.enter();
+        Call::new(
             invite,
             call_id,
             adm,
-            &*relay,
+            &*driver.relay,
             Instant::now(),
             SystemTime::now(),
-        );
-        driver.run(call, rx).await;
+        )
     };
+    let task = driver.run(call, rx);
     // What every call's task holds for the call's whole life (its future's size); the
-    // call's own state is behind it on the heap.
+    // call's sessions are behind it on the heap.
     tracing::trace!(task_bytes = std::mem::size_of_val(&task), "call task");
     tokio::spawn(task.instrument(span));
 }
@@ -101,7 +104,7 @@ struct Driver<R> {
 }
 
 impl<R: Relaying> Driver<R> {
-    async fn run(&mut self, mut call: Call, mut rx: routing::InboxReceiver) {
+    async fn run(mut self, mut call: Call, mut rx: routing::InboxReceiver) {
         // One timer for the call, moved only when its next deadline changes.
         let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
         tokio::pin!(sleep);
