@@ -16,6 +16,7 @@ use rsip::{Header, Method, Request};
 use sip_core::digest::StoredCredential;
 use sip_core::endpoint::{Endpoint, EndpointConfig, EventSink, IncomingRequest};
 use sip_core::resolve::{resolve, SystemDns, Target};
+use sip_core::transaction::ServerDeadlines;
 use sip_core::transport::TransportConfig;
 use sip_core::{message, Peer, Transport};
 use tracing::{debug, info, warn};
@@ -210,6 +211,7 @@ impl Relay {
                 t1: config.sip.t1(),
                 ..sip_core::transaction::Timers::default()
             },
+            server_deadlines: invite_deadline(&config.session),
             ..EndpointConfig::default()
         };
         let endpoint = Endpoint::bind_with_sink(endpoint_config, events)
@@ -712,6 +714,21 @@ pub(crate) fn facts(
     }
 }
 
+/// How long an INVITE may wait for the relay's final response before the transaction layer
+/// answers 408 itself: the layer's default (180 s from the request or the last provisional
+/// the relay passed on), or longer when `[session] answer_timeout_secs` lets a server ring
+/// longer than that without a provisional in between.
+fn invite_deadline(session: &crate::config::SessionConfig) -> ServerDeadlines {
+    let defaults = ServerDeadlines::default();
+    let ringing = Duration::from_secs(u64::from(session.answer_timeout_secs))
+        + Duration::from_millis(session.inquiry_timeout_ms)
+        + Duration::from_secs(30);
+    ServerDeadlines {
+        invite: defaults.invite.max(ringing),
+        ..defaults
+    }
+}
+
 #[cfg(test)]
 mod backlog_tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -750,6 +767,21 @@ mod backlog_tests {
             t.join().unwrap();
         }
         assert!(backlog.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    #[test]
+    fn the_invite_deadline_outlasts_the_longest_ring() {
+        let mut session = crate::config::SessionConfig::default();
+        assert_eq!(invite_deadline(&session), ServerDeadlines::default());
+        session.answer_timeout_secs = 600;
+        let d = invite_deadline(&session);
+        assert_eq!(d.invite, Duration::from_secs(634));
+        assert_eq!(d.non_invite, None, "64·T1, the client's Timer F");
     }
 }
 
