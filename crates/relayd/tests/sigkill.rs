@@ -25,7 +25,8 @@
 //!   journal held when the relay died, and a second restart recovers none of them again;
 //! * **nothing a terminal had is unbilled**: every call whose INVITE the terminal saw
 //!   answered 2xx has exactly one record (a session is journaled before its 2xx is sent);
-//! * the restarted relay takes calls again: some complete after the restart and are billed.
+//! * the restarted relay takes calls again: once the load is over, ten more calls all
+//!   complete and are billed.
 //!
 //! Registrations are kept in the relay's memory, not in the store: the restarted relay
 //! answers alice's INVITEs `403 Not registered` until she registers again, which the test
@@ -62,6 +63,8 @@ const RATE: &str = "500";
 const HOLD_MS: &str = "1000";
 /// Completed calls after which the relay is killed.
 const KILL_AFTER: u64 = 250;
+/// Calls placed through the restarted relay once the load is over.
+const AFTER_CALLS: u64 = 10;
 /// The sipps' socket buffers (`-buff_size`; the kernel caps it at `net.core.rmem_max`):
 /// with sipp's 64 KiB default, a sipp that is not scheduled for a few milliseconds drops
 /// datagrams at this rate.
@@ -209,7 +212,27 @@ fn relay_killed_under_load_bills_each_completed_call_once_and_recovers_the_rest_
     );
     scene.assert_success(&mut register);
     let status = terminal.wait_exit(Duration::from_secs(300));
-    let lines = terminal.log();
+    // The restarted relay takes calls again: a few more, after the load, all complete.
+    let mut again = scene.terminal(
+        "uac-after",
+        "uac_load.xml",
+        ALICE,
+        "echo",
+        SippOpts::default()
+            .calls(AFTER_CALLS)
+            .args(&["-r", "10", "-d", "100"]),
+    );
+    scene.assert_success(&mut again);
+    let after_lines = again.log();
+    let after_completed = logged(&after_lines, "COMPLETED");
+    assert_eq!(
+        after_completed.len() as u64,
+        AFTER_CALLS,
+        "{}",
+        again.report()
+    );
+    let mut lines = terminal.log();
+    lines.extend(after_lines);
     let established = logged(&lines, "ESTABLISHED");
     let completed = logged(&lines, "COMPLETED");
     let bye_481 = logged(&lines, "BYE481");
@@ -334,20 +357,22 @@ fn relay_killed_under_load_bills_each_completed_call_once_and_recovers_the_rest_
         report()
     );
 
-    // The restarted relay took calls again.
+    // The calls placed after the load were billed by the restarted relay, as the others.
+    for call_id in &after_completed {
+        assert!(
+            bye_billed.contains_key(call_id.as_str()),
+            "call {call_id} after the restart not billed\n{}",
+            report()
+        );
+    }
     let after_restart = bye_billed
         .values()
         .filter(|r| !before_ids.contains(field(r, "session_id")))
         .count();
-    assert!(
-        after_restart > 0,
-        "no call completed through the restarted relay\n{}",
-        report()
-    );
 
     println!(
-        "sigkill: terminal {status}: {} calls placed, {} established, {} completed ({} billed \
-         before the kill, {after_restart} after the restart), {} ended with BYE/481; {} \
+        "sigkill: terminal {status}: {} calls placed (and {AFTER_CALLS} after), {} established, \
+         {} completed ({} billed before the kill, {after_restart} after the restart), {} ended with BYE/481; {} \
          records: {} caller-bye, {} recovered-after-restart ({ended_after_restart} of them \
          ended by the terminal after the restart, {} journaled before a 2xx the terminal \
          never got), {answer_lost} billed whose 200 died with the relay",
