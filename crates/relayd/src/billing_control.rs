@@ -50,6 +50,11 @@ impl SegmentClock {
         self.wall
     }
 
+    /// The monotonic instant the segment started.
+    pub fn started_mono(&self) -> Instant {
+        self.mono
+    }
+
     /// The wall-clock end of a segment ending at monotonic instant `mono_now`: the start
     /// plus the monotonic time elapsed, whatever the wall clock says meanwhile.
     pub fn end_at(&self, mono_now: Instant) -> SystemTime {

@@ -104,11 +104,15 @@ impl Call {
         }
     }
 
-    /// Sends an in-dialog OPTIONS on each leg of session `i`; a leg answering 408 or 481
-    /// ends the session.
+    /// Sends an in-dialog OPTIONS on each leg of session `i` that has no session timer (a
+    /// leg with one is watched by its refreshes, RFC 4028); a leg answering 408 or 481 ends
+    /// the session.
     pub(super) fn probe(&mut self, i: usize, env: &dyn CallEnv) {
         let a_peer = self.a.peer;
         for side in [Side::Terminal, Side::Server] {
+            if self.sessions[i].timers.get(side).is_some() {
+                continue;
+            }
             let Some((req, peer)) = self.sessions[i].request(
                 side,
                 a_peer,
@@ -120,7 +124,8 @@ impl Call {
                 continue;
             };
             let token = self.out.send_waiting(req, peer);
-            self.waiting.insert(token, Waiting::Probe { session: i });
+            self.waiting
+                .insert(token, Waiting::Probe { session: i, side });
         }
     }
 }

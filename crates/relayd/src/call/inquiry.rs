@@ -468,6 +468,7 @@ impl Call {
             busy: false,
             offer: b2bua::carried_body(&self.a.invite),
             next_probe: None,
+            probe_answered: [None, None],
             clock: SegmentClock::start(self.wall_at(now), now),
             plan: self.adm.plan.clone(),
             next_plan: None,

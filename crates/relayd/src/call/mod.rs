@@ -111,7 +111,7 @@ enum Waiting {
         sent: Option<Box<Request>>,
     },
     /// A liveness probe of session `session`.
-    Probe { session: usize },
+    Probe { session: usize, side: Side },
     /// A change re-INVITE to the same server.
     ChangeSameServer(Box<change::SameServer>),
     /// The relay's re-INVITE of the terminal after a transfer.
@@ -530,11 +530,21 @@ impl Call {
                 side,
                 sent,
             } => self.on_refresh_answer(session, side, sent, resp, env, now),
-            Waiting::Probe { session } => {
+            Waiting::Probe { session, side } => {
                 let alive = !matches!(resp.status_code.code(), 408 | 481);
-                if !alive && self.sessions[session].state == State::Established {
-                    info!(session_id = %self.sessions[session].id, "a leg stopped answering; ending the session");
-                    self.end(session, EndCause::Timeout, None, env, now);
+                let s = &mut self.sessions[session];
+                let leg = match side {
+                    Side::Terminal => 0,
+                    Side::Server => 1,
+                };
+                if alive {
+                    s.probe_answered[leg] = Some(now);
+                } else if s.state == State::Established {
+                    // Billed up to the leg's last answer (or the segment's start): what
+                    // came after it was not delivered to anyone.
+                    let last = s.probe_answered[leg].unwrap_or(s.clock.started_mono());
+                    info!(session_id = %s.id, ?side, "a leg stopped answering; ending the session");
+                    self.end_until(session, EndCause::Timeout, None, env, now, last);
                 }
             }
             Waiting::ChangeSameServer(w) => self.on_change_same_server(*w, resp, env, now),

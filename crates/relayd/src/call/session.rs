@@ -55,6 +55,10 @@ pub(crate) struct Session {
     /// The terminal's current SDP offer (for a transfer's inquiry).
     pub(crate) offer: (Vec<Header>, Vec<u8>),
     pub(crate) next_probe: Option<Instant>,
+    /// When each leg (terminal, server) last answered a probe: the last proof of life a
+    /// session ended by a failed probe is billed up to, as one a session timer ends is
+    /// billed up to its last refresh.
+    pub(crate) probe_answered: [Option<Instant>; 2],
     /// When the current billing segment started: the 2xx to the terminal, or the change or
     /// transfer that opened it.
     pub(crate) clock: SegmentClock,

@@ -1010,14 +1010,39 @@ fn a_record_that_cannot_be_written_answers_the_bye_500() {
 }
 
 #[test]
-fn a_leg_that_stops_answering_probes_ends_the_session_as_timed_out() {
+fn a_leg_that_stops_answering_probes_ends_the_session_billed_to_its_last_answer() {
     let mut p = Pair::established(ONE);
+    // The first round at 30 s: both legs answer.
     p.advance(Duration::from_secs(30));
     assert_eq!(p.server_methods(S1), vec!["ACK", "OPTIONS"]);
     assert_eq!(p.terminal_methods(), vec!["OPTIONS"]);
+    p.server_answers_request(S1, 200);
+    p.terminal_answers_request_with(200, "");
+    // The second at 60 s: the server's transaction times out 32 s later (408).
+    p.advance(Duration::from_secs(30));
+    assert_eq!(count(&p.server_methods(S1), "OPTIONS"), 2);
+    p.advance(Duration::from_secs(32));
+    assert!(p.records.is_empty(), "nothing ends before the answer");
     p.server_answers_request(S1, 408);
     assert_eq!(p.records[0].cause, EndCause::Timeout);
+    // Billed up to the server's last answer (30 s), not to the 408 (92 s): nothing was
+    // delivered after it.
     assert_eq!(p.records[0].duration_ms, 30_000);
+    assert_eq!(count(&p.terminal_methods(), "BYE"), 1);
+}
+
+#[test]
+fn a_leg_with_a_session_timer_is_not_probed() {
+    // The terminal refreshes its own leg; the server's 2xx has no timer (sipp's, say).
+    // Probes on, every 30 s.
+    let mut env = timer_env();
+    env.limits.probe_interval = Duration::from_secs(30);
+    let mut p = Pair::with_invite(env, Strategy::First, TERMINAL_REFRESHES);
+    p.server_answers_with(0, 200, "");
+    p.terminal_acks(0);
+    p.advance(Duration::from_secs(30));
+    assert_eq!(count(&p.terminal_methods(), "OPTIONS"), 0, "the timer watches it");
+    assert_eq!(count(&p.server_methods(S1), "OPTIONS"), 1, "no timer: probed");
 }
 
 #[test]
