@@ -5,7 +5,8 @@
 //!
 //! The loss comes from [`LossyLink`]s the test runs in-process, one per leg, each a pair of
 //! UDP sockets on 127.0.0.1 forwarding between them and dropping datagrams at random (the
-//! kernel here has no `netem`, and a lossy link needs no privilege nor outside program). A
+//! kernel here has no `netem`; nftables in a network namespace would need root and a package,
+//! a lossy link needs neither). A
 //! B2BUA answers requests where their Via says (the relay honours `rport`: the datagram's
 //! source) and sends in-dialog requests where a Contact says, so every address a peer gives
 //! the relay names its link: the terminal sends to its link and puts the link's relay-facing
@@ -18,6 +19,10 @@
 //! (Timer G), of its 2xx until the terminal's ACK (RFC 3261 §13.3.1.4), of its INVITE and BYE
 //! to the server (Timers A and E), its ACK to a retransmitted 2xx of the server, and its
 //! answers to retransmitted requests (server transactions), a BYE before the ACK included.
+//! It found that an ACK sipp sends again for a retransmitted 407 of its first INVITE, with
+//! the Via (branch) of its second INVITE's 180 but CSeq 1, stopped the retransmission of the
+//! second INVITE's 2xx, so a terminal whose 200 was lost never got one and the call hung
+//! (fixed in sip-core's transaction layer: such an ACK acknowledges nothing of that INVITE).
 //!
 //! Every wait is on a condition and bounded; every process is killed by its guard.
 
