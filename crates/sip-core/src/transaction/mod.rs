@@ -705,7 +705,13 @@ impl TransactionLayer {
         let ack_key = AckKey::new(&mut summary);
         if let Some(id) = self.ack_index.remove(&ack_key) {
             if let Some(tx) = self.servers.get_mut(&id) {
-                tx.on_2xx_ack();
+                let mut io = Io {
+                    out: &mut self.out,
+                    queue: &mut self.queue,
+                    timers: &self.timers,
+                    deadlines: &self.deadlines,
+                };
+                tx.on_2xx_ack(now, &mut io);
             }
         }
         self.out

@@ -313,7 +313,7 @@ impl ServerTx {
                 AckDisposition::Absorb(Fate::Live)
             }
             ServerState::Accepted => {
-                self.on_2xx_ack();
+                self.on_2xx_ack(now, io);
                 AckDisposition::Deliver
             }
             _ => AckDisposition::Absorb(Fate::Live),
@@ -321,15 +321,24 @@ impl ServerTx {
     }
 
     /// The ACK for our 2xx arrived: stop retransmitting it. The transaction stays in
-    /// Accepted until Timer L, absorbing INVITE retransmissions.
-    pub fn on_2xx_ack(&mut self) {
+    /// Accepted only to absorb INVITE retransmissions still on their way: for T4 over an
+    /// unreliable transport (as Confirmed does after the ACK of a non-2xx, Timer I,
+    /// §17.2.1), not at all over a reliable one, instead of the rest of Timer L's 64·T1
+    /// (RFC 6026 §7.1). A client that sent the ACK has its 2xx and no longer retransmits the
+    /// INVITE; a server holding a transaction per session for 32 s after the ACK paid for
+    /// it in memory with every concurrent session.
+    pub fn on_2xx_ack(&mut self, now: Instant, io: &mut Io<'_>) {
         if let Some(parts) = self.invite.as_mut() {
             if self.state == ServerState::Accepted && !parts.acked {
                 trace!(tx = ?self.id, "2xx acknowledged");
                 parts.acked = true;
                 // Nothing resends the 2xx now (INVITE retransmissions are absorbed).
                 self.last = None;
+                parts.template = None;
                 self.timers.disarm(Slot::Resend);
+                let linger = io.timers.timer_t4(self.from.is_reliable());
+                self.timers.disarm(Slot::Lifetime);
+                self.arm(io, Slot::Lifetime, now, linger);
             }
         }
     }

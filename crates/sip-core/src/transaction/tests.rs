@@ -863,17 +863,40 @@ fn server_invite_2xx_retransmitted_until_ack() {
     assert!(d.sent.is_empty());
     assert_eq!(
         d.deadline,
-        Some(t0 + Duration::from_secs(32)),
-        "only Timer L left"
+        Some(t0 + ms(5000) + Duration::from_secs(5)),
+        "Accepted lingers T4 after the ACK, not the rest of Timer L's 64·T1"
     );
     // A retransmitted ACK is delivered again (dialog level), the INVITE still absorbed.
     l.handle_message(t0 + ms(5100), SipMessage::Request(ack), udp(ALICE));
     assert_eq!(drain(&mut l).events.len(), 1);
+    l.handle_message(t0 + ms(9000), SipMessage::Request(req.clone()), udp(ALICE));
+    let d = drain(&mut l);
+    assert!(d.sent.is_empty() && d.events.is_empty(), "still absorbed");
     assert_eq!(
         run(&mut l, t0, Duration::from_secs(100)),
         vec![],
         "no AckTimeout"
     );
+    assert!(l.is_empty());
+}
+
+#[test]
+fn server_invite_2xx_acked_over_a_reliable_transport_ends_at_once() {
+    let mut l = layer();
+    let t0 = Instant::now();
+    let req = request("INVITE", "z9hG4bKvr", 1);
+    let id = server_request(&mut l, t0, &req, tcp(ALICE));
+    l.respond(t0, id, response(&req, 200)).unwrap();
+    drain(&mut l);
+    l.handle_message(
+        t0 + ms(300),
+        SipMessage::Request(request("ACK", "z9hG4bKnewbranch", 1)),
+        tcp(ALICE),
+    );
+    let d = drain(&mut l);
+    assert!(matches!(&d.events[..], [Event::Ack2xx { .. }]));
+    assert_eq!(d.deadline, Some(t0 + ms(300)), "nothing to absorb over TCP");
+    assert_eq!(run(&mut l, t0 + ms(300), ms(1)), vec![]);
     assert!(l.is_empty());
 }
 
@@ -923,7 +946,7 @@ fn server_invite_2xx_ack_with_invite_branch_is_delivered() {
     );
     let d = drain(&mut l);
     assert!(matches!(&d.events[..], [Event::Ack2xx { .. }]));
-    assert_eq!(d.deadline, Some(t0 + Duration::from_secs(32)));
+    assert_eq!(d.deadline, Some(t0 + ms(100) + Duration::from_secs(5)));
     assert!(l.ack_index.is_empty());
 }
 
