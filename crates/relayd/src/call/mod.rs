@@ -591,6 +591,10 @@ impl Call {
             return;
         };
         match self.sessions[i].state {
+            // The ACK of our 2xx carries the INVITE's CSeq number (RFC 3261 §13.2.2.4); one
+            // with another (a terminal ACKing again an earlier challenge, with this dialog's
+            // To tag) confirms nothing.
+            State::AwaitingAck(_) if cseq_number(&ack) != cseq_number(&self.a.invite) => {}
             State::AwaitingAck(_) => {
                 let (headers, body) = b2bua::carried_body(&ack);
                 let s = &mut self.sessions[i];
@@ -849,4 +853,14 @@ impl Call {
         }
         debug!("call shut down");
     }
+}
+
+/// The CSeq number of `req`, when it has a readable one.
+fn cseq_number(req: &Request) -> Option<u32> {
+    req.headers.iter().find_map(|h| match h {
+        Header::CSeq(c) => {
+            sip_core::fields::cseq_of(rsip::prelude::UntypedHeader::value(c)).map(|(n, _)| n)
+        }
+        _ => None,
+    })
 }

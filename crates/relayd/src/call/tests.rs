@@ -861,6 +861,23 @@ fn a_refusal_another_server_would_give_too_is_relayed() {
 // --- failure paths: loss, CANCEL, BYE before ACK, no ACK ---
 
 #[test]
+fn an_ack_with_another_cseq_than_the_invite_does_not_confirm_the_session() {
+    let mut p = Pair::new(ONE, Strategy::First);
+    p.server_answers(0, 200);
+    // An ACK in the dialog of the 2xx but with another CSeq number: the ACK of an earlier
+    // INVITE of the call (sipp ACKing again the 407 of its first INVITE, with the To tag of
+    // the relay's later answer). It acknowledges nothing of this 2xx (RFC 3261 §13.2.2.4).
+    let tag = p.a_tag(0);
+    let stray = p.terminal_message("ACK", &tag, 0, "", "");
+    let dialog = DialogId::of_incoming_request(&stray);
+    p.input(Input::Ack { req: stray, dialog });
+    assert!(p.server_methods(S1).is_empty(), "not relayed to the server");
+    // The ACK of the 2xx confirms the session.
+    p.terminal_acks(0);
+    assert_eq!(p.server_methods(S1), vec!["ACK"]);
+}
+
+#[test]
 fn a_lost_ack_is_sent_again_when_the_server_repeats_its_2xx_and_a_repeated_terminal_ack_is_not_relayed(
 ) {
     let mut p = Pair::established(ONE);
@@ -1041,8 +1058,16 @@ fn a_leg_with_a_session_timer_is_not_probed() {
     p.server_answers_with(0, 200, "");
     p.terminal_acks(0);
     p.advance(Duration::from_secs(30));
-    assert_eq!(count(&p.terminal_methods(), "OPTIONS"), 0, "the timer watches it");
-    assert_eq!(count(&p.server_methods(S1), "OPTIONS"), 1, "no timer: probed");
+    assert_eq!(
+        count(&p.terminal_methods(), "OPTIONS"),
+        0,
+        "the timer watches it"
+    );
+    assert_eq!(
+        count(&p.server_methods(S1), "OPTIONS"),
+        1,
+        "no timer: probed"
+    );
 }
 
 #[test]
