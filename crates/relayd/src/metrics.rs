@@ -97,6 +97,12 @@ pub fn render(relay: &Relay) -> String {
         "TCP connections closed: their send queue was full (the peer does not read).",
         t.queue_full.load(Ordering::Relaxed),
     );
+    metric(
+        "tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes that failed (an untrusted or missing certificate, a name that does not match) or did not finish within [limits] message_timeout_ms.",
+        t.tls_handshake_failures.load(Ordering::Relaxed),
+    );
     let e = relay.endpoint.stats();
     metric(
         "rate_limited_total",

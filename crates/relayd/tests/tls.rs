@@ -194,22 +194,28 @@ impl TlsSystem {
     }
 
     fn metric_is(&self, name: &str, value: i64) -> bool {
+        self.metric(name) == Some(value)
+    }
+
+    /// The value of one metric line, `None` when the relay does not answer or has no such
+    /// line.
+    fn metric(&self, name: &str) -> Option<i64> {
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.metrics_port)) else {
-            return false;
+            return None;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
         if stream
             .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
             .is_err()
         {
-            return false;
+            return None;
         }
         let mut text = String::new();
         let _ = stream.read_to_string(&mut text);
-        text.lines().any(|l| {
+        text.lines().find_map(|l| {
             l.strip_prefix(name)
+                .filter(|rest| rest.starts_with(' '))
                 .and_then(|rest| rest.trim().parse::<i64>().ok())
-                == Some(value)
         })
     }
 
@@ -450,6 +456,16 @@ fn an_untrusted_client_certificate_is_refused() {
         !relay.stdout.contains("SIP/2.0"),
         "relayd answered a peer with an untrusted certificate\n{}\n{}",
         relay.stdout,
+        system.report()
+    );
+    let counted = wait_until(WAIT, || {
+        system
+            .metric("relayd_tls_handshake_failures_total")
+            .is_some_and(|n| n >= 1)
+    });
+    assert!(
+        counted,
+        "the refused handshake was not counted\n{}",
         system.report()
     );
     // The agent requires one chained to its CA: a stranger's, or none, is refused.

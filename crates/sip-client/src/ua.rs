@@ -127,9 +127,10 @@ fn peer_of(uri: &Uri, relay: Peer) -> Peer {
     }
 }
 
-/// Picks the target to use: the first of the transport asked for, else the first we speak.
-fn pick_target(targets: &[Target], wanted: Option<Transport>) -> anyhow::Result<Peer> {
-    let speakable = |_: &&Target| true;
+/// Picks the target to use: the first of the transport asked for, else the first we speak
+/// (TLS only with trusted CAs to verify the relay with: `tls`).
+fn pick_target(targets: &[Target], wanted: Option<Transport>, tls: bool) -> anyhow::Result<Peer> {
+    let speakable = |t: &&Target| tls || t.transport != Transport::Tls;
     let chosen = match wanted {
         Some(w) => targets
             .iter()
@@ -147,7 +148,7 @@ fn pick_target(targets: &[Target], wanted: Option<Transport>) -> anyhow::Result<
     };
     match chosen {
         Some(p) => Ok(p),
-        None => bail!("the relay resolves to no address"),
+        None => bail!("the relay resolves to no address we can use (TLS ones need --ca FILE)"),
     }
 }
 
@@ -160,7 +161,7 @@ impl Ua {
             None => resolve(&settings.relay, &SystemDns).await,
         }
         .with_context(|| format!("cannot find the relay {}", settings.relay))?;
-        let relay = pick_target(&targets, settings.transport)?;
+        let relay = pick_target(&targets, settings.transport, settings.tls.is_some())?;
         tracing::debug!(%relay, ?targets, "relay resolved");
         let listen = match settings.listen {
             Some(l) => {
@@ -422,9 +423,11 @@ mod tests {
                 addr: a,
             },
         ];
-        assert_eq!(pick_target(&targets, None).unwrap(), Peer::tcp(b));
+        // Without trusted CAs the TLS target is passed over; with them it is first.
+        assert_eq!(pick_target(&targets, None, false).unwrap(), Peer::tcp(b));
+        assert_eq!(pick_target(&targets, None, true).unwrap(), Peer::tls(a));
         assert_eq!(
-            pick_target(&targets, Some(Transport::Udp)).unwrap(),
+            pick_target(&targets, Some(Transport::Udp), false).unwrap(),
             Peer::udp(a)
         );
         let ip_only = [Target {
@@ -432,10 +435,10 @@ mod tests {
             addr: a,
         }];
         assert_eq!(
-            pick_target(&ip_only, Some(Transport::Tcp)).unwrap(),
+            pick_target(&ip_only, Some(Transport::Tcp), false).unwrap(),
             Peer::tcp(a)
         );
-        assert!(pick_target(&targets[..1], None).is_err());
+        assert!(pick_target(&targets[..1], None, false).is_err());
     }
 
     #[test]
