@@ -218,6 +218,19 @@ impl ServerDeadlines {
     }
 }
 
+/// Tables at or under this capacity are left as they are: their room costs little.
+const KEEP_CAPACITY: usize = 1024;
+
+/// Shrinks `map` to twice its entries once it is under a quarter full and larger than
+/// [`KEEP_CAPACITY`].
+fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
+    if map.capacity() > KEEP_CAPACITY && map.len() < map.capacity() / 4 {
+        map.shrink_to((map.len() * 2).max(KEEP_CAPACITY / 2));
+    }
+}
+
 /// Whether a transaction lives on after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
@@ -355,6 +368,21 @@ impl TransactionLayer {
                 }
             }
         }
+        self.give_back_room();
+    }
+
+    /// Gives back the room of tables a load peak grew and that are now mostly empty: a
+    /// hash map keeps its capacity when entries leave, so without this the memory of the
+    /// busiest second would stay for the life of the process. A table shrinks once it is
+    /// under a quarter full, to twice its entries, so that a steady load never shrinks and
+    /// regrows it.
+    fn give_back_room(&mut self) {
+        shrink_if_sparse(&mut self.clients);
+        shrink_if_sparse(&mut self.client_index);
+        shrink_if_sparse(&mut self.servers);
+        shrink_if_sparse(&mut self.server_index);
+        shrink_if_sparse(&mut self.ack_index);
+        self.queue.give_back_room();
     }
 
     /// Starts a client transaction and sends its request. The request carries its top Via

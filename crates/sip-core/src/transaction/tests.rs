@@ -1348,3 +1348,25 @@ fn server_cancel_never_answered_is_dropped() {
     assert!(l.is_empty());
     assert_eq!(l.unanswered(), 2);
 }
+
+#[test]
+fn tables_a_load_peak_grew_are_given_back_once_it_is_over() {
+    let mut l = layer();
+    let t0 = Instant::now();
+    for i in 0..5000 {
+        let req = request("OPTIONS", &format!("z9hG4bKpeak{i}"), 1);
+        let id = server_request(&mut l, t0, &req, udp(ALICE));
+        l.respond(t0, id, response(&req, 200)).unwrap();
+    }
+    drain(&mut l);
+    assert!(l.servers.capacity() >= 5000 && l.server_index.capacity() >= 5000);
+    // Timer J (64·T1) ends them all; the tables shrink back to a small room.
+    run(&mut l, t0, Duration::from_secs(40));
+    assert!(l.is_empty());
+    assert!(
+        l.servers.capacity() <= KEEP_CAPACITY && l.server_index.capacity() <= KEEP_CAPACITY,
+        "servers {} index {}",
+        l.servers.capacity(),
+        l.server_index.capacity()
+    );
+}

@@ -170,6 +170,16 @@ struct Lane {
 }
 
 impl TimerQueue {
+    /// Gives back the room of lanes a load peak grew, as the layer's tables do.
+    pub fn give_back_room(&mut self) {
+        for lane in &mut self.lanes {
+            let entries = &mut lane.entries;
+            if entries.capacity() > 1024 && entries.len() < entries.capacity() / 4 {
+                entries.shrink_to((entries.len() * 2).max(512));
+            }
+        }
+    }
+
     /// Schedules an entry armed `after` its duration (its `at` is the time of arming plus
     /// `after`).
     pub fn push(&mut self, entry: Entry, after: Duration) {
