@@ -170,8 +170,10 @@ pub enum TxError {
 /// - an INVITE transaction is answered 408 (Request Timeout) by the layer, with the To tag
 ///   of the TU's last provisional (or a fresh one), and then ends like any non-2xx: Timer G
 ///   resends it over UDP, the ACK is absorbed, Timer H or I removes it. Its deadline is
-///   counted from the request and again from each provisional the TU sends (like a proxy's
-///   Timer C, §16.8), since a UAS may ring for minutes;
+///   counted from the request, and again from a provisional the TU sends once a tenth of it
+///   has run (like a proxy's Timer C, §16.8, since a UAS may ring for minutes; not from
+///   every provisional, so that a TU passing on many leaves no timer entry for each): it
+///   falls between 0.9 and 1 times the deadline after the TU's last provisional;
 /// - any other transaction (CANCEL included) is dropped without an answer: its client's
 ///   Timer F has fired by then, and a 408 to a non-INVITE request is never sent (RFC 4320
 ///   §4.2).
@@ -181,8 +183,8 @@ pub enum TxError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerDeadlines {
     /// An INVITE's deadline, from the request or the TU's last provisional (default 180 s,
-    /// the least RFC 3261 §16.8 allows for Timer C). Keep it above the longest a TU may
-    /// wait for a callee between two provisionals.
+    /// the least RFC 3261 §16.8 allows for Timer C). Keep it a tenth above the longest a
+    /// TU may wait for a callee between two provisionals.
     pub invite: Duration,
     /// A non-INVITE request's deadline, from the request; `None` (the default): 64·T1,
     /// when the client's Timer F fires.

@@ -7,8 +7,8 @@
 //!
 //! RFC 3261 gives a server transaction no end while its TU stays silent. Here it has one
 //! ([`super::ServerDeadlines`]): an INVITE with no final response from its TU by the
-//! deadline (counted from the request or the TU's last provisional, like a proxy's Timer C,
-//! §16.8) is answered 408 by the layer and ends as any non-2xx does; a non-INVITE one is
+//! deadline (counted from the request or, within a tenth of it, the TU's last provisional,
+//! like a proxy's Timer C, §16.8) is answered 408 by the layer and ends as any non-2xx does; a non-INVITE one is
 //! dropped without an answer once the client's Timer F has fired (RFC 4320 §4.2: no 408 to
 //! a non-INVITE request). Either way the layer counts it.
 
@@ -198,9 +198,18 @@ impl ServerTx {
                     take_to(template, &resp);
                 }
                 self.send(to_bytes(resp), io);
-                // The TU spoke: no 100 (Trying) of our own, and its deadline starts again.
+                // The TU spoke: no 100 (Trying) of our own, and its deadline starts again —
+                // moved once a tenth of it has run, so that a TU passing on provisionals
+                // quickly does not leave a stale timer entry behind for each.
                 self.timers.disarm(Slot::Resend);
-                self.arm(io, Slot::Lifetime, now, io.deadlines.invite);
+                let deadline = io.deadlines.invite;
+                let moved = self
+                    .timers
+                    .armed_at(Slot::Lifetime)
+                    .is_none_or(|at| at + deadline / 10 <= now + deadline);
+                if moved {
+                    self.arm(io, Slot::Lifetime, now, deadline);
+                }
                 Ok(Fate::Live)
             }
             (true, _, 200..=299) => {

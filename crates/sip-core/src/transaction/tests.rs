@@ -731,8 +731,9 @@ fn server_invite_no_100_when_the_tu_answers_first() {
     assert_eq!(d.sent.len(), 1);
     assert_eq!(
         d.deadline,
-        Some(t0 + ms(50) + Duration::from_secs(180)),
-        "the 100 timer is off; the TU's deadline runs from its provisional"
+        Some(t0 + Duration::from_secs(180)),
+        "the 100 timer is off; the TU's deadline runs from the request (its provisional came \
+         before a tenth of the deadline had run)"
     );
     l.handle_timeout(t0 + ms(300));
     assert!(drain(&mut l).sent.is_empty());
@@ -1222,15 +1223,31 @@ fn server_invite_never_answered_gets_408_after_the_deadline() {
     let trying = drain(&mut l);
     assert_eq!(trying.sent.len(), 1, "100 Trying");
     assert_eq!(trying.deadline, Some(t0 + Duration::from_secs(180)));
-    // The TU rings at 10 s: the deadline moves to 190 s.
+    // The TU rings at 10 s: before a tenth of the deadline (18 s) has run, so it stays.
     l.respond(t0 + Duration::from_secs(10), id, response(&req, 180))
         .unwrap();
     let ringing = drain(&mut l);
     assert_eq!(status_and_tag(&ringing.sent[0]), (180, Some("bob1".into())));
-    assert_eq!(ringing.deadline, Some(t0 + Duration::from_secs(190)));
-    l.handle_timeout(t0 + Duration::from_secs(189));
+    assert_eq!(ringing.deadline, Some(t0 + Duration::from_secs(180)));
+    // Provisionals in quick succession do not move it either (one timer entry each would
+    // pile up); one 18 s after the request does.
+    let entries = l.queue.len();
+    for n in 0..100 {
+        l.respond(
+            t0 + Duration::from_secs(10) + ms(n),
+            id,
+            response(&req, 183),
+        )
+        .unwrap();
+    }
+    assert_eq!(drain(&mut l).sent.len(), 100);
+    assert_eq!(l.queue.len(), entries, "no timer entry per provisional");
+    l.respond(t0 + Duration::from_secs(28), id, response(&req, 180))
+        .unwrap();
+    assert_eq!(drain(&mut l).deadline, Some(t0 + Duration::from_secs(208)));
+    l.handle_timeout(t0 + Duration::from_secs(207));
     assert!(drain(&mut l).sent.is_empty());
-    l.handle_timeout(t0 + Duration::from_secs(190));
+    l.handle_timeout(t0 + Duration::from_secs(208));
     let timeout = drain(&mut l);
     assert_eq!(timeout.sent.len(), 1);
     assert_eq!(timeout.sent[0].to, udp(ALICE));
@@ -1240,17 +1257,17 @@ fn server_invite_never_answered_gets_408_after_the_deadline() {
     assert_eq!(l.servers[&id].state(), ServerState::Completed);
     // The TU's late answer is refused; the INVITE's retransmission gets the 408 again.
     assert_eq!(
-        l.respond(t0 + Duration::from_secs(191), id, response(&req, 200)),
+        l.respond(t0 + ms(208_200), id, response(&req, 200)),
         Err(TxError::AlreadyFinal)
     );
     l.handle_message(
-        t0 + Duration::from_secs(191),
+        t0 + ms(208_200),
         SipMessage::Request(req.clone()),
         udp(ALICE),
     );
     assert_eq!(drain(&mut l).sent, timeout.sent);
-    // Timer G at 190.5 s; then the ACK: absorbed, Timer I.
-    l.handle_timeout(t0 + ms(190_500));
+    // Timer G at 208.5 s; then the ACK: absorbed, Timer I.
+    l.handle_timeout(t0 + ms(208_500));
     assert_eq!(drain(&mut l).sent, timeout.sent);
     let mut ack = req.clone();
     ack.method = rsip::Method::Ack;
@@ -1259,10 +1276,10 @@ fn server_invite_never_answered_gets_408_after_the_deadline() {
             *c = rsip::headers::CSeq::new("1 ACK");
         }
     }
-    l.handle_message(t0 + ms(190_600), SipMessage::Request(ack), udp(ALICE));
+    l.handle_message(t0 + ms(208_600), SipMessage::Request(ack), udp(ALICE));
     let acked = drain(&mut l);
     assert!(acked.sent.is_empty() && acked.events.is_empty());
-    assert_eq!(acked.deadline, Some(t0 + ms(195_600)), "Timer I");
+    assert_eq!(acked.deadline, Some(t0 + ms(213_600)), "Timer I");
     assert_eq!(run(&mut l, t0, Duration::from_secs(3600)), vec![]);
     assert!(l.is_empty());
     assert_eq!(l.unanswered(), 1);

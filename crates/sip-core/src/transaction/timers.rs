@@ -281,6 +281,14 @@ impl TimerSlots {
         *self.get_mut(slot) = None;
     }
 
+    /// The deadline `slot` is armed for, if any.
+    pub fn armed_at(&self, slot: Slot) -> Option<Instant> {
+        match slot {
+            Slot::Resend => self.resend,
+            Slot::Lifetime => self.lifetime,
+        }
+    }
+
     /// Whether `slot` is armed.
     #[cfg(test)]
     pub fn is_armed(&self, slot: Slot) -> bool {
