@@ -176,7 +176,13 @@ impl SessionTable {
 
     /// Stops routing `call_id`.
     pub fn remove(&self, call_id: &str) {
-        self.shard(call_id).remove(call_id);
+        let mut shard = self.shard(call_id);
+        shard.remove(call_id);
+        // A load peak's room is given back once the shard is under a quarter full.
+        if shard.capacity() > 64 && shard.len() < shard.capacity() / 4 {
+            let keep = (shard.len() * 2).max(32);
+            shard.shrink_to(keep);
+        }
     }
 
     /// The inbox of the call owning `call_id`.
@@ -249,5 +255,31 @@ mod tests {
             inbox.send(SessionInput::Shutdown),
             Err(SessionInput::Shutdown)
         ));
+    }
+
+    #[test]
+    fn the_table_gives_back_a_peaks_room_once_the_calls_are_gone() {
+        let table = SessionTable::default();
+        let (me, _rx) = inbox();
+        let ids: Vec<String> = (0..20_000).map(|i| format!("call-{i}")).collect();
+        for id in &ids {
+            table.insert(id, me.clone());
+        }
+        let room = |t: &SessionTable| -> usize {
+            t.shards
+                .iter()
+                .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).capacity())
+                .sum()
+        };
+        assert!(room(&table) >= 20_000);
+        for id in &ids {
+            table.remove(id);
+        }
+        assert!(table.get("call-1").is_none());
+        assert!(
+            room(&table) <= TABLE_SHARDS * 128,
+            "room left: {}",
+            room(&table)
+        );
     }
 }
