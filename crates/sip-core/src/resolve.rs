@@ -5,13 +5,22 @@
 //! for domain names only, because it replaces an IP host's port with the default one.
 //! Domains go through rsip-dns' RFC 3263 lookup (NAPTR → SRV → A/AAAA) over any
 //! [`rsip_dns::DnsClient`]: [`StaticDns`] answers from maps filled from configuration (so
-//! tests never need DNS), [`SystemDns`] asks the system resolver for addresses only.
+//! tests never need DNS), [`SystemDns`] asks the system resolver for addresses only, and
+//! [`NetDns`] asks a real DNS server (hickory-resolver) for NAPTR, SRV and A/AAAA records:
+//! the one named in configuration (`--dns 127.0.0.1:5353`), else `/etc/resolv.conf`'s.
+//!
+//! What is not I/O is plain functions with unit tests: SRV ordering by priority and weight
+//! ([`order_srv`], RFC 2782 as RFC 3263 §4.4 asks), NAPTR ordering ([`order_naptr`],
+//! RFC 3403 §4.1, RFC 3263 §4.1), and the fail-over over the ordered targets ([`Failover`],
+//! [`moves_on`], RFC 3263 §4.3). [`NetDns`] is a thin layer that asks and converts.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::TokioAsyncResolver;
 use rsip::Host;
 use rsip_dns::records::{
     AddrRecord, NaptrEntry, NaptrFlags, NaptrRecord, NaptrServices, SrvEntry, SrvRecord,
@@ -398,6 +407,280 @@ impl DnsClient for SystemDns {
     }
 }
 
+/// Orders SRV records for RFC 3263 §4.4: by priority (lowest first), and within one
+/// priority by RFC 2782's weighted random selection: a record of weight `w` comes first with
+/// probability `w / sum`, records of weight 0 only a very small chance (they are put first
+/// in the running sum, as RFC 2782 asks). `key` gives a record's (priority, weight);
+/// `random(n)` returns a number in `0..=n` (a seeded or fixed one in tests).
+pub fn order_srv<T>(
+    mut records: Vec<T>,
+    key: impl Fn(&T) -> (u16, u16),
+    mut random: impl FnMut(u32) -> u32,
+) -> Vec<T> {
+    // Stable: weight-0 records first within each priority, then as given.
+    records.sort_by_key(|r| {
+        let (priority, weight) = key(r);
+        (priority, weight != 0)
+    });
+    let mut out = Vec::with_capacity(records.len());
+    let mut rest = records;
+    while !rest.is_empty() {
+        let priority = key(&rest[0]).0;
+        let group_len = rest.iter().take_while(|r| key(r).0 == priority).count();
+        let mut group: Vec<T> = rest.drain(..group_len).collect();
+        while !group.is_empty() {
+            let sum: u32 = group.iter().map(|r| u32::from(key(r).1)).sum();
+            let pick = random(sum).min(sum);
+            let mut running = 0u32;
+            let mut chosen = group.len() - 1;
+            for (i, r) in group.iter().enumerate() {
+                running += u32::from(key(r).1);
+                if running >= pick {
+                    chosen = i;
+                    break;
+                }
+            }
+            out.push(group.remove(chosen));
+        }
+    }
+    out
+}
+
+/// Orders NAPTR records by order, then preference, lowest first (RFC 3403 §4.1, as RFC
+/// 3263 §4.1 applies it). `key` gives a record's (order, preference).
+pub fn order_naptr<T>(mut records: Vec<T>, key: impl Fn(&T) -> (u16, u16)) -> Vec<T> {
+    records.sort_by_key(|r| key(r));
+    records
+}
+
+/// Whether the final response of a request sent to one target means "try the next one"
+/// (RFC 3263 §4.3): a transaction timeout or a transport failure (refused or reset TCP/TLS
+/// connection, ICMP error), which sip-core's endpoint reports as a local 408 or 503 with no
+/// header (RFC 3261 §8.1.3.1), or a 503 (Service Unavailable) from the target itself.
+pub fn moves_on(resp: &rsip::Response) -> bool {
+    let code = resp.status_code.code();
+    code == 503 || (code == 408 && resp.headers.iter().next().is_none())
+}
+
+/// The targets of one resolution, tried in order (RFC 3263 §4.3): the current one is used
+/// until a request to it fails as [`moves_on`] says, then the next one. Plain data, no I/O:
+/// the program sends, sees the outcome, and calls [`Failover::failed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failover {
+    targets: Vec<Target>,
+    current: usize,
+}
+
+impl Failover {
+    /// The targets in the order to try them; `None` when there is none.
+    pub fn new(targets: Vec<Target>) -> Option<Failover> {
+        if targets.is_empty() {
+            return None;
+        }
+        Some(Failover {
+            targets,
+            current: 0,
+        })
+    }
+
+    /// `first`, then those of `others` that are not `first`, in their order.
+    pub fn starting_with(first: Target, others: impl IntoIterator<Item = Target>) -> Failover {
+        let mut targets = vec![first];
+        for t in others {
+            if !targets.contains(&t) {
+                targets.push(t);
+            }
+        }
+        Failover {
+            targets,
+            current: 0,
+        }
+    }
+
+    /// The target in use.
+    pub fn current(&self) -> Target {
+        self.targets[self.current]
+    }
+
+    /// The current target did not answer: moves to the next one and returns it, or `None`
+    /// when every target has been tried (the current one stays the last).
+    pub fn failed(&mut self) -> Option<Target> {
+        if self.current + 1 < self.targets.len() {
+            self.current += 1;
+            Some(self.targets[self.current])
+        } else {
+            None
+        }
+    }
+
+    /// Starts again from the first target (a new resolution, or after a whole round failed).
+    pub fn restart(&mut self) {
+        self.current = 0;
+    }
+
+    /// All the targets, in order.
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+}
+
+fn trim_name(name: &str) -> String {
+    name.trim_end_matches('.').to_owned()
+}
+
+/// A [`DnsClient`] asking a real DNS server (hickory-resolver, over UDP with TCP on
+/// truncation): NAPTR (RFC 3263 §4.1), SRV (§4.1, §4.2, ordered per [`order_srv`]) and
+/// A/AAAA records. [`NetDns::with_server`] asks one server (`127.0.0.1:5353`), for every
+/// record; [`NetDns::system`] asks `/etc/resolv.conf`'s servers for NAPTR and SRV and the
+/// system resolver (`getaddrinfo`, so `/etc/hosts` too) for addresses, as [`SystemDns`]
+/// does. Cheap to clone.
+#[derive(Clone)]
+pub struct NetDns {
+    resolver: Option<TokioAsyncResolver>,
+    /// Addresses too from `resolver` (a configured server), else from the system.
+    addrs_from_resolver: bool,
+}
+
+impl std::fmt::Debug for NetDns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetDns")
+            .field("resolver", &self.resolver.is_some())
+            .field("addrs_from_resolver", &self.addrs_from_resolver)
+            .finish()
+    }
+}
+
+impl NetDns {
+    /// Asks the DNS server at `server` for everything (no search list, no `/etc/hosts`),
+    /// waiting `timeout` per query, two attempts.
+    pub fn with_server(server: SocketAddr, timeout: std::time::Duration) -> NetDns {
+        use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
+        let group = NameServerConfigGroup::from_ips_clear(&[server.ip()], server.port(), true);
+        let config = ResolverConfig::from_parts(None, Vec::new(), group);
+        let mut opts = ResolverOpts::default();
+        opts.timeout = timeout;
+        opts.attempts = 2;
+        opts.use_hosts_file = false;
+        opts.ndots = 0;
+        NetDns {
+            resolver: Some(TokioAsyncResolver::tokio(config, opts)),
+            addrs_from_resolver: true,
+        }
+    }
+
+    /// The system's configuration: NAPTR and SRV from `/etc/resolv.conf`'s servers (none
+    /// when it cannot be read), addresses from `getaddrinfo`.
+    pub fn system() -> NetDns {
+        let resolver = match TokioAsyncResolver::tokio_from_system_conf() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::debug!(error = %e, "no system DNS configuration: addresses only");
+                None
+            }
+        };
+        NetDns {
+            resolver,
+            addrs_from_resolver: false,
+        }
+    }
+}
+
+#[async_trait]
+impl DnsClient for NetDns {
+    async fn naptr_lookup(&self, domain: rsip::Domain) -> Option<NaptrRecord> {
+        let resolver = self.resolver.as_ref()?;
+        let name = trim_name(&domain.to_string());
+        let answer = match resolver.lookup(name.as_str(), RecordType::NAPTR).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(%name, error = %e, "no NAPTR");
+                return None;
+            }
+        };
+        let mut entries = Vec::new();
+        for rdata in answer.iter() {
+            let RData::NAPTR(n) = rdata else { continue };
+            // Unknown services (SIP+D2S, E2U…) are not ours: skip them (RFC 3263 §4.1).
+            let Ok(services) = NaptrServices::try_from(n.services()) else {
+                continue;
+            };
+            entries.push(NaptrEntry {
+                order: n.order(),
+                preference: n.preference(),
+                flags: NaptrFlags::from(n.flags()),
+                services,
+                regexp: n.regexp().to_vec(),
+                replacement: trim_name(&n.replacement().to_string()).into(),
+            });
+        }
+        if entries.is_empty() {
+            return None;
+        }
+        Some(NaptrRecord {
+            entries: order_naptr(entries, |e| (e.order, e.preference)),
+            domain,
+        })
+    }
+
+    async fn srv_lookup(&self, domain: SrvDomain) -> Option<SrvRecord> {
+        let resolver = self.resolver.as_ref()?;
+        let name = trim_name(&domain.to_string());
+        let answer = match resolver.srv_lookup(name.as_str()).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(%name, error = %e, "no SRV");
+                return None;
+            }
+        };
+        let entries: Vec<SrvEntry> = answer
+            .iter()
+            // A target of "." means the service is not offered there (RFC 2782).
+            .filter(|srv| !srv.target().is_root())
+            .map(|srv| SrvEntry {
+                priority: srv.priority(),
+                weight: srv.weight(),
+                port: srv.port().into(),
+                target: trim_name(&srv.target().to_string()).into(),
+            })
+            .collect();
+        if entries.is_empty() {
+            return None;
+        }
+        let mut rng = rand::thread_rng();
+        let entries = order_srv(
+            entries,
+            |e| (e.priority, e.weight),
+            |n| rand::Rng::gen_range(&mut rng, 0..=n),
+        );
+        Some(SrvRecord { entries, domain })
+    }
+
+    async fn ip_lookup(&self, domain: rsip::Domain) -> Result<AddrRecord, rsip::Error> {
+        let resolver = match &self.resolver {
+            Some(r) if self.addrs_from_resolver => r,
+            _ => return SystemDns.ip_lookup(domain).await,
+        };
+        let name = trim_name(&domain.to_string());
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return Ok(AddrRecord {
+                domain,
+                ip_addrs: vec![ip],
+            });
+        }
+        let answer = resolver
+            .lookup_ip(name.as_str())
+            .await
+            .map_err(|e| rsip::Error::Unexpected(format!("lookup of {name}: {e}")))?;
+        let mut ip_addrs: Vec<IpAddr> = Vec::new();
+        for ip in answer.iter() {
+            if !ip_addrs.contains(&ip) {
+                ip_addrs.push(ip);
+            }
+        }
+        Ok(AddrRecord { domain, ip_addrs })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -579,5 +862,108 @@ mod tests {
             resolve(&uri("sip:nowhere.test"), &dns()).await,
             Err(ResolveError::NotFound("nowhere.test".into()))
         );
+    }
+
+    #[test]
+    fn srv_order_is_priority_then_weighted_choice() {
+        // (priority, weight, name)
+        let recs = vec![
+            (20, 0, "backup"),
+            (10, 10, "b"),
+            (10, 0, "zero"),
+            (10, 90, "a"),
+        ];
+        let key = |r: &(u16, u16, &str)| (r.0, r.1);
+        let names =
+            |v: Vec<(u16, u16, &'static str)>| v.into_iter().map(|r| r.2).collect::<Vec<_>>();
+        // random = the top of the range: the last of the running sum wins each round.
+        assert_eq!(
+            names(order_srv(recs.clone(), key, |n| n)),
+            ["a", "b", "zero", "backup"]
+        );
+        // random = 0: a weight-0 record first (RFC 2782), then the first with weight.
+        assert_eq!(
+            names(order_srv(recs.clone(), key, |_| 0)),
+            ["zero", "b", "a", "backup"]
+        );
+        // random = 50 of 100: past b's 10 (and zero's 0), inside a's 90.
+        let mut first = true;
+        let mid = order_srv(recs.clone(), key, |n| {
+            if std::mem::take(&mut first) {
+                50.min(n)
+            } else {
+                0
+            }
+        });
+        assert_eq!(names(mid), ["a", "zero", "b", "backup"]);
+        // A lower priority always goes first, whatever the weights (rsip-dns' own sort
+        // adds weight to priority and would put (11, 500) before (10, 0)).
+        let recs = vec![(11, 500, "late"), (10, 0, "early")];
+        assert_eq!(names(order_srv(recs, key, |n| n)), ["early", "late"]);
+        // Over many draws, weights 90:10 give about 90% first places.
+        let mut seed = 1u64;
+        let mut a_first = 0;
+        for _ in 0..1000 {
+            let recs = vec![(1, 90, "a"), (1, 10, "b")];
+            let order = order_srv(recs, key, |n| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((seed >> 33) % (u64::from(n) + 1)) as u32
+            });
+            if order[0].2 == "a" {
+                a_first += 1;
+            }
+        }
+        assert!((850..=950).contains(&a_first), "{a_first}");
+    }
+
+    #[test]
+    fn naptr_order_is_order_then_preference() {
+        let recs = vec![(20, 1, "c"), (10, 50, "b"), (10, 10, "a")];
+        let out: Vec<_> = order_naptr(recs, |r| (r.0, r.1))
+            .into_iter()
+            .map(|r| r.2)
+            .collect();
+        assert_eq!(out, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn failover_moves_on_a_timeout_a_transport_failure_or_a_503() {
+        let a = t(Transport::Udp, "127.0.0.1:5071");
+        let b = t(Transport::Udp, "127.0.0.1:5072");
+        assert_eq!(Failover::new(Vec::new()), None);
+        let mut f = Failover::new(vec![a, b]).unwrap();
+        assert_eq!(f.current(), a);
+        assert_eq!(f.failed(), Some(b));
+        assert_eq!(f.current(), b);
+        assert_eq!(f.failed(), None);
+        assert_eq!(f.current(), b);
+        f.restart();
+        assert_eq!(f.current(), a);
+        assert_eq!(f.targets(), [a, b]);
+        let f = Failover::starting_with(b, [a, b, a]);
+        assert_eq!(f.targets(), [b, a]);
+
+        let local = |code: u16| rsip::Response {
+            status_code: rsip::StatusCode::from(code),
+            version: rsip::Version::V2,
+            headers: rsip::Headers::default(),
+            body: Vec::new(),
+        };
+        let remote = |code: u16| {
+            let mut r = local(code);
+            r.headers.push(rsip::Header::CallId("x@y".into()));
+            r
+        };
+        // Local 408 (Timer B/F) and local 503 (transport error): the next target.
+        assert!(moves_on(&local(408)));
+        assert!(moves_on(&local(503)));
+        // A 503 from the relay itself too; its own 408, or any other answer, does not.
+        assert!(moves_on(&remote(503)));
+        assert!(!moves_on(&remote(408)));
+        assert!(!moves_on(&remote(401)));
+        assert!(!moves_on(&remote(200)));
+        assert!(!moves_on(&remote(404)));
     }
 }

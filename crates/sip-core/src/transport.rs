@@ -550,6 +550,17 @@ impl Transports {
         }
     }
 
+    /// Opens a TCP or TLS connection to `to` unless one is open, sending nothing (nothing to
+    /// do for UDP). For a client that tries targets in turn (RFC 3263 §4.3): a refused
+    /// connection, or a failed TLS handshake, is reported here at once rather than as a
+    /// transaction timeout; the connection opened is the one the request then leaves on.
+    pub async fn ensure_connected(&self, to: &Peer) -> Result<(), TransportError> {
+        if to.transport == Transport::Udp || self.open_conn(to).is_some() {
+            return Ok(());
+        }
+        self.connect(to.transport, to.addr).await.map(|_| ())
+    }
+
     async fn send_stream(&self, to: &Peer, bytes: Bytes) -> Result<(), TransportError> {
         let (id, tx) = match self.open_conn(to) {
             Some(open) => open,
