@@ -200,7 +200,7 @@ impl Agent {
             key: "relay.domain",
             message: e.to_string(),
         })?;
-        let mut relay = RelaySources::of_uri(&config.relay.uri)
+        let mut relay = RelaySources::of_uri(&config.relay.uri, &config.relay.dns_client())
             .await
             .map_err(StartError::Relay)?;
         if config.tls.is_some() {
@@ -296,6 +296,7 @@ impl Agent {
         let charger = ChargerConfig {
             endpoint: endpoint.clone(),
             relay: config.relay.uri.clone(),
+            dns: config.relay.dns_client(),
             charge_uri: config.billing.charge_uri.clone(),
             aor: aor.clone(),
             sent_by: sent_by.clone(),
@@ -343,6 +344,8 @@ impl Agent {
                 relay: config.relay.uri.clone(),
                 sent_by: sent_by.clone(),
                 unregister_timeout: SHUTDOWN_STEP,
+                dns: config.relay.dns_client(),
+                failover: Default::default(),
             };
             let (handle, task) = registration::spawn(reg, driver, registration_stopped);
             (handle, Some(task))

@@ -35,7 +35,7 @@ use rsip::{Header, Method, Request, Response};
 use sip_core::dialog::ViaSpec;
 use sip_core::endpoint::Endpoint;
 use sip_core::message;
-use sip_core::resolve::{self, SystemDns};
+use sip_core::resolve::{self, NetDns};
 use sip_core::uri::Uri;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -321,6 +321,8 @@ pub struct ChargerConfig {
     pub endpoint: Endpoint,
     /// The relay's URI: where the MESSAGE is sent.
     pub relay: Uri,
+    /// The DNS client the relay's domain is resolved with (RFC 3263).
+    pub dns: NetDns,
     /// The MESSAGE's Request-URI (`sip:charge@<domain>`).
     pub charge_uri: Uri,
     /// Our address of record (From).
@@ -520,7 +522,7 @@ async fn deliver(
         let uri = config.charge_uri.to_string();
         let auth = shared.authorization(&uri);
         let answered = auth.is_some();
-        let resp = match target(&config.relay).await {
+        let resp = match target(&config.relay, &config.dns).await {
             Ok((peer, transport)) => {
                 let via = ViaSpec {
                     transport,
@@ -655,8 +657,11 @@ fn reason_of(resp: &Response) -> String {
     }
 }
 
-async fn target(relay: &Uri) -> Result<(sip_core::Peer, sip_core::Transport), String> {
-    let targets = resolve::resolve(relay, &SystemDns)
+async fn target(
+    relay: &Uri,
+    dns: &NetDns,
+) -> Result<(sip_core::Peer, sip_core::Transport), String> {
+    let targets = resolve::resolve(relay, dns)
         .await
         .map_err(|e| format!("cannot resolve {relay}: {e}"))?;
     let t = targets

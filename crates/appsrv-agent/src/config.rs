@@ -62,6 +62,11 @@ pub struct Flags {
     /// grants [file: relay.expires, default: 120].
     #[arg(long, value_name = "SECS")]
     pub expires: Option<u32>,
+    /// The DNS server (IP:PORT) to find a relay known by name with: NAPTR, SRV, A/AAAA
+    /// (RFC 3263 §4); a relay that does not answer gives way to the next target (§4.3)
+    /// [file: relay.dns, default: /etc/resolv.conf's servers].
+    #[arg(long, value_name = "SERVER:PORT")]
+    pub dns: Option<SocketAddr>,
     /// SIP address (UDP and TCP); of the relay's address family [file: sip.listen,
     /// default: 127.0.0.1:5080, or [::1]:5080 when the relay is an IPv6 address].
     #[arg(long, value_name = "ADDR")]
@@ -213,6 +218,21 @@ pub struct RelayConfig {
     pub register: bool,
     /// Registration lifetime asked for, in seconds.
     pub expires: u32,
+    /// The DNS server to resolve the relay's domain with, else the system's.
+    pub dns: Option<SocketAddr>,
+}
+
+impl RelayConfig {
+    /// The DNS client to resolve the relay with (RFC 3263): the configured server, else
+    /// the system's.
+    pub fn dns_client(&self) -> sip_core::resolve::NetDns {
+        match self.dns {
+            Some(server) => {
+                sip_core::resolve::NetDns::with_server(server, std::time::Duration::from_secs(2))
+            }
+            None => sip_core::resolve::NetDns::system(),
+        }
+    }
 }
 
 /// The SIP side of the agent.
@@ -459,6 +479,7 @@ struct RawRelay {
     password_file: Option<PathBuf>,
     register: Option<bool>,
     expires: Option<u32>,
+    dns: Option<SocketAddr>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -932,6 +953,7 @@ impl Build<'_> {
             password,
             register,
             expires,
+            dns: self.flags.dns.or(raw.dns),
         })
     }
 

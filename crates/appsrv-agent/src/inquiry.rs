@@ -20,7 +20,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use rsip::Request;
 use sip_core::address::{header_values, parse_asserted_identity, unquote, ServiceId};
-use sip_core::resolve::{self, SystemDns};
+use sip_core::resolve::{self, NetDns};
 use sip_core::sdp::{AppSdp, Connection, SdpError, Setup, APP_PROTO};
 use sip_core::uri::Uri;
 use sip_core::{Peer, Transport};
@@ -143,12 +143,12 @@ impl RelaySources {
 
     /// The sources of a relay URI: its IP address (IPv4, or IPv6 in brackets) and port, or
     /// the addresses its domain resolves to (RFC 3263).
-    pub async fn of_uri(uri: &Uri) -> Result<RelaySources, String> {
+    pub async fn of_uri(uri: &Uri, dns: &NetDns) -> Result<RelaySources, String> {
         let port = uri.port();
         if let Some(ip) = crate::config::relay_ip(uri) {
             return Ok(RelaySources::new(vec![(ip, port)]));
         }
-        let targets = resolve::resolve(uri, &SystemDns)
+        let targets = resolve::resolve(uri, dns)
             .await
             .map_err(|e| format!("cannot resolve the relay {uri}: {e}"))?;
         let mut entries: Vec<(IpAddr, Option<u16>)> =
@@ -705,7 +705,7 @@ t=0 0\r\nm=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\
     #[tokio::test]
     async fn relay_sources_of_an_ip_uri() {
         let uri = Uri::parse("sip:127.0.0.1:5999").unwrap();
-        let s = RelaySources::of_uri(&uri).await.unwrap();
+        let s = RelaySources::of_uri(&uri, &NetDns::system()).await.unwrap();
         assert_eq!(
             s,
             RelaySources::new(vec![("127.0.0.1".parse().unwrap(), Some(5999))])
@@ -795,7 +795,7 @@ t=0 0\r\nm=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\
     #[tokio::test]
     async fn relay_sources_of_an_ipv6_uri() {
         let uri = Uri::parse("sip:[::1]:5999").unwrap();
-        let s = RelaySources::of_uri(&uri).await.unwrap();
+        let s = RelaySources::of_uri(&uri, &NetDns::system()).await.unwrap();
         assert_eq!(
             s,
             RelaySources::new(vec![("::1".parse().unwrap(), Some(5999))])

@@ -16,6 +16,7 @@
 //! restores it, and an OPTIONS probe from the relay while the agent believes itself
 //! unregistered makes it register at once ([`RegistrationHandle::kick`]).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rsip::headers::UntypedHeader as _;
@@ -24,7 +25,7 @@ use sip_core::address::{header_values, Contacts};
 use sip_core::dialog::ViaSpec;
 use sip_core::endpoint::Endpoint;
 use sip_core::message;
-use sip_core::resolve::{self, SystemDns};
+use sip_core::resolve::{self, Failover, NetDns};
 use sip_core::uri::{Host, Uri};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
@@ -491,6 +492,10 @@ pub struct Driver {
     pub sent_by: String,
     /// How long unregistering may take at shutdown.
     pub unregister_timeout: Duration,
+    /// The DNS client the relay's domain is resolved with.
+    pub dns: NetDns,
+    /// The relay's targets as last resolved, and the one in use (RFC 3263 §4.3).
+    pub failover: Arc<std::sync::Mutex<Option<Failover>>>,
 }
 
 /// Starts the registration task. It runs until `shutdown` turns true, then unregisters
@@ -587,14 +592,23 @@ pub async fn run(
 }
 
 impl Driver {
-    /// Where to send, and the Via for it.
+    /// Where to send, and the Via for it: the target in use, or the first of a new
+    /// resolution when there is none yet or every target has failed.
     async fn target(&self) -> Result<(sip_core::Peer, ViaSpec), String> {
-        let targets = resolve::resolve(&self.relay, &SystemDns)
-            .await
-            .map_err(|e| format!("cannot resolve {}: {e}", self.relay))?;
-        let target = targets
-            .first()
-            .ok_or_else(|| format!("no address for {}", self.relay))?;
+        let kept = self.lock_failover().as_ref().map(Failover::current);
+        let target = match kept {
+            Some(t) => t,
+            None => {
+                let targets = resolve::resolve(&self.relay, &self.dns)
+                    .await
+                    .map_err(|e| format!("cannot resolve {}: {e}", self.relay))?;
+                let failover = Failover::new(targets)
+                    .ok_or_else(|| format!("no address for {}", self.relay))?;
+                let first = failover.current();
+                *self.lock_failover() = Some(failover);
+                first
+            }
+        };
         let via = ViaSpec {
             transport: target.transport,
             sent_by: self.sent_by.clone(),
@@ -603,11 +617,35 @@ impl Driver {
     }
 
     /// Sends `req` and waits for its final response (a local 408 on timeout, 503 on a
-    /// transport failure).
+    /// transport failure). A timeout, a transport failure or a 503 moves the relay to its
+    /// next target for the next attempt (RFC 3263 §4.3); after the last, the next attempt
+    /// resolves again.
     async fn transact(&self, req: Request, peer: sip_core::Peer) -> Response {
-        match self.endpoint.send_request(req, peer) {
-            Ok(mut tx) => tx.final_response().await,
+        let resp = match self.endpoint.transports().ensure_connected(&peer).await {
             Err(e) => local_response(503, &e.to_string()),
+            Ok(()) => match self.endpoint.send_request(req, peer) {
+                Ok(mut tx) => tx.final_response().await,
+                Err(e) => local_response(503, &e.to_string()),
+            },
+        };
+        if resolve::moves_on(&resp) {
+            let mut guard = self.lock_failover();
+            if let Some(f) = guard.as_mut().filter(|f| f.current().peer() == peer) {
+                match f.failed() {
+                    Some(next) => {
+                        warn!(failed = %peer, next = %next.peer(), "the relay does not answer: trying the next target")
+                    }
+                    None => *guard = None,
+                }
+            }
+        }
+        resp
+    }
+
+    fn lock_failover(&self) -> std::sync::MutexGuard<'_, Option<Failover>> {
+        match self.failover.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 }

@@ -46,8 +46,8 @@ Exit status:
 Environment: SIP_CLIENT_PASSWORD (the password), SIP_CLIENT_USER, SIP_CLIENT_RELAY,
 SIP_CLIENT_DOMAIN, SIP_CLIENT_CONFIG, SIP_CLIENT_TIMER_T1_MS, RUST_LOG.
 Config file (TOML; flags and environment win): user, password, relay, domain, transport,
-listen, expires, timer_t1_ms, wait_after_eof, answer_timeout, and static DNS records
-[dns] a = { \"name\" = [\"ip\"] }, [[dns.srv]] name/priority/weight/port/target,
+listen, expires, timer_t1_ms, wait_after_eof, answer_timeout, the DNS server
+[dns] server = \"IP:PORT\", and static DNS records [dns] a = { \"name\" = [\"ip\"] }, [[dns.srv]] name/priority/weight/port/target,
 [[dns.naptr]] domain/order/preference/service/replacement. See crates/sip-client/README.md.";
 
 /// `sip-client`: request services of a SIP service relay from a terminal.
@@ -105,6 +105,11 @@ pub struct CommonArgs {
     /// certificate must name the relay URI's host (RFC 5922 §7.1)
     #[arg(long, global = true, env = "SIP_CLIENT_CA", value_name = "FILE")]
     pub ca: Option<PathBuf>,
+    /// The DNS server (IP:PORT) to find a relay known by name with: NAPTR, SRV, A/AAAA
+    /// (RFC 3263 §4); a relay that does not answer gives way to the next SRV target (§4.3)
+    /// [file: dns.server; default: /etc/resolv.conf's servers]
+    #[arg(long, global = true, value_name = "SERVER:PORT")]
+    pub dns: Option<String>,
     /// Local address to bind, IP or IP:PORT ([::1]:5070 for IPv6), of the relay's address
     /// family [default: the address that routes to the relay, port 0]
     #[arg(long, global = true, value_name = "ADDR")]
@@ -279,6 +284,8 @@ pub struct FileConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsConfig {
+    /// The DNS server to ask, `IP:PORT` (`127.0.0.1:5353`).
+    pub server: Option<String>,
     /// `name = ["192.0.2.1", …]`: A/AAAA records.
     #[serde(default)]
     pub a: BTreeMap<String, Vec<IpAddr>>,
@@ -354,6 +361,8 @@ pub struct Settings {
     pub answer_timeout: Duration,
     /// Static DNS records, when the file has any.
     pub dns: Option<StaticDns>,
+    /// The DNS server to ask (`--dns`, `[dns] server`), else the system's.
+    pub dns_server: Option<SocketAddr>,
 }
 
 /// A configuration problem, naming where it comes from.
@@ -636,6 +645,11 @@ impl Settings {
                 .unwrap_or(Duration::from_secs(60)),
         };
         let dns = build_dns(&file.dns).map_err(|m| err(fsrc("dns"), m))?;
+        let dns_server = match (&args.dns, &file.dns.server) {
+            (Some(t), _) => Some(parse_dns_server(t).map_err(|m| err("--dns", m))?),
+            (None, Some(t)) => Some(parse_dns_server(t).map_err(|m| err(fsrc("dns.server"), m))?),
+            (None, None) => None,
+        };
 
         Ok(Settings {
             user,
@@ -650,6 +664,7 @@ impl Settings {
             wait_after_eof,
             answer_timeout,
             dns,
+            dns_server,
         })
     }
 }
@@ -677,6 +692,19 @@ fn check_domain(domain: &str) -> Result<(), String> {
     } else {
         Err(format!("{domain:?} is not a domain name or address"))
     }
+}
+
+/// Reads a DNS server address, `IP:PORT` (`[::1]:53` for IPv6) or a bare IP (port 53).
+pub fn parse_dns_server(text: &str) -> Result<SocketAddr, String> {
+    let t = text.trim();
+    if let Ok(addr) = t.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    t.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("{text:?} is not a DNS server address (IP:PORT)"))
 }
 
 /// Reads the relay URI with sip-core's parser (IPv6 references included); a bare

@@ -16,7 +16,7 @@ use rsip::headers::UntypedHeader as _;
 use rsip::{Header, Request, Response};
 use sip_core::dialog::ViaSpec;
 use sip_core::endpoint::{ClientTx, Endpoint, EndpointConfig, EndpointEvent, ServerTx};
-use sip_core::resolve::{resolve, SystemDns, Target};
+use sip_core::resolve::{moves_on, resolve, Failover, NetDns, Target};
 use sip_core::transaction::Timers;
 use sip_core::transport::TransportConfig;
 use sip_core::uri::{Host, Uri};
@@ -36,7 +36,9 @@ pub struct Ua {
 
 struct Inner {
     endpoint: Endpoint,
-    relay: Peer,
+    /// The relay's targets of the chosen transport and address family, in RFC 3263 order:
+    /// the current one is used until it does not answer (RFC 3263 §4.3).
+    relay: Mutex<Failover>,
     via: ViaSpec,
     contact: Uri,
     local_ip: IpAddr,
@@ -152,16 +154,37 @@ fn pick_target(targets: &[Target], wanted: Option<Transport>, tls: bool) -> anyh
     }
 }
 
+/// The relay's targets to fail over between: `chosen` first, then the other targets of its
+/// transport and address family, in resolution order (the endpoint is bound for those only).
+fn relay_failover(chosen: Peer, targets: &[Target]) -> Failover {
+    let first = Target {
+        transport: chosen.transport,
+        addr: chosen.addr,
+    };
+    Failover::starting_with(
+        first,
+        targets
+            .iter()
+            .copied()
+            .filter(|t| t.transport == first.transport && t.addr.is_ipv4() == first.addr.is_ipv4()),
+    )
+}
+
 impl Ua {
     /// Resolves the relay (RFC 3263), binds the endpoint and works out Via and Contact.
     /// Returns the user agent and the endpoint's events (requests to us, ACKs…).
     pub async fn start(settings: &Settings) -> anyhow::Result<(Ua, mpsc::Receiver<EndpointEvent>)> {
-        let targets = match &settings.dns {
-            Some(dns) => resolve(&settings.relay, dns).await,
-            None => resolve(&settings.relay, &SystemDns).await,
+        let targets = match (&settings.dns, settings.dns_server) {
+            (Some(dns), _) => resolve(&settings.relay, dns).await,
+            (None, Some(server)) => {
+                let dns = NetDns::with_server(server, Duration::from_secs(2));
+                resolve(&settings.relay, &dns).await
+            }
+            (None, None) => resolve(&settings.relay, &NetDns::system()).await,
         }
         .with_context(|| format!("cannot find the relay {}", settings.relay))?;
         let relay = pick_target(&targets, settings.transport, settings.tls.is_some())?;
+        let failover = relay_failover(relay, &targets);
         tracing::debug!(%relay, ?targets, "relay resolved");
         let listen = match settings.listen {
             Some(l) => {
@@ -215,7 +238,9 @@ impl Ua {
             if let Some(Host::Domain(name)) = settings.relay.host() {
                 let name = sip_core::tls::server_name(name)
                     .with_context(|| format!("the relay's host {name:?}"))?;
-                endpoint.transports().expect_name(relay.addr, name);
+                for t in failover.targets() {
+                    endpoint.transports().expect_name(t.addr, name.clone());
+                }
             }
         }
         let local = advertised(bound, relay.addr);
@@ -228,7 +253,7 @@ impl Ua {
         };
         let inner = Inner {
             endpoint,
-            relay,
+            relay: Mutex::new(failover),
             via: ViaSpec {
                 transport: relay.transport,
                 sent_by: local.to_string(),
@@ -249,7 +274,29 @@ impl Ua {
 
     /// The relay's address.
     pub fn relay(&self) -> Peer {
-        self.inner.relay
+        self.current_relay()
+    }
+
+    fn current_relay(&self) -> Peer {
+        match self.inner.relay.lock() {
+            Ok(f) => f.current().peer(),
+            Err(poisoned) => poisoned.into_inner().current().peer(),
+        }
+    }
+
+    /// The relay at `failed` did not answer (RFC 3263 §4.3): the next target, if any is
+    /// left and `failed` is still the current one.
+    fn relay_failed(&self, failed: Peer) -> Option<Peer> {
+        let mut f = match self.inner.relay.lock() {
+            Ok(f) => f,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if f.current().peer() != failed {
+            return None;
+        }
+        let next = f.failed()?.peer();
+        tracing::info!(%failed, %next, "the relay does not answer: trying the next target");
+        Some(next)
     }
 
     /// How our requests' Via is written.
@@ -281,7 +328,7 @@ impl Ua {
     /// sip-core's parser): an IP host (IPv4, or IPv6 in brackets) directly, with the URI's
     /// transport or the relay's; a domain (or a non-SIP URI) through the relay.
     pub fn peer_for(&self, uri: &Uri) -> Peer {
-        peer_of(uri, self.inner.relay)
+        peer_of(uri, self.current_relay())
     }
 
     /// An out-of-dialog request to `uri` (put into the message as an rsip value that prints
@@ -362,9 +409,13 @@ impl Ua {
     /// (each once). `build` gives a fresh request for every attempt (new CSeq and branch);
     /// credentials are added here. Returns the last request sent and its final response
     /// (a timeout is a local 408).
+    ///
+    /// Sent to the relay, a request that times out, meets a transport failure or gets a 503
+    /// goes again to the relay's next target, if there is one (RFC 3263 §4.3), which stays
+    /// the relay from then on.
     pub async fn transact(
         &self,
-        to: Peer,
+        mut to: Peer,
         mut build: impl FnMut() -> anyhow::Result<Request>,
     ) -> anyhow::Result<(Request, Response)> {
         let mut creds: Vec<Header> = Vec::new();
@@ -373,8 +424,29 @@ impl Ua {
             for c in &creds {
                 req = with_credentials(req, c.clone());
             }
-            let mut tx = self.send(req.clone(), to)?;
-            let resp = tx.final_response().await;
+            let sent = match self.inner.endpoint.transports().ensure_connected(&to).await {
+                Ok(()) => self.send(req.clone(), to),
+                Err(e) => Err(anyhow::Error::new(e).context(format!("cannot connect to {to}"))),
+            };
+            let resp = match sent {
+                Ok(mut tx) => tx.final_response().await,
+                Err(e) => match self.relay_failed(to) {
+                    Some(next) => {
+                        tracing::debug!(error = %e, "send failed");
+                        to = next;
+                        creds.clear();
+                        continue;
+                    }
+                    None => return Err(e),
+                },
+            };
+            if moves_on(&resp) {
+                if let Some(next) = self.relay_failed(to) {
+                    to = next;
+                    creds.clear();
+                    continue;
+                }
+            }
             let code = resp.status_code.code();
             if Kind::of_status(code).is_none() {
                 return Ok((req, resp));
