@@ -44,7 +44,8 @@ pub enum BillingError {
         /// The session id.
         session_id: String,
     },
-    /// The database file is not a billing database, or it is damaged.
+    /// The database file is not a billing database, or it is damaged. (For PostgreSQL,
+    /// `path` is the database's URL without the password.)
     #[error("{}: not a billing database or damaged: {detail}", path.display())]
     Corrupt {
         /// The database file.
@@ -80,6 +81,15 @@ pub enum BillingError {
         /// SQLite's error.
         #[source]
         source: rusqlite::Error,
+    },
+    /// The PostgreSQL server refused an operation, or could not be reached.
+    #[error("{target}: {source}")]
+    Postgres {
+        /// The database, as its URL without the password.
+        target: String,
+        /// The client's error.
+        #[source]
+        source: postgres::Error,
     },
     /// The transaction holding this request failed to commit, so nothing of it was stored.
     #[error("billing commit failed, the request was not stored: {detail}")]

@@ -10,7 +10,10 @@
 //! * [`record`] — [`SessionRecord`] (time billing), [`ChargeRecord`] (application
 //!   billing), [`EndCause`].
 //! * [`store`] — the [`Store`] trait and its requests; [`sqlite`] — [`SqliteStore`], the
-//!   embedded default (bundled SQLite, WAL, `synchronous=FULL`, versioned schema).
+//!   embedded default (bundled SQLite, WAL, `synchronous=FULL`, versioned schema);
+//!   [`postgresql`] — [`PostgresStore`], the same on a PostgreSQL database that several
+//!   relays can share; [`backend`] — [`AnyStore`] over either, chosen by a
+//!   [`StorageBackend`].
 //! * [`writer`] — the group-commit [`Writer`] thread and its `Clone + Send + Sync`
 //!   [`WriterHandle`], awaitable from async code or waited on from threads.
 //! * [`report`] — totals per subscriber, service or server over a period; CSV and JSON
@@ -75,6 +78,8 @@
 //! * The SQLite store runs in WAL mode with `synchronous=FULL`: when a transaction's
 //!   `COMMIT` returns, it has been written and `fsync`ed to the write-ahead log, so it
 //!   survives a crash of the relay and of the machine.
+//! * The PostgreSQL store commits each batch with `synchronous_commit = on`: `COMMIT`
+//!   returns once the server has flushed its WAL (see [`postgresql`]).
 //! * The [`Writer`] answers a request only after the transaction holding it has
 //!   committed. A relay that awaits [`WriterHandle::close_session`] before sending the
 //!   200 to a `BYE` never acknowledges a disconnection whose record could be lost.
@@ -120,9 +125,11 @@
 //! Sessions the relay ends on an orderly shutdown are closed normally with cause
 //! [`EndCause::RelayShutdown`] and never reach recovery.
 
+pub mod backend;
 pub mod error;
 pub mod money;
 mod oneshot;
+pub mod postgresql;
 pub mod record;
 pub mod report;
 pub mod sqlite;
@@ -130,8 +137,10 @@ pub mod store;
 pub mod tariff;
 pub mod writer;
 
+pub use backend::{AnyStore, StorageBackend};
 pub use error::BillingError;
 pub use money::{Currency, Money, MoneyError};
+pub use postgresql::PostgresStore;
 pub use record::{ChargeRecord, EndCause, SessionRecord, UnitCharge};
 pub use report::{ExportFormat, GroupBy, RecordKind, Total};
 pub use sqlite::SqliteStore;

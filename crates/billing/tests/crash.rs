@@ -10,7 +10,14 @@
 //! latest thing it was told: an id printed before its commit was durable would be lost.
 //!
 //! The child is this same test binary, re-executed with `--exact crash_child` and the
-//! database path in `BILLING_CRASH_CHILD_DB`; in a normal run `crash_child` does nothing.
+//! database (an SQLite path or a `postgres://` URL) in `BILLING_CRASH_CHILD_DB`; in a
+//! normal run `crash_child` does nothing.
+//!
+//! It runs on both backends: on SQLite the killed process held the database file; on
+//! PostgreSQL (a real server the test starts, Debian's package `postgresql`) it held a
+//! connection, and the server goes on, so what is checked is that every acknowledged
+//! commit is in the database and that a restarted relay's recovery closes the journal
+//! once.
 //!
 //! The child reports on a channel of its own: a Unix socket the parent listens on (path in
 //! `BILLING_CRASH_CHILD_IDS`), never its stdout, where libtest writes `test crash_child ... `
@@ -29,9 +36,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "support/pg_server.rs"]
+mod pg_server;
+
+use billing::backend::{AnyStore, StorageBackend};
 use billing::money::{Currency, Money};
 use billing::record::EndCause;
-use billing::sqlite::SqliteStore;
 use billing::store::{
     ChargeAmount, CloseSession, NewCharge, OpenSession, Period, Store, TouchSessions,
 };
@@ -95,7 +105,7 @@ fn crash_child() {
     let freeze_after: Option<usize> = std::env::var(FREEZE_ENV).ok().map(|n| n.parse().unwrap());
     let ids_path = std::env::var_os(IDS_ENV).expect("the parent names the ids socket");
     let ids = Arc::new(Mutex::new(UnixStream::connect(ids_path).unwrap()));
-    let store = SqliteStore::open(PathBuf::from(path)).unwrap();
+    let store = AnyStore::open(&backend_of(path.to_str().unwrap())).unwrap();
     let writer = Writer::spawn(store).unwrap();
     let started = Instant::now();
     let printed = Arc::new(AtomicUsize::new(0));
@@ -260,15 +270,27 @@ fn accept_child(listener: &UnixListener, deadline: Instant) -> Option<UnixStream
     }
 }
 
-/// Runs the child until it has printed `kill_after` ids (and, with `freeze`, stopped
-/// writing), kills it, and returns everything it printed.
-fn run_and_kill(path: &Path, kill_after: usize, freeze: bool) -> Printed {
-    let ids_path = path.with_extension("ids.sock");
+/// The store named by the child's environment: a `postgres://` URL or an SQLite path.
+fn backend_of(db: &str) -> StorageBackend {
+    if db.starts_with("postgres://") {
+        StorageBackend::Postgres { url: db.to_owned() }
+    } else {
+        StorageBackend::Sqlite {
+            path: PathBuf::from(db),
+        }
+    }
+}
+
+/// Runs the child on `db` until it has printed `kill_after` ids (and, with `freeze`,
+/// stopped writing), kills it, and returns everything it printed. The ids socket goes
+/// into `dir`.
+fn run_and_kill(db: &str, dir: &Path, kill_after: usize, freeze: bool) -> Printed {
+    let ids_path = dir.join("ids.sock");
     let listener = UnixListener::bind(&ids_path).unwrap();
     let mut command = Command::new(std::env::current_exe().unwrap());
     command
         .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, path)
+        .env(CHILD_ENV, db)
         .env(IDS_ENV, &ids_path);
     if freeze {
         command.env(FREEZE_ENV, kill_after.to_string());
@@ -323,10 +345,12 @@ fn run_and_kill(path: &Path, kill_after: usize, freeze: bool) -> Printed {
     printed
 }
 
-fn verify_and_recover(path: &Path, printed: &Printed) {
+fn verify_and_recover(backend: &StorageBackend, printed: &Printed) {
     let tariff = tariff();
-    let mut store = SqliteStore::open(path).unwrap();
-    store.integrity_check().unwrap();
+    let mut store = AnyStore::open(backend).unwrap();
+    if let AnyStore::Sqlite(sqlite) = &store {
+        sqlite.integrity_check().unwrap();
+    }
 
     let sessions: HashMap<i64, _> = store
         .session_records(Period::all())
@@ -425,7 +449,7 @@ fn verify_and_recover(path: &Path, printed: &Printed) {
     assert!(store.journal().unwrap().is_empty());
     assert!(store.recover(now).unwrap().is_empty(), "second recovery");
     drop(store);
-    let mut store = SqliteStore::open(path).unwrap();
+    let mut store = AnyStore::open(backend).unwrap();
     assert!(
         store.recover(now).unwrap().is_empty(),
         "recovery after reopening"
@@ -439,17 +463,17 @@ fn verify_and_recover(path: &Path, printed: &Printed) {
     assert_eq!(recovered_count, journal.len());
 }
 
-#[test]
-fn sigkill_loses_nothing_committed_and_recovery_runs_once() {
+/// Six rounds on fresh databases made by `fresh`, which returns the database and a
+/// directory for the ids socket (and whatever must live as long as the round).
+fn rounds<T>(fresh: impl Fn() -> (String, tempfile::TempDir, T)) {
     let mut rng = rand::thread_rng();
     for round in 0..6 {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("billing.db");
+        let (db, dir, _keep) = fresh();
         let kill_after = rng.gen_range(1..=1000);
         let freeze = round % 2 == 1;
-        let printed = run_and_kill(&path, kill_after, freeze);
+        let printed = run_and_kill(&db, dir.path(), kill_after, freeze);
         assert!(printed.len() >= kill_after);
-        verify_and_recover(&path, &printed);
+        verify_and_recover(&backend_of(&db), &printed);
         eprintln!(
             "round {round}{}: killed after {} printed ids ({} sessions, {} charges, {} journaled)",
             if freeze { " (frozen)" } else { "" },
@@ -459,4 +483,19 @@ fn sigkill_loses_nothing_committed_and_recovery_runs_once() {
             printed.journaled.len()
         );
     }
+}
+
+#[test]
+fn sigkill_loses_nothing_committed_and_recovery_runs_once() {
+    rounds(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("billing.db").to_str().unwrap().to_owned();
+        (db, dir, ())
+    });
+}
+
+#[test]
+fn postgres_sigkill_loses_nothing_committed_and_recovery_runs_once() {
+    let server = pg_server::shared();
+    rounds(|| (server.fresh_database(), tempfile::tempdir().unwrap(), ()));
 }
