@@ -899,6 +899,26 @@ mod tests {
     }
 
     #[test]
+    fn the_dns_server_is_an_address_with_port_53_by_default() {
+        assert_eq!(
+            parse_dns_server("127.0.0.1:5353"),
+            Ok("127.0.0.1:5353".parse().unwrap())
+        );
+        assert_eq!(
+            parse_dns_server("192.0.2.53"),
+            Ok("192.0.2.53:53".parse().unwrap())
+        );
+        assert_eq!(
+            parse_dns_server("[::1]:53"),
+            Ok("[::1]:53".parse().unwrap())
+        );
+        assert_eq!(parse_dns_server("::1"), Ok("[::1]:53".parse().unwrap()));
+        assert!(parse_dns_server("dns.example:53")
+            .unwrap_err()
+            .contains("not a DNS server address"));
+    }
+
+    #[test]
     fn a_sips_relay_needs_a_ca_and_a_bad_ca_file_is_named() {
         let base = ["-u", "alice", "--password", "pw", "--relay"];
         let with = |relay: &str, more: &[&str]| {
