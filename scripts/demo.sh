@@ -7,10 +7,14 @@
 #   scripts/demo.sh            release build, then the walk-through
 #   scripts/demo.sh --debug    use a debug build (quicker to build)
 #   scripts/demo.sh --keep     keep the working directory (configs, logs, billing store)
+#   scripts/demo.sh --plain    SIP and data in clear (UDP), as before TLS (not for networks)
 #
-# Needs only Rust (cargo) and bash. Uses the ports of the examples: SIP 5060 (relay), 5080
-# and 5082 (agents), 5084 (the embedded example server), data gateways 7080, 7082 and 7084,
-# metrics 9060, all on 127.0.0.1.
+# By default every SIP hop is TLS (sips:) and so is every data connection (TCP/TLS): the
+# demo makes its own CA and certificates with the openssl program (Debian's `openssl`), no
+# outside CA. Needs Rust (cargo), bash and openssl. Uses the ports of the examples: SIP
+# 5060 (relay; TLS 5061), 5080 and 5082 (agents; TLS 5091 and 5093), 5084 (the embedded
+# example server; TLS 5095), data gateways 7080, 7082 and 7084, metrics 9060, all on
+# 127.0.0.1.
 # Stops everything it started, by pid, also when a step fails or on Ctrl-C. Exit status 0
 # when every step did what it said, 1 when one did not, 2 for a usage error.
 
@@ -19,12 +23,14 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PROFILE=release
 KEEP=0
+TLS=1
 for arg in "$@"; do
   case "$arg" in
     --debug) PROFILE=debug ;;
     --keep) KEEP=1 ;;
+    --plain) TLS=0 ;;
     -h | --help)
-      sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+      sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
       exit 0
       ;;
     *)
@@ -34,7 +40,11 @@ for arg in "$@"; do
   esac
 done
 
-RELAY=sip:127.0.0.1:5060
+if [[ $TLS -eq 1 ]]; then
+  RELAY=sips:127.0.0.1:5061
+else
+  RELAY=sip:127.0.0.1:5060
+fi
 DOMAIN=relay.test
 METRICS=127.0.0.1:9060
 STEP_TIMEOUT=30 # seconds any one wait may take
@@ -169,8 +179,13 @@ command -v cargo >/dev/null 2>&1 || {
   echo "demo: cargo is not installed (https://rustup.rs)" >&2
   exit 1
 }
+if [[ $TLS -eq 1 ]] && ! command -v openssl >/dev/null 2>&1; then
+  echo "demo: the openssl program is needed to make the demo's certificates: install the" >&2
+  echo "      Debian package openssl (apt-get install openssl), or run with --plain" >&2
+  exit 1
+fi
 
-for port in 5060 5080 5082 5084 7080 7082 7084 9060; do
+for port in 5060 5061 5080 5082 5084 5091 5093 5095 7080 7082 7084 9060; do
   if port_busy "$port"; then
     echo "demo: port $port on 127.0.0.1 is already in use; stop what runs there first" >&2
     exit 1
@@ -196,6 +211,42 @@ ok "built relayd, appsrv-agent, sip-client and examples/metered_server in $BIN"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/relay-demo.XXXXXX")
 unset RUST_LOG
 export NO_COLOR=1
+
+# An agent's address as the relay knows it (sips: over TLS): agent_uri PLAIN-PORT TLS-PORT.
+agent_uri() {
+  if [[ $TLS -eq 1 ]]; then echo "sips:as1@127.0.0.1:$2"; else echo "sip:as1@127.0.0.1:$1"; fi
+}
+AGENT_TLS=() # appsrv-agent's TLS flags (each agent adds its own --tls-listen)
+if [[ $TLS -eq 1 ]]; then
+  heading "Certificates (RFC 5922): a CA of the demo's own, and one certificate per party"
+  say "Every SIP hop runs TLS (sips:, RFC 5630): the terminal verifies the relay's"
+  say "certificate against the CA; the relay and the agents authenticate each other with"
+  say "theirs (mutual TLS): an agent takes inquiries only over TLS from the relay's"
+  say "certificate. The data connection is TLS too (TCP/TLS in the SDP), so the session token"
+  say "never crosses in clear. openssl makes them now, in $WORK/tls:"
+  mkdir -p "$WORK/tls"
+  (
+    cd "$WORK/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+      -subj "/CN=service relay demo CA" -keyout ca-key.pem -out ca.pem \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+    for party in relay agent; do
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -subj "/CN=$party.$DOMAIN" -keyout "$party-key.pem" -out "$party.csr"
+      printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:$party.$DOMAIN,DNS:$DOMAIN" \
+        "extendedKeyUsage=serverAuth,clientAuth" "basicConstraints=CA:FALSE" >"$party.ext"
+      openssl x509 -req -in "$party.csr" -CA ca.pem -CAkey ca-key.pem -CAcreateserial \
+        -days 2 -extfile "$party.ext" -out "$party.pem"
+    done
+  ) >"$WORK/openssl.log" 2>&1 || {
+    cat "$WORK/openssl.log" >&2
+    fail "openssl could not make the certificates"
+  }
+  shows "openssl req -x509 ... -out ca.pem; openssl x509 -req ... -out relay.pem (and agent.pem)"
+  ok "ca.pem, relay.pem and agent.pem (each naming 127.0.0.1), with their keys"
+  AGENT_TLS=(--ca "$WORK/tls/ca.pem" --tls-certificate "$WORK/tls/agent.pem"
+    --tls-key "$WORK/tls/agent-key.pem")
+fi
 
 heading "The relay's configuration"
 say "The demo runs relayd with examples/relayd.toml, changed in three ways (the result is"
@@ -226,11 +277,26 @@ strategy = "first"
 description = "A quote per request, charged by the application server"
 EOF
 fi
+if [[ $TLS -eq 1 ]]; then
+  say " - a [tls] section: the relay's certificate and key, and the CA it trusts; it listens for"
+  say "   TLS on 127.0.0.1:5061, and application servers must register over mutual TLS;"
+  say " - the static server echo-1 is reached over TLS (sips:127.0.0.1:5091): an agent with TLS"
+  say "   takes inquiries only over TLS from the relay's certificate."
+  sed -i 's|^uri = "sip:127.0.0.1:5080"|uri = "sips:127.0.0.1:5091"|' "$WORK/relayd.toml"
+  cat >>"$WORK/relayd.toml" <<EOF
+# Added by scripts/demo.sh: SIP over TLS on 127.0.0.1:5061, mutual TLS with the agents.
+[tls]
+certificate = "$WORK/tls/relay.pem"
+key = "$WORK/tls/relay-key.pem"
+ca = "$WORK/tls/ca.pem"
+EOF
+fi
 shows "relayd --config relayd.toml check-config"
 (cd "$WORK" && relayd check-config) 2>&1 | indent || fail "relayd refused its configuration"
 
 heading "Starting the relay and two application servers"
 say "relayd listens for SIP on UDP and TCP 127.0.0.1:5060 and serves metrics on $METRICS."
+if [[ $TLS -eq 1 ]]; then say "It takes SIP over TLS on 127.0.0.1:5061."; fi
 shows "relayd --config relayd.toml"
 start relayd relayd.log "$BIN/relayd" --config "$WORK/relayd.toml"
 RELAYD_PID=$LAST_PID
@@ -244,22 +310,31 @@ ok "relayd is serving (pid $RELAYD_PID)"
 say ""
 say "Two agents register the services echo, clock and echo-all with the relay as account"
 say "as1, from examples/appsrv.toml. Both charge 1 cent per KiB they deliver (claim 4):"
-AGENT_ARGS=(--config "$ROOT/examples/appsrv.toml" --bytes-per-charge 1024 --price-per-block 1
-  --service echo-all=builtin:echo)
+AGENT_ARGS=(--config "$ROOT/examples/appsrv.toml" --relay "$RELAY" --bytes-per-charge 1024
+  --price-per-block 1 --service echo-all=builtin:echo "${AGENT_TLS[@]}")
+AS1_URI=$(agent_uri 5080 5091)
+AS2_URI=$(agent_uri 5082 5093)
+AS1_TLS=()
+AS2_TLS=()
+if [[ $TLS -eq 1 ]]; then
+  say "Over TLS: --relay $RELAY --ca ca.pem --tls-certificate agent.pem --tls-key agent-key.pem."
+  AS1_TLS=(--tls-listen 127.0.0.1:5091)
+  AS2_TLS=(--tls-listen 127.0.0.1:5093)
+fi
 shows "appsrv-agent --config examples/appsrv.toml --bytes-per-charge 1024 --service echo-all=builtin:echo"
-start as1 as1.log "$BIN/appsrv-agent" "${AGENT_ARGS[@]}"
+start as1 as1.log "$BIN/appsrv-agent" "${AGENT_ARGS[@]}" "${AS1_TLS[@]}"
 AS1_PID=$LAST_PID
 shows "appsrv-agent ... --listen 127.0.0.1:5082 --data-listen 127.0.0.1:7082"
-start as2 as2.log "$BIN/appsrv-agent" "${AGENT_ARGS[@]}" \
+start as2 as2.log "$BIN/appsrv-agent" "${AGENT_ARGS[@]}" "${AS2_TLS[@]}" \
   --listen 127.0.0.1:5082 --data-listen 127.0.0.1:7082
 AS2_PID=$LAST_PID
 agents_ready() {
   alive "$AS1_PID" || fail "the first appsrv-agent exited at start"
   alive "$AS2_PID" || fail "the second appsrv-agent exited at start"
-  server_up echo-all sip:as1@127.0.0.1:5080 && server_up echo-all sip:as1@127.0.0.1:5082
+  server_up echo-all "$AS1_URI" && server_up echo-all "$AS2_URI"
 }
 wait_for "$STEP_TIMEOUT" "the agents registering" agents_ready
-ok "the relay lists both servers (sip:as1@127.0.0.1:5080 and sip:as1@127.0.0.1:5082) as up"
+ok "the relay lists both servers ($AS1_URI and $AS2_URI) as up"
 
 # The terminal's settings, as a person would export them.
 export SIP_CLIENT_RELAY=$RELAY SIP_CLIENT_DOMAIN=$DOMAIN
@@ -268,6 +343,10 @@ export SIP_CLIENT_CONFIG="$WORK/sip-client.toml" # no personal config file gets 
 say ""
 say "The terminal's settings:"
 shows "export SIP_CLIENT_RELAY=$RELAY SIP_CLIENT_DOMAIN=$DOMAIN"
+if [[ $TLS -eq 1 ]]; then
+  export SIP_CLIENT_CA="$WORK/tls/ca.pem"
+  shows "export SIP_CLIENT_CA=ca.pem    # the CA the relay's certificate is checked against"
+fi
 
 # client NAME USER PASSWORD ARGS...: runs sip-client with stdin as given; stdout to NAME.out,
 # human status lines to NAME.err, JSON events to NAME.events; returns its exit status.
@@ -447,17 +526,20 @@ say "its own event ids, before it answers. On 'bye' it hangs up: the agent sends
 say "the relay records the end as the server's (server-bye)."
 printf 'as1-secret\n' >"$WORK/as1.password"
 QUOTES_ARGS=(--relay "$RELAY" --domain "$DOMAIN" --account as1 --password-file "$WORK/as1.password"
-  --listen 127.0.0.1:5084 --data-listen 127.0.0.1:7084 --bytes-per-charge 0 --price-per-block 2)
+  --listen 127.0.0.1:5084 --data-listen 127.0.0.1:7084 --bytes-per-charge 0 --price-per-block 2
+  "${AGENT_TLS[@]}")
+if [[ $TLS -eq 1 ]]; then QUOTES_ARGS+=(--tls-listen 127.0.0.1:5095); fi
+QUOTES_URI=$(agent_uri 5084 5095)
 shows "metered_server --relay $RELAY --domain $DOMAIN --account as1 --password-file as1.password \\"
 printf '       %s\n' "--listen 127.0.0.1:5084 --data-listen 127.0.0.1:7084 --bytes-per-charge 0 --price-per-block 2"
 start quotes quotes.log "$BIN/examples/metered_server" "${QUOTES_ARGS[@]}"
 QUOTES_PID=$LAST_PID
 quotes_ready() {
   alive "$QUOTES_PID" || fail "the quotes server exited at start"
-  server_up quotes sip:as1@127.0.0.1:5084
+  server_up quotes "$QUOTES_URI"
 }
 wait_for "$STEP_TIMEOUT" "the quotes server registering" quotes_ready
-ok "the relay lists sip:as1@127.0.0.1:5084 as up for quotes"
+ok "the relay lists $QUOTES_URI as up for quotes"
 charges_before=$(export_records charges | wc -l | tr -d ' ')
 printf 'quote\nquote\nbye\n' >"$WORK/quotes.in"
 shows "printf 'quote\\nquote\\nbye\\n' | sip-client -u bob call quotes"
