@@ -85,12 +85,14 @@ fn server_ids() -> Option<(u32, u32)> {
     Some((fields[2].parse().unwrap(), fields[3].parse().unwrap()))
 }
 
-fn command(program: &Path, ids: Option<(u32, u32)>) -> Command {
+/// `program` run as `ids` (when given) in `cwd`: a directory the server's user owns, since
+/// initdb fails in a working directory it cannot read (a checkout under /root, say).
+fn command(program: &Path, ids: Option<(u32, u32)>, cwd: &Path) -> Command {
     let mut cmd = Command::new(program);
     if let Some((uid, gid)) = ids {
         cmd.uid(uid).gid(gid);
     }
-    cmd.env_remove("PGDATA").env("LC_ALL", "C");
+    cmd.current_dir(cwd).env_remove("PGDATA").env("LC_ALL", "C");
     cmd
 }
 
@@ -115,7 +117,7 @@ impl PgServer {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
         let data = dir.path().join("data");
-        let out = command(&bin.join("initdb"), ids)
+        let out = command(&bin.join("initdb"), ids, dir.path())
             .arg("-D")
             .arg(&data)
             .args(["--auth=trust", "--username=billing", "--encoding=UTF8"])
@@ -136,7 +138,7 @@ impl PgServer {
             if let Some((uid, gid)) = ids {
                 std::os::unix::fs::chown(&log_path, Some(uid), Some(gid)).unwrap();
             }
-            let child = command(&bin.join("postgres"), ids)
+            let child = command(&bin.join("postgres"), ids, dir.path())
                 .arg("-D")
                 .arg(&data)
                 .args(["-p", &port.to_string()])
