@@ -12,12 +12,13 @@
 # checks stay on). The build goes to fuzz/target, never the workspace's target/.
 #
 # Each target starts from its seed corpus (fuzz/corpus/<target>/seed-*, made by
-# fuzz/seed.sh) plus whatever earlier local runs added there (ignored by git). For each
-# target the script prints libFuzzer's runs, executions per second, edge coverage (cov),
-# features (ft) and corpus size. On a crash (a panic, a timeout of 10 s on one input, or
-# more than 2 GiB of memory) it names the target and the input (fuzz/artifacts/<target>/…),
-# shows its start, goes on with the other targets, and exits 1 at the end. Replay an input
-# with: RUSTC_BOOTSTRAP=1 cargo fuzz run -s none <target> <input>
+# fuzz/seed.sh) plus whatever earlier local runs added there (ignored by git), with the
+# dictionary fuzz/sip.dict. For each target the script prints libFuzzer's runs, executions
+# per second, edge coverage (cov), features (ft) and corpus size. On a crash (a panic, a
+# timeout of 10 s on one input, or more than 2 GiB of memory) it names the target and the
+# input (fuzz/artifacts/<target>/…), shows its start, goes on with the other targets, and
+# exits 1 at the end. Replay an input with:
+#   RUSTC_BOOTSTRAP=1 cargo fuzz run -s none <target> <input>
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,6 +61,7 @@ for t in $targets; do
   # -timeout: one input running 10 s is a hang; -rss_limit_mb: libFuzzer's default, said.
   cargo fuzz run "${flags[@]}" "$t" "fuzz/corpus/$t" -- \
     -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+    -dict="$PWD/fuzz/sip.dict" \
     >"$log" 2>&1 || status=$?
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
   speed=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
