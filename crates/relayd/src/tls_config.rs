@@ -93,7 +93,8 @@ impl TlsConfig {
     }
 
     /// The TLS listening addresses: those configured, else — with a certificate — the first
-    /// of `udp_tcp` (the `[listen]` addresses) on port 5061.
+    /// of `udp_tcp` (the `[listen]` addresses) on port 5061 (the loopback address when there
+    /// is none, as `[listen]`'s own default).
     pub fn listen_addrs(&self, udp_tcp: &[SocketAddr]) -> Vec<SocketAddr> {
         if !self.listen.is_empty() || self.certificate.is_none() {
             return self.listen.clone();
@@ -101,7 +102,7 @@ impl TlsConfig {
         let ip = udp_tcp
             .first()
             .map(|a| a.ip())
-            .unwrap_or(crate::config::DEFAULT_LISTEN.ip());
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         vec![SocketAddr::new(ip, DEFAULT_TLS_PORT)]
     }
 
