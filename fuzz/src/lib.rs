@@ -9,7 +9,7 @@
 //! past, and keeps no server transaction once every deadline has passed.
 //!
 //! The modules are a library so that `cargo test` in this directory (no libFuzzer needed)
-//! replays the committed corpus through them.
+//! replays the corpus through them.
 
 /// The fuzzer's bytes as text: as is when UTF-8, else lossily.
 fn text(data: &[u8]) -> std::borrow::Cow<'_, str> {
@@ -695,6 +695,37 @@ pub mod transaction {
             "wait" => *now += Duration::from_millis(num::<u32>(args, 1).into()),
             "lost" => layer.transport_error(&peer(rest)),
             _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every input kept under `corpus/<target>/` (the seeds, and whatever local runs added)
+    /// through its target's check, without libFuzzer: `cargo test` in this directory.
+    #[test]
+    fn the_corpus_passes_every_check() {
+        let targets: [(&str, fn(&[u8])); 6] = [
+            ("wire", super::wire::check),
+            ("framing", super::framing::check),
+            ("sdp", super::sdp::check),
+            ("digest", super::digest::check),
+            ("uri", super::uri::check),
+            ("transaction", super::transaction::check),
+        ];
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+        for (target, check) in targets {
+            let Ok(entries) = std::fs::read_dir(root.join(target)) else {
+                continue;
+            };
+            let mut n = 0;
+            for entry in entries.flatten() {
+                if let Ok(data) = std::fs::read(entry.path()) {
+                    check(&data);
+                    n += 1;
+                }
+            }
+            assert!(n > 0, "no input for {target}");
         }
     }
 }
