@@ -705,7 +705,8 @@ mod tests {
     /// through its target's check, without libFuzzer: `cargo test` in this directory.
     #[test]
     fn the_corpus_passes_every_check() {
-        let targets: [(&str, fn(&[u8])); 6] = [
+        type Check = fn(&[u8]);
+        let targets: [(&str, Check); 6] = [
             ("wire", super::wire::check),
             ("framing", super::framing::check),
             ("sdp", super::sdp::check),
