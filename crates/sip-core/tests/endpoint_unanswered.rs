@@ -4,49 +4,19 @@
 //! on loopback UDP, real sockets, deadlines of a second or less.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rsip::{Request, SipMessage};
 use sip_core::endpoint::{
     ClientEvent, ClientSink, Endpoint, EndpointConfig, EndpointEvent, EventSink,
 };
 use sip_core::transaction::{ServerDeadlines, Timers};
-use sip_core::transport::TransportConfig;
-use sip_core::{message, wire, Peer, Transport};
+use sip_core::{Peer, Transport};
 use tokio::sync::mpsc;
 
-fn loopback() -> EndpointConfig {
-    EndpointConfig {
-        transport: TransportConfig {
-            udp: vec!["127.0.0.1:0".parse().unwrap()],
-            ..TransportConfig::default()
-        },
-        ..EndpointConfig::default()
-    }
-}
-
-fn request(method: &str, from: SocketAddr, to: SocketAddr) -> Request {
-    let text = format!(
-        "{method} sip:uas@{to} SIP/2.0\r\n\
-         Via: SIP/2.0/UDP {from};branch={};rport\r\n\
-         Max-Forwards: 70\r\n\
-         From: <sip:uac@{from}>;tag={}\r\n\
-         To: <sip:uas@{to}>\r\n\
-         Call-ID: {}\r\n\
-         CSeq: 1 {method}\r\n\
-         Content-Length: 0\r\n\r\n",
-        message::new_branch(),
-        message::new_tag(),
-        message::new_call_id("127.0.0.1"),
-    );
-    match wire::parse(text.as_bytes()).unwrap() {
-        SipMessage::Request(r) => r,
-        SipMessage::Response(_) => unreachable!(),
-    }
-}
+mod support;
+use support::{loopback, request};
 
 /// Takes every request and never answers it.
 struct Silent(mpsc::UnboundedSender<String>);
