@@ -293,7 +293,7 @@ impl Call {
         self.sessions[i].timers.new_server_leg(leg.timer, now);
         let local = env.local(leg.peer);
         if let Some(ack) = leg.ack(&local, Vec::new(), Vec::new()) {
-            self.out.push(super::Output::Ack {
+            self.out.push(super::Output::Stateless {
                 msg: ack,
                 peer: leg.peer,
             });

@@ -18,7 +18,7 @@ use super::fork;
 use super::io::{BillingCmd, LegEvent, LegId, Output, TxId};
 use super::leg::{self, LegPlan, PendingLeg, ServerLeg};
 use super::limits::fails_over;
-use super::session::{Session, State};
+use super::session::{Resend2xx, Session, State};
 use super::session_timer::Timers;
 use super::{Call, Purpose, Waiting};
 use crate::b2bua;
@@ -383,7 +383,7 @@ impl Call {
     pub(super) fn hang_up_leg(&mut self, mut b: ServerLeg, env: &dyn CallEnv) {
         let local = env.local(b.peer);
         if let Some(ack) = b.ack(&local, Vec::new(), Vec::new()) {
-            self.out.push(Output::Ack {
+            self.out.push(Output::Stateless {
                 msg: ack,
                 peer: b.peer,
             });
@@ -473,6 +473,7 @@ impl Call {
             plan: self.adm.plan.clone(),
             next_plan: None,
             deferred_bye: None,
+            resend_2xx: None,
             timers: Timers::default(),
         });
         let i = self.sessions.len() - 1;
@@ -533,10 +534,27 @@ impl Call {
         let served = self.sessions[i].served(&self.who());
         env.index(served);
         self.sessions[i].state = State::AwaitingAck(now + env.limits().ack_timeout);
-        // The first 2xx completes the INVITE transaction; further 2xx of a fork go out
-        // through the transaction's Accepted state (RFC 6026), each with its own To tag.
-        self.a.final_sent = true;
-        self.out.respond(self.a.tx, answer);
+        if self.a.final_sent {
+            // A further 2xx of a fork, with its own To tag: the UAS core passes it to the
+            // transport itself and resends it until its ACK comes (RFC 3261 §13.3.1.4),
+            // whether or not the INVITE transaction still lingers after the first ACK.
+            let msg = message::to_bytes(answer);
+            let peer = self.a.peer;
+            if !peer.is_reliable() {
+                let interval = env.limits().ack_timeout / 64;
+                self.sessions[i].resend_2xx = Some(Box::new(Resend2xx {
+                    msg: msg.clone(),
+                    at: now + interval,
+                    interval,
+                }));
+            }
+            self.out.push(Output::Stateless { msg, peer });
+        } else {
+            // The first 2xx completes the INVITE transaction, which resends it until the
+            // ACK.
+            self.a.final_sent = true;
+            self.out.respond(self.a.tx, answer);
+        }
         if let Some((side, bye)) = self.sessions[i].deferred_bye.take().map(|b| *b) {
             let cause = match side {
                 super::Side::Terminal => billing::record::EndCause::CallerBye,

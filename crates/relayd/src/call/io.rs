@@ -180,10 +180,11 @@ pub enum Output {
         /// The token of the answer, when the call waits for it.
         answer: Option<Token>,
     },
-    /// Send an ACK for a 2xx, outside any transaction (RFC 3261 §13.2.2.4), as it goes on
-    /// the wire (a server leg keeps its ACK that way, to send it again).
-    Ack {
-        /// The ACK, serialised.
+    /// Send a message outside any transaction, as it goes on the wire: an ACK for a 2xx
+    /// (RFC 3261 §13.2.2.4; a server leg keeps its ACK that way, to send it again), or a
+    /// fork's further 2xx to the terminal, which the call resends itself (§13.3.1.4).
+    Stateless {
+        /// The message, serialised.
         msg: Bytes,
         /// Where to.
         peer: Peer,
@@ -264,7 +265,7 @@ impl Outbox {
 
     /// Queues an ACK built for this send.
     pub(crate) fn ack(&mut self, req: Request, peer: Peer) {
-        self.queue.push_back(Output::Ack {
+        self.queue.push_back(Output::Stateless {
             msg: sip_core::message::to_bytes(req),
             peer,
         });

@@ -236,7 +236,12 @@ impl Call {
         }
         for s in &self.sessions {
             match s.state {
-                State::AwaitingAck(d) => earliest(d),
+                State::AwaitingAck(d) => {
+                    earliest(d);
+                    if let Some(r) = &s.resend_2xx {
+                        earliest(r.at)
+                    }
+                }
                 State::Established => {
                     if let Some(d) = s.next_probe {
                         earliest(d)
@@ -368,6 +373,16 @@ impl Call {
                     // delivered, and is billed from the 2xx to now.
                     info!(session_id = %self.sessions[i].id, "terminal never acknowledged the 2xx; ending both legs");
                     self.end(i, EndCause::Timeout, None, env, now);
+                }
+                State::AwaitingAck(_) => {
+                    let peer = self.a.peer;
+                    if let Some(r) = self.sessions[i].resend_2xx.as_mut() {
+                        if r.at <= now {
+                            r.next(now);
+                            let msg = r.msg.clone();
+                            self.out.push(Output::Stateless { msg, peer });
+                        }
+                    }
                 }
                 State::Established => {
                     if self.sessions[i].next_probe.is_some_and(|d| d <= now) {
@@ -601,7 +616,7 @@ impl Call {
                 let local = env.local(s.b.peer);
                 if let Some(relayed) = s.b.ack(&local, headers, body) {
                     let peer = s.b.peer;
-                    self.out.push(Output::Ack { msg: relayed, peer });
+                    self.out.push(Output::Stateless { msg: relayed, peer });
                 }
                 self.establish(i, env, now);
             }
@@ -616,6 +631,7 @@ impl Call {
         let interval = env.limits().probe_interval;
         let s = &mut self.sessions[i];
         s.state = State::Established;
+        s.resend_2xx = None;
         s.next_probe = (!interval.is_zero()).then(|| now + interval);
         info!(session_id = %s.id, server = s.b.server.uri_text(), service = %s.service, subscriber = %self.adm.subscriber, "session established");
     }
@@ -629,7 +645,7 @@ impl Call {
         let local = env.local(s.b.peer);
         if let Some(ack) = s.b.ack(&local, Vec::new(), Vec::new()) {
             let peer = s.b.peer;
-            self.out.push(Output::Ack { msg: ack, peer });
+            self.out.push(Output::Stateless { msg: ack, peer });
         }
     }
 
@@ -637,7 +653,7 @@ impl Call {
     fn reack(&mut self, i: usize) {
         let s = &self.sessions[i];
         if let Some(ack) = s.b.ack.clone() {
-            self.out.push(Output::Ack {
+            self.out.push(Output::Stateless {
                 msg: ack,
                 peer: s.b.peer,
             });
@@ -787,6 +803,7 @@ impl Call {
         let s = &mut self.sessions[i];
         let ended_at = s.clock.end_at(billed_until.min(now));
         s.state = State::Ended;
+        s.resend_2xx = None;
         s.pending_ack = None;
         env.session_ended(&s.b.server);
         env.give_back_session_slot(&self.adm.subscriber);

@@ -71,6 +71,31 @@ pub(crate) struct Session {
     pub(crate) deferred_bye: Option<Box<(Side, Incoming)>>,
     /// The session timers of both legs (RFC 4028).
     pub(crate) timers: Timers,
+    /// A fork's further 2xx, resent over UDP until the terminal's ACK (RFC 3261
+    /// §13.3.1.4): the INVITE transaction only resends the first.
+    pub(crate) resend_2xx: Option<Box<Resend2xx>>,
+}
+
+/// A 2xx the call itself resends until it is acknowledged: T1, doubling up to T2
+/// (RFC 3261 §13.3.1.4).
+pub(crate) struct Resend2xx {
+    /// The 2xx as it went out.
+    pub(crate) msg: bytes::Bytes,
+    /// When it goes out again.
+    pub(crate) at: Instant,
+    /// The interval that led to `at`.
+    pub(crate) interval: std::time::Duration,
+}
+
+impl Resend2xx {
+    /// RFC 3261's T2: the longest interval between resends of a 2xx.
+    const T2: std::time::Duration = std::time::Duration::from_secs(4);
+
+    /// Moves to the next resend after the one due now.
+    pub(crate) fn next(&mut self, now: Instant) {
+        self.interval = (self.interval * 2).min(Self::T2);
+        self.at = now + self.interval;
+    }
 }
 
 /// Who a session bills and what it delivers, for its journal entry and its index entry.

@@ -382,14 +382,26 @@ impl Pair {
                             .push(format!("{}<-{}", peer.addr.port(), req.method));
                         self.got(peer, Got::Request(req, answer));
                     }
-                    Output::Ack { msg, peer } => {
-                        let req = match sip_core::wire::parse(&msg).unwrap() {
-                            SipMessage::Request(r) => r,
-                            SipMessage::Response(_) => panic!("an ACK that is a response"),
-                        };
-                        self.trace.push(format!("{}<-ACK", peer.addr.port()));
-                        self.got(peer, Got::Ack(req));
-                    }
+                    Output::Stateless { msg, peer } => match sip_core::wire::parse(&msg).unwrap() {
+                        SipMessage::Request(req) => {
+                            self.trace.push(format!("{}<-ACK", peer.addr.port()));
+                            self.got(peer, Got::Ack(req));
+                        }
+                        SipMessage::Response(resp) => {
+                            // A fork's further 2xx, sent (and resent) by the call itself.
+                            assert_eq!(
+                                peer.addr.to_string(),
+                                TERMINAL,
+                                "a response to the terminal"
+                            );
+                            self.trace.push(format!(
+                                "terminal<-{} {} stateless",
+                                resp.status_code.code(),
+                                cseq_method(&resp.headers)
+                            ));
+                            self.terminal.push(Got::Response(self.invite_tx, resp));
+                        }
+                    },
                     Output::Route { call_id } => self.routed.push(call_id),
                     Output::Bill { token, cmd } => match self.store {
                         Store::Commit => {
@@ -1403,6 +1415,51 @@ fn a_fork_where_both_answer_gives_two_sessions_each_billed() {
     p.terminal_sends(1, "BYE", "", "");
     let durations: Vec<i64> = p.records.iter().map(|r| r.duration_ms).collect();
     assert_eq!(durations, vec![1_000, 2_000]);
+}
+
+#[test]
+fn a_forks_further_2xx_is_sent_by_the_call_and_resent_over_udp_until_its_ack() {
+    let stateless = |p: &Pair| {
+        p.trace
+            .iter()
+            .filter(|t| t.as_str() == "terminal<-200 INVITE stateless")
+            .count()
+    };
+    let mut p = Pair::new(TWO, Strategy::All);
+    p.server_answers(0, 200);
+    p.terminal_acks(0);
+    assert_eq!(
+        stateless(&p),
+        0,
+        "the first 2xx goes on the INVITE transaction"
+    );
+    // Over TCP the transaction is gone with the first ACK: the second 2xx must not
+    // depend on it.
+    p.server_answers(1, 200);
+    assert_eq!(p.invite_finals(), vec![200, 200]);
+    assert_eq!(
+        stateless(&p),
+        1,
+        "the further 2xx goes out by the call itself"
+    );
+    // T1 = 500 ms (ack_timeout / 64), then 1 s, 2 s, 4 s, 4 s (capped at T2).
+    let mut sent = Vec::new();
+    for _ in 0..6 {
+        p.advance(Duration::from_millis(500));
+        sent.push(stateless(&p));
+    }
+    assert_eq!(sent, vec![2, 2, 3, 3, 3, 3], "resent at 0.5 s and 1.5 s");
+    p.advance(Duration::from_millis(500));
+    assert_eq!(stateless(&p), 4, "and at 3.5 s");
+    p.terminal_acks(1);
+    p.advance(Duration::from_secs(20));
+    assert_eq!(stateless(&p), 4, "no resend after its ACK");
+    p.terminal_sends(1, "BYE", "", "");
+    assert_eq!(
+        p.records.len(),
+        1,
+        "the second session established and billed"
+    );
 }
 
 #[test]

@@ -276,19 +276,23 @@ impl<R: Relaying> Driver<R> {
                     }
                 }
             }
-            Output::Ack { msg, peer } => match relay.endpoint().transports().try_send(&peer, msg) {
-                Ok(()) => {}
-                Err(TrySendError::WouldBlock(msg)) => {
-                    // A TCP connection to open, or a full queue: wait for it elsewhere.
-                    let relay = relay.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = relay.endpoint().transports().send(&peer, msg).await {
-                            warn!(error = %e, "cannot send ACK");
-                        }
-                    });
+            Output::Stateless { msg, peer } => {
+                match relay.endpoint().transports().try_send(&peer, msg) {
+                    Ok(()) => {}
+                    Err(TrySendError::WouldBlock(msg)) => {
+                        // A TCP connection to open, or a full queue: wait for it elsewhere.
+                        let relay = relay.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = relay.endpoint().transports().send(&peer, msg).await {
+                                warn!(error = %e, "cannot send a message outside a transaction");
+                            }
+                        });
+                    }
+                    Err(TrySendError::Failed(e)) => {
+                        warn!(error = %e, "cannot send a message outside a transaction")
+                    }
                 }
-                Err(TrySendError::Failed(e)) => warn!(error = %e, "cannot send ACK"),
-            },
+            }
             Output::Route { call_id } => {
                 relay.table().insert(&call_id, self.me.clone());
                 self.routed.push(call_id);
