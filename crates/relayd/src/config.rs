@@ -712,12 +712,43 @@ pub struct StorageConfig {
     /// The data directory (billing store, session journal), relative to the working
     /// directory.
     pub data_dir: PathBuf,
+    /// Which database holds the shared state: `sqlite` (a file in `data_dir`; one relay)
+    /// or `postgres` (`url`; several relays on one database).
+    pub backend: StorageBackendKind,
+    /// With `backend = "postgres"`: a `postgres://user[:password]@host[:port]/dbname`
+    /// URL or a `key=value` connection string.
+    pub url: String,
+    /// This relay's name among the relays sharing one database: it holds the lease on the
+    /// sessions it journals, so it must stay the same across restarts and differ from
+    /// every other relay's. Required with `backend = "postgres"`.
+    pub node: String,
+    /// How long after a relay last renewed its lease another relay may close and bill its
+    /// open sessions (end cause `relay-lost`).
+    pub lease_secs: u32,
+    /// With `backend = "postgres"`: the most connections this relay opens to the database.
+    pub pool_size: u32,
+}
+
+/// `[storage] backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackendKind {
+    /// An SQLite file in the data directory (the default).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database shared by several relays.
+    Postgres,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             data_dir: PathBuf::from("./relayd-data"),
+            backend: StorageBackendKind::Sqlite,
+            url: String::new(),
+            node: String::new(),
+            lease_secs: 30,
+            pool_size: 4,
         }
     }
 }
@@ -1536,6 +1567,49 @@ impl Config {
         }
         if self.storage.data_dir.as_os_str().is_empty() {
             p.add("storage.data_dir", "must not be empty");
+        }
+        let st = &self.storage;
+        if st.backend == StorageBackendKind::Postgres {
+            if st.url.trim().is_empty() {
+                p.add(
+                    "storage.url",
+                    "backend = \"postgres\" needs a URL like postgres://relayd@db.example.com/relayd",
+                );
+            }
+            if st.node.trim().is_empty() {
+                p.add(
+                    "storage.node",
+                    "backend = \"postgres\" needs this relay's name, the same across restarts and unlike every other relay's",
+                );
+            }
+            if st.pool_size == 0 {
+                p.add("storage.pool_size", "must be at least 1");
+            }
+        } else if !st.url.is_empty() {
+            p.add(
+                "storage.url",
+                "is for backend = \"postgres\"; with sqlite the store is a file in data_dir",
+            );
+        }
+        if !st
+            .node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || st.node.len() > 64
+        {
+            p.add(
+                "storage.node",
+                "expected a name like relay-a (letters, digits, - _ ., at most 64)",
+            );
+        }
+        let touch = u64::from(self.billing.touch_interval_secs);
+        if u64::from(st.lease_secs) < 2 * touch.max(1) {
+            p.add(
+                "storage.lease_secs",
+                format!(
+                    "must be at least twice billing.touch_interval_secs ({touch} s): a live relay renews its lease at each touch"
+                ),
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&self.log.level) {
             p.add(
@@ -2774,5 +2848,21 @@ mod tests {
         for bad in ["1:00", "+1:00", "+19:00", "+01:60", "CET", ""] {
             assert!(bad.parse::<UtcOffset>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn postgres_storage_needs_a_url_and_a_node_name_and_a_lease_longer_than_two_touches() {
+        let text = format!("{BASE}\n[storage]\nbackend = \"postgres\"\nlease_secs = 5\n");
+        assert_eq!(
+            keys(&text),
+            ["storage.url", "storage.node", "storage.lease_secs"]
+        );
+        let text = format!(
+            "{BASE}\n[storage]\nbackend = \"postgres\"\nurl = \"postgres://r@127.0.0.1/r\"\nnode = \"relay-a\"\n"
+        );
+        let config: Config = toml::from_str(&text).unwrap();
+        config.validate().unwrap();
+        let text = format!("{BASE}\n[storage]\nurl = \"postgres://r@h/r\"\nnode = \"a b\"\n");
+        assert_eq!(keys(&text), ["storage.url", "storage.node"]);
     }
 }
