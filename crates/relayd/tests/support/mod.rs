@@ -9,6 +9,7 @@
 //! * [`sip`]: raw SIP: readiness probes and a digest-answering client;
 //! * [`relay`]: the test configuration and the relayd process;
 //! * [`billing`]: the billing export as JSON records;
+//! * [`pg_server`]: a real PostgreSQL (Debian's `postgresql`) for relays sharing one database;
 //! * [`scene`]: one test's world (directory, relay, servers), kept on failure.
 //!
 //! The system tests (`system.rs`, with `system_support`) use the generic parts of it too:
@@ -22,6 +23,9 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod billing;
+/// A real PostgreSQL server started by the test (the billing crate's harness, shared).
+#[path = "../../../billing/tests/support/pg_server.rs"]
+pub mod pg_server;
 pub mod ports;
 pub mod process;
 pub mod relay;
