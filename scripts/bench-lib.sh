@@ -186,14 +186,22 @@ fi
 
 # Drives the sipp terminal (uac_bench.xml, alice registered) at each of RATES against
 # 127.0.0.1:$2 and prints a row per rate: calls completed, failed and billed (by the
-# caller's `records` function), the rate achieved, and call-setup percentiles. Stops at the
-# first rate with a failed or unbilled call, or when the process $3 (the server under test)
-# dies, showing the tail of log $4. Uses RATES, SECONDS_PER_RATE, HOLD_MS, WORK, SCENARIOS
-# PIDS and UAS_PID (the sipp application server) of the caller; sets BEST (the highest clean rate), BEST_ROW (its percentiles) and
-# KEPT (the highest clean rate the server kept pace with: achieved at least 95 % of it, the
-# rest being the last calls' hold time; above it calls queue and setup times grow).
+# caller's `records` function), the rate achieved, and call-setup percentiles. $2 may name
+# several ports ("5060 5070", several relays serving as one): each gets its own sipp
+# terminal at an equal share of the rate, and the row counts them together. $3 names the
+# process(es) under test, whose CPU time is counted per call (with the caller's
+# `extra_ticks`, when it defines one: a database server's, say). Stops at the first rate
+# with a failed or unbilled call, or when a process under test dies, showing the tail of
+# log $4. Uses RATES, SECONDS_PER_RATE, HOLD_MS, WORK, SCENARIOS, PIDS and UAS_PID (the sipp
+# application server) of the caller; sets BEST (the highest clean rate), BEST_ROW (its
+# percentiles) and KEPT (the highest clean rate the server kept pace with: achieved at
+# least 95 % of it, the rest being the last calls' hold time; above it calls queue and
+# setup times grow).
 run_rates() {
-    local name=$1 port=$2 target_pid=$3 log=$4
+    local name=$1 log=$4
+    local -a ports targets
+    read -r -a ports <<<"$2"
+    read -r -a targets <<<"$3"
     local row='%8s %6s %9s %6s %6s %9s %7s %7s %7s %7s %8s %9s\n'
     local hz
     hz=$(getconf CLK_TCK)
@@ -202,63 +210,84 @@ run_rates() {
     BEST=0
     BEST_ROW=""
     KEPT=0
-    warm_up "$port"
+    local port
+    for port in "${ports[@]}"; do
+        warm_up "$port"
+    done
     local billed_before
     billed_before=$(records)
     local RATE
     for RATE in "${RATES[@]}"; do
-        local calls=$((RATE * SECONDS_PER_RATE)) dir="$WORK/rate-$RATE" start end rc=0
+        local n=${#ports[@]}
+        local share=$(((RATE + n - 1) / n))
+        local calls=$((share * SECONDS_PER_RATE * n)) dir="$WORK/rate-$RATE" start end rc=0
         mkdir -p "$dir"
         start=$(date +%s.%N)
         local ticks_before uas_before
-        ticks_before=$(tree_ticks "$target_pid")
+        ticks_before=$(target_ticks "${targets[@]}")
         uas_before=$(tree_ticks "$UAS_PID")
         # sipp's own -timeout does not always end it when calls are stuck (seen at 3200/s, a
         # sipp left waiting for ten minutes): timeout(1) bounds it, and exits 124 if it had to.
-        local timed=()
-        [ ! -x /usr/bin/time ] || timed=(/usr/bin/time -f "%U %S" -o "$dir/uac.time")
-        (cd "$dir" && exec "${LOAD_CPUS[@]}" "${timed[@]}" timeout -k 5 "$((SECONDS_PER_RATE + 60))" \
-            sipp "127.0.0.1:$port" -sf "$SCENARIOS/uac_bench.xml" -buff_size "$SIPP_BUFFER" \
-            -inf "$WORK/users.csv" -au alice -ap alice-secret -s echo -i 127.0.0.1 \
-            -r "$RATE" -m "$calls" -d "$HOLD_MS" -l 20000 -nostdin \
-            -trace_stat -stf "$dir/stats.csv" -fd 1 $(trace_options "$dir/messages.log") \
-            -trace_err -error_file "$dir/errors.log" \
-            -timeout "$((SECONDS_PER_RATE + 30))s" >"$dir/screen.txt" 2>&1) &
-        local uac_pid=$!
-        PIDS+=("$uac_pid")
-        wait "$uac_pid" || rc=$?
+        local -a uacs=()
+        local k=0
+        for port in "${ports[@]}"; do
+            local timed=()
+            [ ! -x /usr/bin/time ] || timed=(/usr/bin/time -f "%U %S" -o "$dir/uac-$k.time")
+            (cd "$dir" && exec "${LOAD_CPUS[@]}" "${timed[@]}" timeout -k 5 "$((SECONDS_PER_RATE + 60))" \
+                sipp "127.0.0.1:$port" -sf "$SCENARIOS/uac_bench.xml" -buff_size "$SIPP_BUFFER" \
+                -inf "$WORK/users.csv" -au alice -ap alice-secret -s echo -i 127.0.0.1 \
+                -r "$share" -m "$((share * SECONDS_PER_RATE))" -d "$HOLD_MS" -l 20000 -nostdin \
+                -trace_stat -stf "$dir/stats-$k.csv" -fd 1 $(trace_options "$dir/messages-$k.log") \
+                -trace_err -error_file "$dir/errors-$k.log" \
+                -timeout "$((SECONDS_PER_RATE + 30))s" >"$dir/screen-$k.txt" 2>&1) &
+            uacs+=($!)
+            PIDS+=($!)
+            k=$((k + 1))
+        done
+        local uac
+        for uac in "${uacs[@]}"; do
+            wait "$uac" || rc=$?
+        done
         end=$(date +%s.%N)
         local ticks_after uas_after cpu load
-        ticks_after=$(tree_ticks "$target_pid")
+        ticks_after=$(target_ticks "${targets[@]}")
         uas_after=$(tree_ticks "$UAS_PID")
-        local ok failed billed_now billed achieved p50 p99 mean max
-        ok=$(sipp_stat "$dir/stats.csv" 'SuccessfulCall(C)')
-        failed=$(sipp_stat "$dir/stats.csv" 'FailedCall(C)')
+        local ok=0 failed=0 billed_now billed achieved p50 p99 mean max uac_cpu=0 f
+        for f in "$dir"/stats-*.csv; do
+            ok=$((ok + $(sipp_stat "$f" 'SuccessfulCall(C)')))
+            failed=$((failed + $(sipp_stat "$f" 'FailedCall(C)')))
+        done
+        for f in "$dir"/uac-*.time; do
+            [ -e "$f" ] || continue
+            uac_cpu=$(awk -v u="$uac_cpu" '{ u += $1 + $2 } END { print u }' "$f")
+        done
         billed_now=$(records)
         billed=$((billed_now - billed_before))
         billed_before=$billed_now
         achieved=$(awk -v n="$ok" -v a="$start" -v b="$end" 'BEGIN { printf "%.0f/s", n / (b - a) }')
-        read -r p50 p99 mean max <<<"$(setup_times "$dir/messages.log" | summary)"
-        # CPU time the server under test spent per completed call (all of it counted, the
+        read -r p50 p99 mean max <<<"$(for f in "$dir"/messages-*.log; do setup_times "$f"; done | summary)"
+        # CPU time the server(s) under test spent per completed call (all of it counted, the
         # tail of the previous rate's calls included), in microseconds.
         cpu=$(awk -v t="$((ticks_after - ticks_before))" -v hz="$hz" -v n="$ok" \
             'BEGIN { if (n > 0) printf "%.0fus", t * 1e6 / hz / n; else print "-" }')
-        # CPU time the load generator (the sipp terminal and the sipp server) spent per
+        # CPU time the load generator (the sipp terminals and the sipp server) spent per
         # completed call: on a shared machine, what it takes is not left to the server.
-        load=$(awk -v t="$((uas_after - uas_before))" -v hz="$hz" -v n="$ok" -v f="$dir/uac.time" \
-            'BEGIN { u = 0; if ((getline line < f) > 0) { split(line, a, " "); u = a[1] + a[2] }
-                     if (n > 0) printf "%.0fus", (t / hz + u) * 1e6 / n; else print "-" }')
-        [ "${KEEP:-0}" = 1 ] || rm -f "$dir/messages.log"
+        load=$(awk -v t="$((uas_after - uas_before))" -v hz="$hz" -v n="$ok" -v u="$uac_cpu" \
+            'BEGIN { if (n > 0) printf "%.0fus", (t / hz + u) * 1e6 / n; else print "-" }')
+        [ "${KEEP:-0}" = 1 ] || rm -f "$dir"/messages-*.log
         # shellcheck disable=SC2059
         printf "$row" "$RATE/s" "$calls" "$ok" "$failed" "$billed" "$achieved" "$p50" "$p99" "$mean" "$max" "$cpu" "$load"
-        if ! kill -0 "$target_pid" 2>/dev/null; then
-            echo "$name: the server under test died; log tail:" >&2
-            tail -20 "$log" >&2
-            exit 1
-        fi
+        local target
+        for target in "${targets[@]}"; do
+            if ! kill -0 "$target" 2>/dev/null; then
+                echo "$name: a server under test (pid $target) died; log tail:" >&2
+                tail -20 "$log" >&2
+                exit 1
+            fi
+        done
         if [ "$rc" -ne 0 ] || [ "$failed" -ne 0 ] || [ "$ok" -ne "$calls" ]; then
             echo "$name: failed calls at $RATE calls/s (sipp exit $rc); first errors:" >&2
-            grep -m 3 -E 'Aborting|Failed|timeout|Timeout' "$dir/errors.log" | cut -c1-200 >&2 || true
+            cat "$dir"/errors-*.log 2>/dev/null | grep -m 3 -E 'Aborting|Failed|timeout|Timeout' | cut -c1-200 >&2 || true
             break
         fi
         if [ "$billed" -ne "$ok" ]; then
@@ -273,6 +302,19 @@ run_rates() {
     done
 }
 
+# CPU ticks of the processes under test (each with its direct children), plus the caller's
+# `extra_ticks` when it defines one.
+target_ticks() {
+    local pid total=0
+    for pid in "$@"; do
+        total=$((total + $(tree_ticks "$pid")))
+    done
+    if declare -F extra_ticks >/dev/null; then
+        total=$((total + $(extra_ticks)))
+    fi
+    echo "$total"
+}
+
 # Starts the benchmark setup in WORK (after start_work): a sipp application server answering
 # on a free port (AS_PORT, pid UAS_PID), a relayd ($RELAYD) configured with one service on it,
 # subscriber alice, digest, log level warn and in-dialog probes off (RELAY_PORT, pid
@@ -284,23 +326,32 @@ start_bench_relay() {
     AS_PORT=$(free_port)
     while [ "$AS_PORT" = "$RELAY_PORT" ]; do AS_PORT=$(free_port); done
     METRICS_PORT=$(free_port)
+    write_bench_config "$WORK/relayd.toml" "$RELAY_PORT" "$METRICS_PORT" "data_dir = \"$WORK/data\""
+    start_bench_server
+    start_bench_relayd "$WORK/relayd.toml" "$WORK/relayd.log"
+    RELAY_PID=$STARTED_PID
+    register_alice "$RELAY_PORT" "$WORK/relayd.log"
+}
 
-    cat >"$WORK/relayd.toml" <<EOF
+# Writes a benchmark relay's configuration to $1: SIP on UDP 127.0.0.1:$2, metrics on $3,
+# `[storage]` lines $4, the sipp application server on AS_PORT serving `echo`, alice.
+write_bench_config() {
+    cat >"$1" <<EOF
 [listen]
-udp = "127.0.0.1:$RELAY_PORT"
+udp = "127.0.0.1:$2"
 tcp = []
 
 [relay]
 realm = "relay.test"
 
 [storage]
-data_dir = "$WORK/data"
+$4
 
 [log]
 level = "warn"
 
 [metrics]
-listen = "127.0.0.1:$METRICS_PORT"
+listen = "127.0.0.1:$3"
 
 [session]
 probe_interval_secs = 0
@@ -329,27 +380,37 @@ rate = 2
 currency = "EUR"
 EOF
     printf 'SEQUENTIAL\nalice;alice-secret\n' >"$WORK/users.csv"
+}
 
-    # The application server first, so that the relay's first probe finds it.
+# Starts the sipp application server on AS_PORT (pid UAS_PID), before any relay, so that a
+# relay's first probe finds it.
+start_bench_server() {
     (cd "$WORK" && exec "${LOAD_CPUS[@]}" sipp -sf "$SCENARIOS/uas_answer.xml" -i 127.0.0.1 -p "$AS_PORT" -aa -buff_size "$SIPP_BUFFER" \
         -nostdin -trace_err -error_file "$WORK/uas-errors.log" >/dev/null 2>"$WORK/uas.stderr") &
     UAS_PID=$!
     PIDS+=("$UAS_PID")
-    "${SERVER_CPUS[@]}" "$RELAYD" --config "$WORK/relayd.toml" run >/dev/null 2>"$WORK/relayd.log" &
-    RELAY_PID=$!
-    PIDS+=("$RELAY_PID")
+}
 
-    # Registering is also the readiness check: sipp retransmits the REGISTER until the relay
-    # answers, for at most 10 s.
-    mkdir -p "$WORK/register"
-    (cd "$WORK/register" && exec "${LOAD_CPUS[@]}" sipp "127.0.0.1:$RELAY_PORT" -sf "$SCENARIOS/uac_register.xml" \
+# Starts $RELAYD on configuration $1, logging to $2; sets STARTED_PID (also in PIDS).
+start_bench_relayd() {
+    "${SERVER_CPUS[@]}" "$RELAYD" --config "$1" run >/dev/null 2>"$2" &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
+
+# Registers alice through the relay on UDP port $1 (log $2 shown on failure). Registering
+# is also the readiness check: sipp retransmits the REGISTER until the relay answers, for at
+# most 10 s.
+register_alice() {
+    mkdir -p "$WORK/register-$1"
+    (cd "$WORK/register-$1" && exec "${LOAD_CPUS[@]}" sipp "127.0.0.1:$1" -sf "$SCENARIOS/uac_register.xml" \
         -inf "$WORK/users.csv" -au alice -ap alice-secret -i 127.0.0.1 -m 1 -nostdin \
         -timeout 10s -timeout_error >/dev/null 2>&1) &
-    REG_PID=$!
-    PIDS+=("$REG_PID")
-    if ! wait "$REG_PID"; then
-        echo "$BENCH_NAME: alice could not register; relayd log:" >&2
-        tail -20 "$WORK/relayd.log" >&2
+    local reg=$!
+    PIDS+=("$reg")
+    if ! wait "$reg"; then
+        echo "$BENCH_NAME: alice could not register with 127.0.0.1:$1; relayd log:" >&2
+        tail -20 "$2" >&2
         exit 1
     fi
 }
