@@ -137,6 +137,12 @@ pub mod store;
 pub mod tariff;
 pub mod writer;
 
+/// The real PostgreSQL server of the integration tests, for the unit tests of
+/// [`postgresql`]'s migrations.
+#[cfg(test)]
+#[path = "../tests/support/pg_server.rs"]
+mod test_pg_server;
+
 pub use backend::{AnyStore, StorageBackend};
 pub use error::BillingError;
 pub use money::{Currency, Money, MoneyError};

@@ -146,16 +146,45 @@ CREATE TABLE billing.charge_records (
 CREATE INDEX charge_records_by_time ON billing.charge_records (charged_at_ms);
 ";
 
-/// The schema's history, oldest first (PostgreSQL's own; it starts where SQLite's
-/// version 2 stands).
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "billing schema: meta, open-session journal, session records, charge records",
-    sql: SCHEMA_V1,
-}];
+/// Version 2, for relays sharing their billing (issue 15); SQLite's version 3 does the same:
+///
+/// * the end-cause `CHECK` of `session_records` also accepts `relay-lost` (another relay
+///   closed a dead relay's session after its lease expired) and `admin` (an operator ended
+///   it); PostgreSQL checks every existing row against the new constraint, and each passes,
+///   since the old list is part of the new one. The constraint keeps the name PostgreSQL
+///   gave the column's check in version 1.
+/// * `open_sessions` gets a `node` column: the relay that owns the session and renews its
+///   lease. Rows journaled before it belong to `''`, the name of a lone relay, which is
+///   what they were; an index by node and last-seen time serves the lease queries.
+///
+/// A migration is history: its list of causes is frozen here, not generated.
+const SCHEMA_V2: &str = "
+ALTER TABLE billing.session_records DROP CONSTRAINT session_records_end_cause_check;
+ALTER TABLE billing.session_records ADD CONSTRAINT session_records_end_cause_check
+    CHECK (end_cause IN ('caller-bye', 'server-bye', 'timeout', 'transferred', 'changed',
+        'relay-shutdown', 'recovered-after-restart', 'relay-lost', 'admin'));
+
+ALTER TABLE billing.open_sessions ADD COLUMN node TEXT NOT NULL DEFAULT '';
+CREATE INDEX open_sessions_by_node ON billing.open_sessions (node, last_seen_ms);
+";
+
+/// The schema's history, oldest first (PostgreSQL's own; it started where SQLite's
+/// version 2 stood, and its version 2 is SQLite's version 3).
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "billing schema: meta, open-session journal, session records, charge records",
+        sql: SCHEMA_V1,
+    },
+    Migration {
+        version: 2,
+        description: "relay-lost and admin end causes; open sessions owned by a node",
+        sql: SCHEMA_V2,
+    },
+];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const SESSION_COLUMNS: &str = "record_id, session_id, call_id, subscriber, service, server, plan, \
      tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, amount_minor, currency";
@@ -1065,5 +1094,122 @@ impl Store for PostgresStore {
              WHERE charged_at_ms >= $1 AND charged_at_ms < $2 ORDER BY charged_at_ms, record_id"
         );
         self.scan(&sql, period, &mut |row| visit(read_charge(row)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::store::CloseSession;
+    use crate::tariff::TariffSpec;
+    use crate::test_pg_server;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn session(id: &str, at: i64) -> OpenSession {
+        OpenSession {
+            session_id: id.into(),
+            call_id: format!("call-{id}"),
+            subscriber: "alice".into(),
+            service: "video".into(),
+            server: "as1".into(),
+            plan: "gold".into(),
+            tariff: Tariff::new(TariffSpec {
+                name: "standard".into(),
+                service: None,
+                plan: None,
+                currency: Currency::new("EUR").unwrap(),
+                setup: 10,
+                rate: 2,
+                period_seconds: 60,
+                increment: "60/60".parse().unwrap(),
+                free_seconds: 0,
+            })
+            .unwrap(),
+            confirmed_at_ms: at,
+        }
+    }
+
+    fn insert_raw_record(store: &PostgresStore, cause: &str) -> Result<u64, postgres::Error> {
+        store.client.borrow_mut().execute(
+            "INSERT INTO billing.session_records (session_id, call_id, subscriber, service, \
+             server, plan, tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, \
+             amount_minor, currency) \
+             VALUES ('raw', 'call-raw', 'alice', 'video', 'as1', 'basic', 'standard', \
+             0, 10, 10, $1, 0, 'EUR')",
+            &[&cause],
+        )
+    }
+
+    #[test]
+    fn a_version_1_database_migrates_keeping_every_record_and_journaled_session() {
+        let server = test_pg_server::shared();
+        let url = server.fresh_database();
+        let (records, journal) = {
+            let mut store = PostgresStore::connect_with(&url, &MIGRATIONS[..1]).unwrap();
+            assert_eq!(store.schema_version().unwrap(), 1);
+            // The causes version 1 knew; the new ones are refused by its CHECK.
+            for (i, cause) in EndCause::ALL[..7].iter().copied().enumerate() {
+                let id = format!("s{i}");
+                store.open_session(session(&id, T0)).unwrap();
+                store
+                    .close_session(CloseSession {
+                        session_id: id,
+                        ended_at_ms: T0 + 1_000 * (i as i64 + 1),
+                        cause,
+                    })
+                    .unwrap();
+            }
+            let err = insert_raw_record(&store, "relay-lost").unwrap_err();
+            assert_eq!(err.code(), Some(&SqlState::CHECK_VIOLATION), "{err}");
+            store.open_session(session("live", T0)).unwrap();
+            (
+                store.session_records(Period::all()).unwrap(),
+                store.journal().unwrap(),
+            )
+        };
+        assert_eq!(records.len(), 7);
+        assert!(matches!(
+            PostgresStore::connect_read_only(&url).unwrap_err(),
+            BillingError::OlderSchema {
+                found: 1,
+                supported: SCHEMA_VERSION,
+                ..
+            }
+        ));
+
+        let mut store = PostgresStore::connect(&url).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(store.session_records(Period::all()).unwrap(), records);
+        assert_eq!(store.journal().unwrap(), journal);
+        // The session journaled before the migration belongs to the lone relay, ''.
+        let node: String = store
+            .client
+            .borrow_mut()
+            .query_one(
+                "SELECT node FROM billing.open_sessions WHERE session_id = 'live'",
+                &[],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(node, "");
+        // The new causes are stored, a made-up one still refused.
+        for cause in [EndCause::RelayLost, EndCause::Admin] {
+            insert_raw_record(&store, cause.as_str()).unwrap();
+        }
+        let err = insert_raw_record(&store, "hung-up").unwrap_err();
+        assert_eq!(err.code(), Some(&SqlState::CHECK_VIOLATION), "{err}");
+        let record = store
+            .close_session(CloseSession {
+                session_id: "live".into(),
+                ended_at_ms: T0 + 61_000,
+                cause: EndCause::RelayLost,
+            })
+            .unwrap();
+        assert_eq!(record.cause, EndCause::RelayLost);
+        assert_eq!(record.charge.minor, 10 + 2 * 2);
+        assert!(record.record_id > records.iter().map(|r| r.record_id).max().unwrap());
     }
 }

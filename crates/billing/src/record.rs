@@ -31,11 +31,17 @@ pub enum EndCause {
     /// The relay crashed while the session was open; it was closed on restart at its
     /// last-seen time (see the crate documentation).
     RecoveredAfterRestart,
+    /// The relay that held the session stopped renewing its lease (it died, or lost the
+    /// database); another relay sharing the database closed the session at its last-seen
+    /// time once the lease had expired.
+    RelayLost,
+    /// An operator ended the session through the relay's admin API.
+    Admin,
 }
 
 impl EndCause {
     /// Every cause, in declaration order.
-    pub const ALL: [EndCause; 7] = [
+    pub const ALL: [EndCause; 9] = [
         EndCause::CallerBye,
         EndCause::ServerBye,
         EndCause::Timeout,
@@ -43,6 +49,8 @@ impl EndCause {
         EndCause::Changed,
         EndCause::RelayShutdown,
         EndCause::RecoveredAfterRestart,
+        EndCause::RelayLost,
+        EndCause::Admin,
     ];
 
     /// The kebab-case name written into records.
@@ -55,13 +63,15 @@ impl EndCause {
             EndCause::Changed => "changed",
             EndCause::RelayShutdown => "relay-shutdown",
             EndCause::RecoveredAfterRestart => "recovered-after-restart",
+            EndCause::RelayLost => "relay-lost",
+            EndCause::Admin => "admin",
         }
     }
 }
 
 /// An end-cause name that is not one of [`EndCause::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown end cause {0:?}: expected caller-bye, server-bye, timeout, transferred, changed, relay-shutdown or recovered-after-restart")]
+#[error("unknown end cause {0:?}: expected caller-bye, server-bye, timeout, transferred, changed, relay-shutdown, recovered-after-restart, relay-lost or admin")]
 pub struct UnknownEndCause(pub String);
 
 impl FromStr for EndCause {
@@ -178,7 +188,9 @@ mod tests {
                 "transferred",
                 "changed",
                 "relay-shutdown",
-                "recovered-after-restart"
+                "recovered-after-restart",
+                "relay-lost",
+                "admin"
             ]
         );
         for cause in EndCause::ALL {

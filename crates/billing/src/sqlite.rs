@@ -140,6 +140,50 @@ ALTER TABLE new_session_records RENAME TO session_records;
 CREATE INDEX session_records_by_end ON session_records (ended_at_ms);
 ";
 
+/// Version 3, for relays sharing their billing (issue 15):
+///
+/// * `session_records` is rebuilt as version 2 did (same procedure, same columns, ids and
+///   index) with an end-cause `CHECK` that also accepts `relay-lost` (another relay closed
+///   a dead relay's session after its lease expired) and `admin` (an operator ended it);
+///   every row of version 2 passes it.
+/// * `open_sessions` gets a `node` column: the relay that owns the session and renews its
+///   lease. Rows journaled before it belong to `''`, the name of a lone relay, which is
+///   what they were; an index by node and last-seen time serves the lease queries.
+const SCHEMA_V3: &str = "
+CREATE TABLE new_session_records (
+    record_id       INTEGER PRIMARY KEY,
+    session_id      TEXT NOT NULL CHECK (length(session_id) > 0),
+    call_id         TEXT NOT NULL CHECK (length(call_id) > 0),
+    subscriber      TEXT NOT NULL CHECK (length(subscriber) > 0),
+    service         TEXT NOT NULL CHECK (length(service) > 0),
+    server          TEXT NOT NULL CHECK (length(server) > 0),
+    plan            TEXT NOT NULL CHECK (length(plan) > 0),
+    tariff          TEXT NOT NULL CHECK (length(tariff) > 0),
+    confirmed_at_ms INTEGER NOT NULL CHECK (confirmed_at_ms >= 0),
+    ended_at_ms     INTEGER NOT NULL CHECK (ended_at_ms >= confirmed_at_ms),
+    duration_ms     INTEGER NOT NULL CHECK (duration_ms = ended_at_ms - confirmed_at_ms),
+    end_cause       TEXT NOT NULL CHECK (end_cause = 'caller-bye' OR end_cause = 'server-bye'
+                        OR end_cause = 'timeout' OR end_cause = 'transferred'
+                        OR end_cause = 'changed' OR end_cause = 'relay-shutdown'
+                        OR end_cause = 'recovered-after-restart' OR end_cause = 'relay-lost'
+                        OR end_cause = 'admin'),
+    amount_minor    INTEGER NOT NULL CHECK (amount_minor >= 0),
+    currency        TEXT NOT NULL CHECK (length(currency) = 3 AND currency = upper(currency))
+) STRICT;
+INSERT INTO new_session_records (record_id, session_id, call_id, subscriber, service, server,
+        plan, tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, amount_minor,
+        currency)
+    SELECT record_id, session_id, call_id, subscriber, service, server, plan, tariff,
+        confirmed_at_ms, ended_at_ms, duration_ms, end_cause, amount_minor, currency
+    FROM session_records ORDER BY record_id;
+DROP TABLE session_records;
+ALTER TABLE new_session_records RENAME TO session_records;
+CREATE INDEX session_records_by_end ON session_records (ended_at_ms);
+
+ALTER TABLE open_sessions ADD COLUMN node TEXT NOT NULL DEFAULT '';
+CREATE INDEX open_sessions_by_node ON open_sessions (node, last_seen_ms);
+";
+
 /// The schema's history, oldest first. A new database runs all of it, so that it has
 /// exactly the schema of one migrated from an older version.
 const MIGRATIONS: &[Migration] = &[
@@ -153,10 +197,15 @@ const MIGRATIONS: &[Migration] = &[
         description: "session records: end-cause check without IN (no ephemeral table)",
         sql: SCHEMA_V2,
     },
+    Migration {
+        version: 3,
+        description: "relay-lost and admin end causes; open sessions owned by a node",
+        sql: SCHEMA_V3,
+    },
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SESSION_COLUMNS: &str = "record_id, session_id, call_id, subscriber, service, server, plan, \
      tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, amount_minor, currency";
@@ -1475,7 +1524,8 @@ mod tests {
             let mut store = SqliteStore::open_with(&path, &MIGRATIONS[..1]).unwrap();
             assert_eq!(store.schema_version().unwrap(), 1);
             assert!(session_records_sql(&store.conn).contains("end_cause IN ('caller-bye'"));
-            for (i, cause) in EndCause::ALL.into_iter().enumerate() {
+            // The causes version 1 knew.
+            for (i, cause) in EndCause::ALL[..7].iter().copied().enumerate() {
                 let id = format!("s{i}");
                 store.open_session(session(&id, T0)).unwrap();
                 store
@@ -1501,7 +1551,7 @@ mod tests {
             SqliteStore::open_read_only(&path).unwrap_err(),
             BillingError::OlderSchema {
                 found: 1,
-                supported: 2,
+                supported: SCHEMA_VERSION,
                 ..
             }
         ));
@@ -1550,6 +1600,77 @@ mod tests {
                 .len(),
             records.len() + 1
         );
+    }
+
+    #[test]
+    fn a_version_2_database_migrates_keeping_every_record_and_journaled_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("billing.db");
+        let (records, journal, charges) = {
+            // A database as version 2 wrote it.
+            let mut store = SqliteStore::open_with(&path, &MIGRATIONS[..2]).unwrap();
+            assert_eq!(store.schema_version().unwrap(), 2);
+            for (i, cause) in EndCause::ALL[..7].iter().copied().enumerate() {
+                let id = format!("s{i}");
+                store.open_session(session(&id, T0)).unwrap();
+                store
+                    .close_session(close(&id, T0 + 1_000 * (i as i64 + 1), cause))
+                    .unwrap();
+            }
+            // Version 2 knows neither relay-lost nor admin.
+            assert!(is_check_failure(insert_raw_record(
+                &store.conn,
+                100,
+                "relay-lost"
+            )));
+            store.open_session(session("live", T0)).unwrap();
+            store.record_charge(charge("as1", "ev-1", 5)).unwrap();
+            (
+                store.session_records(Period::all()).unwrap(),
+                store.journal().unwrap(),
+                store.charge_records(Period::all()).unwrap(),
+            )
+        };
+        assert!(matches!(
+            SqliteStore::open_read_only(&path).unwrap_err(),
+            BillingError::OlderSchema {
+                found: 2,
+                supported: SCHEMA_VERSION,
+                ..
+            }
+        ));
+
+        let mut store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        store.integrity_check().unwrap();
+        assert_eq!(store.session_records(Period::all()).unwrap(), records);
+        assert_eq!(store.journal().unwrap(), journal);
+        assert_eq!(store.charge_records(Period::all()).unwrap(), charges);
+        // The session journaled before the migration belongs to the lone relay, ''.
+        let node: String = store
+            .conn
+            .query_row(
+                "SELECT node FROM open_sessions WHERE session_id = 'live'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(node, "");
+        insert_raw_record(&store.conn, 100, "relay-lost").unwrap();
+        insert_raw_record(&store.conn, 101, "admin").unwrap();
+        assert!(is_check_failure(insert_raw_record(
+            &store.conn,
+            102,
+            "hung-up"
+        )));
+        let record = store
+            .close_session(close("live", T0 + 61_000, EndCause::RelayLost))
+            .unwrap();
+        assert_eq!(record.record_id, 102);
+        assert_eq!(record.charge.minor, 10 + 2 * 2);
+        // And the migrated file has exactly the schema of a new one.
+        let (_fresh_dir, fresh) = fresh();
+        assert_eq!(schema_of(&store.conn), schema_of(&fresh.conn));
     }
 
     #[test]
