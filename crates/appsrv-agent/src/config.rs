@@ -12,7 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::de::{self, Deserialize, Deserializer};
-use sip_core::tls::{ClientAuth as TlsClientAuth, TlsError, TlsFiles, TlsSetup};
+use sip_core::tls::{ClientAuth as TlsClientAuth, TlsFile, TlsFiles, TlsSetup};
 use sip_core::uri::{Host, Scheme, Uri};
 
 use crate::backend::Backend;
@@ -827,28 +827,16 @@ impl Build<'_> {
             ));
         }
         let files = TlsFiles {
-            certificate: Some(cert_path.clone()),
-            key: Some(key_path.clone()),
-            ca: Some(ca_path.clone()),
+            certificate: Some(cert_path),
+            key: Some(key_path),
+            ca: Some(ca_path),
         };
         let setup = TlsSetup::load(&files, TlsClientAuth::Required).map_err(|e| {
-            let origin = match &e {
-                TlsError::NoKey { .. } | TlsError::KeyMismatch { .. } => key_origin.clone(),
-                TlsError::BadCa { .. } | TlsError::NoCaForClients => ca_origin.clone(),
-                // A file without a certificate where the CA should be.
-                TlsError::NoCertificate { path } if *path == ca_path => ca_origin.clone(),
-                TlsError::Read { path, .. }
-                | TlsError::Pem { path, .. }
-                | TlsError::NoCertificate { path } => {
-                    if *path == key_path {
-                        key_origin.clone()
-                    } else if *path == ca_path {
-                        ca_origin.clone()
-                    } else {
-                        cert_origin.clone()
-                    }
-                }
-                _ => self.o.key("tls"),
+            let origin = match e.file(&files) {
+                Some(TlsFile::Key) => key_origin.clone(),
+                Some(TlsFile::Ca) => ca_origin.clone(),
+                Some(TlsFile::Certificate) => cert_origin.clone(),
+                None => self.o.key("tls"),
             };
             invalid(origin, e.to_string())
         })?;

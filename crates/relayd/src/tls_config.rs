@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use sip_core::tls::{ClientAuth, TlsError, TlsFiles, TlsSetup};
+use sip_core::tls::{ClientAuth, TlsError, TlsFile, TlsFiles, TlsSetup};
 
 /// What the relay asks of TLS clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -174,28 +174,11 @@ impl TlsConfig {
 
 /// The `[tls]` key an error is about.
 fn key_of(e: &TlsError, files: &TlsFiles) -> &'static str {
-    let by_path = |path: &PathBuf, order: &[&'static str]| {
-        order
-            .iter()
-            .copied()
-            .find(|key| {
-                let file = match *key {
-                    "tls.key" => &files.key,
-                    "tls.ca" => &files.ca,
-                    _ => &files.certificate,
-                };
-                file.as_ref() == Some(path)
-            })
-            .unwrap_or("tls")
-    };
-    match e {
-        TlsError::NoKey { .. } | TlsError::KeyMismatch { .. } => "tls.key",
-        TlsError::BadCa { .. } | TlsError::NoCaForClients => "tls.ca",
-        TlsError::NoCertificate { path } => by_path(path, &["tls.ca", "tls.certificate"]),
-        TlsError::Read { path, .. } | TlsError::Pem { path, .. } => {
-            by_path(path, &["tls.certificate", "tls.key", "tls.ca"])
-        }
-        _ => "tls",
+    match e.file(files) {
+        Some(TlsFile::Certificate) => "tls.certificate",
+        Some(TlsFile::Key) => "tls.key",
+        Some(TlsFile::Ca) => "tls.ca",
+        None => "tls",
     }
 }
 

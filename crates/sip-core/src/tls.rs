@@ -116,6 +116,46 @@ pub struct TlsFiles {
     pub ca: Option<PathBuf>,
 }
 
+/// Which of a party's [`TlsFiles`] something is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFile {
+    /// The certificate chain.
+    Certificate,
+    /// The private key.
+    Key,
+    /// The trusted CAs.
+    Ca,
+}
+
+impl TlsError {
+    /// The file of `files` this error is about, for a configuration error that names the
+    /// setting to fix: `None` when it is about no one file.
+    pub fn file(&self, files: &TlsFiles) -> Option<TlsFile> {
+        // A path may be given for two settings (the CA and the certificate in one file):
+        // `order` says which to name first.
+        let by_path = |path: &PathBuf, order: &[TlsFile]| {
+            order.iter().copied().find(|f| {
+                let given = match f {
+                    TlsFile::Certificate => &files.certificate,
+                    TlsFile::Key => &files.key,
+                    TlsFile::Ca => &files.ca,
+                };
+                given.as_ref() == Some(path)
+            })
+        };
+        match self {
+            TlsError::NoKey { .. } | TlsError::KeyMismatch { .. } => Some(TlsFile::Key),
+            TlsError::BadCa { .. } | TlsError::NoCaForClients => Some(TlsFile::Ca),
+            // A file without a certificate where the CA should be is the CA's problem.
+            TlsError::NoCertificate { path } => by_path(path, &[TlsFile::Ca, TlsFile::Certificate]),
+            TlsError::Read { path, .. } | TlsError::Pem { path, .. } => {
+                by_path(path, &[TlsFile::Certificate, TlsFile::Key, TlsFile::Ca])
+            }
+            TlsError::Incomplete(_) | TlsError::Config(_) => None,
+        }
+    }
+}
+
 /// A party's TLS configuration, loaded: what it presents, what it trusts, and what it asks of
 /// its clients. Cheap to clone.
 #[derive(Clone)]
@@ -374,6 +414,36 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+
+    #[test]
+    fn an_error_names_the_file_it_is_about() {
+        let pki = Pki::new();
+        let missing = pki.path("missing.pem");
+        let files = |certificate: &PathBuf, key: &PathBuf, ca: &PathBuf| TlsFiles {
+            certificate: Some(certificate.clone()),
+            key: Some(key.clone()),
+            ca: Some(ca.clone()),
+        };
+        let (cert, key, ca) = (
+            pki.path("cert.pem"),
+            pki.path("key.pem"),
+            pki.path("ca.pem"),
+        );
+        for (f, expected) in [
+            (files(&missing, &key, &ca), TlsFile::Certificate),
+            (files(&cert, &missing, &ca), TlsFile::Key),
+            (files(&cert, &key, &missing), TlsFile::Ca),
+            // A key file where the CA should be: no certificate in it.
+            (files(&cert, &key, &key), TlsFile::Ca),
+            // A key that is not the certificate's.
+            (files(&cert, &pki.path("other-key.pem"), &ca), TlsFile::Key),
+        ] {
+            let e = TlsSetup::load(&f, ClientAuth::Optional)
+                .err()
+                .expect("a broken configuration");
+            assert_eq!(e.file(&f), Some(expected), "{e}");
+        }
+    }
 
     struct Pki {
         dir: tempfile::TempDir,
