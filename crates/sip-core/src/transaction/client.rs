@@ -297,6 +297,24 @@ impl ClientTx {
         }
     }
 
+    /// The TU sent a CANCEL of this INVITE: without a final response in 64·T1 the INVITE
+    /// counts as cancelled and the transaction ends (RFC 3261 §9.1), rather than waiting in
+    /// Proceeding for a server that never answers.
+    pub fn on_cancel_sent(&mut self, now: Instant, io: &mut Io<'_>) {
+        if self.invite.is_some()
+            && matches!(self.state, ClientState::Calling | ClientState::Proceeding)
+        {
+            let limit = now + io.timers.transaction_timeout();
+            if self
+                .timers
+                .armed_at(Slot::Lifetime)
+                .is_none_or(|at| at > limit)
+            {
+                self.arm(io, Slot::Lifetime, now, io.timers.transaction_timeout());
+            }
+        }
+    }
+
     /// One of its timers fired (the slot already disarmed by the caller).
     pub fn on_timer(&mut self, now: Instant, slot: Slot, io: &mut Io<'_>) -> Fate {
         match (slot, self.state) {
@@ -314,7 +332,7 @@ impl ClientTx {
                 Fate::Live
             }
             (Slot::Lifetime, ClientState::Calling | ClientState::Proceeding) => {
-                // Timer B or F.
+                // Timer B or F, or a cancelled INVITE's 64·T1 (§9.1).
                 debug!(tx = ?self.id, "client transaction timed out");
                 io.event(Event::TimedOut { tx: self.id });
                 Fate::Terminated

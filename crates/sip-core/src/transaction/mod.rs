@@ -421,8 +421,25 @@ impl TransactionLayer {
             timers: &self.timers,
             deadlines: &self.deadlines,
         };
+        let cancelled = (key.method == method_key(Method::Cancel)).then(|| ClientKey {
+            branch: key.branch.clone(),
+            method: method_key(Method::Invite),
+        });
         let tx = ClientTx::start(now, id, key, req, summary.cseq, to, &mut io);
         self.clients.insert(id, Box::new(tx));
+        // A CANCEL carries its INVITE's branch (§9.1): that INVITE now waits at most 64·T1
+        // more for its final response, then counts as cancelled and ends.
+        if let Some(invite) = cancelled.and_then(|k| self.client_index.get(&k).copied()) {
+            if let Some(tx) = self.clients.get_mut(&invite) {
+                let mut io = Io {
+                    out: &mut self.out,
+                    queue: &mut self.queue,
+                    timers: &self.timers,
+                    deadlines: &self.deadlines,
+                };
+                tx.on_cancel_sent(now, &mut io);
+            }
+        }
         Ok(id)
     }
 

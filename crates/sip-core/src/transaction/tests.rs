@@ -319,6 +319,38 @@ fn invite_provisional_stops_retransmission_and_timer_b() {
 }
 
 #[test]
+fn a_cancelled_invite_without_a_final_response_ends_64_t1_after_its_cancel() {
+    let mut l = layer();
+    let t0 = Instant::now();
+    let req = request("INVITE", "z9hG4bKc9", 1);
+    let id = l.send_request(t0, req.clone(), tcp(BOB)).unwrap();
+    l.handle_message(
+        t0 + ms(100),
+        SipMessage::Response(response(&req, 180)),
+        tcp(BOB),
+    );
+    assert_eq!(drain(&mut l).deadline, None, "ringing waits for the TU");
+    // The TU gives up at 120 s: its CANCEL has the INVITE's branch (§9.1).
+    let t_cancel = t0 + Duration::from_secs(120);
+    let cancel = request("CANCEL", "z9hG4bKc9", 1);
+    let cancel_id = l.send_request(t_cancel, cancel.clone(), tcp(BOB)).unwrap();
+    // The server answers the CANCEL, but never sends the INVITE's 487.
+    l.handle_message(
+        t_cancel + ms(10),
+        SipMessage::Response(response(&cancel, 200)),
+        tcp(BOB),
+    );
+    drain(&mut l);
+    assert!(!l.clients.contains_key(&cancel_id));
+    let seen = run(&mut l, t_cancel, Duration::from_secs(3600));
+    assert_eq!(seen, vec![Seen::TimedOut(32_000)], "64·T1 after the CANCEL");
+    assert!(
+        !l.clients.contains_key(&id),
+        "the INVITE transaction is gone"
+    );
+}
+
+#[test]
 fn invite_non_2xx_is_acked_by_the_transaction() {
     let mut l = layer();
     let t0 = Instant::now();
