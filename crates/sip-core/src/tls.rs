@@ -438,9 +438,9 @@ mod tests {
             // A key that is not the certificate's.
             (files(&cert, &pki.path("other-key.pem"), &ca), TlsFile::Key),
         ] {
-            let e = TlsSetup::load(&f, ClientAuth::Optional)
-                .err()
-                .expect("a broken configuration");
+            let Err(e) = TlsSetup::load(&f, ClientAuth::Optional) else {
+                panic!("a broken configuration loaded: {f:?}");
+            };
             assert_eq!(e.file(&f), Some(expected), "{e}");
         }
     }
