@@ -85,7 +85,8 @@ pub struct SessionStart {
 /// (the calls own them, the store journals them): only how many are open.
 pub struct BillingControl {
     writer: WriterHandle,
-    tariffs: TariffTable,
+    /// Replaced whole by a reload; a session journals the tariff it started with.
+    tariffs: std::sync::RwLock<std::sync::Arc<TariffTable>>,
     live: AtomicUsize,
     path: PathBuf,
 }
@@ -114,11 +115,17 @@ impl BillingControl {
         .context("starting the billing writer")?;
         let control = BillingControl {
             writer: writer.handle(),
-            tariffs,
+            tariffs: std::sync::RwLock::new(std::sync::Arc::new(tariffs)),
             live: AtomicUsize::new(0),
             path,
         };
         Ok((control, writer))
+    }
+
+    /// Puts `tariffs` in force for the sessions (and billing segments) journaled from now
+    /// on (a reload). A live session keeps the tariff journaled with it.
+    pub fn replace_tariffs(&self, tariffs: TariffTable) {
+        *self.tariffs.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(tariffs);
     }
 
     /// The database file.
@@ -141,8 +148,9 @@ impl BillingControl {
 
     /// Journals a confirmed session; resolves once committed.
     pub async fn session_confirmed(&self, start: SessionStart) -> anyhow::Result<()> {
-        let tariff = self
-            .tariffs
+        let tariffs =
+            std::sync::Arc::clone(&self.tariffs.read().unwrap_or_else(|p| p.into_inner()));
+        let tariff = tariffs
             .lookup(&start.service, &start.plan)
             .with_context(|| {
                 format!(

@@ -64,7 +64,7 @@ pub async fn handle(relay: Arc<Relay>, r: IncomingRequest) {
     let Some(account) = relay.authenticate_request(&r) else {
         return;
     };
-    if relay.config.server_account(&account).is_none() {
+    if relay.settings().config.server_account(&account).is_none() {
         answer(&r, 403, "Not an application-server account");
         return;
     }
@@ -114,7 +114,8 @@ async fn charge(
     if body.event_id.trim().is_empty() {
         return Err(bad("Malformed charge: empty event_id"));
     }
-    let limits = &relay.config.billing;
+    let settings = relay.settings();
+    let limits = &settings.config.billing;
     let currency_code = body
         .currency
         .clone()

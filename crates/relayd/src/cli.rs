@@ -1,4 +1,4 @@
-//! The command line: `relayd [--config FILE] [run | check-config | user … | billing …]`,
+//! The command line: `relayd [--config FILE] [run | check-config | user … | billing … | ctl …]`,
 //! and the file editing behind `relayd user add` and `relayd user remove`.
 //!
 //! Users added from the command line go to the configuration's `users_file` (a separate
@@ -64,6 +64,55 @@ pub enum Command {
     /// Read the billing records: reports and exports.
     #[command(subcommand)]
     Billing(BillingCommand),
+    /// Ask the running relay, through its admin API (`[admin]` of the same configuration
+    /// file): live sessions, registrations, the directory, drain, reload.
+    Ctl(CtlArgs),
+}
+
+/// `relayd ctl …`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct CtlArgs {
+    /// Print the API's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to ask.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// The requests of `relayd ctl`.
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum CtlCommand {
+    /// List the live sessions (id, Call-ID, subscriber, service, server, duration).
+    Sessions,
+    /// End a live session: BYE to both sides, billed with end cause `admin`.
+    End {
+        /// The session id (as `ctl sessions` lists it).
+        session_id: String,
+    },
+    /// List the registrations (terminals and application servers).
+    Registrations,
+    /// Remove a user's registration: one contact, or all of them.
+    Unregister {
+        /// The user (or application-server account).
+        user: String,
+        /// The contact URI to remove; all of the user's without it.
+        contact: Option<String>,
+    },
+    /// Drain an application server: no new sessions, its live ones finish.
+    Drain {
+        /// The server's name, account or URI.
+        server: String,
+    },
+    /// Take a drained application server back.
+    Undrain {
+        /// The server's name, account or URI.
+        server: String,
+    },
+    /// Show the directory: servers, their services, health, load; the services.
+    Directory,
+    /// Read the configuration file again (as SIGHUP does); live calls go on.
+    Reload,
 }
 
 /// `relayd user …`

@@ -205,6 +205,8 @@ pub struct Server {
     expires_at: Mutex<Option<Instant>>,
     probe: Mutex<Probe>,
     probed: bool,
+    /// Drained by an operator: no new session, the live ones finish.
+    drained: AtomicBool,
 }
 
 /// A shared reference to a [`Server`].
@@ -291,8 +293,16 @@ impl Server {
             .is_some_and(|capacity| self.active_sessions() >= capacity)
     }
 
+    /// Whether an operator drained the server (see [`Directory::set_drained`]).
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Relaxed)
+    }
+
     fn is_candidate(&self, now: Instant) -> bool {
-        self.is_up() && !self.is_full() && self.expires_at().is_none_or(|at| at > now)
+        self.is_up()
+            && !self.is_full()
+            && !self.is_drained()
+            && self.expires_at().is_none_or(|at| at > now)
     }
 }
 
@@ -414,6 +424,7 @@ impl Directory {
             expires_at: Mutex::new(expires_at),
             probe: Mutex::new(Probe::default()),
             probed,
+            drained: AtomicBool::new(false),
         }))
     }
 
@@ -655,6 +666,113 @@ impl Directory {
         list
     }
 
+    /// Every server (static, then registered) with the services it delivers.
+    pub fn servers(&self) -> Vec<(ServerRef, Vec<String>)> {
+        let inner = self.read();
+        let mut out = inner.statics.clone();
+        let mut dynamic: Vec<(ServerRef, Vec<String>)> = inner
+            .dynamic
+            .values()
+            .map(|entry| (entry.server.clone(), entry.services.clone()))
+            .collect();
+        dynamic.sort_by_key(|(server, _)| server.id);
+        out.extend(dynamic);
+        out
+    }
+
+    /// Drains (`drained`) or undrains the servers named `key` (their name, their account or
+    /// their URI as configured or registered): a drained server is no candidate for a new
+    /// session or a move, and its live sessions finish. A refreshed registration keeps the
+    /// mark; a registration that ended and comes again does not. Returns the servers marked.
+    pub fn set_drained(&self, key: &str, drained: bool) -> Vec<ServerRef> {
+        let key = key.trim();
+        let inner = self.read();
+        let marked: Vec<ServerRef> = inner
+            .all_servers()
+            .filter(|s| s.name == key || s.uri_text == key || s.account() == Some(key))
+            .cloned()
+            .collect();
+        for server in &marked {
+            server.drained.store(drained, Ordering::Relaxed);
+            tracing::info!(
+                server = server.name(),
+                uri = server.uri_text(),
+                drained,
+                "application server drain changed by an operator"
+            );
+        }
+        marked
+    }
+
+    /// Takes the static servers of `fresh` (a directory built from a reloaded
+    /// configuration) in place of this one's: an entry with the same name, URI, account and
+    /// probing is kept (its session count, health and drain mark) with the new services and
+    /// capacity; others go, new ones come. Registered servers are untouched. Returns how
+    /// many entries were (added, removed).
+    pub fn replace_statics(&self, fresh: &Directory) -> (usize, usize) {
+        let wanted = fresh.read().statics.clone();
+        let mut inner = self.write();
+        let old = std::mem::take(&mut inner.statics);
+        let mut added = 0;
+        let mut kept_ids = Vec::new();
+        let mut statics = Vec::with_capacity(wanted.len());
+        for (new, services) in wanted {
+            let same = old
+                .iter()
+                .find(|(s, _)| {
+                    s.name == new.name
+                        && s.uri_text == new.uri_text
+                        && s.probed == new.probed
+                        && s.origin == new.origin
+                        && !kept_ids.contains(&s.id)
+                })
+                .cloned();
+            let server = match same {
+                Some((server, old_services)) => {
+                    let gone: Vec<String> = old_services
+                        .into_iter()
+                        .filter(|s| !services.contains(s))
+                        .collect();
+                    inner.unindex(&server, &gone);
+                    server
+                        .capacity
+                        .store(new.capacity.load(Ordering::Relaxed), Ordering::Relaxed);
+                    kept_ids.push(server.id);
+                    server
+                }
+                None => {
+                    inner.next_id += 1;
+                    added += 1;
+                    Arc::new(Server {
+                        id: ServerId(inner.next_id),
+                        name: new.name.clone(),
+                        uri: new.uri.clone(),
+                        uri_text: new.uri_text.clone(),
+                        origin: new.origin.clone(),
+                        capacity: AtomicU32::new(new.capacity.load(Ordering::Relaxed)),
+                        active: AtomicU32::new(0),
+                        up: AtomicBool::new(true),
+                        expires_at: Mutex::new(None),
+                        probe: Mutex::new(Probe::default()),
+                        probed: new.probed,
+                        drained: AtomicBool::new(false),
+                    })
+                }
+            };
+            inner.index(&server, &services);
+            statics.push((server, services));
+        }
+        let mut removed = 0;
+        for (server, services) in &old {
+            if !kept_ids.contains(&server.id) {
+                inner.unindex(server, services);
+                removed += 1;
+            }
+        }
+        inner.statics = statics;
+        (added, removed)
+    }
+
     /// Every server delivering `service`, whatever its state, in configuration order.
     pub fn servers_of(&self, service: &str) -> Vec<ServerRef> {
         self.read()
@@ -783,6 +901,62 @@ mod tests {
         dir.add_static("c", "sip:127.0.0.1:5082", &s(&["echo"]), None)
             .unwrap();
         dir
+    }
+
+    #[test]
+    fn a_drained_server_is_no_candidate_until_undrained_and_keeps_its_sessions() {
+        let dir = three();
+        let now = Instant::now();
+        let b = dir.servers_of("clock")[0].clone();
+        dir.session_started(&b);
+        assert_eq!(names(&dir.set_drained("b", true)), ["b"]);
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::First, now)),
+            ["a", "c"]
+        );
+        assert!(dir.candidates("clock", Strategy::First, now).is_empty());
+        assert_eq!(b.active_sessions(), 1, "its live session is still counted");
+        // By URI too; an unknown key marks nothing.
+        assert_eq!(names(&dir.set_drained("sip:127.0.0.1:5081", false)), ["b"]);
+        assert!(dir.set_drained("nobody", true).is_empty());
+        assert_eq!(
+            names(&dir.candidates("echo", Strategy::First, now)),
+            ["a", "b", "c"]
+        );
+    }
+
+    #[test]
+    fn replacing_the_statics_keeps_the_same_entries_state_and_takes_new_and_gone_ones() {
+        let dir = three();
+        let a = dir.servers_of("echo")[0].clone();
+        dir.session_started(&a);
+        dir.set_drained("a", true);
+        let fresh = Directory::default();
+        fresh
+            .add_static("a", "sip:127.0.0.1:5080", &s(&["echo", "news"]), Some(5))
+            .unwrap();
+        fresh
+            .add_static("d", "sip:127.0.0.1:5083", &s(&["clock"]), None)
+            .unwrap();
+        assert_eq!(dir.replace_statics(&fresh), (1, 2));
+        let now = Instant::now();
+        let kept = &dir.servers_of("news")[0];
+        assert!(Arc::ptr_eq(kept, &a), "the same entry");
+        assert_eq!(kept.active_sessions(), 1);
+        assert!(kept.is_drained());
+        assert_eq!(kept.capacity(), Some(5));
+        assert_eq!(names(&dir.servers_of("echo")), ["a"]);
+        assert_eq!(names(&dir.candidates("clock", Strategy::First, now)), ["d"]);
+        assert_eq!(dir.services(), s(&["clock", "echo", "news"]));
+        assert_eq!(
+            names(
+                &dir.servers()
+                    .into_iter()
+                    .map(|(s, _)| s)
+                    .collect::<Vec<_>>()
+            ),
+            ["a", "d"]
+        );
     }
 
     #[test]

@@ -285,7 +285,8 @@ fn register(relay: &Relay, r: IncomingRequest) {
         relay.refuse(&r, 403, "Cannot register another user");
         return;
     }
-    let account = relay.config.server_account(&user);
+    let settings = relay.settings();
+    let account = settings.config.server_account(&user);
     if account.is_some() && !relay.server_peer_certified(r.from) {
         warn!(account = %user, from = %r.from, "application-server REGISTER without a client certificate refused");
         relay.refuse(&r, 403, "Application servers must register over mutual TLS");
@@ -295,7 +296,7 @@ fn register(relay: &Relay, r: IncomingRequest) {
         Some(a) => Role::AppServer {
             allowed_services: a.allowed_services(),
         },
-        None if relay.config.user(&user).is_some() => Role::Subscriber,
+        None if settings.config.user(&user).is_some() => Role::Subscriber,
         None => {
             relay.refuse(&r, 403, "Unknown account");
             return;
@@ -390,7 +391,8 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
     let Some(user) = relay.authenticate_request(&r) else {
         return;
     };
-    let Some(subscriber) = relay.config.user(&user) else {
+    let settings = relay.settings();
+    let Some(subscriber) = settings.config.user(&user) else {
         relay.refuse(&r, 403, "Not a subscriber");
         return;
     };
@@ -398,13 +400,13 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
         relay.refuse(&r, 403, "Not registered");
         return;
     }
-    let decision = relay.rules.evaluate(
+    let decision = settings.rules.evaluate(
         &facts(
             &r.req,
             &ruri,
             &subscriber.plan,
             &subscriber.class,
-            relay.rules.needs(),
+            settings.rules.needs(),
         ),
         utc_second_of_day(),
     );
@@ -423,7 +425,7 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
     // session of its own ends, where a 403 says the request "SHOULD NOT be repeated"
     // (§21.4.4); and not 503, which tells a client to try another server of the domain
     // (§21.5.4), where the limit is the same.
-    let limit = relay.config.max_sessions_of(&decision.subscriber_class);
+    let limit = settings.config.max_sessions_of(&decision.subscriber_class);
     if !relay.subscriber_sessions.try_take(&user, limit) {
         relay.subscriber_sessions.count_refusal();
         info!(subscriber = %user, class = %decision.subscriber_class, limit, "refused: the subscriber holds as many sessions as its class allows");

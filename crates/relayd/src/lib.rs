@@ -14,6 +14,8 @@
 //! subscriber holds against its class's limit), [`private_files`] (the users file and the
 //! billing store, readable by the operator only) and [`metrics`].
 
+pub mod admin;
+pub mod admin_config;
 pub mod auth;
 pub mod b2bua;
 pub mod billing_control;
@@ -22,6 +24,7 @@ pub mod charge;
 pub mod cli;
 pub mod config;
 pub mod content;
+pub mod ctl;
 pub mod directory;
 pub mod dispatch;
 pub mod extensions;
@@ -30,7 +33,9 @@ pub mod metrics;
 pub mod private_files;
 pub mod registrar;
 pub mod relay;
+pub mod reload;
 pub mod rules;
 pub mod served;
+pub mod settings;
 pub mod subscriber_sessions;
 pub mod tls_config;

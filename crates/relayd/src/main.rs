@@ -19,7 +19,7 @@ use billing::store::Period;
 use relayd::cli::{self, BillingCommand, Cli, Command, Ha1Hasher, UserCommand};
 use relayd::config::{Config, LogFormat};
 use relayd::dispatch;
-use relayd::{health, metrics};
+use relayd::{admin, health, metrics, reload};
 use sip_core::digest;
 
 /// jemalloc instead of glibc's malloc: every SIP message is parsed into, and serialized
@@ -83,7 +83,35 @@ fn dispatch(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Billing(BillingCommand::Report(args)) => billing_report(&config, &args),
         Command::Billing(BillingCommand::Export(args)) => billing_export(&config, &args),
+        Command::Ctl(args) => ctl(&config, &args),
     }
+}
+
+/// `relayd ctl`: one request to the running relay's admin API.
+fn ctl(config: &Config, args: &cli::CtlArgs) -> anyhow::Result<()> {
+    let file = config.file_name();
+    let Some(addr) = config.admin.listen else {
+        anyhow::bail!(
+            "{}: no [admin] listen: relayd serves no admin API with this configuration",
+            file.display()
+        );
+    };
+    let token = config
+        .admin
+        .load_token(&config.base_dir())
+        .map_err(|(key, message)| anyhow::anyhow!("{}: key `{key}`: {message}", file.display()))?
+        .with_context(|| format!("{}: [admin] has no token", file.display()))?;
+    let (status, answer) =
+        relayd::ctl::send(addr, &token, &relayd::ctl::request_of(&args.command))?;
+    if !(200..300).contains(&status) {
+        anyhow::bail!("{}", relayd::ctl::refusal(status, &answer));
+    }
+    if args.json {
+        println!("{answer:#}");
+    } else {
+        print!("{}", relayd::ctl::render(&args.command, &answer));
+    }
+    Ok(())
 }
 
 /// The HA1 function of `relayd user add`: `H(user:realm:password)` in hex.
@@ -228,6 +256,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }));
     }
+    if let Some(addr) = relay.config.admin.listen {
+        let token = relay
+            .config
+            .admin
+            .load_token(&relay.config.base_dir())
+            .map_err(|(key, message)| {
+                anyhow::anyhow!("{}: key `{key}`: {message}", source.display())
+            })?
+            .context("[admin] listen needs a token")?;
+        let relay = relay.clone();
+        let max = relay.config.admin.max_connections;
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = admin::serve(relay, addr, token, max).await {
+                tracing::warn!(error = %format!("{e:#}"), "admin listener not available");
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(reload_on_hangup(relay.clone())));
     wait_for_signal().await?;
     tracing::info!(
         sessions = relay.billing.live_sessions(),
@@ -250,6 +296,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .context("stopping the billing writer")?;
     tracing::info!("relayd stopped");
     Ok(())
+}
+
+/// Reloads the configuration on each SIGHUP (see `relayd::reload`).
+async fn reload_on_hangup(relay: std::sync::Arc<relayd::relay::Relay>) {
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: reload with `relayd ctl reload`");
+            return;
+        }
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP: reloading the configuration");
+        let relay = relay.clone();
+        // The reload logs what it did or why it refused the file.
+        let _ = tokio::task::spawn_blocking(move || reload::reload(&relay)).await;
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -909,6 +909,39 @@ impl Registrar {
         list
     }
 
+    /// Every current binding at `now`, by user, then as [`Registrar::bindings`] orders them.
+    pub fn all_bindings(&self, now: Instant) -> Vec<Binding> {
+        let mut users: Vec<String> = self
+            .shards
+            .iter()
+            .flat_map(|shard| lock(shard).users.keys().cloned().collect::<Vec<_>>())
+            .collect();
+        users.sort();
+        users
+            .iter()
+            .flat_map(|user| self.bindings(user, now))
+            .collect()
+    }
+
+    /// Removes `user`'s binding to `contact` (the Contact URI as registered), or all of
+    /// its bindings without one (an operator's removal), and returns them.
+    pub fn remove(&self, user: &str, contact: Option<&str>) -> Vec<Binding> {
+        let mut shard = lock(self.shard(user));
+        let Some(list) = shard.users.get_mut(user) else {
+            return Vec::new();
+        };
+        let (gone, kept): (Vec<Binding>, Vec<Binding>) = list
+            .drain(..)
+            .partition(|b| contact.is_none_or(|c| b.uri_text == c.trim()));
+        if kept.is_empty() {
+            shard.users.remove(user);
+        } else {
+            *list = kept;
+        }
+        shard.reschedule(user);
+        gone
+    }
+
     /// Removes every binding that ended at or before `now` and returns them.
     pub fn expire(&self, now: Instant) -> Vec<Binding> {
         let mut removed = Vec::new();
@@ -1025,6 +1058,35 @@ mod tests {
         assert!(!r.is_registered("bob", t0));
         assert_eq!(r.bindings("alice", t0).len(), 2);
         assert_eq!(ok.contact_headers(t0).len(), 2);
+    }
+
+    #[test]
+    fn an_operator_lists_and_removes_one_binding_or_all_of_a_user() {
+        let r = registrar();
+        let t0 = Instant::now();
+        let two = "<sip:alice@127.0.0.1:5070>, <sip:alice@127.0.0.1:5071>";
+        r.register("alice", SUB, &req(&[two], Some("600"), "c1", 1), t0)
+            .unwrap();
+        r.register(
+            "bob",
+            SUB,
+            &req(&["<sip:bob@127.0.0.1:5072>"], Some("600"), "c2", 1),
+            t0,
+        )
+        .unwrap();
+        assert_eq!(r.all_bindings(t0).len(), 3);
+        let gone = r.remove("alice", Some("sip:alice@127.0.0.1:5071"));
+        assert_eq!(uris(&gone), ["sip:alice@127.0.0.1:5071"]);
+        assert_eq!(uris(&r.bindings("alice", t0)), ["sip:alice@127.0.0.1:5070"]);
+        assert!(r.remove("alice", Some("sip:nowhere@127.0.0.1")).is_empty());
+        assert_eq!(r.remove("bob", None).len(), 1);
+        assert!(!r.is_registered("bob", t0));
+        assert_eq!(
+            r.timer_entries(),
+            1,
+            "bob's expiry entry went with his bindings"
+        );
+        assert_eq!(uris(&r.all_bindings(t0)), ["sip:alice@127.0.0.1:5070"]);
     }
 
     #[test]

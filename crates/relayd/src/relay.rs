@@ -3,10 +3,10 @@
 //! what a call asks of it ([`CallEnv`], [`Relaying`]). The endpoint's events are taken by
 //! [`crate::dispatch`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
@@ -26,12 +26,13 @@ use crate::b2bua::{self, LocalAddr};
 use crate::billing_control::BillingControl;
 use crate::call::driver::routing::SessionTable;
 use crate::call::{CallEnv, Redecision, SessionLimits};
-use crate::config::{Config, Secret};
+use crate::config::Config;
 use crate::directory::{Directory, ServerRef, Strategy};
 use crate::private_files;
 use crate::registrar::Registrar;
-use crate::rules::{FactNeeds, RequestFacts, RuleSet};
+use crate::rules::{FactNeeds, RequestFacts};
 use crate::served::{ServedIndex, ServedSession};
+use crate::settings::Settings;
 use crate::subscriber_sessions::SubscriberSessions;
 
 /// Counters of the relay, for logs and metrics.
@@ -119,21 +120,20 @@ pub struct Relay {
     locals: Vec<Arc<LocalAddr>>,
     /// Digest authentication.
     pub auth: Authenticator,
-    credentials: HashMap<String, StoredCredential>,
-    /// The configuration it was built from.
+    /// The configuration it started with: for the keys a reload does not change (listen
+    /// addresses, TLS, storage, the admin listener, the realm). Users, services, servers,
+    /// rules, tariffs and limits are read from [`Relay::settings`].
     pub config: Config,
+    /// What a reload replaces (see [`crate::reload`]).
+    settings: RwLock<Arc<Settings>>,
     /// Terminal and application-server bindings.
     pub registrar: Registrar,
-    /// The rules that decide service and client information.
-    pub rules: RuleSet,
     /// The application servers and their health.
     pub directory: Directory,
     /// Billing control.
     pub billing: Arc<BillingControl>,
     /// Live sessions by Call-ID.
     pub sessions: SessionTable,
-    /// Session timing limits.
-    pub limits: SessionLimits,
     /// Which server serves which live session (for charge requests).
     pub served: ServedIndex,
     /// Counters.
@@ -146,24 +146,11 @@ pub struct Relay {
 
 impl CredentialStore for Relay {
     fn credential(&self, user: &str) -> Option<StoredCredential> {
-        self.credentials.get(user).cloned()
+        self.settings().credential(user)
     }
 
     fn names_relay(&self, uri: &sip_core::uri::Uri) -> bool {
         Relay::names_relay(self, uri)
-    }
-}
-
-fn stored_credential(
-    user: &str,
-    realm: &str,
-    secret: Secret<'_>,
-    key: &str,
-) -> anyhow::Result<StoredCredential> {
-    match secret {
-        Secret::Password(p) => Ok(StoredCredential::from_password(user, realm, p)),
-        Secret::Ha1 { md5, sha256 } => StoredCredential::from_ha1(md5, sha256)
-            .map_err(|e| anyhow::anyhow!("{key}: bad HA1 hash for {user}: {e}")),
     }
 }
 
@@ -231,20 +218,7 @@ impl Relay {
             domains.insert(l.addr.ip().to_string());
         }
 
-        let mut credentials = HashMap::new();
-        for (i, user) in config.all_users().enumerate() {
-            let c = stored_credential(&user.name, &realm, user.secret(), &format!("users[{i}]"))?;
-            credentials.insert(user.name.clone(), c);
-        }
-        for (i, account) in config.server_accounts.iter().enumerate() {
-            let c = stored_credential(
-                &account.name,
-                &realm,
-                account.secret(),
-                &format!("server_accounts[{i}]"),
-            )?;
-            credentials.insert(account.name.clone(), c);
-        }
+        let settings = Settings::build(config.clone(), &realm)?;
         let mut secret = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut secret);
         let auth = Authenticator::new(
@@ -262,7 +236,6 @@ impl Relay {
         let directory = config
             .build_directory()
             .context("building the service directory")?;
-        let rules = config.build_rules().map_err(|e| anyhow::anyhow!("{e}"))?;
         let tariffs = config.tariff_table().context("reading [[tariffs]]")?;
         // The store is created 0600 before SQLite opens it (its -wal and -shm then get the
         // same mode), in a data directory created 0700 (issue 14, finding 11).
@@ -288,21 +261,18 @@ impl Relay {
                 "closed sessions left open by the last run"
             );
         }
-        let limits = config.session_limits();
         let relay = Arc::new(Relay {
             endpoint,
             realm,
             domains,
             locals,
             auth,
-            credentials,
             config,
+            settings: RwLock::new(Arc::new(settings)),
             registrar,
-            rules,
             directory,
             billing: Arc::new(billing),
             sessions: SessionTable::default(),
-            limits,
             served: ServedIndex::with_grace(late_charge_grace),
             stats: RelayStats::default(),
             backlog: Backlog::new(MAX_BACKLOG),
@@ -311,10 +281,21 @@ impl Relay {
         Ok((relay, writer))
     }
 
+    /// The reloadable settings in force: a request takes them once and keeps them.
+    pub fn settings(&self) -> Arc<Settings> {
+        Arc::clone(&self.settings.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Puts `settings` in force for every request from now on (a reload); requests under
+    /// way keep the ones they took.
+    pub fn replace_settings(&self, settings: Settings) {
+        *self.settings.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(settings);
+    }
+
     /// Whether `service` is one the relay delivers: configured, or offered by a registered
     /// application server.
     pub fn knows_service(&self, service: &str) -> bool {
-        self.config.service_names().contains(service)
+        self.settings().config.service_names().contains(service)
             || self.directory.services().iter().any(|s| s == service)
     }
 
@@ -329,6 +310,7 @@ impl Relay {
             return Err((404, "Unknown service"));
         }
         if !self
+            .settings()
             .config
             .user(subscriber)
             .is_some_and(|u| u.subscribes_to(service))
@@ -350,15 +332,16 @@ impl Relay {
         service: &str,
         params: &[(String, String)],
     ) -> Result<Redecision, (u16, &'static str)> {
-        let Some(user) = self.config.user(subscriber) else {
+        let settings = self.settings();
+        let Some(user) = settings.config.user(subscriber) else {
             return Err((403, "Not a subscriber"));
         };
         let mut text = format!("sip:{service}@{}", self.realm);
         b2bua::write_params(&mut text, params);
         let ruri = sip_core::uri::Uri::parse(&text).map_err(|_| (400, "Unreadable service"))?;
-        let mut facts = facts(req, &ruri, &user.plan, &user.class, self.rules.needs());
+        let mut facts = facts(req, &ruri, &user.plan, &user.class, settings.rules.needs());
         facts.method = Method::Invite.to_string();
-        let decision = self.rules.evaluate(&facts, utc_second_of_day());
+        let decision = settings.rules.evaluate(&facts, utc_second_of_day());
         if decision.service.is_empty() {
             return Err((404, "No service requested"));
         }
@@ -380,6 +363,7 @@ impl Relay {
         current_last: bool,
     ) -> std::collections::VecDeque<ServerRef> {
         let strategy = match self
+            .settings()
             .config
             .services
             .iter()
@@ -573,7 +557,7 @@ impl Relay {
 
 impl CallEnv for Relay {
     fn limits(&self) -> SessionLimits {
-        self.limits
+        self.settings().limits
     }
 
     fn realm(&self) -> &str {

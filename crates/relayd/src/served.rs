@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// A live session as charging sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +26,9 @@ pub struct ServedSession {
     pub server_call_id: String,
     /// The terminal leg's Call-ID.
     pub terminal_call_id: String,
+    /// When its billing segment started (the 2xx to the terminal, or the change or transfer
+    /// that opened it): its duration so far, for the admin API.
+    pub started: SystemTime,
 }
 
 /// How long an ended session stays findable by default (`[billing] late_charge_grace_secs`):
@@ -196,6 +199,26 @@ impl ServedIndex {
             .map(|(s, _)| ServedSession::clone(s))
     }
 
+    /// Every live (not ended) session, each once, by session id.
+    pub fn live_sessions(&self) -> Vec<ServedSession> {
+        let mut out: Vec<ServedSession> = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(
+                shard
+                    .by_key
+                    .iter()
+                    // Each session is under three keys: take it under its id's.
+                    .filter(|(hash, (s, ended))| {
+                        ended.is_none() && **hash == self.hash(&s.session_id)
+                    })
+                    .map(|(_, (s, _))| ServedSession::clone(s)),
+            );
+        }
+        out.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        out
+    }
+
     /// The URI of the server of `account` that last delivered a session to `subscriber`,
     /// if one ever did: whether the account may charge the subscriber outside a session.
     pub fn server_that_served(&self, account: &str, subscriber: &str) -> Option<String> {
@@ -245,6 +268,7 @@ mod tests {
             account: Some("as1".into()),
             server_call_id: format!("b-{call}"),
             terminal_call_id: format!("a-{call}"),
+            started: SystemTime::UNIX_EPOCH,
         }
     }
 
@@ -318,6 +342,25 @@ mod tests {
             .unwrap_or_else(|p| p.into_inner())
             .by_key
             .is_empty()));
+    }
+
+    #[test]
+    fn live_sessions_lists_each_live_session_once_and_no_ended_one() {
+        let index = ServedIndex::default();
+        for i in 0..40 {
+            index.insert(served(&format!("s{i:02}"), &format!("c{i}")));
+        }
+        index.remove("s07");
+        let live: Vec<String> = index
+            .live_sessions()
+            .into_iter()
+            .map(|s| s.session_id)
+            .collect();
+        let expected: Vec<String> = (0..40)
+            .filter(|i| *i != 7)
+            .map(|i| format!("s{i:02}"))
+            .collect();
+        assert_eq!(live, expected);
     }
 
     #[test]

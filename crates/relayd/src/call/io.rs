@@ -142,6 +142,12 @@ pub enum Input {
     },
     /// The relay is shutting down: end everything now.
     Shutdown,
+    /// An operator ends one session (the admin API): BYE on both legs, billed with cause
+    /// `admin`. Another session of the same call goes on.
+    End {
+        /// The session's id.
+        session_id: String,
+    },
 }
 
 /// What a call asks the driver to do.

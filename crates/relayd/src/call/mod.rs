@@ -301,6 +301,7 @@ impl Call {
             Input::Answered { token, resp } => self.on_answered(token, resp, env, now),
             Input::Billed { token, result } => self.on_billed(token, result, env, now),
             Input::Shutdown => self.shutdown(env, now),
+            Input::End { session_id } => self.end_by_operator(&session_id, env, now),
         }
         self.settle(env);
     }
@@ -849,6 +850,19 @@ impl Call {
             },
             Waiting::Segment { session: i, then },
         );
+    }
+
+    /// Ends the live session `session_id` for an operator (cause `admin`); nothing when it
+    /// is not one of this call's live sessions (it ended meanwhile).
+    fn end_by_operator(&mut self, session_id: &str, env: &dyn CallEnv, now: Instant) {
+        let Some(i) = self.sessions.iter().position(|s| {
+            s.id == session_id && matches!(s.state, State::Established | State::AwaitingAck(_))
+        }) else {
+            debug!(session_id, "no live session of that id to end");
+            return;
+        };
+        info!(session_id, "session ended by an operator");
+        self.end(i, EndCause::Admin, None, env, now);
     }
 
     fn shutdown(&mut self, env: &dyn CallEnv, now: Instant) {

@@ -155,6 +155,7 @@ impl Session {
             account: self.b.server.account().map(str::to_owned),
             server_call_id: self.b.dialog.id().call_id.clone(),
             terminal_call_id: who.terminal_call_id.to_string(),
+            started: self.clock.started_at(),
         }
     }
 

@@ -1494,6 +1494,23 @@ fn shutdown_ends_live_sessions_and_refuses_a_call_still_inquiring() {
 }
 
 #[test]
+fn an_operator_ends_one_session_billed_admin_with_a_bye_on_both_legs() {
+    let mut p = Pair::established(ONE);
+    p.advance(Duration::from_secs(2));
+    p.input(Input::End {
+        session_id: "no-such-session".into(),
+    });
+    assert!(p.records.is_empty(), "an unknown id ends nothing");
+    let id = p.open.keys().next().cloned().expect("a live session");
+    p.input(Input::End { session_id: id });
+    assert_eq!(p.records.len(), 1);
+    assert_eq!(p.records[0].cause, EndCause::Admin);
+    assert!(p.records[0].duration_ms >= 2000, "{:?}", p.records[0]);
+    assert!(p.terminal_methods().contains(&"BYE".to_string()));
+    assert!(p.server_methods(S1).contains(&"BYE".to_string()));
+}
+
+#[test]
 fn a_forks_two_answers_are_journaled_side_by_side_and_both_relayed() {
     let mut p = Pair::new(TWO, Strategy::All);
     p.store = Store::Hold;

@@ -185,6 +185,7 @@ impl<R: Relaying> Driver<R> {
             SessionInput::Answered { token, resp } => Input::Answered { token, resp },
             SessionInput::Billed { token, result } => Input::Billed { token, result },
             SessionInput::Shutdown => Input::Shutdown,
+            SessionInput::End { session_id } => Input::End { session_id },
         })
     }
 

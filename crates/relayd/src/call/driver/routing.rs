@@ -64,6 +64,11 @@ pub enum SessionInput {
     },
     /// The relay is shutting down: end everything now.
     Shutdown,
+    /// An operator ends this session (the admin API).
+    End {
+        /// The session's id.
+        session_id: String,
+    },
 }
 
 /// Routes messages to live calls by Call-ID. Sharded, so dispatching takes one small lock
