@@ -4,12 +4,13 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 
-use crate::admin_config::AdminToken;
+use crate::admin_config::{AdminConfig, AdminToken};
 use crate::cli::CtlCommand;
 
 /// The largest answer `relayd ctl` reads.
@@ -17,6 +18,33 @@ const MAX_ANSWER: u64 = 64 * 1024 * 1024;
 
 /// How long `relayd ctl` waits for the relay (a reload reads files: give it time).
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The admin address and token of the configuration file `file`'s `[admin]`. Only that
+/// section is read (and must be right): the rest of the file may be in the middle of an
+/// edit that a `ctl reload` is about to have refused.
+pub fn admin_of(file: &Path) -> anyhow::Result<(SocketAddr, AdminToken)> {
+    let name = file.display();
+    let text = std::fs::read_to_string(file).with_context(|| format!("{name}: cannot read"))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{name}: not a TOML file"))?;
+    let admin: AdminConfig = match table.get("admin") {
+        Some(value) => value
+            .clone()
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("{name}: key `admin`: {}", e.to_string().trim()))?,
+        None => AdminConfig::default(),
+    };
+    let Some(addr) = admin.listen else {
+        bail!("{name}: no [admin] listen: relayd serves no admin API with this configuration");
+    };
+    let base = file.parent().unwrap_or(Path::new("."));
+    let token = admin
+        .load_token(base)
+        .map_err(|(key, message)| anyhow::anyhow!("{name}: key `{key}`: {message}"))?
+        .with_context(|| format!("{name}: [admin] has no token or token_file"))?;
+    Ok((addr, token))
+}
 
 /// One API request: method, path and JSON body.
 #[derive(Debug, Clone, PartialEq)]
@@ -263,6 +291,28 @@ mod tests {
         assert!(lines[0].starts_with("session_id  call_id  subscriber"));
         assert!(lines[1].starts_with("s-1         c        alice"));
         assert!(lines[1].ends_with("12"));
+    }
+
+    #[test]
+    fn the_admin_section_alone_is_read_and_a_bad_one_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("relayd.toml");
+        std::fs::write(dir.path().join("admin.token"), "0123456789abcdef\n").unwrap();
+        // The rest of the file is wrong (an unknown key): ctl does not mind.
+        std::fs::write(
+            &file,
+            "nonsense = 1\n[admin]\nlisten = \"127.0.0.1:7070\"\ntoken_file = \"admin.token\"\n",
+        )
+        .unwrap();
+        let (addr, token) = admin_of(&file).unwrap();
+        assert_eq!(addr.port(), 7070);
+        assert_eq!(token.expose(), "0123456789abcdef");
+        std::fs::write(&file, "[admin]\nlisten = \"127.0.0.1:7070\"\n").unwrap();
+        let e = format!("{:#}", admin_of(&file).unwrap_err());
+        assert!(e.contains("relayd.toml") && e.contains("token"), "{e}");
+        std::fs::write(&file, "[admin]\nlisten = 5\n").unwrap();
+        let e = format!("{:#}", admin_of(&file).unwrap_err());
+        assert!(e.contains("key `admin`"), "{e}");
     }
 
     #[test]

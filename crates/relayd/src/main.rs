@@ -57,6 +57,11 @@ fn load_config(path: Option<&Path>) -> anyhow::Result<Config> {
 }
 
 fn dispatch(cli: &Cli) -> anyhow::Result<()> {
+    // `ctl` reads only [admin]: it must work while the rest of the file is being edited
+    // (a `ctl reload` of a bad file is refused by the relay, which says why).
+    if let Command::Ctl(args) = cli.effective_command() {
+        return ctl(cli.config.as_deref(), &args);
+    }
     let config = load_config(cli.config.as_deref())?;
     match cli.effective_command() {
         Command::Run => run(config),
@@ -83,24 +88,19 @@ fn dispatch(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Billing(BillingCommand::Report(args)) => billing_report(&config, &args),
         Command::Billing(BillingCommand::Export(args)) => billing_export(&config, &args),
-        Command::Ctl(args) => ctl(&config, &args),
+        Command::Ctl(args) => ctl(cli.config.as_deref(), &args),
     }
 }
 
-/// `relayd ctl`: one request to the running relay's admin API.
-fn ctl(config: &Config, args: &cli::CtlArgs) -> anyhow::Result<()> {
-    let file = config.file_name();
-    let Some(addr) = config.admin.listen else {
+/// `relayd ctl`: one request to the running relay's admin API, at the address and with the
+/// token of the configuration file's `[admin]`.
+fn ctl(config: Option<&Path>, args: &cli::CtlArgs) -> anyhow::Result<()> {
+    let Some(file) = config else {
         anyhow::bail!(
-            "{}: no [admin] listen: relayd serves no admin API with this configuration",
-            file.display()
+            "relayd ctl needs the relay's configuration file (--config) for its [admin] section"
         );
     };
-    let token = config
-        .admin
-        .load_token(&config.base_dir())
-        .map_err(|(key, message)| anyhow::anyhow!("{}: key `{key}`: {message}", file.display()))?
-        .with_context(|| format!("{}: [admin] has no token", file.display()))?;
+    let (addr, token) = relayd::ctl::admin_of(file)?;
     let (status, answer) =
         relayd::ctl::send(addr, &token, &relayd::ctl::request_of(&args.command))?;
     if !(200..300).contains(&status) {
