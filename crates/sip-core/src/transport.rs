@@ -88,6 +88,11 @@ pub struct TransportConfig {
     pub max_message: usize,
     /// A TCP connection with no complete message or keep-alive for this long is closed.
     pub idle_timeout: Duration,
+    /// On a stream connection this party opened: a double-CRLF ping (RFC 5626 §3.5.1) once
+    /// nothing was sent on it for this long, so that the peer (and any NAT between) keeps it
+    /// open while a long session is silent, and requests can come back on it. `None`: no
+    /// pings. Keep it below the peer's idle timeout (ours: [`TransportConfig::idle_timeout`]).
+    pub keepalive: Option<Duration>,
     /// How long a whole message may take to arrive on a stream, from its first byte (for an
     /// accepted connection's first message, from the accept). Bytes arriving do not move it.
     pub message_timeout: Duration,
@@ -120,6 +125,7 @@ impl Default for TransportConfig {
             tls_connect_from: None,
             max_message: StreamDecoder::DEFAULT_MAX,
             idle_timeout: Duration::from_secs(300),
+            keepalive: Some(Duration::from_secs(100)),
             message_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             max_connections: 4096,
@@ -230,6 +236,8 @@ pub struct TransportStats {
     pub queue_full: AtomicU64,
     /// TLS handshakes that failed or did not finish in time (accepted and opened).
     pub tls_handshake_failures: AtomicU64,
+    /// Double-CRLF keep-alive pings received and answered with a pong (RFC 5626 §3.5.1).
+    pub pings_answered: AtomicU64,
 }
 
 /// The open transports: a cheap handle that can be cloned into every task that sends.
@@ -958,6 +966,8 @@ fn spawn_connection(
             id,
             addr,
             timeout: inner.config.write_timeout,
+            // Only the party that opened a connection pings on it (RFC 5626 §4.4.1).
+            keepalive: inner.config.keepalive.filter(|_| !accepted),
             _held: held.clone(),
         },
     ));
@@ -985,8 +995,13 @@ struct Writer {
     id: ConnId,
     addr: SocketAddr,
     timeout: Duration,
+    /// Ping after this long without a write (a connection we opened).
+    keepalive: Option<Duration>,
     _held: Arc<Held>,
 }
+
+/// A double-CRLF keep-alive ping (RFC 5626 §3.5.1).
+const PING: &[u8] = b"\r\n\r\n";
 
 /// Why a writer stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1006,6 +1021,7 @@ const FLUSH_ON_CLOSE: Duration = Duration::from_secs(1);
 
 async fn conn_writer(inner: Weak<Inner>, mut w: Writer) {
     let addr = w.addr;
+    let mut ping_at = w.keepalive.map(|k| Instant::now() + k);
     let end = loop {
         let bytes = tokio::select! {
             bytes = w.rx.recv() => match bytes {
@@ -1013,7 +1029,9 @@ async fn conn_writer(inner: Weak<Inner>, mut w: Writer) {
                 None => break WriteEnd::Done,
             },
             _ = w.closed.changed() => break WriteEnd::Closed,
+            () = sleep_until_some(ping_at) => Bytes::from_static(PING),
         };
+        ping_at = w.keepalive.map(|k| Instant::now() + k);
         // A blocked write ends at the write timeout, or when the connection is closed.
         tokio::select! {
             written = tokio::time::timeout(w.timeout, w.writer.write_all(&bytes)) => match written {
@@ -1051,6 +1069,14 @@ async fn conn_writer(inner: Weak<Inner>, mut w: Writer) {
         WriteEnd::Done => {}
     }
     let _ = tokio::time::timeout(FLUSH_ON_CLOSE.min(w.timeout), w.writer.shutdown()).await;
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// What a connection's reader task owns.
@@ -1131,6 +1157,7 @@ async fn conn_reader(inner: Weak<Inner>, mut r: Reader) {
                     message_by = None;
                     // RFC 5626 §3.5.1: a double-CRLF ping is answered with a single CRLF pong.
                     let _ = r.tx.try_send(Bytes::from_static(b"\r\n"));
+                    inner.stats.pings_answered.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -1140,8 +1167,12 @@ async fn conn_reader(inner: Weak<Inner>, mut r: Reader) {
                 }
             }
         }
-        if buf.is_empty() {
-            if buf.capacity() > READ_BUF_KEEP {
+        if buf.iter().all(|b| matches!(b, b'\r' | b'\n')) {
+            // Nothing but line breaks: a single-CRLF pong to our ping, or the start of the
+            // peer's ping (RFC 5626 §3.5.1), not a message under way. Either is a sign of
+            // life.
+            idle_at = Instant::now() + idle;
+            if buf.is_empty() && buf.capacity() > READ_BUF_KEEP {
                 buf = BytesMut::with_capacity(READ_BUF);
             }
         } else if message_by.is_none() {

@@ -7,6 +7,9 @@
 //!   often bytes arrive; one that arrives whole in time is delivered; an accepted connection
 //!   that never sends is closed at the same deadline; one that has sent a message then idles
 //!   is closed by the idle timeout instead;
+//! * a connection this party opened is kept open by its double-CRLF pings (RFC 5626
+//!   §3.5.1) through both sides' idle timeouts, and the single-CRLF pongs are not taken for
+//!   a message under way;
 //! * a peer that never reads: a write that blocks past the write timeout closes the
 //!   connection, and so does a full send queue — no sender waits and nothing piles up.
 //!
@@ -331,4 +334,60 @@ async fn a_full_send_queue_closes_the_connection_instead_of_waiting() {
         t.stats().connections_open.load(Ordering::Relaxed) == 0
     })
     .await;
+}
+
+#[tokio::test]
+async fn pings_keep_an_opened_connection_through_both_idle_timeouts() {
+    let idle = Duration::from_millis(400);
+    let (server, server_addr, mut at_server) = transports(TransportConfig {
+        idle_timeout: idle,
+        message_timeout: Duration::from_millis(300),
+        keepalive: None,
+        ..TransportConfig::default()
+    })
+    .await;
+    // The client pings four times per idle timeout; a pong left in its buffer as the start
+    // of a message would close its side at its own message deadline, shorter than the time
+    // to the next pong.
+    let (client, _, mut at_client) = transports(TransportConfig {
+        idle_timeout: idle,
+        message_timeout: Duration::from_millis(50),
+        keepalive: Some(Duration::from_millis(100)),
+        ..TransportConfig::default()
+    })
+    .await;
+    let to = Peer {
+        transport: Transport::Tcp,
+        addr: server_addr,
+        conn: None,
+    };
+    client
+        .send(&to, Bytes::from(options("first")))
+        .await
+        .unwrap();
+    let (from, _) = tokio::time::timeout(WAIT, at_server.recv())
+        .await
+        .expect("first message not delivered")
+        .unwrap();
+    // Ten pings answered span 2.5 idle timeouts of silence otherwise.
+    until("ten pings answered", || {
+        server.stats().pings_answered.load(Ordering::Relaxed) >= 10
+    })
+    .await;
+    for t in [&server, &client] {
+        assert_eq!(t.stats().idle_closed.load(Ordering::Relaxed), 0);
+        assert_eq!(t.stats().message_timeouts.load(Ordering::Relaxed), 0);
+        assert_eq!(t.stats().connections_open.load(Ordering::Relaxed), 1);
+    }
+    // The connection still carries requests back to the party that opened it.
+    server
+        .send(&from, Bytes::from(options("back")))
+        .await
+        .unwrap();
+    let (_, bytes) = tokio::time::timeout(WAIT, at_client.recv())
+        .await
+        .expect("nothing came back on the connection")
+        .unwrap();
+    assert!(bytes.starts_with(b"OPTIONS "));
+    assert_eq!(client.stats().connections.load(Ordering::Relaxed), 1);
 }
