@@ -11,8 +11,9 @@
 //! * `[[tariffs]]` — for sessions that start afterwards. A live session keeps the tariff it
 //!   started with: it was journaled with the session, and its record is priced from that.
 //!
-//! Other sections take effect only with a restart (see [`RESTART_SECTIONS`]); a reload that
-//! changes one says which in its answer and in the log.
+//! Other sections, and a few keys of the reloaded ones, take effect only with a restart (see
+//! [`RESTART_SECTIONS`] and [`RESTART_KEYS`]); a reload that changes one says which in its
+//! answer and in the log.
 
 use std::path::PathBuf;
 
@@ -65,7 +66,19 @@ pub struct Reloaded {
 #[error("{0}")]
 pub struct ReloadRefused(pub String);
 
-/// The sections of [`RESTART_SECTIONS`] that differ between `old` and `new`.
+/// The keys of reloaded sections that still take effect only with a restart: the billing
+/// writer's and the served index's timings, and the ringing time the transaction layer's
+/// INVITE deadline was sized for at start-up.
+pub const RESTART_KEYS: [&str; 5] = [
+    "billing.commit_interval_ms",
+    "billing.touch_interval_secs",
+    "billing.late_charge_grace_secs",
+    "session.answer_timeout_secs",
+    "session.inquiry_timeout_ms",
+];
+
+/// The sections of [`RESTART_SECTIONS`] and the keys of [`RESTART_KEYS`] that differ between
+/// `old` and `new`.
 pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let differs = [
         old.listen != new.listen,
@@ -81,9 +94,17 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         old.registrar != new.registrar,
         old.directory != new.directory,
     ];
+    let keys_differ = [
+        old.billing.commit_interval_ms != new.billing.commit_interval_ms,
+        old.billing.touch_interval_secs != new.billing.touch_interval_secs,
+        old.billing.late_charge_grace_secs != new.billing.late_charge_grace_secs,
+        old.session.answer_timeout_secs != new.session.answer_timeout_secs,
+        old.session.inquiry_timeout_ms != new.session.inquiry_timeout_ms,
+    ];
     RESTART_SECTIONS
         .iter()
         .zip(differs)
+        .chain(RESTART_KEYS.iter().zip(keys_differ))
         .filter(|(_, differs)| *differs)
         .map(|(name, _)| *name)
         .collect()
@@ -170,5 +191,13 @@ mod tests {
             "[listen]\nudp = [\"127.0.0.1:5062\"]\n[metrics]\nlisten = \"127.0.0.1:9100\"\n",
         );
         assert_eq!(restart_needed(&old, &moved), ["listen", "metrics"]);
+        let timed = config(
+            "[listen]\nudp = [\"127.0.0.1:5060\"]\n[billing]\nmax_charge = 5\ncommit_interval_ms = 7\n",
+        );
+        assert_eq!(
+            restart_needed(&old, &timed),
+            ["billing.commit_interval_ms"],
+            "max_charge is reloaded, the writer's interval is not"
+        );
     }
 }
