@@ -288,6 +288,10 @@ fn a_required_extension_gets_420_with_unsupported_before_any_challenge() {
     assert_eq!(resp.header("Unsupported"), Some("foo"));
     let resp = raw_request(port, "OPTIONS", &relay_uri, "Supported: foo, timer\r\n");
     assert_eq!(resp.status(), "200 OK");
+    // What it supports, as RFC 3261 §11.2 asks of an answer to OPTIONS.
+    assert_eq!(resp.header("Supported"), Some("timer"));
+    assert!(resp.header("Allow").is_some_and(|a| a.contains("INVITE")));
+    assert_eq!(resp.header("Accept-Encoding"), Some("identity"));
 
     // INVITE and REGISTER without credentials: 420, not 407/401 (RFC 3261 §16.3 checks
     // Proxy-Require before Proxy-Authorization); the unknown tags listed once each, `timer`
