@@ -141,6 +141,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let rt = tokio::runtime::Builder::new_multi_thread().build()?;
     let (open_time, stats) = phase(&rt, &handle, args.sessions, args.callers, move |h, i| {
         h.open_session(OpenSession {
+            node: String::new(),
             session_id: format!("s{i}"),
             call_id: format!("{i}@bench"),
             subscriber: format!("sub{}", i % 1000),

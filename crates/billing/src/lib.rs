@@ -40,7 +40,7 @@
 //!
 //! // At start-up, before taking traffic: close what a crash left open.
 //! let mut store = SqliteStore::open(&path)?;
-//! let recovered = store.recover(1_700_000_000_000)?;
+//! let recovered = store.recover("", 1_700_000_000_000)?;
 //! assert!(recovered.is_empty());
 //! let writer = Writer::spawn(store)?;
 //! let billing = writer.handle(); // clone it into every session task
@@ -48,6 +48,7 @@
 //! // On the terminal's ACK: journal the session. In async code, `.await` instead of `.wait()`.
 //! billing
 //!     .open_session(OpenSession {
+//!         node: String::new(),
 //!         session_id: "s-1".into(),
 //!         call_id: "a84b4c76e66710@terminal".into(),
 //!         subscriber: "alice".into(),
@@ -110,8 +111,9 @@
 //! same transaction.
 //!
 //! If the relay dies, the journal holds exactly the sessions that were open.
-//! [`Store::recover`]`(now)`, run at start-up before the relay takes traffic, closes each
-//! of them with cause [`EndCause::RecoveredAfterRestart`]:
+//! [`Store::recover`]`(node, now)`, run at start-up before the relay takes traffic,
+//! closes each of its own (journaled under its `node` name) with cause
+//! [`EndCause::RecoveredAfterRestart`]:
 //!
 //! * it ends at its `last_seen` time (never after `now`, never before its confirmation),
 //!   so the subscriber is billed up to the last moment the relay knew the session was
@@ -124,6 +126,21 @@
 //!
 //! Sessions the relay ends on an orderly shutdown are closed normally with cause
 //! [`EndCause::RelayShutdown`] and never reach recovery.
+//!
+//! # Several relays on one database: leases
+//!
+//! Relays sharing a PostgreSQL database each journal their sessions under their own node
+//! name ([`OpenSession::node`]) and renew a lease on them by touching them all
+//! ([`Op::TouchAll`] for their node, every few seconds). A relay's recovery closes only
+//! its own sessions. When a relay dies and stays dead, the others' [`Op::ClaimLost`]
+//! (run periodically with the lease length) closes each of its sessions once its lease
+//! has expired — last seen more than the lease ago — with cause [`EndCause::RelayLost`],
+//! billed up to its last-seen time as recovery would. Each session is closed exactly
+//! once: its record is written in the transaction that deletes its journal row, and only
+//! one transaction can delete it, so two relays claiming at once, or the dead relay
+//! coming back and recovering, find nothing left to bill; a relay that was only cut off
+//! and later closes such a session gets [`BillingError::UnknownSession`] and writes no
+//! record.
 
 pub mod backend;
 pub mod error;

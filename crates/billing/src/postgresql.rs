@@ -188,6 +188,10 @@ pub const SCHEMA_VERSION: i64 = 2;
 
 const SESSION_COLUMNS: &str = "record_id, session_id, call_id, subscriber, service, server, plan, \
      tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, amount_minor, currency";
+/// What a delete of journal rows returns to write their records:
+/// [`PostgresStore::write_record`] reads them by position.
+const DELETED_COLUMNS: &str = "session_id, call_id, subscriber, service, server, plan, \
+     tariff::text, confirmed_at_ms, last_seen_ms";
 const CHARGE_COLUMNS: &str = "record_id, session_id, server, subscriber, service, event_id, \
      amount_minor, currency, units, unit_price_minor, description, charged_at_ms";
 
@@ -632,8 +636,8 @@ impl PostgresStore {
                 .touch(touch)
                 .map(Outcome::Touched)
                 .map_err(|e| Self::classify(e, false)),
-            Op::TouchAll { seen_at_ms } => self
-                .touch_all(*seen_at_ms)
+            Op::TouchAll { node, seen_at_ms } => self
+                .touch_all(node, *seen_at_ms)
                 .map(Outcome::Touched)
                 .map_err(|e| Self::classify(e, false)),
             Op::Charge(charge) => self
@@ -650,9 +654,17 @@ impl PostgresStore {
                     Err(e) => Err(Self::classify(e, true)),
                 }
             }
-            Op::Recover { now_ms } => self
-                .recover_all(*now_ms)
+            Op::Recover { node, now_ms } => self
+                .recover_node(node, *now_ms)
                 .map(Outcome::Recovered)
+                .map_err(|e| Self::classify(e, true)),
+            Op::ClaimLost {
+                node,
+                lease_ms,
+                now_ms,
+            } => self
+                .claim_lost(node, *lease_ms, *now_ms)
+                .map(Outcome::Claimed)
                 .map_err(|e| Self::classify(e, true)),
         }
     }
@@ -661,8 +673,8 @@ impl PostgresStore {
         let tariff = self.tariff_snapshot(&open.tariff)?;
         let inserted = self.execute(
             "INSERT INTO billing.open_sessions (session_id, call_id, subscriber, service, \
-             server, plan, tariff, confirmed_at_ms, last_seen_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7::text::json, $8, $8) \
+             server, plan, tariff, confirmed_at_ms, last_seen_ms, node) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7::text::json, $8, $8, $9) \
              ON CONFLICT (session_id) DO NOTHING",
             &[
                 &open.session_id,
@@ -673,6 +685,7 @@ impl PostgresStore {
                 &open.plan,
                 &&*tariff,
                 &open.confirmed_at_ms,
+                &open.node,
             ],
         )?;
         if inserted == 0 {
@@ -683,10 +696,11 @@ impl PostgresStore {
         Ok(())
     }
 
-    fn touch_all(&self, seen_at_ms: i64) -> Result<usize, BillingError> {
+    fn touch_all(&self, node: &str, seen_at_ms: i64) -> Result<usize, BillingError> {
         let n = self.execute(
-            "UPDATE billing.open_sessions SET last_seen_ms = GREATEST(last_seen_ms, $1)",
-            &[&seen_at_ms],
+            "UPDATE billing.open_sessions SET last_seen_ms = GREATEST(last_seen_ms, $2) \
+             WHERE node = $1",
+            &[&node, &seen_at_ms],
         )?;
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
@@ -713,28 +727,39 @@ impl PostgresStore {
         ended_at_ms: i64,
         cause: EndCause,
     ) -> Result<Option<SessionRecord>, BillingError> {
-        let rows = self.query(
-            "DELETE FROM billing.open_sessions WHERE session_id = $1 \
-             RETURNING call_id, subscriber, service, server, plan, tariff::text, confirmed_at_ms",
-            &[&session_id],
-        )?;
+        let sql = format!(
+            "DELETE FROM billing.open_sessions WHERE session_id = $1 RETURNING {DELETED_COLUMNS}"
+        );
+        let rows = self.query(&sql, &[&session_id])?;
         let Some(row) = rows.first() else {
             return Ok(None);
         };
-        let tariff_json: String = row.get(5);
-        let confirmed_at_ms: i64 = row.get(6);
-        let tariff = self.journaled_tariff(session_id, &tariff_json)?;
+        self.write_record(row, ended_at_ms, cause).map(Some)
+    }
+
+    /// Rates a session whose journal row was just deleted (`row`: its
+    /// [`DELETED_COLUMNS`]) and writes its record.
+    fn write_record(
+        &self,
+        row: &Row,
+        ended_at_ms: i64,
+        cause: EndCause,
+    ) -> Result<SessionRecord, BillingError> {
+        let session_id: String = row.get(0);
+        let tariff_json: String = row.get(6);
+        let confirmed_at_ms: i64 = row.get(7);
+        let tariff = self.journaled_tariff(&session_id, &tariff_json)?;
         // A clock that stepped back makes a zero-length session, never a negative one.
         let ended_at_ms = ended_at_ms.max(confirmed_at_ms);
         let duration_ms = ended_at_ms - confirmed_at_ms;
         let mut record = SessionRecord {
             record_id: 0,
-            session_id: session_id.to_owned(),
-            call_id: row.get(0),
-            subscriber: row.get(1),
-            service: row.get(2),
-            server: row.get(3),
-            plan: row.get(4),
+            session_id,
+            call_id: row.get(1),
+            subscriber: row.get(2),
+            service: row.get(3),
+            server: row.get(4),
+            plan: row.get(5),
             tariff: tariff.name().to_owned(),
             confirmed_at_ms,
             ended_at_ms,
@@ -767,7 +792,7 @@ impl PostgresStore {
             .first()
             .map(|r| r.get(0))
             .ok_or_else(|| self.corrupt("an insert of a session record returned no id"))?;
-        Ok(Some(record))
+        Ok(record)
     }
 
     fn charge(&self, charge: &NewCharge) -> Result<(ChargeRecord, bool), BillingError> {
@@ -836,30 +861,65 @@ impl PostgresStore {
         Ok((earlier, true))
     }
 
-    fn recover_all(&self, now_ms: i64) -> Result<Vec<SessionRecord>, BillingError> {
-        let open = self.query(
-            "SELECT session_id, last_seen_ms, confirmed_at_ms FROM billing.open_sessions \
-             ORDER BY confirmed_at_ms, session_id",
-            &[],
-        )?;
-        let mut records = Vec::with_capacity(open.len());
-        for row in &open {
-            let session_id: String = row.get(0);
-            let ended = recovered_end(row.get(2), row.get(1), now_ms);
-            // A session another transaction closed since the look is skipped.
-            if let Some(record) =
-                self.close_row(&session_id, ended, EndCause::RecoveredAfterRestart)?
-            {
-                records.push(record);
-            }
-        }
+    /// Takes the journal rows that `delete` (a `DELETE … RETURNING` the
+    /// [`DELETED_COLUMNS`]) removes and writes their records, each ending at its
+    /// last-seen time. Only one transaction deletes a row: one that another transaction
+    /// deleted first (a concurrent close or claim) is skipped once that one commits, so
+    /// every session is closed once.
+    fn close_deleted(
+        &self,
+        delete: &str,
+        params: &[&(dyn ToSql + Sync)],
+        now_ms: i64,
+        cause: EndCause,
+    ) -> Result<Vec<SessionRecord>, BillingError> {
+        let mut rows = self.query(delete, params)?;
+        rows.sort_by_key(|row| (row.get::<_, i64>(7), row.get::<_, String>(0)));
+        rows.iter()
+            .map(|row| {
+                let ended = recovered_end(row.get(7), row.get(8), now_ms);
+                self.write_record(row, ended, cause)
+            })
+            .collect()
+    }
+
+    fn recover_node(&self, node: &str, now_ms: i64) -> Result<Vec<SessionRecord>, BillingError> {
+        let sql = format!(
+            "DELETE FROM billing.open_sessions WHERE node = $1 RETURNING {DELETED_COLUMNS}"
+        );
+        let records =
+            self.close_deleted(&sql, &[&node], now_ms, EndCause::RecoveredAfterRestart)?;
         if !records.is_empty() {
             info!(
+                node,
                 sessions = records.len(),
                 "closed sessions left open by a crash"
             );
         }
         Ok(records)
+    }
+
+    fn claim_lost(
+        &self,
+        node: &str,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<SessionRecord>, BillingError> {
+        // The rows are locked first, skipping those another transaction holds: a relay
+        // claiming at the same moment (it deletes them; if it fails, the next claim takes
+        // them), the owner renewing its lease (then it is alive) or closing the session.
+        // So claimers never wait on each other and cannot deadlock, and each row is
+        // deleted by one transaction only. A row updated since the statement's snapshot
+        // is checked again when locked, so a renewal that committed meanwhile wins.
+        let sql = format!(
+            "DELETE FROM billing.open_sessions WHERE session_id IN ( \
+                 SELECT session_id FROM billing.open_sessions \
+                 WHERE node <> $1 AND last_seen_ms < $2 \
+                 FOR UPDATE SKIP LOCKED) \
+             RETURNING {DELETED_COLUMNS}"
+        );
+        let expired_before = now_ms.saturating_sub(lease_ms);
+        self.close_deleted(&sql, &[&node, &expired_before], now_ms, EndCause::RelayLost)
     }
 
     /// Rolls back after a failure, if the connection still stands.
@@ -1047,7 +1107,7 @@ impl Store for PostgresStore {
         self.ensure_connected()?;
         let rows = self.query(
             "SELECT session_id, call_id, subscriber, service, server, plan, tariff::text, \
-             confirmed_at_ms, last_seen_ms FROM billing.open_sessions \
+             confirmed_at_ms, last_seen_ms, node FROM billing.open_sessions \
              ORDER BY confirmed_at_ms, session_id",
             &[],
         )?;
@@ -1057,6 +1117,7 @@ impl Store for PostgresStore {
                 let tariff: String = row.get(6);
                 Ok(JournaledSession {
                     session: OpenSession {
+                        node: row.get(9),
                         tariff: parse_tariff(&session_id, &tariff)?,
                         session_id,
                         call_id: row.get(1),
@@ -1110,6 +1171,7 @@ mod tests {
 
     fn session(id: &str, at: i64) -> OpenSession {
         OpenSession {
+            node: String::new(),
             session_id: id.into(),
             call_id: format!("call-{id}"),
             subscriber: "alice".into(),
@@ -1130,6 +1192,22 @@ mod tests {
             .unwrap(),
             confirmed_at_ms: at,
         }
+    }
+
+    /// Journals a session as version 1 did (no node column).
+    fn open_before_v2(store: &PostgresStore, id: &str, at: i64) {
+        let tariff = serde_json::to_string(&session(id, at).tariff).unwrap();
+        store
+            .client
+            .borrow_mut()
+            .execute(
+                "INSERT INTO billing.open_sessions (session_id, call_id, subscriber, service, \
+                 server, plan, tariff, confirmed_at_ms, last_seen_ms) \
+                 VALUES ($1, 'call-' || $1, 'alice', 'video', 'as1', 'gold', $2::text::json, \
+                 $3, $3)",
+                &[&id, &tariff, &at],
+            )
+            .unwrap();
     }
 
     fn insert_raw_record(store: &PostgresStore, cause: &str) -> Result<u64, postgres::Error> {
@@ -1153,7 +1231,7 @@ mod tests {
             // The causes version 1 knew; the new ones are refused by its CHECK.
             for (i, cause) in EndCause::ALL[..7].iter().copied().enumerate() {
                 let id = format!("s{i}");
-                store.open_session(session(&id, T0)).unwrap();
+                open_before_v2(&store, &id, T0);
                 store
                     .close_session(CloseSession {
                         session_id: id,
@@ -1164,10 +1242,13 @@ mod tests {
             }
             let err = insert_raw_record(&store, "relay-lost").unwrap_err();
             assert_eq!(err.code(), Some(&SqlState::CHECK_VIOLATION), "{err}");
-            store.open_session(session("live", T0)).unwrap();
+            open_before_v2(&store, "live", T0);
             (
                 store.session_records(Period::all()).unwrap(),
-                store.journal().unwrap(),
+                vec![JournaledSession {
+                    session: session("live", T0),
+                    last_seen_ms: T0,
+                }],
             )
         };
         assert_eq!(records.len(), 7);
@@ -1183,6 +1264,7 @@ mod tests {
         let mut store = PostgresStore::connect(&url).unwrap();
         assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(store.session_records(Period::all()).unwrap(), records);
+        // Journaled before the node column: the lone relay's ("").
         assert_eq!(store.journal().unwrap(), journal);
         // The session journaled before the migration belongs to the lone relay, ''.
         let node: String = store

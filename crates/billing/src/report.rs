@@ -573,6 +573,7 @@ mod tests {
         let (subscriber, service, server) = who;
         store
             .open_session(OpenSession {
+                node: String::new(),
                 session_id: id.into(),
                 call_id: format!("{id}@terminal"),
                 subscriber: subscriber.into(),
@@ -879,6 +880,7 @@ bob         USD              1  0:00:07.000                7        0           
         let mut store = SqliteStore::open(dir.path().join("b.db")).unwrap();
         store
             .open_session(OpenSession {
+                node: String::new(),
                 session_id: "s1".into(),
                 call_id: "=cmd|' /C calc'!A0".into(),
                 subscriber: "alice".into(),

@@ -545,16 +545,23 @@ impl SqliteStore {
                 self.single_statement(self.insert_open(open).map(|()| Outcome::Opened))
             }
             Op::Touch(touch) => self.in_savepoint(|s| s.touch(touch).map(Outcome::Touched)),
-            Op::TouchAll { seen_at_ms } => {
-                self.single_statement(self.touch_all(*seen_at_ms).map(Outcome::Touched))
+            Op::TouchAll { node, seen_at_ms } => {
+                self.single_statement(self.touch_all(node, *seen_at_ms).map(Outcome::Touched))
             }
             Op::Close(close) => self.close_op(close).map(Outcome::Closed),
             Op::Charge(charge) => self.single_statement(
                 self.charge(charge)
                     .map(|(record, duplicate)| Outcome::Charged { record, duplicate }),
             ),
-            Op::Recover { now_ms } => {
-                self.in_savepoint(|s| s.recover_all(*now_ms).map(Outcome::Recovered))
+            Op::Recover { node, now_ms } => {
+                self.in_savepoint(|s| s.recover_node(node, *now_ms).map(Outcome::Recovered))
+            }
+            Op::ClaimLost {
+                node,
+                lease_ms,
+                now_ms,
+            } => {
+                self.in_savepoint(|s| s.claim_lost(node, *lease_ms, *now_ms).map(Outcome::Claimed))
             }
         }
     }
@@ -565,8 +572,9 @@ impl SqliteStore {
             .conn
             .prepare_cached(
                 "INSERT INTO open_sessions (session_id, call_id, subscriber, service, server, \
-                 plan, tariff, confirmed_at_ms, last_seen_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8) ON CONFLICT (session_id) DO NOTHING",
+                 plan, tariff, confirmed_at_ms, last_seen_ms, node) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9) \
+                 ON CONFLICT (session_id) DO NOTHING",
             )
             .and_then(|mut stmt| {
                 stmt.execute(params![
@@ -578,6 +586,7 @@ impl SqliteStore {
                     open.plan,
                     &*tariff,
                     open.confirmed_at_ms,
+                    open.node,
                 ])
             })
             .map_err(|e| self.db(e))?;
@@ -589,10 +598,12 @@ impl SqliteStore {
         Ok(())
     }
 
-    fn touch_all(&self, seen_at_ms: i64) -> Result<usize, BillingError> {
+    fn touch_all(&self, node: &str, seen_at_ms: i64) -> Result<usize, BillingError> {
         self.conn
-            .prepare_cached("UPDATE open_sessions SET last_seen_ms = max(last_seen_ms, ?1)")
-            .and_then(|mut stmt| stmt.execute(params![seen_at_ms]))
+            .prepare_cached(
+                "UPDATE open_sessions SET last_seen_ms = max(last_seen_ms, ?2) WHERE node = ?1",
+            )
+            .and_then(|mut stmt| stmt.execute(params![node, seen_at_ms]))
             .map_err(|e| self.db(e))
     }
 
@@ -835,30 +846,63 @@ impl SqliteStore {
         Ok((earlier, true))
     }
 
-    fn recover_all(&self, now_ms: i64) -> Result<Vec<SessionRecord>, BillingError> {
+    /// Closes, at its last-seen time, each journaled session that `sql` selects (its
+    /// parameters `params`; it returns session id, confirmation and last-seen times).
+    /// The transaction holds SQLite's write lock, so no other writer closes one meanwhile.
+    fn close_selected(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        now_ms: i64,
+        cause: EndCause,
+    ) -> Result<Vec<SessionRecord>, BillingError> {
         let open: Vec<(String, i64, i64)> = self
             .conn
-            .prepare_cached(
-                "SELECT session_id, confirmed_at_ms, last_seen_ms FROM open_sessions \
-                 ORDER BY confirmed_at_ms, session_id",
-            )
+            .prepare_cached(sql)
             .and_then(|mut stmt| {
-                stmt.query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                stmt.query_map(params, |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
                     .collect()
             })
             .map_err(|e| self.db(e))?;
         let mut records = Vec::with_capacity(open.len());
         for (session_id, confirmed_at_ms, last_seen_ms) in open {
             let ended = recovered_end(confirmed_at_ms, last_seen_ms, now_ms);
-            records.push(self.close_row(&session_id, ended, EndCause::RecoveredAfterRestart)?);
+            records.push(self.close_row(&session_id, ended, cause)?);
         }
+        Ok(records)
+    }
+
+    fn recover_node(&self, node: &str, now_ms: i64) -> Result<Vec<SessionRecord>, BillingError> {
+        let records = self.close_selected(
+            "SELECT session_id, confirmed_at_ms, last_seen_ms FROM open_sessions \
+             WHERE node = ?1 ORDER BY confirmed_at_ms, session_id",
+            [node],
+            now_ms,
+            EndCause::RecoveredAfterRestart,
+        )?;
         if !records.is_empty() {
             info!(
+                node,
                 sessions = records.len(),
                 "closed sessions left open by a crash"
             );
         }
         Ok(records)
+    }
+
+    fn claim_lost(
+        &self,
+        node: &str,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<SessionRecord>, BillingError> {
+        self.close_selected(
+            "SELECT session_id, confirmed_at_ms, last_seen_ms FROM open_sessions \
+             WHERE node <> ?1 AND last_seen_ms < ?2 ORDER BY confirmed_at_ms, session_id",
+            params![node, now_ms.saturating_sub(lease_ms)],
+            now_ms,
+            EndCause::RelayLost,
+        )
     }
 
     fn read_session(&self, row: &Row<'_>) -> Result<SessionRecord, BillingError> {
@@ -990,7 +1034,7 @@ impl Store for SqliteStore {
             .conn
             .prepare_cached(
                 "SELECT session_id, call_id, subscriber, service, server, plan, tariff, \
-                 confirmed_at_ms, last_seen_ms FROM open_sessions \
+                 confirmed_at_ms, last_seen_ms, node FROM open_sessions \
                  ORDER BY confirmed_at_ms, session_id",
             )
             .map_err(|e| self.db(e))?;
@@ -1002,6 +1046,7 @@ impl Store for SqliteStore {
             let tariff: String = row.get(6).map_err(db)?;
             out.push(JournaledSession {
                 session: OpenSession {
+                    node: row.get(9).map_err(db)?,
                     tariff: parse_tariff(&session_id, &tariff)?,
                     session_id,
                     call_id: row.get(1).map_err(db)?,
@@ -1088,6 +1133,7 @@ mod tests {
 
     fn session(id: &str, at: i64) -> OpenSession {
         OpenSession {
+            node: String::new(),
             session_id: id.into(),
             call_id: format!("call-{id}"),
             subscriber: "alice".into(),
@@ -1465,6 +1511,17 @@ mod tests {
         ));
     }
 
+    /// Journals a session as versions 1 and 2 did (no node column).
+    fn open_before_v3(conn: &Connection, id: &str, at: i64) {
+        conn.execute(
+            "INSERT INTO open_sessions (session_id, call_id, subscriber, service, server, plan, \
+             tariff, confirmed_at_ms, last_seen_ms) \
+             VALUES (?1, 'call-' || ?1, 'alice', 'video', 'as1', 'gold', ?2, ?3, ?3)",
+            params![id, serde_json::to_string(&tariff()).unwrap(), at],
+        )
+        .unwrap();
+    }
+
     /// Writes a session record straight into the table, past the store's checks.
     fn insert_raw_record(conn: &Connection, record_id: i64, cause: &str) -> rusqlite::Result<()> {
         conn.execute(
@@ -1527,7 +1584,7 @@ mod tests {
             // The causes version 1 knew.
             for (i, cause) in EndCause::ALL[..7].iter().copied().enumerate() {
                 let id = format!("s{i}");
-                store.open_session(session(&id, T0)).unwrap();
+                open_before_v3(&store.conn, &id, T0);
                 store
                     .close_session(close(&id, T0 + 1_000 * (i as i64 + 1), cause))
                     .unwrap();
@@ -1537,11 +1594,14 @@ mod tests {
                 .conn
                 .execute("DELETE FROM session_records WHERE record_id = 3", [])
                 .unwrap();
-            store.open_session(session("live", T0)).unwrap();
+            open_before_v3(&store.conn, "live", T0);
             store.record_charge(charge("as1", "ev-1", 5)).unwrap();
             (
                 store.session_records(Period::all()).unwrap(),
-                store.journal().unwrap(),
+                vec![JournaledSession {
+                    session: session("live", T0),
+                    last_seen_ms: T0,
+                }],
                 store.charge_records(Period::all()).unwrap(),
             )
         };
@@ -1560,6 +1620,7 @@ mod tests {
         assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
         store.integrity_check().unwrap();
         assert_eq!(store.session_records(Period::all()).unwrap(), records);
+        // Journaled before the node column: the lone relay's ("").
         assert_eq!(store.journal().unwrap(), journal);
         assert_eq!(store.charge_records(Period::all()).unwrap(), charges);
 
@@ -1612,7 +1673,7 @@ mod tests {
             assert_eq!(store.schema_version().unwrap(), 2);
             for (i, cause) in EndCause::ALL[..7].iter().copied().enumerate() {
                 let id = format!("s{i}");
-                store.open_session(session(&id, T0)).unwrap();
+                open_before_v3(&store.conn, &id, T0);
                 store
                     .close_session(close(&id, T0 + 1_000 * (i as i64 + 1), cause))
                     .unwrap();
@@ -1623,11 +1684,14 @@ mod tests {
                 100,
                 "relay-lost"
             )));
-            store.open_session(session("live", T0)).unwrap();
+            open_before_v3(&store.conn, "live", T0);
             store.record_charge(charge("as1", "ev-1", 5)).unwrap();
             (
                 store.session_records(Period::all()).unwrap(),
-                store.journal().unwrap(),
+                vec![JournaledSession {
+                    session: session("live", T0),
+                    last_seen_ms: T0,
+                }],
                 store.charge_records(Period::all()).unwrap(),
             )
         };
@@ -1644,6 +1708,7 @@ mod tests {
         assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
         store.integrity_check().unwrap();
         assert_eq!(store.session_records(Period::all()).unwrap(), records);
+        // Journaled before the node column: the lone relay's ("").
         assert_eq!(store.journal().unwrap(), journal);
         assert_eq!(store.charge_records(Period::all()).unwrap(), charges);
         // The session journaled before the migration belongs to the lone relay, ''.

@@ -62,6 +62,11 @@ impl Period {
 /// A session confirmed by the terminal: journal it so its billing survives a crash.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenSession {
+    /// The relay that owns the session and renews its lease ([`Op::TouchAll`]): its
+    /// `[storage] node` name, `""` for a lone relay. Only this node recovers the session
+    /// after a restart; any other closes it as `relay-lost` once its lease has expired
+    /// ([`Op::ClaimLost`]).
+    pub node: String,
     /// The relay's session id, unique among open sessions.
     pub session_id: String,
     /// The SIP Call-ID of the terminal's leg.
@@ -153,9 +158,11 @@ pub enum Op {
     Open(OpenSession),
     /// Refresh the last-seen time of live sessions.
     Touch(TouchSessions),
-    /// Refresh the last-seen time of every open session: those of the one relay that
-    /// writes this store, which need not keep a list of them to say so.
+    /// Refresh the last-seen time of every open session of one relay, which need not keep
+    /// a list of them to say so: this renews its lease on them.
     TouchAll {
+        /// The relay whose sessions are alive (see [`OpenSession::node`]).
+        node: String,
         /// When they were seen, Unix ms; a last-seen time never moves backwards.
         seen_at_ms: i64,
     },
@@ -163,9 +170,24 @@ pub enum Op {
     Close(CloseSession),
     /// Record an application charge.
     Charge(NewCharge),
-    /// Close every journaled session left by a crash (see the crate documentation).
+    /// Close every session a crash of this relay left in the journal (see the crate
+    /// documentation), cause `recovered-after-restart`; other relays' sessions stay.
     Recover {
+        /// The relay starting up (see [`OpenSession::node`]).
+        node: String,
         /// The current time, Unix ms; no recovered session ends later than this.
+        now_ms: i64,
+    },
+    /// Close every session of *other* relays whose lease has expired (last seen more than
+    /// `lease_ms` before `now_ms`), cause `relay-lost`, at its last-seen time (as
+    /// recovery does). Each is closed once, however many relays claim at the same moment:
+    /// its journal row is deleted by exactly one transaction.
+    ClaimLost {
+        /// The relay claiming; its own sessions are never claimed.
+        node: String,
+        /// How long a relay's sessions stay its own without a renewal, ms (more than 0).
+        lease_ms: i64,
+        /// The current time, Unix ms.
         now_ms: i64,
     },
 }
@@ -180,6 +202,7 @@ impl Op {
             Op::Close(_) => "close",
             Op::Charge(_) => "charge",
             Op::Recover { .. } => "recover",
+            Op::ClaimLost { .. } => "claim-lost",
         }
     }
 }
@@ -203,6 +226,8 @@ pub enum Outcome {
     },
     /// The records of the sessions closed by recovery.
     Recovered(Vec<SessionRecord>),
+    /// The records of the other relays' sessions closed as `relay-lost`.
+    Claimed(Vec<SessionRecord>),
 }
 
 fn unexpected(expected: &'static str) -> BillingError {
@@ -247,6 +272,14 @@ impl Outcome {
         match self {
             Outcome::Recovered(r) => Ok(r),
             _ => Err(unexpected("recover")),
+        }
+    }
+
+    /// The records of [`Outcome::Claimed`].
+    pub fn into_claimed(self) -> Result<Vec<SessionRecord>, BillingError> {
+        match self {
+            Outcome::Claimed(r) => Ok(r),
+            _ => Err(unexpected("claim-lost")),
         }
     }
 }
@@ -298,9 +331,14 @@ pub trait Store: Send {
         self.apply_one(Op::Touch(touch))?.into_touched()
     }
 
-    /// Refreshes the last-seen time of every open session; returns how many there were.
-    fn touch_all_open(&mut self, seen_at_ms: i64) -> Result<usize, BillingError> {
-        self.apply_one(Op::TouchAll { seen_at_ms })?.into_touched()
+    /// Refreshes the last-seen time of every open session of `node` (renews its lease);
+    /// returns how many there were.
+    fn touch_all_open(&mut self, node: &str, seen_at_ms: i64) -> Result<usize, BillingError> {
+        self.apply_one(Op::TouchAll {
+            node: node.to_owned(),
+            seen_at_ms,
+        })?
+        .into_touched()
     }
 
     /// Closes a session: writes its record and removes it from the journal, atomically.
@@ -314,9 +352,29 @@ pub trait Store: Send {
         self.apply_one(Op::Charge(charge))?.into_charged()
     }
 
-    /// Closes every journaled session with cause `recovered-after-restart`.
-    fn recover(&mut self, now_ms: i64) -> Result<Vec<SessionRecord>, BillingError> {
-        self.apply_one(Op::Recover { now_ms })?.into_recovered()
+    /// Closes every journaled session of `node` with cause `recovered-after-restart`.
+    fn recover(&mut self, node: &str, now_ms: i64) -> Result<Vec<SessionRecord>, BillingError> {
+        self.apply_one(Op::Recover {
+            node: node.to_owned(),
+            now_ms,
+        })?
+        .into_recovered()
+    }
+
+    /// Closes every session of nodes other than `node` whose lease of `lease_ms` has
+    /// expired at `now_ms`, with cause `relay-lost` (see [`Op::ClaimLost`]).
+    fn claim_lost(
+        &mut self,
+        node: &str,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Result<Vec<SessionRecord>, BillingError> {
+        self.apply_one(Op::ClaimLost {
+            node: node.to_owned(),
+            lease_ms,
+            now_ms,
+        })?
+        .into_claimed()
     }
 
     /// The session records that ended within `period`.
@@ -366,6 +424,11 @@ fn check_field(field: &'static str, value: &str) -> Result<(), BillingError> {
     check_text(field, value, MAX_FIELD_LEN)
 }
 
+/// A node name: may be empty (a lone relay), otherwise as any other field.
+fn check_node(node: &str) -> Result<(), BillingError> {
+    check_text("node", node, MAX_FIELD_LEN)
+}
+
 fn check_time(field: &'static str, t_ms: i64) -> Result<(), BillingError> {
     if (0..=MAX_TIME_MS).contains(&t_ms) {
         Ok(())
@@ -381,6 +444,7 @@ impl OpenSession {
     /// Checks every field: ids and names non-empty, at most [`MAX_FIELD_LEN`] bytes,
     /// without control characters; the time between 1970 and 9999.
     pub fn validate(&self) -> Result<(), BillingError> {
+        check_node(&self.node)?;
         check_field("session id", &self.session_id)?;
         check_field("call id", &self.call_id)?;
         check_field("subscriber", &self.subscriber)?;
@@ -463,10 +527,31 @@ impl Op {
         match self {
             Op::Open(o) => o.validate(),
             Op::Touch(t) => t.validate(),
-            Op::TouchAll { seen_at_ms } => check_time("seen-at", *seen_at_ms),
+            Op::TouchAll { node, seen_at_ms } => {
+                check_node(node)?;
+                check_time("seen-at", *seen_at_ms)
+            }
             Op::Close(c) => c.validate(),
             Op::Charge(c) => c.validate().map(|_| ()),
-            Op::Recover { now_ms } => check_time("now", *now_ms),
+            Op::Recover { node, now_ms } => {
+                check_node(node)?;
+                check_time("now", *now_ms)
+            }
+            Op::ClaimLost {
+                node,
+                lease_ms,
+                now_ms,
+            } => {
+                check_node(node)?;
+                check_time("now", *now_ms)?;
+                if !(1..=MAX_TIME_MS).contains(lease_ms) {
+                    return Err(invalid(
+                        "lease",
+                        format!("{lease_ms} ms is not a lease: it must be more than 0"),
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 }

@@ -198,10 +198,16 @@ impl WriterHandle {
         self.request(Op::Touch(touch), Outcome::into_touched)
     }
 
-    /// Refreshes the last-seen time of every open session; resolves to how many there
-    /// were.
-    pub fn touch_all_open(&self, seen_at_ms: i64) -> Pending<usize> {
-        self.request(Op::TouchAll { seen_at_ms }, Outcome::into_touched)
+    /// Refreshes the last-seen time of every open session of `node` (renews its lease);
+    /// resolves to how many there were.
+    pub fn touch_all_open(&self, node: &str, seen_at_ms: i64) -> Pending<usize> {
+        self.request(
+            Op::TouchAll {
+                node: node.to_owned(),
+                seen_at_ms,
+            },
+            Outcome::into_touched,
+        )
     }
 
     /// Closes a session; resolves to its record once the record is durable and the
@@ -216,9 +222,34 @@ impl WriterHandle {
         self.request(Op::Charge(charge), Outcome::into_charged)
     }
 
-    /// Closes every journaled session left by a crash (see the crate documentation).
-    pub fn recover(&self, now_ms: i64) -> Pending<Vec<SessionRecord>> {
-        self.request(Op::Recover { now_ms }, Outcome::into_recovered)
+    /// Closes every session a crash of `node` left in the journal (see the crate
+    /// documentation).
+    pub fn recover(&self, node: &str, now_ms: i64) -> Pending<Vec<SessionRecord>> {
+        self.request(
+            Op::Recover {
+                node: node.to_owned(),
+                now_ms,
+            },
+            Outcome::into_recovered,
+        )
+    }
+
+    /// Closes, as `relay-lost`, every session of other nodes whose lease of `lease_ms`
+    /// had expired at `now_ms` (see [`Op::ClaimLost`]); resolves to their records.
+    pub fn claim_lost(
+        &self,
+        node: &str,
+        lease_ms: i64,
+        now_ms: i64,
+    ) -> Pending<Vec<SessionRecord>> {
+        self.request(
+            Op::ClaimLost {
+                node: node.to_owned(),
+                lease_ms,
+                now_ms,
+            },
+            Outcome::into_claimed,
+        )
     }
 
     /// The writer's counters.
@@ -724,6 +755,7 @@ mod tests {
                         let sid = format!("t{t}-{i}");
                         handle
                             .open_session(OpenSession {
+                                node: String::new(),
                                 session_id: sid.clone(),
                                 call_id: format!("c-{sid}"),
                                 subscriber: format!("sub{t}"),

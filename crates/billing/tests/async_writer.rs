@@ -89,6 +89,7 @@ fn awaiting_a_commit_leaves_a_single_threaded_runtime_free() {
                 tokio::spawn(async move {
                     let sid = format!("s{i}");
                     h.open_session(OpenSession {
+                        node: String::new(),
                         session_id: sid.clone(),
                         call_id: format!("c{i}"),
                         subscriber: "alice".into(),
@@ -155,6 +156,7 @@ fn a_multi_threaded_runtime_gets_every_record() {
                 tokio::spawn(async move {
                     let sid = format!("m{i}");
                     h.open_session(OpenSession {
+                        node: String::new(),
                         session_id: sid.clone(),
                         call_id: format!("c{i}"),
                         subscriber: "bob".into(),

@@ -149,6 +149,7 @@ fn crash_child() {
                     let sid = format!("w{w}-{i}");
                     handle
                         .open_session(OpenSession {
+                            node: String::new(),
                             session_id: sid.clone(),
                             call_id: format!("call-{sid}"),
                             subscriber: format!("sub-{w}"),
@@ -438,7 +439,7 @@ fn verify_and_recover(backend: &StorageBackend, printed: &Printed) {
 
     // Recovery closes each journaled session once, at its last-seen time.
     let now = T0 + 10_000_000_000;
-    let recovered = store.recover(now).unwrap();
+    let recovered = store.recover("", now).unwrap();
     assert_eq!(recovered.len(), journal.len());
     for r in &recovered {
         let j = &journal[&r.session_id];
@@ -447,11 +448,14 @@ fn verify_and_recover(backend: &StorageBackend, printed: &Printed) {
         assert_eq!(r.charge, tariff.charge_for(r.duration_ms as u64));
     }
     assert!(store.journal().unwrap().is_empty());
-    assert!(store.recover(now).unwrap().is_empty(), "second recovery");
+    assert!(
+        store.recover("", now).unwrap().is_empty(),
+        "second recovery"
+    );
     drop(store);
     let mut store = AnyStore::open(backend).unwrap();
     assert!(
-        store.recover(now).unwrap().is_empty(),
+        store.recover("", now).unwrap().is_empty(),
         "recovery after reopening"
     );
     let all = store.session_records(Period::all()).unwrap();

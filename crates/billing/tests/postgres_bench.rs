@@ -68,6 +68,7 @@ fn postgres_billing_records_per_second() {
                     let sid = format!("s{i}");
                     handle
                         .open_session(OpenSession {
+                            node: String::new(),
                             session_id: sid.clone(),
                             call_id: format!("call-{i}"),
                             subscriber: format!("sub-{}", i % 100),

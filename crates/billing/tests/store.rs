@@ -99,6 +99,12 @@ on_both_backends!(
     queries_select_by_period,
     a_read_only_store_reads_but_never_writes,
     a_session_is_closed_once_by_two_stores_on_one_database,
+    touch_all_renews_only_its_own_nodes_lease,
+    recovery_closes_only_its_own_nodes_sessions,
+    claim_lost_closes_only_expired_sessions_of_other_nodes_at_their_last_seen_time,
+    a_session_claimed_as_lost_is_never_billed_again_by_its_node,
+    relays_claiming_at_the_same_moment_bill_each_lost_session_once,
+    claim_lost_refuses_a_lease_that_is_not_one,
 );
 
 fn eur() -> Currency {
@@ -123,6 +129,7 @@ fn tariff() -> Tariff {
 
 fn session(id: &str, at: i64) -> OpenSession {
     OpenSession {
+        node: String::new(),
         session_id: id.into(),
         call_id: format!("call-{id}"),
         subscriber: "alice".into(),
@@ -132,6 +139,24 @@ fn session(id: &str, at: i64) -> OpenSession {
         tariff: tariff(),
         confirmed_at_ms: at,
     }
+}
+
+/// A session owned by relay `node`.
+fn session_on(node: &str, id: &str, at: i64) -> OpenSession {
+    OpenSession {
+        node: node.into(),
+        ..session(id, at)
+    }
+}
+
+/// The journal as (node, session id, last seen).
+fn journal_of(store: &AnyStore) -> Vec<(String, String, i64)> {
+    store
+        .journal()
+        .unwrap()
+        .into_iter()
+        .map(|j| (j.session.node, j.session.session_id, j.last_seen_ms))
+        .collect()
 }
 
 fn close(id: &str, at: i64, cause: EndCause) -> CloseSession {
@@ -311,12 +336,12 @@ fn touch_all_refreshes_every_open_session_and_never_goes_back(f: &Fixture) {
     let mut store = f.open();
     store.open_session(session("a", T0)).unwrap();
     store.open_session(session("b", T0)).unwrap();
-    assert_eq!(store.touch_all_open(T0 + 50_000).unwrap(), 2);
-    assert_eq!(store.touch_all_open(T0 + 20_000).unwrap(), 2);
+    assert_eq!(store.touch_all_open("", T0 + 50_000).unwrap(), 2);
+    assert_eq!(store.touch_all_open("", T0 + 20_000).unwrap(), 2);
     store
         .close_session(close("a", T0 + 60_000, EndCause::CallerBye))
         .unwrap();
-    assert_eq!(store.touch_all_open(T0 + 70_000).unwrap(), 1);
+    assert_eq!(store.touch_all_open("", T0 + 70_000).unwrap(), 1);
     let seen: Vec<(String, i64)> = store
         .journal()
         .unwrap()
@@ -368,7 +393,7 @@ fn recovery_closes_each_journaled_session_once_at_its_last_seen_time(f: &Fixture
         // Dropped without closing a and b: as after a crash.
     }
     let mut store = f.open();
-    let recovered = store.recover(T0 + 600_000).unwrap();
+    let recovered = store.recover("", T0 + 600_000).unwrap();
     let summary: Vec<(&str, i64, i64, EndCause)> = recovered
         .iter()
         .map(|r| {
@@ -389,13 +414,13 @@ fn recovery_closes_each_journaled_session_once_at_its_last_seen_time(f: &Fixture
     );
     assert!(store.journal().unwrap().is_empty());
     assert!(
-        store.recover(T0 + 700_000).unwrap().is_empty(),
+        store.recover("", T0 + 700_000).unwrap().is_empty(),
         "second run"
     );
     drop(store);
     let mut store = f.open();
     assert!(
-        store.recover(T0 + 800_000).unwrap().is_empty(),
+        store.recover("", T0 + 800_000).unwrap().is_empty(),
         "after reopening"
     );
     assert_eq!(store.session_records(Period::all()).unwrap().len(), 3);
@@ -410,7 +435,7 @@ fn recovery_never_ends_a_session_after_now(f: &Fixture) {
             seen_at_ms: T0 + 500_000,
         })
         .unwrap();
-    let recovered = store.recover(T0 + 100_000).unwrap();
+    let recovered = store.recover("", T0 + 100_000).unwrap();
     assert_eq!(recovered[0].ended_at_ms, T0 + 100_000);
 }
 
@@ -479,7 +504,7 @@ fn a_session_is_closed_once_by_two_stores_on_one_database(f: &Fixture) {
     assert!(dup);
     assert_eq!(again, first);
     assert_eq!(a.session_records(Period::all()).unwrap(), [record]);
-    assert!(b.recover(T0 + 90_000).unwrap().is_empty());
+    assert!(b.recover("", T0 + 90_000).unwrap().is_empty());
 }
 
 // ---- PostgreSQL's own machinery ----
@@ -638,16 +663,19 @@ fn postgres_a_failing_statement_refuses_only_its_op() {
     assert_eq!(journal[0].session, session("b", T0));
     assert_eq!(store.charge_records(Period::all()).unwrap().len(), 1);
     // Recovery with b still stuck: refused whole, the journal keeps b.
-    let err = store.recover(T0 + 5_000).unwrap_err();
+    let err = store.recover("", T0 + 5_000).unwrap_err();
     assert!(format!("{err:?}").contains("injected"), "{err:?}");
     assert_eq!(store.journal().unwrap().len(), 1);
     store
         .execute_batch("DROP TRIGGER keep_b ON billing.open_sessions")
         .unwrap();
-    let recovered = store.recover(T0 + 5_000).unwrap();
+    let recovered = store.recover("", T0 + 5_000).unwrap();
     assert_eq!(recovered.len(), 1);
     assert!(matches!(
-        store.apply(&[Op::Recover { now_ms: T0 + 6_000 }]).unwrap()[0],
+        store.apply(&[Op::Recover {
+            node: String::new(),
+            now_ms: T0 + 6_000
+        }]).unwrap()[0],
         Ok(Outcome::Recovered(ref r)) if r.is_empty()
     ));
 }
@@ -675,4 +703,244 @@ fn postgres_a_lost_connection_fails_the_batch_and_the_next_one_reconnects() {
         .unwrap();
     assert_eq!(record.session_id, "a");
     assert!(store.journal().unwrap().is_empty());
+}
+
+// ---- several relays on one database: nodes and leases ----
+
+fn touch_all_renews_only_its_own_nodes_lease(f: &Fixture) {
+    let mut store = f.open();
+    store.open_session(session_on("relay-a", "a1", T0)).unwrap();
+    store.open_session(session_on("relay-a", "a2", T0)).unwrap();
+    store.open_session(session_on("relay-b", "b1", T0)).unwrap();
+    store.open_session(session_on("", "lone", T0)).unwrap();
+    assert_eq!(store.touch_all_open("relay-a", T0 + 5_000).unwrap(), 2);
+    assert_eq!(store.touch_all_open("relay-c", T0 + 6_000).unwrap(), 0);
+    let mut journal = journal_of(&store);
+    journal.sort();
+    assert_eq!(
+        journal,
+        [
+            ("".into(), "lone".into(), T0),
+            ("relay-a".into(), "a1".into(), T0 + 5_000),
+            ("relay-a".into(), "a2".into(), T0 + 5_000),
+            ("relay-b".into(), "b1".into(), T0),
+        ]
+    );
+}
+
+fn recovery_closes_only_its_own_nodes_sessions(f: &Fixture) {
+    let mut store = f.open();
+    store.open_session(session_on("relay-a", "a1", T0)).unwrap();
+    store.open_session(session_on("relay-b", "b1", T0)).unwrap();
+    store.touch_all_open("relay-a", T0 + 61_000).unwrap();
+    store.touch_all_open("relay-b", T0 + 61_000).unwrap();
+    drop(store);
+    // relay-a restarts: its session is recovered; relay-b's, alive elsewhere, stays.
+    let mut store = f.open();
+    let recovered = store.recover("relay-a", T0 + 100_000).unwrap();
+    let summary: Vec<(&str, i64, i64, EndCause)> = recovered
+        .iter()
+        .map(|r| {
+            (
+                r.session_id.as_str(),
+                r.ended_at_ms,
+                r.charge.minor,
+                r.cause,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [("a1", T0 + 61_000, 14, EndCause::RecoveredAfterRestart)]
+    );
+    assert_eq!(
+        journal_of(&store),
+        [("relay-b".into(), "b1".into(), T0 + 61_000)]
+    );
+    assert!(store.recover("relay-a", T0 + 200_000).unwrap().is_empty());
+    assert_eq!(store.session_records(Period::all()).unwrap(), recovered);
+}
+
+fn claim_lost_closes_only_expired_sessions_of_other_nodes_at_their_last_seen_time(f: &Fixture) {
+    const LEASE: i64 = 30_000;
+    let now = T0 + 600_000;
+    let mut store = f.open();
+    // relay-a died: last renewed long ago.
+    store.open_session(session_on("relay-a", "a1", T0)).unwrap();
+    store
+        .open_session(session_on("relay-a", "a2", T0 + 1_000))
+        .unwrap();
+    store.touch_all_open("relay-a", T0 + 90_000).unwrap();
+    // relay-b is alive: renewed exactly a lease ago (not yet expired) and just now.
+    store.open_session(session_on("relay-b", "b1", T0)).unwrap();
+    store.touch_all_open("relay-b", now - LEASE).unwrap();
+    store.open_session(session_on("relay-c", "c1", T0)).unwrap();
+    store.touch_all_open("relay-c", now).unwrap();
+    // The claimer's own session, however old, is not claimed (its recovery's business).
+    store.open_session(session_on("relay-z", "z1", T0)).unwrap();
+    // A lone relay's session left in the shared database is another node's.
+    store
+        .open_session(session_on("", "lone", T0 + 2_000))
+        .unwrap();
+
+    let claimed = store.claim_lost("relay-z", LEASE, now).unwrap();
+    let summary: Vec<(&str, i64, i64, i64, EndCause)> = claimed
+        .iter()
+        .map(|r| {
+            (
+                r.session_id.as_str(),
+                r.ended_at_ms,
+                r.duration_ms,
+                r.charge.minor,
+                r.cause,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("a1", T0 + 90_000, 90_000, 14, EndCause::RelayLost),
+            ("a2", T0 + 90_000, 89_000, 14, EndCause::RelayLost),
+            ("lone", T0 + 2_000, 0, 0, EndCause::RelayLost),
+        ]
+    );
+    let mut journal = journal_of(&store);
+    journal.sort();
+    assert_eq!(
+        journal,
+        [
+            ("relay-b".into(), "b1".into(), now - LEASE),
+            ("relay-c".into(), "c1".into(), now),
+            ("relay-z".into(), "z1".into(), T0),
+        ]
+    );
+    let mut stored = store.session_records(Period::all()).unwrap();
+    stored.sort_by(|x, y| x.session_id.cmp(&y.session_id));
+    assert_eq!(stored, claimed);
+    // A millisecond later b1's lease has expired too; nothing else is claimed twice.
+    let claimed = store.claim_lost("relay-z", LEASE, now + 1).unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|r| r.session_id.as_str()).collect();
+    assert_eq!(ids, ["b1"]);
+    assert_eq!(claimed[0].ended_at_ms, now - LEASE);
+    assert_eq!(store.session_records(Period::all()).unwrap().len(), 4);
+}
+
+/// The dead relay comes back (or was only cut off): its recovery, touches and closes
+/// find nothing of a session another relay has billed as lost.
+fn a_session_claimed_as_lost_is_never_billed_again_by_its_node(f: &Fixture) {
+    let mut a = f.open();
+    a.open_session(session_on("relay-a", "s1", T0)).unwrap();
+    a.open_session(session_on("relay-a", "s2", T0)).unwrap();
+    a.touch_all_open("relay-a", T0 + 30_000).unwrap();
+    drop(a);
+    let mut b = f.open();
+    let claimed = b.claim_lost("relay-b", 10_000, T0 + 60_000).unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert!(claimed.iter().all(|r| r.cause == EndCause::RelayLost
+        && r.ended_at_ms == T0 + 30_000
+        && r.charge.minor == 12));
+
+    let mut a = f.open();
+    assert!(a.recover("relay-a", T0 + 70_000).unwrap().is_empty());
+    assert_eq!(a.touch_all_open("relay-a", T0 + 70_000).unwrap(), 0);
+    let err = a
+        .close_session(close("s1", T0 + 80_000, EndCause::CallerBye))
+        .unwrap_err();
+    assert!(
+        matches!(err, BillingError::UnknownSession { .. }),
+        "{err:?}"
+    );
+    assert!(b
+        .claim_lost("relay-b", 10_000, T0 + 90_000)
+        .unwrap()
+        .is_empty());
+    let mut records = a.session_records(Period::all()).unwrap();
+    records.sort_by(|x, y| x.session_id.cmp(&y.session_id));
+    assert_eq!(records, claimed);
+}
+
+/// Two (then four) relays claim the same dead relay's sessions at the same moment, each
+/// on its own connection and thread: every session is billed by exactly one of them.
+fn relays_claiming_at_the_same_moment_bill_each_lost_session_once(f: &Fixture) {
+    const SESSIONS: usize = 300;
+    let mut dead = f.open();
+    let batch: Vec<Op> = (0..SESSIONS)
+        .map(|i| Op::Open(session_on("dead", &format!("s{i:03}"), T0)))
+        .collect();
+    for result in dead.apply(&batch).unwrap() {
+        result.unwrap();
+    }
+    drop(dead);
+    for claimers in [2, 4] {
+        let barrier = Arc::new(std::sync::Barrier::new(claimers));
+        let threads: Vec<_> = (0..claimers)
+            .map(|c| {
+                let mut store = f.open();
+                let barrier = Arc::clone(&barrier);
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let mut mine = Vec::new();
+                    // Several rounds, so that claims overlap whoever starts first.
+                    for round in 0..5 {
+                        mine.extend(
+                            store
+                                .claim_lost(&format!("live-{c}"), 1_000, T0 + 10_000 + round)
+                                .unwrap(),
+                        );
+                    }
+                    mine
+                })
+            })
+            .collect();
+        let mut claimed: Vec<String> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .map(|r| {
+                assert_eq!(r.cause, EndCause::RelayLost);
+                r.session_id
+            })
+            .collect();
+        claimed.sort();
+        if claimers == 2 {
+            let expected: Vec<String> = (0..SESSIONS).map(|i| format!("s{i:03}")).collect();
+            assert_eq!(claimed, expected, "each session claimed once");
+            // The same again for the second round, with sessions of its own.
+            let mut dead = f.open();
+            let batch: Vec<Op> = (0..SESSIONS)
+                .map(|i| Op::Open(session_on("dead", &format!("t{i:03}"), T0)))
+                .collect();
+            for result in dead.apply(&batch).unwrap() {
+                result.unwrap();
+            }
+        } else {
+            let expected: Vec<String> = (0..SESSIONS).map(|i| format!("t{i:03}")).collect();
+            assert_eq!(claimed, expected, "each session claimed once");
+        }
+    }
+    let store = f.open();
+    let mut stored: Vec<String> = store
+        .session_records(Period::all())
+        .unwrap()
+        .into_iter()
+        .map(|r| r.session_id)
+        .collect();
+    stored.sort();
+    assert_eq!(stored.len(), 2 * SESSIONS);
+    stored.dedup();
+    assert_eq!(stored.len(), 2 * SESSIONS, "no session has two records");
+    assert!(store.journal().unwrap().is_empty());
+}
+
+fn claim_lost_refuses_a_lease_that_is_not_one(f: &Fixture) {
+    let mut store = f.open();
+    store.open_session(session_on("relay-a", "a1", T0)).unwrap();
+    for lease in [0, -1] {
+        let err = store.claim_lost("relay-b", lease, T0 + 10_000).unwrap_err();
+        assert!(err.to_string().contains("not a lease"), "{err}");
+    }
+    let err = store
+        .claim_lost("relay\nb", 1_000, T0 + 10_000)
+        .unwrap_err();
+    assert!(err.to_string().contains("invalid node"), "{err}");
+    assert_eq!(journal_of(&store).len(), 1);
 }

@@ -2,21 +2,83 @@
 //! keeps its last-seen time fresh while it lives, writes its record when it ends, records
 //! application charges, and runs crash recovery at start-up.
 //!
+//! The store is the one `[storage]` names: the SQLite file `data_dir/billing.db` (one relay,
+//! node `""`), or a PostgreSQL database shared by several relays. There each relay journals
+//! its sessions under its `[storage] node` name, renews its lease on them with every touch,
+//! recovers only its own at start-up, and closes (`relay-lost`) those of a relay whose lease
+//! has expired ([`BillingControl::claim_loop`]).
+//!
 //! Every write goes through the group-committing writer thread, so the signalling tasks never
 //! block on the disk; each call resolves only once its transaction is committed, which is
 //! what lets a session answer a BYE only after its record is durable.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use billing::backend::{AnyStore, StorageBackend};
 use billing::record::{ChargeRecord, EndCause, SessionRecord};
-use billing::sqlite::SqliteStore;
 use billing::store::{CloseSession, NewCharge, OpenSession};
 use billing::tariff::TariffTable;
 use billing::writer::{Writer, WriterConfig, WriterHandle};
+use billing::BillingError;
 use tracing::{info, warn};
+
+use crate::config::{StorageBackendKind, StorageConfig};
+
+/// The billing store `[storage]` names: `data_dir/billing.db` with SQLite, `url` with
+/// PostgreSQL.
+pub fn storage_backend(storage: &StorageConfig) -> StorageBackend {
+    match storage.backend {
+        StorageBackendKind::Sqlite => StorageBackend::Sqlite {
+            path: storage.data_dir.join("billing.db"),
+        },
+        StorageBackendKind::Postgres => StorageBackend::Postgres {
+            url: storage.url.clone(),
+        },
+    }
+}
+
+/// The node name this relay journals its sessions under: `[storage] node` on PostgreSQL,
+/// `""` with SQLite (the file is one relay's alone, and sessions journaled before nodes
+/// existed are `""`'s, so a restart recovers them whatever the configuration names).
+pub fn billing_node(storage: &StorageConfig) -> &str {
+    match storage.backend {
+        StorageBackendKind::Sqlite => "",
+        StorageBackendKind::Postgres => &storage.node,
+    }
+}
+
+/// Opens the billing store of `[storage]` (from configuration file `file`) read-only,
+/// for reports: on PostgreSQL every relay's records.
+pub fn open_read_only(storage: &StorageConfig, file: &Path) -> anyhow::Result<AnyStore> {
+    let backend = storage_backend(storage);
+    if let StorageBackend::Sqlite { path } = &backend {
+        if !path.exists() {
+            anyhow::bail!(
+                "{}: no billing store yet (relayd has not run with this data_dir)",
+                path.display()
+            );
+        }
+    }
+    AnyStore::open_read_only(&backend).map_err(|e| open_error(&backend, file, e))
+}
+
+/// An error opening the store, naming the key (and file) that chose it.
+fn open_error(backend: &StorageBackend, file: &Path, e: BillingError) -> anyhow::Error {
+    match backend {
+        StorageBackend::Sqlite { path } => anyhow::Error::new(e).context(format!(
+            "storage.data_dir in {}: opening the billing store {}",
+            file.display(),
+            path.display()
+        )),
+        StorageBackend::Postgres { .. } => anyhow::Error::new(e).context(format!(
+            "storage.url in {}: opening the billing store",
+            file.display()
+        )),
+    }
+}
 
 /// Milliseconds since the Unix epoch, the time unit of billing records.
 pub fn unix_ms(t: SystemTime) -> i64 {
@@ -88,23 +150,43 @@ pub struct BillingControl {
     /// Replaced whole by a reload; a session journals the tariff it started with.
     tariffs: std::sync::RwLock<std::sync::Arc<TariffTable>>,
     live: AtomicUsize,
-    path: PathBuf,
+    /// The store, for logs: the SQLite file or the database URL without its password.
+    location: String,
+    /// The node this relay journals its sessions under (see [`billing_node`]).
+    node: String,
 }
 
 impl BillingControl {
-    /// Opens (creating if needed) the SQLite store in `data_dir` and starts its writer,
-    /// committing at most once per `commit_interval`. The returned [`Writer`] must be kept
-    /// and shut down when the relay stops.
+    /// Opens (creating or migrating it if needed) the billing store `[storage]` names in
+    /// configuration file `file` — with SQLite in `data_dir`, which it creates — and starts
+    /// its writer, committing at most once per `commit_interval`. The returned [`Writer`]
+    /// must be kept and shut down when the relay stops.
     pub fn open(
-        data_dir: &Path,
+        storage: &StorageConfig,
+        file: &Path,
         tariffs: TariffTable,
         commit_interval: std::time::Duration,
     ) -> anyhow::Result<(BillingControl, Writer)> {
-        std::fs::create_dir_all(data_dir)
-            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-        let path = data_dir.join("billing.db");
-        let store = SqliteStore::open(&path)
-            .with_context(|| format!("opening the billing store {}", path.display()))?;
+        let backend = storage_backend(storage);
+        if storage.backend == StorageBackendKind::Sqlite {
+            let data_dir = &storage.data_dir;
+            std::fs::create_dir_all(data_dir)
+                .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        }
+        // On a thread of its own: PostgreSQL's synchronous client runs a runtime of its own,
+        // which cannot start on a thread of the relay's (this runs during start-up, within
+        // it); the store then lives on the writer's thread.
+        let opened = std::thread::scope(|scope| {
+            scope
+                .spawn(|| AnyStore::open(&backend))
+                .join()
+                .map_err(|_| anyhow::anyhow!("opening the billing store: the thread panicked"))
+        })?;
+        let store = opened.map_err(|e| open_error(&backend, file, e))?;
+        let location = match &store {
+            AnyStore::Sqlite(s) => s.path().display().to_string(),
+            AnyStore::Postgres(s) => s.target().to_owned(),
+        };
         let writer = Writer::spawn_with(
             store,
             WriterConfig {
@@ -117,7 +199,8 @@ impl BillingControl {
             writer: writer.handle(),
             tariffs: std::sync::RwLock::new(std::sync::Arc::new(tariffs)),
             live: AtomicUsize::new(0),
-            path,
+            location,
+            node: billing_node(storage).to_owned(),
         };
         Ok((control, writer))
     }
@@ -128,22 +211,64 @@ impl BillingControl {
         *self.tariffs.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(tariffs);
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The store, for logs: the SQLite file, or the PostgreSQL database's URL without
+    /// its password.
+    pub fn location(&self) -> &str {
+        &self.location
     }
 
-    /// Closes every session a crash left open (cause `recovered-after-restart`), once.
+    /// The node name this relay journals its sessions under (`""` with SQLite).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Closes every session a crash of this relay (this node) left open (cause
+    /// `recovered-after-restart`), once; other relays' sessions are theirs.
     pub async fn recover(&self) -> anyhow::Result<Vec<SessionRecord>> {
         let records = self
             .writer
-            .recover(unix_ms(SystemTime::now()))
+            .recover(&self.node, unix_ms(SystemTime::now()))
             .await
             .context("recovering sessions left open by the last run")?;
         for r in &records {
             info!(session_id = %r.session_id, call_id = %r.call_id, duration_ms = r.duration_ms, "closed a session left open by the last run");
         }
+        info!(
+            node = %self.node,
+            count = records.len(),
+            "billing recovery done"
+        );
         Ok(records)
+    }
+
+    /// Closes, as `relay-lost`, every session of other relays whose lease has expired
+    /// (not renewed for `lease`), each billed up to its last-seen time; logs each.
+    pub async fn claim_lost(&self, lease: Duration) -> anyhow::Result<Vec<SessionRecord>> {
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
+        let records = self
+            .writer
+            .claim_lost(&self.node, lease_ms, unix_ms(SystemTime::now()))
+            .await
+            .context("closing the sessions of relays whose lease expired")?;
+        for r in &records {
+            info!(session_id = %r.session_id, call_id = %r.call_id, subscriber = %r.subscriber,
+                duration_ms = r.duration_ms, charge = %r.charge,
+                "closed a session of a relay whose lease expired (relay-lost)");
+        }
+        Ok(records)
+    }
+
+    /// Runs [`BillingControl::claim_lost`] every `every` until the relay stops; a failure
+    /// (the database unreachable) is logged and the next round tries again.
+    pub async fn claim_loop(self: std::sync::Arc<Self>, every: Duration, lease: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.claim_lost(lease).await {
+                warn!(error = %format!("{e:#}"), "claiming the sessions of lost relays failed");
+            }
+        }
     }
 
     /// Journals a confirmed session; resolves once committed.
@@ -162,6 +287,7 @@ impl BillingControl {
         let id = start.session_id.clone();
         self.writer
             .open_session(OpenSession {
+                node: self.node.clone(),
                 session_id: start.session_id,
                 call_id: start.call_id,
                 subscriber: start.subscriber,
@@ -184,20 +310,37 @@ impl BillingControl {
         cause: EndCause,
         ended_at: SystemTime,
     ) -> anyhow::Result<SessionRecord> {
-        let record = self
+        let closed = self
             .writer
             .close_session(CloseSession {
                 session_id: session_id.to_string(),
                 ended_at_ms: unix_ms(ended_at),
                 cause,
             })
-            .await
-            .with_context(|| format!("closing session {session_id}"))?;
-        // Never below zero, whatever order the counts come in.
+            .await;
+        let record = match closed {
+            Ok(record) => record,
+            Err(e @ BillingError::UnknownSession { .. }) => {
+                // Closed already, and billed once: by another relay as relay-lost while this
+                // one could not renew its lease (cut off from the database). No second
+                // record; the session no longer counts as live here.
+                warn!(session_id, "session closed already (billed by another relay as relay-lost?); no record written");
+                self.decrement_live();
+                return Err(anyhow::Error::new(e).context(format!("closing session {session_id}")));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!("closing session {session_id}")))
+            }
+        };
+        self.decrement_live();
+        Ok(record)
+    }
+
+    /// One live session fewer; never below zero, whatever order the counts come in.
+    fn decrement_live(&self) {
         let _ = self
             .live
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-        Ok(record)
     }
 
     /// Records an application charge; `true` in the result when the event id was already
@@ -219,13 +362,15 @@ impl BillingControl {
         self.live.load(Ordering::Relaxed)
     }
 
-    /// Refreshes the last-seen time of every open session in one statement (crash
-    /// recovery closes a session at that time, see the `billing` crate).
+    /// Refreshes the last-seen time of every open session of this relay in one statement,
+    /// renewing its lease on them (crash recovery, or another relay's claim, closes a
+    /// session at that time, see the `billing` crate).
     pub async fn touch_live(&self) {
         if self.live_sessions() == 0 {
             return;
         }
-        if let Err(e) = self.writer.touch_all_open(unix_ms(SystemTime::now())).await {
+        let now = unix_ms(SystemTime::now());
+        if let Err(e) = self.writer.touch_all_open(&self.node, now).await {
             warn!(error = %e, "refreshing last-seen times of live sessions failed");
         }
     }

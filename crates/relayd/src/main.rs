@@ -13,8 +13,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
+use billing::backend::AnyStore;
 use billing::report;
-use billing::sqlite::SqliteStore;
 use billing::store::Period;
 use relayd::cli::{self, BillingCommand, Cli, Command, Ha1Hasher, UserCommand};
 use relayd::config::{Config, LogFormat};
@@ -125,17 +125,10 @@ fn ha1_function() -> Option<Ha1Hasher> {
     })
 }
 
-/// The billing store of the configuration, opened read-only for reports.
-fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
-    let path = config.storage.data_dir.join("billing.db");
-    if !path.exists() {
-        anyhow::bail!(
-            "{}: no billing store yet (relayd has not run with this data_dir)",
-            path.display()
-        );
-    }
-    SqliteStore::open_read_only(&path)
-        .with_context(|| format!("opening the billing store {}", path.display()))
+/// The billing store of the configuration (`[storage]`), opened read-only for reports:
+/// on PostgreSQL it holds every relay's records.
+fn open_store(config: &Config) -> anyhow::Result<AnyStore> {
+    relayd::billing_control::open_read_only(&config.storage, &config.file_name())
 }
 
 fn period(since: Option<cli::Timestamp>, until: Option<cli::Timestamp>) -> anyhow::Result<Period> {
@@ -238,7 +231,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         addresses = ?relay.endpoint.transports().local_addrs(),
         realm = %relay.realm,
         services = ?relay.directory.services(),
-        billing = %relay.billing.path().display(),
+        billing = %relay.billing.location(),
+        node = %relay.billing.node(),
         "relayd serving"
     );
     let touch =
@@ -248,6 +242,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(health::expiry_loop(relay.clone())),
         tokio::spawn(relay.billing.clone().touch_loop(touch)),
     ];
+    // Relays sharing a database close a dead one's sessions once its lease has expired;
+    // a lone SQLite relay has nobody else's to close.
+    if relay.config.storage.backend == relayd::config::StorageBackendKind::Postgres {
+        let lease =
+            std::time::Duration::from_secs(u64::from(relay.config.storage.lease_secs.max(1)));
+        tasks.push(tokio::spawn(relay.billing.clone().claim_loop(touch, lease)));
+    }
     if let Some(addr) = relay.config.metrics.listen {
         let relay = relay.clone();
         tasks.push(tokio::spawn(async move {

@@ -237,20 +237,24 @@ impl Relay {
             .build_directory()
             .context("building the service directory")?;
         let tariffs = config.tariff_table().context("reading [[tariffs]]")?;
-        // The store is created 0600 before SQLite opens it (its -wal and -shm then get the
-        // same mode), in a data directory created 0700 (issue 14, finding 11).
-        let data_dir = &config.storage.data_dir;
-        private_files::create_private_dir(data_dir)
-            .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
-        let store = data_dir.join("billing.db");
-        let narrowed =
-            private_files::prepare_private_file(&store, &["billing.db-wal", "billing.db-shm"])
-                .with_context(|| format!("preparing the billing store {}", store.display()))?;
-        for file in narrowed {
-            info!(file = %file.display(), "billing store file was readable by others; no longer");
+        // The SQLite store is created 0600 before SQLite opens it (its -wal and -shm then
+        // get the same mode), in a data directory created 0700 (issue 14, finding 11). On
+        // PostgreSQL there is no file.
+        if config.storage.backend == crate::config::StorageBackendKind::Sqlite {
+            let data_dir = &config.storage.data_dir;
+            private_files::create_private_dir(data_dir)
+                .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+            let store = data_dir.join("billing.db");
+            let narrowed =
+                private_files::prepare_private_file(&store, &["billing.db-wal", "billing.db-shm"])
+                    .with_context(|| format!("preparing the billing store {}", store.display()))?;
+            for file in narrowed {
+                info!(file = %file.display(), "billing store file was readable by others; no longer");
+            }
         }
         let (billing, writer) = BillingControl::open(
-            &config.storage.data_dir,
+            &config.storage,
+            &config.file_name(),
             tariffs,
             Duration::from_millis(u64::from(config.billing.commit_interval_ms)),
         )?;

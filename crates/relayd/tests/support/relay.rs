@@ -91,6 +91,8 @@ pub struct RelayConfig {
     probe_interval_secs: u32,
     t1_ms: u64,
     dual_stack: bool,
+    /// More keys of `[storage]` (backend, url, node…), one per line.
+    storage: String,
     extra: String,
 }
 
@@ -110,6 +112,7 @@ impl Default for RelayConfig {
             probe_interval_secs: 0,
             t1_ms: 500,
             dual_stack: false,
+            storage: String::new(),
             extra: String::new(),
         }
     }
@@ -196,6 +199,14 @@ impl RelayConfig {
         self
     }
 
+    /// More keys for `[storage]`, as TOML lines (`backend = "postgres"`, `url = …`,
+    /// `node = …`, `lease_secs = …`), after its `data_dir`.
+    pub fn storage_toml(mut self, text: &str) -> Self {
+        self.storage.push_str(text);
+        self.storage.push('\n');
+        self
+    }
+
     /// More TOML appended to the configuration as it is (`[[rules]]` tables, say).
     pub fn extra_toml(mut self, text: &str) -> Self {
         self.extra.push_str(text);
@@ -219,7 +230,7 @@ impl RelayConfig {
         let mut s = format!(
             "[listen]\nudp = {listen}\ntcp = {listen}\n\n\
              [relay]\nrealm = \"{REALM}\"\n\n\
-             [storage]\ndata_dir = {data_dir:?}\n\n\
+             [storage]\ndata_dir = {data_dir:?}\n{storage}\n\
              [log]\nlevel = \"info\"\n\n\
              [directory]\nprobe_interval_secs = 3600\nfailure_threshold = {ft}\n\n\
              [auth]\nmax_failures = {mf}\nlockout_secs = 300\n\n\
@@ -231,6 +242,7 @@ impl RelayConfig {
             it = self.inquiry_timeout_ms,
             pi = self.probe_interval_secs,
             t1 = self.t1_ms,
+            storage = self.storage,
         );
         if let Some(limit) = self.max_charge {
             let _ = write!(s, "[billing]\nmax_charge = {limit}\n\n");
