@@ -832,6 +832,37 @@ impl Directory {
             .min()
     }
 
+    /// Takes a change of health that another relay sharing the database saw for the
+    /// server(s) at `uri`: a server one relay's probes took out is out here too, until
+    /// probes (here or there) see it answer again. Servers that are not probed ignore it.
+    /// Returns how many servers changed state.
+    pub fn apply_health(&self, uri: &str, change: HealthChange) -> usize {
+        let inner = self.read();
+        let mut changed = 0;
+        for server in inner
+            .all_servers()
+            .filter(|s| s.probed && s.uri_text == uri.trim())
+        {
+            let mut probe = lock(&server.probe);
+            let up = change == HealthChange::Up;
+            if up {
+                probe.misses = 0;
+            } else {
+                probe.answers = 0;
+            }
+            if server.up.swap(up, Ordering::Relaxed) != up {
+                changed += 1;
+                tracing::info!(
+                    server = server.name(),
+                    uri = server.uri_text(),
+                    up,
+                    "application server health changed by another relay"
+                );
+            }
+        }
+        changed
+    }
+
     /// Takes the result of a probe of `server`: `ok` when it answered (any final response
     /// counts as an answer: the server is alive), `false` when the probe timed out or could
     /// not be sent. Returns the change of state, if any. A server that is not probed ignores

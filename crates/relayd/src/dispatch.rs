@@ -331,6 +331,9 @@ fn register(relay: &Relay, r: IncomingRequest) {
                     warn!(account = %user, error = %e, "application server not added to the directory");
                 }
             }
+            if let Some(cluster) = &relay.cluster {
+                cluster.publish_bindings(&user, &ok.bindings);
+            }
             info!(user = %user, bindings = ok.bindings.len(), "registered");
             let mut resp = b2bua::local_response(&r.req, 200, "OK", Some(&message::new_tag()));
             resp.headers

@@ -104,7 +104,10 @@ async fn probe_answer(ctx: &mut ClientTx) -> ProbeAnswer {
 
 async fn probe(relay: Arc<Relay>, server: ServerRef) {
     let Some(peer) = relay.resolve_server(&server).await else {
-        relay.directory.probe_result(&server, false, Instant::now());
+        let change = relay.directory.probe_result(&server, false, Instant::now());
+        if let (Some(change), Some(cluster)) = (change, &relay.cluster) {
+            cluster.publish_health(server.uri_text(), change);
+        }
         return;
     };
     let local = relay.local(peer);
@@ -121,7 +124,11 @@ async fn probe(relay: Arc<Relay>, server: ServerRef) {
     if let ProbeAnswer::Failed(reason) = &answer {
         debug!(server = server.uri_text(), reason, "probe not sent");
     }
-    match relay.directory.probe_result(&server, alive, Instant::now()) {
+    let change = relay.directory.probe_result(&server, alive, Instant::now());
+    if let (Some(change), Some(cluster)) = (change, &relay.cluster) {
+        cluster.publish_health(server.uri_text(), change);
+    }
+    match change {
         Some(HealthChange::Down) => info!(
             server = server.uri_text(),
             "application server stopped answering; taken out"

@@ -22,6 +22,7 @@ pub mod billing_control;
 pub mod call;
 pub mod charge;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod content;
 pub mod ctl;

@@ -470,6 +470,14 @@ impl Binding {
     /// The Contact header value for the 200 to a REGISTER: the address, its parameters and
     /// `expires` set to the time left (§10.3 step 8).
     pub fn contact_value(&self, now: Instant) -> String {
+        let mut out = self.contact_text();
+        out.push_str(&format!(";expires={}", self.expires_in(now)));
+        out
+    }
+
+    /// The Contact header value without `expires`: the address, its display name and its
+    /// other parameters, as [`Binding::restore`] reads it back.
+    pub fn contact_text(&self) -> String {
         let mut out = match &self.display_name {
             Some(name) => format!("\"{}\" <{}>", name.replace('"', "\\\""), self.uri_text),
             None => format!("<{}>", self.uri_text),
@@ -477,8 +485,45 @@ impl Binding {
         for param in &self.params {
             out.push_str(&param.to_string());
         }
-        out.push_str(&format!(";expires={}", self.expires_in(now)));
         out
+    }
+
+    /// A binding made elsewhere (another relay sharing the database) from its stored parts:
+    /// `contact` as [`Binding::contact_text`] wrote it. It has no `source`: this relay did
+    /// not receive the REGISTER, so it holds no connection to the registering party.
+    #[allow(clippy::too_many_arguments)]
+    pub fn restore(
+        user: &str,
+        contact: &str,
+        services: Vec<String>,
+        capacity: Option<u32>,
+        call_id: &str,
+        cseq: u32,
+        expires_at: Instant,
+    ) -> Result<Binding, String> {
+        let mut entries = parse_contacts(contact)?;
+        let address = match (entries.pop(), entries.is_empty()) {
+            (Some(ContactEntry::Address(address)), true) => *address,
+            _ => return Err(format!("not one Contact address: {contact:?}")),
+        };
+        Ok(Binding {
+            user: user.to_owned(),
+            key: uri_key(&address.uri),
+            uri_text: address.uri_text,
+            uri: address.uri,
+            display_name: address.display_name,
+            params: address
+                .params
+                .into_iter()
+                .filter(|p| !p.name.eq_ignore_ascii_case("expires"))
+                .collect(),
+            services,
+            capacity,
+            call_id: call_id.to_owned(),
+            cseq,
+            expires_at,
+            source: None,
+        })
     }
 
     /// The Contact header for the 200 to a REGISTER.
@@ -882,6 +927,27 @@ impl Registrar {
             tracing::debug!(user, contact = %binding.uri_text, "binding removed");
         }
         Ok(RegisterOk { bindings, removed })
+    }
+
+    /// Makes the bindings of `user` exactly `bindings` (those that have not ended at `now`),
+    /// as another relay sharing the database registered them: no policy is applied (that
+    /// relay applied it) and nothing is published again. Returns the bindings removed.
+    pub fn replace_user(&self, user: &str, bindings: Vec<Binding>, now: Instant) -> Vec<Binding> {
+        let next: Vec<Binding> = bindings
+            .into_iter()
+            .filter(|b| b.user == user && b.expires_at > now)
+            .collect();
+        let mut shard = lock(self.shard(user));
+        let previous = shard.users.remove(user).unwrap_or_default();
+        let removed = previous
+            .into_iter()
+            .filter(|old| !next.iter().any(|b| b.key == old.key))
+            .collect();
+        if !next.is_empty() {
+            shard.users.insert(user.to_owned(), next);
+        }
+        shard.reschedule(user);
+        removed
     }
 
     /// Whether `user` has at least one binding that has not expired at `now`.

@@ -26,10 +26,12 @@ use crate::b2bua::{self, LocalAddr};
 use crate::billing_control::BillingControl;
 use crate::call::driver::routing::SessionTable;
 use crate::call::{CallEnv, Redecision, SessionLimits};
-use crate::config::Config;
-use crate::directory::{Directory, ServerRef, Strategy};
+use crate::cluster::listen::SharedState;
+use crate::cluster::Cluster;
+use crate::config::{Config, StorageBackendKind};
+use crate::directory::{Directory, HealthChange, ServerRef, Strategy};
 use crate::private_files;
-use crate::registrar::Registrar;
+use crate::registrar::{Binding, Registrar};
 use crate::rules::{FactNeeds, RequestFacts};
 use crate::served::{ServedIndex, ServedSession};
 use crate::settings::Settings;
@@ -142,6 +144,29 @@ pub struct Relay {
     pub backlog: Backlog,
     /// How many sessions each subscriber holds, against its class's limit.
     pub subscriber_sessions: SubscriberSessions,
+    /// The state shared with other relays on PostgreSQL (`[storage] backend = "postgres"`);
+    /// `None` with SQLite, which connects to no database.
+    pub cluster: Option<Cluster>,
+}
+
+impl SharedState for Relay {
+    fn apply_bindings(&self, user: &str, bindings: Vec<Binding>) {
+        let servers: Vec<_> = bindings
+            .iter()
+            .filter_map(Binding::dynamic_server)
+            .collect();
+        self.registrar.replace_user(user, bindings, Instant::now());
+        if self.config.server_account(user).is_some() {
+            let (_, errors) = self.directory.sync_account(user, &servers);
+            for e in errors {
+                tracing::warn!(account = user, error = %e, "application server from another relay not added");
+            }
+        }
+    }
+
+    fn apply_health(&self, uri: &str, change: HealthChange) {
+        self.directory.apply_health(uri, change);
+    }
 }
 
 impl CredentialStore for Relay {
@@ -265,6 +290,15 @@ impl Relay {
                 "closed sessions left open by the last run"
             );
         }
+        let cluster = match config.storage.backend {
+            StorageBackendKind::Sqlite => None,
+            StorageBackendKind::Postgres => Some(
+                Cluster::connect(&config.storage.url, &config.storage.node)
+                    .await
+                    .context("connecting to the shared state ([storage] url)")?,
+            ),
+        };
+        let (cluster, listener) = cluster.unzip();
         let relay = Arc::new(Relay {
             endpoint,
             realm,
@@ -281,7 +315,15 @@ impl Relay {
             stats: RelayStats::default(),
             backlog: Backlog::new(MAX_BACKLOG),
             subscriber_sessions: SubscriberSessions::new(),
+            cluster,
         });
+        if let Some(listener) = listener {
+            listener
+                .load(&*relay)
+                .await
+                .context("loading the shared state")?;
+            tokio::spawn(listener.run(relay.clone()));
+        }
         Ok((relay, writer))
     }
 

@@ -1,0 +1,163 @@
+//! Several relays serving as one, on one PostgreSQL database (issue 15, `[storage] backend =
+//! "postgres"`).
+//!
+//! Each relay keeps its in-memory [`Registrar`](crate::registrar::Registrar) and
+//! [`Directory`](crate::directory::Directory) as the fast lookup path. What it changes there
+//! itself it also writes to the database and announces with `NOTIFY` ([`publish`]); every
+//! relay `LISTEN`s and applies what the others announce ([`listen`]), without announcing it
+//! again, and loads the current rows when it starts. Rows carry absolute expiry times
+//! (milliseconds of the Unix epoch, [`rows`]), so every relay expires a registration at the
+//! same moment without being told; the relays' clocks must agree (NTP).
+//!
+//! Shared: terminal registrations (a terminal registered through one relay may call through
+//! any), application-server registrations and with them the dynamic entries of the service
+//! directory, and the health the relays' probes see (a server one relay takes out is out for
+//! all, until some relay's probes see it answer again). Not shared: sessions (each stays on
+//! the relay that admitted it), static `[[servers]]` (each relay's configuration), nonces and
+//! the authentication-failure counters.
+//!
+//! A registration learned from another relay has no source connection here: this relay did
+//! not receive the REGISTER. That is all this product needs: terminals call in (the
+//! registration only admits their requests, checked by user name), and application servers
+//! are called at their Contact URI, where the agent listens, so this relay opens its own
+//! connection to it as for a configured server.
+//!
+//! One database connection serves a relay (within `[storage] pool_size`): it carries the
+//! `LISTEN`, the reads of announced rows and the writes, in order. The node name tags every
+//! announcement, so a relay skips its own; two relays with the same name would ignore each
+//! other.
+
+pub mod listen;
+pub mod publish;
+pub mod rows;
+pub mod schema;
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, NoTls};
+
+use crate::directory::HealthChange;
+use crate::registrar::Binding;
+
+/// The channel every relay `LISTEN`s on.
+pub const CHANNEL: &str = "relayd_changes";
+
+/// Why the shared state is not available.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The database could not be reached or refused the connection.
+    #[error("connecting to PostgreSQL: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    /// The schema could not be brought up to date.
+    #[error("migrating the relayd schema: {0}")]
+    Schema(#[source] tokio_postgres::Error),
+    /// A query failed.
+    #[error("PostgreSQL query: {0}")]
+    Query(#[from] tokio_postgres::Error),
+    /// A stored row could not be read back.
+    #[error("stored row: {0}")]
+    Row(String),
+}
+
+/// A local change to write and announce.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// The bindings a user has now (all of them; empty when it has none left).
+    Bindings {
+        /// The user (address of record).
+        user: String,
+        /// Its bindings after the change.
+        bindings: Vec<Binding>,
+    },
+    /// A server's probes changed its state.
+    Health {
+        /// The server's URI as configured or registered.
+        uri: String,
+        /// Up or down.
+        change: HealthChange,
+    },
+}
+
+/// This relay's handle on the shared state: local changes go through it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    node: Arc<str>,
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+impl Cluster {
+    /// Connects to the database at `url` as relay `node`, brings the schema up to date and
+    /// starts `LISTEN`ing. Returns the handle and the [`listen::Listener`] that loads the
+    /// current state and applies the other relays' changes; the writer task runs from here.
+    pub async fn connect(
+        url: &str,
+        node: &str,
+    ) -> Result<(Cluster, listen::Listener), ClusterError> {
+        let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(ClusterError::Connect)?;
+        let (notes_tx, notes_rx) = mpsc::unbounded_channel();
+        // The connection carries the queries' answers and the notifications; it runs until
+        // the client is dropped or the server goes away.
+        tokio::spawn(async move {
+            loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(n))) => {
+                        if notes_tx.send(n.payload().to_owned()).is_err() {
+                            break;
+                        }
+                    }
+                    Some(Ok(AsyncMessage::Notice(notice))) => {
+                        tracing::debug!(notice = %notice, "PostgreSQL notice");
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "shared-state database connection lost");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        });
+        schema::migrate(&client).await?;
+        client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(ClusterError::Query)?;
+        let client = Arc::new(client);
+        let node: Arc<str> = Arc::from(node);
+        let (changes, changes_rx) = mpsc::unbounded_channel();
+        tokio::spawn(publish::run(client.clone(), node.clone(), changes_rx));
+        tracing::info!(node = %node, "shared state on PostgreSQL");
+        let listener = listen::Listener::new(client, node.clone(), notes_rx);
+        Ok((Cluster { node, changes }, listener))
+    }
+
+    /// This relay's node name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Writes and announces the bindings `user` has now, after a REGISTER handled here.
+    pub fn publish_bindings(&self, user: &str, bindings: &[Binding]) {
+        self.send(Change::Bindings {
+            user: user.to_owned(),
+            bindings: bindings.to_vec(),
+        });
+    }
+
+    /// Writes and announces a change of health this relay's probes saw.
+    pub fn publish_health(&self, uri: &str, change: HealthChange) {
+        self.send(Change::Health {
+            uri: uri.to_owned(),
+            change,
+        });
+    }
+
+    fn send(&self, change: Change) {
+        if self.changes.send(change).is_err() {
+            tracing::error!("shared-state writer stopped; change not shared");
+        }
+    }
+}
