@@ -67,6 +67,24 @@ pub enum Command {
     /// Ask the running relay, through its admin API (`[admin]` of the same configuration
     /// file): live sessions, registrations, the directory, drain, reload.
     Ctl(CtlArgs),
+    /// Show a recent call as a ladder (terminal | relay | servers, with the relay's
+    /// decisions), from the running relay's trace through its admin API; or, with
+    /// `--follow`, print messages and decisions as they happen.
+    Trace(TraceArgs),
+}
+
+/// `relayd trace …`
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
+pub struct TraceArgs {
+    /// The call's Call-ID (the terminal's or a server leg's).
+    #[arg(required_unless_present = "follow", conflicts_with = "follow")]
+    pub call_id: Option<String>,
+    /// Print new messages and decisions as they happen, until interrupted.
+    #[arg(long)]
+    pub follow: bool,
+    /// Draw the ladder as SVG instead of text.
+    #[arg(long, conflicts_with = "follow")]
+    pub svg: bool,
 }
 
 /// `relayd ctl …`

@@ -1126,6 +1126,8 @@ pub struct Config {
     pub tls: crate::tls_config::TlsConfig,
     /// `[admin]` (see [`crate::admin_config`])
     pub admin: crate::admin_config::AdminConfig,
+    /// `[trace]` (see [`crate::trace::config`])
+    pub trace: crate::trace::config::TraceConfig,
     /// A second file of `[[users]]` that `relayd user add` rewrites whole; relative to the
     /// configuration file's directory. A file that does not exist yet holds no users.
     pub users_file: Option<PathBuf>,
@@ -1414,6 +1416,9 @@ impl Config {
         let mut p = Problems::default();
         self.limits.check(&mut p);
         for (key, message) in self.tls.load(&self.base_dir()).err().unwrap_or_default() {
+            p.add(key, message);
+        }
+        for (key, message) in self.trace.problems() {
             p.add(key, message);
         }
         for (key, message) in self.admin.problems(&self.base_dir()) {

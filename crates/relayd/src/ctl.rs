@@ -95,6 +95,24 @@ pub fn send(
     token: &AdminToken,
     request: &ApiRequest,
 ) -> anyhow::Result<(u16, Value)> {
+    send_to(
+        addr,
+        token,
+        request.method,
+        request.path,
+        request.body.as_ref(),
+    )
+}
+
+/// Sends `method` `path` (with its query, already encoded) and `body` to the admin API at
+/// `addr` with `token`; returns the status and the JSON answer.
+pub fn send_to(
+    addr: SocketAddr,
+    token: &AdminToken,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<(u16, Value)> {
     let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(|| {
         format!("connecting to the admin listener {addr} (is relayd running with [admin] listen?)")
     })?;
@@ -104,15 +122,11 @@ pub fn send(
     stream
         .set_write_timeout(Some(TIMEOUT))
         .context("setting a write timeout")?;
-    let body = request
-        .body
-        .as_ref()
-        .map(Value::to_string)
-        .unwrap_or_default();
+    let body = body.map(Value::to_string).unwrap_or_default();
     let head = format!(
         "{} {} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        request.method,
-        request.path,
+        method,
+        path,
         token.expose(),
         body.len()
     );

@@ -398,8 +398,14 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
         return;
     }
     let Some(user) = relay.authenticate_request(&r) else {
+        if let Some(trace) = &relay.trace {
+            trace.decision(&cid, "auth: not authenticated (challenged or refused)");
+        }
         return;
     };
+    if let Some(trace) = &relay.trace {
+        trace.decision(&cid, format!("auth: {user} authenticated"));
+    }
     let settings = relay.settings();
     let Some(subscriber) = settings.config.user(&user) else {
         relay.refuse(&r, 403, "Not a subscriber");
@@ -419,6 +425,18 @@ fn admit(relay: Arc<Relay>, r: IncomingRequest) {
         ),
         utc_second_of_day(),
     );
+    if let Some(trace) = &relay.trace {
+        trace.decision(
+            &cid,
+            format!(
+                "rule {} matched: service {}, strategy {}, plan {}",
+                decision.rule_name,
+                decision.service,
+                decision.strategy.name(),
+                decision.plan
+            ),
+        );
+    }
     if decision.service.is_empty() {
         relay.refuse(&r, 404, "No service requested");
         return;
@@ -477,6 +495,10 @@ impl WithCseqMethod for rsip::Response {
 impl Relaying for Relay {
     fn endpoint(&self) -> &Endpoint {
         &self.endpoint
+    }
+
+    fn trace(&self) -> Option<&crate::trace::Trace> {
+        self.trace.as_deref()
     }
 
     fn billing(&self) -> &BillingControl {

@@ -62,6 +62,14 @@ fn dispatch(cli: &Cli) -> anyhow::Result<()> {
     if let Command::Ctl(args) = cli.effective_command() {
         return ctl(cli.config.as_deref(), &args);
     }
+    if let Command::Trace(args) = cli.effective_command() {
+        let Some(file) = cli.config.as_deref() else {
+            anyhow::bail!(
+                "relayd trace needs the relay's configuration file (--config) for its [admin] section"
+            );
+        };
+        return relayd::trace_command::run(file, &args, &mut io::stdout().lock());
+    }
     let config = load_config(cli.config.as_deref())?;
     match cli.effective_command() {
         Command::Run => run(config),
@@ -89,6 +97,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<()> {
         Command::Billing(BillingCommand::Report(args)) => billing_report(&config, &args),
         Command::Billing(BillingCommand::Export(args)) => billing_export(&config, &args),
         Command::Ctl(args) => ctl(cli.config.as_deref(), &args),
+        Command::Trace(_) => unreachable!("handled above"),
     }
 }
 

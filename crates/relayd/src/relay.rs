@@ -147,6 +147,8 @@ pub struct Relay {
     /// The state shared with other relays on PostgreSQL (`[storage] backend = "postgres"`);
     /// `None` with SQLite, which connects to no database.
     pub cluster: Option<Cluster>,
+    /// The ring of recent messages and decisions (`[trace]`); `None` when it is off.
+    pub trace: Option<Arc<crate::trace::Trace>>,
 }
 
 impl SharedState for Relay {
@@ -229,6 +231,10 @@ impl Relay {
         let endpoint = Endpoint::bind_with_sink(endpoint_config, events)
             .await
             .context("opening the SIP transports")?;
+        let trace = crate::trace::Trace::from_config(&config.trace);
+        if let Some(trace) = &trace {
+            endpoint.transports().set_tap(trace.clone());
+        }
         let locals: Vec<Arc<LocalAddr>> = endpoint
             .transports()
             .local_addrs()
@@ -316,6 +322,7 @@ impl Relay {
             backlog: Backlog::new(MAX_BACKLOG),
             subscriber_sessions: SubscriberSessions::new(),
             cluster,
+            trace,
         });
         if let Some(listener) = listener {
             listener

@@ -64,6 +64,17 @@ pub trait Sink: Send + Sync + 'static {
     fn deliver(&self, from: Peer, bytes: Bytes);
 }
 
+/// Sees every message the transports receive and every one they send, as it is on the wire
+/// (a trace of recent messages, see [`Transports::set_tap`]). Called inline on the
+/// receiving or sending path: it must be quick and must not block. Without a tap the
+/// transports make no copy and call nothing.
+pub trait Tap: Send + Sync + 'static {
+    /// A message received from `from` (before it is handed to the [`Sink`]).
+    fn received(&self, from: &Peer, bytes: &Bytes);
+    /// A message sent to `to`.
+    fn sent(&self, to: &Peer, bytes: &Bytes);
+}
+
 /// Listening addresses and limits of the transports.
 #[derive(Debug, Clone)]
 pub struct TransportConfig {
@@ -272,6 +283,8 @@ struct Inner {
     conns: Mutex<ConnTable>,
     next_conn: AtomicU64,
     sink: Arc<dyn Sink>,
+    /// What sees every message in and out, once set.
+    tap: std::sync::OnceLock<Arc<dyn Tap>>,
     stats: TransportStats,
     /// The caps on accepted connections.
     caps: Arc<ConnectionCaps>,
@@ -376,6 +389,7 @@ impl Transports {
             conns: Mutex::new(ConnTable::default()),
             next_conn: AtomicU64::new(1),
             sink,
+            tap: std::sync::OnceLock::new(),
             stats: TransportStats::default(),
             caps: ConnectionCaps::new(config.max_connections, config.max_connections_per_source),
             cap_warned: Mutex::new(None),
@@ -447,21 +461,34 @@ impl Transports {
     /// (RFC 3261 §18.2.2 would open a new connection to the Via's sent-by) is opened anew to
     /// the same address.
     pub async fn send(&self, to: &Peer, bytes: Bytes) -> Result<(), TransportError> {
+        let tapped = self.inner.tap.get().map(|tap| (tap, bytes.clone()));
         let result = match to.transport {
             Transport::Udp => self.send_udp(to.addr, &bytes).await,
             Transport::Tcp | Transport::Tls => self.send_stream(to, bytes).await,
         };
         match &result {
-            Ok(()) => self.inner.stats.sent.fetch_add(1, Ordering::Relaxed),
+            Ok(()) => {
+                if let Some((tap, bytes)) = tapped {
+                    tap.sent(to, &bytes);
+                }
+                self.inner.stats.sent.fetch_add(1, Ordering::Relaxed)
+            }
             Err(_) => self.inner.stats.send_errors.fetch_add(1, Ordering::Relaxed),
         };
         result
+    }
+
+    /// Sets what sees every message in and out from now on ([`Tap`]). Only the first call
+    /// sets it; `false` when a tap was set already.
+    pub fn set_tap(&self, tap: Arc<dyn Tap>) -> bool {
+        self.inner.tap.set(tap).is_ok()
     }
 
     /// Sends one finished message now if that needs no waiting: a UDP datagram, or a frame
     /// for a TCP connection that is open and has room in its queue. Otherwise the message
     /// comes back as [`TrySendError::WouldBlock`], for [`Transports::send`] in a task.
     pub fn try_send(&self, to: &Peer, bytes: Bytes) -> Result<(), TrySendError> {
+        let tapped = self.inner.tap.get().map(|tap| (tap, bytes.clone()));
         let result = match to.transport {
             Transport::Udp => match self.udp_socket(to.addr, bytes.len()) {
                 Ok(socket) => match socket.try_send_to(&bytes, to.addr) {
@@ -485,6 +512,9 @@ impl Transports {
         };
         match result {
             Ok(()) => {
+                if let Some((tap, bytes)) = tapped {
+                    tap.sent(to, &bytes);
+                }
                 self.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
@@ -774,9 +804,11 @@ async fn udp_recv_loop(inner: std::sync::Weak<Inner>, socket: Arc<UdpSocket>) {
             inner.stats.framing_errors.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        inner
-            .sink
-            .deliver(Peer::udp(from), Bytes::copy_from_slice(&buf[..len]));
+        let bytes = Bytes::copy_from_slice(&buf[..len]);
+        if let Some(tap) = inner.tap.get() {
+            tap.received(&Peer::udp(from), &bytes);
+        }
+        inner.sink.deliver(Peer::udp(from), bytes);
     }
 }
 
@@ -1150,6 +1182,9 @@ async fn conn_reader(inner: Weak<Inner>, mut r: Reader) {
                     inner.stats.received.fetch_add(1, Ordering::Relaxed);
                     idle_at = Instant::now() + idle;
                     message_by = None;
+                    if let Some(tap) = inner.tap.get() {
+                        tap.received(&peer, &bytes);
+                    }
                     inner.sink.deliver(peer, bytes);
                 }
                 Ok(Some(Frame::Ping)) => {

@@ -10,6 +10,7 @@
 //! | `POST /api/v1/servers/undrain` `{"server"}` | takes it back |
 //! | `GET /api/v1/directory` | servers (services, health, load, drain) and services |
 //! | `POST /api/v1/reload` | reads the configuration file again ([`crate::reload`]) |
+//! | `GET /api/v1/trace…` | a call's ladder, recent messages ([`super::trace_api`]) |
 
 use std::time::{Instant, SystemTime};
 
@@ -18,7 +19,7 @@ use serde_json::{json, Value};
 
 use super::http::{HttpRequest, HttpResponse};
 use crate::call::driver::routing::SessionInput;
-use crate::directory::Origin;
+use crate::directory::{Origin, Strategy};
 use crate::relay::Relay;
 use crate::reload;
 
@@ -29,6 +30,11 @@ pub fn route(relay: &Relay, req: &HttpRequest) -> HttpResponse {
     };
     let get = req.method == "GET";
     let post = req.method == "POST";
+    if let Some(rest) = path.strip_prefix("trace") {
+        if rest.is_empty() || rest.starts_with('/') {
+            return super::trace_api::route(relay, req, rest);
+        }
+    }
     match path {
         "sessions" if get => sessions(relay),
         "sessions/end" if post => with_body(req, |b: EndSession| end_session(relay, &b)),
@@ -213,19 +219,30 @@ fn directory(relay: &Relay) -> HttpResponse {
             })
         })
         .collect();
+    // The configured services, then those only registered servers offer (strategy
+    // `first`, as the rules give them).
     let settings = relay.settings();
-    let services: Vec<Value> = settings
+    let mut named: Vec<(String, &'static str)> = settings
         .config
         .services
         .iter()
-        .map(|svc| {
+        .map(|svc| (svc.name.clone(), svc.strategy.name()))
+        .collect();
+    for name in relay.directory.services() {
+        if !named.iter().any(|(n, _)| *n == name) {
+            named.push((name, Strategy::First.name()));
+        }
+    }
+    let services: Vec<Value> = named
+        .into_iter()
+        .map(|(name, strategy)| {
             let servers: Vec<String> = relay
                 .directory
-                .servers_of(&svc.name)
+                .servers_of(&name)
                 .iter()
                 .map(|s| s.name().to_owned())
                 .collect();
-            json!({ "name": svc.name, "strategy": svc.strategy.name(), "servers": servers })
+            json!({ "name": name, "strategy": strategy, "servers": servers })
         })
         .collect();
     HttpResponse::json(200, json!({ "servers": servers, "services": services }))

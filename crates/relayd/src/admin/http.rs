@@ -38,6 +38,8 @@ pub struct HttpRequest {
     pub method: String,
     /// The path, without the query.
     pub path: String,
+    /// The query (after `?`, still percent-encoded); empty without one.
+    pub query: String,
     /// The headers, names in lower case, values trimmed.
     pub headers: Vec<(String, String)>,
     /// The body.
@@ -90,6 +92,8 @@ pub struct Head {
     pub method: String,
     /// The path, without the query.
     pub path: String,
+    /// The query (after `?`); empty without one.
+    pub query: String,
     /// The headers, names in lower case.
     pub headers: Vec<(String, String)>,
     /// The `Content-Length` (0 without one).
@@ -119,7 +123,8 @@ pub fn parse_head(head: &[u8], bounds: &Bounds) -> Result<Head, HttpError> {
     if !target.starts_with('/') {
         return Err(HttpError::Malformed("target"));
     }
-    let path = target.split('?').next().unwrap_or(target).to_owned();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = (path.to_owned(), query.to_owned());
     let mut headers = Vec::new();
     let mut content_length = None;
     for line in lines {
@@ -155,6 +160,7 @@ pub fn parse_head(head: &[u8], bounds: &Bounds) -> Result<Head, HttpError> {
     Ok(Head {
         method: method.to_owned(),
         path,
+        query,
         headers,
         content_length,
     })
@@ -214,24 +220,43 @@ async fn read_bounded<S: AsyncRead + Unpin>(
     Ok(HttpRequest {
         method: head.method,
         path: head.path,
+        query: head.query,
         headers: head.headers,
         body,
     })
 }
 
-/// A response: a status and a JSON body.
+/// A response: a status and a JSON body (or a page: see [`HttpResponse::page`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpResponse {
     /// The status code.
     pub status: u16,
     /// The body.
     pub body: serde_json::Value,
+    /// A body other than JSON, which then replaces [`HttpResponse::body`]: its content type
+    /// and text.
+    pub page: Option<(&'static str, String)>,
 }
 
 impl HttpResponse {
     /// A response of `status` with `body`.
     pub fn json(status: u16, body: serde_json::Value) -> HttpResponse {
-        HttpResponse { status, body }
+        HttpResponse {
+            status,
+            body,
+            page: None,
+        }
+    }
+
+    /// A response of `status` with a `content_type` body `text` (an HTML page, a ladder
+    /// in plain text). It is not cached, names no referrer (a page's URL may carry the
+    /// token) and may run no script.
+    pub fn page(status: u16, content_type: &'static str, text: String) -> HttpResponse {
+        HttpResponse {
+            status,
+            body: serde_json::Value::Null,
+            page: Some((content_type, text)),
+        }
     }
 
     /// An error response: `{"error": message}`.
@@ -241,6 +266,15 @@ impl HttpResponse {
 
     /// The response as bytes on the wire.
     pub fn to_bytes(&self) -> Vec<u8> {
+        if let Some((content_type, text)) = &self.page {
+            return format!(
+                "HTTP/1.1 {} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nReferrer-Policy: no-referrer\r\nContent-Security-Policy: default-src 'none'; style-src 'unsafe-inline'; img-src data:\r\nX-Content-Type-Options: nosniff\r\nConnection: close\r\n\r\n{text}",
+                self.status,
+                reason(self.status),
+                text.len()
+            )
+            .into_bytes();
+        }
         let body = self.body.to_string();
         let mut extra = String::new();
         if self.status == 401 {
@@ -297,6 +331,7 @@ mod tests {
         .unwrap();
         assert_eq!(head.method, "POST");
         assert_eq!(head.path, "/api/v1/reload");
+        assert_eq!(head.query, "x=1");
         assert_eq!(head.content_length, 2);
         assert_eq!(
             head.headers[1],

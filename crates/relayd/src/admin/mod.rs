@@ -7,12 +7,16 @@
 //! `[admin] max_connections` connections at once (more are closed at once). The token is
 //! never logged.
 //!
-//! Routes live in [`api`] (`/api/v1/…`); other pages (a status page, call traces) can be
-//! added to [`answer`]'s routing beside it.
+//! Routes live in [`api`] (`/api/v1/…`, the trace's in [`trace_api`]); the status page
+//! ([`status`]) is `GET /` or `GET /status`, and there alone the token may come in the
+//! query (`?token=`), for a browser.
 
 pub mod api;
 pub mod bearer;
 pub mod http;
+pub mod query;
+pub mod status;
+pub mod trace_api;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -89,14 +93,32 @@ async fn answer(
     peer: SocketAddr,
     token: &AdminToken,
 ) -> HttpResponse {
-    if !bearer::authorized(req.header("authorization"), token) {
-        // Neither the header nor the token is logged.
-        warn!(%peer, method = %req.method, path = %req.path, "admin request without a valid token refused");
+    // The status page may take the token from its URL (`?token=`): a browser cannot send
+    // a bearer header by itself. Only there; the query is never logged.
+    let page = matches!(req.path.as_str(), "/" | "/status");
+    let in_query = page
+        && query::param(&req.query, "token")
+            .is_some_and(|t| bearer::constant_time_eq(t.as_bytes(), token.expose().as_bytes()));
+    if !in_query && !bearer::authorized(req.header("authorization"), token) {
+        // Neither the header nor the token is logged; at `info`, as the SIP digest
+        // failures are, so that a stranger's stream of refusals does not fill the log.
+        info!(%peer, method = %req.method, path = %req.path, "admin request without a valid token refused");
         return HttpResponse::error(401, "a valid bearer token is required");
     }
     debug!(%peer, method = %req.method, path = %req.path, "admin request");
     // A route may read files (a reload) or walk every session: off the async threads.
-    match tokio::task::spawn_blocking(move || api::route(&relay, &req)).await {
+    let work = move || {
+        if page {
+            if req.method == "GET" {
+                status::page(&relay)
+            } else {
+                HttpResponse::error(405, format!("{} not allowed here", req.method))
+            }
+        } else {
+            api::route(&relay, &req)
+        }
+    };
+    match tokio::task::spawn_blocking(work).await {
         Ok(response) => response,
         Err(e) => {
             warn!(error = %e, "admin request failed");

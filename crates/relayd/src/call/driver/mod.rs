@@ -25,6 +25,7 @@ use super::{Admission, BillingCmd, Call, CallEnv, Incoming, Input, LegEvent, Leg
 use super::{Token, TxId};
 use crate::billing_control::BillingControl;
 use crate::directory::ServerRef;
+use crate::trace::Trace;
 
 /// What the driver needs of the relay besides what the call asks ([`CallEnv`]): the
 /// endpoint, the billing control, the routing table, DNS and charging.
@@ -42,6 +43,10 @@ pub trait Relaying: CallEnv + Send + Sync + 'static {
     fn resolve_now(&self, server: &ServerRef) -> Option<Option<Peer>>;
     /// Handles a charge request that came on the server leg of session `session_id`.
     fn charge_in_dialog(self: &Arc<Self>, incoming: IncomingRequest, session_id: &str);
+    /// The trace of recent messages and decisions, when `[trace]` is on.
+    fn trace(&self) -> Option<&Trace> {
+        None
+    }
 }
 
 /// Starts the call task for an admitted INVITE whose Call-ID is `call_id`.
@@ -104,6 +109,11 @@ struct Driver<R> {
 }
 
 impl<R: Relaying> Driver<R> {
+    /// The terminal's Call-ID: the first routed to the call.
+    fn call_id(&self) -> &str {
+        self.routed.first().map(String::as_str).unwrap_or("")
+    }
+
     async fn run(mut self, mut call: Call, mut rx: routing::InboxReceiver) {
         // One timer for the call, moved only when its next deadline changes.
         let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
@@ -237,6 +247,12 @@ impl<R: Relaying> Driver<R> {
                 }
             }
             Output::Invite { leg, req, peer } => {
+                if let Some(trace) = relay.trace() {
+                    trace.decision(
+                        self.call_id(),
+                        format!("server chosen: {} at {peer}", req.uri),
+                    );
+                }
                 let sink = Arc::new(LegSink {
                     me: self.me.clone(),
                     leg,
@@ -295,16 +311,30 @@ impl<R: Relaying> Driver<R> {
                 }
             }
             Output::Route { call_id } => {
+                if let Some(trace) = relay.trace() {
+                    trace.link(self.call_id(), &call_id);
+                }
                 relay.table().insert(&call_id, self.me.clone());
                 self.routed.push(call_id);
             }
             Output::Bill { token, cmd } => {
                 let relay = relay.clone();
                 let me = self.me.clone();
+                let traced = relay
+                    .trace()
+                    .is_some()
+                    .then(|| (self.call_id().to_owned(), billing_note(&cmd)));
                 tokio::spawn(async move {
                     let result = commit(relay.billing(), cmd)
                         .await
                         .map_err(|e| format!("{e:#}"));
+                    if let (Some(trace), Some((call_id, what))) = (relay.trace(), traced) {
+                        let text = match &result {
+                            Ok(_) => format!("billing: {what} written"),
+                            Err(e) => format!("billing: {what} failed: {e}"),
+                        };
+                        trace.decision(&call_id, text);
+                    }
                     let _ = me.send(SessionInput::Billed { token, result });
                 });
             }
@@ -425,5 +455,24 @@ impl ClientSink for AnswerSink {
 
     fn is_closed(&self) -> bool {
         self.done.load(Ordering::Acquire) || self.me.is_closed()
+    }
+}
+
+/// What a billing command writes, for the trace.
+fn billing_note(cmd: &BillingCmd) -> String {
+    match cmd {
+        BillingCmd::Open(start) => format!(
+            "session {} opened (subscriber {}, service {}, server {}, plan {})",
+            start.session_id, start.subscriber, start.service, start.server, start.plan
+        ),
+        BillingCmd::Close {
+            session_id, cause, ..
+        } => format!("record of session {session_id}, end cause {cause}"),
+        BillingCmd::Segment {
+            closing, cause, open, ..
+        } => format!(
+            "record of segment {closing}, end cause {cause}; segment {} opened (service {}, server {})",
+            open.session_id, open.service, open.server
+        ),
     }
 }

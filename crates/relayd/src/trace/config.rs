@@ -1,0 +1,64 @@
+//! `[trace]`: the ring of recent messages behind `relayd trace` and the status page.
+//!
+//! ```toml
+//! [trace]
+//! messages = 10000        # entries kept (messages and decisions); 0: no trace at all
+//! max_bytes = 16777216    # the ring's memory, in bytes, raw messages included
+//! raw_bytes = 4096        # the most of one message's bytes kept
+//! ```
+
+use serde::Deserialize;
+
+/// The default number of entries kept.
+pub const DEFAULT_MESSAGES: usize = 10_000;
+/// The default cap on the ring's memory, in bytes.
+pub const DEFAULT_MAX_BYTES: usize = 16 << 20;
+/// The default number of a message's bytes kept.
+pub const DEFAULT_RAW_BYTES: usize = 4096;
+
+/// `[trace]`. See the [module documentation](self).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default, expecting = "a [trace] table")]
+pub struct TraceConfig {
+    /// Entries kept; 0 turns the trace off.
+    pub messages: usize,
+    /// The ring's memory cap, in bytes: the oldest entries go first when it is reached.
+    pub max_bytes: usize,
+    /// The most of one message's bytes kept (its head comes first; the rest is cut).
+    pub raw_bytes: usize,
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        TraceConfig {
+            messages: DEFAULT_MESSAGES,
+            max_bytes: DEFAULT_MAX_BYTES,
+            raw_bytes: DEFAULT_RAW_BYTES,
+        }
+    }
+}
+
+impl TraceConfig {
+    /// Whether the trace is on.
+    pub fn enabled(&self) -> bool {
+        self.messages > 0 && self.max_bytes > 0
+    }
+
+    /// What is wrong with the section: (key, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if self.messages > 0 && self.max_bytes < 64 * 1024 {
+            problems.push((
+                "trace.max_bytes",
+                "must be at least 65536 when the trace is on".to_owned(),
+            ));
+        }
+        if self.messages > 0 && !(256..=65_536).contains(&self.raw_bytes) {
+            problems.push((
+                "trace.raw_bytes",
+                "must be between 256 and 65536".to_owned(),
+            ));
+        }
+        problems
+    }
+}
