@@ -238,6 +238,11 @@ impl Agent {
     pub fn log_text(&self) -> String {
         read_text(&self.log)
     }
+
+    /// SIGKILL: it stops answering at once, its registration left behind.
+    pub fn kill(&mut self) {
+        self.guard.kill();
+    }
 }
 
 /// One test's world: a temporary directory, relayd, the agents, and the terminals and sipp
@@ -254,6 +259,10 @@ pub struct System {
     pub config: PathBuf,
     /// The agents, in start order.
     pub agents: Vec<Agent>,
+    /// The other relays on the same database (see [`System::start_peer`]).
+    pub peers: Vec<PeerRelay>,
+    /// The PostgreSQL database the relays share, if they do.
+    database: Option<String>,
     relay: Option<Relay>,
     extra_logs: Mutex<Vec<(String, PathBuf)>>,
     dir: TestDir,
@@ -270,17 +279,33 @@ impl System {
 
     /// As [`System::start`], with static servers in the relay's configuration too.
     pub fn start_with(transport: Transport, agents: usize, statics: &[StaticServer]) -> System {
+        System::start_inner(transport, agents, statics, None)
+    }
+
+    /// As [`System::start`], the relay (node `relay-a`) keeping its shared state in the
+    /// PostgreSQL database at `url` (`[storage] backend = "postgres"`); more relays join it
+    /// with [`System::start_peer`].
+    pub fn start_on_database(transport: Transport, agents: usize, url: &str) -> System {
+        System::start_inner(transport, agents, &[], Some(url.to_string()))
+    }
+
+    fn start_inner(
+        transport: Transport,
+        agents: usize,
+        statics: &[StaticServer],
+        database: Option<String>,
+    ) -> System {
         // appsrv-agent and sip-client are built before anything starts.
         programs();
         let dir = TestDir::new("relay-system-");
         let port = free_port();
         let metrics_port = free_port();
         let config = dir.path().join("relayd.toml");
-        std::fs::write(
-            &config,
-            relay_config(dir.path(), port, metrics_port, statics),
-        )
-        .unwrap();
+        let mut text = relay_config(dir.path(), port, metrics_port, statics);
+        if let Some(url) = &database {
+            text = on_database(&text, url, "relay-a");
+        }
+        std::fs::write(&config, text).unwrap();
         let relay = Relay::start_with(&config, port);
         let mut system = System {
             transport,
@@ -288,6 +313,8 @@ impl System {
             metrics_port,
             config,
             agents: Vec::new(),
+            peers: Vec::new(),
+            database,
             relay: Some(relay),
             extra_logs: Mutex::new(Vec::new()),
             dir,
@@ -359,6 +386,48 @@ impl System {
         );
     }
 
+    /// Starts another relay, node `node`, on the same database as the first (see
+    /// [`System::start_on_database`]), with the same services, subscribers and accounts, and
+    /// its own port, metrics and billing store; returns its index in [`System::peers`].
+    pub fn start_peer(&mut self, node: &str) -> usize {
+        self.start_peer_with(node, |config| config)
+    }
+
+    /// As [`System::start_peer`], its configuration text passed through `edit` first.
+    pub fn start_peer_with(&mut self, node: &str, edit: impl FnOnce(String) -> String) -> usize {
+        let url = self
+            .database
+            .clone()
+            .expect("start_peer needs a system started with start_on_database");
+        let dir = self.dir().join(node);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let metrics_port = free_port();
+        let config = dir.join("relayd.toml");
+        let text = edit(on_database(
+            &relay_config(&dir, port, metrics_port, &[]),
+            &url,
+            node,
+        ));
+        std::fs::write(&config, text).unwrap();
+        let relay = Relay::start_with(&config, port);
+        self.add_log(&format!("relayd {node}"), relay.log_path().to_path_buf());
+        let peer = PeerRelay {
+            port,
+            metrics_port,
+            config,
+            relay,
+        };
+        let ready = wait_until(STEP, || metrics_at(peer.metrics_port).is_some());
+        self.peers.push(peer);
+        assert!(
+            ready,
+            "relayd {node} never served its metrics\n{}",
+            self.report()
+        );
+        self.peers.len() - 1
+    }
+
     /// The agent whose data gateway is `addr` (`127.0.0.1:port`).
     pub fn agent_by_data(&self, addr: &str) -> Option<&Agent> {
         self.agents.iter().find(|a| a.data_addr() == addr)
@@ -371,20 +440,12 @@ impl System {
 
     /// The relay's metrics (Prometheus text), `None` when it does not answer.
     pub fn metrics(&self) -> Option<String> {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.metrics_port)).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-            .ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+        metrics_at(self.metrics_port)
     }
 
-    /// The value of one metric line (`relayd_sessions_live`, or a name with labels).
-    pub fn metric(&self, name: &str) -> Option<i64> {
-        let metrics = self.metrics()?;
+    /// The value of one metric line of the relay whose metrics are on `metrics_port`.
+    pub fn metric_at(metrics_port: u16, name: &str) -> Option<i64> {
+        let metrics = metrics_at(metrics_port)?;
         metrics.lines().find_map(|l| {
             l.strip_prefix(name)
                 .and_then(|rest| rest.strip_prefix(' '))
@@ -392,13 +453,82 @@ impl System {
         })
     }
 
-    /// Whether the relay lists `server` as up for `service`.
-    pub fn server_up(&self, service: &str, server: &str) -> bool {
-        self.metric(&format!(
-            "relayd_server_up{{service=\"{service}\",server=\"{server}\"}}"
-        )) == Some(1)
+    /// The value of one metric line (`relayd_sessions_live`, or a name with labels).
+    pub fn metric(&self, name: &str) -> Option<i64> {
+        System::metric_at(self.metrics_port, name)
     }
 
+    /// Whether the relay lists `server` as up for `service`.
+    pub fn server_up(&self, service: &str, server: &str) -> bool {
+        server_up_at(self.metrics_port, service, server)
+    }
+}
+
+/// Whether the relay whose metrics are on `metrics_port` lists `server` as up for `service`.
+pub fn server_up_at(metrics_port: u16, service: &str, server: &str) -> bool {
+    System::metric_at(
+        metrics_port,
+        &format!("relayd_server_up{{service=\"{service}\",server=\"{server}\"}}"),
+    ) == Some(1)
+}
+
+/// Whether the relay whose metrics are on `metrics_port` lists `server` for `service` at
+/// all (up or down).
+pub fn server_listed_at(metrics_port: u16, service: &str, server: &str) -> bool {
+    System::metric_at(
+        metrics_port,
+        &format!("relayd_server_up{{service=\"{service}\",server=\"{server}\"}}"),
+    )
+    .is_some()
+}
+
+/// The metrics (Prometheus text) served on `metrics_port`, `None` when nothing answers.
+fn metrics_at(metrics_port: u16) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", metrics_port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// Another relay of a [`System`] on the same database.
+pub struct PeerRelay {
+    /// Its SIP port (UDP and TCP).
+    pub port: u16,
+    /// Its metrics port.
+    pub metrics_port: u16,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// The process.
+    pub relay: Relay,
+}
+
+impl PeerRelay {
+    /// The session records of its billing store.
+    pub fn sessions(&self) -> Vec<Value> {
+        billing::export(&self.config, "sessions")
+    }
+
+    /// Whether it lists `server` as up for `service`.
+    pub fn server_up(&self, service: &str, server: &str) -> bool {
+        server_up_at(self.metrics_port, service, server)
+    }
+}
+
+/// A relay configuration's `[storage]` set to the PostgreSQL database at `url` as `node`.
+fn on_database(config: &str, url: &str, node: &str) -> String {
+    config.replacen(
+        "[storage]\n",
+        &format!("[storage]\nbackend = \"postgres\"\nurl = {url:?}\nnode = {node:?}\n"),
+        1,
+    )
+}
+
+impl System {
     /// A `sip-client` run as `user` against this relay over this system's transport.
     pub fn client(&self, name: &str, (user, password): Credentials<'_>) -> ClientCmd<'_> {
         ClientCmd {
@@ -407,6 +537,7 @@ impl System {
             user: user.to_string(),
             password: password.to_string(),
             args: Vec::new(),
+            relay_port: None,
         }
     }
 
@@ -565,6 +696,7 @@ pub struct ClientCmd<'a> {
     user: String,
     password: String,
     args: Vec<String>,
+    relay_port: Option<u16>,
 }
 
 impl<'a> ClientCmd<'a> {
@@ -575,6 +707,12 @@ impl<'a> ClientCmd<'a> {
         S: Into<String>,
     {
         self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Talks to the relay on `port` (a [`PeerRelay`]'s) instead of the system's first.
+    pub fn through(mut self, port: u16) -> Self {
+        self.relay_port = Some(port);
         self
     }
 
@@ -591,28 +729,24 @@ impl<'a> ClientCmd<'a> {
             std::fs::write(&empty, "").unwrap();
         }
         let mut cmd = Command::new(&programs().client);
-        cmd.args([
-            "-u",
-            &self.user,
-            "--relay",
-            &system.relay_uri(),
-            "--domain",
-            REALM,
-        ])
-        .arg("--events-file")
-        .arg(&files.events)
-        .args(&self.args)
-        .env("SIP_CLIENT_PASSWORD", &self.password)
-        .env("SIP_CLIENT_CONFIG", &empty)
-        .env_remove("SIP_CLIENT_USER")
-        .env_remove("SIP_CLIENT_RELAY")
-        .env_remove("SIP_CLIENT_DOMAIN")
-        .env_remove("SIP_CLIENT_TIMER_T1_MS")
-        .env_remove("RUST_LOG")
-        .env("NO_COLOR", "1")
-        .current_dir(system.dir())
-        .stdout(File::create(&files.stdout).unwrap())
-        .stderr(File::create(&files.stderr).unwrap());
+        let relay = system
+            .transport
+            .loopback_uri(self.relay_port.unwrap_or(system.port));
+        cmd.args(["-u", &self.user, "--relay", &relay, "--domain", REALM])
+            .arg("--events-file")
+            .arg(&files.events)
+            .args(&self.args)
+            .env("SIP_CLIENT_PASSWORD", &self.password)
+            .env("SIP_CLIENT_CONFIG", &empty)
+            .env_remove("SIP_CLIENT_USER")
+            .env_remove("SIP_CLIENT_RELAY")
+            .env_remove("SIP_CLIENT_DOMAIN")
+            .env_remove("SIP_CLIENT_TIMER_T1_MS")
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .current_dir(system.dir())
+            .stdout(File::create(&files.stdout).unwrap())
+            .stderr(File::create(&files.stderr).unwrap());
         cmd
     }
 

@@ -1,0 +1,189 @@
+//! Issue 15, "N relays on one database": two relays (nodes `relay-a` and `relay-b`) keep
+//! their shared state in one real PostgreSQL database (`[storage] backend = "postgres"`)
+//! and serve as one — a terminal registered through A calls through B, an agent registered
+//! with A serves a call B admits (established and billed by B), and a server one relay's
+//! probes take out is out for the other.
+//!
+//! The programs run as processes (relayd, appsrv-agent, sip-client) over TCP: an agent
+//! takes requests over TCP from its relay's address whatever the port, so relay B, on the
+//! same host, may open its own connection to the agent's Contact.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+mod system_support;
+
+use support::pg_server;
+use support::sipp::Transport;
+use support::{wait_until, ALICE, STEP};
+use system_support::{server_listed_at, server_up_at, text, System};
+
+/// Every echo service of the system's agents, as the relays' metrics label them.
+const SERVICES: [&str; 3] = ["echo", "clock", "echo-all"];
+
+/// A system of relay A with one agent (as1) registered with it over TCP, and relay B on
+/// the same fresh database; returns once B lists the agent up for every service, which it
+/// can only know from the database.
+fn two_relays() -> (System, usize) {
+    let server = pg_server::shared();
+    let url = server.fresh_database();
+    let mut system = System::start_on_database(Transport::Tcp, 1, &url);
+    let b = system.start_peer("relay-b");
+    let agent = system.agents[0].uri();
+    let metrics = system.peers[b].metrics_port;
+    let known = wait_until(STEP, || {
+        SERVICES.iter().all(|s| server_up_at(metrics, s, &agent))
+    });
+    assert!(
+        known,
+        "relay B never listed {agent}, registered with A, as up\n{}",
+        system.report()
+    );
+    (system, b)
+}
+
+#[test]
+fn a_terminal_registered_through_a_calls_through_b() {
+    let (system, b) = two_relays();
+    let b_port = system.peers[b].port;
+
+    // Without a registration B refuses the call (403 Not registered): the check is real.
+    let refused = system
+        .client("unregistered", ALICE)
+        .through(b_port)
+        .args(["call", "echo", "--no-register"])
+        .run(b"");
+    assert_ne!(
+        refused.status.code(),
+        Some(0),
+        "a call from a terminal registered nowhere went through: {refused:#?}"
+    );
+
+    let registered = system
+        .client("register-a", ALICE)
+        .args(["register", "--once"])
+        .run(b"");
+    registered.assert_code(0, &system);
+
+    // B learns of the registration by the database within a second; the client does not
+    // register again, so only what A shared admits it.
+    let input = b"registered through A, calling through B\n";
+    let mut call = None;
+    let through = wait_until(STEP, || {
+        let run = system
+            .client("call-b", ALICE)
+            .through(b_port)
+            .args(["call", "echo", "--no-register", "--wait-after-eof", "3s"])
+            .run(input);
+        let ok = run.status.code() == Some(0);
+        call = Some(run);
+        ok
+    });
+    let call = call.unwrap();
+    assert!(
+        through,
+        "the call through B failed: {call:#?}\n{}",
+        system.report()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&call.stdout),
+        String::from_utf8_lossy(input)
+    );
+    let call_id = call.call_id();
+    let peer = &system.peers[b];
+    let mut records = Vec::new();
+    let billed = wait_until(STEP, || {
+        records = peer
+            .sessions()
+            .into_iter()
+            .filter(|r| text(r, "call_id") == call_id)
+            .collect();
+        !records.is_empty()
+    });
+    assert!(
+        billed,
+        "B billed no session for {call_id}\n{}",
+        system.report()
+    );
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(text(&records[0], "subscriber"), "alice");
+}
+
+#[test]
+fn an_agent_registered_with_a_serves_a_call_admitted_by_b() {
+    let (system, b) = two_relays();
+    let peer = &system.peers[b];
+    let agent = &system.agents[0];
+
+    // The terminal registers with B and calls through B; the only server is the agent,
+    // which registered with A alone.
+    let input = b"served by the agent of relay A\n";
+    let call = system
+        .client("call-b", ALICE)
+        .through(peer.port)
+        .args(["call", "echo", "--wait-after-eof", "3s"])
+        .run(input);
+    call.assert_code(0, &system);
+    assert_eq!(
+        String::from_utf8_lossy(&call.stdout),
+        String::from_utf8_lossy(input)
+    );
+    assert_eq!(call.events_named("established").len(), 1, "{call:#?}");
+
+    let call_id = call.call_id();
+    let mut records = Vec::new();
+    let billed = wait_until(STEP, || {
+        records = peer
+            .sessions()
+            .into_iter()
+            .filter(|r| text(r, "call_id") == call_id)
+            .collect();
+        !records.is_empty()
+    });
+    assert!(
+        billed,
+        "B billed no session for {call_id}\n{}",
+        system.report()
+    );
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(text(&records[0], "server"), agent.uri());
+    assert_eq!(text(&records[0], "service"), "echo");
+}
+
+#[test]
+fn a_server_taken_out_by_one_relays_probes_is_out_for_the_other() {
+    let server = pg_server::shared();
+    let url = server.fresh_database();
+    // A probes hourly; B every second and takes a server out at the first miss.
+    let mut system = System::start_on_database(Transport::Tcp, 1, &url);
+    let b = system.start_peer_with("relay-b", |config| {
+        config.replacen(
+            "[directory]\nprobe_interval_secs = 3600\n",
+            "[directory]\nprobe_interval_secs = 1\nfailure_threshold = 1\n",
+            1,
+        )
+    });
+    let agent = system.agents[0].uri();
+    let b_metrics = system.peers[b].metrics_port;
+    let known = wait_until(STEP, || server_up_at(b_metrics, "echo", &agent));
+    assert!(known, "B never listed {agent} as up\n{}", system.report());
+
+    system.agents[0].kill();
+    let out_on_b = wait_until(STEP, || {
+        server_listed_at(b_metrics, "echo", &agent) && !server_up_at(b_metrics, "echo", &agent)
+    });
+    assert!(
+        out_on_b,
+        "B's probes never took {agent} out\n{}",
+        system.report()
+    );
+    // A has not probed since the start (hourly): it knows only from B.
+    let out_on_a = wait_until(STEP, || {
+        server_listed_at(system.metrics_port, "echo", &agent) && !system.server_up("echo", &agent)
+    });
+    assert!(
+        out_on_a,
+        "the server B took out is still up on A\n{}",
+        system.report()
+    );
+}
