@@ -67,14 +67,16 @@ pub struct Reloaded {
 pub struct ReloadRefused(pub String);
 
 /// The keys of reloaded sections that still take effect only with a restart: the billing
-/// writer's and the served index's timings, and the ringing time the transaction layer's
-/// INVITE deadline was sized for at start-up.
-pub const RESTART_KEYS: [&str; 5] = [
+/// writer's and the served index's timings, the ringing time the transaction layer's
+/// INVITE deadline was sized for at start-up, and the digest algorithms offered per user or
+/// account (the authenticator's).
+pub const RESTART_KEYS: [&str; 6] = [
     "billing.commit_interval_ms",
     "billing.touch_interval_secs",
     "billing.late_charge_grace_secs",
     "session.answer_timeout_secs",
     "session.inquiry_timeout_ms",
+    "digest_algorithms",
 ];
 
 /// The sections of [`RESTART_SECTIONS`] and the keys of [`RESTART_KEYS`] that differ between
@@ -100,6 +102,7 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         old.billing.late_charge_grace_secs != new.billing.late_charge_grace_secs,
         old.session.answer_timeout_secs != new.session.answer_timeout_secs,
         old.session.inquiry_timeout_ms != new.session.inquiry_timeout_ms,
+        old.digest_algorithms_by_user() != new.digest_algorithms_by_user(),
     ];
     RESTART_SECTIONS
         .iter()
@@ -199,5 +202,13 @@ mod tests {
             ["billing.commit_interval_ms"],
             "max_charge is reloaded, the writer's interval is not"
         );
+        let user =
+            "[[users]]\nname = \"dave\"\npassword = \"pw\"\nplan = \"basic\"\nservices = [\"*\"]\n";
+        let plain = config(&format!("[listen]\nudp = [\"127.0.0.1:5060\"]\n{user}"));
+        let sha = config(&format!(
+            "[listen]\nudp = [\"127.0.0.1:5060\"]\n{user}digest_algorithms = [\"SHA-256\"]\n"
+        ));
+        assert!(restart_needed(&old, &plain).is_empty());
+        assert_eq!(restart_needed(&old, &sha), ["digest_algorithms"]);
     }
 }
