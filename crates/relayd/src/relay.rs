@@ -158,7 +158,7 @@ impl SharedState for Relay {
             .filter_map(Binding::dynamic_server)
             .collect();
         self.registrar.replace_user(user, bindings, Instant::now());
-        if self.config.server_account(user).is_some() {
+        if self.settings().config.server_account(user).is_some() {
             let (_, errors) = self.directory.sync_account(user, &servers);
             for e in errors {
                 tracing::warn!(account = user, error = %e, "application server from another relay not added");
