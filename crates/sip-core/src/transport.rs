@@ -71,8 +71,9 @@ pub trait Sink: Send + Sync + 'static {
 pub trait Tap: Send + Sync + 'static {
     /// A message received from `from` (before it is handed to the [`Sink`]).
     fn received(&self, from: &Peer, bytes: &Bytes);
-    /// A message sent to `to`.
-    fn sent(&self, to: &Peer, bytes: &Bytes);
+    /// A message sent to `to`; `at` is when its sending began (the answer to it may be
+    /// received, and seen, before this call).
+    fn sent(&self, to: &Peer, bytes: &Bytes, at: std::time::SystemTime);
 }
 
 /// Listening addresses and limits of the transports.
@@ -461,15 +462,19 @@ impl Transports {
     /// (RFC 3261 §18.2.2 would open a new connection to the Via's sent-by) is opened anew to
     /// the same address.
     pub async fn send(&self, to: &Peer, bytes: Bytes) -> Result<(), TransportError> {
-        let tapped = self.inner.tap.get().map(|tap| (tap, bytes.clone()));
+        let tapped = self
+            .inner
+            .tap
+            .get()
+            .map(|tap| (tap, bytes.clone(), std::time::SystemTime::now()));
         let result = match to.transport {
             Transport::Udp => self.send_udp(to.addr, &bytes).await,
             Transport::Tcp | Transport::Tls => self.send_stream(to, bytes).await,
         };
         match &result {
             Ok(()) => {
-                if let Some((tap, bytes)) = tapped {
-                    tap.sent(to, &bytes);
+                if let Some((tap, bytes, at)) = tapped {
+                    tap.sent(to, &bytes, at);
                 }
                 self.inner.stats.sent.fetch_add(1, Ordering::Relaxed)
             }
@@ -488,7 +493,11 @@ impl Transports {
     /// for a TCP connection that is open and has room in its queue. Otherwise the message
     /// comes back as [`TrySendError::WouldBlock`], for [`Transports::send`] in a task.
     pub fn try_send(&self, to: &Peer, bytes: Bytes) -> Result<(), TrySendError> {
-        let tapped = self.inner.tap.get().map(|tap| (tap, bytes.clone()));
+        let tapped = self
+            .inner
+            .tap
+            .get()
+            .map(|tap| (tap, bytes.clone(), std::time::SystemTime::now()));
         let result = match to.transport {
             Transport::Udp => match self.udp_socket(to.addr, bytes.len()) {
                 Ok(socket) => match socket.try_send_to(&bytes, to.addr) {
@@ -512,8 +521,8 @@ impl Transports {
         };
         match result {
             Ok(()) => {
-                if let Some((tap, bytes)) = tapped {
-                    tap.sent(to, &bytes);
+                if let Some((tap, bytes, at)) = tapped {
+                    tap.sent(to, &bytes, at);
                 }
                 self.inner.stats.sent.fetch_add(1, Ordering::Relaxed);
                 Ok(())

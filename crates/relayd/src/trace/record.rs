@@ -123,8 +123,8 @@ impl Tap for Trace {
         self.message(Direction::In, from, bytes);
     }
 
-    fn sent(&self, to: &Peer, bytes: &Bytes) {
-        self.message(Direction::Out, to, bytes);
+    fn sent(&self, to: &Peer, bytes: &Bytes, at: SystemTime) {
+        self.message_at(at, Direction::Out, to, bytes);
     }
 }
 

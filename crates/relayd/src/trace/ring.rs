@@ -202,17 +202,19 @@ impl Ring {
         ids
     }
 
-    /// Every entry of the call `call_id` (terminal's or leg's Call-ID), oldest first, with
-    /// the call's Call-IDs (the terminal's first).
+    /// Every entry of the call `call_id` (terminal's or leg's Call-ID), oldest first (by
+    /// time: a message sent is timed when its sending began, and may be recorded after the
+    /// answer to it), with the call's Call-IDs (the terminal's first).
     pub fn call(&self, call_id: &str) -> (Vec<String>, Vec<Entry>) {
         let ids = self.call_ids(call_id);
         let set: HashSet<&str> = ids.iter().map(String::as_str).collect();
-        let entries = self
+        let mut entries: Vec<Entry> = self
             .entries
             .iter()
             .filter(|e| set.contains(e.event.call_id()))
             .cloned()
             .collect();
+        entries.sort_by_key(|e| e.at);
         (ids, entries)
     }
 
@@ -319,6 +321,30 @@ mod tests {
         assert_eq!(entries.len(), 3);
         assert_eq!(ring.call("t").1.len(), 3);
         assert_eq!(ring.call("other").1.len(), 1);
+    }
+
+    #[test]
+    fn a_call_is_drawn_in_time_order_whatever_order_it_was_recorded_in() {
+        let t0 = SystemTime::UNIX_EPOCH;
+        let mut ring = Ring::new(100, 1 << 20);
+        // The answer was recorded before the request it answers, timed when sent.
+        ring.push(
+            t0 + std::time::Duration::from_millis(2),
+            note("c", "answer"),
+        );
+        ring.push(
+            t0 + std::time::Duration::from_millis(1),
+            note("c", "request"),
+        );
+        let (_, entries) = ring.call("c");
+        let texts: Vec<&str> = entries
+            .iter()
+            .map(|e| match &e.event {
+                Event::Decision { text, .. } => &**text,
+                _ => "",
+            })
+            .collect();
+        assert_eq!(texts, vec!["request", "answer"]);
     }
 
     #[test]
