@@ -170,6 +170,10 @@ fn remove_registration(relay: &Relay, body: &RemoveRegistration) -> HttpResponse
         relay.directory.remove_dynamic(user, &binding.uri_text);
         tracing::info!(user, contact = %binding.uri_text, "registration removed by an operator");
     }
+    // Relays sharing a database take the user's remaining bindings, as after a REGISTER.
+    if let Some(cluster) = &relay.cluster {
+        cluster.publish_bindings(user, &relay.registrar.bindings(user, Instant::now()));
+    }
     let contacts: Vec<&str> = gone.iter().map(|b| b.uri_text.as_str()).collect();
     HttpResponse::json(200, json!({ "removed": contacts }))
 }
