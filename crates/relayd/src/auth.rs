@@ -61,7 +61,9 @@
 pub mod limits;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rsip::prelude::*;
@@ -205,6 +207,25 @@ pub struct AuthStats {
     pub uri_mismatches: AtomicU64,
 }
 
+/// One failed attempt as relays sharing their counters tell each other of it
+/// ([`Authenticator::set_failure_sink`], [`Authenticator::count_shared_failure`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedFailure {
+    /// The user it was for, when the user exists (then it counts for (user, source) too).
+    pub user: Option<String>,
+    /// Where it came from.
+    pub source: IpAddr,
+    /// Its weight, as the relay that saw it weighed it by transport.
+    pub weight: u32,
+}
+
+/// Where an authenticator reports the failures it counts itself, to share them with other
+/// relays.
+pub trait FailureSink: Send + Sync {
+    /// `failure` was counted here.
+    fn failed(&self, failure: SharedFailure);
+}
+
 /// Which header pair a challenge uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChallengeKind {
@@ -252,6 +273,8 @@ pub struct Authenticator {
     per_user: HashMap<String, Vec<Algorithm>>,
     /// Every algorithm offered to anyone, in the order the digest server challenges.
     accepted: Vec<Algorithm>,
+    /// Told of every failure counted here (relays sharing their counters).
+    sink: OnceLock<Arc<dyn FailureSink>>,
 }
 
 fn unix_now() -> u64 {
@@ -281,6 +304,47 @@ impl Authenticator {
             accepted: default.clone(),
             default,
             per_user: HashMap::new(),
+            sink: OnceLock::new(),
+        }
+    }
+
+    /// From now on, tells `sink` of every failure counted here (only the first sink set is
+    /// kept), so that relays sharing a database lock a user out together.
+    pub fn set_failure_sink(&self, sink: Arc<dyn FailureSink>) {
+        if self.sink.set(sink).is_err() {
+            warn!("a failure sink was already set; the new one is ignored");
+        }
+    }
+
+    /// Counts a failure another relay saw, as if seen here, without reporting it to the
+    /// sink: the failures of a user, or from a source, add up across relays.
+    pub fn count_shared_failure(&self, failure: &SharedFailure, now: Instant) {
+        let source = SourceKey::of(failure.source);
+        if let Some(user) = failure.user.as_deref() {
+            let counted = self.user_sources.fail(
+                (self.user_keys.of(user), source),
+                failure.weight,
+                &self.policy.user_rule(),
+                now,
+            );
+            if counted.newly_refused {
+                self.stats.user_lockouts.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    %user,
+                    source = %failure.source,
+                    "user locked out from this source after too many failed attempts (counted across relays)"
+                );
+            }
+        }
+        let counted = self
+            .sources
+            .fail(source, failure.weight, &self.policy.source_rule(), now);
+        if counted.newly_refused {
+            self.stats.sources_refused.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                source = %failure.source,
+                "source refused after too many failed authentication attempts (counted across relays)"
+            );
         }
     }
 
@@ -367,6 +431,13 @@ impl Authenticator {
     ) -> bool {
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         let weight = weight(from.transport, self.policy.udp_weight_percent);
+        if let Some(sink) = self.sink.get() {
+            sink.failed(SharedFailure {
+                user: user.map(str::to_owned),
+                source: from.addr.ip(),
+                weight,
+            });
+        }
         if let Some(user) = user {
             let counted = self.user_sources.fail(
                 (self.user_keys.of(user), source),
@@ -992,6 +1063,53 @@ mod tests {
             from,
             now,
         )
+    }
+
+    #[derive(Default)]
+    struct Told(std::sync::Mutex<Vec<SharedFailure>>);
+
+    impl FailureSink for Told {
+        fn failed(&self, failure: SharedFailure) {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(failure);
+        }
+    }
+
+    #[test]
+    fn failures_another_relay_saw_count_here_and_are_not_told_again() {
+        let auth = with_policy(policy(3));
+        let told = Arc::new(Told::default());
+        auth.set_failure_sink(told.clone());
+        let now = Instant::now();
+        let from = tcp(1);
+        let shared = SharedFailure {
+            user: Some("alice".into()),
+            source: from.addr.ip(),
+            weight: limits::WHOLE_FAILURE,
+        };
+        // Two failures on another relay, then one here: the third locks alice out.
+        auth.count_shared_failure(&shared, now);
+        auth.count_shared_failure(&shared, now);
+        assert_eq!(auth.stats().user_lockouts.load(Ordering::Relaxed), 0);
+        assert!(is_challenge(&attempt(&auth, "alice", "guess", &from, now)));
+        assert_eq!(auth.stats().user_lockouts.load(Ordering::Relaxed), 1);
+        let out = attempt(&auth, "alice", "alice-secret", &from, now);
+        assert!(
+            matches!(&out, AuthOutcome::Challenge { failure: Some(f), .. } if f.contains("locked")),
+            "{out:?}"
+        );
+        // Only the failures counted here were told (the guess and the locked-out answer),
+        // with their user, source and weight; the shared ones were not told back.
+        let told = told.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(told.len(), 2, "{told:?}");
+        assert_eq!(told[0], shared);
+        // As for failures seen here, the lock-out is from that source only.
+        assert_eq!(
+            attempt(&auth, "alice", "alice-secret", &tcp(2), now),
+            AuthOutcome::Authenticated("alice".into())
+        );
     }
 
     #[test]

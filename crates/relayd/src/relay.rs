@@ -21,7 +21,7 @@ use sip_core::transport::TransportConfig;
 use sip_core::{message, Peer, Transport};
 use tracing::{debug, info, warn};
 
-use crate::auth::{AuthOutcome, Authenticator, ChallengeKind, CredentialStore};
+use crate::auth::{AuthOutcome, Authenticator, ChallengeKind, CredentialStore, SharedFailure};
 use crate::b2bua::{self, LocalAddr};
 use crate::billing_control::BillingControl;
 use crate::call::driver::routing::SessionTable;
@@ -169,6 +169,10 @@ impl SharedState for Relay {
     fn apply_health(&self, uri: &str, change: HealthChange) {
         self.directory.apply_health(uri, change);
     }
+
+    fn apply_auth_failure(&self, failure: SharedFailure) {
+        self.auth.count_shared_failure(&failure, Instant::now());
+    }
 }
 
 impl CredentialStore for Relay {
@@ -305,6 +309,9 @@ impl Relay {
             ),
         };
         let (cluster, listener) = cluster.unzip();
+        if let Some(cluster) = &cluster {
+            auth.set_failure_sink(Arc::new(cluster.clone()));
+        }
         let relay = Arc::new(Relay {
             endpoint,
             realm,

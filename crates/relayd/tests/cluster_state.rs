@@ -13,6 +13,8 @@
 mod support;
 mod system_support;
 
+use std::sync::Arc;
+
 use support::pg_server;
 use support::sipp::Transport;
 use support::{wait_until, ALICE, STEP};
@@ -23,8 +25,9 @@ const SERVICES: [&str; 3] = ["echo", "clock", "echo-all"];
 
 /// A system of relay A with one agent (as1) registered with it over TCP, and relay B on
 /// the same fresh database; returns once B lists the agent up for every service, which it
-/// can only know from the database.
-fn two_relays() -> (System, usize) {
+/// can only know from the database. The server handle keeps PostgreSQL running: the last
+/// one dropped stops it.
+fn two_relays() -> (System, usize, Arc<pg_server::PgServer>) {
     let server = pg_server::shared();
     let url = server.fresh_database();
     let mut system = System::start_on_database(Transport::Tcp, 1, &url);
@@ -39,12 +42,12 @@ fn two_relays() -> (System, usize) {
         "relay B never listed {agent}, registered with A, as up\n{}",
         system.report()
     );
-    (system, b)
+    (system, b, server)
 }
 
 #[test]
 fn a_terminal_registered_through_a_calls_through_b() {
-    let (system, b) = two_relays();
+    let (system, b, _server) = two_relays();
     let b_port = system.peers[b].port;
 
     // Without a registration B refuses the call (403 Not registered): the check is real.
@@ -111,7 +114,7 @@ fn a_terminal_registered_through_a_calls_through_b() {
 
 #[test]
 fn an_agent_registered_with_a_serves_a_call_admitted_by_b() {
-    let (system, b) = two_relays();
+    let (system, b, _server) = two_relays();
     let peer = &system.peers[b];
     let agent = &system.agents[0];
 
@@ -185,5 +188,71 @@ fn a_server_taken_out_by_one_relays_probes_is_out_for_the_other() {
         out_on_a,
         "the server B took out is still up on A\n{}",
         system.report()
+    );
+}
+
+#[test]
+fn failed_attempts_on_both_relays_add_up_to_a_lock_out_on_both() {
+    // `[auth] max_failures` is 5 (the default): a user is locked out from a source at the
+    // fifth failure within the window, wherever the relays saw them.
+    const MAX_FAILURES: i64 = 5;
+    let (system, b, _server) = two_relays();
+    let peer = &system.peers[b];
+    let failures = |port| System::metric_at(port, "relayd_auth_failures_total").unwrap_or(0);
+    let lockouts = |port| System::metric_at(port, "relayd_auth_user_lockouts_total").unwrap_or(0);
+    let wrong = |name: &str, port: u16| {
+        let run = system
+            .client(name, ALICE)
+            .through(port)
+            .password("not-her-password")
+            .args(["register", "--once"])
+            .run(b"");
+        assert_ne!(
+            run.status.code(),
+            Some(0),
+            "a wrong password registered: {run:#?}"
+        );
+    };
+
+    wrong("wrong-a-1", system.port);
+    wrong("wrong-a-2", system.port);
+    let on_a = failures(system.metrics_port);
+    assert!(
+        (1..MAX_FAILURES).contains(&on_a),
+        "A counted {on_a} failures"
+    );
+    assert_eq!(lockouts(system.metrics_port), 0);
+
+    // B locks her out before it has seen five failures itself: A's count with it.
+    let mut n = 0;
+    while lockouts(peer.metrics_port) == 0 && n < MAX_FAILURES {
+        n += 1;
+        wrong(&format!("wrong-b-{n}"), peer.port);
+    }
+    let on_b = failures(peer.metrics_port);
+    assert_eq!(
+        lockouts(peer.metrics_port),
+        1,
+        "B never locked her out\n{}",
+        system.report()
+    );
+    assert!(
+        on_b < MAX_FAILURES,
+        "B saw {on_b} failures itself: the lock-out proves nothing\n{}",
+        system.report()
+    );
+
+    // A locks her out too, from B's failures, though it saw fewer than five itself.
+    let locked_on_a = wait_until(STEP, || lockouts(system.metrics_port) == 1);
+    assert!(locked_on_a, "A never locked her out\n{}", system.report());
+    assert_eq!(failures(system.metrics_port), on_a);
+    let right = system
+        .client("right-a", ALICE)
+        .args(["register", "--once"])
+        .run(b"");
+    assert_ne!(
+        right.status.code(),
+        Some(0),
+        "the right password registered through A during the lock-out: {right:#?}"
     );
 }

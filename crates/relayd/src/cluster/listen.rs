@@ -10,6 +10,7 @@ use tokio_postgres::Client;
 
 use super::rows::{self, Note, Noted};
 use super::ClusterError;
+use crate::auth::SharedFailure;
 use crate::directory::HealthChange;
 use crate::registrar::Binding;
 
@@ -20,6 +21,8 @@ pub trait SharedState: Send + Sync + 'static {
     fn apply_bindings(&self, user: &str, bindings: Vec<Binding>);
     /// Another relay's probes saw the server at `uri` go up or down.
     fn apply_health(&self, uri: &str, change: HealthChange);
+    /// An authentication attempt failed on another relay: count it here too.
+    fn apply_auth_failure(&self, failure: SharedFailure);
 }
 
 /// The other relays' changes, as they come. Made by [`super::Cluster::connect`].
@@ -118,6 +121,15 @@ impl Listener {
             Noted::Health { uri, up } => {
                 state.apply_health(uri, Noted::health_change(*up));
             }
+            Noted::AuthFailure {
+                user,
+                source,
+                weight,
+            } => state.apply_auth_failure(SharedFailure {
+                user: user.clone(),
+                source: *source,
+                weight: *weight,
+            }),
         }
         Ok(())
     }

@@ -11,10 +11,12 @@
 //!
 //! Shared: terminal registrations (a terminal registered through one relay may call through
 //! any), application-server registrations and with them the dynamic entries of the service
-//! directory, and the health the relays' probes see (a server one relay takes out is out for
-//! all, until some relay's probes see it answer again). Not shared: sessions (each stays on
-//! the relay that admitted it), static `[[servers]]` (each relay's configuration), nonces and
-//! the authentication-failure counters.
+//! directory, the health the relays' probes see (a server one relay takes out is out for
+//! all, until some relay's probes see it answer again), and failed authentication attempts
+//! (announced only, no table: each relay counts every relay's failures, so a user is locked
+//! out everywhere once its failures on all relays add up). Not shared: sessions (each stays
+//! on the relay that admitted it), static `[[servers]]` (each relay's configuration) and
+//! nonces.
 //!
 //! A registration learned from another relay has no source connection here: this relay did
 //! not receive the REGISTER. That is all this product needs: terminals call in (the
@@ -37,6 +39,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, NoTls};
 
+use crate::auth::{FailureSink, SharedFailure};
 use crate::directory::HealthChange;
 use crate::registrar::Binding;
 
@@ -77,6 +80,8 @@ pub enum Change {
         /// Up or down.
         change: HealthChange,
     },
+    /// An authentication attempt failed here.
+    AuthFailure(SharedFailure),
 }
 
 /// This relay's handle on the shared state: local changes go through it. Cheap to clone.
@@ -113,7 +118,7 @@ impl Cluster {
                     }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
-                        tracing::error!(error = %e, "shared-state database connection lost");
+                        tracing::error!(error = ?e, "shared-state database connection lost");
                         break;
                     }
                     None => break,
@@ -155,9 +160,20 @@ impl Cluster {
         });
     }
 
+    /// Announces a failed authentication attempt counted here.
+    pub fn publish_auth_failure(&self, failure: SharedFailure) {
+        self.send(Change::AuthFailure(failure));
+    }
+
     fn send(&self, change: Change) {
         if self.changes.send(change).is_err() {
             tracing::error!("shared-state writer stopped; change not shared");
         }
+    }
+}
+
+impl FailureSink for Cluster {
+    fn failed(&self, failure: SharedFailure) {
+        self.publish_auth_failure(failure);
     }
 }

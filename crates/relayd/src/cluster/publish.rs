@@ -95,6 +95,19 @@ pub async fn write(client: &Client, node: &str, change: &Change) -> Result<(), C
                 .await?;
             tracing::debug!(uri, up, "server health shared");
         }
+        Change::AuthFailure(failure) => {
+            let note = note(
+                node,
+                Noted::AuthFailure {
+                    user: failure.user.clone(),
+                    source: failure.source,
+                    weight: failure.weight,
+                },
+            )?;
+            client
+                .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &note])
+                .await?;
+        }
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! How shared state is stored and announced: a user's bindings as one JSON row with
 //! absolute expiry times, and the `NOTIFY` payload. Plain data, no database.
 
+use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -127,6 +128,16 @@ pub enum Noted {
         /// Up (true) or down.
         up: bool,
     },
+    /// An authentication attempt failed.
+    #[serde(rename = "auth-failure")]
+    AuthFailure {
+        /// The user, when it exists.
+        user: Option<String>,
+        /// The source address.
+        source: IpAddr,
+        /// Its weight (by transport).
+        weight: u32,
+    },
 }
 
 impl Noted {
@@ -238,6 +249,15 @@ mod tests {
             serde_json::from_str::<Note>(text).ok().map(|n| n.what),
             Some(Noted::Bindings {
                 user: "alice".to_owned()
+            })
+        );
+        let text = r#"{"node":"b","kind":"auth-failure","user":null,"source":"::1","weight":50}"#;
+        assert_eq!(
+            serde_json::from_str::<Note>(text).ok().map(|n| n.what),
+            Some(Noted::AuthFailure {
+                user: None,
+                source: IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+                weight: 50
             })
         );
         assert!(serde_json::from_str::<Note>(r#"{"node":"b","kind":"sessions"}"#).is_err());
