@@ -200,33 +200,36 @@ impl Agent {
             key: "relay.domain",
             message: e.to_string(),
         })?;
-        let mut relay = RelaySources::of_uri(&config.relay.uri, &config.relay.dns_client())
+        // Inquiries come from the relay, or from another relay of the same service.
+        let dns = config.relay.dns_client();
+        let mut relay = RelaySources::of_uri(&config.relay.uri, &dns)
             .await
             .map_err(StartError::Relay)?;
+        for other in &config.relay.others {
+            relay = relay.with(
+                RelaySources::of_uri(other, &dns)
+                    .await
+                    .map_err(StartError::Relay)?,
+            );
+        }
         if config.tls.is_some() {
-            let host = config
-                .relay
-                .uri
-                .host_text()
-                .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
-                .ok_or_else(|| StartError::Relay("the relay URI has no host".into()))?;
             // A relay named by a domain: its certificate must name that domain (RFC 5922
             // §7.1), whichever address it resolved to.
-            if host.parse::<std::net::IpAddr>().is_err() {
-                if let Ok(name) = sip_core::tls::server_name(&host) {
-                    let port = config
-                        .relay
-                        .uri
-                        .port()
-                        .unwrap_or(Transport::Tls.default_port());
-                    for (ip, _) in relay.entries() {
+            let uris = std::iter::once(&config.relay.uri).chain(&config.relay.others);
+            for (uri, (host, entries)) in uris.zip(relay.relays()) {
+                if host.parse::<std::net::IpAddr>().is_ok() {
+                    continue;
+                }
+                if let Ok(name) = sip_core::tls::server_name(host) {
+                    let port = uri.port().unwrap_or(Transport::Tls.default_port());
+                    for (ip, _) in entries {
                         endpoint
                             .transports()
                             .expect_name(SocketAddr::new(*ip, port), name.clone());
                     }
                 }
             }
-            relay = relay.require_tls(endpoint.transports().clone(), host);
+            relay = relay.require_tls(endpoint.transports().clone());
         }
 
         // The data gateway.

@@ -44,6 +44,11 @@ pub struct Flags {
     /// default: sip:127.0.0.1:5060].
     #[arg(long, value_name = "URI")]
     pub relay: Option<String>,
+    /// Another relay of the same service (relays sharing one database, DESIGN: several
+    /// relays, one service): inquiries from it are accepted as from the relay; repeat for
+    /// each [file: relay.others, default: none].
+    #[arg(long = "other-relay", value_name = "URI")]
+    pub other_relays: Vec<String>,
     /// The relay's domain (realm) for REGISTER, From and To [file: relay.domain, default:
     /// the relay URI's host].
     #[arg(long, value_name = "DOMAIN")]
@@ -220,6 +225,10 @@ pub struct RelayConfig {
     pub expires: u32,
     /// The DNS server to resolve the relay's domain with, else the system's.
     pub dns: Option<SocketAddr>,
+    /// The other relays of the same service (several relays on one database): any of them
+    /// may send inquiries, which are accepted as the relay's (same checks: address, and the
+    /// certificate with TLS). Registration and charges go to `uri`.
+    pub others: Vec<Uri>,
 }
 
 impl RelayConfig {
@@ -480,6 +489,7 @@ struct RawRelay {
     register: Option<bool>,
     expires: Option<u32>,
     dns: Option<SocketAddr>,
+    others: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -934,6 +944,26 @@ impl Build<'_> {
             ));
         }
 
+        let (others, others_origin) = if self.flags.other_relays.is_empty() {
+            (raw.others.unwrap_or_default(), self.o.key("relay.others"))
+        } else {
+            (self.flags.other_relays.clone(), "--other-relay".to_string())
+        };
+        let others = others
+            .iter()
+            .map(|text| {
+                let other = parse_relay_uri(text)
+                    .map_err(|m| invalid(others_origin.clone(), format!("{text:?}: {m}")))?;
+                if relay_is_tls(&other) != relay_is_tls(&uri) {
+                    return Err(invalid(
+                        others_origin.clone(),
+                        format!("{text:?}: every relay is reached alike: TLS (sips:) exactly when {uri} is"),
+                    ));
+                }
+                Ok(other)
+            })
+            .collect::<Result<Vec<Uri>, ConfigError>>()?;
+
         Ok(RelayConfig {
             uri,
             domain,
@@ -942,6 +972,7 @@ impl Build<'_> {
             register,
             expires,
             dns: self.flags.dns.or(raw.dns),
+            others,
         })
     }
 
@@ -2026,5 +2057,43 @@ mod tests {
             deny: vec![],
         };
         assert!(only.allows("bob") && !only.allows("alice"));
+    }
+
+    #[test]
+    fn other_relays_are_read_from_the_file_or_the_flags_and_checked() {
+        let base = "[[services]]\nname = \"echo\"\nbackend = \"builtin:echo\"\n\
+                    [relay]\nuri = \"sip:127.0.0.1:5060\"\naccount = \"as1\"\npassword = \"p\"\n";
+        let file = format!("{base}others = [\"sip:127.0.0.2:5070\"]\n");
+        let c = Config::from_toml(&file, Path::new("a.toml"), &flags(&[])).unwrap();
+        assert_eq!(
+            c.relay
+                .others
+                .iter()
+                .map(|u| u.to_string())
+                .collect::<Vec<_>>(),
+            ["sip:127.0.0.2:5070"]
+        );
+        let c = Config::from_toml(
+            &file,
+            Path::new("a.toml"),
+            &flags(&[
+                "--other-relay",
+                "sip:127.0.0.3:5060",
+                "--other-relay",
+                "sip:127.0.0.4:5060",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.relay.others.len(), 2, "the flags replace the file's list");
+        let bad = format!("{base}others = [\"mailto:x\"]\n");
+        let e = Config::from_toml(&bad, Path::new("a.toml"), &flags(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("relay.others") && e.contains("mailto:x"), "{e}");
+        let tls = format!("{base}others = [\"sips:127.0.0.2:5071\"]\n");
+        let e = Config::from_toml(&tls, Path::new("a.toml"), &flags(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("relay.others") && e.contains("TLS"), "{e}");
     }
 }

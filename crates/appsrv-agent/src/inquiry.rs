@@ -86,24 +86,26 @@ impl Refusal {
 /// (RFC 5922).
 #[derive(Clone)]
 pub struct RelaySources {
-    entries: Vec<(IpAddr, Option<u16>)>,
-    tls: Option<RelayTls>,
+    /// The relay and, with several relays serving as one, the others.
+    relays: Vec<OneRelay>,
+    /// With TLS: the transports, which keep each TLS connection's peer certificate.
+    tls: Option<sip_core::transport::Transports>,
 }
 
-/// What [`RelaySources::require_tls`] checks a request's connection against.
-#[derive(Clone)]
-struct RelayTls {
-    /// The transports, which keep each TLS connection's peer certificate.
-    transports: sip_core::transport::Transports,
-    /// The relay's host as its URI names it: its certificate must name it.
+/// One relay's sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OneRelay {
+    /// Its addresses, and the UDP port when its URI names one.
+    entries: Vec<(IpAddr, Option<u16>)>,
+    /// Its host as its URI names it (brackets removed): with TLS its certificate must name
+    /// it (RFC 5922 §7.2).
     host: String,
 }
 
-/// Equal when the addresses and the TLS requirement (its host) are.
+/// Equal when the relays (addresses, hosts) and the TLS requirement are.
 impl PartialEq for RelaySources {
     fn eq(&self, other: &RelaySources) -> bool {
-        self.entries == other.entries
-            && self.tls.as_ref().map(|t| &t.host) == other.tls.as_ref().map(|t| &t.host)
+        self.relays == other.relays && self.tls.is_some() == other.tls.is_some()
     }
 }
 
@@ -112,32 +114,44 @@ impl Eq for RelaySources {}
 impl std::fmt::Debug for RelaySources {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RelaySources")
-            .field("entries", &self.entries)
-            .field("tls_host", &self.tls.as_ref().map(|t| t.host.as_str()))
+            .field("relays", &self.relays)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
 
 impl RelaySources {
-    /// Sources given directly: addresses and, optionally, the UDP port.
-    pub fn new(entries: Vec<(IpAddr, Option<u16>)>) -> RelaySources {
-        RelaySources { entries, tls: None }
+    /// One relay's sources given directly: addresses and, optionally, the UDP port; `host`
+    /// is what its certificate must name once [`RelaySources::require_tls`] is set.
+    pub fn new(entries: Vec<(IpAddr, Option<u16>)>, host: &str) -> RelaySources {
+        RelaySources {
+            relays: vec![OneRelay {
+                entries,
+                host: host.to_string(),
+            }],
+            tls: None,
+        }
     }
 
-    /// The relay's addresses, and the UDP port when its URI names one.
-    pub fn entries(&self) -> &[(IpAddr, Option<u16>)] {
-        &self.entries
+    /// These sources and `other`'s: inquiries from any of the relays are accepted (several
+    /// relays serving as one).
+    pub fn with(mut self, other: RelaySources) -> RelaySources {
+        self.relays.extend(other.relays);
+        self
     }
 
-    /// From now on, a request counts as the relay's only over TLS from a peer whose
-    /// certificate (kept by `transports`, chained to the trusted CA) names `host`, the relay
-    /// URI's host (RFC 5922 §7.2).
-    pub fn require_tls(
-        mut self,
-        transports: sip_core::transport::Transports,
-        host: String,
-    ) -> RelaySources {
-        self.tls = Some(RelayTls { transports, host });
+    /// Each relay's host and addresses (with the UDP port when its URI names one).
+    pub fn relays(&self) -> impl Iterator<Item = (&str, &[(IpAddr, Option<u16>)])> {
+        self.relays
+            .iter()
+            .map(|r| (r.host.as_str(), r.entries.as_slice()))
+    }
+
+    /// From now on, a request counts as a relay's only over TLS from a peer whose
+    /// certificate (kept by `transports`, chained to the trusted CA) names that relay's host
+    /// (RFC 5922 §7.2).
+    pub fn require_tls(mut self, transports: sip_core::transport::Transports) -> RelaySources {
+        self.tls = Some(transports);
         self
     }
 
@@ -145,8 +159,12 @@ impl RelaySources {
     /// the addresses its domain resolves to (RFC 3263).
     pub async fn of_uri(uri: &Uri, dns: &NetDns) -> Result<RelaySources, String> {
         let port = uri.port();
+        let host = uri
+            .host_text()
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+            .ok_or_else(|| format!("the relay URI {uri} has no host"))?;
         if let Some(ip) = crate::config::relay_ip(uri) {
-            return Ok(RelaySources::new(vec![(ip, port)]));
+            return Ok(RelaySources::new(vec![(ip, port)], &host));
         }
         let targets = resolve::resolve(uri, dns)
             .await
@@ -157,30 +175,36 @@ impl RelaySources {
         if entries.is_empty() {
             return Err(format!("the relay {uri} resolves to no address"));
         }
-        Ok(RelaySources::new(entries))
+        Ok(RelaySources::new(entries, &host))
     }
 
-    /// Whether a request from `peer` comes from the relay. An IPv4 relay seen through a
+    /// Whether a request from `peer` comes from a relay. An IPv4 relay seen through a
     /// dual-stack socket (`::ffff:127.0.0.1`) counts as itself.
     ///
-    /// With [`RelaySources::require_tls`], the request must also have come over TLS from the
-    /// relay's certificate.
+    /// With [`RelaySources::require_tls`], the request must also have come over TLS from
+    /// that relay's certificate.
     pub fn allows(&self, peer: &Peer) -> bool {
-        if let Some(tls) = &self.tls {
-            if peer.transport != Transport::Tls {
-                return false;
+        let cert = match &self.tls {
+            Some(transports) => {
+                if peer.transport != Transport::Tls {
+                    return false;
+                }
+                let Some(cert) = peer.conn.and_then(|c| transports.peer_certificate(c)) else {
+                    return false;
+                };
+                Some(cert)
             }
-            let Some(cert) = peer.conn.and_then(|c| tls.transports.peer_certificate(c)) else {
-                return false;
-            };
-            if !sip_core::tls::TlsSetup::certificate_names(&cert, &tls.host) {
-                return false;
-            }
-        }
+            None => None,
+        };
         let from = peer.addr.ip().to_canonical();
-        self.entries.iter().any(|(ip, port)| {
-            ip.to_canonical() == from
-                && (peer.transport != Transport::Udp || port.is_none_or(|p| p == peer.addr.port()))
+        self.relays.iter().any(|relay| {
+            cert.as_ref()
+                .is_none_or(|c| sip_core::tls::TlsSetup::certificate_names(c, &relay.host))
+                && relay.entries.iter().any(|(ip, port)| {
+                    ip.to_canonical() == from
+                        && (peer.transport != Transport::Udp
+                            || port.is_none_or(|p| p == peer.addr.port()))
+                })
         })
     }
 }
@@ -690,7 +714,10 @@ t=0 0\r\nm=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\
 
     #[test]
     fn relay_sources_check_ip_and_udp_port() {
-        let s = RelaySources::new(vec![("127.0.0.1".parse().unwrap(), Some(5060))]);
+        let s = RelaySources::new(
+            vec![("127.0.0.1".parse().unwrap(), Some(5060))],
+            "127.0.0.1",
+        );
         let udp = |a: &str| Peer::udp(a.parse().unwrap());
         let tcp = |a: &str| Peer::tcp(a.parse().unwrap());
         assert!(s.allows(&udp("127.0.0.1:5060")));
@@ -698,8 +725,31 @@ t=0 0\r\nm=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\
         assert!(!s.allows(&udp("127.0.0.2:5060")));
         assert!(s.allows(&tcp("127.0.0.1:40000")));
         assert!(!s.allows(&tcp("127.0.0.2:5060")));
-        let any_port = RelaySources::new(vec![("10.0.0.1".parse().unwrap(), None)]);
+        let any_port =
+            RelaySources::new(vec![("10.0.0.1".parse().unwrap(), None)], "relay.example");
         assert!(any_port.allows(&udp("10.0.0.1:1234")));
+    }
+
+    #[test]
+    fn inquiries_from_every_relay_of_the_service_are_accepted_and_only_theirs() {
+        let a = RelaySources::new(vec![("127.0.0.1".parse().unwrap(), Some(5060))], "a");
+        let udp = |a: &str| Peer::udp(a.parse().unwrap());
+        assert!(
+            !a.allows(&udp("127.0.0.2:5070")),
+            "B alone is not the relay"
+        );
+        let both = a.with(RelaySources::new(
+            vec![("127.0.0.2".parse().unwrap(), Some(5070))],
+            "b",
+        ));
+        assert!(both.allows(&udp("127.0.0.1:5060")));
+        assert!(both.allows(&udp("127.0.0.2:5070")));
+        assert!(!both.allows(&udp("127.0.0.2:5060")), "B's port is its own");
+        assert!(!both.allows(&udp("127.0.0.3:5070")));
+        assert_eq!(
+            both.relays().map(|(host, _)| host).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
     }
 
     #[tokio::test]
@@ -708,7 +758,10 @@ t=0 0\r\nm=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\
         let s = RelaySources::of_uri(&uri, &NetDns::system()).await.unwrap();
         assert_eq!(
             s,
-            RelaySources::new(vec![("127.0.0.1".parse().unwrap(), Some(5999))])
+            RelaySources::new(
+                vec![("127.0.0.1".parse().unwrap(), Some(5999))],
+                "127.0.0.1"
+            )
         );
     }
 
@@ -798,14 +851,17 @@ t=0 0\r\nm=application 9 TCP relay-data\r\na=setup:active\r\na=connection:new\r\
         let s = RelaySources::of_uri(&uri, &NetDns::system()).await.unwrap();
         assert_eq!(
             s,
-            RelaySources::new(vec![("::1".parse().unwrap(), Some(5999))])
+            RelaySources::new(vec![("::1".parse().unwrap(), Some(5999))], "::1")
         );
         assert!(s.allows(&Peer::udp("[::1]:5999".parse().unwrap())));
         assert!(!s.allows(&Peer::udp("[::1]:5998".parse().unwrap())));
         assert!(!s.allows(&Peer::udp("127.0.0.1:5999".parse().unwrap())));
         assert!(s.allows(&Peer::tcp("[::1]:40000".parse().unwrap())));
         // An IPv4 relay seen on a dual-stack socket.
-        let v4 = RelaySources::new(vec![("127.0.0.1".parse().unwrap(), Some(5060))]);
+        let v4 = RelaySources::new(
+            vec![("127.0.0.1".parse().unwrap(), Some(5060))],
+            "127.0.0.1",
+        );
         assert!(v4.allows(&Peer::udp("[::ffff:127.0.0.1]:5060".parse().unwrap())));
     }
 }
