@@ -16,6 +16,11 @@ pub const DEFAULT_MAX_BYTES: usize = 16 << 20;
 /// The default number of a message's bytes kept.
 pub const DEFAULT_RAW_BYTES: usize = 4096;
 
+/// How many rings the trace is sharded into (by Call-ID): recording takes one shard's lock,
+/// so calls on different shards never wait for each other. Each has its share of
+/// `messages` and `max_bytes`.
+pub const SHARDS: usize = 16;
+
 /// `[trace]`. See the [module documentation](self).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default, expecting = "a [trace] table")]
@@ -47,10 +52,11 @@ impl TraceConfig {
     /// What is wrong with the section: (key, message).
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
-        if self.messages > 0 && self.max_bytes < 64 * 1024 {
+        let least = SHARDS * (self.raw_bytes + 1024);
+        if self.messages > 0 && self.max_bytes < least {
             problems.push((
                 "trace.max_bytes",
-                "must be at least 65536 when the trace is on".to_owned(),
+                format!("must be at least {least} when the trace is on ({SHARDS} shards of raw_bytes + 1024)"),
             ));
         }
         if self.messages > 0 && !(256..=65_536).contains(&self.raw_bytes) {

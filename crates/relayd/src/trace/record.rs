@@ -4,6 +4,9 @@
 //! `[trace] raw_bytes` allows are kept. The relay adds its decisions by Call-ID
 //! ([`Trace::decision`]) and links a call's legs to it ([`Trace::link`]).
 
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -11,13 +14,16 @@ use bytes::Bytes;
 use sip_core::transport::Tap;
 use sip_core::Peer;
 
-use super::config::TraceConfig;
-use super::ring::{Direction, Entry, Event, Message, Ring, StartLine};
+use super::config::{TraceConfig, SHARDS};
+use super::ring::{call_ids_of, Direction, Entry, Event, Message, Ring, StartLine};
 
-/// The trace: the ring behind a lock held only to push or to copy entries out.
+/// The trace: rings by Call-ID (see [`SHARDS`]), each behind a lock held only to push an
+/// entry; entries numbered across them. A query locks every shard, in order, for as long as
+/// it copies what it needs.
 #[derive(Debug)]
 pub struct Trace {
-    ring: Mutex<Ring>,
+    shards: Box<[Mutex<Ring>]>,
+    seq: AtomicU64,
     raw_bytes: usize,
 }
 
@@ -25,15 +31,35 @@ impl Trace {
     /// The trace `config` asks for, or `None` when it is off.
     pub fn from_config(config: &TraceConfig) -> Option<Arc<Trace>> {
         config.enabled().then(|| {
+            let shards = (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Ring::new(
+                        config.messages.div_ceil(SHARDS),
+                        config.max_bytes / SHARDS,
+                    ))
+                })
+                .collect();
             Arc::new(Trace {
-                ring: Mutex::new(Ring::new(config.messages, config.max_bytes)),
+                shards,
+                seq: AtomicU64::new(1),
                 raw_bytes: config.raw_bytes,
             })
         })
     }
 
-    fn ring(&self) -> MutexGuard<'_, Ring> {
-        self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    fn push(&self, call_id: &str, at: SystemTime, event: Event) {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        call_id.hash(&mut hasher);
+        // The modulo keeps the index below SHARDS (a u64 smaller than a usize).
+        let shard = (hasher.finish() % SHARDS as u64) as usize;
+        let mut ring = lock(&self.shards[shard]);
+        // Numbered under the lock: in one shard, numbers grow with the order of entries.
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        ring.push_numbered(seq, at, event);
+    }
+
+    fn all(&self) -> Vec<MutexGuard<'_, Ring>> {
+        self.shards.iter().map(lock).collect()
     }
 
     /// Records a message in or out, if its head has a start line and a Call-ID (what has
@@ -42,22 +68,25 @@ impl Trace {
         self.message_at(SystemTime::now(), direction, peer, bytes);
     }
 
-    /// [`Trace::message`] at a given time (for tests).
+    /// [`Trace::message`] at a given time (for tests, and for a message sent, timed when
+    /// its sending began).
     pub fn message_at(&self, at: SystemTime, direction: Direction, peer: &Peer, bytes: &[u8]) {
         let Some(summary) = summarize(bytes) else {
             return;
         };
         let raw: Box<[u8]> = bytes[..bytes.len().min(self.raw_bytes)].into();
+        let call_id: Box<str> = summary.call_id.into();
+        let key = call_id.clone();
         let event = Event::Message(Message {
             direction,
             peer: *peer,
-            call_id: summary.call_id.into(),
+            call_id,
             start: summary.start,
             cseq: summary.cseq.into(),
             raw,
             len: bytes.len(),
         });
-        self.ring().push(at, event);
+        self.push(&key, at, event);
     }
 
     /// Records a decision about the call `call_id` (its terminal Call-ID).
@@ -68,13 +97,11 @@ impl Trace {
     /// [`Trace::decision`] at a given time (for tests).
     pub fn decision_at(&self, at: SystemTime, call_id: &str, text: impl Into<String>) {
         let text: String = text.into();
-        self.ring().push(
-            at,
-            Event::Decision {
-                call_id: call_id.into(),
-                text: text.into(),
-            },
-        );
+        let event = Event::Decision {
+            call_id: call_id.into(),
+            text: text.into(),
+        };
+        self.push(call_id, at, event);
     }
 
     /// Records that `leg` is the Call-ID of a leg of the call `call`.
@@ -82,40 +109,68 @@ impl Trace {
         if call == leg {
             return;
         }
-        self.ring().push(
-            SystemTime::now(),
-            Event::Link {
-                call: call.into(),
-                leg: leg.into(),
-            },
-        );
+        let event = Event::Link {
+            call: call.into(),
+            leg: leg.into(),
+        };
+        self.push(leg, SystemTime::now(), event);
     }
 
     /// A call's Call-IDs (the terminal's first) and entries, oldest first.
     pub fn call(&self, call_id: &str) -> (Vec<String>, Vec<Entry>) {
-        self.ring().call(call_id)
+        let guards = self.all();
+        let rings: Vec<&Ring> = guards.iter().map(|g| &**g).collect();
+        let ids = call_ids_of(&rings, call_id);
+        let set: HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let mut entries: Vec<Entry> = rings.iter().flat_map(|r| r.entries_of(&set)).collect();
+        drop(guards);
+        entries.sort_by_key(|e| (e.at, e.seq));
+        (ids, entries)
     }
 
-    /// At most `limit` entries after number `after`, and the cursor to ask after next.
+    /// At most `limit` entries after number `after`, oldest first, and the cursor to ask
+    /// after next.
     pub fn after(&self, after: u64, limit: usize) -> (Vec<Entry>, u64) {
-        self.ring().after(after, limit)
-    }
-
-    /// The number of the newest entry: where to follow from.
-    pub fn newest(&self) -> u64 {
-        self.ring().newest()
+        let mut taken: Vec<Entry> = self
+            .all()
+            .iter()
+            .flat_map(|r| r.after(after, limit).0)
+            .collect();
+        taken.sort_by_key(|e| e.seq);
+        taken.truncate(limit);
+        let next = taken.last().map_or(after, |e| e.seq);
+        (taken, next)
     }
 
     /// The latest calls answered with a failure, newest first.
     pub fn recent_failures(&self, limit: usize) -> Vec<String> {
-        self.ring().recent_failures(limit)
+        let guards = self.all();
+        let legs: HashSet<&str> = guards.iter().flat_map(|r| r.legs()).collect();
+        let is_leg = |c: &str| legs.contains(c);
+        let mut found: Vec<(u64, String)> = guards
+            .iter()
+            .flat_map(|r| r.failures(limit, &is_leg))
+            .collect();
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        found.truncate(limit);
+        found.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// The number of the newest entry: where to follow from.
+    pub fn newest(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed) - 1
     }
 
     /// Entries and bytes held.
     pub fn usage(&self) -> (usize, usize) {
-        let ring = self.ring();
-        (ring.len(), ring.bytes())
+        self.all()
+            .iter()
+            .fold((0, 0), |(n, b), r| (n + r.len(), b + r.bytes()))
     }
+}
+
+fn lock(ring: &Mutex<Ring>) -> MutexGuard<'_, Ring> {
+    ring.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Tap for Trace {

@@ -140,14 +140,21 @@ impl Ring {
         }
     }
 
-    /// Adds an entry, the oldest going first while either cap would be passed; returns its
-    /// number. An entry larger than the whole ring is not kept (and gets a number still).
+    /// Adds an entry numbered by the ring itself (a ring used alone); returns its number.
     pub fn push(&mut self, at: SystemTime, event: Event) -> u64 {
         let seq = self.next_seq;
-        self.next_seq += 1;
+        self.push_numbered(seq, at, event);
+        seq
+    }
+
+    /// Adds an entry numbered `seq` (by whoever numbers the entries of several rings), the
+    /// oldest going first while either cap would be passed. An entry larger than the whole
+    /// ring is not kept.
+    pub fn push_numbered(&mut self, seq: u64, at: SystemTime, event: Event) {
+        self.next_seq = self.next_seq.max(seq + 1);
         let cost = event.cost();
         if cost > self.max_bytes || self.max_entries == 0 {
-            return seq;
+            return;
         }
         while self.entries.len() >= self.max_entries || self.bytes + cost > self.max_bytes {
             let Some(old) = self.entries.pop_front() else {
@@ -157,7 +164,6 @@ impl Ring {
         }
         self.bytes += cost;
         self.entries.push_back(Entry { seq, at, event });
-        seq
     }
 
     /// The number of the newest entry (0 before the first).
@@ -180,26 +186,38 @@ impl Ring {
         self.bytes
     }
 
+    /// The call whose leg `leg` is, if a link says so.
+    pub fn root_of(&self, leg: &str) -> Option<String> {
+        self.entries.iter().find_map(|e| match &e.event {
+            Event::Link { call, leg: l } if **l == *leg => Some(call.to_string()),
+            _ => None,
+        })
+    }
+
+    /// The legs linked to the call `root`, with the numbers of their links.
+    pub fn legs_of(&self, root: &str) -> Vec<(u64, String)> {
+        self.entries
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::Link { call, leg } if **call == *root => Some((e.seq, leg.to_string())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Every entry about one of `ids`.
+    pub fn entries_of(&self, ids: &HashSet<&str>) -> Vec<Entry> {
+        self.entries
+            .iter()
+            .filter(|e| ids.contains(e.event.call_id()))
+            .cloned()
+            .collect()
+    }
+
     /// The Call-IDs of a call: the terminal's first, then its legs', in the order they were
     /// linked. `call_id` may be either the terminal's or a leg's.
     pub fn call_ids(&self, call_id: &str) -> Vec<String> {
-        let root = self
-            .entries
-            .iter()
-            .find_map(|e| match &e.event {
-                Event::Link { call, leg } if &**leg == call_id => Some(call.to_string()),
-                _ => None,
-            })
-            .unwrap_or_else(|| call_id.to_owned());
-        let mut ids = vec![root.clone()];
-        for e in &self.entries {
-            if let Event::Link { call, leg } = &e.event {
-                if **call == *root && !ids.iter().any(|id| **id == **leg) {
-                    ids.push(leg.to_string());
-                }
-            }
-        }
-        ids
+        call_ids_of(&[self], call_id)
     }
 
     /// Every entry of the call `call_id` (terminal's or leg's Call-ID), oldest first (by
@@ -208,13 +226,8 @@ impl Ring {
     pub fn call(&self, call_id: &str) -> (Vec<String>, Vec<Entry>) {
         let ids = self.call_ids(call_id);
         let set: HashSet<&str> = ids.iter().map(String::as_str).collect();
-        let mut entries: Vec<Entry> = self
-            .entries
-            .iter()
-            .filter(|e| set.contains(e.event.call_id()))
-            .cloned()
-            .collect();
-        entries.sort_by_key(|e| e.at);
+        let mut entries = self.entries_of(&set);
+        entries.sort_by_key(|e| (e.at, e.seq));
         (ids, entries)
     }
 
@@ -233,18 +246,19 @@ impl Ring {
         (taken, next)
     }
 
-    /// The terminal Call-IDs of the latest calls answered with a final failure (an INVITE's
-    /// response of 300 or more sent to the terminal), newest first, at most `limit`.
-    pub fn recent_failures(&self, limit: usize) -> Vec<String> {
-        let legs: HashSet<&str> = self
-            .entries
-            .iter()
-            .filter_map(|e| match &e.event {
-                Event::Link { leg, .. } => Some(&**leg),
-                _ => None,
-            })
-            .collect();
-        let mut found: Vec<String> = Vec::new();
+    /// Every leg Call-ID linked in this ring.
+    pub fn legs(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().filter_map(|e| match &e.event {
+            Event::Link { leg, .. } => Some(&**leg),
+            _ => None,
+        })
+    }
+
+    /// The terminal Call-IDs of calls answered with a final failure (an INVITE's response
+    /// of 300 or more sent to a Call-ID that `is_leg` says is no leg), with the number of
+    /// that response, newest first, at most `limit`.
+    pub fn failures(&self, limit: usize, is_leg: &dyn Fn(&str) -> bool) -> Vec<(u64, String)> {
+        let mut found: Vec<(u64, String)> = Vec::new();
         for e in self.entries.iter().rev() {
             if found.len() == limit {
                 break;
@@ -256,14 +270,41 @@ impl Ring {
             if m.direction == Direction::Out
                 && failed
                 && m.cseq.ends_with("INVITE")
-                && !legs.contains(&*m.call_id)
-                && !found.iter().any(|f| **f == *m.call_id)
+                && !is_leg(&m.call_id)
+                && !found.iter().any(|(_, f)| **f == *m.call_id)
             {
-                found.push(m.call_id.to_string());
+                found.push((e.seq, m.call_id.to_string()));
             }
         }
         found
     }
+
+    /// [`Ring::failures`] of this ring alone: the Call-IDs, newest first.
+    pub fn recent_failures(&self, limit: usize) -> Vec<String> {
+        let legs: HashSet<&str> = self.legs().collect();
+        self.failures(limit, &|c| legs.contains(c))
+            .into_iter()
+            .map(|(_, c)| c)
+            .collect()
+    }
+}
+
+/// The Call-IDs of the call `call_id` (the terminal's or a leg's) over several rings: the
+/// terminal's first, then its legs' in the order they were linked.
+pub fn call_ids_of(rings: &[&Ring], call_id: &str) -> Vec<String> {
+    let root = rings
+        .iter()
+        .find_map(|r| r.root_of(call_id))
+        .unwrap_or_else(|| call_id.to_owned());
+    let mut legs: Vec<(u64, String)> = rings.iter().flat_map(|r| r.legs_of(&root)).collect();
+    legs.sort();
+    let mut ids = vec![root];
+    for (_, leg) in legs {
+        if !ids.contains(&leg) {
+            ids.push(leg);
+        }
+    }
+    ids
 }
 
 #[cfg(test)]

@@ -247,3 +247,54 @@ fn a_failed_call_is_listed_but_a_successful_one_is_not() {
     assert_eq!(trace.recent_failures(5), vec![TERMINAL_CID.to_owned()]);
     let _ = SystemTime::now();
 }
+
+#[test]
+fn entries_recorded_from_many_threads_are_all_followed_in_order_within_the_caps() {
+    let config = TraceConfig {
+        messages: 100_000,
+        max_bytes: 64 << 20,
+        ..TraceConfig::default()
+    };
+    let trace = Trace::from_config(&config).unwrap();
+    let peer = Peer::udp("192.0.2.10:5060".parse().unwrap());
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let trace = &trace;
+            s.spawn(move || {
+                for i in 0..500 {
+                    trace.message(In, &peer, &request("INVITE", &format!("c{t}-{i}"), 1));
+                }
+            });
+        }
+    });
+    let mut seen = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let (page, next) = trace.after(cursor, 300);
+        if page.is_empty() {
+            break;
+        }
+        seen.extend(page.iter().map(|e| e.seq));
+        cursor = next;
+    }
+    assert_eq!(seen, (1..=2000).collect::<Vec<u64>>());
+    assert_eq!(trace.newest(), 2000);
+
+    // A small ring keeps within its byte cap whatever arrives.
+    let small = Trace::from_config(&TraceConfig {
+        messages: 1_000_000,
+        max_bytes: 16 * (4096 + 1024),
+        raw_bytes: 4096,
+    })
+    .unwrap();
+    let mut big = request("MESSAGE", "x", 1);
+    big.extend(std::iter::repeat_n(b'y', 3000));
+    for i in 0..1000 {
+        let mut m = request("MESSAGE", &format!("m{i}"), 1);
+        m.extend_from_slice(&big);
+        small.message(In, &peer, &m);
+    }
+    let (entries, bytes) = small.usage();
+    assert!(bytes <= 16 * (4096 + 1024), "{bytes}");
+    assert!(entries > 0 && entries < 1000, "{entries}");
+}
