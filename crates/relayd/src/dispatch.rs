@@ -227,17 +227,20 @@ fn out_of_dialog(
         }
         Method::Options if r.ids.to_tag.is_none() => {
             let mut resp = b2bua::local_response(&r.req, 200, "OK", Some(&message::new_tag()));
-            resp.headers.push(Header::Allow(rsip::headers::Allow::new(ALLOW)));
+            resp.headers
+                .push(Header::Allow(rsip::headers::Allow::new(ALLOW)));
             resp.headers.push(Header::Accept(rsip::headers::Accept::new(
                 "application/sdp, application/vnd.relay.charge+json",
             )));
             // RFC 3261 §11.2: what it supports too.
-            resp.headers.push(Header::AcceptEncoding(
-                rsip::headers::AcceptEncoding::new("identity"),
-            ));
-            resp.headers.push(Header::Supported(rsip::headers::Supported::new(
-                crate::extensions::SUPPORTED.join(", "),
-            )));
+            resp.headers
+                .push(Header::AcceptEncoding(rsip::headers::AcceptEncoding::new(
+                    "identity",
+                )));
+            resp.headers
+                .push(Header::Supported(rsip::headers::Supported::new(
+                    crate::extensions::SUPPORTED.join(", "),
+                )));
             let _ = r.tx.respond(resp);
         }
         Method::Message if r.ids.to_tag.is_none() => {
@@ -257,7 +260,8 @@ fn out_of_dialog(
         Method::Subscribe | Method::Publish => {
             let mut resp =
                 b2bua::local_response(&r.req, 405, "Method Not Allowed", Some(&message::new_tag()));
-            resp.headers.push(Header::Allow(rsip::headers::Allow::new(ALLOW)));
+            resp.headers
+                .push(Header::Allow(rsip::headers::Allow::new(ALLOW)));
             let _ = r.tx.respond(resp);
         }
         _ => relay.refuse(&r, 481, "Call/Transaction Does Not Exist"),

@@ -457,6 +457,10 @@ impl Call {
         env.session_started(&b.server);
         let id = format!("s-{}", message::new_tag());
         info!(session_id = %id, server = b.server.uri_text(), "server answered");
+        // Room for this one session only: a Vec grows from nothing to four elements, and a
+        // session is near a kilobyte, paid for as long as the call lives — most calls have
+        // one session.
+        self.sessions.reserve_exact(1);
         self.sessions.push(Session {
             id,
             a_dialog,

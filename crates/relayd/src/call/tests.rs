@@ -1934,3 +1934,14 @@ fn too_small_an_interval_is_refused_422_and_a_servers_422_is_asked_again() {
     assert_eq!(p.answer_to(tx), Some(422));
     assert!(p.records.is_empty());
 }
+
+// --- memory (issue 13) ---
+
+#[test]
+fn a_call_with_one_session_keeps_room_for_that_one_only() {
+    let p = Pair::established(ONE);
+    assert_eq!(p.call.sessions.len(), 1);
+    // A Vec's first push makes room for four; a session is near a kilobyte, kept as long as
+    // the call lives.
+    assert_eq!(p.call.sessions.capacity(), 1);
+}

@@ -77,16 +77,18 @@ pub fn spawn<R: Relaying>(
         req: incoming.req,
         from: incoming.from,
     };
+    // Boxed: an async fn's future keeps its arguments apart from the locals they are moved
+    // into, so a call passed by value would take its size twice in every call's task.
     let call = {
         let _entered = span.enter();
-        Call::new(
+        Box::new(Call::new(
             invite,
             call_id,
             adm,
             &*driver.relay,
             Instant::now(),
             SystemTime::now(),
-        )
+        ))
     };
     let task = driver.run(call, rx);
     // What every call's task holds for the call's whole life (its future's size); the
@@ -114,7 +116,7 @@ impl<R: Relaying> Driver<R> {
         self.routed.first().map(String::as_str).unwrap_or("")
     }
 
-    async fn run(mut self, mut call: Call, mut rx: routing::InboxReceiver) {
+    async fn run(mut self, mut call: Box<Call>, mut rx: routing::InboxReceiver) {
         // One timer for the call, moved only when its next deadline changes.
         let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
         tokio::pin!(sleep);
