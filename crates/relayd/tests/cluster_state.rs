@@ -256,3 +256,60 @@ fn failed_attempts_on_both_relays_add_up_to_a_lock_out_on_both() {
         "the right password registered through A during the lock-out: {right:#?}"
     );
 }
+
+#[test]
+fn sharing_resumes_after_the_relays_lose_their_database_connections() {
+    let (system, b, _server) = two_relays();
+    let peer = &system.peers[b];
+    let url = std::fs::read_to_string(&system.config)
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("url = ")
+                .map(|u| u.trim_matches('"').to_string())
+        })
+        .unwrap();
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let cut = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'relayd shared state' \
+             AND datname = current_database()",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(cut.len(), 2, "one shared-state connection per relay");
+    let reconnected = wait_until(STEP, || {
+        system.relay_log().contains("shared state reachable again")
+            && peer.relay.log().contains("shared state reachable again")
+    });
+    assert!(
+        reconnected,
+        "the relays did not connect again\n{}",
+        system.report()
+    );
+
+    // A registration through A after the cut admits a call through B.
+    system
+        .client("register-a", ALICE)
+        .args(["register", "--once"])
+        .run(b"")
+        .assert_code(0, &system);
+    let mut call = None;
+    let through = wait_until(STEP, || {
+        let run = system
+            .client("call-b", ALICE)
+            .through(peer.port)
+            .args(["call", "echo", "--no-register", "--wait-after-eof", "1s"])
+            .run(b"after the cut\n");
+        let ok = run.status.code() == Some(0);
+        call = Some(run);
+        ok
+    });
+    assert!(
+        through,
+        "the call through B failed: {:#?}\n{}",
+        call,
+        system.report()
+    );
+}

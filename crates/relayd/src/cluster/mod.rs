@@ -25,7 +25,9 @@
 //! connection to it as for a configured server.
 //!
 //! One database connection serves a relay (within `[storage] pool_size`): it carries the
-//! `LISTEN`, the reads of announced rows and the writes, in order. The node name tags every
+//! `LISTEN`, the reads of announced rows and the writes, in order. When it is lost the relay
+//! serves on from memory, keeps its own changes queued, connects again (backing off from 1 s
+//! to 30 s), loads the rows again and writes what it queued. The node name tags every
 //! announcement, so a relay skips its own; two relays with the same name would ignore each
 //! other.
 
@@ -37,11 +39,14 @@ pub mod schema;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
 
 use crate::auth::{FailureSink, SharedFailure};
 use crate::directory::HealthChange;
 use crate::registrar::Binding;
+
+/// The `application_name` of the shared-state connections.
+pub const APPLICATION_NAME: &str = "relayd shared state";
 
 /// The channel every relay `LISTEN`s on.
 pub const CHANNEL: &str = "relayd_changes";
@@ -84,25 +89,22 @@ pub enum Change {
     AuthFailure(SharedFailure),
 }
 
-/// This relay's handle on the shared state: local changes go through it. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Cluster {
-    node: Arc<str>,
-    changes: mpsc::UnboundedSender<Change>,
+/// One open connection, migrated and `LISTEN`ing: the client, and the notifications it
+/// receives (the channel ends when the connection does).
+pub struct Connection {
+    client: Client,
+    notes: mpsc::UnboundedReceiver<String>,
 }
 
-impl Cluster {
-    /// Connects to the database at `url` as relay `node`, brings the schema up to date and
-    /// starts `LISTEN`ing. Returns the handle and the [`listen::Listener`] that loads the
-    /// current state and applies the other relays' changes; the writer task runs from here.
-    pub async fn connect(
-        url: &str,
-        node: &str,
-    ) -> Result<(Cluster, listen::Listener), ClusterError> {
-        let (client, mut connection) = tokio_postgres::connect(url, NoTls)
-            .await
-            .map_err(ClusterError::Connect)?;
-        let (notes_tx, notes_rx) = mpsc::unbounded_channel();
+impl Connection {
+    /// Connects to `url`, brings the schema up to date and `LISTEN`s on [`CHANNEL`].
+    pub async fn open(url: &str) -> Result<Connection, ClusterError> {
+        let mut config: tokio_postgres::Config = url.parse().map_err(ClusterError::Connect)?;
+        // Named, so an operator tells it from the billing store's in pg_stat_activity.
+        config.application_name(APPLICATION_NAME);
+        let (client, mut connection) =
+            config.connect(NoTls).await.map_err(ClusterError::Connect)?;
+        let (notes_tx, notes) = mpsc::unbounded_channel();
         // The connection carries the queries' answers and the notifications; it runs until
         // the client is dropped or the server goes away.
         tokio::spawn(async move {
@@ -130,12 +132,31 @@ impl Cluster {
             .batch_execute(&format!("LISTEN {CHANNEL}"))
             .await
             .map_err(ClusterError::Query)?;
-        let client = Arc::new(client);
+        Ok(Connection { client, notes })
+    }
+}
+
+/// This relay's handle on the shared state: local changes go through it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    node: Arc<str>,
+    changes: mpsc::UnboundedSender<Change>,
+}
+
+impl Cluster {
+    /// Connects to the database at `url` as relay `node`, brings the schema up to date and
+    /// starts `LISTEN`ing. Returns the handle and the [`listen::Listener`] that loads the
+    /// current state, applies the other relays' changes, writes this relay's, and connects
+    /// again when the connection is lost.
+    pub async fn connect(
+        url: &str,
+        node: &str,
+    ) -> Result<(Cluster, listen::Listener), ClusterError> {
+        let connection = Connection::open(url).await?;
         let node: Arc<str> = Arc::from(node);
         let (changes, changes_rx) = mpsc::unbounded_channel();
-        tokio::spawn(publish::run(client.clone(), node.clone(), changes_rx));
         tracing::info!(node = %node, "shared state on PostgreSQL");
-        let listener = listen::Listener::new(client, node.clone(), notes_rx);
+        let listener = listen::Listener::new(url, node.clone(), connection, changes_rx);
         Ok((Cluster { node, changes }, listener))
     }
 

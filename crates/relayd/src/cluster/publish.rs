@@ -2,18 +2,16 @@
 //! the order they were made. Each write and its announcement are one statement, so another
 //! relay never hears of a change it cannot read yet.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
 use super::rows::{self, Note, Noted};
 use super::{Change, ClusterError, CHANNEL};
 use crate::directory::HealthChange;
 
-/// How often rows whose registrations have all ended are deleted.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// How often rows whose registrations have all ended are deleted ([`sweep`]).
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 const UPSERT_BINDINGS: &str = "WITH written AS (
         INSERT INTO relayd.registrations (username, node, bindings, expires_ms)
@@ -32,34 +30,19 @@ const UPSERT_HEALTH: &str = "WITH written AS (
         RETURNING 1)
     SELECT pg_notify($5, $6) FROM written";
 
-/// Writes the changes received on `changes` until every [`super::Cluster`] handle is gone.
-/// A write that fails is logged and the next one tried: the relay serves on from memory.
-pub async fn run(
-    client: Arc<Client>,
-    node: Arc<str>,
-    mut changes: mpsc::UnboundedReceiver<Change>,
-) {
-    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
-    loop {
-        tokio::select! {
-            change = changes.recv() => {
-                let Some(change) = change else { break };
-                if let Err(e) = write(&client, &node, &change).await {
-                    tracing::warn!(error = %e, ?change, "change not written to the shared state");
-                }
-            }
-            _ = sweep.tick() => {
-                let now = rows::epoch_ms(Instant::now(), Instant::now(), SystemTime::now());
-                match client
-                    .execute("DELETE FROM relayd.registrations WHERE expires_ms <= $1", &[&now])
-                    .await
-                {
-                    Ok(n) if n > 0 => tracing::debug!(rows = n, "ended registrations deleted"),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "ended registrations not deleted"),
-                }
-            }
-        }
+/// Deletes the rows whose registrations have all ended.
+pub async fn sweep(client: &Client) {
+    let now = rows::epoch_ms(Instant::now(), Instant::now(), SystemTime::now());
+    match client
+        .execute(
+            "DELETE FROM relayd.registrations WHERE expires_ms <= $1",
+            &[&now],
+        )
+        .await
+    {
+        Ok(n) if n > 0 => tracing::debug!(rows = n, "ended registrations deleted"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "ended registrations not deleted"),
     }
 }
 
