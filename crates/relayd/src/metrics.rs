@@ -296,6 +296,14 @@ pub fn render(relay: &Relay) -> String {
         "Billing transactions that failed.",
         w.failed_batches,
     );
+    if let Some(cluster) = &relay.cluster {
+        metric(
+            "cluster_changes_dropped_total",
+            "counter",
+            "Changes not shared with the other relays: too many were waiting for the database.",
+            cluster.dropped(),
+        );
+    }
     let _ = writeln!(out, "# HELP relayd_server_up Whether an application server answers its probes.\n# TYPE relayd_server_up gauge");
     let _ = writeln!(out, "# HELP relayd_server_sessions Sessions on an application server.\n# TYPE relayd_server_sessions gauge");
     for service in relay.directory.services() {

@@ -38,7 +38,7 @@ pub struct Listener {
     url: String,
     node: Arc<str>,
     connection: Connection,
-    changes: mpsc::UnboundedReceiver<Change>,
+    changes: mpsc::Receiver<Change>,
 }
 
 impl Listener {
@@ -46,7 +46,7 @@ impl Listener {
         url: &str,
         node: Arc<str>,
         connection: Connection,
-        changes: mpsc::UnboundedReceiver<Change>,
+        changes: mpsc::Receiver<Change>,
     ) -> Listener {
         Listener {
             url: url.to_owned(),

@@ -51,6 +51,13 @@ pub const APPLICATION_NAME: &str = "relayd shared state";
 /// The channel every relay `LISTEN`s on.
 pub const CHANNEL: &str = "relayd_changes";
 
+/// The most changes of this relay waiting to be written, and the most announcements of the
+/// others waiting to be applied. Past it a change or an announcement is dropped and counted
+/// ([`Cluster::dropped`]): failed logins are announced, and a stranger's flood of them while
+/// the database is away (or a peer's) must not grow memory without bound. A dropped
+/// registration is shared again at its next refresh.
+pub const MAX_QUEUED: usize = 10_000;
+
 /// Why the shared state is not available.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -93,7 +100,7 @@ pub enum Change {
 /// receives (the channel ends when the connection does).
 pub struct Connection {
     client: Client,
-    notes: mpsc::UnboundedReceiver<String>,
+    notes: mpsc::Receiver<String>,
 }
 
 impl Connection {
@@ -104,15 +111,28 @@ impl Connection {
         config.application_name(APPLICATION_NAME);
         let (client, mut connection) =
             config.connect(NoTls).await.map_err(ClusterError::Connect)?;
-        let (notes_tx, notes) = mpsc::unbounded_channel();
+        let (notes_tx, notes) = mpsc::channel(MAX_QUEUED);
         // The connection carries the queries' answers and the notifications; it runs until
         // the client is dropped or the server goes away.
         tokio::spawn(async move {
+            let mut dropped: u64 = 0;
             loop {
                 match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                     Some(Ok(AsyncMessage::Notification(n))) => {
-                        if notes_tx.send(n.payload().to_owned()).is_err() {
-                            break;
+                        // Never wait here: this task also carries the answers the listener
+                        // may be waiting for.
+                        match notes_tx.try_send(n.payload().to_owned()) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                dropped += 1;
+                                if dropped.is_power_of_two() {
+                                    tracing::warn!(
+                                        dropped,
+                                        "shared-state announcements dropped: {MAX_QUEUED} waiting"
+                                    );
+                                }
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => break,
                         }
                     }
                     Some(Ok(AsyncMessage::Notice(notice))) => {
@@ -140,7 +160,8 @@ impl Connection {
 #[derive(Debug, Clone)]
 pub struct Cluster {
     node: Arc<str>,
-    changes: mpsc::UnboundedSender<Change>,
+    changes: mpsc::Sender<Change>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Cluster {
@@ -154,10 +175,17 @@ impl Cluster {
     ) -> Result<(Cluster, listen::Listener), ClusterError> {
         let connection = Connection::open(url).await?;
         let node: Arc<str> = Arc::from(node);
-        let (changes, changes_rx) = mpsc::unbounded_channel();
+        let (changes, changes_rx) = mpsc::channel(MAX_QUEUED);
         tracing::info!(node = %node, "shared state on PostgreSQL");
         let listener = listen::Listener::new(url, node.clone(), connection, changes_rx);
-        Ok((Cluster { node, changes }, listener))
+        Ok((
+            Cluster {
+                node,
+                changes,
+                dropped: Arc::default(),
+            },
+            listener,
+        ))
     }
 
     /// This relay's node name.
@@ -186,9 +214,30 @@ impl Cluster {
         self.send(Change::AuthFailure(failure));
     }
 
+    /// Local changes dropped because [`MAX_QUEUED`] were waiting to be written.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn send(&self, change: Change) {
-        if self.changes.send(change).is_err() {
-            tracing::error!("shared-state writer stopped; change not shared");
+        match self.changes.try_send(change) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(change)) => {
+                let n = self
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // Said once per power of two, not once per change of a flood.
+                if n.is_power_of_two() || n == 0 {
+                    tracing::warn!(
+                        dropped = n + 1,
+                        ?change,
+                        "shared-state queue full; change not shared"
+                    );
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("shared-state writer stopped; change not shared");
+            }
         }
     }
 }
@@ -196,5 +245,37 @@ impl Cluster {
 impl FailureSink for Cluster {
     fn failed(&self, failure: SharedFailure) {
         self.publish_auth_failure(failure);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn changes_past_the_queue_are_dropped_and_counted_not_kept() {
+        let (changes, mut queued) = mpsc::channel(MAX_QUEUED);
+        let cluster = Cluster {
+            node: Arc::from("relay-a"),
+            changes,
+            dropped: Arc::default(),
+        };
+        // The database is away: nothing takes the changes. A stranger's failed logins.
+        let failure = || SharedFailure {
+            user: Some("mallory".into()),
+            source: "127.0.0.1".parse().unwrap(),
+            weight: 100,
+        };
+        for _ in 0..MAX_QUEUED + 500 {
+            cluster.publish_auth_failure(failure());
+        }
+        assert_eq!(cluster.dropped(), 500);
+        let mut kept = 0;
+        while queued.try_recv().is_ok() {
+            kept += 1;
+        }
+        assert_eq!(kept, MAX_QUEUED);
     }
 }
