@@ -25,36 +25,10 @@ use billing::writer::{Writer, WriterConfig, WriterHandle};
 use billing::BillingError;
 use tracing::{info, warn};
 
-use crate::config::{StorageBackendKind, StorageConfig};
-
-/// The billing store `[storage]` names: `data_dir/billing.db` with SQLite, `url` with
-/// PostgreSQL.
-pub fn storage_backend(storage: &StorageConfig) -> StorageBackend {
-    match storage.backend {
-        StorageBackendKind::Sqlite => StorageBackend::Sqlite {
-            path: storage.data_dir.join("billing.db"),
-        },
-        StorageBackendKind::Postgres => StorageBackend::Postgres {
-            url: storage.url.clone(),
-        },
-    }
-}
-
-/// The node name this relay journals its sessions under: `[storage] node` on PostgreSQL,
-/// `""` with SQLite (the file is one relay's alone, and sessions journaled before nodes
-/// existed are `""`'s, so a restart recovers them whatever the configuration names).
-pub fn billing_node(storage: &StorageConfig) -> &str {
-    match storage.backend {
-        StorageBackendKind::Sqlite => "",
-        StorageBackendKind::Postgres => &storage.node,
-    }
-}
-
 /// Opens the billing store of `[storage]` (from configuration file `file`) read-only,
 /// for reports: on PostgreSQL every relay's records.
-pub fn open_read_only(storage: &StorageConfig, file: &Path) -> anyhow::Result<AnyStore> {
-    let backend = storage_backend(storage);
-    if let StorageBackend::Sqlite { path } = &backend {
+pub fn open_read_only(backend: &StorageBackend, file: &Path) -> anyhow::Result<AnyStore> {
+    if let StorageBackend::Sqlite { path } = backend {
         if !path.exists() {
             anyhow::bail!(
                 "{}: no billing store yet (relayd has not run with this data_dir)",
@@ -62,7 +36,7 @@ pub fn open_read_only(storage: &StorageConfig, file: &Path) -> anyhow::Result<An
             );
         }
     }
-    AnyStore::open_read_only(&backend).map_err(|e| open_error(&backend, file, e))
+    AnyStore::open_read_only(backend).map_err(|e| open_error(backend, file, e))
 }
 
 /// An error opening the store, naming the key (and file) that chose it.
@@ -152,7 +126,8 @@ pub struct BillingControl {
     live: AtomicUsize,
     /// The store, for logs: the SQLite file or the database URL without its password.
     location: String,
-    /// The node this relay journals its sessions under (see [`billing_node`]).
+    /// The node this relay journals its sessions under (see
+    /// [`StorageConfig::billing_node`](crate::config::StorageConfig::billing_node)).
     node: String,
 }
 
@@ -162,27 +137,29 @@ impl BillingControl {
     /// its writer, committing at most once per `commit_interval`. The returned [`Writer`]
     /// must be kept and shut down when the relay stops.
     pub fn open(
-        storage: &StorageConfig,
+        backend: &StorageBackend,
+        node: &str,
         file: &Path,
         tariffs: TariffTable,
         commit_interval: std::time::Duration,
     ) -> anyhow::Result<(BillingControl, Writer)> {
-        let backend = storage_backend(storage);
-        if storage.backend == StorageBackendKind::Sqlite {
-            let data_dir = &storage.data_dir;
-            std::fs::create_dir_all(data_dir)
-                .with_context(|| format!("creating the data directory {}", data_dir.display()))?;
+        if let StorageBackend::Sqlite { path } = backend {
+            if let Some(data_dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(data_dir).with_context(|| {
+                    format!("creating the data directory {}", data_dir.display())
+                })?;
+            }
         }
         // On a thread of its own: PostgreSQL's synchronous client runs a runtime of its own,
         // which cannot start on a thread of the relay's (this runs during start-up, within
         // it); the store then lives on the writer's thread.
         let opened = std::thread::scope(|scope| {
             scope
-                .spawn(|| AnyStore::open(&backend))
+                .spawn(|| AnyStore::open(backend))
                 .join()
                 .map_err(|_| anyhow::anyhow!("opening the billing store: the thread panicked"))
         })?;
-        let store = opened.map_err(|e| open_error(&backend, file, e))?;
+        let store = opened.map_err(|e| open_error(backend, file, e))?;
         let location = match &store {
             AnyStore::Sqlite(s) => s.path().display().to_string(),
             AnyStore::Postgres(s) => s.target().to_owned(),
@@ -200,7 +177,7 @@ impl BillingControl {
             tariffs: std::sync::RwLock::new(std::sync::Arc::new(tariffs)),
             live: AtomicUsize::new(0),
             location,
-            node: billing_node(storage).to_owned(),
+            node: node.to_owned(),
         };
         Ok((control, writer))
     }

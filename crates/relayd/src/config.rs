@@ -729,6 +729,31 @@ pub struct StorageConfig {
     pub pool_size: u32,
 }
 
+impl StorageConfig {
+    /// The billing store it names: `data_dir/billing.db` with SQLite, `url` with
+    /// PostgreSQL.
+    pub fn billing_backend(&self) -> billing::backend::StorageBackend {
+        match self.backend {
+            StorageBackendKind::Sqlite => billing::backend::StorageBackend::Sqlite {
+                path: self.data_dir.join("billing.db"),
+            },
+            StorageBackendKind::Postgres => billing::backend::StorageBackend::Postgres {
+                url: self.url.clone(),
+            },
+        }
+    }
+
+    /// The node name this relay journals its sessions under: `node` on PostgreSQL, `""`
+    /// with SQLite (the file is one relay's alone, and sessions journaled before nodes
+    /// existed are `""`'s, so a restart recovers them whatever the configuration names).
+    pub fn billing_node(&self) -> &str {
+        match self.backend {
+            StorageBackendKind::Sqlite => "",
+            StorageBackendKind::Postgres => &self.node,
+        }
+    }
+}
+
 /// `[storage] backend`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -137,7 +137,7 @@ fn ha1_function() -> Option<Ha1Hasher> {
 /// The billing store of the configuration (`[storage]`), opened read-only for reports:
 /// on PostgreSQL it holds every relay's records.
 fn open_store(config: &Config) -> anyhow::Result<AnyStore> {
-    relayd::billing_control::open_read_only(&config.storage, &config.file_name())
+    relayd::billing_control::open_read_only(&config.storage.billing_backend(), &config.file_name())
 }
 
 fn period(since: Option<cli::Timestamp>, until: Option<cli::Timestamp>) -> anyhow::Result<Period> {

@@ -288,7 +288,8 @@ impl Relay {
             }
         }
         let (billing, writer) = BillingControl::open(
-            &config.storage,
+            &config.storage.billing_backend(),
+            config.storage.billing_node(),
             &config.file_name(),
             tariffs,
             Duration::from_millis(u64::from(config.billing.commit_interval_ms)),

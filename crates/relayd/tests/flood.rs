@@ -217,6 +217,10 @@ fn a_flood_of_registers_and_idle_connections_leaves_memory_bounded_and_calls_wor
     scene.start_relay(
         &RelayConfig::standard()
             .server(ServerSpec::udp(as_port, &["echo"]))
+            // The sipp application server shares the machine with the flood (and with the
+            // build, on a loaded box): its answer may take longer than the 5 s the tests
+            // give an inquiry. Giving up on it is tests/refusals.rs' business, not this one.
+            .inquiry_timeout_ms(20_000)
             .extra_toml(&format!(
                 "[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\n\
                  [limits]\nrate_exempt = [\"127.0.0.1/32\"]\n\n\

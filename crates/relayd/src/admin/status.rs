@@ -197,11 +197,14 @@ fn billing_totals(relay: &Relay, html: &mut String) {
         "Billing totals of the day ({} UTC)",
         report::rfc3339(since).get(..10).unwrap_or("")
     );
-    let result = billing_control::open_read_only(&relay.config.storage, &relay.config.file_name())
-        .and_then(|store| {
-            let period = Period::new(since, now_ms + 1)?;
-            Ok(report::totals(&store, period, GroupBy::Service)?)
-        });
+    let result = billing_control::open_read_only(
+        &relay.config.storage.billing_backend(),
+        &relay.config.file_name(),
+    )
+    .and_then(|store| {
+        let period = Period::new(since, now_ms + 1)?;
+        Ok(report::totals(&store, period, GroupBy::Service)?)
+    });
     match result {
         Ok(totals) => {
             let rows = totals
