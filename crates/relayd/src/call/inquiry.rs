@@ -287,6 +287,7 @@ impl Call {
                     peer,
                     dialog,
                     ack: None,
+                    ack_until: None,
                     timer: Negotiated::from_2xx(&session_timer::read(&resp.headers)),
                 };
                 match leg.purpose {

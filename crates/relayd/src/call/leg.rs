@@ -152,8 +152,11 @@ pub(crate) struct ServerLeg {
     pub(crate) invite: Option<Box<Request>>,
     pub(crate) peer: Peer,
     pub(crate) dialog: Dialog,
-    /// The ACK of its 2xx as sent, kept to send again when the 2xx comes again.
+    /// The ACK of its 2xx as sent, kept to send again when the 2xx comes again: until
+    /// `ack_until`, since a server resends its 2xx for 64·T1 at most (RFC 3261 §13.3.1.4).
     pub(crate) ack: Option<Bytes>,
+    /// When `ack` is no longer needed (set once the session is established).
+    pub(crate) ack_until: Option<Instant>,
     /// The session timer its 2xx agreed to (RFC 4028 §7.2), if any.
     pub(crate) timer: Option<Negotiated>,
 }

@@ -246,6 +246,9 @@ impl Call {
                     if let Some(d) = s.next_probe {
                         earliest(d)
                     }
+                    if let Some(d) = s.b.ack_until {
+                        earliest(d)
+                    }
                     if let Some(d) = s.timers.deadline() {
                         earliest(d)
                     }
@@ -386,6 +389,12 @@ impl Call {
                     }
                 }
                 State::Established => {
+                    let b = &mut self.sessions[i].b;
+                    if b.ack_until.is_some_and(|d| d <= now) {
+                        // The server no longer resends its 2xx: nothing to ACK again.
+                        b.ack = None;
+                        b.ack_until = None;
+                    }
                     if self.sessions[i].next_probe.is_some_and(|d| d <= now) {
                         let interval = env.limits().probe_interval;
                         self.sessions[i].next_probe = Some(now + interval);
@@ -633,6 +642,7 @@ impl Call {
         let s = &mut self.sessions[i];
         s.state = State::Established;
         s.resend_2xx = None;
+        s.b.ack_until = Some(now + env.limits().ack_timeout);
         s.next_probe = (!interval.is_zero()).then(|| now + interval);
         info!(session_id = %s.id, server = s.b.server.uri_text(), service = %s.service, subscriber = %self.adm.subscriber, "session established");
     }

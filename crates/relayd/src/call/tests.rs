@@ -1945,3 +1945,19 @@ fn a_call_with_one_session_keeps_room_for_that_one_only() {
     // the call lives.
     assert_eq!(p.call.sessions.capacity(), 1);
 }
+
+#[test]
+fn the_server_legs_ack_is_kept_for_64_t1_only_and_sent_again_meanwhile() {
+    let mut p = Pair::established(ONE);
+    assert!(p.call.sessions[0].b.ack.is_some());
+    // The server's 2xx comes again (our ACK was lost): ACKed again.
+    p.server_answers(0, 200);
+    assert_eq!(p.server_methods(S1), vec!["ACK", "ACK"]);
+    // A server resends its 2xx for 64·T1 at most (ack_timeout): after it, nothing to
+    // keep; the session goes on.
+    p.advance(Duration::from_secs(33));
+    assert!(p.call.sessions[0].b.ack.is_none());
+    assert_eq!(p.call.sessions[0].state, State::Established);
+    p.terminal_sends(0, "BYE", "", "");
+    assert_eq!(p.records.len(), 1);
+}
