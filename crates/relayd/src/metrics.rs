@@ -86,6 +86,12 @@ pub fn render(relay: &Relay) -> String {
         t.idle_closed.load(Ordering::Relaxed),
     );
     metric(
+        "keepalive_pings_answered_total",
+        "counter",
+        "Double-CRLF keep-alive pings on stream connections answered with a pong (RFC 5626).",
+        t.pings_answered.load(Ordering::Relaxed),
+    );
+    metric(
         "tcp_write_timeouts_total",
         "counter",
         "TCP connections closed: a write blocked past [limits] write_timeout_ms.",
