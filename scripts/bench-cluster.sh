@@ -33,17 +33,7 @@ if [ ${#RATES[@]} -eq 0 ]; then RATES=(100 200 400 800 1600); fi
 SECONDS_PER_RATE=${SECONDS_PER_RATE:-5}
 HOLD_MS=${HOLD_MS:-100}
 
-if ! command -v sipp >/dev/null 2>&1; then
-    echo "bench-cluster: sipp not found; install the Debian package sip-tester" >&2
-    exit 1
-fi
-if [ -n "${RELAYD_BIN:-}" ]; then
-    RELAYD=$RELAYD_BIN
-else
-    echo "building relayd (release)..." >&2
-    cargo build --release --quiet -p relayd
-    RELAYD=$ROOT/target/release/relayd
-fi
+need_sipp_and_relayd bench-cluster
 
 start_work bench-cluster relayd-bench-cluster
 

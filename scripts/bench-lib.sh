@@ -27,6 +27,23 @@ else
     PIN_NOTE="$(nproc) CPU(s) shared by the server and both sipps (PIN=1 to separate)"
 fi
 
+# Checks that sipp is installed ($1 names the script in what it says), and sets RELAYD: the
+# binary in RELAYD_BIN, else a release build of this tree (built now, into
+# ${CARGO_TARGET_DIR:-target}/release).
+need_sipp_and_relayd() {
+    if ! command -v sipp >/dev/null 2>&1; then
+        echo "$1: sipp not found; install the Debian package sip-tester" >&2
+        exit 1
+    fi
+    if [ -n "${RELAYD_BIN:-}" ]; then
+        RELAYD=$RELAYD_BIN
+    else
+        echo "building relayd (release)..." >&2
+        cargo build --release --quiet -p relayd
+        RELAYD=${CARGO_TARGET_DIR:-$ROOT/target}/release/relayd
+    fi
+}
+
 # Creates the work directory WORK (named after $2) and PIDS, the processes to stop; on exit,
 # also on failure or ^C, stops them by pid and removes WORK unless KEEP=1 ($1 names the
 # script in what it says).

@@ -23,17 +23,7 @@ RATE=${2:-1000}
 HOLD_MS=${3:-45000}
 AFTER_SECS=${AFTER_SECS:-60}
 
-if ! command -v sipp >/dev/null 2>&1; then
-    echo "bench-memory: sipp not found; install the Debian package sip-tester" >&2
-    exit 1
-fi
-if [ -n "${RELAYD_BIN:-}" ]; then
-    RELAYD=$RELAYD_BIN
-else
-    echo "building relayd (release)..." >&2
-    cargo build --release --quiet -p relayd
-    RELAYD=$ROOT/target/release/relayd
-fi
+need_sipp_and_relayd bench-memory
 
 start_work bench-memory relayd-memory
 start_bench_relay

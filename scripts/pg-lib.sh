@@ -68,12 +68,6 @@ start_postgres() {
     PG_URL="postgres://relayd@127.0.0.1:$PG_PORT/relayd"
 }
 
-# CPU ticks (user + system) of the PostgreSQL server and all its backends so far.
-postgres_ticks() {
-    local pid total=0 t
-    for pid in "$PG_PID" $(pgrep -P "$PG_PID" || true); do
-        t=$(awk '{ print $14 + $15 }' "/proc/$pid/stat" 2>/dev/null || echo 0)
-        total=$((total + ${t:-0}))
-    done
-    echo "$total"
-}
+# CPU ticks (user + system) of the PostgreSQL server and all its backends so far (its
+# direct children: bench-lib.sh's tree_ticks).
+postgres_ticks() { tree_ticks "$PG_PID"; }
