@@ -351,7 +351,8 @@ start_bench_relay() {
 }
 
 # Writes a benchmark relay's configuration to $1: SIP on UDP 127.0.0.1:$2, metrics on $3,
-# `[storage]` lines $4, the sipp application server on AS_PORT serving `echo`, alice.
+# `[storage]` lines $4, the sipp application server on AS_PORT serving `echo`, alice, and
+# BENCH_EXTRA_TOML at the end (e.g. $'[trace]\nmessages = 0' to measure without the trace).
 write_bench_config() {
     cat >"$1" <<EOF
 [listen]
@@ -395,6 +396,7 @@ services = ["echo"]
 name = "default"
 rate = 2
 currency = "EUR"
+${BENCH_EXTRA_TOML:-}
 EOF
     printf 'SEQUENTIAL\nalice;alice-secret\n' >"$WORK/users.csv"
 }
