@@ -62,8 +62,21 @@ impl ServedShard {
                 self.by_key.remove(&key);
             }
         }
+        // A peak's room is given back once the peak's sessions are forgotten: a HashMap and
+        // a VecDeque keep their capacity as entries leave.
+        if self.by_key.capacity() > KEEP_ROOM && self.by_key.len() < self.by_key.capacity() / 4 {
+            self.by_key
+                .shrink_to((self.by_key.len() * 2).max(KEEP_ROOM / 2));
+        }
+        if self.ended.capacity() > KEEP_ROOM && self.ended.len() < self.ended.capacity() / 4 {
+            self.ended
+                .shrink_to((self.ended.len() * 2).max(KEEP_ROOM / 2));
+        }
     }
 }
+
+/// The room a shard keeps however few entries it holds.
+const KEEP_ROOM: usize = 256;
 
 /// How many shards the index has: every call takes a few of their locks, none all of them.
 const SERVED_SHARDS: usize = 16;
@@ -378,5 +391,37 @@ mod tests {
         index.forget_expired(ended + grace + Duration::from_secs(1));
         assert!(index.find("b-c1").is_none());
         assert!(index.is_empty());
+    }
+
+    #[test]
+    fn a_peaks_room_is_given_back_once_its_sessions_are_forgotten() {
+        let grace = Duration::from_secs(5);
+        let index = ServedIndex::with_grace(grace);
+        let room = |index: &ServedIndex| -> usize {
+            index
+                .shards
+                .iter()
+                .map(|s| {
+                    let s = s.lock().unwrap();
+                    s.by_key.capacity() + s.ended.capacity()
+                })
+                .sum()
+        };
+        let idle = room(&index);
+        for i in 0..20_000 {
+            index.insert(served(&format!("s{i}"), &format!("c{i}")));
+        }
+        for i in 0..20_000 {
+            index.remove(&format!("s{i}"));
+        }
+        let peak = room(&index);
+        assert!(peak > 60_000, "{peak}");
+        index.forget_expired(Instant::now() + grace + Duration::from_secs(1));
+        assert!(index.is_empty());
+        let after = room(&index);
+        assert!(
+            after <= idle + SERVED_SHARDS * 2 * KEEP_ROOM,
+            "room kept after the peak: {after} (peak {peak}, idle {idle})"
+        );
     }
 }
