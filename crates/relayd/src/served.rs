@@ -402,7 +402,7 @@ mod tests {
                 .shards
                 .iter()
                 .map(|s| {
-                    let s = s.lock().unwrap();
+                    let s = s.lock().unwrap_or_else(|p| p.into_inner());
                     s.by_key.capacity() + s.ended.capacity()
                 })
                 .sum()
