@@ -120,6 +120,16 @@ pub enum Origin {
     },
 }
 
+impl Origin {
+    /// How an operator reads it (admin API, status page): `static` or `registered`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Origin::Static { .. } => "static",
+            Origin::Dynamic { .. } => "registered",
+        }
+    }
+}
+
 /// A change of a server's health, as reported by [`Directory::probe_result`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthChange {

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use super::http::{HttpRequest, HttpResponse};
 use crate::call::driver::routing::SessionInput;
-use crate::directory::{Origin, Strategy};
+use crate::directory::Strategy;
 use crate::relay::Relay;
 use crate::reload;
 
@@ -204,10 +204,7 @@ fn directory(relay: &Relay) -> HttpResponse {
         .servers()
         .into_iter()
         .map(|(s, services)| {
-            let origin = match s.origin() {
-                Origin::Static { .. } => "static",
-                Origin::Dynamic { .. } => "registered",
-            };
+            let origin = s.origin().label();
             json!({
                 "name": s.name(),
                 "uri": s.uri_text(),

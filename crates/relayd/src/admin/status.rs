@@ -13,7 +13,6 @@ use billing::store::Period;
 
 use super::http::HttpResponse;
 use crate::billing_control;
-use crate::directory::Origin;
 use crate::markup::escape;
 use crate::relay::Relay;
 use crate::trace::ladder::Ladder;
@@ -130,10 +129,7 @@ fn directory(relay: &Relay, html: &mut String) {
         .servers()
         .into_iter()
         .map(|(s, services)| {
-            let origin = match s.origin() {
-                Origin::Static { .. } => "static",
-                Origin::Dynamic { .. } => "registered",
-            };
+            let origin = s.origin().label();
             let health = match (s.is_up(), s.is_drained()) {
                 (_, true) => "drained",
                 (true, false) => "up",
