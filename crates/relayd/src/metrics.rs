@@ -272,6 +272,12 @@ pub fn render(relay: &Relay) -> String {
         relay.sessions.len() as u64,
     );
     metric(
+        "transactions",
+        "gauge",
+        "SIP transactions alive (client and server): requests in flight, and answered ones kept to absorb retransmissions (Timer J, K...).",
+        relay.endpoint.transactions() as u64,
+    );
+    metric(
         "served_index_entries",
         "gauge",
         "Sessions findable by charge requests (live, or ended within the late-charge grace).",

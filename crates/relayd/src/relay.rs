@@ -554,14 +554,18 @@ impl Relay {
             &r.req,
             kind.status(),
             message::reason_phrase(kind.status()),
-            Some(&message::new_tag()),
+            Some(&r.stateless_tag()),
         );
         resp.headers
             .retain(|h| !matches!(h, Header::ContentLength(_)));
         resp.headers
             .extend(self.auth.challenge_headers_for(&r.req, kind, stale));
         message::set_content_length(&mut resp.headers, 0);
-        let _ = r.tx.respond(resp);
+        // Statelessly (RFC 3261 §8.2.7): a request not yet authenticated leaves no
+        // transaction behind for 32 s — a stranger's flood costs nothing kept, and every
+        // call that registers first no longer holds its 401 meanwhile. A retransmission is
+        // challenged again; the ACK of a 407 matches nothing and is dropped.
+        r.tx.respond_stateless(resp);
     }
 
     /// Authenticates `r` (digest, RFC 3261 §22); answers it (challenge or refusal) and returns `None` unless the
@@ -592,13 +596,14 @@ impl Relay {
                     &r.req,
                     503,
                     "Too many failed attempts",
-                    Some(&message::new_tag()),
+                    Some(&r.stateless_tag()),
                 );
                 resp.headers
                     .push(Header::RetryAfter(rsip::headers::RetryAfter::new(
                         secs.to_string(),
                     )));
-                let _ = r.tx.respond(resp);
+                // Statelessly, as a challenge: a refused source keeps nothing here.
+                r.tx.respond_stateless(resp);
                 None
             }
             AuthOutcome::Malformed(reason) => {

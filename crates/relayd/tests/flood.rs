@@ -310,6 +310,15 @@ fn a_flood_of_registers_and_idle_connections_leaves_memory_bounded_and_calls_wor
     scene.assert_success(&mut tcp_calls);
     let sent = flooder.join().expect("the flooding thread panicked");
     let (rss_flood, _) = rss_kib(pid);
+    // Challenges and refusals of requests not yet authenticated are sent statelessly
+    // (RFC 3261 §8.2.7): the flood, all of it well within the 32 s a stateful non-INVITE
+    // transaction is kept over UDP (Timer J), left none behind. What is alive is alice's
+    // own few (her REGISTERs' 200s and her BYEs, kept for Timer J).
+    let transactions = metric(metrics_port, "relayd_transactions");
+    assert!(
+        transactions < 500,
+        "{transactions} transactions kept after a flood of {sent} unauthenticated REGISTERs"
+    );
 
     // The idle connections are closed at the message deadline (10 s from their accept).
     let closed = wait_until(STEP, || {
@@ -352,6 +361,7 @@ fn a_flood_of_registers_and_idle_connections_leaves_memory_bounded_and_calls_wor
         m["relayd_rate_dropped_total"],
         m["relayd_auth_source_refusals_total"],
     );
+    println!("relayd transactions alive right after the flood: {transactions}");
     println!(
         "relayd RSS: {rss_start} KiB at start, {rss_flood} KiB after the flood, {rss_end} KiB \
          at the end, peak {rss_peak} KiB (bound {RSS_BOUND})"

@@ -173,6 +173,17 @@ impl IncomingRequest {
             .push(Header::RetryAfter(rsip::headers::RetryAfter::new("5")));
         let _ = self.tx.respond(resp);
     }
+
+    /// The To tag of a response to this request sent with
+    /// [`ServerTx::respond_stateless`]: the same for each retransmission of it (RFC 3261
+    /// §8.2.7; see [`message::stateless_tag`]).
+    pub fn stateless_tag(&self) -> String {
+        let cseq = self.req.headers.iter().find_map(|h| match h {
+            Header::CSeq(c) => Some(c.value()),
+            _ => None,
+        });
+        message::stateless_tag(&self.ids, cseq.unwrap_or_default())
+    }
 }
 
 /// A handle to answer one server transaction. Cheap to clone.
@@ -211,6 +222,19 @@ impl ServerTx {
             }
         });
         Ok(())
+    }
+
+    /// Sends a final response and ends the transaction at once, keeping nothing of it: the
+    /// stateless UAS of RFC 3261 §8.2.7, for challenges and refusals of requests not yet
+    /// authenticated (see [`TransactionLayer::respond_stateless`]). A response it cannot
+    /// send so (a provisional, a 2xx to an INVITE, a second final) is logged and dropped.
+    pub fn respond_stateless(&self, resp: Response) {
+        let id = self.id;
+        self.shared.run(self.shard, |state, _now| {
+            if let Err(e) = state.layer.respond_stateless(id, resp) {
+                warn!(tx = ?id, error = %e, "stateless response not sent");
+            }
+        });
     }
 }
 
@@ -919,6 +943,14 @@ impl Endpoint {
     /// Source addresses the rate limit tracks right now (0 without a limit).
     pub fn rate_tracked_sources(&self) -> usize {
         self.shared.rate.as_ref().map_or(0, RateLimiter::tracked)
+    }
+
+    /// Transactions alive right now, client and server, over every shard (each shard's
+    /// lock taken in turn, briefly): what the endpoint keeps for messages in flight.
+    pub fn transactions(&self) -> usize {
+        (0..self.shared.shards.len())
+            .map(|shard| self.shared.lock(shard).layer.len())
+            .sum()
     }
 
     /// Messages waiting in tasks for their sockets right now (at most

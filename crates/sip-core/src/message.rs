@@ -46,6 +46,23 @@ pub fn new_tag() -> String {
     random_token(12)
 }
 
+/// The To tag of a response sent statelessly to a request with these ids and this CSeq
+/// header value: the same for every retransmission of the request, as RFC 3261 §8.2.7
+/// requires of a stateless UAS, another for another request, and not to be guessed from
+/// them (SipHash under a key chosen at start-up). 16 hex digits: 64 bits (§19.3 asks 32).
+pub fn stateless_tag(ids: &RequestIds, cseq: &str) -> String {
+    use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
+    static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+        std::sync::OnceLock::new();
+    let mut h = KEY
+        .get_or_init(std::collections::hash_map::RandomState::new)
+        .build_hasher();
+    ids.call_id.hash(&mut h);
+    ids.from_tag.hash(&mut h);
+    cseq.trim().hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
 /// A fresh Call-ID, `random@host` (RFC 3261 §8.1.1.4).
 pub fn new_call_id(host: &str) -> String {
     format!("{}@{host}", random_token(24))

@@ -473,6 +473,30 @@ impl TransactionLayer {
         Ok(())
     }
 
+    /// Sends a final response on a server transaction and ends the transaction at once:
+    /// the stateless UAS of RFC 3261 §8.2.7, whose role is "primarily to handle
+    /// unauthenticated requests for which a challenge response is issued", so that a flood
+    /// of them leaves no transaction state behind (§26.1.5). The response is not resent
+    /// and an ACK for it matches nothing (it goes up as [`Event::Ack2xx`], for the TU to
+    /// ignore); a retransmitted request comes to the TU again. To an INVITE only 3xx–6xx
+    /// may be sent this way; the To tag should be one the TU derives from the request, so
+    /// that a retransmission gets the same (§8.2.7).
+    pub fn respond_stateless(&mut self, tx: ServerTxId, resp: Response) -> Result<(), TxError> {
+        let server = self
+            .servers
+            .get_mut(&tx)
+            .ok_or(TxError::UnknownTransaction)?;
+        let mut io = Io {
+            out: &mut self.out,
+            queue: &mut self.queue,
+            timers: &self.timers,
+            deadlines: &self.deadlines,
+        };
+        server.respond_stateless(resp, &mut io)?;
+        self.remove_server(tx);
+        Ok(())
+    }
+
     /// The next thing to do: a message to transmit, an event, or (once both are drained)
     /// the next deadline.
     pub fn poll_output(&mut self) -> Output {

@@ -284,6 +284,26 @@ impl ServerTx {
         self.send(to_bytes(trying), io);
     }
 
+    /// Sends the final response `resp` once, as a stateless UAS does (RFC 3261 §8.2.7): the
+    /// caller then removes the transaction, so nothing of it stays to resend the response,
+    /// absorb a retransmitted request or match an ACK. A retransmission of the request is a
+    /// new request to the TU, which answers it again the same way. Only a final response
+    /// may go so, and to an INVITE only 3xx–6xx: its 2xx must be resent until ACKed
+    /// (§13.3.1.4).
+    pub fn respond_stateless(&mut self, resp: Response, io: &mut Io<'_>) -> Result<(), TxError> {
+        let code = resp.status_code.code();
+        if !self.awaits_final() {
+            return Err(TxError::AlreadyFinal);
+        }
+        let least = if self.invite.is_some() { 300 } else { 200 };
+        if !(least..=699).contains(&code) {
+            return Err(TxError::InvalidStatus(code));
+        }
+        trace!(tx = ?self.id, code, "answered statelessly");
+        io.transmit(self.from, to_bytes(resp));
+        Ok(())
+    }
+
     /// The request was retransmitted (§17.2.1, §17.2.2, RFC 6026 §7.1).
     pub fn on_request_retransmission(&mut self, io: &mut Io<'_>) {
         match self.state {

@@ -1419,3 +1419,68 @@ fn tables_a_load_peak_grew_are_given_back_once_it_is_over() {
         l.server_index.capacity()
     );
 }
+
+#[test]
+fn a_stateless_answer_keeps_no_transaction_and_a_retransmission_is_asked_again() {
+    let mut l = layer();
+    let t0 = Instant::now();
+    let invite = request("INVITE", "z9hG4bKsl1", 1);
+    let id = server_request(&mut l, t0, &invite, udp(ALICE));
+    // Neither a provisional nor a 2xx to an INVITE can go without a transaction.
+    for code in [100, 180, 200] {
+        assert_eq!(
+            l.respond_stateless(id, response(&invite, code)),
+            Err(TxError::InvalidStatus(code))
+        );
+    }
+    l.respond_stateless(id, response(&invite, 407)).unwrap();
+    let d = drain(&mut l);
+    assert_eq!(d.sent.len(), 1, "the challenge goes out once");
+    assert_eq!(d.sent[0].to, udp(ALICE));
+    assert!(l.is_empty(), "nothing kept");
+    // No Timer G, no 100 (Trying) after 200 ms: nothing is left to fire.
+    assert_eq!(run(&mut l, t0, Duration::from_secs(100)), vec![]);
+    // A retransmission of the INVITE is a request for the TU again (which challenges it
+    // again), not absorbed.
+    let again = server_request(&mut l, t0 + ms(500), &invite, udp(ALICE));
+    assert_ne!(again, id);
+    l.respond_stateless(again, response(&invite, 407)).unwrap();
+    assert_eq!(drain(&mut l).sent.len(), 1);
+    // The ACK for the 407 matches nothing: up to the TU as an ACK to ignore, nothing sent.
+    l.handle_message(
+        t0 + ms(600),
+        SipMessage::Request(request("ACK", "z9hG4bKsl1", 1)),
+        udp(ALICE),
+    );
+    let ack = drain(&mut l);
+    assert!(ack.sent.is_empty());
+    assert!(
+        matches!(&ack.events[..], [Event::Ack2xx { .. }]),
+        "{:?}",
+        ack.events
+    );
+    assert!(l.is_empty());
+
+    // A non-INVITE may be answered 2xx so too; a transaction with its final already
+    // sent cannot.
+    let register = request("REGISTER", "z9hG4bKsl2", 1);
+    let id = server_request(&mut l, t0, &register, udp(ALICE));
+    l.respond(t0, id, response(&register, 200)).unwrap();
+    assert_eq!(
+        l.respond_stateless(id, response(&register, 401)),
+        Err(TxError::AlreadyFinal)
+    );
+    assert!(!l.is_empty(), "the stateful one is kept for Timer J");
+    let id = server_request(
+        &mut l,
+        t0,
+        &request("REGISTER", "z9hG4bKsl3", 1),
+        udp(ALICE),
+    );
+    l.respond_stateless(id, response(&register, 401)).unwrap();
+    assert_eq!(drain(&mut l).sent.len(), 1);
+    assert_eq!(
+        l.respond_stateless(id, response(&register, 401)),
+        Err(TxError::UnknownTransaction)
+    );
+}
