@@ -13,6 +13,7 @@
 //! serialised once and its bytes kept for retransmission.
 
 mod client;
+mod linger;
 mod matching;
 mod server;
 mod timers;
@@ -31,6 +32,7 @@ use crate::message::{response_for, MessageError, RequestIds, Summary, BRANCH_COO
 use crate::Peer;
 
 use client::ClientTx;
+use linger::Lingering;
 use matching::{method_key, AckKey, ClientKey, IdHash, ServerKey};
 use server::{AckDisposition, ServerTx};
 use timers::{Entry, TimerQueue, TxRef};
@@ -277,6 +279,9 @@ pub struct TransactionLayer {
     /// INVITE server transactions retransmitting a 2xx, by the dialog fields of the ACK
     /// they wait for.
     ack_index: HashMap<AckKey, ServerTxId>,
+    /// Non-INVITE server transactions that sent their final response over an unreliable
+    /// transport, kept compactly for Timer J.
+    lingering: Lingering,
     queue: TimerQueue,
     out: VecDeque<Output>,
     dropped: u64,
@@ -296,6 +301,7 @@ impl TransactionLayer {
             servers: HashMap::default(),
             server_index: HashMap::new(),
             ack_index: HashMap::new(),
+            lingering: Lingering::default(),
             queue: TimerQueue::default(),
             out: VecDeque::new(),
             dropped: 0,
@@ -334,6 +340,7 @@ impl TransactionLayer {
 
     /// Runs every timer due at `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.lingering.expire(now);
         while let Some(Entry { at, tx, slot }) = self.queue.pop_due(now) {
             let mut io = Io {
                 out: &mut self.out,
@@ -468,9 +475,24 @@ impl TransactionLayer {
             }
         }
         if fate == Fate::Terminated {
-            self.remove_server(tx);
+            self.end_server(now, tx);
         }
         Ok(())
+    }
+
+    /// Removes a server transaction that reached its end; a non-INVITE one that sent its
+    /// final response over an unreliable transport lingers on compactly for Timer J.
+    fn end_server(&mut self, now: Instant, id: ServerTxId) {
+        let Some(tx) = self.remove_server(id) else {
+            return;
+        };
+        let wait = self.timers.timer_j(tx.from.is_reliable());
+        if wait.is_zero() {
+            return;
+        }
+        if let Some((key, to, response)) = tx.completed_non_invite() {
+            self.lingering.insert(&key, to, response, now + wait);
+        }
     }
 
     /// Sends a final response on a server transaction and ends the transaction at once:
@@ -505,13 +527,15 @@ impl TransactionLayer {
         }
         // Stale entries (re-armed, disarmed, or of a terminated transaction) are dropped
         // here, so the deadline given is a live one.
+        let lingering = self.lingering.next_deadline();
         while let Some(entry) = self.queue.peek() {
             if self.is_live(&entry) {
-                return Output::Timeout(Some(entry.at));
+                let at = lingering.map_or(entry.at, |l| l.min(entry.at));
+                return Output::Timeout(Some(at));
             }
             self.queue.pop();
         }
-        Output::Timeout(None)
+        Output::Timeout(lingering)
     }
 
     /// The transport cannot reach `peer` (a refused connection, an ICMP error, §17.1.4):
@@ -542,17 +566,18 @@ impl TransactionLayer {
 
     /// Number of live transactions (for metrics / tests).
     pub fn len(&self) -> usize {
-        self.clients.len() + self.servers.len()
+        self.clients.len() + self.server_len()
     }
 
-    /// Number of live server transactions (for metrics / tests).
+    /// Number of live server transactions, those completed and lingering for Timer J
+    /// included (for metrics / tests).
     pub fn server_len(&self) -> usize {
-        self.servers.len()
+        self.servers.len() + self.lingering.len()
     }
 
     /// Whether no transaction is live.
     pub fn is_empty(&self) -> bool {
-        self.clients.is_empty() && self.servers.is_empty()
+        self.clients.is_empty() && self.servers.is_empty() && self.lingering.is_empty()
     }
 
     /// Number of messages dropped because they lacked what matching needs (for metrics).
@@ -597,12 +622,12 @@ impl TransactionLayer {
         }
     }
 
-    fn remove_server(&mut self, id: ServerTxId) {
-        if let Some(tx) = self.servers.remove(&id) {
-            trace!(tx = ?id, "server transaction terminated");
-            self.server_index.remove(&tx.key);
-            self.unindex_ack(id, &tx);
-        }
+    fn remove_server(&mut self, id: ServerTxId) -> Option<Box<ServerTx>> {
+        let tx = self.servers.remove(&id)?;
+        trace!(tx = ?id, "server transaction terminated");
+        self.server_index.remove(&tx.key);
+        self.unindex_ack(id, &tx);
+        Some(tx)
     }
 
     fn unindex_ack(&mut self, id: ServerTxId, tx: &ServerTx) {
@@ -672,6 +697,14 @@ impl TransactionLayer {
                 };
                 tx.on_request_retransmission(&mut io);
             }
+            return;
+        }
+        if let Some((to, response)) = self.lingering.response_for(&key) {
+            trace!(%method, "request retransmitted: final response again (Timer J)");
+            self.out.push_back(Output::Transmit(Transmit {
+                to,
+                bytes: response,
+            }));
             return;
         }
         let id = ServerTxId(self.fresh_id());
@@ -758,7 +791,9 @@ impl TransactionLayer {
                 };
                 match tx.on_ack(now, &mut io) {
                     AckDisposition::Absorb(Fate::Live) => {}
-                    AckDisposition::Absorb(Fate::Terminated) => self.remove_server(id),
+                    AckDisposition::Absorb(Fate::Terminated) => {
+                        self.remove_server(id);
+                    }
                     AckDisposition::Deliver => {
                         let ack_key = tx.ack_key().cloned();
                         if let Some(ack_key) = ack_key {

@@ -247,14 +247,12 @@ impl ServerTx {
                 Ok(Fate::Live)
             }
             (false, _, _) => {
+                // Completed: all that is left for Timer J (over an unreliable transport)
+                // is to send this response again on a retransmission, which the layer's
+                // compact table does ([`ServerTx::completed_non_invite`]); this ends here.
                 self.send(to_bytes(resp), io);
                 self.state = ServerState::Completed;
-                let wait = io.timers.timer_j(reliable);
-                if wait.is_zero() {
-                    return Ok(Fate::Terminated);
-                }
-                self.arm(io, Slot::Lifetime, now, wait);
-                Ok(Fate::Live)
+                Ok(Fate::Terminated)
             }
         }
     }
@@ -282,6 +280,16 @@ impl ServerTx {
         };
         let trying = template.clone();
         self.send(to_bytes(trying), io);
+    }
+
+    /// A non-INVITE transaction that has sent its final response: its key, where the
+    /// response went, and the response, for the layer to keep through Timer J in its
+    /// compact table (see `linger`).
+    pub fn completed_non_invite(self) -> Option<(ServerKey, Peer, Bytes)> {
+        if self.invite.is_some() || self.state != ServerState::Completed {
+            return None;
+        }
+        Some((self.key, self.from, self.last?))
     }
 
     /// Sends the final response `resp` once, as a stateless UAS does (RFC 3261 §8.2.7): the

@@ -641,15 +641,25 @@ fn server_non_invite_resends_last_response_on_retransmission() {
         Some(t0 + ms(2000) + Duration::from_secs(32)),
         "Timer J"
     );
-    assert_eq!(l.servers[&id].state(), ServerState::Completed);
+    // Completed: kept compactly (only to answer retransmissions), not as a transaction.
+    assert!(!l.servers.contains_key(&id));
+    assert_eq!((l.server_len(), l.lingering.len()), (1, 1));
     l.handle_message(t0 + ms(3500), SipMessage::Request(req.clone()), udp(ALICE));
     let again = drain(&mut l);
     assert_eq!(again.sent, ok.sent);
     assert!(again.events.is_empty());
     assert_eq!(
         l.respond(t0 + ms(3600), id, response(&req, 500)),
-        Err(TxError::AlreadyFinal)
+        Err(TxError::UnknownTransaction)
     );
+    // Just before Timer J it is still answered; at Timer J it ends.
+    l.handle_timeout(t0 + ms(2000) + Duration::from_secs(32) - ms(1));
+    l.handle_message(
+        t0 + ms(33_000),
+        SipMessage::Request(req.clone()),
+        udp(ALICE),
+    );
+    assert_eq!(drain(&mut l).sent, ok.sent);
     assert_eq!(run(&mut l, t0, Duration::from_secs(100)), vec![]);
     assert!(l.is_empty());
     assert_eq!(
@@ -1402,21 +1412,31 @@ fn server_cancel_never_answered_is_dropped() {
 fn tables_a_load_peak_grew_are_given_back_once_it_is_over() {
     let mut l = layer();
     let t0 = Instant::now();
+    let mut peak = Vec::new();
     for i in 0..5000 {
         let req = request("OPTIONS", &format!("z9hG4bKpeak{i}"), 1);
         let id = server_request(&mut l, t0, &req, udp(ALICE));
-        l.respond(t0, id, response(&req, 200)).unwrap();
+        peak.push((id, req));
+    }
+    assert!(l.servers.capacity() >= 5000 && l.server_index.capacity() >= 5000);
+    // Answered, they linger compactly for Timer J (64·T1), which ends them all; every
+    // table shrinks back to a small room.
+    for (id, req) in &peak {
+        l.respond(t0, *id, response(req, 200)).unwrap();
     }
     drain(&mut l);
-    assert!(l.servers.capacity() >= 5000 && l.server_index.capacity() >= 5000);
-    // Timer J (64·T1) ends them all; the tables shrink back to a small room.
+    assert_eq!(l.server_len(), 5000);
+    assert!(l.lingering.capacity() >= 5000);
     run(&mut l, t0, Duration::from_secs(40));
     assert!(l.is_empty());
     assert!(
-        l.servers.capacity() <= KEEP_CAPACITY && l.server_index.capacity() <= KEEP_CAPACITY,
-        "servers {} index {}",
+        l.servers.capacity() <= KEEP_CAPACITY
+            && l.server_index.capacity() <= KEEP_CAPACITY
+            && l.lingering.capacity() <= 4 * KEEP_CAPACITY,
+        "servers {} index {} lingering {}",
         l.servers.capacity(),
-        l.server_index.capacity()
+        l.server_index.capacity(),
+        l.lingering.capacity()
     );
 }
 
@@ -1468,7 +1488,7 @@ fn a_stateless_answer_keeps_no_transaction_and_a_retransmission_is_asked_again()
     l.respond(t0, id, response(&register, 200)).unwrap();
     assert_eq!(
         l.respond_stateless(id, response(&register, 401)),
-        Err(TxError::AlreadyFinal)
+        Err(TxError::UnknownTransaction)
     );
     assert!(!l.is_empty(), "the stateful one is kept for Timer J");
     let id = server_request(
