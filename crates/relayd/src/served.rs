@@ -36,41 +36,28 @@ pub struct ServedSession {
 /// session.
 pub const ENDED_GRACE: Duration = Duration::from_secs(600);
 
-/// One shard of the index: the sessions whose keys hash here, by key hash, with the time
-/// each ended (if it did); the ended ones in the order they ended, to forget them after the
-/// grace period without scanning.
+/// What a key of the index leads to.
+#[derive(Clone)]
+enum Slot {
+    /// A live session (or segment): the call's own entry.
+    Live(Arc<ServedSession>),
+    /// An ended one, by its number in [`EndedStore`].
+    Ended(u64),
+}
+
+/// One shard of the index: the sessions whose keys hash here, by key hash.
 #[derive(Default)]
 struct ServedShard {
-    by_key: HashMap<u64, (Arc<ServedSession>, Option<Instant>)>,
-    ended: VecDeque<(Instant, u64)>,
+    by_key: HashMap<u64, Slot>,
 }
 
 impl ServedShard {
-    /// Forgets the keys of sessions that ended more than `grace` before `now`.
-    fn forget_expired(&mut self, now: Instant, grace: Duration) {
-        while let Some(&(at, key)) = self.ended.front() {
-            if now.saturating_duration_since(at) < grace {
-                break;
-            }
-            self.ended.pop_front();
-            // A key may have moved on to a later segment of the same call: keep that.
-            if self
-                .by_key
-                .get(&key)
-                .is_some_and(|(_, ended)| ended.is_some_and(|e| e <= at))
-            {
-                self.by_key.remove(&key);
-            }
-        }
-        // A peak's room is given back once the peak's sessions are forgotten: a HashMap and
-        // a VecDeque keep their capacity as entries leave.
+    /// Gives back a peak's room once under a quarter full: a HashMap keeps its capacity as
+    /// entries leave.
+    fn give_back_room(&mut self) {
         if self.by_key.capacity() > KEEP_ROOM && self.by_key.len() < self.by_key.capacity() / 4 {
             self.by_key
                 .shrink_to((self.by_key.len() * 2).max(KEEP_ROOM / 2));
-        }
-        if self.ended.capacity() > KEEP_ROOM && self.ended.len() < self.ended.capacity() / 4 {
-            self.ended
-                .shrink_to((self.ended.len() * 2).max(KEEP_ROOM / 2));
         }
     }
 }
@@ -81,19 +68,155 @@ const KEEP_ROOM: usize = 256;
 /// How many shards the index has: every call takes a few of their locks, none all of them.
 const SERVED_SHARDS: usize = 16;
 
+/// How many ended sessions one [`Chunk`] of the ended store holds.
+const CHUNK_RECORDS: usize = 512;
+
+/// An ended session kept for the late-charge grace, in a fixed-size record whose text lies
+/// in its chunk's buffer: after a peak of calls, what the grace keeps is a few large
+/// allocations, not several small ones per session scattered over the pages the calls
+/// used (each of which would keep a page from going back to the system).
+struct EndedRecord {
+    /// When it ended.
+    at: Instant,
+    /// When its billing segment started.
+    started: SystemTime,
+    /// The index hashes of its three keys (id, server leg's and terminal's Call-IDs).
+    keys: [u64; 3],
+    /// Where its text starts in the chunk's buffer.
+    start: u32,
+    /// The ends of its fields, counted from `start`, in [`ENDED_FIELDS`] order.
+    ends: [u16; ENDED_FIELDS],
+    /// Whether it has an account (the account field is empty otherwise).
+    has_account: bool,
+}
+
+/// The text fields of an [`EndedRecord`], in this order: session id, subscriber, service,
+/// server, account, server Call-ID, terminal Call-ID.
+const ENDED_FIELDS: usize = 7;
+
+/// Up to [`CHUNK_RECORDS`] ended sessions, numbered from `first`, and their text.
+struct Chunk {
+    first: u64,
+    records: Vec<EndedRecord>,
+    text: String,
+}
+
+impl Chunk {
+    fn field(&self, r: &EndedRecord, i: usize) -> &str {
+        let base = r.start as usize;
+        let from = if i == 0 {
+            0
+        } else {
+            usize::from(r.ends[i - 1])
+        };
+        self.text
+            .get(base + from..base + usize::from(r.ends[i]))
+            .unwrap_or("")
+    }
+
+    fn session(&self, r: &EndedRecord) -> ServedSession {
+        ServedSession {
+            session_id: self.field(r, 0).to_owned(),
+            subscriber: self.field(r, 1).to_owned(),
+            service: self.field(r, 2).to_owned(),
+            server: self.field(r, 3).to_owned(),
+            account: r.has_account.then(|| self.field(r, 4).to_owned()),
+            server_call_id: self.field(r, 5).to_owned(),
+            terminal_call_id: self.field(r, 6).to_owned(),
+            started: r.started,
+        }
+    }
+}
+
+/// The ended sessions still findable, oldest first, in chunks: numbered in the order they
+/// ended, and forgotten in that order (one grace period for all), a whole chunk given back
+/// once its last one is forgotten.
+#[derive(Default)]
+struct EndedStore {
+    chunks: VecDeque<Chunk>,
+    /// The number of the oldest session not yet forgotten.
+    oldest: u64,
+    /// The number the next ended session gets.
+    next: u64,
+}
+
+impl EndedStore {
+    /// Keeps `s`, ended at `at`, under `keys`; its number, or `None` if its text is too
+    /// long for a record (never for what admission lets in: Call-IDs of at most 256 bytes).
+    fn push(&mut self, s: &ServedSession, keys: [u64; 3], at: Instant) -> Option<u64> {
+        let fields = [
+            s.session_id.as_str(),
+            &s.subscriber,
+            &s.service,
+            &s.server,
+            s.account.as_deref().unwrap_or(""),
+            &s.server_call_id,
+            &s.terminal_call_id,
+        ];
+        let mut ends = [0u16; ENDED_FIELDS];
+        let mut len = 0usize;
+        for (end, f) in ends.iter_mut().zip(fields) {
+            len += f.len();
+            *end = u16::try_from(len).ok()?;
+        }
+        if self
+            .chunks
+            .back()
+            .is_none_or(|c| c.records.len() == CHUNK_RECORDS)
+        {
+            self.chunks.push_back(Chunk {
+                first: self.next,
+                records: Vec::with_capacity(CHUNK_RECORDS),
+                text: String::with_capacity(CHUNK_RECORDS * 128),
+            });
+        }
+        let chunk = self.chunks.back_mut()?;
+        let start = u32::try_from(chunk.text.len()).ok()?;
+        for f in fields {
+            chunk.text.push_str(f);
+        }
+        chunk.records.push(EndedRecord {
+            at,
+            started: s.started,
+            keys,
+            start,
+            ends,
+            has_account: s.account.is_some(),
+        });
+        let seq = self.next;
+        self.next += 1;
+        Some(seq)
+    }
+
+    /// The chunk and record of session number `seq`, if not forgotten.
+    fn get(&self, seq: u64) -> Option<(&Chunk, &EndedRecord)> {
+        if seq < self.oldest {
+            return None;
+        }
+        let front = self.chunks.front()?.first;
+        let i = usize::try_from(seq.checked_sub(front)?).ok()?;
+        let chunk = self.chunks.get(i / CHUNK_RECORDS)?;
+        Some((chunk, chunk.records.get(i % CHUNK_RECORDS)?))
+    }
+}
+
 /// Which server serves which session, and which subscribers each server has served.
 ///
 /// A session is findable from the moment its server answered 2xx — the terminal may use its
 /// data connection before its ACK reaches the relay, and the server may charge for it — until
-/// [`ENDED_GRACE`] after it ended, by its id and by both Call-IDs. Those keys are kept as
+/// the grace period after it ended, by its id and by both Call-IDs. Those keys are kept as
 /// 64-bit keyed hashes (SipHash with a random key), sharded by hash: no string is copied per
-/// session and no lock is shared by all calls. A lookup checks the key against the session
+/// key and no lock is shared by all calls. A lookup checks the key against the session
 /// found, so a collision of two hashes can only make a key unfindable, never find the wrong
-/// session.
+/// session. A live session's entry is the call's; once it ends, it is moved into the ended
+/// store's compact records until the grace period is over.
 pub struct ServedIndex {
     grace: Duration,
     hasher: std::collections::hash_map::RandomState,
     shards: Vec<Mutex<ServedShard>>,
+    /// Sessions ended within the grace period. Lock order: this, then a shard; never the
+    /// other way round.
+    ended: Mutex<EndedStore>,
     /// By application-server account, the subscribers its servers have served since
     /// start-up, with the URI of the server that last did (charges out of a session are
     /// recorded against it). Keyed by the account, not by a URI, since another account may
@@ -119,6 +242,7 @@ impl ServedIndex {
             shards: (0..SERVED_SHARDS)
                 .map(|_| Mutex::new(ServedShard::default()))
                 .collect(),
+            ended: Mutex::new(EndedStore::default()),
             history: RwLock::new(HashMap::new()),
         }
     }
@@ -146,6 +270,11 @@ impl ServedIndex {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    fn ended(&self) -> std::sync::MutexGuard<'_, EndedStore> {
+        // Pushes and pops whole records: a poisoned lock holds no half-done one.
+        self.ended.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Records an answered session (or a new billing segment of one), findable by its id and
     /// both Call-IDs.
     pub fn insert(&self, s: ServedSession) {
@@ -159,34 +288,39 @@ impl ServedIndex {
                     .insert(s.subscriber.clone(), s.server.clone());
             }
         }
-        let now = Instant::now();
         let s = Arc::new(s);
         for key in keys_of(&s) {
             let hash = self.hash(key);
-            let mut shard = self.shard(hash);
-            shard.forget_expired(now, self.grace);
-            shard.by_key.insert(hash, (Arc::clone(&s), None));
+            self.shard(hash)
+                .by_key
+                .insert(hash, Slot::Live(Arc::clone(&s)));
         }
     }
 
-    /// Marks a session (segment) ended; it stays findable for the grace period.
+    /// Marks a session (segment) ended; it stays findable for the grace period, moved out
+    /// of the call's entry into a compact record.
     pub fn remove(&self, session_id: &str) {
-        let now = Instant::now();
+        self.remove_at(session_id, Instant::now());
+    }
+
+    /// [`ServedIndex::remove`] at `now`.
+    fn remove_at(&self, session_id: &str, now: Instant) {
         let Some(s) = self.live(session_id) else {
             return;
         };
-        for key in keys_of(&s) {
-            let hash = self.hash(key);
+        let keys = keys_of(&s).map(|k| self.hash(k));
+        let seq = self.ended().push(&s, keys, now);
+        for hash in keys {
             let mut shard = self.shard(hash);
-            let mine = match shard.by_key.get_mut(&hash) {
-                Some(entry) if entry.0.session_id == s.session_id => {
-                    entry.1 = Some(now);
-                    true
-                }
-                _ => false,
-            };
+            let mine = matches!(
+                shard.by_key.get(&hash),
+                Some(Slot::Live(e)) if e.session_id == s.session_id
+            );
             if mine {
-                shard.ended.push_back((now, hash));
+                match seq {
+                    Some(seq) => shard.by_key.insert(hash, Slot::Ended(seq)),
+                    None => shard.by_key.remove(&hash),
+                };
             }
         }
     }
@@ -196,7 +330,7 @@ impl ServedIndex {
         let hash = self.hash(session_id);
         let shard = self.shard(hash);
         match shard.by_key.get(&hash) {
-            Some((s, None)) if s.session_id == session_id => Some(Arc::clone(s)),
+            Some(Slot::Live(s)) if s.session_id == session_id => Some(Arc::clone(s)),
             _ => None,
         }
     }
@@ -204,12 +338,16 @@ impl ServedIndex {
     /// The session with this id or Call-ID (live, or ended within the grace period).
     pub fn find(&self, key: &str) -> Option<ServedSession> {
         let hash = self.hash(key);
-        let shard = self.shard(hash);
-        shard
-            .by_key
-            .get(&hash)
-            .filter(|(s, _)| keys_of(s).contains(&key))
-            .map(|(s, _)| ServedSession::clone(s))
+        let slot = self.shard(hash).by_key.get(&hash).cloned()?;
+        match slot {
+            Slot::Live(s) => keys_of(&s).contains(&key).then(|| ServedSession::clone(&s)),
+            Slot::Ended(seq) => {
+                let ended = self.ended();
+                let (chunk, record) = ended.get(seq)?;
+                let found = chunk.session(record);
+                keys_of(&found).contains(&key).then_some(found)
+            }
+        }
     }
 
     /// Every live (not ended) session, each once, by session id.
@@ -217,16 +355,11 @@ impl ServedIndex {
         let mut out: Vec<ServedSession> = Vec::new();
         for shard in &self.shards {
             let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            out.extend(
-                shard
-                    .by_key
-                    .iter()
-                    // Each session is under three keys: take it under its id's.
-                    .filter(|(hash, (s, ended))| {
-                        ended.is_none() && **hash == self.hash(&s.session_id)
-                    })
-                    .map(|(_, (s, _))| ServedSession::clone(s)),
-            );
+            out.extend(shard.by_key.iter().filter_map(|(hash, slot)| match slot {
+                // Each session is under three keys: take it under its id's.
+                Slot::Live(s) if *hash == self.hash(&s.session_id) => Some(ServedSession::clone(s)),
+                _ => None,
+            }));
         }
         out.sort_by(|a, b| a.session_id.cmp(&b.session_id));
         out
@@ -242,15 +375,53 @@ impl ServedIndex {
             .and_then(|served| served.get(subscriber).cloned())
     }
 
-    /// Forgets what ended more than the grace period before `now`. Done as sessions are
-    /// inserted, and by the relay's housekeeping every second, so that an idle relay gives
+    /// Forgets what ended more than the grace period before `now`, and gives back the room
+    /// of a peak. Done by the relay's housekeeping every second, so that an idle relay gives
     /// the memory back too.
     pub fn forget_expired(&self, now: Instant) {
-        for shard in &self.shards {
-            shard
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .forget_expired(now, self.grace);
+        let mut ended = self.ended();
+        let mut forgot = false;
+        while ended.oldest < ended.next {
+            let seq = ended.oldest;
+            let Some((_, record)) = ended.get(seq) else {
+                break;
+            };
+            if now.saturating_duration_since(record.at) < self.grace {
+                break;
+            }
+            for hash in record.keys {
+                let mut shard = self.shard(hash);
+                // A key may have moved on to a later segment of the same call: keep that.
+                if matches!(shard.by_key.get(&hash), Some(Slot::Ended(s)) if *s == seq) {
+                    shard.by_key.remove(&hash);
+                }
+            }
+            ended.oldest += 1;
+            forgot = true;
+            let done = ended
+                .chunks
+                .front()
+                .is_some_and(|c| ended.oldest >= c.first + CHUNK_RECORDS as u64);
+            if done {
+                ended.chunks.pop_front();
+            }
+        }
+        if ended.oldest == ended.next {
+            // Nothing left to find: the last, partly filled chunk goes too.
+            ended.chunks.clear();
+        }
+        if ended.chunks.capacity() > 64 && ended.chunks.len() < ended.chunks.capacity() / 4 {
+            let keep = (ended.chunks.len() * 2).max(16);
+            ended.chunks.shrink_to(keep);
+        }
+        drop(ended);
+        if forgot {
+            for shard in &self.shards {
+                shard
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .give_back_room();
+            }
         }
     }
 
@@ -398,14 +569,19 @@ mod tests {
         let grace = Duration::from_secs(5);
         let index = ServedIndex::with_grace(grace);
         let room = |index: &ServedIndex| -> usize {
-            index
+            let keys: usize = index
                 .shards
                 .iter()
                 .map(|s| {
-                    let s = s.lock().unwrap_or_else(|p| p.into_inner());
-                    s.by_key.capacity() + s.ended.capacity()
+                    s.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .by_key
+                        .capacity()
                 })
-                .sum()
+                .sum();
+            let ended = index.ended();
+            let records: usize = ended.chunks.iter().map(|c| c.records.capacity()).sum();
+            keys + records + ended.chunks.capacity()
         };
         let idle = room(&index);
         for i in 0..20_000 {
@@ -423,5 +599,55 @@ mod tests {
             after <= idle + SERVED_SHARDS * 2 * KEEP_ROOM,
             "room kept after the peak: {after} (peak {peak}, idle {idle})"
         );
+    }
+
+    #[test]
+    fn an_ended_session_is_found_whole_until_its_grace_is_over_in_the_order_they_ended() {
+        let grace = Duration::from_secs(60);
+        let index = ServedIndex::with_grace(grace);
+        let t0 = Instant::now();
+        let n = 3 * CHUNK_RECORDS - 36;
+        let session = |i: usize| {
+            let mut s = served(&format!("s-{i}"), &format!("call-{i}@host"));
+            // Fields of every length, and sessions with and without an account.
+            s.subscriber = format!("user{}", "x".repeat(i % 7));
+            s.account = (i % 3 != 0).then(|| format!("as{i}"));
+            s.started = SystemTime::UNIX_EPOCH + Duration::from_millis(i as u64);
+            s
+        };
+        for i in 0..n {
+            index.insert(session(i));
+        }
+        for i in 0..n {
+            index.remove_at(&format!("s-{i}"), t0 + Duration::from_millis(i as u64));
+        }
+        // Ended, each is found whole by each of its keys.
+        for i in 0..n {
+            let want = session(i);
+            for key in keys_of(&want) {
+                assert_eq!(index.find(key).as_ref(), Some(&want), "{key}");
+            }
+        }
+        assert!(index.live_sessions().is_empty());
+        // The grace is over for the first 701 (ended at t0 + 0..=700 ms), not for the rest.
+        index.forget_expired(t0 + grace + Duration::from_millis(700));
+        for i in 0..n {
+            let found = index.find(&format!("b-call-{i}@host"));
+            if i <= 700 {
+                assert_eq!(found, None, "{i}");
+            } else {
+                assert_eq!(found, Some(session(i)), "{i}");
+            }
+        }
+        assert_eq!(index.len(), 3 * (n - 701));
+        // The first chunk went back whole; the second, half forgotten, stays.
+        assert_eq!(index.ended().chunks.len(), 2);
+        index.forget_expired(t0 + grace + Duration::from_secs(10));
+        assert!(index.is_empty());
+        assert!(index.ended().chunks.is_empty());
+        // Numbers go on after everything was forgotten.
+        index.insert(session(n));
+        index.remove_at(&format!("s-{n}"), t0 + grace + Duration::from_secs(11));
+        assert_eq!(index.find(&format!("s-{n}")), Some(session(n)));
     }
 }
