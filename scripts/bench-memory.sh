@@ -38,10 +38,19 @@ IDLE=$(rss_kb)
 UAC_PID=$!
 PIDS+=("$UAC_PID")
 PEAK=$IDLE
+PEAK_AT=0
+RUN_TRACE=""
+elapsed=0
 while kill -0 "$UAC_PID" 2>/dev/null; do
     now=$(rss_kb)
-    [ "$now" -gt "$PEAK" ] && PEAK=$now
+    [ "$now" -gt "$PEAK" ] && PEAK=$now && PEAK_AT=$elapsed
+    # Every 5 s: RSS and the live sessions, to see when the peak comes (all calls up, or
+    # later, while ended calls' transactions linger).
+    if ((elapsed % 5 == 0)); then
+        RUN_TRACE="$RUN_TRACE ${elapsed}s:$((now / 1024))M/$(relay_metric sessions_live)"
+    fi
     sleep 1
+    elapsed=$((elapsed + 1))
 done
 wait "$UAC_PID" || true
 OK=$(sipp_stat "$WORK/uac.csv" 'SuccessfulCall(C)')
@@ -57,7 +66,8 @@ AFTER=$(rss_kb)
 
 echo "calls: $CALLS at $RATE/s held ${HOLD_MS} ms: $OK completed, $FAILED failed"
 echo "relayd RSS idle: $IDLE KiB"
-echo "relayd RSS peak: $PEAK KiB"
+echo "relayd RSS peak: $PEAK KiB, ${PEAK_AT} s after the first call"
+echo "relayd RSS while calling (RSS/live sessions):$RUN_TRACE"
 awk -v p="$PEAK" -v i="$IDLE" -v n="$CALLS" 'BEGIN { printf "per concurrent session: %.2f KiB\n", (p - i) / n }'
 awk -v a="$AFTER" -v i="$IDLE" -v s="$AFTER_SECS" 'BEGIN { printf "relayd RSS %d s after the last call: %d KiB (%.2f x idle)\n", s, a, a / i }'
 echo "relayd RSS after the last call (RSS/Call-IDs still routed):$TRACE"
