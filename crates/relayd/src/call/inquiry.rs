@@ -88,7 +88,12 @@ impl Call {
         let plan = LegPlan {
             service: self.adm.service.clone(),
             params: self.adm.params.clone(),
-            offer: b2bua::carried_body(&self.a.invite),
+            offer: self
+                .a
+                .invite
+                .as_deref()
+                .map(b2bua::carried_body)
+                .unwrap_or_default(),
         };
         let purpose = Purpose::Initial {
             a_tag: message::new_tag(),
@@ -137,8 +142,17 @@ impl Call {
             return;
         };
         let local = env.local(peer);
+        // The terminal's Max-Forwards goes on while its INVITE is there (the inquiry); a
+        // change's or transfer's leg starts afresh.
+        let max_forwards = self.a.invite.as_deref().and_then(|i| {
+            i.headers
+                .iter()
+                .find(|h| matches!(h, rsip::Header::MaxForwards(_)))
+                .cloned()
+        });
         let invite = match leg::inquiry(
-            &self.a.invite,
+            &self.a.uri,
+            max_forwards,
             plan,
             &self.adm.subscriber,
             env.realm(),
@@ -251,14 +265,10 @@ impl Call {
                     return;
                 }
                 if let Purpose::Initial { a_tag } = &self.legs[at].1.purpose {
-                    if !self.a.final_sent {
+                    if let (false, Some(invite)) = (self.a.final_sent, self.a.invite.as_deref()) {
                         let contact = env.local(self.a.peer).contact_header();
-                        let out = b2bua::relayed_response(
-                            &self.a.invite,
-                            &resp,
-                            Some(a_tag),
-                            Some(contact),
-                        );
+                        let out =
+                            b2bua::relayed_response(invite, &resp, Some(a_tag), Some(contact));
                         self.respond_a(out);
                     }
                 }
@@ -346,9 +356,7 @@ impl Call {
             self.next_candidate(env, now);
         } else if let Some(resp) = resp {
             // A refusal another server would give too (403, 404, 488…): relay it.
-            let out =
-                b2bua::relayed_response(&self.a.invite, &resp, Some(&message::new_tag()), None);
-            self.respond_a(out);
+            self.relay_refusal_to_a(&resp);
         } else {
             self.refuse_a(code, message::reason_phrase(code));
         }
@@ -357,11 +365,7 @@ impl Call {
     fn answer_with_failure(&mut self, best: Option<(u16, Option<Response>)>) {
         match best {
             // RFC 3261 §16.7 step 6: the best response itself goes to the terminal.
-            Some((_, Some(resp))) => {
-                let out =
-                    b2bua::relayed_response(&self.a.invite, &resp, Some(&message::new_tag()), None);
-                self.respond_a(out);
-            }
+            Some((_, Some(resp))) => self.relay_refusal_to_a(&resp),
             Some((code, _)) => self.refuse_a(
                 480,
                 &format!("No application server available (best answer {code})"),
@@ -416,8 +420,14 @@ impl Call {
             return;
         }
         let local = env.local(self.a.peer);
+        let Some(a_invite) = self.a.invite.as_deref() else {
+            // Not reached: an answer of the inquiry comes while it runs.
+            self.hang_up_leg(b, env);
+            return;
+        };
+        let offer = b2bua::carried_body(a_invite);
         let a_dialog = match Dialog::uas(
-            &self.a.invite,
+            a_invite,
             &a_tag,
             local.contact_uri(),
             DialogState::Confirmed,
@@ -430,12 +440,8 @@ impl Call {
                 return;
             }
         };
-        let mut answer = b2bua::relayed_response(
-            &self.a.invite,
-            &resp,
-            Some(&a_tag),
-            Some(local.contact_header()),
-        );
+        let mut answer =
+            b2bua::relayed_response(a_invite, &resp, Some(&a_tag), Some(local.contact_header()));
         // The terminal's leg has its own session timer (RFC 4028 §9), not the server's.
         let a_timer = self.a_timer;
         match &a_timer {
@@ -471,7 +477,7 @@ impl Call {
             state: State::Journaling,
             pending_ack: None,
             busy: false,
-            offer: b2bua::carried_body(&self.a.invite),
+            offer,
             next_probe: None,
             probe_answered: [None, None],
             clock: SegmentClock::start(self.wall_at(now), now),

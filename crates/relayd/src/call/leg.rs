@@ -94,12 +94,14 @@ impl<P> PendingLeg<P> {
     }
 }
 
-/// Builds the inquiry INVITE of a leg (DESIGN.md "inquiry"): `terminal` lends its
-/// Request-URI and Max-Forwards, `plan` the service and offer; it asks for a session timer
-/// of `session_expires` seconds with the relay as refresher (RFC 4028 §7.1).
+/// Builds the inquiry INVITE of a leg (DESIGN.md "inquiry"): the terminal's INVITE lends
+/// its Request-URI `uri` and its `max_forwards` (while the inquiry runs), `plan` the service
+/// and offer; it asks for a session timer of `session_expires` seconds with the relay as
+/// refresher (RFC 4028 §7.1).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn inquiry(
-    terminal: &Request,
+    uri: &rsip::Uri,
+    max_forwards: Option<Header>,
     plan: LegPlan,
     subscriber: &str,
     realm: &str,
@@ -109,17 +111,11 @@ pub(crate) fn inquiry(
     session_expires: u32,
 ) -> Result<Request, rsip::Error> {
     let hostport = server.uri().host_port_text().unwrap_or_default();
-    let mut headers: rsip::Headers = terminal
-        .headers
-        .iter()
-        .filter(|h| matches!(h, Header::MaxForwards(_)))
-        .cloned()
-        .collect::<Vec<_>>()
-        .into();
+    let mut headers: rsip::Headers = max_forwards.into_iter().collect::<Vec<_>>().into();
     headers.extend(plan.offer.0);
     let base = Request {
         method: Method::Invite,
-        uri: terminal.uri.clone(),
+        uri: uri.clone(),
         version: rsip::Version::V2,
         headers,
         body: plan.offer.1,

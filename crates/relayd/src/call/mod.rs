@@ -69,14 +69,23 @@ use session::{Billed, Session, State};
 
 /// The terminal's INVITE.
 struct Terminal {
-    invite: Request,
+    /// The INVITE, while the inquiry runs: every answer to it is built from it. Let go once
+    /// its final response went out and no other fork can answer (nothing answers it then;
+    /// the 2xx is resent by its transaction, a fork's further 2xx from its own bytes).
+    invite: Option<Box<Request>>,
+    /// Its Request-URI, which the INVITE of every leg of the call repeats (a change's and
+    /// a transfer's too, after the INVITE was let go).
+    uri: rsip::Uri,
     tx: TxId,
     peer: Peer,
     call_id: String,
     /// Whether the INVITE has had a final response.
     final_sent: bool,
-    /// Whether `invite` was cut down to what its responses need.
+    /// Whether the inquiry is over and `invite` was let go.
     slim: bool,
+    /// The INVITE's CSeq number, which the ACK of its 2xx carries (kept when the INVITE
+    /// is let go, as the terminal may ACK after that).
+    cseq: Option<u32>,
 }
 
 /// What a pending INVITE leg is for.
@@ -185,7 +194,9 @@ impl Call {
         let fork = adm.strategy == crate::directory::Strategy::All;
         let mut call = Call {
             a: Terminal {
-                invite: invite.req,
+                cseq: cseq_number(&invite.req),
+                uri: invite.req.uri.clone(),
+                invite: Some(Box::new(invite.req)),
                 tx: invite.tx,
                 peer: invite.from,
                 call_id,
@@ -321,7 +332,7 @@ impl Call {
                 .any(|(_, l)| matches!(l.purpose, Purpose::Initial { .. }))
             || self.sessions.iter().any(|s| s.state == State::Journaling);
         if !inquiring && !self.a.slim {
-            self.a.invite = message::response_headers_only(&self.a.invite);
+            self.a.invite = None;
             self.a.slim = true;
         }
         if !inquiring && self.slot_unused {
@@ -426,8 +437,22 @@ impl Call {
     }
 
     fn refuse_a(&mut self, code: u16, reason: &str) {
-        let resp = b2bua::local_response(&self.a.invite, code, reason, Some(&message::new_tag()));
+        let Some(invite) = self.a.invite.as_deref() else {
+            warn!(code, "the inquiry is over: no INVITE left to refuse");
+            return;
+        };
+        let resp = b2bua::local_response(invite, code, reason, Some(&message::new_tag()));
         self.respond_a(resp);
+    }
+
+    /// Relays a server's final refusal to the terminal's INVITE (RFC 3261 §16.7 step 6).
+    fn relay_refusal_to_a(&mut self, resp: &Response) {
+        let Some(invite) = self.a.invite.as_deref() else {
+            warn!("the inquiry is over: no INVITE left to answer");
+            return;
+        };
+        let out = b2bua::relayed_response(invite, resp, Some(&message::new_tag()), None);
+        self.respond_a(out);
     }
 
     /// Answers an in-dialog request with a status of the relay's own.
@@ -619,7 +644,7 @@ impl Call {
             // The ACK of our 2xx carries the INVITE's CSeq number (RFC 3261 §13.2.2.4); one
             // with another (a terminal ACKing again an earlier challenge, with this dialog's
             // To tag) confirms nothing.
-            State::AwaitingAck(_) if cseq_number(&ack) != cseq_number(&self.a.invite) => {}
+            State::AwaitingAck(_) if cseq_number(&ack) != self.a.cseq => {}
             State::AwaitingAck(_) => {
                 let (headers, body) = b2bua::carried_body(&ack);
                 let s = &mut self.sessions[i];

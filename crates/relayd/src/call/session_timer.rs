@@ -235,11 +235,15 @@ impl Call {
     /// when the INVITE was refused `422` (its interval is too small, §6).
     pub(super) fn negotiate_terminal_timer(&mut self, env: &dyn CallEnv) -> bool {
         let policy = env.limits().session_timer;
-        match policy.answer(&session_timer::read(&self.a.invite.headers)) {
+        let Some(invite) = self.a.invite.as_deref() else {
+            // Not reached: this is decided when the INVITE comes.
+            return false;
+        };
+        match policy.answer(&session_timer::read(&invite.headers)) {
             UasAnswer::TooSmall(min_se) => {
                 info!(min_se, "session interval too small; 422");
                 let mut resp = b2bua::local_response(
-                    &self.a.invite,
+                    invite,
                     422,
                     "Session Interval Too Small",
                     Some(&sip_core::message::new_tag()),
