@@ -235,6 +235,23 @@ fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
     }
 }
 
+/// Whether a timer entry is the live one of its transaction (not re-armed, disarmed, or of
+/// a transaction that ended).
+fn entry_is_live(
+    clients: &HashMap<ClientTxId, Box<ClientTx>, IdHash>,
+    servers: &HashMap<ServerTxId, Box<ServerTx>, IdHash>,
+    entry: &Entry,
+) -> bool {
+    match entry.tx {
+        TxRef::Client(id) => clients
+            .get(&id)
+            .is_some_and(|tx| tx.timers.is_live(entry.slot, entry.at)),
+        TxRef::Server(id) => servers
+            .get(&id)
+            .is_some_and(|tx| tx.timers.is_live(entry.slot, entry.at)),
+    }
+}
+
 /// Whether a transaction lives on after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
@@ -391,6 +408,11 @@ impl TransactionLayer {
         shrink_if_sparse(&mut self.servers);
         shrink_if_sparse(&mut self.server_index);
         shrink_if_sparse(&mut self.ack_index);
+        // Each transaction has at most two live timer entries.
+        let live = 2 * (self.clients.len() + self.servers.len());
+        let (clients, servers) = (&self.clients, &self.servers);
+        self.queue
+            .drop_stale(live, |e| entry_is_live(clients, servers, e));
         self.queue.give_back_room();
     }
 
@@ -603,16 +625,7 @@ impl TransactionLayer {
     }
 
     fn is_live(&self, entry: &Entry) -> bool {
-        match entry.tx {
-            TxRef::Client(id) => self
-                .clients
-                .get(&id)
-                .is_some_and(|tx| tx.timers.is_live(entry.slot, entry.at)),
-            TxRef::Server(id) => self
-                .servers
-                .get(&id)
-                .is_some_and(|tx| tx.timers.is_live(entry.slot, entry.at)),
-        }
+        entry_is_live(&self.clients, &self.servers, entry)
     }
 
     fn remove_client(&mut self, id: ClientTxId) {

@@ -1504,3 +1504,33 @@ fn a_stateless_answer_keeps_no_transaction_and_a_retransmission_is_asked_again()
         Err(TxError::UnknownTransaction)
     );
 }
+
+#[test]
+fn stale_timer_entries_of_a_peak_are_dropped_with_their_room() {
+    let mut l = layer();
+    let t0 = Instant::now();
+    // 3,000 INVITEs answered at once and ACKed: each left a stale entry for the TU's
+    // deadline (180 s) and one for Timer L behind it.
+    for i in 0..3000 {
+        let invite = request("INVITE", &format!("z9hG4bKstale{i}"), 1);
+        let id = server_request(&mut l, t0, &invite, tcp(ALICE));
+        l.respond(t0, id, response(&invite, 200)).unwrap();
+        l.handle_message(
+            t0,
+            SipMessage::Request(request("ACK", &format!("z9hG4bKstale{i}"), 1)),
+            tcp(ALICE),
+        );
+        drain(&mut l);
+    }
+    assert!(l.queue.len() >= 6000, "{}", l.queue.len());
+    // Over TCP the ACK ends each at once (T4 is zero there): at the layer's next step they
+    // are gone, and so are their entries, though none is due for minutes.
+    l.handle_timeout(t0);
+    assert!(l.is_empty());
+    assert!(
+        l.queue.len() <= 4,
+        "stale entries kept: {} for {} live transactions",
+        l.queue.len(),
+        l.len()
+    );
+}

@@ -180,6 +180,22 @@ impl TimerQueue {
         }
     }
 
+    /// Drops the stale entries (re-armed, disarmed, or of an ended transaction) once they
+    /// are most of the queue: more than 1,024 entries, and over four times the `live` ones
+    /// there can be. A stale entry otherwise stays until its time comes — an INVITE's first
+    /// deadline is minutes away, re-armed at its answer — and after a peak of calls the
+    /// queue would hold the peak's entries, and their room, that long.
+    pub fn drop_stale(&mut self, live: usize, is_live: impl Fn(&Entry) -> bool) {
+        let total: usize = self.lanes.iter().map(|l| l.entries.len()).sum();
+        if total <= 1024 || total <= live.saturating_mul(4) {
+            return;
+        }
+        for lane in &mut self.lanes {
+            lane.entries.retain(|e| is_live(e));
+        }
+        self.give_back_room();
+    }
+
     /// Schedules an entry armed `after` its duration (its `at` is the time of arming plus
     /// `after`).
     pub fn push(&mut self, entry: Entry, after: Duration) {
