@@ -448,7 +448,9 @@ impl Call {
         });
         self.shared.output.sessions(n).await;
         // The session is routed to before the ACK leaves: the relay may send an in-dialog
-        // request as soon as it has the ACK.
+        // request as soon as it has the ACK. It starts once the ACK is out: a BYE of its
+        // (a data token refused at once) must not overtake the ACK.
+        let (ack_out, ack_out_rx) = oneshot::channel();
         let sender = session::spawn(
             self.shared.clone(),
             Start {
@@ -459,9 +461,11 @@ impl Call {
                 answer: resp.body.clone(),
                 service: self.service.clone(),
                 offer: offer.clone(),
+                acked: ack_out_rx,
             },
         );
         self.ua().send_ack(ack, peer).await;
+        let _ = ack_out.send(());
         self.sessions.insert(n, sender);
         let _ = self.established.send(n);
     }

@@ -89,6 +89,10 @@ pub struct Start {
     pub service: ServiceRequest,
     /// Our SDP offer.
     pub offer: AppSdp,
+    /// Told once the ACK is on its way: the session does nothing before (its data
+    /// connection may be refused at once, and a BYE must not overtake the ACK, RFC 3261
+    /// §13.2.2.4), though it is routed to already.
+    pub acked: oneshot::Receiver<()>,
 }
 
 /// Starts a session task; returns the sender to route its inputs to (already in the
@@ -123,7 +127,7 @@ pub fn spawn(shared: Arc<Shared>, start: Start) -> mpsc::UnboundedSender<Session
         remote_bye: false,
         shared,
     };
-    tokio::spawn(session.run(rx, internal_rx, start.answer));
+    tokio::spawn(session.run(rx, internal_rx, start.answer, start.acked));
     tx
 }
 
@@ -229,7 +233,10 @@ impl Session {
         mut inputs: mpsc::UnboundedReceiver<SessionInput>,
         mut internal: mpsc::UnboundedReceiver<Internal>,
         answer: Vec<u8>,
+        acked: oneshot::Receiver<()>,
     ) {
+        // Sent or not, the ACK has left the caller's hands when this resolves.
+        let _ = acked.await;
         self.apply_remote_sdp(&answer, true);
         let mut script_done = self.shared.script_done.clone();
         while !self.ended {
