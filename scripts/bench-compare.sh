@@ -27,6 +27,7 @@ mkdir -p "$OUT"
 
 best() { sed -n 's/^highest rate with every call completed and billed: \([0-9]*\) calls\/s$/\1/p' "$1" | tail -1; }
 kept() { sed -n 's/^highest such rate kept pace with (achieved >= 95 % of it): \([0-9]*\) calls\/s$/\1/p' "$1" | tail -1; }
+strict() { sed -n 's/^highest such rate with no retransmission and p99 setup <= 200 ms: \([0-9]*\) calls\/s$/\1/p' "$1" | tail -1; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 # The cpu/call and load/call columns of the row for rate $2 in output $1.
 cpu_at() { awk -v r="$2/s" '$1 == r { print $11 " " $12 }' "$1"; }
@@ -42,16 +43,24 @@ for round in $(seq 1 "$ROUNDS"); do
     scripts/bench-kamailio.sh $KAM_RATES >"$OUT/kamailio-$round.txt" 2>&1 || true
     rb=$(best "$OUT/relayd-$round.txt"); rk=$(kept "$OUT/relayd-$round.txt")
     kb=$(best "$OUT/kamailio-$round.txt"); kk=$(kept "$OUT/kamailio-$round.txt")
+    rs=$(strict "$OUT/relayd-$round.txt"); ks=$(strict "$OUT/kamailio-$round.txt")
+    # CPU per call of both at 2000 calls/s, when the ladders had that rate (issue 13's
+    # comparison point).
+    read -r r2k _ <<<"$(cpu_at "$OUT/relayd-$round.txt" 2000)"
+    read -r k2k _ <<<"$(cpu_at "$OUT/kamailio-$round.txt" 2000)"
     read -r rcpu rload <<<"$(cpu_at "$OUT/relayd-$round.txt" "${rb:-0}")"
     read -r kcpu kload <<<"$(cpu_at "$OUT/kamailio-$round.txt" "${kb:-0}")"
-    rows+=("$(printf '%5s %8s %8s %8s %8s %7s %7s %9s %9s %9s %9s' "$round" \
+    rows+=("$(printf '%5s %8s %8s %8s %8s %7s %7s %9s %9s %9s %9s %8s %8s %7s %9s %9s' "$round" \
         "${rb:-0}" "${rk:-0}" "${kb:-0}" "${kk:-0}" "$(ratio "${rb:-0}" "${kb:-0}")" \
-        "$(ratio "${rk:-0}" "${kk:-0}")" "${rcpu:--}" "${kcpu:--}" "${rload:--}" "${kload:--}")")
+        "$(ratio "${rk:-0}" "${kk:-0}")" "${rcpu:--}" "${kcpu:--}" "${rload:--}" "${kload:--}" \
+        "${rs:-0}" "${ks:-0}" "$(ratio "${rs:-0}" "${ks:-0}")" "${r2k:--}" "${k2k:--}")")
 done
 
 echo
 echo "relayd against Kamailio $(kamailio -v 2>/dev/null | awk 'NR == 1 { print $3 }') ($KAM_CHILDREN workers, ${KAM_SHM_MB} MB shared memory), calls/s; outputs in $OUT"
-printf '%5s %8s %8s %8s %8s %7s %7s %9s %9s %9s %9s\n' round "relayd" "r.kept" "kamailio" "k.kept" ratio "kept" "r.cpu" "k.cpu" "r.load" "k.load"
+printf '%5s %8s %8s %8s %8s %7s %7s %9s %9s %9s %9s %8s %8s %7s %9s %9s\n' round "relayd" "r.kept" "kamailio" "k.kept" ratio "kept" "r.cpu" "k.cpu" "r.load" "k.load" "r.strict" "k.strict" "strict" "r.cpu2k" "k.cpu2k"
 for row in "${rows[@]}"; do echo "$row"; done
 echo "(ratio: highest rates with every call completed and billed; kept: also kept pace with;"
-echo " cpu: the server's CPU per call, load: the two sipps' CPU per call, each at its own highest clean rate)"
+echo " cpu: the server's CPU per call, load: the two sipps' CPU per call, each at its own highest clean rate;"
+echo " strict: highest clean rate with no retransmission by the terminal and p99 setup <= 200 ms (issue 13);"
+echo " cpu2k: the server's CPU per call at 2000 calls/s, when the ladder has that rate)"

@@ -285,6 +285,7 @@ done
 echo
 echo "highest rate with every call completed and billed: $BEST calls/s"
 echo "highest such rate kept pace with (achieved >= 95 % of it): $KEPT calls/s"
+echo "highest such rate with no retransmission and p99 setup <= 200 ms: $STRICT calls/s"
 echo "kamailio: $KAM_VERSION, $KAM_CHILDREN UDP workers, accounting and CDRs to its log file"
 echo "kamailio memory after the runs (PSS summed over its $NPROC processes): $PSS kB"
 echo "call setup: first INVITE sent to the 200 received (407 round trip included),"

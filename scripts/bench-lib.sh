@@ -213,20 +213,22 @@ fi
 # application server) of the caller; sets BEST (the highest clean rate), BEST_ROW (its
 # percentiles) and KEPT (the highest clean rate the server kept pace with: achieved at
 # least 95 % of it, the rest being the last calls' hold time; above it calls queue and
-# setup times grow).
+# setup times grow), and STRICT (issue 13's criterion: the highest clean rate at which the
+# sipp terminal also retransmitted nothing and the p99 setup time was at most 200 ms).
 run_rates() {
     local name=$1 log=$4
     local -a ports targets
     read -r -a ports <<<"$2"
     read -r -a targets <<<"$3"
-    local row='%8s %6s %9s %6s %6s %9s %7s %7s %7s %7s %8s %9s\n'
+    local row='%8s %6s %9s %6s %6s %9s %7s %7s %7s %7s %8s %9s %8s\n'
     local hz
     hz=$(getconf CLK_TCK)
     # shellcheck disable=SC2059
-    printf "$row" "rate" "calls" "completed" "failed" "billed" "achieved" "p50 ms" "p99 ms" "mean ms" "max ms" "cpu/call" "load/call"
+    printf "$row" "rate" "calls" "completed" "failed" "billed" "achieved" "p50 ms" "p99 ms" "mean ms" "max ms" "cpu/call" "load/call" "retrans"
     BEST=0
     BEST_ROW=""
     KEPT=0
+    STRICT=0
     local port
     for port in "${ports[@]}"; do
         warm_up "$port"
@@ -269,10 +271,13 @@ run_rates() {
         local ticks_after uas_after cpu load
         ticks_after=$(target_ticks "${targets[@]}")
         uas_after=$(tree_ticks "$UAS_PID")
-        local ok=0 failed=0 billed_now billed achieved p50 p99 mean max uac_cpu=0 f
+        local ok=0 failed=0 retrans=0 billed_now billed achieved p50 p99 mean max uac_cpu=0 f
         for f in "$dir"/stats-*.csv; do
             ok=$((ok + $(sipp_stat "$f" 'SuccessfulCall(C)')))
             failed=$((failed + $(sipp_stat "$f" 'FailedCall(C)')))
+            # Requests the terminal had to send again: the server (or the path to it) lost or
+            # delayed something.
+            retrans=$((retrans + $(sipp_stat "$f" 'Retransmissions(C)')))
         done
         for f in "$dir"/uac-*.time; do
             [ -e "$f" ] || continue
@@ -293,7 +298,7 @@ run_rates() {
             'BEGIN { if (n > 0) printf "%.0fus", (t / hz + u) * 1e6 / n; else print "-" }')
         [ "${KEEP:-0}" = 1 ] || rm -f "$dir"/messages-*.log
         # shellcheck disable=SC2059
-        printf "$row" "$RATE/s" "$calls" "$ok" "$failed" "$billed" "$achieved" "$p50" "$p99" "$mean" "$max" "$cpu" "$load"
+        printf "$row" "$RATE/s" "$calls" "$ok" "$failed" "$billed" "$achieved" "$p50" "$p99" "$mean" "$max" "$cpu" "$load" "$retrans"
         local target
         for target in "${targets[@]}"; do
             if ! kill -0 "$target" 2>/dev/null; then
@@ -315,6 +320,9 @@ run_rates() {
         BEST_ROW="p50 $p50 ms, p99 $p99 ms"
         if awk -v n="$ok" -v a="$start" -v b="$end" -v r="$RATE" 'BEGIN { exit !(n / (b - a) >= 0.95 * r) }'; then
             KEPT=$RATE
+        fi
+        if [ "$retrans" -eq 0 ] && awk -v p="$p99" 'BEGIN { exit !(p != "" && p + 0 <= 200) }'; then
+            STRICT=$RATE
         fi
     done
 }

@@ -54,6 +54,7 @@ RSS=$(awk '/VmHWM/ { h = $2 " " $3 } /VmRSS/ { r = $2 " " $3 } END { print h " (
 echo
 echo "highest rate with every call completed and billed: $BEST calls/s"
 echo "highest such rate kept pace with (achieved >= 95 % of it): $KEPT calls/s"
+echo "highest such rate with no retransmission and p99 setup <= 200 ms: $STRICT calls/s"
 echo "relayd peak RSS: $RSS"
 echo "call setup: first INVITE sent to the 200 received (407 round trip and inquiry"
 echo "included), from the terminal's message trace, microsecond timestamps"
