@@ -39,8 +39,8 @@ pub const ENDED_GRACE: Duration = Duration::from_secs(600);
 /// What a key of the index leads to.
 #[derive(Clone)]
 enum Slot {
-    /// A live session (or segment): the call's own entry.
-    Live(Arc<ServedSession>),
+    /// A live session (or segment), under each of its three keys.
+    Live(Arc<LiveEntry>),
     /// An ended one, by its number in [`EndedStore`].
     Ended(u64),
 }
@@ -70,6 +70,73 @@ const SERVED_SHARDS: usize = 16;
 
 /// How many ended sessions one [`Chunk`] of the ended store holds.
 const CHUNK_RECORDS: usize = 512;
+
+/// A live session as the index keeps it: its text in one allocation, its fields in
+/// [`ENDED_FIELDS`] order (not eight small strings per session).
+struct LiveEntry {
+    started: SystemTime,
+    ends: [u32; ENDED_FIELDS],
+    has_account: bool,
+    text: Box<str>,
+}
+
+impl LiveEntry {
+    fn new(s: &ServedSession) -> LiveEntry {
+        let fields = fields_of(s);
+        let mut text = String::with_capacity(fields.iter().map(|f| f.len()).sum());
+        let mut ends = [0u32; ENDED_FIELDS];
+        for (end, f) in ends.iter_mut().zip(fields) {
+            text.push_str(f);
+            *end = u32::try_from(text.len()).unwrap_or(u32::MAX);
+        }
+        LiveEntry {
+            started: s.started,
+            ends,
+            has_account: s.account.is_some(),
+            text: text.into_boxed_str(),
+        }
+    }
+
+    fn field(&self, i: usize) -> &str {
+        let from = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        self.text.get(from..self.ends[i] as usize).unwrap_or("")
+    }
+
+    fn session_id(&self) -> &str {
+        self.field(0)
+    }
+
+    /// Whether `key` is its id or one of its Call-IDs.
+    fn has_key(&self, key: &str) -> bool {
+        [0, 5, 6].iter().any(|&i| self.field(i) == key)
+    }
+
+    fn session(&self) -> ServedSession {
+        ServedSession {
+            session_id: self.field(0).to_owned(),
+            subscriber: self.field(1).to_owned(),
+            service: self.field(2).to_owned(),
+            server: self.field(3).to_owned(),
+            account: self.has_account.then(|| self.field(4).to_owned()),
+            server_call_id: self.field(5).to_owned(),
+            terminal_call_id: self.field(6).to_owned(),
+            started: self.started,
+        }
+    }
+}
+
+/// A session's text fields in [`ENDED_FIELDS`] order.
+fn fields_of(s: &ServedSession) -> [&str; ENDED_FIELDS] {
+    [
+        s.session_id.as_str(),
+        &s.subscriber,
+        &s.service,
+        &s.server,
+        s.account.as_deref().unwrap_or(""),
+        &s.server_call_id,
+        &s.terminal_call_id,
+    ]
+}
 
 /// An ended session kept for the late-charge grace, in a fixed-size record whose text lies
 /// in its chunk's buffer: after a peak of calls, what the grace keeps is a few large
@@ -143,16 +210,8 @@ struct EndedStore {
 impl EndedStore {
     /// Keeps `s`, ended at `at`, under `keys`; its number, or `None` if its text is too
     /// long for a record (never for what admission lets in: Call-IDs of at most 256 bytes).
-    fn push(&mut self, s: &ServedSession, keys: [u64; 3], at: Instant) -> Option<u64> {
-        let fields = [
-            s.session_id.as_str(),
-            &s.subscriber,
-            &s.service,
-            &s.server,
-            s.account.as_deref().unwrap_or(""),
-            &s.server_call_id,
-            &s.terminal_call_id,
-        ];
+    fn push(&mut self, s: &LiveEntry, keys: [u64; 3], at: Instant) -> Option<u64> {
+        let fields: [&str; ENDED_FIELDS] = std::array::from_fn(|i| s.field(i));
         let mut ends = [0u16; ENDED_FIELDS];
         let mut len = 0usize;
         for (end, f) in ends.iter_mut().zip(fields) {
@@ -181,7 +240,7 @@ impl EndedStore {
             keys,
             start,
             ends,
-            has_account: s.account.is_some(),
+            has_account: s.has_account,
         });
         let seq = self.next;
         self.next += 1;
@@ -288,12 +347,12 @@ impl ServedIndex {
                     .insert(s.subscriber.clone(), s.server.clone());
             }
         }
-        let s = Arc::new(s);
+        let entry = Arc::new(LiveEntry::new(&s));
         for key in keys_of(&s) {
             let hash = self.hash(key);
             self.shard(hash)
                 .by_key
-                .insert(hash, Slot::Live(Arc::clone(&s)));
+                .insert(hash, Slot::Live(Arc::clone(&entry)));
         }
     }
 
@@ -308,13 +367,13 @@ impl ServedIndex {
         let Some(s) = self.live(session_id) else {
             return;
         };
-        let keys = keys_of(&s).map(|k| self.hash(k));
+        let keys = [0, 5, 6].map(|i| self.hash(s.field(i)));
         let seq = self.ended().push(&s, keys, now);
         for hash in keys {
             let mut shard = self.shard(hash);
             let mine = matches!(
                 shard.by_key.get(&hash),
-                Some(Slot::Live(e)) if e.session_id == s.session_id
+                Some(Slot::Live(e)) if e.session_id() == s.session_id()
             );
             if mine {
                 match seq {
@@ -326,11 +385,11 @@ impl ServedIndex {
     }
 
     /// The live (not ended) session with this id.
-    fn live(&self, session_id: &str) -> Option<Arc<ServedSession>> {
+    fn live(&self, session_id: &str) -> Option<Arc<LiveEntry>> {
         let hash = self.hash(session_id);
         let shard = self.shard(hash);
         match shard.by_key.get(&hash) {
-            Some(Slot::Live(s)) if s.session_id == session_id => Some(Arc::clone(s)),
+            Some(Slot::Live(s)) if s.session_id() == session_id => Some(Arc::clone(s)),
             _ => None,
         }
     }
@@ -340,7 +399,7 @@ impl ServedIndex {
         let hash = self.hash(key);
         let slot = self.shard(hash).by_key.get(&hash).cloned()?;
         match slot {
-            Slot::Live(s) => keys_of(&s).contains(&key).then(|| ServedSession::clone(&s)),
+            Slot::Live(s) => s.has_key(key).then(|| s.session()),
             Slot::Ended(seq) => {
                 let ended = self.ended();
                 let (chunk, record) = ended.get(seq)?;
@@ -357,7 +416,7 @@ impl ServedIndex {
             let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             out.extend(shard.by_key.iter().filter_map(|(hash, slot)| match slot {
                 // Each session is under three keys: take it under its id's.
-                Slot::Live(s) if *hash == self.hash(&s.session_id) => Some(ServedSession::clone(s)),
+                Slot::Live(s) if *hash == self.hash(s.session_id()) => Some(s.session()),
                 _ => None,
             }));
         }
@@ -602,7 +661,7 @@ mod tests {
     }
 
     #[test]
-    fn an_ended_session_is_found_whole_until_its_grace_is_over_in_the_order_they_ended() {
+    fn a_session_is_found_whole_live_and_ended_until_its_grace_is_over_in_order() {
         let grace = Duration::from_secs(60);
         let index = ServedIndex::with_grace(grace);
         let t0 = Instant::now();
@@ -618,6 +677,14 @@ mod tests {
         for i in 0..n {
             index.insert(session(i));
         }
+        // Live, each is found whole by each of its keys, and listed once.
+        for i in (0..n).step_by(7) {
+            let want = session(i);
+            for key in keys_of(&want) {
+                assert_eq!(index.find(key).as_ref(), Some(&want), "{key}");
+            }
+        }
+        assert_eq!(index.live_sessions().len(), n);
         for i in 0..n {
             index.remove_at(&format!("s-{i}"), t0 + Duration::from_millis(i as u64));
         }
