@@ -280,6 +280,20 @@ impl Io<'_> {
     }
 }
 
+/// The [`Io`] of a layer: its output queue, timer queue, timer values and deadlines,
+/// borrowed field by field (so that a transaction in one of its tables can be borrowed
+/// beside it).
+macro_rules! io {
+    ($layer:ident) => {
+        Io {
+            out: &mut $layer.out,
+            queue: &mut $layer.queue,
+            timers: &$layer.timers,
+            deadlines: &$layer.deadlines,
+        }
+    };
+}
+
 /// All client and server transactions of one endpoint (or one shard of it).
 #[derive(Debug)]
 pub struct TransactionLayer {
@@ -359,12 +373,7 @@ impl TransactionLayer {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.lingering.expire(now);
         while let Some(Entry { at, tx, slot }) = self.queue.pop_due(now) {
-            let mut io = Io {
-                out: &mut self.out,
-                queue: &mut self.queue,
-                timers: &self.timers,
-                deadlines: &self.deadlines,
-            };
+            let mut io = io!(self);
             match tx {
                 TxRef::Client(id) => {
                     let Some(tx) = self.clients.get_mut(&id) else {
@@ -444,12 +453,7 @@ impl TransactionLayer {
         }
         let id = ClientTxId(self.fresh_id());
         self.client_index.insert(key.clone(), id);
-        let mut io = Io {
-            out: &mut self.out,
-            queue: &mut self.queue,
-            timers: &self.timers,
-            deadlines: &self.deadlines,
-        };
+        let mut io = io!(self);
         let cancelled = (key.method == method_key(Method::Cancel)).then(|| ClientKey {
             branch: key.branch.clone(),
             method: method_key(Method::Invite),
@@ -460,12 +464,7 @@ impl TransactionLayer {
         // more for its final response, then counts as cancelled and ends.
         if let Some(invite) = cancelled.and_then(|k| self.client_index.get(&k).copied()) {
             if let Some(tx) = self.clients.get_mut(&invite) {
-                let mut io = Io {
-                    out: &mut self.out,
-                    queue: &mut self.queue,
-                    timers: &self.timers,
-                    deadlines: &self.deadlines,
-                };
+                let mut io = io!(self);
                 tx.on_cancel_sent(now, &mut io);
             }
         }
@@ -484,12 +483,7 @@ impl TransactionLayer {
             .servers
             .get_mut(&tx)
             .ok_or(TxError::UnknownTransaction)?;
-        let mut io = Io {
-            out: &mut self.out,
-            queue: &mut self.queue,
-            timers: &self.timers,
-            deadlines: &self.deadlines,
-        };
+        let mut io = io!(self);
         let fate = server.respond(now, resp, &mut io)?;
         if let Some(key) = server.awaiting_ack() {
             if !self.ack_index.contains_key(key) {
@@ -530,12 +524,7 @@ impl TransactionLayer {
             .servers
             .get_mut(&tx)
             .ok_or(TxError::UnknownTransaction)?;
-        let mut io = Io {
-            out: &mut self.out,
-            queue: &mut self.queue,
-            timers: &self.timers,
-            deadlines: &self.deadlines,
-        };
+        let mut io = io!(self);
         server.respond_stateless(resp, &mut io)?;
         self.remove_server(tx);
         Ok(())
@@ -574,12 +563,7 @@ impl TransactionLayer {
             let Some(tx) = self.clients.get_mut(&id) else {
                 continue;
             };
-            let mut io = Io {
-                out: &mut self.out,
-                queue: &mut self.queue,
-                timers: &self.timers,
-                deadlines: &self.deadlines,
-            };
+            let mut io = io!(self);
             if tx.on_transport_error(&mut io) == Fate::Terminated {
                 self.remove_client(id);
             }
@@ -672,12 +656,7 @@ impl TransactionLayer {
         let Some(tx) = self.clients.get_mut(&id) else {
             return;
         };
-        let mut io = Io {
-            out: &mut self.out,
-            queue: &mut self.queue,
-            timers: &self.timers,
-            deadlines: &self.deadlines,
-        };
+        let mut io = io!(self);
         if tx.on_response(now, resp, from, &mut io) == Fate::Terminated {
             self.remove_client(id);
         }
@@ -702,12 +681,7 @@ impl TransactionLayer {
         }
         if let Some(&id) = self.server_index.get(&key) {
             if let Some(tx) = self.servers.get_mut(&id) {
-                let mut io = Io {
-                    out: &mut self.out,
-                    queue: &mut self.queue,
-                    timers: &self.timers,
-                    deadlines: &self.deadlines,
-                };
+                let mut io = io!(self);
                 tx.on_request_retransmission(&mut io);
             }
             return;
@@ -721,12 +695,7 @@ impl TransactionLayer {
             return;
         }
         let id = ServerTxId(self.fresh_id());
-        let mut io = Io {
-            out: &mut self.out,
-            queue: &mut self.queue,
-            timers: &self.timers,
-            deadlines: &self.deadlines,
-        };
+        let mut io = io!(self);
         if method == Method::Cancel {
             key.method = method_key(Method::Invite);
             let invite = self.server_index.get(&key).copied();
@@ -796,12 +765,7 @@ impl TransactionLayer {
                 .and_then(|tx| tx.ack_key())
                 .is_none_or(|k| k.cseq == summary.cseq);
             if let Some(tx) = self.servers.get_mut(&id).filter(|_| ours) {
-                let mut io = Io {
-                    out: &mut self.out,
-                    queue: &mut self.queue,
-                    timers: &self.timers,
-                    deadlines: &self.deadlines,
-                };
+                let mut io = io!(self);
                 match tx.on_ack(now, &mut io) {
                     AckDisposition::Absorb(Fate::Live) => {}
                     AckDisposition::Absorb(Fate::Terminated) => {
@@ -824,12 +788,7 @@ impl TransactionLayer {
         let ack_key = AckKey::new(&mut summary);
         if let Some(id) = self.ack_index.remove(&ack_key) {
             if let Some(tx) = self.servers.get_mut(&id) {
-                let mut io = Io {
-                    out: &mut self.out,
-                    queue: &mut self.queue,
-                    timers: &self.timers,
-                    deadlines: &self.deadlines,
-                };
+                let mut io = io!(self);
                 tx.on_2xx_ack(now, &mut io);
             }
         }
