@@ -72,10 +72,10 @@ const SERVED_SHARDS: usize = 16;
 const CHUNK_RECORDS: usize = 512;
 
 /// A live session as the index keeps it: its text in one allocation, its fields in
-/// [`ENDED_FIELDS`] order (not eight small strings per session).
+/// [`FIELDS`] order (not eight small strings per session).
 struct LiveEntry {
     started: SystemTime,
-    ends: [u32; ENDED_FIELDS],
+    ends: [u32; FIELDS],
     has_account: bool,
     text: Box<str>,
 }
@@ -84,7 +84,7 @@ impl LiveEntry {
     fn new(s: &ServedSession) -> LiveEntry {
         let fields = fields_of(s);
         let mut text = String::with_capacity(fields.iter().map(|f| f.len()).sum());
-        let mut ends = [0u32; ENDED_FIELDS];
+        let mut ends = [0u32; FIELDS];
         for (end, f) in ends.iter_mut().zip(fields) {
             text.push_str(f);
             *end = u32::try_from(text.len()).unwrap_or(u32::MAX);
@@ -98,8 +98,7 @@ impl LiveEntry {
     }
 
     fn field(&self, i: usize) -> &str {
-        let from = if i == 0 { 0 } else { self.ends[i - 1] as usize };
-        self.text.get(from..self.ends[i] as usize).unwrap_or("")
+        field_of(&self.text, 0, |k| self.ends[k] as usize, i)
     }
 
     fn session_id(&self) -> &str {
@@ -108,25 +107,41 @@ impl LiveEntry {
 
     /// Whether `key` is its id or one of its Call-IDs.
     fn has_key(&self, key: &str) -> bool {
-        [0, 5, 6].iter().any(|&i| self.field(i) == key)
+        KEY_FIELDS.iter().any(|&i| self.field(i) == key)
     }
 
     fn session(&self) -> ServedSession {
-        ServedSession {
-            session_id: self.field(0).to_owned(),
-            subscriber: self.field(1).to_owned(),
-            service: self.field(2).to_owned(),
-            server: self.field(3).to_owned(),
-            account: self.has_account.then(|| self.field(4).to_owned()),
-            server_call_id: self.field(5).to_owned(),
-            terminal_call_id: self.field(6).to_owned(),
-            started: self.started,
-        }
+        session_of(|i| self.field(i), self.has_account, self.started)
     }
 }
 
-/// A session's text fields in [`ENDED_FIELDS`] order.
-fn fields_of(s: &ServedSession) -> [&str; ENDED_FIELDS] {
+/// Field `i` of `text`, which holds the fields back to back from `start`, field `k` ending
+/// `end(k)` bytes after it.
+fn field_of(text: &str, start: usize, end: impl Fn(usize) -> usize, i: usize) -> &str {
+    let from = if i == 0 { 0 } else { end(i - 1) };
+    text.get(start + from..start + end(i)).unwrap_or("")
+}
+
+/// A session as charging sees it, from its text fields in [`FIELDS`] order.
+fn session_of<'a>(
+    field: impl Fn(usize) -> &'a str,
+    has_account: bool,
+    started: SystemTime,
+) -> ServedSession {
+    ServedSession {
+        session_id: field(0).to_owned(),
+        subscriber: field(1).to_owned(),
+        service: field(2).to_owned(),
+        server: field(3).to_owned(),
+        account: has_account.then(|| field(4).to_owned()),
+        server_call_id: field(5).to_owned(),
+        terminal_call_id: field(6).to_owned(),
+        started,
+    }
+}
+
+/// A session's text fields in [`FIELDS`] order.
+fn fields_of(s: &ServedSession) -> [&str; FIELDS] {
     [
         s.session_id.as_str(),
         &s.subscriber,
@@ -151,15 +166,19 @@ struct EndedRecord {
     keys: [u64; 3],
     /// Where its text starts in the chunk's buffer.
     start: u32,
-    /// The ends of its fields, counted from `start`, in [`ENDED_FIELDS`] order.
-    ends: [u16; ENDED_FIELDS],
+    /// The ends of its fields, counted from `start`, in [`FIELDS`] order.
+    ends: [u16; FIELDS],
     /// Whether it has an account (the account field is empty otherwise).
     has_account: bool,
 }
 
-/// The text fields of an [`EndedRecord`], in this order: session id, subscriber, service,
-/// server, account, server Call-ID, terminal Call-ID.
-const ENDED_FIELDS: usize = 7;
+/// How many text fields a session has in the index ([`LiveEntry`], [`EndedRecord`]), in
+/// this order: session id, subscriber, service, server, account, server Call-ID, terminal
+/// Call-ID.
+const FIELDS: usize = 7;
+
+/// Which of those fields it is found by: its id and both Call-IDs.
+const KEY_FIELDS: [usize; 3] = [0, 5, 6];
 
 /// Up to [`CHUNK_RECORDS`] ended sessions, numbered from `first`, and their text.
 struct Chunk {
@@ -170,28 +189,11 @@ struct Chunk {
 
 impl Chunk {
     fn field(&self, r: &EndedRecord, i: usize) -> &str {
-        let base = r.start as usize;
-        let from = if i == 0 {
-            0
-        } else {
-            usize::from(r.ends[i - 1])
-        };
-        self.text
-            .get(base + from..base + usize::from(r.ends[i]))
-            .unwrap_or("")
+        field_of(&self.text, r.start as usize, |k| usize::from(r.ends[k]), i)
     }
 
     fn session(&self, r: &EndedRecord) -> ServedSession {
-        ServedSession {
-            session_id: self.field(r, 0).to_owned(),
-            subscriber: self.field(r, 1).to_owned(),
-            service: self.field(r, 2).to_owned(),
-            server: self.field(r, 3).to_owned(),
-            account: r.has_account.then(|| self.field(r, 4).to_owned()),
-            server_call_id: self.field(r, 5).to_owned(),
-            terminal_call_id: self.field(r, 6).to_owned(),
-            started: r.started,
-        }
+        session_of(|i| self.field(r, i), r.has_account, r.started)
     }
 }
 
@@ -211,8 +213,8 @@ impl EndedStore {
     /// Keeps `s`, ended at `at`, under `keys`; its number, or `None` if its text is too
     /// long for a record (never for what admission lets in: Call-IDs of at most 256 bytes).
     fn push(&mut self, s: &LiveEntry, keys: [u64; 3], at: Instant) -> Option<u64> {
-        let fields: [&str; ENDED_FIELDS] = std::array::from_fn(|i| s.field(i));
-        let mut ends = [0u16; ENDED_FIELDS];
+        let fields: [&str; FIELDS] = std::array::from_fn(|i| s.field(i));
+        let mut ends = [0u16; FIELDS];
         let mut len = 0usize;
         for (end, f) in ends.iter_mut().zip(fields) {
             len += f.len();
@@ -367,7 +369,7 @@ impl ServedIndex {
         let Some(s) = self.live(session_id) else {
             return;
         };
-        let keys = [0, 5, 6].map(|i| self.hash(s.field(i)));
+        let keys = KEY_FIELDS.map(|i| self.hash(s.field(i)));
         let seq = self.ended().push(&s, keys, now);
         for hash in keys {
             let mut shard = self.shard(hash);
