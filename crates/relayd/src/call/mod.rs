@@ -81,8 +81,6 @@ struct Terminal {
     call_id: String,
     /// Whether the INVITE has had a final response.
     final_sent: bool,
-    /// Whether the inquiry is over and `invite` was let go.
-    slim: bool,
     /// The INVITE's CSeq number, which the ACK of its 2xx carries (kept when the INVITE
     /// is let go, as the terminal may ACK after that).
     cseq: Option<u32>,
@@ -201,7 +199,6 @@ impl Call {
                 peer: invite.from,
                 call_id,
                 final_sent: false,
-                slim: false,
             },
             adm,
             epoch: (wall, now),
@@ -284,7 +281,7 @@ impl Call {
     /// Whether the terminal's INVITE transaction can take nothing more from the call: its
     /// final response went out and no other fork can answer (the driver may let it go).
     pub fn inquiry_over(&self) -> bool {
-        self.a.slim
+        self.a.invite.is_none()
     }
 
     /// How many sessions are live.
@@ -331,9 +328,8 @@ impl Call {
                 .iter()
                 .any(|(_, l)| matches!(l.purpose, Purpose::Initial { .. }))
             || self.sessions.iter().any(|s| s.state == State::Journaling);
-        if !inquiring && !self.a.slim {
+        if !inquiring {
             self.a.invite = None;
-            self.a.slim = true;
         }
         if !inquiring && self.slot_unused {
             // The inquiry ended without a session: the slot admission took goes back.
