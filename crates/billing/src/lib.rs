@@ -51,9 +51,11 @@
 //!         node: String::new(),
 //!         session_id: "s-1".into(),
 //!         call_id: "a84b4c76e66710@terminal".into(),
+//!         server_call_id: "9f2c01@as1".into(),
 //!         subscriber: "alice".into(),
 //!         service: "video".into(),
 //!         server: "as1".into(),
+//!         account: Some("acme".into()),
 //!         plan: "gold".into(),
 //!         tariff: tariffs.lookup("video", "gold")?.clone(),
 //!         confirmed_at_ms: 1_700_000_000_000,
@@ -69,6 +71,10 @@
 //!     })
 //!     .wait()?;
 //! assert_eq!(record.charge.minor, 10 + 2 * 2); // setup + two started minutes
+//!
+//! // A charge arriving just after the BYE still finds its session, by either Call-ID.
+//! let ended = billing.find_ended("9f2c01@as1", 1_700_000_061_000 - 600_000).wait()?;
+//! assert_eq!(ended.map(|s| s.session_id).as_deref(), Some("s-1"));
 //! writer.shutdown()?;
 //! # Ok(())
 //! # }
@@ -168,8 +174,8 @@ pub use record::{ChargeRecord, EndCause, SessionRecord, UnitCharge};
 pub use report::{ExportFormat, GroupBy, RecordKind, Total};
 pub use sqlite::SqliteStore;
 pub use store::{
-    ChargeAmount, CloseSession, JournaledSession, NewCharge, Op, OpenSession, Outcome, Period,
-    Store, TouchSessions,
+    ChargeAmount, CloseSession, EndedSession, JournaledSession, NewCharge, Op, OpenSession,
+    Outcome, Period, Store, TouchSessions,
 };
 pub use tariff::{Increment, Tariff, TariffError, TariffSpec, TariffTable};
 pub use writer::{Pending, Writer, WriterConfig, WriterHandle, WriterStats};

@@ -66,8 +66,8 @@ use crate::error::BillingError;
 use crate::money::{Currency, Money};
 use crate::record::{ChargeRecord, EndCause, SessionRecord, UnitCharge};
 use crate::store::{
-    recovered_end, unique_ids, JournaledSession, NewCharge, Op, OpenSession, Outcome, Period,
-    Store, TouchSessions,
+    recovered_end, unique_ids, EndedSession, JournaledSession, NewCharge, Op, OpenSession, Outcome,
+    Period, Store, TouchSessions,
 };
 use crate::tariff::Tariff;
 
@@ -168,8 +168,30 @@ ALTER TABLE billing.open_sessions ADD COLUMN node TEXT NOT NULL DEFAULT '';
 CREATE INDEX open_sessions_by_node ON billing.open_sessions (node, last_seen_ms);
 ";
 
+/// Version 3, SQLite's version 4: the server Call-ID and account of sessions, so that a
+/// charge arriving after its session ended finds the session in the records:
+///
+/// * `open_sessions` and `session_records` get `server_call_id`, the SIP Call-ID of the
+///   application server's leg (`''` for the rows written before: unknown, and never
+///   matched by a lookup), and `account`, the application-server account that speaks for
+///   the server (`NULL` for a static server, and for the rows written before);
+/// * `session_records` is indexed by each key an ended session is looked up by: its
+///   session id, its terminal Call-ID and its server Call-ID. The indexes live in the
+///   `billing` schema with their table, named as SQLite's are.
+const SCHEMA_V3: &str = "
+ALTER TABLE billing.open_sessions
+    ADD COLUMN server_call_id TEXT NOT NULL DEFAULT '',
+    ADD COLUMN account TEXT CHECK (account IS NULL OR length(account) > 0);
+ALTER TABLE billing.session_records
+    ADD COLUMN server_call_id TEXT NOT NULL DEFAULT '',
+    ADD COLUMN account TEXT CHECK (account IS NULL OR length(account) > 0);
+CREATE INDEX session_records_by_session ON billing.session_records (session_id);
+CREATE INDEX session_records_by_call ON billing.session_records (call_id);
+CREATE INDEX session_records_by_server_call ON billing.session_records (server_call_id);
+";
+
 /// The schema's history, oldest first (PostgreSQL's own; it started where SQLite's
-/// version 2 stood, and its version 2 is SQLite's version 3).
+/// version 2 stood: its version 2 is SQLite's version 3, its version 3 SQLite's version 4).
 pub(crate) const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
@@ -181,19 +203,34 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         description: "relay-lost and admin end causes; open sessions owned by a node",
         sql: SCHEMA_V2,
     },
+    Migration {
+        version: 3,
+        description: "server call id and account of sessions; records indexed by each call id",
+        sql: SCHEMA_V3,
+    },
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const SESSION_COLUMNS: &str = "record_id, session_id, call_id, subscriber, service, server, plan, \
      tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, amount_minor, currency";
 /// What a delete of journal rows returns to write their records:
 /// [`PostgresStore::write_record`] reads them by position.
 const DELETED_COLUMNS: &str = "session_id, call_id, subscriber, service, server, plan, \
-     tariff::text, confirmed_at_ms, last_seen_ms";
+     tariff::text, confirmed_at_ms, last_seen_ms, server_call_id, account";
 const CHARGE_COLUMNS: &str = "record_id, session_id, server, subscriber, service, event_id, \
      amount_minor, currency, units, unit_price_minor, description, charged_at_ms";
+
+/// [`Op::FindEnded`]: the latest session record, ended since `$2`, whose session id,
+/// terminal Call-ID or server Call-ID is `$1` (never `''`: the caller looks up no empty
+/// key); a union of one index lookup per column, as on SQLite.
+const FIND_ENDED: &str = "SELECT session_id, call_id, server_call_id, subscriber, service, \
+     server, account, ended_at_ms FROM billing.session_records WHERE record_id IN ( \
+         SELECT record_id FROM billing.session_records WHERE session_id = $1 \
+         UNION SELECT record_id FROM billing.session_records WHERE call_id = $1 \
+         UNION SELECT record_id FROM billing.session_records WHERE server_call_id = $1) \
+     AND ended_at_ms >= $2 ORDER BY ended_at_ms DESC, record_id DESC LIMIT 1";
 
 /// One run of a batch: each op's result (`None` for ops left out), or the index and error
 /// of the op whose statement failed, after which the transaction was rolled back.
@@ -666,15 +703,47 @@ impl PostgresStore {
                 .claim_lost(node, *lease_ms, *now_ms)
                 .map(Outcome::Claimed)
                 .map_err(|e| Self::classify(e, true)),
+            // A read: it writes nothing, so it can always be refused alone (a failed
+            // statement still aborts the transaction, which then runs again without it).
+            Op::FindEnded {
+                key,
+                ended_since_ms,
+            } => self
+                .find_ended(key, *ended_since_ms)
+                .map(Outcome::FoundEnded)
+                .map_err(|e| Self::classify(e, false)),
         }
+    }
+
+    /// The session record for [`Op::FindEnded`] (see [`FIND_ENDED`]).
+    fn find_ended(
+        &self,
+        key: &str,
+        ended_since_ms: i64,
+    ) -> Result<Option<EndedSession>, BillingError> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        let rows = self.query(FIND_ENDED, &[&key, &ended_since_ms])?;
+        Ok(rows.first().map(|row| EndedSession {
+            session_id: row.get(0),
+            call_id: row.get(1),
+            server_call_id: row.get(2),
+            subscriber: row.get(3),
+            service: row.get(4),
+            server: row.get(5),
+            account: row.get(6),
+            ended_at_ms: row.get(7),
+        }))
     }
 
     fn insert_open(&self, open: &OpenSession) -> Result<(), BillingError> {
         let tariff = self.tariff_snapshot(&open.tariff)?;
         let inserted = self.execute(
             "INSERT INTO billing.open_sessions (session_id, call_id, subscriber, service, \
-             server, plan, tariff, confirmed_at_ms, last_seen_ms, node) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7::text::json, $8, $8, $9) \
+             server, plan, tariff, confirmed_at_ms, last_seen_ms, node, server_call_id, \
+             account) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7::text::json, $8, $8, $9, $10, $11) \
              ON CONFLICT (session_id) DO NOTHING",
             &[
                 &open.session_id,
@@ -686,6 +755,8 @@ impl PostgresStore {
                 &&*tariff,
                 &open.confirmed_at_ms,
                 &open.node,
+                &open.server_call_id,
+                &open.account,
             ],
         )?;
         if inserted == 0 {
@@ -770,8 +841,9 @@ impl PostgresStore {
         let inserted = self.query(
             "INSERT INTO billing.session_records (session_id, call_id, subscriber, service, \
              server, plan, tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, \
-             amount_minor, currency) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING record_id",
+             amount_minor, currency, server_call_id, account) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+             RETURNING record_id",
             &[
                 &record.session_id,
                 &record.call_id,
@@ -786,6 +858,9 @@ impl PostgresStore {
                 &record.cause.as_str(),
                 &record.charge.minor,
                 &record.charge.currency.as_str(),
+                // As journaled: positions 9 and 10 of DELETED_COLUMNS.
+                &row.get::<_, &str>(9),
+                &row.get::<_, Option<&str>>(10),
             ],
         )?;
         record.record_id = inserted
@@ -1107,8 +1182,8 @@ impl Store for PostgresStore {
         self.ensure_connected()?;
         let rows = self.query(
             "SELECT session_id, call_id, subscriber, service, server, plan, tariff::text, \
-             confirmed_at_ms, last_seen_ms, node FROM billing.open_sessions \
-             ORDER BY confirmed_at_ms, session_id",
+             confirmed_at_ms, last_seen_ms, node, server_call_id, account \
+             FROM billing.open_sessions ORDER BY confirmed_at_ms, session_id",
             &[],
         )?;
         rows.iter()
@@ -1121,9 +1196,11 @@ impl Store for PostgresStore {
                         tariff: parse_tariff(&session_id, &tariff)?,
                         session_id,
                         call_id: row.get(1),
+                        server_call_id: row.get(10),
                         subscriber: row.get(2),
                         service: row.get(3),
                         server: row.get(4),
+                        account: row.get(11),
                         plan: row.get(5),
                         confirmed_at_ms: row.get(7),
                     },
@@ -1174,9 +1251,11 @@ mod tests {
             node: String::new(),
             session_id: id.into(),
             call_id: format!("call-{id}"),
+            server_call_id: String::new(),
             subscriber: "alice".into(),
             service: "video".into(),
             server: "as1".into(),
+            account: None,
             plan: "gold".into(),
             tariff: Tariff::new(TariffSpec {
                 name: "standard".into(),
@@ -1210,6 +1289,40 @@ mod tests {
             .unwrap();
     }
 
+    /// Closes a session as versions 1 and 2 did (no server call id, no account): its
+    /// record rated with the tariff of [`session`], its journal row deleted.
+    fn close_before_v3(store: &PostgresStore, id: &str, ended_at_ms: i64, cause: EndCause) {
+        let mut client = store.client.borrow_mut();
+        let confirmed_at_ms: i64 = client
+            .query_one(
+                "SELECT confirmed_at_ms FROM billing.open_sessions WHERE session_id = $1",
+                &[&id],
+            )
+            .unwrap()
+            .get(0);
+        let tariff = session(id, confirmed_at_ms).tariff;
+        let charge = tariff.charge_for((ended_at_ms - confirmed_at_ms).unsigned_abs());
+        client
+            .execute(
+                "WITH gone AS (DELETE FROM billing.open_sessions WHERE session_id = $1 \
+                 RETURNING *) \
+                 INSERT INTO billing.session_records (session_id, call_id, subscriber, \
+                 service, server, plan, tariff, confirmed_at_ms, ended_at_ms, duration_ms, \
+                 end_cause, amount_minor, currency) \
+                 SELECT session_id, call_id, subscriber, service, server, plan, $2, \
+                 confirmed_at_ms, $3, $3 - confirmed_at_ms, $4, $5, $6 FROM gone",
+                &[
+                    &id,
+                    &tariff.name(),
+                    &ended_at_ms,
+                    &cause.as_str(),
+                    &charge.minor,
+                    &charge.currency.as_str(),
+                ],
+            )
+            .unwrap();
+    }
+
     fn insert_raw_record(store: &PostgresStore, cause: &str) -> Result<u64, postgres::Error> {
         store.client.borrow_mut().execute(
             "INSERT INTO billing.session_records (session_id, call_id, subscriber, service, \
@@ -1226,19 +1339,13 @@ mod tests {
         let server = test_pg_server::shared();
         let url = server.fresh_database();
         let (records, journal) = {
-            let mut store = PostgresStore::connect_with(&url, &MIGRATIONS[..1]).unwrap();
+            let store = PostgresStore::connect_with(&url, &MIGRATIONS[..1]).unwrap();
             assert_eq!(store.schema_version().unwrap(), 1);
             // The causes version 1 knew; the new ones are refused by its CHECK.
             for (i, cause) in EndCause::ALL[..7].iter().copied().enumerate() {
                 let id = format!("s{i}");
                 open_before_v2(&store, &id, T0);
-                store
-                    .close_session(CloseSession {
-                        session_id: id,
-                        ended_at_ms: T0 + 1_000 * (i as i64 + 1),
-                        cause,
-                    })
-                    .unwrap();
+                close_before_v3(&store, &id, T0 + 1_000 * (i as i64 + 1), cause);
             }
             let err = insert_raw_record(&store, "relay-lost").unwrap_err();
             assert_eq!(err.code(), Some(&SqlState::CHECK_VIOLATION), "{err}");
@@ -1293,5 +1400,98 @@ mod tests {
         assert_eq!(record.cause, EndCause::RelayLost);
         assert_eq!(record.charge.minor, 10 + 2 * 2);
         assert!(record.record_id > records.iter().map(|r| r.record_id).max().unwrap());
+    }
+
+    #[test]
+    fn a_version_2_database_migrates_reading_back_no_server_call_id_and_no_account() {
+        let server = test_pg_server::shared();
+        let url = server.fresh_database();
+        let records = {
+            let store = PostgresStore::connect_with(&url, &MIGRATIONS[..2]).unwrap();
+            assert_eq!(store.schema_version().unwrap(), 2);
+            for (i, id) in ["s0", "s1"].into_iter().enumerate() {
+                open_before_v2(&store, id, T0);
+                close_before_v3(&store, id, T0 + 1_000 * (i as i64 + 1), EndCause::CallerBye);
+            }
+            open_before_v2(&store, "live", T0);
+            store.session_records(Period::all()).unwrap()
+        };
+        assert!(matches!(
+            PostgresStore::connect_read_only(&url).unwrap_err(),
+            BillingError::OlderSchema {
+                found: 2,
+                supported: SCHEMA_VERSION,
+                ..
+            }
+        ));
+
+        let mut store = PostgresStore::connect(&url).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(store.session_records(Period::all()).unwrap(), records);
+        // Journaled before the columns: no server call id, no account.
+        assert_eq!(
+            store.journal().unwrap(),
+            [JournaledSession {
+                session: session("live", T0),
+                last_seen_ms: T0,
+            }]
+        );
+        let old: Vec<(String, Option<String>)> = store
+            .client
+            .borrow_mut()
+            .query(
+                "SELECT server_call_id, account FROM billing.session_records \
+                 ORDER BY record_id",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(old, [(String::new(), None), (String::new(), None)]);
+        // Found by their session id and terminal Call-ID, never by the empty key.
+        let found = store.find_ended("call-s1", 0).unwrap().unwrap();
+        assert_eq!(
+            (
+                found.session_id.as_str(),
+                found.server_call_id.as_str(),
+                found.account
+            ),
+            ("s1", "", None)
+        );
+        assert_eq!(store.find_ended("", i64::MIN).unwrap(), None);
+        // The session journaled before the migration closes with them as they are.
+        store
+            .close_session(CloseSession {
+                session_id: "live".into(),
+                ended_at_ms: T0 + 9_000,
+                cause: EndCause::Timeout,
+            })
+            .unwrap();
+        let found = store.find_ended("live", 0).unwrap().unwrap();
+        assert_eq!((found.server_call_id.as_str(), found.account), ("", None));
+        // The lookup's indexes are in the billing schema, beside their table.
+        let indexes: Vec<String> = store
+            .client
+            .borrow_mut()
+            .query(
+                "SELECT indexname::text FROM pg_catalog.pg_indexes \
+                 WHERE schemaname = 'billing' AND tablename = 'session_records' ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(
+            indexes,
+            [
+                "session_records_by_call",
+                "session_records_by_end",
+                "session_records_by_server_call",
+                "session_records_by_session",
+                "session_records_pkey",
+            ]
+        );
     }
 }

@@ -19,8 +19,8 @@ use crate::error::BillingError;
 use crate::money::{Currency, Money};
 use crate::record::{ChargeRecord, EndCause, SessionRecord, UnitCharge};
 use crate::store::{
-    recovered_end, unique_ids, CloseSession, JournaledSession, NewCharge, Op, OpenSession, Outcome,
-    Period, Store, TouchSessions,
+    recovered_end, unique_ids, CloseSession, EndedSession, JournaledSession, NewCharge, Op,
+    OpenSession, Outcome, Period, Store, TouchSessions,
 };
 use crate::tariff::Tariff;
 
@@ -184,6 +184,30 @@ ALTER TABLE open_sessions ADD COLUMN node TEXT NOT NULL DEFAULT '';
 CREATE INDEX open_sessions_by_node ON open_sessions (node, last_seen_ms);
 ";
 
+/// Version 4, so that a charge arriving after its session ended finds the session in the
+/// records (where relayd used to keep every ended session in memory for a grace period):
+///
+/// * `open_sessions` and `session_records` get `server_call_id`, the SIP Call-ID of the
+///   application server's leg (`''` for the rows written before: unknown, and never
+///   matched by a lookup), and `account`, the application-server account that speaks for
+///   the server (`NULL` for a static server, and for the rows written before);
+/// * `session_records` is indexed by each key an ended session is looked up by: its
+///   session id, its terminal Call-ID and its server Call-ID.
+///
+/// Adding columns needs no rebuild: `ALTER TABLE … ADD COLUMN` keeps the rows, their ids
+/// and the other constraints, and a constant default fills the rows already there.
+const SCHEMA_V4: &str = "
+ALTER TABLE open_sessions ADD COLUMN server_call_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE open_sessions ADD COLUMN account TEXT
+    CHECK (account IS NULL OR length(account) > 0);
+ALTER TABLE session_records ADD COLUMN server_call_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE session_records ADD COLUMN account TEXT
+    CHECK (account IS NULL OR length(account) > 0);
+CREATE INDEX session_records_by_session ON session_records (session_id);
+CREATE INDEX session_records_by_call ON session_records (call_id);
+CREATE INDEX session_records_by_server_call ON session_records (server_call_id);
+";
+
 /// The schema's history, oldest first. A new database runs all of it, so that it has
 /// exactly the schema of one migrated from an older version.
 const MIGRATIONS: &[Migration] = &[
@@ -202,15 +226,31 @@ const MIGRATIONS: &[Migration] = &[
         description: "relay-lost and admin end causes; open sessions owned by a node",
         sql: SCHEMA_V3,
     },
+    Migration {
+        version: 4,
+        description: "server call id and account of sessions; records indexed by each call id",
+        sql: SCHEMA_V4,
+    },
 ];
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SESSION_COLUMNS: &str = "record_id, session_id, call_id, subscriber, service, server, plan, \
      tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, amount_minor, currency";
 const CHARGE_COLUMNS: &str = "record_id, session_id, server, subscriber, service, event_id, \
      amount_minor, currency, units, unit_price_minor, description, charged_at_ms";
+
+/// [`Op::FindEnded`]: the latest session record, ended since `?2`, whose session id,
+/// terminal Call-ID or server Call-ID is `?1` (never `''`: the caller looks up no empty
+/// key). Written as a union of one lookup per column, so that each uses its index rather
+/// than the whole table being scanned (`find_ended_uses_the_indexes` checks the plan).
+const FIND_ENDED: &str = "SELECT session_id, call_id, server_call_id, subscriber, service, \
+     server, account, ended_at_ms FROM session_records WHERE record_id IN ( \
+         SELECT record_id FROM session_records WHERE session_id = ?1 \
+         UNION SELECT record_id FROM session_records WHERE call_id = ?1 \
+         UNION SELECT record_id FROM session_records WHERE server_call_id = ?1) \
+     AND ended_at_ms >= ?2 ORDER BY ended_at_ms DESC, record_id DESC LIMIT 1";
 
 /// How an op failed inside a batch.
 enum OpFailure {
@@ -563,7 +603,46 @@ impl SqliteStore {
             } => {
                 self.in_savepoint(|s| s.claim_lost(node, *lease_ms, *now_ms).map(Outcome::Claimed))
             }
+            // A read: it changes nothing, and fails alone unless SQLite lost the
+            // transaction.
+            Op::FindEnded {
+                key,
+                ended_since_ms,
+            } => self.single_statement(
+                self.find_ended(key, *ended_since_ms)
+                    .map(Outcome::FoundEnded),
+            ),
         }
+    }
+
+    /// The session record for [`Op::FindEnded`]: one index lookup per key column (see
+    /// [`FIND_ENDED`]).
+    fn find_ended(
+        &self,
+        key: &str,
+        ended_since_ms: i64,
+    ) -> Result<Option<EndedSession>, BillingError> {
+        if key.is_empty() {
+            return Ok(None);
+        }
+        self.conn
+            .prepare_cached(FIND_ENDED)
+            .and_then(|mut stmt| {
+                stmt.query_row(params![key, ended_since_ms], |row| {
+                    Ok(EndedSession {
+                        session_id: row.get(0)?,
+                        call_id: row.get(1)?,
+                        server_call_id: row.get(2)?,
+                        subscriber: row.get(3)?,
+                        service: row.get(4)?,
+                        server: row.get(5)?,
+                        account: row.get(6)?,
+                        ended_at_ms: row.get(7)?,
+                    })
+                })
+                .optional()
+            })
+            .map_err(|e| self.db(e))
     }
 
     fn insert_open(&self, open: &OpenSession) -> Result<(), BillingError> {
@@ -572,8 +651,8 @@ impl SqliteStore {
             .conn
             .prepare_cached(
                 "INSERT INTO open_sessions (session_id, call_id, subscriber, service, server, \
-                 plan, tariff, confirmed_at_ms, last_seen_ms, node) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9) \
+                 plan, tariff, confirmed_at_ms, last_seen_ms, node, server_call_id, account) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11) \
                  ON CONFLICT (session_id) DO NOTHING",
             )
             .and_then(|mut stmt| {
@@ -587,6 +666,8 @@ impl SqliteStore {
                     &*tariff,
                     open.confirmed_at_ms,
                     open.node,
+                    open.server_call_id,
+                    open.account,
                 ])
             })
             .map_err(|e| self.db(e))?;
@@ -682,25 +763,33 @@ impl SqliteStore {
         let journaled = self
             .conn
             .prepare_cached(
-                "SELECT call_id, subscriber, service, server, plan, tariff, confirmed_at_ms \
-                 FROM open_sessions WHERE session_id = ?1",
+                "SELECT call_id, subscriber, service, server, plan, tariff, confirmed_at_ms, \
+                 server_call_id, account FROM open_sessions WHERE session_id = ?1",
             )
             .and_then(|mut stmt| {
                 stmt.query_row([session_id], |row| {
                     Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, String>(2)?,
-                        row.get::<_, String>(3)?,
-                        row.get::<_, String>(4)?,
-                        row.get::<_, String>(5)?,
-                        row.get::<_, i64>(6)?,
+                        (
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            row.get::<_, String>(2)?,
+                            row.get::<_, String>(3)?,
+                            row.get::<_, String>(4)?,
+                            row.get::<_, String>(5)?,
+                            row.get::<_, i64>(6)?,
+                        ),
+                        row.get::<_, String>(7)?,
+                        row.get::<_, Option<String>>(8)?,
                     ))
                 })
                 .optional()
             })
             .map_err(|e| self.db(e))?;
-        let Some((call_id, subscriber, service, server, plan, tariff, confirmed_at_ms)) = journaled
+        let Some((
+            (call_id, subscriber, service, server, plan, tariff, confirmed_at_ms),
+            server_call_id,
+            account,
+        )) = journaled
         else {
             return Err(BillingError::UnknownSession {
                 session_id: session_id.to_owned(),
@@ -730,8 +819,8 @@ impl SqliteStore {
             .prepare_cached(
                 "INSERT INTO session_records (session_id, call_id, subscriber, service, server, \
                  plan, tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, \
-                 amount_minor, currency) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 amount_minor, currency, server_call_id, account) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             )
             .and_then(|mut stmt| {
                 stmt.execute(params![
@@ -748,6 +837,8 @@ impl SqliteStore {
                     record.cause.as_str(),
                     record.charge.minor,
                     record.charge.currency.as_str(),
+                    server_call_id,
+                    account,
                 ])
             })
             .map_err(|e| self.db(e))?;
@@ -1034,8 +1125,8 @@ impl Store for SqliteStore {
             .conn
             .prepare_cached(
                 "SELECT session_id, call_id, subscriber, service, server, plan, tariff, \
-                 confirmed_at_ms, last_seen_ms, node FROM open_sessions \
-                 ORDER BY confirmed_at_ms, session_id",
+                 confirmed_at_ms, last_seen_ms, node, server_call_id, account \
+                 FROM open_sessions ORDER BY confirmed_at_ms, session_id",
             )
             .map_err(|e| self.db(e))?;
         let mut rows = stmt.query([]).map_err(|e| self.db(e))?;
@@ -1050,9 +1141,11 @@ impl Store for SqliteStore {
                     tariff: parse_tariff(&session_id, &tariff)?,
                     session_id,
                     call_id: row.get(1).map_err(db)?,
+                    server_call_id: row.get(10).map_err(db)?,
                     subscriber: row.get(2).map_err(db)?,
                     service: row.get(3).map_err(db)?,
                     server: row.get(4).map_err(db)?,
+                    account: row.get(11).map_err(db)?,
                     plan: row.get(5).map_err(db)?,
                     confirmed_at_ms: row.get(7).map_err(db)?,
                 },
@@ -1136,9 +1229,11 @@ mod tests {
             node: String::new(),
             session_id: id.into(),
             call_id: format!("call-{id}"),
+            server_call_id: String::new(),
             subscriber: "alice".into(),
             service: "video".into(),
             server: "as1".into(),
+            account: None,
             plan: "gold".into(),
             tariff: tariff(),
             confirmed_at_ms: at,
@@ -1522,6 +1617,38 @@ mod tests {
         .unwrap();
     }
 
+    /// Closes a session as versions 1 to 3 did (no server call id, no account): its record
+    /// rated with [`tariff`], its journal row deleted.
+    fn close_before_v4(conn: &Connection, id: &str, ended_at_ms: i64, cause: EndCause) {
+        let confirmed_at_ms: i64 = conn
+            .query_row(
+                "SELECT confirmed_at_ms FROM open_sessions WHERE session_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let charge = tariff().charge_for((ended_at_ms - confirmed_at_ms).unsigned_abs());
+        conn.execute(
+            "INSERT INTO session_records (session_id, call_id, subscriber, service, server, \
+             plan, tariff, confirmed_at_ms, ended_at_ms, duration_ms, end_cause, \
+             amount_minor, currency) \
+             SELECT session_id, call_id, subscriber, service, server, plan, ?2, \
+             confirmed_at_ms, ?3, ?3 - confirmed_at_ms, ?4, ?5, ?6 \
+             FROM open_sessions WHERE session_id = ?1",
+            params![
+                id,
+                tariff().name(),
+                ended_at_ms,
+                cause.as_str(),
+                charge.minor,
+                charge.currency.as_str()
+            ],
+        )
+        .unwrap();
+        conn.execute("DELETE FROM open_sessions WHERE session_id = ?1", [id])
+            .unwrap();
+    }
+
     /// Writes a session record straight into the table, past the store's checks.
     fn insert_raw_record(conn: &Connection, record_id: i64, cause: &str) -> rusqlite::Result<()> {
         conn.execute(
@@ -1585,9 +1712,7 @@ mod tests {
             for (i, cause) in EndCause::ALL[..7].iter().copied().enumerate() {
                 let id = format!("s{i}");
                 open_before_v3(&store.conn, &id, T0);
-                store
-                    .close_session(close(&id, T0 + 1_000 * (i as i64 + 1), cause))
-                    .unwrap();
+                close_before_v4(&store.conn, &id, T0 + 1_000 * (i as i64 + 1), cause);
             }
             // Ids with a gap, and a last id that is not the row count.
             store
@@ -1674,9 +1799,7 @@ mod tests {
             for (i, cause) in EndCause::ALL[..7].iter().copied().enumerate() {
                 let id = format!("s{i}");
                 open_before_v3(&store.conn, &id, T0);
-                store
-                    .close_session(close(&id, T0 + 1_000 * (i as i64 + 1), cause))
-                    .unwrap();
+                close_before_v4(&store.conn, &id, T0 + 1_000 * (i as i64 + 1), cause);
             }
             // Version 2 knows neither relay-lost nor admin.
             assert!(is_check_failure(insert_raw_record(
@@ -1736,6 +1859,112 @@ mod tests {
         // And the migrated file has exactly the schema of a new one.
         let (_fresh_dir, fresh) = fresh();
         assert_eq!(schema_of(&store.conn), schema_of(&fresh.conn));
+    }
+
+    #[test]
+    fn a_version_3_database_migrates_reading_back_no_server_call_id_and_no_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("billing.db");
+        let (records, journal, charges) = {
+            // A database as version 3 wrote it.
+            let mut store = SqliteStore::open_with(&path, &MIGRATIONS[..3]).unwrap();
+            assert_eq!(store.schema_version().unwrap(), 3);
+            for (i, id) in ["s0", "s1"].into_iter().enumerate() {
+                open_before_v3(&store.conn, id, T0);
+                close_before_v4(
+                    &store.conn,
+                    id,
+                    T0 + 1_000 * (i as i64 + 1),
+                    EndCause::CallerBye,
+                );
+            }
+            open_before_v3(&store.conn, "live", T0);
+            store.record_charge(charge("as1", "ev-1", 5)).unwrap();
+            let journal: Vec<String> = store
+                .conn
+                .prepare("SELECT session_id FROM open_sessions")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .and_then(|rows| rows.collect())
+                .unwrap();
+            (
+                store.session_records(Period::all()).unwrap(),
+                journal,
+                store.charge_records(Period::all()).unwrap(),
+            )
+        };
+        assert!(matches!(
+            SqliteStore::open_read_only(&path).unwrap_err(),
+            BillingError::OlderSchema {
+                found: 3,
+                supported: SCHEMA_VERSION,
+                ..
+            }
+        ));
+
+        let mut store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+        store.integrity_check().unwrap();
+        assert_eq!(store.session_records(Period::all()).unwrap(), records);
+        assert_eq!(store.charge_records(Period::all()).unwrap(), charges);
+        // Journaled before the columns: no server call id, no account.
+        assert_eq!(journal, ["live"]);
+        assert_eq!(
+            store.journal().unwrap(),
+            [JournaledSession {
+                session: session("live", T0),
+                last_seen_ms: T0,
+            }]
+        );
+        let old: Vec<(String, Option<String>)> = store
+            .conn
+            .prepare("SELECT server_call_id, account FROM session_records ORDER BY record_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .unwrap();
+        assert_eq!(old, [(String::new(), None), (String::new(), None)]);
+        // Found by their session id and terminal Call-ID, never by the empty key.
+        let found = store.find_ended("call-s1", 0).unwrap().unwrap();
+        assert_eq!(
+            (
+                found.session_id.as_str(),
+                found.server_call_id.as_str(),
+                found.account
+            ),
+            ("s1", "", None)
+        );
+        assert_eq!(store.find_ended("", i64::MIN).unwrap(), None);
+        // The session journaled before the migration closes with them as they are.
+        store
+            .close_session(close("live", T0 + 9_000, EndCause::Timeout))
+            .unwrap();
+        let found = store.find_ended("live", 0).unwrap().unwrap();
+        assert_eq!((found.server_call_id.as_str(), found.account), ("", None));
+        // And the migrated file has exactly the schema of a new one.
+        let (_fresh_dir, fresh) = fresh();
+        assert_eq!(schema_of(&store.conn), schema_of(&fresh.conn));
+    }
+
+    #[test]
+    fn find_ended_uses_the_indexes() {
+        let (_dir, store) = fresh();
+        let plan: Vec<String> = store
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {FIND_ENDED}"))
+            .unwrap()
+            .query_map(params!["k", 0], |r| r.get(3))
+            .and_then(|rows| rows.collect())
+            .unwrap();
+        let plan = plan.join("\n");
+        for index in [
+            "session_records_by_session",
+            "session_records_by_call",
+            "session_records_by_server_call",
+        ] {
+            assert!(plan.contains(&format!("INDEX {index} (")), "{plan}");
+        }
+        assert!(!plan.contains("SCAN session_records"), "{plan}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! Writes are [`Op`]s applied in batches: [`Store::apply`] runs a batch as one transaction
 //! in which each op succeeds or fails on its own, and returns only after the transaction
-//! is durable. The group-commit [`writer`](crate::writer) is built on that; the provided
+//! is durable. One op only reads, [`Op::FindEnded`]: it runs in the batch's transaction, so
+//! it sees what the ops before it wrote. The group-commit [`writer`](crate::writer) is built on that; the provided
 //! single-op methods ([`Store::open_session`], [`Store::close_session`], …) are batches of
 //! one, for start-up, tools and tests.
 
@@ -71,12 +72,21 @@ pub struct OpenSession {
     pub session_id: String,
     /// The SIP Call-ID of the terminal's leg.
     pub call_id: String,
+    /// The SIP Call-ID of the application server's leg; `""` when unknown (sessions
+    /// journaled before schema version 4 of SQLite, 3 of PostgreSQL, read back with `""`).
+    /// Kept in the session's record, so that an ended session can be found by it
+    /// ([`Op::FindEnded`]).
+    pub server_call_id: String,
     /// The subscriber billed.
     pub subscriber: String,
     /// The service delivered.
     pub service: String,
     /// The application server delivering it.
     pub server: String,
+    /// The application-server account that speaks for [`server`](Self::server), kept in
+    /// the session's record; `None` for a static server with no account (and for sessions
+    /// journaled before the column existed). Not empty when given.
+    pub account: Option<String>,
     /// The subscriber's plan.
     pub plan: String,
     /// The tariff that will rate the session; a snapshot is journaled, so a configuration
@@ -93,6 +103,30 @@ pub struct JournaledSession {
     pub session: OpenSession,
     /// The last time the relay saw it alive, Unix ms.
     pub last_seen_ms: i64,
+}
+
+/// A session that has ended, as [`Op::FindEnded`] finds it: what a charge that arrives
+/// after its end needs to be billed to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedSession {
+    /// The relay's session id.
+    pub session_id: String,
+    /// The SIP Call-ID of the terminal's leg.
+    pub call_id: String,
+    /// The SIP Call-ID of the application server's leg; `""` for a session journaled
+    /// before it was kept.
+    pub server_call_id: String,
+    /// The subscriber billed.
+    pub subscriber: String,
+    /// The service delivered.
+    pub service: String,
+    /// The application server that delivered it.
+    pub server: String,
+    /// The application-server account that speaks for the server; `None` for a static
+    /// server with no account, or a session journaled before it was kept.
+    pub account: Option<String>,
+    /// When the session ended, Unix ms (its record's end time).
+    pub ended_at_ms: i64,
 }
 
 /// Refresh the last-seen time of live sessions (sessions no longer open are skipped).
@@ -190,6 +224,18 @@ pub enum Op {
         /// The current time, Unix ms.
         now_ms: i64,
     },
+    /// Find the ended session whose session id, terminal Call-ID or server Call-ID is
+    /// `key` and that ended at or after `ended_since_ms`; when several match (a call's
+    /// later billing segments share its terminal Call-ID), the one that ended last (then
+    /// the latest record). An empty key matches nothing. It writes nothing; run through
+    /// the [`Writer`](crate::writer::Writer), it sees every record committed before it was
+    /// submitted (and those of the ops before it in its batch).
+    FindEnded {
+        /// A session id, a terminal Call-ID or a server Call-ID.
+        key: String,
+        /// The earliest end time accepted, Unix ms (any value: `i64::MIN` accepts all).
+        ended_since_ms: i64,
+    },
 }
 
 impl Op {
@@ -203,6 +249,7 @@ impl Op {
             Op::Charge(_) => "charge",
             Op::Recover { .. } => "recover",
             Op::ClaimLost { .. } => "claim-lost",
+            Op::FindEnded { .. } => "find-ended",
         }
     }
 }
@@ -228,6 +275,8 @@ pub enum Outcome {
     Recovered(Vec<SessionRecord>),
     /// The records of the other relays' sessions closed as `relay-lost`.
     Claimed(Vec<SessionRecord>),
+    /// The ended session found by [`Op::FindEnded`], if any.
+    FoundEnded(Option<EndedSession>),
 }
 
 fn unexpected(expected: &'static str) -> BillingError {
@@ -280,6 +329,14 @@ impl Outcome {
         match self {
             Outcome::Claimed(r) => Ok(r),
             _ => Err(unexpected("claim-lost")),
+        }
+    }
+
+    /// The session of [`Outcome::FoundEnded`].
+    pub fn into_found_ended(self) -> Result<Option<EndedSession>, BillingError> {
+        match self {
+            Outcome::FoundEnded(s) => Ok(s),
+            _ => Err(unexpected("find-ended")),
         }
     }
 }
@@ -377,6 +434,20 @@ pub trait Store: Send {
         .into_claimed()
     }
 
+    /// The ended session whose session id, terminal or server Call-ID is `key`, ended at or
+    /// after `ended_since_ms` (see [`Op::FindEnded`]).
+    fn find_ended(
+        &mut self,
+        key: &str,
+        ended_since_ms: i64,
+    ) -> Result<Option<EndedSession>, BillingError> {
+        self.apply_one(Op::FindEnded {
+            key: key.to_owned(),
+            ended_since_ms,
+        })?
+        .into_found_ended()
+    }
+
     /// The session records that ended within `period`.
     fn session_records(&self, period: Period) -> Result<Vec<SessionRecord>, BillingError> {
         let mut out = Vec::new();
@@ -441,15 +512,20 @@ fn check_time(field: &'static str, t_ms: i64) -> Result<(), BillingError> {
 }
 
 impl OpenSession {
-    /// Checks every field: ids and names non-empty, at most [`MAX_FIELD_LEN`] bytes,
-    /// without control characters; the time between 1970 and 9999.
+    /// Checks every field: ids and names non-empty (but the node and the server Call-ID
+    /// may be), at most [`MAX_FIELD_LEN`] bytes, without control characters; the time
+    /// between 1970 and 9999.
     pub fn validate(&self) -> Result<(), BillingError> {
         check_node(&self.node)?;
         check_field("session id", &self.session_id)?;
         check_field("call id", &self.call_id)?;
+        check_text("server call id", &self.server_call_id, MAX_FIELD_LEN)?;
         check_field("subscriber", &self.subscriber)?;
         check_field("service", &self.service)?;
         check_field("server", &self.server)?;
+        if let Some(account) = &self.account {
+            check_field("account", account)?;
+        }
         check_field("plan", &self.plan)?;
         check_time("confirmed-at", self.confirmed_at_ms)
     }
@@ -552,6 +628,8 @@ impl Op {
                 }
                 Ok(())
             }
+            // An empty key is no error: it finds nothing.
+            Op::FindEnded { key, .. } => check_text("key", key, MAX_FIELD_LEN),
         }
     }
 }

@@ -33,7 +33,9 @@ use tracing::{debug, error, trace, warn};
 use crate::error::BillingError;
 use crate::oneshot;
 use crate::record::{ChargeRecord, SessionRecord};
-use crate::store::{CloseSession, NewCharge, Op, OpenSession, Outcome, Store, TouchSessions};
+use crate::store::{
+    CloseSession, EndedSession, NewCharge, Op, OpenSession, Outcome, Store, TouchSessions,
+};
 
 type Reply = oneshot::Sender<Result<Outcome, BillingError>>;
 
@@ -249,6 +251,22 @@ impl WriterHandle {
                 now_ms,
             },
             Outcome::into_claimed,
+        )
+    }
+
+    /// Finds the ended session whose session id, terminal Call-ID or server Call-ID is
+    /// `key` and that ended at or after `ended_since_ms` (see [`Op::FindEnded`]); the one
+    /// that ended last when several do. Queued behind the writes like any request, it
+    /// sees every record committed before it was submitted. It writes nothing, and a
+    /// failure of its own never makes the other requests of its batch fail (a transaction
+    /// that cannot commit fails them all, the lookup with them, as always).
+    pub fn find_ended(&self, key: &str, ended_since_ms: i64) -> Pending<Option<EndedSession>> {
+        self.request(
+            Op::FindEnded {
+                key: key.to_owned(),
+                ended_since_ms,
+            },
+            Outcome::into_found_ended,
         )
     }
 
@@ -758,9 +776,11 @@ mod tests {
                                 node: String::new(),
                                 session_id: sid.clone(),
                                 call_id: format!("c-{sid}"),
+                                server_call_id: format!("as-{sid}"),
                                 subscriber: format!("sub{t}"),
                                 service: "video".into(),
                                 server: "as1".into(),
+                                account: None,
                                 plan: "basic".into(),
                                 tariff: tariff.clone(),
                                 confirmed_at_ms: T0,

@@ -16,9 +16,11 @@ use billing::money::{Currency, Money};
 use billing::postgresql::{PostgresStore, SCHEMA_VERSION as PG_SCHEMA_VERSION};
 use billing::record::{EndCause, UnitCharge};
 use billing::store::{
-    ChargeAmount, CloseSession, NewCharge, Op, OpenSession, Outcome, Period, Store, TouchSessions,
+    ChargeAmount, CloseSession, EndedSession, NewCharge, Op, OpenSession, Outcome, Period, Store,
+    TouchSessions,
 };
 use billing::tariff::{Tariff, TariffSpec};
+use billing::writer::Writer;
 use billing::BillingError;
 
 const T0: i64 = 1_700_000_000_000;
@@ -105,6 +107,12 @@ on_both_backends!(
     a_session_claimed_as_lost_is_never_billed_again_by_its_node,
     relays_claiming_at_the_same_moment_bill_each_lost_session_once,
     claim_lost_refuses_a_lease_that_is_not_one,
+    find_ended_finds_a_closed_session_by_each_of_its_keys,
+    find_ended_returns_the_segment_that_ended_last,
+    find_ended_never_finds_an_open_session_or_an_empty_key,
+    recovered_and_claimed_sessions_keep_their_server_call_id_and_account,
+    find_ended_in_a_batch_sees_the_ops_before_it_and_fails_alone,
+    find_ended_through_the_writer_sees_every_close_submitted_before,
 );
 
 fn eur() -> Currency {
@@ -132,9 +140,11 @@ fn session(id: &str, at: i64) -> OpenSession {
         node: String::new(),
         session_id: id.into(),
         call_id: format!("call-{id}"),
+        server_call_id: format!("as-{id}"),
         subscriber: "alice".into(),
         service: "video".into(),
         server: "as1".into(),
+        account: Some("acme".into()),
         plan: "gold".into(),
         tariff: tariff(),
         confirmed_at_ms: at,
@@ -943,4 +953,262 @@ fn claim_lost_refuses_a_lease_that_is_not_one(f: &Fixture) {
         .unwrap_err();
     assert!(err.to_string().contains("invalid node"), "{err}");
     assert_eq!(journal_of(&store).len(), 1);
+}
+
+// ---- ended sessions found by a key (a charge arriving after the BYE) ----
+
+/// The ended session of `session(id, …)` (server `as-{id}`, account `acme`).
+fn ended(id: &str, ended_at_ms: i64) -> EndedSession {
+    EndedSession {
+        session_id: id.into(),
+        call_id: format!("call-{id}"),
+        server_call_id: format!("as-{id}"),
+        subscriber: "alice".into(),
+        service: "video".into(),
+        server: "as1".into(),
+        account: Some("acme".into()),
+        ended_at_ms,
+    }
+}
+
+fn find_ended_finds_a_closed_session_by_each_of_its_keys(f: &Fixture) {
+    let mut store = f.open();
+    let open = OpenSession {
+        server_call_id: "srv-1".into(),
+        ..session("s1", T0)
+    };
+    store.open_session(open).unwrap();
+    let end = T0 + 30_000;
+    store
+        .close_session(close("s1", end, EndCause::CallerBye))
+        .unwrap();
+    let expected = EndedSession {
+        server_call_id: "srv-1".into(),
+        ..ended("s1", end)
+    };
+    for key in ["s1", "call-s1", "srv-1"] {
+        assert_eq!(
+            store.find_ended(key, end - 600_000).unwrap().as_ref(),
+            Some(&expected),
+            "{key}"
+        );
+        // Ended exactly at the bound: found; the bound after its end: not.
+        assert!(store.find_ended(key, end).unwrap().is_some(), "{key}");
+        assert_eq!(store.find_ended(key, end + 1).unwrap(), None, "{key}");
+    }
+    assert_eq!(store.find_ended("", i64::MIN).unwrap(), None);
+    assert_eq!(store.find_ended("srv-2", i64::MIN).unwrap(), None);
+    // A key that matches a prefix or another case is not a match.
+    assert_eq!(store.find_ended("srv", i64::MIN).unwrap(), None);
+    assert_eq!(store.find_ended("SRV-1", i64::MIN).unwrap(), None);
+    // A static server with no account.
+    let open = OpenSession {
+        account: None,
+        ..session("s2", T0)
+    };
+    store.open_session(open).unwrap();
+    store
+        .close_session(close("s2", end, EndCause::ServerBye))
+        .unwrap();
+    let found = store.find_ended("as-s2", 0).unwrap().unwrap();
+    assert_eq!(found.account, None);
+    // An account that is given must not be empty.
+    let err = store
+        .open_session(OpenSession {
+            account: Some(String::new()),
+            ..session("s3", T0)
+        })
+        .unwrap_err();
+    assert_eq!(err.to_string(), "invalid account: empty");
+}
+
+fn find_ended_returns_the_segment_that_ended_last(f: &Fixture) {
+    let mut store = f.open();
+    // Three billing segments of one call share its terminal Call-ID; the one that ended
+    // last is closed first, so it has the lowest record id.
+    for (id, srv) in [("seg-1", "srv-a"), ("seg-2", "srv-b"), ("seg-3", "srv-c")] {
+        store
+            .open_session(OpenSession {
+                call_id: "call-x".into(),
+                server_call_id: srv.into(),
+                ..session(id, T0)
+            })
+            .unwrap();
+    }
+    store
+        .close_session(close("seg-2", T0 + 20_000, EndCause::Changed))
+        .unwrap();
+    store
+        .close_session(close("seg-1", T0 + 10_000, EndCause::Changed))
+        .unwrap();
+    let found = store.find_ended("call-x", 0).unwrap().unwrap();
+    assert_eq!(
+        (found.session_id.as_str(), found.ended_at_ms),
+        ("seg-2", T0 + 20_000)
+    );
+    assert_eq!(found.server_call_id, "srv-b");
+    // Nothing of the call ended after seg-2.
+    let found = store.find_ended("call-x", T0 + 20_001).unwrap();
+    assert_eq!(found, None);
+    // Each segment is still found by its own server Call-ID and session id.
+    assert_eq!(
+        store.find_ended("srv-a", 0).unwrap().unwrap().session_id,
+        "seg-1"
+    );
+    assert_eq!(
+        store.find_ended("seg-1", 0).unwrap().unwrap().session_id,
+        "seg-1"
+    );
+    // Ended at the same moment: the later record.
+    store
+        .close_session(close("seg-3", T0 + 20_000, EndCause::CallerBye))
+        .unwrap();
+    let found = store.find_ended("call-x", 0).unwrap().unwrap();
+    assert_eq!(found.session_id, "seg-3");
+}
+
+fn find_ended_never_finds_an_open_session_or_an_empty_key(f: &Fixture) {
+    let mut store = f.open();
+    store.open_session(session("live", T0)).unwrap();
+    for key in ["live", "call-live", "as-live"] {
+        assert_eq!(store.find_ended(key, i64::MIN).unwrap(), None, "{key}");
+    }
+    // A session without a server Call-ID (as journaled before it was kept): the empty key
+    // never finds it.
+    store
+        .open_session(OpenSession {
+            server_call_id: String::new(),
+            ..session("old", T0)
+        })
+        .unwrap();
+    store
+        .close_session(close("old", T0 + 1_000, EndCause::CallerBye))
+        .unwrap();
+    assert_eq!(store.find_ended("", i64::MIN).unwrap(), None);
+    let found = store.find_ended("call-old", i64::MIN).unwrap().unwrap();
+    assert_eq!(found.server_call_id, "");
+    // A key no stored Call-ID can be is refused, like any oversized or control-character
+    // field.
+    let err = store.find_ended("a\r\nb", 0).unwrap_err();
+    assert!(
+        matches!(err, BillingError::InvalidInput { field: "key", .. }),
+        "{err:?}"
+    );
+}
+
+fn recovered_and_claimed_sessions_keep_their_server_call_id_and_account(f: &Fixture) {
+    let mut store = f.open();
+    store.open_session(session_on("relay-a", "a1", T0)).unwrap();
+    store.open_session(session_on("relay-b", "b1", T0)).unwrap();
+    store
+        .open_session(OpenSession {
+            account: None,
+            ..session_on("relay-b", "b2", T0)
+        })
+        .unwrap();
+    // The journal returns them as opened.
+    let journal = store.journal().unwrap();
+    assert_eq!(journal[0].session, session_on("relay-a", "a1", T0));
+    assert_eq!(journal[2].session.account, None);
+
+    let recovered = store.recover("relay-a", T0 + 5_000).unwrap();
+    assert_eq!(recovered.len(), 1);
+    // Ended at its last-seen time, as recovery does.
+    assert_eq!(store.find_ended("as-a1", 0).unwrap(), Some(ended("a1", T0)));
+    let claimed = store.claim_lost("relay-a", 1_000, T0 + 60_000).unwrap();
+    assert_eq!(claimed.len(), 2);
+    assert_eq!(store.find_ended("as-b1", 0).unwrap(), Some(ended("b1", T0)));
+    assert_eq!(
+        store.find_ended("call-b2", 0).unwrap(),
+        Some(EndedSession {
+            account: None,
+            ..ended("b2", T0)
+        })
+    );
+}
+
+fn find_ended_in_a_batch_sees_the_ops_before_it_and_fails_alone(f: &Fixture) {
+    let mut store = f.open();
+    let find = |key: &str| Op::FindEnded {
+        key: key.into(),
+        ended_since_ms: 0,
+    };
+    let results = store
+        .apply(&[
+            Op::Open(session("a", T0)),
+            find("a"),
+            Op::Close(close("a", T0 + 1_000, EndCause::CallerBye)),
+            find("as-a"),
+            Op::Close(close("missing", T0, EndCause::CallerBye)),
+            find("a\u{7}"),
+            find(""),
+            Op::Charge(charge("as1", "ev-1", 5)),
+        ])
+        .unwrap();
+    assert!(matches!(results[0], Ok(Outcome::Opened)));
+    assert!(matches!(results[1], Ok(Outcome::FoundEnded(None))));
+    assert!(matches!(results[2], Ok(Outcome::Closed(_))));
+    assert!(
+        matches!(&results[3], Ok(Outcome::FoundEnded(Some(s))) if *s == ended("a", T0 + 1_000)),
+        "{:?}",
+        results[3]
+    );
+    assert!(matches!(
+        results[4],
+        Err(BillingError::UnknownSession { .. })
+    ));
+    assert!(matches!(
+        results[5],
+        Err(BillingError::InvalidInput { field: "key", .. })
+    ));
+    assert!(matches!(results[6], Ok(Outcome::FoundEnded(None))));
+    assert!(matches!(results[7], Ok(Outcome::Charged { .. })));
+    // The writes of the batch committed, and the finds wrote nothing.
+    assert_eq!(store.session_records(Period::all()).unwrap().len(), 1);
+    assert_eq!(store.charge_records(Period::all()).unwrap().len(), 1);
+    assert!(store.journal().unwrap().is_empty());
+    assert_eq!(
+        store
+            .apply_one(find("a"))
+            .unwrap()
+            .into_found_ended()
+            .unwrap(),
+        Some(ended("a", T0 + 1_000))
+    );
+    assert!(matches!(
+        Outcome::Opened.into_found_ended(),
+        Err(BillingError::UnexpectedOutcome {
+            expected: "find-ended"
+        })
+    ));
+}
+
+fn find_ended_through_the_writer_sees_every_close_submitted_before(f: &Fixture) {
+    let writer = Writer::spawn(f.open()).unwrap();
+    let billing = writer.handle();
+    let mut pending = Vec::new();
+    let mut finds = Vec::new();
+    for i in 0..20 {
+        let id = format!("s{i}");
+        // Neither waited on before the lookup is submitted.
+        pending.push(billing.open_session(session(&id, T0)));
+        let close = billing.close_session(close(&id, T0 + 1_000 * i, EndCause::CallerBye));
+        finds.push((i, billing.find_ended(&format!("as-{id}"), T0)));
+        close.wait().unwrap();
+    }
+    for p in pending {
+        p.wait().unwrap();
+    }
+    for (i, find) in finds {
+        let id = format!("s{i}");
+        assert_eq!(
+            find.wait().unwrap(),
+            Some(ended(&id, T0 + 1_000 * i)),
+            "{id}"
+        );
+    }
+    assert_eq!(billing.find_ended("s3", T0 + 3_001).wait().unwrap(), None);
+    assert!(billing.find_ended("x\0", 0).wait().is_err());
+    assert_eq!(billing.stats().failed_batches, 0);
+    writer.shutdown().unwrap();
 }
