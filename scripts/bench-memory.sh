@@ -71,5 +71,5 @@ echo "relayd RSS while calling (RSS/live sessions):$RUN_TRACE"
 awk -v p="$PEAK" -v i="$IDLE" -v n="$CALLS" 'BEGIN { printf "per concurrent session: %.2f KiB\n", (p - i) / n }'
 awk -v a="$AFTER" -v i="$IDLE" -v s="$AFTER_SECS" 'BEGIN { printf "relayd RSS %d s after the last call: %d KiB (%.2f x idle)\n", s, a, a / i }'
 echo "relayd RSS after the last call (RSS/Call-IDs still routed):$TRACE"
-echo "served-index entries (late-charge grace): $(relay_metric served_index_entries)"
+echo "served-index keys (3 per session whose record is not yet committed): $(relay_metric served_index_entries)"
 echo "machine: $PIN_NOTE"

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use billing::backend::{AnyStore, StorageBackend};
 use billing::record::{ChargeRecord, EndCause, SessionRecord};
-use billing::store::{CloseSession, NewCharge, OpenSession};
+use billing::store::{CloseSession, EndedSession, NewCharge, OpenSession};
 use billing::tariff::TariffTable;
 use billing::writer::{Writer, WriterConfig, WriterHandle};
 use billing::BillingError;
@@ -111,6 +111,11 @@ pub struct SessionStart {
     pub service: String,
     /// The application server delivering it (its URI).
     pub server: String,
+    /// The server leg's Call-ID: a late charge may name the session by it.
+    pub server_call_id: String,
+    /// The application-server account that speaks for the server, if any: the only one
+    /// whose charges may name the session.
+    pub account: Option<String>,
     /// The tariff plan decided for this request.
     pub plan: String,
     /// When billing starts: the moment the 2xx went to the terminal, wall-clock time.
@@ -270,6 +275,8 @@ impl BillingControl {
                 subscriber: start.subscriber,
                 service: start.service,
                 server: start.server,
+                server_call_id: start.server_call_id,
+                account: start.account,
                 plan: start.plan,
                 tariff,
                 confirmed_at_ms: unix_ms(start.confirmed_at),
@@ -327,6 +334,22 @@ impl BillingControl {
         charge: NewCharge,
     ) -> Result<(ChargeRecord, bool), billing::BillingError> {
         self.writer.record_charge(charge).await
+    }
+
+    /// The session whose id or Call-ID (either leg's) is `key` and whose record was
+    /// committed within `grace` before now: what a late charge names. The lookup runs on
+    /// the writer, after every commit submitted before it.
+    pub async fn ended_session(
+        &self,
+        key: &str,
+        grace: Duration,
+    ) -> anyhow::Result<Option<EndedSession>> {
+        let grace_ms = i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let since_ms = unix_ms(SystemTime::now()).saturating_sub(grace_ms);
+        self.writer
+            .find_ended(key, since_ms)
+            .await
+            .context("looking up an ended session in the billing store")
     }
 
     /// The billing writer's counters.

@@ -9,10 +9,10 @@
 //! served, gets 403.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use billing::money::{Currency, Money};
-use billing::store::{ChargeAmount, NewCharge};
+use billing::store::{ChargeAmount, EndedSession, NewCharge};
 use serde::Deserialize;
 use sip_core::endpoint::IncomingRequest;
 use sip_core::message;
@@ -49,6 +49,62 @@ struct ChargeBody {
 
 /// A refusal: status and reason phrase.
 type Refusal = (u16, String);
+
+/// The session a charge names, as charging needs it: live (from the served index) or ended
+/// (from its record in the billing store).
+struct Named {
+    session_id: String,
+    subscriber: String,
+    service: String,
+    server: String,
+    account: Option<String>,
+}
+
+impl From<ServedSession> for Named {
+    fn from(s: ServedSession) -> Named {
+        Named {
+            session_id: s.session_id,
+            subscriber: s.subscriber,
+            service: s.service,
+            server: s.server,
+            account: s.account,
+        }
+    }
+}
+
+impl From<EndedSession> for Named {
+    fn from(s: EndedSession) -> Named {
+        Named {
+            session_id: s.session_id,
+            subscriber: s.subscriber,
+            service: s.service,
+            server: s.server,
+            account: s.account,
+        }
+    }
+}
+
+/// The session whose id or Call-ID (either leg's) is `key`: a live one, else one whose
+/// record was committed within `[billing] late_charge_grace_secs` (a server may send its
+/// last charge just after the BYE). The store answers after every commit submitted before,
+/// and a session leaves the index only once its record is committed: none is missed.
+async fn named(relay: &Relay, key: &str) -> Result<Option<Named>, Refusal> {
+    if let Some(s) = relay.served.find(key) {
+        return Ok(Some(s.into()));
+    }
+    let grace_secs = relay.settings().config.billing.late_charge_grace_secs;
+    match relay
+        .billing
+        .ended_session(key, Duration::from_secs(u64::from(grace_secs)))
+        .await
+    {
+        Ok(found) => Ok(found.map(Named::from)),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "looking up an ended session failed");
+            Err((500, "Billing unavailable".into()))
+        }
+    }
+}
 
 fn bad(reason: impl Into<String>) -> Refusal {
     (400, reason.into())
@@ -160,8 +216,8 @@ async fn charge(
     // this account speaks for (registered or configured), decided by the directory entry
     // the call used, never by comparing URI text.
     let session = match (&in_dialog, &body.session_id, &body.call_id) {
-        (Some(s), _, _) => Some(s.clone()),
-        (None, Some(key), _) | (None, None, Some(key)) => match relay.served.find(key) {
+        (Some(s), _, _) => Some(Named::from(s.clone())),
+        (None, Some(key), _) | (None, None, Some(key)) => match named(relay, key).await? {
             Some(s) if s.account.as_deref() == Some(account) => Some(s),
             _ => return Err((403, "Session not served by this server".into())),
         },

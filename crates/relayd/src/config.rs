@@ -687,9 +687,10 @@ pub struct BillingConfig {
     /// load, what arrives within it shares one commit (one `fsync`); 0 commits each batch
     /// as soon as the previous one is done. It is the most it adds to the answer of a BYE.
     pub commit_interval_ms: u32,
-    /// Seconds an ended session stays findable by charge requests: a server may send its
-    /// last charge just after the BYE, and it still belongs to that session. Each ended
-    /// session costs its index entry for this long.
+    /// Seconds after its end a session can still be charged for: a server may send its
+    /// last charge just after the BYE, and it still belongs to that session. Checked against
+    /// the session's record in the billing store (nothing is kept in memory for it), so a
+    /// reload changes it at once.
     pub late_charge_grace_secs: u32,
 }
 

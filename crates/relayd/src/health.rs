@@ -177,7 +177,6 @@ pub async fn expiry_loop(relay: Arc<Relay>) {
                 "dynamic application server expired"
             );
         }
-        relay.served.forget_expired(now);
         n += 1;
         if n % 60 == 0 {
             relay.auth.prune();

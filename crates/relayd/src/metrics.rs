@@ -280,7 +280,7 @@ pub fn render(relay: &Relay) -> String {
     metric(
         "served_index_entries",
         "gauge",
-        "Sessions findable by charge requests (live, or ended within the late-charge grace).",
+        "Keys of the served index: three per session that charge requests find in memory (live, until its record is committed).",
         relay.served.len() as u64,
     );
     metric(

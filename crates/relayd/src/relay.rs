@@ -203,8 +203,6 @@ impl Relay {
         config: Config,
         events: Arc<dyn EventSink>,
     ) -> anyhow::Result<(Arc<Relay>, billing::writer::Writer)> {
-        let late_charge_grace =
-            Duration::from_secs(u64::from(config.billing.late_charge_grace_secs));
         let realm = config.relay.realm.clone();
         // `[tls]`: checked by validate already; an error here names the key and file too.
         let tls_setup = config.tls.load(&config.base_dir()).map_err(|problems| {
@@ -325,7 +323,7 @@ impl Relay {
             directory,
             billing: Arc::new(billing),
             sessions: SessionTable::default(),
-            served: ServedIndex::with_grace(late_charge_grace),
+            served: ServedIndex::default(),
             stats: RelayStats::default(),
             backlog: Backlog::new(MAX_BACKLOG),
             subscriber_sessions: SubscriberSessions::new(),

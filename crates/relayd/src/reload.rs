@@ -67,13 +67,12 @@ pub struct Reloaded {
 pub struct ReloadRefused(pub String);
 
 /// The keys of reloaded sections that still take effect only with a restart: the billing
-/// writer's and the served index's timings, the ringing time the transaction layer's
+/// writer's timings, the ringing time the transaction layer's
 /// INVITE deadline was sized for at start-up, and the digest algorithms offered per user or
 /// account (the authenticator's).
-pub const RESTART_KEYS: [&str; 6] = [
+pub const RESTART_KEYS: [&str; 5] = [
     "billing.commit_interval_ms",
     "billing.touch_interval_secs",
-    "billing.late_charge_grace_secs",
     "session.answer_timeout_secs",
     "session.inquiry_timeout_ms",
     "digest_algorithms",
@@ -99,7 +98,6 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let keys_differ = [
         old.billing.commit_interval_ms != new.billing.commit_interval_ms,
         old.billing.touch_interval_secs != new.billing.touch_interval_secs,
-        old.billing.late_charge_grace_secs != new.billing.late_charge_grace_secs,
         old.session.answer_timeout_secs != new.session.answer_timeout_secs,
         old.session.inquiry_timeout_ms != new.session.inquiry_timeout_ms,
         old.digest_algorithms_by_user() != new.digest_algorithms_by_user(),

@@ -333,12 +333,49 @@ fn charge_out_of_dialog_gets_its_status_and_only_good_charges_are_billed() {
         vec!["SIP/2.0 200 OK".to_string()],
     );
     let sessions = scene.session_records();
+    let session_id = sessions.first().map(|s| text(s, "session_id").to_string());
+    // The BYE was answered once the session's record was committed, and the relay keeps
+    // ended sessions no longer: a late charge is checked against that record (within
+    // [billing] late_charge_grace_secs), for the account of the server that served it only.
+    let sid = session_id.clone().unwrap_or_default();
+    let late = [
+        (
+            "a late charge naming the ended session",
+            AS1,
+            format!(r#"{{"event_id": "as1-8", "session_id": "{sid}", "amount": 9}}"#),
+            "200",
+        ),
+        (
+            "a late charge by the ended session's server leg Call-ID",
+            AS1,
+            format!(r#"{{"event_id": "as1-9", "call_id": "{leg}", "amount": 11}}"#),
+            "200",
+        ),
+        (
+            "a late charge for the ended session from another account",
+            AS2,
+            format!(r#"{{"event_id": "as2-2", "call_id": "{call}", "amount": 5}}"#),
+            "403",
+        ),
+        (
+            "a late charge naming no session that ever was",
+            AS1,
+            r#"{"event_id": "as1-10", "call_id": "no-such-call", "amount": 5}"#.to_string(),
+            "403",
+        ),
+    ];
+    for (what, account, body, expected) in &late {
+        let status = scene.charge(*account, body);
+        f.check(
+            status.starts_with(&format!("SIP/2.0 {expected} ")),
+            format!("charge {what}: got {status:?}, expected {expected}"),
+        );
+    }
     f.equal(
         "session records",
         sessions_summary(&sessions),
         vec![summary("echo", echo, "caller-bye")],
     );
-    let session_id = sessions.first().map(|s| text(s, "session_id").to_string());
     let charges = scene.charge_records();
     let mut got: Vec<(String, i64, Value, Option<String>, String, String)> = charges
         .iter()
@@ -371,7 +408,7 @@ fn charge_out_of_dialog_gets_its_status_and_only_good_charges_are_billed() {
                 "as1-2".to_string(),
                 15,
                 serde_json::json!({"units": 3, "unit_price_minor": 5}),
-                session_id,
+                session_id.clone(),
                 "alice".to_string(),
                 server.clone(),
             ),
@@ -380,6 +417,22 @@ fn charge_out_of_dialog_gets_its_status_and_only_good_charges_are_billed() {
                 7,
                 Value::Null,
                 None,
+                "alice".to_string(),
+                server.clone(),
+            ),
+            (
+                "as1-8".to_string(),
+                9,
+                Value::Null,
+                session_id.clone(),
+                "alice".to_string(),
+                server.clone(),
+            ),
+            (
+                "as1-9".to_string(),
+                11,
+                Value::Null,
+                session_id,
                 "alice".to_string(),
                 server,
             ),

@@ -200,13 +200,7 @@ impl Call {
     }
 
     /// The same server answered the change re-INVITE.
-    pub(super) fn on_change_same_server(
-        &mut self,
-        w: SameServer,
-        resp: Response,
-        env: &dyn CallEnv,
-        now: Instant,
-    ) {
+    pub(super) fn on_change_same_server(&mut self, w: SameServer, resp: Response, now: Instant) {
         let i = w.session;
         self.sessions[i].busy = false;
         if !self.sessions[i].live() {
@@ -240,7 +234,6 @@ impl Call {
                 reinvite: Box::new(w.reinvite),
                 resp,
             },
-            env,
             now,
         );
     }
@@ -274,7 +267,6 @@ impl Call {
                 reinvite: Box::new(p.reinvite),
                 resp,
             },
-            env,
             now,
         );
     }

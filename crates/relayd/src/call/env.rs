@@ -69,6 +69,7 @@ pub trait CallEnv {
     fn give_back_session_slot(&self, subscriber: &str);
     /// Makes a session findable by charge requests.
     fn index(&self, served: ServedSession);
-    /// Marks a session ended in the served index (still findable for the grace period).
+    /// Takes a session whose record is committed out of the served index: a charge for it
+    /// is checked against that record from now on.
     fn unindex(&self, session_id: &str);
 }

@@ -125,13 +125,19 @@ enum Waiting {
     TerminalReinvite { session: usize, sent: Request },
     /// Session `session` is journaled: its 2xx `answer` may go to the terminal.
     Journaled { session: usize, answer: Response },
-    /// A session's record is written: answer the BYE that ended it.
+    /// A session's record is written (or failed to be): take it out of the served index,
+    /// where a charge now finds the record instead, and answer the BYE that ended it.
     Closed {
         session_id: String,
         bye: Option<Incoming>,
     },
-    /// Session `session` moved to a new segment: index it, then `then`.
-    Segment { session: usize, then: AfterSegment },
+    /// Session `session` moved to a new segment, closing segment `closing`: index the new
+    /// one instead of the closed one, then `then`.
+    Segment {
+        session: usize,
+        closing: String,
+        then: AfterSegment,
+    },
 }
 
 /// What follows a change's or a transfer's new billing segment.
@@ -497,6 +503,8 @@ impl Call {
                 self.on_journaled(session, answer, result, env, now)
             }
             Waiting::Closed { session_id, bye } => {
+                // Until now a charge for it found it in the index; from now on, its record.
+                env.unindex(&session_id);
                 match &result {
                     Ok(()) => info!(session_id = %session_id, "session ended and billed"),
                     Err(e) => {
@@ -512,7 +520,11 @@ impl Call {
                     self.out.respond(r.tx, resp);
                 }
             }
-            Waiting::Segment { session, then } => {
+            Waiting::Segment {
+                session,
+                closing,
+                then,
+            } => {
                 match result {
                     Ok(()) => {
                         let served = self.sessions[session].served(&self.who());
@@ -521,6 +533,8 @@ impl Call {
                     }
                     Err(e) => warn!(error = %e, "billing of the new segment failed"),
                 }
+                // After the new one is indexed: the Call-IDs they share lead to it throughout.
+                env.unindex(&closing);
                 match then {
                     AfterSegment::Answer { reinvite, resp } => {
                         let contact = env.local(reinvite.from).contact_header();
@@ -593,7 +607,7 @@ impl Call {
                     self.end_until(session, EndCause::Timeout, None, env, now, last);
                 }
             }
-            Waiting::ChangeSameServer(w) => self.on_change_same_server(*w, resp, env, now),
+            Waiting::ChangeSameServer(w) => self.on_change_same_server(*w, resp, now),
             Waiting::TerminalReinvite { session, sent } => {
                 self.on_terminal_reinvited(session, sent, resp, env, now)
             }
@@ -839,7 +853,6 @@ impl Call {
         s.pending_ack = None;
         env.session_ended(&s.b.server);
         env.give_back_session_slot(&self.adm.subscriber);
-        env.unindex(&s.id);
         let session_id = s.id.clone();
         info!(session_id = %session_id, cause = cause.as_str(), "session ending");
         self.bill(
@@ -858,28 +871,24 @@ impl Call {
 
     /// Closes session `i`'s billing segment with `cause` and opens the next one (a new
     /// session id) for its current service and server, then `then`.
-    fn new_segment(
-        &mut self,
-        i: usize,
-        cause: EndCause,
-        then: AfterSegment,
-        env: &dyn CallEnv,
-        now: Instant,
-    ) {
+    fn new_segment(&mut self, i: usize, cause: EndCause, then: AfterSegment, now: Instant) {
         let closing = self.sessions[i].id.clone();
-        env.unindex(&closing);
         let at = self.sessions[i].next_segment(now, format!("s-{}", message::new_tag()));
         let open = self.sessions[i].start(&self.who());
         info!(old = %closing, new = %open.session_id, cause = cause.as_str(), "next billing segment");
         self.bill(
             i,
             BillingCmd::Segment {
-                closing,
+                closing: closing.clone(),
                 cause,
                 at,
                 open,
             },
-            Waiting::Segment { session: i, then },
+            Waiting::Segment {
+                session: i,
+                closing,
+                then,
+            },
         );
     }
 

@@ -140,6 +140,14 @@ impl Session {
             subscriber: who.subscriber.to_string(),
             service: self.service.clone(),
             server: self.b.server.uri_text().to_string(),
+            server_call_id: self.b.dialog.id().call_id.clone(),
+            // The store refuses an empty account: none is none.
+            account: self
+                .b
+                .server
+                .account()
+                .filter(|a| !a.is_empty())
+                .map(str::to_owned),
             plan: self.plan.clone(),
             confirmed_at: self.clock.started_at(),
         }

@@ -834,8 +834,17 @@ fn a_call_is_relayed_journaled_before_its_2xx_and_billed_for_the_time_between_2x
         None,
         "the BYE is answered only once the record is committed"
     );
+    assert_eq!(
+        p.env.served.borrow().len(),
+        1,
+        "a charge finds the session in memory until its record is committed"
+    );
     p.release_billing();
     assert_eq!(p.answer_to(bye), Some(200));
+    assert!(
+        p.env.served.borrow().is_empty(),
+        "and the record in the store after"
+    );
     assert_eq!(p.records.len(), 1);
     let r = &p.records[0];
     assert_eq!(
@@ -1190,6 +1199,9 @@ fn a_change_on_the_same_server_closes_the_segment_and_bills_the_new_service_on_t
         header(&sent.headers, "P-Asserted-Service").as_deref(),
         Some("clock")
     );
+    let served = |p: &Pair| -> Vec<String> { p.env.served.borrow().keys().cloned().collect() };
+    let first = served(&p);
+    assert_eq!(first.len(), 1);
     p.store = Store::Hold;
     p.server_answers_request(S1, 200);
     assert_eq!(
@@ -1197,8 +1209,18 @@ fn a_change_on_the_same_server_closes_the_segment_and_bills_the_new_service_on_t
         None,
         "the terminal hears the 2xx once the new segment is committed"
     );
+    assert_eq!(
+        served(&p),
+        first,
+        "the closing segment is chargeable until its record is committed"
+    );
     p.release_billing();
     assert_eq!(p.answer_to(change), Some(200));
+    let second = served(&p);
+    assert!(
+        second.len() == 1 && second != first,
+        "then the new segment is, alone: {first:?} -> {second:?}"
+    );
     p.advance(Duration::from_secs(6));
     p.terminal_sends(0, "BYE", "", "");
     let got: Vec<(&str, &str, EndCause, i64)> = p

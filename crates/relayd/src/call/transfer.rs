@@ -171,7 +171,6 @@ impl Call {
             i,
             EndCause::Transferred,
             AfterSegment::Reinvite { resp },
-            env,
             now,
         );
     }
