@@ -880,6 +880,8 @@ const NONCE_BYTES: usize = 32;
 const MAC_BYTES: usize = 16;
 const REPLAY_SHARDS: usize = 16;
 const DEFAULT_REPLAY_CAPACITY: usize = 65_536;
+/// A replay shard whose map has at most this capacity keeps it when pruned.
+const REPLAY_KEEP_ROOM: usize = 256;
 
 /// What a successful verification established.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1207,6 +1209,12 @@ impl ReplayGuard {
             shard
                 .seen
                 .retain(|_, s| s.issued.saturating_add(ttl) >= now);
+            // A map keeps its capacity as entries leave: after a peak of calls, give back
+            // the room once it is under a quarter used.
+            let (len, capacity) = (shard.seen.len(), shard.seen.capacity());
+            if capacity > REPLAY_KEEP_ROOM && len < capacity / 4 {
+                shard.seen.shrink_to((len * 2).max(REPLAY_KEEP_ROOM / 2));
+            }
         }
     }
 }
@@ -1674,6 +1682,32 @@ mod tests {
         // Fresh nonces still work.
         let creds = answer(&s.challenge(T0 + 401, false), 0, "secret", 1);
         assert!(s.verify(&creds, "REGISTER", |_| alice(), T0 + 401).is_ok());
+    }
+
+    #[test]
+    fn pruning_gives_back_the_room_of_a_peak() {
+        let ttl = Duration::from_secs(30);
+        let s = DigestServer::new("relay.test", KEY, ttl);
+        let room = |s: &DigestServer| -> usize {
+            s.replay
+                .shards
+                .iter()
+                .map(|shard| shard.lock().unwrap().seen.capacity())
+                .sum()
+        };
+        for i in 0..20_000u64 {
+            let creds = answer(&s.challenge(T0, false), 0, "secret", 1);
+            s.verify(&creds, "REGISTER", |_| alice(), T0 + i / 1000)
+                .unwrap();
+        }
+        let peak = room(&s);
+        assert!(peak >= 20_000, "{peak}");
+        // Within the nonce lifetime nothing goes: each nonce may still come with nc=2.
+        s.prune(T0 + 20);
+        assert_eq!(room(&s), peak);
+        // Once they expired, the maps give their room back.
+        s.prune(T0 + 31);
+        assert!(room(&s) <= REPLAY_SHARDS * REPLAY_KEEP_ROOM, "{}", room(&s));
     }
 
     #[test]
