@@ -24,7 +24,7 @@ use support::ports::free_port;
 use support::relay::{relayd_cmd, RelayConfig, ServerSpec};
 use support::scene::Scene;
 use support::sipp::SippOpts;
-use support::{wait_until, ALICE, STEP};
+use support::{wait_until, ALICE, AS1, STEP};
 
 /// `[storage] lease_secs` of both relays: short, so the test waits little, yet four touches
 /// (a touch delayed by a loaded machine does not lose a live relay its sessions); at least twice
@@ -180,7 +180,7 @@ fn billing_report_on_one_relay_shows_what_another_billed() {
     let mut a = Scene::new();
     let as_port = a.server("uas", "uas_answer.xml", SippOpts::default());
     a.start_relay(&clustered(
-        RelayConfig::standard().server(ServerSpec::udp(as_port, &["echo"])),
+        RelayConfig::standard().server(ServerSpec::udp(as_port, &["echo"]).account("as1")),
         &url,
         "relay-a",
     ));
@@ -240,6 +240,21 @@ fn billing_report_on_one_relay_shows_what_another_billed() {
     assert_eq!(alice[2], "1", "{text}");
     assert_eq!(alice[4], charge.to_string(), "{text}");
     assert_eq!(alice[7], charge.to_string(), "{text}");
+
+    // The server's last charge, sent after the BYE to B, which never saw the call: B finds
+    // the ended session in the shared records and bills it to that session.
+    let status = b.charge(
+        AS1,
+        &format!(r#"{{"event_id": "late-1", "call_id": "{call_id}", "amount": 25}}"#),
+    );
+    assert!(
+        status.starts_with("SIP/2.0 200 "),
+        "late charge on B: {status}"
+    );
+    let charges = b.charge_records();
+    assert_eq!(charges.len(), 1, "{charges:#?}");
+    assert_eq!(field(&charges[0], "session_id"), field(r, "session_id"));
+    assert_eq!(int(&charges[0]["amount"], "minor"), 25);
 }
 
 #[test]
