@@ -1,9 +1,11 @@
-//! The thin tokio layer around a [`Call`]: one task per call that owns the call, the server
-//! transactions it answers and the timer, feeds it what arrives in its inbox, and carries out
-//! what it asks — sending through the endpoint, resolving servers, committing billing
-//! commands on the group-committing writer. The only part of the call that knows tokio.
+//! The thin tokio layer around a [`Call`]: a driver per call that owns the call and the
+//! server transactions it answers, feeds it what arrives in its inbox and what its deadline
+//! asks, and carries out what it asks — sending through the endpoint, resolving servers,
+//! committing billing commands on the group-committing writer. Calls run on a few runner
+//! tasks ([`runner`]), not a task each. The only part of the call that knows tokio.
 
 pub mod routing;
+pub(crate) mod runner;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -18,9 +20,10 @@ use sip_core::endpoint::{
 use sip_core::message::RequestIds;
 use sip_core::transport::TrySendError;
 use sip_core::Peer;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, info_span, warn};
 
-use self::routing::{inbox, Inbox, SessionInput, SessionTable};
+use self::routing::{Inbox, InboxReceiver, SessionInput, SessionTable};
+use self::runner::CallTask;
 use super::{Admission, BillingCmd, Call, CallEnv, Incoming, Input, LegEvent, LegId, Output};
 use super::{Token, TxId};
 use crate::billing_control::BillingControl;
@@ -49,19 +52,16 @@ pub trait Relaying: CallEnv + Send + Sync + 'static {
     }
 }
 
-/// Starts the call task for an admitted INVITE whose Call-ID is `call_id`.
+/// Starts the call for an admitted INVITE whose Call-ID is `call_id`, on a runner.
 pub fn spawn<R: Relaying>(
     relay: Arc<R>,
     incoming: IncomingRequest,
     adm: Admission,
     call_id: String,
 ) {
-    let (me, rx) = inbox();
+    let (me, rx) = relay.table().new_inbox();
     relay.table().insert(&call_id, me.clone());
     let span = info_span!("call", call_id = %call_id, service = %adm.service);
-    // The call is built here, not inside the task: what the task holds for the call's whole
-    // life is then the driver and the call alone, not also the arguments it was built from
-    // (an async block keeps its captures for as long as it lives).
     let mut driver = Driver {
         relay,
         me,
@@ -77,24 +77,96 @@ pub fn spawn<R: Relaying>(
         req: incoming.req,
         from: incoming.from,
     };
-    // Boxed: an async fn's future keeps its arguments apart from the locals they are moved
-    // into, so a call passed by value would take its size twice in every call's task.
     let call = {
         let _entered = span.enter();
-        Box::new(Call::new(
+        Call::new(
             invite,
             call_id,
             adm,
             &*driver.relay,
             Instant::now(),
             SystemTime::now(),
-        ))
+        )
     };
-    let task = driver.run(call, rx);
-    // What every call's task holds for the call's whole life (its future's size); the
-    // call's sessions are behind it on the heap.
-    tracing::trace!(task_bytes = std::mem::size_of_val(&task), "call task");
-    tokio::spawn(task.instrument(span));
+    let (runner, key) = rx.runner();
+    let slot = CallSlot {
+        driver,
+        call,
+        rx,
+        span,
+    };
+    // What a call holds for its whole life besides its sessions on the heap: this, in one
+    // allocation.
+    tracing::trace!(
+        slot_bytes = std::mem::size_of_val(&slot),
+        "call placed on its runner"
+    );
+    runner.start(key, Box::new(slot));
+}
+
+/// A call on its runner: its driver, the call, its inbox, its span.
+struct CallSlot<R: Relaying> {
+    driver: Driver<R>,
+    call: Call,
+    rx: InboxReceiver,
+    span: tracing::Span,
+}
+
+impl<R: Relaying> CallSlot<R> {
+    /// Carries out what the call asks and lets go of what it no longer needs.
+    fn settle(&mut self) {
+        self.driver.carry_out(&mut self.call);
+        if self.call.inquiry_over() && self.driver.txs.contains_key(&self.driver.invite_tx) {
+            // The transaction goes on in the endpoint (2xx retransmissions, Timer L);
+            // the call has nothing more to send on it.
+            self.driver.txs.remove(&self.driver.invite_tx);
+            self.driver.txs.shrink_to_fit();
+        }
+    }
+}
+
+impl<R: Relaying> CallTask for CallSlot<R> {
+    fn drain(&mut self) {
+        let span = self.span.clone();
+        let _entered = span.enter();
+        self.settle();
+        while !self.call.is_finished() {
+            let Some(input) = self.rx.try_recv() else {
+                break;
+            };
+            if let Some(input) = self.driver.translate(input) {
+                self.call.handle(input, &*self.driver.relay, Instant::now());
+            }
+            self.settle();
+        }
+    }
+
+    fn timeout(&mut self) {
+        let span = self.span.clone();
+        let _entered = span.enter();
+        self.call
+            .handle_timeout(&*self.driver.relay, Instant::now());
+        self.settle();
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.call.poll_timeout()
+    }
+
+    fn finished(&self) -> bool {
+        self.call.is_finished()
+    }
+}
+
+impl<R: Relaying> Drop for CallSlot<R> {
+    fn drop(&mut self) {
+        if self.call.is_finished() {
+            debug!(parent: &self.span, "call over");
+        }
+        for call_id in &self.driver.routed {
+            self.driver.relay.table().remove(call_id);
+        }
+    }
 }
 
 struct Driver<R> {
@@ -114,48 +186,6 @@ impl<R: Relaying> Driver<R> {
     /// The terminal's Call-ID: the first routed to the call.
     fn call_id(&self) -> &str {
         self.routed.first().map(String::as_str).unwrap_or("")
-    }
-
-    async fn run(mut self, mut call: Box<Call>, mut rx: routing::InboxReceiver) {
-        // One timer for the call, moved only when its next deadline changes.
-        let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
-        tokio::pin!(sleep);
-        let mut armed = None;
-        loop {
-            self.carry_out(&mut call);
-            if call.inquiry_over() && self.txs.contains_key(&self.invite_tx) {
-                // The transaction goes on in the endpoint (2xx retransmissions, Timer L);
-                // the call has nothing more to send on it.
-                self.txs.remove(&self.invite_tx);
-                self.txs.shrink_to_fit();
-            }
-            if call.is_finished() {
-                debug!("call over");
-                break;
-            }
-            let wake = call.poll_timeout();
-            if wake != armed {
-                armed = wake;
-                if let Some(at) = wake {
-                    sleep.as_mut().reset(tokio::time::Instant::from_std(at));
-                }
-            }
-            tokio::select! {
-                input = rx.recv() => {
-                    let Some(input) = input else { break };
-                    if let Some(input) = self.translate(input) {
-                        call.handle(input, &*self.relay, Instant::now());
-                    }
-                }
-                () = &mut sleep, if armed.is_some() => {
-                    armed = None;
-                    call.handle_timeout(&*self.relay, Instant::now());
-                }
-            }
-        }
-        for call_id in &self.routed {
-            self.relay.table().remove(call_id);
-        }
     }
 
     fn hold(&mut self, tx: ServerTx) -> TxId {

@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use rsip::{Request, Response};
 use sip_core::endpoint::{IncomingRequest, ServerTx};
 use sip_core::Peer;
-use tokio::sync::Notify;
 
+use super::runner::RunnerQueue;
 use crate::call::{LegEvent, LegId, Token};
 
 /// What the dispatcher, the endpoint's transactions and the driver's own tasks hand to a
@@ -75,22 +75,45 @@ pub enum SessionInput {
 /// among many and calls never contend with each other.
 pub struct SessionTable {
     shards: Vec<Mutex<HashMap<String, Inbox>>>,
+    /// The runners calls are placed on (see [`super::runner`]), started with the first call.
+    runners: std::sync::OnceLock<Vec<Arc<RunnerQueue>>>,
+    /// The key the next call gets on its runner.
+    next_key: std::sync::atomic::AtomicU64,
 }
 
 const TABLE_SHARDS: usize = 64;
 
-/// A call's mailbox: a queue and a wake-up, shared by its senders and its driver. Lighter
-/// than a tokio channel (which allocates a block of 32 slots and its bookkeeping per call,
-/// 0.8 KiB kept for the call's whole life): a call lives as long as its sessions.
-#[derive(Debug, Default)]
+/// A call's mailbox: a queue shared by its senders and its driver, and the runner the call
+/// is on (see [`super::runner`]), which it schedules the call on when something arrives.
+/// Lighter than a tokio channel (which allocates a block of 32 slots and its bookkeeping per
+/// call, 0.8 KiB kept for the call's whole life): a call lives as long as its sessions.
 struct Mailbox {
-    queue: Mutex<VecDeque<Box<SessionInput>>>,
-    wake: Notify,
+    queue: Mutex<Queue>,
     closed: AtomicBool,
+    runner: Arc<RunnerQueue>,
+    key: u64,
+}
+
+/// A mailbox's inputs, and whether the call is on its runner's ready queue (or running)
+/// already: one entry there is enough. Both under one lock, so that an input is either
+/// seen by the run in progress or schedules another.
+#[derive(Default)]
+struct Queue {
+    inputs: VecDeque<Box<SessionInput>>,
+    scheduled: bool,
+}
+
+impl std::fmt::Debug for Mailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailbox")
+            .field("key", &self.key)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Mailbox {
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Box<SessionInput>>> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -104,9 +127,18 @@ pub struct Inbox(Arc<Mailbox>);
 #[derive(Debug)]
 pub struct InboxReceiver(Arc<Mailbox>);
 
-/// A new inbox for a call: its sending and receiving ends.
-pub fn inbox() -> (Inbox, InboxReceiver) {
-    let mailbox = Arc::new(Mailbox::default());
+/// A new inbox for call `key` on `runner`: its sending and receiving ends.
+pub(crate) fn inbox(runner: Arc<RunnerQueue>, key: u64) -> (Inbox, InboxReceiver) {
+    let mailbox = Arc::new(Mailbox {
+        // Scheduled until the call is started on its runner, which runs it then anyway.
+        queue: Mutex::new(Queue {
+            inputs: VecDeque::new(),
+            scheduled: true,
+        }),
+        closed: AtomicBool::new(false),
+        runner,
+        key,
+    });
     (Inbox(mailbox.clone()), InboxReceiver(mailbox))
 }
 
@@ -120,10 +152,12 @@ impl Inbox {
             if self.0.closed.load(Ordering::Acquire) {
                 return Err(input);
             }
-            queue.push_back(Box::new(input));
+            queue.inputs.push_back(Box::new(input));
+            if std::mem::replace(&mut queue.scheduled, true) {
+                return Ok(());
+            }
         }
-        // A permit is kept if the driver is not waiting yet: no wake-up is lost.
-        self.0.wake.notify_one();
+        self.0.runner.schedule(self.0.key);
         Ok(())
     }
 
@@ -134,15 +168,20 @@ impl Inbox {
 }
 
 impl InboxReceiver {
-    /// The next input. (Never `None`: the driver holds a sender of its own; the `Option`
-    /// keeps the shape of a channel's `recv`.)
-    pub async fn recv(&mut self) -> Option<SessionInput> {
-        loop {
-            if let Some(input) = self.0.queue().pop_front() {
-                return Some(*input);
-            }
-            self.0.wake.notified().await;
+    /// The runner the call is placed on, and its key there: where to start it.
+    pub(crate) fn runner(&self) -> (Arc<RunnerQueue>, u64) {
+        (self.0.runner.clone(), self.0.key)
+    }
+
+    /// The next input waiting, if any. When there is none, the next one to arrive schedules
+    /// the call on its runner again.
+    pub fn try_recv(&mut self) -> Option<SessionInput> {
+        let mut queue = self.0.queue();
+        let input = queue.inputs.pop_front();
+        if input.is_none() {
+            queue.scheduled = false;
         }
+        input.map(|i| *i)
     }
 }
 
@@ -150,7 +189,7 @@ impl Drop for InboxReceiver {
     fn drop(&mut self) {
         let mut queue = self.0.queue();
         self.0.closed.store(true, Ordering::Release);
-        queue.clear();
+        queue.inputs.clear();
     }
 }
 
@@ -160,6 +199,8 @@ impl Default for SessionTable {
             shards: (0..TABLE_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
+            runners: std::sync::OnceLock::new(),
+            next_key: std::sync::atomic::AtomicU64::new(1),
         }
     }
 }
@@ -172,6 +213,25 @@ impl SessionTable {
         self.shards[h % TABLE_SHARDS]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An inbox for a new call, on one of the runners, which start with the first call (on
+    /// the runtime it is placed from): two per CPU, so that calls spread over every worker
+    /// and none waits long behind the others of its runner.
+    pub(crate) fn new_inbox(&self) -> (Inbox, InboxReceiver) {
+        let runners = self.runners.get_or_init(|| {
+            let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+            (0..(2 * cpus).clamp(2, 64))
+                .map(|_| {
+                    let queue = Arc::new(RunnerQueue::default());
+                    tokio::spawn(super::runner::run(queue.clone()));
+                    queue
+                })
+                .collect()
+        });
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let runner = &runners[(key % runners.len() as u64) as usize];
+        inbox(runner.clone(), key)
     }
 
     /// Routes `call_id` to a call's inbox.
@@ -234,24 +294,27 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn an_inbox_hands_inputs_over_in_order_and_says_when_its_call_has_ended() {
-        let (inbox, mut rx) = inbox();
-        // Sent before the driver waits: the wake-up is kept.
+    #[test]
+    fn an_inbox_hands_inputs_over_in_order_schedules_its_call_once_and_says_when_it_ended() {
+        let runner = Arc::new(RunnerQueue::default());
+        let (inbox, mut rx) = inbox(runner.clone(), 7);
+        // Before the call is started it counts as scheduled: starting runs it anyway.
         inbox.send(SessionInput::Shutdown).unwrap();
         inbox
             .send(SessionInput::Stray(rsip::Response::default()))
             .unwrap();
-        assert!(matches!(rx.recv().await, Some(SessionInput::Shutdown)));
-        assert!(matches!(rx.recv().await, Some(SessionInput::Stray(_))));
-        // Sent while the driver waits, from another task.
-        let sender = inbox.clone();
-        let later = tokio::spawn(async move { sender.send(SessionInput::Shutdown).is_ok() });
-        let got = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
-            .await
-            .expect("the driver was never woken");
-        assert!(matches!(got, Some(SessionInput::Shutdown)));
-        assert!(later.await.unwrap());
+        assert!(runner.ready_keys().is_empty());
+        assert!(matches!(rx.try_recv(), Some(SessionInput::Shutdown)));
+        assert!(matches!(rx.try_recv(), Some(SessionInput::Stray(_))));
+        assert!(rx.try_recv().is_none());
+        // Emptied: the next input schedules the call, once however many follow.
+        inbox.send(SessionInput::Shutdown).unwrap();
+        inbox.send(SessionInput::Shutdown).unwrap();
+        assert_eq!(runner.ready_keys(), vec![7]);
+        assert!(rx.try_recv().is_some() && rx.try_recv().is_some());
+        assert!(rx.try_recv().is_none());
+        inbox.send(SessionInput::Shutdown).unwrap();
+        assert_eq!(runner.ready_keys(), vec![7, 7]);
         // The call ends: what is sent afterwards comes back.
         assert!(!inbox.is_closed());
         drop(rx);
@@ -265,7 +328,7 @@ mod tests {
     #[test]
     fn the_table_gives_back_a_peaks_room_once_the_calls_are_gone() {
         let table = SessionTable::default();
-        let (me, _rx) = inbox();
+        let (me, _rx) = inbox(Arc::new(RunnerQueue::default()), 1);
         let ids: Vec<String> = (0..20_000).map(|i| format!("call-{i}")).collect();
         for id in &ids {
             table.insert(id, me.clone());
