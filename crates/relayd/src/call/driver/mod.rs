@@ -234,7 +234,7 @@ impl<R: Relaying> Driver<R> {
     /// Carries out everything the call asks, feeding back what that produces at once,
     /// until it asks nothing more. Nothing here waits: what must (a DNS lookup, a TCP
     /// connection to open, a billing commit) goes to a task of its own and comes back
-    /// through the inbox, so that the call's task stays small.
+    /// through the inbox, so that a call never holds up the others of its runner.
     fn carry_out(&mut self, call: &mut Call) {
         loop {
             while let Some(out) = call.poll_output() {
