@@ -315,13 +315,16 @@ fn charge_out_of_dialog_gets_its_status_and_only_good_charges_are_billed() {
         ),
     ];
     let mut f = Findings::default();
-    for (what, account, body, expected) in &cases {
-        let status = scene.charge(*account, body);
-        f.check(
-            status.starts_with(&format!("SIP/2.0 {expected} ")),
-            format!("charge {what}: got {status:?}, expected {expected}"),
-        );
-    }
+    let charge_each = |f: &mut Findings, cases: &[(&str, (&str, &str), String, &str)]| {
+        for (what, account, body, expected) in cases {
+            let status = scene.charge(*account, body);
+            f.check(
+                status.starts_with(&format!("SIP/2.0 {expected} ")),
+                format!("charge {what}: got {status:?}, expected {expected}"),
+            );
+        }
+    };
+    charge_each(&mut f, &cases);
 
     terminal.signal_hang_up();
     scene.assert_success(&mut terminal);
@@ -364,13 +367,7 @@ fn charge_out_of_dialog_gets_its_status_and_only_good_charges_are_billed() {
             "403",
         ),
     ];
-    for (what, account, body, expected) in &late {
-        let status = scene.charge(*account, body);
-        f.check(
-            status.starts_with(&format!("SIP/2.0 {expected} ")),
-            format!("charge {what}: got {status:?}, expected {expected}"),
-        );
-    }
+    charge_each(&mut f, &late);
     f.equal(
         "session records",
         sessions_summary(&sessions),
