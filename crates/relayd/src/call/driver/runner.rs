@@ -121,6 +121,7 @@ impl Calls {
 
     /// Runs the calls whose deadline is due at `now`; the earliest deadline left.
     fn expire(&mut self, now: Instant) -> Option<Instant> {
+        self.sweep();
         while let Some(&Reverse((at, key))) = self.timers.peek() {
             if at > now {
                 return Some(at);
@@ -135,7 +136,6 @@ impl Calls {
             entry.armed = None;
             self.run(key, |task| task.timeout());
         }
-        self.sweep();
         None
     }
 
@@ -277,18 +277,24 @@ mod tests {
                         next: t0 + Duration::from_secs(100),
                         lives: 1,
                     }),
-                    armed: Some(t0 + Duration::from_secs(1)),
+                    armed: Some(t0 + Duration::from_secs(50)),
                 },
             );
-            // Armed at 1 s, then moved to 100 s: the 1 s entry is stale.
+            // Armed at 50 s, then moved to 100 s: the 50 s entry is stale.
             calls
                 .timers
-                .push(Reverse((t0 + Duration::from_secs(1), key)));
+                .push(Reverse((t0 + Duration::from_secs(50), key)));
             calls.settle(key);
         }
         assert_eq!(calls.timers.len(), 4000);
+        // Long before the stale entries are due, they are swept.
         assert_eq!(
             calls.expire(t0 + Duration::from_secs(2)),
+            Some(t0 + Duration::from_secs(100))
+        );
+        assert_eq!(calls.timers.len(), 2000);
+        assert_eq!(
+            calls.expire(t0 + Duration::from_secs(60)),
             Some(t0 + Duration::from_secs(100))
         );
         assert_eq!(
@@ -296,7 +302,6 @@ mod tests {
             0,
             "stale deadlines run nothing"
         );
-        assert_eq!(calls.timers.len(), 2000);
         calls.expire(t0 + Duration::from_secs(100));
         assert_eq!(timeouts.load(Ordering::SeqCst), 2000);
         assert!(calls.calls.is_empty() && calls.timers.is_empty());
