@@ -769,15 +769,13 @@ impl SqliteStore {
             .and_then(|mut stmt| {
                 stmt.query_row([session_id], |row| {
                     Ok((
-                        (
-                            row.get::<_, String>(0)?,
-                            row.get::<_, String>(1)?,
-                            row.get::<_, String>(2)?,
-                            row.get::<_, String>(3)?,
-                            row.get::<_, String>(4)?,
-                            row.get::<_, String>(5)?,
-                            row.get::<_, i64>(6)?,
-                        ),
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                        row.get::<_, String>(3)?,
+                        row.get::<_, String>(4)?,
+                        row.get::<_, String>(5)?,
+                        row.get::<_, i64>(6)?,
                         row.get::<_, String>(7)?,
                         row.get::<_, Option<String>>(8)?,
                     ))
@@ -786,7 +784,13 @@ impl SqliteStore {
             })
             .map_err(|e| self.db(e))?;
         let Some((
-            (call_id, subscriber, service, server, plan, tariff, confirmed_at_ms),
+            call_id,
+            subscriber,
+            service,
+            server,
+            plan,
+            tariff,
+            confirmed_at_ms,
             server_call_id,
             account,
         )) = journaled
@@ -1924,23 +1928,7 @@ mod tests {
             .and_then(|rows| rows.collect())
             .unwrap();
         assert_eq!(old, [(String::new(), None), (String::new(), None)]);
-        // Found by their session id and terminal Call-ID, never by the empty key.
-        let found = store.find_ended("call-s1", 0).unwrap().unwrap();
-        assert_eq!(
-            (
-                found.session_id.as_str(),
-                found.server_call_id.as_str(),
-                found.account
-            ),
-            ("s1", "", None)
-        );
-        assert_eq!(store.find_ended("", i64::MIN).unwrap(), None);
-        // The session journaled before the migration closes with them as they are.
-        store
-            .close_session(close("live", T0 + 9_000, EndCause::Timeout))
-            .unwrap();
-        let found = store.find_ended("live", 0).unwrap().unwrap();
-        assert_eq!((found.server_call_id.as_str(), found.account), ("", None));
+        crate::store::check_upgraded_sessions_have_no_call_id_of_server(&mut store, T0 + 9_000);
         // And the migrated file has exactly the schema of a new one.
         let (_fresh_dir, fresh) = fresh();
         assert_eq!(schema_of(&store.conn), schema_of(&fresh.conn));

@@ -650,6 +650,38 @@ pub(crate) fn unique_ids(ids: &[String]) -> Vec<&str> {
         .collect()
 }
 
+/// What either backend must show after upgrading a database whose records and journal
+/// predate `server_call_id` and `account` (sessions `s0`, `s1` closed, `live` open, each
+/// with Call-ID `call-<id>`): the old records are found by their other keys with neither
+/// column, never by the empty key, and the old open session closes (at `ended_at_ms`)
+/// with neither column too.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn check_upgraded_sessions_have_no_call_id_of_server(
+    store: &mut dyn Store,
+    ended_at_ms: i64,
+) {
+    let found = store.find_ended("call-s1", 0).unwrap().unwrap();
+    assert_eq!(
+        (
+            found.session_id.as_str(),
+            found.server_call_id.as_str(),
+            found.account
+        ),
+        ("s1", "", None)
+    );
+    assert_eq!(store.find_ended("", i64::MIN).unwrap(), None);
+    store
+        .close_session(CloseSession {
+            session_id: "live".into(),
+            ended_at_ms,
+            cause: EndCause::Timeout,
+        })
+        .unwrap();
+    let found = store.find_ended("live", 0).unwrap().unwrap();
+    assert_eq!((found.server_call_id.as_str(), found.account), ("", None));
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
