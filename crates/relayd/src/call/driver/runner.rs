@@ -154,32 +154,32 @@ impl Calls {
     }
 }
 
-/// How many calls a runner takes from its queue before letting other tasks run.
+/// How many ready calls a runner takes from its queue before letting other tasks run.
 const BATCH: usize = 256;
 
 /// Runs the calls handed to `queue` for as long as the relay runs.
 pub(crate) async fn run(queue: Arc<RunnerQueue>) {
     let mut calls = Calls::default();
+    let mut started = Vec::new();
+    let mut ready = Vec::with_capacity(BATCH);
     loop {
-        let mut done = 0;
-        while done < BATCH {
-            let next = {
-                let mut work = queue.work();
-                if let Some((key, task)) = work.start.pop() {
-                    Some((key, Some(task)))
-                } else {
-                    work.ready.pop_front().map(|key| (key, None))
-                }
-            };
-            let Some((key, started)) = next else { break };
-            if let Some(task) = started {
-                calls.calls.insert(key, Entry { task, armed: None });
-            }
+        // What arrived, taken under one lock: new calls, then up to a batch of ready ones.
+        {
+            let mut work = queue.work();
+            started.append(&mut work.start);
+            let n = work.ready.len().min(BATCH);
+            ready.extend(work.ready.drain(..n));
+        }
+        for (key, task) in started.drain(..) {
+            calls.calls.insert(key, Entry { task, armed: None });
             calls.run(key, |task| task.drain());
-            done += 1;
+        }
+        let full = ready.len() == BATCH;
+        for key in ready.drain(..) {
+            calls.run(key, |task| task.drain());
         }
         let next = calls.expire(Instant::now());
-        if done == BATCH {
+        if full {
             tokio::task::yield_now().await;
             continue;
         }
