@@ -228,6 +228,9 @@ impl Relay {
                 ..sip_core::transaction::Timers::default()
             },
             server_deadlines: invite_deadline(&config.session),
+            // A call matches a server's later 2xx to its session's dialog and ACKs it again
+            // (Input::Stray): its INVITE transaction need not stay 64·T1 in Accepted.
+            after_2xx: sip_core::transaction::After2xx::Terminate,
             ..EndpointConfig::default()
         };
         let endpoint = Endpoint::bind_with_sink(endpoint_config, events)

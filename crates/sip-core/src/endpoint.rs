@@ -45,7 +45,8 @@ use crate::message::{self, RequestIds};
 use crate::peer::{Peer, Transport};
 use crate::rate::{RateLimit, RateLimiter, Verdict};
 use crate::transaction::{
-    ClientTxId, Event, Output, ServerDeadlines, ServerTxId, Timers, TransactionLayer, Transmit,
+    After2xx, ClientTxId, Event, Output, ServerDeadlines, ServerTxId, Timers, TransactionLayer,
+    Transmit,
 };
 use crate::transport::{Sink, TransportConfig, TransportError, Transports, TrySendError};
 use crate::wire;
@@ -71,6 +72,10 @@ pub struct EndpointConfig {
     /// How many messages that could not be sent at once may wait for their socket at the
     /// same time, each in a task; past it they are dropped and counted.
     pub max_pending_sends: usize,
+    /// What an INVITE client transaction does after its first 2xx ([`After2xx`]): with
+    /// `Terminate`, later 2xx come as [`EndpointEvent::StrayResponse`] and the
+    /// [`ClientTx`] gets the first one only.
+    pub after_2xx: After2xx,
 }
 
 impl Default for EndpointConfig {
@@ -83,6 +88,7 @@ impl Default for EndpointConfig {
             event_queue: 16 * 1024,
             rate_limit: None,
             max_pending_sends: 4096,
+            after_2xx: After2xx::default(),
         }
     }
 }
@@ -410,6 +416,8 @@ struct Shared {
     /// Messages waiting in tasks for their sockets ([`Shared::send_later`]).
     pending_sends: Arc<std::sync::atomic::AtomicUsize>,
     max_pending_sends: usize,
+    /// Whether an INVITE client transaction ends at its first 2xx.
+    after_2xx: After2xx,
 }
 
 impl Shared {
@@ -508,8 +516,10 @@ impl Shared {
                     matches!(h, Header::CSeq(c)
                         if matches!(crate::fields::cseq_of(c.value()), Some((_, rsip::Method::Invite))))
                 });
-                // After a final response nothing more comes, except further 2xx to an INVITE.
-                let user = if code >= 300 || (code >= 200 && !method_invite) {
+                // After a final response nothing more comes, except further 2xx to an INVITE
+                // whose transaction goes on to Accepted.
+                let more = method_invite && self.after_2xx == After2xx::Accepted;
+                let user = if code >= 300 || (code >= 200 && !more) {
                     state.clients.remove(&tx)
                 } else {
                     state.clients.get(&tx).cloned()
@@ -835,7 +845,8 @@ impl Endpoint {
             .map(|_| Shard {
                 state: Mutex::new(ShardState {
                     layer: TransactionLayer::new(config.timers)
-                        .with_server_deadlines(config.server_deadlines),
+                        .with_server_deadlines(config.server_deadlines)
+                        .with_after_2xx(config.after_2xx),
                     clients: HashMap::new(),
                     armed: None,
                 }),
@@ -850,6 +861,7 @@ impl Endpoint {
             rate: config.rate_limit.clone().map(RateLimiter::new),
             pending_sends: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             max_pending_sends: config.max_pending_sends,
+            after_2xx: config.after_2xx,
         });
         let receiver = Arc::new(EndpointSink(Arc::downgrade(&shared)));
         let transports = Transports::bind(config.transport.clone(), receiver).await?;

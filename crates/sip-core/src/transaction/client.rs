@@ -202,6 +202,13 @@ impl ClientTx {
                 io.event(Event::Response { tx: self.id, resp });
                 Fate::Live
             }
+            (ClientState::Calling | ClientState::Proceeding, 200..=299)
+                if io.after_2xx == super::After2xx::Terminate =>
+            {
+                // RFC 3261 §17.1.1.2: the TU takes every later 2xx as a stray response.
+                io.event(Event::Response { tx: self.id, resp });
+                Fate::Terminated
+            }
             (ClientState::Calling | ClientState::Proceeding, 200..=299) => {
                 self.state = ClientState::Accepted;
                 self.forget_request();

@@ -268,6 +268,7 @@ struct Io<'a> {
     queue: &'a mut TimerQueue,
     timers: &'a Timers,
     deadlines: &'a ServerDeadlines,
+    after_2xx: After2xx,
 }
 
 impl Io<'_> {
@@ -290,8 +291,24 @@ macro_rules! io {
             queue: &mut $layer.queue,
             timers: &$layer.timers,
             deadlines: &$layer.deadlines,
+            after_2xx: $layer.after_2xx,
         }
     };
+}
+
+/// What an INVITE client transaction does once its first 2xx arrived.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum After2xx {
+    /// RFC 6026 §7.2: it enters Accepted and passes every further 2xx (retransmissions,
+    /// other forks) up as its own for 64·T1 (Timer M). For a TU that matches responses to
+    /// its transactions only.
+    #[default]
+    Accepted,
+    /// RFC 3261 §17.1.1.2 as first written: it ends at once, and a later 2xx reaches the
+    /// TU as a [`Event::StrayResponse`], which a UA core matches to its dialog by Call-ID
+    /// and tags and ACKs again (§13.2.2.4). For a TU that does that: it keeps nothing
+    /// for the 64·T1 after each answered INVITE.
+    Terminate,
 }
 
 /// All client and server transactions of one endpoint (or one shard of it).
@@ -299,6 +316,7 @@ macro_rules! io {
 pub struct TransactionLayer {
     timers: Timers,
     deadlines: ServerDeadlines,
+    after_2xx: After2xx,
     next_id: u64,
     // Transactions are boxed in their tables: a table grows by doubling into fresh memory
     // while up to 64·T1 of transactions are retained, and moving 16-byte slots instead of
@@ -326,6 +344,7 @@ impl TransactionLayer {
         TransactionLayer {
             timers: timers.normalized(),
             deadlines: ServerDeadlines::default(),
+            after_2xx: After2xx::default(),
             next_id: 0,
             clients: HashMap::default(),
             client_index: HashMap::new(),
@@ -345,6 +364,13 @@ impl TransactionLayer {
     /// the deadline they were given.
     pub fn with_server_deadlines(mut self, deadlines: ServerDeadlines) -> Self {
         self.deadlines = deadlines.normalized();
+        self
+    }
+
+    /// Sets what an INVITE client transaction does after its first 2xx (see [`After2xx`]).
+    /// Set it before any request is sent: transactions already running keep their way.
+    pub fn with_after_2xx(mut self, after_2xx: After2xx) -> Self {
+        self.after_2xx = after_2xx;
         self
     }
 

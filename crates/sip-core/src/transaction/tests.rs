@@ -490,6 +490,46 @@ fn invite_2xx_accepted_passes_every_2xx_until_timer_m() {
 }
 
 #[test]
+fn invite_2xx_ends_the_transaction_when_the_tu_takes_later_2xx() {
+    // RFC 3261 §17.1.1.2 as first written, for a UA core that matches later 2xx to its
+    // dialogs itself: nothing is kept for Timer M.
+    let mut l = layer().with_after_2xx(super::After2xx::Terminate);
+    let t0 = Instant::now();
+    let req = request("INVITE", "z9hG4bKi6t", 1);
+    let id = l.send_request(t0, req.clone(), udp(BOB)).unwrap();
+    drain(&mut l);
+    l.handle_message(
+        t0 + ms(50),
+        SipMessage::Response(response(&req, 180)),
+        udp(BOB),
+    );
+    assert!(matches!(&drain(&mut l).events[..], [Event::Response { tx, .. }] if *tx == id));
+    let ok = response(&req, 200);
+    l.handle_message(t0 + ms(100), SipMessage::Response(ok.clone()), udp(BOB));
+    let d = drain(&mut l);
+    assert!(d.sent.is_empty(), "the TU ACKs a 2xx, not the transaction");
+    assert!(matches!(&d.events[..], [Event::Response { tx, .. }] if *tx == id));
+    assert!(l.is_empty(), "no Accepted state");
+    assert_eq!(d.deadline, None, "no Timer M");
+    // Its retransmission is stray at once, for the TU to re-ACK.
+    l.handle_message(t0 + ms(600), SipMessage::Response(ok), udp(BOB));
+    assert!(
+        matches!(&drain(&mut l).events[..], [Event::StrayResponse { from, .. }] if *from == udp(BOB))
+    );
+    // A non-INVITE's 2xx and an INVITE's non-2xx are as before.
+    let bye = request("BYE", "z9hG4bKi6u", 2);
+    l.send_request(t0, bye.clone(), udp(BOB)).unwrap();
+    drain(&mut l);
+    l.handle_message(
+        t0 + ms(700),
+        SipMessage::Response(response(&bye, 200)),
+        udp(BOB),
+    );
+    drain(&mut l);
+    assert!(!l.is_empty(), "a non-INVITE waits Timer K");
+}
+
+#[test]
 fn invite_2xx_after_non_2xx_is_stray() {
     let mut l = layer();
     let t0 = Instant::now();
