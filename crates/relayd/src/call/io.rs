@@ -32,6 +32,40 @@ pub struct LegId(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Token(pub u64);
 
+/// What the call waits for, by [`Token`]: a handful at a time, so a list (the smallest
+/// room a hash table takes is more than the few entries it ever holds here, for every call).
+#[derive(Debug)]
+pub(crate) struct Awaited<V>(Vec<(Token, V)>);
+
+impl<V> Default for Awaited<V> {
+    fn default() -> Self {
+        Awaited(Vec::new())
+    }
+}
+
+impl<V> Awaited<V> {
+    /// Waits for `token`, to do `then` when it comes.
+    pub(crate) fn insert(&mut self, token: Token, then: V) {
+        self.0.push((token, then));
+    }
+
+    /// What was to be done when `token` came, if it was awaited.
+    pub(crate) fn remove(&mut self, token: &Token) -> Option<V> {
+        let at = self.0.iter().position(|(t, _)| t == token)?;
+        let (_, then) = self.0.swap_remove(at);
+        if self.0.is_empty() {
+            // A call waits now and then: between waits, it keeps no room.
+            self.0 = Vec::new();
+        }
+        Some(then)
+    }
+
+    /// Whether nothing is awaited.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// One of the two legs of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {

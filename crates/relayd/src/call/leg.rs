@@ -100,7 +100,7 @@ impl<P> PendingLeg<P> {
 /// refresher (RFC 4028 §7.1).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn inquiry(
-    uri: &rsip::Uri,
+    uri: &str,
     max_forwards: Option<Header>,
     plan: LegPlan,
     subscriber: &str,
@@ -115,7 +115,9 @@ pub(crate) fn inquiry(
     headers.extend(plan.offer.0);
     let base = Request {
         method: Method::Invite,
-        uri: uri.clone(),
+        uri: sip_core::uri::Uri::parse(uri)
+            .map_err(|e| rsip::Error::ParseError(format!("Request-URI {uri}: {e}")))?
+            .to_rsip(),
         version: rsip::Version::V2,
         headers,
         body: plan.offer.1,

@@ -42,7 +42,6 @@ mod transfer;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::time::{Instant, SystemTime};
 
@@ -73,9 +72,10 @@ struct Terminal {
     /// its final response went out and no other fork can answer (nothing answers it then;
     /// the 2xx is resent by its transaction, a fork's further 2xx from its own bytes).
     invite: Option<Box<Request>>,
-    /// Its Request-URI, which the INVITE of every leg of the call repeats (a change's and
-    /// a transfer's too, after the INVITE was let go).
-    uri: rsip::Uri,
+    /// Its Request-URI as it came, which the INVITE of every leg of the call repeats (a
+    /// change's and a transfer's too, after the INVITE was let go): text, read again for
+    /// each leg, rather than rsip's parsed form of 160 bytes kept for the call's life.
+    uri: Box<str>,
     tx: TxId,
     peer: Peer,
     call_id: String,
@@ -172,7 +172,7 @@ pub struct Call {
     inquiry: inquiry::Inquiry,
     legs: Vec<(LegId, PendingLeg<Purpose>)>,
     sessions: Vec<Session>,
-    waiting: HashMap<Token, Waiting>,
+    waiting: io::Awaited<Waiting>,
     billing: BillingQueue,
     out: Outbox,
     shutting_down: bool,
@@ -199,7 +199,7 @@ impl Call {
         let mut call = Call {
             a: Terminal {
                 cseq: cseq_number(&invite.req),
-                uri: invite.req.uri.clone(),
+                uri: invite.req.uri.to_string().into_boxed_str(),
                 invite: Some(Box::new(invite.req)),
                 tx: invite.tx,
                 peer: invite.from,
@@ -211,7 +211,7 @@ impl Call {
             inquiry: inquiry::Inquiry::new(fork),
             legs: Vec::new(),
             sessions: Vec::new(),
-            waiting: HashMap::new(),
+            waiting: io::Awaited::default(),
             billing: BillingQueue::default(),
             out: Outbox::default(),
             shutting_down: false,
@@ -344,9 +344,6 @@ impl Call {
         }
         if self.legs.is_empty() && self.legs.capacity() > 0 {
             self.legs = Vec::new();
-        }
-        if self.waiting.is_empty() && self.waiting.capacity() > 0 {
-            self.waiting = HashMap::new();
         }
         if self.billing.in_flight.is_empty() && self.billing.in_flight.capacity() > 0 {
             self.billing = BillingQueue::default();

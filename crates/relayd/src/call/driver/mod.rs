@@ -7,7 +7,7 @@
 pub mod routing;
 pub(crate) mod runner;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -65,7 +65,7 @@ pub fn spawn<R: Relaying>(
     let mut driver = Driver {
         relay,
         me,
-        txs: HashMap::new(),
+        txs: Vec::new(),
         next_tx: 0,
         invite_tx: TxId(0),
         routed: vec![call_id.clone()],
@@ -116,11 +116,13 @@ impl<R: Relaying> CallSlot<R> {
     /// Carries out what the call asks and lets go of what it no longer needs.
     fn settle(&mut self) {
         self.driver.carry_out(&mut self.call);
-        if self.call.inquiry_over() && self.driver.txs.contains_key(&self.driver.invite_tx) {
+        if self.call.inquiry_over() {
             // The transaction goes on in the endpoint (2xx retransmissions, Timer L);
             // the call has nothing more to send on it.
-            self.driver.txs.remove(&self.driver.invite_tx);
-            self.driver.txs.shrink_to_fit();
+            let invite_tx = self.driver.invite_tx;
+            if self.driver.take_tx(invite_tx).is_some() {
+                self.driver.txs.shrink_to_fit();
+            }
         }
     }
 }
@@ -172,8 +174,9 @@ impl<R: Relaying> Drop for CallSlot<R> {
 struct Driver<R> {
     relay: Arc<R>,
     me: Inbox,
-    /// The server transactions the call answers, by the ids it knows them by.
-    txs: HashMap<TxId, ServerTx>,
+    /// The server transactions the call answers, by the ids it knows them by: rarely more
+    /// than one or two, so a list rather than a table.
+    txs: Vec<(TxId, ServerTx)>,
     next_tx: u64,
     invite_tx: TxId,
     /// Every Call-ID routed to this call, unrouted when it ends.
@@ -191,8 +194,14 @@ impl<R: Relaying> Driver<R> {
     fn hold(&mut self, tx: ServerTx) -> TxId {
         self.next_tx += 1;
         let id = TxId(self.next_tx);
-        self.txs.insert(id, tx);
+        self.txs.push((id, tx));
         id
+    }
+
+    /// Takes server transaction `id` out of the call's hands.
+    fn take_tx(&mut self, id: TxId) -> Option<ServerTx> {
+        let at = self.txs.iter().position(|(t, _)| *t == id)?;
+        Some(self.txs.swap_remove(at).1)
     }
 
     /// What the call makes of one inbox message.
@@ -255,9 +264,12 @@ impl<R: Relaying> Driver<R> {
             Output::Respond { tx, resp } => {
                 let last = resp.status_code.code() >= 200 && tx != self.invite_tx;
                 let held = if last {
-                    self.txs.remove(&tx)
+                    self.take_tx(tx)
                 } else {
-                    self.txs.get(&tx).cloned()
+                    self.txs
+                        .iter()
+                        .find(|(t, _)| *t == tx)
+                        .map(|(_, t)| t.clone())
                 };
                 if let Some(t) = held {
                     if t.respond(resp).is_err() {
@@ -374,7 +386,12 @@ impl<R: Relaying> Driver<R> {
                 incoming,
                 session_id,
             } => {
-                if let Some(tx) = self.txs.remove(&incoming.tx) {
+                let tx = self
+                    .txs
+                    .iter()
+                    .position(|(t, _)| *t == incoming.tx)
+                    .map(|at| self.txs.swap_remove(at).1);
+                if let Some(tx) = tx {
                     // The call kept the request, not its ids: read them again, for the
                     // one charge request in a session's life.
                     let Ok(ids) = RequestIds::read(&incoming.req) else {
