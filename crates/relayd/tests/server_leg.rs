@@ -161,3 +161,35 @@ fn requests_outside_the_server_legs_dialog_or_from_elsewhere_are_refused_481() {
         scene.charge_records()
     );
 }
+
+/// A server whose ACK was lost sends its 2xx again (RFC 3261 §13.3.1.4); the relay ACKs it
+/// again (§13.2.2.4). relayd's INVITE transaction to the server ends at the first 2xx
+/// (sip-core's `After2xx::Terminate`), so the repeated 2xx reaches the call as a stray
+/// response, matched to the session's server leg by its dialog.
+#[test]
+fn a_repeated_2xx_of_the_server_is_acked_again() {
+    let mut scene = Scene::new();
+    let as_port = scene.server("uas", "uas_repeat_2xx.xml", SippOpts::default());
+    scene.start_relay(
+        &RelayConfig::standard().server(ServerSpec::udp(as_port, &["echo"]).account("as1")),
+    );
+    let mut terminal = scene.terminal("terminal", "terminal_hold.xml", ALICE, "echo", &[]);
+    assert!(
+        terminal.wait_logged("ESTABLISHED").is_some(),
+        "{}",
+        scene.report(Some(&terminal))
+    );
+    // The server's scenario goes on to the BYE only after a second ACK (or fails its call
+    // after 5 s without one).
+    let acked_twice = support::wait_until(Duration::from_secs(10), || {
+        let messages = scene.server_named("uas").messages();
+        messages.matches("ACK sip:").count() >= 2
+    });
+    let messages = scene.server_named("uas").messages();
+    assert!(acked_twice, "one ACK only:\n{messages}");
+    terminal.signal_hang_up();
+    scene.assert_success(&mut terminal);
+    let records = scene.session_records();
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(field(&records[0], "cause"), "caller-bye", "{}", records[0]);
+}
