@@ -60,7 +60,7 @@ pub fn spawn<R: Relaying>(
     call_id: String,
 ) {
     let (me, rx) = relay.table().new_inbox();
-    relay.table().insert(&call_id, me.clone());
+    let routed = relay.table().insert(&call_id, me.clone());
     let span = info_span!("call", call_id = %call_id, service = %adm.service);
     let mut driver = Driver {
         relay,
@@ -68,7 +68,8 @@ pub fn spawn<R: Relaying>(
         txs: Vec::new(),
         next_tx: 0,
         invite_tx: TxId(0),
-        routed: vec![call_id.clone()],
+        call_id: call_id.as_str().into(),
+        routed: vec![routed],
         ready: VecDeque::new(),
     };
     driver.invite_tx = driver.hold(incoming.tx);
@@ -165,8 +166,8 @@ impl<R: Relaying> Drop for CallSlot<R> {
         if self.call.is_finished() {
             debug!(parent: &self.span, "call over");
         }
-        for call_id in &self.driver.routed {
-            self.driver.relay.table().remove(call_id);
+        for &key in &self.driver.routed {
+            self.driver.relay.table().remove(key);
         }
     }
 }
@@ -179,16 +180,18 @@ struct Driver<R> {
     txs: Vec<(TxId, ServerTx)>,
     next_tx: u64,
     invite_tx: TxId,
-    /// Every Call-ID routed to this call, unrouted when it ends.
-    routed: Vec<String>,
+    /// The terminal's Call-ID, for traces.
+    call_id: Box<str>,
+    /// Every Call-ID routed to this call, by its key in the table, unrouted when it ends.
+    routed: Vec<u64>,
     /// Inputs produced while carrying out outputs (a failed send, a resolved IP address).
     ready: VecDeque<Input>,
 }
 
 impl<R: Relaying> Driver<R> {
-    /// The terminal's Call-ID: the first routed to the call.
+    /// The terminal's Call-ID.
     fn call_id(&self) -> &str {
-        self.routed.first().map(String::as_str).unwrap_or("")
+        &self.call_id
     }
 
     fn hold(&mut self, tx: ServerTx) -> TxId {
@@ -358,8 +361,8 @@ impl<R: Relaying> Driver<R> {
                 if let Some(trace) = relay.trace() {
                     trace.link(self.call_id(), &call_id);
                 }
-                relay.table().insert(&call_id, self.me.clone());
-                self.routed.push(call_id);
+                let key = relay.table().insert(&call_id, self.me.clone());
+                self.routed.push(key);
             }
             Output::Bill { token, cmd } => {
                 let relay = relay.clone();

@@ -73,8 +73,15 @@ pub enum SessionInput {
 
 /// Routes messages to live calls by Call-ID. Sharded, so dispatching takes one small lock
 /// among many and calls never contend with each other.
+///
+/// A Call-ID is kept as a 64-bit SipHash under a key chosen at start-up, not as a copy of
+/// its text (two or more per call, for the call's life). Two live Call-IDs with the same
+/// hash — odds about n²/2⁶⁵, 2·10⁻¹¹ for 30,000 calls, and not to be aimed at, since the key
+/// never leaves the process — would share one call's inbox; that call finds none of its
+/// dialogs in the other's messages and answers them as it answers any stranger's.
 pub struct SessionTable {
-    shards: Vec<Mutex<HashMap<String, Inbox>>>,
+    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<Mutex<HashMap<u64, Inbox>>>,
     /// The runners calls are placed on (see [`super::runner`]), started with the first call.
     runners: std::sync::OnceLock<Vec<Arc<RunnerQueue>>>,
     /// The key the next call gets on its runner.
@@ -196,6 +203,7 @@ impl Drop for InboxReceiver {
 impl Default for SessionTable {
     fn default() -> Self {
         SessionTable {
+            hasher: std::collections::hash_map::RandomState::new(),
             shards: (0..TABLE_SHARDS)
                 .map(|_| Mutex::new(HashMap::new()))
                 .collect(),
@@ -206,11 +214,14 @@ impl Default for SessionTable {
 }
 
 impl SessionTable {
-    fn shard(&self, call_id: &str) -> std::sync::MutexGuard<'_, HashMap<String, Inbox>> {
-        let h = call_id
-            .bytes()
-            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
-        self.shards[h % TABLE_SHARDS]
+    /// The key `call_id` is routed by.
+    pub(crate) fn key(&self, call_id: &str) -> u64 {
+        use std::hash::BuildHasher as _;
+        self.hasher.hash_one(call_id)
+    }
+
+    fn shard(&self, key: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Inbox>> {
+        self.shards[(key >> 48) as usize % TABLE_SHARDS]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
@@ -234,15 +245,17 @@ impl SessionTable {
         inbox(runner.clone(), key)
     }
 
-    /// Routes `call_id` to a call's inbox.
-    pub fn insert(&self, call_id: &str, inbox: Inbox) {
-        self.shard(call_id).insert(call_id.to_string(), inbox);
+    /// Routes `call_id` to a call's inbox; returns the key to unroute it by.
+    pub fn insert(&self, call_id: &str, inbox: Inbox) -> u64 {
+        let key = self.key(call_id);
+        self.shard(key).insert(key, inbox);
+        key
     }
 
-    /// Stops routing `call_id`.
-    pub fn remove(&self, call_id: &str) {
-        let mut shard = self.shard(call_id);
-        shard.remove(call_id);
+    /// Stops routing the Call-ID whose key ([`SessionTable::insert`]) is `key`.
+    pub fn remove(&self, key: u64) {
+        let mut shard = self.shard(key);
+        shard.remove(&key);
         // A load peak's room is given back once the shard is under a quarter full.
         if shard.capacity() > 64 && shard.len() < shard.capacity() / 4 {
             let keep = (shard.len() * 2).max(32);
@@ -252,7 +265,8 @@ impl SessionTable {
 
     /// The inbox of the call owning `call_id`.
     pub fn get(&self, call_id: &str) -> Option<Inbox> {
-        self.shard(call_id).get(call_id).cloned()
+        let key = self.key(call_id);
+        self.shard(key).get(&key).cloned()
     }
 
     /// Hands `input` to the call owning `call_id`; gives it back when there is none.
@@ -330,9 +344,7 @@ mod tests {
         let table = SessionTable::default();
         let (me, _rx) = inbox(Arc::new(RunnerQueue::default()), 1);
         let ids: Vec<String> = (0..20_000).map(|i| format!("call-{i}")).collect();
-        for id in &ids {
-            table.insert(id, me.clone());
-        }
+        let keys: Vec<u64> = ids.iter().map(|id| table.insert(id, me.clone())).collect();
         let room = |t: &SessionTable| -> usize {
             t.shards
                 .iter()
@@ -340,8 +352,8 @@ mod tests {
                 .sum()
         };
         assert!(room(&table) >= 20_000);
-        for id in &ids {
-            table.remove(id);
+        for key in keys {
+            table.remove(key);
         }
         assert!(table.get("call-1").is_none());
         assert!(
