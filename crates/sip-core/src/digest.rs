@@ -1103,12 +1103,8 @@ impl DigestServer {
         hex::encode(bytes)
     }
 
-    /// Checks that a nonce is ours; gives its issue time and its bytes.
-    fn check_nonce(
-        &self,
-        nonce: &str,
-        binding: &[u8],
-    ) -> Result<(u64, [u8; NONCE_BYTES]), DigestError> {
+    /// Checks that a nonce is ours; gives its issue time and its replay-guard key.
+    fn check_nonce(&self, nonce: &str, binding: &[u8]) -> Result<(u64, u64), DigestError> {
         let mut bytes = [0u8; NONCE_BYTES];
         if nonce.len() != NONCE_BYTES * 2 || hex::decode_to_slice(nonce, &mut bytes).is_err() {
             return Err(DigestError::ForeignNonce);
@@ -1119,7 +1115,11 @@ impl DigestServer {
         }
         let mut ts = [0u8; 8];
         ts.copy_from_slice(&bytes[..8]);
-        Ok((u64::from_be_bytes(ts), bytes))
+        // The replay guard's key: 64 bits of the MAC, which the other bytes and the key
+        // decide (see [`ReplayGuard`]).
+        let mut key = [0u8; 8];
+        key.copy_from_slice(&bytes[16..24]);
+        Ok((u64::from_be_bytes(ts), u64::from_le_bytes(key)))
     }
 
     /// A stand-in H(A1) for a user with no stored credential: keyed, so it is not guessable,
@@ -1131,6 +1131,11 @@ impl DigestServer {
 }
 
 /// Remembers, per used nonce, the highest nonce-count accepted (RFC 7616 §5.12).
+///
+/// A nonce is known by 64 bits of its MAC (24 bytes an entry, not 48 with the whole nonce
+/// as key): only the relay makes nonces, so two that share those bits are chance, odds
+/// about n²/2⁶⁵; and sharing can only make a request look replayed (a new challenge),
+/// never let a replay through, since a nonce always finds its own entry.
 struct ReplayGuard {
     shards: Vec<Mutex<ReplayShard>>,
     capacity_per_shard: usize,
@@ -1138,7 +1143,7 @@ struct ReplayGuard {
 
 #[derive(Default)]
 struct ReplayShard {
-    seen: HashMap<[u8; NONCE_BYTES], Seen>,
+    seen: HashMap<u64, Seen>,
     /// Entries issued at or before this time may have been dropped on overflow: an unknown
     /// nonce that old is treated as stale rather than as new.
     floor: Option<u64>,
@@ -1157,9 +1162,9 @@ impl ReplayGuard {
         }
     }
 
-    fn shard(&self, key: &[u8; NONCE_BYTES]) -> MutexGuard<'_, ReplayShard> {
+    fn shard(&self, key: u64) -> MutexGuard<'_, ReplayShard> {
         // The MAC bytes are uniformly distributed: a fine shard selector.
-        let index = usize::from(key[NONCE_BYTES - 1]) % self.shards.len();
+        let index = (key >> 56) as usize % self.shards.len();
         // A poisoned lock only means another task panicked mid-update of a plain map;
         // the map is still usable.
         match self.shards[index].lock() {
@@ -1170,13 +1175,13 @@ impl ReplayGuard {
 
     fn check_and_record(
         &self,
-        key: [u8; NONCE_BYTES],
+        key: u64,
         issued: u64,
         nc: u32,
         now: u64,
         ttl: u64,
     ) -> Result<(), DigestError> {
-        let mut shard = self.shard(&key);
+        let mut shard = self.shard(key);
         if let Some(seen) = shard.seen.get_mut(&key) {
             if nc <= seen.nc {
                 return Err(DigestError::Replay);
@@ -1244,6 +1249,11 @@ mod tests {
 
     const KEY: [u8; 32] = [7u8; 32];
     const T0: u64 = 1_700_000_000;
+
+    #[test]
+    fn a_remembered_nonce_takes_24_bytes_of_table() {
+        assert_eq!(std::mem::size_of::<(u64, Seen)>(), 24);
+    }
 
     fn server() -> DigestServer {
         DigestServer::new("relay.test", KEY, Duration::from_secs(300))
