@@ -875,9 +875,15 @@ fn compact_of(name: &str) -> Option<&'static str> {
 /// included).
 pub fn same_header_name(a: &str, b: &str) -> bool {
     let (a, b) = (a.trim(), b.trim());
-    a.eq_ignore_ascii_case(b)
-        || compact_of(a).is_some_and(|c| c.eq_ignore_ascii_case(b))
-        || compact_of(b).is_some_and(|c| c.eq_ignore_ascii_case(a))
+    // Every compact form is one letter and every name it stands for longer: names of
+    // different lengths match only when one is the other's compact form. (Called for each
+    // header of a message on every lookup: the table is searched only for a one-letter name.)
+    match (a.len(), b.len()) {
+        (x, y) if x == y => a.eq_ignore_ascii_case(b),
+        (1, _) => compact_of(b).is_some_and(|c| c.eq_ignore_ascii_case(a)),
+        (_, 1) => compact_of(a).is_some_and(|c| c.eq_ignore_ascii_case(b)),
+        _ => false,
+    }
 }
 
 /// A header's name (rsip's spelling for the headers it knows, as received for the others)
@@ -1256,6 +1262,58 @@ P-Asserted-Service: urn:urn-7:3gpp-service.echo\r\nContent-Length: 0\r\n\r\n"
         assert!(same_header_name("Call-ID", "i"));
         assert!(same_header_name("f", "FROM"));
         assert!(!same_header_name("From", "To"));
+    }
+
+    /// The length shortcut decides as the plain definition does (equal ignoring case, or
+    /// either is the other's compact form) over every pair of names and letters.
+    #[test]
+    fn same_header_name_agrees_with_its_definition() {
+        let plain = |a: &str, b: &str| {
+            let (a, b) = (a.trim(), b.trim());
+            a.eq_ignore_ascii_case(b)
+                || compact_of(a).is_some_and(|c| c.eq_ignore_ascii_case(b))
+                || compact_of(b).is_some_and(|c| c.eq_ignore_ascii_case(a))
+        };
+        let mut names: Vec<String> = vec!["X-Custom".into(), "Max-Forwards".into(), " To ".into()];
+        for letter in 'a'..='z' {
+            names.push(letter.to_string());
+            names.push(letter.to_ascii_uppercase().to_string());
+        }
+        for long in [
+            "Accept-Contact",
+            "Referred-By",
+            "Content-Type",
+            "Request-Disposition",
+            "Content-Encoding",
+            "From",
+            "Call-ID",
+            "Reject-Contact",
+            "Supported",
+            "Content-Length",
+            "Contact",
+            "Identity-Info",
+            "Event",
+            "Refer-To",
+            "Subject",
+            "To",
+            "Allow-Events",
+            "Via",
+            "Session-Expires",
+            "Identity",
+        ] {
+            assert!(compact_of(long).is_some(), "{long}");
+            names.push(long.to_string());
+            names.push(long.to_ascii_uppercase());
+        }
+        let mut matched = 0;
+        for a in &names {
+            for b in &names {
+                assert_eq!(same_header_name(a, b), plain(a, b), "{a:?} {b:?}");
+                matched += usize::from(same_header_name(a, b));
+            }
+        }
+        assert!(matched > names.len(), "compact forms matched too");
+        assert!(same_header_name("v", "Via") && same_header_name(" VIA", "V"));
     }
 
     #[test]
