@@ -455,7 +455,7 @@ impl Core {
     fn dialog_of(&self, req: &Request) -> Option<&str> {
         let id = DialogId::of_incoming_request(req)?;
         let (key, s) = self.sessions.get_key_value(&id.call_id)?;
-        (s.dialog.id() == &id).then_some(key.as_str())
+        (s.dialog.id() == id).then_some(key.as_str())
     }
 
     fn on_invite(&mut self, req: Request, from: Peer, tx: ServerTx, call_id: String) {
@@ -718,7 +718,7 @@ impl Core {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
-        let tag = s.dialog.id().local_tag.clone();
+        let tag = s.dialog.id().local_tag.to_owned();
         // A re-INVITE refreshes the session (RFC 4028 §10); one without the extension's
         // fields leaves the interval as it was.
         let timer = timer.or(s.timer);
@@ -1085,7 +1085,7 @@ impl Core {
                 }
             }
             // Read by sip-core's parser: an IPv6 next hop is an rsip carrier.
-            let target = dialog.next_hop_uri().clone();
+            let target = dialog.next_hop_uri();
             let peer = match resolve::resolve(&target, &SystemDns).await {
                 Ok(targets) => targets.first().map_or(fallback, |t| t.peer()),
                 Err(e) => {
@@ -1330,7 +1330,7 @@ mod tests {
         // IPv6 Contact.
         let dialog = Dialog::uas(&req, "t6", contact.to_rsip(), DialogState::Confirmed).unwrap();
         assert_eq!(dialog.local_target().to_string(), "sip:as1@[::1]:5080");
-        let hop = dialog.next_hop_uri().clone();
+        let hop = dialog.next_hop_uri();
         let targets = resolve::resolve(&hop, &SystemDns).await.unwrap();
         assert_eq!(targets[0].addr, "[::1]:5060".parse().unwrap());
     }

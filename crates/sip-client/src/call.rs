@@ -433,7 +433,7 @@ impl Call {
                 return;
             }
         };
-        let peer = self.ua().peer_for(dialog.next_hop_uri());
+        let peer = self.ua().peer_for(&dialog.next_hop_uri());
         let n = self.dialogs.len() as u32 + 1;
         self.dialogs.insert(id.clone(), n);
         self.answered = true;

@@ -99,7 +99,9 @@ pub struct Start {
 /// router).
 pub fn spawn(shared: Arc<Shared>, start: Start) -> mpsc::UnboundedSender<SessionInput> {
     let (tx, rx) = mpsc::unbounded_channel();
-    shared.router.insert(start.dialog.id().clone(), tx.clone());
+    shared
+        .router
+        .insert(start.dialog.id().to_owned(), tx.clone());
     let (internal_tx, internal_rx) = mpsc::unbounded_channel();
     let input = shared.input.as_ref().map(|h| Arc::new(h.subscribe()));
     let session = Session {
@@ -271,7 +273,7 @@ impl Session {
             task.abort();
         }
         self.shared.output.end(self.id).await;
-        self.shared.router.remove(self.dialog.id());
+        self.shared.router.remove(&self.dialog.id().to_owned());
         for (_, w) in self.queue.drain(..) {
             let _ = w.send(());
         }
@@ -355,7 +357,7 @@ impl Session {
         Event::Status {
             session: self.id,
             service: self.service.to_string(),
-            call_id: self.dialog.id().call_id.clone(),
+            call_id: self.dialog.id().call_id.to_owned(),
             data,
             sent: self.counters.sent.load(Ordering::Relaxed),
             received: self.counters.received.load(Ordering::Relaxed),
@@ -452,7 +454,7 @@ impl Session {
 
     /// Sends a request of this dialog and forwards its responses to the session.
     fn send_tracked(&mut self, req: Request, cseq: u32) {
-        let peer = self.ua().peer_for(self.dialog.next_hop_uri());
+        let peer = self.ua().peer_for(&self.dialog.next_hop_uri());
         let invite = req.method == Method::Invite;
         match self.ua().send(req, peer) {
             Ok(tx) => {
@@ -642,7 +644,7 @@ impl Session {
             .ack_for_2xx(invite, &via, Vec::new(), Vec::new())
         {
             Ok(ack) => {
-                let peer = self.ua().peer_for(self.dialog.next_hop_uri());
+                let peer = self.ua().peer_for(&self.dialog.next_hop_uri());
                 self.ua().send_ack(ack.clone(), peer).await;
                 self.last_reinvite_ack = Some((cseq, ack));
             }
@@ -668,7 +670,7 @@ impl Session {
         };
         if let Some(ack) = ack {
             tracing::debug!(session = self.id, cseq, "2xx again: ACK again");
-            let peer = self.ua().peer_for(self.dialog.next_hop_uri());
+            let peer = self.ua().peer_for(&self.dialog.next_hop_uri());
             self.ua().send_ack(ack, peer).await;
         }
     }

@@ -50,7 +50,8 @@ pub enum DialogError {
 }
 
 /// A dialog's identity (§12): Call-ID, local tag and remote tag. The local tag is the From
-/// tag for the UAC and the To tag for the UAS.
+/// tag for the UAC and the To tag for the UAS. This is the owned form, a map key; a
+/// [`Dialog`] lends its own as a [`DialogIdRef`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DialogId {
     /// The Call-ID.
@@ -92,15 +93,86 @@ impl DialogId {
             remote_tag: parts.to_tag?,
         })
     }
+
+    /// This identity borrowed, as [`Dialog::id`] gives one (§12).
+    pub fn as_id_ref(&self) -> DialogIdRef<'_> {
+        DialogIdRef {
+            call_id: &self.call_id,
+            local_tag: &self.local_tag,
+            remote_tag: &self.remote_tag,
+        }
+    }
 }
 
 impl fmt::Display for DialogId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.as_id_ref(), f)
+    }
+}
+
+/// A dialog's identity (§12) as [`Dialog::id`] lends it: Call-ID, local tag and remote tag
+/// borrowed from the dialog's text. Compares with [`DialogId`] both ways (and with
+/// `&DialogId`), prints and hashes like it; [`DialogIdRef::to_owned`] makes the owned key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DialogIdRef<'a> {
+    /// The Call-ID.
+    pub call_id: &'a str,
+    /// Our tag.
+    pub local_tag: &'a str,
+    /// The peer's tag.
+    pub remote_tag: &'a str,
+}
+
+impl DialogIdRef<'_> {
+    /// The owned identity (§12), say to key a map of dialogs.
+    pub fn to_owned(self) -> DialogId {
+        DialogId {
+            call_id: self.call_id.to_string(),
+            local_tag: self.local_tag.to_string(),
+            remote_tag: self.remote_tag.to_string(),
+        }
+    }
+}
+
+impl From<DialogIdRef<'_>> for DialogId {
+    /// [`DialogIdRef::to_owned`].
+    fn from(id: DialogIdRef<'_>) -> DialogId {
+        id.to_owned()
+    }
+}
+
+impl fmt::Display for DialogIdRef<'_> {
+    /// `call-id;local=tag;remote=tag`, as [`DialogId`] prints.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "{};local={};remote={}",
             self.call_id, self.local_tag, self.remote_tag
         )
+    }
+}
+
+impl PartialEq<DialogId> for DialogIdRef<'_> {
+    fn eq(&self, other: &DialogId) -> bool {
+        *self == other.as_id_ref()
+    }
+}
+
+impl PartialEq<&DialogId> for DialogIdRef<'_> {
+    fn eq(&self, other: &&DialogId) -> bool {
+        *self == other.as_id_ref()
+    }
+}
+
+impl PartialEq<DialogIdRef<'_>> for DialogId {
+    fn eq(&self, other: &DialogIdRef<'_>) -> bool {
+        self.as_id_ref() == *other
+    }
+}
+
+impl PartialEq<DialogIdRef<'_>> for &DialogId {
+    fn eq(&self, other: &DialogIdRef<'_>) -> bool {
+        self.as_id_ref() == *other
     }
 }
 
@@ -136,37 +208,6 @@ impl ViaSpec {
             self.transport.via_name(),
             self.sent_by
         )))
-    }
-}
-
-/// A party of the dialog, as written in From/To (read by [`crate::address`]): display name,
-/// URI and the parameters other than the tag, kept as one string as written. A dialog lives
-/// as long as its session and only ever prints its parties, so it keeps their text, not
-/// their parse ([`Dialog::local_address`] reads it again on demand).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Party {
-    text: Box<str>,
-}
-
-impl Party {
-    fn new(value: FromTo) -> Party {
-        Party {
-            text: value.into_address().without_param("tag").as_str().into(),
-        }
-    }
-
-    /// The name-addr, parsed again (the text is what a parsed name-addr printed).
-    fn address(&self) -> Option<NameAddr> {
-        NameAddr::parse(&self.text).ok()
-    }
-
-    /// `["Name" ]<uri>;params;tag=…`.
-    fn render(&self, tag: &str) -> String {
-        let mut out = String::with_capacity(self.text.len() + 5 + tag.len());
-        out.push_str(&self.text);
-        out.push_str(";tag=");
-        out.push_str(tag);
-        out
     }
 }
 
@@ -221,13 +262,15 @@ impl Ids {
     }
 }
 
-/// The first From or To header (`name`), parsed whole by [`crate::address`].
-fn party(headers: &rsip::Headers, name: &'static str) -> Result<Party, DialogError> {
+/// The first From or To header (`name`), parsed whole by [`crate::address`], without its
+/// tag: the party as the dialog keeps it (display name, URI and the other parameters, as
+/// written).
+fn party(headers: &rsip::Headers, name: &'static str) -> Result<NameAddr, DialogError> {
     let value = address::header_values(headers, name)
         .next()
         .ok_or(DialogError::Missing(name))?;
     FromTo::parse(value)
-        .map(Party::new)
+        .map(|v| v.into_address().without_param("tag"))
         .map_err(|_| DialogError::Invalid(name))
 }
 
@@ -271,19 +314,92 @@ fn is_target_refresh(method: Method) -> bool {
 /// The highest CSeq number we use (§8.1.1.5: below 2^31).
 const MAX_CSEQ: u32 = (1 << 31) - 1;
 
+// The parts of a [`Dialog`]'s text, in the order they are written there: part `i` ends at
+// `ends[i]` and starts where part `i - 1` ends. The route set follows the last part.
+
+/// The Call-ID.
+const CALL_ID: usize = 0;
+/// Our tag (From tag of the UAC, To tag of the UAS).
+const LOCAL_TAG: usize = 1;
+/// The peer's tag.
+const REMOTE_TAG: usize = 2;
+/// Our name-addr as written in From/To, without the tag.
+const LOCAL: usize = 3;
+/// The peer's name-addr, likewise.
+const REMOTE: usize = 4;
+/// Our Contact URI.
+const LOCAL_TARGET: usize = 5;
+/// The peer's Contact URI (or its To URI in an early dialog without one).
+const REMOTE_TARGET: usize = 6;
+/// How many parts have an end in [`Dialog`]'s `ends`.
+const PARTS: usize = 7;
+
+/// Between two route set entries in a [`Dialog`]'s text: a line feed, which no name-addr
+/// read by [`crate::address`] holds (not in a quoted string, a URI, a display name or a
+/// parameter), so splitting there gives back the entries as written.
+const ROUTE_SEP: char = '\n';
+
+/// `parts` and the route set written one after the other into one text, with the end of
+/// each part. Fails only when the parts pass 4 GiB, which no message we read holds.
+fn pack<'r>(
+    parts: [&str; PARTS],
+    routes: impl Iterator<Item = &'r str> + Clone,
+) -> Result<(Box<str>, [u32; PARTS]), DialogError> {
+    let (count, routes_len) = routes
+        .clone()
+        .fold((0, 0), |(n, len), r| (n + 1, len + r.len()));
+    let seps = ROUTE_SEP.len_utf8() * usize::saturating_sub(count, 1);
+    // Exactly the length written, so that `into_boxed_str` keeps the one allocation.
+    let len = parts.iter().map(|p| p.len()).sum::<usize>() + routes_len + seps;
+    let mut text = String::with_capacity(len);
+    let mut ends = [0; PARTS];
+    for (end, part) in ends.iter_mut().zip(parts) {
+        text.push_str(part);
+        // The Call-ID is the one part with no length limit of its own.
+        *end = u32::try_from(text.len()).map_err(|_| DialogError::Invalid("Call-ID"))?;
+    }
+    for (i, route) in routes.enumerate() {
+        if i > 0 {
+            text.push(ROUTE_SEP);
+        }
+        text.push_str(route);
+    }
+    Ok((text.into_boxed_str(), ends))
+}
+
 /// One dialog (§12): identity, CSeq numbers, parties, targets and route set.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// A relay holds two per call for as long as the call lasts, so a dialog is kept small: all
+/// its text — Call-ID, both tags, both parties, both targets and the route set — is one
+/// allocation, cut by offsets, and what is not a plain string (the remote target, the route
+/// set) is parsed again when asked for ([`Dialog::remote_target`], [`Dialog::route_set`]).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Dialog {
-    id: DialogId,
-    state: DialogState,
+    /// The parts ([`CALL_ID`] … [`REMOTE_TARGET`]) then the route set, its entries as
+    /// written in Record-Route, in the order our requests visit them, [`ROUTE_SEP`] between
+    /// two.
+    text: Box<str>,
+    /// Where each part ends in `text`.
+    ends: [u32; PARTS],
     local_seq: Option<u32>,
     remote_seq: Option<u32>,
-    local: Party,
-    remote: Party,
-    /// Our Contact URI, as text: it is only ever printed.
-    local_target: Box<str>,
-    remote_target: crate::uri::Uri,
-    route_set: Vec<NameAddr>,
+    state: DialogState,
+}
+
+impl fmt::Debug for Dialog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dialog")
+            .field("id", &self.id())
+            .field("state", &self.state)
+            .field("local_seq", &self.local_seq)
+            .field("remote_seq", &self.remote_seq)
+            .field("local", &self.part(LOCAL))
+            .field("remote", &self.part(REMOTE))
+            .field("local_target", &self.part(LOCAL_TARGET))
+            .field("remote_target", &self.part(REMOTE_TARGET))
+            .field("route_set", &self.route_entries().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Dialog {
@@ -301,43 +417,38 @@ impl Dialog {
         let resp = Ids::of(&response.headers)?;
         let local = party(&request.headers, "From")?;
         let remote = party(&response.headers, "To")?;
-        let local_tag = req
-            .from_tag
-            .clone()
-            .ok_or(DialogError::Missing("From tag"))?;
-        let remote_tag = resp.to_tag.clone().ok_or(DialogError::NotDialogCreating)?;
-        let local_target = contact_uri(&request.headers)?
-            .ok_or(DialogError::Missing("Contact"))?
-            .to_string()
-            .into_boxed_str();
-        let remote_target = match contact_uri(&response.headers)? {
+        let local_tag = req.from_tag.ok_or(DialogError::Missing("From tag"))?;
+        let remote_tag = resp.to_tag.ok_or(DialogError::NotDialogCreating)?;
+        let local_target = contact_uri(&request.headers)?.ok_or(DialogError::Missing("Contact"))?;
+        let contact = contact_uri(&response.headers)?;
+        let remote_target = match &contact {
             Some(uri) => uri,
-            None if code < 200 => remote
-                .address()
-                .map(|a| a.uri().clone())
-                .ok_or(DialogError::Invalid("To"))?,
+            None if code < 200 => remote.uri(),
             None => return Err(DialogError::Missing("Contact")),
         };
-        let mut route_set = record_routes(&response.headers)?;
-        route_set.reverse();
+        let route_set = record_routes(&response.headers)?;
+        let (text, ends) = pack(
+            [
+                &req.call_id,
+                &local_tag,
+                &remote_tag,
+                local.as_str(),
+                remote.as_str(),
+                local_target.as_str(),
+                remote_target.as_str(),
+            ],
+            route_set.iter().rev().map(NameAddr::as_str),
+        )?;
         Ok(Dialog {
-            id: DialogId {
-                call_id: req.call_id.clone(),
-                local_tag,
-                remote_tag,
-            },
+            text,
+            ends,
+            local_seq: Some(req.cseq),
+            remote_seq: None,
             state: if code < 200 {
                 DialogState::Early
             } else {
                 DialogState::Confirmed
             },
-            local_seq: Some(req.cseq),
-            remote_seq: None,
-            local,
-            remote,
-            local_target,
-            remote_target,
-            route_set,
         })
     }
 
@@ -356,33 +467,93 @@ impl Dialog {
         let req = Ids::of(&request.headers)?;
         let local = party(&request.headers, "To")?;
         let remote = party(&request.headers, "From")?;
-        let remote_tag = req
-            .from_tag
-            .clone()
-            .ok_or(DialogError::Missing("From tag"))?;
+        let remote_tag = req.from_tag.ok_or(DialogError::Missing("From tag"))?;
         let remote_target =
             contact_uri(&request.headers)?.ok_or(DialogError::Missing("Contact"))?;
+        let route_set = record_routes(&request.headers)?;
+        let (text, ends) = pack(
+            [
+                &req.call_id,
+                local_tag,
+                &remote_tag,
+                local.as_str(),
+                remote.as_str(),
+                &local_contact.to_string(),
+                remote_target.as_str(),
+            ],
+            route_set.iter().map(NameAddr::as_str),
+        )?;
         Ok(Dialog {
-            id: DialogId {
-                call_id: req.call_id.clone(),
-                local_tag: local_tag.to_string(),
-                remote_tag,
-            },
-            state,
+            text,
+            ends,
             local_seq: None,
             remote_seq: Some(req.cseq),
-            local,
-            remote,
-            local_target: local_contact.to_string().into_boxed_str(),
-            remote_target,
-            route_set: record_routes(&request.headers)?,
+            state,
         })
     }
 
-    /// The dialog with its rsip next hop computed.
-    /// The dialog's identity.
-    pub fn id(&self) -> &DialogId {
-        &self.id
+    /// Part `i` of the text (see [`CALL_ID`]).
+    fn part(&self, i: usize) -> &str {
+        let start = match i.checked_sub(1) {
+            Some(before) => self.ends.get(before).copied().unwrap_or(0),
+            None => 0,
+        };
+        let end = self.ends.get(i).copied().unwrap_or(start);
+        self.text
+            .get(start as usize..end as usize)
+            .unwrap_or_default()
+    }
+
+    /// Every part of the text, in order.
+    fn parts(&self) -> [&str; PARTS] {
+        std::array::from_fn(|i| self.part(i))
+    }
+
+    /// The route set entries as written, in the order our requests visit them.
+    fn route_entries(&self) -> impl Iterator<Item = &str> + Clone {
+        self.text
+            .get(self.ends[PARTS - 1] as usize..)
+            .unwrap_or_default()
+            .split(ROUTE_SEP)
+            .filter(|r| !r.is_empty())
+    }
+
+    /// The first route, parsed again (it parsed when the dialog was made).
+    fn first_route(&self) -> Option<NameAddr> {
+        self.route_entries()
+            .next()
+            .and_then(|r| NameAddr::parse(r).ok())
+    }
+
+    /// Part `i` replaced by `with`, the rest kept.
+    fn set_part(&mut self, i: usize, with: &str) -> Result<(), DialogError> {
+        let mut parts = self.parts();
+        parts[i] = with;
+        let (text, ends) = pack(parts, self.route_entries())?;
+        self.text = text;
+        self.ends = ends;
+        Ok(())
+    }
+
+    /// The route set replaced by `routes` (in the order our requests visit them).
+    fn set_routes<'r>(
+        &mut self,
+        routes: impl Iterator<Item = &'r str> + Clone,
+    ) -> Result<(), DialogError> {
+        let (text, ends) = pack(self.parts(), routes)?;
+        self.text = text;
+        self.ends = ends;
+        Ok(())
+    }
+
+    /// The dialog's identity (§12), borrowed from its text: compare it with a
+    /// [`DialogId`], or make one with [`DialogIdRef::to_owned`].
+    pub fn id(&self) -> DialogIdRef<'_> {
+        DialogIdRef {
+            call_id: self.part(CALL_ID),
+            local_tag: self.part(LOCAL_TAG),
+            remote_tag: self.part(REMOTE_TAG),
+        }
     }
 
     /// Early or confirmed.
@@ -409,29 +580,34 @@ impl Dialog {
     /// text the dialog keeps (`None` only if that text no longer parses, which it did when
     /// the dialog was made). Its URI is our URI (§12.1).
     pub fn local_address(&self) -> Option<NameAddr> {
-        self.local.address()
+        NameAddr::parse(self.part(LOCAL)).ok()
     }
 
     /// The peer's address as the To of our requests carries it, without the tag, like
     /// [`Dialog::local_address`]. Its URI is the remote URI (§12.1).
     pub fn remote_address(&self) -> Option<NameAddr> {
-        self.remote.address()
+        NameAddr::parse(self.part(REMOTE)).ok()
     }
 
-    /// Our Contact URI, as it goes in the Contact of our requests.
+    /// Our Contact URI, as it goes in the Contact of our requests (§12.1.1, §12.1.2: the
+    /// local target).
     pub fn local_target(&self) -> &str {
-        &self.local_target
+        self.part(LOCAL_TARGET)
     }
 
-    /// The peer's Contact: where in-dialog requests go (§12.2.1.1).
-    pub fn remote_target(&self) -> &crate::uri::Uri {
-        &self.remote_target
+    /// The peer's Contact: where in-dialog requests go (§12.2.1.1). Parsed again from the
+    /// text the dialog keeps, on each call.
+    pub fn remote_target(&self) -> crate::uri::Uri {
+        crate::uri::Uri::reparse(self.part(REMOTE_TARGET))
     }
 
     /// The route set, in the order our requests visit it, each entry as the Record-Route
-    /// carried it (§12.1.1, §12.1.2).
-    pub fn route_set(&self) -> &[NameAddr] {
-        &self.route_set
+    /// carried it (§12.1.1, §12.1.2). Parsed again from the text the dialog keeps, on each
+    /// call.
+    pub fn route_set(&self) -> Vec<NameAddr> {
+        self.route_entries()
+            .filter_map(|r| NameAddr::parse(r).ok())
+            .collect()
     }
 
     /// Where to send an in-dialog request: the first route, or the remote target when the
@@ -443,17 +619,19 @@ impl Dialog {
     }
 
     /// Where to send an in-dialog request (§12.2.1.1, §8.1.2), read by our parser: IPv6
-    /// hosts and every URI form included.
-    pub fn next_hop_uri(&self) -> &crate::uri::Uri {
-        self.route_set
-            .first()
-            .map(|r| r.uri())
-            .unwrap_or(&self.remote_target)
+    /// hosts and every URI form included. Parsed again on each call.
+    pub fn next_hop_uri(&self) -> crate::uri::Uri {
+        match self.first_route() {
+            Some(route) => route.uri().clone(),
+            None => self.remote_target(),
+        }
     }
 
-    /// Sets our Contact (say, after a transport change), used from the next request on.
+    /// Sets our Contact (say, after a transport change), used from the next request on
+    /// (§12.2.1.1: the Contact of target refresh requests).
     pub fn set_local_target(&mut self, contact: Uri) {
-        self.local_target = contact.to_string().into_boxed_str();
+        // Fails only past 4 GiB of text; the dialog then keeps its Contact.
+        let _ = self.set_part(LOCAL_TARGET, &contact.to_string());
     }
 
     /// Checks an incoming in-dialog request's CSeq and records it (§12.2.2): lower than
@@ -486,7 +664,7 @@ impl Dialog {
     pub fn refresh_from_request(&mut self, req: &Request) -> Result<(), DialogError> {
         if is_target_refresh(req.method) {
             if let Some(uri) = contact_uri(&req.headers)? {
-                self.remote_target = uri;
+                self.set_part(REMOTE_TARGET, uri.as_str())?;
             }
         }
         Ok(())
@@ -498,9 +676,10 @@ impl Dialog {
     /// target (§12.2.1.2). Responses of another dialog are ignored.
     pub fn on_response(&mut self, resp: &Response) -> Result<(), DialogError> {
         let parts = Ids::of(&resp.headers)?;
-        if parts.call_id != self.id.call_id
-            || parts.from_tag.as_deref() != Some(self.id.local_tag.as_str())
-            || parts.to_tag.as_deref() != Some(self.id.remote_tag.as_str())
+        let id = self.id();
+        if parts.call_id != id.call_id
+            || parts.from_tag.as_deref() != Some(id.local_tag)
+            || parts.to_tag.as_deref() != Some(id.remote_tag)
         {
             return Ok(());
         }
@@ -508,14 +687,13 @@ impl Dialog {
         let success = (200..300).contains(&code);
         if success && parts.cseq_method == Method::Invite && self.state == DialogState::Early {
             self.state = DialogState::Confirmed;
-            let mut routes = record_routes(&resp.headers)?;
-            routes.reverse();
-            self.route_set = routes;
+            let routes = record_routes(&resp.headers)?;
+            self.set_routes(routes.iter().rev().map(NameAddr::as_str))?;
         }
         let early_refresh = self.state == DialogState::Early && (101..200).contains(&code);
         if is_target_refresh(parts.cseq_method) && (success || early_refresh) {
             if let Some(uri) = contact_uri(&resp.headers)? {
-                self.remote_target = uri;
+                self.set_part(REMOTE_TARGET, uri.as_str())?;
             }
         }
         Ok(())
@@ -526,24 +704,35 @@ impl Dialog {
     /// strict router first, that router (minus parameters a Request-URI may not carry) and
     /// the rest of the route set followed by the remote target.
     fn target_and_routes(&self) -> (Uri, Vec<Header>) {
-        let route_header = |r: &NameAddr| Header::Route(rsip::headers::Route::new(r.as_str()));
-        match self.route_set.first() {
-            None => (self.next_hop(), Vec::new()),
-            Some(first) if is_loose(first) => (
-                self.remote_target.to_rsip(),
-                self.route_set.iter().map(route_header).collect(),
+        let route_header = |r: &str| Header::Route(rsip::headers::Route::new(r));
+        match self.first_route() {
+            None => (self.remote_target().to_rsip(), Vec::new()),
+            Some(first) if is_loose(&first) => (
+                self.remote_target().to_rsip(),
+                self.route_entries().map(route_header).collect(),
             ),
             Some(first) => {
                 let uri = first.uri().for_request_line().to_rsip();
                 let mut routes: Vec<Header> =
-                    self.route_set[1..].iter().map(route_header).collect();
+                    self.route_entries().skip(1).map(route_header).collect();
                 routes.push(Header::Route(rsip::headers::Route::new(format!(
                     "<{}>",
-                    self.remote_target
+                    self.part(REMOTE_TARGET)
                 ))));
                 (uri, routes)
             }
         }
+    }
+
+    /// `name-addr;tag=…` for a From or To: part `party` ([`LOCAL`] or [`REMOTE`]) with the
+    /// tag of part `tag`.
+    fn render_party(&self, party: usize, tag: usize) -> String {
+        let (party, tag) = (self.part(party), self.part(tag));
+        let mut out = String::with_capacity(party.len() + 5 + tag.len());
+        out.push_str(party);
+        out.push_str(";tag=");
+        out.push_str(tag);
+        out
     }
 
     /// The headers every in-dialog request starts with: Via, Max-Forwards, Route…, From,
@@ -556,13 +745,13 @@ impl Dialog {
         ];
         headers.extend(routes);
         headers.push(Header::From(rsip::headers::From::new(
-            self.local.render(&self.id.local_tag),
+            self.render_party(LOCAL, LOCAL_TAG),
         )));
         headers.push(Header::To(rsip::headers::To::new(
-            self.remote.render(&self.id.remote_tag),
+            self.render_party(REMOTE, REMOTE_TAG),
         )));
         headers.push(Header::CallId(rsip::headers::CallId::new(
-            self.id.call_id.clone(),
+            self.part(CALL_ID),
         )));
         headers.push(Header::CSeq(rsip::headers::CSeq::new(format!(
             "{seq} {method}"
@@ -602,7 +791,7 @@ impl Dialog {
             req.headers
                 .push(Header::Contact(rsip::headers::Contact::new(format!(
                     "<{}>",
-                    self.local_target
+                    self.local_target()
                 ))));
         }
         for h in extra {
@@ -612,7 +801,6 @@ impl Dialog {
         req.body = body;
         Ok(req)
     }
-
     /// The ACK for a 2xx to `invite` (§13.2.2.4): built like an in-dialog request, with the
     /// INVITE's CSeq number and method ACK, a new branch, the route set, and the INVITE's
     /// Authorization / Proxy-Authorization headers copied. `extra` and `body` (an SDP
@@ -824,7 +1012,7 @@ Content-Length: 0\r\n\r\n";
             rs,
             ["<sip:p3.test;lr>", "<sip:p2.test;lr>", "<sip:p1.test;lr>"]
         );
-        assert_eq!(DialogId::of_response(&ok).as_ref(), Some(d.id()));
+        assert_eq!(DialogId::of_response(&ok), Some(d.id().to_owned()));
 
         let ack = parse_back(d.ack_for_2xx(&invite, &via(), vec![], vec![]).unwrap());
         assert_eq!(ack.method, Method::Ack);
@@ -1189,5 +1377,379 @@ Content-Length: 0\r\n\r\n";
         );
         assert!(header_values(&cancel, "Proxy-Authorization").is_empty());
         assert!(cancel.body.is_empty());
+    }
+
+    /// Everything a dialog says and sends, as text, with each Via branch masked: what
+    /// [`same_as_before`] compares with what the dialog printed before it kept one text.
+    fn describe(d: &mut Dialog, invite: &Request) -> String {
+        let mask = |bytes: bytes::Bytes| {
+            let text = String::from_utf8(bytes.to_vec()).unwrap();
+            let (head, rest) = text.split_once("branch=").unwrap();
+            let end = rest.find(';').unwrap();
+            format!("{head}branch=X{}", &rest[end..]).replace("\r\n", "↵\n")
+        };
+        let mut out = String::new();
+        out.push_str(&format!("id: {}\n", d.id()));
+        out.push_str(&format!("state: {:?}\n", d.state()));
+        out.push_str(&format!("seq: {:?} {:?}\n", d.local_seq(), d.remote_seq()));
+        out.push_str(&format!(
+            "local: {}\n",
+            d.local_address().map(|a| a.to_string()).unwrap_or_default()
+        ));
+        out.push_str(&format!(
+            "remote: {}\n",
+            d.remote_address()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        ));
+        out.push_str(&format!("local target: {}\n", d.local_target()));
+        out.push_str(&format!("remote target: {}\n", d.remote_target()));
+        let rs: Vec<String> = d.route_set().iter().map(|r| r.to_string()).collect();
+        out.push_str(&format!("route set: {}\n", rs.join(" | ")));
+        out.push_str(&format!(
+            "next hop: {} / {}\n",
+            d.next_hop_uri(),
+            d.next_hop()
+        ));
+        let extra = vec![Header::Other("X-Test".into(), "1".into())];
+        let reinvite = d
+            .request(Method::Invite, &via(), extra, b"v=0\r\n".to_vec())
+            .unwrap();
+        out.push_str(&mask(to_bytes(reinvite)));
+        let bye = d.request(Method::Bye, &via(), vec![], vec![]).unwrap();
+        out.push_str(&mask(to_bytes(bye)));
+        let ack = d.ack_for_2xx(invite, &via(), vec![], vec![]).unwrap();
+        out.push_str(&mask(to_bytes(ack)));
+        out
+    }
+
+    /// Dialogs made by [`Dialog::uac`] and [`Dialog::uas`] from a few messages (a route set
+    /// with a strict router and an IPv6 entry, a display name with quotes and escapes, an
+    /// early dialog without Contact, a `tel:` party), described by [`describe`].
+    fn described_dialogs() -> Vec<String> {
+        let invite = request(&INVITE.replace(
+            "From: \"Alice\" <sip:alice@relay.test>;tag=alice1",
+            "From: \"Alice \\\"A\\\" \\\\ B\" <sip:alice@relay.test>;x=\"a;b,c\";tag=alice1",
+        ));
+        let mut out = Vec::new();
+        let contact = Uri::try_from("sip:relay@203.0.113.5:5060").unwrap();
+        let mut uas = Dialog::uas(&invite, "relay7", contact, DialogState::Confirmed).unwrap();
+        out.push(describe(&mut uas, &invite));
+        let linphone = "<sip:bob@127.0.0.1:59754;transport=udp>;+sip.instance=\"<urn:uuid:090b314c-7132-0014-ac65-4248b341241a>\";expires=3600";
+        let ok = ok_for(
+            &invite,
+            &[
+                "<sip:[2001:db8::9]:5070;lr>",
+                "\"P \\\"1\\\"\" <sip:p1.test;transport=tcp>;x=\"a,b\"",
+            ],
+            linphone,
+            200,
+        );
+        let mut uac = Dialog::uac(&invite, &ok).unwrap();
+        out.push(describe(&mut uac, &invite));
+        let ringing = response_for(&invite, 180, None, Some("bob9"));
+        let mut early = Dialog::uac(&invite, &ringing).unwrap();
+        out.push(describe(&mut early, &invite));
+        let tel = request(
+            &INVITE
+                .replace(
+                    "To: <sip:echo@relay.test>",
+                    "To: \"Echo\" <tel:+1-555-123-4567;phone-context=relay.test>;p=1",
+                )
+                .replace(
+                    "Record-Route: <sip:p1.test;lr>, <sip:p2.test;lr>\r\nRecord-Route: <sip:p3.test;lr>\r\n",
+                    "",
+                ),
+        );
+        let contact = Uri::try_from("sip:me@relay.test:5061;transport=tls").unwrap();
+        let mut plain = Dialog::uas(&tel, "t", contact, DialogState::Early).unwrap();
+        out.push(describe(&mut plain, &tel));
+        out
+    }
+
+    /// The UAS dialog: three loose routes, a caller with quotes and escapes in its display name.
+    const UAS_WITH_ROUTES: &str = r##"id: call-1@192.0.2.1;local=relay7;remote=alice1
+state: Confirmed
+seq: None Some(10)
+local: <sip:echo@relay.test>
+remote: "Alice \"A\" \\ B" <sip:alice@relay.test>;x="a;b,c"
+local target: sip:relay@203.0.113.5:5060
+remote target: sip:alice@192.0.2.1:5070
+route set: <sip:p1.test;lr> | <sip:p2.test;lr> | <sip:p3.test;lr>
+next hop: sip:p1.test;lr / sip:p1.test;lr
+INVITE sip:alice@192.0.2.1:5070 SIP/2.0↵
+Via: SIP/2.0/TCP 192.0.2.1:5070;branch=X;rport↵
+Max-Forwards: 70↵
+Route: <sip:p1.test;lr>↵
+Route: <sip:p2.test;lr>↵
+Route: <sip:p3.test;lr>↵
+From: <sip:echo@relay.test>;tag=relay7↵
+To: "Alice \"A\" \\ B" <sip:alice@relay.test>;x="a;b,c";tag=alice1↵
+Call-ID: call-1@192.0.2.1↵
+CSeq: 1 INVITE↵
+Contact: <sip:relay@203.0.113.5:5060>↵
+X-Test: 1↵
+Content-Length: 5↵
+↵
+v=0↵
+BYE sip:alice@192.0.2.1:5070 SIP/2.0↵
+Via: SIP/2.0/TCP 192.0.2.1:5070;branch=X;rport↵
+Max-Forwards: 70↵
+Route: <sip:p1.test;lr>↵
+Route: <sip:p2.test;lr>↵
+Route: <sip:p3.test;lr>↵
+From: <sip:echo@relay.test>;tag=relay7↵
+To: "Alice \"A\" \\ B" <sip:alice@relay.test>;x="a;b,c";tag=alice1↵
+Call-ID: call-1@192.0.2.1↵
+CSeq: 2 BYE↵
+Content-Length: 0↵
+↵
+ACK sip:alice@192.0.2.1:5070 SIP/2.0↵
+Via: SIP/2.0/TCP 192.0.2.1:5070;branch=X;rport↵
+Max-Forwards: 70↵
+Route: <sip:p1.test;lr>↵
+Route: <sip:p2.test;lr>↵
+Route: <sip:p3.test;lr>↵
+From: <sip:echo@relay.test>;tag=relay7↵
+To: "Alice \"A\" \\ B" <sip:alice@relay.test>;x="a;b,c";tag=alice1↵
+Call-ID: call-1@192.0.2.1↵
+CSeq: 10 ACK↵
+Proxy-Authorization: Digest username="alice", realm="relay.test", nonce="n", uri="sip:echo@relay.test", response="r"↵
+Content-Length: 0↵
+↵
+"##;
+
+    /// The UAC dialog: a strict router (display name with quotes) first, then an IPv6 loose router; linphone's Contact.
+    const UAC_STRICT_ROUTER_FIRST: &str = r##"id: call-1@192.0.2.1;local=alice1;remote=bob9
+state: Confirmed
+seq: Some(10) None
+local: "Alice \"A\" \\ B" <sip:alice@relay.test>;x="a;b,c"
+remote: <sip:echo@relay.test>
+local target: sip:alice@192.0.2.1:5070
+remote target: sip:bob@127.0.0.1:59754;transport=udp
+route set: "P \"1\"" <sip:p1.test;transport=tcp>;x="a,b" | <sip:[2001:db8::9]:5070;lr>
+next hop: sip:p1.test;transport=tcp / sip:p1.test;transport=tcp
+INVITE sip:p1.test;transport=tcp SIP/2.0↵
+Via: SIP/2.0/TCP 192.0.2.1:5070;branch=X;rport↵
+Max-Forwards: 70↵
+Route: <sip:[2001:db8::9]:5070;lr>↵
+Route: <sip:bob@127.0.0.1:59754;transport=udp>↵
+From: "Alice \"A\" \\ B" <sip:alice@relay.test>;x="a;b,c";tag=alice1↵
+To: <sip:echo@relay.test>;tag=bob9↵
+Call-ID: call-1@192.0.2.1↵
+CSeq: 11 INVITE↵
+Contact: <sip:alice@192.0.2.1:5070>↵
+X-Test: 1↵
+Content-Length: 5↵
+↵
+v=0↵
+BYE sip:p1.test;transport=tcp SIP/2.0↵
+Via: SIP/2.0/TCP 192.0.2.1:5070;branch=X;rport↵
+Max-Forwards: 70↵
+Route: <sip:[2001:db8::9]:5070;lr>↵
+Route: <sip:bob@127.0.0.1:59754;transport=udp>↵
+From: "Alice \"A\" \\ B" <sip:alice@relay.test>;x="a;b,c";tag=alice1↵
+To: <sip:echo@relay.test>;tag=bob9↵
+Call-ID: call-1@192.0.2.1↵
+CSeq: 12 BYE↵
+Content-Length: 0↵
+↵
+ACK sip:p1.test;transport=tcp SIP/2.0↵
+Via: SIP/2.0/TCP 192.0.2.1:5070;branch=X;rport↵
+Max-Forwards: 70↵
+Route: <sip:[2001:db8::9]:5070;lr>↵
+Route: <sip:bob@127.0.0.1:59754;transport=udp>↵
+From: "Alice \"A\" \\ B" <sip:alice@relay.test>;x="a;b,c";tag=alice1↵
+To: <sip:echo@relay.test>;tag=bob9↵
+Call-ID: call-1@192.0.2.1↵
+CSeq: 10 ACK↵
+Proxy-Authorization: Digest username="alice", realm="relay.test", nonce="n", uri="sip:echo@relay.test", response="r"↵
+Content-Length: 0↵
+↵
+"##;
+
+    /// The early UAC dialog of a 180 without Contact: the To URI is the remote target.
+    const UAC_EARLY_WITHOUT_CONTACT: &str = r##"id: call-1@192.0.2.1;local=alice1;remote=bob9
+state: Early
+seq: Some(10) None
+local: "Alice \"A\" \\ B" <sip:alice@relay.test>;x="a;b,c"
+remote: <sip:echo@relay.test>
+local target: sip:alice@192.0.2.1:5070
+remote target: sip:echo@relay.test
+route set: 
+next hop: sip:echo@relay.test / sip:echo@relay.test
+INVITE sip:echo@relay.test SIP/2.0↵
+Via: SIP/2.0/TCP 192.0.2.1:5070;branch=X;rport↵
+Max-Forwards: 70↵
+From: "Alice \"A\" \\ B" <sip:alice@relay.test>;x="a;b,c";tag=alice1↵
+To: <sip:echo@relay.test>;tag=bob9↵
+Call-ID: call-1@192.0.2.1↵
+CSeq: 11 INVITE↵
+Contact: <sip:alice@192.0.2.1:5070>↵
+X-Test: 1↵
+Content-Length: 5↵
+↵
+v=0↵
+BYE sip:echo@relay.test SIP/2.0↵
+Via: SIP/2.0/TCP 192.0.2.1:5070;branch=X;rport↵
+Max-Forwards: 70↵
+From: "Alice \"A\" \\ B" <sip:alice@relay.test>;x="a;b,c";tag=alice1↵
+To: <sip:echo@relay.test>;tag=bob9↵
+Call-ID: call-1@192.0.2.1↵
+CSeq: 12 BYE↵
+Content-Length: 0↵
+↵
+ACK sip:echo@relay.test SIP/2.0↵
+Via: SIP/2.0/TCP 192.0.2.1:5070;branch=X;rport↵
+Max-Forwards: 70↵
+From: "Alice \"A\" \\ B" <sip:alice@relay.test>;x="a;b,c";tag=alice1↵
+To: <sip:echo@relay.test>;tag=bob9↵
+Call-ID: call-1@192.0.2.1↵
+CSeq: 10 ACK↵
+Proxy-Authorization: Digest username="alice", realm="relay.test", nonce="n", uri="sip:echo@relay.test", response="r"↵
+Content-Length: 0↵
+↵
+"##;
+
+    /// An early UAS dialog without route set, whose local party is a `tel:` URI with a display name.
+    const UAS_TEL_WITHOUT_ROUTES: &str = r##"id: call-1@192.0.2.1;local=t;remote=alice1
+state: Early
+seq: None Some(10)
+local: "Echo" <tel:+1-555-123-4567;phone-context=relay.test>;p=1
+remote: "Alice" <sip:alice@relay.test>
+local target: sip:me@relay.test:5061;transport=TLS
+remote target: sip:alice@192.0.2.1:5070
+route set: 
+next hop: sip:alice@192.0.2.1:5070 / sip:alice@192.0.2.1:5070
+INVITE sip:alice@192.0.2.1:5070 SIP/2.0↵
+Via: SIP/2.0/TCP 192.0.2.1:5070;branch=X;rport↵
+Max-Forwards: 70↵
+From: "Echo" <tel:+1-555-123-4567;phone-context=relay.test>;p=1;tag=t↵
+To: "Alice" <sip:alice@relay.test>;tag=alice1↵
+Call-ID: call-1@192.0.2.1↵
+CSeq: 1 INVITE↵
+Contact: <sip:me@relay.test:5061;transport=TLS>↵
+X-Test: 1↵
+Content-Length: 5↵
+↵
+v=0↵
+BYE sip:alice@192.0.2.1:5070 SIP/2.0↵
+Via: SIP/2.0/TCP 192.0.2.1:5070;branch=X;rport↵
+Max-Forwards: 70↵
+From: "Echo" <tel:+1-555-123-4567;phone-context=relay.test>;p=1;tag=t↵
+To: "Alice" <sip:alice@relay.test>;tag=alice1↵
+Call-ID: call-1@192.0.2.1↵
+CSeq: 2 BYE↵
+Content-Length: 0↵
+↵
+ACK sip:alice@192.0.2.1:5070 SIP/2.0↵
+Via: SIP/2.0/TCP 192.0.2.1:5070;branch=X;rport↵
+Max-Forwards: 70↵
+From: "Echo" <tel:+1-555-123-4567;phone-context=relay.test>;p=1;tag=t↵
+To: "Alice" <sip:alice@relay.test>;tag=alice1↵
+Call-ID: call-1@192.0.2.1↵
+CSeq: 10 ACK↵
+Proxy-Authorization: Digest username="alice", realm="relay.test", nonce="n", uri="sip:echo@relay.test", response="r"↵
+Content-Length: 0↵
+↵
+"##;
+
+    /// What the dialogs of [`described_dialogs`] said and sent before a dialog kept its
+    /// text in one allocation (printed then, with the Via branches masked and each CRLF
+    /// shown as `↵`): the same, byte for byte.
+    #[test]
+    fn same_as_before() {
+        let got = described_dialogs();
+        let expected = [
+            UAS_WITH_ROUTES,
+            UAC_STRICT_ROUTER_FIRST,
+            UAC_EARLY_WITHOUT_CONTACT,
+            UAS_TEL_WITHOUT_ROUTES,
+        ];
+        assert_eq!(got.len(), expected.len());
+        for (got, expected) in got.iter().zip(expected) {
+            assert_eq!(got, expected);
+        }
+    }
+
+    /// A relay keeps two dialogs per call: each fits in 96 bytes.
+    #[test]
+    fn dialog_is_small() {
+        assert!(
+            std::mem::size_of::<Dialog>() <= 96,
+            "{}",
+            std::mem::size_of::<Dialog>()
+        );
+    }
+
+    /// All of a dialog's text is its one `text` (the only field that owns memory), cut at
+    /// `ends`; the route set follows, one entry a line; a new target or route set keeps the
+    /// other parts.
+    #[test]
+    fn one_text_holds_every_part() {
+        let invite = request(INVITE);
+        let ok = ok_for(&invite, &[], "<sip:bob@198.51.100.9:5080>", 180);
+        let mut d = Dialog::uac(&invite, &ok).unwrap();
+        assert_eq!(
+            &*d.text,
+            "call-1@192.0.2.1alice1bob9\"Alice\" <sip:alice@relay.test><sip:echo@relay.test>\
+             sip:alice@192.0.2.1:5070sip:bob@198.51.100.9:5080"
+        );
+        assert_eq!(d.text.len(), d.ends[PARTS - 1] as usize);
+        let mut ok2 = ok_for(
+            &invite,
+            &["<sip:p1.test;lr>, <sip:p2.test;lr>"],
+            "<sip:bob@10.0.0.2>",
+            200,
+        );
+        ok2.headers
+            .push(Header::RecordRoute(rsip::headers::RecordRoute::new(
+                "<sip:p3.test;lr>",
+            )));
+        d.on_response(&ok2).unwrap();
+        d.set_local_target(Uri::try_from("sip:alice@192.0.2.7").unwrap());
+        assert_eq!(
+            &*d.text,
+            "call-1@192.0.2.1alice1bob9\"Alice\" <sip:alice@relay.test><sip:echo@relay.test>\
+             sip:alice@192.0.2.7sip:bob@10.0.0.2\
+             <sip:p3.test;lr>\n<sip:p2.test;lr>\n<sip:p1.test;lr>"
+        );
+        assert_eq!(d.text.len(), d.ends[PARTS - 1] as usize + 50);
+        assert_eq!(d.id().call_id, "call-1@192.0.2.1");
+        assert_eq!(d.local_target(), "sip:alice@192.0.2.7");
+        let rs: Vec<String> = d.route_set().iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            rs,
+            ["<sip:p3.test;lr>", "<sip:p2.test;lr>", "<sip:p1.test;lr>"]
+        );
+    }
+
+    /// [`DialogIdRef`] compares with [`DialogId`] both ways, prints and hashes like it.
+    #[test]
+    #[allow(clippy::op_ref)] // comparing with `&DialogId` is what is tested
+    fn id_ref_and_owned_id() {
+        use std::hash::{BuildHasher, RandomState};
+        let invite = request(INVITE);
+        let d = Dialog::uas(
+            &invite,
+            "t",
+            Uri::try_from("sip:me@h").unwrap(),
+            DialogState::Early,
+        )
+        .unwrap();
+        let owned = d.id().to_owned();
+        assert_eq!(owned.local_tag, "t");
+        assert!(d.id() == owned && owned == d.id());
+        assert!(d.id() == &owned && &owned == d.id());
+        assert_eq!(owned.to_string(), d.id().to_string());
+        assert_eq!(owned.as_id_ref(), d.id());
+        assert_eq!(DialogId::from(d.id()), owned);
+        let other = DialogId {
+            remote_tag: "x".into(),
+            ..owned.clone()
+        };
+        assert!(d.id() != other && other != d.id());
+        let hasher = RandomState::new();
+        assert_eq!(hasher.hash_one(d.id()), hasher.hash_one(&owned));
     }
 }

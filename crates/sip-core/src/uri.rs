@@ -462,6 +462,17 @@ impl Uri {
         })
     }
 
+    /// A text this crate printed from a parsed [`Uri`] (a dialog keeps its remote target
+    /// so), parsed again: it parses back to an equal [`Uri`] (see `Display`). Should it
+    /// ever not, it is kept as an opaque URI with that text rather than failing.
+    pub(crate) fn reparse(text: &str) -> Uri {
+        Uri::parse(text).unwrap_or_else(|_| Uri {
+            text: text.to_string(),
+            scheme_end: text.find(':').unwrap_or(0) as u32,
+            kind: Kind::Other,
+        })
+    }
+
     /// The whole URI as written.
     pub fn as_str(&self) -> &str {
         &self.text

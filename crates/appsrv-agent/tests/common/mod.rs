@@ -449,7 +449,7 @@ pub async fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
 }
 
 pub fn call_id(leg: &Leg) -> String {
-    leg.dialog.id().call_id.clone()
+    leg.dialog.id().call_id.to_owned()
 }
 
 /// Runs sipp as a server (a UAS scenario) on `port`; returns its output when its one call

@@ -309,7 +309,7 @@ impl Call {
                     if let Some(i) = self
                         .sessions
                         .iter()
-                        .position(|s| s.b.ack.is_some() && dialog.as_ref() == Some(s.b.dialog.id()))
+                        .position(|s| s.b.ack.is_some() && dialog.as_ref().is_some_and(|d| s.b.dialog.id() == d))
                     {
                         self.reack(i);
                     }

@@ -140,7 +140,7 @@ impl Session {
             subscriber: who.subscriber.to_string(),
             service: self.service.clone(),
             server: self.b.server.uri_text().to_string(),
-            server_call_id: self.b.dialog.id().call_id.clone(),
+            server_call_id: self.b.dialog.id().call_id.to_owned(),
             // The store refuses an empty account: none is none.
             account: self
                 .b
@@ -161,7 +161,7 @@ impl Session {
             service: self.service.clone(),
             server: self.b.server.uri_text().to_string(),
             account: self.b.server.account().map(str::to_owned),
-            server_call_id: self.b.dialog.id().call_id.clone(),
+            server_call_id: self.b.dialog.id().call_id.to_owned(),
             terminal_call_id: who.terminal_call_id.to_string(),
             started: self.clock.started_at(),
         }
