@@ -801,6 +801,7 @@ impl Dialog {
         req.body = body;
         Ok(req)
     }
+
     /// The ACK for a 2xx to `invite` (§13.2.2.4): built like an in-dialog request, with the
     /// INVITE's CSeq number and method ACK, a new branch, the route set, and the INVITE's
     /// Authorization / Proxy-Authorization headers copied. `extra` and `body` (an SDP
@@ -813,18 +814,36 @@ impl Dialog {
         body: Vec<u8>,
     ) -> Result<Request, DialogError> {
         let parts = Ids::of(&invite.headers)?;
-        let mut req = self.base_request(Method::Ack, parts.cseq, via.header());
-        for h in invite.headers.iter() {
-            if matches!(h, Header::Authorization(_) | Header::ProxyAuthorization(_)) {
-                req.headers.push(h.clone());
-            }
-        }
+        let credentials = invite
+            .headers
+            .iter()
+            .filter(|h| matches!(h, Header::Authorization(_) | Header::ProxyAuthorization(_)))
+            .cloned();
+        Ok(self.ack_for_cseq(parts.cseq, via, credentials.chain(extra).collect(), body))
+    }
+
+    /// The ACK for a 2xx to the INVITE of CSeq number `cseq` that carried no credentials
+    /// (§13.2.2.4), as [`Dialog::ack_for_2xx`] builds it, but with a branch drawn from the
+    /// dialog's id and `cseq`: for a UA that keeps the number rather than the INVITE or the
+    /// ACK, to send the same ACK again for each 2xx that comes again.
+    pub fn ack_for_cseq(
+        &self,
+        cseq: u32,
+        via: &ViaSpec,
+        extra: Vec<Header>,
+        body: Vec<u8>,
+    ) -> Request {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.id(), cseq).hash(&mut h);
+        let branch = format!("z9hG4bK{:016x}a", h.finish());
+        let mut req = self.base_request(Method::Ack, cseq, via.header_with_branch(&branch));
         for h in extra {
             req.headers.push(h);
         }
         set_content_length(&mut req.headers, body.len());
         req.body = body;
-        Ok(req)
+        req
     }
 }
 
@@ -1035,6 +1054,26 @@ Content-Length: 0\r\n\r\n";
             header_values(&ack, "From"),
             ["\"Alice\" <sip:alice@relay.test>;tag=alice1"]
         );
+
+        // Built from the CSeq number alone: the same ACK but for the credentials and the
+        // branch, and the same message each time it is built again.
+        let again = |d: &Dialog| parse_back(d.ack_for_cseq(10, &via(), vec![], vec![]));
+        let first = again(&d);
+        assert_eq!(first.to_string(), again(&d).to_string());
+        let branch = Summary::of_request(&first).unwrap().branch;
+        assert!(
+            branch.starts_with("z9hG4bK") && branch != "z9hG4bKinv1",
+            "{branch}"
+        );
+        let strip = |r: &Request| {
+            let mut r = r.clone();
+            r.headers
+                .retain(|h| !matches!(h, Header::Via(_) | Header::ProxyAuthorization(_)));
+            r.to_string()
+        };
+        assert_eq!(strip(&first), strip(&ack));
+        let other = parse_back(d.ack_for_cseq(11, &via(), vec![], vec![]));
+        assert_ne!(Summary::of_request(&other).unwrap().branch, branch);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 use super::env::CallEnv;
 use super::fork;
 use super::io::{BillingCmd, LegEvent, LegId, Output, TxId};
-use super::leg::{self, LegPlan, PendingLeg, ServerLeg};
+use super::leg::{self, Acked, LegPlan, PendingLeg, ServerLeg};
 use super::limits::fails_over;
 use super::session::{Resend2xx, Session, State};
 use super::session_timer::Timers;
@@ -235,9 +235,9 @@ impl Call {
             if let Some(i) = self
                 .sessions
                 .iter()
-                .position(|s| s.b.id == id && s.b.ack.is_some())
+                .position(|s| s.b.id == id && s.b.is_acked())
             {
-                self.reack(i);
+                self.reack(i, env);
                 return;
             }
         }
@@ -293,11 +293,11 @@ impl Call {
                 let b = ServerLeg {
                     id,
                     server: leg.server,
-                    invite: Some(Box::new(invite)),
+                    // Dialog::uac took the INVITE's number as the dialog's local one.
+                    invite_cseq: dialog.local_seq().unwrap_or(1),
                     peer,
                     dialog,
-                    ack: None,
-                    ack_until: None,
+                    acked: Acked::No,
                     timer: Negotiated::from_2xx(&session_timer::read(&resp.headers)),
                 };
                 match leg.purpose {

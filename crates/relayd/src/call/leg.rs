@@ -142,49 +142,62 @@ pub(crate) fn moved_on(text: &str) -> Header {
     Header::Other("Reason".into(), format!("SIP;cause=200;text=\"{text}\""))
 }
 
+/// Whether a leg's 2xx was ACKed, and what that ACK carried: each time the 2xx comes again
+/// (the server did not get the ACK) the same ACK is built again from the dialog
+/// (RFC 3261 §13.2.2.4), instead of keeping its bytes.
+#[derive(Debug)]
+pub(crate) enum Acked {
+    /// Not yet.
+    No,
+    /// With no body.
+    Bare,
+    /// With a body and the headers describing it (the answer to an offer in the 2xx).
+    Carrying(Box<(Vec<Header>, Vec<u8>)>),
+}
+
 /// An application server's leg, once it answered 2xx.
 pub(crate) struct ServerLeg {
     pub(crate) id: super::io::LegId,
     pub(crate) server: ServerRef,
-    /// The leg's INVITE, until the ACK of its 2xx is built from it.
-    pub(crate) invite: Option<Box<Request>>,
+    /// The CSeq number of the leg's INVITE, which the ACK of its 2xx carries.
+    pub(crate) invite_cseq: u32,
     pub(crate) peer: Peer,
     pub(crate) dialog: Dialog,
-    /// The ACK of its 2xx as sent, kept to send again when the 2xx comes again: until
-    /// `ack_until`, since a server resends its 2xx for 64·T1 at most (RFC 3261 §13.3.1.4).
-    pub(crate) ack: Option<Bytes>,
-    /// When `ack` is no longer needed (set once the session is established).
-    pub(crate) ack_until: Option<Instant>,
+    /// The ACK of its 2xx, once sent.
+    pub(crate) acked: Acked,
     /// The session timer its 2xx agreed to (RFC 4028 §7.2), if any.
     pub(crate) timer: Option<Negotiated>,
 }
 
 impl ServerLeg {
-    /// The ACK of the leg's 2xx, serialised (built once; the same again afterwards),
-    /// carrying `body`.
+    /// Whether the leg's 2xx was ACKed.
+    pub(crate) fn is_acked(&self) -> bool {
+        !matches!(self.acked, Acked::No)
+    }
+
+    /// The ACK of the leg's 2xx, serialised, carrying `headers` and `body` the first time;
+    /// the same ACK again afterwards (whatever `headers` and `body` say then).
     pub(crate) fn ack(
         &mut self,
         local: &LocalAddr,
         headers: Vec<Header>,
         body: Vec<u8>,
     ) -> Option<Bytes> {
-        if let Some(ack) = &self.ack {
-            return Some(ack.clone());
+        if let Acked::No = self.acked {
+            self.acked = if headers.is_empty() && body.is_empty() {
+                Acked::Bare
+            } else {
+                Acked::Carrying(Box::new((headers, body)))
+            };
         }
-        let invite = self.invite.as_ref()?;
-        match self.dialog.ack_for_2xx(invite, &local.via(), headers, body) {
-            Ok(ack) => {
-                // The ACK is all the leg needs of its INVITE from now on.
-                self.invite = None;
-                let ack = sip_core::message::to_bytes(ack);
-                self.ack = Some(ack.clone());
-                Some(ack)
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot build the ACK for the server");
-                None
-            }
-        }
+        let (headers, body) = match &self.acked {
+            Acked::Carrying(carried) => carried.as_ref().clone(),
+            Acked::No | Acked::Bare => (Vec::new(), Vec::new()),
+        };
+        let ack = self
+            .dialog
+            .ack_for_cseq(self.invite_cseq, &local.via(), headers, body);
+        Some(sip_core::message::to_bytes(ack))
     }
 
     /// A BYE on the leg, with `extra` headers (a `Reason`, RFC 3326).

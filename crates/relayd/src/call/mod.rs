@@ -260,9 +260,6 @@ impl Call {
                     if let Some(d) = s.next_probe {
                         earliest(d)
                     }
-                    if let Some(d) = s.b.ack_until {
-                        earliest(d)
-                    }
                     if let Some(d) = s.timers.deadline() {
                         earliest(d)
                     }
@@ -306,12 +303,10 @@ impl Call {
             Input::Stray { resp, dialog } => {
                 // A server re-sent its 2xx after its transaction ended: our ACK was lost.
                 if resp.status_code.code() / 100 == 2 {
-                    if let Some(i) = self
-                        .sessions
-                        .iter()
-                        .position(|s| s.b.ack.is_some() && dialog.as_ref().is_some_and(|d| s.b.dialog.id() == d))
-                    {
-                        self.reack(i);
+                    if let Some(i) = self.sessions.iter().position(|s| {
+                        s.b.is_acked() && dialog.as_ref().is_some_and(|d| s.b.dialog.id() == d)
+                    }) {
+                        self.reack(i, env);
                     }
                 }
             }
@@ -399,12 +394,6 @@ impl Call {
                     }
                 }
                 State::Established => {
-                    let b = &mut self.sessions[i].b;
-                    if b.ack_until.is_some_and(|d| d <= now) {
-                        // The server no longer resends its 2xx: nothing to ACK again.
-                        b.ack = None;
-                        b.ack_until = None;
-                    }
                     if self.sessions[i].next_probe.is_some_and(|d| d <= now) {
                         let interval = env.limits().probe_interval;
                         self.sessions[i].next_probe = Some(now + interval);
@@ -638,7 +627,7 @@ impl Call {
             if let Some(i) = self
                 .sessions
                 .iter()
-                .position(|s| s.live() && s.b.dialog.id() == &id)
+                .position(|s| s.live() && s.b.dialog.id() == id)
             {
                 self.relay_ack(i, Side::Server, ack, env);
             }
@@ -674,7 +663,6 @@ impl Call {
         let s = &mut self.sessions[i];
         s.state = State::Established;
         s.resend_2xx = None;
-        s.b.ack_until = Some(now + env.limits().ack_timeout);
         s.next_probe = (!interval.is_zero()).then(|| now + interval);
         info!(session_id = %s.id, server = s.b.server.uri_text(), service = %s.service, subscriber = %self.adm.subscriber, "session established");
     }
@@ -682,7 +670,7 @@ impl Call {
     /// ACKs session `i`'s server leg, unless that was done already.
     fn ack_server(&mut self, i: usize, env: &dyn CallEnv) {
         let s = &mut self.sessions[i];
-        if s.b.ack.is_some() {
+        if s.b.is_acked() {
             return;
         }
         let local = env.local(s.b.peer);
@@ -693,13 +681,12 @@ impl Call {
     }
 
     /// Sends session `i`'s server-leg ACK again (its 2xx came again: our ACK was lost).
-    fn reack(&mut self, i: usize) {
-        let s = &self.sessions[i];
-        if let Some(ack) = s.b.ack.clone() {
-            self.out.push(Output::Stateless {
-                msg: ack,
-                peer: s.b.peer,
-            });
+    fn reack(&mut self, i: usize, env: &dyn CallEnv) {
+        let b = &mut self.sessions[i].b;
+        let local = env.local(b.peer);
+        if let Some(ack) = b.ack(&local, Vec::new(), Vec::new()) {
+            let peer = b.peer;
+            self.out.push(Output::Stateless { msg: ack, peer });
         }
     }
 
