@@ -130,7 +130,7 @@ impl Call {
             &target.params,
         ) {
             Ok(decision) => {
-                self.sessions[i].next_plan = Some(decision.plan);
+                self.sessions[i].next_plan = Some(decision.plan.into());
                 Target {
                     service: decision.service,
                     params: decision.params,
@@ -219,8 +219,8 @@ impl Call {
         self.refreshed_by_answer(i, Side::Server, Method::Invite, &resp, now);
         let s = &mut self.sessions[i];
         let _ = s.b.dialog.on_response(&resp);
-        s.service = w.target.service.clone();
-        s.params = w.target.params.clone();
+        s.service = w.target.service.as_str().into();
+        s.params = w.target.params.as_slice().into();
         s.offer = b2bua::carried_body(&w.reinvite.req);
         s.pending_ack = Some(Box::new(PendingAck {
             from: Side::Terminal,
@@ -256,8 +256,8 @@ impl Call {
         self.move_to_leg(i, leg, "changed", env, now);
         let s = &mut self.sessions[i];
         s.busy = false;
-        s.service = p.target.service.clone();
-        s.params = p.target.params.clone();
+        s.service = p.target.service.as_str().into();
+        s.params = p.target.params.as_slice().into();
         s.offer = b2bua::carried_body(&p.reinvite.req);
         info!(session_id = %s.id, server = s.b.server.uri_text(), service = %p.target.service, "service changed onto another server");
         self.new_segment(

@@ -765,7 +765,7 @@ impl Call {
             // P-Preferred-Service, checked and billed. Relayed, it would switch the server
             // to a service the relay goes on billing as the old one.
             if let Some(named) = change::sdp_service(&r.req.body) {
-                if named != s.service {
+                if *named != *s.service {
                     info!(session_id = %s.id, service = %named, "re-INVITE offer names another service; refused");
                     self.out.respond(
                         r.tx,

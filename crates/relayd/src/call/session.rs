@@ -44,8 +44,8 @@ pub(crate) struct Session {
     pub(crate) id: String,
     pub(crate) a_dialog: Dialog,
     pub(crate) b: ServerLeg,
-    pub(crate) service: String,
-    pub(crate) params: Vec<(String, String)>,
+    pub(crate) service: Box<str>,
+    pub(crate) params: Box<[(String, String)]>,
     pub(crate) state: State,
     /// Boxed, as the other rarely-set parts: a session keeps its inline size for its
     /// whole life.
@@ -63,10 +63,10 @@ pub(crate) struct Session {
     /// transfer that opened it.
     pub(crate) clock: SegmentClock,
     /// The tariff plan of the current billing segment.
-    pub(crate) plan: String,
+    pub(crate) plan: Box<str>,
     /// The plan the rules decided for a change or transfer in progress, which the next
     /// segment is billed on.
-    pub(crate) next_plan: Option<String>,
+    pub(crate) next_plan: Option<Box<str>>,
     /// A BYE that came while the session was being journaled: handled once it is.
     pub(crate) deferred_bye: Option<Box<(Side, Incoming)>>,
     /// The session timers of both legs (RFC 4028).
@@ -138,7 +138,7 @@ impl Session {
             session_id: self.id.clone(),
             call_id: who.terminal_call_id.to_string(),
             subscriber: who.subscriber.to_string(),
-            service: self.service.clone(),
+            service: self.service.to_string(),
             server: self.b.server.uri_text().to_string(),
             server_call_id: self.b.dialog.id().call_id.to_owned(),
             // The store refuses an empty account: none is none.
@@ -148,7 +148,7 @@ impl Session {
                 .account()
                 .filter(|a| !a.is_empty())
                 .map(str::to_owned),
-            plan: self.plan.clone(),
+            plan: self.plan.to_string(),
             confirmed_at: self.clock.started_at(),
         }
     }
@@ -158,7 +158,7 @@ impl Session {
         ServedSession {
             session_id: self.id.clone(),
             subscriber: who.subscriber.to_string(),
-            service: self.service.clone(),
+            service: self.service.to_string(),
             server: self.b.server.uri_text().to_string(),
             account: self.b.server.account().map(str::to_owned),
             server_call_id: self.b.dialog.id().call_id.to_owned(),

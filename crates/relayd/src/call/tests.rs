@@ -1959,6 +1959,17 @@ fn too_small_an_interval_is_refused_422_and_a_servers_422_is_asked_again() {
 
 // --- memory (issue 13) ---
 
+/// What every live session holds for its life: the `Session` (its two dialogs inline, each
+/// with its text in one allocation) and the call (boxed with its driver on a runner).
+/// jemalloc serves 512 bytes from its 512-byte class, 513 from the 640-byte one: a field
+/// more is 128 bytes more per session.
+#[test]
+fn a_session_fits_512_bytes_and_a_call_under_600() {
+    assert!(std::mem::size_of::<super::session::Session>() <= 512);
+    assert!(std::mem::size_of::<sip_core::dialog::Dialog>() <= 64);
+    assert!(std::mem::size_of::<super::Call>() <= 600);
+}
+
 #[test]
 fn a_call_with_one_session_keeps_room_for_that_one_only() {
     let p = Pair::established(ONE);

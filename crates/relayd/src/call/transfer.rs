@@ -106,7 +106,7 @@ impl Call {
             .collect();
         let service = match env.decide_again(&self.adm.subscriber, &r.req, &service, &params) {
             Ok(decision) => {
-                self.sessions[i].next_plan = Some(decision.plan);
+                self.sessions[i].next_plan = Some(decision.plan.into());
                 decision.service
             }
             Err((code, reason)) => {
@@ -119,7 +119,7 @@ impl Call {
         let current = self.sessions[i].b.server.clone();
         // The current server is a last resort only when it means a change of service; to
         // transfer a session to the very server it is on would be no transfer.
-        let current_last = service != self.sessions[i].service;
+        let current_last = *service != *self.sessions[i].service;
         let rest = env.candidates_away_from(&service, &current, current_last);
         info!(session_id = %self.sessions[i].id, to = %service, candidates = rest.len(), "transfer asked");
         self.sessions[i].busy = true;
@@ -164,8 +164,8 @@ impl Call {
         self.move_to_leg(i, leg, "transferred", env, now);
         let s = &mut self.sessions[i];
         s.busy = false;
-        s.service = p.service;
-        s.params = Vec::new();
+        s.service = p.service.into();
+        s.params = Box::default();
         info!(session_id = %s.id, server = s.b.server.uri_text(), "session transferred");
         self.new_segment(
             i,
