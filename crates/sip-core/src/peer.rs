@@ -72,7 +72,7 @@ impl fmt::Display for Transport {
 
 /// Identifies one stream connection of a transport, so a response can be sent back on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
+pub struct ConnId(pub std::num::NonZeroU64);
 
 /// The far end of a message: the transport, the socket address, and for stream transports
 /// the connection when one is known.
@@ -125,5 +125,15 @@ impl Peer {
 impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.transport.param_name(), self.addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A peer is in every transaction, dialog leg and lingering response: a connection id
+    /// that is never zero keeps `Option<ConnId>` at 8 bytes.
+    #[test]
+    fn a_peer_takes_48_bytes() {
+        assert_eq!(std::mem::size_of::<super::Peer>(), 48);
     }
 }

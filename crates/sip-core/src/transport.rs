@@ -974,7 +974,10 @@ fn spawn_connection(
     permit: Option<ConnectionPermit>,
     peer_cert: Option<CertificateDer<'static>>,
 ) -> (ConnId, mpsc::Sender<Bytes>) {
-    let id = ConnId(inner.next_conn.fetch_add(1, Ordering::Relaxed));
+    // Counted from 1: zero is the `None` of an `Option<ConnId>` (8 bytes, not 16, in every
+    // Peer).
+    let n = inner.next_conn.fetch_add(1, Ordering::Relaxed);
+    let id = ConnId(std::num::NonZeroU64::new(n).unwrap_or(std::num::NonZeroU64::MIN));
     let (tx, rx) = mpsc::channel(CONN_QUEUE);
     let (close, closed) = watch::channel(());
     let accepted = permit.is_some();
