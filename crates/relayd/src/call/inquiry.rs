@@ -86,8 +86,8 @@ impl Call {
 
     fn start_initial_leg(&mut self, server: ServerRef, env: &dyn CallEnv, now: Instant) {
         let plan = LegPlan {
-            service: self.adm.service.as_str().into(),
-            params: self.adm.params.as_slice().into(),
+            service: self.adm.service.to_string(),
+            params: self.adm.params.to_vec(),
             offer: self
                 .a
                 .invite
@@ -472,8 +472,8 @@ impl Call {
             id,
             a_dialog,
             b,
-            service: self.adm.service.as_str().into(),
-            params: self.adm.params.as_slice().into(),
+            service: self.adm.service.clone(),
+            params: self.adm.params.clone(),
             state: State::Journaling,
             pending_ack: None,
             busy: false,
@@ -481,7 +481,7 @@ impl Call {
             next_probe: None,
             probe_answered: [None, None],
             clock: SegmentClock::start(self.wall_at(now), now),
-            plan: self.adm.plan.as_str().into(),
+            plan: self.adm.plan.clone(),
             next_plan: None,
             deferred_bye: None,
             resend_2xx: None,

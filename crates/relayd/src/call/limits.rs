@@ -31,6 +31,32 @@ pub struct Admission {
     pub session_limit: u32,
 }
 
+/// What a call keeps of its [`Admission`] for its life: the rule that decided was for the
+/// trace and the logs of admission, and the text never grows, so boxed slices (72 bytes
+/// in every call instead of 128).
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    pub(crate) subscriber: Box<str>,
+    pub(crate) service: Box<str>,
+    pub(crate) params: Box<[(String, String)]>,
+    pub(crate) plan: Box<str>,
+    pub(crate) strategy: Strategy,
+    pub(crate) session_limit: u32,
+}
+
+impl From<Admission> for Admitted {
+    fn from(adm: Admission) -> Admitted {
+        Admitted {
+            subscriber: adm.subscriber.into(),
+            service: adm.service.into(),
+            params: adm.params.into(),
+            plan: adm.plan.into(),
+            strategy: adm.strategy,
+            session_limit: adm.session_limit,
+        }
+    }
+}
+
 /// The reason phrase of the `486` for a subscriber that holds as many sessions as its class
 /// allows (at admission, or for a forked answer when none was relayed yet).
 pub const SESSION_LIMIT_REASON: &str = "Too many sessions";

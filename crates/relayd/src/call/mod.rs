@@ -42,7 +42,6 @@ mod transfer;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
 use std::time::{Instant, SystemTime};
 
 use billing::record::EndCause;
@@ -78,7 +77,7 @@ struct Terminal {
     uri: Box<str>,
     tx: TxId,
     peer: Peer,
-    call_id: String,
+    call_id: Box<str>,
     /// Whether the INVITE has had a final response.
     final_sent: bool,
     /// The INVITE's CSeq number, which the ACK of its 2xx carries (kept when the INVITE
@@ -159,13 +158,13 @@ struct BillingQueue {
     /// The command in flight for each session that has one.
     in_flight: Vec<(usize, Token)>,
     /// Commands waiting for their session's command in flight.
-    queued: VecDeque<(usize, Token, BillingCmd)>,
+    queued: Vec<(usize, Token, BillingCmd)>,
 }
 
 /// A call: the terminal's INVITE and every session it gave. See the module documentation.
 pub struct Call {
     a: Terminal,
-    adm: Admission,
+    adm: limits::Admitted,
     /// The wall-clock time at the monotonic instant the call started: records take their
     /// timestamps from here plus monotonic time.
     epoch: (SystemTime, Instant),
@@ -203,10 +202,10 @@ impl Call {
                 invite: Some(Box::new(invite.req)),
                 tx: invite.tx,
                 peer: invite.from,
-                call_id,
+                call_id: call_id.into(),
                 final_sent: false,
             },
-            adm,
+            adm: adm.into(),
             epoch: (wall, now),
             inquiry: inquiry::Inquiry::new(fork),
             legs: Vec::new(),
@@ -459,7 +458,7 @@ impl Call {
         let token = self.out.token();
         self.waiting.insert(token, then);
         if self.billing.in_flight.iter().any(|(s, _)| *s == session) {
-            self.billing.queued.push_back((session, token, cmd));
+            self.billing.queued.push((session, token, cmd));
         } else {
             self.billing.in_flight.push((session, token));
             self.out.push(Output::Bill { token, cmd });
@@ -476,7 +475,7 @@ impl Call {
         if let Some(at) = self.billing.in_flight.iter().position(|(_, t)| *t == token) {
             let (session, _) = self.billing.in_flight.swap_remove(at);
             let next = self.billing.queued.iter().position(|(s, ..)| *s == session);
-            if let Some((session, next, cmd)) = next.and_then(|at| self.billing.queued.remove(at)) {
+            if let Some((session, next, cmd)) = next.map(|at| self.billing.queued.remove(at)) {
                 self.billing.in_flight.push((session, next));
                 self.out.push(Output::Bill { token: next, cmd });
             }
@@ -622,7 +621,7 @@ impl Call {
 
     fn on_ack(&mut self, ack: Request, dialog: Option<DialogId>, env: &dyn CallEnv, now: Instant) {
         let Some(id) = dialog else { return };
-        if id.call_id != self.a.call_id {
+        if *id.call_id != *self.a.call_id {
             // The server's ACK of a 2xx to its own re-INVITE, relayed to the terminal.
             if let Some(i) = self
                 .sessions
@@ -698,7 +697,7 @@ impl Call {
         now: Instant,
     ) {
         let found = dialog.as_ref().and_then(|id| {
-            if id.call_id == self.a.call_id {
+            if *id.call_id == *self.a.call_id {
                 self.session_by_a(id).map(|i| (i, Side::Terminal))
             } else {
                 self.session_by_b(id, &r.from).map(|i| (i, Side::Server))
