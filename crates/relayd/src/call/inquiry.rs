@@ -36,7 +36,7 @@ pub(super) struct Inquiry {
     /// Whether the terminal cancelled (or the relay is shutting down).
     pub(super) cancelled: bool,
     /// The failures so far, for the final answer (RFC 3261 §16.7 step 6).
-    failures: Vec<(u16, Option<Response>)>,
+    pub(super) failures: Vec<(u16, Option<Response>)>,
 }
 
 impl Inquiry {

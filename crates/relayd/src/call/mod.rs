@@ -42,6 +42,7 @@ mod transfer;
 #[cfg(test)]
 mod tests;
 
+use std::collections::VecDeque;
 use std::time::{Instant, SystemTime};
 
 use billing::record::EndCause;
@@ -330,6 +331,10 @@ impl Call {
             || self.sessions.iter().any(|s| s.state == State::Journaling);
         if !inquiring {
             self.a.invite = None;
+            // What is left of the search (candidates not asked, failures heard) answers
+            // nothing any more: its room goes back.
+            self.inquiry.candidates = VecDeque::new();
+            self.inquiry.failures = Vec::new();
         }
         if !inquiring && self.slot_unused {
             // The inquiry ended without a session: the slot admission took goes back.

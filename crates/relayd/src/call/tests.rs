@@ -1971,6 +1971,18 @@ fn a_session_fits_512_bytes_and_a_call_under_600() {
 }
 
 #[test]
+fn the_search_is_let_go_when_the_inquiry_is_over() {
+    // Sequential search over two servers: the first answers, the second is never asked.
+    let mut p = Pair::new(TWO, Strategy::First);
+    assert_eq!(p.call.inquiry.candidates.len(), 1);
+    p.server_answers(0, 200);
+    p.terminal_acks(0);
+    assert_eq!(p.call.sessions.len(), 1);
+    assert_eq!(p.call.inquiry.candidates.capacity(), 0);
+    assert_eq!(p.call.inquiry.failures.capacity(), 0);
+}
+
+#[test]
 fn a_call_with_one_session_keeps_room_for_that_one_only() {
     let p = Pair::established(ONE);
     assert_eq!(p.call.sessions.len(), 1);
