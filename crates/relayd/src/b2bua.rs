@@ -250,6 +250,66 @@ pub fn carried_body_of_response(resp: &Response) -> (Vec<Header>, Vec<u8>) {
     (body_headers(&resp.headers).collect(), resp.body.clone())
 }
 
+/// A body and the headers describing it, as [`carried_body`] gives them, kept for later
+/// (a session's current offer, which a transfer's inquiry and a session refresh send
+/// again): one allocation — each header as a `Name: value` line, then the body — instead of
+/// a list of parsed headers, each header's value and the body apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Carried {
+    bytes: Box<[u8]>,
+    /// Where the header lines end and the body starts.
+    head: u32,
+}
+
+impl Carried {
+    /// Keeps `headers` (those [`carried_body`] picks: Content-Type, -Disposition,
+    /// -Encoding, -Language) and `body`.
+    pub fn of(headers: &[Header], body: &[u8]) -> Carried {
+        let mut bytes = Vec::new();
+        for h in headers {
+            let (name, value) = sip_core::address::header_name_value(h);
+            bytes.extend_from_slice(name.as_bytes());
+            bytes.extend_from_slice(b": ");
+            // A header value holds no line break (the wire layer unfolds them).
+            bytes.extend(value.bytes().filter(|&b| b != b'\n'));
+            bytes.push(b'\n');
+        }
+        let head = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        bytes.extend_from_slice(body);
+        Carried {
+            bytes: bytes.into_boxed_slice(),
+            head,
+        }
+    }
+
+    /// The headers and the body again, to put in a request.
+    pub fn parts(&self) -> (Vec<Header>, Vec<u8>) {
+        let head = (self.head as usize).min(self.bytes.len());
+        let (lines, body) = self.bytes.split_at(head);
+        let headers = String::from_utf8_lossy(lines)
+            .lines()
+            .filter_map(|line| line.split_once(": "))
+            .map(|(name, value)| match name {
+                "Content-Type" => Header::ContentType(rsip::headers::ContentType::new(value)),
+                "Content-Disposition" => {
+                    Header::ContentDisposition(rsip::headers::ContentDisposition::new(value))
+                }
+                "Content-Encoding" => {
+                    Header::ContentEncoding(rsip::headers::ContentEncoding::new(value))
+                }
+                _ => Header::Other(name.into(), value.into()),
+            })
+            .collect();
+        (headers, body.to_vec())
+    }
+}
+
+impl From<(Vec<Header>, Vec<u8>)> for Carried {
+    fn from((headers, body): (Vec<Header>, Vec<u8>)) -> Carried {
+        Carried::of(&headers, &body)
+    }
+}
+
 /// Extracts the value of an extension header (`Header::Other`) by name, ignoring case.
 pub fn other_header<'a>(headers: &'a rsip::Headers, name: &str) -> Option<&'a str> {
     headers.iter().find_map(|h| match h {
@@ -272,6 +332,33 @@ mod tests {
             rsip::SipMessage::Request(r) => r,
             _ => panic!(),
         }
+    }
+
+    /// A kept body comes back as it went in: each header printed the same, in order, and
+    /// the body byte for byte (binary too).
+    #[test]
+    fn a_carried_body_comes_back_whole() {
+        let headers = vec![
+            Header::ContentType(rsip::headers::ContentType::new(
+                "multipart/mixed;boundary=\"b:1\"",
+            )),
+            Header::ContentDisposition(rsip::headers::ContentDisposition::new(
+                "session;handling=required",
+            )),
+            Header::ContentEncoding(rsip::headers::ContentEncoding::new("gzip")),
+            Header::Other("Content-Language".into(), "fr".into()),
+        ];
+        let body: Vec<u8> = b"v=0\r\n\xff\x00\n: x\r\n".to_vec();
+        let kept = Carried::of(&headers, &body);
+        let (again, body_again) = kept.parts();
+        let printed = |hs: &[Header]| hs.iter().map(|h| h.to_string()).collect::<Vec<_>>();
+        assert_eq!(printed(&again), printed(&headers));
+        assert!(
+            matches!(again[0], Header::ContentType(_)),
+            "typed again: {again:?}"
+        );
+        assert_eq!(body_again, body);
+        assert_eq!(Carried::default().parts(), (Vec::new(), Vec::new()));
     }
 
     #[test]

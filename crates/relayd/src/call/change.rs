@@ -221,7 +221,7 @@ impl Call {
         let _ = s.b.dialog.on_response(&resp);
         s.service = w.target.service.as_str().into();
         s.params = w.target.params.as_slice().into();
-        s.offer = b2bua::carried_body(&w.reinvite.req);
+        s.offer = b2bua::carried_body(&w.reinvite.req).into();
         s.pending_ack = Some(Box::new(PendingAck {
             from: Side::Terminal,
             sent: w.sent,
@@ -258,7 +258,7 @@ impl Call {
         s.busy = false;
         s.service = p.target.service.as_str().into();
         s.params = p.target.params.as_slice().into();
-        s.offer = b2bua::carried_body(&p.reinvite.req);
+        s.offer = b2bua::carried_body(&p.reinvite.req).into();
         info!(session_id = %s.id, server = s.b.server.uri_text(), service = %p.target.service, "service changed onto another server");
         self.new_segment(
             i,

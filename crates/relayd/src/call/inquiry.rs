@@ -477,7 +477,7 @@ impl Call {
             state: State::Journaling,
             pending_ack: None,
             busy: false,
-            offer,
+            offer: offer.into(),
             next_probe: None,
             probe_answered: [None, None],
             clock: SegmentClock::start(self.wall_at(now), now),

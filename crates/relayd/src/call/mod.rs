@@ -783,7 +783,7 @@ impl Call {
                     return;
                 }
             }
-            self.sessions[i].offer = b2bua::carried_body(&r.req);
+            self.sessions[i].offer = b2bua::carried_body(&r.req).into();
         }
         if side == Side::Terminal && r.req.method == Method::Refer {
             self.start_transfer(i, r, env, now);

@@ -53,7 +53,7 @@ pub(crate) struct Session {
     /// A change or transfer in progress (another is refused with 491 meanwhile).
     pub(crate) busy: bool,
     /// The terminal's current SDP offer (for a transfer's inquiry).
-    pub(crate) offer: (Vec<Header>, Vec<u8>),
+    pub(crate) offer: crate::b2bua::Carried,
     pub(crate) next_probe: Option<Instant>,
     /// When each leg (terminal, server) last answered a probe: the last proof of life a
     /// session ended by a failed probe is billed up to, as one a session timer ends is

@@ -396,7 +396,7 @@ impl Call {
             (Method::Update, (Vec::new(), Vec::new()))
         } else {
             let offer = match side {
-                Side::Server => Some(s.offer.clone()),
+                Side::Server => Some(s.offer.parts()),
                 Side::Terminal => t.sdp.as_deref().cloned(),
             };
             match offer {

@@ -141,7 +141,7 @@ impl Call {
         let plan = LegPlan {
             service: pending.service.clone(),
             params: Vec::new(),
-            offer: self.sessions[i].offer.clone(),
+            offer: self.sessions[i].offer.parts(),
         };
         self.start_leg(server, plan, Purpose::Transfer(pending), env, now);
     }
@@ -229,7 +229,7 @@ impl Call {
             Err(e) => warn!(error = %e, "cannot ACK the terminal"),
         }
         // The terminal's answer is its offer's counterpart now.
-        self.sessions[i].offer = b2bua::carried_body_of_response(&resp);
+        self.sessions[i].offer = b2bua::carried_body_of_response(&resp).into();
         self.refreshed_by_answer(i, Side::Terminal, Method::Invite, &resp, now);
     }
 
