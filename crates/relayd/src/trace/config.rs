@@ -3,7 +3,7 @@
 //! ```toml
 //! [trace]
 //! messages = 10000        # entries kept (messages and decisions); 0: no trace at all
-//! max_bytes = 16777216    # the ring's memory, in bytes, raw messages included
+//! max_bytes = 4194304     # the ring's memory, in bytes, raw messages included
 //! raw_bytes = 4096        # the most of one message's bytes kept
 //! ```
 
@@ -11,8 +11,11 @@ use serde::Deserialize;
 
 /// The default number of entries kept.
 pub const DEFAULT_MESSAGES: usize = 10_000;
-/// The default cap on the ring's memory, in bytes.
-pub const DEFAULT_MAX_BYTES: usize = 16 << 20;
+/// The default cap on the ring's memory, in bytes: 4 MiB, about 5,000 entries of a plain
+/// call (some 400 calls). It was 16 MiB, which the 10,000 entries filled with 8.5 MB that
+/// stayed after a peak of calls — more than half of what a relay held a minute after one
+/// (issue 13: RSS within 2× of idle a minute after the last call).
+pub const DEFAULT_MAX_BYTES: usize = 4 << 20;
 /// The default number of a message's bytes kept.
 pub const DEFAULT_RAW_BYTES: usize = 4096;
 
