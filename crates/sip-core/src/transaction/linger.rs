@@ -56,7 +56,7 @@ impl Default for Lingering {
 }
 
 /// The room the tables keep however few entries they hold.
-const KEEP_ROOM: usize = 1024;
+const KEEP_ROOM: usize = 256;
 
 impl Lingering {
     fn hash(&self, key: &ServerKey) -> u128 {

@@ -223,7 +223,7 @@ impl ServerDeadlines {
 }
 
 /// Tables at or under this capacity are left as they are: their room costs little.
-const KEEP_CAPACITY: usize = 1024;
+const KEEP_CAPACITY: usize = 256;
 
 /// Shrinks `map` to twice its entries once it is under a quarter full and larger than
 /// [`KEEP_CAPACITY`].

@@ -236,8 +236,8 @@ impl TimerQueue {
     pub fn give_back_room(&mut self) {
         for lane in &mut self.lanes {
             let entries = &mut lane.entries;
-            if entries.capacity() > 1024 && entries.len() < entries.capacity() / 4 {
-                entries.shrink_to((entries.len() * 2).max(512));
+            if entries.capacity() > 256 && entries.len() < entries.capacity() / 4 {
+                entries.shrink_to((entries.len() * 2).max(128));
             }
         }
     }
