@@ -313,6 +313,15 @@ fn register(relay: &Relay, r: IncomingRequest) {
         }
     };
     let now = Instant::now();
+    // An application server's bindings go to the registrar and then to the directory as
+    // one step (see `Relay::server_registration`); a terminal's touch the registrar only.
+    // Nothing below awaits. A poisoned lock guards no data of its own.
+    let _serialized = account.is_some().then(|| {
+        relay
+            .server_registration
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    });
     let outcome = RegisterRequest::from_sip(&r.req, Some(r.from)).and_then(|rr| {
         if account.is_some() {
             refuse_others_servers(relay, &user, &rr)?;

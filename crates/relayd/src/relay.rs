@@ -130,6 +130,11 @@ pub struct Relay {
     settings: RwLock<Arc<Settings>>,
     /// Terminal and application-server bindings.
     pub registrar: Registrar,
+    /// Held while an application-server account's REGISTER updates the registrar and then
+    /// the directory from the bindings it left: two such REGISTERs at once (two agents of
+    /// one account starting together) otherwise let the one whose update came first sync
+    /// last, from bindings without the other's, and take the other's server out.
+    pub server_registration: std::sync::Mutex<()>,
     /// The application servers and their health.
     pub directory: Directory,
     /// Billing control.
@@ -323,6 +328,7 @@ impl Relay {
             config,
             settings: RwLock::new(Arc::new(settings)),
             registrar,
+            server_registration: std::sync::Mutex::new(()),
             directory,
             billing: Arc::new(billing),
             sessions: SessionTable::default(),
