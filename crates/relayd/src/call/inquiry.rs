@@ -237,7 +237,8 @@ impl Call {
                 .iter()
                 .position(|s| s.b.id == id && s.b.is_acked())
             {
-                self.reack(i, env);
+                let cseq = self.sessions[i].b.invite_cseq;
+                self.reack(i, cseq, env);
                 return;
             }
         }

@@ -200,6 +200,20 @@ impl ServerLeg {
         Some(sip_core::message::to_bytes(ack))
     }
 
+    /// The ACK of a 2xx that came again to the leg's INVITE numbered `cseq`: the leg's own
+    /// ACK for its first INVITE; for a later one (a re-INVITE of the relay's: a session
+    /// refresh, a change on the same server) a bare ACK with that number (RFC 3261
+    /// §13.2.2.4).
+    pub(crate) fn ack_again(&mut self, local: &LocalAddr, cseq: u32) -> Option<Bytes> {
+        if cseq == self.invite_cseq {
+            return self.ack(local, Vec::new(), Vec::new());
+        }
+        let ack = self
+            .dialog
+            .ack_for_cseq(cseq, &local.via(), Vec::new(), Vec::new());
+        Some(sip_core::message::to_bytes(ack))
+    }
+
     /// A BYE on the leg, with `extra` headers (a `Reason`, RFC 3326).
     pub(crate) fn bye(&mut self, local: &LocalAddr, extra: Vec<Header>) -> Option<Request> {
         match self

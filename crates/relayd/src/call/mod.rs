@@ -301,12 +301,13 @@ impl Call {
             Input::Ack { req, dialog } => self.on_ack(req, dialog, env, now),
             Input::Request { incoming, dialog } => self.on_request(incoming, dialog, env, now),
             Input::Stray { resp, dialog } => {
-                // A server re-sent its 2xx after its transaction ended: our ACK was lost.
-                if resp.status_code.code() / 100 == 2 {
+                // A server re-sent a 2xx to an INVITE after its transaction ended: our ACK
+                // was lost. (A 2xx to anything else is acknowledged by nothing.)
+                if let (2, Some(cseq)) = (resp.status_code.code() / 100, invite_cseq_of(&resp)) {
                     if let Some(i) = self.sessions.iter().position(|s| {
                         s.b.is_acked() && dialog.as_ref().is_some_and(|d| s.b.dialog.id() == d)
                     }) {
-                        self.reack(i, env);
+                        self.reack(i, cseq, env);
                     }
                 }
             }
@@ -684,11 +685,12 @@ impl Call {
         }
     }
 
-    /// Sends session `i`'s server-leg ACK again (its 2xx came again: our ACK was lost).
-    fn reack(&mut self, i: usize, env: &dyn CallEnv) {
+    /// Sends session `i`'s server-leg ACK of the INVITE numbered `cseq` again (its 2xx
+    /// came again: our ACK was lost).
+    fn reack(&mut self, i: usize, cseq: u32, env: &dyn CallEnv) {
         let b = &mut self.sessions[i].b;
         let local = env.local(b.peer);
-        if let Some(ack) = b.ack(&local, Vec::new(), Vec::new()) {
+        if let Some(ack) = b.ack_again(&local, cseq) {
             let peer = b.peer;
             self.out.push(Output::Stateless { msg: ack, peer });
         }
@@ -915,6 +917,19 @@ impl Call {
 }
 
 /// The CSeq number of `req`, when it has a readable one.
+/// The CSeq number of a response to an INVITE; `None` for a response to another method.
+fn invite_cseq_of(resp: &Response) -> Option<u32> {
+    resp.headers.iter().find_map(|h| match h {
+        Header::CSeq(c) => {
+            match sip_core::fields::cseq_of(rsip::prelude::UntypedHeader::value(c)) {
+                Some((n, Method::Invite)) => Some(n),
+                _ => None,
+            }
+        }
+        _ => None,
+    })
+}
+
 fn cseq_number(req: &Request) -> Option<u32> {
     req.headers.iter().find_map(|h| match h {
         Header::CSeq(c) => {

@@ -1970,6 +1970,45 @@ fn a_session_fits_512_bytes_and_a_call_under_600() {
     assert!(std::mem::size_of::<super::Call>() <= 600);
 }
 
+/// A 2xx that comes after its INVITE transaction ended reaches the call as a stray
+/// response: the initial INVITE's gets the leg's ACK again, a later re-INVITE's an ACK with
+/// its own number, and a 2xx to anything but an INVITE no ACK at all.
+#[test]
+fn a_stray_2xx_is_acked_with_the_number_of_the_invite_it_answers() {
+    let mut p = Pair::established(ONE);
+    let (_, side) = &p.legs[0];
+    let answer = |cseq: &str| {
+        let mut resp = message::response_for(&side.invite, 200, None, Some(&side.tag));
+        for h in resp.headers.iter_mut() {
+            if let Header::CSeq(c) = h {
+                *c = rsip::headers::CSeq::new(cseq);
+            }
+        }
+        resp
+    };
+    let (first, refresh, bye) = (answer("1 INVITE"), answer("2 INVITE"), answer("3 BYE"));
+    let dialog = sip_core::dialog::DialogId::of_response(&first);
+    assert!(dialog.is_some());
+    for resp in [first, refresh, bye] {
+        p.input(Input::Stray {
+            resp,
+            dialog: dialog.clone(),
+        });
+    }
+    let cseqs: Vec<String> = p
+        .server_got(S1)
+        .iter()
+        .filter_map(|g| match g {
+            Got::Ack(ack) => ack.headers.iter().find_map(|h| match h {
+                Header::CSeq(c) => Some(rsip::prelude::UntypedHeader::value(c).to_string()),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cseqs, ["1 ACK", "1 ACK", "2 ACK"]);
+}
+
 #[test]
 fn the_search_is_let_go_when_the_inquiry_is_over() {
     // Sequential search over two servers: the first answers, the second is never asked.
