@@ -917,24 +917,19 @@ impl Call {
 }
 
 /// The CSeq number of `req`, when it has a readable one.
-/// The CSeq number of a response to an INVITE; `None` for a response to another method.
-fn invite_cseq_of(resp: &Response) -> Option<u32> {
-    resp.headers.iter().find_map(|h| match h {
-        Header::CSeq(c) => {
-            match sip_core::fields::cseq_of(rsip::prelude::UntypedHeader::value(c)) {
-                Some((n, Method::Invite)) => Some(n),
-                _ => None,
-            }
-        }
+/// The CSeq number and method of a message's headers.
+fn cseq_in(headers: &rsip::Headers) -> Option<(u32, Method)> {
+    headers.iter().find_map(|h| match h {
+        Header::CSeq(c) => sip_core::fields::cseq_of(rsip::prelude::UntypedHeader::value(c)),
         _ => None,
     })
 }
 
+/// The CSeq number of a response to an INVITE; `None` for a response to another method.
+fn invite_cseq_of(resp: &Response) -> Option<u32> {
+    cseq_in(&resp.headers).and_then(|(n, m)| (m == Method::Invite).then_some(n))
+}
+
 fn cseq_number(req: &Request) -> Option<u32> {
-    req.headers.iter().find_map(|h| match h {
-        Header::CSeq(c) => {
-            sip_core::fields::cseq_of(rsip::prelude::UntypedHeader::value(c)).map(|(n, _)| n)
-        }
-        _ => None,
-    })
+    cseq_in(&req.headers).map(|(n, _)| n)
 }

@@ -120,7 +120,7 @@ impl<R: Relaying> CallSlot<R> {
             // The transaction goes on in the endpoint (2xx retransmissions, Timer L);
             // the call has nothing more to send on it.
             let invite_tx = self.driver.invite_tx;
-            if self.driver.take_tx(invite_tx).is_some() {
+            if Driver::<R>::take_tx(&mut self.driver.txs, invite_tx).is_some() {
                 self.driver.txs.shrink_to_fit();
             }
         }
@@ -201,9 +201,10 @@ impl<R: Relaying> Driver<R> {
     }
 
     /// Takes server transaction `id` out of the call's hands.
-    fn take_tx(&mut self, id: TxId) -> Option<ServerTx> {
-        let at = self.txs.iter().position(|(t, _)| *t == id)?;
-        Some(self.txs.swap_remove(at).1)
+    /// (Of the list alone, so that it can be taken while the relay is borrowed.)
+    fn take_tx(txs: &mut Vec<(TxId, ServerTx)>, id: TxId) -> Option<ServerTx> {
+        let at = txs.iter().position(|(t, _)| *t == id)?;
+        Some(txs.swap_remove(at).1)
     }
 
     /// What the call makes of one inbox message.
@@ -267,7 +268,7 @@ impl<R: Relaying> Driver<R> {
             Output::Respond { tx, resp } => {
                 let last = resp.status_code.code() >= 200 && tx != self.invite_tx;
                 let held = if last {
-                    self.take_tx(tx)
+                    Self::take_tx(&mut self.txs, tx)
                 } else {
                     self.txs
                         .iter()
@@ -389,12 +390,7 @@ impl<R: Relaying> Driver<R> {
                 incoming,
                 session_id,
             } => {
-                let tx = self
-                    .txs
-                    .iter()
-                    .position(|(t, _)| *t == incoming.tx)
-                    .map(|at| self.txs.swap_remove(at).1);
-                if let Some(tx) = tx {
+                if let Some(tx) = Self::take_tx(&mut self.txs, incoming.tx) {
                     // The call kept the request, not its ids: read them again, for the
                     // one charge request in a session's life.
                     let Ok(ids) = RequestIds::read(&incoming.req) else {
